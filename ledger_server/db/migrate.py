@@ -1,0 +1,123 @@
+"""Schema migrations: numbered files in sql/migrations/ applied once each, in
+order; then the function files in sql/functions/, re-applied whenever their
+content changes (they are all CREATE OR REPLACE). Everything runs in one
+transaction under an advisory lock, so servers and workers starting together
+migrate once."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+from psycopg.rows import TupleRow
+
+log = logging.getLogger(__name__)
+
+# An arbitrary constant that identifies "credit-ledger migration" among advisory locks.
+_MIGRATION_LOCK_ID = 7_202_611_210
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class SqlFile:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+def _sql_files(folder_name: str) -> list[SqlFile]:
+    folder = resources.files("ledger_server") / "sql" / folder_name
+    files: list[SqlFile] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match is None:
+            if entry.name.endswith(".sql"):
+                raise MigrationError(f"{folder_name}/{entry.name}: name must be NNNN_name.sql")
+            continue
+        files.append(SqlFile(int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
+    files.sort(key=lambda f: f.version)
+    versions = [f.version for f in files]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{folder_name}: two files share a version number")
+    return files
+
+
+def migrations() -> list[SqlFile]:
+    return _sql_files("migrations")
+
+
+def function_files() -> list[SqlFile]:
+    return _sql_files("functions")
+
+
+_BOOKKEEPING = b"""
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS schema_functions (
+    name       text        PRIMARY KEY,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def migrate_connection(conn: psycopg.Connection[TupleRow]) -> list[str]:
+    """Applies what is missing; returns the names of the files applied."""
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_ID,))
+        conn.execute(_BOOKKEEPING)
+        rows = conn.execute(b"SELECT version, name, checksum FROM schema_migrations").fetchall()
+        done = {int(r[0]): (str(r[1]), str(r[2])) for r in rows}
+        for migration in migrations():
+            if migration.version in done:
+                name, checksum = done[migration.version]
+                if checksum != migration.checksum:
+                    raise MigrationError(
+                        f"migration {name} was changed after it was applied; "
+                        "add a new numbered migration instead"
+                    )
+                continue
+            log.info("applying migration %s", migration.name)
+            conn.execute(migration.sql.encode())
+            conn.execute(
+                b"INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+            applied_now.append(migration.name)
+        rows = conn.execute(b"SELECT name, checksum FROM schema_functions").fetchall()
+        current = {str(r[0]): str(r[1]) for r in rows}
+        for functions in function_files():
+            if current.get(functions.name) == functions.checksum:
+                continue
+            log.info("applying functions %s", functions.name)
+            conn.execute(functions.sql.encode())
+            conn.execute(
+                b"INSERT INTO schema_functions (name, checksum) VALUES (%s, %s) "
+                b"ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now()",
+                (functions.name, functions.checksum),
+            )
+            applied_now.append(functions.name)
+    return applied_now
+
+
+def migrate(database_url: str) -> list[str]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return migrate_connection(conn)

@@ -1,0 +1,700 @@
+-- Ledger operations. Re-applied by migrate whenever this file changes, so every
+-- statement here must be CREATE OR REPLACE.
+--
+-- Each public function is one whole operation run in one SQL round trip: it locks
+-- the account row first (the one lock order: account, then lots, then
+-- reservations), checks the idempotency key, applies the change with balanced
+-- postings, stores the response under the key and returns it as jsonb.
+-- Failures raise SQLSTATE class LE with a JSON DETAIL the server maps to gRPC:
+--   LE001 insufficient credits      LE002 idempotency key reused
+--   LE003 account not found         LE004 reservation not found
+--   LE005 reservation not pending   LE006 reservation expired
+--   LE007 amount exceeds hold       LE008 amount exceeds refundable
+--   LE009 reservation not committed LE010 invalid argument
+
+CREATE OR REPLACE FUNCTION ledger_micros(ts timestamptz) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (extract(epoch FROM ts) * 1000000)::bigint
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_fail(code text, message text, detail jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail::text;
+END $$;
+
+-- Balances as the API shows them, from a locked (or freshly read) account row.
+CREATE OR REPLACE FUNCTION ledger_balance_json(a accounts, now_ts timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'account_id', a.account_id,
+        'balance_micros', a.balance_micros,
+        'available_micros', a.balance_micros - a.held_micros,
+        'held_micros', a.held_micros,
+        'reward_balance_micros', a.reward_balance_micros,
+        'as_of', ledger_micros(now_ts))
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_lot_json(l lots) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'lot_id', l.lot_id::text,
+        'account_id', l.account_id,
+        'source', l.source,
+        'balance_kind', l.balance_kind,
+        'amount_micros', l.amount_micros,
+        'remaining_micros', l.remaining_micros,
+        'held_micros', l.held_micros,
+        'expired_micros', l.expired_micros,
+        'expires_at', ledger_micros(l.expires_at),
+        'priority', l.priority,
+        'external_ref', coalesce(l.external_ref, ''),
+        'created_at', ledger_micros(l.created_at),
+        'parent_lot_id', coalesce(l.parent_lot_id::text, ''))
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_reservation_json(p_account text, p_reservation uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'reservation_id', r.reservation_id::text,
+        'account_id', r.account_id,
+        'status', r.status,
+        'held_micros', r.held_micros,
+        'committed_micros', r.committed_micros,
+        'refunded_micros', r.refunded_micros,
+        'expires_at', ledger_micros(r.expires_at),
+        'created_at', ledger_micros(r.created_at),
+        'finalized_at', ledger_micros(r.finalized_at),
+        'feature', coalesce(r.feature, ''),
+        'comment', coalesce(r.comment, ''),
+        'charge_transaction_id', coalesce(r.charge_transaction_id::text, ''),
+        'lots', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'lot_id', rl.lot_id::text,
+                       'source', l.source,
+                       'held_micros', rl.held_micros,
+                       'committed_micros', rl.committed_micros,
+                       'refunded_micros', rl.refunded_micros,
+                       'refund_expired_micros', rl.refund_expired_micros) ORDER BY rl.seq)
+              FROM reservation_lots rl
+              JOIN lots l ON l.account_id = rl.account_id AND l.lot_id = rl.lot_id
+             WHERE rl.account_id = r.account_id AND rl.reservation_id = r.reservation_id), '[]'::jsonb))
+      FROM reservations r
+     WHERE r.account_id = p_account AND r.reservation_id = p_reservation
+$$;
+
+-- Returns the stored response of a retried request, NULL for a new key, and fails
+-- when the key was used for a different request. Call with the account locked.
+CREATE OR REPLACE FUNCTION ledger_idempotent_replay(
+    p_account text, p_key text, p_operation text, p_hash bytea) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    k idempotency_keys;
+BEGIN
+    SELECT * INTO k FROM idempotency_keys
+     WHERE account_id = p_account AND idempotency_key = p_key;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF k.operation <> p_operation OR k.request_hash <> p_hash THEN
+        PERFORM ledger_fail('LE002', 'idempotency key was used for a different request',
+            jsonb_build_object('idempotency_key', p_key, 'original_operation', k.operation));
+    END IF;
+    RETURN k.response || jsonb_build_object('replayed', true);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_idempotent_store(
+    p_account text, p_key text, p_operation text, p_hash bytea, p_response jsonb,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE sql AS $$
+    INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash, response, created_at)
+    VALUES (p_account, p_key, p_operation, p_hash, p_response, p_now);
+    SELECT p_response || jsonb_build_object('replayed', false);
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_new_transaction(
+    p_account text, p_kind text, p_amount bigint, p_now timestamptz,
+    p_reservation uuid DEFAULT NULL, p_feature text DEFAULT NULL, p_comment text DEFAULT NULL,
+    p_actor text DEFAULT NULL, p_external_ref text DEFAULT NULL) RETURNS bigint
+LANGUAGE sql AS $$
+    INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id, feature,
+                                      comment, actor, external_ref, created_at)
+    VALUES (p_account, p_kind, p_amount, p_reservation, nullif(p_feature, ''),
+            nullif(p_comment, ''), nullif(p_actor, ''), nullif(p_external_ref, ''), p_now)
+    RETURNING transaction_id
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_post(
+    p_account text, p_transaction bigint, p_no int, p_ledger_account text,
+    p_lot bigint, p_source text, p_amount bigint, p_memo text DEFAULT NULL) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id, source,
+                          amount_micros, memo)
+    SELECT p_account, p_transaction, p_no, p_ledger_account, p_lot, p_source, p_amount, p_memo
+     WHERE p_amount <> 0
+$$;
+
+-- Moves the unheld credits of the account's lots that expired by p_now into
+-- breakage, in one EXPIRY transaction. Held credits of an expired lot stay until
+-- their reservation settles (they were held while the lot was valid); settling
+-- calls this again. Returns the credits expired.
+CREATE OR REPLACE FUNCTION ledger_expire_due_lots(p_account text, p_now timestamptz) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    l lots;
+    txn bigint;
+    n int := 0;
+    total bigint;
+    main_total bigint;
+BEGIN
+    PERFORM 1 FROM lots
+     WHERE account_id = p_account AND remaining_micros > held_micros
+       AND expires_at IS NOT NULL AND expires_at <= p_now
+     ORDER BY lot_id
+       FOR UPDATE;
+    SELECT coalesce(sum(remaining_micros - held_micros), 0),
+           coalesce(sum(remaining_micros - held_micros) FILTER (WHERE balance_kind = 'main'), 0)
+      INTO total, main_total
+      FROM lots
+     WHERE account_id = p_account AND remaining_micros > held_micros
+       AND expires_at IS NOT NULL AND expires_at <= p_now;
+    IF total = 0 THEN
+        RETURN 0;
+    END IF;
+    txn := ledger_new_transaction(p_account, 'expiry', -total, p_now,
+                                  p_comment => 'expired credits moved to breakage');
+    FOR l IN
+        SELECT * FROM lots
+         WHERE account_id = p_account AND remaining_micros > held_micros
+           AND expires_at IS NOT NULL AND expires_at <= p_now
+         ORDER BY lot_id
+    LOOP
+        UPDATE lots
+           SET remaining_micros = held_micros,
+               expired_micros = expired_micros + (l.remaining_micros - l.held_micros)
+         WHERE account_id = p_account AND lot_id = l.lot_id;
+        PERFORM ledger_post(p_account, txn, n, 'account:' || l.balance_kind, l.lot_id, l.source,
+                            -(l.remaining_micros - l.held_micros), 'lot expired');
+        PERFORM ledger_post(p_account, txn, n + 1, 'breakage', NULL, l.source,
+                            l.remaining_micros - l.held_micros);
+        n := n + 2;
+    END LOOP;
+    UPDATE accounts
+       SET balance_micros = balance_micros - main_total,
+           reward_balance_micros = reward_balance_micros - (total - main_total)
+     WHERE account_id = p_account;
+    RETURN total;
+END $$;
+
+-- The earliest future moment a lot of the account expires or one of its
+-- reservations times out (NULL: nothing scheduled).
+CREATE OR REPLACE FUNCTION ledger_next_maintenance(p_account text, p_now timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT least(
+        (SELECT min(expires_at) FROM lots
+          WHERE account_id = p_account AND remaining_micros > 0
+            AND expires_at IS NOT NULL AND expires_at > p_now),
+        (SELECT min(expires_at) FROM reservations
+          WHERE account_id = p_account AND status = 'pending'))
+$$;
+
+-- Returns a pending reservation's holds to its lots; p_status is 'released' or
+-- 'expired' (time-to-live passed). Journals a RELEASE transaction.
+CREATE OR REPLACE FUNCTION ledger_release_holds(
+    p_account text, p_reservation uuid, p_status text, p_now timestamptz, p_comment text)
+    RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+    any_lot_expired boolean;
+BEGIN
+    SELECT * INTO r FROM reservations
+     WHERE account_id = p_account AND reservation_id = p_reservation FOR UPDATE;
+    WITH unheld AS (
+        UPDATE lots l SET held_micros = l.held_micros - rl.held_micros
+          FROM reservation_lots rl
+         WHERE rl.account_id = p_account AND rl.reservation_id = p_reservation
+           AND l.account_id = p_account AND l.lot_id = rl.lot_id
+        RETURNING l.expires_at)
+    SELECT coalesce(bool_or(expires_at <= p_now), false) INTO any_lot_expired FROM unheld;
+    UPDATE accounts SET held_micros = held_micros - r.held_micros WHERE account_id = p_account;
+    PERFORM ledger_new_transaction(p_account, 'release', r.held_micros, p_now, p_reservation,
+                                   r.feature, p_comment);
+    UPDATE reservations SET status = p_status, finalized_at = p_now
+     WHERE account_id = p_account AND reservation_id = p_reservation;
+    IF any_lot_expired THEN
+        PERFORM ledger_expire_due_lots(p_account, p_now);
+    END IF;
+END $$;
+
+-- Applies what is due for the account: timed-out reservations are released, then
+-- expired lots moved to breakage. Call with the account row locked.
+CREATE OR REPLACE FUNCTION ledger_maintain(p_account text, p_now timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    res uuid;
+BEGIN
+    FOR res IN
+        SELECT reservation_id FROM reservations
+         WHERE account_id = p_account AND status = 'pending' AND expires_at <= p_now
+         ORDER BY expires_at, reservation_id
+    LOOP
+        PERFORM ledger_release_holds(p_account, res, 'expired', p_now, 'time-to-live passed');
+    END LOOP;
+    PERFORM ledger_expire_due_lots(p_account, p_now);
+    UPDATE accounts SET next_maintenance_at = ledger_next_maintenance(p_account, p_now)
+     WHERE account_id = p_account;
+END $$;
+
+-- Locks the account row (the first lock of every operation) and applies due
+-- expiries, so every check below sees only live credits.
+CREATE OR REPLACE FUNCTION ledger_lock_account(p_account text, p_now timestamptz) RETURNS accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+BEGIN
+    SELECT * INTO a FROM accounts WHERE account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
+    END IF;
+    IF a.next_maintenance_at <= p_now THEN
+        PERFORM ledger_maintain(p_account, p_now);
+        SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    END IF;
+    RETURN a;
+END $$;
+
+-- Reads the account, applying due expiries first when there are any (then under
+-- the row lock); NULL when the account does not exist.
+CREATE OR REPLACE FUNCTION ledger_read_account(p_account text, p_now timestamptz) RETURNS accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+BEGIN
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    IF FOUND AND a.next_maintenance_at <= p_now THEN
+        a := ledger_lock_account(p_account, p_now);
+    END IF;
+    RETURN a;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_require_available(a accounts, p_amount bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF a.balance_micros - a.held_micros < p_amount THEN
+        PERFORM ledger_fail('LE001', 'insufficient credits', jsonb_build_object(
+            'available_micros', a.balance_micros - a.held_micros,
+            'requested_micros', p_amount));
+    END IF;
+END $$;
+
+-- Takes p_amount from the account's live main lots in consumption order, locking
+-- each lot it takes from. With p_charge_txn NULL the credits are held for the
+-- reservation; otherwise they are spent at once and posted to that transaction.
+-- Call after ledger_require_available.
+CREATE OR REPLACE FUNCTION ledger_take_from_lots(
+    p_account text, p_reservation uuid, p_amount bigint, p_now timestamptz, p_charge_txn bigint)
+    RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    l record;
+    need bigint := p_amount;
+    take bigint;
+    seq int := 0;
+BEGIN
+    IF need = 0 THEN
+        RETURN;
+    END IF;
+    FOR l IN
+        SELECT lot_id, source, remaining_micros, held_micros FROM lots
+         WHERE account_id = p_account AND balance_kind = 'main' AND remaining_micros > 0
+           AND (expires_at IS NULL OR expires_at > p_now)
+         ORDER BY priority, expires_at, lot_id
+           FOR UPDATE
+    LOOP
+        take := least(l.remaining_micros - l.held_micros, need);
+        CONTINUE WHEN take <= 0;
+        IF p_charge_txn IS NULL THEN
+            UPDATE lots SET held_micros = held_micros + take
+             WHERE account_id = p_account AND lot_id = l.lot_id;
+        ELSE
+            UPDATE lots SET remaining_micros = remaining_micros - take
+             WHERE account_id = p_account AND lot_id = l.lot_id;
+            PERFORM ledger_post(p_account, p_charge_txn, seq, 'account:main', l.lot_id, l.source, -take);
+        END IF;
+        INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros, committed_micros)
+        VALUES (p_account, p_reservation, l.lot_id, seq, take,
+                CASE WHEN p_charge_txn IS NULL THEN 0 ELSE take END);
+        seq := seq + 1;
+        need := need - take;
+        EXIT WHEN need = 0;
+    END LOOP;
+    IF need > 0 THEN
+        -- Unreachable after ledger_require_available; a guard against a broken invariant.
+        RAISE EXCEPTION 'lots do not cover the available balance of %', p_account
+            USING ERRCODE = 'LE101';
+    END IF;
+    IF p_charge_txn IS NOT NULL THEN
+        PERFORM ledger_post(p_account, p_charge_txn, seq, 'revenue', NULL, NULL, p_amount);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_grant(
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_source text,
+    p_expires_at timestamptz, p_balance_kind text, p_external_ref text, p_comment text,
+    p_actor text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    l lots;
+    replay jsonb;
+    prio smallint;
+    txn bigint;
+BEGIN
+    INSERT INTO accounts (account_id, created_at) VALUES (p_account, p_now)
+        ON CONFLICT (account_id) DO NOTHING;
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'grant', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    SELECT priority INTO prio FROM credit_sources WHERE source = p_source;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE010', 'unknown credit source',
+            jsonb_build_object('field', 'source', 'violation', 'unknown credit source ' || p_source));
+    END IF;
+    txn := ledger_new_transaction(p_account, 'grant', p_amount, p_now, NULL, NULL, p_comment,
+                                  p_actor, p_external_ref);
+    INSERT INTO lots (account_id, source, balance_kind, amount_micros, remaining_micros, priority,
+                      expires_at, created_at, external_ref, grant_transaction_id)
+    VALUES (p_account, p_source, p_balance_kind, p_amount, p_amount, prio, p_expires_at, p_now,
+            nullif(p_external_ref, ''), txn)
+    RETURNING * INTO l;
+    PERFORM ledger_post(p_account, txn, 0, 'account:' || p_balance_kind, l.lot_id, p_source, p_amount);
+    PERFORM ledger_post(p_account, txn, 1, 'issuance:' || p_source, NULL, p_source, -p_amount);
+    UPDATE accounts
+       SET balance_micros = balance_micros + CASE WHEN p_balance_kind = 'main' THEN p_amount ELSE 0 END,
+           reward_balance_micros = reward_balance_micros
+                                   + CASE WHEN p_balance_kind = 'reward' THEN p_amount ELSE 0 END,
+           next_maintenance_at = least(next_maintenance_at, p_expires_at)
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    RETURN ledger_idempotent_store(p_account, p_key, 'grant', p_hash, jsonb_build_object(
+        'lot', ledger_lot_json(l),
+        'transaction_id', txn::text,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_balance(p_account text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+BEGIN
+    a := ledger_read_account(p_account, p_now);
+    IF a.account_id IS NULL THEN
+        PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
+    END IF;
+    RETURN ledger_balance_json(a, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_reserve(
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_expires_at timestamptz,
+    p_feature text, p_comment text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    res uuid := gen_random_uuid();
+    txn bigint;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'reserve', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    PERFORM ledger_require_available(a, p_amount);
+    txn := ledger_new_transaction(p_account, 'hold', p_amount, p_now, res, p_feature, p_comment);
+    INSERT INTO reservations (account_id, reservation_id, status, held_micros, expires_at,
+                              created_at, feature, comment, hold_transaction_id)
+    VALUES (p_account, res, 'pending', p_amount, p_expires_at, p_now, nullif(p_feature, ''),
+            nullif(p_comment, ''), txn);
+    PERFORM ledger_take_from_lots(p_account, res, p_amount, p_now, NULL);
+    UPDATE accounts
+       SET held_micros = held_micros + p_amount,
+           next_maintenance_at = least(next_maintenance_at, p_expires_at)
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    RETURN ledger_idempotent_store(p_account, p_key, 'reserve', p_hash, jsonb_build_object(
+        'reservation', ledger_reservation_json(p_account, res),
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Locks a reservation for a state change and checks it is pending.
+CREATE OR REPLACE FUNCTION ledger_pending_reservation(p_account text, p_reservation uuid)
+    RETURNS reservations
+LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+BEGIN
+    SELECT * INTO r FROM reservations
+     WHERE account_id = p_account AND reservation_id = p_reservation FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE004', 'reservation not found',
+            jsonb_build_object('reservation_id', p_reservation::text));
+    END IF;
+    IF r.status = 'expired' THEN
+        PERFORM ledger_fail('LE006', 'reservation expired: its time-to-live passed and the hold was returned',
+            jsonb_build_object('reservation_id', p_reservation::text,
+                               'expired_at', to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')));
+    END IF;
+    IF r.status <> 'pending' THEN
+        PERFORM ledger_fail('LE005', 'reservation is ' || r.status,
+            jsonb_build_object('reservation_id', p_reservation::text, 'status', r.status));
+    END IF;
+    RETURN r;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_commit(
+    p_account text, p_reservation uuid, p_key text, p_hash bytea, p_amount bigint,
+    p_comment text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    r reservations;
+    h record;
+    replay jsonb;
+    txn bigint;
+    rest bigint := p_amount;
+    use bigint;
+    n int := 0;
+    any_lot_expired boolean := false;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'commit', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    r := ledger_pending_reservation(p_account, p_reservation);
+    IF p_amount > r.held_micros THEN
+        PERFORM ledger_fail('LE007', 'commit amount exceeds the held amount', jsonb_build_object(
+            'reservation_id', p_reservation::text, 'held_micros', r.held_micros,
+            'requested_micros', p_amount));
+    END IF;
+    txn := ledger_new_transaction(p_account, 'charge', -p_amount, p_now, p_reservation, r.feature,
+                                  coalesce(nullif(p_comment, ''), r.comment));
+    FOR h IN
+        SELECT rl.lot_id, rl.held_micros, l.source, l.expires_at
+          FROM reservation_lots rl
+          JOIN lots l ON l.account_id = rl.account_id AND l.lot_id = rl.lot_id
+         WHERE rl.account_id = p_account AND rl.reservation_id = p_reservation
+         ORDER BY rl.seq
+    LOOP
+        use := least(h.held_micros, rest);
+        UPDATE lots SET held_micros = held_micros - h.held_micros,
+                        remaining_micros = remaining_micros - use
+         WHERE account_id = p_account AND lot_id = h.lot_id;
+        IF use > 0 THEN
+            UPDATE reservation_lots SET committed_micros = use
+             WHERE account_id = p_account AND reservation_id = p_reservation AND lot_id = h.lot_id;
+            PERFORM ledger_post(p_account, txn, n, 'account:main', h.lot_id, h.source, -use);
+            n := n + 1;
+        END IF;
+        any_lot_expired := any_lot_expired OR h.expires_at <= p_now;
+        rest := rest - use;
+    END LOOP;
+    PERFORM ledger_post(p_account, txn, n, 'revenue', NULL, NULL, p_amount);
+    UPDATE reservations
+       SET status = 'committed', committed_micros = p_amount, finalized_at = p_now,
+           charge_transaction_id = txn
+     WHERE account_id = p_account AND reservation_id = p_reservation;
+    UPDATE accounts
+       SET held_micros = held_micros - r.held_micros, balance_micros = balance_micros - p_amount
+     WHERE account_id = p_account;
+    IF any_lot_expired THEN
+        -- The unused part of a hold on a lot that expired meanwhile expires now.
+        PERFORM ledger_expire_due_lots(p_account, p_now);
+    END IF;
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'commit', p_hash, jsonb_build_object(
+        'reservation', ledger_reservation_json(p_account, p_reservation),
+        'transaction_id', txn::text,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_release(
+    p_account text, p_reservation uuid, p_key text, p_hash bytea, p_reason text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'release', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    -- A reservation that timed out has already given its hold back, which is what
+    -- Release asks for: answer with it as it is (status EXPIRED).
+    IF NOT EXISTS (SELECT 1 FROM reservations WHERE account_id = p_account
+                      AND reservation_id = p_reservation AND status = 'expired') THEN
+        PERFORM ledger_pending_reservation(p_account, p_reservation);
+        PERFORM ledger_release_holds(p_account, p_reservation, 'released', p_now,
+                                     coalesce(nullif(p_reason, ''), 'released by caller'));
+    END IF;
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'release', p_hash, jsonb_build_object(
+        'reservation', ledger_reservation_json(p_account, p_reservation),
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- How a refund of p_amount spreads over a committed reservation's lots: last-charged
+-- lot first, each taking back at most what was charged from it and not yet refunded.
+CREATE OR REPLACE FUNCTION ledger_refund_plan(
+    p_account text, p_reservation uuid, p_amount bigint, p_now timestamptz)
+    RETURNS TABLE (lot_id bigint, source text, expires_at timestamptz, give bigint, expired boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT lot_id, source, expires_at,
+           least(refundable_here, p_amount - (running - refundable_here)),
+           expires_at IS NOT NULL AND expires_at <= p_now
+      FROM (SELECT rl.lot_id, l.source, l.expires_at, rl.seq,
+                   rl.committed_micros - rl.refunded_micros AS refundable_here,
+                   sum(rl.committed_micros - rl.refunded_micros) OVER (ORDER BY rl.seq DESC) AS running
+              FROM reservation_lots rl
+              JOIN lots l ON l.account_id = rl.account_id AND l.lot_id = rl.lot_id
+             WHERE rl.account_id = p_account AND rl.reservation_id = p_reservation
+               AND rl.committed_micros > rl.refunded_micros) plan
+     WHERE running - refundable_here < p_amount
+     ORDER BY seq DESC
+$$;
+
+-- Gives committed credits back to the lots they came from, last-charged lot first.
+-- The part that returns to a lot which expired meanwhile expires at once.
+CREATE OR REPLACE FUNCTION ledger_refund(
+    p_account text, p_reservation uuid, p_key text, p_hash bytea, p_amount bigint,
+    p_reason text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    r reservations;
+    step record;
+    replay jsonb;
+    txn bigint;
+    refundable bigint;
+    amount bigint;
+    expired_part bigint;
+    next_expiry timestamptz;
+    n int := 0;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'refund', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    SELECT * INTO r FROM reservations
+     WHERE account_id = p_account AND reservation_id = p_reservation FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE004', 'reservation not found',
+            jsonb_build_object('reservation_id', p_reservation::text));
+    END IF;
+    IF r.status <> 'committed' THEN
+        PERFORM ledger_fail('LE009', 'only committed reservations can be refunded; this one is ' || r.status,
+            jsonb_build_object('reservation_id', p_reservation::text, 'status', r.status));
+    END IF;
+    refundable := r.committed_micros - r.refunded_micros;
+    amount := coalesce(p_amount, refundable);
+    IF amount <= 0 OR amount > refundable THEN
+        PERFORM ledger_fail('LE008', 'refund exceeds what is left to refund', jsonb_build_object(
+            'reservation_id', p_reservation::text, 'refundable_micros', refundable,
+            'requested_micros', amount));
+    END IF;
+
+    SELECT coalesce(sum(give) FILTER (WHERE expired), 0) INTO expired_part
+      FROM ledger_refund_plan(p_account, p_reservation, amount, p_now);
+
+    txn := ledger_new_transaction(p_account, 'refund', amount - expired_part, p_now, p_reservation,
+                                  r.feature, coalesce(nullif(p_reason, ''), 'refund'));
+    FOR step IN SELECT * FROM ledger_refund_plan(p_account, p_reservation, amount, p_now) LOOP
+        UPDATE lots
+           SET remaining_micros = remaining_micros + CASE WHEN step.expired THEN 0 ELSE step.give END,
+               expired_micros = expired_micros + CASE WHEN step.expired THEN step.give ELSE 0 END
+         WHERE account_id = p_account AND lot_id = step.lot_id;
+        UPDATE reservation_lots
+           SET refunded_micros = refunded_micros + step.give,
+               refund_expired_micros = refund_expired_micros
+                                       + CASE WHEN step.expired THEN step.give ELSE 0 END
+         WHERE account_id = p_account AND reservation_id = p_reservation AND lot_id = step.lot_id;
+        PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id, step.source, step.give, 'refund');
+        n := n + 1;
+        IF NOT step.expired THEN
+            next_expiry := least(next_expiry, step.expires_at);
+        ELSE
+            PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id, step.source, -step.give,
+                                'refunded into an expired lot: expired at once');
+            PERFORM ledger_post(p_account, txn, n + 1, 'breakage', NULL, step.source, step.give,
+                                'refunded into an expired lot: expired at once');
+            n := n + 2;
+        END IF;
+    END LOOP;
+    PERFORM ledger_post(p_account, txn, n, 'revenue', NULL, NULL, -amount, 'refund');
+    UPDATE reservations SET refunded_micros = refunded_micros + amount
+     WHERE account_id = p_account AND reservation_id = p_reservation;
+    UPDATE accounts
+       SET balance_micros = balance_micros + amount - expired_part,
+           next_maintenance_at = least(next_maintenance_at, next_expiry)
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    RETURN ledger_idempotent_store(p_account, p_key, 'refund', p_hash, jsonb_build_object(
+        'reservation', ledger_reservation_json(p_account, p_reservation),
+        'transaction_id', txn::text,
+        'refunded_micros', amount,
+        'expired_micros', expired_part,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_consume(
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_feature text, p_comment text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    res uuid := gen_random_uuid();
+    txn bigint;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'consume', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    PERFORM ledger_require_available(a, p_amount);
+    txn := ledger_new_transaction(p_account, 'charge', -p_amount, p_now, res, p_feature, p_comment);
+    INSERT INTO reservations (account_id, reservation_id, status, held_micros, committed_micros,
+                              expires_at, created_at, finalized_at, feature, comment,
+                              charge_transaction_id)
+    VALUES (p_account, res, 'committed', p_amount, p_amount, p_now, p_now, p_now,
+            nullif(p_feature, ''), nullif(p_comment, ''), txn);
+    PERFORM ledger_take_from_lots(p_account, res, p_amount, p_now, txn);
+    UPDATE accounts SET balance_micros = balance_micros - p_amount
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    RETURN ledger_idempotent_store(p_account, p_key, 'consume', p_hash, jsonb_build_object(
+        'reservation', ledger_reservation_json(p_account, res),
+        'transaction_id', txn::text,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_get_reservation(p_account text, p_reservation uuid, p_now timestamptz)
+    RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb;
+BEGIN
+    PERFORM ledger_read_account(p_account, p_now);
+    r := ledger_reservation_json(p_account, p_reservation);
+    IF r IS NULL THEN
+        PERFORM ledger_fail('LE004', 'reservation not found',
+            jsonb_build_object('reservation_id', p_reservation::text));
+    END IF;
+    RETURN r;
+END $$;

@@ -1,0 +1,98 @@
+-- name: audit
+-- Run without parameters: psycopg then sends it as written, so format() keeps its %s.
+-- Every invariant of the ledger, over the whole database. Each row is a violation.
+WITH lot_sums AS (
+    SELECT account_id,
+           coalesce(sum(remaining_micros) FILTER (WHERE balance_kind = 'main'), 0) AS main,
+           coalesce(sum(remaining_micros) FILTER (WHERE balance_kind = 'reward'), 0) AS reward,
+           coalesce(sum(held_micros), 0) AS held
+      FROM lots GROUP BY account_id
+), posting_sums AS (
+    SELECT account_id,
+           coalesce(sum(amount_micros) FILTER (WHERE ledger_account = 'account:main'), 0) AS main,
+           coalesce(sum(amount_micros) FILTER (WHERE ledger_account = 'account:reward'), 0) AS reward
+      FROM postings WHERE lot_id IS NOT NULL GROUP BY account_id
+), pending_holds AS (
+    SELECT r.account_id, sum(r.held_micros) AS held
+      FROM reservations r WHERE r.status = 'pending' GROUP BY r.account_id
+), balances AS (
+    SELECT a.account_id, a.balance_micros, a.reward_balance_micros, a.held_micros,
+           coalesce(l.main, 0) AS lot_main, coalesce(l.reward, 0) AS lot_reward,
+           coalesce(l.held, 0) AS lot_held,
+           coalesce(p.main, 0) AS posted_main, coalesce(p.reward, 0) AS posted_reward,
+           coalesce(h.held, 0) AS pending_held
+      FROM accounts a
+      LEFT JOIN lot_sums l USING (account_id)
+      LEFT JOIN posting_sums p USING (account_id)
+      LEFT JOIN pending_holds h USING (account_id)
+)
+SELECT 'unbalanced_transaction', account_id,
+       format('transaction %s: postings sum to %s', transaction_id, sum(amount_micros))
+  FROM postings GROUP BY account_id, transaction_id HAVING sum(amount_micros) <> 0
+UNION ALL
+SELECT 'transaction_amount_mismatch', t.account_id,
+       format('transaction %s (%s): amount %s but account postings sum to %s',
+              t.transaction_id, t.kind, t.amount_micros, coalesce(s.total, 0))
+  FROM journal_transactions t
+  LEFT JOIN (SELECT account_id, transaction_id, sum(amount_micros) AS total
+               FROM postings WHERE lot_id IS NOT NULL GROUP BY account_id, transaction_id) s
+         ON s.account_id = t.account_id AND s.transaction_id = t.transaction_id
+ WHERE t.kind NOT IN ('hold', 'release') AND t.amount_micros <> coalesce(s.total, 0)
+UNION ALL
+SELECT 'balance_vs_lots', account_id,
+       format('main balance %s, lots remaining %s', balance_micros, lot_main)
+  FROM balances WHERE balance_micros <> lot_main
+UNION ALL
+SELECT 'balance_vs_postings', account_id,
+       format('main balance %s, postings %s', balance_micros, posted_main)
+  FROM balances WHERE balance_micros <> posted_main
+UNION ALL
+SELECT 'reward_vs_lots', account_id,
+       format('reward balance %s, lots remaining %s', reward_balance_micros, lot_reward)
+  FROM balances WHERE reward_balance_micros <> lot_reward
+UNION ALL
+SELECT 'reward_vs_postings', account_id,
+       format('reward balance %s, postings %s', reward_balance_micros, posted_reward)
+  FROM balances WHERE reward_balance_micros <> posted_reward
+UNION ALL
+SELECT 'held_vs_lots', account_id,
+       format('held %s, lots held %s, pending reservations %s', held_micros, lot_held, pending_held)
+  FROM balances WHERE held_micros <> lot_held OR held_micros <> pending_held
+UNION ALL
+SELECT 'lot_bounds', account_id,
+       format('lot %s: amount %s remaining %s held %s', lot_id, amount_micros, remaining_micros, held_micros)
+  FROM lots
+ WHERE remaining_micros < 0 OR remaining_micros > amount_micros
+    OR held_micros < 0 OR held_micros > remaining_micros
+UNION ALL
+SELECT 'lot_vs_postings', l.account_id,
+       format('lot %s: remaining %s, postings %s', l.lot_id, l.remaining_micros, coalesce(p.total, 0))
+  FROM lots l
+  LEFT JOIN (SELECT account_id, lot_id, sum(amount_micros) AS total
+               FROM postings WHERE lot_id IS NOT NULL GROUP BY account_id, lot_id) p
+         ON p.account_id = l.account_id AND p.lot_id = l.lot_id
+ WHERE l.remaining_micros <> coalesce(p.total, 0)
+UNION ALL
+SELECT 'lot_holds_vs_reservations', l.account_id,
+       format('lot %s: held %s, pending reservations hold %s', l.lot_id, l.held_micros, coalesce(h.held, 0))
+  FROM lots l
+  LEFT JOIN (SELECT rl.account_id, rl.lot_id, sum(rl.held_micros) AS held
+               FROM reservation_lots rl
+               JOIN reservations r ON r.account_id = rl.account_id AND r.reservation_id = rl.reservation_id
+              WHERE r.status = 'pending' GROUP BY rl.account_id, rl.lot_id) h
+         ON h.account_id = l.account_id AND h.lot_id = l.lot_id
+ WHERE l.held_micros <> coalesce(h.held, 0)
+UNION ALL
+SELECT 'reservation_lots_vs_reservation', r.account_id,
+       format('reservation %s (%s): held %s committed %s refunded %s; its lots: held %s committed %s refunded %s',
+              r.reservation_id, r.status, r.held_micros, r.committed_micros, r.refunded_micros,
+              coalesce(s.held, 0), coalesce(s.committed, 0), coalesce(s.refunded, 0))
+  FROM reservations r
+  LEFT JOIN (SELECT account_id, reservation_id, sum(held_micros) AS held,
+                    sum(committed_micros) AS committed, sum(refunded_micros) AS refunded
+               FROM reservation_lots GROUP BY account_id, reservation_id) s
+         ON s.account_id = r.account_id AND s.reservation_id = r.reservation_id
+ WHERE r.held_micros <> coalesce(s.held, 0)
+    OR r.committed_micros <> coalesce(s.committed, 0)
+    OR r.refunded_micros <> coalesce(s.refunded, 0)
+ORDER BY 1, 2
