@@ -1,0 +1,1 @@
+"""The gRPC server: services, the error boundary, health and reflection."""

@@ -1,0 +1,311 @@
+"""LedgerService: validates each request, runs one ledger operation on one
+connection, and maps the result to the response. The money logic itself lives in
+the SQL functions (sql/functions/), one round trip per operation."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from psycopg_pool import AsyncConnectionPool
+
+from ledger_server.clock import Clock
+from ledger_server.config import Settings
+from ledger_server.errors import LedgerError, invalid_field
+from ledger_server.ledger import mapping, page_tokens, store, validation
+from ledger_server.ledger.fingerprint import request_fingerprint
+
+REPLAYED_METADATA_KEY = "ledger-idempotent-replay"
+_MAX_EXPIRY = timedelta(days=365 * 100)
+
+
+def _mark_replay(context: grpc.aio.ServicerContext, data: dict[str, Any]) -> None:
+    if data.get("replayed"):
+        context.set_trailing_metadata(((REPLAYED_METADATA_KEY, "true"),))
+
+
+def _source(value: types_pb2.CreditSource.ValueType) -> str:
+    if value == types_pb2.CREDIT_SOURCE_UNSPECIFIED:
+        raise invalid_field("source", "must be set")
+    if value not in types_pb2.CreditSource.values():
+        raise invalid_field("source", f"unknown credit source {value}")
+    return mapping.source_to_db(value)
+
+
+def _balance_kind(value: types_pb2.BalanceKind.ValueType) -> str:
+    if value not in types_pb2.BalanceKind.values():
+        raise invalid_field("balance_kind", f"unknown balance kind {value}")
+    return mapping.balance_kind_to_db(value)
+
+
+class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, pool: AsyncConnectionPool, clock: Clock, settings: Settings) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._settings = settings
+
+    async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
+        async with self._pool.connection() as conn:
+            return await store.call_json(conn, name, params)
+
+    def _grant_expiry(self, request: pb.GrantRequest, now: datetime) -> datetime | None:
+        which = request.WhichOneof("expiry")
+        if which == "expires_at":
+            expires_at = validation.timestamp(request.expires_at, "expires_at")
+            return validation.future_time(expires_at, now, "expires_at")
+        if which == "expires_in":
+            expires_in = validation.duration_value(request.expires_in, "expires_in")
+            return now + validation.duration(expires_in, "expires_in", _MAX_EXPIRY)
+        return None
+
+    async def Grant(
+        self, request: pb.GrantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GrantResponse:
+        now = self._clock.now()
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": validation.positive_amount(request.amount_micros),
+            "source": _source(request.source),
+            "expires_at": self._grant_expiry(request, now),
+            "balance_kind": _balance_kind(request.balance_kind),
+            "external_ref": validation.text(request.external_ref, "external_ref", 256),
+            "comment": validation.text(request.comment, "comment"),
+            "actor": None,
+            "hash": request_fingerprint("grant", request),
+            "now": now,
+        }
+        data = await self._call("grant", params)
+        _mark_replay(context, data)
+        return pb.GrantResponse(
+            lot=mapping.lot(data["lot"]),
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def Balance(
+        self, request: pb.BalanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BalanceResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "now": self._clock.now(),
+        }
+        return mapping.balance_response(await self._call("balance", params))
+
+    def _ttl(self, request: pb.ReserveRequest) -> timedelta:
+        if not request.HasField("ttl"):
+            return self._settings.reservation_ttl_default
+        ttl = validation.duration_value(request.ttl, "ttl")
+        return validation.duration(ttl, "ttl", self._settings.reservation_ttl_max)
+
+    async def Reserve(
+        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveResponse:
+        now = self._clock.now()
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": validation.positive_amount(request.amount_micros),
+            "expires_at": now + self._ttl(request),
+            "feature": validation.code(request.feature, "feature"),
+            "comment": validation.text(request.comment, "comment"),
+            "hash": request_fingerprint("reserve", request),
+            "now": now,
+        }
+        data = await self._call("reserve", params)
+        _mark_replay(context, data)
+        return pb.ReserveResponse(
+            reservation=mapping.reservation(data["reservation"]),
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def Commit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitResponse:
+        if not request.HasField("amount_micros"):
+            raise invalid_field("amount_micros", "is required: the actual cost, zero or more")
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "reservation_id": validation.reservation_id(request.reservation_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": validation.non_negative_amount(request.amount_micros),
+            "comment": validation.text(request.comment, "comment"),
+            "hash": request_fingerprint("commit", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("commit", params)
+        _mark_replay(context, data)
+        return pb.CommitResponse(
+            reservation=mapping.reservation(data["reservation"]),
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "reservation_id": validation.reservation_id(request.reservation_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "reason": validation.text(request.reason, "reason"),
+            "hash": request_fingerprint("release", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("release", params)
+        _mark_replay(context, data)
+        return pb.ReleaseResponse(
+            reservation=mapping.reservation(data["reservation"]),
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def Refund(
+        self, request: pb.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RefundResponse:
+        amount = (
+            validation.positive_amount(request.amount_micros)
+            if request.HasField("amount_micros")
+            else None
+        )
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "reservation_id": validation.reservation_id(request.reservation_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": amount,
+            "reason": validation.text(request.reason, "reason"),
+            "hash": request_fingerprint("refund", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("refund", params)
+        _mark_replay(context, data)
+        return pb.RefundResponse(
+            reservation=mapping.reservation(data["reservation"]),
+            transaction_id=data["transaction_id"],
+            refunded_micros=data["refunded_micros"],
+            expired_micros=data["expired_micros"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def Consume(
+        self, request: pb.ConsumeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConsumeResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": validation.positive_amount(request.amount_micros),
+            "feature": validation.code(request.feature, "feature"),
+            "comment": validation.text(request.comment, "comment"),
+            "hash": request_fingerprint("consume", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("consume", params)
+        _mark_replay(context, data)
+        return pb.ConsumeResponse(
+            reservation=mapping.reservation(data["reservation"]),
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def GetReservation(
+        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetReservationResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "reservation_id": validation.reservation_id(request.reservation_id),
+            "now": self._clock.now(),
+        }
+        data = await self._call("get_reservation", params)
+        return pb.GetReservationResponse(reservation=mapping.reservation(data))
+
+    async def ListLots(
+        self, request: pb.ListLotsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLotsResponse:
+        account_id = validation.account_id(request.account_id)
+        page_size = validation.page_size(request.page_size)
+        filters: list[object] = ["lots", account_id, request.include_inactive]
+        position = page_tokens.decode(request.page_token, filters, arity=3)
+        now = self._clock.now()
+        after_priority, after_expires, after_lot = position or (None, None, None)
+        async with self._pool.connection() as conn, conn.transaction():
+            await self._require_account(conn, account_id, now)
+            rows = await store.fetch_all(
+                conn,
+                "list_lots",
+                {
+                    "account_id": account_id,
+                    "include_inactive": request.include_inactive,
+                    "now": now,
+                    "after_priority": after_priority,
+                    "after_expires": after_expires,
+                    "after_lot": after_lot,
+                    "limit": page_size + 1,
+                },
+            )
+        response = pb.ListLotsResponse(lots=[mapping.lot(row[0]) for row in rows[:page_size]])
+        if len(rows) > page_size:
+            last = rows[page_size - 1]
+            response.next_page_token = page_tokens.encode([last[1], last[2], last[3]], filters)
+        return response
+
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTransactionsResponse:
+        account_id = validation.account_id(request.account_id)
+        page_size = validation.page_size(request.page_size)
+        kinds: list[str] | None = None
+        if request.kinds:
+            kinds = []
+            for kind in request.kinds:
+                if kind not in mapping.TRANSACTION_KIND_TO_DB:
+                    raise invalid_field("kinds", f"unknown transaction kind {kind}")
+                kinds.append(mapping.TRANSACTION_KIND_TO_DB[kind])
+        start_time = (
+            validation.timestamp(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else None
+        )
+        end_time = (
+            validation.timestamp(request.end_time, "end_time")
+            if request.HasField("end_time")
+            else None
+        )
+        feature = validation.code(request.feature, "feature") or None
+        filters: list[object] = ["transactions", account_id, kinds, start_time, end_time, feature]
+        position = page_tokens.decode(request.page_token, filters, arity=1)
+        now = self._clock.now()
+        async with self._pool.connection() as conn, conn.transaction():
+            await self._require_account(conn, account_id, now)
+            rows = await store.fetch_all(
+                conn,
+                "list_transactions",
+                {
+                    "account_id": account_id,
+                    "before": position[0] if position else None,
+                    "kinds": kinds,
+                    "start_time": start_time,
+                    "end_time": end_time,
+                    "feature": feature,
+                    "limit": page_size + 1,
+                },
+            )
+        response = pb.ListTransactionsResponse(
+            transactions=[mapping.transaction(row[0]) for row in rows[:page_size]]
+        )
+        if len(rows) > page_size:
+            response.next_page_token = page_tokens.encode([rows[page_size - 1][1]], filters)
+        return response
+
+    async def _require_account(self, conn: Any, account_id: str, now: datetime) -> None:
+        rows = await store.fetch_all(
+            conn, "account_exists_after_maintenance", {"account_id": account_id, "now": now}
+        )
+        if not rows[0][0]:
+            raise LedgerError(
+                grpc.StatusCode.NOT_FOUND,
+                "ACCOUNT_NOT_FOUND",
+                "account not found",
+                {"account_id": account_id},
+            )
