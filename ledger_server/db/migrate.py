@@ -111,7 +111,8 @@ def migrate_connection(conn: psycopg.Connection[TupleRow]) -> list[str]:
             conn.execute(functions.sql.encode())
             conn.execute(
                 b"INSERT INTO schema_functions (name, checksum) VALUES (%s, %s) "
-                b"ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now()",
+                b"ON CONFLICT (name) DO UPDATE "
+                b"SET checksum = excluded.checksum, applied_at = now()",
                 (functions.name, functions.checksum),
             )
             applied_now.append(functions.name)

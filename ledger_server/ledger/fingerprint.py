@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 def request_fingerprint(operation: str, request: Message) -> bytes:
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.ClearField("idempotency_key")  # type: ignore[arg-type]
+    copy.ClearField("idempotency_key")
     digest = hashlib.sha256(operation.encode())
     digest.update(b"\x00")
     digest.update(copy.SerializeToString(deterministic=True))

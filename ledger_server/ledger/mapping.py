@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 

@@ -62,7 +62,9 @@ def reservation_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise invalid_field("reservation_id", "must be a reservation id returned by Reserve") from None
+        raise invalid_field(
+            "reservation_id", "must be a reservation id returned by Reserve"
+        ) from None
 
 
 def code(value: str, field: str) -> str:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from ledger.v1 import ledger_service_pb2, ledger_service_pb2_grpc
 from psycopg_pool import AsyncConnectionPool
 
+from ledger.v1 import ledger_service_pb2, ledger_service_pb2_grpc
 from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 import psycopg
@@ -43,11 +43,14 @@ def to_status(error: LedgerError) -> grpc.Status:
 
 _INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Context], Awaitable[Any]]
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 def _guard(method: str, inner: Handler) -> Handler:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def guarded(request: Any, context: Context) -> Any:
         try:
             return await inner(request, context)
         except LedgerError as error:
@@ -70,14 +73,18 @@ def _guard(method: str, inner: Handler) -> Handler:
 class ErrorBoundary(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Request, Response] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        # Under grpc.aio the unary behaviour is a coroutine function.
+        inner = cast(Handler, handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
-            _guard(handler_call_details.method, handler.unary_unary),
+            _guard(handler_call_details.method, inner),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

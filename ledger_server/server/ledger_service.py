@@ -8,21 +8,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
-from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from psycopg_pool import AsyncConnectionPool
 
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from ledger_server.clock import Clock
 from ledger_server.config import Settings
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, store, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
 
+Context = grpc.aio.ServicerContext[Any, Any]
 REPLAYED_METADATA_KEY = "ledger-idempotent-replay"
 _MAX_EXPIRY = timedelta(days=365 * 100)
 
 
-def _mark_replay(context: grpc.aio.ServicerContext, data: dict[str, Any]) -> None:
+def _mark_replay(context: Context, data: dict[str, Any]) -> None:
     if data.get("replayed"):
         context.set_trailing_metadata(((REPLAYED_METADATA_KEY, "true"),))
 
@@ -61,9 +62,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             return now + validation.duration(expires_in, "expires_in", _MAX_EXPIRY)
         return None
 
-    async def Grant(
-        self, request: pb.GrantRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GrantResponse:
+    async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
         now = self._clock.now()
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
@@ -86,9 +85,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             balance=mapping.account_balance(data["balance"]),
         )
 
-    async def Balance(
-        self, request: pb.BalanceRequest, context: grpc.aio.ServicerContext
-    ) -> pb.BalanceResponse:
+    async def Balance(self, request: pb.BalanceRequest, context: Context) -> pb.BalanceResponse:
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "now": self._clock.now(),
@@ -101,9 +98,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         ttl = validation.duration_value(request.ttl, "ttl")
         return validation.duration(ttl, "ttl", self._settings.reservation_ttl_max)
 
-    async def Reserve(
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveResponse:
+    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         now = self._clock.now()
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
@@ -122,9 +117,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             balance=mapping.account_balance(data["balance"]),
         )
 
-    async def Commit(
-        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CommitResponse:
+    async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         if not request.HasField("amount_micros"):
             raise invalid_field("amount_micros", "is required: the actual cost, zero or more")
         params: dict[str, object] = {
@@ -144,9 +137,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             balance=mapping.account_balance(data["balance"]),
         )
 
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "reservation_id": validation.reservation_id(request.reservation_id),
@@ -162,9 +153,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             balance=mapping.account_balance(data["balance"]),
         )
 
-    async def Refund(
-        self, request: pb.RefundRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RefundResponse:
+    async def Refund(self, request: pb.RefundRequest, context: Context) -> pb.RefundResponse:
         amount = (
             validation.positive_amount(request.amount_micros)
             if request.HasField("amount_micros")
@@ -189,9 +178,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             balance=mapping.account_balance(data["balance"]),
         )
 
-    async def Consume(
-        self, request: pb.ConsumeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ConsumeResponse:
+    async def Consume(self, request: pb.ConsumeRequest, context: Context) -> pb.ConsumeResponse:
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
@@ -210,7 +197,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         )
 
     async def GetReservation(
-        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetReservationRequest, context: Context
     ) -> pb.GetReservationResponse:
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
@@ -220,9 +207,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         data = await self._call("get_reservation", params)
         return pb.GetReservationResponse(reservation=mapping.reservation(data))
 
-    async def ListLots(
-        self, request: pb.ListLotsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListLotsResponse:
+    async def ListLots(self, request: pb.ListLotsRequest, context: Context) -> pb.ListLotsResponse:
         account_id = validation.account_id(request.account_id)
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["lots", account_id, request.include_inactive]
@@ -251,7 +236,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         return response
 
     async def ListTransactions(
-        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListTransactionsRequest, context: Context
     ) -> pb.ListTransactionsResponse:
         account_id = validation.account_id(request.account_id)
         page_size = validation.page_size(request.page_size)

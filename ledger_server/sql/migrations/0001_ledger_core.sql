@@ -54,9 +54,9 @@ CREATE TABLE accounts (
 );
 
 CREATE TABLE lots (
-    account_id           text        NOT NULL REFERENCES accounts (account_id),
+    account_id           text        NOT NULL CONSTRAINT lots_account_fk REFERENCES accounts (account_id),
     lot_id               bigint      GENERATED ALWAYS AS IDENTITY,
-    source               text        NOT NULL REFERENCES credit_sources (source),
+    source               text        NOT NULL CONSTRAINT lots_source_fk REFERENCES credit_sources (source),
     balance_kind         text        NOT NULL,
     amount_micros        bigint      NOT NULL,
     remaining_micros     bigint      NOT NULL,
@@ -90,7 +90,8 @@ CREATE INDEX lots_account_expiry ON lots (account_id, expires_at)
 
 -- The journal: one row per movement, each with balanced postings. Append-only.
 CREATE TABLE journal_transactions (
-    account_id        text        NOT NULL REFERENCES accounts (account_id),
+    account_id        text        NOT NULL CONSTRAINT journal_transactions_account_fk
+                                  REFERENCES accounts (account_id),
     transaction_id    bigint      GENERATED ALWAYS AS IDENTITY,
     kind              text        NOT NULL,
     -- Net change of the account's balances; for holds and releases, the amount held or returned.
@@ -148,7 +149,8 @@ CREATE TRIGGER postings_append_only BEFORE UPDATE OR DELETE ON postings
     FOR EACH ROW EXECUTE FUNCTION ledger_reject_journal_change();
 
 CREATE TABLE reservations (
-    account_id            text        NOT NULL REFERENCES accounts (account_id),
+    account_id            text        NOT NULL CONSTRAINT reservations_account_fk
+                                      REFERENCES accounts (account_id),
     reservation_id        uuid        NOT NULL,
     status                text        NOT NULL,
     held_micros           bigint      NOT NULL,

@@ -1,0 +1,141 @@
+# credit-ledger developer commands. `make run` and `make test` are the two that matter;
+# everything installs itself into .venv/ and node_modules/ on first use.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+BUF := node_modules/.bin/buf
+
+PROTO_FILES := $(shell find protos -name '*.proto' | LC_ALL=C sort)
+CLIENT_SRC := clients/python/src
+TYPECHECK_PATHS := ledger_server workers $(CLIENT_SRC)/ledger_client
+
+# Runs a command with DATABASE_URL set: the caller's, or the embedded server under .data/
+# (started if needed and left running; `make stop` stops it).
+WITH_DB = dbenv="$$($(PY) -m ledger_server.devstack env --no-redis)" && eval "$$dbenv" &&
+
+.PHONY: help venv node_modules proto proto-check buf-lint buf-breaking lint format typecheck \
+	test run audit migrate stop clean distclean
+
+help:
+	@echo "make run          start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate, serve"
+	@echo "make test         lint + typecheck + pytest"
+	@echo "make lint         ruff check, ruff format --check, buf lint, proto-check"
+	@echo "make format       ruff format + ruff check --fix"
+	@echo "make typecheck    mypy --strict"
+	@echo "make proto        regenerate $(CLIENT_SRC)/ledger from protos/"
+	@echo "make buf-breaking buf breaking against the main branch"
+	@echo "make migrate      apply migrations (DATABASE_URL or embedded)"
+	@echo "make audit        check the ledger invariants over the whole database"
+	@echo "make stop         stop the embedded servers left running under .data/"
+	@echo "make clean        stop embedded servers; remove .data/ and caches"
+	@echo "make distclean    clean + remove .venv/ and node_modules/"
+
+# --- environments ---------------------------------------------------------------------------
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalls only when a pyproject changes; delete the stamp to force it.
+$(STAMP): pyproject.toml clients/python/pyproject.toml | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ./clients/python -e '.[dev,embedded]'
+	touch $@
+
+node_modules: $(NODE_STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+# --- protos ---------------------------------------------------------------------------------
+
+# $(call gen_proto,OUTDIR): generate the ledger package (messages, stubs, .pyi) into OUTDIR.
+define gen_proto
+rm -rf $(1) && mkdir -p $(1) && \
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) \
+		$(PROTO_FILES) && \
+	find $(1)/ledger -type d -exec touch {}/__init__.py \; && \
+	touch $(1)/ledger/py.typed
+endef
+
+proto: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(call gen_proto,$$tmp/out) && \
+	rm -rf $(CLIENT_SRC)/ledger && cp -R "$$tmp/out/ledger" $(CLIENT_SRC)/ledger
+	@echo "regenerated $(CLIENT_SRC)/ledger"
+
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(call gen_proto,$$tmp/out) && \
+	if ! diff -r -x __pycache__ "$$tmp/out/ledger" $(CLIENT_SRC)/ledger; then \
+		echo "error: $(CLIENT_SRC)/ledger is out of date with protos/; run 'make proto' and commit the result" >&2; \
+		exit 1; \
+	fi
+	@echo "proto-check: generated code is up to date"
+
+buf-lint: $(NODE_STAMP)
+	$(BUF) lint
+
+# Compares against the main branch of this repository. In a fresh clone of a feature
+# branch or with no commit yet there may be no local main branch: then it is skipped.
+buf-breaking: $(NODE_STAMP)
+	@if git rev-parse --verify --quiet refs/heads/main >/dev/null; then \
+		echo "$(BUF) breaking --against '.git#branch=main'"; \
+		$(BUF) breaking --against '.git#branch=main'; \
+	else \
+		echo "buf-breaking: skipped, no local 'main' branch with a commit to compare against"; \
+	fi
+
+# --- checks ---------------------------------------------------------------------------------
+
+lint: $(STAMP) $(NODE_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(MAKE) --no-print-directory buf-lint
+	$(MAKE) --no-print-directory proto-check
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy $(TYPECHECK_PATHS)
+
+# pytest's exit status is passed through as is (5 = no tests collected fails the build).
+test: lint typecheck
+	$(PY) -m pytest
+
+# --- running --------------------------------------------------------------------------------
+
+run: $(STAMP)
+	$(PY) -m ledger_server.devstack run
+
+migrate: $(STAMP)
+	$(WITH_DB) $(PY) -m ledger_server migrate
+
+audit: $(STAMP)
+	$(WITH_DB) $(PY) -m ledger_server audit
+
+stop:
+	@if [ -x $(PY) ]; then $(PY) -m ledger_server.devstack stop; fi
+
+clean: stop
+	rm -rf .data build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./.venv -prune -o -path ./node_modules -prune -o \
+		\( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) node_modules

@@ -1,0 +1,359 @@
+"""``python -m ledger_server.devstack {run,env,stop}``: the ``make run`` supervisor.
+
+``run``
+    Resolves DATABASE_URL / REDIS_URL (embedded servers under ``.data/`` when unset), applies
+    migrations, starts every process in :data:`PROCESSES` with its output prefixed by its
+    name, waits for the gRPC port and prints how to reach it. Ctrl-C / SIGTERM (or any child
+    exiting) stops the children (SIGTERM, then SIGKILL), then the servers it started.
+``env``
+    Starts the embedded servers if needed (left running) and prints ``export`` lines:
+    ``eval "$(python -m ledger_server.devstack env)"``.
+``stop``
+    Stops the embedded servers left running under ``.data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, NoReturn
+
+from ledger_server.devstack import embedded
+
+DEFAULT_GRPC_ADDR = "localhost:50051"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One long-running child of ``make run``. It gets DATABASE_URL, REDIS_URL and
+    LEDGER_GRPC_ADDR in its environment, plus ``env``."""
+
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def migrate_spec() -> ProcessSpec:
+    """Runs to completion before anything in :func:`process_specs` starts."""
+    return ProcessSpec("migrate", [sys.executable, "-m", "ledger_server", "migrate"])
+
+
+def process_specs() -> list[ProcessSpec]:
+    """What ``make run`` runs, started in this order and stopped in reverse. Add the RQ
+    workers, the RQ scheduler and the webhook receiver here."""
+    return [
+        ProcessSpec("server", [sys.executable, "-m", "ledger_server", "serve"]),
+    ]
+
+
+# --- output -----------------------------------------------------------------------------------
+
+_COLORS = ("36", "33", "35", "32", "34", "31")
+_print_lock = threading.Lock()
+
+
+class _Prefixer:
+    """Writes lines to stdout prefixed with a padded, optionally coloured name."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.width = max(len(n) for n in names)
+        self.color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        self.codes = {n: _COLORS[i % len(_COLORS)] for i, n in enumerate(names)}
+
+    def prefix(self, name: str) -> str:
+        label = f"{name:<{self.width}} |"
+        if self.color:
+            return f"\033[{self.codes.get(name, '1')}m{label}\033[0m "
+        return label + " "
+
+    def write(self, name: str, line: str) -> None:
+        with _print_lock:
+            sys.stdout.write(self.prefix(name) + line.rstrip("\r\n") + "\n")
+            sys.stdout.flush()
+
+    def pump(self, name: str, stream: IO[bytes]) -> threading.Thread:
+        def run() -> None:
+            with stream:
+                for raw in iter(stream.readline, b""):
+                    self.write(name, raw.decode(errors="replace"))
+
+        thread = threading.Thread(target=run, name=f"pump-{name}", daemon=True)
+        thread.start()
+        return thread
+
+
+# --- children ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    spec: ProcessSpec
+    process: subprocess.Popen[bytes]
+    pump: threading.Thread
+
+
+def _spawn(spec: ProcessSpec, env: Mapping[str, str], out: _Prefixer) -> _Child:
+    process = subprocess.Popen(
+        list(spec.argv),
+        env={**env, **spec.env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # Own process group: a terminal Ctrl-C reaches only the supervisor, which then
+        # stops the children in order. PDEATHSIG covers the supervisor being killed.
+        start_new_session=True,
+        preexec_fn=embedded.die_with_parent(),
+    )
+    assert process.stdout is not None
+    return _Child(spec, process, out.pump(spec.name, process.stdout))
+
+
+class _Hurry:
+    """Set by a second Ctrl-C/SIGTERM while stopping: skip the grace period."""
+
+    flag = False
+
+
+def _stop_children(children: Sequence[_Child], out: _Prefixer, timeout: float) -> None:
+    live = [c for c in reversed(children) if c.process.poll() is None]
+    for child in live:
+        out.write("devstack", f"stopping {child.spec.name} (pid {child.process.pid})")
+        with contextlib.suppress(ProcessLookupError):
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(c.process.poll() is None for c in live):
+        if _Hurry.flag or time.monotonic() > deadline:
+            for child in live:
+                if child.process.poll() is None:
+                    out.write("devstack", f"killing {child.spec.name} (pid {child.process.pid})")
+            break
+        time.sleep(0.05)
+    for child in children:
+        # SIGKILL the whole group: also whatever the child forked and left behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.process.pid, signal.SIGKILL)
+        child.process.wait()
+        child.pump.join(timeout=2)
+
+
+# --- gRPC address -----------------------------------------------------------------------------
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"devstack: LEDGER_GRPC_ADDR must be host:port, got {addr!r}")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+def _connect_host(host: str) -> str:
+    """Where a client on this machine connects for a server bound to ``host``."""
+    return "localhost" if host in ("", "0.0.0.0", "::", "*") else host
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _hurry(signum: int, frame: FrameType | None) -> None:
+    _Hurry.flag = True
+
+
+def _hurry_on_signals() -> None:
+    """While shutting down, another Ctrl-C/SIGTERM only cuts the grace period short."""
+    signal.signal(signal.SIGINT, _hurry)
+    signal.signal(signal.SIGTERM, _hurry)
+
+
+def _buf_command() -> str:
+    if shutil.which("buf"):
+        return "buf"
+    local = embedded.repo_root() / "node_modules" / ".bin" / "buf"
+    if local.exists():
+        return os.path.relpath(local) if Path.cwd() == embedded.repo_root() else str(local)
+    return "buf"
+
+
+def cmd_run(data_dir: Path, ready_timeout: float) -> int:
+    grpc_addr = os.environ.get("LEDGER_GRPC_ADDR") or DEFAULT_GRPC_ADDR
+    bind_host, port = _split_addr(grpc_addr)
+    host = _connect_host(bind_host)
+    if _accepts(host, port):
+        print(
+            f"devstack: something already listens on {host}:{port}; stop it or set "
+            "LEDGER_GRPC_ADDR",
+            file=sys.stderr,
+        )
+        return 1
+
+    specs = process_specs()
+    out = _Prefixer(["devstack", migrate_spec().name, *(s.name for s in specs)])
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    started: list[embedded.Stoppable] = []
+    children: list[_Child] = []
+    try:
+        database_url, redis_url, started = embedded.resolve_urls(data_dir)
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "LEDGER_GRPC_ADDR": grpc_addr,
+            "PYTHONUNBUFFERED": "1",
+        }
+        code = _supervise(specs, env, host, port, ready_timeout, out, children)
+    except _Interrupted as exc:
+        _hurry_on_signals()
+        with _print_lock:
+            print(flush=True)
+        out.write("devstack", f"{exc}: shutting down")
+        code = 0
+    finally:
+        _hurry_on_signals()
+        _stop_children(children, out, STOP_TIMEOUT_S)
+        for server in reversed(started):
+            out.write("devstack", f"stopping embedded {server.name}")
+            try:
+                server.stop()
+            except Exception as exc:
+                out.write("devstack", f"could not stop {server.name}: {exc}")
+                code = 1
+    out.write("devstack", "stopped")
+    return code
+
+
+def _supervise(
+    specs: Sequence[ProcessSpec],
+    env: Mapping[str, str],
+    host: str,
+    port: int,
+    ready_timeout: float,
+    out: _Prefixer,
+    children: list[_Child],
+) -> int:
+    """Migrates, starts ``specs`` (appending to ``children``), waits until one exits."""
+    migrate = _spawn(migrate_spec(), env, out)
+    children.append(migrate)
+    if (code := migrate.process.wait()) != 0:
+        out.write("devstack", f"migrations failed (exit {code})")
+        return 1
+    migrate.pump.join(timeout=2)
+    children.remove(migrate)
+
+    for spec in specs:
+        children.append(_spawn(spec, env, out))
+
+    deadline = time.monotonic() + ready_timeout
+    while not _accepts(host, port):
+        if dead := [c for c in children if c.process.poll() is not None]:
+            out.write("devstack", f"{dead[0].spec.name} exited ({dead[0].process.returncode})")
+            return 1
+        if time.monotonic() > deadline:
+            out.write("devstack", f"gRPC port {host}:{port} not open after {ready_timeout:g}s")
+            return 1
+        time.sleep(0.1)
+
+    with _print_lock:
+        print(
+            f"\ncredit-ledger is up: gRPC on {host}:{port} (reflection and health enabled)\n"
+            f"  DATABASE_URL={env['DATABASE_URL']}\n"
+            f"  REDIS_URL={env['REDIS_URL']}\n"
+            f"  try: {_buf_command()} curl --protocol grpc --http2-prior-knowledge "
+            f"http://{_url_host(host)}:{port}/ledger.v1.LedgerService/Balance "
+            """-d '{"account_id":"demo"}'\n"""
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+
+    while True:
+        if dead := [c for c in children if c.process.poll() is not None]:
+            out.write("devstack", f"{dead[0].spec.name} exited ({dead[0].process.returncode})")
+            return 1
+        time.sleep(0.2)
+
+
+def cmd_env(data_dir: Path, with_redis: bool) -> int:
+    lines: list[str] = []
+    database_url = os.environ.get("DATABASE_URL") or ""
+    if not database_url:
+        database_url = embedded.start_postgres(data_dir / "pg").url
+    lines.append(f"export DATABASE_URL={shlex.quote(database_url)}")
+    if with_redis:
+        redis_url = os.environ.get("REDIS_URL") or ""
+        if not redis_url:
+            redis_url = embedded.start_redis(data_dir / "redis", daemonize=True).url
+        lines.append(f"export REDIS_URL={shlex.quote(redis_url)}")
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+def cmd_stop(data_dir: Path) -> int:
+    stopped = embedded.stop_all(data_dir)
+    for what in stopped:
+        print(f"devstack: stopped {what}", file=sys.stderr)
+    if not stopped:
+        print(f"devstack: no embedded server running under {data_dir}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ledger_server.devstack", description=__doc__)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where embedded servers keep their data (default: $LEDGER_DATA_DIR or <repo>/.data)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="migrate and run the service with embedded servers")
+    run.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
+    env = sub.add_parser("env", help="start embedded servers if needed; print export lines")
+    env.add_argument("--no-redis", action="store_true", help="only DATABASE_URL")
+    sub.add_parser("stop", help="stop the embedded servers running under the data dir")
+    args = parser.parse_args(argv)
+
+    data_dir: Path = (args.data_dir or embedded.default_data_dir()).resolve()
+    if args.command == "run":
+        return cmd_run(data_dir, args.ready_timeout)
+    if args.command == "env":
+        return cmd_env(data_dir, with_redis=not args.no_redis)
+    return cmd_stop(data_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""A retry with the same idempotency key has one effect and gets the original
+response; the same key with a different request is ALREADY_EXISTS and changes
+nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+
+
+def _operations(
+    ledger: Ledger,
+) -> dict[str, Callable[[str], tuple[Callable[[Message], Message], Message, Message]]]:
+    """Per RPC: set up an account and return (call, request, same request with another amount)."""
+    stub = ledger.stub
+
+    def grant(account: str) -> tuple[Any, Message, Message]:
+        ledger.grant(account, 1)
+        request = pb.GrantRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            amount_micros=7 * CREDIT,
+            source=types_pb2.CREDIT_SOURCE_ADMIN,
+        )
+        other = pb.GrantRequest()
+        other.CopyFrom(request)
+        other.amount_micros = 8 * CREDIT
+        return stub.Grant, request, other
+
+    def consume(account: str) -> tuple[Any, Message, Message]:
+        ledger.grant(account, 50)
+        request = pb.ConsumeRequest(
+            account_id=account, idempotency_key=new_key(), amount_micros=3 * CREDIT
+        )
+        other = pb.ConsumeRequest(
+            account_id=account, idempotency_key=request.idempotency_key, amount_micros=4 * CREDIT
+        )
+        return stub.Consume, request, other
+
+    def reserve(account: str) -> tuple[Any, Message, Message]:
+        ledger.grant(account, 50)
+        request = pb.ReserveRequest(
+            account_id=account, idempotency_key=new_key(), amount_micros=5 * CREDIT
+        )
+        other = pb.ReserveRequest(
+            account_id=account, idempotency_key=request.idempotency_key, amount_micros=6 * CREDIT
+        )
+        return stub.Reserve, request, other
+
+    def commit(account: str) -> tuple[Any, Message, Message]:
+        ledger.grant(account, 50)
+        reservation_id = ledger.reserve(account, 10 * CREDIT).reservation.reservation_id
+        request = pb.CommitRequest(
+            account_id=account,
+            reservation_id=reservation_id,
+            idempotency_key=new_key(),
+            amount_micros=4 * CREDIT,
+        )
+        other = pb.CommitRequest()
+        other.CopyFrom(request)
+        other.amount_micros = 5 * CREDIT
+        return stub.Commit, request, other
+
+    def refund(account: str) -> tuple[Any, Message, Message]:
+        ledger.grant(account, 50)
+        reservation_id = ledger.consume(account, 10 * CREDIT).reservation.reservation_id
+        request = pb.RefundRequest(
+            account_id=account,
+            reservation_id=reservation_id,
+            idempotency_key=new_key(),
+            amount_micros=2 * CREDIT,
+        )
+        other = pb.RefundRequest()
+        other.CopyFrom(request)
+        other.amount_micros = 3 * CREDIT
+        return stub.Refund, request, other
+
+    def release(account: str) -> tuple[Any, Message, Message]:
+        ledger.grant(account, 50)
+        reservation_id = ledger.reserve(account, 10 * CREDIT).reservation.reservation_id
+        request = pb.ReleaseRequest(
+            account_id=account, reservation_id=reservation_id, idempotency_key=new_key()
+        )
+        other = pb.ReleaseRequest()
+        other.CopyFrom(request)
+        other.reason = "another reason"
+        return stub.Release, request, other
+
+    return {
+        "Grant": grant,
+        "Consume": consume,
+        "Reserve": reserve,
+        "Commit": commit,
+        "Refund": refund,
+        "Release": release,
+    }
+
+
+def _state(ledger: Ledger, account: str) -> tuple[Any, ...]:
+    balance = ledger.balance(account)
+    return (
+        balance.balance_micros,
+        balance.held_micros,
+        balance.available_micros,
+        len(ledger.transactions(account)),
+        tuple((lot.remaining_micros, lot.held_micros) for lot in ledger.lots(account, True)),
+    )
+
+
+OPERATIONS = ["Grant", "Consume", "Reserve", "Commit", "Refund", "Release"]
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_three_sequential_sends_have_one_effect(
+    ledger: Ledger, operation: str, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    call, request, _ = _operations(ledger)[operation](account)
+    before = _state(ledger, account)
+    first = call(request)
+    after_first = _state(ledger, account)
+    assert after_first != before
+    responses = [first, call(request), call(request)]
+    assert len({r.SerializeToString(deterministic=True) for r in responses}) == 1
+    assert _state(ledger, account) == after_first
+    assert_audit_clean()
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_three_concurrent_sends_have_one_effect(
+    ledger: Ledger, server_address: str, operation: str, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    _, request, _ = _operations(ledger)[operation](account)
+    before = _state(ledger, account)
+    channels = [grpc.insecure_channel(server_address) for _ in range(3)]
+    try:
+        calls = [
+            getattr(ledger_service_pb2_grpc.LedgerServiceStub(channel), operation)
+            for channel in channels
+        ]
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            responses = list(pool.map(lambda call: call(request), calls))
+    finally:
+        for channel in channels:
+            channel.close()
+    assert len({r.SerializeToString(deterministic=True) for r in responses}) == 1
+    after = _state(ledger, account)
+    assert after != before
+    # One more replay changes nothing further: the three sends had one effect.
+    getattr(ledger.stub, operation)(request)
+    assert _state(ledger, account) == after
+    assert_audit_clean()
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_same_key_with_another_request_is_rejected(
+    ledger: Ledger, operation: str, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    call, request, other = _operations(ledger)[operation](account)
+    original = call(request)
+    state = _state(ledger, account)
+    info = expect_error(
+        lambda: call(other), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED"
+    )
+    assert info.metadata["idempotency_key"] == request.idempotency_key  # type: ignore[attr-defined]
+    assert _state(ledger, account) == state
+    assert call(request).SerializeToString() == original.SerializeToString()
+    assert_audit_clean()
+
+
+def test_a_key_is_scoped_to_its_account(ledger: Ledger) -> None:
+    first, second = new_account(), new_account()
+    key = new_key()
+    ledger.grant(first, 5, key=key)
+    ledger.grant(second, 5, key=key)
+    assert ledger.balance(first).balance_micros == 5 * CREDIT
+    assert ledger.balance(second).balance_micros == 5 * CREDIT
+
+
+def test_a_replay_is_marked_in_trailing_metadata(ledger: Ledger) -> None:
+    account = new_account()
+    request = pb.GrantRequest(
+        account_id=account,
+        idempotency_key=new_key(),
+        amount_micros=CREDIT,
+        source=types_pb2.CREDIT_SOURCE_ADMIN,
+    )
+    _, first = ledger.stub.Grant.with_call(request)
+    _, second = ledger.stub.Grant.with_call(request)
+    assert ("ledger-idempotent-replay", "true") not in (first.trailing_metadata() or ())
+    assert ("ledger-idempotent-replay", "true") in second.trailing_metadata()

@@ -1,0 +1,170 @@
+"""The life of a reservation: hold, commit (partial), release, time-to-live."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger_server.clock import OffsetClock
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_reserve_holds_and_commit_settles_the_actual_amount(
+    ledger: Ledger, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    reserved = ledger.reserve(account, 8 * CREDIT, feature="image.generate")
+    assert reserved.reservation.status == pb.RESERVATION_STATUS_PENDING
+    assert reserved.balance.held_micros == 8 * CREDIT
+    assert reserved.balance.available_micros == 12 * CREDIT
+    assert reserved.balance.balance_micros == 20 * CREDIT
+
+    committed = ledger.commit(account, reserved.reservation.reservation_id, 5 * CREDIT)
+    assert committed.reservation.status == pb.RESERVATION_STATUS_COMMITTED
+    assert committed.reservation.committed_micros == 5 * CREDIT
+    assert committed.balance.balance_micros == 15 * CREDIT
+    assert committed.balance.held_micros == 0
+    assert committed.balance.available_micros == 15 * CREDIT
+    fetched = ledger.stub.GetReservation(
+        pb.GetReservationRequest(
+            account_id=account, reservation_id=reserved.reservation.reservation_id
+        )
+    ).reservation
+    assert fetched == committed.reservation
+    assert_audit_clean()
+
+
+def test_commit_of_zero_charges_nothing(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 5)
+    reservation_id = ledger.reserve(account, 2 * CREDIT).reservation.reservation_id
+    committed = ledger.commit(account, reservation_id, 0)
+    assert committed.reservation.status == pb.RESERVATION_STATUS_COMMITTED
+    assert committed.balance.balance_micros == 5 * CREDIT
+
+
+def test_commit_more_than_held_is_refused(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    reservation_id = ledger.reserve(account, 5 * CREDIT).reservation.reservation_id
+    info = expect_error(
+        lambda: ledger.commit(account, reservation_id, 5 * CREDIT + 1),
+        FAILED,
+        "AMOUNT_EXCEEDS_HOLD",
+    )
+    assert info.metadata["held_micros"] == str(5 * CREDIT)
+    assert ledger.balance(account).held_micros == 5 * CREDIT
+
+
+def test_commit_twice_replays_with_the_same_key_and_is_refused_with_another(
+    ledger: Ledger,
+) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    reservation_id = ledger.reserve(account, 5 * CREDIT).reservation.reservation_id
+    key = new_key()
+    first = ledger.commit(account, reservation_id, 3 * CREDIT, key=key)
+    assert ledger.commit(account, reservation_id, 3 * CREDIT, key=key) == first
+    info = expect_error(
+        lambda: ledger.commit(account, reservation_id, 3 * CREDIT),
+        FAILED,
+        "RESERVATION_NOT_PENDING",
+    )
+    assert info.metadata["status"] == "committed"
+    assert ledger.balance(account).balance_micros == 17 * CREDIT
+
+
+def test_commit_after_release_and_release_after_commit_are_refused(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    released_id = ledger.reserve(account, 5 * CREDIT).reservation.reservation_id
+    release = ledger.release(account, released_id)
+    assert release.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert release.balance.available_micros == 20 * CREDIT
+    expect_error(
+        lambda: ledger.commit(account, released_id, CREDIT), FAILED, "RESERVATION_NOT_PENDING"
+    )
+    expect_error(lambda: ledger.release(account, released_id), FAILED, "RESERVATION_NOT_PENDING")
+
+    committed_id = ledger.reserve(account, 5 * CREDIT).reservation.reservation_id
+    ledger.commit(account, committed_id, 2 * CREDIT)
+    expect_error(lambda: ledger.release(account, committed_id), FAILED, "RESERVATION_NOT_PENDING")
+    assert ledger.balance(account).balance_micros == 18 * CREDIT
+
+
+def test_insufficient_credits_for_a_reservation(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 10)
+    ledger.reserve(account, 8 * CREDIT)
+    info = expect_error(lambda: ledger.reserve(account, 3 * CREDIT), FAILED, "INSUFFICIENT_CREDITS")
+    assert info.metadata["available_micros"] == str(2 * CREDIT)
+    assert info.metadata["requested_micros"] == str(3 * CREDIT)
+
+
+def test_a_reservation_past_its_time_to_live_returns_its_hold(
+    ledger: Ledger, clock: OffsetClock, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    reservation_id = ledger.reserve(
+        account, 6 * CREDIT, ttl=Duration(seconds=60)
+    ).reservation.reservation_id
+    assert ledger.balance(account).available_micros == 14 * CREDIT
+
+    clock.advance(timedelta(seconds=61))
+    # No sweeper has run: the balance is still right.
+    balance = ledger.balance(account)
+    assert balance.available_micros == 20 * CREDIT
+    assert balance.held_micros == 0
+    info = expect_error(
+        lambda: ledger.commit(account, reservation_id, CREDIT), FAILED, "RESERVATION_EXPIRED"
+    )
+    assert info.metadata["reservation_id"] == reservation_id
+    fetched = ledger.stub.GetReservation(
+        pb.GetReservationRequest(account_id=account, reservation_id=reservation_id)
+    ).reservation
+    assert fetched.status == pb.RESERVATION_STATUS_EXPIRED
+    # Releasing a timed-out hold asks for what already happened: it succeeds as is.
+    released = ledger.release(account, reservation_id)
+    assert released.reservation.status == pb.RESERVATION_STATUS_EXPIRED
+    assert released.balance.available_micros == 20 * CREDIT
+    kinds = [t.kind for t in ledger.transactions(account)]
+    assert kinds[:2] == [pb.TRANSACTION_KIND_RELEASE, pb.TRANSACTION_KIND_HOLD]
+    assert_audit_clean()
+
+
+def test_time_to_live_above_the_maximum_is_refused(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    expect_error(
+        lambda: ledger.reserve(account, CREDIT, ttl=Duration(seconds=8 * 86400)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        field="ttl",
+    )
+
+
+def test_transaction_log_shows_hold_status(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    pending = ledger.reserve(account, CREDIT).reservation.reservation_id
+    released = ledger.reserve(account, CREDIT).reservation.reservation_id
+    ledger.release(account, released)
+    committed = ledger.reserve(account, CREDIT).reservation.reservation_id
+    ledger.commit(account, committed, CREDIT)
+    holds = {
+        t.reservation_id: t.status
+        for t in ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_HOLD])
+    }
+    assert holds == {
+        pending: pb.TRANSACTION_STATUS_PENDING,
+        released: pb.TRANSACTION_STATUS_RELEASED,
+        committed: pb.TRANSACTION_STATUS_COMMITTED,
+    }

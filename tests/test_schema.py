@@ -1,0 +1,143 @@
+"""A fresh migrate gives the expected schema: tables, named invariants, functions;
+migrating again changes nothing; the journal is append-only."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from ledger_server.db import migrate as migrations
+
+EXPECTED_TABLES = {
+    "accounts",
+    "credit_sources",
+    "idempotency_keys",
+    "journal_transactions",
+    "lots",
+    "postings",
+    "reservation_lots",
+    "reservations",
+    "schema_functions",
+    "schema_migrations",
+}
+
+# The invariants the ledger relies on, by name: the error boundary and the docs
+# refer to these names, so renaming one is a contract change.
+EXPECTED_CONSTRAINTS = {
+    "accounts_account_id_length",
+    "accounts_balance_nonnegative",
+    "accounts_held_within_balance",
+    "accounts_low_balance_threshold_nonnegative",
+    "accounts_referral_code_unique",
+    "accounts_reward_balance_nonnegative",
+    "credit_sources_source_format",
+    "idempotency_keys_key_length",
+    "journal_transactions_account_fk",
+    "idempotency_keys_one_per_account",
+    "journal_transactions_kind_known",
+    "lots_account_fk",
+    "lots_amount_positive",
+    "lots_balance_kind_known",
+    "lots_expired_within_amount",
+    "lots_held_within_remaining",
+    "lots_parent_fk",
+    "lots_remaining_nonnegative",
+    "lots_remaining_within_amount",
+    "lots_source_fk",
+    "postings_amount_nonzero",
+    "postings_customer_side_has_lot",
+    "postings_lot_fk",
+    "postings_transaction_fk",
+    "reservation_lots_committed_within_held",
+    "reservation_lots_held_positive",
+    "reservation_lots_lot_fk",
+    "reservation_lots_refund_expired_within_refunded",
+    "reservation_lots_refunded_within_committed",
+    "reservation_lots_reservation_fk",
+    "reservations_account_fk",
+    "reservations_committed_within_held",
+    "reservations_finalized_when_done",
+    "reservations_held_nonnegative",
+    "reservations_refunded_within_committed",
+    "reservations_status_known",
+}
+
+EXPECTED_FUNCTIONS = {
+    "ledger_balance",
+    "ledger_commit",
+    "ledger_consume",
+    "ledger_get_reservation",
+    "ledger_grant",
+    "ledger_refund",
+    "ledger_release",
+    "ledger_reserve",
+}
+
+
+def test_fresh_migrate_gives_the_expected_schema(fresh_database_url: str) -> None:
+    applied = migrations.migrate(fresh_database_url)
+    assert applied == [m.name for m in migrations.migrations()] + [
+        f.name for f in migrations.function_files()
+    ]
+    with psycopg.connect(fresh_database_url) as conn:
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            ).fetchall()
+        }
+        assert tables == EXPECTED_TABLES
+        constraints = {
+            r[0]
+            for r in conn.execute(
+                """SELECT c.conname FROM pg_constraint c
+                     JOIN pg_namespace n ON n.oid = c.connamespace
+                    WHERE n.nspname = 'public' AND c.contype IN ('c', 'u', 'f')
+                       OR (n.nspname = 'public' AND c.contype = 'p'
+                           AND c.conname NOT LIKE '%_pkey')"""
+            ).fetchall()
+        }
+        assert constraints == EXPECTED_CONSTRAINTS
+        functions = {
+            r[0]
+            for r in conn.execute(
+                "SELECT proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = 'public'"
+            ).fetchall()
+        }
+        assert functions >= EXPECTED_FUNCTIONS
+        sources = {r[0] for r in conn.execute("SELECT source FROM credit_sources").fetchall()}
+        assert "daily" in sources and "purchase" in sources
+    assert migrations.migrate(fresh_database_url) == []
+
+
+def test_an_edited_migration_is_refused(fresh_database_url: str) -> None:
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+    with pytest.raises(migrations.MigrationError, match="changed after it was applied"):
+        migrations.migrate(fresh_database_url)
+
+
+def test_the_journal_is_append_only(ledger_db_url: str) -> None:
+    with psycopg.connect(ledger_db_url) as conn:
+        for statement in (
+            "UPDATE journal_transactions SET amount_micros = 0 WHERE transaction_id = "
+            "(SELECT min(transaction_id) FROM journal_transactions)",
+            "DELETE FROM postings "
+            "WHERE transaction_id = (SELECT min(transaction_id) FROM postings)",
+        ):
+            with pytest.raises(psycopg.Error) as raised:
+                conn.execute(statement)
+            assert raised.value.sqlstate == "LE100"
+            conn.rollback()
+
+
+def test_balance_constraints_hold_in_the_database(ledger_db_url: str) -> None:
+    with psycopg.connect(ledger_db_url) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation) as raised:
+            conn.execute(
+                "INSERT INTO accounts (account_id, balance_micros, created_at) "
+                "VALUES ('negative-balance', -1, now())"
+            )
+        assert raised.value.diag.constraint_name == "accounts_balance_nonnegative"

@@ -1,0 +1,1 @@
+"""RQ jobs and schedules of the credit ledger."""
