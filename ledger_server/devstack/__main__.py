@@ -209,6 +209,25 @@ def _buf_command() -> str:
     return "buf"
 
 
+def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
+    """What a newcomer sees once the stack is up: where it listens and a first call to paste
+    (a grant with a fixed idempotency key, so pasting it twice grants once)."""
+    base = f"{_buf_command()} curl --protocol grpc --http2-prior-knowledge"
+    url = f"http://{_url_host(host)}:{port}/ledger.v1.LedgerService"
+    grant = (
+        """'{"account_id":"demo","idempotency_key":"demo-welcome","""
+        """"amount_micros":"100000000","source":"CREDIT_SOURCE_PROMOTION"}'"""
+    )
+    return (
+        f"\ncredit-ledger is up: gRPC on {host}:{port} (reflection and health enabled)\n"
+        f"  DATABASE_URL={env['DATABASE_URL']}\n"
+        f"  REDIS_URL={env['REDIS_URL']}\n"
+        f"  try:  {base} -d {grant} {url}/Grant\n"
+        f"  then: {base} -d '{{\"account_id\":\"demo\"}}' {url}/Balance\n"
+        "  Ctrl-C stops everything.\n"
+    )
+
+
 def cmd_run(data_dir: Path, ready_timeout: float) -> int:
     grpc_addr = os.environ.get("LEDGER_GRPC_ADDR") or DEFAULT_GRPC_ADDR
     bind_host, port = _split_addr(grpc_addr)
@@ -289,16 +308,7 @@ def _supervise(
         time.sleep(0.1)
 
     with _print_lock:
-        print(
-            f"\ncredit-ledger is up: gRPC on {host}:{port} (reflection and health enabled)\n"
-            f"  DATABASE_URL={env['DATABASE_URL']}\n"
-            f"  REDIS_URL={env['REDIS_URL']}\n"
-            f"  try: {_buf_command()} curl --protocol grpc --http2-prior-knowledge "
-            f"http://{_url_host(host)}:{port}/ledger.v1.LedgerService/Balance "
-            """-d '{"account_id":"demo"}'\n"""
-            "  Ctrl-C stops everything.\n",
-            flush=True,
-        )
+        print(ready_banner(host, port, env), flush=True)
 
     while True:
         if dead := [c for c in children if c.process.poll() is not None]:
