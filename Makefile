@@ -27,11 +27,11 @@ WITH_DB = dbenv="$$($(PY) -m ledger_server.devstack env --no-redis)" && eval "$$
 help:
 	@echo "make run          start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate, serve"
 	@echo "make test         lint + typecheck + pytest"
-	@echo "make lint         ruff check, ruff format --check, buf lint, proto-check"
+	@echo "make lint         ruff check, ruff format --check, buf lint, buf breaking, proto-check"
 	@echo "make format       ruff format + ruff check --fix"
 	@echo "make typecheck    mypy --strict"
 	@echo "make proto        regenerate $(CLIENT_SRC)/ledger from protos/"
-	@echo "make buf-breaking buf breaking against the main branch"
+	@echo "make buf-breaking buf breaking against every committed version of protos/"
 	@echo "make migrate      apply migrations (DATABASE_URL or embedded)"
 	@echo "make audit        check the ledger invariants over the whole database"
 	@echo "make stop         stop the embedded servers left running under .data/"
@@ -89,15 +89,15 @@ proto-check: $(STAMP)
 buf-lint: $(NODE_STAMP)
 	$(BUF) lint
 
-# Compares against the main branch of this repository. In a fresh clone of a feature
-# branch or with no commit yet there may be no local main branch: then it is skipped.
+# The contract only grows: the protos must not break any earlier version committed to this
+# repository (every commit that touched protos/), so a field removed or renumbered since any
+# of them fails, however many commits ago it was published. Needs history (a full clone).
 buf-breaking: $(NODE_STAMP)
-	@if git rev-parse --verify --quiet refs/heads/main >/dev/null; then \
-		echo "$(BUF) breaking --against '.git#branch=main'"; \
-		$(BUF) breaking --against '.git#branch=main'; \
-	else \
-		echo "buf-breaking: skipped, no local 'main' branch with a commit to compare against"; \
-	fi
+	@revs=$$(git log --format=%H -- protos 2>/dev/null || true); \
+	for rev in $$revs; do \
+		$(BUF) breaking --against ".git#ref=$$rev" || { echo "buf-breaking: breaks $$rev" >&2; exit 1; }; \
+	done; \
+	echo "buf-breaking: compatible with $$(echo $$revs | wc -w) earlier version(s) of protos/"
 
 # --- checks ---------------------------------------------------------------------------------
 
@@ -105,6 +105,7 @@ lint: $(STAMP) $(NODE_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(MAKE) --no-print-directory buf-lint
+	$(MAKE) --no-print-directory buf-breaking
 	$(MAKE) --no-print-directory proto-check
 
 format: $(STAMP)
