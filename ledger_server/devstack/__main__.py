@@ -223,7 +223,7 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
         f"  DATABASE_URL={env['DATABASE_URL']}\n"
         f"  REDIS_URL={env['REDIS_URL']}\n"
         f"  try:  {base} -d {grant} {url}/Grant\n"
-        f"  then: {base} -d '{{\"account_id\":\"demo\"}}' {url}/Balance\n"
+        f'  then: {base} -d \'{{"account_id":"demo"}}\' {url}/Balance\n'
         "  Ctrl-C stops everything.\n"
     )
 
