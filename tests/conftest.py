@@ -11,15 +11,23 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from google.protobuf import struct_pb2
 
-from ledger.v1 import ledger_service_pb2_grpc
+from ledger.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    billing_service_pb2_grpc,
+    ledger_service_pb2_grpc,
+)
 from ledger_server.audit import audit_database
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.devstack import embedded
+from ledger_server.server.identity import ACTOR_METADATA_KEY
 from support.ledger import Ledger
 from support.server import ServerThread
+from support.settings import ActorMetadata, SettingsChanger
 
 DATA_DIR = embedded.default_data_dir()  # <repo>/.data unless LEDGER_DATA_DIR is set
 
@@ -127,6 +135,17 @@ def server_address(ledger_db_url: str, clock: OffsetClock) -> Iterator[str]:
     settings = Settings(database_url=ledger_db_url, db_pool_min_size=2, db_pool_max_size=16)
     server = ServerThread(settings, clock).start()
     try:
+        with grpc.insecure_channel(server.address) as channel:
+            # The suite's baseline: no sign-up bonus, so opening an account by a grant gives
+            # exact balances. Tests of the bonus turn it on with `configure`.
+            admin_service_pb2_grpc.AdminServiceStub(channel).UpdateSetting(
+                admin_service_pb2.UpdateSettingRequest(
+                    key="signup.enabled",
+                    value=struct_pb2.Value(bool_value=False),
+                    reason="test suite baseline",
+                ),
+                metadata=((ACTOR_METADATA_KEY, "test-suite"),),
+            )
         yield server.address
     finally:
         server.stop()
@@ -141,6 +160,34 @@ def stub(server_address: str) -> Iterator[ledger_service_pb2_grpc.LedgerServiceS
 @pytest.fixture
 def ledger(stub: ledger_service_pb2_grpc.LedgerServiceStub) -> Ledger:
     return Ledger(stub)
+
+
+@pytest.fixture(scope="session")
+def admin_channel(server_address: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server_address) as channel:
+        yield grpc.intercept_channel(channel, ActorMetadata("test-admin"))
+
+
+@pytest.fixture(scope="session")
+def admin(admin_channel: grpc.Channel) -> admin_service_pb2_grpc.AdminServiceStub:
+    """AdminService, calling as the administrator "test-admin"."""
+    return admin_service_pb2_grpc.AdminServiceStub(admin_channel)
+
+
+@pytest.fixture(scope="session")
+def billing(admin_channel: grpc.Channel) -> billing_service_pb2_grpc.BillingServiceStub:
+    return billing_service_pb2_grpc.BillingServiceStub(admin_channel)
+
+
+@pytest.fixture
+def configure(admin: admin_service_pb2_grpc.AdminServiceStub) -> Iterator[SettingsChanger]:
+    """configure(key, value) / configure.reset(key): change run-time settings for one
+    test; each is put back as it was when the test ends."""
+    changer = SettingsChanger(admin)
+    try:
+        yield changer
+    finally:
+        changer.restore()
 
 
 @pytest.fixture

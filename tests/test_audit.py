@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import psycopg
 
 from ledger.v1 import types_pb2
 from ledger_server.audit import audit_database
 from ledger_server.db.migrate import migrate
+from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, new_account
 
 
 def _fill(database_url: str) -> None:
     """A small healthy ledger written through the SQL functions directly."""
     with psycopg.connect(database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), datetime.now(UTC))
         conn.execute(
             "SELECT ledger_grant('audited', 'g1', '\\x01', 10000000, 'purchase', NULL, 'main', "
             "'', '', NULL, now())"

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc
+from ledger_server import runtime_settings
 
 REPO = Path(__file__).resolve().parent.parent
 BUF = REPO / "node_modules" / ".bin" / "buf"
@@ -167,7 +168,7 @@ def test_make_run_serves_the_readme_walkthrough_and_stops_cleanly(tmp_path: Path
 
 def test_readme_configuration_table_names_every_setting() -> None:
     readme = (REPO / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", readme, re.M))
+    documented = set(re.findall(r"^\|.*?`([A-Z][A-Z0-9_]+)` \|", readme, re.M))
     read = set()
     for path in (REPO / "ledger_server").rglob("*.py"):
         read |= set(
@@ -176,5 +177,6 @@ def test_readme_configuration_table_names_every_setting() -> None:
             )
         )
         read |= set(re.findall(r"""_int\(env, "([A-Z_]+)\"""", path.read_text()))
+    read |= {definition.env_var for definition in runtime_settings.DEFINITIONS}
     assert read, "found no settings in the code"
     assert read - documented == set(), f"settings missing from README: {read - documented}"

@@ -23,12 +23,37 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE008": (grpc.StatusCode.FAILED_PRECONDITION, "AMOUNT_EXCEEDS_REFUNDABLE"),
     "LE009": (grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_NOT_COMMITTED"),
     "LE010": (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD"),
+    "LE011": (grpc.StatusCode.FAILED_PRECONDITION, "DAILY_REWARD_ALREADY_CLAIMED"),
+    "LE012": (grpc.StatusCode.FAILED_PRECONDITION, "SOURCE_DISABLED"),
+    "LE013": (grpc.StatusCode.NOT_FOUND, "REFERRAL_CODE_NOT_FOUND"),
+    "LE014": (grpc.StatusCode.ALREADY_EXISTS, "ACCOUNT_EXISTS"),
+    "LE015": (grpc.StatusCode.NOT_FOUND, "REDEMPTION_CODE_NOT_FOUND"),
+    "LE016": (grpc.StatusCode.FAILED_PRECONDITION, "REDEMPTION_CODE_EXPIRED"),
+    "LE017": (grpc.StatusCode.FAILED_PRECONDITION, "REDEMPTION_CODE_DISABLED"),
+    "LE018": (grpc.StatusCode.FAILED_PRECONDITION, "REDEMPTION_CODE_EXHAUSTED"),
+    "LE019": (grpc.StatusCode.ALREADY_EXISTS, "REDEMPTION_CODE_ALREADY_REDEEMED"),
+    "LE020": (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_REWARD_BALANCE"),
+    "LE021": (grpc.StatusCode.NOT_FOUND, "PACK_NOT_FOUND"),
+    "LE022": (grpc.StatusCode.FAILED_PRECONDITION, "PACK_INACTIVE"),
+    "LE023": (grpc.StatusCode.FAILED_PRECONDITION, "PURCHASE_REQUIRES_SUBSCRIPTION"),
+    "LE024": (grpc.StatusCode.NOT_FOUND, "PLAN_NOT_FOUND"),
+    "LE025": (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_FULFILLED"),
+    "LE026": (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
+    "LE027": (grpc.StatusCode.NOT_FOUND, "SETTING_NOT_FOUND"),
+    "LE028": (grpc.StatusCode.NOT_FOUND, "REDEMPTION_BATCH_NOT_FOUND"),
 }
 
 # Constraints a request can run into with input that passed validation.
 _CONSTRAINT_FIELDS: dict[str, str] = {
     "accounts_account_id_length": "account_id",
     "idempotency_keys_key_length": "idempotency_key",
+}
+
+# Unique violations two racing requests can cause; a retry finds the winner's row.
+_RETRYABLE_UNIQUE = {
+    "accounts_referral_code_unique",
+    "accounts_pkey",
+    "purchases_one_per_external_ref",
 }
 
 _RETRYABLE = (pg.SerializationFailure, pg.DeadlockDetected, pg.LockNotAvailable)
@@ -67,7 +92,9 @@ def translate(exc: psycopg.Error) -> LedgerError | None:
             "BALANCE_LIMIT",
             "the amount would take a balance beyond what the ledger can hold",
         )
-    if isinstance(exc, _RETRYABLE):
+    if isinstance(exc, _RETRYABLE) or (
+        isinstance(exc, pg.UniqueViolation) and exc.diag.constraint_name in _RETRYABLE_UNIQUE
+    ):
         return LedgerError(
             grpc.StatusCode.ABORTED,
             "CONFLICT",

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ledger.v1 import admin_service_pb2 as admin_pb2
+from ledger.v1 import billing_service_pb2 as billing_pb2
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 
@@ -177,4 +180,135 @@ def transaction(data: Json) -> pb.Transaction:
         ],
     )
     set_timestamp(out.create_time, data["created_at"])
+    return out
+
+
+def optional_lot(data: Json | None) -> types_pb2.Lot | None:
+    return lot(data) if data else None
+
+
+def subscription(data: Json) -> types_pb2.Subscription:
+    out = types_pb2.Subscription(plan_id=data["plan_id"], external_ref=data["external_ref"])
+    set_timestamp(out.current_period_start, data["current_period_start"])
+    set_timestamp(out.current_period_end, data["current_period_end"])
+    return out
+
+
+def account(data: Json) -> types_pb2.Account:
+    out = types_pb2.Account(
+        account_id=data["account_id"],
+        referral_code=data["referral_code"],
+        referred_by_account_id=data["referred_by_account_id"],
+    )
+    set_timestamp(out.create_time, data["create_time"])
+    if data.get("subscription"):
+        out.subscription.CopyFrom(subscription(data["subscription"]))
+    return out
+
+
+_PERIOD_UNIT = {
+    "day": billing_pb2.BILLING_PERIOD_UNIT_DAY,
+    "month": billing_pb2.BILLING_PERIOD_UNIT_MONTH,
+    "year": billing_pb2.BILLING_PERIOD_UNIT_YEAR,
+}
+PERIOD_UNIT_TO_DB = {v: k for k, v in _PERIOD_UNIT.items()}
+
+
+def credit_pack(row: tuple[Any, ...]) -> billing_pb2.CreditPack:
+    pack_id, translation_key, credits, price, currency, price_id, active, created, updated = row
+    out = billing_pb2.CreditPack(
+        pack_id=pack_id,
+        translation_key=translation_key,
+        credits_micros=credits,
+        price_minor=price,
+        currency=currency,
+        provider_price_id=price_id,
+        active=active,
+    )
+    set_timestamp(out.create_time, created)
+    set_timestamp(out.update_time, updated)
+    return out
+
+
+def subscription_plan(row: tuple[Any, ...]) -> billing_pb2.SubscriptionPlan:
+    plan_id, key, credits, unit, count, rank, price, currency, price_id, active = row
+    return billing_pb2.SubscriptionPlan(
+        plan_id=plan_id,
+        translation_key=key,
+        credits_micros=credits,
+        period_unit=_PERIOD_UNIT[unit],
+        period_count=count,
+        rank=rank,
+        price_minor=price,
+        currency=currency,
+        provider_price_id=price_id,
+        active=active,
+    )
+
+
+def redemption_batch(data: Json) -> admin_pb2.RedemptionBatch:
+    out = admin_pb2.RedemptionBatch(
+        batch_id=data["batch_id"],
+        amount_micros=data["amount_micros"],
+        code_count=data["code_count"],
+        max_redemptions_per_code=data["max_redemptions_per_code"],
+        disabled=data["disabled"],
+        note=data["note"],
+        created_by=data["created_by"],
+        redemption_count=data["redemption_count"],
+    )
+    set_timestamp(out.code_expire_time, data["code_expire_time"])
+    set_timestamp(out.create_time, data["create_time"])
+    if data["credit_lifetime_seconds"] is not None:
+        out.credit_lifetime.FromSeconds(int(data["credit_lifetime_seconds"]))
+    return out
+
+
+def format_code(code: str) -> str:
+    return "-".join(code[i : i + 4] for i in range(0, len(code), 4))
+
+
+def to_value(data: Json) -> struct_pb2.Value:
+    out = struct_pb2.Value()
+    json_format.ParseDict(data, out)
+    return out
+
+
+def from_value(value: struct_pb2.Value) -> Json:
+    return json_format.MessageToDict(value)
+
+
+_SETTING_SOURCE = {
+    "environment": admin_pb2.SETTING_SOURCE_ENVIRONMENT,
+    "admin": admin_pb2.SETTING_SOURCE_ADMIN,
+}
+
+
+def setting(data: Json, default: Json, env_var: str, description: str) -> admin_pb2.Setting:
+    out = admin_pb2.Setting(
+        key=data["key"],
+        value=to_value(data["value"]),
+        default_value=to_value(default),
+        source=_SETTING_SOURCE[data["source"]],
+        env_var=env_var,
+        description=description,
+        updated_by=data["updated_by"],
+    )
+    set_timestamp(out.update_time, data["updated_at"])
+    return out
+
+
+def setting_change(row: tuple[Any, ...]) -> admin_pb2.SettingChange:
+    change_id, key, old, new, source, actor, reason, changed = row
+    out = admin_pb2.SettingChange(
+        change_id=str(change_id),
+        key=key,
+        new_value=to_value(new),
+        source=_SETTING_SOURCE[source],
+        actor=actor,
+        reason=reason,
+    )
+    if old is not None:
+        out.old_value.CopyFrom(to_value(old))
+    set_timestamp(out.change_time, changed)
     return out

@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import ledger_service_pb2 as ledger_pb
 from ledger_server.errors import invalid_field
 
 MAX_AMOUNT_MICROS = 10**15  # one billion credits in one request
@@ -56,15 +58,17 @@ def non_negative_amount(value: int, field: str = "amount_micros") -> int:
     return value
 
 
-def reservation_id(value: str) -> uuid.UUID:
+def uuid_value(value: str, field: str, returned_by: str) -> uuid.UUID:
     if not value:
-        raise invalid_field("reservation_id", "must not be empty")
+        raise invalid_field(field, "must not be empty")
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise invalid_field(
-            "reservation_id", "must be a reservation id returned by Reserve"
-        ) from None
+        raise invalid_field(field, f"must be an id returned by {returned_by}") from None
+
+
+def reservation_id(value: str) -> uuid.UUID:
+    return uuid_value(value, "reservation_id", "Reserve or Consume")
 
 
 def code(value: str, field: str) -> str:
@@ -119,3 +123,44 @@ def duration_value(value: Duration, field: str) -> timedelta:
         return value.ToTimedelta()
     except (ValueError, OverflowError):
         raise invalid_field(field, "is not a valid duration") from None
+
+
+MAX_LOT_LIFETIME = timedelta(days=365 * 100)
+
+
+def lot_expiry(
+    message: ledger_pb.GrantRequest | admin_pb.GrantCreditsRequest, now: datetime
+) -> datetime | None:
+    """The expiry of a grant from its `expiry` oneof (expires_at or expires_in)."""
+    which = message.WhichOneof("expiry")
+    if which == "expires_at":
+        expires_at = timestamp(message.expires_at, "expires_at")
+        return future_time(expires_at, now, "expires_at")
+    if which == "expires_in":
+        expires_in = duration_value(message.expires_in, "expires_in")
+        return now + duration(expires_in, "expires_in", MAX_LOT_LIFETIME)
+    return None
+
+
+_REDEMPTION_CODE = re.compile(r"^[A-Z0-9]{16}$")
+
+
+def redemption_code(value: str) -> str:
+    """A code as printed (XXXX-XXXX-XXXX-XXXX), in any case, with or without dashes."""
+    normalized = re.sub(r"[\s-]", "", value).upper()
+    if not normalized:
+        raise invalid_field("code", "must not be empty")
+    if not _REDEMPTION_CODE.match(normalized):
+        raise invalid_field("code", "must be 16 letters and digits (dashes and case do not matter)")
+    return normalized
+
+
+def referral_code(value: str) -> str:
+    """Looked up as given (upper-cased); an unknown code is NOT_FOUND, not malformed."""
+    return text(value.strip(), "referral_code", 64)
+
+
+def required_text(value: str, field: str, max_length: int = 1024) -> str:
+    if not value.strip():
+        raise invalid_field(field, "is required")
+    return text(value, field, max_length)

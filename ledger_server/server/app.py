@@ -6,26 +6,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from psycopg_pool import AsyncConnectionPool
 
-from ledger.v1 import ledger_service_pb2, ledger_service_pb2_grpc
+from ledger.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    billing_service_pb2,
+    billing_service_pb2_grpc,
+    ledger_service_pb2,
+    ledger_service_pb2_grpc,
+)
+from ledger_server import runtime_settings
 from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
+from ledger_server.server.admin_service import AdminService
+from ledger_server.server.billing_service import BillingService
 from ledger_server.server.error_boundary import ErrorBoundary
 from ledger_server.server.ledger_service import LedgerService
 
 log = logging.getLogger(__name__)
 
-LEDGER_SERVICE = ledger_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+SERVICES = (
+    ledger_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+def _sync_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        runtime_settings.sync_environment_defaults(conn, defaults, clock.now())
+
+
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -42,10 +65,13 @@ async def running_server(
     settings: Settings, clock: Clock | None = None, address: str | None = None
 ) -> AsyncIterator[RunningServer]:
     """Migrates (when configured), opens the pool, serves; stops cleanly on exit."""
+    clock = clock or SystemClock()
+    setting_defaults = runtime_settings.environment_defaults()
     if settings.migrate_on_start:
         applied = await asyncio.to_thread(migrate, settings.database_url)
         for name in applied:
             log.info("migrated: %s", name)
+    await asyncio.to_thread(_sync_settings, settings.database_url, setting_defaults, clock)
     pool = await open_pool(
         settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size
     )
@@ -57,19 +83,25 @@ async def running_server(
         ],
     )
     ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(
-        LedgerService(pool, clock or SystemClock(), settings), server
+        LedgerService(pool, clock, settings), server
+    )
+    billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
+        BillingService(pool, clock), server
+    )
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminService(pool, clock, setting_defaults), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (LEDGER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(address or settings.grpc_addr)
     if port == 0:
         await pool.close()
         raise RuntimeError(f"could not listen on {address or settings.grpc_addr}")
     await server.start()
-    for service in ("", LEDGER_SERVICE):
+    for service in ("", *SERVICES):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     try:
         yield RunningServer(server, port, pool, health_servicer)

@@ -17,15 +17,7 @@ from ledger_server.config import Settings
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, store, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
-
-Context = grpc.aio.ServicerContext[Any, Any]
-REPLAYED_METADATA_KEY = "ledger-idempotent-replay"
-_MAX_EXPIRY = timedelta(days=365 * 100)
-
-
-def _mark_replay(context: Context, data: dict[str, Any]) -> None:
-    if data.get("replayed"):
-        context.set_trailing_metadata(((REPLAYED_METADATA_KEY, "true"),))
+from ledger_server.server.calls import Context, call_json, mark_replay
 
 
 def _source(value: types_pb2.CreditSource.ValueType) -> str:
@@ -49,18 +41,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self._settings = settings
 
     async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
-        async with self._pool.connection() as conn:
-            return await store.call_json(conn, name, params)
-
-    def _grant_expiry(self, request: pb.GrantRequest, now: datetime) -> datetime | None:
-        which = request.WhichOneof("expiry")
-        if which == "expires_at":
-            expires_at = validation.timestamp(request.expires_at, "expires_at")
-            return validation.future_time(expires_at, now, "expires_at")
-        if which == "expires_in":
-            expires_in = validation.duration_value(request.expires_in, "expires_in")
-            return now + validation.duration(expires_in, "expires_in", _MAX_EXPIRY)
-        return None
+        return await call_json(self._pool, name, params)
 
     async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.GrantResponse:
         now = self._clock.now()
@@ -69,7 +50,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "key": validation.idempotency_key(request.idempotency_key),
             "amount": validation.positive_amount(request.amount_micros),
             "source": _source(request.source),
-            "expires_at": self._grant_expiry(request, now),
+            "expires_at": validation.lot_expiry(request, now),
             "balance_kind": _balance_kind(request.balance_kind),
             "external_ref": validation.text(request.external_ref, "external_ref", 256),
             "comment": validation.text(request.comment, "comment"),
@@ -78,7 +59,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": now,
         }
         data = await self._call("grant", params)
-        _mark_replay(context, data)
+        mark_replay(context, data)
         return pb.GrantResponse(
             lot=mapping.lot(data["lot"]),
             transaction_id=data["transaction_id"],
@@ -111,7 +92,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": now,
         }
         data = await self._call("reserve", params)
-        _mark_replay(context, data)
+        mark_replay(context, data)
         return pb.ReserveResponse(
             reservation=mapping.reservation(data["reservation"]),
             balance=mapping.account_balance(data["balance"]),
@@ -130,7 +111,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         data = await self._call("commit", params)
-        _mark_replay(context, data)
+        mark_replay(context, data)
         return pb.CommitResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],
@@ -147,7 +128,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         data = await self._call("release", params)
-        _mark_replay(context, data)
+        mark_replay(context, data)
         return pb.ReleaseResponse(
             reservation=mapping.reservation(data["reservation"]),
             balance=mapping.account_balance(data["balance"]),
@@ -169,7 +150,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         data = await self._call("refund", params)
-        _mark_replay(context, data)
+        mark_replay(context, data)
         return pb.RefundResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],
@@ -189,7 +170,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         data = await self._call("consume", params)
-        _mark_replay(context, data)
+        mark_replay(context, data)
         return pb.ConsumeResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],
@@ -294,3 +275,87 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
                 "account not found",
                 {"account_id": account_id},
             )
+
+    async def CreateAccount(
+        self, request: pb.CreateAccountRequest, context: Context
+    ) -> pb.CreateAccountResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "referral_code": validation.referral_code(request.referral_code),
+            "hash": request_fingerprint("create_account", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("create_account", params)
+        mark_replay(context, data)
+        return pb.CreateAccountResponse(
+            account=mapping.account(data["account"]),
+            signup_lot=mapping.optional_lot(data["signup_lot"]),
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def GetAccount(
+        self, request: pb.GetAccountRequest, context: Context
+    ) -> pb.GetAccountResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "now": self._clock.now(),
+        }
+        return pb.GetAccountResponse(
+            account=mapping.account(await self._call("get_account", params))
+        )
+
+    async def ClaimDailyReward(
+        self, request: pb.ClaimDailyRewardRequest, context: Context
+    ) -> pb.ClaimDailyRewardResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "hash": request_fingerprint("claim_daily_reward", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("claim_daily_reward", params)
+        mark_replay(context, data)
+        response = pb.ClaimDailyRewardResponse(
+            lot=mapping.lot(data["lot"]), balance=mapping.account_balance(data["balance"])
+        )
+        mapping.set_timestamp(response.next_claim_time, data["next_claim_time"])
+        return response
+
+    async def Redeem(self, request: pb.RedeemRequest, context: Context) -> pb.RedeemResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "code": validation.redemption_code(request.code),
+            "hash": request_fingerprint("redeem", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("redeem", params)
+        mark_replay(context, data)
+        return pb.RedeemResponse(
+            lot=mapping.lot(data["lot"]), balance=mapping.account_balance(data["balance"])
+        )
+
+    async def TransferReward(
+        self, request: pb.TransferRewardRequest, context: Context
+    ) -> pb.TransferRewardResponse:
+        amount = (
+            validation.positive_amount(request.amount_micros)
+            if request.HasField("amount_micros")
+            else None
+        )
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": amount,
+            "hash": request_fingerprint("transfer_reward", request),
+            "now": self._clock.now(),
+        }
+        data = await self._call("transfer_reward", params)
+        mark_replay(context, data)
+        return pb.TransferRewardResponse(
+            transferred_micros=data["transferred_micros"],
+            lot=mapping.lot(data["lot"]),
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )

@@ -12,6 +12,9 @@
 --   LE007 amount exceeds hold       LE008 amount exceeds refundable
 --   LE009 reservation not committed LE010 invalid argument
 
+-- Signatures that changed: CREATE OR REPLACE would leave the old one beside the new.
+DROP FUNCTION IF EXISTS ledger_take_from_lots(text, uuid, bigint, timestamptz, bigint);
+
 CREATE OR REPLACE FUNCTION ledger_micros(ts timestamptz) RETURNS bigint
 LANGUAGE sql IMMUTABLE AS $$
     SELECT (extract(epoch FROM ts) * 1000000)::bigint
@@ -134,6 +137,57 @@ LANGUAGE sql AS $$
      WHERE p_amount <> 0
 $$;
 
+-- Adds a lot to an account inside transaction p_txn: the lot, its account-side
+-- posting (number p_posting_no) and the account's balance. The caller posts the
+-- other side (issuance for a grant, the source lots for a transfer).
+CREATE OR REPLACE FUNCTION ledger_add_lot(
+    p_account text, p_txn bigint, p_posting_no int, p_amount bigint, p_source text,
+    p_balance_kind text, p_expires_at timestamptz, p_external_ref text, p_parent_lot bigint,
+    p_now timestamptz) RETURNS lots
+LANGUAGE plpgsql AS $$
+DECLARE
+    l lots;
+    prio smallint;
+BEGIN
+    SELECT priority INTO prio FROM credit_sources WHERE source = p_source;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE010', 'unknown credit source',
+            jsonb_build_object('field', 'source', 'violation', 'unknown credit source ' || p_source));
+    END IF;
+    INSERT INTO lots (account_id, source, balance_kind, amount_micros, remaining_micros, priority,
+                      expires_at, created_at, external_ref, parent_lot_id, grant_transaction_id)
+    VALUES (p_account, p_source, p_balance_kind, p_amount, p_amount, prio, p_expires_at, p_now,
+            nullif(p_external_ref, ''), p_parent_lot, p_txn)
+    RETURNING * INTO l;
+    PERFORM ledger_post(p_account, p_txn, p_posting_no, 'account:' || p_balance_kind, l.lot_id,
+                        p_source, p_amount);
+    UPDATE accounts
+       SET balance_micros = balance_micros + CASE WHEN p_balance_kind = 'main' THEN p_amount ELSE 0 END,
+           reward_balance_micros = reward_balance_micros
+                                   + CASE WHEN p_balance_kind = 'reward' THEN p_amount ELSE 0 END,
+           next_maintenance_at = least(next_maintenance_at, p_expires_at)
+     WHERE account_id = p_account;
+    RETURN l;
+END $$;
+
+-- Grants p_amount of p_source as one GRANT transaction: a new lot and the issuance
+-- posting of its source. Returns the lot.
+CREATE OR REPLACE FUNCTION ledger_grant_lot(
+    p_account text, p_amount bigint, p_source text, p_balance_kind text, p_expires_at timestamptz,
+    p_external_ref text, p_comment text, p_actor text, p_now timestamptz) RETURNS lots
+LANGUAGE plpgsql AS $$
+DECLARE
+    txn bigint;
+    l lots;
+BEGIN
+    txn := ledger_new_transaction(p_account, 'grant', p_amount, p_now, NULL, NULL, p_comment,
+                                  p_actor, p_external_ref);
+    l := ledger_add_lot(p_account, txn, 0, p_amount, p_source, p_balance_kind, p_expires_at,
+                        p_external_ref, NULL, p_now);
+    PERFORM ledger_post(p_account, txn, 1, 'issuance:' || p_source, NULL, p_source, -p_amount);
+    RETURN l;
+END $$;
+
 -- Moves the unheld credits of the account's lots that expired by p_now into
 -- breakage, in one EXPIRY transaction. Held credits of an expired lot stay until
 -- their reservation settles (they were held while the lot was valid); settling
@@ -186,8 +240,8 @@ BEGIN
     RETURN total;
 END $$;
 
--- The earliest future moment a lot of the account expires or one of its
--- reservations times out (NULL: nothing scheduled).
+-- The earliest future moment a lot of the account expires, one of its
+-- reservations times out or its monthly allowance falls due (NULL: nothing).
 CREATE OR REPLACE FUNCTION ledger_next_maintenance(p_account text, p_now timestamptz) RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
     SELECT least(
@@ -195,7 +249,8 @@ LANGUAGE sql STABLE AS $$
           WHERE account_id = p_account AND remaining_micros > 0
             AND expires_at IS NOT NULL AND expires_at > p_now),
         (SELECT min(expires_at) FROM reservations
-          WHERE account_id = p_account AND status = 'pending'))
+          WHERE account_id = p_account AND status = 'pending'),
+        (SELECT monthly_free_next_at FROM accounts WHERE account_id = p_account))
 $$;
 
 -- Returns a pending reservation's holds to its lots; p_status is 'released' or
@@ -227,8 +282,9 @@ BEGIN
     END IF;
 END $$;
 
--- Applies what is due for the account: timed-out reservations are released, then
--- expired lots moved to breakage. Call with the account row locked.
+-- Applies what is due for the account: timed-out reservations are released,
+-- expired lots moved to breakage, then a due monthly allowance granted. Call with
+-- the account row locked.
 CREATE OR REPLACE FUNCTION ledger_maintain(p_account text, p_now timestamptz) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -242,6 +298,7 @@ BEGIN
         PERFORM ledger_release_holds(p_account, res, 'expired', p_now, 'time-to-live passed');
     END LOOP;
     PERFORM ledger_expire_due_lots(p_account, p_now);
+    PERFORM ledger_monthly_allowance(p_account, p_now);  -- sql/functions/0002_sources.sql
     UPDATE accounts SET next_maintenance_at = ledger_next_maintenance(p_account, p_now)
      WHERE account_id = p_account;
 END $$;
@@ -290,11 +347,13 @@ END $$;
 
 -- Takes p_amount from the account's live main lots in consumption order, locking
 -- each lot it takes from. With p_charge_txn NULL the credits are held for the
--- reservation; otherwise they are spent at once and posted to that transaction.
+-- reservation; otherwise they are spent at once, posted to that transaction
+-- against p_counter_account ('revenue' for charges, 'adjustment' for admin
+-- debits). p_reservation NULL records no reservation lots (admin debits).
 -- Call after ledger_require_available.
 CREATE OR REPLACE FUNCTION ledger_take_from_lots(
-    p_account text, p_reservation uuid, p_amount bigint, p_now timestamptz, p_charge_txn bigint)
-    RETURNS void
+    p_account text, p_reservation uuid, p_amount bigint, p_now timestamptz, p_charge_txn bigint,
+    p_counter_account text DEFAULT 'revenue') RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     l record;
@@ -322,9 +381,12 @@ BEGIN
              WHERE account_id = p_account AND lot_id = l.lot_id;
             PERFORM ledger_post(p_account, p_charge_txn, seq, 'account:main', l.lot_id, l.source, -take);
         END IF;
-        INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros, committed_micros)
-        VALUES (p_account, p_reservation, l.lot_id, seq, take,
-                CASE WHEN p_charge_txn IS NULL THEN 0 ELSE take END);
+        IF p_reservation IS NOT NULL THEN
+            INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros,
+                                          committed_micros)
+            VALUES (p_account, p_reservation, l.lot_id, seq, take,
+                    CASE WHEN p_charge_txn IS NULL THEN 0 ELSE take END);
+        END IF;
         seq := seq + 1;
         need := need - take;
         EXIT WHEN need = 0;
@@ -335,7 +397,7 @@ BEGIN
             USING ERRCODE = 'LE101';
     END IF;
     IF p_charge_txn IS NOT NULL THEN
-        PERFORM ledger_post(p_account, p_charge_txn, seq, 'revenue', NULL, NULL, p_amount);
+        PERFORM ledger_post(p_account, p_charge_txn, seq, p_counter_account, NULL, NULL, p_amount);
     END IF;
 END $$;
 
@@ -348,40 +410,19 @@ DECLARE
     a accounts;
     l lots;
     replay jsonb;
-    prio smallint;
-    txn bigint;
 BEGIN
-    INSERT INTO accounts (account_id, created_at) VALUES (p_account, p_now)
-        ON CONFLICT (account_id) DO NOTHING;
+    PERFORM ledger_open_account(p_account, '', p_now);  -- sql/functions/0002_sources.sql
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'grant', p_hash);
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
-    SELECT priority INTO prio FROM credit_sources WHERE source = p_source;
-    IF NOT FOUND THEN
-        PERFORM ledger_fail('LE010', 'unknown credit source',
-            jsonb_build_object('field', 'source', 'violation', 'unknown credit source ' || p_source));
-    END IF;
-    txn := ledger_new_transaction(p_account, 'grant', p_amount, p_now, NULL, NULL, p_comment,
-                                  p_actor, p_external_ref);
-    INSERT INTO lots (account_id, source, balance_kind, amount_micros, remaining_micros, priority,
-                      expires_at, created_at, external_ref, grant_transaction_id)
-    VALUES (p_account, p_source, p_balance_kind, p_amount, p_amount, prio, p_expires_at, p_now,
-            nullif(p_external_ref, ''), txn)
-    RETURNING * INTO l;
-    PERFORM ledger_post(p_account, txn, 0, 'account:' || p_balance_kind, l.lot_id, p_source, p_amount);
-    PERFORM ledger_post(p_account, txn, 1, 'issuance:' || p_source, NULL, p_source, -p_amount);
-    UPDATE accounts
-       SET balance_micros = balance_micros + CASE WHEN p_balance_kind = 'main' THEN p_amount ELSE 0 END,
-           reward_balance_micros = reward_balance_micros
-                                   + CASE WHEN p_balance_kind = 'reward' THEN p_amount ELSE 0 END,
-           next_maintenance_at = least(next_maintenance_at, p_expires_at)
-     WHERE account_id = p_account
-    RETURNING * INTO a;
+    l := ledger_grant_lot(p_account, p_amount, p_source, p_balance_kind, p_expires_at,
+                          p_external_ref, p_comment, p_actor, p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'grant', p_hash, jsonb_build_object(
         'lot', ledger_lot_json(l),
-        'transaction_id', txn::text,
+        'transaction_id', l.grant_transaction_id::text,
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 

@@ -31,13 +31,17 @@ SELECT 'unbalanced_transaction', account_id,
   FROM postings GROUP BY account_id, transaction_id HAVING sum(amount_micros) <> 0
 UNION ALL
 SELECT 'transaction_amount_mismatch', t.account_id,
-       format('transaction %s (%s): amount %s but account postings sum to %s',
-              t.transaction_id, t.kind, t.amount_micros, coalesce(s.total, 0))
+       format('transaction %s (%s): amount %s but account postings sum to %s (moved in %s)',
+              t.transaction_id, t.kind, t.amount_micros, coalesce(s.total, 0), coalesce(s.moved_in, 0))
   FROM journal_transactions t
-  LEFT JOIN (SELECT account_id, transaction_id, sum(amount_micros) AS total
+  LEFT JOIN (SELECT account_id, transaction_id, sum(amount_micros) AS total,
+                    sum(amount_micros) FILTER (WHERE amount_micros > 0) AS moved_in
                FROM postings WHERE lot_id IS NOT NULL GROUP BY account_id, transaction_id) s
          ON s.account_id = t.account_id AND s.transaction_id = t.transaction_id
- WHERE t.kind NOT IN ('hold', 'release') AND t.amount_micros <> coalesce(s.total, 0)
+ -- A transfer moves credits between the account's lots: its amount is what moved,
+ -- and the account's side nets to zero. Holds and releases move nothing.
+ WHERE (t.kind = 'transfer' AND (t.amount_micros <> coalesce(s.moved_in, 0) OR coalesce(s.total, 0) <> 0))
+    OR (t.kind NOT IN ('hold', 'release', 'transfer') AND t.amount_micros <> coalesce(s.total, 0))
 UNION ALL
 SELECT 'balance_vs_lots', account_id,
        format('main balance %s, lots remaining %s', balance_micros, lot_main)

@@ -57,6 +57,46 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ABORTED: the transaction lost a race (serialization or deadlock); safe to retry
     with the same idempotency key.
     """
+    ERROR_REASON_DAILY_REWARD_ALREADY_CLAIMED: _ErrorReason.ValueType  # 13
+    """FAILED_PRECONDITION: today's daily reward was claimed. metadata: next_claim_time."""
+    ERROR_REASON_SOURCE_DISABLED: _ErrorReason.ValueType  # 14
+    """FAILED_PRECONDITION: the credit source is switched off by configuration.
+    metadata: setting.
+    """
+    ERROR_REASON_REFERRAL_CODE_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """NOT_FOUND. metadata: referral_code."""
+    ERROR_REASON_ACCOUNT_EXISTS: _ErrorReason.ValueType  # 16
+    """ALREADY_EXISTS: CreateAccount of an account that exists. metadata: account_id."""
+    ERROR_REASON_REDEMPTION_CODE_NOT_FOUND: _ErrorReason.ValueType  # 17
+    """NOT_FOUND. metadata: code."""
+    ERROR_REASON_REDEMPTION_CODE_EXPIRED: _ErrorReason.ValueType  # 18
+    """FAILED_PRECONDITION. metadata: code, expire_time."""
+    ERROR_REASON_REDEMPTION_CODE_DISABLED: _ErrorReason.ValueType  # 19
+    """FAILED_PRECONDITION. metadata: code."""
+    ERROR_REASON_REDEMPTION_CODE_EXHAUSTED: _ErrorReason.ValueType  # 20
+    """FAILED_PRECONDITION: every allowed redemption was made. metadata: code."""
+    ERROR_REASON_REDEMPTION_CODE_ALREADY_REDEEMED: _ErrorReason.ValueType  # 21
+    """ALREADY_EXISTS: this account redeemed this code before. metadata: code."""
+    ERROR_REASON_INSUFFICIENT_REWARD_BALANCE: _ErrorReason.ValueType  # 22
+    """FAILED_PRECONDITION. metadata: reward_balance_micros, requested_micros."""
+    ERROR_REASON_PACK_NOT_FOUND: _ErrorReason.ValueType  # 23
+    """NOT_FOUND. metadata: pack_id."""
+    ERROR_REASON_PACK_INACTIVE: _ErrorReason.ValueType  # 24
+    """FAILED_PRECONDITION. metadata: pack_id."""
+    ERROR_REASON_PURCHASE_REQUIRES_SUBSCRIPTION: _ErrorReason.ValueType  # 25
+    """FAILED_PRECONDITION: free users may not buy packs (purchase.allow_free_users)."""
+    ERROR_REASON_PLAN_NOT_FOUND: _ErrorReason.ValueType  # 26
+    """NOT_FOUND. metadata: plan_id."""
+    ERROR_REASON_ALREADY_FULFILLED: _ErrorReason.ValueType  # 27
+    """ALREADY_EXISTS: the external_ref was fulfilled before with another idempotency key.
+    metadata: external_ref.
+    """
+    ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 28
+    """ALREADY_EXISTS: a pack or plan with this id exists. metadata: id."""
+    ERROR_REASON_SETTING_NOT_FOUND: _ErrorReason.ValueType  # 29
+    """NOT_FOUND. metadata: setting."""
+    ERROR_REASON_REDEMPTION_BATCH_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """NOT_FOUND. metadata: batch_id."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -99,4 +139,44 @@ ERROR_REASON_CONFLICT: ErrorReason.ValueType  # 12
 """ABORTED: the transaction lost a race (serialization or deadlock); safe to retry
 with the same idempotency key.
 """
+ERROR_REASON_DAILY_REWARD_ALREADY_CLAIMED: ErrorReason.ValueType  # 13
+"""FAILED_PRECONDITION: today's daily reward was claimed. metadata: next_claim_time."""
+ERROR_REASON_SOURCE_DISABLED: ErrorReason.ValueType  # 14
+"""FAILED_PRECONDITION: the credit source is switched off by configuration.
+metadata: setting.
+"""
+ERROR_REASON_REFERRAL_CODE_NOT_FOUND: ErrorReason.ValueType  # 15
+"""NOT_FOUND. metadata: referral_code."""
+ERROR_REASON_ACCOUNT_EXISTS: ErrorReason.ValueType  # 16
+"""ALREADY_EXISTS: CreateAccount of an account that exists. metadata: account_id."""
+ERROR_REASON_REDEMPTION_CODE_NOT_FOUND: ErrorReason.ValueType  # 17
+"""NOT_FOUND. metadata: code."""
+ERROR_REASON_REDEMPTION_CODE_EXPIRED: ErrorReason.ValueType  # 18
+"""FAILED_PRECONDITION. metadata: code, expire_time."""
+ERROR_REASON_REDEMPTION_CODE_DISABLED: ErrorReason.ValueType  # 19
+"""FAILED_PRECONDITION. metadata: code."""
+ERROR_REASON_REDEMPTION_CODE_EXHAUSTED: ErrorReason.ValueType  # 20
+"""FAILED_PRECONDITION: every allowed redemption was made. metadata: code."""
+ERROR_REASON_REDEMPTION_CODE_ALREADY_REDEEMED: ErrorReason.ValueType  # 21
+"""ALREADY_EXISTS: this account redeemed this code before. metadata: code."""
+ERROR_REASON_INSUFFICIENT_REWARD_BALANCE: ErrorReason.ValueType  # 22
+"""FAILED_PRECONDITION. metadata: reward_balance_micros, requested_micros."""
+ERROR_REASON_PACK_NOT_FOUND: ErrorReason.ValueType  # 23
+"""NOT_FOUND. metadata: pack_id."""
+ERROR_REASON_PACK_INACTIVE: ErrorReason.ValueType  # 24
+"""FAILED_PRECONDITION. metadata: pack_id."""
+ERROR_REASON_PURCHASE_REQUIRES_SUBSCRIPTION: ErrorReason.ValueType  # 25
+"""FAILED_PRECONDITION: free users may not buy packs (purchase.allow_free_users)."""
+ERROR_REASON_PLAN_NOT_FOUND: ErrorReason.ValueType  # 26
+"""NOT_FOUND. metadata: plan_id."""
+ERROR_REASON_ALREADY_FULFILLED: ErrorReason.ValueType  # 27
+"""ALREADY_EXISTS: the external_ref was fulfilled before with another idempotency key.
+metadata: external_ref.
+"""
+ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 28
+"""ALREADY_EXISTS: a pack or plan with this id exists. metadata: id."""
+ERROR_REASON_SETTING_NOT_FOUND: ErrorReason.ValueType  # 29
+"""NOT_FOUND. metadata: setting."""
+ERROR_REASON_REDEMPTION_BATCH_NOT_FOUND: ErrorReason.ValueType  # 30
+"""NOT_FOUND. metadata: batch_id."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

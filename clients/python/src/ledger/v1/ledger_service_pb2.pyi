@@ -938,3 +938,260 @@ class ListTransactionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class CreateAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REFERRAL_CODE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    idempotency_key: _builtins.str
+    referral_code: _builtins.str
+    """Another account's referral code: that account gets the configured reward."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        referral_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "idempotency_key", b"idempotency_key", "referral_code", b"referral_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAccountRequest: _TypeAlias = CreateAccountRequest  # noqa: Y015
+
+@_typing.final
+class CreateAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    SIGNUP_LOT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> _types_pb2.Account: ...
+    @_builtins.property
+    def signup_lot(self) -> _types_pb2.Lot:
+        """The sign-up bonus lot, when the bonus is enabled."""
+
+    @_builtins.property
+    def balance(self) -> _types_pb2.AccountBalance: ...
+    def __init__(
+        self,
+        *,
+        account: _types_pb2.Account | None = ...,
+        signup_lot: _types_pb2.Lot | None = ...,
+        balance: _types_pb2.AccountBalance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "balance", b"balance", "signup_lot", b"signup_lot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "balance", b"balance", "signup_lot", b"signup_lot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAccountResponse: _TypeAlias = CreateAccountResponse  # noqa: Y015
+
+@_typing.final
+class GetAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccountRequest: _TypeAlias = GetAccountRequest  # noqa: Y015
+
+@_typing.final
+class GetAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> _types_pb2.Account: ...
+    def __init__(
+        self,
+        *,
+        account: _types_pb2.Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccountResponse: _TypeAlias = GetAccountResponse  # noqa: Y015
+
+@_typing.final
+class ClaimDailyRewardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimDailyRewardRequest: _TypeAlias = ClaimDailyRewardRequest  # noqa: Y015
+
+@_typing.final
+class ClaimDailyRewardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    NEXT_CLAIM_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lot(self) -> _types_pb2.Lot: ...
+    @_builtins.property
+    def balance(self) -> _types_pb2.AccountBalance: ...
+    @_builtins.property
+    def next_claim_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next claim opens (the start of the next day in the configured time zone)."""
+
+    def __init__(
+        self,
+        *,
+        lot: _types_pb2.Lot | None = ...,
+        balance: _types_pb2.AccountBalance | None = ...,
+        next_claim_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot", "next_claim_time", b"next_claim_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot", "next_claim_time", b"next_claim_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimDailyRewardResponse: _TypeAlias = ClaimDailyRewardResponse  # noqa: Y015
+
+@_typing.final
+class RedeemRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    idempotency_key: _builtins.str
+    code: _builtins.str
+    """As printed; case and dashes do not matter."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "code", b"code", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemRequest: _TypeAlias = RedeemRequest  # noqa: Y015
+
+@_typing.final
+class RedeemResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lot(self) -> _types_pb2.Lot: ...
+    @_builtins.property
+    def balance(self) -> _types_pb2.AccountBalance: ...
+    def __init__(
+        self,
+        *,
+        lot: _types_pb2.Lot | None = ...,
+        balance: _types_pb2.AccountBalance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemResponse: _TypeAlias = RedeemResponse  # noqa: Y015
+
+@_typing.final
+class TransferRewardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    idempotency_key: _builtins.str
+    amount_micros: _builtins.int
+    """Credits to move; unset means the whole reward balance."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        amount_micros: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "amount_micros", b"amount_micros"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "account_id", b"account_id", "amount_micros", b"amount_micros", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__amount_micros: _TypeAlias = _typing.Literal["amount_micros"]  # noqa: Y015
+    _WhichOneofArgType__amount_micros: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount_micros) -> _WhichOneofReturnType__amount_micros | None: ...
+
+Global___TransferRewardRequest: _TypeAlias = TransferRewardRequest  # noqa: Y015
+
+@_typing.final
+class TransferRewardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFERRED_MICROS_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    transferred_micros: _builtins.int
+    transaction_id: _builtins.str
+    @_builtins.property
+    def lot(self) -> _types_pb2.Lot:
+        """The main-balance lot the credits moved into."""
+
+    @_builtins.property
+    def balance(self) -> _types_pb2.AccountBalance: ...
+    def __init__(
+        self,
+        *,
+        transferred_micros: _builtins.int = ...,
+        lot: _types_pb2.Lot | None = ...,
+        transaction_id: _builtins.str = ...,
+        balance: _types_pb2.AccountBalance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot", "transaction_id", b"transaction_id", "transferred_micros", b"transferred_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferRewardResponse: _TypeAlias = TransferRewardResponse  # noqa: Y015

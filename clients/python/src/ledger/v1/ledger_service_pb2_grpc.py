@@ -90,6 +90,31 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__service__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.CreateAccount = channel.unary_unary(
+                '/ledger.v1.LedgerService/CreateAccount',
+                request_serializer=ledger_dot_v1_dot_ledger__service__pb2.CreateAccountRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.CreateAccountResponse.FromString,
+                _registered_method=True)
+        self.GetAccount = channel.unary_unary(
+                '/ledger.v1.LedgerService/GetAccount',
+                request_serializer=ledger_dot_v1_dot_ledger__service__pb2.GetAccountRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.GetAccountResponse.FromString,
+                _registered_method=True)
+        self.ClaimDailyReward = channel.unary_unary(
+                '/ledger.v1.LedgerService/ClaimDailyReward',
+                request_serializer=ledger_dot_v1_dot_ledger__service__pb2.ClaimDailyRewardRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.ClaimDailyRewardResponse.FromString,
+                _registered_method=True)
+        self.Redeem = channel.unary_unary(
+                '/ledger.v1.LedgerService/Redeem',
+                request_serializer=ledger_dot_v1_dot_ledger__service__pb2.RedeemRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.RedeemResponse.FromString,
+                _registered_method=True)
+        self.TransferReward = channel.unary_unary(
+                '/ledger.v1.LedgerService/TransferReward',
+                request_serializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -171,6 +196,44 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAccount(self, request, context):
+        """Opens an account: applies the sign-up bonus, issues its referral code and, when
+        it signs up with someone's referral code, rewards the inviter. Crediting calls
+        (Grant, ClaimDailyReward, Redeem, and the BillingService grants) open an unknown
+        account the same way; spending calls and reads answer NOT_FOUND for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAccount(self, request, context):
+        """Reads an account: referral code, referrer, subscription.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimDailyReward(self, request, context):
+        """Grants the daily reward, at most once per account per day (UTC unless configured).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redeem(self, request, context):
+        """Redeems a redemption code: each account may redeem a given code once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferReward(self, request, context):
+        """Moves referral rewards from the reward balance into the main balance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +286,31 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.ListTransactionsRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__service__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'CreateAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAccount,
+                    request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.CreateAccountRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__service__pb2.CreateAccountResponse.SerializeToString,
+            ),
+            'GetAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccount,
+                    request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.GetAccountRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__service__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'ClaimDailyReward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimDailyReward,
+                    request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.ClaimDailyRewardRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__service__pb2.ClaimDailyRewardResponse.SerializeToString,
+            ),
+            'Redeem': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redeem,
+                    request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.RedeemRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__service__pb2.RedeemResponse.SerializeToString,
+            ),
+            'TransferReward': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferReward,
+                    request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -501,6 +589,141 @@ class LedgerService:
             '/ledger.v1.LedgerService/ListTransactions',
             ledger_dot_v1_dot_ledger__service__pb2.ListTransactionsRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__service__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/CreateAccount',
+            ledger_dot_v1_dot_ledger__service__pb2.CreateAccountRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__service__pb2.CreateAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/GetAccount',
+            ledger_dot_v1_dot_ledger__service__pb2.GetAccountRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__service__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimDailyReward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/ClaimDailyReward',
+            ledger_dot_v1_dot_ledger__service__pb2.ClaimDailyRewardRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__service__pb2.ClaimDailyRewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redeem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/Redeem',
+            ledger_dot_v1_dot_ledger__service__pb2.RedeemRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__service__pb2.RedeemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferReward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/TransferReward',
+            ledger_dot_v1_dot_ledger__service__pb2.TransferRewardRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__service__pb2.TransferRewardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,20 @@ class LedgerServiceStub:
     """Lists an account's lots in consumption order."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.ListTransactionsRequest, _ledger_service_pb2.ListTransactionsResponse]
     """Lists an account's journal, newest first."""
+    CreateAccount: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateAccountRequest, _ledger_service_pb2.CreateAccountResponse]
+    """Opens an account: applies the sign-up bonus, issues its referral code and, when
+    it signs up with someone's referral code, rewards the inviter. Crediting calls
+    (Grant, ClaimDailyReward, Redeem, and the BillingService grants) open an unknown
+    account the same way; spending calls and reads answer NOT_FOUND for it.
+    """
+    GetAccount: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.GetAccountRequest, _ledger_service_pb2.GetAccountResponse]
+    """Reads an account: referral code, referrer, subscription."""
+    ClaimDailyReward: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.ClaimDailyRewardRequest, _ledger_service_pb2.ClaimDailyRewardResponse]
+    """Grants the daily reward, at most once per account per day (UTC unless configured)."""
+    Redeem: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.RedeemRequest, _ledger_service_pb2.RedeemResponse]
+    """Redeems a redemption code: each account may redeem a given code once."""
+    TransferReward: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.TransferRewardRequest, _ledger_service_pb2.TransferRewardResponse]
+    """Moves referral rewards from the reward balance into the main balance."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -91,6 +105,20 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Lists an account's lots in consumption order."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.ListTransactionsRequest, _ledger_service_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """Lists an account's journal, newest first."""
+    CreateAccount: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateAccountRequest, _ledger_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
+    """Opens an account: applies the sign-up bonus, issues its referral code and, when
+    it signs up with someone's referral code, rewards the inviter. Crediting calls
+    (Grant, ClaimDailyReward, Redeem, and the BillingService grants) open an unknown
+    account the same way; spending calls and reads answer NOT_FOUND for it.
+    """
+    GetAccount: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.GetAccountRequest, _ledger_service_pb2.GetAccountResponse]  # type: ignore[assignment]
+    """Reads an account: referral code, referrer, subscription."""
+    ClaimDailyReward: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.ClaimDailyRewardRequest, _ledger_service_pb2.ClaimDailyRewardResponse]  # type: ignore[assignment]
+    """Grants the daily reward, at most once per account per day (UTC unless configured)."""
+    Redeem: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.RedeemRequest, _ledger_service_pb2.RedeemResponse]  # type: ignore[assignment]
+    """Redeems a redemption code: each account may redeem a given code once."""
+    TransferReward: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.TransferRewardRequest, _ledger_service_pb2.TransferRewardResponse]  # type: ignore[assignment]
+    """Moves referral rewards from the reward balance into the main balance."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The spending and granting API used by product services.
@@ -180,5 +208,49 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_service_pb2.ListTransactionsResponse, _abc.Awaitable[_ledger_service_pb2.ListTransactionsResponse]]:
         """Lists an account's journal, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreateAccount(
+        self,
+        request: _ledger_service_pb2.CreateAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.CreateAccountResponse, _abc.Awaitable[_ledger_service_pb2.CreateAccountResponse]]:
+        """Opens an account: applies the sign-up bonus, issues its referral code and, when
+        it signs up with someone's referral code, rewards the inviter. Crediting calls
+        (Grant, ClaimDailyReward, Redeem, and the BillingService grants) open an unknown
+        account the same way; spending calls and reads answer NOT_FOUND for it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAccount(
+        self,
+        request: _ledger_service_pb2.GetAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.GetAccountResponse, _abc.Awaitable[_ledger_service_pb2.GetAccountResponse]]:
+        """Reads an account: referral code, referrer, subscription."""
+
+    @_abc_1.abstractmethod
+    def ClaimDailyReward(
+        self,
+        request: _ledger_service_pb2.ClaimDailyRewardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.ClaimDailyRewardResponse, _abc.Awaitable[_ledger_service_pb2.ClaimDailyRewardResponse]]:
+        """Grants the daily reward, at most once per account per day (UTC unless configured)."""
+
+    @_abc_1.abstractmethod
+    def Redeem(
+        self,
+        request: _ledger_service_pb2.RedeemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.RedeemResponse, _abc.Awaitable[_ledger_service_pb2.RedeemResponse]]:
+        """Redeems a redemption code: each account may redeem a given code once."""
+
+    @_abc_1.abstractmethod
+    def TransferReward(
+        self,
+        request: _ledger_service_pb2.TransferRewardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.TransferRewardResponse, _abc.Awaitable[_ledger_service_pb2.TransferRewardResponse]]:
+        """Moves referral rewards from the reward balance into the main balance."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

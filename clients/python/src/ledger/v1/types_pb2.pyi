@@ -221,3 +221,75 @@ class Lot(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Lot: _TypeAlias = Lot  # noqa: Y015
+
+@_typing.final
+class Account(_message.Message):
+    """A customer account of the ledger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REFERRAL_CODE_FIELD_NUMBER: _builtins.int
+    REFERRED_BY_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    referral_code: _builtins.str
+    """The code others sign up with to reward this account (seed 003)."""
+    referred_by_account_id: _builtins.str
+    """The account whose referral code this one signed up with, if any."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """The active subscription, if any."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        referral_code: _builtins.str = ...,
+        referred_by_account_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        subscription: Global___Subscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "referral_code", b"referral_code", "referred_by_account_id", b"referred_by_account_id", "subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class Subscription(_message.Message):
+    """An account's subscription to a plan (seed 001)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    CURRENT_PERIOD_START_FIELD_NUMBER: _builtins.int
+    CURRENT_PERIOD_END_FIELD_NUMBER: _builtins.int
+    EXTERNAL_REF_FIELD_NUMBER: _builtins.int
+    plan_id: _builtins.str
+    external_ref: _builtins.str
+    """The payment provider's subscription id."""
+    @_builtins.property
+    def current_period_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def current_period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        plan_id: _builtins.str = ...,
+        current_period_start: _timestamp_pb2.Timestamp | None = ...,
+        current_period_end: _timestamp_pb2.Timestamp | None = ...,
+        external_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current_period_end", b"current_period_end", "current_period_start", b"current_period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "external_ref", b"external_ref", "plan_id", b"plan_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015

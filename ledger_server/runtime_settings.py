@@ -1,0 +1,287 @@
+"""Run-time settings of the credit sources: each has an environment-variable default
+and can be changed through AdminService.UpdateSetting. Values live in PostgreSQL
+(table settings), so every server and worker sees a change at once and the SQL
+functions read them in the same transaction as the effect."""
+
+from __future__ import annotations
+
+import json
+import os
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+
+from ledger_server.config import ConfigError
+from ledger_server.db.queries import query
+
+Json = Any
+
+
+def _integral(value: Json) -> Json:
+    """JSON numbers from google.protobuf.Value are floats: whole ones become ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    return value
+
+
+def _non_negative(value: Json) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _timezone(value: Json) -> str | None:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return "must be an IANA time zone such as UTC or Asia/Shanghai"
+    return None
+
+
+def _currency(value: Json) -> str | None:
+    return None if len(value) == 3 and value.isalpha() and value.isupper() else "must be ISO 4217"
+
+
+def _bonus_tiers(value: Json) -> str | None:
+    if not isinstance(value, list):
+        return "must be a list of {min_minor, bonus_micros}"
+    for tier in value:
+        if (
+            not isinstance(tier, dict)
+            or set(tier) != {"min_minor", "bonus_micros"}
+            or not all(isinstance(tier[k], int) and tier[k] >= 0 for k in tier)
+        ):
+            return "each tier must be {min_minor, bonus_micros} with non-negative integers"
+    return None
+
+
+@dataclass(frozen=True)
+class SettingDefinition:
+    key: str
+    env_var: str
+    kind: type
+    default: Json
+    description: str
+    check: Callable[[Json], str | None] | None = None
+
+    def parse_env(self, raw: str) -> Json:
+        try:
+            if self.kind is bool:
+                lowered = raw.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                return lowered in ("1", "true", "yes", "on")
+            if self.kind is int:
+                return int(raw)
+            if self.kind is list:
+                return json.loads(raw)
+            return raw
+        except ValueError as exc:
+            raise ConfigError(
+                f"{self.env_var}: cannot read {raw!r} as {self.kind.__name__}"
+            ) from exc
+
+    def violation(self, value: Json) -> str | None:
+        """Why value is not acceptable for this setting, or None."""
+        if self.kind is int:
+            # JSON numbers arrive as floats from google.protobuf.Value.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return "must be an integer"
+            if isinstance(value, float) and not value.is_integer():
+                return "must be an integer"
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                return "must be true or false"
+        elif self.kind is str:
+            if not isinstance(value, str) or not value:
+                return "must be a non-empty string"
+        elif self.kind is list and not isinstance(value, list):
+            return "must be a list"
+        return self.check(self.normalize(value)) if self.check else None
+
+    def normalize(self, value: Json) -> Json:
+        return _integral(value) if self.kind in (int, list) else value
+
+
+CREDIT = 1_000_000
+
+DEFINITIONS: tuple[SettingDefinition, ...] = (
+    SettingDefinition(
+        "signup.enabled",
+        "LEDGER_SIGNUP_BONUS_ENABLED",
+        bool,
+        True,
+        "grant a sign-up bonus when an account opens",
+    ),
+    SettingDefinition(
+        "signup.amount_micros",
+        "LEDGER_SIGNUP_BONUS_MICROS",
+        int,
+        100 * CREDIT,
+        "sign-up bonus",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "signup.expire_days",
+        "LEDGER_SIGNUP_BONUS_EXPIRE_DAYS",
+        int,
+        30,
+        "days until the sign-up bonus expires; 0 = never",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "daily.enabled",
+        "LEDGER_DAILY_REWARD_ENABLED",
+        bool,
+        True,
+        "let accounts claim a daily reward",
+    ),
+    SettingDefinition(
+        "daily.amount_micros",
+        "LEDGER_DAILY_REWARD_MICROS",
+        int,
+        10 * CREDIT,
+        "daily reward",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "daily.expire_days",
+        "LEDGER_DAILY_REWARD_EXPIRE_DAYS",
+        int,
+        0,
+        "days until a daily reward expires; 0 = never",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "daily.automatic",
+        "LEDGER_DAILY_REWARD_AUTOMATIC",
+        bool,
+        False,
+        "the scheduler grants the daily reward to every account instead of waiting for a claim",
+    ),
+    SettingDefinition(
+        "ledger.timezone",
+        "LEDGER_TIMEZONE",
+        str,
+        "UTC",
+        "time zone of the days (daily reward) and months (monthly allowance)",
+        _timezone,
+    ),
+    SettingDefinition(
+        "monthly_free.enabled",
+        "LEDGER_MONTHLY_FREE_ENABLED",
+        bool,
+        False,
+        "grant a free allowance each calendar month, expiring at the month's end",
+    ),
+    SettingDefinition(
+        "monthly_free.amount_micros",
+        "LEDGER_MONTHLY_FREE_MICROS",
+        int,
+        1500 * CREDIT,
+        "monthly free allowance",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "purchase.allow_free_users",
+        "LEDGER_ALLOW_FREE_USER_PURCHASE",
+        bool,
+        False,
+        "let accounts without an active subscription buy credit packs",
+    ),
+    SettingDefinition(
+        "recharge.currency",
+        "LEDGER_RECHARGE_CURRENCY",
+        str,
+        "CNY",
+        "currency of custom-amount recharges",
+        _currency,
+    ),
+    SettingDefinition(
+        "recharge.micros_per_minor_unit",
+        "LEDGER_RECHARGE_MICROS_PER_MINOR_UNIT",
+        int,
+        10_000,
+        "micro-credits per minor currency unit (10000: 1 credit per 1.00)",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "recharge.minimum_minor",
+        "LEDGER_RECHARGE_MINIMUM_MINOR",
+        int,
+        3000,
+        "smallest recharge, in minor units",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "recharge.bonus_tiers",
+        "LEDGER_RECHARGE_BONUS_TIERS",
+        list,
+        [
+            {"min_minor": 30_000, "bonus_micros": 30 * CREDIT},
+            {"min_minor": 100_000, "bonus_micros": 150 * CREDIT},
+        ],
+        "bonus credits per recharge amount (JSON); the highest tier reached applies",
+        _bonus_tiers,
+    ),
+    SettingDefinition(
+        "referral.enabled",
+        "LEDGER_REFERRAL_ENABLED",
+        bool,
+        True,
+        "reward the inviter when an account signs up with a referral code",
+    ),
+    SettingDefinition(
+        "referral.reward_micros",
+        "LEDGER_REFERRAL_REWARD_MICROS",
+        int,
+        10 * CREDIT,
+        "referral reward, paid into the inviter's reward balance",
+        _non_negative,
+    ),
+)
+
+BY_KEY: dict[str, SettingDefinition] = {d.key: d for d in DEFINITIONS}
+
+
+def environment_defaults(env: Mapping[str, str] | None = None) -> dict[str, Json]:
+    """Each setting's default: its environment variable when set, else the built-in."""
+    env = os.environ if env is None else env
+    values: dict[str, Json] = {}
+    for definition in DEFINITIONS:
+        raw = env.get(definition.env_var)
+        value = definition.default if raw in (None, "") else definition.parse_env(raw)
+        violation = definition.violation(value)
+        if violation is not None:
+            raise ConfigError(f"{definition.env_var}: {violation}")
+        values[definition.key] = definition.normalize(value)
+    return values
+
+
+def sync_environment_defaults(
+    conn: psycopg.Connection[TupleRow], defaults: Mapping[str, Json], now: datetime
+) -> None:
+    """Writes this process's defaults into every setting no administrator has changed
+    (recording what changed), so servers, workers and SQL functions share one view."""
+    with conn.transaction():
+        for key, value in defaults.items():
+            conn.execute(
+                query("put_setting"),
+                {
+                    "key": key,
+                    "value": Jsonb(value),
+                    "source": "environment",
+                    "actor": "environment",
+                    "reason": None,
+                    "now": now,
+                    "over_admin": False,
+                },
+            )

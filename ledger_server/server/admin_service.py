@@ -1,0 +1,338 @@
+"""AdminService: hand grants and debits, the pack and plan catalogues, redemption
+batches and run-time settings. Every change records the caller's identity."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from ledger.v1 import admin_service_pb2 as pb
+from ledger.v1 import admin_service_pb2_grpc
+from ledger.v1 import billing_service_pb2 as billing_pb
+from ledger_server import runtime_settings
+from ledger_server.clock import Clock
+from ledger_server.errors import LedgerError, invalid_field
+from ledger_server.ledger import mapping, page_tokens, validation
+from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
+from ledger_server.server.identity import caller_identity
+
+_CATALOGUE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MAX_CODES_PER_BATCH = 10_000
+
+
+def _catalogue_id(value: str, field: str) -> str:
+    if not _CATALOGUE_ID.match(value):
+        raise invalid_field(field, "must be 1 to 64 lower-case letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _currency(value: str, field: str) -> str:
+    if len(value) != 3 or not value.isalpha() or not value.isupper():
+        raise invalid_field(field, "must be an upper-case ISO 4217 code such as USD")
+    return value
+
+
+def _pack_params(pack: billing_pb.CreditPack) -> dict[str, object]:
+    return {
+        "pack_id": _catalogue_id(pack.pack_id, "pack.pack_id"),
+        "translation_key": validation.required_text(
+            pack.translation_key, "pack.translation_key", 128
+        ),
+        "credits_micros": validation.positive_amount(pack.credits_micros, "pack.credits_micros"),
+        "price_minor": validation.non_negative_amount(pack.price_minor, "pack.price_minor"),
+        "currency": _currency(pack.currency, "pack.currency"),
+        "provider_price_id": validation.text(pack.provider_price_id, "pack.provider_price_id", 256),
+        "active": pack.active,
+    }
+
+
+def _plan_params(plan: billing_pb.SubscriptionPlan) -> dict[str, object]:
+    if plan.period_unit not in mapping.PERIOD_UNIT_TO_DB:
+        raise invalid_field("plan.period_unit", "must be DAY, MONTH or YEAR")
+    if plan.period_count <= 0:
+        raise invalid_field("plan.period_count", "must be positive")
+    return {
+        "plan_id": _catalogue_id(plan.plan_id, "plan.plan_id"),
+        "translation_key": validation.required_text(
+            plan.translation_key, "plan.translation_key", 128
+        ),
+        "credits_micros": validation.non_negative_amount(
+            plan.credits_micros, "plan.credits_micros"
+        ),
+        "period_unit": mapping.PERIOD_UNIT_TO_DB[plan.period_unit],
+        "period_count": plan.period_count,
+        "rank": plan.rank,
+        "price_minor": validation.non_negative_amount(plan.price_minor, "plan.price_minor"),
+        "currency": _currency(plan.currency, "plan.currency"),
+        "provider_price_id": validation.text(plan.provider_price_id, "plan.provider_price_id", 256),
+        "active": plan.active,
+    }
+
+
+def _exists(kind: str, identifier: str) -> LedgerError:
+    return LedgerError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ALREADY_EXISTS",
+        f"{kind} {identifier} exists",
+        {"id": identifier},
+    )
+
+
+def _not_found(reason: str, key: str, identifier: str) -> LedgerError:
+    return LedgerError(
+        grpc.StatusCode.NOT_FOUND, reason, f"no such {key.replace('_', ' ')}", {key: identifier}
+    )
+
+
+class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
+    def __init__(
+        self, pool: AsyncConnectionPool, clock: Clock, setting_defaults: Mapping[str, Any]
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._defaults = dict(setting_defaults)
+
+    # --- credits ---------------------------------------------------------------------------
+
+    async def GrantCredits(
+        self, request: pb.GrantCreditsRequest, context: Context
+    ) -> pb.GrantCreditsResponse:
+        now = self._clock.now()
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": validation.positive_amount(request.amount_micros),
+            "source": "admin",
+            "expires_at": validation.lot_expiry(request, now),
+            "balance_kind": "main",
+            "external_ref": "",
+            "comment": validation.required_text(request.reason, "reason"),
+            "actor": caller_identity(context),
+            "hash": request_fingerprint("admin_grant", request),
+            "now": now,
+        }
+        data = await call_json(self._pool, "grant", params)
+        mark_replay(context, data)
+        return pb.GrantCreditsResponse(
+            lot=mapping.lot(data["lot"]),
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    async def AdjustBalance(
+        self, request: pb.AdjustBalanceRequest, context: Context
+    ) -> pb.AdjustBalanceResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
+            "amount": validation.positive_amount(request.amount_micros),
+            "reason": validation.required_text(request.reason, "reason"),
+            "actor": caller_identity(context),
+            "hash": request_fingerprint("adjust_balance", request),
+            "now": self._clock.now(),
+        }
+        data = await call_json(self._pool, "adjust_balance", params)
+        mark_replay(context, data)
+        return pb.AdjustBalanceResponse(
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
+    # --- catalogue -------------------------------------------------------------------------
+
+    async def _write_catalogue(
+        self, query: str, params: dict[str, object], context: Context
+    ) -> tuple[Any, ...] | None:
+        params.update(actor=caller_identity(context), now=self._clock.now())
+        rows = await fetch_all(self._pool, query, params)
+        return rows[0] if rows else None
+
+    async def CreateCreditPack(
+        self, request: pb.CreateCreditPackRequest, context: Context
+    ) -> pb.CreateCreditPackResponse:
+        params = _pack_params(request.pack)
+        row = await self._write_catalogue("insert_credit_pack", params, context)
+        if row is None:
+            raise _exists("credit pack", request.pack.pack_id)
+        return pb.CreateCreditPackResponse(pack=mapping.credit_pack(row))
+
+    async def UpdateCreditPack(
+        self, request: pb.UpdateCreditPackRequest, context: Context
+    ) -> pb.UpdateCreditPackResponse:
+        params = _pack_params(request.pack)
+        row = await self._write_catalogue("update_credit_pack", params, context)
+        if row is None:
+            raise _not_found("PACK_NOT_FOUND", "pack_id", request.pack.pack_id)
+        return pb.UpdateCreditPackResponse(pack=mapping.credit_pack(row))
+
+    async def ListAllCreditPacks(
+        self, request: pb.ListAllCreditPacksRequest, context: Context
+    ) -> pb.ListAllCreditPacksResponse:
+        rows = await fetch_all(self._pool, "list_credit_packs", {"include_inactive": True})
+        return pb.ListAllCreditPacksResponse(packs=[mapping.credit_pack(row) for row in rows])
+
+    async def CreateSubscriptionPlan(
+        self, request: pb.CreateSubscriptionPlanRequest, context: Context
+    ) -> pb.CreateSubscriptionPlanResponse:
+        params = _plan_params(request.plan)
+        row = await self._write_catalogue("insert_subscription_plan", params, context)
+        if row is None:
+            raise _exists("subscription plan", request.plan.plan_id)
+        return pb.CreateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
+
+    async def UpdateSubscriptionPlan(
+        self, request: pb.UpdateSubscriptionPlanRequest, context: Context
+    ) -> pb.UpdateSubscriptionPlanResponse:
+        params = _plan_params(request.plan)
+        row = await self._write_catalogue("update_subscription_plan", params, context)
+        if row is None:
+            raise _not_found("PLAN_NOT_FOUND", "plan_id", request.plan.plan_id)
+        return pb.UpdateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
+
+    # --- redemption codes --------------------------------------------------------------------
+
+    async def CreateRedemptionBatch(
+        self, request: pb.CreateRedemptionBatchRequest, context: Context
+    ) -> pb.CreateRedemptionBatchResponse:
+        now = self._clock.now()
+        if not 1 <= request.code_count <= MAX_CODES_PER_BATCH:
+            raise invalid_field("code_count", f"must be 1 to {MAX_CODES_PER_BATCH}")
+        if request.max_redemptions_per_code < 0:
+            raise invalid_field("max_redemptions_per_code", "must not be negative")
+        code_expires_at = None
+        if request.HasField("code_expire_time"):
+            code_expires_at = validation.future_time(
+                validation.timestamp(request.code_expire_time, "code_expire_time"),
+                now,
+                "code_expire_time",
+            )
+        credit_lifetime = None
+        if request.HasField("credit_lifetime"):
+            credit_lifetime = validation.duration(
+                validation.duration_value(request.credit_lifetime, "credit_lifetime"),
+                "credit_lifetime",
+                validation.MAX_LOT_LIFETIME,
+            )
+        params: dict[str, object] = {
+            "key": validation.idempotency_key(request.idempotency_key),
+            "hash": request_fingerprint("create_redemption_batch", request),
+            "amount": validation.positive_amount(request.amount_micros),
+            "count": request.code_count,
+            "max_redemptions": min(request.max_redemptions_per_code or 1, 1_000_000),
+            "code_expires_at": code_expires_at,
+            "credit_lifetime": credit_lifetime,
+            "note": validation.text(request.note, "note"),
+            "actor": caller_identity(context),
+            "now": now,
+        }
+        data = await call_json(self._pool, "create_redemption_batch", params)
+        mark_replay(context, data)
+        return pb.CreateRedemptionBatchResponse(
+            batch=mapping.redemption_batch(data["batch"]),
+            codes=[mapping.format_code(code) for code in data["codes"]],
+        )
+
+    @staticmethod
+    def _batch_id(value: str) -> str:
+        return str(validation.uuid_value(value, "batch_id", "CreateRedemptionBatch"))
+
+    async def DisableRedemptionBatch(
+        self, request: pb.DisableRedemptionBatchRequest, context: Context
+    ) -> pb.DisableRedemptionBatchResponse:
+        params: dict[str, object] = {
+            "batch_id": self._batch_id(request.batch_id),
+            "reason": validation.required_text(request.reason, "reason"),
+            "actor": caller_identity(context),
+            "now": self._clock.now(),
+        }
+        rows = await fetch_all(self._pool, "disable_redemption_batch", params)
+        if rows[0][0] is None:
+            raise _not_found("REDEMPTION_BATCH_NOT_FOUND", "batch_id", request.batch_id)
+        return pb.DisableRedemptionBatchResponse(batch=mapping.redemption_batch(rows[0][0]))
+
+    async def GetRedemptionBatch(
+        self, request: pb.GetRedemptionBatchRequest, context: Context
+    ) -> pb.GetRedemptionBatchResponse:
+        batch_id = self._batch_id(request.batch_id)
+        rows = await fetch_all(self._pool, "get_redemption_batch", {"batch_id": batch_id})
+        if not rows or rows[0][0] is None:
+            raise _not_found("REDEMPTION_BATCH_NOT_FOUND", "batch_id", request.batch_id)
+        return pb.GetRedemptionBatchResponse(batch=mapping.redemption_batch(rows[0][0]))
+
+    # --- settings ----------------------------------------------------------------------------
+
+    def _setting(self, data: dict[str, Any]) -> pb.Setting:
+        definition = runtime_settings.BY_KEY[data["key"]]
+        return mapping.setting(
+            data, self._defaults[definition.key], definition.env_var, definition.description
+        )
+
+    async def ListSettings(
+        self, request: pb.ListSettingsRequest, context: Context
+    ) -> pb.ListSettingsResponse:
+        rows = await fetch_all(self._pool, "list_settings", {})
+        stored = {row[0]["key"]: row[0] for row in rows}
+        return pb.ListSettingsResponse(
+            settings=[
+                self._setting(stored[d.key])
+                for d in runtime_settings.DEFINITIONS
+                if d.key in stored
+            ]
+        )
+
+    async def UpdateSetting(
+        self, request: pb.UpdateSettingRequest, context: Context
+    ) -> pb.UpdateSettingResponse:
+        definition = runtime_settings.BY_KEY.get(request.key)
+        if definition is None:
+            raise _not_found("SETTING_NOT_FOUND", "setting", request.key)
+        reason = validation.required_text(request.reason, "reason")
+        if request.reset:
+            value, source = self._defaults[definition.key], "environment"
+        else:
+            if not request.HasField("value"):
+                raise invalid_field("value", "is required unless reset is set")
+            value = mapping.from_value(request.value)
+            violation = definition.violation(value)
+            if violation is not None:
+                raise invalid_field("value", f"{definition.key} {violation}")
+            value, source = definition.normalize(value), "admin"
+        data = await call_json(
+            self._pool,
+            "put_setting",
+            {
+                "key": definition.key,
+                "value": Jsonb(value),
+                "source": source,
+                "actor": caller_identity(context),
+                "reason": reason,
+                "now": self._clock.now(),
+                "over_admin": True,
+            },
+        )
+        return pb.UpdateSettingResponse(setting=self._setting(data))
+
+    async def ListSettingChanges(
+        self, request: pb.ListSettingChangesRequest, context: Context
+    ) -> pb.ListSettingChangesResponse:
+        key = request.key or None
+        page_size = validation.page_size(request.page_size)
+        filters: list[object] = ["setting_changes", key]
+        position = page_tokens.decode(request.page_token, filters, arity=1)
+        rows = await fetch_all(
+            self._pool,
+            "list_setting_changes",
+            {"key": key, "before": position[0] if position else None, "limit": page_size + 1},
+        )
+        response = pb.ListSettingChangesResponse(
+            changes=[mapping.setting_change(row) for row in rows[:page_size]]
+        )
+        if len(rows) > page_size:
+            response.next_page_token = page_tokens.encode([rows[page_size - 1][0]], filters)
+        return response

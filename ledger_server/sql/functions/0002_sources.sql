@@ -1,0 +1,749 @@
+-- Credit sources and their rules (DESIGN.md section 5): opening accounts (sign-up
+-- bonus, referral), daily rewards, the monthly allowance, packs, recharges,
+-- subscriptions, redemption codes, reward transfers, admin debits and settings.
+-- Same conventions as 0001_ledger.sql; further SQLSTATEs:
+--   LE011 daily reward already claimed   LE012 source disabled
+--   LE013 referral code not found        LE014 account exists
+--   LE015 redemption code not found      LE016 redemption code expired
+--   LE017 redemption code disabled       LE018 redemption code exhausted
+--   LE019 redemption code already redeemed by the account
+--   LE020 insufficient reward balance    LE021 pack not found
+--   LE022 pack inactive                  LE023 purchase requires subscription
+--   LE024 plan not found                 LE025 external reference already fulfilled
+--   LE026 already exists (pack, plan)    LE027 setting not found
+--   LE028 redemption batch not found
+
+-- Settings -------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ledger_setting(p_key text) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    SELECT value INTO v FROM settings WHERE key = p_key;
+    IF NOT FOUND THEN
+        -- Servers and workers write every setting at start; a missing one is a deployment bug.
+        RAISE EXCEPTION 'setting % is missing: start a server or worker to write the defaults', p_key
+            USING ERRCODE = 'LE102';
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_setting_json(s settings) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('key', s.key, 'value', s.value, 'source', s.source,
+                              'updated_by', s.updated_by, 'updated_at', ledger_micros(s.updated_at))
+$$;
+
+-- Writes a setting and records the change (when it is one). Without
+-- p_over_admin, an administrator's value stands (the start-up sync of environment
+-- defaults); with it, it is replaced (UpdateSetting, including a reset to the
+-- default). Returns the setting as stored.
+CREATE OR REPLACE FUNCTION ledger_put_setting(
+    p_key text, p_value jsonb, p_source text, p_actor text, p_reason text, p_now timestamptz,
+    p_over_admin boolean) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    old settings;
+    new settings;
+BEGIN
+    SELECT * INTO old FROM settings WHERE key = p_key FOR UPDATE;
+    IF FOUND AND old.source = 'admin' AND NOT p_over_admin THEN
+        RETURN ledger_setting_json(old);
+    END IF;
+    IF FOUND AND old.value = p_value AND old.source = p_source THEN
+        RETURN ledger_setting_json(old);
+    END IF;
+    INSERT INTO settings (key, value, source, updated_by, updated_at)
+    VALUES (p_key, p_value, p_source, p_actor, p_now)
+    ON CONFLICT (key) DO UPDATE
+        SET value = excluded.value, source = excluded.source,
+            updated_by = excluded.updated_by, updated_at = excluded.updated_at
+    RETURNING * INTO new;
+    INSERT INTO setting_changes (key, old_value, new_value, source, actor, reason, changed_at)
+    VALUES (p_key, old.value, p_value, p_source, p_actor, p_reason, p_now);
+    RETURN ledger_setting_json(new);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_require_setting(p_key text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM settings WHERE key = p_key) THEN
+        PERFORM ledger_fail('LE027', 'no such setting', jsonb_build_object('setting', p_key));
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_timezone() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT ledger_setting('ledger.timezone') #>> '{}'
+$$;
+
+-- Accounts -------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ledger_account_json(p_account text, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'account_id', a.account_id,
+        'referral_code', coalesce(a.referral_code, ''),
+        'referred_by_account_id', coalesce(a.referred_by, ''),
+        'create_time', ledger_micros(a.created_at),
+        'subscription', (
+            SELECT jsonb_build_object(
+                       'plan_id', s.plan_id,
+                       'current_period_start', ledger_micros(s.current_period_start),
+                       'current_period_end', ledger_micros(s.current_period_end),
+                       'external_ref', coalesce(s.external_ref, ''))
+              FROM subscriptions s
+             WHERE s.account_id = a.account_id AND s.current_period_end > p_now))
+      FROM accounts a
+     WHERE a.account_id = p_account
+$$;
+
+-- Ten characters from an alphabet without look-alikes (no 0/O, 1/I/L).
+CREATE OR REPLACE FUNCTION ledger_random_code(p_length int) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT string_agg(substr('23456789ABCDEFGHJKMNPQRSTUVWXYZ', 1 + floor(random() * 31)::int, 1), '')
+      FROM generate_series(1, p_length)
+$$;
+
+-- Grants the monthly free allowance when it is due (seed 004): a lot for the
+-- calendar month in the configured zone, expiring when the month ends, at most one
+-- per account and month. Then schedules the next one. Call with the account locked.
+CREATE OR REPLACE FUNCTION ledger_monthly_allowance(p_account text, p_now timestamptz) RETURNS lots
+LANGUAGE plpgsql AS $$
+DECLARE
+    due timestamptz;
+    tz text;
+    month_start timestamp;
+    next_start timestamptz;
+    amount bigint;
+    l lots;
+BEGIN
+    SELECT monthly_free_next_at INTO due FROM accounts WHERE account_id = p_account;
+    IF due IS NULL OR due > p_now THEN
+        RETURN NULL;
+    END IF;
+    tz := ledger_timezone();
+    month_start := date_trunc('month', p_now AT TIME ZONE tz);
+    next_start := (month_start + interval '1 month') AT TIME ZONE tz;
+    amount := (ledger_setting('monthly_free.amount_micros'))::bigint;
+    IF (ledger_setting('monthly_free.enabled'))::boolean AND amount > 0
+       AND NOT EXISTS (SELECT 1 FROM monthly_allowances
+                        WHERE account_id = p_account AND month = month_start::date) THEN
+        l := ledger_grant_lot(p_account, amount, 'monthly_free', 'main', next_start, NULL,
+                              'monthly free allowance ' || to_char(month_start, 'YYYY-MM'), NULL, p_now);
+        INSERT INTO monthly_allowances (account_id, month, lot_id, granted_at)
+        VALUES (p_account, month_start::date, l.lot_id, p_now);
+    END IF;
+    UPDATE accounts
+       SET monthly_free_next_at = next_start,
+           next_maintenance_at = least(next_maintenance_at, next_start)
+     WHERE account_id = p_account;
+    RETURN l;
+END $$;
+
+-- Opens an account unless it exists: its referral code, the inviter's reward when
+-- it signs up with one, the sign-up bonus and the month's allowance. Returns the
+-- sign-up lot as JSON ('null' without a bonus), or NULL when the account existed.
+-- Lock order: the new account (inserted, so held by this transaction), then the
+-- inviter, which exists already and so can never be waiting on the new one.
+CREATE OR REPLACE FUNCTION ledger_open_account(p_account text, p_referral_code text, p_now timestamptz)
+    RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    code text := ledger_random_code(10);
+    inviter text;
+    signup_amount bigint;
+    expire_days bigint;
+    signup lots;
+    reward bigint;
+BEGIN
+    IF EXISTS (SELECT 1 FROM accounts WHERE account_id = p_account) THEN
+        RETURN NULL;  -- the common case, without an insert attempt
+    END IF;
+    WHILE EXISTS (SELECT 1 FROM accounts WHERE referral_code = code) LOOP
+        code := ledger_random_code(10);
+    END LOOP;
+    INSERT INTO accounts (account_id, created_at, referral_code, monthly_free_next_at, next_maintenance_at)
+    VALUES (p_account, p_now, code, p_now, p_now)
+    ON CONFLICT (account_id) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+
+    IF coalesce(p_referral_code, '') <> '' THEN
+        SELECT account_id INTO inviter FROM accounts
+         WHERE referral_code = upper(p_referral_code) AND account_id <> p_account
+           FOR UPDATE;
+        IF NOT FOUND THEN
+            PERFORM ledger_fail('LE013', 'no account has this referral code',
+                jsonb_build_object('referral_code', p_referral_code));
+        END IF;
+        UPDATE accounts SET referred_by = inviter WHERE account_id = p_account;
+        reward := (ledger_setting('referral.reward_micros'))::bigint;
+        IF (ledger_setting('referral.enabled'))::boolean AND reward > 0 THEN
+            PERFORM ledger_grant_lot(inviter, reward, 'referral', 'reward', NULL, p_account,
+                                     'referral reward: ' || p_account || ' signed up', NULL, p_now);
+        END IF;
+    END IF;
+
+    signup_amount := (ledger_setting('signup.amount_micros'))::bigint;
+    IF (ledger_setting('signup.enabled'))::boolean AND signup_amount > 0 THEN
+        expire_days := (ledger_setting('signup.expire_days'))::bigint;
+        signup := ledger_grant_lot(
+            p_account, signup_amount, 'signup', 'main',
+            CASE WHEN expire_days > 0 THEN p_now + make_interval(days => expire_days::int) END,
+            NULL, 'sign-up bonus', NULL, p_now);
+    END IF;
+    PERFORM ledger_monthly_allowance(p_account, p_now);
+    UPDATE accounts SET next_maintenance_at = ledger_next_maintenance(p_account, p_now)
+     WHERE account_id = p_account;
+    RETURN CASE WHEN signup.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(signup) END;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_create_account(
+    p_account text, p_key text, p_hash bytea, p_referral_code text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    signup jsonb;
+    replay jsonb;
+BEGIN
+    signup := ledger_open_account(p_account, p_referral_code, p_now);
+    a := ledger_lock_account(p_account, p_now);
+    IF signup IS NULL THEN
+        replay := ledger_idempotent_replay(p_account, p_key, 'create_account', p_hash);
+        IF replay IS NOT NULL THEN
+            RETURN replay;
+        END IF;
+        PERFORM ledger_fail('LE014', 'the account exists', jsonb_build_object('account_id', p_account));
+    END IF;
+    RETURN ledger_idempotent_store(p_account, p_key, 'create_account', p_hash, jsonb_build_object(
+        'account', ledger_account_json(p_account, p_now),
+        'signup_lot', signup,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_get_account(p_account text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (ledger_read_account(p_account, p_now)).account_id IS NULL THEN
+        PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
+    END IF;
+    RETURN ledger_account_json(p_account, p_now);
+END $$;
+
+-- Daily reward (seed 000) -----------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ledger_claim_daily_reward(
+    p_account text, p_key text, p_hash bytea, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    tz text;
+    today date;
+    next_claim timestamptz;
+    amount bigint;
+    expire_days bigint;
+    l lots;
+BEGIN
+    PERFORM ledger_open_account(p_account, '', p_now);
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'claim_daily_reward', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    amount := (ledger_setting('daily.amount_micros'))::bigint;
+    IF NOT (ledger_setting('daily.enabled'))::boolean OR amount <= 0 THEN
+        PERFORM ledger_fail('LE012', 'the daily reward is switched off',
+            jsonb_build_object('setting', 'daily.enabled'));
+    END IF;
+    tz := ledger_timezone();
+    today := (p_now AT TIME ZONE tz)::date;
+    next_claim := (today + 1)::timestamp AT TIME ZONE tz;
+    IF EXISTS (SELECT 1 FROM daily_claims WHERE account_id = p_account AND claim_date = today) THEN
+        PERFORM ledger_fail('LE011', 'today''s daily reward was claimed already',
+            jsonb_build_object('next_claim_time',
+                to_char(next_claim AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')));
+    END IF;
+    expire_days := (ledger_setting('daily.expire_days'))::bigint;
+    l := ledger_grant_lot(
+        p_account, amount, 'daily', 'main',
+        CASE WHEN expire_days > 0 THEN p_now + make_interval(days => expire_days::int) END,
+        NULL, 'daily reward ' || today::text, NULL, p_now);
+    INSERT INTO daily_claims (account_id, claim_date, lot_id, claimed_at)
+    VALUES (p_account, today, l.lot_id, p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'claim_daily_reward', p_hash, jsonb_build_object(
+        'lot', ledger_lot_json(l),
+        'balance', ledger_balance_json(a, p_now),
+        'next_claim_time', ledger_micros(next_claim)), p_now);
+END $$;
+
+-- Referral rewards -------------------------------------------------------------------
+
+-- Moves reward credits into a new main lot, taking reward lots in consumption order.
+CREATE OR REPLACE FUNCTION ledger_transfer_reward(
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    amount bigint;
+    need bigint;
+    take bigint;
+    txn bigint;
+    n int := 1;
+    r record;
+    l lots;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'transfer_reward', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    amount := coalesce(p_amount, a.reward_balance_micros);
+    IF amount <= 0 OR amount > a.reward_balance_micros THEN
+        PERFORM ledger_fail('LE020', 'the reward balance does not cover the transfer', jsonb_build_object(
+            'reward_balance_micros', a.reward_balance_micros, 'requested_micros', amount));
+    END IF;
+    txn := ledger_new_transaction(p_account, 'transfer', amount, p_now,
+                                  p_comment => 'reward balance transferred to main');
+    l := ledger_add_lot(p_account, txn, 0, amount, 'reward_transfer', 'main', NULL, NULL, NULL, p_now);
+    need := amount;
+    FOR r IN
+        SELECT lot_id, source, remaining_micros FROM lots
+         WHERE account_id = p_account AND balance_kind = 'reward' AND remaining_micros > 0
+           AND (expires_at IS NULL OR expires_at > p_now)
+         ORDER BY priority, expires_at, lot_id
+           FOR UPDATE
+    LOOP
+        take := least(r.remaining_micros, need);
+        UPDATE lots SET remaining_micros = remaining_micros - take
+         WHERE account_id = p_account AND lot_id = r.lot_id;
+        PERFORM ledger_post(p_account, txn, n, 'account:reward', r.lot_id, r.source, -take,
+                            'transferred to main');
+        n := n + 1;
+        need := need - take;
+        EXIT WHEN need = 0;
+    END LOOP;
+    UPDATE accounts SET reward_balance_micros = reward_balance_micros - amount
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    RETURN ledger_idempotent_store(p_account, p_key, 'transfer_reward', p_hash, jsonb_build_object(
+        'transferred_micros', amount,
+        'lot', ledger_lot_json(l),
+        'transaction_id', txn::text,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Redemption codes (seed 003) -----------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ledger_redemption_batch_json(p_batch uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'batch_id', b.batch_id::text,
+        'amount_micros', b.amount_micros,
+        'code_count', b.code_count,
+        'max_redemptions_per_code', b.max_redemptions_per_code,
+        'code_expire_time', ledger_micros(b.code_expires_at),
+        'credit_lifetime_seconds', extract(epoch FROM b.credit_lifetime)::bigint,
+        'disabled', b.disabled,
+        'note', coalesce(b.note, ''),
+        'created_by', b.created_by,
+        'create_time', ledger_micros(b.created_at),
+        'redemption_count', (SELECT coalesce(sum(redemption_count), 0)::bigint
+                               FROM redemption_codes WHERE batch_id = b.batch_id))
+      FROM redemption_batches b WHERE b.batch_id = p_batch
+$$;
+
+-- Idempotent under the admin scope of idempotency keys: batches belong to no
+-- account, so an advisory lock on the key stands in for the account row lock.
+CREATE OR REPLACE FUNCTION ledger_create_redemption_batch(
+    p_key text, p_hash bytea, p_amount bigint, p_count int, p_max_redemptions int,
+    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    scope constant text := '@admin';
+    batch uuid := gen_random_uuid();
+    made int := 0;
+    replay jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(scope || ':' || p_key, 0));
+    replay := ledger_idempotent_replay(scope, p_key, 'create_redemption_batch', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    INSERT INTO redemption_batches (batch_id, amount_micros, code_count, max_redemptions_per_code,
+                                    code_expires_at, credit_lifetime, note, created_by, created_at)
+    VALUES (batch, p_amount, p_count, p_max_redemptions, p_code_expires_at, p_credit_lifetime,
+            nullif(p_note, ''), p_actor, p_now);
+    WHILE made < p_count LOOP
+        INSERT INTO redemption_codes (code, batch_id, max_redemptions)
+        SELECT ledger_random_code(16), batch, p_max_redemptions
+          FROM generate_series(1, p_count - made)
+        ON CONFLICT (code) DO NOTHING;  -- a collision just draws again
+        SELECT count(*) INTO made FROM redemption_codes WHERE batch_id = batch;
+    END LOOP;
+    RETURN ledger_idempotent_store(scope, p_key, 'create_redemption_batch', p_hash, jsonb_build_object(
+        'batch', ledger_redemption_batch_json(batch),
+        'codes', (SELECT jsonb_agg(code ORDER BY code) FROM redemption_codes WHERE batch_id = batch)),
+        p_now);
+END $$;
+
+-- NULL when there is no such batch. Redemptions already made stand.
+CREATE OR REPLACE FUNCTION ledger_disable_redemption_batch(
+    p_batch uuid, p_actor text, p_reason text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE redemption_batches
+       SET disabled = true, disabled_by = p_actor, disabled_reason = p_reason, disabled_at = p_now
+     WHERE batch_id = p_batch;
+    RETURN ledger_redemption_batch_json(p_batch);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_redeem(
+    p_account text, p_key text, p_hash bytea, p_code text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    c redemption_codes;
+    b redemption_batches;
+    l lots;
+BEGIN
+    PERFORM ledger_open_account(p_account, '', p_now);
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'redeem', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    -- Lock order: the account, then the code row every redeemer of the code updates.
+    SELECT * INTO c FROM redemption_codes WHERE code = p_code FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE015', 'no such redemption code', jsonb_build_object('code', p_code));
+    END IF;
+    SELECT * INTO b FROM redemption_batches WHERE batch_id = c.batch_id;
+    IF b.disabled THEN
+        PERFORM ledger_fail('LE017', 'the redemption code is disabled', jsonb_build_object('code', p_code));
+    END IF;
+    IF b.code_expires_at <= p_now THEN
+        PERFORM ledger_fail('LE016', 'the redemption code expired', jsonb_build_object('code', p_code,
+            'expire_time', to_char(b.code_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')));
+    END IF;
+    IF EXISTS (SELECT 1 FROM redemptions WHERE account_id = p_account AND code = p_code) THEN
+        PERFORM ledger_fail('LE019', 'this account redeemed the code already',
+            jsonb_build_object('code', p_code));
+    END IF;
+    IF c.redemption_count >= c.max_redemptions THEN
+        PERFORM ledger_fail('LE018', 'the redemption code has been used up', jsonb_build_object('code', p_code));
+    END IF;
+    UPDATE redemption_codes SET redemption_count = redemption_count + 1 WHERE code = p_code;
+    l := ledger_grant_lot(p_account, b.amount_micros, 'redemption', 'main', p_now + b.credit_lifetime,
+                          p_code, 'redemption code', NULL, p_now);
+    INSERT INTO redemptions (account_id, code, lot_id, redeemed_at) VALUES (p_account, p_code, l.lot_id, p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'redeem', p_hash, jsonb_build_object(
+        'lot', ledger_lot_json(l), 'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Admin debit -----------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ledger_adjust_balance(
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_reason text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    txn bigint;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'adjust_balance', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    PERFORM ledger_require_available(a, p_amount);
+    txn := ledger_new_transaction(p_account, 'adjustment', -p_amount, p_now, NULL, NULL, p_reason, p_actor);
+    PERFORM ledger_take_from_lots(p_account, NULL, p_amount, p_now, txn, 'adjustment');
+    UPDATE accounts SET balance_micros = balance_micros - p_amount
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    RETURN ledger_idempotent_store(p_account, p_key, 'adjust_balance', p_hash, jsonb_build_object(
+        'transaction_id', txn::text, 'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Paid credits: packs, recharges, subscriptions --------------------------------------
+
+CREATE OR REPLACE FUNCTION ledger_require_unfulfilled(p_account text, p_external_ref text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(p_external_ref, '') <> ''
+       AND EXISTS (SELECT 1 FROM purchases WHERE account_id = p_account AND external_ref = p_external_ref) THEN
+        PERFORM ledger_fail('LE025', 'this payment was fulfilled already',
+            jsonb_build_object('external_ref', p_external_ref));
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_purchase_pack(
+    p_account text, p_key text, p_hash bytea, p_pack text, p_external_ref text, p_now timestamptz)
+    RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    p credit_packs;
+    l lots;
+BEGIN
+    PERFORM ledger_open_account(p_account, '', p_now);
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'purchase_pack', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    SELECT * INTO p FROM credit_packs WHERE pack_id = p_pack;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE021', 'no such credit pack', jsonb_build_object('pack_id', p_pack));
+    END IF;
+    IF NOT p.active THEN
+        PERFORM ledger_fail('LE022', 'the credit pack is not on sale', jsonb_build_object('pack_id', p_pack));
+    END IF;
+    IF NOT (ledger_setting('purchase.allow_free_users'))::boolean
+       AND NOT EXISTS (SELECT 1 FROM subscriptions
+                        WHERE account_id = p_account AND current_period_end > p_now) THEN
+        PERFORM ledger_fail('LE023', 'only subscribers may buy credit packs',
+            jsonb_build_object('setting', 'purchase.allow_free_users'));
+    END IF;
+    PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
+    l := ledger_grant_lot(p_account, p.credits_micros, 'purchase', 'main', NULL, p_external_ref,
+                          'credit pack ' || p.pack_id, NULL, p_now);
+    INSERT INTO purchases (account_id, kind, pack_id, amount_minor, currency, credits_micros, lot_id,
+                           external_ref, created_at)
+    VALUES (p_account, 'pack', p.pack_id, p.price_minor, p.currency, p.credits_micros, l.lot_id,
+            nullif(p_external_ref, ''), p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'purchase_pack', p_hash, jsonb_build_object(
+        'lot', ledger_lot_json(l),
+        'transaction_id', l.grant_transaction_id::text,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Seed 002: credits for an amount paid, with the highest bonus tier it reaches.
+CREATE OR REPLACE FUNCTION ledger_recharge_quote(p_amount_minor bigint, p_currency text) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    currency text := ledger_setting('recharge.currency') #>> '{}';
+    minimum bigint := (ledger_setting('recharge.minimum_minor'))::bigint;
+    rate bigint := (ledger_setting('recharge.micros_per_minor_unit'))::bigint;
+    bonus bigint;
+BEGIN
+    IF upper(p_currency) <> currency THEN
+        PERFORM ledger_fail('LE010', 'unsupported currency', jsonb_build_object(
+            'field', 'currency', 'violation', 'recharges are in ' || currency));
+    END IF;
+    IF p_amount_minor < minimum THEN
+        PERFORM ledger_fail('LE010', 'below the minimum recharge', jsonb_build_object(
+            'field', 'amount_minor', 'violation', 'must be at least ' || minimum || ' (minor units)'));
+    END IF;
+    SELECT t.bonus_micros INTO bonus
+      FROM jsonb_to_recordset(ledger_setting('recharge.bonus_tiers')) AS t(min_minor bigint, bonus_micros bigint)
+     WHERE t.min_minor <= p_amount_minor
+     ORDER BY t.min_minor DESC
+     LIMIT 1;
+    RETURN jsonb_build_object('credits_micros', p_amount_minor * rate,
+                              'bonus_micros', coalesce(bonus, 0),
+                              'minimum_minor', minimum);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_recharge(
+    p_account text, p_key text, p_hash bytea, p_amount_minor bigint, p_currency text,
+    p_external_ref text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    quote jsonb;
+    credits bigint;
+    bonus bigint;
+    txn bigint;
+    l lots;
+    bl lots;
+BEGIN
+    PERFORM ledger_open_account(p_account, '', p_now);
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'recharge', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    quote := ledger_recharge_quote(p_amount_minor, p_currency);
+    credits := (quote ->> 'credits_micros')::bigint;
+    bonus := (quote ->> 'bonus_micros')::bigint;
+    PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
+    txn := ledger_new_transaction(p_account, 'grant', credits + bonus, p_now, NULL, NULL,
+                                  'recharge ' || p_amount_minor || ' ' || upper(p_currency), NULL,
+                                  p_external_ref);
+    l := ledger_add_lot(p_account, txn, 0, credits, 'recharge', 'main', NULL, p_external_ref, NULL, p_now);
+    PERFORM ledger_post(p_account, txn, 1, 'issuance:recharge', NULL, 'recharge', -credits);
+    IF bonus > 0 THEN
+        bl := ledger_add_lot(p_account, txn, 2, bonus, 'recharge_bonus', 'main', NULL, p_external_ref,
+                             l.lot_id, p_now);
+        PERFORM ledger_post(p_account, txn, 3, 'issuance:recharge_bonus', NULL, 'recharge_bonus', -bonus);
+    END IF;
+    INSERT INTO purchases (account_id, kind, amount_minor, currency, credits_micros, bonus_micros,
+                           lot_id, bonus_lot_id, external_ref, created_at)
+    VALUES (p_account, 'recharge', p_amount_minor, upper(p_currency), credits, bonus, l.lot_id,
+            bl.lot_id, nullif(p_external_ref, ''), p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'recharge', p_hash, jsonb_build_object(
+        'lot', ledger_lot_json(l),
+        'bonus_lot', CASE WHEN bl.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(bl) END,
+        'transaction_id', txn::text,
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_subscription_json(p_account text, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT ledger_account_json(p_account, p_now) -> 'subscription'
+$$;
+
+-- Records the period and grants the plan's credits for it, expiring at its end.
+CREATE OR REPLACE FUNCTION ledger_grant_subscription_period(
+    p_account text, p_plan subscription_plans, p_start timestamptz, p_end timestamptz,
+    p_external_ref text, p_subscription_ref text, p_now timestamptz) RETURNS lots
+LANGUAGE plpgsql AS $$
+DECLARE
+    l lots;
+BEGIN
+    IF p_end <= p_now THEN
+        PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
+            'field', 'period_end', 'violation', 'must be in the future'));
+    END IF;
+    PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
+    INSERT INTO subscriptions (account_id, plan_id, current_period_start, current_period_end,
+                               external_ref, updated_at)
+    VALUES (p_account, p_plan.plan_id, p_start, p_end, nullif(p_subscription_ref, ''), p_now)
+    ON CONFLICT (account_id) DO UPDATE
+        SET plan_id = excluded.plan_id, current_period_start = excluded.current_period_start,
+            current_period_end = excluded.current_period_end,
+            external_ref = coalesce(excluded.external_ref, subscriptions.external_ref),
+            updated_at = excluded.updated_at;
+    IF p_plan.credits_micros > 0 THEN
+        l := ledger_grant_lot(p_account, p_plan.credits_micros, 'subscription', 'main', p_end,
+                              p_external_ref, 'subscription ' || p_plan.plan_id, NULL, p_now);
+        INSERT INTO purchases (account_id, kind, plan_id, amount_minor, currency, credits_micros,
+                               lot_id, external_ref, created_at)
+        VALUES (p_account, 'subscription', p_plan.plan_id, p_plan.price_minor, p_plan.currency,
+                p_plan.credits_micros, l.lot_id, nullif(p_external_ref, ''), p_now);
+    END IF;
+    RETURN l;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_find_plan(p_plan text) RETURNS subscription_plans
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    p subscription_plans;
+BEGIN
+    SELECT * INTO p FROM subscription_plans WHERE plan_id = p_plan;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE024', 'no such subscription plan', jsonb_build_object('plan_id', p_plan));
+    END IF;
+    RETURN p;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_start_subscription_period(
+    p_account text, p_key text, p_hash bytea, p_plan text, p_start timestamptz, p_end timestamptz,
+    p_external_ref text, p_subscription_ref text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    plan subscription_plans;
+    l lots;
+BEGIN
+    PERFORM ledger_open_account(p_account, '', p_now);
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'start_subscription_period', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    plan := ledger_find_plan(p_plan);
+    l := ledger_grant_subscription_period(p_account, plan, p_start, p_end, p_external_ref,
+                                          p_subscription_ref, p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'start_subscription_period', p_hash, jsonb_build_object(
+        'lot', CASE WHEN l.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(l) END,
+        'subscription', ledger_subscription_json(p_account, p_now),
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Seed 001: on an upgrade, the unused credits of the current subscription lots
+-- move (one TRANSFER) into a carry-over lot that lasts the new period; then the new
+-- plan's credits are granted. A downgrade or a move to an equal rank carries nothing.
+CREATE OR REPLACE FUNCTION ledger_change_subscription_plan(
+    p_account text, p_key text, p_hash bytea, p_plan text, p_start timestamptz, p_end timestamptz,
+    p_external_ref text, p_subscription_ref text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    plan subscription_plans;
+    old_rank int;
+    carried bigint := 0;
+    take bigint;
+    txn bigint;
+    n int := 1;
+    r record;
+    carry lots;
+    l lots;
+BEGIN
+    PERFORM ledger_open_account(p_account, '', p_now);
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'change_subscription_plan', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    plan := ledger_find_plan(p_plan);
+    SELECT sp.rank INTO old_rank
+      FROM subscriptions s JOIN subscription_plans sp ON sp.plan_id = s.plan_id
+     WHERE s.account_id = p_account;
+    IF old_rank IS NOT NULL AND plan.rank > old_rank THEN
+        SELECT coalesce(sum(remaining_micros - held_micros), 0) INTO carried
+          FROM lots
+         WHERE account_id = p_account AND balance_kind = 'main'
+           AND source IN ('subscription', 'subscription_carry_over')
+           AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now);
+    END IF;
+    IF carried > 0 THEN
+        txn := ledger_new_transaction(p_account, 'transfer', carried, p_now,
+                                      p_comment => 'plan upgrade to ' || plan.plan_id
+                                                   || ': unused subscription credits carried over');
+        carry := ledger_add_lot(p_account, txn, 0, carried, 'subscription_carry_over', 'main', p_end,
+                                p_external_ref, NULL, p_now);
+        FOR r IN
+            SELECT lot_id, source, remaining_micros - held_micros AS unused FROM lots
+             WHERE account_id = p_account AND balance_kind = 'main'
+               AND source IN ('subscription', 'subscription_carry_over') AND lot_id <> carry.lot_id
+               AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now)
+             ORDER BY lot_id
+               FOR UPDATE
+        LOOP
+            UPDATE lots SET remaining_micros = remaining_micros - r.unused
+             WHERE account_id = p_account AND lot_id = r.lot_id;
+            PERFORM ledger_post(p_account, txn, n, 'account:main', r.lot_id, r.source, -r.unused,
+                                'carried over to the new period');
+            n := n + 1;
+        END LOOP;
+        UPDATE accounts SET balance_micros = balance_micros - carried WHERE account_id = p_account;
+    END IF;
+    l := ledger_grant_subscription_period(p_account, plan, p_start, p_end, p_external_ref,
+                                          p_subscription_ref, p_now);
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'change_subscription_plan', p_hash, jsonb_build_object(
+        'lot', CASE WHEN l.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(l) END,
+        'carry_over_lot', CASE WHEN carry.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(carry) END,
+        'carried_over_micros', carried,
+        'subscription', ledger_subscription_json(p_account, p_now),
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;

@@ -1,0 +1,135 @@
+-- Named queries for the credit sources: LedgerService account calls, BillingService
+-- and AdminService. Operations that move credits are one call into a function of
+-- sql/functions/0002_sources.sql.
+
+-- name: create_account
+SELECT ledger_create_account(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                             %(referral_code)s::text, %(now)s::timestamptz)
+
+-- name: get_account
+SELECT ledger_get_account(%(account_id)s::text, %(now)s::timestamptz)
+
+-- name: claim_daily_reward
+SELECT ledger_claim_daily_reward(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                 %(now)s::timestamptz)
+
+-- name: redeem
+SELECT ledger_redeem(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(code)s::text,
+                     %(now)s::timestamptz)
+
+-- name: transfer_reward
+SELECT ledger_transfer_reward(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                              %(amount)s::bigint, %(now)s::timestamptz)
+
+-- name: purchase_pack
+SELECT ledger_purchase_pack(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                            %(pack_id)s::text, %(external_ref)s::text, %(now)s::timestamptz)
+
+-- name: quote_recharge
+SELECT ledger_recharge_quote(%(amount_minor)s::bigint, %(currency)s::text)
+
+-- name: recharge
+SELECT ledger_recharge(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                       %(amount_minor)s::bigint, %(currency)s::text, %(external_ref)s::text,
+                       %(now)s::timestamptz)
+
+-- name: start_subscription_period
+SELECT ledger_start_subscription_period(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                        %(plan_id)s::text, %(period_start)s::timestamptz,
+                                        %(period_end)s::timestamptz, %(external_ref)s::text,
+                                        %(subscription_ref)s::text, %(now)s::timestamptz)
+
+-- name: change_subscription_plan
+SELECT ledger_change_subscription_plan(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                       %(plan_id)s::text, %(period_start)s::timestamptz,
+                                       %(period_end)s::timestamptz, %(external_ref)s::text,
+                                       %(subscription_ref)s::text, %(now)s::timestamptz)
+
+-- name: adjust_balance
+SELECT ledger_adjust_balance(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                             %(amount)s::bigint, %(reason)s::text, %(actor)s::text,
+                             %(now)s::timestamptz)
+
+-- name: list_credit_packs
+SELECT pack_id, translation_key, credits_micros, price_minor, currency,
+       coalesce(provider_price_id, ''), active, ledger_micros(created_at), ledger_micros(updated_at)
+  FROM credit_packs
+ WHERE active OR %(include_inactive)s::boolean
+ ORDER BY price_minor, pack_id
+
+-- name: insert_credit_pack
+INSERT INTO credit_packs (pack_id, translation_key, credits_micros, price_minor, currency,
+                          provider_price_id, active, created_at, updated_at, updated_by)
+VALUES (%(pack_id)s, %(translation_key)s, %(credits_micros)s, %(price_minor)s, %(currency)s,
+        nullif(%(provider_price_id)s, ''), %(active)s, %(now)s, %(now)s, %(actor)s)
+ON CONFLICT (pack_id) DO NOTHING
+RETURNING pack_id, translation_key, credits_micros, price_minor, currency,
+          coalesce(provider_price_id, ''), active, ledger_micros(created_at), ledger_micros(updated_at)
+
+-- name: update_credit_pack
+UPDATE credit_packs
+   SET translation_key = %(translation_key)s, credits_micros = %(credits_micros)s,
+       price_minor = %(price_minor)s, currency = %(currency)s,
+       provider_price_id = nullif(%(provider_price_id)s, ''), active = %(active)s,
+       updated_at = %(now)s, updated_by = %(actor)s
+ WHERE pack_id = %(pack_id)s
+RETURNING pack_id, translation_key, credits_micros, price_minor, currency,
+          coalesce(provider_price_id, ''), active, ledger_micros(created_at), ledger_micros(updated_at)
+
+-- name: list_subscription_plans
+SELECT plan_id, translation_key, credits_micros, period_unit, period_count, rank, price_minor,
+       currency, coalesce(provider_price_id, ''), active
+  FROM subscription_plans
+ WHERE active OR %(include_inactive)s::boolean
+ ORDER BY rank, plan_id
+
+-- name: insert_subscription_plan
+INSERT INTO subscription_plans (plan_id, translation_key, credits_micros, period_unit, period_count,
+                                rank, price_minor, currency, provider_price_id, active, created_at,
+                                updated_at, updated_by)
+VALUES (%(plan_id)s, %(translation_key)s, %(credits_micros)s, %(period_unit)s, %(period_count)s,
+        %(rank)s, %(price_minor)s, %(currency)s, nullif(%(provider_price_id)s, ''), %(active)s,
+        %(now)s, %(now)s, %(actor)s)
+ON CONFLICT (plan_id) DO NOTHING
+RETURNING plan_id, translation_key, credits_micros, period_unit, period_count, rank, price_minor,
+          currency, coalesce(provider_price_id, ''), active
+
+-- name: update_subscription_plan
+UPDATE subscription_plans
+   SET translation_key = %(translation_key)s, credits_micros = %(credits_micros)s,
+       period_unit = %(period_unit)s, period_count = %(period_count)s, rank = %(rank)s,
+       price_minor = %(price_minor)s, currency = %(currency)s,
+       provider_price_id = nullif(%(provider_price_id)s, ''), active = %(active)s,
+       updated_at = %(now)s, updated_by = %(actor)s
+ WHERE plan_id = %(plan_id)s
+RETURNING plan_id, translation_key, credits_micros, period_unit, period_count, rank, price_minor,
+          currency, coalesce(provider_price_id, ''), active
+
+-- name: create_redemption_batch
+SELECT ledger_create_redemption_batch(%(key)s::text, %(hash)s::bytea, %(amount)s::bigint, %(count)s::int, %(max_redemptions)s::int,
+                                      %(code_expires_at)s::timestamptz,
+                                      %(credit_lifetime)s::interval, %(note)s::text,
+                                      %(actor)s::text, %(now)s::timestamptz)
+
+-- name: disable_redemption_batch
+SELECT ledger_disable_redemption_batch(%(batch_id)s::uuid, %(actor)s::text, %(reason)s::text,
+                                       %(now)s::timestamptz)
+
+-- name: get_redemption_batch
+SELECT ledger_redemption_batch_json(%(batch_id)s::uuid)
+
+-- name: put_setting
+SELECT ledger_put_setting(%(key)s::text, %(value)s::jsonb, %(source)s::text, %(actor)s::text,
+                          %(reason)s::text, %(now)s::timestamptz, %(over_admin)s::boolean)
+
+-- name: list_settings
+SELECT ledger_setting_json(s) FROM settings s ORDER BY s.key
+
+-- name: list_setting_changes
+SELECT change_id, key, old_value, new_value, source, actor, coalesce(reason, ''),
+       ledger_micros(changed_at)
+  FROM setting_changes
+ WHERE (%(key)s::text IS NULL OR key = %(key)s::text)
+   AND change_id < coalesce(%(before)s::bigint, 9223372036854775807)
+ ORDER BY change_id DESC
+ LIMIT %(limit)s::int
