@@ -22,7 +22,7 @@ TYPECHECK_PATHS := ledger_server workers $(CLIENT_SRC)/ledger_client
 WITH_DB = dbenv="$$($(PY) -m ledger_server.devstack env --no-redis)" && eval "$$dbenv" &&
 
 .PHONY: help venv node_modules proto proto-check buf-lint buf-breaking lint format typecheck \
-	test run audit migrate stop clean distclean
+	test run demo-data audit migrate stop clean distclean
 
 help:
 	@echo "make run          start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate, serve"
@@ -32,6 +32,7 @@ help:
 	@echo "make typecheck    mypy --strict"
 	@echo "make proto        regenerate $(CLIENT_SRC)/ledger from protos/"
 	@echo "make buf-breaking buf breaking against every committed version of protos/"
+	@echo "make demo-data    load the example rate card and catalogue into the running server"
 	@echo "make migrate      apply migrations (DATABASE_URL or embedded)"
 	@echo "make audit        check the ledger invariants over the whole database"
 	@echo "make stop         stop the embedded servers left running under .data/"
@@ -123,6 +124,10 @@ test: lint typecheck
 
 run: $(STAMP)
 	$(PY) -m ledger_server.devstack run
+
+# Loads the example rate card and catalogue (seeds 000-004) into the running `make run`.
+demo-data: $(STAMP)
+	$(PY) -m ledger_server.demo
 
 migrate: $(STAMP)
 	$(WITH_DB) $(PY) -m ledger_server migrate

@@ -23,10 +23,12 @@ def _fill(database_url: str) -> None:
             "SELECT ledger_grant('audited', 'g1', '\\x01', 10000000, 'purchase', NULL, 'main', "
             "'', '', NULL, now())"
         )
-        conn.execute("SELECT ledger_consume('audited', 'c1', '\\x02', 4000000, 'chat', '', now())")
         conn.execute(
-            "SELECT ledger_reserve('audited', 'r1', '\\x03', 1000000, now() + interval '1 hour', "
-            "'chat', '', now())"
+            "SELECT ledger_consume('audited', 'c1', '\\x02', 4000000, NULL, 'chat', '', now())"
+        )
+        conn.execute(
+            "SELECT ledger_reserve('audited', 'r1', '\\x03', 1000000, NULL, "
+            "now() + interval '1 hour', 'chat', '', now())"
         )
 
 

@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from ledger_server.db import migrate as migrations
+from support.ledger import Ledger, new_account
 
 EXPECTED_TABLES = {
     "accounts",
@@ -16,8 +17,10 @@ EXPECTED_TABLES = {
     "idempotency_keys",
     "journal_transactions",
     "lots",
+    "model_multipliers",
     "monthly_allowances",
     "postings",
+    "prices",
     "purchases",
     "redemption_batches",
     "redemption_codes",
@@ -63,6 +66,8 @@ EXPECTED_CONSTRAINTS = {
     "lots_remaining_nonnegative",
     "lots_remaining_within_amount",
     "lots_source_fk",
+    "model_multipliers_model_format",
+    "model_multipliers_nonnegative",
     "monthly_allowances_first_of_month",
     "monthly_allowances_lot_fk",
     "monthly_allowances_once_per_month",
@@ -70,6 +75,11 @@ EXPECTED_CONSTRAINTS = {
     "postings_customer_side_has_lot",
     "postings_lot_fk",
     "postings_transaction_fk",
+    "prices_feature_format",
+    "prices_model_format",
+    "prices_unit_known",
+    "prices_unit_price_nonnegative",
+    "prices_unit_size_positive",
     "purchases_bonus_lot_fk",
     "purchases_kind_known",
     "purchases_lot_fk",
@@ -176,7 +186,8 @@ def test_an_edited_migration_is_refused(fresh_database_url: str) -> None:
         migrations.migrate(fresh_database_url)
 
 
-def test_the_journal_is_append_only(ledger_db_url: str) -> None:
+def test_the_journal_is_append_only(ledger_db_url: str, ledger: Ledger) -> None:
+    ledger.grant(new_account(), 1)  # at least one transaction with postings to try to change
     with psycopg.connect(ledger_db_url) as conn:
         for statement in (
             "UPDATE journal_transactions SET amount_micros = 0 WHERE transaction_id = "

@@ -41,6 +41,9 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE026": (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
     "LE027": (grpc.StatusCode.NOT_FOUND, "SETTING_NOT_FOUND"),
     "LE028": (grpc.StatusCode.NOT_FOUND, "REDEMPTION_BATCH_NOT_FOUND"),
+    "LE029": (grpc.StatusCode.NOT_FOUND, "FEATURE_NOT_FOUND"),
+    "LE030": (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+    "LE031": (grpc.StatusCode.NOT_FOUND, "PRICE_NOT_FOUND"),
 }
 
 # Constraints a request can run into with input that passed validation.

@@ -104,6 +104,8 @@ def reservation(data: Json) -> pb.Reservation:
         feature=data["feature"],
         comment=data["comment"],
         charge_transaction_id=data["charge_transaction_id"],
+        model=data["model"],
+        usage=priced_usage(data["usage"]) if data.get("usage") else None,
         lots=[
             pb.ReservationLot(
                 lot_id=item["lot_id"],
@@ -168,6 +170,8 @@ def transaction(data: Json) -> pb.Transaction:
         comment=data["comment"] or "",
         actor=data["actor"] or "",
         external_ref=data["external_ref"] or "",
+        model=data["model"] or "",
+        usage=priced_usage(data["usage"]) if data.get("usage") else None,
         postings=[
             pb.Posting(
                 ledger_account=p["ledger_account"],
@@ -311,4 +315,53 @@ def setting_change(row: tuple[Any, ...]) -> admin_pb2.SettingChange:
     if old is not None:
         out.old_value.CopyFrom(to_value(old))
     set_timestamp(out.change_time, changed)
+    return out
+
+
+def unit_from_db(unit: str) -> types_pb2.UsageUnit.ValueType:
+    return types_pb2.UsageUnit.Value("USAGE_UNIT_" + unit.upper())
+
+
+def priced_usage(data: Json) -> types_pb2.PricedUsage:
+    return types_pb2.PricedUsage(
+        feature=data["feature"],
+        model=data["model"],
+        cost_micros=data["cost_micros"],
+        lines=[
+            types_pb2.PriceLine(
+                unit=unit_from_db(line["unit"]),
+                quantity=line["quantity"],
+                unit_price_micros=line["unit_price_micros"],
+                unit_size=line["unit_size"],
+                multiplier_ppm=line["multiplier_ppm"],
+                price_version=line["price_version"],
+                multiplier_version=line["multiplier_version"] or "",
+            )
+            for line in data["lines"]
+        ],
+    )
+
+
+def price(data: Json) -> admin_pb2.Price:
+    out = admin_pb2.Price(
+        feature=data["feature"],
+        model=data["model"],
+        unit=unit_from_db(data["unit"]),
+        unit_size=data["unit_size"],
+        unit_price_micros=data["unit_price_micros"],
+        price_version=data["price_version"],
+        updated_by=data["updated_by"],
+    )
+    set_timestamp(out.update_time, data["update_time"])
+    return out
+
+
+def model_multiplier(data: Json) -> admin_pb2.ModelMultiplier:
+    out = admin_pb2.ModelMultiplier(
+        model=data["model"],
+        multiplier_ppm=data["multiplier_ppm"],
+        multiplier_version=data["multiplier_version"],
+        updated_by=data["updated_by"],
+    )
+    set_timestamp(out.update_time, data["update_time"])
     return out

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as ledger_pb
+from ledger.v1 import types_pb2 as types_pb
 from ledger_server.errors import invalid_field
 
 MAX_AMOUNT_MICROS = 10**15  # one billion credits in one request
@@ -164,3 +165,40 @@ def required_text(value: str, field: str, max_length: int = 1024) -> str:
     if not value.strip():
         raise invalid_field(field, "is required")
     return text(value, field, max_length)
+
+
+MAX_QUANTITY = 10**12
+
+
+def usage(
+    value: types_pb.Usage, field: str = "usage", require_feature: bool = True
+) -> dict[str, object]:
+    """A usage description as the ledger functions take it: feature, model, quantities."""
+    if require_feature and not value.feature:
+        raise invalid_field(f"{field}.feature", "must not be empty")
+    code(value.feature, f"{field}.feature")
+    code(value.model, f"{field}.model")
+    if not value.quantities:
+        raise invalid_field(f"{field}.quantities", "must name at least one quantity")
+    quantities: list[dict[str, object]] = []
+    seen: set[int] = set()
+    for i, quantity in enumerate(value.quantities):
+        where = f"{field}.quantities[{i}]"
+        if quantity.unit == types_pb.USAGE_UNIT_UNSPECIFIED or quantity.unit not in (
+            types_pb.UsageUnit.values()
+        ):
+            raise invalid_field(f"{where}.unit", "must be set to a known unit")
+        if quantity.unit in seen:
+            raise invalid_field(f"{where}.unit", "appears twice")
+        seen.add(quantity.unit)
+        if not 0 <= quantity.quantity <= MAX_QUANTITY:
+            raise invalid_field(f"{where}.quantity", f"must be 0 to {MAX_QUANTITY}")
+        quantities.append({"unit": unit_to_db(quantity.unit), "quantity": quantity.quantity})
+    return {"feature": value.feature, "model": value.model, "quantities": quantities}
+
+
+_UNIT_PREFIX = "USAGE_UNIT_"
+
+
+def unit_to_db(unit: types_pb.UsageUnit.ValueType) -> str:
+    return types_pb.UsageUnit.Name(unit).removeprefix(_UNIT_PREFIX).lower()

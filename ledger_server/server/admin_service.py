@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from ledger.v1 import admin_service_pb2 as pb
 from ledger.v1 import admin_service_pb2_grpc
 from ledger.v1 import billing_service_pb2 as billing_pb
+from ledger.v1 import types_pb2 as types_pb
 from ledger_server import runtime_settings
 from ledger_server.clock import Clock
 from ledger_server.errors import LedgerError, invalid_field
@@ -336,3 +337,94 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         if len(rows) > page_size:
             response.next_page_token = page_tokens.encode([rows[page_size - 1][0]], filters)
         return response
+
+    # --- rate card ---------------------------------------------------------------------------
+
+    async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.SetPriceResponse:
+        price = request.price
+        if not price.feature:
+            raise invalid_field("price.feature", "must not be empty")
+        if price.unit == types_pb.USAGE_UNIT_UNSPECIFIED or price.unit not in (
+            types_pb.UsageUnit.values()
+        ):
+            raise invalid_field("price.unit", "must be set to a known unit")
+        if price.unit_size < 0:
+            raise invalid_field("price.unit_size", "must be positive (1 when unset)")
+        params: dict[str, object] = {
+            "feature": validation.code(price.feature, "price.feature"),
+            "model": validation.code(price.model, "price.model"),
+            "unit": validation.unit_to_db(price.unit),
+            "unit_size": price.unit_size or 1,
+            "unit_price_micros": validation.non_negative_amount(
+                price.unit_price_micros, "price.unit_price_micros"
+            ),
+            "active": True,
+            "actor": caller_identity(context),
+            "now": self._clock.now(),
+        }
+        rows = await fetch_all(self._pool, "insert_price", params)
+        return pb.SetPriceResponse(price=mapping.price(rows[0][0]))
+
+    async def RemovePrice(
+        self, request: pb.RemovePriceRequest, context: Context
+    ) -> pb.RemovePriceResponse:
+        key: dict[str, object] = {
+            "feature": validation.code(request.feature, "feature"),
+            "model": validation.code(request.model, "model"),
+            "unit": validation.unit_to_db(request.unit)
+            if request.unit in types_pb.UsageUnit.values()
+            else "",
+        }
+        current = await fetch_all(self._pool, "current_price", key)
+        if not current:
+            raise LedgerError(
+                grpc.StatusCode.NOT_FOUND,
+                "PRICE_NOT_FOUND",
+                "the rate card has no such price",
+                {"feature": request.feature, "model": request.model, "unit": str(key["unit"])},
+            )
+        row = current[0][0]
+        await fetch_all(
+            self._pool,
+            "insert_price",
+            {
+                **key,
+                "unit_size": row["unit_size"],
+                "unit_price_micros": row["unit_price_micros"],
+                "active": False,
+                "actor": caller_identity(context),
+                "now": self._clock.now(),
+            },
+        )
+        return pb.RemovePriceResponse()
+
+    async def ListPrices(
+        self, request: pb.ListPricesRequest, context: Context
+    ) -> pb.ListPricesResponse:
+        rows = await fetch_all(self._pool, "list_prices", {"feature": request.feature or None})
+        return pb.ListPricesResponse(prices=[mapping.price(row[0]) for row in rows])
+
+    async def SetModelMultiplier(
+        self, request: pb.SetModelMultiplierRequest, context: Context
+    ) -> pb.SetModelMultiplierResponse:
+        multiplier = request.multiplier
+        if not multiplier.model:
+            raise invalid_field("multiplier.model", "must not be empty")
+        params: dict[str, object] = {
+            "model": validation.code(multiplier.model, "multiplier.model"),
+            "multiplier_ppm": validation.non_negative_amount(
+                multiplier.multiplier_ppm, "multiplier.multiplier_ppm"
+            ),
+            "actor": caller_identity(context),
+            "now": self._clock.now(),
+        }
+        rows = await fetch_all(self._pool, "insert_multiplier", params)
+        return pb.SetModelMultiplierResponse(multiplier=mapping.model_multiplier(rows[0][0]))
+
+    async def ListModelMultipliers(
+        self, request: pb.ListModelMultipliersRequest, context: Context
+    ) -> pb.ListModelMultipliersResponse:
+        rows = await fetch_all(self._pool, "list_multipliers", {})
+        return pb.ListModelMultipliersResponse(
+            multipliers=[mapping.model_multiplier(row[0]) for row in rows]
+        )

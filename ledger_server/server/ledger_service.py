@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from ledger.v1 import ledger_service_pb2 as pb
@@ -32,6 +33,18 @@ def _balance_kind(value: types_pb2.BalanceKind.ValueType) -> str:
     if value not in types_pb2.BalanceKind.values():
         raise invalid_field("balance_kind", f"unknown balance kind {value}")
     return mapping.balance_kind_to_db(value)
+
+
+def _amount_or_usage(
+    request: pb.ReserveRequest | pb.ConsumeRequest,
+) -> tuple[int | None, Jsonb | None]:
+    """Exactly one of a raw amount and a usage description priced by the rate card."""
+    has_usage = request.HasField("usage")
+    if has_usage == (request.amount_micros != 0):
+        raise invalid_field("amount_micros", "set exactly one of amount_micros and usage")
+    if has_usage:
+        return None, Jsonb(validation.usage(request.usage))
+    return validation.positive_amount(request.amount_micros), None
 
 
 class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
@@ -81,10 +94,12 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         now = self._clock.now()
+        amount, usage = _amount_or_usage(request)
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
-            "amount": validation.positive_amount(request.amount_micros),
+            "amount": amount,
+            "usage": usage,
             "expires_at": now + self._ttl(request),
             "feature": validation.code(request.feature, "feature"),
             "comment": validation.text(request.comment, "comment"),
@@ -99,13 +114,24 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         )
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
-        if not request.HasField("amount_micros"):
-            raise invalid_field("amount_micros", "is required: the actual cost, zero or more")
+        if request.HasField("amount_micros") == request.HasField("usage"):
+            raise invalid_field(
+                "amount_micros", "set exactly one of amount_micros (the actual cost) and usage"
+            )
+        usage = None
+        if request.HasField("usage"):
+            # The feature and model are the reservation's; only quantities are needed.
+            usage = Jsonb(validation.usage(request.usage, require_feature=False))
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "reservation_id": validation.reservation_id(request.reservation_id),
             "key": validation.idempotency_key(request.idempotency_key),
-            "amount": validation.non_negative_amount(request.amount_micros),
+            "amount": (
+                validation.non_negative_amount(request.amount_micros)
+                if request.HasField("amount_micros")
+                else None
+            ),
+            "usage": usage,
             "comment": validation.text(request.comment, "comment"),
             "hash": request_fingerprint("commit", request),
             "now": self._clock.now(),
@@ -160,10 +186,12 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         )
 
     async def Consume(self, request: pb.ConsumeRequest, context: Context) -> pb.ConsumeResponse:
+        amount, usage = _amount_or_usage(request)
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
-            "amount": validation.positive_amount(request.amount_micros),
+            "amount": amount,
+            "usage": usage,
             "feature": validation.code(request.feature, "feature"),
             "comment": validation.text(request.comment, "comment"),
             "hash": request_fingerprint("consume", request),
@@ -359,3 +387,14 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             transaction_id=data["transaction_id"],
             balance=mapping.account_balance(data["balance"]),
         )
+
+    async def Estimate(self, request: pb.EstimateRequest, context: Context) -> pb.EstimateResponse:
+        if not request.HasField("usage"):
+            raise invalid_field("usage", "is required")
+        usage = validation.usage(request.usage)
+        params: dict[str, object] = {
+            "feature": usage["feature"],
+            "model": usage["model"],
+            "quantities": Jsonb(usage["quantities"]),
+        }
+        return pb.EstimateResponse(usage=mapping.priced_usage(await self._call("estimate", params)))

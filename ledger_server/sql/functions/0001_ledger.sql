@@ -14,6 +14,10 @@
 
 -- Signatures that changed: CREATE OR REPLACE would leave the old one beside the new.
 DROP FUNCTION IF EXISTS ledger_take_from_lots(text, uuid, bigint, timestamptz, bigint);
+DROP FUNCTION IF EXISTS ledger_new_transaction(text, text, bigint, timestamptz, uuid, text, text, text, text);
+DROP FUNCTION IF EXISTS ledger_reserve(text, text, bytea, bigint, timestamptz, text, text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_commit(text, uuid, text, bytea, bigint, text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_consume(text, text, bytea, bigint, text, text, timestamptz);
 
 CREATE OR REPLACE FUNCTION ledger_micros(ts timestamptz) RETURNS bigint
 LANGUAGE sql IMMUTABLE AS $$
@@ -71,6 +75,8 @@ LANGUAGE sql STABLE AS $$
         'feature', coalesce(r.feature, ''),
         'comment', coalesce(r.comment, ''),
         'charge_transaction_id', coalesce(r.charge_transaction_id::text, ''),
+        'model', coalesce(r.model, ''),
+        'usage', r.usage,
         'lots', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'lot_id', rl.lot_id::text,
@@ -118,14 +124,29 @@ $$;
 CREATE OR REPLACE FUNCTION ledger_new_transaction(
     p_account text, p_kind text, p_amount bigint, p_now timestamptz,
     p_reservation uuid DEFAULT NULL, p_feature text DEFAULT NULL, p_comment text DEFAULT NULL,
-    p_actor text DEFAULT NULL, p_external_ref text DEFAULT NULL) RETURNS bigint
+    p_actor text DEFAULT NULL, p_external_ref text DEFAULT NULL, p_model text DEFAULT NULL,
+    p_usage jsonb DEFAULT NULL) RETURNS bigint
 LANGUAGE sql AS $$
     INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id, feature,
-                                      comment, actor, external_ref, created_at)
+                                      comment, actor, external_ref, created_at, model, usage)
     VALUES (p_account, p_kind, p_amount, p_reservation, nullif(p_feature, ''),
-            nullif(p_comment, ''), nullif(p_actor, ''), nullif(p_external_ref, ''), p_now)
+            nullif(p_comment, ''), nullif(p_actor, ''), nullif(p_external_ref, ''), p_now,
+            nullif(p_model, ''), p_usage)
     RETURNING transaction_id
 $$;
+
+-- The amount to hold or charge, and its pricing: p_usage ({feature, model,
+-- quantities}) priced by the rate card (or p_snapshot's prices), else p_amount as is.
+CREATE OR REPLACE FUNCTION ledger_priced(p_amount bigint, p_usage jsonb, p_snapshot jsonb DEFAULT NULL)
+    RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_usage IS NULL THEN
+        RETURN jsonb_build_object('cost_micros', p_amount);
+    END IF;
+    RETURN ledger_price_usage(p_usage ->> 'feature', coalesce(p_usage ->> 'model', ''),
+                              p_usage -> 'quantities', p_snapshot);  -- 0003_pricing.sql
+END $$;
 
 CREATE OR REPLACE FUNCTION ledger_post(
     p_account text, p_transaction bigint, p_no int, p_ledger_account text,
@@ -438,30 +459,40 @@ BEGIN
     RETURN ledger_balance_json(a, p_now);
 END $$;
 
+-- With p_usage, the usage is priced by the current rate card, its cost held and the
+-- priced usage kept with the reservation for its Commit.
 CREATE OR REPLACE FUNCTION ledger_reserve(
-    p_account text, p_key text, p_hash bytea, p_amount bigint, p_expires_at timestamptz,
-    p_feature text, p_comment text, p_now timestamptz) RETURNS jsonb
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_usage jsonb,
+    p_expires_at timestamptz, p_feature text, p_comment text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     replay jsonb;
     res uuid := gen_random_uuid();
     txn bigint;
+    priced jsonb;
+    amount bigint;
+    feature text := coalesce(p_usage ->> 'feature', p_feature);
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'reserve', p_hash);
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
-    PERFORM ledger_require_available(a, p_amount);
-    txn := ledger_new_transaction(p_account, 'hold', p_amount, p_now, res, p_feature, p_comment);
+    priced := ledger_priced(p_amount, p_usage);
+    amount := (priced ->> 'cost_micros')::bigint;
+    PERFORM ledger_require_available(a, amount);
+    txn := ledger_new_transaction(p_account, 'hold', amount, p_now, res, feature, p_comment, NULL,
+                                  NULL, p_usage ->> 'model',
+                                  CASE WHEN p_usage IS NULL THEN NULL ELSE priced END);
     INSERT INTO reservations (account_id, reservation_id, status, held_micros, expires_at,
-                              created_at, feature, comment, hold_transaction_id)
-    VALUES (p_account, res, 'pending', p_amount, p_expires_at, p_now, nullif(p_feature, ''),
-            nullif(p_comment, ''), txn);
-    PERFORM ledger_take_from_lots(p_account, res, p_amount, p_now, NULL);
+                              created_at, feature, model, comment, usage, hold_transaction_id)
+    VALUES (p_account, res, 'pending', amount, p_expires_at, p_now, nullif(feature, ''),
+            nullif(p_usage ->> 'model', ''), nullif(p_comment, ''),
+            CASE WHEN p_usage IS NULL THEN NULL ELSE priced END, txn);
+    PERFORM ledger_take_from_lots(p_account, res, amount, p_now, NULL);
     UPDATE accounts
-       SET held_micros = held_micros + p_amount,
+       SET held_micros = held_micros + amount,
            next_maintenance_at = least(next_maintenance_at, p_expires_at)
      WHERE account_id = p_account
     RETURNING * INTO a;
@@ -495,9 +526,11 @@ BEGIN
     RETURN r;
 END $$;
 
+-- With p_usage (the actual usage), the charge is priced at the reservation's prices
+-- when it was made from a usage description, else by the current rate card.
 CREATE OR REPLACE FUNCTION ledger_commit(
     p_account text, p_reservation uuid, p_key text, p_hash bytea, p_amount bigint,
-    p_comment text, p_now timestamptz) RETURNS jsonb
+    p_usage jsonb, p_comment text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
@@ -505,7 +538,10 @@ DECLARE
     h record;
     replay jsonb;
     txn bigint;
-    rest bigint := p_amount;
+    rest bigint;
+    amount bigint;
+    priced jsonb;
+    actual jsonb := p_usage;
     use bigint;
     n int := 0;
     any_lot_expired boolean := false;
@@ -516,13 +552,24 @@ BEGIN
         RETURN replay;
     END IF;
     r := ledger_pending_reservation(p_account, p_reservation);
-    IF p_amount > r.held_micros THEN
+    IF actual IS NOT NULL AND r.usage IS NOT NULL THEN
+        -- The usage is the reservation's feature and model; only the quantities are new.
+        actual := jsonb_build_object('feature', r.usage ->> 'feature', 'model', r.usage ->> 'model',
+                                     'quantities', actual -> 'quantities');
+    END IF;
+    priced := ledger_priced(p_amount, actual, r.usage);
+    amount := (priced ->> 'cost_micros')::bigint;
+    rest := amount;
+    IF amount > r.held_micros THEN
         PERFORM ledger_fail('LE007', 'commit amount exceeds the held amount', jsonb_build_object(
             'reservation_id', p_reservation::text, 'held_micros', r.held_micros,
-            'requested_micros', p_amount));
+            'requested_micros', amount));
     END IF;
-    txn := ledger_new_transaction(p_account, 'charge', -p_amount, p_now, p_reservation, r.feature,
-                                  coalesce(nullif(p_comment, ''), r.comment));
+    txn := ledger_new_transaction(p_account, 'charge', -amount, p_now, p_reservation,
+                                  coalesce(actual ->> 'feature', r.feature),
+                                  coalesce(nullif(p_comment, ''), r.comment), NULL, NULL,
+                                  coalesce(actual ->> 'model', r.model),
+                                  CASE WHEN actual IS NULL THEN r.usage ELSE priced END);
     FOR h IN
         SELECT rl.lot_id, rl.held_micros, l.source, l.expires_at
           FROM reservation_lots rl
@@ -543,13 +590,16 @@ BEGIN
         any_lot_expired := any_lot_expired OR h.expires_at <= p_now;
         rest := rest - use;
     END LOOP;
-    PERFORM ledger_post(p_account, txn, n, 'revenue', NULL, NULL, p_amount);
+    PERFORM ledger_post(p_account, txn, n, 'revenue', NULL, NULL, amount);
     UPDATE reservations
-       SET status = 'committed', committed_micros = p_amount, finalized_at = p_now,
-           charge_transaction_id = txn
+       SET status = 'committed', committed_micros = amount, finalized_at = p_now,
+           charge_transaction_id = txn,
+           usage = CASE WHEN actual IS NULL THEN usage ELSE priced END,
+           feature = coalesce(actual ->> 'feature', feature),
+           model = coalesce(nullif(actual ->> 'model', ''), model)
      WHERE account_id = p_account AND reservation_id = p_reservation;
     UPDATE accounts
-       SET held_micros = held_micros - r.held_micros, balance_micros = balance_micros - p_amount
+       SET held_micros = held_micros - r.held_micros, balance_micros = balance_micros - amount
      WHERE account_id = p_account;
     IF any_lot_expired THEN
         -- The unused part of a hold on a lot that expired meanwhile expires now.
@@ -694,29 +744,37 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger_consume(
-    p_account text, p_key text, p_hash bytea, p_amount bigint, p_feature text, p_comment text,
-    p_now timestamptz) RETURNS jsonb
+    p_account text, p_key text, p_hash bytea, p_amount bigint, p_usage jsonb, p_feature text,
+    p_comment text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     replay jsonb;
     res uuid := gen_random_uuid();
     txn bigint;
+    priced jsonb;
+    amount bigint;
+    usage jsonb;
+    feature text := coalesce(p_usage ->> 'feature', p_feature);
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'consume', p_hash);
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
-    PERFORM ledger_require_available(a, p_amount);
-    txn := ledger_new_transaction(p_account, 'charge', -p_amount, p_now, res, p_feature, p_comment);
+    priced := ledger_priced(p_amount, p_usage);
+    amount := (priced ->> 'cost_micros')::bigint;
+    usage := CASE WHEN p_usage IS NULL THEN NULL ELSE priced END;
+    PERFORM ledger_require_available(a, amount);
+    txn := ledger_new_transaction(p_account, 'charge', -amount, p_now, res, feature, p_comment,
+                                  NULL, NULL, p_usage ->> 'model', usage);
     INSERT INTO reservations (account_id, reservation_id, status, held_micros, committed_micros,
-                              expires_at, created_at, finalized_at, feature, comment,
+                              expires_at, created_at, finalized_at, feature, model, comment, usage,
                               charge_transaction_id)
-    VALUES (p_account, res, 'committed', p_amount, p_amount, p_now, p_now, p_now,
-            nullif(p_feature, ''), nullif(p_comment, ''), txn);
-    PERFORM ledger_take_from_lots(p_account, res, p_amount, p_now, txn);
-    UPDATE accounts SET balance_micros = balance_micros - p_amount
+    VALUES (p_account, res, 'committed', amount, amount, p_now, p_now, p_now,
+            nullif(feature, ''), nullif(p_usage ->> 'model', ''), nullif(p_comment, ''), usage, txn);
+    PERFORM ledger_take_from_lots(p_account, res, amount, p_now, txn);
+    UPDATE accounts SET balance_micros = balance_micros - amount
      WHERE account_id = p_account
     RETURNING * INTO a;
     RETURN ledger_idempotent_store(p_account, p_key, 'consume', p_hash, jsonb_build_object(

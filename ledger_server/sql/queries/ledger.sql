@@ -11,12 +11,13 @@ SELECT ledger_balance(%(account_id)s::text, %(now)s::timestamptz)
 
 -- name: reserve
 SELECT ledger_reserve(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(amount)s::bigint,
-                      %(expires_at)s::timestamptz, %(feature)s::text, %(comment)s::text,
+                      %(usage)s::jsonb, %(expires_at)s::timestamptz, %(feature)s::text, %(comment)s::text,
                       %(now)s::timestamptz)
 
 -- name: commit
 SELECT ledger_commit(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::text,
-                     %(hash)s::bytea, %(amount)s::bigint, %(comment)s::text, %(now)s::timestamptz)
+                     %(hash)s::bytea, %(amount)s::bigint, %(usage)s::jsonb, %(comment)s::text,
+                     %(now)s::timestamptz)
 
 -- name: release
 SELECT ledger_release(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::text,
@@ -28,7 +29,7 @@ SELECT ledger_refund(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::te
 
 -- name: consume
 SELECT ledger_consume(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(amount)s::bigint,
-                      %(feature)s::text, %(comment)s::text, %(now)s::timestamptz)
+                      %(usage)s::jsonb, %(feature)s::text, %(comment)s::text, %(now)s::timestamptz)
 
 -- name: get_reservation
 SELECT ledger_get_reservation(%(account_id)s::text, %(reservation_id)s::uuid, %(now)s::timestamptz)
@@ -62,6 +63,8 @@ SELECT jsonb_build_object(
            'amount_micros', t.amount_micros,
            'reservation_id', t.reservation_id::text,
            'feature', t.feature,
+           'model', t.model,
+           'usage', t.usage,
            'comment', t.comment,
            'actor', t.actor,
            'external_ref', t.external_ref,
@@ -88,3 +91,6 @@ SELECT jsonb_build_object(
    AND (%(feature)s::text IS NULL OR t.feature = %(feature)s::text)
  ORDER BY t.transaction_id DESC
  LIMIT %(limit)s::int
+
+-- name: estimate
+SELECT ledger_price_usage(%(feature)s::text, %(model)s::text, %(quantities)s::jsonb, NULL)

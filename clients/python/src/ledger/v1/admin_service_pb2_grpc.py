@@ -102,6 +102,31 @@ class AdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListSettingChangesRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListSettingChangesResponse.FromString,
                 _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/ledger.v1.AdminService/SetPrice',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetPriceResponse.FromString,
+                _registered_method=True)
+        self.RemovePrice = channel.unary_unary(
+                '/ledger.v1.AdminService/RemovePrice',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.RemovePriceRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.RemovePriceResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/ledger.v1.AdminService/ListPrices',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
+        self.SetModelMultiplier = channel.unary_unary(
+                '/ledger.v1.AdminService/SetModelMultiplier',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierResponse.FromString,
+                _registered_method=True)
+        self.ListModelMultipliers = channel.unary_unary(
+                '/ledger.v1.AdminService/ListModelMultipliers',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -198,6 +223,41 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPrice(self, request, context):
+        """Sets the price of a feature (optionally for one model) per unit: a new version of
+        the entry; reservations keep the version they were made with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePrice(self, request, context):
+        """Withdraws a price (the feature, model and unit then have no price).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
+        """The current rate card.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelMultiplier(self, request, context):
+        """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModelMultipliers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +325,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSettingChanges,
                     request_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListSettingChangesRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_admin__service__pb2.ListSettingChangesResponse.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetPriceRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.SetPriceResponse.SerializeToString,
+            ),
+            'RemovePrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePrice,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.RemovePriceRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.RemovePriceResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListPricesRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.ListPricesResponse.SerializeToString,
+            ),
+            'SetModelMultiplier': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelMultiplier,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierResponse.SerializeToString,
+            ),
+            'ListModelMultipliers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModelMultipliers,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +706,141 @@ class AdminService:
             '/ledger.v1.AdminService/ListSettingChanges',
             ledger_dot_v1_dot_admin__service__pb2.ListSettingChangesRequest.SerializeToString,
             ledger_dot_v1_dot_admin__service__pb2.ListSettingChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/SetPrice',
+            ledger_dot_v1_dot_admin__service__pb2.SetPriceRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.SetPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/RemovePrice',
+            ledger_dot_v1_dot_admin__service__pb2.RemovePriceRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.RemovePriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/ListPrices',
+            ledger_dot_v1_dot_admin__service__pb2.ListPricesRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.ListPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelMultiplier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/SetModelMultiplier',
+            ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModelMultipliers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/ListModelMultipliers',
+            ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersResponse.FromString,
             options,
             channel_credentials,
             insecure,

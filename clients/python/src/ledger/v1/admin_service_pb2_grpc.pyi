@@ -60,6 +60,17 @@ class AdminServiceStub:
     """
     ListSettingChanges: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSettingChangesRequest, _admin_service_pb2.ListSettingChangesResponse]
     """The audit trail of setting changes, newest first."""
+    SetPrice: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetPriceRequest, _admin_service_pb2.SetPriceResponse]
+    """Sets the price of a feature (optionally for one model) per unit: a new version of
+    the entry; reservations keep the version they were made with.
+    """
+    RemovePrice: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemovePriceRequest, _admin_service_pb2.RemovePriceResponse]
+    """Withdraws a price (the feature, model and unit then have no price)."""
+    ListPrices: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]
+    """The current rate card."""
+    SetModelMultiplier: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]
+    """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
+    ListModelMultipliers: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListModelMultipliersRequest, _admin_service_pb2.ListModelMultipliersResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -93,6 +104,17 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSettingChanges: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSettingChangesRequest, _admin_service_pb2.ListSettingChangesResponse]  # type: ignore[assignment]
     """The audit trail of setting changes, newest first."""
+    SetPrice: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetPriceRequest, _admin_service_pb2.SetPriceResponse]  # type: ignore[assignment]
+    """Sets the price of a feature (optionally for one model) per unit: a new version of
+    the entry; reservations keep the version they were made with.
+    """
+    RemovePrice: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemovePriceRequest, _admin_service_pb2.RemovePriceResponse]  # type: ignore[assignment]
+    """Withdraws a price (the feature, model and unit then have no price)."""
+    ListPrices: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]  # type: ignore[assignment]
+    """The current rate card."""
+    SetModelMultiplier: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]  # type: ignore[assignment]
+    """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
+    ListModelMultipliers: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListModelMultipliersRequest, _admin_service_pb2.ListModelMultipliersResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operations for administrators, kept in their own service so they can be
@@ -201,5 +223,46 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListSettingChangesResponse, _abc.Awaitable[_admin_service_pb2.ListSettingChangesResponse]]:
         """The audit trail of setting changes, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetPrice(
+        self,
+        request: _admin_service_pb2.SetPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetPriceResponse, _abc.Awaitable[_admin_service_pb2.SetPriceResponse]]:
+        """Sets the price of a feature (optionally for one model) per unit: a new version of
+        the entry; reservations keep the version they were made with.
+        """
+
+    @_abc_1.abstractmethod
+    def RemovePrice(
+        self,
+        request: _admin_service_pb2.RemovePriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RemovePriceResponse, _abc.Awaitable[_admin_service_pb2.RemovePriceResponse]]:
+        """Withdraws a price (the feature, model and unit then have no price)."""
+
+    @_abc_1.abstractmethod
+    def ListPrices(
+        self,
+        request: _admin_service_pb2.ListPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListPricesResponse, _abc.Awaitable[_admin_service_pb2.ListPricesResponse]]:
+        """The current rate card."""
+
+    @_abc_1.abstractmethod
+    def SetModelMultiplier(
+        self,
+        request: _admin_service_pb2.SetModelMultiplierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetModelMultiplierResponse, _abc.Awaitable[_admin_service_pb2.SetModelMultiplierResponse]]:
+        """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
+
+    @_abc_1.abstractmethod
+    def ListModelMultipliers(
+        self,
+        request: _admin_service_pb2.ListModelMultipliersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListModelMultipliersResponse, _abc.Awaitable[_admin_service_pb2.ListModelMultipliersResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -97,6 +97,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND. metadata: setting."""
     ERROR_REASON_REDEMPTION_BATCH_NOT_FOUND: _ErrorReason.ValueType  # 30
     """NOT_FOUND. metadata: batch_id."""
+    ERROR_REASON_FEATURE_NOT_FOUND: _ErrorReason.ValueType  # 31
+    """NOT_FOUND: the rate card has no price for the feature. metadata: feature."""
+    ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 32
+    """NOT_FOUND: the feature has no price for this model and the model no multiplier.
+    metadata: feature, model.
+    """
+    ERROR_REASON_PRICE_NOT_FOUND: _ErrorReason.ValueType  # 33
+    """NOT_FOUND: the feature (or the reservation's prices) has no price per this unit.
+    metadata: feature, model, unit.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -179,4 +189,14 @@ ERROR_REASON_SETTING_NOT_FOUND: ErrorReason.ValueType  # 29
 """NOT_FOUND. metadata: setting."""
 ERROR_REASON_REDEMPTION_BATCH_NOT_FOUND: ErrorReason.ValueType  # 30
 """NOT_FOUND. metadata: batch_id."""
+ERROR_REASON_FEATURE_NOT_FOUND: ErrorReason.ValueType  # 31
+"""NOT_FOUND: the rate card has no price for the feature. metadata: feature."""
+ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 32
+"""NOT_FOUND: the feature has no price for this model and the model no multiplier.
+metadata: feature, model.
+"""
+ERROR_REASON_PRICE_NOT_FOUND: ErrorReason.ValueType  # 33
+"""NOT_FOUND: the feature (or the reservation's prices) has no price per this unit.
+metadata: feature, model, unit.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -185,6 +185,8 @@ class Reservation(_message.Message):
     COMMENT_FIELD_NUMBER: _builtins.int
     LOTS_FIELD_NUMBER: _builtins.int
     CHARGE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     account_id: _builtins.str
     status: Global___ReservationStatus.ValueType
@@ -196,6 +198,7 @@ class Reservation(_message.Message):
     comment: _builtins.str
     charge_transaction_id: _builtins.str
     """The CHARGE transaction, once committed."""
+    model: _builtins.str
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -206,6 +209,13 @@ class Reservation(_message.Message):
 
     @_builtins.property
     def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReservationLot]: ...
+    @_builtins.property
+    def usage(self) -> _types_pb2.PricedUsage:
+        """For a reservation made from a usage description: the usage and the prices it
+        was held at. Its Commit is priced at these same prices, whatever the rate card
+        says by then; once committed with actual usage, that usage.
+        """
+
     def __init__(
         self,
         *,
@@ -222,10 +232,12 @@ class Reservation(_message.Message):
         comment: _builtins.str = ...,
         lots: _abc.Iterable[Global___ReservationLot] | None = ...,
         charge_transaction_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        usage: _types_pb2.PricedUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "finalized_at", b"finalized_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "finalized_at", b"finalized_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "charge_transaction_id", b"charge_transaction_id", "comment", b"comment", "committed_micros", b"committed_micros", "created_at", b"created_at", "expires_at", b"expires_at", "feature", b"feature", "finalized_at", b"finalized_at", "held_micros", b"held_micros", "lots", b"lots", "refunded_micros", b"refunded_micros", "reservation_id", b"reservation_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "charge_transaction_id", b"charge_transaction_id", "comment", b"comment", "committed_micros", b"committed_micros", "created_at", b"created_at", "expires_at", b"expires_at", "feature", b"feature", "finalized_at", b"finalized_at", "held_micros", b"held_micros", "lots", b"lots", "model", b"model", "refunded_micros", b"refunded_micros", "reservation_id", b"reservation_id", "status", b"status", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,6 +297,8 @@ class Transaction(_message.Message):
     EXTERNAL_REF_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     POSTINGS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     account_id: _builtins.str
     kind: Global___TransactionKind.ValueType
@@ -299,10 +313,15 @@ class Transaction(_message.Message):
     actor: _builtins.str
     """Who caused it: the calling service or the acting administrator."""
     external_ref: _builtins.str
+    model: _builtins.str
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]: ...
+    @_builtins.property
+    def usage(self) -> _types_pb2.PricedUsage:
+        """For a charge priced by the rate card: units, unit prices and price versions."""
+
     def __init__(
         self,
         *,
@@ -318,10 +337,12 @@ class Transaction(_message.Message):
         external_ref: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         postings: _abc.Iterable[Global___Posting] | None = ...,
+        model: _builtins.str = ...,
+        usage: _types_pb2.PricedUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor", b"actor", "amount_micros", b"amount_micros", "comment", b"comment", "create_time", b"create_time", "external_ref", b"external_ref", "feature", b"feature", "kind", b"kind", "postings", b"postings", "reservation_id", b"reservation_id", "status", b"status", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor", b"actor", "amount_micros", b"amount_micros", "comment", b"comment", "create_time", b"create_time", "external_ref", b"external_ref", "feature", b"feature", "kind", b"kind", "model", b"model", "postings", b"postings", "reservation_id", b"reservation_id", "status", b"status", "transaction_id", b"transaction_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,16 +496,23 @@ class ReserveRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     idempotency_key: _builtins.str
     amount_micros: _builtins.int
-    """Credits to hold. Must be positive."""
+    """Credits to hold. Must be positive. Set exactly one of amount_micros and usage."""
     feature: _builtins.str
     """The feature or model code the credits are for."""
     comment: _builtins.str
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the hold lasts before it is returned; the server's default when unset."""
+
+    @_builtins.property
+    def usage(self) -> _types_pb2.Usage:
+        """The expected usage (for example the maximum tokens), priced by the rate card:
+        its cost is held. feature is then usage.feature.
+        """
 
     def __init__(
         self,
@@ -495,10 +523,11 @@ class ReserveRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         feature: _builtins.str = ...,
         comment: _builtins.str = ...,
+        usage: _types_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "comment", b"comment", "feature", b"feature", "idempotency_key", b"idempotency_key", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "comment", b"comment", "feature", b"feature", "idempotency_key", b"idempotency_key", "ttl", b"ttl", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,12 +566,21 @@ class CommitRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     reservation_id: _builtins.str
     idempotency_key: _builtins.str
     amount_micros: _builtins.int
-    """The actual cost, at most the held amount; zero is allowed. Required."""
+    """The actual cost, at most the held amount; zero is allowed. Set exactly one of
+    amount_micros and usage.
+    """
     comment: _builtins.str
+    @_builtins.property
+    def usage(self) -> _types_pb2.Usage:
+        """The actual usage, priced at the reservation's prices (a reservation made with a
+        usage description) or the current rate card (one made with an amount).
+        """
+
     def __init__(
         self,
         *,
@@ -551,10 +589,11 @@ class CommitRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         amount_micros: _builtins.int | None = ...,
         comment: _builtins.str = ...,
+        usage: _types_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "amount_micros", b"amount_micros"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "amount_micros", b"amount_micros", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "account_id", b"account_id", "amount_micros", b"amount_micros", "comment", b"comment", "idempotency_key", b"idempotency_key", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros", "account_id", b"account_id", "amount_micros", b"amount_micros", "comment", b"comment", "idempotency_key", b"idempotency_key", "reservation_id", b"reservation_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__amount_micros: _TypeAlias = _typing.Literal["amount_micros"]  # noqa: Y015
     _WhichOneofArgType__amount_micros: _TypeAlias = _typing.Literal["_amount_micros", b"_amount_micros"]  # noqa: Y015
@@ -719,12 +758,17 @@ class ConsumeRequest(_message.Message):
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     idempotency_key: _builtins.str
     amount_micros: _builtins.int
-    """Credits to charge. Must be positive."""
+    """Credits to charge. Must be positive. Set exactly one of amount_micros and usage."""
     feature: _builtins.str
     comment: _builtins.str
+    @_builtins.property
+    def usage(self) -> _types_pb2.Usage:
+        """The usage, priced by the current rate card; zero-priced usage is recorded too."""
+
     def __init__(
         self,
         *,
@@ -733,10 +777,11 @@ class ConsumeRequest(_message.Message):
         amount_micros: _builtins.int = ...,
         feature: _builtins.str = ...,
         comment: _builtins.str = ...,
+        usage: _types_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "comment", b"comment", "feature", b"feature", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "comment", b"comment", "feature", b"feature", "idempotency_key", b"idempotency_key", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1195,3 +1240,43 @@ class TransferRewardResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransferRewardResponse: _TypeAlias = TransferRewardResponse  # noqa: Y015
+
+@_typing.final
+class EstimateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usage(self) -> _types_pb2.Usage: ...
+    def __init__(
+        self,
+        *,
+        usage: _types_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateRequest: _TypeAlias = EstimateRequest  # noqa: Y015
+
+@_typing.final
+class EstimateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usage(self) -> _types_pb2.PricedUsage: ...
+    def __init__(
+        self,
+        *,
+        usage: _types_pb2.PricedUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateResponse: _TypeAlias = EstimateResponse  # noqa: Y015

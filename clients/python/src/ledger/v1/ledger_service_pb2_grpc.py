@@ -115,6 +115,11 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardResponse.FromString,
                 _registered_method=True)
+        self.Estimate = channel.unary_unary(
+                '/ledger.v1.LedgerService/Estimate',
+                request_serializer=ledger_dot_v1_dot_ledger__service__pb2.EstimateRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__service__pb2.EstimateResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -234,6 +239,13 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Estimate(self, request, context):
+        """What a described usage would cost now, with the breakdown; changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +323,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.TransferReward,
                     request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__service__pb2.TransferRewardResponse.SerializeToString,
+            ),
+            'Estimate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Estimate,
+                    request_deserializer=ledger_dot_v1_dot_ledger__service__pb2.EstimateRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__service__pb2.EstimateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -724,6 +741,33 @@ class LedgerService:
             '/ledger.v1.LedgerService/TransferReward',
             ledger_dot_v1_dot_ledger__service__pb2.TransferRewardRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__service__pb2.TransferRewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Estimate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/Estimate',
+            ledger_dot_v1_dot_ledger__service__pb2.EstimateRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__service__pb2.EstimateResponse.FromString,
             options,
             channel_credentials,
             insecure,

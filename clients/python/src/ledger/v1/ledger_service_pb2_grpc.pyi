@@ -73,6 +73,8 @@ class LedgerServiceStub:
     """Redeems a redemption code: each account may redeem a given code once."""
     TransferReward: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.TransferRewardRequest, _ledger_service_pb2.TransferRewardResponse]
     """Moves referral rewards from the reward balance into the main balance."""
+    Estimate: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.EstimateRequest, _ledger_service_pb2.EstimateResponse]
+    """What a described usage would cost now, with the breakdown; changes nothing."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -119,6 +121,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Redeems a redemption code: each account may redeem a given code once."""
     TransferReward: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.TransferRewardRequest, _ledger_service_pb2.TransferRewardResponse]  # type: ignore[assignment]
     """Moves referral rewards from the reward balance into the main balance."""
+    Estimate: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.EstimateRequest, _ledger_service_pb2.EstimateResponse]  # type: ignore[assignment]
+    """What a described usage would cost now, with the breakdown; changes nothing."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The spending and granting API used by product services.
@@ -252,5 +256,13 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_service_pb2.TransferRewardResponse, _abc.Awaitable[_ledger_service_pb2.TransferRewardResponse]]:
         """Moves referral rewards from the reward balance into the main balance."""
+
+    @_abc_1.abstractmethod
+    def Estimate(
+        self,
+        request: _ledger_service_pb2.EstimateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.EstimateResponse, _abc.Awaitable[_ledger_service_pb2.EstimateResponse]]:
+        """What a described usage would cost now, with the breakdown; changes nothing."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

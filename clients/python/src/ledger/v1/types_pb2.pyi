@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -107,6 +109,36 @@ BALANCE_KIND_MAIN: BalanceKind.ValueType  # 1
 BALANCE_KIND_REWARD: BalanceKind.ValueType  # 2
 """Referral rewards; spendable only after a transfer to main."""
 Global___BalanceKind: _TypeAlias = BalanceKind  # noqa: Y015
+
+class _UsageUnit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageUnit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_UNIT_UNSPECIFIED: _UsageUnit.ValueType  # 0
+    USAGE_UNIT_INPUT_TOKENS: _UsageUnit.ValueType  # 1
+    USAGE_UNIT_OUTPUT_TOKENS: _UsageUnit.ValueType  # 2
+    USAGE_UNIT_TOKENS: _UsageUnit.ValueType  # 3
+    """Tokens without an input/output split."""
+    USAGE_UNIT_IMAGES: _UsageUnit.ValueType  # 4
+    USAGE_UNIT_GENERATIONS: _UsageUnit.ValueType  # 5
+    USAGE_UNIT_VIDEO_SECONDS: _UsageUnit.ValueType  # 6
+    USAGE_UNIT_WORKFLOW_RUNS: _UsageUnit.ValueType  # 7
+
+class UsageUnit(_UsageUnit, metaclass=_UsageUnitEnumTypeWrapper):
+    """What usage is counted in."""
+
+USAGE_UNIT_UNSPECIFIED: UsageUnit.ValueType  # 0
+USAGE_UNIT_INPUT_TOKENS: UsageUnit.ValueType  # 1
+USAGE_UNIT_OUTPUT_TOKENS: UsageUnit.ValueType  # 2
+USAGE_UNIT_TOKENS: UsageUnit.ValueType  # 3
+"""Tokens without an input/output split."""
+USAGE_UNIT_IMAGES: UsageUnit.ValueType  # 4
+USAGE_UNIT_GENERATIONS: UsageUnit.ValueType  # 5
+USAGE_UNIT_VIDEO_SECONDS: UsageUnit.ValueType  # 6
+USAGE_UNIT_WORKFLOW_RUNS: UsageUnit.ValueType  # 7
+Global___UsageUnit: _TypeAlias = UsageUnit  # noqa: Y015
 
 @_typing.final
 class AccountBalance(_message.Message):
@@ -293,3 +325,131 @@ class Subscription(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class UsageQuantity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    unit: Global___UsageUnit.ValueType
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        unit: Global___UsageUnit.ValueType = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quantity", b"quantity", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageQuantity: _TypeAlias = UsageQuantity  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    """A described use of a feature, priced by the rate card."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    QUANTITIES_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """The feature, action or workflow, e.g. "chat", "image.generate", "workflow"."""
+    model: _builtins.str
+    """The model or workflow template, e.g. "gpt-image-1.5-all"; may be empty."""
+    @_builtins.property
+    def quantities(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageQuantity]: ...
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        model: _builtins.str = ...,
+        quantities: _abc.Iterable[Global___UsageQuantity] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "model", b"model", "quantities", b"quantities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class PriceLine(_message.Message):
+    """One priced quantity: cost = quantity x unit_price_micros x multiplier / unit_size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_MICROS_FIELD_NUMBER: _builtins.int
+    UNIT_SIZE_FIELD_NUMBER: _builtins.int
+    MULTIPLIER_PPM_FIELD_NUMBER: _builtins.int
+    PRICE_VERSION_FIELD_NUMBER: _builtins.int
+    MULTIPLIER_VERSION_FIELD_NUMBER: _builtins.int
+    unit: Global___UsageUnit.ValueType
+    quantity: _builtins.int
+    unit_price_micros: _builtins.int
+    unit_size: _builtins.int
+    """The price is per this many units (1000 for "per 1K tokens")."""
+    multiplier_ppm: _builtins.int
+    """Model multiplier in millionths (1,000,000 = x1)."""
+    price_version: _builtins.str
+    """The rate card entry (its version) the price came from."""
+    multiplier_version: _builtins.str
+    """The model multiplier entry applied, if any."""
+    def __init__(
+        self,
+        *,
+        unit: Global___UsageUnit.ValueType = ...,
+        quantity: _builtins.int = ...,
+        unit_price_micros: _builtins.int = ...,
+        unit_size: _builtins.int = ...,
+        multiplier_ppm: _builtins.int = ...,
+        price_version: _builtins.str = ...,
+        multiplier_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["multiplier_ppm", b"multiplier_ppm", "multiplier_version", b"multiplier_version", "price_version", b"price_version", "quantity", b"quantity", "unit", b"unit", "unit_price_micros", b"unit_price_micros", "unit_size", b"unit_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriceLine: _TypeAlias = PriceLine  # noqa: Y015
+
+@_typing.final
+class PricedUsage(_message.Message):
+    """Usage with the prices it was charged (or held) at. The total is the exact sum of
+    the lines, rounded up once to a whole micro-credit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    model: _builtins.str
+    cost_micros: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceLine]: ...
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        model: _builtins.str = ...,
+        lines: _abc.Iterable[Global___PriceLine] | None = ...,
+        cost_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "feature", b"feature", "lines", b"lines", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PricedUsage: _TypeAlias = PricedUsage  # noqa: Y015

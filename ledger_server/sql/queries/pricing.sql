@@ -1,0 +1,28 @@
+-- Named queries of the rate card (AdminService). A change is a new row: prices and
+-- multipliers are versioned, never updated.
+
+-- name: insert_price
+INSERT INTO prices (feature, model, unit, unit_size, unit_price_micros, active, created_by, created_at)
+VALUES (%(feature)s, %(model)s, %(unit)s, %(unit_size)s, %(unit_price_micros)s, %(active)s,
+        %(actor)s, %(now)s)
+RETURNING ledger_price_json(prices)
+
+-- name: current_price
+SELECT ledger_price_json(p) FROM ledger_current_price(%(feature)s, %(model)s, %(unit)s) p
+ WHERE p.price_version IS NOT NULL
+
+-- name: list_prices
+SELECT ledger_price_json(p) FROM ledger_rate_card() p
+ WHERE %(feature)s::text IS NULL OR p.feature = %(feature)s::text
+ ORDER BY p.feature, p.model, p.unit
+
+-- name: insert_multiplier
+INSERT INTO model_multipliers (model, multiplier_ppm, created_by, created_at)
+VALUES (%(model)s, %(multiplier_ppm)s, %(actor)s, %(now)s)
+RETURNING ledger_multiplier_json(model_multipliers)
+
+-- name: list_multipliers
+SELECT ledger_multiplier_json(m)
+  FROM (SELECT DISTINCT ON (model) * FROM model_multipliers
+         ORDER BY model, multiplier_version DESC) m
+ ORDER BY m.model

@@ -1,0 +1,385 @@
+"""Pricing by the rate card (issue 4): callers describe usage, the ledger prices it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import uuid
+from fractions import Fraction
+from typing import Any
+
+import grpc
+import pytest
+
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import types_pb2 as t
+from ledger_server.demo.__main__ import load as load_demo
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+def _feature(name: str) -> str:
+    """Feature codes of their own: the test database is shared."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def _usage(feature: str, model: str = "", **quantities: int) -> t.Usage:
+    return t.Usage(
+        feature=feature,
+        model=model,
+        quantities=[
+            t.UsageQuantity(unit=t.UsageUnit.Value(f"USAGE_UNIT_{unit.upper()}"), quantity=q)
+            for unit, q in quantities.items()
+        ],
+    )
+
+
+def _set_price(
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    feature: str,
+    unit: str,
+    micros: int,
+    model: str = "",
+    unit_size: int = 1,
+) -> admin_pb.Price:
+    return admin.SetPrice(
+        admin_pb.SetPriceRequest(
+            price=admin_pb.Price(
+                feature=feature,
+                model=model,
+                unit=t.UsageUnit.Value(f"USAGE_UNIT_{unit.upper()}"),
+                unit_size=unit_size,
+                unit_price_micros=micros,
+            )
+        )
+    ).price
+
+
+def _consume(ledger: Ledger, account: str, usage: t.Usage) -> pb.ConsumeResponse:
+    return ledger.stub.Consume(
+        pb.ConsumeRequest(account_id=account, idempotency_key=new_key(), usage=usage)
+    )
+
+
+def test_seed_004_action_matrix(ledger: Ledger, admin: Any, assert_audit_clean: Any) -> None:
+    text_to_image, erase, upscale = _feature("t2i"), _feature("erase"), _feature("upscale")
+    _set_price(admin, text_to_image, "generations", 8 * CREDIT)
+    _set_price(admin, erase, "generations", 7 * CREDIT)
+    _set_price(admin, upscale, "generations", 0)
+    account = new_account()
+    ledger.grant(account, 1500)
+
+    assert _consume(
+        ledger, account, _usage(text_to_image, generations=1)
+    ).balance.balance_micros == (1492 * CREDIT)
+    assert _consume(ledger, account, _usage(erase, generations=1)).balance.balance_micros == (
+        1485 * CREDIT
+    )
+    free = _consume(ledger, account, _usage(upscale, generations=1))
+    assert free.balance.balance_micros == 1485 * CREDIT
+    assert free.reservation.committed_micros == 0
+
+    log = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert [(e.feature, e.amount_micros) for e in log] == [
+        (upscale, 0),
+        (erase, -7 * CREDIT),
+        (text_to_image, -8 * CREDIT),
+    ]
+    assert log[0].status == pb.TRANSACTION_STATUS_SUCCEEDED
+    assert log[0].usage.lines[0].unit_price_micros == 0
+    assert_audit_clean()
+
+
+def test_a_zero_priced_action_runs_even_at_zero_balance(ledger: Ledger, admin: Any) -> None:
+    upscale = _feature("upscale")
+    _set_price(admin, upscale, "generations", 0)
+    account = new_account()
+    ledger.grant(account, 1)
+    ledger.consume(account, CREDIT)
+    assert _consume(ledger, account, _usage(upscale, generations=3)).balance.balance_micros == 0
+
+
+def _hand_priced(input_tokens: int, output_tokens: int) -> int:
+    """0.5 credit per 1K input tokens, 1.5 per 1K output tokens, model x2.5, rounded up
+    once per call to a whole micro-credit."""
+    exact = (
+        Fraction(input_tokens * 500_000, 1000) + Fraction(output_tokens * 1_500_000, 1000)
+    ) * Fraction(5, 2)
+    return math.ceil(exact)
+
+
+@pytest.mark.slow
+def test_token_pricing_is_exact_over_ten_thousand_calls(
+    ledger: Ledger, admin: Any, server_address: str, assert_audit_clean: Any
+) -> None:
+    chat, model = _feature("chat"), f"pro-{uuid.uuid4().hex[:8]}"
+    _set_price(admin, chat, "input_tokens", 500_000, unit_size=1000)
+    _set_price(admin, chat, "output_tokens", 1_500_000, unit_size=1000)
+    admin.SetModelMultiplier(
+        admin_pb.SetModelMultiplierRequest(
+            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=2_500_000)
+        )
+    )
+    # One call, checked by hand: 1234 in, 567 out -> (617 000 + 850 500) x 2.5 = 3 668 750.
+    assert _hand_priced(1234, 567) == 3_668_750
+    estimate = ledger.stub.Estimate(
+        pb.EstimateRequest(usage=_usage(chat, model, input_tokens=1234, output_tokens=567))
+    ).usage
+    assert estimate.cost_micros == 3_668_750
+    assert [line.multiplier_ppm for line in estimate.lines] == [2_500_000, 2_500_000]
+
+    rng = random.Random(4)
+    calls = [(rng.randint(0, 9999), rng.randint(0, 4999)) for _ in range(10_000)]
+    expected = [_hand_priced(i, o) for i, o in calls]
+    assert len({cost % 1000 for cost in expected}) > 1  # the calls do round differently
+    accounts = [new_account("tokens") for _ in range(8)]
+    for account in accounts:
+        ledger.grant(account, 1_000_000)
+
+    async def run() -> list[int]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            semaphore = asyncio.Semaphore(32)
+
+            async def one(n: int, tokens: tuple[int, int]) -> int:
+                async with semaphore:
+                    response = await stub.Consume(
+                        pb.ConsumeRequest(
+                            account_id=accounts[n % len(accounts)],
+                            idempotency_key=f"tokens-{n}",
+                            usage=_usage(
+                                chat, model, input_tokens=tokens[0], output_tokens=tokens[1]
+                            ),
+                        )
+                    )
+                    return int(response.reservation.committed_micros)
+
+            return await asyncio.gather(*(one(n, tokens) for n, tokens in enumerate(calls)))
+
+    charged = asyncio.run(run())
+    assert charged == expected
+    spent = sum(1_000_000 * CREDIT - ledger.balance(a).balance_micros for a in accounts)
+    assert spent == sum(expected)
+    assert_audit_clean()
+
+
+def test_seed_002_image_model_per_generation(ledger: Ledger, admin: Any) -> None:
+    images = _feature("image.generate")
+    _set_price(admin, images, "generations", 500_000, model="gpt-image-1.5-all")
+    account = new_account()
+    ledger.grant(account, 30)
+    charge = _consume(ledger, account, _usage(images, "gpt-image-1.5-all", generations=3))
+    assert charge.reservation.committed_micros == 1_500_000
+    assert charge.balance.balance_micros == 28_500_000
+    [entry] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert (entry.feature, entry.model) == (images, "gpt-image-1.5-all")
+    [line] = entry.usage.lines
+    assert (line.unit, line.quantity, line.unit_price_micros) == (
+        t.USAGE_UNIT_GENERATIONS,
+        3,
+        500_000,
+    )
+    assert line.price_version
+
+
+def test_seed_002_workflow_debited_at_start_and_refunded_in_full_on_failure(
+    ledger: Ledger, admin: Any, assert_audit_clean: Any
+) -> None:
+    workflow = _feature("workflow")
+    _set_price(admin, workflow, "workflow_runs", 20 * CREDIT, model="creator-video")
+    account = new_account()
+    ledger.grant(account, 50)
+    started = _consume(ledger, account, _usage(workflow, "creator-video", workflow_runs=1))
+    assert started.balance.balance_micros == 30 * CREDIT
+    failed = ledger.refund(account, started.reservation.reservation_id)
+    assert failed.refunded_micros == 20 * CREDIT
+    assert failed.balance.balance_micros == 50 * CREDIT
+    [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert charge.status == pb.TRANSACTION_STATUS_REFUNDED
+    assert_audit_clean()
+
+
+def test_a_price_change_between_reserve_and_commit_does_not_change_that_reservation(
+    ledger: Ledger, admin: Any, assert_audit_clean: Any
+) -> None:
+    chat = _feature("chat")
+    old = _set_price(admin, chat, "output_tokens", 2 * CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+    reserved = ledger.stub.Reserve(
+        pb.ReserveRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            usage=_usage(chat, output_tokens=4000),  # at most 4000 tokens: 8 credits held
+        )
+    ).reservation
+    assert reserved.held_micros == 8 * CREDIT
+    assert reserved.usage.lines[0].price_version == old.price_version
+
+    new = _set_price(admin, chat, "output_tokens", 5 * CREDIT, unit_size=1000)
+    assert new.price_version != old.price_version
+    committed = ledger.stub.Commit(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=reserved.reservation_id,
+            idempotency_key=new_key(),
+            usage=_usage("", output_tokens=2500),
+        )
+    )
+    assert committed.reservation.committed_micros == 5 * CREDIT  # 2.5K tokens at the old 2/1K
+    assert committed.balance.balance_micros == 95 * CREDIT
+    [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert charge.usage.lines[0].price_version == old.price_version
+    assert charge.usage.lines[0].quantity == 2500
+    # A new call pays the new price.
+    assert _consume(
+        ledger, account, _usage(chat, output_tokens=1000)
+    ).reservation.committed_micros == (5 * CREDIT)
+    assert_audit_clean()
+
+
+def test_commit_above_the_held_usage_is_refused(ledger: Ledger, admin: Any) -> None:
+    chat = _feature("chat")
+    _set_price(admin, chat, "tokens", 1 * CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+    reserved = ledger.stub.Reserve(
+        pb.ReserveRequest(
+            account_id=account, idempotency_key=new_key(), usage=_usage(chat, tokens=1000)
+        )
+    ).reservation
+    expect_error(
+        lambda: ledger.stub.Commit(
+            pb.CommitRequest(
+                account_id=account,
+                reservation_id=reserved.reservation_id,
+                idempotency_key=new_key(),
+                usage=_usage("", tokens=1001),
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AMOUNT_EXCEEDS_HOLD",
+    )
+
+
+def test_estimate_equals_what_consume_charges(ledger: Ledger, admin: Any) -> None:
+    chat, model = _feature("chat"), f"basic-{uuid.uuid4().hex[:8]}"
+    _set_price(admin, chat, "input_tokens", 333, unit_size=7)
+    _set_price(admin, chat, "output_tokens", 1_000_001, unit_size=1000)
+    admin.SetModelMultiplier(
+        admin_pb.SetModelMultiplierRequest(
+            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=1_333_333)
+        )
+    )
+    account = new_account()
+    ledger.grant(account, 1000)
+    for tokens in [(1, 1), (777, 12_345), (99_999, 3)]:
+        usage = _usage(chat, model, input_tokens=tokens[0], output_tokens=tokens[1])
+        estimate = ledger.stub.Estimate(pb.EstimateRequest(usage=usage)).usage
+        charged = _consume(ledger, account, usage).reservation
+        assert charged.committed_micros == estimate.cost_micros
+        assert charged.usage == estimate
+
+
+def test_unknown_feature_or_model_is_not_found_and_charges_nothing(
+    ledger: Ledger, admin: Any
+) -> None:
+    images = _feature("image.generate")
+    _set_price(admin, images, "generations", 500_000, model="known-model")
+    account = new_account()
+    ledger.grant(account, 10)
+    before = (ledger.balance(account).balance_micros, len(ledger.transactions(account)))
+
+    missing = _feature("no-such-feature")
+    info = expect_error(
+        lambda: _consume(ledger, account, _usage(missing, generations=1)),
+        NOT_FOUND,
+        "FEATURE_NOT_FOUND",
+    )
+    assert info.metadata["feature"] == missing
+    info = expect_error(
+        lambda: _consume(ledger, account, _usage(images, "no-such-model", generations=1)),
+        NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    )
+    assert info.metadata["model"] == "no-such-model"
+    info = expect_error(
+        lambda: _consume(ledger, account, _usage(images, "known-model", images=1)),
+        NOT_FOUND,
+        "PRICE_NOT_FOUND",
+    )
+    assert info.metadata["unit"] == "images"
+    expect_error(
+        lambda: ledger.stub.Estimate(pb.EstimateRequest(usage=_usage(missing, generations=1))),
+        NOT_FOUND,
+        "FEATURE_NOT_FOUND",
+    )
+    assert (ledger.balance(account).balance_micros, len(ledger.transactions(account))) == before
+
+
+def test_usage_and_amount_are_exclusive(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 10)
+    for request in (
+        pb.ConsumeRequest(account_id=account, idempotency_key=new_key()),
+        pb.ConsumeRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            amount_micros=CREDIT,
+            usage=_usage("chat", tokens=1),
+        ),
+    ):
+        expect_error(
+            lambda request=request: ledger.stub.Consume(request),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+            "amount_micros",
+        )
+    expect_error(
+        lambda: ledger.stub.Consume(
+            pb.ConsumeRequest(
+                account_id=account, idempotency_key=new_key(), usage=t.Usage(feature="chat")
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "usage.quantities",
+    )
+
+
+def test_a_removed_price_is_gone_and_versions_stay(ledger: Ledger, admin: Any) -> None:
+    feature = _feature("erase")
+    first = _set_price(admin, feature, "generations", 7 * CREDIT)
+    listed = admin.ListPrices(admin_pb.ListPricesRequest(feature=feature)).prices
+    assert [(p.unit_price_micros, p.price_version, p.updated_by) for p in listed] == [
+        (7 * CREDIT, first.price_version, "test-admin")
+    ]
+    admin.RemovePrice(admin_pb.RemovePriceRequest(feature=feature, unit=t.USAGE_UNIT_GENERATIONS))
+    assert list(admin.ListPrices(admin_pb.ListPricesRequest(feature=feature)).prices) == []
+    expect_error(
+        lambda: ledger.stub.Estimate(pb.EstimateRequest(usage=_usage(feature, generations=1))),
+        NOT_FOUND,
+        "FEATURE_NOT_FOUND",
+    )
+
+
+def test_the_demo_catalogue_loads_and_prices_the_seeds(
+    admin_channel: grpc.Channel, ledger: Ledger
+) -> None:
+    load_demo(admin_channel)
+    assert load_demo(admin_channel)["prices"] == 0  # loading again writes no new versions
+
+    def cost(usage: t.Usage) -> int:
+        return int(ledger.stub.Estimate(pb.EstimateRequest(usage=usage)).usage.cost_micros)
+
+    assert cost(_usage("text-to-image", generations=1)) == 8 * CREDIT
+    assert cost(_usage("erase", generations=1)) == 7 * CREDIT
+    assert cost(_usage("upscale", generations=1)) == 0
+    assert cost(_usage("image.generate", "grok-imagine-image", generations=1)) == CREDIT // 2
+    assert cost(_usage("video.generate", "grok-video-3", generations=2)) == CREDIT
+    assert cost(_usage("workflow", "creator-video", workflow_runs=1)) == 20 * CREDIT
+    assert cost(_usage("chat", "pro", input_tokens=1000, output_tokens=1000)) == 5 * CREDIT
