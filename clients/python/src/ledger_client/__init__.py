@@ -1,6 +1,78 @@
 """Typed Python client for the credit-ledger gRPC service.
 
-The generated messages and stubs live in the ``ledger.v1`` package next to this one.
+``LedgerClient`` (blocking) and ``AsyncLedgerClient`` (asyncio) wrap
+``ledger.v1.LedgerService`` with plain Python arguments, one idempotency key per logical
+call, retries with backoff on UNAVAILABLE/ABORTED, a deadline per call, typed errors
+(``ledger_client.errors``) and a reservation context manager. The generated messages and
+stubs live in the ``ledger.v1`` package next to this one.
 """
 
-__all__: list[str] = []
+from ledger_client._common import (
+    MICROS_PER_CREDIT,
+    TLS,
+    BalanceKindLike,
+    ClientConfig,
+    Credentials,
+    RetryPolicy,
+    SourceLike,
+    TransactionKindLike,
+    new_idempotency_key,
+)
+from ledger_client.aio import AsyncHold, AsyncLedgerClient
+from ledger_client.client import Hold, LedgerClient
+from ledger_client.errors import (
+    AccountNotFound,
+    AlreadyExists,
+    AmountExceedsHold,
+    AmountExceedsRefundable,
+    Conflict,
+    DeadlineExceeded,
+    FailedPrecondition,
+    IdempotencyKeyReused,
+    InsufficientCredits,
+    InvalidArgument,
+    LedgerError,
+    NotFound,
+    PermissionDenied,
+    ReservationExpired,
+    ReservationNotCommitted,
+    ReservationNotFound,
+    ReservationNotPending,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ = [
+    "MICROS_PER_CREDIT",
+    "TLS",
+    "AccountNotFound",
+    "AlreadyExists",
+    "AmountExceedsHold",
+    "AmountExceedsRefundable",
+    "AsyncHold",
+    "AsyncLedgerClient",
+    "BalanceKindLike",
+    "ClientConfig",
+    "Conflict",
+    "Credentials",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Hold",
+    "IdempotencyKeyReused",
+    "InsufficientCredits",
+    "InvalidArgument",
+    "LedgerClient",
+    "LedgerError",
+    "NotFound",
+    "PermissionDenied",
+    "ReservationExpired",
+    "ReservationNotCommitted",
+    "ReservationNotFound",
+    "ReservationNotPending",
+    "RetryPolicy",
+    "SourceLike",
+    "TransactionKindLike",
+    "Unauthenticated",
+    "Unavailable",
+    "new_idempotency_key",
+]

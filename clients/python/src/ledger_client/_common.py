@@ -1,0 +1,335 @@
+"""What the sync and the asyncio clients share: configuration, channel credentials,
+the retry policy, argument conversion and request building (one idempotency key per
+logical call, built into the request once so every retry sends the same one)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeAlias
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import types_pb2
+from ledger_client.errors import LedgerError
+
+__all__ = [
+    "MICROS_PER_CREDIT",
+    "TLS",
+    "BalanceKindLike",
+    "ClientConfig",
+    "Credentials",
+    "RetryPolicy",
+    "SourceLike",
+    "TransactionKindLike",
+    "new_idempotency_key",
+]
+
+MICROS_PER_CREDIT = 1_000_000
+USER_AGENT = "credit-ledger-client/0.1.0"
+
+SourceLike: TypeAlias = types_pb2.CreditSource.ValueType | str
+"""A credit source: ``types_pb2.CREDIT_SOURCE_PURCHASE`` or ``"purchase"``."""
+BalanceKindLike: TypeAlias = types_pb2.BalanceKind.ValueType | str
+"""A balance: ``types_pb2.BALANCE_KIND_REWARD`` or ``"reward"``."""
+TransactionKindLike: TypeAlias = pb.TransactionKind.ValueType | str
+"""A journal entry kind: ``ledger_service_pb2.TRANSACTION_KIND_CHARGE`` or ``"charge"``."""
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS settings. All ``None`` means TLS with the system's root certificates; a client
+    certificate and key together turn on mutual TLS. PEM bytes."""
+
+    root_certificates: bytes | None = None
+    client_certificate: bytes | None = None
+    client_private_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("mutual TLS needs both client_certificate and client_private_key")
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.client_private_key,
+            certificate_chain=self.client_certificate,
+        )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How the client proves who it is. ``token`` is sent on every call as
+    ``authorization: Bearer <token>``; ``tls`` None means a plaintext channel (local
+    development, or a sidecar that terminates TLS)."""
+
+    token: str | None = None
+    tls: TLS | None = None
+
+    def __repr__(self) -> str:  # never print the token
+        token = "None" if self.token is None else "'***'"
+        return f"Credentials(token={token}, tls={self.tls!r})"
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.token is None:
+            return ()
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of one logical call: up to ``max_attempts`` attempts in all, after a failure
+    whose code is in ``retryable_codes``, sleeping a random time between 0 and
+    ``min(max_backoff, initial_backoff * multiplier ** (retry - 1))`` seconds (exponential
+    backoff with full jitter). Every attempt sends the same idempotency key, so a retry of a
+    call the server did apply returns the original response instead of applying it twice.
+
+    UNAVAILABLE is an outage or a dropped connection; ABORTED is the server's CONFLICT
+    ("lost a race, retry with the same idempotency key")."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 3.0
+    multiplier: float = 2.0
+    retryable_codes: frozenset[grpc.StatusCode] = frozenset(
+        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be non-negative and multiplier at least 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+    def delay_before_retry(
+        self, error: LedgerError, attempt: int, remaining: float | None
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up and raise ``error``:
+        not retryable, attempts spent, or the next attempt would start past the deadline."""
+        if error.code not in self.retryable_codes or attempt >= self.max_attempts:
+            return None
+        delay = self.backoff(attempt)
+        if remaining is not None and delay >= remaining:
+            return None
+        return delay
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything a client needs in one place. ``timeout`` is the default deadline of one
+    logical call in seconds, retries included (None: no deadline)."""
+
+    target: str
+    credentials: Credentials = field(default_factory=Credentials)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float | None = 10.0
+    options: tuple[tuple[str, str | int], ...] = ()
+
+    def channel_options(self) -> list[tuple[str, str | int]]:
+        return [("grpc.primary_user_agent", USER_AGENT), *self.options]
+
+
+def new_idempotency_key() -> str:
+    return str(uuid.uuid4())
+
+
+# --- argument conversion ---------------------------------------------------------------------
+
+
+def _enum_value(prefix: str, value: int | str, values: Mapping[str, int], what: str) -> int:
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper()
+    if not name.startswith(prefix):
+        name = prefix + name
+    if name not in values or name.endswith("_UNSPECIFIED"):
+        raise ValueError(f"unknown {what} {value!r}")
+    return values[name]
+
+
+def to_credit_source(value: SourceLike) -> types_pb2.CreditSource.ValueType:
+    values = dict(types_pb2.CreditSource.items())
+    return types_pb2.CreditSource.ValueType(
+        _enum_value("CREDIT_SOURCE_", value, values, "credit source")
+    )
+
+
+def to_balance_kind(value: BalanceKindLike) -> types_pb2.BalanceKind.ValueType:
+    values = dict(types_pb2.BalanceKind.items())
+    return types_pb2.BalanceKind.ValueType(
+        _enum_value("BALANCE_KIND_", value, values, "balance kind")
+    )
+
+
+def to_transaction_kind(value: TransactionKindLike) -> pb.TransactionKind.ValueType:
+    values = dict(pb.TransactionKind.items())
+    return pb.TransactionKind.ValueType(
+        _enum_value("TRANSACTION_KIND_", value, values, "transaction kind")
+    )
+
+
+def timestamp(value: datetime, name: str) -> timestamp_pb2.Timestamp:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (for example datetime.now(UTC))")
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def duration(value: timedelta) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def grant_request(
+    account_id: str,
+    amount_micros: int,
+    source: SourceLike,
+    *,
+    expires_at: datetime | None,
+    expires_in: timedelta | None,
+    external_ref: str,
+    comment: str,
+    balance_kind: BalanceKindLike | None,
+    idempotency_key: str | None,
+) -> pb.GrantRequest:
+    if expires_at is not None and expires_in is not None:
+        raise ValueError("give expires_at or expires_in, not both")
+    request = pb.GrantRequest(
+        account_id=account_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        amount_micros=amount_micros,
+        source=to_credit_source(source),
+        external_ref=external_ref,
+        comment=comment,
+    )
+    if expires_at is not None:
+        request.expires_at.CopyFrom(timestamp(expires_at, "expires_at"))
+    if expires_in is not None:
+        request.expires_in.CopyFrom(duration(expires_in))
+    if balance_kind is not None:
+        request.balance_kind = to_balance_kind(balance_kind)
+    return request
+
+
+def reserve_request(
+    account_id: str,
+    amount_micros: int,
+    *,
+    ttl: timedelta | None,
+    feature: str,
+    comment: str,
+    idempotency_key: str | None,
+) -> pb.ReserveRequest:
+    request = pb.ReserveRequest(
+        account_id=account_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        amount_micros=amount_micros,
+        feature=feature,
+        comment=comment,
+    )
+    if ttl is not None:
+        request.ttl.CopyFrom(duration(ttl))
+    return request
+
+
+def commit_request(
+    account_id: str,
+    reservation_id: str,
+    amount_micros: int,
+    *,
+    comment: str,
+    idempotency_key: str | None,
+) -> pb.CommitRequest:
+    return pb.CommitRequest(
+        account_id=account_id,
+        reservation_id=reservation_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        amount_micros=amount_micros,
+        comment=comment,
+    )
+
+
+def release_request(
+    account_id: str, reservation_id: str, *, reason: str, idempotency_key: str | None
+) -> pb.ReleaseRequest:
+    return pb.ReleaseRequest(
+        account_id=account_id,
+        reservation_id=reservation_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        reason=reason,
+    )
+
+
+def refund_request(
+    account_id: str,
+    reservation_id: str,
+    amount_micros: int | None,
+    *,
+    reason: str,
+    idempotency_key: str | None,
+) -> pb.RefundRequest:
+    request = pb.RefundRequest(
+        account_id=account_id,
+        reservation_id=reservation_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        reason=reason,
+    )
+    if amount_micros is not None:
+        request.amount_micros = amount_micros
+    return request
+
+
+def consume_request(
+    account_id: str,
+    amount_micros: int,
+    *,
+    feature: str,
+    comment: str,
+    idempotency_key: str | None,
+) -> pb.ConsumeRequest:
+    return pb.ConsumeRequest(
+        account_id=account_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        amount_micros=amount_micros,
+        feature=feature,
+        comment=comment,
+    )
+
+
+def list_transactions_request(
+    account_id: str,
+    *,
+    page_size: int,
+    page_token: str,
+    kinds: Iterable[TransactionKindLike],
+    start_time: datetime | None,
+    end_time: datetime | None,
+    feature: str,
+) -> pb.ListTransactionsRequest:
+    request = pb.ListTransactionsRequest(
+        account_id=account_id,
+        page_size=page_size,
+        page_token=page_token,
+        kinds=[to_transaction_kind(kind) for kind in kinds],
+        feature=feature,
+    )
+    if start_time is not None:
+        request.start_time.CopyFrom(timestamp(start_time, "start_time"))
+    if end_time is not None:
+        request.end_time.CopyFrom(timestamp(end_time, "end_time"))
+    return request

@@ -1,0 +1,449 @@
+"""The asyncio client: :class:`AsyncLedgerClient` (``grpc.aio``) and its reservation
+context manager. Create it inside a running event loop."""
+
+# The ``timeout`` arguments are gRPC deadlines, sent to the server with each attempt and
+# shared by a call's retries; asyncio.timeout() around a call is no substitute for them.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_client import _common as c
+from ledger_client._hold import HoldState, release_reason
+from ledger_client.errors import LedgerError, from_rpc_error
+
+__all__ = ["AsyncHold", "AsyncLedgerClient"]
+
+log = logging.getLogger("ledger_client")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def open_channel(config: c.ClientConfig) -> grpc.aio.Channel:
+    options = config.channel_options()
+    tls = config.credentials.tls
+    if tls is None:
+        return grpc.aio.insecure_channel(config.target, options=options)
+    return grpc.aio.secure_channel(config.target, tls.channel_credentials(), options=options)
+
+
+class AsyncLedgerClient:
+    """The asyncio twin of :class:`~ledger_client.LedgerClient` (same methods, awaited).
+
+    Every method is one logical call: it makes one idempotency key (or uses the caller's
+    ``idempotency_key=``) and sends it on every retry. UNAVAILABLE and ABORTED are retried
+    with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
+    retries included, has a deadline of ``timeout`` seconds. Failures raise
+    :class:`~ledger_client.errors.LedgerError` subclasses. Use it as an async context
+    manager or await :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: c.Credentials | None = None,
+        retry: c.RetryPolicy | None = None,
+        timeout: float | None = 10.0,
+        options: Iterable[tuple[str, str | int]] = (),
+    ) -> None:
+        self.config = c.ClientConfig(
+            target=target,
+            credentials=credentials or c.Credentials(),
+            retry=retry or c.RetryPolicy(),
+            timeout=timeout,
+            options=tuple(options),
+        )
+        self._metadata = self.config.credentials.call_metadata()
+        self._channel = open_channel(self.config)
+        self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
+
+    @classmethod
+    def from_config(cls, config: c.ClientConfig) -> AsyncLedgerClient:
+        return cls(
+            config.target,
+            credentials=config.credentials,
+            retry=config.retry,
+            timeout=config.timeout,
+            options=config.options,
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncLedgerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- the retry loop ----------------------------------------------------------------------
+
+    async def _invoke(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: float | None,
+    ) -> Resp:
+        budget = self.config.timeout if timeout is None else timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                left = None if deadline is None else deadline - time.monotonic()
+                delay = self.config.retry.delay_before_retry(error, attempt, left)
+                if delay is None:
+                    raise error from rpc_error
+            log.info("ledger call failed with %s; retry %d in %.3f s", error, attempt, delay)
+            await asyncio.sleep(delay)
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    async def grant(
+        self,
+        account_id: str,
+        amount_micros: int,
+        source: c.SourceLike,
+        *,
+        expires_at: datetime | None = None,
+        expires_in: timedelta | None = None,
+        external_ref: str = "",
+        comment: str = "",
+        balance_kind: c.BalanceKindLike | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.GrantResponse:
+        """Adds a lot of credits (creating the account on first use). ``source`` is a
+        ``CreditSource`` value or its name (``"purchase"``); no expiry means never."""
+        request = c.grant_request(
+            account_id,
+            amount_micros,
+            source,
+            expires_at=expires_at,
+            expires_in=expires_in,
+            external_ref=external_ref,
+            comment=comment,
+            balance_kind=balance_kind,
+            idempotency_key=idempotency_key,
+        )
+        return await self._invoke(self._stub.Grant, request, timeout)
+
+    async def balance(self, account_id: str, *, timeout: float | None = None) -> pb.BalanceResponse:
+        return await self._invoke(
+            self._stub.Balance, pb.BalanceRequest(account_id=account_id), timeout
+        )
+
+    async def reserve(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        ttl: timedelta | None = None,
+        feature: str = "",
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ReserveResponse:
+        """Holds credits for ``ttl`` (the server's default when None). Prefer
+        :meth:`reservation`, which commits or releases for you."""
+        request = c.reserve_request(
+            account_id,
+            amount_micros,
+            ttl=ttl,
+            feature=feature,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return await self._invoke(self._stub.Reserve, request, timeout)
+
+    async def commit(
+        self,
+        account_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        *,
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.CommitResponse:
+        """Charges the actual cost (0 to the held amount) and returns the rest of the hold."""
+        request = c.commit_request(
+            account_id,
+            reservation_id,
+            amount_micros,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return await self._invoke(self._stub.Commit, request, timeout)
+
+    async def release(
+        self,
+        account_id: str,
+        reservation_id: str,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ReleaseResponse:
+        """Returns the whole hold: the job failed or was cancelled, nothing is charged."""
+        request = c.release_request(
+            account_id, reservation_id, reason=reason, idempotency_key=idempotency_key
+        )
+        return await self._invoke(self._stub.Release, request, timeout)
+
+    async def refund(
+        self,
+        account_id: str,
+        reservation_id: str,
+        amount_micros: int | None = None,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.RefundResponse:
+        """Gives back committed credits; ``amount_micros`` None means all not yet refunded."""
+        request = c.refund_request(
+            account_id,
+            reservation_id,
+            amount_micros,
+            reason=reason,
+            idempotency_key=idempotency_key,
+        )
+        return await self._invoke(self._stub.Refund, request, timeout)
+
+    async def consume(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        feature: str = "",
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ConsumeResponse:
+        """Reserves and commits in one call (the cost is known up front)."""
+        request = c.consume_request(
+            account_id,
+            amount_micros,
+            feature=feature,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return await self._invoke(self._stub.Consume, request, timeout)
+
+    async def get_reservation(
+        self, account_id: str, reservation_id: str, *, timeout: float | None = None
+    ) -> pb.GetReservationResponse:
+        request = pb.GetReservationRequest(account_id=account_id, reservation_id=reservation_id)
+        return await self._invoke(self._stub.GetReservation, request, timeout)
+
+    async def list_lots(
+        self,
+        account_id: str,
+        *,
+        include_inactive: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListLotsResponse:
+        """One page of the account's lots, in consumption order."""
+        request = pb.ListLotsRequest(
+            account_id=account_id,
+            include_inactive=include_inactive,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._invoke(self._stub.ListLots, request, timeout)
+
+    async def list_transactions(
+        self,
+        account_id: str,
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListTransactionsResponse:
+        """One page of the account's journal, newest first."""
+        request = c.list_transactions_request(
+            account_id,
+            page_size=page_size,
+            page_token=page_token,
+            kinds=kinds,
+            start_time=start_time,
+            end_time=end_time,
+            feature=feature,
+        )
+        return await self._invoke(self._stub.ListTransactions, request, timeout)
+
+    # --- pagination helpers ------------------------------------------------------------------
+
+    async def iter_lots(
+        self,
+        account_id: str,
+        *,
+        include_inactive: bool = False,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[types_pb2.Lot]:
+        """Every lot, walking all pages (each page is one call with its own retries)."""
+        token = ""
+        while True:
+            page = await self.list_lots(
+                account_id,
+                include_inactive=include_inactive,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            for lot in page.lots:
+                yield lot
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def iter_transactions(
+        self,
+        account_id: str,
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[pb.Transaction]:
+        """Every matching transaction, newest first, walking all pages."""
+        kinds = list(kinds)
+        token = ""
+        while True:
+            page = await self.list_transactions(
+                account_id,
+                kinds=kinds,
+                start_time=start_time,
+                end_time=end_time,
+                feature=feature,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            for transaction in page.transactions:
+                yield transaction
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- reservations ------------------------------------------------------------------------
+
+    def reservation(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        ttl: timedelta | None = None,
+        feature: str = "",
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncHold:
+        """A context manager that reserves on enter and settles on exit::
+
+            async with client.reservation(account, 2 * MICROS_PER_CREDIT, feature="img") as hold:
+                image = await generate()
+                hold.set_actual(cost_of(image))
+
+        A normal exit commits the amount given to ``set_actual`` or, if it was never
+        called, the full held amount. An exception releases the hold (nothing is charged)
+        and propagates.
+        """
+        request = c.reserve_request(
+            account_id,
+            amount_micros,
+            ttl=ttl,
+            feature=feature,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return AsyncHold(self, request, timeout)
+
+
+class AsyncHold(HoldState):
+    """A reservation held for the duration of an ``async with`` block; see
+    :meth:`AsyncLedgerClient.reservation`."""
+
+    def __init__(
+        self, client: AsyncLedgerClient, request: pb.ReserveRequest, timeout: float | None
+    ) -> None:
+        super().__init__(request, timeout)
+        self._client = client
+
+    async def commit(
+        self, amount_micros: int | None = None, *, comment: str = ""
+    ) -> pb.CommitResponse:
+        """Commits now: ``amount_micros``, else the amount given to ``set_actual``, else the
+        full held amount. The ``async with`` block then ends without another call."""
+        self._check_pending("commit")
+        amount = self._amount_to_commit(amount_micros)
+        self.commit_response = await self._client.commit(
+            self.account_id, self.reservation_id, amount, comment=comment, timeout=self._timeout
+        )
+        return self.commit_response
+
+    async def release(self, *, reason: str = "") -> pb.ReleaseResponse:
+        """Returns the whole hold now; nothing is charged."""
+        self._check_pending("release")
+        self.release_response = await self._client.release(
+            self.account_id, self.reservation_id, reason=reason, timeout=self._timeout
+        )
+        return self.release_response
+
+    async def __aenter__(self) -> AsyncHold:
+        self._start()
+        self._reserved = await self._client._invoke(
+            self._client._stub.Reserve, self._request, self._timeout
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.finished:
+            return
+        if exc is None:
+            await self.commit()
+            return
+        try:
+            await self.release(reason=release_reason(exc_type))
+        except LedgerError:
+            # The block's own exception matters more; an unreleased hold is returned by the
+            # server when its time-to-live passes.
+            log.warning("could not release reservation %s", self.reservation_id, exc_info=True)

@@ -1,0 +1,436 @@
+"""The synchronous client: :class:`LedgerClient` and its reservation context manager."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_client import _common as c
+from ledger_client._hold import HoldState, release_reason
+from ledger_client.errors import LedgerError, from_rpc_error
+
+__all__ = ["Hold", "LedgerClient"]
+
+log = logging.getLogger("ledger_client")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def open_channel(config: c.ClientConfig) -> grpc.Channel:
+    options = config.channel_options()
+    tls = config.credentials.tls
+    if tls is None:
+        return grpc.insecure_channel(config.target, options=options)
+    return grpc.secure_channel(config.target, tls.channel_credentials(), options=options)
+
+
+class LedgerClient:
+    """A typed, retrying client of ``ledger.v1.LedgerService``.
+
+    Every method is one logical call: it makes one idempotency key (or uses the caller's
+    ``idempotency_key=``) and sends it on every retry. UNAVAILABLE and ABORTED are retried
+    with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
+    retries included, has a deadline of ``timeout`` seconds. Failures raise
+    :class:`~ledger_client.errors.LedgerError` subclasses. Use it as a context manager or
+    call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: c.Credentials | None = None,
+        retry: c.RetryPolicy | None = None,
+        timeout: float | None = 10.0,
+        options: Iterable[tuple[str, str | int]] = (),
+    ) -> None:
+        self.config = c.ClientConfig(
+            target=target,
+            credentials=credentials or c.Credentials(),
+            retry=retry or c.RetryPolicy(),
+            timeout=timeout,
+            options=tuple(options),
+        )
+        self._metadata = self.config.credentials.call_metadata()
+        self._channel = open_channel(self.config)
+        self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
+
+    @classmethod
+    def from_config(cls, config: c.ClientConfig) -> LedgerClient:
+        return cls(
+            config.target,
+            credentials=config.credentials,
+            retry=config.retry,
+            timeout=config.timeout,
+            options=config.options,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- the retry loop ----------------------------------------------------------------------
+
+    def _invoke(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: float | None,
+    ) -> Resp:
+        budget = self.config.timeout if timeout is None else timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                left = None if deadline is None else deadline - time.monotonic()
+                delay = self.config.retry.delay_before_retry(error, attempt, left)
+                if delay is None:
+                    raise error from rpc_error
+            log.info("ledger call failed with %s; retry %d in %.3f s", error, attempt, delay)
+            time.sleep(delay)
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    def grant(
+        self,
+        account_id: str,
+        amount_micros: int,
+        source: c.SourceLike,
+        *,
+        expires_at: datetime | None = None,
+        expires_in: timedelta | None = None,
+        external_ref: str = "",
+        comment: str = "",
+        balance_kind: c.BalanceKindLike | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.GrantResponse:
+        """Adds a lot of credits (creating the account on first use). ``source`` is a
+        ``CreditSource`` value or its name (``"purchase"``); no expiry means never."""
+        request = c.grant_request(
+            account_id,
+            amount_micros,
+            source,
+            expires_at=expires_at,
+            expires_in=expires_in,
+            external_ref=external_ref,
+            comment=comment,
+            balance_kind=balance_kind,
+            idempotency_key=idempotency_key,
+        )
+        return self._invoke(self._stub.Grant, request, timeout)
+
+    def balance(self, account_id: str, *, timeout: float | None = None) -> pb.BalanceResponse:
+        return self._invoke(self._stub.Balance, pb.BalanceRequest(account_id=account_id), timeout)
+
+    def reserve(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        ttl: timedelta | None = None,
+        feature: str = "",
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ReserveResponse:
+        """Holds credits for ``ttl`` (the server's default when None). Prefer
+        :meth:`reservation`, which commits or releases for you."""
+        request = c.reserve_request(
+            account_id,
+            amount_micros,
+            ttl=ttl,
+            feature=feature,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return self._invoke(self._stub.Reserve, request, timeout)
+
+    def commit(
+        self,
+        account_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        *,
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.CommitResponse:
+        """Charges the actual cost (0 to the held amount) and returns the rest of the hold."""
+        request = c.commit_request(
+            account_id,
+            reservation_id,
+            amount_micros,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return self._invoke(self._stub.Commit, request, timeout)
+
+    def release(
+        self,
+        account_id: str,
+        reservation_id: str,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ReleaseResponse:
+        """Returns the whole hold: the job failed or was cancelled, nothing is charged."""
+        request = c.release_request(
+            account_id, reservation_id, reason=reason, idempotency_key=idempotency_key
+        )
+        return self._invoke(self._stub.Release, request, timeout)
+
+    def refund(
+        self,
+        account_id: str,
+        reservation_id: str,
+        amount_micros: int | None = None,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.RefundResponse:
+        """Gives back committed credits; ``amount_micros`` None means all not yet refunded."""
+        request = c.refund_request(
+            account_id,
+            reservation_id,
+            amount_micros,
+            reason=reason,
+            idempotency_key=idempotency_key,
+        )
+        return self._invoke(self._stub.Refund, request, timeout)
+
+    def consume(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        feature: str = "",
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ConsumeResponse:
+        """Reserves and commits in one call (the cost is known up front)."""
+        request = c.consume_request(
+            account_id,
+            amount_micros,
+            feature=feature,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return self._invoke(self._stub.Consume, request, timeout)
+
+    def get_reservation(
+        self, account_id: str, reservation_id: str, *, timeout: float | None = None
+    ) -> pb.GetReservationResponse:
+        request = pb.GetReservationRequest(account_id=account_id, reservation_id=reservation_id)
+        return self._invoke(self._stub.GetReservation, request, timeout)
+
+    def list_lots(
+        self,
+        account_id: str,
+        *,
+        include_inactive: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListLotsResponse:
+        """One page of the account's lots, in consumption order."""
+        request = pb.ListLotsRequest(
+            account_id=account_id,
+            include_inactive=include_inactive,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._invoke(self._stub.ListLots, request, timeout)
+
+    def list_transactions(
+        self,
+        account_id: str,
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListTransactionsResponse:
+        """One page of the account's journal, newest first."""
+        request = c.list_transactions_request(
+            account_id,
+            page_size=page_size,
+            page_token=page_token,
+            kinds=kinds,
+            start_time=start_time,
+            end_time=end_time,
+            feature=feature,
+        )
+        return self._invoke(self._stub.ListTransactions, request, timeout)
+
+    # --- pagination helpers ------------------------------------------------------------------
+
+    def iter_lots(
+        self,
+        account_id: str,
+        *,
+        include_inactive: bool = False,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[types_pb2.Lot]:
+        """Every lot, walking all pages (each page is one call with its own retries)."""
+        token = ""
+        while True:
+            page = self.list_lots(
+                account_id,
+                include_inactive=include_inactive,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            yield from page.lots
+            token = page.next_page_token
+            if not token:
+                return
+
+    def iter_transactions(
+        self,
+        account_id: str,
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[pb.Transaction]:
+        """Every matching transaction, newest first, walking all pages."""
+        kinds = list(kinds)
+        token = ""
+        while True:
+            page = self.list_transactions(
+                account_id,
+                kinds=kinds,
+                start_time=start_time,
+                end_time=end_time,
+                feature=feature,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            yield from page.transactions
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- reservations ------------------------------------------------------------------------
+
+    def reservation(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        ttl: timedelta | None = None,
+        feature: str = "",
+        comment: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Hold:
+        """A context manager that reserves on enter and settles on exit::
+
+            with client.reservation(account, 2 * MICROS_PER_CREDIT, feature="img") as hold:
+                image = generate()
+                hold.set_actual(cost_of(image))
+
+        A normal exit commits the amount given to ``set_actual`` or, if it was never
+        called, the full held amount. An exception releases the hold (nothing is charged)
+        and propagates.
+        """
+        request = c.reserve_request(
+            account_id,
+            amount_micros,
+            ttl=ttl,
+            feature=feature,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        return Hold(self, request, timeout)
+
+
+class Hold(HoldState):
+    """A reservation held for the duration of a ``with`` block; see
+    :meth:`LedgerClient.reservation`."""
+
+    def __init__(
+        self, client: LedgerClient, request: pb.ReserveRequest, timeout: float | None
+    ) -> None:
+        super().__init__(request, timeout)
+        self._client = client
+
+    def commit(self, amount_micros: int | None = None, *, comment: str = "") -> pb.CommitResponse:
+        """Commits now: ``amount_micros``, else the amount given to ``set_actual``, else the
+        full held amount. The ``with`` block then ends without another call."""
+        self._check_pending("commit")
+        amount = self._amount_to_commit(amount_micros)
+        self.commit_response = self._client.commit(
+            self.account_id, self.reservation_id, amount, comment=comment, timeout=self._timeout
+        )
+        return self.commit_response
+
+    def release(self, *, reason: str = "") -> pb.ReleaseResponse:
+        """Returns the whole hold now; nothing is charged."""
+        self._check_pending("release")
+        self.release_response = self._client.release(
+            self.account_id, self.reservation_id, reason=reason, timeout=self._timeout
+        )
+        return self.release_response
+
+    def __enter__(self) -> Hold:
+        self._start()
+        self._reserved = self._client._invoke(
+            self._client._stub.Reserve, self._request, self._timeout
+        )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.finished:
+            return
+        if exc is None:
+            self.commit()
+            return
+        try:
+            self.release(reason=release_reason(exc_type))
+        except LedgerError:
+            # The block's own exception matters more; an unreleased hold is returned by the
+            # server when its time-to-live passes.
+            log.warning("could not release reservation %s", self.reservation_id, exc_info=True)

@@ -1,0 +1,390 @@
+"""Typed errors of the credit-ledger client.
+
+Every failed call raises a :class:`LedgerError` subclass. The server puts a serialized
+``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer whose details hold a
+``google.rpc.ErrorInfo`` (domain ``credit-ledger``, a reason from ``ledger.v1.ErrorReason``
+without its ``ERROR_REASON_`` prefix, and metadata such as ``available_micros``). The class is
+chosen by that reason first and by the gRPC status code when there is no known reason.
+
+The client depends on grpcio and protobuf only, so the two google.rpc messages are declared
+here, under a private proto package in a private descriptor pool: same wire format, no
+dependency on googleapis-common-protos and no clash with it when both are installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar, Protocol, cast
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "AccountNotFound",
+    "AlreadyExists",
+    "AmountExceedsHold",
+    "AmountExceedsRefundable",
+    "Conflict",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "IdempotencyKeyReused",
+    "InsufficientCredits",
+    "InvalidArgument",
+    "LedgerError",
+    "NotFound",
+    "PermissionDenied",
+    "ReservationExpired",
+    "ReservationNotCommitted",
+    "ReservationNotFound",
+    "ReservationNotPending",
+    "Unauthenticated",
+    "Unavailable",
+    "from_rpc_error",
+]
+
+ERROR_DOMAIN = "credit-ledger"
+STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
+ERROR_INFO_TYPE_URL = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+class LedgerError(Exception):
+    """A failed ledger call: gRPC status code, ErrorInfo reason (may be empty), message and
+    ErrorInfo metadata. Subclasses add typed accessors for the metadata they carry."""
+
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code: grpc.StatusCode = code if code is not None else self.default_code
+        self.reason = reason
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __str__(self) -> str:
+        label = f"{self.code.name} {self.reason}" if self.reason else self.code.name
+        return f"{label}: {self.message}"
+
+    def _int(self, key: str) -> int:
+        """An integer metadata value; 0 when the server did not send it."""
+        try:
+            return int(self.metadata.get(key, "0"))
+        except ValueError:
+            return 0
+
+
+class InvalidArgument(LedgerError):
+    """Bad input (INVALID_ARGUMENT, reason INVALID_FIELD). Nothing was changed."""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    @property
+    def field(self) -> str | None:
+        """The request field that was rejected, such as ``"amount_micros"``."""
+        return self.metadata.get("field")
+
+    @property
+    def violation(self) -> str:
+        return self.metadata.get("violation", "")
+
+
+class FailedPrecondition(LedgerError):
+    """The request was valid but the ledger's state does not allow it."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InsufficientCredits(FailedPrecondition):
+    """Not enough spendable credits. Nothing was held or charged."""
+
+    @property
+    def available_micros(self) -> int:
+        return self._int("available_micros")
+
+    @property
+    def requested_micros(self) -> int:
+        return self._int("requested_micros")
+
+
+class AlreadyExists(LedgerError):
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class IdempotencyKeyReused(AlreadyExists):
+    """ALREADY_EXISTS: the idempotency key was used before for a different request."""
+
+    @property
+    def idempotency_key(self) -> str:
+        return self.metadata.get("idempotency_key", "")
+
+
+class NotFound(LedgerError):
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class AccountNotFound(NotFound):
+    @property
+    def account_id(self) -> str:
+        return self.metadata.get("account_id", "")
+
+
+class ReservationNotFound(NotFound):
+    @property
+    def reservation_id(self) -> str:
+        return self.metadata.get("reservation_id", "")
+
+
+class ReservationNotPending(FailedPrecondition):
+    """The reservation was committed or released already."""
+
+    @property
+    def reservation_id(self) -> str:
+        return self.metadata.get("reservation_id", "")
+
+    @property
+    def status(self) -> str:
+        return self.metadata.get("status", "")
+
+
+class ReservationExpired(FailedPrecondition):
+    """The reservation's time-to-live passed and its hold was returned."""
+
+    @property
+    def reservation_id(self) -> str:
+        return self.metadata.get("reservation_id", "")
+
+
+class AmountExceedsHold(FailedPrecondition):
+    """A commit above the held amount."""
+
+    @property
+    def held_micros(self) -> int:
+        return self._int("held_micros")
+
+    @property
+    def requested_micros(self) -> int:
+        return self._int("requested_micros")
+
+
+class AmountExceedsRefundable(FailedPrecondition):
+    """A refund above what is left to refund."""
+
+    @property
+    def refundable_micros(self) -> int:
+        return self._int("refundable_micros")
+
+    @property
+    def requested_micros(self) -> int:
+        return self._int("requested_micros")
+
+
+class ReservationNotCommitted(FailedPrecondition):
+    """Only committed reservations can be refunded."""
+
+    @property
+    def reservation_id(self) -> str:
+        return self.metadata.get("reservation_id", "")
+
+    @property
+    def status(self) -> str:
+        return self.metadata.get("status", "")
+
+
+class Unavailable(LedgerError):
+    """The server or its database could not be reached. The client retries these itself;
+    raised once its attempts or its deadline are spent. Safe to retry with the same key."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class Conflict(LedgerError):
+    """ABORTED: the call lost a race with a concurrent one. The client retries these itself;
+    raised once its attempts are spent. Safe to retry with the same idempotency key."""
+
+    default_code = grpc.StatusCode.ABORTED
+
+
+class DeadlineExceeded(LedgerError):
+    """The call's deadline passed. For a mutating call the outcome is unknown: call again with
+    the same ``idempotency_key=`` to get the original result or apply it once."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDenied(LedgerError):
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(LedgerError):
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+_BY_REASON: dict[str, type[LedgerError]] = {
+    "INVALID_FIELD": InvalidArgument,
+    "INSUFFICIENT_CREDITS": InsufficientCredits,
+    "IDEMPOTENCY_KEY_REUSED": IdempotencyKeyReused,
+    "ACCOUNT_NOT_FOUND": AccountNotFound,
+    "RESERVATION_NOT_FOUND": ReservationNotFound,
+    "RESERVATION_NOT_PENDING": ReservationNotPending,
+    "RESERVATION_EXPIRED": ReservationExpired,
+    "AMOUNT_EXCEEDS_HOLD": AmountExceedsHold,
+    "AMOUNT_EXCEEDS_REFUNDABLE": AmountExceedsRefundable,
+    "RESERVATION_NOT_COMMITTED": ReservationNotCommitted,
+    "STORAGE_UNAVAILABLE": Unavailable,
+    "CONFLICT": Conflict,
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.ABORTED: Conflict,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+# --- google.rpc.Status / ErrorInfo without googleapis-common-protos ------------------------
+
+
+class _AnyView(Protocol):
+    type_url: str
+    value: bytes
+
+
+class _StatusView(Protocol):
+    code: int
+    message: str
+
+    @property
+    def details(self) -> Sequence[_AnyView]: ...
+
+
+class _ErrorInfoView(Protocol):
+    reason: str
+    domain: str
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+
+def _message_classes() -> tuple[type[Message], type[Message]]:
+    """google.rpc.Status (with its google.protobuf.Any) and google.rpc.ErrorInfo, declared
+    field for field under the private package ``ledger_client._rpc``."""
+    field = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="ledger_client/_rpc.proto", package="ledger_client._rpc", syntax="proto3"
+    )
+
+    def add(message: descriptor_pb2.DescriptorProto, name: str, number: int, kind: int) -> None:
+        message.field.add(name=name, number=number, type=kind, label=field.LABEL_OPTIONAL)
+
+    any_ = file.message_type.add(name="Any")
+    add(any_, "type_url", 1, field.TYPE_STRING)
+    add(any_, "value", 2, field.TYPE_BYTES)
+
+    status = file.message_type.add(name="Status")
+    add(status, "code", 1, field.TYPE_INT32)
+    add(status, "message", 2, field.TYPE_STRING)
+    status.field.add(
+        name="details",
+        number=3,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".ledger_client._rpc.Any",
+    )
+
+    info = file.message_type.add(name="ErrorInfo")
+    add(info, "reason", 1, field.TYPE_STRING)
+    add(info, "domain", 2, field.TYPE_STRING)
+    entry = info.nested_type.add(name="MetadataEntry")
+    entry.options.map_entry = True
+    add(entry, "key", 1, field.TYPE_STRING)
+    add(entry, "value", 2, field.TYPE_STRING)
+    info.field.add(
+        name="metadata",
+        number=3,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".ledger_client._rpc.ErrorInfo.MetadataEntry",
+    )
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(file.SerializeToString())
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("ledger_client._rpc.Status")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("ledger_client._rpc.ErrorInfo")),
+    )
+
+
+_Status, _ErrorInfo = _message_classes()
+
+
+def _error_info(details_bin: bytes) -> tuple[str, _ErrorInfoView | None]:
+    """(status message, the credit-ledger ErrorInfo or None) of a serialized google.rpc.Status."""
+    status = _Status()
+    try:
+        status.ParseFromString(details_bin)
+    except DecodeError:
+        return "", None
+    view = cast(_StatusView, status)
+    for detail in view.details:
+        if detail.type_url != ERROR_INFO_TYPE_URL:
+            continue
+        info = _ErrorInfo()
+        try:
+            info.ParseFromString(detail.value)
+        except DecodeError:
+            continue
+        info_view = cast(_ErrorInfoView, info)
+        if info_view.domain == ERROR_DOMAIN:
+            return view.message, info_view
+    return view.message, None
+
+
+def _status_details(trailers: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
+    for key, value in trailers or ():
+        if key == STATUS_DETAILS_TRAILER and isinstance(value, bytes):
+            return value
+    return None
+
+
+def error_for(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str = "",
+    metadata: Mapping[str, str] | None = None,
+) -> LedgerError:
+    """The typed error for a status code and an ErrorInfo reason."""
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, LedgerError)
+    return cls(message, code=code, reason=reason, metadata=metadata)
+
+
+def from_rpc_error(error: grpc.RpcError) -> LedgerError:
+    """Decodes a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code = grpc.StatusCode.UNKNOWN
+    message = str(error)
+    trailers: Iterable[tuple[str, str | bytes]] | None = None
+    if isinstance(error, grpc.aio.AioRpcError | grpc.Call):
+        code, message = error.code(), error.details() or ""
+        trailers = error.trailing_metadata()
+    details_bin = _status_details(trailers)
+    info = None
+    if details_bin is not None:
+        status_message, info = _error_info(details_bin)
+        message = status_message or message
+    if info is None:
+        return error_for(code, message)
+    return error_for(code, message, info.reason, dict(info.metadata))
