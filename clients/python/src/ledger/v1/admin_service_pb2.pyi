@@ -661,7 +661,7 @@ class UpdateSettingRequest(_message.Message):
     reset: _builtins.bool
     """Go back to the environment default (and follow it from then on)."""
     reason: _builtins.str
-    """Why; recorded in the audit trail."""
+    """Why; required (also for a reset), recorded in the audit trail."""
     @_builtins.property
     def value(self) -> _struct_pb2.Value:
         """The new value; its type must match the setting's. Ignored when reset is set."""

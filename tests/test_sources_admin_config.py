@@ -1,0 +1,400 @@
+"""AdminService: run-time settings with their audit trail, admin grants and adjustments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc, types_pb2
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger_server.audit import audit_database
+from ledger_server.clock import OffsetClock
+from ledger_server.config import Settings
+from ledger_server.db.migrate import migrate
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.server import ServerThread
+from support.sources import ACTOR, DAY, DEFAULT_SETTINGS, Sources, dt, py, value
+
+AuditCheck = Callable[[], None]
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def sources(stub: Any, admin: Any, billing: Any) -> Sources:
+    return Sources(stub, admin, billing)
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def test_every_setting_is_listed_with_its_default(sources: Sources) -> None:
+    settings = sources.settings()
+    assert set(DEFAULT_SETTINGS) <= set(settings)
+    for key, default in DEFAULT_SETTINGS.items():
+        setting = settings[key]
+        assert py(setting.default_value) == default, key
+        assert setting.env_var.startswith("LEDGER_"), key
+        assert setting.source in (
+            admin_pb.SETTING_SOURCE_ENVIRONMENT,
+            admin_pb.SETTING_SOURCE_ADMIN,
+        ), key
+        if key != "signup.enabled":  # the session baseline switches the bonus off
+            assert py(setting.value) == default, key
+    assert settings["signup.enabled"].env_var == "LEDGER_SIGNUP_BONUS_ENABLED"
+    assert settings["signup.amount_micros"].env_var == "LEDGER_SIGNUP_BONUS_MICROS"
+    assert settings["signup.expire_days"].env_var == "LEDGER_SIGNUP_BONUS_EXPIRE_DAYS"
+    env_vars = [settings[key].env_var for key in DEFAULT_SETTINGS]
+    assert len(set(env_vars)) == len(env_vars)
+
+
+def test_every_setting_env_var_is_documented_in_the_readme(sources: Sources) -> None:
+    readme = README.read_text(encoding="utf-8")
+    missing = [s.env_var for s in sources.settings().values() if s.env_var not in readme]
+    assert missing == []
+
+
+def test_seed_000_config_change_takes_effect_on_the_next_grant_and_is_audited(
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    clock: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure.reset("signup.enabled")
+    before = sources.create_account().signup_lot
+    assert before.amount_micros == 100 * CREDIT
+
+    key = "signup.amount_micros"
+    reason = "spring promotion: 42 credits"
+    try:
+        changed = sources.update_setting(key, 42 * CREDIT, reason)
+        assert py(changed.value) == 42 * CREDIT
+        assert py(changed.default_value) == 100 * CREDIT
+        assert changed.source == admin_pb.SETTING_SOURCE_ADMIN
+        assert changed.updated_by == ACTOR
+        assert abs(dt(changed.update_time) - clock.now()) < timedelta(seconds=30)
+
+        # The very next sign-up gets the new amount: no restart.
+        after = sources.create_account()
+        assert after.signup_lot.amount_micros == 42 * CREDIT
+        assert after.balance.balance_micros == 42 * CREDIT
+        listed = sources.setting(key)
+        assert (py(listed.value), listed.source, listed.updated_by) == (
+            42 * CREDIT,
+            admin_pb.SETTING_SOURCE_ADMIN,
+            ACTOR,
+        )
+
+        # ... and the change is in the audit trail: who, when, old and new value, why.
+        newest = sources.setting_changes(key)[0]
+        assert newest.key == key
+        assert py(newest.old_value) == 100 * CREDIT
+        assert py(newest.new_value) == 42 * CREDIT
+        assert newest.actor == ACTOR
+        assert newest.reason == reason
+        assert newest.source == admin_pb.SETTING_SOURCE_ADMIN
+        assert abs(dt(newest.change_time) - clock.now()) < timedelta(seconds=30)
+        assert newest.change_id
+    finally:
+        reset = sources.reset_setting(key, "promotion over")
+
+    assert reset.source == admin_pb.SETTING_SOURCE_ENVIRONMENT
+    assert py(reset.value) == 100 * CREDIT
+    changes = sources.setting_changes(key)
+    assert (py(changes[0].old_value), py(changes[0].new_value)) == (42 * CREDIT, 100 * CREDIT)
+    assert changes[0].actor == ACTOR
+    assert changes[0].reason == "promotion over"
+    assert changes[1].change_id == newest.change_id  # newest first
+    assert dt(changes[0].change_time) >= dt(changes[1].change_time)
+    assert sources.create_account().signup_lot.amount_micros == 100 * CREDIT
+    assert_audit_clean()
+
+
+def test_change_history_can_be_listed_for_all_keys(sources: Sources, configure: Any) -> None:
+    configure("daily.amount_micros", 11 * CREDIT)
+    configure("referral.reward_micros", 12 * CREDIT)
+    changes = sources.admin.ListSettingChanges(
+        admin_pb.ListSettingChangesRequest(page_size=2)
+    ).changes
+    assert [c.key for c in changes] == ["referral.reward_micros", "daily.amount_micros"]
+
+
+@pytest.mark.parametrize(
+    ("key", "wrong"),
+    [
+        ("signup.amount_micros", struct_pb2.Value(string_value="lots")),
+        ("signup.enabled", struct_pb2.Value(number_value=1)),
+        ("ledger.timezone", struct_pb2.Value(bool_value=True)),
+        ("recharge.bonus_tiers", struct_pb2.Value(string_value="30000:30")),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused(
+    sources: Sources, key: str, wrong: struct_pb2.Value
+) -> None:
+    before = sources.setting(key)
+    history = sources.setting_changes(key)
+    expect_error(
+        lambda: sources.admin.UpdateSetting(
+            admin_pb.UpdateSettingRequest(key=key, value=wrong, reason="typo")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        field="value",
+    )
+    assert sources.setting(key) == before
+    assert sources.setting_changes(key) == history
+
+
+def test_an_unknown_setting_is_not_found(sources: Sources) -> None:
+    info = expect_error(
+        lambda: sources.update_setting("no.such.setting", 1, "typo"),
+        grpc.StatusCode.NOT_FOUND,
+        "SETTING_NOT_FOUND",
+    )
+    assert info.metadata["setting"] == "no.such.setting"
+
+
+def test_a_setting_can_be_reset_to_its_environment_default(
+    sources: Sources, configure: Any
+) -> None:
+    configure("daily.amount_micros", 5 * CREDIT)
+    assert sources.setting("daily.amount_micros").source == admin_pb.SETTING_SOURCE_ADMIN
+    reset = sources.reset_setting("daily.amount_micros")
+    assert reset.source == admin_pb.SETTING_SOURCE_ENVIRONMENT
+    assert py(reset.value) == py(reset.default_value) == 10 * CREDIT
+    newest = sources.setting_changes("daily.amount_micros")[0]
+    assert (py(newest.old_value), py(newest.new_value)) == (5 * CREDIT, 10 * CREDIT)
+    assert newest.actor == ACTOR
+    account = sources.create_account().account.account_id
+    assert sources.claim_daily(account).lot.amount_micros == 10 * CREDIT
+
+
+def test_a_structured_setting_round_trips(sources: Sources, configure: Any) -> None:
+    tiers = [{"min_minor": 5000, "bonus_micros": 2 * CREDIT}]
+    configure("recharge.bonus_tiers", tiers)
+    assert py(sources.setting("recharge.bonus_tiers").value) == tiers
+    assert value(tiers) == sources.setting("recharge.bonus_tiers").value
+
+
+# --- admin grants and adjustments ---------------------------------------------------------------
+
+
+def test_admin_grant_records_the_reason_and_the_admin(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    account = sources.create_account().account.account_id
+    key = new_key("admin-grant")
+    granted = sources.grant_credits(
+        account, 15 * CREDIT, "compensation for ticket #812", key=key, expires_in=10 * DAY
+    )
+    lot = granted.lot
+    assert lot.source == types_pb2.CREDIT_SOURCE_ADMIN
+    assert lot.amount_micros == lot.remaining_micros == 15 * CREDIT
+    assert dt(lot.expires_at) == dt(lot.created_at) + 10 * DAY
+    assert granted.balance.balance_micros == 15 * CREDIT
+
+    (txn,) = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_GRANT])
+    assert txn.transaction_id == granted.transaction_id
+    assert txn.actor == ACTOR
+    assert txn.comment == "compensation for ticket #812"
+    assert txn.amount_micros == 15 * CREDIT
+
+    replay = sources.grant_credits(
+        account, 15 * CREDIT, "compensation for ticket #812", key=key, expires_in=10 * DAY
+    )
+    assert replay.lot.lot_id == lot.lot_id
+    assert ledger.balance(account).balance_micros == 15 * CREDIT
+    assert_audit_clean()
+
+
+def test_admin_grant_needs_a_reason(sources: Sources, ledger: Ledger) -> None:
+    account = sources.create_account().account.account_id
+    expect_error(
+        lambda: sources.grant_credits(account, 15 * CREDIT, ""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        field="reason",
+    )
+    assert ledger.lots(account, include_inactive=True) == []
+
+
+def test_adjustment_debits_in_consumption_order_and_records_the_admin(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    account = sources.create_account().account.account_id
+    daily = ledger.grant(account, 10, source=types_pb2.CREDIT_SOURCE_DAILY).lot
+    permanent = ledger.grant(account, 20, source=types_pb2.CREDIT_SOURCE_PURCHASE).lot
+
+    adjusted = sources.adjust(account, 15 * CREDIT, "chargeback on order 77")
+    assert adjusted.balance.balance_micros == adjusted.balance.available_micros == 15 * CREDIT
+    remaining = {
+        lot.lot_id: lot.remaining_micros for lot in ledger.lots(account, include_inactive=True)
+    }
+    assert remaining == {daily.lot_id: 0, permanent.lot_id: 15 * CREDIT}
+
+    (txn,) = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_ADJUSTMENT])
+    assert txn.transaction_id == adjusted.transaction_id
+    assert txn.amount_micros == -15 * CREDIT
+    assert txn.actor == ACTOR
+    assert txn.comment == "chargeback on order 77"
+    assert sum(p.amount_micros for p in txn.postings) == 0
+    taken = {p.lot_id: p.amount_micros for p in txn.postings if p.lot_id}
+    assert taken == {daily.lot_id: -10 * CREDIT, permanent.lot_id: -5 * CREDIT}
+    assert_audit_clean()
+
+
+def test_an_adjustment_above_the_available_credits_is_refused(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    account = new_account()
+    ledger.grant(account, 10)
+    ledger.reserve(account, 4 * CREDIT)
+    lots_before = ledger.lots(account, include_inactive=True)
+
+    info = expect_error(
+        lambda: sources.adjust(account, 7 * CREDIT, "too much"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_CREDITS",
+    )
+    assert int(info.metadata["available_micros"]) == 6 * CREDIT
+    assert int(info.metadata["requested_micros"]) == 7 * CREDIT
+    assert ledger.lots(account, include_inactive=True) == lots_before
+    assert ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_ADJUSTMENT]) == []
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.available_micros) == (10 * CREDIT, 6 * CREDIT)
+    assert_audit_clean()
+
+
+def test_an_adjustment_never_takes_reward_credits(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    account = new_account()
+    ledger.grant(account, 5)
+    ledger.grant(
+        account,
+        50,
+        source=types_pb2.CREDIT_SOURCE_REFERRAL,
+        balance_kind=types_pb2.BALANCE_KIND_REWARD,
+    )
+    expect_error(
+        lambda: sources.adjust(account, 6 * CREDIT, "more than main"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_CREDITS",
+    )
+    adjusted = sources.adjust(account, 5 * CREDIT, "all of main")
+    assert adjusted.balance.balance_micros == 0
+    assert adjusted.balance.reward_balance_micros == 50 * CREDIT
+    assert_audit_clean()
+
+
+@pytest.mark.parametrize("amount", [0, -5 * CREDIT])
+def test_admin_amounts_must_be_positive(sources: Sources, amount: int) -> None:
+    account = sources.create_account().account.account_id
+    for call in (
+        lambda: sources.grant_credits(account, amount, "bad amount"),
+        lambda: sources.adjust(account, amount, "bad amount"),
+    ):
+        expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", field="amount_micros")
+
+
+def test_setting_changes_page_through_the_history(sources: Sources, configure: Any) -> None:
+    for amount in (1, 2, 3):
+        configure("daily.amount_micros", amount * CREDIT)
+    first = sources.admin.ListSettingChanges(
+        admin_pb.ListSettingChangesRequest(key="daily.amount_micros", page_size=2)
+    )
+    assert [py(c.new_value) for c in first.changes] == [3 * CREDIT, 2 * CREDIT]
+    assert first.next_page_token
+    second = sources.admin.ListSettingChanges(
+        admin_pb.ListSettingChangesRequest(
+            key="daily.amount_micros", page_size=2, page_token=first.next_page_token
+        )
+    )
+    assert py(second.changes[0].new_value) == 1 * CREDIT
+    seen = {c.change_id for c in first.changes} | {c.change_id for c in second.changes}
+    assert len(seen) == len(first.changes) + len(second.changes)
+
+
+# --- environment defaults and persistence -------------------------------------------------------
+
+
+def _listed(admin: Any, metadata: Any) -> dict[str, admin_pb.Setting]:
+    response = admin.ListSettings(admin_pb.ListSettingsRequest(), metadata=metadata)
+    return {setting.key: setting for setting in response.settings}
+
+
+def _serve(database_url: str) -> ServerThread:
+    settings = Settings(database_url=database_url, db_pool_min_size=1, db_pool_max_size=4)
+    return ServerThread(settings, OffsetClock()).start()
+
+
+def test_environment_variables_give_the_defaults_and_admin_changes_survive_a_restart(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    migrate(fresh_database_url)
+    metadata = (("x-ledger-actor", "ops-admin"),)
+    monkeypatch.setenv("LEDGER_SIGNUP_BONUS_MICROS", "5000000")
+    monkeypatch.setenv("LEDGER_SIGNUP_BONUS_EXPIRE_DAYS", "0")
+    server = _serve(fresh_database_url)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            ledger_stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            listed = _listed(admin, metadata)
+            amount = listed["signup.amount_micros"]
+            assert (py(amount.value), py(amount.default_value)) == (5 * CREDIT, 5 * CREDIT)
+            assert amount.source == admin_pb.SETTING_SOURCE_ENVIRONMENT
+            assert py(listed["signup.expire_days"].value) == 0
+            created = ledger_stub.CreateAccount(
+                pb.CreateAccountRequest(account_id=new_account(), idempotency_key=new_key())
+            )
+            assert created.signup_lot.amount_micros == 5 * CREDIT
+            assert not created.signup_lot.HasField("expires_at")
+
+            admin.UpdateSetting(
+                admin_pb.UpdateSettingRequest(
+                    key="signup.amount_micros", value=value(9 * CREDIT), reason="keep me"
+                ),
+                metadata=metadata,
+            )
+    finally:
+        server.stop()
+
+    # A restart with another environment default keeps the administrator's value.
+    monkeypatch.setenv("LEDGER_SIGNUP_BONUS_MICROS", "7000000")
+    server = _serve(fresh_database_url)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            ledger_stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            listed = _listed(admin, metadata)
+            amount = listed["signup.amount_micros"]
+            assert (py(amount.value), py(amount.default_value)) == (9 * CREDIT, 7 * CREDIT)
+            assert amount.source == admin_pb.SETTING_SOURCE_ADMIN
+            assert amount.updated_by == "ops-admin"
+            created = ledger_stub.CreateAccount(
+                pb.CreateAccountRequest(account_id=new_account(), idempotency_key=new_key())
+            )
+            assert created.signup_lot.amount_micros == 9 * CREDIT
+
+            # Reset follows the (new) environment default.
+            reset = admin.UpdateSetting(
+                admin_pb.UpdateSettingRequest(
+                    key="signup.amount_micros", reset=True, reason="follow the environment"
+                ),
+                metadata=metadata,
+            ).setting
+            assert (py(reset.value), reset.source) == (
+                7 * CREDIT,
+                admin_pb.SETTING_SOURCE_ENVIRONMENT,
+            )
+    finally:
+        server.stop()
+    assert audit_database(fresh_database_url) == []

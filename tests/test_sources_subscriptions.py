@@ -1,0 +1,351 @@
+"""Subscription periods (seed 000 and seed 001): a grant per paid period expiring at the
+period's end, no rollover on renewal, carry-over of unused credits on upgrade."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import billing_service_pb2 as billing_pb
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import types_pb2
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.sources import DAY, Sources, dt, new_id, whole_seconds
+
+AuditCheck = Callable[[], None]
+MINUTE = timedelta(minutes=1)
+PERIOD = 30 * DAY
+
+
+@pytest.fixture
+def sources(stub: Any, admin: Any, billing: Any) -> Sources:
+    return Sources(stub, admin, billing)
+
+
+def _period_from_now(clock: Any) -> tuple[datetime, datetime]:
+    start = whole_seconds(clock.now()) - MINUTE
+    return start, start + PERIOD
+
+
+def _live_by_source(ledger: Ledger, account: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for lot in ledger.lots(account):
+        out[lot.source] = out.get(lot.source, 0) + lot.remaining_micros
+    return out
+
+
+# --- catalogue ----------------------------------------------------------------------------------
+
+
+def test_plans_are_managed_by_admins_and_listed_when_active(sources: Sources) -> None:
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    retired = sources.create_plan(50 * CREDIT, rank=1, active=False)
+    assert (plan.credits_micros, plan.rank, plan.period_count) == (100 * CREDIT, 1, 1)
+    assert plan.period_unit == billing_pb.BILLING_PERIOD_UNIT_MONTH
+    listed = {
+        p.plan_id: p
+        for p in sources.billing.ListSubscriptionPlans(
+            billing_pb.ListSubscriptionPlansRequest()
+        ).plans
+    }
+    assert listed[plan.plan_id].credits_micros == 100 * CREDIT
+    assert retired.plan_id not in listed
+    expect_error(
+        lambda: sources.create_plan(1 * CREDIT, rank=1, plan_id=plan.plan_id),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ALREADY_EXISTS",
+    )
+
+
+# --- periods ------------------------------------------------------------------------------------
+
+
+def test_a_paid_period_grants_the_plan_credits_expiring_at_the_period_end(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    key = new_key("period")
+    started = sources.start_period(
+        account, plan.plan_id, start, end, key=key, external_ref="in_1", subscription_ref="sub_1"
+    )
+
+    lot = started.lot
+    assert lot.source == types_pb2.CREDIT_SOURCE_SUBSCRIPTION
+    assert lot.amount_micros == lot.remaining_micros == 100 * CREDIT
+    assert dt(lot.expires_at) == end
+    assert lot.external_ref == "in_1"
+    sub = started.subscription
+    assert sub.plan_id == plan.plan_id
+    assert (dt(sub.current_period_start), dt(sub.current_period_end)) == (start, end)
+    assert sub.external_ref == "sub_1"
+    assert started.balance.balance_micros == 100 * CREDIT
+    assert sources.get_account(account).subscription == sub
+
+    # The same invoice is granted once, whatever the key.
+    replay = sources.start_period(
+        account, plan.plan_id, start, end, key=key, external_ref="in_1", subscription_ref="sub_1"
+    )
+    assert replay.lot.lot_id == lot.lot_id
+    expect_error(
+        lambda: sources.start_period(
+            account, plan.plan_id, start, end, external_ref="in_1", subscription_ref="sub_1"
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ALREADY_FULFILLED",
+    )
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+
+    # At the period end the credits expire.
+    clock.advance(end - clock.now() - MINUTE)
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+    clock.advance(2 * MINUTE)
+    assert ledger.balance(account).balance_micros == 0
+    assert not sources.get_account(account).HasField("subscription")
+    assert_audit_clean()
+
+
+def test_renewal_grants_a_fresh_period_with_no_rollover(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    first = sources.start_period(account, plan.plan_id, start, end, external_ref=new_id("in"))
+    ledger.consume(account, 30 * CREDIT)
+
+    # The renewal invoice is paid just before the first period ends.
+    clock.advance(end - clock.now() - 5 * MINUTE)
+    renewed = sources.start_period(
+        account, plan.plan_id, end, end + PERIOD, external_ref=new_id("in")
+    )
+    assert renewed.lot.lot_id != first.lot.lot_id
+    assert renewed.lot.amount_micros == 100 * CREDIT
+    assert dt(renewed.lot.expires_at) == end + PERIOD
+    assert dt(renewed.subscription.current_period_start) == end
+    assert dt(renewed.subscription.current_period_end) == end + PERIOD
+    assert renewed.balance.balance_micros == 170 * CREDIT  # the old period has not ended yet
+
+    # Once the first period is over only the new period's credits remain: exactly 100.
+    clock.advance(10 * MINUTE)
+    balance = ledger.balance(account)
+    assert balance.balance_micros == balance.available_micros == 100 * CREDIT
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert lots[first.lot.lot_id].remaining_micros == 0
+    assert lots[first.lot.lot_id].expired_micros == 70 * CREDIT
+    assert lots[renewed.lot.lot_id].remaining_micros == 100 * CREDIT
+    expiries = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_EXPIRY])
+    assert [t.amount_micros for t in expiries] == [-70 * CREDIT]
+    assert dt(sources.get_account(account).subscription.current_period_end) == end + PERIOD
+    assert_audit_clean()
+
+
+def test_seed_001_upgrade_carries_unused_credits_into_the_new_period(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    pro_plus = sources.create_plan(300 * CREDIT, rank=2)
+    account = sources.create_account().account.account_id
+    start = whole_seconds(clock.now()) - 10 * DAY  # ten days into a monthly period
+    end = start + PERIOD
+    old = sources.start_period(account, pro.plan_id, start, end).lot
+    ledger.consume(account, 30 * CREDIT)
+
+    new_start = whole_seconds(clock.now())
+    new_end = new_start + PERIOD
+    changed = sources.change_plan(account, pro_plus.plan_id, new_start, new_end)
+
+    assert changed.carried_over_micros == 70 * CREDIT
+    carry = changed.carry_over_lot
+    assert carry.source == types_pb2.CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER
+    assert carry.amount_micros == carry.remaining_micros == 70 * CREDIT
+    assert dt(carry.expires_at) == new_end
+    lot = changed.lot
+    assert lot.source == types_pb2.CREDIT_SOURCE_SUBSCRIPTION
+    assert lot.amount_micros == lot.remaining_micros == 300 * CREDIT
+    assert dt(lot.expires_at) == new_end
+    assert changed.subscription.plan_id == pro_plus.plan_id
+    assert dt(changed.subscription.current_period_end) == new_end
+    assert changed.balance.balance_micros == 370 * CREDIT
+    assert sources.get_account(account).subscription.plan_id == pro_plus.plan_id
+
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert lots[old.lot_id].remaining_micros == 0
+    assert lots[old.lot_id].expired_micros == 0
+    (transfer,) = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER])
+    assert sum(p.amount_micros for p in transfer.postings) == 0
+    moved = {p.lot_id: p.amount_micros for p in transfer.postings if p.lot_id}
+    assert moved == {old.lot_id: -70 * CREDIT, carry.lot_id: 70 * CREDIT}
+
+    # Past the old period's end nothing else expires: the carried credits live on.
+    clock.advance(end - clock.now() + MINUTE)
+    assert ledger.balance(account).balance_micros == 370 * CREDIT
+    assert ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_EXPIRY]) == []
+    # Until the new period ends.
+    clock.advance(new_end - clock.now() + MINUTE)
+    assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_second_upgrade_carries_both_subscription_and_carried_credits(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    pro_plus = sources.create_plan(300 * CREDIT, rank=2)
+    ultra = sources.create_plan(1000 * CREDIT, rank=3)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, start, end)
+    ledger.consume(account, 40 * CREDIT)
+    first = sources.change_plan(account, pro_plus.plan_id, start, end)
+    assert first.carried_over_micros == 60 * CREDIT
+    ledger.consume(account, 100 * CREDIT)  # 360 -> 260 across the carry-over and the new lot
+
+    second = sources.change_plan(account, ultra.plan_id, start, end)
+    assert second.carried_over_micros == 260 * CREDIT
+    assert second.carry_over_lot.amount_micros == 260 * CREDIT
+    assert second.lot.amount_micros == 1000 * CREDIT
+    assert second.balance.balance_micros == 1260 * CREDIT
+    assert _live_by_source(ledger, account) == {
+        types_pb2.CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER: 260 * CREDIT,
+        types_pb2.CREDIT_SOURCE_SUBSCRIPTION: 1000 * CREDIT,
+    }
+    assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER])) == 2
+    assert_audit_clean()
+
+
+def test_upgrade_carries_only_credits_not_held(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    pro_plus = sources.create_plan(300 * CREDIT, rank=2)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    old = sources.start_period(account, pro.plan_id, start, end).lot
+    ledger.consume(account, 30 * CREDIT)
+    held = ledger.reserve(account, 20 * CREDIT).reservation
+
+    changed = sources.change_plan(account, pro_plus.plan_id, start, end)
+    assert changed.carried_over_micros == 50 * CREDIT
+    assert changed.carry_over_lot.amount_micros == 50 * CREDIT
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert (lots[old.lot_id].remaining_micros, lots[old.lot_id].held_micros) == (
+        20 * CREDIT,
+        20 * CREDIT,
+    )
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.available_micros) == (370 * CREDIT, 350 * CREDIT)
+
+    ledger.commit(account, held.reservation_id, 20 * CREDIT)
+    balance = ledger.balance(account)
+    assert balance.balance_micros == balance.available_micros == 350 * CREDIT
+    assert {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}[
+        old.lot_id
+    ].remaining_micros == 0
+    assert_audit_clean()
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_move_to_an_equal_or_lower_rank_carries_nothing(
+    sources: Sources, ledger: Ledger, clock: Any, rank: int, assert_audit_clean: AuditCheck
+) -> None:
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    other = sources.create_plan(40 * CREDIT, rank=rank)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, start, end)
+    ledger.consume(account, 30 * CREDIT)
+
+    new_start = whole_seconds(clock.now())
+    changed = sources.change_plan(account, other.plan_id, new_start, new_start + PERIOD)
+    assert changed.carried_over_micros == 0
+    assert not changed.HasField("carry_over_lot")
+    assert changed.lot.source == types_pb2.CREDIT_SOURCE_SUBSCRIPTION
+    assert changed.lot.amount_micros == 40 * CREDIT
+    assert dt(changed.lot.expires_at) == new_start + PERIOD
+    assert changed.subscription.plan_id == other.plan_id
+    assert ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER]) == []
+    assert types_pb2.CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER not in _live_by_source(ledger, account)
+    assert_audit_clean()
+
+
+def test_unknown_plans_and_empty_periods_are_refused(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    info = expect_error(
+        lambda: sources.start_period(account, "no-such-plan", start, end),
+        grpc.StatusCode.NOT_FOUND,
+        "PLAN_NOT_FOUND",
+    )
+    assert info.metadata["plan_id"] == "no-such-plan"
+    for bad_end in (start, start - MINUTE):
+        expect_error(
+            lambda bad_end=bad_end: sources.start_period(account, plan.plan_id, start, bad_end),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+            field="period_end",
+        )
+    sources.start_period(account, plan.plan_id, start, end)
+    expect_error(
+        lambda: sources.change_plan(account, "no-such-plan", start, end),
+        grpc.StatusCode.NOT_FOUND,
+        "PLAN_NOT_FOUND",
+    )
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+    assert_audit_clean()
+
+
+def test_an_updated_plan_grants_its_new_amount_from_the_next_period(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    changed = billing_pb.SubscriptionPlan()
+    changed.CopyFrom(plan)
+    changed.credits_micros = 120 * CREDIT
+    updated = sources.admin.UpdateSubscriptionPlan(
+        admin_pb.UpdateSubscriptionPlanRequest(plan=changed)
+    ).plan
+    assert updated.credits_micros == 120 * CREDIT
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    assert sources.start_period(account, plan.plan_id, start, end).lot.amount_micros == (
+        120 * CREDIT
+    )
+    assert_audit_clean()
+
+
+def test_a_plan_change_retried_with_its_key_carries_over_once(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    pro_plus = sources.create_plan(300 * CREDIT, rank=2)
+    account = new_account()  # a billing call opens the account
+    start, end = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, start, end)
+    key = new_key("change")
+    first = sources.change_plan(
+        account, pro_plus.plan_id, start, end, key=key, external_ref="in_up"
+    )
+    replay = sources.change_plan(
+        account, pro_plus.plan_id, start, end, key=key, external_ref="in_up"
+    )
+    assert replay.lot.lot_id == first.lot.lot_id
+    assert replay.carry_over_lot.lot_id == first.carry_over_lot.lot_id
+    assert replay.carried_over_micros == 100 * CREDIT
+    expect_error(
+        lambda: sources.change_plan(account, pro_plus.plan_id, start, end, external_ref="in_up"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ALREADY_FULFILLED",
+    )
+    assert ledger.balance(account).balance_micros == 400 * CREDIT
+    assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER])) == 1
+    assert_audit_clean()
