@@ -1,0 +1,119 @@
+"""Observability against the session's in-process server (fast; the process-level checks,
+/metrics over HTTP and the server's own log output, are in test_faults.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc
+from ledger_server.observability import request_id
+from ledger_server.observability.logging import JsonFormatter
+from support.ledger import CREDIT, Ledger, new_account
+
+
+def _value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _settled(name: str, expected: float, **labels: str) -> float:
+    """The counter once it reaches ``expected`` (bounded wait): the server counts a call as
+    its handler ends, which can be just after the client has its answer."""
+    event = threading.Event()
+    for _ in range(200):
+        if _value(name, **labels) >= expected:
+            break
+        event.wait(0.05)
+    return _value(name, **labels)
+
+
+def test_calls_are_counted_by_final_code_and_answer_with_their_request_id(
+    stub: ledger_service_pb2_grpc.LedgerServiceStub, ledger: Ledger
+) -> None:
+    account = new_account("obs")
+    ledger.grant(account, 5)
+    labels = {"service": "ledger.v1.LedgerService", "method": "Consume"}
+    ok_before = _value("ledger_rpc_requests_total", **labels, code="OK")
+    refused_before = _value("ledger_rpc_requests_total", **labels, code="FAILED_PRECONDITION")
+    invalid_before = _value("ledger_rpc_requests_total", **labels, code="INVALID_ARGUMENT")
+
+    _, call = stub.Consume.with_call(
+        pb.ConsumeRequest(account_id=account, idempotency_key="c1", amount_micros=CREDIT),
+        metadata=(("x-request-id", "obs-ok-1"),),
+    )
+    assert ("x-request-id", "obs-ok-1") in call.trailing_metadata()
+    # A replay keeps its replay marker next to the request id.
+    _, call = stub.Consume.with_call(
+        pb.ConsumeRequest(account_id=account, idempotency_key="c1", amount_micros=CREDIT),
+        metadata=(("x-request-id", "obs-ok-2"),),
+    )
+    trailing = dict(call.trailing_metadata())
+    assert trailing["x-request-id"] == "obs-ok-2"
+    assert trailing["ledger-idempotent-replay"] == "true"
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Consume(
+            pb.ConsumeRequest(account_id=account, idempotency_key="c2", amount_micros=99 * CREDIT)
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(refused.value.trailing_metadata())["x-request-id"]  # made up by the server
+    # Not a request id we would log: replaced by one of ours.
+    with pytest.raises(grpc.RpcError) as invalid:
+        stub.Consume(
+            pb.ConsumeRequest(account_id=account, idempotency_key="c3", amount_micros=-1),
+            metadata=(("x-request-id", "has spaces " + "x" * 200),),
+        )
+    assert dict(invalid.value.trailing_metadata())["x-request-id"] != "has spaces " + "x" * 200
+
+    total = "ledger_rpc_requests_total"
+    assert _settled(total, ok_before + 2, **labels, code="OK") == ok_before + 2
+    refused_after = _settled(total, refused_before + 1, **labels, code="FAILED_PRECONDITION")
+    assert refused_after == refused_before + 1
+    invalid_after = _settled(total, invalid_before + 1, **labels, code="INVALID_ARGUMENT")
+    assert invalid_after == invalid_before + 1
+
+
+def test_replays_do_not_count_credits_twice(ledger: Ledger) -> None:
+    account = new_account("obs-credits")
+    granted_before = _value("ledger_credits_granted_micros_total", source="purchase")
+    ledger.grant(account, 7, key="g1")
+    ledger.grant(account, 7, key="g1")  # a replay
+    granted = _settled("ledger_credits_granted_micros_total", granted_before, source="purchase")
+    assert granted == granted_before + 7 * CREDIT
+    consumed_before = _value("ledger_credits_consumed_micros_total", source="purchase")
+    request = pb.ConsumeRequest(account_id=account, idempotency_key="once", amount_micros=CREDIT)
+    ledger.stub.Consume(request)
+    ledger.stub.Consume(request)  # a replay
+    assert (
+        _value("ledger_credits_consumed_micros_total", source="purchase")
+        == consumed_before + CREDIT
+    )
+
+
+def test_json_lines_carry_the_request_id_and_mask_tokens() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("test.observability")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with request_id.bound("rid-123"):
+            logger.warning(
+                "caller sent authorization: Bearer abc.DEF-123",
+                extra={"authorization": "Bearer abc.DEF-123", "code": "OK", "n": 3},
+            )
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["request_id"] == "rid-123"
+    assert line["level"] == "WARNING"
+    assert (line["code"], line["n"]) == ("OK", 3)
+    assert "abc.DEF-123" not in stream.getvalue()
+    assert line["authorization"] == "[redacted]"

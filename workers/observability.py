@@ -1,0 +1,53 @@
+"""The workers' side of observability: the RQ worker class of `python -m workers worker`.
+
+- Each job runs with the request id of the call that enqueued it (``job.meta["request_id"]``,
+  put there by ``workers.queues.enqueue``; a job enqueued by the scheduler has none and uses
+  its job id), so every log line of the job carries it, and so do jobs it enqueues.
+- Each failed run (an exception, a time-out, a killed work horse) adds one to a Redis hash
+  that the server's ``/metrics`` reports as ``ledger_job_failures_total{queue,job}``.
+  In Redis rather than in this process because RQ runs jobs in forked work horses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.job import Job
+
+from ledger_server.observability import request_id
+from ledger_server.observability.metrics import JOB_FAILURES_KEY
+
+log = logging.getLogger("workers.jobs")
+
+
+def job_request_id(job: Job) -> str:
+    meta = job.meta or {}
+    return request_id.accept(meta.get(request_id.JOB_META_KEY)) or f"job:{job.id}"
+
+
+def count_failure(job: Job, queue_name: str) -> None:
+    try:
+        job.connection.hincrby(JOB_FAILURES_KEY, f"{queue_name}|{job.func_name}", 1)
+    except (RedisError, OSError) as error:  # the count is best effort; the job's fate is not
+        log.warning("could not count the failure of job %s: %s", job.id, error)
+
+
+class LedgerWorker(Worker):
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        with request_id.bound(job_request_id(job)):
+            fields = {"job_id": job.id, "job": job.func_name, "queue": queue.name}
+            log.info("job %s started", job.func_name, extra=fields)
+            ok: bool = super().perform_job(job, queue)
+            log.info("job %s %s", job.func_name, "done" if ok else "failed", extra=fields)
+            return ok
+
+    def handle_job_failure(
+        self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
+    ) -> None:
+        count_failure(job, queue.name)
+        with request_id.bound(job_request_id(job)):
+            super().handle_job_failure(
+                job, queue, started_job_registry=started_job_registry, exc_string=exc_string
+            )
