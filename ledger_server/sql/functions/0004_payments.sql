@@ -1,0 +1,205 @@
+-- Payments (issue 5): Checkout Session rules and records, and the claw-back of a
+-- refunded purchase. Same conventions as 0001_ledger.sql; further SQLSTATEs:
+--   LE040 purchase not found (a refund of a payment this ledger never fulfilled)
+--   LE041 the pack or plan has no payment provider price id
+--   LE042 subscription plan inactive
+
+CREATE OR REPLACE FUNCTION ledger_checkout_session_json(c checkout_sessions) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'session_id', c.session_id,
+        'account_id', c.account_id,
+        'kind', c.kind,
+        'pack_id', coalesce(c.pack_id, ''),
+        'plan_id', coalesce(c.plan_id, ''),
+        'amount_minor', c.amount_minor,
+        'currency', c.currency,
+        'url', c.url,
+        'create_time', ledger_micros(c.created_at))
+$$;
+
+-- Before a Checkout Session is created at the provider: a retry under the same key
+-- gets the stored session ({"replay": session}); else the same rules as the grant
+-- the payment will lead to (pack on sale, free users allowed, recharge minimum and
+-- currency, plan on sale) are checked now, so nobody pays for what the ledger would
+-- refuse. Returns what the provider needs: price id or amount, currency. Reads only.
+CREATE OR REPLACE FUNCTION ledger_checkout_prepare(
+    p_account text, p_key text, p_hash bytea, p_kind text, p_pack text, p_amount_minor bigint,
+    p_currency text, p_plan text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    existing checkout_sessions;
+    p credit_packs;
+    plan subscription_plans;
+    quote jsonb;
+BEGIN
+    SELECT * INTO existing FROM checkout_sessions
+     WHERE account_id = p_account AND idempotency_key = p_key;
+    IF FOUND THEN
+        IF existing.request_hash <> p_hash THEN
+            PERFORM ledger_fail('LE002', 'idempotency key was used for a different request',
+                jsonb_build_object('idempotency_key', p_key,
+                                   'original_operation', 'create_checkout_session'));
+        END IF;
+        RETURN jsonb_build_object('replay', ledger_checkout_session_json(existing));
+    END IF;
+    IF p_kind = 'pack' THEN
+        SELECT * INTO p FROM credit_packs WHERE pack_id = p_pack;
+        IF NOT FOUND THEN
+            PERFORM ledger_fail('LE021', 'no such credit pack', jsonb_build_object('pack_id', p_pack));
+        END IF;
+        IF NOT p.active THEN
+            PERFORM ledger_fail('LE022', 'the credit pack is not on sale',
+                jsonb_build_object('pack_id', p_pack));
+        END IF;
+        IF NOT (ledger_setting('purchase.allow_free_users'))::boolean
+           AND NOT EXISTS (SELECT 1 FROM subscriptions
+                            WHERE account_id = p_account AND current_period_end > p_now) THEN
+            PERFORM ledger_fail('LE023', 'only subscribers may buy credit packs',
+                jsonb_build_object('setting', 'purchase.allow_free_users'));
+        END IF;
+        IF coalesce(p.provider_price_id, '') = '' THEN
+            PERFORM ledger_fail('LE041', 'the credit pack has no payment provider price',
+                jsonb_build_object('pack_id', p_pack));
+        END IF;
+        RETURN jsonb_build_object('kind', 'pack', 'pack_id', p.pack_id, 'price_id', p.provider_price_id,
+                                  'amount_minor', p.price_minor, 'currency', p.currency,
+                                  'credits_micros', p.credits_micros);
+    ELSIF p_kind = 'recharge' THEN
+        quote := ledger_recharge_quote(p_amount_minor, p_currency);  -- minimum, currency
+        RETURN jsonb_build_object('kind', 'recharge', 'amount_minor', p_amount_minor,
+                                  'currency', upper(p_currency),
+                                  'credits_micros', (quote ->> 'credits_micros')::bigint,
+                                  'bonus_micros', (quote ->> 'bonus_micros')::bigint);
+    ELSIF p_kind = 'subscription' THEN
+        plan := ledger_find_plan(p_plan);
+        IF NOT plan.active THEN
+            PERFORM ledger_fail('LE042', 'the subscription plan is not on sale',
+                jsonb_build_object('plan_id', p_plan));
+        END IF;
+        IF coalesce(plan.provider_price_id, '') = '' THEN
+            PERFORM ledger_fail('LE041', 'the subscription plan has no payment provider price',
+                jsonb_build_object('plan_id', p_plan));
+        END IF;
+        RETURN jsonb_build_object('kind', 'subscription', 'plan_id', plan.plan_id,
+                                  'price_id', plan.provider_price_id,
+                                  'amount_minor', plan.price_minor, 'currency', plan.currency,
+                                  'credits_micros', plan.credits_micros);
+    END IF;
+    PERFORM ledger_fail('LE010', 'unknown checkout kind',
+        jsonb_build_object('field', 'purchase', 'violation', 'pack_id, recharge or plan_id is required'));
+    RETURN NULL;
+END $$;
+
+-- Stores the session the provider created. Two racing requests under one key (or a
+-- retry after the provider answered but before this insert) store one row; both get it.
+CREATE OR REPLACE FUNCTION ledger_record_checkout_session(
+    p_session text, p_account text, p_key text, p_hash bytea, p_kind text, p_pack text,
+    p_plan text, p_amount_minor bigint, p_currency text, p_url text, p_now timestamptz)
+    RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    c checkout_sessions;
+BEGIN
+    INSERT INTO checkout_sessions (session_id, account_id, idempotency_key, request_hash, kind,
+                                   pack_id, plan_id, amount_minor, currency, url, created_at)
+    VALUES (p_session, p_account, p_key, p_hash, p_kind, nullif(p_pack, ''), nullif(p_plan, ''),
+            p_amount_minor, upper(p_currency), p_url, p_now)
+    ON CONFLICT DO NOTHING;
+    SELECT * INTO c FROM checkout_sessions WHERE account_id = p_account AND idempotency_key = p_key;
+    IF NOT FOUND THEN
+        -- The provider returned a session stored under another key: its idempotency key
+        -- is derived from (account, key), so this is a bug, not a race.
+        RAISE EXCEPTION 'checkout session % is stored under another idempotency key', p_session;
+    END IF;
+    RETURN ledger_checkout_session_json(c);
+END $$;
+
+-- A refunded payment (charge.refunded) takes back the refunded share of what it
+-- bought, limited to what is still there: the purchase lot's unspent, unheld credits
+-- and the same share of its bonus lot's. amount_refunded is cumulative, so the share
+-- is computed over the whole purchase and what earlier refunds took is subtracted;
+-- the balance never goes below zero and never below what is held. One ADJUSTMENT
+-- transaction: each lot -x, its source's issuance account +x. Idempotent by key.
+CREATE OR REPLACE FUNCTION ledger_claw_back_purchase(
+    p_account text, p_key text, p_hash bytea, p_external_refs text[], p_refunded_minor bigint,
+    p_paid_minor bigint, p_comment text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    pu purchases;
+    l lots;
+    bl lots;
+    share_credits bigint;
+    share_bonus bigint;
+    take bigint := 0;
+    take_bonus bigint := 0;
+    txn bigint;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'claw_back_purchase', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    SELECT * INTO pu FROM purchases
+     WHERE account_id = p_account AND external_ref = ANY (p_external_refs)
+     ORDER BY array_position(p_external_refs, external_ref)
+     LIMIT 1
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE040', 'no purchase of the account was paid by this payment',
+            jsonb_build_object('account_id', p_account,
+                               'external_ref', array_to_string(p_external_refs, ',')));
+    END IF;
+    IF p_paid_minor <= 0 OR p_refunded_minor < 0 THEN
+        PERFORM ledger_fail('LE010', 'refund amounts out of range', jsonb_build_object(
+            'field', 'amount_refunded', 'violation', 'must be between 0 and the amount paid'));
+    END IF;
+    -- Shares in numeric: credits (up to 2^63) times an amount would overflow bigint.
+    share_credits := floor(pu.credits_micros::numeric * least(p_refunded_minor, p_paid_minor)
+                           / p_paid_minor)::bigint;
+    share_bonus := floor(pu.bonus_micros::numeric * least(p_refunded_minor, p_paid_minor)
+                         / p_paid_minor)::bigint;
+    SELECT * INTO l FROM lots WHERE account_id = p_account AND lot_id = pu.lot_id FOR UPDATE;
+    take := greatest(least(share_credits - pu.clawed_back_micros, l.remaining_micros - l.held_micros), 0);
+    IF pu.bonus_lot_id IS NOT NULL THEN
+        SELECT * INTO bl FROM lots WHERE account_id = p_account AND lot_id = pu.bonus_lot_id FOR UPDATE;
+        take_bonus := greatest(least(share_bonus - pu.bonus_clawed_back_micros,
+                                     bl.remaining_micros - bl.held_micros), 0);
+    END IF;
+    IF take + take_bonus > 0 THEN
+        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus), p_now,
+                                      p_comment => p_comment, p_external_ref => pu.external_ref);
+        IF take > 0 THEN
+            UPDATE lots SET remaining_micros = remaining_micros - take
+             WHERE account_id = p_account AND lot_id = l.lot_id;
+            PERFORM ledger_post(p_account, txn, 0, 'account:' || l.balance_kind, l.lot_id, l.source,
+                                -take, 'refund: unspent credits clawed back');
+            PERFORM ledger_post(p_account, txn, 1, 'issuance:' || l.source, NULL, l.source, take);
+        END IF;
+        IF take_bonus > 0 THEN
+            UPDATE lots SET remaining_micros = remaining_micros - take_bonus
+             WHERE account_id = p_account AND lot_id = bl.lot_id;
+            PERFORM ledger_post(p_account, txn, 2, 'account:' || bl.balance_kind, bl.lot_id, bl.source,
+                                -take_bonus, 'refund: bonus share clawed back');
+            PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
+                                take_bonus);
+        END IF;
+        UPDATE accounts SET balance_micros = balance_micros - (take + take_bonus)
+         WHERE account_id = p_account;
+        UPDATE purchases
+           SET clawed_back_micros = clawed_back_micros + take,
+               bonus_clawed_back_micros = bonus_clawed_back_micros + take_bonus
+         WHERE account_id = p_account AND purchase_id = pu.purchase_id;
+    END IF;
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    RETURN ledger_idempotent_store(p_account, p_key, 'claw_back_purchase', p_hash, jsonb_build_object(
+        'purchase_id', pu.purchase_id::text,
+        'external_ref', pu.external_ref,
+        'clawed_back_micros', take,
+        'bonus_clawed_back_micros', take_bonus,
+        'refunded_share_micros', share_credits + share_bonus,
+        'transaction_id', coalesce(txn::text, ''),
+        'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;

@@ -1,0 +1,109 @@
+-- Named queries of payments (issue 5): BillingService.CreateCheckoutSession and
+-- ListPaymentEvents, the webhook receiver and the payment jobs (workers/payments.py).
+-- Credits move only through ledger functions (sources.sql, claw_back_purchase).
+
+-- name: checkout_prepare
+SELECT ledger_checkout_prepare(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                               %(kind)s::text, %(pack_id)s::text, %(amount_minor)s::bigint,
+                               %(currency)s::text, %(plan_id)s::text, %(now)s::timestamptz)
+
+-- name: record_checkout_session
+SELECT ledger_record_checkout_session(%(session_id)s::text, %(account_id)s::text, %(key)s::text,
+                                      %(hash)s::bytea, %(kind)s::text, %(pack_id)s::text,
+                                      %(plan_id)s::text, %(amount_minor)s::bigint,
+                                      %(currency)s::text, %(url)s::text, %(now)s::timestamptz)
+
+-- name: claw_back_purchase
+SELECT ledger_claw_back_purchase(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                 %(external_refs)s::text[], %(refunded_minor)s::bigint,
+                                 %(paid_minor)s::bigint, %(comment)s::text, %(now)s::timestamptz)
+
+-- name: insert_payment_event
+-- The webhook receiver: a new event is stored once; a duplicate delivery returns no row.
+INSERT INTO payment_events (event_id, type, account_id, payload, received_at)
+VALUES (%(event_id)s, %(type)s, nullif(%(account_id)s, ''), %(payload)s, %(now)s)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+
+-- name: start_payment_event
+-- A job run begins: counts the attempt and shows it in the payment log. Waits for a
+-- run holding the row (its transaction) to finish; then finds it processed: no row.
+UPDATE payment_events
+   SET status = 'processing', attempts = attempts + 1
+ WHERE event_id = %(event_id)s AND status IN ('received', 'processing', 'failed')
+RETURNING attempts
+
+-- name: lock_payment_event
+-- Inside the job's transaction, before any account lock (nothing locks an event after
+-- an account, so this order cannot deadlock).
+SELECT type, payload, status, account_id FROM payment_events
+ WHERE event_id = %(event_id)s
+   FOR UPDATE
+
+-- name: finish_payment_event
+UPDATE payment_events
+   SET status = %(status)s, account_id = coalesce(nullif(%(account_id)s, ''), account_id),
+       credits_micros = %(credits_micros)s, idempotency_key = %(idempotency_key)s,
+       last_error = %(note)s, processed_at = %(now)s
+ WHERE event_id = %(event_id)s
+
+-- name: fail_payment_event
+UPDATE payment_events
+   SET status = 'failed', last_error = %(error)s
+ WHERE event_id = %(event_id)s AND status NOT IN ('processed', 'ignored')
+
+-- name: stalled_payment_events
+-- The sweeper: unfinished events older than the threshold, skipping those a job is
+-- processing right now (its transaction holds the row). Failed events only while
+-- their attempts are below the limit: past it they wait for an operator.
+SELECT event_id, status, attempts FROM payment_events
+ WHERE status IN ('received', 'processing', 'failed')
+   AND received_at < %(before)s
+   AND (status <> 'failed' OR attempts < %(max_attempts)s)
+ ORDER BY status, received_at
+ LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED
+
+-- name: payment_event_status
+SELECT status, attempts, credits_micros, coalesce(last_error, '') FROM payment_events
+ WHERE event_id = %(event_id)s
+
+-- name: plan_for_price
+SELECT plan_id FROM subscription_plans
+ WHERE provider_price_id = %(price_id)s
+ ORDER BY active DESC, plan_id
+ LIMIT 1
+
+-- name: current_subscription_plan
+SELECT plan_id FROM subscriptions WHERE account_id = %(account_id)s
+
+-- name: account_for_subscription
+SELECT account_id FROM checkout_sessions
+ WHERE subscription_ref = %(subscription_ref)s
+ ORDER BY created_at DESC
+ LIMIT 1
+
+-- name: account_for_payment
+SELECT account_id FROM purchases
+ WHERE external_ref = ANY (%(external_refs)s::text[])
+ ORDER BY created_at
+ LIMIT 1
+
+-- name: complete_checkout_session
+UPDATE checkout_sessions
+   SET completed_at = coalesce(completed_at, %(now)s),
+       subscription_ref = coalesce(nullif(%(subscription_ref)s, ''), subscription_ref)
+ WHERE session_id = %(session_id)s
+
+-- name: list_payment_events
+-- Newest first; keyset on (received_at, event_id). %(account_id)s / %(status)s NULL: all.
+SELECT event_id, type, status, attempts, coalesce(last_error, ''), credits_micros,
+       coalesce(account_id, ''), ledger_micros(received_at), ledger_micros(processed_at)
+  FROM payment_events
+ WHERE (%(account_id)s::text IS NULL OR account_id = %(account_id)s::text)
+   AND (%(status)s::text IS NULL OR status = %(status)s::text)
+   AND (%(before_time)s::bigint IS NULL
+        OR (received_at, event_id) < (timestamptz 'epoch' + %(before_time)s::bigint * interval '1 microsecond',
+                                      %(before_id)s::text))
+ ORDER BY received_at DESC, event_id DESC
+ LIMIT %(limit)s

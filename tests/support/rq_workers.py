@@ -1,0 +1,81 @@
+"""Real RQ workers for tests: `rq worker` subprocesses on the test database and Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def redis_db_url(url: str, db: int) -> str:
+    """``url`` with another database number: the payment tests flush theirs at will."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def worker_env(database_url: str, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+def _command(redis_url: str, queues: Sequence[str], burst: bool, simple: bool) -> list[str]:
+    rq = Path(sys.executable).with_name("rq")
+    command = [str(rq), "worker", "--url", redis_url, "--logging_level", "WARNING"]
+    if burst:
+        command.append("--burst")
+    if simple:
+        command += ["--worker-class", "rq.worker.SimpleWorker"]
+    return [*command, *queues]
+
+
+def start_worker(
+    database_url: str,
+    redis_url: str,
+    queues: Sequence[str] = ("payments",),
+    *,
+    burst: bool = True,
+    simple: bool = False,
+) -> subprocess.Popen[bytes]:
+    """An `rq worker` in its own process group (so a SIGKILL takes its work horse too)."""
+    return subprocess.Popen(
+        _command(redis_url, queues, burst, simple),
+        cwd=REPO,
+        env=worker_env(database_url, redis_url),
+        start_new_session=True,
+    )
+
+
+def run_burst_workers(
+    database_url: str, redis_url: str, count: int = 1, queues: Sequence[str] = ("payments",)
+) -> None:
+    """Runs `count` burst workers side by side (no fork per job) until the queues are empty."""
+    workers = [start_worker(database_url, redis_url, queues, simple=True) for _ in range(count)]
+    codes = [w.wait(timeout=300) for w in workers]
+    assert codes == [0] * count, f"rq workers exited with {codes}"
+
+
+def run_sweeper(database_url: str, redis_url: str, older_than_seconds: int = 0) -> int:
+    """Runs workers.payments.requeue_stalled_payment_events in a process of its own (as the
+    scheduler would) and returns how many events it re-queued."""
+    code = (
+        "from workers.payments import requeue_stalled_payment_events as sweep; "
+        f"print(sweep(older_than_seconds={older_than_seconds}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=worker_env(database_url, redis_url),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return int(out.stdout.decode().strip().splitlines()[-1])

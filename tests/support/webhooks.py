@@ -1,0 +1,177 @@
+"""Stripe webhook events for tests: payloads shaped like Stripe's (the fields the payment
+jobs read), signed with Stripe's real scheme, and posted to the webhook receiver."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import time
+import urllib.parse
+import uuid
+from typing import Any
+
+SECRET = "whsec_test_secret"
+WEBHOOK_PATH = "/stripe/webhook"
+
+
+def sign(payload: bytes, secret: str = SECRET, timestamp: int | None = None) -> str:
+    """The Stripe-Signature header: t=<ts>,v1=<HMAC-SHA256(secret, "<ts>.<payload>")>."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def new_event_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+def event(event_type: str, obj: dict[str, Any], event_id: str | None = None, **extra: Any) -> bytes:
+    body = {
+        "id": event_id or new_event_id(),
+        "object": "event",
+        "api_version": "2026-10-28.endive",
+        "created": int(time.time()),
+        "livemode": False,
+        "pending_webhooks": 1,
+        "type": event_type,
+        "data": {"object": obj, **extra},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def checkout_pack(
+    account_id: str,
+    pack_id: str,
+    payment_intent: str | None = None,
+    event_id: str | None = None,
+    amount_total: int = 2500,
+) -> bytes:
+    metadata = {"account_id": account_id, "kind": "pack", "pack_id": pack_id}
+    return event(
+        "checkout.session.completed",
+        {
+            "id": f"cs_test_{uuid.uuid4().hex}",
+            "object": "checkout.session",
+            "mode": "payment",
+            "payment_status": "paid",
+            "status": "complete",
+            "client_reference_id": account_id,
+            "metadata": metadata,
+            "payment_intent": payment_intent or f"pi_{uuid.uuid4().hex}",
+            "amount_total": amount_total,
+            "currency": "usd",
+        },
+        event_id,
+    )
+
+
+def checkout_recharge(
+    account_id: str,
+    amount_minor: int,
+    currency: str = "cny",
+    payment_intent: str | None = None,
+    event_id: str | None = None,
+) -> bytes:
+    metadata = {"account_id": account_id, "kind": "recharge", "amount_minor": str(amount_minor)}
+    return event(
+        "checkout.session.completed",
+        {
+            "id": f"cs_test_{uuid.uuid4().hex}",
+            "object": "checkout.session",
+            "mode": "payment",
+            "payment_status": "paid",
+            "client_reference_id": account_id,
+            "metadata": metadata,
+            "payment_intent": payment_intent or f"pi_{uuid.uuid4().hex}",
+            "amount_total": amount_minor,
+            "currency": currency,
+        },
+        event_id,
+    )
+
+
+def charge_refunded(
+    payment_intent: str,
+    amount: int,
+    amount_refunded: int,
+    currency: str = "usd",
+    account_id: str | None = None,
+    event_id: str | None = None,
+) -> bytes:
+    return event(
+        "charge.refunded",
+        {
+            "id": f"ch_{uuid.uuid4().hex}",
+            "object": "charge",
+            "payment_intent": payment_intent,
+            "amount": amount,
+            "amount_refunded": amount_refunded,
+            "refunded": amount_refunded >= amount,
+            "currency": currency,
+            "metadata": {"account_id": account_id} if account_id else {},
+        },
+        event_id,
+    )
+
+
+def invoice_paid(
+    account_id: str,
+    subscription: str,
+    price_id: str,
+    start: int,
+    end: int,
+    invoice_id: str | None = None,
+    billing_reason: str = "subscription_create",
+    event_id: str | None = None,
+) -> bytes:
+    """An invoice in the shape of API version 2025-03-31 and later (parent, pricing)."""
+    return event(
+        "invoice.paid",
+        {
+            "id": invoice_id or f"in_{uuid.uuid4().hex}",
+            "object": "invoice",
+            "billing_reason": billing_reason,
+            "status": "paid",
+            "parent": {
+                "type": "subscription_details",
+                "subscription_details": {
+                    "subscription": subscription,
+                    "metadata": {"account_id": account_id, "kind": "subscription"},
+                },
+            },
+            "lines": {
+                "object": "list",
+                "data": [
+                    {
+                        "object": "line_item",
+                        "period": {"start": start, "end": end},
+                        "pricing": {"type": "price_details", "price_details": {"price": price_id}},
+                    }
+                ],
+            },
+        },
+        event_id,
+    )
+
+
+def post(url: str, body: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:
+    """POSTs to the receiver (base URL) and returns (status, JSON body)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if signature is not None:
+            headers["Stripe-Signature"] = signature
+        conn.request("POST", WEBHOOK_PATH, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, json.loads(data) if data else {}
+    finally:
+        conn.close()
+
+
+def deliver(url: str, body: bytes, secret: str = SECRET) -> int:
+    status, _ = post(url, body, sign(body, secret))
+    return status

@@ -1,0 +1,476 @@
+"""Payments (issue 5): refunds claw back only unspent credits (must-show 4), subscription
+invoices, Checkout Sessions against a local Stripe double, and the payment log RPC."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from ledger.v1 import billing_service_pb2 as billing_pb
+from ledger.v1 import billing_service_pb2_grpc
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger_server.clock import OffsetClock
+from ledger_server.config import Settings, StripeSettings
+from support import payments as payment_fixtures
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.payments import PaymentsDb
+from support.rq_workers import run_burst_workers
+from support.server import ServerThread
+from support.sources import Sources
+from support.stripe_double import StripeDouble
+from support.webhooks import (
+    charge_refunded,
+    checkout_pack,
+    checkout_recharge,
+    deliver,
+    event,
+    invoice_paid,
+)
+
+AuditCheck = Callable[[], None]
+
+# The shared fixtures of the payment tests (tests/support/payments.py).
+payments_db = payment_fixtures.payments_db
+payments_redis_url = payment_fixtures.payments_redis_url
+webhook_url = payment_fixtures.webhook_url
+
+
+@pytest.fixture
+def sources(stub: Any, admin: Any, billing: Any) -> Sources:
+    return Sources(stub, admin, billing)
+
+
+@pytest.fixture
+def apply_events(
+    webhook_url: str, ledger_db_url: str, payments_redis_url: str
+) -> Callable[..., list[str]]:
+    """Delivers signed events and runs a burst worker; returns their event ids."""
+
+    def apply(*bodies: bytes) -> list[str]:
+        for body in bodies:
+            assert deliver(webhook_url, body) == 200
+        run_burst_workers(ledger_db_url, payments_redis_url)
+        return [str(json.loads(body)["id"]) for body in bodies]
+
+    return apply
+
+
+def _clawbacks(ledger: Ledger, account: str) -> list[pb.Transaction]:
+    return [t for t in ledger.transactions(account) if t.kind == pb.TRANSACTION_KIND_ADJUSTMENT]
+
+
+# --- must-show 4: refunds ------------------------------------------------------------------------
+
+
+def test_refund_of_a_partly_spent_pack_takes_back_only_the_unspent_unheld_part(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2500)
+    account, intent = new_account("refund"), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    ledger.consume(account, 30 * CREDIT)
+    ledger.reserve(account, 20 * CREDIT)  # held: not taken back either
+
+    [refund] = apply_events(charge_refunded(intent, amount=2500, amount_refunded=2500))
+
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (20 * CREDIT, 20 * CREDIT)
+    assert balance.available_micros == 0
+    event = payments_db.event(refund)
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("processed", -50 * CREDIT)
+    [clawback] = _clawbacks(ledger, account)
+    assert clawback.amount_micros == -50 * CREDIT
+    assert intent in clawback.comment and clawback.external_ref == intent
+    assert sorted(p.amount_micros for p in clawback.postings) == [-50 * CREDIT, 50 * CREDIT]
+
+    # The same refund delivered again, or a second event saying the same, takes nothing more.
+    apply_events(charge_refunded(intent, amount=2500, amount_refunded=2500))
+    assert ledger.balance(account).balance_micros == 20 * CREDIT
+    assert len(_clawbacks(ledger, account)) == 1
+    assert_audit_clean()
+
+
+def test_partial_refunds_take_their_share_and_never_drive_the_balance_negative(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
+    account, intent = new_account("partial"), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    ledger.consume(account, 10 * CREDIT)
+
+    # Half refunded: half the pack (50) is still there, so all of it goes.
+    [half] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=1000))
+    assert ledger.balance(account).balance_micros == 40 * CREDIT
+    # The rest refunded (amount_refunded is cumulative): 50 more are owed, 40 are left.
+    ledger_event = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
+    assert ledger.balance(account).balance_micros == 0
+    assert [payments_db.event(e)["credits_micros"] for e in (half, *ledger_event)] == [  # type: ignore[index]
+        -50 * CREDIT,
+        -40 * CREDIT,
+    ]
+    assert [t.amount_micros for t in _clawbacks(ledger, account)] == [-40 * CREDIT, -50 * CREDIT]
+    assert_audit_clean()
+
+
+def test_refund_of_a_recharge_takes_the_same_share_of_its_bonus(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    # Defaults: 1 credit per 1.00 CNY; 300.00 earns a 30-credit bonus lot (seed 002).
+    account, intent = new_account("recharge"), f"pi_{uuid.uuid4().hex}"
+    [paid] = apply_events(checkout_recharge(account, 30000, payment_intent=intent))
+    assert payments_db.event(paid)["credits_micros"] == 330 * CREDIT  # type: ignore[index]
+    ledger.consume(account, 100 * CREDIT)  # from the recharge lot (created first)
+
+    # Half refunded: half the recharge (150 of its 200 left) and half the bonus (15).
+    [refund] = apply_events(charge_refunded(intent, amount=30000, amount_refunded=15000))
+    assert payments_db.event(refund)["credits_micros"] == -165 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 65 * CREDIT
+    lots = {lot.source: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert [p.amount_micros for p in _clawbacks(ledger, account)[0].postings] == [
+        -150 * CREDIT,
+        150 * CREDIT,
+        -15 * CREDIT,
+        15 * CREDIT,
+    ]
+    assert len(lots) == 2
+    assert_audit_clean()
+
+
+def test_a_refund_of_an_unknown_payment_is_recorded_and_ignored(
+    apply_events: Callable[..., list[str]], payments_db: PaymentsDb
+) -> None:
+    [refund] = apply_events(charge_refunded(f"pi_{uuid.uuid4().hex}", 1000, 1000))
+    event = payments_db.event(refund)
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("ignored", 0)
+    assert "no purchase" in event["last_error"]
+
+
+# --- subscriptions -------------------------------------------------------------------------
+
+
+def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    account, sub = new_account("subscriber"), f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    end = start + 30 * 86400
+    invoice = invoice_paid(account, sub, basic.provider_price_id, start, end)
+    paid, _ = apply_events(invoice, invoice)
+    assert payments_db.event(paid)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+    ledger.consume(account, 40 * CREDIT)
+
+    upgraded = event(
+        "customer.subscription.updated",
+        {
+            "id": sub,
+            "object": "subscription",
+            "metadata": {"account_id": account},
+            "items": {
+                "data": [
+                    {
+                        "price": {"id": pro.provider_price_id},
+                        "current_period_start": start + 86400,
+                        "current_period_end": end + 86400,
+                    }
+                ]
+            },
+        },
+        previous_attributes={"items": {"data": [{"price": {"id": basic.provider_price_id}}]}},
+    )
+    proration = invoice_paid(
+        account, sub, pro.provider_price_id, start, end, billing_reason="subscription_update"
+    )
+    [change, prorated] = apply_events(upgraded, proration)
+    # 60 unused basic credits carried over, plus the pro plan's 300.
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert payments_db.event(change)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert payments_db.event(prorated)["status"] == "ignored"  # type: ignore[index]
+    assert_audit_clean()
+
+
+# --- the payment log -----------------------------------------------------------------------
+
+
+def test_the_payment_log_lists_every_event_with_status_error_and_credits(
+    apply_events: Callable[..., list[str]],
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+    sources: Sources,
+    configure: Any,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(12 * CREDIT)
+    account = new_account("logged")
+    ids = apply_events(
+        checkout_pack(account, pack.pack_id),
+        event(
+            "customer.created",
+            {"id": "cus_1", "object": "customer", "metadata": {"account_id": account}},
+        ),
+        checkout_pack(account, "pack-that-does-not-exist"),
+    )
+    listed = billing.ListPaymentEvents(billing_pb.ListPaymentEventsRequest(account_id=account))
+    by_id = {e.event_id: e for e in listed.events}
+    assert set(by_id) == set(ids)
+    granted, other, broken = (by_id[i] for i in ids)
+    assert (granted.status, granted.credits_micros, granted.attempts) == (
+        billing_pb.PAYMENT_EVENT_STATUS_PROCESSED,
+        12 * CREDIT,
+        1,
+    )
+    assert granted.type == "checkout.session.completed" and granted.HasField("process_time")
+    assert other.status == billing_pb.PAYMENT_EVENT_STATUS_IGNORED
+    assert broken.status == billing_pb.PAYMENT_EVENT_STATUS_FAILED
+    assert broken.last_error.startswith("PACK_NOT_FOUND") and not broken.HasField("process_time")
+    times = [(e.receive_time.ToMicroseconds(), e.event_id) for e in listed.events]
+    assert times == sorted(times, reverse=True)  # newest first
+
+    failed = billing.ListPaymentEvents(
+        billing_pb.ListPaymentEventsRequest(
+            account_id=account, status=billing_pb.PAYMENT_EVENT_STATUS_FAILED
+        )
+    )
+    assert [e.event_id for e in failed.events] == [broken.event_id]
+
+    seen, token = [], ""
+    while True:
+        page = billing.ListPaymentEvents(
+            billing_pb.ListPaymentEventsRequest(account_id=account, page_size=1, page_token=token)
+        )
+        seen += [e.event_id for e in page.events]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [e.event_id for e in listed.events]
+    expect_error(
+        lambda: billing.ListPaymentEvents(
+            billing_pb.ListPaymentEventsRequest(
+                account_id=new_account(), page_token=token or "garbage"
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "page_token",
+    )
+
+
+# --- Checkout Sessions against the Stripe double ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stripe_double() -> Iterator[StripeDouble]:
+    double = StripeDouble().start()
+    yield double
+    double.stop()
+
+
+@pytest.fixture(scope="module")
+def checkout(
+    stripe_double: StripeDouble, ledger_db_url: str, server_address: str
+) -> Iterator[billing_service_pb2_grpc.BillingServiceStub]:
+    """A second gRPC server whose BillingService talks to the Stripe double."""
+    stripe_settings = StripeSettings(api_key="sk_test_double", api_base=stripe_double.url)
+    with pytest.MonkeyPatch.context() as env:
+        # Read by BillingService when the app does not pass settings.stripe along.
+        env.setenv("STRIPE_API_KEY", stripe_settings.api_key)
+        env.setenv("STRIPE_API_BASE", stripe_settings.api_base)
+        settings = Settings(database_url=ledger_db_url, stripe=stripe_settings)
+        server = ServerThread(settings, OffsetClock()).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            yield billing_service_pb2_grpc.BillingServiceStub(channel)
+    finally:
+        server.stop()
+
+
+def test_checkout_for_a_pack_creates_one_stripe_session_per_idempotency_key(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    sources: Sources,
+    configure: Any,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(50 * CREDIT, price_minor=990, currency="USD")
+    account, key = new_account("shopper"), new_key("checkout")
+    request = billing_pb.CreateCheckoutSessionRequest(
+        account_id=account,
+        idempotency_key=key,
+        pack_id=pack.pack_id,
+        success_url="https://app.example/ok",
+        cancel_url="https://app.example/cancel",
+    )
+    before = len(stripe_double.checkout_requests())
+    response, call = checkout.CreateCheckoutSession.with_call(request)
+    session = response.session
+    assert session.session_id.startswith("cs_test_")
+    assert session.url.endswith(session.session_id)
+    assert (session.kind, session.pack_id, session.amount_minor, session.currency) == (
+        billing_pb.CHECKOUT_KIND_PACK,
+        pack.pack_id,
+        990,
+        "USD",
+    )
+    [sent] = stripe_double.checkout_requests()[before:]
+    assert sent.form["mode"] == "payment"
+    assert sent.form["line_items[0][price]"] == pack.provider_price_id
+    assert sent.form["client_reference_id"] == account
+    assert sent.form["metadata[account_id]"] == account
+    assert sent.form["metadata[pack_id]"] == pack.pack_id
+    assert sent.form["payment_intent_data[metadata][account_id]"] == account
+    assert sent.form["success_url"] == "https://app.example/ok"
+    assert sent.headers["Idempotency-Key"].startswith("ledger-checkout-")
+    assert sent.headers["Authorization"] == "Bearer sk_test_double"
+
+    # A retry returns the stored session without calling Stripe again.
+    again, call = checkout.CreateCheckoutSession.with_call(request)
+    assert again.session == session
+    assert ("ledger-idempotent-replay", "true") in call.trailing_metadata()
+    assert len(stripe_double.checkout_requests()) == before + 1
+    other = billing_pb.CreateCheckoutSessionRequest()
+    other.CopyFrom(request)
+    other.success_url = "https://app.example/elsewhere"
+    expect_error(
+        lambda: checkout.CreateCheckoutSession(other),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+
+
+def test_checkout_checks_the_ledger_rules_before_calling_stripe(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    sources: Sources,
+    configure: Any,
+) -> None:
+    configure("purchase.allow_free_users", False)
+    pack = sources.create_pack(50 * CREDIT)
+    hidden = sources.create_pack(50 * CREDIT, active=False)
+    before = len(stripe_double.checkout_requests())
+
+    def attempt(**purchase: Any) -> Callable[[], Any]:
+        return lambda: checkout.CreateCheckoutSession(
+            billing_pb.CreateCheckoutSessionRequest(
+                account_id=new_account("rules"), idempotency_key=new_key(), **purchase
+            )
+        )
+
+    expect_error(
+        attempt(pack_id=pack.pack_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_REQUIRES_SUBSCRIPTION",
+    )
+    configure("purchase.allow_free_users", True)
+    expect_error(
+        attempt(pack_id=hidden.pack_id), grpc.StatusCode.FAILED_PRECONDITION, "PACK_INACTIVE"
+    )
+    expect_error(attempt(pack_id="no-such-pack"), grpc.StatusCode.NOT_FOUND, "PACK_NOT_FOUND")
+    expect_error(
+        attempt(recharge=billing_pb.RechargeAmount(amount_minor=2999, currency="CNY")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "amount_minor",
+    )
+    expect_error(
+        attempt(recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="USD")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "currency",
+    )
+    expect_error(attempt(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "purchase")
+    expect_error(
+        attempt(pack_id=pack.pack_id, success_url="javascript:alert(1)"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "success_url",
+    )
+    assert len(stripe_double.checkout_requests()) == before
+
+
+def test_checkout_for_a_recharge_and_a_subscription(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    sources: Sources,
+) -> None:
+    account = new_account("payer")
+    recharge = checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="cny"),
+        )
+    ).session
+    assert (recharge.kind, recharge.amount_minor, recharge.currency) == (
+        billing_pb.CHECKOUT_KIND_RECHARGE,
+        5000,
+        "CNY",
+    )
+    sent = stripe_double.checkout_requests()[-1].form
+    assert sent["line_items[0][price_data][unit_amount]"] == "5000"
+    assert sent["line_items[0][price_data][currency]"] == "cny"
+    assert sent["metadata[kind]"] == "recharge"
+    assert sent["success_url"].startswith("http://localhost:3000/")  # the configured default
+
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    subscription = checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=account, idempotency_key=new_key(), plan_id=plan.plan_id
+        )
+    ).session
+    assert (subscription.kind, subscription.plan_id) == (
+        billing_pb.CHECKOUT_KIND_SUBSCRIPTION,
+        plan.plan_id,
+    )
+    sent = stripe_double.checkout_requests()[-1].form
+    assert sent["mode"] == "subscription"
+    assert sent["line_items[0][price]"] == plan.provider_price_id
+    assert sent["subscription_data[metadata][account_id]"] == account
+
+
+def test_stripe_refusals_and_outages_map_to_grpc_errors(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+) -> None:
+    def attempt() -> Any:
+        return checkout.CreateCheckoutSession(
+            billing_pb.CreateCheckoutSessionRequest(
+                account_id=new_account("outage"),
+                idempotency_key=new_key(),
+                recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="CNY"),
+            )
+        )
+
+    stripe_double.failures.append((400, "invalid_request_error"))
+    expect_error(attempt, grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_PROVIDER_REJECTED")
+    # A 5xx is retried by the library (same idempotency key); still failing: UNAVAILABLE.
+    stripe_double.failures.extend([(500, "api_error")] * 3)
+    expect_error(attempt, grpc.StatusCode.UNAVAILABLE, "PAYMENT_PROVIDER_UNAVAILABLE")
+    assert attempt().session.session_id.startswith("cs_test_")

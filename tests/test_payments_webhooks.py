@@ -1,0 +1,317 @@
+"""Stripe webhooks end to end (issue 5, must-shows 1-3): signed events posted to the real
+receiver, stored in PostgreSQL, queued in a real Redis and applied by real `rq worker`s."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any
+
+import psycopg
+import pytest
+from redis import Redis
+
+from support import payments as payment_fixtures
+from support.ledger import CREDIT, Ledger, new_account
+from support.payments import TOLERANCE_SECONDS, PaymentsDb
+from support.rq_workers import run_burst_workers, run_sweeper, start_worker
+from support.sources import Sources
+from support.webhooks import SECRET, checkout_pack, deliver, post, sign
+from workers.webhook import WebhookReceiver
+
+AuditCheck = Callable[[], None]
+
+# The shared fixtures of the payment tests (tests/support/payments.py).
+payments_db = payment_fixtures.payments_db
+payments_redis_url = payment_fixtures.payments_redis_url
+webhook_url = payment_fixtures.webhook_url
+
+
+@pytest.fixture
+def sources(stub: Any, admin: Any, billing: Any) -> Sources:
+    return Sources(stub, admin, billing)
+
+
+def _event_id(body: bytes) -> str:
+    return str(json.loads(body)["id"])
+
+
+def _queued(redis_url: str) -> list[str]:
+    """The job ids waiting in the payments queue."""
+    return [i.decode() for i in Redis.from_url(redis_url).lrange("rq:queue:payments", 0, -1)]
+
+
+def _wait_for(condition: Callable[[], Any], what: str, limit: float = 60.0) -> Any:
+    """Polls until condition() is truthy (a readiness wait, not a timing assertion)."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+# --- must-show 1 ---------------------------------------------------------------------------------
+
+
+def test_a_thousand_checkout_events_delivered_one_to_three_times_grant_exactly_once(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    packs = [sources.create_pack(credits * CREDIT) for credits in (5, 10, 25, 40)]
+    accounts = [new_account("buyer") for _ in range(40)]
+    rng = random.Random(20260521)
+    bodies: list[bytes] = []
+    expected: dict[str, int] = defaultdict(int)
+    for _ in range(1000):
+        account, pack = rng.choice(accounts), rng.choice(packs)
+        bodies.append(checkout_pack(account, pack.pack_id))
+        expected[account] += pack.credits_micros
+
+    # Each event 1 to 3 times, shuffled; for a tenth of them two copies side by side, so
+    # concurrent senders deliver them within milliseconds of each other.
+    copies = {body: rng.randint(1, 3) for body in bodies}
+    deliveries = [body for body, n in copies.items() for _ in range(n)]
+    rng.shuffle(deliveries)
+    for body in rng.sample(bodies, 100):
+        if copies[body] < 3:
+            deliveries.insert(deliveries.index(body), body)
+            copies[body] += 1
+    assert len(deliveries) == sum(copies.values())
+
+    with ThreadPoolExecutor(max_workers=24) as senders:
+        statuses = list(senders.map(lambda b: deliver(webhook_url, b), deliveries))
+    assert set(statuses) == {200}
+    ids = [_event_id(b) for b in bodies]
+    assert payments_db.count_events(ids) == 1000
+    # Queued once each, duplicates not queued again.
+    assert Redis.from_url(payments_redis_url).llen("rq:queue:payments") == 1000
+
+    run_burst_workers(ledger_db_url, payments_redis_url, count=4)
+
+    for account in accounts:
+        assert ledger.balance(account).balance_micros == expected[account], account
+    rows = payments_db.rows(
+        "SELECT status, count(*), sum(credits_micros) FROM payment_events "
+        "WHERE event_id = ANY(%s) GROUP BY status",
+        (ids,),
+    )
+    assert rows == [("processed", 1000, sum(expected.values()))]
+    purchases = payments_db.rows(
+        "SELECT count(*), count(DISTINCT external_ref) FROM purchases WHERE account_id = ANY(%s)",
+        (accounts,),
+    )
+    assert purchases == [(1000, 1000)]
+    assert_audit_clean()
+
+
+# --- must-show 2 ---------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_in_the_middle_of_a_payment_job_applies_it_exactly_once(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(7 * CREDIT)
+    account = new_account("killed")
+    ledger.grant(account, micros=1 * CREDIT)
+    body = checkout_pack(account, pack.pack_id)
+    event_id = _event_id(body)
+    assert deliver(webhook_url, body) == 200
+
+    # The test holds the account row, so the job blocks inside its transaction (after
+    # locking the event row, inside ledger_purchase_pack); then its worker is killed.
+    with psycopg.connect(ledger_db_url) as locker:
+        locker.execute(b"SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
+        locker_pid = locker.info.backend_pid
+        # A worker that runs jobs in its own process: RQ's forking worker puts its work horse
+        # in a session of its own (setsid), out of reach of a process-group kill.
+        worker = start_worker(ledger_db_url, payments_redis_url, simple=True)
+        blocked_pid = _wait_for(
+            lambda: next(
+                iter(
+                    payments_db.rows(
+                        "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                        (locker_pid,),
+                    )
+                ),
+                None,
+            ),
+            "the payment job to block on the account",
+        )[0]
+        assert payments_db.event(event_id)["status"] == "processing"  # type: ignore[index]
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        locker.rollback()
+    # The dead job's session finds its client gone and rolls back.
+    _wait_for(
+        lambda: (
+            not payments_db.rows("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (blocked_pid,))
+        ),
+        "the killed job's database session to end",
+    )
+    assert ledger.balance(account).balance_micros == 1 * CREDIT  # nothing applied
+    event = payments_db.event(event_id)
+    assert event is not None and (event["status"], event["attempts"]) == ("processing", 1)
+
+    # The sweeper finds the event unfinished and its job dead, and queues it again. (It
+    # counts every unfinished event of the shared test database, other tests' too.)
+    assert run_sweeper(ledger_db_url, payments_redis_url) >= 1
+    assert _queued(payments_redis_url).count(event_id) == 1
+    run_burst_workers(ledger_db_url, payments_redis_url)
+
+    assert ledger.balance(account).balance_micros == 8 * CREDIT
+    event = payments_db.event(event_id)
+    assert event is not None
+    assert (event["status"], event["attempts"], event["credits_micros"]) == (
+        "processed",
+        2,
+        7 * CREDIT,
+    )
+    # Sweeping and working again changes nothing.
+    run_sweeper(ledger_db_url, payments_redis_url)
+    assert event_id not in _queued(payments_redis_url)
+    run_burst_workers(ledger_db_url, payments_redis_url)
+    assert ledger.balance(account).balance_micros == 8 * CREDIT
+    assert_audit_clean()
+
+
+def test_events_queued_in_a_flushed_redis_are_requeued_from_postgres_and_applied_once(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(3 * CREDIT)
+    accounts = [new_account("flushed") for _ in range(5)]
+    early = [checkout_pack(a, pack.pack_id) for a in accounts]  # processed before the loss
+    late = [checkout_pack(a, pack.pack_id) for a in accounts for _ in range(4)]
+    for body in early:
+        assert deliver(webhook_url, body) == 200
+    run_burst_workers(ledger_db_url, payments_redis_url)
+    for body in late:
+        assert deliver(webhook_url, body) == 200
+    redis = Redis.from_url(payments_redis_url)
+    assert redis.llen("rq:queue:payments") == len(late)
+
+    redis.flushdb()  # Redis loses every queued job
+
+    # The sweeper queues the unfinished events (of this test, and any other test's), once.
+    assert run_sweeper(ledger_db_url, payments_redis_url) >= len(late)
+    queued = _queued(payments_redis_url)
+    assert all(queued.count(_event_id(b)) == 1 for b in late)
+    assert not {_event_id(b) for b in early} & set(queued)  # processed: left alone
+    run_sweeper(ledger_db_url, payments_redis_url)  # queued already: not queued twice
+    assert _queued(payments_redis_url) == queued
+    run_burst_workers(ledger_db_url, payments_redis_url, count=2)
+    for account in accounts:
+        assert ledger.balance(account).balance_micros == 5 * 3 * CREDIT
+    ids = [_event_id(b) for b in early + late]
+    rows = payments_db.rows(
+        "SELECT status, count(*) FROM payment_events WHERE event_id = ANY(%s) GROUP BY status",
+        (ids,),
+    )
+    assert rows == [("processed", len(ids))]
+    run_sweeper(ledger_db_url, payments_redis_url)
+    assert not set(ids) & set(_queued(payments_redis_url))
+    assert_audit_clean()
+
+
+# --- must-show 3 ---------------------------------------------------------------------------------
+
+
+def test_bad_signatures_are_refused_with_400_and_store_nothing(
+    webhook_url: str, payments_db: PaymentsDb
+) -> None:
+    account = new_account("forger")
+    now = int(time.time())
+
+    def refused(body: bytes, signature: str | None) -> None:
+        status, _ = post(webhook_url, body, signature)
+        assert status == 400
+        assert payments_db.count_events([_event_id(body)]) == 0
+
+    body = checkout_pack(account, "pack-any")
+    tampered = body.replace(b'"pack-any"', b'"pack-big"')
+    assert tampered != body
+    refused(tampered, sign(body))  # payload changed after signing
+    refused(body, sign(body, secret="whsec_someone_else"))  # wrong secret
+    refused(body, sign(body, timestamp=now - TOLERANCE_SECONDS - 60))  # too old
+    refused(body, sign(body, timestamp=now + TOLERANCE_SECONDS + 60))  # from the future
+    refused(body, None)  # no signature
+    refused(body, "t=123,v0=abc")  # no v1 scheme
+    bad_json = b"{not json"
+    status, _ = post(webhook_url, bad_json, sign(bad_json))
+    assert status == 400
+
+    # The same event, signed correctly a minute ago (within the tolerance), is stored once.
+    assert deliver(webhook_url, body) == 200
+    status, answer = post(webhook_url, body, sign(body, timestamp=now - 60))
+    assert (status, answer["duplicate"]) == (200, True)
+    assert payments_db.count_events([_event_id(body)]) == 1
+    assert SECRET  # the receiver's secret is the tests' default one
+
+
+def test_with_redis_down_the_event_is_stored_answered_200_and_swept_later(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(4 * CREDIT)
+    account = new_account("redisdown")
+    body = checkout_pack(account, pack.pack_id)
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        receiver = WebhookReceiver(
+            SECRET, TOLERANCE_SECONDS, connect=lambda: nullcontext(conn), redis=lambda: nowhere
+        )
+        status, answer = receiver.receive(body, sign(body))
+    assert (status, answer["duplicate"]) == (200, False)
+    assert payments_db.event(_event_id(body))["status"] == "received"  # type: ignore[index]
+
+    run_sweeper(ledger_db_url, payments_redis_url)
+    run_burst_workers(ledger_db_url, payments_redis_url)
+    assert ledger.balance(account).balance_micros == 4 * CREDIT
+
+
+def test_the_receiver_answers_health_checks_and_only_its_route(webhook_url: str) -> None:
+    with urllib.request.urlopen(f"{webhook_url}/healthz", timeout=10) as response:
+        assert (response.status, json.load(response)) == (200, {"status": "ok"})
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{webhook_url}/other", timeout=10)
+    assert missing.value.code == 404

@@ -1,0 +1,120 @@
+"""The one synchronous PostgreSQL pool of a worker process (RQ jobs, the webhook receiver).
+
+`connection()` lends an autocommit connection: a job that needs several statements in one
+transaction opens `conn.transaction()` itself. The pool is opened lazily on first use from
+DATABASE_URL; the first use also writes this process's run-time setting defaults into
+PostgreSQL (the same `sync_environment_defaults` the gRPC server runs at start-up), so a
+worker started alone still leaves the settings table complete.
+
+RQ's default worker forks a work horse per job. A pool inherited across fork() must not be
+used (its connections and threads belong to the parent), so the pool is keyed by process id:
+a forked child opens its own and leaves the parent's alone (psycopg never closes a connection
+that another process opened)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from ledger_server import runtime_settings
+from ledger_server.clock import SystemClock
+from ledger_server.config import ConfigError
+
+_lock = threading.Lock()
+_pool: ConnectionPool[psycopg.Connection[TupleRow]] | None = None
+_pool_pid: int | None = None
+_pool_url: str | None = None
+# Pools inherited from a parent process: kept referenced, never closed or used here.
+_inherited: list[ConnectionPool[psycopg.Connection[TupleRow]]] = []
+_settings_synced = False
+
+POOL_MIN_SIZE = 1
+POOL_MAX_SIZE_DEFAULT = 8
+
+
+def _configure(conn: psycopg.Connection[TupleRow]) -> None:
+    conn.autocommit = True
+
+
+def database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if not url:
+        raise ConfigError("DATABASE_URL is not set (make run starts an embedded PostgreSQL)")
+    return url
+
+
+def _max_size() -> int:
+    raw = os.environ.get("LEDGER_DB_POOL_MAX", "")
+    try:
+        return max(POOL_MIN_SIZE, int(raw)) if raw else POOL_MAX_SIZE_DEFAULT
+    except ValueError as exc:
+        raise ConfigError(f"LEDGER_DB_POOL_MAX must be an integer, got {raw!r}") from exc
+
+
+def sync_settings(conn: psycopg.Connection[TupleRow]) -> None:
+    """Writes the environment defaults of the run-time settings (once per process tree)."""
+    global _settings_synced
+    if _settings_synced:
+        return
+    runtime_settings.sync_environment_defaults(
+        conn, runtime_settings.environment_defaults(), SystemClock().now()
+    )
+    _settings_synced = True
+
+
+def init() -> None:
+    """Call once at a worker's start, before RQ forks work horses: writes the settings'
+    environment defaults over a connection of its own (no pool is left for the horses to
+    inherit), so each horse's first job does not repeat it."""
+    with psycopg.connect(database_url(), autocommit=True) as conn:
+        sync_settings(conn)
+
+
+def pool() -> ConnectionPool[psycopg.Connection[TupleRow]]:
+    """This process's pool, opened on first use (DATABASE_URL, LEDGER_DB_POOL_MAX)."""
+    global _pool, _pool_pid, _pool_url
+    url = database_url()
+    with _lock:
+        if _pool is not None and _pool_pid != os.getpid():
+            _inherited.append(_pool)
+            _pool = None
+        if _pool is not None and _pool_url != url:
+            # DATABASE_URL changed in this process (tests pointing a worker elsewhere).
+            _pool.close()
+            _pool = None
+        if _pool is None:
+            new_pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+                url,
+                min_size=POOL_MIN_SIZE,
+                max_size=_max_size(),
+                configure=_configure,
+                open=False,
+                name="ledger-worker",
+            )
+            new_pool.open(wait=True, timeout=30)
+            with new_pool.connection() as conn:
+                sync_settings(conn)
+            _pool, _pool_pid, _pool_url = new_pool, os.getpid(), url
+        return _pool
+
+
+@contextmanager
+def connection() -> Iterator[psycopg.Connection[TupleRow]]:
+    """A pooled connection with autocommit=True, returned to the pool on exit."""
+    with pool().connection() as conn:
+        yield conn
+
+
+def close() -> None:
+    """Closes this process's pool (on shutdown); the next `connection()` opens a new one."""
+    global _pool
+    with _lock:
+        if _pool is not None and _pool_pid == os.getpid():
+            _pool.close()
+        _pool = None

@@ -1,0 +1,416 @@
+"""Payment jobs: turn stored Stripe events into ledger operations, once each.
+
+`process_event(event_id)` runs on the payments queue (enqueued by the webhook receiver with
+job_id = event id, re-queued by `requeue_stalled_payment_events`). One PostgreSQL transaction
+per event: lock the event row, run the ledger function the event calls for (under the
+idempotency key 'stripe:<event id>'), record the outcome. A job killed half-way leaves
+nothing behind but the row still unfinished; a second run of a finished event does nothing;
+two runs at once serialize on the row lock. Lock order: the event row, then (inside the ledger
+function) the account row; nothing locks an event row while holding an account, so this
+cannot deadlock.
+
+Event types:
+- checkout.session.completed / checkout.session.async_payment_succeeded (mode payment):
+  the pack (ledger_purchase_pack) or recharge (ledger_recharge) named in the session's
+  metadata, fulfilled under the payment intent's id. Mode subscription: the subscription id
+  is linked to the account; the credits come with the invoice.
+- invoice.paid: the subscription period of the plan whose provider_price_id is the line's
+  price (ledger_start_subscription_period), once per invoice.
+- customer.subscription.updated to another plan: ledger_change_subscription_plan
+  (upgrade carry-over, seed 001).
+- charge.refunded: the unspent part of the refunded share is clawed back
+  (ledger_claw_back_purchase).
+- anything else: recorded as 'ignored'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from ledger_server.db.errors import translate
+from ledger_server.db.queries import query
+from workers.db import connection
+from workers.queues import PAYMENTS_QUEUE, RETRY_MAX, requeue
+
+log = logging.getLogger(__name__)
+
+# An event is tried at most this often by RQ (the first run and its retries); the sweeper
+# re-queues failed events only below it. Past it, an operator requeues from RQ's failed
+# registry after fixing the cause (the payment log shows the error).
+MAX_ATTEMPTS = 1 + RETRY_MAX
+SWEEP_BATCH = 1000
+
+# SQLSTATEs that end an event without an effect instead of failing it.
+_ALREADY_FULFILLED = "LE025"
+_PURCHASE_NOT_FOUND = "LE040"
+
+Json = dict[str, Any]
+Conn = psycopg.Connection[TupleRow]
+
+
+class EventNotReady(RuntimeError):
+    """The event cannot be applied yet (e.g. the account of a subscription is not known
+    until its checkout is processed): the job fails and RQ retries it later."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # 'processed' or 'ignored'
+    account_id: str | None = None
+    credits_micros: int = 0
+    note: str | None = None
+
+
+def idempotency_key(event_id: str) -> str:
+    return f"stripe:{event_id}"
+
+
+def request_hash(event_id: str) -> bytes:
+    return hashlib.sha256(event_id.encode()).digest()
+
+
+# --- reading Stripe objects (dicts of the raw event, any recent API version) ---------------------
+
+
+def _id(value: Any) -> str:
+    """An expandable field: an id string, or the expanded object's id."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return str(value.get("id") or "")
+    return ""
+
+
+def _dig(obj: Any, *path: str) -> Any:
+    for step in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(step)
+    return obj
+
+
+def _metadata(obj: Any) -> Mapping[str, Any]:
+    value = _dig(obj, "metadata")
+    return value if isinstance(value, Mapping) else {}
+
+
+def _invoice_subscription(invoice: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The subscription id and its metadata: `subscription`/`subscription_details` before
+    API version 2025-03-31, `parent.subscription_details` since."""
+    details = _dig(invoice, "parent", "subscription_details") or invoice.get("subscription_details")
+    sub = _id(invoice.get("subscription")) or _id(_dig(details, "subscription"))
+    return sub, _metadata(details)
+
+
+def _line_price(line: Mapping[str, Any]) -> str:
+    return (
+        _id(line.get("price"))
+        or _id(_dig(line, "pricing", "price_details", "price"))
+        or _id(line.get("plan"))
+    )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(value), UTC) if isinstance(value, int | float) else None
+
+
+def account_hint(payload: Mapping[str, Any]) -> str | None:
+    """The account an event names directly (metadata, client_reference_id), if any."""
+    obj = _dig(payload, "data", "object")
+    if not isinstance(obj, Mapping):
+        return None
+    candidates = [_metadata(obj).get("account_id"), obj.get("client_reference_id")]
+    if payload.get("type", "").startswith("invoice."):
+        candidates.append(_invoice_subscription(obj)[1].get("account_id"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate:
+            return candidate
+    return None
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+
+def process_event(event_id: str) -> str:
+    """Applies one stored event (an RQ job). Returns the event's final status."""
+    now = datetime.now(UTC)
+    try:
+        with connection() as conn:
+            started = conn.execute(query("start_payment_event"), {"event_id": event_id}).fetchone()
+            if started is None:
+                return "done"  # processed or ignored already (or not stored: nothing to do)
+            with conn.transaction():
+                row = conn.execute(query("lock_payment_event"), {"event_id": event_id}).fetchone()
+                if row is None or row[2] in ("processed", "ignored"):
+                    return "done"
+                event_type, payload = str(row[0]), row[1]
+                outcome = _dispatch(conn, event_id, event_type, payload, now)
+                conn.execute(
+                    query("finish_payment_event"),
+                    {
+                        "event_id": event_id,
+                        "status": outcome.status,
+                        "account_id": outcome.account_id or "",
+                        "credits_micros": outcome.credits_micros,
+                        "idempotency_key": idempotency_key(event_id),
+                        "note": outcome.note,
+                        "now": now,
+                    },
+                )
+                return outcome.status
+    except Exception as exc:
+        _mark_failed(event_id, exc)
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error):
+        domain = translate(exc)
+        if domain is not None:
+            return f"{domain.reason}: {domain.message}"
+        return f"{type(exc).__name__} ({exc.sqlstate}): {exc}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _mark_failed(event_id: str, exc: BaseException) -> None:
+    """Records the error in its own transaction (the job's was rolled back). Best effort:
+    when the database itself is down the row stays 'processing' and the sweeper finds it."""
+    try:
+        with connection() as conn:
+            conn.execute(
+                query("fail_payment_event"), {"event_id": event_id, "error": _describe(exc)[:2000]}
+            )
+    except Exception:
+        log.exception("could not record the failure of payment event %s", event_id)
+
+
+def _ledger_call(conn: Conn, name: str, params: dict[str, object]) -> Json | str:
+    """Runs a ledger function in a savepoint. Returns its JSON, or the SQLSTATE of an error
+    that ends the event without effect (already fulfilled, purchase not found)."""
+    try:
+        with conn.transaction():
+            row = conn.execute(query(name), params).fetchone()
+    except psycopg.Error as exc:
+        if exc.sqlstate in (_ALREADY_FULFILLED, _PURCHASE_NOT_FOUND):
+            return str(exc.sqlstate)
+        raise
+    assert row is not None and isinstance(row[0], dict)
+    return row[0]
+
+
+def _base_params(event_id: str, account_id: str, now: datetime) -> dict[str, object]:
+    return {
+        "account_id": account_id,
+        "key": idempotency_key(event_id),
+        "hash": request_hash(event_id),
+        "now": now,
+    }
+
+
+def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: datetime) -> Outcome:
+    obj = _dig(payload, "data", "object")
+    if not isinstance(obj, Mapping):
+        return Outcome("ignored", note="the event has no data.object")
+    if event_type in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        return _checkout_completed(conn, event_id, obj, now)
+    if event_type == "invoice.paid":
+        return _invoice_paid(conn, event_id, obj, now)
+    if event_type == "customer.subscription.updated":
+        return _subscription_updated(conn, event_id, obj, now)
+    if event_type == "charge.refunded":
+        return _charge_refunded(conn, event_id, obj, now)
+    return Outcome("ignored", account_id=account_hint(payload), note="event type not handled")
+
+
+def _already(account_id: str, what: str) -> Outcome:
+    return Outcome("ignored", account_id, note=f"{what} was fulfilled already by another request")
+
+
+def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) -> Outcome:
+    metadata = _metadata(session)
+    account_id = str(metadata.get("account_id") or session.get("client_reference_id") or "")
+    if not account_id:
+        return Outcome("ignored", note="the session names no account (metadata, client reference)")
+    subscription_ref = _id(session.get("subscription"))
+    conn.execute(
+        query("complete_checkout_session"),
+        {"session_id": _id(session), "subscription_ref": subscription_ref, "now": now},
+    )
+    if session.get("mode") == "subscription":
+        return Outcome(
+            "processed", account_id, note=f"subscription {subscription_ref} linked to the account"
+        )
+    if session.get("payment_status") not in ("paid", "no_payment_required"):
+        return Outcome(
+            "ignored", account_id, note=f"payment_status {session.get('payment_status')}: not paid"
+        )
+    external_ref = _id(session.get("payment_intent")) or _id(session)
+    params = _base_params(event_id, account_id, now)
+    params["external_ref"] = external_ref
+    kind = metadata.get("kind")
+    if kind == "pack":
+        params["pack_id"] = str(metadata.get("pack_id") or "")
+        data = _ledger_call(conn, "purchase_pack", params)
+        if isinstance(data, str):
+            return _already(account_id, f"payment {external_ref}")
+        return Outcome("processed", account_id, int(data["lot"]["amount_micros"]))
+    if kind == "recharge":
+        params["amount_minor"] = int(session.get("amount_total") or 0)
+        params["currency"] = str(session.get("currency") or "").upper()
+        data = _ledger_call(conn, "recharge", params)
+        if isinstance(data, str):
+            return _already(account_id, f"payment {external_ref}")
+        bonus = data.get("bonus_lot") or {}
+        credits = int(data["lot"]["amount_micros"]) + int(bonus.get("amount_micros") or 0)
+        return Outcome("processed", account_id, credits)
+    return Outcome("ignored", account_id, note=f"unknown checkout kind {kind!r} in metadata")
+
+
+def _subscription_account(conn: Conn, subscription_ref: str, metadata: Mapping[str, Any]) -> str:
+    account_id = str(metadata.get("account_id") or "")
+    if not account_id and subscription_ref:
+        row = conn.execute(
+            query("account_for_subscription"), {"subscription_ref": subscription_ref}
+        ).fetchone()
+        account_id = str(row[0]) if row else ""
+    if not account_id:
+        raise EventNotReady(
+            f"no account is linked to subscription {subscription_ref!r} yet "
+            "(its checkout.session.completed may not be processed yet)"
+        )
+    return account_id
+
+
+def _plan_for_price(conn: Conn, price_id: str) -> str | None:
+    if not price_id:
+        return None
+    row = conn.execute(query("plan_for_price"), {"price_id": price_id}).fetchone()
+    return str(row[0]) if row else None
+
+
+def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Outcome:
+    subscription_ref, metadata = _invoice_subscription(invoice)
+    if not subscription_ref:
+        return Outcome("ignored", note="the invoice is not for a subscription")
+    account_id = _subscription_account(conn, subscription_ref, metadata)
+    if invoice.get("billing_reason") == "subscription_update":
+        return Outcome(
+            "ignored", account_id, note="plan change: applied by customer.subscription.updated"
+        )
+    lines = _dig(invoice, "lines", "data") or []
+    for line in lines:
+        plan_id = _plan_for_price(conn, _line_price(line))
+        start = _timestamp(_dig(line, "period", "start"))
+        end = _timestamp(_dig(line, "period", "end"))
+        if plan_id is None or start is None or end is None:
+            continue
+        params = _base_params(event_id, account_id, now)
+        params.update(
+            plan_id=plan_id,
+            period_start=start,
+            period_end=end,
+            external_ref=_id(invoice),
+            subscription_ref=subscription_ref,
+        )
+        data = _ledger_call(conn, "start_subscription_period", params)
+        if isinstance(data, str):
+            return _already(account_id, f"invoice {_id(invoice)}")
+        lot = data.get("lot") or {}
+        return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
+    prices = [_line_price(line) for line in lines]
+    raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
+
+
+def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) -> Outcome:
+    subscription_ref = _id(sub)
+    account_id = _subscription_account(conn, subscription_ref, _metadata(sub))
+    items = _dig(sub, "items", "data") or []
+    item = items[0] if items else {}
+    plan_id = _plan_for_price(conn, _id(item.get("price")) or _id(item.get("plan")))
+    if plan_id is None:
+        return Outcome("ignored", account_id, note="no subscription plan has the item's price")
+    row = conn.execute(query("current_subscription_plan"), {"account_id": account_id}).fetchone()
+    if row is None:
+        return Outcome("ignored", account_id, note="no subscription yet: invoice.paid starts it")
+    if str(row[0]) == plan_id:
+        return Outcome("ignored", account_id, note="the plan did not change")
+    start = _timestamp(sub.get("current_period_start") or item.get("current_period_start"))
+    end = _timestamp(sub.get("current_period_end") or item.get("current_period_end"))
+    if start is None or end is None:
+        raise ValueError("the subscription has no current period")
+    params = _base_params(event_id, account_id, now)
+    params.update(
+        plan_id=plan_id,
+        period_start=start,
+        period_end=end,
+        external_ref=f"{subscription_ref}:{plan_id}:{int(start.timestamp())}",
+        subscription_ref=subscription_ref,
+    )
+    data = _ledger_call(conn, "change_subscription_plan", params)
+    if isinstance(data, str):
+        return _already(account_id, "the plan change")
+    lot = data.get("lot") or {}
+    return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
+
+
+def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:
+    payment_intent = _id(charge.get("payment_intent"))
+    refs = [r for r in (payment_intent, _id(charge.get("invoice")), _id(charge)) if r]
+    account_id = str(_metadata(charge).get("account_id") or "")
+    if not account_id:
+        row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
+        account_id = str(row[0]) if row else ""
+    if not account_id:
+        return Outcome("ignored", note="no purchase was paid by this charge")
+    refunded, paid = int(charge.get("amount_refunded") or 0), int(charge.get("amount") or 0)
+    currency = str(charge.get("currency") or "").upper()
+    params = _base_params(event_id, account_id, now)
+    params.update(
+        external_refs=refs,
+        refunded_minor=refunded,
+        paid_minor=paid,
+        comment=(
+            f"payment {payment_intent or _id(charge)} refunded: {refunded} of {paid} {currency}"
+        ),
+    )
+    data = _ledger_call(conn, "claw_back_purchase", params)
+    if isinstance(data, str):
+        return Outcome("ignored", account_id, note="no purchase of the account was paid by it")
+    taken = int(data["clawed_back_micros"]) + int(data["bonus_clawed_back_micros"])
+    return Outcome("processed", account_id, -taken)
+
+
+# --- the sweeper ----------------------------------------------------------------------------------
+
+
+def requeue_stalled_payment_events(older_than_seconds: int = 60, as_of: str | None = None) -> int:
+    """Re-queues stored events whose job never finished: status received, processing, or
+    failed below MAX_ATTEMPTS, received more than older_than_seconds before as_of (ISO time,
+    default now), not being processed right now (row locked), and whose RQ job is gone (Redis
+    lost it), dead (started by a worker that died) or finished without finishing the event.
+    A job still waiting in the queue or for a retry is left alone. Safe to run at any time and
+    concurrently: a duplicate run of an event does nothing. Returns the events re-queued."""
+    now = datetime.fromisoformat(as_of) if as_of else datetime.now(UTC)
+    before = now - timedelta(seconds=older_than_seconds)
+    with connection() as conn, conn.transaction():
+        rows = conn.execute(
+            query("stalled_payment_events"),
+            {"before": before, "max_attempts": MAX_ATTEMPTS, "limit": SWEEP_BATCH},
+        ).fetchall()
+    requeued = 0
+    for event_id, _status, _attempts in rows:
+        if requeue(
+            PAYMENTS_QUEUE, process_event, str(event_id), job_id=str(event_id), stale_before=before
+        ):
+            requeued += 1
+    if requeued:
+        log.info("re-queued %d stalled payment events", requeued)
+    return requeued

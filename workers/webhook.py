@@ -1,0 +1,257 @@
+"""The Stripe webhook receiver: `python -m workers.webhook` (started by `make run`).
+
+POST /stripe/webhook: the signature is verified with the signing secret and a timestamp
+tolerance (`stripe.Webhook.construct_event`); a bad one gets 400 and nothing is stored. A
+verified event is stored under its Stripe event id (a duplicate delivery finds its row) and,
+when new, enqueued as `workers.payments.process_event` with job_id = event id; then 200. If
+Redis is down the event is stored all the same and answered 200: the sweeper re-queues it
+from PostgreSQL. A database error answers 500, so Stripe delivers the event again later.
+GET /healthz: 200 when the database answers.
+
+Why the standard library's ThreadingHTTPServer and no web framework: the receiver has one
+route that does two short blocking calls (one INSERT, one Redis push) with the synchronous
+pool the jobs use; a thread per request is all it needs, and the process stays a plain
+worker with no extra dependency. It sits behind the deployment's TLS-terminating proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+import psycopg
+import stripe
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from redis import Redis
+from redis.exceptions import RedisError
+
+from ledger_server.config import ConfigError, StripeSettings
+from ledger_server.db.queries import query
+from workers import db
+from workers.payments import account_hint, process_event
+from workers.queues import PAYMENTS_QUEUE, enqueue, redis_connection
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/stripe/webhook"
+MAX_BODY_BYTES = 1024 * 1024  # Stripe events are far smaller
+# Stripe's event ids (evt_...); also what an RQ job id may hold. payment_events_event_id_format
+_EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
+
+
+def _refuse_future_timestamp(signature: str | None, tolerance: int) -> None:
+    """The stripe library only refuses timestamps older than the tolerance; one further in
+    the future than the tolerance is as suspect (a replay window held open), so it is too."""
+    for part in (signature or "").split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == "t" and value.strip().isdigit():
+            if int(value) > time.time() + tolerance:
+                raise ValueError("Timestamp outside the tolerance zone (in the future)")
+            return
+
+
+class WebhookReceiver:
+    """What a POST does, apart from HTTP: verify, store, enqueue. Returns (status, body)."""
+
+    def __init__(
+        self,
+        secret: str,
+        tolerance_seconds: int,
+        connect: Connect = db.connection,
+        redis: Callable[[], Redis] = redis_connection,
+    ) -> None:
+        self._secret = secret
+        self._tolerance = tolerance_seconds
+        self._connect = connect
+        self._redis = redis
+
+    def receive(self, body: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:
+        if not self._secret:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "STRIPE_WEBHOOK_SECRET is not set"}
+        try:
+            text = body.decode("utf-8")
+            # The signature only: the payload is parsed below, so that a signed body which
+            # is no event object is refused with 400 rather than failing inside the library.
+            stripe.WebhookSignature.verify_header(
+                text, signature or "", self._secret, self._tolerance
+            )
+            _refuse_future_timestamp(signature, self._tolerance)
+            payload = json.loads(text)
+        except (stripe.SignatureVerificationError, ValueError) as exc:
+            # ValueError: not UTF-8 or not JSON. Nothing about the request is stored.
+            log.warning("webhook refused: %s", exc)
+            return HTTPStatus.BAD_REQUEST, {"error": "invalid signature or payload"}
+        # Signed but not an event we can store: refused for good with 400 (a 5xx would make
+        # Stripe deliver it again forever). PostgreSQL's jsonb cannot hold NUL characters.
+        if not isinstance(payload, dict) or "\\u0000" in json.dumps(payload):
+            return HTTPStatus.BAD_REQUEST, {"error": "the payload is not a storable event"}
+        event_id, event_type = payload.get("id"), payload.get("type")
+        if (
+            not isinstance(event_id, str)
+            or not _EVENT_ID.fullmatch(event_id)
+            or not isinstance(event_type, str)
+        ):
+            return HTTPStatus.BAD_REQUEST, {"error": "the event has no id or type"}
+        with self._connect() as conn:
+            stored = conn.execute(
+                query("insert_payment_event"),
+                {
+                    "event_id": event_id,
+                    "type": event_type,
+                    "account_id": account_hint(payload) or "",
+                    "payload": Jsonb(payload),
+                    "now": datetime.now(UTC),
+                },
+            ).fetchone()
+        if stored is None:
+            return HTTPStatus.OK, {"received": True, "duplicate": True}
+        try:
+            enqueue(
+                PAYMENTS_QUEUE, process_event, event_id, job_id=event_id, connection=self._redis()
+            )
+        except RedisError:
+            log.warning("event %s stored, not queued (Redis down): the sweeper queues it", event_id)
+        return HTTPStatus.OK, {"received": True, "duplicate": False}
+
+    def healthy(self) -> bool:
+        try:
+            with self._connect() as conn:
+                conn.execute(b"SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+
+def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "credit-ledger-webhook"
+
+        def _answer(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path != "/healthz":
+                self._answer(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            elif receiver.healthy():
+                self._answer(HTTPStatus.OK, {"status": "ok"})
+            else:
+                self._answer(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "database unavailable"})
+
+        def do_POST(self) -> None:
+            if self.path != WEBHOOK_PATH:
+                self._answer(HTTPStatus.NOT_FOUND, {"error": "not found"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or "")
+            except ValueError:
+                self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
+                return
+            if length < 0 or length > MAX_BODY_BYTES:
+                self.close_connection = True
+                self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+                return
+            body = self.rfile.read(length)
+            try:
+                status, answer = receiver.receive(body, self.headers.get("Stripe-Signature"))
+            except Exception:
+                log.exception("webhook not stored")
+                status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "not stored; retry"}
+            self._answer(status, answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.address_string(), *args)
+
+    return Handler
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of Stripe deliveries (retries after
+    # an outage arrive together) would see connections reset.
+    request_queue_size = 256
+
+
+class WebhookServer:
+    """The HTTP server around a receiver, serving on a background thread."""
+
+    def __init__(self, receiver: WebhookReceiver, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"LEDGER_WEBHOOK_ADDR must be host:port, got {address!r}")
+        self._http = _HttpServer((host, int(port)), _handler(receiver))
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, name="webhook-http", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._http.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> WebhookServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join()
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = StripeSettings.from_env()
+        db.database_url()
+        redis_connection()
+        tolerance = int(settings.webhook_tolerance.total_seconds())
+        server = WebhookServer(
+            WebhookReceiver(settings.webhook_secret, tolerance), settings.webhook_addr
+        )
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.webhook_secret:
+        log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks are answered 503 until it is")
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    server.start()
+    db.pool()  # open the pool and sync the settings now, not on the first event
+    log.info("Stripe webhooks: POST %s%s", server.url, WEBHOOK_PATH)
+    stop.wait()
+    log.info("stopping the webhook receiver")
+    server.stop()
+    db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
