@@ -1,0 +1,85 @@
+-- Low-balance alerts and the sweepers' functions (DESIGN.md section 7, issue 5).
+
+-- Called by every charge (commit, consume, admin debit) with the main balance before
+-- it: when the charge takes the balance from at or above the account's threshold to
+-- below it, records one alert (its email pending when there is an address). Charges
+-- that start below the threshold raise nothing, so one crossing is one alert and the
+-- next comes only after the balance went back up. Returns the alert id, or NULL.
+CREATE OR REPLACE FUNCTION ledger_low_balance_check(
+    p_account text, p_before bigint, p_txn bigint, p_now timestamptz) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    threshold bigint;
+    email text;
+    alert bigint;
+BEGIN
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    threshold := coalesce(a.low_balance_threshold_micros,
+                          (ledger_setting('alerts.low_balance_threshold_micros'))::bigint);
+    IF threshold <= 0 OR p_before < threshold OR a.balance_micros >= threshold THEN
+        RETURN NULL;
+    END IF;
+    email := coalesce(a.alert_email, nullif(ledger_setting('alerts.email_to') #>> '{}', ''));
+    INSERT INTO low_balance_alerts (account_id, threshold_micros, balance_micros, transaction_id,
+                                    created_at, email_to, email_status)
+    VALUES (p_account, threshold, a.balance_micros, p_txn, p_now, email,
+            CASE WHEN email IS NULL THEN 'skipped' ELSE 'pending' END)
+    RETURNING alert_id INTO alert;
+    RETURN CASE WHEN email IS NULL THEN NULL ELSE alert END;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_alert_json(l low_balance_alerts) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'alert_id', l.alert_id::text, 'account_id', l.account_id,
+        'threshold_micros', l.threshold_micros, 'balance_micros', l.balance_micros,
+        'transaction_id', l.transaction_id::text, 'create_time', ledger_micros(l.created_at),
+        'email_to', coalesce(l.email_to, ''), 'email_status', l.email_status,
+        'email_error', coalesce(l.email_error, ''), 'email_sent_time', ledger_micros(l.email_sent_at))
+$$;
+
+-- Applies what is due (timed-out holds, expired lots, monthly allowances) to up to
+-- p_limit accounts, oldest due first. SKIP LOCKED: an account busy with a charge (or
+-- with another sweeper) is left for later; the charge applies what is due itself.
+-- Safe to run any number of times at once. Returns how many accounts it swept.
+CREATE OR REPLACE FUNCTION ledger_sweep(p_now timestamptz, p_limit int) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc text;
+    n int := 0;
+BEGIN
+    FOR acc IN
+        SELECT account_id FROM accounts
+         WHERE next_maintenance_at <= p_now
+         ORDER BY next_maintenance_at
+         LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM ledger_maintain(acc, p_now);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- The scheduled monthly allowance: makes this month's allowance due now on every
+-- account that lacks it (the sweep then grants it). Granting checks the month's row,
+-- so running this twice in a month grants once. Returns how many accounts it marked.
+CREATE OR REPLACE FUNCTION ledger_schedule_monthly_allowances(p_now timestamptz) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    tz text := ledger_timezone();
+    this_month date := date_trunc('month', p_now AT TIME ZONE tz)::date;
+    n int;
+BEGIN
+    IF NOT (ledger_setting('monthly_free.enabled'))::boolean THEN
+        RETURN 0;
+    END IF;
+    UPDATE accounts a
+       SET monthly_free_next_at = p_now, next_maintenance_at = least(a.next_maintenance_at, p_now)
+     WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
+       AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
+                        WHERE m.account_id = a.account_id AND m.month = this_month);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;

@@ -1,0 +1,154 @@
+"""Low-balance alerts (issue 5): a charge that crosses the threshold records one alert
+and queues one email, read back here from a real local SMTP server; charges below the
+threshold raise nothing more until the balance has gone back above it."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+import psycopg
+import pytest
+from aiosmtpd.controller import Controller
+
+from ledger.v1 import admin_service_pb2 as admin_pb
+from support.ledger import CREDIT, Ledger, new_account
+from support.workers import run_burst_workers
+from workers import sweepers
+from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+    def to(self, account: str) -> list[Message]:
+        return [m for m in self.messages if account in str(m["Subject"])]
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+def _alerts(admin: Any, account: str) -> list[admin_pb.LowBalanceAlert]:
+    return list(
+        admin.ListLowBalanceAlerts(admin_pb.ListLowBalanceAlertsRequest(account_id=account)).alerts
+    )
+
+
+def test_a_crossing_sends_one_email_and_records_one_alert(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    smtp: tuple[Inbox, int],
+    ledger_db_url: str,
+    redis_url: str,
+) -> None:
+    inbox, port = smtp
+    configure("alerts.email_to", "ops@example.com")
+    account = new_account("low")
+    ledger.grant(account, 30)
+    set_alert = admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=20 * CREDIT)
+    )
+    assert set_alert.threshold_micros == 20 * CREDIT
+
+    ledger.consume(account, 5 * CREDIT)  # 25: still above
+    assert _alerts(admin, account) == []
+    crossing = ledger.consume(account, 10 * CREDIT)  # 15: crosses 20
+    for _ in range(10):  # below the threshold already: no new alert
+        ledger.consume(account, CREDIT // 2)
+    smtp_env = {"LEDGER_SMTP_HOST": "127.0.0.1", "LEDGER_SMTP_PORT": str(port)}
+    run_burst_workers(ledger_db_url, redis_url, extra=smtp_env)
+
+    [alert] = _alerts(admin, account)
+    assert alert.transaction_id == crossing.transaction_id
+    assert (alert.threshold_micros, alert.balance_micros) == (20 * CREDIT, 15 * CREDIT)
+    assert alert.email_to == "ops@example.com"
+    assert alert.email_status == admin_pb.ALERT_EMAIL_STATUS_SENT
+    [email] = inbox.to(account)
+    assert email["To"] == "ops@example.com"
+    assert "15 credits" in email.get_payload()
+    assert "20 credits" in email.get_payload()
+
+    # Back above the threshold, then below again: the next alert, to the account's own address.
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, email="owner@example.com"
+        )
+    )
+    ledger.grant(account, 20)
+    ledger.consume(account, 15 * CREDIT)
+    run_burst_workers(ledger_db_url, redis_url, extra=smtp_env)
+    assert len(_alerts(admin, account)) == 2
+    assert [m["To"] for m in inbox.to(account)] == ["ops@example.com", "owner@example.com"]
+
+
+def test_without_an_address_alerts_are_recorded_without_email(
+    ledger: Ledger, admin: Any, configure: Any
+) -> None:
+    configure("alerts.email_to", "")
+    configure("alerts.low_balance_threshold_micros", 8 * CREDIT)
+    account = new_account("quiet")
+    ledger.grant(account, 10)
+    ledger.consume(account, 3 * CREDIT)
+    [alert] = _alerts(admin, account)
+    assert alert.email_status == admin_pb.ALERT_EMAIL_STATUS_SKIPPED
+    assert alert.threshold_micros == 8 * CREDIT
+
+
+def test_an_email_whose_job_was_lost_is_queued_again_by_the_sweeper(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    smtp: tuple[Inbox, int],
+    ledger_db_url: str,
+    redis_url: str,
+    clock: Any,
+) -> None:
+    inbox, port = smtp
+    configure("alerts.email_to", "ops@example.com")
+    account = new_account("lost")
+    ledger.grant(account, 30)
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=20 * CREDIT)
+    )
+    ledger.consume(account, 15 * CREDIT)
+    redis_connection(redis_url).flushdb()  # the queued email job is gone
+    job = enqueue(
+        DEFAULT_QUEUE,
+        sweepers.requeue_pending_alert_emails,
+        0,
+        clock.now().isoformat(),
+        connection=redis_connection(redis_url),
+    )
+    smtp_env = {"LEDGER_SMTP_HOST": "127.0.0.1", "LEDGER_SMTP_PORT": str(port)}
+    run_burst_workers(ledger_db_url, redis_url, extra=smtp_env)
+    assert job.return_value() >= 1
+    assert len(inbox.to(account)) == 1
+    [alert] = _alerts(admin, account)
+    assert alert.email_status == admin_pb.ALERT_EMAIL_STATUS_SENT
+    with psycopg.connect(ledger_db_url) as conn:
+        pending = conn.execute(
+            "SELECT count(*) FROM low_balance_alerts "
+            "WHERE account_id = %s AND email_status = 'pending'",
+            (account,),
+        ).fetchone()
+    assert pending == (0,)

@@ -1,0 +1,219 @@
+"""The sweepers and schedules (issue 5), run by real RQ workers: expired lots into
+breakage, timed-out reservations released, monthly allowances granted; each safe to
+run any number of times at once, and never racing a charge into expired credits."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import psycopg
+import redis
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc
+from ledger.v1 import types_pb2 as t
+from ledger_server.clock import OffsetClock
+from support.ledger import CREDIT, Ledger, new_account, new_key
+from support.workers import assert_finished, run_burst_workers, start_burst_worker
+from workers import sweepers
+from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
+
+
+def _expiring_account(ledger: Ledger, clock: OffsetClock) -> tuple[str, str, str]:
+    """10 credits expiring in a minute (3 of them held by a reservation that also
+    times out in a minute) and 5 permanent credits."""
+    account = new_account("sweep")
+    expiring = ledger.grant(
+        account, 10, source=t.CREDIT_SOURCE_SIGNUP, expires_in=_seconds(60)
+    ).lot.lot_id
+    ledger.grant(account, 5)
+    held = ledger.reserve(account, 3 * CREDIT, ttl=_seconds(60)).reservation.reservation_id
+    return account, expiring, held
+
+
+def _seconds(n: int) -> Any:
+    from google.protobuf.duration_pb2 import Duration
+
+    return Duration(seconds=n)
+
+
+def _journal_counts(database_url: str, accounts: list[str]) -> dict[str, tuple[int, int]]:
+    """Per account: (EXPIRY transactions, RELEASE transactions), read in SQL so that no
+    ledger call applies due expiries on the side."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            """SELECT account_id, count(*) FILTER (WHERE kind = 'expiry'),
+                      count(*) FILTER (WHERE kind = 'release')
+                 FROM journal_transactions WHERE account_id = ANY(%s) GROUP BY account_id""",
+            (accounts,),
+        ).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def test_sweepers_run_concurrently_twice_apply_each_expiry_and_time_out_once(
+    ledger: Ledger,
+    clock: OffsetClock,
+    ledger_db_url: str,
+    redis_url: str,
+    assert_audit_clean: Any,
+) -> None:
+    accounts = [_expiring_account(ledger, clock) for _ in range(40)]
+    names = [a for a, _, _ in accounts]
+    assert set(_journal_counts(ledger_db_url, names).values()) == {(0, 0)}
+    clock.advance(timedelta(minutes=2))
+    as_of = clock.now().isoformat()
+
+    connection = redis_connection(redis_url)
+    jobs = []
+    for _round in range(2):
+        # Two sweep jobs, run by two workers at the same time (small batches so the two
+        # really interleave), then the same again.
+        for _ in range(2):
+            jobs.append(
+                enqueue(DEFAULT_QUEUE, sweepers.sweep_due_accounts, as_of, 3, connection=connection)
+            )
+        run_burst_workers(ledger_db_url, redis_url, count=2)
+    assert_finished(jobs)
+    # Other tests' accounts may be due too (the database and clock are shared), so the
+    # sweeps cover at least these; the journal below shows each was swept once.
+    assert sum(job.return_value() for job in jobs) >= len(accounts)
+
+    assert _journal_counts(ledger_db_url, names) == {name: (1, 1) for name in names}
+    for account, expiring, held in accounts:
+        lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+        assert lots[expiring].remaining_micros == 0
+        assert lots[expiring].expired_micros == 10 * CREDIT
+        reservation = ledger.stub.GetReservation(
+            pb.GetReservationRequest(account_id=account, reservation_id=held)
+        ).reservation
+        assert reservation.status == pb.RESERVATION_STATUS_EXPIRED
+        balance = ledger.balance(account)
+        assert (balance.balance_micros, balance.held_micros) == (5 * CREDIT, 0)
+    assert_audit_clean()
+
+
+def test_a_charge_racing_the_expiry_sweep_never_spends_expired_credits(
+    ledger: Ledger,
+    clock: OffsetClock,
+    server_address: str,
+    ledger_db_url: str,
+    redis_url: str,
+    assert_audit_clean: Any,
+) -> None:
+    accounts = []
+    for _ in range(40):
+        account = new_account("race")
+        ledger.grant(account, 10, source=t.CREDIT_SOURCE_SIGNUP, expires_in=_seconds(60))
+        ledger.grant(account, 5)
+        accounts.append(account)
+    clock.advance(timedelta(minutes=2))
+    connection = redis_connection(redis_url)
+    jobs = [
+        enqueue(
+            DEFAULT_QUEUE,
+            sweepers.sweep_due_accounts,
+            clock.now().isoformat(),
+            2,
+            connection=connection,
+        )
+        for _ in range(2)
+    ]
+    workers = [start_burst_worker(ledger_db_url, redis_url) for _ in range(2)]
+
+    async def charge_all() -> list[pb.ConsumeResponse | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+
+            async def one(account: str, amount: int) -> pb.ConsumeResponse | grpc.aio.AioRpcError:
+                try:
+                    return await stub.Consume(
+                        pb.ConsumeRequest(
+                            account_id=account, idempotency_key=new_key(), amount_micros=amount
+                        )
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return error
+
+            # 4 credits fit in the permanent lot; 6 would need expired credits.
+            return await asyncio.gather(
+                *(one(a, 4 * CREDIT) for a in accounts), *(one(a, 6 * CREDIT) for a in accounts)
+            )
+
+    results = asyncio.run(charge_all())
+    for worker in workers:
+        out, _ = worker.communicate(timeout=180)
+        assert worker.returncode == 0, out
+    assert_finished(jobs)
+    small, large = results[: len(accounts)], results[len(accounts) :]
+    for response in small:
+        assert isinstance(response, pb.ConsumeResponse), response
+        assert [lot.source for lot in response.reservation.lots] == [t.CREDIT_SOURCE_PURCHASE]
+    for error in large:
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for account in accounts:
+        assert ledger.balance(account).balance_micros == 1 * CREDIT
+    counts = _journal_counts(ledger_db_url, accounts)
+    assert {counts[a][0] for a in accounts} == {1}
+    assert_audit_clean()
+
+
+def test_the_monthly_allowance_job_run_twice_grants_once(
+    ledger: Ledger,
+    configure: Any,
+    clock: OffsetClock,
+    ledger_db_url: str,
+    redis_url: str,
+    assert_audit_clean: Any,
+) -> None:
+    # Accounts opened while the allowance was off get it from the scheduled job.
+    accounts = [new_account("monthly") for _ in range(5)]
+    for account in accounts:
+        ledger.grant(account, 1)
+    configure("monthly_free.enabled", True)
+    as_of = clock.now().isoformat()
+    connection = redis_connection(redis_url)
+    jobs = [
+        enqueue(DEFAULT_QUEUE, sweepers.grant_monthly_allowances, as_of, connection=connection)
+        for _ in range(2)
+    ]
+    run_burst_workers(ledger_db_url, redis_url, count=2)
+    jobs.append(
+        enqueue(DEFAULT_QUEUE, sweepers.grant_monthly_allowances, as_of, connection=connection)
+    )
+    run_burst_workers(ledger_db_url, redis_url)
+    assert_finished(jobs)
+
+    for account in accounts:
+        monthly = [
+            lot
+            for lot in ledger.lots(account, include_inactive=True)
+            if lot.source == t.CREDIT_SOURCE_MONTHLY_FREE
+        ]
+        assert [lot.amount_micros for lot in monthly] == [1500 * CREDIT]
+    with psycopg.connect(ledger_db_url) as conn:
+        granted = conn.execute(
+            "SELECT count(*) FROM monthly_allowances WHERE account_id = ANY(%s)", (accounts,)
+        ).fetchone()
+    assert granted == (5,)
+    assert_audit_clean()
+
+
+def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
+    from rq.cron import CronScheduler
+
+    from workers.schedule import register_jobs
+
+    scheduler = CronScheduler(connection=redis.Redis.from_url(redis_url))
+    register_jobs(scheduler, interval_seconds=30)
+    names = {job.func_name for job in scheduler.get_jobs()}
+    assert names == {
+        "workers.sweepers.sweep_due_accounts",
+        "workers.sweepers.requeue_pending_alert_emails",
+        "workers.sweepers.grant_monthly_allowances",
+        "workers.sweepers.grant_daily_rewards",
+        "workers.payments.requeue_stalled_payment_events",
+    }

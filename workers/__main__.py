@@ -1,0 +1,58 @@
+"""`python -m workers worker [--burst]` runs an RQ worker on the ledger's queues;
+`python -m workers scheduler` runs the cron scheduler (workers/schedule.py).
+Both read REDIS_URL and DATABASE_URL; `make run` starts one of each."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from redis import Redis
+from rq import Queue
+from rq.cron import CronScheduler
+
+from ledger_server.config import ConfigError
+from ledger_server.observability.logging import setup_logging
+from workers import db
+from workers.observability import LedgerWorker
+from workers.queues import DEFAULT_QUEUE, PAYMENTS_QUEUE
+
+
+def _redis() -> Redis:
+    url = os.environ.get("REDIS_URL", "")
+    if not url:
+        raise ConfigError("REDIS_URL is not set (make run starts an embedded Redis)")
+    return Redis.from_url(url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="run an RQ worker on the payments and default queues")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    sub.add_parser("scheduler", help="run the cron scheduler")
+    args = parser.parse_args(argv)
+    try:
+        setup_logging()  # JSON lines on stderr (LEDGER_LOG_FORMAT, LEDGER_LOG_LEVEL)
+        connection = _redis()
+    except (ConfigError, ValueError) as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "worker":
+        db.init()  # once, before RQ forks a work horse per job
+        queues = [Queue(name, connection=connection) for name in (PAYMENTS_QUEUE, DEFAULT_QUEUE)]
+        # with_scheduler: RQ's retries with backoff are scheduled jobs; without a scheduler
+        # a failed job would never run again.
+        LedgerWorker(queues, connection=connection).work(burst=args.burst, with_scheduler=True)
+        return 0
+    from workers.schedule import register_jobs  # the scheduler alone needs every job module
+
+    scheduler = CronScheduler(connection=connection)
+    register_jobs(scheduler)
+    scheduler.start()  # type: ignore[no-untyped-call]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Process settings of the workers and the scheduler, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ledger_server.config import ConfigError
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    sender: str
+    username: str
+    password: str
+    starttls: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SmtpSettings:
+        env = os.environ if env is None else env
+        return cls(
+            host=env.get("LEDGER_SMTP_HOST", "") or "localhost",
+            port=_int(env, "LEDGER_SMTP_PORT", 25),
+            sender=env.get("LEDGER_SMTP_FROM", "") or "credit-ledger@localhost",
+            username=env.get("LEDGER_SMTP_USERNAME", ""),
+            password=env.get("LEDGER_SMTP_PASSWORD", ""),
+            starttls=env.get("LEDGER_SMTP_STARTTLS", "false").lower() in ("1", "true", "yes"),
+        )
+
+
+def sweep_interval_seconds(env: Mapping[str, str] | None = None) -> int:
+    """How often the scheduler runs the sweepers (expiry, time-outs, stalled jobs)."""
+    return _int(os.environ if env is None else env, "LEDGER_SWEEP_INTERVAL_SECONDS", 60)
