@@ -1,0 +1,190 @@
+"""`ledger`: the operator CLI. Talks to a running server over gRPC (--address or
+LEDGER_ADDRESS, default localhost:50051) as the administrator named by --actor or
+LEDGER_ACTOR; `audit` and `migrate` use DATABASE_URL directly.
+
+Exit codes: 0 ok; 1 the server refused the request (a domain error) or the audit
+found violations; 2 bad usage; 3 the server or database is unreachable."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+
+import grpc
+import psycopg
+
+from ledger_server.cli import commands, output
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _default_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _common_options(top_level: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the subcommand. Below the top
+    level they default to SUPPRESS, so an option given before the subcommand is not
+    overwritten by the subcommand's default (argparse shares parents' actions, hence
+    one parser per level)."""
+    common = argparse.ArgumentParser(add_help=False)
+
+    def default(value: object) -> object:
+        return value if top_level else argparse.SUPPRESS
+
+    common.add_argument(
+        "--address",
+        default=default(os.environ.get("LEDGER_ADDRESS", "localhost:50051")),
+        help="server host:port (LEDGER_ADDRESS, default localhost:50051)",
+    )
+    common.add_argument(
+        "--actor",
+        default=default(os.environ.get("LEDGER_ACTOR") or _default_actor()),
+        help="administrator identity sent as x-ledger-actor (LEDGER_ACTOR)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=default(False), help="protobuf JSON output"
+    )
+    common.add_argument(
+        "--timeout", type=float, default=default(10.0), help="seconds per call (10)"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(top_level=False)
+    parser = argparse.ArgumentParser(
+        prog="ledger",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common_options(top_level=True)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, command: commands.Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(run=command)
+        return p
+
+    def key_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--key", help="idempotency key (default: a new one, printed)")
+
+    p = add("balance", commands.balance, "an account's balances")
+    p.add_argument("account")
+
+    p = add("lots", commands.lots, "an account's lots in consumption order")
+    p.add_argument("account")
+    p.add_argument("--all", action="store_true", help="include exhausted and expired lots")
+
+    p = add("transactions", commands.transactions, "an account's journal, newest first")
+    p.add_argument("account")
+    p.add_argument("--kind", action="append", default=[], help="grant, charge, refund, ...")
+    p.add_argument("--feature", default="")
+    p.add_argument("--since", help="ISO time, included (UTC unless it says otherwise)")
+    p.add_argument("--until", help="ISO time, excluded")
+    p.add_argument("--limit", type=int, default=50, help="entries per page (50)")
+    p.add_argument("--page-token", default="", help="continue where a listing stopped")
+
+    p = add("grant", commands.grant, "grant credits by hand (source admin)")
+    p.add_argument("account")
+    p.add_argument("credits", help="for example 10 or 96.5")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--expires-in-days", type=float)
+    key_option(p)
+
+    p = add("adjust", commands.adjust, "debit credits by hand (an adjustment)")
+    p.add_argument("account")
+    p.add_argument("credits")
+    p.add_argument("--reason", required=True)
+    key_option(p)
+
+    p = add("reservations", commands.reservation, "show a reservation and its lots")
+    p.add_argument("account")
+    p.add_argument("reservation")
+
+    codes = add("codes", commands.codes_show, "redemption code batches").add_subparsers(
+        dest="codes_command", required=True, metavar="ACTION"
+    )
+    p = codes.add_parser("create", help="generate a batch of codes", parents=[common])
+    p.set_defaults(run=commands.codes_create)
+    p.add_argument("--credits", required=True, help="credits per redemption")
+    p.add_argument("--count", type=int, required=True, help="number of codes")
+    p.add_argument("--max-per-code", type=int, default=1, help="redemptions per code (1)")
+    p.add_argument("--codes-expire", help="ISO time after which codes are refused")
+    p.add_argument("--credit-days", type=float, help="days the granted credits last")
+    p.add_argument("--note", default="")
+    key_option(p)
+    p = codes.add_parser("show", help="show a batch", parents=[common])
+    p.set_defaults(run=commands.codes_show)
+    p.add_argument("batch")
+    p = codes.add_parser("disable", help="disable every code of a batch", parents=[common])
+    p.set_defaults(run=commands.codes_disable)
+    p.add_argument("batch")
+    p.add_argument("--reason", required=True)
+
+    p = add("summary", commands.summary, "allocated, consumed, expired, ... over a period")
+    p.add_argument("account", nargs="?", help="one account (default: every account)")
+    period = p.add_mutually_exclusive_group()
+    period.add_argument("--day", help="YYYY-MM-DD in the ledger's time zone")
+    period.add_argument("--month", help="YYYY-MM in the ledger's time zone")
+    period.add_argument("--since", help="custom range start (ISO time, with --until)")
+    p.add_argument("--until", help="custom range end, excluded")
+
+    p = add("audit", commands.audit, "check every ledger invariant (DATABASE_URL)")
+    p.set_defaults(database_url=None)
+    p = add("migrate", commands.migrate, "apply database migrations (DATABASE_URL)")
+    p.set_defaults(database_url=None)
+
+    config = add("config", commands.config_list, "run-time settings").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    p = config.add_parser("list", help="every setting", parents=[common])
+    p.set_defaults(run=commands.config_list)
+    p = config.add_parser("set", help="change a setting", parents=[common])
+    p.set_defaults(run=commands.config_set)
+    p.add_argument("key")
+    p.add_argument("value", help='JSON (true, 100, "Asia/Shanghai") or plain text')
+    p.add_argument("--reason", required=True)
+    p = config.add_parser("reset", help="back to the environment default", parents=[common])
+    p.set_defaults(run=commands.config_reset)
+    p.add_argument("key")
+    p.add_argument("--reason", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("audit", "migrate"):
+        args.database_url = os.environ.get("DATABASE_URL", "")
+        if not args.database_url:
+            parser.error(f"{args.command} needs DATABASE_URL")
+    session = commands.Session(
+        address=args.address, actor=args.actor, timeout=args.timeout, json=args.json
+    )
+    try:
+        code: int = args.run(args, session)
+        return code
+    except output.UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"ledger: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as exc:
+        error = output.rpc_error(exc)
+        output.print_error(error, args.json)
+        unreachable = isinstance(exc, grpc.Call) and exc.code() in _UNAVAILABLE
+        if unreachable and not args.json:
+            print(f"  (is the ledger server running at {args.address}?)", file=sys.stderr)
+        return EXIT_UNAVAILABLE if unreachable else EXIT_FAILED
+    except psycopg.OperationalError as exc:
+        output.print_error({"code": "UNAVAILABLE", "message": str(exc).strip()}, args.json)
+        return EXIT_UNAVAILABLE
+    finally:
+        session.close()

@@ -1,0 +1,128 @@
+"""How the CLI prints: credits as decimals, plain tables, protobuf JSON for scripts,
+and gRPC errors with their status code, message and ErrorInfo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC
+from decimal import Decimal, InvalidOperation
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+MICROS_PER_CREDIT = 1_000_000
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit code 2)."""
+
+
+def credits(micros: int) -> str:
+    """96500000 -> "96.5": whole credits, then up to six decimals without trailing zeros."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), MICROS_PER_CREDIT)
+    text = f"{whole:,}"
+    if fraction:
+        text += "." + f"{fraction:06d}".rstrip("0")
+    return sign + text
+
+
+def parse_credits(text: str) -> int:
+    """ "96.5" -> 96500000; at most six decimals, never a float on the way."""
+    try:
+        value = Decimal(text.replace(",", "").replace("_", ""))
+    except InvalidOperation:
+        raise UsageError(f"{text!r} is not an amount of credits such as 10 or 96.5") from None
+    micros = value * MICROS_PER_CREDIT
+    if not value.is_finite() or micros != micros.to_integral_value():
+        raise UsageError(f"{text!r}: credits have at most 6 decimals")
+    return int(micros)
+
+
+def when(ts: Timestamp) -> str:
+    if not ts.seconds and not ts.nanos:
+        return ""
+    return ts.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def enum_name(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).lower()
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out: TextIO) -> None:
+    """Left-aligned columns; a column whose header starts with '>' is right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    titles = [h.lstrip(">") for h in headers]
+    widths = [max([len(t), *(len(r[i]) for r in cells)]) for i, t in enumerate(titles)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if h.startswith(">") else v.ljust(w)
+            for v, w, h in zip(values, widths, headers, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    print(line(titles), file=out)
+    for row in cells:
+        print(line(row), file=out)
+    if not cells:
+        print("(none)", file=out)
+
+
+def fields(pairs: Iterable[tuple[str, object]], out: TextIO) -> None:
+    pairs = list(pairs)
+    width = max((len(k) for k, _ in pairs), default=0)
+    for key, value in pairs:
+        print(f"{key.ljust(width)}  {value}", file=out)
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(value: Message | dict[str, Any] | list[Any], out: TextIO) -> None:
+    data = as_json(value) if isinstance(value, Message) else value
+    json.dump(data, out, indent=2, sort_keys=False)
+    out.write("\n")
+
+
+def rpc_error(error: grpc.RpcError) -> dict[str, Any]:
+    """The status code, message, and the ErrorInfo / BadRequest details of a failed call."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    out: dict[str, Any] = {"code": code.name, "message": details or ""}
+    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    details_list: list[Any] = list(status.details) if status is not None else []
+    for detail in details_list:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out["reason"] = info.reason
+            out["metadata"] = dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out["field_violations"] = [
+                {"field": v.field, "description": v.description} for v in bad.field_violations
+            ]
+    return out
+
+
+def print_error(error: dict[str, Any], json_mode: bool, out: TextIO = sys.stderr) -> None:
+    if json_mode:
+        print_json({"error": error}, out)
+        return
+    print(f"error: {error['code']}: {error['message']}", file=out)
+    if error.get("reason"):
+        print(f"  reason: {error['reason']}", file=out)
+    for key, value in sorted(error.get("metadata", {}).items()):
+        if key.endswith("_micros") and value.lstrip("-").isdigit():
+            value = f"{value} ({credits(int(value))} credits)"
+        print(f"  {key}: {value}", file=out)

@@ -1,0 +1,157 @@
+"""ReportService: the summary report (DESIGN.md section 7, seed 004). Reads only: one
+connection, one REPEATABLE READ transaction, the named queries of sql/queries/reports.sql."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import grpc
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from ledger.v1 import report_service_pb2 as pb
+from ledger.v1 import report_service_pb2_grpc
+from ledger_server.clock import Clock
+from ledger_server.db.queries import query
+from ledger_server.errors import LedgerError, invalid_field
+from ledger_server.ledger import mapping, validation
+from ledger_server.server.calls import Context
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_MONTH = re.compile(r"^\d{4}-\d{2}$")
+
+# The columns of report_summary_by_source after (source, is_paid), in SummaryAmounts order.
+AMOUNT_FIELDS = (
+    "opening_micros",
+    "allocated_micros",
+    "consumed_micros",
+    "adjusted_micros",
+    "refunded_micros",
+    "expired_micros",
+    "transferred_micros",
+    "remaining_micros",
+)
+
+Period = tuple[datetime | None, datetime | None, datetime | None, datetime | None]
+
+
+def _local_period(request: pb.GetSummaryRequest) -> Period:
+    """(local_start, local_end, start, end): a day or month as local wall-clock times
+    (the SQL turns them into instants in the ledger's zone), or a range as instants."""
+    which = request.WhichOneof("period")
+    if which == "day":
+        if not _DAY.match(request.day):
+            raise invalid_field("day", "must be a date YYYY-MM-DD")
+        try:
+            day = date.fromisoformat(request.day)
+        except ValueError:
+            raise invalid_field("day", "must be a date YYYY-MM-DD") from None
+        start = datetime(day.year, day.month, day.day)
+        return start, start + timedelta(days=1), None, None
+    if which == "month":
+        if not _MONTH.match(request.month):
+            raise invalid_field("month", "must be a month YYYY-MM")
+        year, month = int(request.month[:4]), int(request.month[5:])
+        if not 1 <= month <= 12 or year < 1:
+            raise invalid_field("month", "must be a month YYYY-MM")
+        start = datetime(year, month, 1)
+        following = datetime(year + month // 12, month % 12 + 1, 1)
+        return start, following, None, None
+    if which == "range":
+        if not request.range.HasField("start_time"):
+            raise invalid_field("range.start_time", "is required")
+        if not request.range.HasField("end_time"):
+            raise invalid_field("range.end_time", "is required")
+        start_time = validation.timestamp(request.range.start_time, "range.start_time")
+        end_time = validation.timestamp(request.range.end_time, "range.end_time")
+        if end_time <= start_time:
+            raise invalid_field("range.end_time", "must be after range.start_time")
+        return None, None, start_time, end_time
+    raise invalid_field("period", "set one of day, month or range")
+
+
+def summary_amounts(rows: Iterable[tuple[Any, ...]]) -> pb.SummaryAmounts:
+    """Adds up rows of report_summary_by_source."""
+    out = pb.SummaryAmounts()
+    for row in rows:
+        for name, value in zip(AMOUNT_FIELDS, row[2:], strict=True):
+            setattr(out, name, getattr(out, name) + int(value))
+    return out
+
+
+async def _rows(
+    conn: AsyncConnection[TupleRow], name: str, params: Mapping[str, object]
+) -> list[TupleRow]:
+    # Unprepared: planned with its parameters every time, so a one-account report folds
+    # `account_id IS NULL OR account_id = ...` to an index condition (a cached generic
+    # plan, which psycopg would switch to after a few runs, could not).
+    cursor = await conn.execute(query(name), params, prepare=False)
+    return await cursor.fetchall() if cursor.description is not None else []
+
+
+class ReportService(report_service_pb2_grpc.ReportServiceServicer):
+    def __init__(self, pool: AsyncConnectionPool, clock: Clock) -> None:
+        self._pool = pool
+        self._clock = clock
+
+    async def GetSummary(
+        self, request: pb.GetSummaryRequest, context: Context
+    ) -> pb.GetSummaryResponse:
+        account_id = validation.account_id(request.account_id) if request.account_id else None
+        local_start, local_end, start, end = _local_period(request)
+        now = self._clock.now()
+        async with self._pool.connection() as conn, conn.transaction():
+            await _rows(conn, "report_snapshot", {})
+            if account_id is not None:
+                exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
+                if not exists[0][0]:
+                    raise LedgerError(
+                        grpc.StatusCode.NOT_FOUND,
+                        "ACCOUNT_NOT_FOUND",
+                        "account not found",
+                        {"account_id": account_id},
+                    )
+            zone, zoned_start, zoned_end = (
+                await _rows(
+                    conn, "report_period", {"local_start": local_start, "local_end": local_end}
+                )
+            )[0]
+            start = start or zoned_start
+            end = end or zoned_end
+            params = {"account_id": account_id, "start": start, "end": end, "now": now}
+            sources = await _rows(conn, "report_summary_by_source", params)
+            usage = await _rows(conn, "report_usage", params)
+        sources = [row for row in sources if any(row[2:])]
+        response = pb.GetSummaryResponse(
+            account_id=account_id or "",
+            time_zone=str(zone),
+            total=summary_amounts(sources),
+            free=summary_amounts(row for row in sources if not row[1]),
+            purchased=summary_amounts(row for row in sources if row[1]),
+            sources=[
+                pb.SourceSummary(
+                    source=mapping.source_from_db(row[0]),
+                    purchased=bool(row[1]),
+                    amounts=summary_amounts([row]),
+                )
+                for row in sources
+            ],
+            usage=[
+                pb.FeatureUsage(
+                    feature=row[0],
+                    model=row[1],
+                    charges=row[2],
+                    consumed_micros=row[3],
+                    refunded_micros=row[4],
+                )
+                for row in usage
+            ],
+        )
+        response.start_time.FromDatetime(start)
+        response.end_time.FromDatetime(end)
+        response.as_of.FromDatetime(now)
+        return response

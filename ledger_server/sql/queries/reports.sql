@@ -1,0 +1,118 @@
+-- Named queries of the report service (ReportService.GetSummary). Reads only; the
+-- handler runs them in one REPEATABLE READ transaction so they see one snapshot.
+--
+-- %(account_id)s NULL means every account. The handler runs these unprepared, so
+-- each is planned with its parameters: for one account `account_id IS NULL OR ...`
+-- folds to `account_id = ...` and the (account_id, ...) indexes are used.
+
+-- name: report_snapshot
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- name: report_period
+-- The ledger's time zone and a local period [local_start, local_end) as instants, the
+-- way the monthly allowance computes its months (ledger_monthly_allowance).
+SELECT tz, %(local_start)s::timestamp AT TIME ZONE tz, %(local_end)s::timestamp AT TIME ZONE tz
+  FROM (SELECT ledger_timezone() AS tz) zone
+
+-- name: report_account_exists
+SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(account_id)s::text)
+
+-- name: report_summary_by_source
+-- Per credit source: opening balance, movements in [start, end) by kind, and the
+-- balance at the end. Balances at an instant T are computed backwards from the lots'
+-- remaining credits now (equal to the sum of their postings; the audit checks it):
+-- balance(T) = now - (movements at or after T). So only transactions made since the
+-- start are read, however long the account's history.
+--
+-- A movement's time is its transaction's, except for expiry: credits count as
+-- expired when their lot expired (one microsecond before expires_at, so a lot
+-- expiring at midnight expires in the day that ends then), even when the expiry was
+-- journaled later by the first operation that touched the account. Expiries that
+-- are due but not journaled yet count too (the lazy sweep has not reached them).
+WITH current_lots AS (
+    SELECT l.source,
+           sum(l.remaining_micros) AS remaining,
+           -- Due but not journaled yet: the unheld credits of lots already expired.
+           sum(l.remaining_micros - l.held_micros)
+               FILTER (WHERE l.expires_at <= %(now)s::timestamptz) AS due_expiry
+      FROM lots l
+     WHERE (%(account_id)s::text IS NULL OR l.account_id = %(account_id)s::text)
+     GROUP BY l.source
+), moves AS (
+    SELECT p.source, t.kind, p.amount_micros AS amount,
+           CASE WHEN t.kind = 'expiry' THEN l.expires_at - interval '1 microsecond'
+                ELSE t.created_at END AS at
+      FROM journal_transactions t
+      JOIN postings p ON p.account_id = t.account_id AND p.transaction_id = t.transaction_id
+      LEFT JOIN lots l ON t.kind = 'expiry' AND l.account_id = p.account_id AND l.lot_id = p.lot_id
+     WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+       AND t.created_at >= %(start)s::timestamptz
+       AND p.lot_id IS NOT NULL  -- the account's side only
+    UNION ALL
+    SELECT l.source, 'expiry', -(l.remaining_micros - l.held_micros),
+           l.expires_at - interval '1 microsecond'
+      FROM lots l
+     WHERE (%(account_id)s::text IS NULL OR l.account_id = %(account_id)s::text)
+       AND l.remaining_micros > l.held_micros
+       AND l.expires_at <= %(now)s::timestamptz
+       AND l.expires_at > %(start)s::timestamptz
+), flows AS (
+    SELECT source,
+           sum(amount) FILTER (WHERE at >= %(start)s::timestamptz) AS since_start,
+           sum(amount) FILTER (WHERE at >= %(end)s::timestamptz) AS since_end,
+           sum(amount) FILTER (WHERE kind = 'grant' AND in_period) AS allocated,
+           -sum(amount) FILTER (WHERE kind = 'charge' AND in_period) AS consumed,
+           -sum(amount) FILTER (WHERE kind = 'adjustment' AND in_period) AS adjusted,
+           sum(amount) FILTER (WHERE kind = 'refund' AND amount > 0 AND in_period) AS refunded,
+           -- Expiry, and refunds into expired lots (their negative account-side legs).
+           -sum(amount) FILTER (WHERE (kind = 'expiry' OR (kind = 'refund' AND amount < 0))
+                                  AND in_period) AS expired,
+           sum(amount) FILTER (WHERE kind = 'transfer' AND in_period) AS transferred
+      FROM (SELECT m.*, m.at >= %(start)s::timestamptz AND m.at < %(end)s::timestamptz AS in_period
+              FROM moves m) m
+     GROUP BY source
+)
+-- sum(bigint) is numeric: each column goes back to bigint (never out of range here).
+SELECT s.source,
+       coalesce(cs.is_paid, false),
+       (now_balance - coalesce(f.since_start, 0))::bigint,
+       coalesce(f.allocated, 0)::bigint,
+       coalesce(f.consumed, 0)::bigint,
+       coalesce(f.adjusted, 0)::bigint,
+       coalesce(f.refunded, 0)::bigint,
+       coalesce(f.expired, 0)::bigint,
+       coalesce(f.transferred, 0)::bigint,
+       (now_balance - coalesce(f.since_end, 0))::bigint
+  FROM (SELECT coalesce(c.source, f.source) AS source,
+               coalesce(c.remaining, 0) - coalesce(c.due_expiry, 0) AS now_balance
+          FROM current_lots c FULL JOIN flows f ON f.source = c.source) s
+  LEFT JOIN flows f ON f.source = s.source
+  LEFT JOIN credit_sources cs ON cs.source = s.source
+ ORDER BY s.source
+
+-- name: report_usage
+-- Charges in [start, end) by feature and model, and the refunds made in the period
+-- of charges of each (a refund carries its reservation's feature; its model is the
+-- charge's).
+SELECT coalesce(t.feature, ''),
+       coalesce(t.model, c.model, ''),
+       count(*) FILTER (WHERE t.kind = 'charge'),
+       coalesce(-sum(t.amount_micros) FILTER (WHERE t.kind = 'charge'), 0)::bigint,
+       coalesce(sum(refunded.gross) FILTER (WHERE t.kind = 'refund'), 0)::bigint
+  FROM journal_transactions t
+  LEFT JOIN reservations r
+         ON t.kind = 'refund' AND r.account_id = t.account_id AND r.reservation_id = t.reservation_id
+  LEFT JOIN journal_transactions c
+         ON c.account_id = r.account_id AND c.transaction_id = r.charge_transaction_id
+  LEFT JOIN LATERAL (
+        SELECT sum(p.amount_micros) AS gross
+          FROM postings p
+         WHERE t.kind = 'refund' AND p.account_id = t.account_id
+           AND p.transaction_id = t.transaction_id AND p.lot_id IS NOT NULL
+           AND p.amount_micros > 0) refunded ON true
+ WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+   AND t.kind IN ('charge', 'refund')
+   AND t.created_at >= %(start)s::timestamptz
+   AND t.created_at < %(end)s::timestamptz
+ GROUP BY 1, 2
+ ORDER BY 4 DESC, 1, 2

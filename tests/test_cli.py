@@ -1,0 +1,215 @@
+"""The operator CLI `ledger` (issue 6, must-show 5), run as a subprocess the way an
+operator runs it: `audit` exits non-zero when an invariant is broken and zero when
+clean; balance, grant, adjust, transactions, reservations, codes, summary and config
+against the session's server, human tables and --json; errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
+from support.ledger import CREDIT, Ledger, new_account
+
+ACTOR = "ops-alice"
+
+
+def run_cli(
+    args: Sequence[str], address: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("LEDGER_ADDRESS", "DATABASE_URL")
+    }
+    environment.update(env or {})
+    options = ["--address", address, "--actor", ACTOR] if address else []
+    return subprocess.run(
+        [sys.executable, "-m", "ledger_server.cli", *options, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(server_address: str) -> Cli:
+    def call(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(args, server_address)
+
+    return call
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- audit and migrate: DATABASE_URL, no server -------------------------------------------------
+
+
+def test_audit_exits_zero_when_clean_and_non_zero_when_an_invariant_is_broken(
+    fresh_database_url: str,
+) -> None:
+    env = {"DATABASE_URL": fresh_database_url}
+    migrated = run_cli(["migrate"], env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "applied: 0001_" in migrated.stdout
+    assert run_cli(["migrate"], env=env).stdout.strip() == "schema is up to date"
+
+    now = datetime.now().astimezone()
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), now)
+        for n, account in enumerate(("alice", "bob")):
+            conn.execute(
+                "SELECT ledger_grant(%s, %s, '\\x00', %s, 'purchase', NULL, 'main',"
+                " NULL, NULL, NULL, %s)",
+                (account, f"g{n}", 10 * CREDIT, now),
+            )
+
+    clean = run_cli(["audit"], env=env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "audit clean" in clean.stdout
+    assert ok_json(run_cli(["audit", "--json"], env=env)) == {"clean": True, "violations": []}
+
+    # Break one invariant behind the ledger's back: a lot loses a credit no posting records.
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE lots SET remaining_micros = remaining_micros - %s WHERE account_id = 'bob'",
+            (CREDIT,),
+        )
+    broken = run_cli(["audit"], env=env)
+    assert broken.returncode == 1
+    assert "lot_vs_postings" in broken.stdout and "bob" in broken.stdout
+    assert "audit FAILED" in broken.stderr
+    report = json.loads(run_cli(["audit", "--json"], env=env).stdout)
+    assert report["clean"] is False
+    assert {v["check"] for v in report["violations"]} >= {"lot_vs_postings", "balance_vs_lots"}
+    assert {v["account_id"] for v in report["violations"]} == {"bob"}
+
+
+def test_audit_without_a_database_is_a_usage_error_and_an_unreachable_one_is_3(
+    fresh_database_url: str,
+) -> None:
+    assert run_cli(["audit"]).returncode == 2
+    unreachable = run_cli(
+        ["audit"], env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"}
+    )
+    assert unreachable.returncode == 3
+    assert "UNAVAILABLE" in unreachable.stderr
+
+
+# --- against the server ---------------------------------------------------------------------------
+
+
+def test_grant_balance_adjust_and_transactions(cli: Cli) -> None:
+    account = new_account("cli")
+    granted = ok_json(cli("grant", account, "12.5", "--reason", "goodwill", "--json"))
+    assert granted["lot"]["amount_micros"] == str(12_500_000)
+    assert granted["lot"]["source"] == "CREDIT_SOURCE_ADMIN"
+
+    balance = cli("balance", account)
+    assert balance.returncode == 0, balance.stderr
+    assert balance.stdout.splitlines()[1].split() == ["balance", "12.5"]
+
+    adjusted = cli("adjust", account, "2.25", "--reason", "correction", "--key", "fix-1")
+    assert adjusted.returncode == 0, adjusted.stderr
+    # The same key again is a replay, not a second debit.
+    assert (
+        cli("adjust", account, "2.25", "--reason", "correction", "--key", "fix-1").returncode == 0
+    )
+    assert ok_json(cli("balance", account, "--json"))["balance_micros"] == str(10_250_000)
+
+    listed = ok_json(cli("transactions", account, "--json"))
+    kinds = [t["kind"] for t in listed["transactions"]]
+    assert kinds == ["TRANSACTION_KIND_ADJUSTMENT", "TRANSACTION_KIND_GRANT"]
+    assert {t["actor"] for t in listed["transactions"]} == {ACTOR}
+    table = cli("transactions", account, "--kind", "grant")
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:5] == ["id", "time", "kind", "status", "credits"]
+    assert "grant" in row and "12.5" in row and "goodwill" in row and "admin#" in row
+
+    lots = cli("lots", account)
+    assert lots.returncode == 0 and "admin" in lots.stdout and "10.25" in lots.stdout
+
+
+def test_reservations_summary_and_codes(cli: Cli, ledger: Ledger) -> None:
+    account = new_account("cli")
+    ledger.grant(account, 5)
+    spent = ledger.consume(account, 1_500_000, feature="image")
+    shown = ok_json(cli("reservations", account, spent.reservation.reservation_id, "--json"))
+    assert shown["reservation"]["status"] == "RESERVATION_STATUS_COMMITTED"
+    human = cli("reservations", account, spent.reservation.reservation_id)
+    assert "committed" in human.stdout and "1.5" in human.stdout
+
+    month = datetime.now().strftime("%Y-%m")
+    summary = ok_json(cli("summary", account, "--since", "2000-01-01T00:00:00Z",
+                          "--until", "2100-01-01T00:00:00Z", "--json"))  # fmt: skip
+    assert summary["purchased"]["consumed_micros"] == str(1_500_000)
+    assert summary["usage"][0]["feature"] == "image"
+    assert cli("summary", account, "--month", month).returncode == 0
+    assert cli("summary", account).returncode == 2  # a period is required
+
+    created = ok_json(
+        cli("codes", "create", "--credits", "3", "--count", "2", "--note", "launch", "--json")
+    )
+    assert len(created["codes"]) == 2
+    batch = created["batch"]["batch_id"]
+    assert "launch" in cli("codes", "show", batch).stdout
+    disabled = ok_json(cli("codes", "disable", batch, "--reason", "leaked", "--json"))
+    assert disabled["batch"]["disabled"] is True
+
+
+def test_config_list_set_and_reset(cli: Cli, configure: Any) -> None:
+    key = "recharge.minimum_minor"
+    settings = ok_json(cli("config", "list", "--json"))["settings"]
+    before = next(s for s in settings if s["key"] == key)
+    configure(key, before["value"])  # put back as it was when the test ends
+    changed = cli("config", "set", key, "4500", "--reason", "pricing review")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.strip() == f"{key} = 4500 (admin)"
+    listed = cli("config", "list")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(key))
+    assert "4500" in row and ACTOR in row
+    reset = ok_json(cli("config", "reset", key, "--reason", "back to default", "--json"))
+    assert reset["setting"]["source"] == "SETTING_SOURCE_ENVIRONMENT"
+    refused = cli("config", "set", key, '"lots"', "--reason", "typo")
+    assert refused.returncode == 1
+    assert "INVALID_ARGUMENT" in refused.stderr and "INVALID_FIELD" in refused.stderr
+
+
+def test_errors_are_clear_and_exit_codes_tell_them_apart(cli: Cli, ledger: Ledger) -> None:
+    account = new_account("cli")
+    ledger.grant(account, 1)
+    short = cli("adjust", account, "5", "--reason", "too much")
+    assert short.returncode == 1
+    assert "error: FAILED_PRECONDITION" in short.stderr
+    assert "reason: INSUFFICIENT_CREDITS" in short.stderr
+    assert "available_micros: 1000000 (1 credits)" in short.stderr
+    as_json = cli("adjust", account, "5", "--reason", "too much", "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stderr)["error"]["metadata"]["available_micros"] == "1000000"
+
+    missing = cli("balance", new_account("nobody"))
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+    assert cli("grant", account, "1.0000001", "--reason", "x").returncode == 2
+    assert cli("grant", account, "lots", "--reason", "x").returncode == 2
+    assert cli("grant", account, "1").returncode == 2  # --reason is required
+    assert cli().returncode == 2
+
+    down = run_cli(["--timeout", "3", "balance", account], "127.0.0.1:1")
+    assert down.returncode == 3
+    assert "UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr

@@ -1,0 +1,217 @@
+"""ListTransactions keyset pagination (issue 6, must-show 1): walking every page of an
+account returns each entry once, newest first, while new entries are being written;
+filters hold across pages; a malformed page token is INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+
+import grpc
+import psycopg
+import pytest
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from support.ledger import CREDIT, Ledger, expect_error, new_account
+
+PAGE = 25
+
+
+def _journal_ids(database_url: str, account_id: str) -> list[int]:
+    """The account's journal as the database has it, newest first (independent of the API)."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT transaction_id FROM journal_transactions WHERE account_id = %s"
+            " ORDER BY transaction_id DESC",
+            (account_id,),
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def _walk(ledger: Ledger, account_id: str, **filters: object) -> Iterator[list[pb.Transaction]]:
+    token = ""
+    while True:
+        page = ledger.stub.ListTransactions(
+            pb.ListTransactionsRequest(
+                account_id=account_id,
+                page_size=PAGE,
+                page_token=token,
+                **filters,  # type: ignore[arg-type]
+            )
+        )
+        assert len(page.transactions) <= PAGE
+        yield list(page.transactions)
+        token = page.next_page_token
+        if not token:
+            return
+
+
+class _Writer(threading.Thread):
+    """Keeps granting and consuming on an account, on its own channel, until stopped;
+    `wrote` is set after each write so the walk can wait for one between pages."""
+
+    def __init__(self, address: str, account_id: str) -> None:
+        super().__init__(name="journal-writer", daemon=True)
+        self._address = address
+        self._account_id = account_id
+        self.stop = threading.Event()
+        self.wrote = threading.Event()
+        self.writes = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with grpc.insecure_channel(self._address) as channel:
+                ledger = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
+                while not self.stop.is_set():
+                    if self.writes % 2 == 0:
+                        ledger.grant(self._account_id, 1)
+                    else:
+                        ledger.consume(self._account_id, CREDIT // 2, feature="chat")
+                    self.writes += 1
+                    self.wrote.set()
+        except BaseException as exc:
+            self.error = exc
+            self.wrote.set()
+
+
+def test_walking_all_pages_sees_every_entry_once_in_order_while_entries_are_written(
+    ledger: Ledger, server_address: str, ledger_db_url: str
+) -> None:
+    account = new_account("walk")
+    for n in range(120):
+        ledger.grant(account, 2)
+        if n % 3 == 0:
+            ledger.consume(account, CREDIT, feature="image")
+    existing = _journal_ids(ledger_db_url, account)
+    assert len(existing) == 160
+
+    writer = _Writer(server_address, account)
+    writer.start()
+    walked: list[int] = []
+    try:
+        for page in _walk(ledger, account):
+            walked.extend(int(t.transaction_id) for t in page)
+            # At least one new entry lands between every two pages.
+            writer.wrote.clear()
+            assert writer.wrote.wait(timeout=30), "the writer stalled"
+            assert writer.error is None, writer.error
+    finally:
+        writer.stop.set()
+        writer.join(timeout=30)
+    assert writer.error is None, writer.error
+    assert writer.writes >= len(existing) // PAGE
+
+    assert walked == sorted(walked, reverse=True), "pages must be newest first"
+    assert len(walked) == len(set(walked)), "an entry came twice"
+    assert set(existing) <= set(walked), "an entry that existed when the walk began was missed"
+    # Whatever else the walk saw was written meanwhile (it exists now).
+    assert set(walked) <= set(_journal_ids(ledger_db_url, account))
+
+
+def test_filters_hold_across_pages(ledger: Ledger) -> None:
+    account = new_account("walk-filter")
+    for n in range(40):
+        ledger.grant(account, 3)
+        ledger.consume(account, CREDIT, feature="chat" if n % 2 else "image")
+    held = ledger.reserve(account, CREDIT, feature="chat")
+    ledger.release(account, held.reservation.reservation_id)
+    spent = ledger.consume(account, 2 * CREDIT, feature="chat")
+    ledger.refund(account, spent.reservation.reservation_id, CREDIT)
+
+    charges = [
+        t for page in _walk(ledger, account, kinds=[pb.TRANSACTION_KIND_CHARGE]) for t in page
+    ]
+    assert len(charges) == 41
+    assert {t.kind for t in charges} == {pb.TRANSACTION_KIND_CHARGE}
+
+    chat = [t for page in _walk(ledger, account, feature="chat") for t in page]
+    # 20 charges, the hold and its release, the last charge and its refund.
+    assert len(chat) == 24
+    assert {t.feature for t in chat} == {"chat"}
+    ids = [int(t.transaction_id) for t in chat]
+    assert ids == sorted(ids, reverse=True)
+    refund, charge, release, hold = chat[:4]
+    assert (refund.kind, refund.status) == (
+        pb.TRANSACTION_KIND_REFUND,
+        pb.TRANSACTION_STATUS_SUCCEEDED,
+    )
+    assert (charge.kind, charge.status) == (
+        pb.TRANSACTION_KIND_CHARGE,
+        pb.TRANSACTION_STATUS_PARTIALLY_REFUNDED,
+    )
+    assert (release.kind, hold.kind, hold.status) == (
+        pb.TRANSACTION_KIND_RELEASE,
+        pb.TRANSACTION_KIND_HOLD,
+        pb.TRANSACTION_STATUS_RELEASED,
+    )
+    # Each entry shows the lots and sources that paid for it.
+    *paid_by, revenue = charge.postings
+    assert revenue.ledger_account == "revenue" and revenue.amount_micros == 2 * CREDIT
+    assert paid_by and all(p.ledger_account == "account:main" for p in paid_by)
+    assert all(p.lot_id and p.source == types_pb2.CREDIT_SOURCE_PURCHASE for p in paid_by)
+
+    # A time window: only what was created inside it, still newest first.
+    middle = chat[len(chat) // 2].create_time.ToDatetime()
+    request = pb.ListTransactionsRequest(account_id=account, page_size=PAGE)
+    request.end_time.FromDatetime(middle + timedelta(microseconds=1))
+    older = [t for t in ledger.stub.ListTransactions(request).transactions]
+    assert older and all(t.create_time.ToDatetime() <= middle for t in older)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-token",
+        "%%%",
+        base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        base64.urlsafe_b64encode(b'{"p": ["x", 1], "f": "0"}').decode(),
+        base64.urlsafe_b64encode(b'{"p": [12], "f": "forged"}').decode(),
+    ],
+)
+def test_a_malformed_page_token_is_invalid_argument(ledger: Ledger, token: str) -> None:
+    account = new_account("walk-token")
+    ledger.grant(account, 1)
+    expect_error(
+        lambda: ledger.stub.ListTransactions(
+            pb.ListTransactionsRequest(account_id=account, page_token=token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "page_token",
+    )
+
+
+def test_a_page_token_only_works_with_the_filters_it_was_issued_for(ledger: Ledger) -> None:
+    account = new_account("walk-token")
+    for _ in range(3):
+        ledger.grant(account, 1)
+    first = ledger.stub.ListTransactions(
+        pb.ListTransactionsRequest(account_id=account, page_size=1)
+    )
+    assert first.next_page_token
+    expect_error(
+        lambda: ledger.stub.ListTransactions(
+            pb.ListTransactionsRequest(
+                account_id=account,
+                page_size=1,
+                page_token=first.next_page_token,
+                kinds=[pb.TRANSACTION_KIND_GRANT],
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "page_token",
+    )
+    # A token truncated in transit is refused, never misread.
+    expect_error(
+        lambda: ledger.stub.ListTransactions(
+            pb.ListTransactionsRequest(account_id=account, page_token=first.next_page_token[:-3])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "page_token",
+    )
