@@ -22,7 +22,7 @@ TYPECHECK_PATHS := ledger_server workers $(CLIENT_SRC)/ledger_client
 WITH_DB = dbenv="$$($(PY) -m ledger_server.devstack env --no-redis)" && eval "$$dbenv" &&
 
 .PHONY: help venv node_modules proto proto-check buf-lint buf-breaking lint format typecheck \
-	test run demo-data audit migrate stop clean distclean
+	test soak run demo-data audit migrate stop clean distclean
 
 help:
 	@echo "make run          start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate, serve"
@@ -30,11 +30,13 @@ help:
 	@echo "make lint         ruff check, ruff format --check, buf lint, buf breaking, proto-check"
 	@echo "make format       ruff format + ruff check --fix"
 	@echo "make typecheck    mypy --strict"
+	@echo "make soak         the model-based test with 2,000 examples (LEDGER_SOAK_EXAMPLES)"
 	@echo "make proto        regenerate $(CLIENT_SRC)/ledger from protos/"
 	@echo "make buf-breaking buf breaking against every committed version of protos/"
 	@echo "make demo-data    load the example rate card and catalogue into the running server"
 	@echo "make migrate      apply migrations (DATABASE_URL or embedded)"
 	@echo "make audit        check the ledger invariants over the whole database"
+	@echo "make bench        benchmark the stack against its database and transport limits"
 	@echo "make stop         stop the embedded servers left running under .data/"
 	@echo "make clean        stop embedded servers; remove .data/ and caches"
 	@echo "make distclean    clean + remove .venv/ and node_modules/"
@@ -120,6 +122,11 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest
 
+# The model-based test (tests/test_model_based.py) with 2,000 examples of 50 steps, explored
+# at random rather than derandomized as in `make test` (200 examples there).
+soak: $(STAMP)
+	LEDGER_SOAK_EXAMPLES=$${LEDGER_SOAK_EXAMPLES:-2000} $(PY) -m pytest tests/test_model_based.py -k step_by_step -s
+
 # --- running --------------------------------------------------------------------------------
 
 run: $(STAMP)
@@ -128,6 +135,14 @@ run: $(STAMP)
 # Loads the example rate card and catalogue (seeds 000-004) into the running `make run`.
 demo-data: $(STAMP)
 	$(PY) -m ledger_server.demo
+
+# Starts its own stack (embedded servers under .data/bench unless DATABASE_URL/REDIS_URL);
+# BENCH_QUICK=1 for a smoke check, BENCH_SECONDS etc. in bench/run.py. Writes
+# bench/results.json and BENCHMARKS.md.
+.PHONY: bench
+bench: $(STAMP)
+	@$(PY) -m pip show -q py-spy >/dev/null 2>&1 || $(PY) -m pip install -q py-spy || true
+	$(PY) -m bench
 
 migrate: $(STAMP)
 	$(WITH_DB) $(PY) -m ledger_server migrate

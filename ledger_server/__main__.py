@@ -1,4 +1,4 @@
-"""Command line: `python -m ledger_server serve | migrate | audit`."""
+"""Command line: `python -m ledger_server serve | migrate | audit | hash-token`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TextIO
 
 from ledger_server.audit import audit_database
 from ledger_server.config import ConfigError, Settings
 from ledger_server.db.migrate import migrate
+from ledger_server.observability.logging import setup_logging
+from ledger_server.security import SecurityError, hash_token
 from ledger_server.server.app import running_server
+from ledger_server.server.hardening import startup_checks
 
 log = logging.getLogger("ledger_server")
 
@@ -33,16 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the gRPC server (migrates first)")
     sub.add_parser("migrate", help="apply database migrations")
     sub.add_parser("audit", help="check every ledger invariant; exit 1 on a violation")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    sub.add_parser(
+        "hash-token", help="print the SHA-256 of the token on stdin, for LEDGER_AUTH_TOKENS_FILE"
     )
+    args = parser.parse_args(argv)
+    if args.command == "hash-token":
+        return _hash_token()
     try:
+        setup_logging()  # JSON lines on stderr (LEDGER_LOG_FORMAT, LEDGER_LOG_LEVEL)
         settings = Settings.from_env()
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        try:  # secure by default: refuse an unsafe configuration before starting anything
+            startup_checks(settings, settings.grpc_addr)
+        except SecurityError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
         asyncio.run(_serve(settings))
         return 0
     if args.command == "migrate":
@@ -56,6 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audit FAILED: {len(violations)} violation(s)", file=sys.stderr)
         return 1
     print("audit clean: every invariant holds")
+    return 0
+
+
+def _hash_token(stdin: TextIO | None = None) -> int:
+    """One token on stdin (surrounding whitespace ignored) -> its hex SHA-256 on stdout."""
+    token = (stdin or sys.stdin).read().strip()
+    if not token or any(c.isspace() for c in token):
+        print("hash-token: give one token on stdin (no spaces)", file=sys.stderr)
+        return 2
+    if len(token) < 32:
+        print(
+            "hash-token: warning: short token; use a long random one, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            file=sys.stderr,
+        )
+    print(hash_token(token))
     return 0
 
 

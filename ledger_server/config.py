@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+
+from ledger_server.security import Caller, SecurityError, load_callers
 
 
 class ConfigError(ValueError):
     """A setting in the environment has an invalid value."""
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{name} must be a non-negative number, got {raw!r}")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -26,6 +41,43 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
 
 
 @dataclass(frozen=True)
+class StripeSettings:
+    """Stripe: the API key for Checkout Sessions, the webhook signing secret and where the
+    webhook receiver listens. Empty key or secret: that half of payments is switched off
+    (CreateCheckoutSession answers FAILED_PRECONDITION; the receiver answers 503, so Stripe
+    keeps the events and retries them once a secret is configured)."""
+
+    api_key: str = ""
+    webhook_secret: str = ""
+    webhook_tolerance: timedelta = timedelta(seconds=300)
+    # Overrides https://api.stripe.com (a local test double, stripe-mock).
+    api_base: str = ""
+    webhook_addr: str = "localhost:8081"
+    checkout_success_url: str = (
+        "http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"
+    )
+    checkout_cancel_url: str = "http://localhost:3000/billing/cancel"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StripeSettings:
+        env = os.environ if env is None else env
+        defaults = cls()
+        return cls(
+            api_key=env.get("STRIPE_API_KEY", ""),
+            webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
+            webhook_tolerance=timedelta(
+                seconds=_int(env, "STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
+            ),
+            api_base=env.get("STRIPE_API_BASE", "").rstrip("/"),
+            webhook_addr=env.get("LEDGER_WEBHOOK_ADDR", "") or defaults.webhook_addr,
+            checkout_success_url=env.get("LEDGER_CHECKOUT_SUCCESS_URL", "")
+            or defaults.checkout_success_url,
+            checkout_cancel_url=env.get("LEDGER_CHECKOUT_CANCEL_URL", "")
+            or defaults.checkout_cancel_url,
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str
     redis_url: str = ""
@@ -36,6 +88,20 @@ class Settings:
     reservation_ttl_default: timedelta = timedelta(minutes=15)
     reservation_ttl_max: timedelta = timedelta(days=7)
     shutdown_grace: timedelta = timedelta(seconds=5)
+    stripe: StripeSettings = field(default_factory=lambda: StripeSettings())
+    # Security and limits (README, Security).
+    callers: tuple[Caller, ...] = ()
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    max_message_bytes: int = 4 * 1024 * 1024
+    statement_timeout_ms: int = 5000
+    rate_limit_per_second: float = 0.0
+    rate_limit_burst: int = 0
+    # Observability (ledger_server/observability/). Empty: /metrics is not served (the
+    # default of a Settings built in code, e.g. by tests; from_env defaults to localhost:9464).
+    metrics_addr: str = ""
+    health_check_interval: timedelta = timedelta(seconds=5)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -53,6 +119,10 @@ class Settings:
             raise ConfigError(
                 "LEDGER_RESERVATION_TTL_MAX_SECONDS must be at least LEDGER_RESERVATION_TTL_SECONDS"
             )
+        try:
+            callers = load_callers(env)
+        except SecurityError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             database_url=database_url,
             redis_url=env.get("REDIS_URL", ""),
@@ -64,4 +134,17 @@ class Settings:
             reservation_ttl_default=timedelta(seconds=ttl_default),
             reservation_ttl_max=timedelta(seconds=ttl_max),
             shutdown_grace=timedelta(seconds=_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5)),
+            stripe=StripeSettings.from_env(env),
+            callers=callers,
+            tls_cert_file=env.get("LEDGER_TLS_CERT_FILE", ""),
+            tls_key_file=env.get("LEDGER_TLS_KEY_FILE", ""),
+            tls_client_ca_file=env.get("LEDGER_TLS_CLIENT_CA_FILE", ""),
+            max_message_bytes=_int(env, "LEDGER_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, 1024),
+            statement_timeout_ms=_int(env, "LEDGER_STATEMENT_TIMEOUT_MS", 5000),
+            rate_limit_per_second=_float(env, "LEDGER_RATE_LIMIT_PER_SECOND", 0.0),
+            rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0),
+            metrics_addr=env.get("LEDGER_METRICS_ADDR", "localhost:9464"),
+            health_check_interval=timedelta(
+                seconds=_int(env, "LEDGER_HEALTH_CHECK_INTERVAL_SECONDS", 5, minimum=1)
+            ),
         )

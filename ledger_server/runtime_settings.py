@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ def _timezone(value: Json) -> str | None:
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         return "must be an IANA time zone such as UTC or Asia/Shanghai"
     return None
+
+
+def _email_or_empty(value: Json) -> str | None:
+    if value == "" or re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+        return None
+    return "must be an email address, or empty"
 
 
 def _currency(value: Json) -> str | None:
@@ -101,8 +108,8 @@ class SettingDefinition:
             if not isinstance(value, bool):
                 return "must be true or false"
         elif self.kind is str:
-            if not isinstance(value, str) or not value:
-                return "must be a non-empty string"
+            if not isinstance(value, str):
+                return "must be a string"
         elif self.kind is list and not isinstance(value, list):
             return "must be a list"
         return self.check(self.normalize(value)) if self.check else None
@@ -246,6 +253,24 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         10 * CREDIT,
         "referral reward, paid into the inviter's reward balance",
         _non_negative,
+    ),
+    SettingDefinition(
+        "alerts.low_balance_threshold_micros",
+        "LEDGER_LOW_BALANCE_THRESHOLD_MICROS",
+        int,
+        10 * CREDIT,
+        "default low-balance threshold: a charge taking the balance below it raises one alert;"
+        " 0 = no alerts",
+        _non_negative,
+    ),
+    SettingDefinition(
+        "alerts.email_to",
+        "LEDGER_ALERT_EMAIL_TO",
+        str,
+        "",
+        "where low-balance alerts are emailed when the account has no address of its own;"
+        " empty = record alerts without email",
+        _email_or_empty,
     ),
 )
 

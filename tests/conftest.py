@@ -131,8 +131,10 @@ def clock() -> OffsetClock:
 
 
 @pytest.fixture(scope="session")
-def server_address(ledger_db_url: str, clock: OffsetClock) -> Iterator[str]:
-    settings = Settings(database_url=ledger_db_url, db_pool_min_size=2, db_pool_max_size=16)
+def server_address(ledger_db_url: str, redis_url: str, clock: OffsetClock) -> Iterator[str]:
+    settings = Settings(
+        database_url=ledger_db_url, redis_url=redis_url, db_pool_min_size=2, db_pool_max_size=16
+    )
     server = ServerThread(settings, clock).start()
     try:
         with grpc.insecure_channel(server.address) as channel:

@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 
 import grpc
+import psycopg
 from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import ledger_service_pb2 as pb
@@ -139,4 +140,47 @@ def test_mixed_reserve_commit_release_from_many_clients(
         assert balance.held_micros == 0
         assert balance.available_micros == balance.balance_micros
         assert all(lot.held_micros == 0 for lot in ledger.lots(account, include_inactive=True))
+    assert_audit_clean()  # type: ignore[operator]
+
+
+def test_concurrent_consumes_on_one_account_share_transactions(
+    ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
+) -> None:
+    """The hot-account path: calls that queue behind each other on one account are
+    coalesced into shared transactions, each still applied exactly once with its own
+    response. A batch runs at one moment (its calls share created_at; separate calls
+    never do), which shows the batching happened."""
+    account = new_account("hot")
+    ledger.grant(account, 1000)
+
+    async def consume_all() -> list[pb.ConsumeResponse]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            return await asyncio.gather(
+                *(
+                    stub.Consume(
+                        pb.ConsumeRequest(
+                            account_id=account, idempotency_key=f"hot-{i}", amount_micros=CREDIT
+                        )
+                    )
+                    for i in range(60)
+                )
+            )
+
+    responses = asyncio.run(consume_all())
+    assert len({r.transaction_id for r in responses}) == 60
+    assert sorted(r.balance.balance_micros for r in responses) == [
+        (1000 - n) * CREDIT for n in range(60, 0, -1)
+    ]
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT created_at) FROM journal_transactions "
+            "WHERE account_id = %s AND kind = 'charge'",
+            (account,),
+        ).fetchone()
+    assert row is not None
+    charges, moments = row
+    assert charges == 60
+    assert moments < charges
+    assert ledger.balance(account).balance_micros == 940 * CREDIT
     assert_audit_clean()  # type: ignore[operator]

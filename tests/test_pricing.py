@@ -383,3 +383,15 @@ def test_the_demo_catalogue_loads_and_prices_the_seeds(
     assert cost(_usage("video.generate", "grok-video-3", generations=2)) == CREDIT
     assert cost(_usage("workflow", "creator-video", workflow_runs=1)) == 20 * CREDIT
     assert cost(_usage("chat", "pro", input_tokens=1000, output_tokens=1000)) == 5 * CREDIT
+
+
+def test_transactions_filter_by_model(ledger: Ledger, admin: Any) -> None:
+    images = _feature("image.generate")
+    _set_price(admin, images, "generations", 500_000, model="model-a")
+    _set_price(admin, images, "generations", 700_000, model="model-b")
+    account = new_account()
+    ledger.grant(account, 10)
+    _consume(ledger, account, _usage(images, "model-a", generations=1))
+    _consume(ledger, account, _usage(images, "model-b", generations=2))
+    only_b = ledger.transactions(account, model="model-b")
+    assert [(e.model, e.amount_micros) for e in only_b] == [("model-b", -1_400_000)]

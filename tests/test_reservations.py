@@ -168,3 +168,27 @@ def test_transaction_log_shows_hold_status(ledger: Ledger) -> None:
         released: pb.TRANSACTION_STATUS_RELEASED,
         committed: pb.TRANSACTION_STATUS_COMMITTED,
     }
+
+
+def test_transactions_filter_by_status(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 20)
+    pending = ledger.reserve(account, CREDIT).reservation.reservation_id
+    released = ledger.reserve(account, CREDIT).reservation.reservation_id
+    ledger.release(account, released)
+    refunded = ledger.consume(account, CREDIT).reservation.reservation_id
+    ledger.refund(account, refunded)
+    kept = ledger.consume(account, CREDIT).reservation.reservation_id
+
+    def with_status(*statuses: int) -> list[tuple[int, str]]:
+        return [
+            (t.kind, t.reservation_id)
+            for t in ledger.transactions(account, statuses=list(statuses))
+        ]
+
+    assert with_status(pb.TRANSACTION_STATUS_PENDING) == [(pb.TRANSACTION_KIND_HOLD, pending)]
+    assert with_status(pb.TRANSACTION_STATUS_RELEASED) == [(pb.TRANSACTION_KIND_HOLD, released)]
+    assert with_status(pb.TRANSACTION_STATUS_REFUNDED) == [(pb.TRANSACTION_KIND_CHARGE, refunded)]
+    succeeded = with_status(pb.TRANSACTION_STATUS_SUCCEEDED)
+    assert (pb.TRANSACTION_KIND_CHARGE, kept) in succeeded
+    assert (pb.TRANSACTION_KIND_CHARGE, refunded) not in succeeded

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,9 +54,13 @@ class Stack:
 
 
 @contextmanager
-def make_run(data_dir: Path, port: int) -> Iterator[Stack]:
+def make_run(data_dir: Path, port: int, webhook_port: int) -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env.update(LEDGER_DATA_DIR=str(data_dir), LEDGER_GRPC_ADDR=f"localhost:{port}")
+    env.update(
+        LEDGER_DATA_DIR=str(data_dir),
+        LEDGER_GRPC_ADDR=f"localhost:{port}",
+        LEDGER_WEBHOOK_ADDR=f"127.0.0.1:{webhook_port}",
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "ledger_server.devstack", "run"],
         cwd=REPO,
@@ -88,6 +93,23 @@ def _walkthrough() -> str:
     return match.group(1)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_port(port: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _port_open(port):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -98,8 +120,8 @@ def _port_open(port: int) -> bool:
 def test_make_run_serves_the_readme_walkthrough_and_stops_cleanly(tmp_path: Path) -> None:
     assert BUF.exists(), "make installs buf into node_modules; run the suite through make test"
     data_dir = tmp_path / "data"
-    port = _free_port()
-    with make_run(data_dir, port) as stack:
+    port, webhook_port = _free_port(), _free_port()
+    with make_run(data_dir, port, webhook_port) as stack:
         banner = stack.text()
         assert f"gRPC on localhost:{port}" in banner
         printed = [
@@ -115,6 +137,9 @@ def test_make_run_serves_the_readme_walkthrough_and_stops_cleanly(tmp_path: Path
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # The worker, the scheduler and the webhook receiver run beside the server.
+        assert _wait_for_port(webhook_port), stack.text()
+        assert f"Stripe webhooks: http://127.0.0.1:{webhook_port}/stripe/webhook" in banner
 
         listed = subprocess.run(
             [
@@ -152,11 +177,16 @@ def test_make_run_serves_the_readme_walkthrough_and_stops_cleanly(tmp_path: Path
             assert walked.returncode == 0, walked.stdout + walked.stderr
             assert '"balanceMicros": "96500000"' in walked.stdout, walked.stdout
     assert stack.process.returncode == 0, stack.text()
+    for name in ("server", "worker", "scheduler", "webhooks"):
+        stopped = re.search(rf"stopping {name} \(pid (\d+)\)", stack.text())
+        assert stopped, f"{name} was not started and stopped:\n{stack.text()}"
+        assert not _pid_alive(int(stopped.group(1))), f"{name} still running"
     assert not _port_open(port)
+    assert not _port_open(webhook_port)
     assert not _port_open(redis_port)
     assert not (data_dir / "pg" / "postmaster.pid").exists(), "PostgreSQL still running"
 
-    with make_run(data_dir, port) as again:
+    with make_run(data_dir, port, webhook_port) as again:
         assert "credit-ledger is up" in again.text()
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             balance = ledger_service_pb2_grpc.LedgerServiceStub(channel).Balance(
@@ -170,7 +200,7 @@ def test_readme_configuration_table_names_every_setting() -> None:
     readme = (REPO / "README.md").read_text()
     documented = set(re.findall(r"^\|.*?`([A-Z][A-Z0-9_]+)` \|", readme, re.M))
     read = set()
-    for path in (REPO / "ledger_server").rglob("*.py"):
+    for path in [*(REPO / "ledger_server").rglob("*.py"), *(REPO / "workers").rglob("*.py")]:
         read |= set(
             re.findall(
                 r"""(?:env|environ)(?:\.get)?\(\s*["']([A-Z][A-Z0-9_]+)["']""", path.read_text()

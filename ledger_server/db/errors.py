@@ -5,6 +5,7 @@ SQLSTATE class LE with a JSON DETAIL holding the error's metadata."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import grpc
 import psycopg
@@ -44,6 +45,10 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE029": (grpc.StatusCode.NOT_FOUND, "FEATURE_NOT_FOUND"),
     "LE030": (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
     "LE031": (grpc.StatusCode.NOT_FOUND, "PRICE_NOT_FOUND"),
+    # Payments (sql/functions/0004_payments.sql).
+    "LE040": (grpc.StatusCode.NOT_FOUND, "PURCHASE_NOT_FOUND"),
+    "LE041": (grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_PRICE_MISSING"),
+    "LE042": (grpc.StatusCode.FAILED_PRECONDITION, "PLAN_INACTIVE"),
 }
 
 # Constraints a request can run into with input that passed validation.
@@ -57,9 +62,9 @@ _RETRYABLE_UNIQUE = {
     "accounts_referral_code_unique",
     "accounts_pkey",
     "purchases_one_per_external_ref",
+    "checkout_sessions_pkey",
+    "checkout_sessions_one_per_key",
 }
-
-_RETRYABLE = (pg.SerializationFailure, pg.DeadlockDetected, pg.LockNotAvailable)
 
 
 def _metadata(detail: str | None) -> dict[str, str]:
@@ -74,39 +79,69 @@ def _metadata(detail: str | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in parsed.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class DatabaseFailure:
+    """What PostgreSQL said about a failed statement, from a psycopg exception or from
+    a batch function that caught it per call (sql/functions/0007_coalesced.sql)."""
+
+    sqlstate: str
+    message: str = ""
+    detail: str | None = None
+    constraint: str | None = None
+
+
+_INPUT_OUT_OF_RANGE = {pg.CheckViolation.sqlstate, pg.StringDataRightTruncation.sqlstate}
+_RETRYABLE_STATES = {pg.SerializationFailure.sqlstate, pg.DeadlockDetected.sqlstate}
+# statement_timeout / lock_timeout, set from the call's deadline (db/deadlines.py); the
+# ledger's SQL takes no lock with NOWAIT, so LockNotAvailable is always the time-out.
+_TIMED_OUT = {pg.QueryCanceled.sqlstate, pg.LockNotAvailable.sqlstate}
+
+
 def translate(exc: psycopg.Error) -> LedgerError | None:
     """The domain error for a database error, or None when it is a bug (INTERNAL)."""
-    sqlstate = exc.sqlstate or ""
+    failure = DatabaseFailure(
+        exc.sqlstate or "",
+        exc.diag.message_primary or "",
+        exc.diag.message_detail,
+        exc.diag.constraint_name,
+    )
+    translated = translate_failure(failure)
+    if translated is None and isinstance(exc, psycopg.OperationalError):
+        return unavailable("the database is unavailable; retry with the same idempotency key")
+    return translated
+
+
+def translate_failure(failure: DatabaseFailure) -> LedgerError | None:
+    """By SQLSTATE and constraint name only, never by message text."""
+    sqlstate = failure.sqlstate
     if sqlstate in _LEDGER_SQLSTATES:
         code, reason = _LEDGER_SQLSTATES[sqlstate]
-        message = exc.diag.message_primary or reason.lower().replace("_", " ")
-        metadata = _metadata(exc.diag.message_detail)
+        message = failure.message or reason.lower().replace("_", " ")
+        metadata = _metadata(failure.detail)
         if reason == "INVALID_FIELD" and "field" in metadata:
             return invalid_field(metadata["field"], metadata.get("violation", message))
         return LedgerError(code, reason, message, metadata)
-    if isinstance(exc, pg.CheckViolation | pg.StringDataRightTruncation):
-        field = _CONSTRAINT_FIELDS.get(exc.diag.constraint_name or "")
-        if field is not None:
-            return invalid_field(field, "is out of range")
-        return None
-    if isinstance(exc, pg.NumericValueOutOfRange):
+    if sqlstate in _INPUT_OUT_OF_RANGE:
+        field = _CONSTRAINT_FIELDS.get(failure.constraint or "")
+        return invalid_field(field, "is out of range") if field is not None else None
+    if sqlstate == pg.NumericValueOutOfRange.sqlstate:
         return LedgerError(
             grpc.StatusCode.FAILED_PRECONDITION,
             "BALANCE_LIMIT",
             "the amount would take a balance beyond what the ledger can hold",
         )
-    if isinstance(exc, _RETRYABLE) or (
-        isinstance(exc, pg.UniqueViolation) and exc.diag.constraint_name in _RETRYABLE_UNIQUE
+    if sqlstate in _RETRYABLE_STATES or (
+        sqlstate == pg.UniqueViolation.sqlstate and failure.constraint in _RETRYABLE_UNIQUE
     ):
         return LedgerError(
             grpc.StatusCode.ABORTED,
             "CONFLICT",
             "the operation conflicted with a concurrent one; retry with the same idempotency key",
         )
-    if isinstance(exc, pg.QueryCanceled):
+    if sqlstate in _TIMED_OUT:
         return LedgerError(
             grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the database took too long"
         )
-    if isinstance(exc, psycopg.OperationalError):
+    if sqlstate.startswith("08"):  # connection exceptions
         return unavailable("the database is unavailable; retry with the same idempotency key")
     return None

@@ -34,6 +34,7 @@ from typing import IO, NoReturn
 from ledger_server.devstack import embedded
 
 DEFAULT_GRPC_ADDR = "localhost:50051"
+DEV_WEBHOOK_SECRET = "whsec_dev_credit_ledger"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
@@ -54,10 +55,12 @@ def migrate_spec() -> ProcessSpec:
 
 
 def process_specs() -> list[ProcessSpec]:
-    """What ``make run`` runs, started in this order and stopped in reverse. Add the RQ
-    workers, the RQ scheduler and the webhook receiver here."""
+    """What ``make run`` runs, started in this order and stopped in reverse."""
     return [
         ProcessSpec("server", [sys.executable, "-m", "ledger_server", "serve"]),
+        ProcessSpec("worker", [sys.executable, "-m", "workers", "worker"]),
+        ProcessSpec("scheduler", [sys.executable, "-m", "workers", "scheduler"]),
+        ProcessSpec("webhooks", [sys.executable, "-m", "workers.webhook"]),
     ]
 
 
@@ -213,6 +216,7 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
     """What a newcomer sees once the stack is up: where it listens and a first call to paste
     (a grant with a fixed idempotency key, so pasting it twice grants once)."""
     base = f"{_buf_command()} curl --protocol grpc --http2-prior-knowledge"
+    webhook_addr = env.get("LEDGER_WEBHOOK_ADDR") or "localhost:8081"
     url = f"http://{_url_host(host)}:{port}/ledger.v1.LedgerService"
     grant = (
         """'{"account_id":"demo","idempotency_key":"demo-welcome","""
@@ -220,6 +224,8 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
     )
     return (
         f"\ncredit-ledger is up: gRPC on {host}:{port} (reflection and health enabled)\n"
+        f"  Stripe webhooks: http://{webhook_addr}/stripe/webhook"
+        f" (signing secret {env.get('STRIPE_WEBHOOK_SECRET', '')})\n"
         f"  DATABASE_URL={env['DATABASE_URL']}\n"
         f"  REDIS_URL={env['REDIS_URL']}\n"
         f"  try:  {base} -d {grant} {url}/Grant\n"
@@ -253,6 +259,9 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "LEDGER_GRPC_ADDR": grpc_addr,
+            # Local development only: a known signing secret so the webhook receiver
+            # accepts events signed with it (`stripe listen` prints your own to use instead).
+            "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or DEV_WEBHOOK_SECRET,
             "PYTHONUNBUFFERED": "1",
         }
         code = _supervise(specs, env, host, port, ready_timeout, out, children)

@@ -50,26 +50,25 @@ _RESERVATION_STATUS = {
 }
 
 
+_BALANCE_FIELDS = (
+    "account_id",
+    "balance_micros",
+    "available_micros",
+    "held_micros",
+    "reward_balance_micros",
+)
+
+
 def account_balance(data: Json) -> types_pb2.AccountBalance:
-    out = types_pb2.AccountBalance(
-        account_id=data["account_id"],
-        balance_micros=data["balance_micros"],
-        available_micros=data["available_micros"],
-        held_micros=data["held_micros"],
-        reward_balance_micros=data["reward_balance_micros"],
-    )
+    out = types_pb2.AccountBalance(**{field: data[field] for field in _BALANCE_FIELDS})
     set_timestamp(out.as_of, data["as_of"])
     return out
 
 
 def balance_response(data: Json) -> pb.BalanceResponse:
-    out = pb.BalanceResponse(
-        account_id=data["account_id"],
-        balance_micros=data["balance_micros"],
-        available_micros=data["available_micros"],
-        held_micros=data["held_micros"],
-        reward_balance_micros=data["reward_balance_micros"],
-    )
+    """The same fields as AccountBalance, flat in the Balance response (the contract
+    names available_micros there)."""
+    out = pb.BalanceResponse(**{field: data[field] for field in _BALANCE_FIELDS})
     set_timestamp(out.as_of, data["as_of"])
     return out
 
@@ -137,20 +136,15 @@ _TRANSACTION_KIND = {
 TRANSACTION_KIND_TO_DB = {v: k for k, v in _TRANSACTION_KIND.items()}
 
 
-def transaction_status(
-    kind: str, reservation_status: str | None, committed: int | None, refunded: int | None
-) -> pb.TransactionStatus.ValueType:
-    if kind == "hold":
-        if reservation_status == "pending":
-            return pb.TRANSACTION_STATUS_PENDING
-        if reservation_status == "committed":
-            return pb.TRANSACTION_STATUS_COMMITTED
-        return pb.TRANSACTION_STATUS_RELEASED
-    if kind == "charge" and refunded:
-        if refunded >= (committed or 0):
-            return pb.TRANSACTION_STATUS_REFUNDED
-        return pb.TRANSACTION_STATUS_PARTIALLY_REFUNDED
-    return pb.TRANSACTION_STATUS_SUCCEEDED
+_TRANSACTION_STATUS = {
+    "succeeded": pb.TRANSACTION_STATUS_SUCCEEDED,
+    "pending": pb.TRANSACTION_STATUS_PENDING,
+    "released": pb.TRANSACTION_STATUS_RELEASED,
+    "refunded": pb.TRANSACTION_STATUS_REFUNDED,
+    "partially_refunded": pb.TRANSACTION_STATUS_PARTIALLY_REFUNDED,
+    "committed": pb.TRANSACTION_STATUS_COMMITTED,
+}
+TRANSACTION_STATUS_TO_DB = {v: k for k, v in _TRANSACTION_STATUS.items()}
 
 
 def transaction(data: Json) -> pb.Transaction:
@@ -158,12 +152,7 @@ def transaction(data: Json) -> pb.Transaction:
         transaction_id=str(data["transaction_id"]),
         account_id=data["account_id"],
         kind=_TRANSACTION_KIND[data["kind"]],
-        status=transaction_status(
-            data["kind"],
-            data["reservation_status"],
-            data["reservation_committed_micros"],
-            data["reservation_refunded_micros"],
-        ),
+        status=_TRANSACTION_STATUS[data["status"]],
         amount_micros=data["amount_micros"],
         reservation_id=data["reservation_id"] or "",
         feature=data["feature"] or "",
@@ -364,4 +353,28 @@ def model_multiplier(data: Json) -> admin_pb2.ModelMultiplier:
         updated_by=data["updated_by"],
     )
     set_timestamp(out.update_time, data["update_time"])
+    return out
+
+
+_ALERT_EMAIL_STATUS = {
+    "pending": admin_pb2.ALERT_EMAIL_STATUS_PENDING,
+    "sent": admin_pb2.ALERT_EMAIL_STATUS_SENT,
+    "failed": admin_pb2.ALERT_EMAIL_STATUS_FAILED,
+    "skipped": admin_pb2.ALERT_EMAIL_STATUS_SKIPPED,
+}
+
+
+def low_balance_alert(data: Json) -> admin_pb2.LowBalanceAlert:
+    out = admin_pb2.LowBalanceAlert(
+        alert_id=data["alert_id"],
+        account_id=data["account_id"],
+        threshold_micros=data["threshold_micros"],
+        balance_micros=data["balance_micros"],
+        transaction_id=data["transaction_id"],
+        email_to=data["email_to"],
+        email_status=_ALERT_EMAIL_STATUS[data["email_status"]],
+        email_error=data["email_error"],
+    )
+    set_timestamp(out.create_time, data["create_time"])
+    set_timestamp(out.email_sent_time, data["email_sent_time"])
     return out

@@ -44,3 +44,14 @@ async def fetch_all(
     conn: AsyncConnection[TupleRow], name: str, params: Mapping[str, object]
 ) -> list[TupleRow]:
     return await _rows(conn, name, params)
+
+
+async def call_json_array(
+    conn: AsyncConnection[TupleRow], name: str, params: Mapping[str, object]
+) -> list[Json]:
+    """Runs a query whose single row holds one jsonb array (a batch function)."""
+    rows = await _rows(conn, name, params)
+    value = rows[0][0]
+    if not isinstance(value, list):
+        raise TypeError(f"query {name} returned {type(value).__name__}, not a JSON array")
+    return value

@@ -20,6 +20,7 @@ from ledger_server.clock import Clock
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 from ledger_server.server.identity import caller_identity
 
@@ -93,11 +94,16 @@ def _not_found(reason: str, key: str, identifier: str) -> LedgerError:
 
 class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, pool: AsyncConnectionPool, clock: Clock, setting_defaults: Mapping[str, Any]
+        self,
+        pool: AsyncConnectionPool,
+        clock: Clock,
+        setting_defaults: Mapping[str, Any],
+        alert_emails: AlertEmails,
     ) -> None:
         self._pool = pool
         self._clock = clock
         self._defaults = dict(setting_defaults)
+        self._alert_emails = alert_emails
 
     # --- credits ---------------------------------------------------------------------------
 
@@ -140,6 +146,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         }
         data = await call_json(self._pool, "adjust_balance", params)
         mark_replay(context, data)
+        await self._alert_emails.queue_for(request.account_id, data)
         return pb.AdjustBalanceResponse(
             transaction_id=data["transaction_id"],
             balance=mapping.account_balance(data["balance"]),
@@ -290,10 +297,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def UpdateSetting(
         self, request: pb.UpdateSettingRequest, context: Context
     ) -> pb.UpdateSettingResponse:
-        definition = runtime_settings.BY_KEY.get(request.key)
-        if definition is None:
-            raise _not_found("SETTING_NOT_FOUND", "setting", request.key)
+        key = validation.code(request.key, "key")  # checked before it is echoed in NOT_FOUND
         reason = validation.required_text(request.reason, "reason")
+        definition = runtime_settings.BY_KEY.get(key)
+        if definition is None:
+            raise _not_found("SETTING_NOT_FOUND", "setting", key)
         if request.reset:
             value, source = self._defaults[definition.key], "environment"
         else:
@@ -322,7 +330,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def ListSettingChanges(
         self, request: pb.ListSettingChangesRequest, context: Context
     ) -> pb.ListSettingChangesResponse:
-        key = request.key or None
+        key = validation.code(request.key, "key") or None
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["setting_changes", key]
         position = page_tokens.decode(request.page_token, filters, arity=1)
@@ -401,7 +409,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def ListPrices(
         self, request: pb.ListPricesRequest, context: Context
     ) -> pb.ListPricesResponse:
-        rows = await fetch_all(self._pool, "list_prices", {"feature": request.feature or None})
+        feature = validation.code(request.feature, "feature") or None
+        rows = await fetch_all(self._pool, "list_prices", {"feature": feature})
         return pb.ListPricesResponse(prices=[mapping.price(row[0]) for row in rows])
 
     async def SetModelMultiplier(
@@ -428,3 +437,53 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.ListModelMultipliersResponse(
             multipliers=[mapping.model_multiplier(row[0]) for row in rows]
         )
+
+    # --- low-balance alerts -----------------------------------------------------------------
+
+    async def SetLowBalanceAlert(
+        self, request: pb.SetLowBalanceAlertRequest, context: Context
+    ) -> pb.SetLowBalanceAlertResponse:
+        account_id = validation.account_id(request.account_id)
+        threshold = (
+            validation.non_negative_amount(request.threshold_micros, "threshold_micros")
+            if request.HasField("threshold_micros")
+            else None
+        )
+        email = request.email.strip()
+        if email and runtime_settings.BY_KEY["alerts.email_to"].violation(email):
+            raise invalid_field("email", "must be an email address")
+        rows = await fetch_all(
+            self._pool,
+            "set_low_balance_alert",
+            {"account_id": account_id, "threshold": threshold, "email": email or None},
+        )
+        if not rows:
+            raise _not_found("ACCOUNT_NOT_FOUND", "account_id", account_id)
+        _, stored_threshold, stored_email = rows[0]
+        response = pb.SetLowBalanceAlertResponse(account_id=account_id, email=stored_email)
+        if stored_threshold is not None:
+            response.threshold_micros = stored_threshold
+        return response
+
+    async def ListLowBalanceAlerts(
+        self, request: pb.ListLowBalanceAlertsRequest, context: Context
+    ) -> pb.ListLowBalanceAlertsResponse:
+        account_id = validation.account_id(request.account_id) if request.account_id else None
+        page_size = validation.page_size(request.page_size)
+        filters: list[object] = ["low_balance_alerts", account_id]
+        position = page_tokens.decode(request.page_token, filters, arity=1)
+        rows = await fetch_all(
+            self._pool,
+            "list_low_balance_alerts",
+            {
+                "account_id": account_id,
+                "before": position[0] if position else None,
+                "limit": page_size + 1,
+            },
+        )
+        response = pb.ListLowBalanceAlertsResponse(
+            alerts=[mapping.low_balance_alert(row[0]) for row in rows[:page_size]]
+        )
+        if len(rows) > page_size:
+            response.next_page_token = page_tokens.encode([rows[page_size - 1][1]], filters)
+        return response

@@ -24,16 +24,23 @@ from ledger.v1 import (
     billing_service_pb2_grpc,
     ledger_service_pb2,
     ledger_service_pb2_grpc,
+    report_service_pb2,
+    report_service_pb2_grpc,
 )
 from ledger_server import runtime_settings
 from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
+from ledger_server.observability.interceptor import ObservabilityInterceptor
+from ledger_server.observability.runtime import start_observability
+from ledger_server.server import hardening
 from ledger_server.server.admin_service import AdminService
+from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.billing_service import BillingService
 from ledger_server.server.error_boundary import ErrorBoundary
 from ledger_server.server.ledger_service import LedgerService
+from ledger_server.server.report_service import ReportService
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ SERVICES = (
     ledger_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    report_service_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
 )
 
 
@@ -49,15 +57,13 @@ def _sync_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock)
         runtime_settings.sync_environment_defaults(conn, defaults, clock.now())
 
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
     pool: AsyncConnectionPool
     health: health.aio.HealthServicer
+    metrics_port: int | None = None
 
 
 @asynccontextmanager
@@ -66,6 +72,8 @@ async def running_server(
 ) -> AsyncIterator[RunningServer]:
     """Migrates (when configured), opens the pool, serves; stops cleanly on exit."""
     clock = clock or SystemClock()
+    listen_address = address or settings.grpc_addr
+    credentials = hardening.startup_checks(settings, listen_address)  # security, before anything
     setting_defaults = runtime_settings.environment_defaults()
     if settings.migrate_on_start:
         applied = await asyncio.to_thread(migrate, settings.database_url)
@@ -73,39 +81,54 @@ async def running_server(
             log.info("migrated: %s", name)
     await asyncio.to_thread(_sync_settings, settings.database_url, setting_defaults, clock)
     pool = await open_pool(
-        settings.database_url, settings.db_pool_min_size, settings.db_pool_max_size
+        settings.database_url,
+        settings.db_pool_min_size,
+        settings.db_pool_max_size,
+        settings.statement_timeout_ms,
     )
     server = grpc.aio.server(
-        interceptors=[ErrorBoundary()],
+        # Observability first: it sees the final status of every call.
+        interceptors=[
+            ObservabilityInterceptor(),
+            *hardening.interceptors(settings),
+            ErrorBoundary(),
+        ],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
+    alert_emails = AlertEmails(settings.redis_url)
     ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(
-        LedgerService(pool, clock, settings), server
+        LedgerService(pool, clock, settings, alert_emails), server
     )
     billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-        BillingService(pool, clock), server
+        BillingService(pool, clock, settings.stripe), server
     )
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(pool, clock, setting_defaults), server
+        AdminService(pool, clock, setting_defaults, alert_emails), server
     )
+    report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportService(pool, clock), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address or settings.grpc_addr)
+    if credentials is None:
+        port = server.add_insecure_port(listen_address)
+    else:
+        port = server.add_secure_port(listen_address, credentials)
     if port == 0:
         await pool.close()
-        raise RuntimeError(f"could not listen on {address or settings.grpc_addr}")
+        raise RuntimeError(f"could not listen on {listen_address}")
     await server.start()
     for service in ("", *SERVICES):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    observability = start_observability(settings, pool, health_servicer, ("", *SERVICES))
     try:
-        yield RunningServer(server, port, pool, health_servicer)
+        yield RunningServer(server, port, pool, health_servicer, observability.metrics_port)
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.shutdown_grace.total_seconds())
+        await observability.close()
         await pool.close()

@@ -4,18 +4,93 @@ tiers, upgrade carry-over) live there, next to the data they guard."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
+import grpc
+import stripe
 from psycopg_pool import AsyncConnectionPool
 
 from ledger.v1 import billing_service_pb2 as pb
 from ledger.v1 import billing_service_pb2_grpc
 from ledger_server.clock import Clock
-from ledger_server.errors import invalid_field
-from ledger_server.ledger import mapping, validation
+from ledger_server.config import StripeSettings
+from ledger_server.errors import LedgerError, invalid_field
+from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
+
+log = logging.getLogger(__name__)
+
+_CHECKOUT_KINDS = {
+    "pack": pb.CHECKOUT_KIND_PACK,
+    "recharge": pb.CHECKOUT_KIND_RECHARGE,
+    "subscription": pb.CHECKOUT_KIND_SUBSCRIPTION,
+}
+_EVENT_STATUSES = {
+    "received": pb.PAYMENT_EVENT_STATUS_RECEIVED,
+    "processing": pb.PAYMENT_EVENT_STATUS_PROCESSING,
+    "processed": pb.PAYMENT_EVENT_STATUS_PROCESSED,
+    "ignored": pb.PAYMENT_EVENT_STATUS_IGNORED,
+    "failed": pb.PAYMENT_EVENT_STATUS_FAILED,
+}
+_EVENT_STATUS_NAMES = {value: name for name, value in _EVENT_STATUSES.items()}
+
+# Stripe's errors the customer's request cannot get past by retrying (bad price id, wrong
+# key, ...); the others (network, rate limit, Stripe's own 5xx) are worth a retry.
+_STRIPE_RETRYABLE = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
+
+
+def _checkout_session(data: dict[str, Any]) -> pb.CheckoutSession:
+    out = pb.CheckoutSession(
+        session_id=data["session_id"],
+        account_id=data["account_id"],
+        kind=_CHECKOUT_KINDS[data["kind"]],
+        pack_id=data["pack_id"],
+        plan_id=data["plan_id"],
+        amount_minor=data["amount_minor"],
+        currency=data["currency"],
+        url=data["url"],
+    )
+    mapping.set_timestamp(out.create_time, data["create_time"])
+    return out
+
+
+def _redirect_url(value: str, field: str, default: str) -> str:
+    url = validation.text(value, field, 2048) or default
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise invalid_field(field, "must be an absolute http(s) URL")
+    return url
+
+
+def _stripe_error(exc: stripe.StripeError) -> LedgerError:
+    if isinstance(exc, stripe.IdempotencyError):
+        return LedgerError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            "IDEMPOTENCY_KEY_REUSED",
+            "idempotency key was used for a different checkout",
+        )
+    detail = {"provider_error": type(exc).__name__}
+    if exc.code:
+        detail["provider_code"] = str(exc.code)
+    if isinstance(exc, _STRIPE_RETRYABLE):
+        return LedgerError(
+            grpc.StatusCode.UNAVAILABLE,
+            "PAYMENT_PROVIDER_UNAVAILABLE",
+            "the payment provider is unavailable; retry with the same idempotency key",
+            detail,
+        )
+    return LedgerError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PAYMENT_PROVIDER_REJECTED",
+        f"the payment provider refused the checkout: {exc.user_message or exc.code or exc}",
+        detail,
+    )
 
 
 def _currency(value: str) -> str:
@@ -39,9 +114,20 @@ def _period(
 
 
 class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool, clock: Clock) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, clock: Clock, stripe_settings: StripeSettings | None = None
+    ) -> None:
         self._pool = pool
         self._clock = clock
+        self._stripe_settings = stripe_settings or StripeSettings.from_env()
+        self._stripe: stripe.StripeClient | None = None
+        if self._stripe_settings.api_key:
+            base = self._stripe_settings.api_base
+            self._stripe = stripe.StripeClient(
+                self._stripe_settings.api_key,
+                base_addresses={"api": base} if base else None,
+                max_network_retries=2,
+            )
 
     async def ListCreditPacks(
         self, request: pb.ListCreditPacksRequest, context: Context
@@ -147,3 +233,177 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             subscription=mapping.subscription(data["subscription"]),
             balance=mapping.account_balance(data["balance"]),
         )
+
+    # --- payments (issue 5) ------------------------------------------------------------------
+
+    async def CreateCheckoutSession(
+        self, request: pb.CreateCheckoutSessionRequest, context: Context
+    ) -> pb.CreateCheckoutSessionResponse:
+        account_id = validation.account_id(request.account_id)
+        key = validation.idempotency_key(request.idempotency_key)
+        params: dict[str, object] = {
+            "account_id": account_id,
+            "key": key,
+            "hash": request_fingerprint("create_checkout_session", request),
+            "pack_id": None,
+            "amount_minor": None,
+            "currency": None,
+            "plan_id": None,
+            "now": self._clock.now(),
+        }
+        which = request.WhichOneof("purchase")
+        if which == "pack_id":
+            if not request.pack_id:
+                raise invalid_field("pack_id", "must not be empty")
+            params.update(kind="pack", pack_id=validation.code(request.pack_id, "pack_id"))
+        elif which == "recharge":
+            params.update(
+                kind="recharge",
+                amount_minor=validation.positive_amount(
+                    request.recharge.amount_minor, "recharge.amount_minor"
+                ),
+                currency=_currency(request.recharge.currency),
+            )
+        elif which == "plan_id":
+            if not request.plan_id:
+                raise invalid_field("plan_id", "must not be empty")
+            params.update(kind="subscription", plan_id=validation.code(request.plan_id, "plan_id"))
+        else:
+            raise invalid_field("purchase", "set one of pack_id, recharge or plan_id")
+        settings = self._stripe_settings
+        success_url = _redirect_url(
+            request.success_url, "success_url", settings.checkout_success_url
+        )
+        cancel_url = _redirect_url(request.cancel_url, "cancel_url", settings.checkout_cancel_url)
+
+        prepared = await call_json(self._pool, "checkout_prepare", params)
+        if "replay" in prepared:
+            mark_replay(context, {"replayed": True})
+            return pb.CreateCheckoutSessionResponse(session=_checkout_session(prepared["replay"]))
+        if self._stripe is None:
+            raise LedgerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "PAYMENTS_NOT_CONFIGURED",
+                "payments are not configured: STRIPE_API_KEY is not set",
+            )
+        session = await asyncio.to_thread(
+            self._create_stripe_session, account_id, key, prepared, success_url, cancel_url
+        )
+        stored = await call_json(
+            self._pool,
+            "record_checkout_session",
+            {
+                **params,
+                "session_id": session.id,
+                "kind": prepared["kind"],
+                "pack_id": prepared.get("pack_id") or "",
+                "plan_id": prepared.get("plan_id") or "",
+                "amount_minor": prepared["amount_minor"],
+                "currency": prepared["currency"],
+                "url": session.url or "",
+            },
+        )
+        return pb.CreateCheckoutSessionResponse(session=_checkout_session(stored))
+
+    def _create_stripe_session(
+        self,
+        account_id: str,
+        key: str,
+        prepared: dict[str, Any],
+        success_url: str,
+        cancel_url: str,
+    ) -> stripe.checkout.Session:
+        """The Checkout Session at Stripe, under an idempotency key derived from ours, so a
+        retry (ours or the library's) never creates a second session. The metadata names the
+        account and what it buys; Stripe copies it to the payment intent or subscription, so
+        the events about them (refunds, invoices) name the account too."""
+        assert self._stripe is not None
+        kind = prepared["kind"]
+        metadata = {"account_id": account_id, "kind": kind}
+        params: dict[str, Any] = {
+            "client_reference_id": account_id,
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+            "metadata": metadata,
+        }
+        if kind == "pack":
+            metadata["pack_id"] = prepared["pack_id"]
+            params.update(
+                mode="payment",
+                line_items=[{"price": prepared["price_id"], "quantity": 1}],
+                payment_intent_data={"metadata": metadata},
+            )
+        elif kind == "recharge":
+            metadata["amount_minor"] = str(prepared["amount_minor"])
+            params.update(
+                mode="payment",
+                line_items=[
+                    {
+                        "price_data": {
+                            "currency": prepared["currency"].lower(),
+                            "unit_amount": prepared["amount_minor"],
+                            "product_data": {"name": "Credits recharge"},
+                        },
+                        "quantity": 1,
+                    }
+                ],
+                payment_intent_data={"metadata": metadata},
+            )
+        else:
+            metadata["plan_id"] = prepared["plan_id"]
+            params.update(
+                mode="subscription",
+                line_items=[{"price": prepared["price_id"], "quantity": 1}],
+                subscription_data={"metadata": metadata},
+            )
+        digest = hashlib.sha256(f"{account_id}\x00{key}".encode()).hexdigest()
+        try:
+            return self._stripe.v1.checkout.sessions.create(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": f"ledger-checkout-{digest}"},
+            )
+        except stripe.StripeError as exc:
+            log.warning("Stripe refused a checkout session for %s: %s", account_id, exc)
+            raise _stripe_error(exc) from exc
+
+    async def ListPaymentEvents(
+        self, request: pb.ListPaymentEventsRequest, context: Context
+    ) -> pb.ListPaymentEventsResponse:
+        account_id = validation.account_id(request.account_id) if request.account_id else None
+        status: str | None = None
+        if request.status != pb.PAYMENT_EVENT_STATUS_UNSPECIFIED:
+            if request.status not in _EVENT_STATUS_NAMES:
+                raise invalid_field("status", "is not a payment event status")
+            status = _EVENT_STATUS_NAMES[request.status]
+        page_size = validation.page_size(request.page_size)
+        filters: list[object] = ["payment_events", account_id, status]
+        position = page_tokens.decode(request.page_token, filters, arity=2)
+        before_time, before_id = position or (None, None)
+        rows = await fetch_all(
+            self._pool,
+            "list_payment_events",
+            {
+                "account_id": account_id,
+                "status": status,
+                "before_time": before_time,
+                "before_id": before_id,
+                "limit": page_size + 1,
+            },
+        )
+        response = pb.ListPaymentEventsResponse()
+        for row in rows[:page_size]:
+            event = response.events.add(
+                event_id=row[0],
+                type=row[1],
+                status=_EVENT_STATUSES[row[2]],
+                attempts=row[3],
+                last_error=row[4],
+                credits_micros=row[5],
+                account_id=row[6],
+            )
+            mapping.set_timestamp(event.receive_time, row[7])
+            mapping.set_timestamp(event.process_time, row[8])
+        if len(rows) > page_size:
+            last = rows[page_size - 1]
+            response.next_page_token = page_tokens.encode([last[7], last[0]], filters)
+        return response

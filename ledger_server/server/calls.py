@@ -10,6 +10,7 @@ import grpc
 from psycopg_pool import AsyncConnectionPool
 
 from ledger_server.ledger import store
+from ledger_server.observability.metrics import observe_ledger_result
 
 Context = grpc.aio.ServicerContext[Any, Any]
 REPLAYED_METADATA_KEY = "ledger-idempotent-replay"
@@ -19,7 +20,9 @@ async def call_json(
     pool: AsyncConnectionPool, name: str, params: dict[str, object]
 ) -> dict[str, Any]:
     async with pool.connection() as conn:
-        return await store.call_json(conn, name, params)
+        data = await store.call_json(conn, name, params)
+    observe_ledger_result(name, data)  # credits granted / consumed by source
+    return data
 
 
 async def fetch_all(

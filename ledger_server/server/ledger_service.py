@@ -18,7 +18,9 @@ from ledger_server.config import Settings
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, store, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, mark_replay
+from ledger_server.server.coalescing import ConsumeCoalescer
 
 
 def _source(value: types_pb2.CreditSource.ValueType) -> str:
@@ -48,10 +50,18 @@ def _amount_or_usage(
 
 
 class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool, clock: Clock, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        clock: Clock,
+        settings: Settings,
+        alert_emails: AlertEmails,
+    ) -> None:
         self._pool = pool
         self._clock = clock
         self._settings = settings
+        self._alert_emails = alert_emails
+        self._coalescer = ConsumeCoalescer(pool)
 
     async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
         return await call_json(self._pool, name, params)
@@ -138,6 +148,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         }
         data = await self._call("commit", params)
         mark_replay(context, data)
+        await self._alert_emails.queue_for(request.account_id, data)
         return pb.CommitResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],
@@ -197,8 +208,9 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("consume", request),
             "now": self._clock.now(),
         }
-        data = await self._call("consume", params)
+        data = await self._coalescer.consume(request.account_id, params)
         mark_replay(context, data)
+        await self._alert_emails.queue_for(request.account_id, data)
         return pb.ConsumeResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],
@@ -267,7 +279,24 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             else None
         )
         feature = validation.code(request.feature, "feature") or None
-        filters: list[object] = ["transactions", account_id, kinds, start_time, end_time, feature]
+        model = validation.code(request.model, "model") or None
+        statuses: list[str] | None = None
+        if request.statuses:
+            statuses = []
+            for status in request.statuses:
+                if status not in mapping.TRANSACTION_STATUS_TO_DB:
+                    raise invalid_field("statuses", f"unknown transaction status {status}")
+                statuses.append(mapping.TRANSACTION_STATUS_TO_DB[status])
+        filters: list[object] = [
+            "transactions",
+            account_id,
+            kinds,
+            start_time,
+            end_time,
+            feature,
+            model,
+            statuses,
+        ]
         position = page_tokens.decode(request.page_token, filters, arity=1)
         now = self._clock.now()
         async with self._pool.connection() as conn, conn.transaction():
@@ -282,6 +311,8 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
                     "start_time": start_time,
                     "end_time": end_time,
                     "feature": feature,
+                    "model": model,
+                    "statuses": statuses,
                     "limit": page_size + 1,
                 },
             )

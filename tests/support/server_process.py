@@ -10,17 +10,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"listening on \S+ \(port (\d+)\)")
+_METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 
 
 class ServerProcess:
-    def __init__(self, database_url: str, port: int = 0) -> None:
+    def __init__(
+        self, database_url: str, port: int = 0, env: Mapping[str, str] | None = None
+    ) -> None:
         self.database_url = database_url
         self.port = port
+        self.extra_env = dict(env or {})
         self.log: list[str] = []
+        self.metrics_port: int | None = None
         self._listening = threading.Event()
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -38,6 +44,8 @@ class ServerProcess:
             "LEDGER_DB_POOL_MIN": "1",
             "LEDGER_DB_POOL_MAX": "4",
             "LEDGER_SHUTDOWN_GRACE_SECONDS": "1",
+            "LEDGER_METRICS_ADDR": "",  # no /metrics unless a test asks (port 0: any port)
+            **self.extra_env,
         }
         self._process = subprocess.Popen(
             [sys.executable, "-m", "ledger_server", "serve"],
@@ -61,6 +69,9 @@ class ServerProcess:
         assert self._process is not None and self._process.stderr is not None
         for line in self._process.stderr:
             self.log.append(line)
+            metrics = _METRICS.search(line)
+            if metrics:
+                self.metrics_port = int(metrics.group(1))
             match = _LISTENING.search(line)
             if match and not self._listening.is_set():
                 self.port = int(match.group(1))

@@ -92,6 +92,20 @@ LANGUAGE sql STABLE AS $$
      WHERE r.account_id = p_account AND r.reservation_id = p_reservation
 $$;
 
+-- The status a journal entry shows (TransactionStatus): a hold follows its
+-- reservation; a charge shows its refunds; everything else succeeded.
+CREATE OR REPLACE FUNCTION ledger_transaction_status(
+    p_kind text, p_reservation_status text, p_committed bigint, p_refunded bigint) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_kind = 'hold' THEN CASE p_reservation_status
+            WHEN 'pending' THEN 'pending' WHEN 'committed' THEN 'committed' ELSE 'released' END
+        WHEN p_kind = 'charge' AND coalesce(p_refunded, 0) > 0 THEN
+            CASE WHEN p_refunded >= coalesce(p_committed, 0) THEN 'refunded' ELSE 'partially_refunded' END
+        ELSE 'succeeded'
+    END
+$$;
+
 -- Returns the stored response of a retried request, NULL for a new key, and fails
 -- when the key was used for a different request. Call with the account locked.
 CREATE OR REPLACE FUNCTION ledger_idempotent_replay(
@@ -438,6 +452,12 @@ BEGIN
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
+    -- Checked here, after the replay lookup: a retry sent after the expiry still gets
+    -- the original response.
+    IF p_expires_at <= p_now THEN
+        PERFORM ledger_fail('LE010', 'expires_at is not in the future', jsonb_build_object(
+            'field', 'expires_at', 'violation', 'must be in the future'));
+    END IF;
     l := ledger_grant_lot(p_account, p_amount, p_source, p_balance_kind, p_expires_at,
                           p_external_ref, p_comment, p_actor, p_now);
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
@@ -542,6 +562,7 @@ DECLARE
     amount bigint;
     priced jsonb;
     actual jsonb := p_usage;
+    alert bigint;
     use bigint;
     n int := 0;
     any_lot_expired boolean := false;
@@ -605,10 +626,12 @@ BEGIN
         -- The unused part of a hold on a lot that expired meanwhile expires now.
         PERFORM ledger_expire_due_lots(p_account, p_now);
     END IF;
+    alert := ledger_low_balance_check(p_account, a.balance_micros, txn, p_now);  -- 0006
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'commit', p_hash, jsonb_build_object(
         'reservation', ledger_reservation_json(p_account, p_reservation),
         'transaction_id', txn::text,
+        'low_balance_alert_id', alert,
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
@@ -755,6 +778,7 @@ DECLARE
     priced jsonb;
     amount bigint;
     usage jsonb;
+    alert bigint;
     feature text := coalesce(p_usage ->> 'feature', p_feature);
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -775,11 +799,13 @@ BEGIN
             nullif(feature, ''), nullif(p_usage ->> 'model', ''), nullif(p_comment, ''), usage, txn);
     PERFORM ledger_take_from_lots(p_account, res, amount, p_now, txn);
     UPDATE accounts SET balance_micros = balance_micros - amount
-     WHERE account_id = p_account
-    RETURNING * INTO a;
+     WHERE account_id = p_account;
+    alert := ledger_low_balance_check(p_account, a.balance_micros, txn, p_now);  -- 0006
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'consume', p_hash, jsonb_build_object(
         'reservation', ledger_reservation_json(p_account, res),
         'transaction_id', txn::text,
+        'low_balance_alert_id', alert,
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 

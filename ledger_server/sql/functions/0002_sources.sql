@@ -458,6 +458,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     replay jsonb;
+    alert bigint;
     txn bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -468,11 +469,12 @@ BEGIN
     PERFORM ledger_require_available(a, p_amount);
     txn := ledger_new_transaction(p_account, 'adjustment', -p_amount, p_now, NULL, NULL, p_reason, p_actor);
     PERFORM ledger_take_from_lots(p_account, NULL, p_amount, p_now, txn, 'adjustment');
-    UPDATE accounts SET balance_micros = balance_micros - p_amount
-     WHERE account_id = p_account
-    RETURNING * INTO a;
+    UPDATE accounts SET balance_micros = balance_micros - p_amount WHERE account_id = p_account;
+    alert := ledger_low_balance_check(p_account, a.balance_micros, txn, p_now);  -- 0006
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'adjust_balance', p_hash, jsonb_build_object(
-        'transaction_id', txn::text, 'balance', ledger_balance_json(a, p_now)), p_now);
+        'transaction_id', txn::text, 'low_balance_alert_id', alert,
+        'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
 -- Paid credits: packs, recharges, subscriptions --------------------------------------

@@ -31,6 +31,10 @@ SELECT ledger_refund(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::te
 SELECT ledger_consume(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(amount)s::bigint,
                       %(usage)s::jsonb, %(feature)s::text, %(comment)s::text, %(now)s::timestamptz)
 
+-- name: consume_batch
+-- Concurrent Consume calls on one account, coalesced (server/coalescing.py).
+SELECT ledger_consume_batch(%(account_id)s::text, %(requests)s::jsonb, %(now)s::timestamptz)
+
 -- name: get_reservation
 SELECT ledger_get_reservation(%(account_id)s::text, %(reservation_id)s::uuid, %(now)s::timestamptz)
 
@@ -69,9 +73,8 @@ SELECT jsonb_build_object(
            'actor', t.actor,
            'external_ref', t.external_ref,
            'created_at', ledger_micros(t.created_at),
-           'reservation_status', r.status,
-           'reservation_committed_micros', r.committed_micros,
-           'reservation_refunded_micros', r.refunded_micros,
+           'status', ledger_transaction_status(t.kind, r.status, r.committed_micros,
+                                               r.refunded_micros),
            'postings', coalesce((
                SELECT jsonb_agg(jsonb_build_object(
                           'ledger_account', p.ledger_account, 'lot_id', p.lot_id,
@@ -86,9 +89,14 @@ SELECT jsonb_build_object(
  WHERE t.account_id = %(account_id)s::text
    AND t.transaction_id < coalesce(%(before)s::bigint, 9223372036854775807)
    AND (%(kinds)s::text[] IS NULL OR t.kind = ANY (%(kinds)s::text[]))
-   AND t.created_at >= coalesce(%(start_time)s::timestamptz, '-infinity'::timestamptz)
-   AND t.created_at < coalesce(%(end_time)s::timestamptz, 'infinity'::timestamptz)
+   -- "IS NULL OR" rather than coalesce(): the generic plan psycopg switches to after
+   -- five runs then still walks the primary key backwards for the far pages.
+   AND (%(start_time)s::timestamptz IS NULL OR t.created_at >= %(start_time)s::timestamptz)
+   AND (%(end_time)s::timestamptz IS NULL OR t.created_at < %(end_time)s::timestamptz)
    AND (%(feature)s::text IS NULL OR t.feature = %(feature)s::text)
+   AND (%(model)s::text IS NULL OR t.model = %(model)s::text)
+   AND (%(statuses)s::text[] IS NULL OR ledger_transaction_status(t.kind, r.status,
+            r.committed_micros, r.refunded_micros) = ANY (%(statuses)s::text[]))
  ORDER BY t.transaction_id DESC
  LIMIT %(limit)s::int
 

@@ -133,3 +133,51 @@ SELECT change_id, key, old_value, new_value, source, actor, coalesce(reason, '')
    AND change_id < coalesce(%(before)s::bigint, 9223372036854775807)
  ORDER BY change_id DESC
  LIMIT %(limit)s::int
+
+-- name: sweep
+SELECT ledger_sweep(%(now)s::timestamptz, %(limit)s::int)
+
+-- name: schedule_monthly_allowances
+SELECT ledger_schedule_monthly_allowances(%(now)s::timestamptz)
+
+-- name: setting_value
+SELECT value FROM settings WHERE key = %(key)s
+
+-- name: accounts_after
+SELECT account_id FROM accounts WHERE account_id > %(after)s ORDER BY account_id LIMIT %(limit)s
+
+-- name: alert_for_email
+SELECT email_to, email_status, threshold_micros, balance_micros, created_at
+  FROM low_balance_alerts
+ WHERE account_id = %(account_id)s AND alert_id = %(alert_id)s
+
+-- name: record_alert_email
+-- A failure stays pending (the job retries, the sweeper re-queues) until the fifth
+-- attempt, then is failed for good.
+UPDATE low_balance_alerts
+   SET email_status = CASE WHEN %(status)s = 'pending' AND email_attempts + 1 >= 5 THEN 'failed'
+                           ELSE %(status)s END,
+       email_error = %(error)s, email_attempts = email_attempts + 1,
+       email_sent_at = CASE WHEN %(status)s = 'sent' THEN %(now)s::timestamptz END
+ WHERE account_id = %(account_id)s AND alert_id = %(alert_id)s
+
+-- name: pending_alert_emails
+SELECT account_id, alert_id FROM low_balance_alerts
+ WHERE email_status = 'pending'
+   AND created_at <= %(now)s::timestamptz - make_interval(secs => %(older_than)s)
+ ORDER BY created_at
+ LIMIT 1000
+
+-- name: set_low_balance_alert
+UPDATE accounts
+   SET low_balance_threshold_micros = %(threshold)s, alert_email = %(email)s
+ WHERE account_id = %(account_id)s
+RETURNING account_id, low_balance_threshold_micros, coalesce(alert_email, '')
+
+-- name: list_low_balance_alerts
+SELECT ledger_alert_json(l), l.alert_id
+  FROM low_balance_alerts l
+ WHERE (%(account_id)s::text IS NULL OR l.account_id = %(account_id)s::text)
+   AND l.alert_id < coalesce(%(before)s::bigint, 9223372036854775807)
+ ORDER BY l.alert_id DESC
+ LIMIT %(limit)s::int

@@ -45,6 +45,33 @@ SETTING_SOURCE_ADMIN: SettingSource.ValueType  # 2
 """Changed at run time through UpdateSetting."""
 Global___SettingSource: _TypeAlias = SettingSource  # noqa: Y015
 
+class _AlertEmailStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertEmailStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertEmailStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_EMAIL_STATUS_UNSPECIFIED: _AlertEmailStatus.ValueType  # 0
+    ALERT_EMAIL_STATUS_PENDING: _AlertEmailStatus.ValueType  # 1
+    """Queued for sending."""
+    ALERT_EMAIL_STATUS_SENT: _AlertEmailStatus.ValueType  # 2
+    ALERT_EMAIL_STATUS_FAILED: _AlertEmailStatus.ValueType  # 3
+    """Given up after retries; see email_error."""
+    ALERT_EMAIL_STATUS_SKIPPED: _AlertEmailStatus.ValueType  # 4
+    """No address: the alert is recorded only."""
+
+class AlertEmailStatus(_AlertEmailStatus, metaclass=_AlertEmailStatusEnumTypeWrapper): ...
+
+ALERT_EMAIL_STATUS_UNSPECIFIED: AlertEmailStatus.ValueType  # 0
+ALERT_EMAIL_STATUS_PENDING: AlertEmailStatus.ValueType  # 1
+"""Queued for sending."""
+ALERT_EMAIL_STATUS_SENT: AlertEmailStatus.ValueType  # 2
+ALERT_EMAIL_STATUS_FAILED: AlertEmailStatus.ValueType  # 3
+"""Given up after retries; see email_error."""
+ALERT_EMAIL_STATUS_SKIPPED: AlertEmailStatus.ValueType  # 4
+"""No address: the alert is recorded only."""
+Global___AlertEmailStatus: _TypeAlias = AlertEmailStatus  # noqa: Y015
+
 @_typing.final
 class GrantCreditsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1069,3 +1096,161 @@ class ListModelMultipliersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelMultipliersResponse: _TypeAlias = ListModelMultipliersResponse  # noqa: Y015
+
+@_typing.final
+class SetLowBalanceAlertRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    threshold_micros: _builtins.int
+    """Alert when a charge takes the balance below this; unset: the default setting.
+    Zero switches the account's alerts off.
+    """
+    email: _builtins.str
+    """Where this account's alerts are emailed; empty: the alerts.email_to setting."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        threshold_micros: _builtins.int | None = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "account_id", b"account_id", "email", b"email", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__threshold_micros: _TypeAlias = _typing.Literal["threshold_micros"]  # noqa: Y015
+    _WhichOneofArgType__threshold_micros: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold_micros) -> _WhichOneofReturnType__threshold_micros | None: ...
+
+Global___SetLowBalanceAlertRequest: _TypeAlias = SetLowBalanceAlertRequest  # noqa: Y015
+
+@_typing.final
+class SetLowBalanceAlertResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    threshold_micros: _builtins.int
+    """Unset when the account follows the default."""
+    email: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        threshold_micros: _builtins.int | None = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "account_id", b"account_id", "email", b"email", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__threshold_micros: _TypeAlias = _typing.Literal["threshold_micros"]  # noqa: Y015
+    _WhichOneofArgType__threshold_micros: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold_micros) -> _WhichOneofReturnType__threshold_micros | None: ...
+
+Global___SetLowBalanceAlertResponse: _TypeAlias = SetLowBalanceAlertResponse  # noqa: Y015
+
+@_typing.final
+class LowBalanceAlert(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
+    BALANCE_MICROS_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EMAIL_TO_FIELD_NUMBER: _builtins.int
+    EMAIL_STATUS_FIELD_NUMBER: _builtins.int
+    EMAIL_ERROR_FIELD_NUMBER: _builtins.int
+    EMAIL_SENT_TIME_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.str
+    account_id: _builtins.str
+    threshold_micros: _builtins.int
+    balance_micros: _builtins.int
+    """The balance right after the charge that crossed the threshold."""
+    transaction_id: _builtins.str
+    """The charge (or debit) that crossed it."""
+    email_to: _builtins.str
+    email_status: Global___AlertEmailStatus.ValueType
+    email_error: _builtins.str
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def email_sent_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        threshold_micros: _builtins.int = ...,
+        balance_micros: _builtins.int = ...,
+        transaction_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        email_to: _builtins.str = ...,
+        email_status: Global___AlertEmailStatus.ValueType = ...,
+        email_error: _builtins.str = ...,
+        email_sent_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email_sent_time", b"email_sent_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "balance_micros", b"balance_micros", "create_time", b"create_time", "email_error", b"email_error", "email_sent_time", b"email_sent_time", "email_status", b"email_status", "email_to", b"email_to", "threshold_micros", b"threshold_micros", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LowBalanceAlert: _TypeAlias = LowBalanceAlert  # noqa: Y015
+
+@_typing.final
+class ListLowBalanceAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """One account's alerts; everyone's when empty."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLowBalanceAlertsRequest: _TypeAlias = ListLowBalanceAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListLowBalanceAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LowBalanceAlert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___LowBalanceAlert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLowBalanceAlertsResponse: _TypeAlias = ListLowBalanceAlertsResponse  # noqa: Y015

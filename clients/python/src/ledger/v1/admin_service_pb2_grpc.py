@@ -127,6 +127,16 @@ class AdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersResponse.FromString,
                 _registered_method=True)
+        self.SetLowBalanceAlert = channel.unary_unary(
+                '/ledger.v1.AdminService/SetLowBalanceAlert',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.SetLowBalanceAlertRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetLowBalanceAlertResponse.FromString,
+                _registered_method=True)
+        self.ListLowBalanceAlerts = channel.unary_unary(
+                '/ledger.v1.AdminService/ListLowBalanceAlerts',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListLowBalanceAlertsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListLowBalanceAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -258,6 +268,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLowBalanceAlert(self, request, context):
+        """Sets an account's low-balance threshold and alert address (else the defaults of the
+        alerts.* settings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLowBalanceAlerts(self, request, context):
+        """Low-balance alerts, newest first, for a dashboard: one per crossing of a threshold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +375,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListModelMultipliers,
                     request_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersResponse.SerializeToString,
+            ),
+            'SetLowBalanceAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLowBalanceAlert,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetLowBalanceAlertRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.SetLowBalanceAlertResponse.SerializeToString,
+            ),
+            'ListLowBalanceAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLowBalanceAlerts,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListLowBalanceAlertsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.ListLowBalanceAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -841,6 +876,60 @@ class AdminService:
             '/ledger.v1.AdminService/ListModelMultipliers',
             ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.SerializeToString,
             ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLowBalanceAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/SetLowBalanceAlert',
+            ledger_dot_v1_dot_admin__service__pb2.SetLowBalanceAlertRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.SetLowBalanceAlertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLowBalanceAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/ListLowBalanceAlerts',
+            ledger_dot_v1_dot_admin__service__pb2.ListLowBalanceAlertsRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.ListLowBalanceAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,12 @@ class AdminServiceStub:
     SetModelMultiplier: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]
     """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
     ListModelMultipliers: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListModelMultipliersRequest, _admin_service_pb2.ListModelMultipliersResponse]
+    SetLowBalanceAlert: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetLowBalanceAlertRequest, _admin_service_pb2.SetLowBalanceAlertResponse]
+    """Sets an account's low-balance threshold and alert address (else the defaults of the
+    alerts.* settings).
+    """
+    ListLowBalanceAlerts: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListLowBalanceAlertsRequest, _admin_service_pb2.ListLowBalanceAlertsResponse]
+    """Low-balance alerts, newest first, for a dashboard: one per crossing of a threshold."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -115,6 +121,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     SetModelMultiplier: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]  # type: ignore[assignment]
     """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
     ListModelMultipliers: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListModelMultipliersRequest, _admin_service_pb2.ListModelMultipliersResponse]  # type: ignore[assignment]
+    SetLowBalanceAlert: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetLowBalanceAlertRequest, _admin_service_pb2.SetLowBalanceAlertResponse]  # type: ignore[assignment]
+    """Sets an account's low-balance threshold and alert address (else the defaults of the
+    alerts.* settings).
+    """
+    ListLowBalanceAlerts: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListLowBalanceAlertsRequest, _admin_service_pb2.ListLowBalanceAlertsResponse]  # type: ignore[assignment]
+    """Low-balance alerts, newest first, for a dashboard: one per crossing of a threshold."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operations for administrators, kept in their own service so they can be
@@ -264,5 +276,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.ListModelMultipliersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListModelMultipliersResponse, _abc.Awaitable[_admin_service_pb2.ListModelMultipliersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetLowBalanceAlert(
+        self,
+        request: _admin_service_pb2.SetLowBalanceAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetLowBalanceAlertResponse, _abc.Awaitable[_admin_service_pb2.SetLowBalanceAlertResponse]]:
+        """Sets an account's low-balance threshold and alert address (else the defaults of the
+        alerts.* settings).
+        """
+
+    @_abc_1.abstractmethod
+    def ListLowBalanceAlerts(
+        self,
+        request: _admin_service_pb2.ListLowBalanceAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListLowBalanceAlertsResponse, _abc.Awaitable[_admin_service_pb2.ListLowBalanceAlertsResponse]]:
+        """Low-balance alerts, newest first, for a dashboard: one per crossing of a threshold."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -40,6 +40,62 @@ BILLING_PERIOD_UNIT_MONTH: BillingPeriodUnit.ValueType  # 2
 BILLING_PERIOD_UNIT_YEAR: BillingPeriodUnit.ValueType  # 3
 Global___BillingPeriodUnit: _TypeAlias = BillingPeriodUnit  # noqa: Y015
 
+class _CheckoutKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckoutKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckoutKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKOUT_KIND_UNSPECIFIED: _CheckoutKind.ValueType  # 0
+    CHECKOUT_KIND_PACK: _CheckoutKind.ValueType  # 1
+    CHECKOUT_KIND_RECHARGE: _CheckoutKind.ValueType  # 2
+    CHECKOUT_KIND_SUBSCRIPTION: _CheckoutKind.ValueType  # 3
+
+class CheckoutKind(_CheckoutKind, metaclass=_CheckoutKindEnumTypeWrapper): ...
+
+CHECKOUT_KIND_UNSPECIFIED: CheckoutKind.ValueType  # 0
+CHECKOUT_KIND_PACK: CheckoutKind.ValueType  # 1
+CHECKOUT_KIND_RECHARGE: CheckoutKind.ValueType  # 2
+CHECKOUT_KIND_SUBSCRIPTION: CheckoutKind.ValueType  # 3
+Global___CheckoutKind: _TypeAlias = CheckoutKind  # noqa: Y015
+
+class _PaymentEventStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PaymentEventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentEventStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYMENT_EVENT_STATUS_UNSPECIFIED: _PaymentEventStatus.ValueType  # 0
+    PAYMENT_EVENT_STATUS_RECEIVED: _PaymentEventStatus.ValueType  # 1
+    """Stored, waiting for its job."""
+    PAYMENT_EVENT_STATUS_PROCESSING: _PaymentEventStatus.ValueType  # 2
+    """A job started on it (or died on it: the sweeper re-queues it)."""
+    PAYMENT_EVENT_STATUS_PROCESSED: _PaymentEventStatus.ValueType  # 3
+    """Applied: credits_micros says what it moved."""
+    PAYMENT_EVENT_STATUS_IGNORED: _PaymentEventStatus.ValueType  # 4
+    """Recorded without effect: a type the ledger does not handle, or nothing to do (note in
+    last_error).
+    """
+    PAYMENT_EVENT_STATUS_FAILED: _PaymentEventStatus.ValueType  # 5
+    """The last attempt failed (last_error); retried with backoff."""
+
+class PaymentEventStatus(_PaymentEventStatus, metaclass=_PaymentEventStatusEnumTypeWrapper): ...
+
+PAYMENT_EVENT_STATUS_UNSPECIFIED: PaymentEventStatus.ValueType  # 0
+PAYMENT_EVENT_STATUS_RECEIVED: PaymentEventStatus.ValueType  # 1
+"""Stored, waiting for its job."""
+PAYMENT_EVENT_STATUS_PROCESSING: PaymentEventStatus.ValueType  # 2
+"""A job started on it (or died on it: the sweeper re-queues it)."""
+PAYMENT_EVENT_STATUS_PROCESSED: PaymentEventStatus.ValueType  # 3
+"""Applied: credits_micros says what it moved."""
+PAYMENT_EVENT_STATUS_IGNORED: PaymentEventStatus.ValueType  # 4
+"""Recorded without effect: a type the ledger does not handle, or nothing to do (note in
+last_error).
+"""
+PAYMENT_EVENT_STATUS_FAILED: PaymentEventStatus.ValueType  # 5
+"""The last attempt failed (last_error); retried with backoff."""
+Global___PaymentEventStatus: _TypeAlias = PaymentEventStatus  # noqa: Y015
+
 @_typing.final
 class CreditPack(_message.Message):
     """A purchasable pack of credits (seed 000), managed through AdminService."""
@@ -526,3 +582,247 @@ class ChangeSubscriptionPlanResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChangeSubscriptionPlanResponse: _TypeAlias = ChangeSubscriptionPlanResponse  # noqa: Y015
+
+@_typing.final
+class RechargeAmount(_message.Message):
+    """A custom recharge amount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    amount_minor: _builtins.int
+    """In the currency's minor units (3000 = 30.00); at least the recharge minimum."""
+    currency: _builtins.str
+    """ISO 4217; the recharge.currency setting."""
+    def __init__(
+        self,
+        *,
+        amount_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "currency", b"currency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RechargeAmount: _TypeAlias = RechargeAmount  # noqa: Y015
+
+@_typing.final
+class CreateCheckoutSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    RECHARGE_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    SUCCESS_URL_FIELD_NUMBER: _builtins.int
+    CANCEL_URL_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    idempotency_key: _builtins.str
+    pack_id: _builtins.str
+    plan_id: _builtins.str
+    success_url: _builtins.str
+    """Where Stripe sends the customer after paying / giving up; empty: the server's
+    LEDGER_CHECKOUT_SUCCESS_URL / LEDGER_CHECKOUT_CANCEL_URL.
+    """
+    cancel_url: _builtins.str
+    @_builtins.property
+    def recharge(self) -> Global___RechargeAmount: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        pack_id: _builtins.str = ...,
+        recharge: Global___RechargeAmount | None = ...,
+        plan_id: _builtins.str = ...,
+        success_url: _builtins.str = ...,
+        cancel_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pack_id", b"pack_id", "plan_id", b"plan_id", "purchase", b"purchase", "recharge", b"recharge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "cancel_url", b"cancel_url", "idempotency_key", b"idempotency_key", "pack_id", b"pack_id", "plan_id", b"plan_id", "purchase", b"purchase", "recharge", b"recharge", "success_url", b"success_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_purchase: _TypeAlias = _typing.Literal["pack_id", "recharge", "plan_id"]  # noqa: Y015
+    _WhichOneofArgType_purchase: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_purchase) -> _WhichOneofReturnType_purchase | None: ...
+
+Global___CreateCheckoutSessionRequest: _TypeAlias = CreateCheckoutSessionRequest  # noqa: Y015
+
+@_typing.final
+class CheckoutSession(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Stripe's Checkout Session id (cs_...)."""
+    account_id: _builtins.str
+    kind: Global___CheckoutKind.ValueType
+    pack_id: _builtins.str
+    plan_id: _builtins.str
+    amount_minor: _builtins.int
+    """The price the customer is asked to pay, in minor units."""
+    currency: _builtins.str
+    url: _builtins.str
+    """The page to send the customer to."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        kind: Global___CheckoutKind.ValueType = ...,
+        pack_id: _builtins.str = ...,
+        plan_id: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        url: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_minor", b"amount_minor", "create_time", b"create_time", "currency", b"currency", "kind", b"kind", "pack_id", b"pack_id", "plan_id", b"plan_id", "session_id", b"session_id", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckoutSession: _TypeAlias = CheckoutSession  # noqa: Y015
+
+@_typing.final
+class CreateCheckoutSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___CheckoutSession: ...
+    def __init__(
+        self,
+        *,
+        session: Global___CheckoutSession | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCheckoutSessionResponse: _TypeAlias = CreateCheckoutSessionResponse  # noqa: Y015
+
+@_typing.final
+class PaymentEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREDITS_MICROS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    PROCESS_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Stripe's event id (evt_...)."""
+    type: _builtins.str
+    """Stripe's event type, e.g. checkout.session.completed."""
+    status: Global___PaymentEventStatus.ValueType
+    attempts: _builtins.int
+    """Processing attempts started."""
+    last_error: _builtins.str
+    """Why the last attempt failed, or why the event was ignored."""
+    credits_micros: _builtins.int
+    """Credits the event moved: granted > 0, clawed back by a refund < 0."""
+    account_id: _builtins.str
+    """Empty until known."""
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def process_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset until processed or ignored."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        type: _builtins.str = ...,
+        status: Global___PaymentEventStatus.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        credits_micros: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+        process_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["process_time", b"process_time", "receive_time", b"receive_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "attempts", b"attempts", "credits_micros", b"credits_micros", "event_id", b"event_id", "last_error", b"last_error", "process_time", b"process_time", "receive_time", b"receive_time", "status", b"status", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PaymentEvent: _TypeAlias = PaymentEvent  # noqa: Y015
+
+@_typing.final
+class ListPaymentEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Empty: every account."""
+    status: Global___PaymentEventStatus.ValueType
+    """UNSPECIFIED: every status."""
+    page_size: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        status: Global___PaymentEventStatus.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPaymentEventsRequest: _TypeAlias = ListPaymentEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListPaymentEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___PaymentEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___PaymentEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPaymentEventsResponse: _TypeAlias = ListPaymentEventsResponse  # noqa: Y015

@@ -74,6 +74,16 @@ class BillingServiceStub:
                 request_serializer=ledger_dot_v1_dot_billing__service__pb2.ChangeSubscriptionPlanRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_billing__service__pb2.ChangeSubscriptionPlanResponse.FromString,
                 _registered_method=True)
+        self.CreateCheckoutSession = channel.unary_unary(
+                '/ledger.v1.BillingService/CreateCheckoutSession',
+                request_serializer=ledger_dot_v1_dot_billing__service__pb2.CreateCheckoutSessionRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_billing__service__pb2.CreateCheckoutSessionResponse.FromString,
+                _registered_method=True)
+        self.ListPaymentEvents = channel.unary_unary(
+                '/ledger.v1.BillingService/ListPaymentEvents',
+                request_serializer=ledger_dot_v1_dot_billing__service__pb2.ListPaymentEventsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_billing__service__pb2.ListPaymentEventsResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -138,6 +148,29 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCheckoutSession(self, request, context):
+        """Creates a Stripe Checkout Session for a credit pack, a custom-amount recharge or a
+        subscription plan and returns its URL. The same rules as the grant the payment leads
+        to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
+        plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
+        when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
+        with the same idempotency_key returns the same session.
+        Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
+        PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
+        UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPaymentEvents(self, request, context):
+        """The payment log (seed 002's payment callback logs): every Stripe event received,
+        newest first, with its processing status, error and the credits it moved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +208,16 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ChangeSubscriptionPlan,
                     request_deserializer=ledger_dot_v1_dot_billing__service__pb2.ChangeSubscriptionPlanRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_billing__service__pb2.ChangeSubscriptionPlanResponse.SerializeToString,
+            ),
+            'CreateCheckoutSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCheckoutSession,
+                    request_deserializer=ledger_dot_v1_dot_billing__service__pb2.CreateCheckoutSessionRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_billing__service__pb2.CreateCheckoutSessionResponse.SerializeToString,
+            ),
+            'ListPaymentEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPaymentEvents,
+                    request_deserializer=ledger_dot_v1_dot_billing__service__pb2.ListPaymentEventsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_billing__service__pb2.ListPaymentEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -371,6 +414,60 @@ class BillingService:
             '/ledger.v1.BillingService/ChangeSubscriptionPlan',
             ledger_dot_v1_dot_billing__service__pb2.ChangeSubscriptionPlanRequest.SerializeToString,
             ledger_dot_v1_dot_billing__service__pb2.ChangeSubscriptionPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCheckoutSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.BillingService/CreateCheckoutSession',
+            ledger_dot_v1_dot_billing__service__pb2.CreateCheckoutSessionRequest.SerializeToString,
+            ledger_dot_v1_dot_billing__service__pb2.CreateCheckoutSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPaymentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.BillingService/ListPaymentEvents',
+            ledger_dot_v1_dot_billing__service__pb2.ListPaymentEventsRequest.SerializeToString,
+            ledger_dot_v1_dot_billing__service__pb2.ListPaymentEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,21 @@ class BillingServiceStub:
     higher rank) the unused subscription credits carry over into the new period
     (seed 001); then the new plan's credits are granted.
     """
+    CreateCheckoutSession: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CreateCheckoutSessionRequest, _billing_service_pb2.CreateCheckoutSessionResponse]
+    """Creates a Stripe Checkout Session for a credit pack, a custom-amount recharge or a
+    subscription plan and returns its URL. The same rules as the grant the payment leads
+    to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
+    plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
+    when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
+    with the same idempotency_key returns the same session.
+    Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
+    PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
+    UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+    """
+    ListPaymentEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListPaymentEventsRequest, _billing_service_pb2.ListPaymentEventsResponse]
+    """The payment log (seed 002's payment callback logs): every Stripe event received,
+    newest first, with its processing status, error and the credits it moved.
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -94,6 +109,21 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """Moves the account to another plan for a new period. On an upgrade (a plan of
     higher rank) the unused subscription credits carry over into the new period
     (seed 001); then the new plan's credits are granted.
+    """
+    CreateCheckoutSession: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CreateCheckoutSessionRequest, _billing_service_pb2.CreateCheckoutSessionResponse]  # type: ignore[assignment]
+    """Creates a Stripe Checkout Session for a credit pack, a custom-amount recharge or a
+    subscription plan and returns its URL. The same rules as the grant the payment leads
+    to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
+    plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
+    when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
+    with the same idempotency_key returns the same session.
+    Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
+    PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
+    UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+    """
+    ListPaymentEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListPaymentEventsRequest, _billing_service_pb2.ListPaymentEventsResponse]  # type: ignore[assignment]
+    """The payment log (seed 002's payment callback logs): every Stripe event received,
+    newest first, with its processing status, error and the credits it moved.
     """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +197,33 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Moves the account to another plan for a new period. On an upgrade (a plan of
         higher rank) the unused subscription credits carry over into the new period
         (seed 001); then the new plan's credits are granted.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateCheckoutSession(
+        self,
+        request: _billing_service_pb2.CreateCheckoutSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.CreateCheckoutSessionResponse, _abc.Awaitable[_billing_service_pb2.CreateCheckoutSessionResponse]]:
+        """Creates a Stripe Checkout Session for a credit pack, a custom-amount recharge or a
+        subscription plan and returns its URL. The same rules as the grant the payment leads
+        to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
+        plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
+        when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
+        with the same idempotency_key returns the same session.
+        Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
+        PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
+        UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+        """
+
+    @_abc_1.abstractmethod
+    def ListPaymentEvents(
+        self,
+        request: _billing_service_pb2.ListPaymentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.ListPaymentEventsResponse, _abc.Awaitable[_billing_service_pb2.ListPaymentEventsResponse]]:
+        """The payment log (seed 002's payment callback logs): every Stripe event received,
+        newest first, with its processing status, error and the credits it moved.
         """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

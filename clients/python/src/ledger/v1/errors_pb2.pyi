@@ -107,6 +107,36 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: the feature (or the reservation's prices) has no price per this unit.
     metadata: feature, model, unit.
     """
+    ERROR_REASON_PURCHASE_NOT_FOUND: _ErrorReason.ValueType  # 34
+    """NOT_FOUND: no purchase has this payment reference. metadata: external_ref."""
+    ERROR_REASON_PROVIDER_PRICE_MISSING: _ErrorReason.ValueType  # 35
+    """FAILED_PRECONDITION: the pack or plan has no payment-provider price id.
+    metadata: pack_id or plan_id.
+    """
+    ERROR_REASON_PLAN_INACTIVE: _ErrorReason.ValueType  # 36
+    """FAILED_PRECONDITION. metadata: plan_id."""
+    ERROR_REASON_PAYMENT_PROVIDER_UNAVAILABLE: _ErrorReason.ValueType  # 37
+    """UNAVAILABLE: the payment provider did not answer; safe to retry with the same key."""
+    ERROR_REASON_PAYMENT_PROVIDER_REJECTED: _ErrorReason.ValueType  # 38
+    """FAILED_PRECONDITION: the payment provider refused the request. metadata: provider_code."""
+    ERROR_REASON_PAYMENTS_NOT_CONFIGURED: _ErrorReason.ValueType  # 39
+    """FAILED_PRECONDITION: no payment-provider key is configured (STRIPE_API_KEY)."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 40
+    """UNAUTHENTICATED: no bearer token, or one the server does not know."""
+    ERROR_REASON_LOOPBACK_ONLY: _ErrorReason.ValueType  # 41
+    """UNAUTHENTICATED: the server runs without tokens and serves loopback clients only."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 42
+    """PERMISSION_DENIED: the caller's role may not call this method. metadata: role, method."""
+    ERROR_REASON_ACCOUNT_OUT_OF_SCOPE: _ErrorReason.ValueType  # 43
+    """PERMISSION_DENIED: the account is outside the service's scope. metadata: account_id."""
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 44
+    """RESOURCE_EXHAUSTED: the caller's rate limit. metadata: retry_after_ms."""
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 45
+    """DEADLINE_EXCEEDED: the call's deadline (or the statement time-out) ran out in the
+    database; nothing was changed; safe to retry with the same key.
+    """
+    ERROR_REASON_BALANCE_LIMIT: _ErrorReason.ValueType  # 46
+    """FAILED_PRECONDITION: the amount would take a balance beyond what the ledger holds."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -199,4 +229,34 @@ ERROR_REASON_PRICE_NOT_FOUND: ErrorReason.ValueType  # 33
 """NOT_FOUND: the feature (or the reservation's prices) has no price per this unit.
 metadata: feature, model, unit.
 """
+ERROR_REASON_PURCHASE_NOT_FOUND: ErrorReason.ValueType  # 34
+"""NOT_FOUND: no purchase has this payment reference. metadata: external_ref."""
+ERROR_REASON_PROVIDER_PRICE_MISSING: ErrorReason.ValueType  # 35
+"""FAILED_PRECONDITION: the pack or plan has no payment-provider price id.
+metadata: pack_id or plan_id.
+"""
+ERROR_REASON_PLAN_INACTIVE: ErrorReason.ValueType  # 36
+"""FAILED_PRECONDITION. metadata: plan_id."""
+ERROR_REASON_PAYMENT_PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 37
+"""UNAVAILABLE: the payment provider did not answer; safe to retry with the same key."""
+ERROR_REASON_PAYMENT_PROVIDER_REJECTED: ErrorReason.ValueType  # 38
+"""FAILED_PRECONDITION: the payment provider refused the request. metadata: provider_code."""
+ERROR_REASON_PAYMENTS_NOT_CONFIGURED: ErrorReason.ValueType  # 39
+"""FAILED_PRECONDITION: no payment-provider key is configured (STRIPE_API_KEY)."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 40
+"""UNAUTHENTICATED: no bearer token, or one the server does not know."""
+ERROR_REASON_LOOPBACK_ONLY: ErrorReason.ValueType  # 41
+"""UNAUTHENTICATED: the server runs without tokens and serves loopback clients only."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 42
+"""PERMISSION_DENIED: the caller's role may not call this method. metadata: role, method."""
+ERROR_REASON_ACCOUNT_OUT_OF_SCOPE: ErrorReason.ValueType  # 43
+"""PERMISSION_DENIED: the account is outside the service's scope. metadata: account_id."""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 44
+"""RESOURCE_EXHAUSTED: the caller's rate limit. metadata: retry_after_ms."""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 45
+"""DEADLINE_EXCEEDED: the call's deadline (or the statement time-out) ran out in the
+database; nothing was changed; safe to retry with the same key.
+"""
+ERROR_REASON_BALANCE_LIMIT: ErrorReason.ValueType  # 46
+"""FAILED_PRECONDITION: the amount would take a balance beyond what the ledger holds."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -924,12 +924,16 @@ class ListTransactionsRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     page_size: _builtins.int
     """At most 1000; 100 when unset."""
     page_token: _builtins.str
     feature: _builtins.str
     """Only charges (and their holds, releases, refunds) for this feature."""
+    model: _builtins.str
+    """Only entries for this model."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___TransactionKind.ValueType]:
         """Only these kinds; all when empty."""
@@ -940,6 +944,10 @@ class ListTransactionsRequest(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___TransactionStatus.ValueType]:
+        """Only entries in these statuses; all when empty."""
+
     def __init__(
         self,
         *,
@@ -950,10 +958,12 @@ class ListTransactionsRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         feature: _builtins.str = ...,
+        model: _builtins.str = ...,
+        statuses: _abc.Iterable[Global___TransactionStatus.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "end_time", b"end_time", "feature", b"feature", "kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "end_time", b"end_time", "feature", b"feature", "kinds", b"kinds", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
