@@ -5,7 +5,7 @@ run any number of times at once, and never racing a charge into expired credits.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -15,7 +15,10 @@ import redis
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc
 from ledger.v1 import types_pb2 as t
+from ledger_server.audit import audit_database
 from ledger_server.clock import OffsetClock
+from ledger_server.db.migrate import migrate
+from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, new_account, new_key
 from support.workers import assert_finished, run_burst_workers, start_burst_worker
 from workers import sweepers
@@ -162,44 +165,52 @@ def test_a_charge_racing_the_expiry_sweep_never_spends_expired_credits(
 
 
 def test_the_monthly_allowance_job_run_twice_grants_once(
-    ledger: Ledger,
-    configure: Any,
-    clock: OffsetClock,
-    ledger_db_url: str,
-    redis_url: str,
-    assert_audit_clean: Any,
+    fresh_database_url: str, redis_url: str
 ) -> None:
-    # Accounts opened while the allowance was off get it from the scheduled job.
+    """On a database of its own: the job visits every account, and the shared session
+    database holds thousands by now."""
+    migrate(fresh_database_url)
+    now = datetime.now(UTC)
     accounts = [new_account("monthly") for _ in range(5)]
-    for account in accounts:
-        ledger.grant(account, 1)
-    configure("monthly_free.enabled", True)
-    as_of = clock.now().isoformat()
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), now)
+        # Accounts opened while the allowance was off get it from the scheduled job.
+        for account in accounts:
+            conn.execute(
+                "SELECT ledger_grant(%s, 'g', '\\x01', 1000000, 'purchase', NULL, 'main', "
+                "'', '', NULL, %s)",
+                (account, now),
+            )
+        conn.execute(
+            "SELECT ledger_put_setting('monthly_free.enabled', 'true', 'admin', 'test', "
+            "'the job under test', %s, true)",
+            (now,),
+        )
     connection = redis_connection(redis_url)
     jobs = [
-        enqueue(DEFAULT_QUEUE, sweepers.grant_monthly_allowances, as_of, connection=connection)
+        enqueue(
+            DEFAULT_QUEUE, sweepers.grant_monthly_allowances, now.isoformat(), connection=connection
+        )
         for _ in range(2)
     ]
-    run_burst_workers(ledger_db_url, redis_url, count=2)
+    run_burst_workers(fresh_database_url, redis_url, count=2)
     jobs.append(
-        enqueue(DEFAULT_QUEUE, sweepers.grant_monthly_allowances, as_of, connection=connection)
+        enqueue(
+            DEFAULT_QUEUE, sweepers.grant_monthly_allowances, now.isoformat(), connection=connection
+        )
     )
-    run_burst_workers(ledger_db_url, redis_url)
+    run_burst_workers(fresh_database_url, redis_url)
     assert_finished(jobs)
 
-    for account in accounts:
-        monthly = [
-            lot
-            for lot in ledger.lots(account, include_inactive=True)
-            if lot.source == t.CREDIT_SOURCE_MONTHLY_FREE
-        ]
-        assert [lot.amount_micros for lot in monthly] == [1500 * CREDIT]
-    with psycopg.connect(ledger_db_url) as conn:
-        granted = conn.execute(
-            "SELECT count(*) FROM monthly_allowances WHERE account_id = ANY(%s)", (accounts,)
-        ).fetchone()
+    with psycopg.connect(fresh_database_url) as conn:
+        lots = conn.execute(
+            "SELECT account_id, amount_micros FROM lots WHERE source = 'monthly_free' "
+            "ORDER BY account_id"
+        ).fetchall()
+        granted = conn.execute("SELECT count(*) FROM monthly_allowances").fetchone()
+    assert lots == [(account, 1500 * CREDIT) for account in sorted(accounts)]
     assert granted == (5,)
-    assert_audit_clean()
+    assert audit_database(fresh_database_url) == []
 
 
 def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:

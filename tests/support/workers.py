@@ -52,4 +52,4 @@ def assert_finished(jobs: list[Job]) -> None:
     """Every job ran to the end (a failing job would otherwise just wait for its retry)."""
     for job in jobs:
         status = job.get_status(refresh=True)
-        assert status == JobStatus.FINISHED, (job.func_name, status, job.latest_result())
+        assert status == JobStatus.FINISHED, (job.func_name, status, job.exc_info)
