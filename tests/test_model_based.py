@@ -59,7 +59,6 @@ from support.model import (
     Lot,
     Reservation,
     fail,
-    fingerprint,
     priority_of,
 )
 from support.scoped_audit import ScopedAudit
@@ -229,17 +228,15 @@ class LedgerMachine(RuleBasedStateMachine):
         account_id = request.account_id
         t = self.settle()
         self.check_accounts.add(account_id)
-        known_bug = False
-        if method == "Grant" and request.HasField("expires_at") and micros(request.expires_at) <= t:
-            stored = self.model.keys.get((account_id, request.idempotency_key))
-            if stored is not None and stored.fingerprint == fingerprint(method, request):
-                # The contract: a retry gets the original response. The server checks
-                # expires_at against now before it looks at the key (SERVER BUG, pinned by
-                # test_a_retried_grant_gets_its_original_response_after_its_expires_at_passed);
-                # tolerated here only in this one case, so the machine keeps checking the rest.
-                known_bug = True
-            else:
-                invalid = "expires_at"
+        # The key comes first: a retry gets its original response, another request under a
+        # used key is ALREADY_EXISTS; only a new key meets the check that expires_at is ahead.
+        if (
+            method == "Grant"
+            and request.HasField("expires_at")
+            and micros(request.expires_at) <= t
+            and (account_id, request.idempotency_key) not in self.model.keys
+        ):
+            invalid = "expires_at"
         expected_error: Expected | None = None
         replay: bytes | None = None
         apply: Callable[[Any], None] | None = None
@@ -258,11 +255,6 @@ class LedgerMachine(RuleBasedStateMachine):
             response, call = getattr(self.stub, method).with_call(request)
         except grpc.RpcError as error:
             code = error.code()  # type: ignore[attr-defined]
-            if known_bug and code == grpc.StatusCode.INVALID_ARGUMENT:
-                info, fields = error_details(error)
-                assert fields == ["expires_at"], fields
-                self.stats.count("Grant:retry-after-expires_at-refused (server bug)")
-                return
             assert expected_error is not None, (
                 f"{method} failed with {code.name} {error.details()}"  # type: ignore[attr-defined]
                 f" but the model expected success: {request}"
