@@ -21,7 +21,7 @@ TYPECHECK_PATHS := ledger_server workers $(CLIENT_SRC)/ledger_client
 # (started if needed and left running; `make stop` stops it).
 WITH_DB = dbenv="$$($(PY) -m ledger_server.devstack env --no-redis)" && eval "$$dbenv" &&
 
-.PHONY: help venv node_modules proto proto-check buf-lint buf-breaking lint format typecheck \
+.PHONY: help venv lock node_modules proto proto-check buf-lint buf-breaking lint format typecheck \
 	test soak run demo-data audit migrate stop clean distclean
 
 help:
@@ -31,6 +31,7 @@ help:
 	@echo "make format       ruff format + ruff check --fix"
 	@echo "make typecheck    mypy --strict"
 	@echo "make soak         the model-based test with 2,000 examples (LEDGER_SOAK_EXAMPLES)"
+	@echo "make lock         re-pin constraints.txt to the newest versions the pyprojects allow"
 	@echo "make proto        regenerate $(CLIENT_SRC)/ledger from protos/"
 	@echo "make buf-breaking buf breaking against every committed version of protos/"
 	@echo "make demo-data    load the example rate card and catalogue into the running server"
@@ -48,11 +49,24 @@ venv: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalls only when a pyproject changes; delete the stamp to force it.
-$(STAMP): pyproject.toml clients/python/pyproject.toml | $(PY)
+# Reinstalls only when a pyproject or constraints.txt changes; delete the stamp to force it.
+# constraints.txt pins every package to the versions the suite last passed with, so a new
+# release upstream (rq 3 changed the worker's method signatures) cannot break a fresh install.
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ./clients/python -e '.[dev,embedded]'
+	$(PY) -m pip install -c constraints.txt -e ./clients/python -e '.[dev,embedded]'
 	touch $@
+
+# Resolves the newest versions the pyprojects allow in a scratch virtualenv and writes them to
+# constraints.txt; run `make test` on the result before committing it.
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip && \
+	"$$tmp/venv/bin/python" -m pip install -q -e ./clients/python -e '.[dev,embedded]' && \
+	{ sed -n '1,2p' constraints.txt; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -v '^#'; } > "$$tmp/c.txt" && \
+	mv "$$tmp/c.txt" constraints.txt && echo "constraints.txt updated; now run make test"
 
 node_modules: $(NODE_STAMP)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rq import Queue, Worker
+from rq.executions import Execution
 from rq.job import Job
 
 from ledger_server.observability import request_id
@@ -35,19 +36,28 @@ def count_failure(job: Job, queue_name: str) -> None:
 
 
 class LedgerWorker(Worker):
-    def perform_job(self, job: Job, queue: Queue) -> bool:
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         with request_id.bound(job_request_id(job)):
             fields = {"job_id": job.id, "job": job.func_name, "queue": queue.name}
             log.info("job %s started", job.func_name, extra=fields)
-            ok: bool = super().perform_job(job, queue)
+            ok: bool = super().perform_job(job, queue, execution)
             log.info("job %s %s", job.func_name, "done" if ok else "failed", extra=fields)
             return ok
 
     def handle_job_failure(
-        self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
     ) -> None:
         count_failure(job, queue.name)
         with request_id.bound(job_request_id(job)):
             super().handle_job_failure(
-                job, queue, started_job_registry=started_job_registry, exc_string=exc_string
+                job,
+                queue,
+                started_job_registry=started_job_registry,
+                exc_string=exc_string,
+                execution=execution,
             )
