@@ -191,7 +191,7 @@ class Flow:
         return str(data["reservation"]["reservation_id"])
 
     def listing(self, rpc: str, **params: object) -> None:
-        # ListLots / ListTransactions: the account check, then the page, in one transaction.
+        # ListLots: the account check, then the page, in one transaction.
         with self.conn.transaction():
             self.call("account_exists_after_maintenance", rpc)
             self.call(rpc, **params)
@@ -235,7 +235,7 @@ class Flow:
             "list_lots", include_inactive=False, after_priority=None, after_expires=None,
             after_lot=None, limit=101,
         )  # fmt: skip
-        self.listing(
+        self.call(
             "list_transactions", before=None, kinds=None, start_time=None, end_time=None,
             feature=None, model=None, statuses=None, limit=101,
         )  # fmt: skip

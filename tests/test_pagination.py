@@ -15,7 +15,9 @@ import pytest
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_server.clock import OffsetClock
 from support.ledger import CREDIT, Ledger, expect_error, new_account
+from support.sources import ts
 
 PAGE = 25
 
@@ -214,4 +216,35 @@ def test_a_page_token_only_works_with_the_filters_it_was_issued_for(ledger: Ledg
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_FIELD",
         "page_token",
+    )
+
+
+def test_one_call_applies_due_expiries_first_and_refuses_an_unknown_account(
+    ledger: Ledger, clock: OffsetClock
+) -> None:
+    """ListTransactions is one SQL round trip that runs the account's due maintenance
+    before reading the page: a lot that expired since the last operation on the account
+    shows its expiry entry at once, with nothing else called in between."""
+    account = new_account("list-expiry")
+    ledger.grant(account, 2, source=types_pb2.CREDIT_SOURCE_PURCHASE)
+    ledger.grant(
+        account,
+        3,
+        source=types_pb2.CREDIT_SOURCE_PROMOTION,
+        expires_at=ts(clock.now() + timedelta(minutes=5)),
+    )
+    clock.advance(timedelta(minutes=6))
+
+    newest = ledger.stub.ListTransactions(
+        pb.ListTransactionsRequest(account_id=account, page_size=1)
+    ).transactions[0]
+
+    assert newest.kind == pb.TRANSACTION_KIND_EXPIRY
+    assert newest.amount_micros == -3 * CREDIT
+    expect_error(
+        lambda: ledger.stub.ListTransactions(
+            pb.ListTransactionsRequest(account_id=new_account("list-nobody"))
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
     )

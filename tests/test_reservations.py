@@ -192,3 +192,49 @@ def test_transactions_filter_by_status(ledger: Ledger) -> None:
     succeeded = with_status(pb.TRANSACTION_STATUS_SUCCEEDED)
     assert (pb.TRANSACTION_KIND_CHARGE, kept) in succeeded
     assert (pb.TRANSACTION_KIND_CHARGE, refunded) not in succeeded
+
+
+def test_a_backlog_of_timed_out_holds_is_released_at_once_in_expiry_order(
+    ledger: Ledger, clock: OffsetClock, assert_audit_clean: Any
+) -> None:
+    """A client that reserves and never commits leaves holds to time out. The next call on
+    the account releases all that are due, each with its own release entry, in expiry order,
+    and leaves the rest."""
+    account = new_account("backlog")
+    ledger.grant(account, 2)
+    ledger.grant(account, 5)
+    held = [
+        ledger.reserve(account, CREDIT // 20, ttl=Duration(seconds=120 - i % 2 * 60))
+        for i in range(120)
+    ]
+    live = ledger.reserve(account, CREDIT, ttl=Duration(seconds=600))
+    assert ledger.balance(account).held_micros == 7 * CREDIT
+
+    clock.advance(timedelta(seconds=121))
+    balance = ledger.balance(account)
+
+    assert balance.held_micros == CREDIT
+    assert balance.available_micros == 6 * CREDIT
+    assert sum(lot.held_micros for lot in ledger.lots(account)) == CREDIT
+    releases = [t for t in ledger.transactions(account) if t.kind == pb.TRANSACTION_KIND_RELEASE]
+    # Newest first: the 120 s holds were released after the 60 s ones.
+    released_ids = [t.reservation_id for t in reversed(releases)]
+    by_expiry = sorted(
+        held, key=lambda r: (r.reservation.expires_at.ToNanoseconds(), r.reservation.reservation_id)
+    )
+    assert released_ids == [r.reservation.reservation_id for r in by_expiry]
+    assert all(t.amount_micros == CREDIT // 20 for t in releases)
+    statuses = {
+        ledger.stub.GetReservation(
+            pb.GetReservationRequest(
+                account_id=account, reservation_id=r.reservation.reservation_id
+            )
+        ).reservation.status
+        for r in held
+    }
+    assert statuses == {pb.RESERVATION_STATUS_EXPIRED}
+    still = ledger.stub.GetReservation(
+        pb.GetReservationRequest(account_id=account, reservation_id=live.reservation.reservation_id)
+    ).reservation
+    assert still.status == pb.RESERVATION_STATUS_PENDING
+    assert_audit_clean()

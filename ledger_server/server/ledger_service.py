@@ -19,7 +19,7 @@ from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, store, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
 from ledger_server.server.alert_emails import AlertEmails
-from ledger_server.server.calls import Context, call_json, mark_replay
+from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 from ledger_server.server.coalescing import ConsumeCoalescer
 
 
@@ -298,24 +298,22 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             statuses,
         ]
         position = page_tokens.decode(request.page_token, filters, arity=1)
-        now = self._clock.now()
-        async with self._pool.connection() as conn, conn.transaction():
-            await self._require_account(conn, account_id, now)
-            rows = await store.fetch_all(
-                conn,
-                "list_transactions",
-                {
-                    "account_id": account_id,
-                    "before": position[0] if position else None,
-                    "kinds": kinds,
-                    "start_time": start_time,
-                    "end_time": end_time,
-                    "feature": feature,
-                    "model": model,
-                    "statuses": statuses,
-                    "limit": page_size + 1,
-                },
-            )
+        rows = await fetch_all(
+            self._pool,
+            "list_transactions",
+            {
+                "account_id": account_id,
+                "before": position[0] if position else None,
+                "kinds": kinds,
+                "start_time": start_time,
+                "end_time": end_time,
+                "feature": feature,
+                "model": model,
+                "statuses": statuses,
+                "limit": page_size + 1,
+                "now": self._clock.now(),
+            },
+        )
         response = pb.ListTransactionsResponse(
             transactions=[mapping.transaction(row[0]) for row in rows[:page_size]]
         )

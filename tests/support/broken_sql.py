@@ -28,8 +28,8 @@ NO_LOCKS: list[tuple[str, str, int]] = [
         1,
     ),
     (
-        "         ORDER BY priority, expires_at, lot_id\n           FOR UPDATE\n",
-        "         ORDER BY priority, expires_at, lot_id\n",
+        "         ORDER BY priority, expires_at, lot_id\n           FOR UPDATE;\n",
+        "         ORDER BY priority, expires_at, lot_id;\n",
         1,
     ),
     ("     ORDER BY lot_id\n       FOR UPDATE;\n", "     ORDER BY lot_id;\n", 1),

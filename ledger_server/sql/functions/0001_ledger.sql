@@ -14,6 +14,7 @@
 
 -- Signatures that changed: CREATE OR REPLACE would leave the old one beside the new.
 DROP FUNCTION IF EXISTS ledger_take_from_lots(text, uuid, bigint, timestamptz, bigint);
+DROP FUNCTION IF EXISTS ledger_take_from_lots(text, uuid, bigint, timestamptz, bigint, text);
 DROP FUNCTION IF EXISTS ledger_new_transaction(text, text, bigint, timestamptz, uuid, text, text, text, text);
 DROP FUNCTION IF EXISTS ledger_reserve(text, text, bytea, bigint, timestamptz, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_commit(text, uuid, text, bytea, bigint, text, timestamptz);
@@ -60,7 +61,9 @@ LANGUAGE sql STABLE AS $$
         'parent_lot_id', coalesce(l.parent_lot_id::text, ''))
 $$;
 
-CREATE OR REPLACE FUNCTION ledger_reservation_json(p_account text, p_reservation uuid) RETURNS jsonb
+-- A reservation as the API shows it, from its row and its lots (as ledger_take_lots
+-- returns them).
+CREATE OR REPLACE FUNCTION ledger_reservation_row_json(r reservations, p_lots jsonb) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'reservation_id', r.reservation_id::text,
@@ -77,7 +80,12 @@ LANGUAGE sql STABLE AS $$
         'charge_transaction_id', coalesce(r.charge_transaction_id::text, ''),
         'model', coalesce(r.model, ''),
         'usage', r.usage,
-        'lots', coalesce((
+        'lots', coalesce(p_lots, '[]'::jsonb))
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_reservation_json(p_account text, p_reservation uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT ledger_reservation_row_json(r, (
             SELECT jsonb_agg(jsonb_build_object(
                        'lot_id', rl.lot_id::text,
                        'source', l.source,
@@ -87,7 +95,7 @@ LANGUAGE sql STABLE AS $$
                        'refund_expired_micros', rl.refund_expired_micros) ORDER BY rl.seq)
               FROM reservation_lots rl
               JOIN lots l ON l.account_id = rl.account_id AND l.lot_id = rl.lot_id
-             WHERE rl.account_id = r.account_id AND rl.reservation_id = r.reservation_id), '[]'::jsonb))
+             WHERE rl.account_id = r.account_id AND rl.reservation_id = r.reservation_id))
       FROM reservations r
      WHERE r.account_id = p_account AND r.reservation_id = p_reservation
 $$;
@@ -385,44 +393,40 @@ END $$;
 -- reservation; otherwise they are spent at once, posted to that transaction
 -- against p_counter_account ('revenue' for charges, 'adjustment' for admin
 -- debits). p_reservation NULL records no reservation lots (admin debits).
+-- Returns the reservation's lots as ledger_reservation_json shows them.
 -- Call after ledger_require_available.
-CREATE OR REPLACE FUNCTION ledger_take_from_lots(
+CREATE OR REPLACE FUNCTION ledger_take_lots(
     p_account text, p_reservation uuid, p_amount bigint, p_now timestamptz, p_charge_txn bigint,
-    p_counter_account text DEFAULT 'revenue') RETURNS void
+    p_counter_account text DEFAULT 'revenue') RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    l record;
-    need bigint := p_amount;
-    take bigint;
-    seq int := 0;
-BEGIN
-    IF need = 0 THEN
-        RETURN;
-    END IF;
-    FOR l IN
+    -- A declared cursor is planned for a fast start (cursor_tuple_fraction): the walk in
+    -- index order, never a sort of all the account's lots, whatever the statistics say.
+    lots_in_order CURSOR FOR
         SELECT lot_id, source, remaining_micros, held_micros FROM lots
          WHERE account_id = p_account AND balance_kind = 'main' AND remaining_micros > 0
            AND (expires_at IS NULL OR expires_at > p_now)
          ORDER BY priority, expires_at, lot_id
-           FOR UPDATE
-    LOOP
-        take := least(l.remaining_micros - l.held_micros, need);
+           FOR UPDATE;
+    lot record;
+    need bigint := p_amount;
+    take bigint;
+    lot_ids bigint[] := '{}';
+    sources text[] := '{}';
+    takes bigint[] := '{}';
+    lots_json jsonb;
+BEGIN
+    IF need = 0 THEN
+        RETURN '[]'::jsonb;
+    END IF;
+    -- The cursor reads (and locks) lots only until they cover the amount, so an account
+    -- with thousands of lots costs what one with a few does.
+    FOR lot IN lots_in_order LOOP
+        take := least(lot.remaining_micros - lot.held_micros, need);
         CONTINUE WHEN take <= 0;
-        IF p_charge_txn IS NULL THEN
-            UPDATE lots SET held_micros = held_micros + take
-             WHERE account_id = p_account AND lot_id = l.lot_id;
-        ELSE
-            UPDATE lots SET remaining_micros = remaining_micros - take
-             WHERE account_id = p_account AND lot_id = l.lot_id;
-            PERFORM ledger_post(p_account, p_charge_txn, seq, 'account:main', l.lot_id, l.source, -take);
-        END IF;
-        IF p_reservation IS NOT NULL THEN
-            INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros,
-                                          committed_micros)
-            VALUES (p_account, p_reservation, l.lot_id, seq, take,
-                    CASE WHEN p_charge_txn IS NULL THEN 0 ELSE take END);
-        END IF;
-        seq := seq + 1;
+        lot_ids := lot_ids || lot.lot_id;
+        sources := sources || lot.source;
+        takes := takes || take;
         need := need - take;
         EXIT WHEN need = 0;
     END LOOP;
@@ -431,9 +435,39 @@ BEGIN
         RAISE EXCEPTION 'lots do not cover the available balance of %', p_account
             USING ERRCODE = 'LE101';
     END IF;
-    IF p_charge_txn IS NOT NULL THEN
-        PERFORM ledger_post(p_account, p_charge_txn, seq, p_counter_account, NULL, NULL, p_amount);
-    END IF;
+    -- Then one statement for all of them: the lots, the postings, the reservation's lots.
+    WITH taken AS (
+        SELECT t.lot_id, t.source, t.micros, (t.n - 1)::smallint AS seq,
+               CASE WHEN p_charge_txn IS NULL THEN 0 ELSE t.micros END AS spent
+          FROM unnest(lot_ids, sources, takes) WITH ORDINALITY AS t(lot_id, source, micros, n)
+    ), lots_taken AS (
+        UPDATE lots l
+           SET held_micros = l.held_micros + t.micros - t.spent,
+               remaining_micros = l.remaining_micros - t.spent
+          FROM taken t
+         -- "= ANY": the plan looks up the lots taken, not the account's every lot.
+         WHERE l.account_id = p_account AND l.lot_id = ANY (lot_ids) AND l.lot_id = t.lot_id
+    ), posted AS (
+        INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id,
+                              source, amount_micros)
+        SELECT p_account, p_charge_txn, seq, 'account:main', lot_id, source, -micros
+          FROM taken WHERE p_charge_txn IS NOT NULL
+        UNION ALL
+        SELECT p_account, p_charge_txn, cardinality(lot_ids), p_counter_account, NULL, NULL,
+               p_amount
+         WHERE p_charge_txn IS NOT NULL
+    ), reserved AS (
+        INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros,
+                                      committed_micros)
+        SELECT p_account, p_reservation, lot_id, seq, micros, spent
+          FROM taken WHERE p_reservation IS NOT NULL
+    )
+    SELECT jsonb_agg(jsonb_build_object(
+               'lot_id', lot_id::text, 'source', source, 'held_micros', micros,
+               'committed_micros', spent, 'refunded_micros', 0, 'refund_expired_micros', 0)
+               ORDER BY seq)
+      INTO lots_json FROM taken;
+    RETURN lots_json;
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger_grant(
@@ -487,11 +521,14 @@ CREATE OR REPLACE FUNCTION ledger_reserve(
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
+    r reservations;
     replay jsonb;
     res uuid := gen_random_uuid();
     txn bigint;
-    priced jsonb;
+    usage jsonb;
     amount bigint;
+    priced jsonb;
+    lots_json jsonb;
     feature text := coalesce(p_usage ->> 'feature', p_feature);
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -501,23 +538,23 @@ BEGIN
     END IF;
     priced := ledger_priced(p_amount, p_usage);
     amount := (priced ->> 'cost_micros')::bigint;
+    usage := CASE WHEN p_usage IS NULL THEN NULL ELSE priced END;
     PERFORM ledger_require_available(a, amount);
     txn := ledger_new_transaction(p_account, 'hold', amount, p_now, res, feature, p_comment, NULL,
-                                  NULL, p_usage ->> 'model',
-                                  CASE WHEN p_usage IS NULL THEN NULL ELSE priced END);
+                                  NULL, p_usage ->> 'model', usage);
     INSERT INTO reservations (account_id, reservation_id, status, held_micros, expires_at,
                               created_at, feature, model, comment, usage, hold_transaction_id)
     VALUES (p_account, res, 'pending', amount, p_expires_at, p_now, nullif(feature, ''),
-            nullif(p_usage ->> 'model', ''), nullif(p_comment, ''),
-            CASE WHEN p_usage IS NULL THEN NULL ELSE priced END, txn);
-    PERFORM ledger_take_from_lots(p_account, res, amount, p_now, NULL);
+            nullif(p_usage ->> 'model', ''), nullif(p_comment, ''), usage, txn)
+    RETURNING * INTO r;
+    lots_json := ledger_take_lots(p_account, res, amount, p_now, NULL);
     UPDATE accounts
        SET held_micros = held_micros + amount,
            next_maintenance_at = least(next_maintenance_at, p_expires_at)
      WHERE account_id = p_account
     RETURNING * INTO a;
     RETURN ledger_idempotent_store(p_account, p_key, 'reserve', p_hash, jsonb_build_object(
-        'reservation', ledger_reservation_json(p_account, res),
+        'reservation', ledger_reservation_row_json(r, lots_json),
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
@@ -555,23 +592,23 @@ LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     r reservations;
-    h record;
     replay jsonb;
     txn bigint;
-    rest bigint;
     amount bigint;
     priced jsonb;
     actual jsonb := p_usage;
     alert bigint;
-    use bigint;
-    n int := 0;
-    any_lot_expired boolean := false;
+    any_lot_expired boolean;
+    lots_json jsonb;
+    lot_ids bigint[];
+    balance_before bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'commit', p_hash);
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
+    balance_before := a.balance_micros;
     r := ledger_pending_reservation(p_account, p_reservation);
     IF actual IS NOT NULL AND r.usage IS NOT NULL THEN
         -- The usage is the reservation's feature and model; only the quantities are new.
@@ -580,7 +617,6 @@ BEGIN
     END IF;
     priced := ledger_priced(p_amount, actual, r.usage);
     amount := (priced ->> 'cost_micros')::bigint;
-    rest := amount;
     IF amount > r.held_micros THEN
         PERFORM ledger_fail('LE007', 'commit amount exceeds the held amount', jsonb_build_object(
             'reservation_id', p_reservation::text, 'held_micros', r.held_micros,
@@ -591,45 +627,68 @@ BEGIN
                                   coalesce(nullif(p_comment, ''), r.comment), NULL, NULL,
                                   coalesce(actual ->> 'model', r.model),
                                   CASE WHEN actual IS NULL THEN r.usage ELSE priced END);
-    FOR h IN
-        SELECT rl.lot_id, rl.held_micros, l.source, l.expires_at
+    SELECT array_agg(lot_id ORDER BY seq) INTO lot_ids
+      FROM reservation_lots WHERE account_id = p_account AND reservation_id = p_reservation;
+    -- One statement: the charge is taken from the held lots in their order (what is not
+    -- used goes back), the reservation's lots record it, the postings journal it. Lots are
+    -- found by "= ANY (lot_ids)": the plan looks up those, not the account's every lot.
+    WITH held AS (
+        SELECT rl.lot_id, rl.seq, rl.held_micros, l.source, l.expires_at,
+               greatest(0, least(rl.held_micros, amount - (sum(rl.held_micros)
+                   OVER (ORDER BY rl.seq) - rl.held_micros))) AS used
           FROM reservation_lots rl
-          JOIN lots l ON l.account_id = rl.account_id AND l.lot_id = rl.lot_id
+          JOIN lots l ON l.account_id = p_account AND l.lot_id = ANY (lot_ids)
+                     AND l.lot_id = rl.lot_id
          WHERE rl.account_id = p_account AND rl.reservation_id = p_reservation
-         ORDER BY rl.seq
-    LOOP
-        use := least(h.held_micros, rest);
-        UPDATE lots SET held_micros = held_micros - h.held_micros,
-                        remaining_micros = remaining_micros - use
-         WHERE account_id = p_account AND lot_id = h.lot_id;
-        IF use > 0 THEN
-            UPDATE reservation_lots SET committed_micros = use
-             WHERE account_id = p_account AND reservation_id = p_reservation AND lot_id = h.lot_id;
-            PERFORM ledger_post(p_account, txn, n, 'account:main', h.lot_id, h.source, -use);
-            n := n + 1;
-        END IF;
-        any_lot_expired := any_lot_expired OR h.expires_at <= p_now;
-        rest := rest - use;
-    END LOOP;
-    PERFORM ledger_post(p_account, txn, n, 'revenue', NULL, NULL, amount);
+    ), lots_charged AS (
+        UPDATE lots l
+           SET held_micros = l.held_micros - h.held_micros,
+               remaining_micros = l.remaining_micros - h.used
+          FROM held h
+         WHERE l.account_id = p_account AND l.lot_id = ANY (lot_ids) AND l.lot_id = h.lot_id
+    ), reserved_charged AS (
+        UPDATE reservation_lots rl SET committed_micros = h.used
+          FROM held h
+         WHERE rl.account_id = p_account AND rl.reservation_id = p_reservation
+           AND rl.lot_id = h.lot_id AND h.used > 0
+    ), posted AS (
+        INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id,
+                              source, amount_micros)
+        SELECT p_account, txn, (row_number() OVER (ORDER BY seq) - 1)::smallint, 'account:main',
+               lot_id, source, -used
+          FROM held WHERE used > 0
+        UNION ALL
+        SELECT p_account, txn, (SELECT count(*) FROM held WHERE used > 0)::smallint, 'revenue',
+               NULL, NULL, amount
+         WHERE amount <> 0
+    )
+    SELECT coalesce(bool_or(expires_at <= p_now), false),
+           jsonb_agg(jsonb_build_object(
+               'lot_id', lot_id::text, 'source', source, 'held_micros', held_micros,
+               'committed_micros', used, 'refunded_micros', 0, 'refund_expired_micros', 0)
+               ORDER BY seq)
+      INTO any_lot_expired, lots_json
+      FROM held;
     UPDATE reservations
        SET status = 'committed', committed_micros = amount, finalized_at = p_now,
            charge_transaction_id = txn,
            usage = CASE WHEN actual IS NULL THEN usage ELSE priced END,
            feature = coalesce(actual ->> 'feature', feature),
            model = coalesce(nullif(actual ->> 'model', ''), model)
-     WHERE account_id = p_account AND reservation_id = p_reservation;
+     WHERE account_id = p_account AND reservation_id = p_reservation
+    RETURNING * INTO r;
     UPDATE accounts
        SET held_micros = held_micros - r.held_micros, balance_micros = balance_micros - amount
-     WHERE account_id = p_account;
+     WHERE account_id = p_account
+    RETURNING * INTO a;
     IF any_lot_expired THEN
         -- The unused part of a hold on a lot that expired meanwhile expires now.
         PERFORM ledger_expire_due_lots(p_account, p_now);
+        SELECT * INTO a FROM accounts WHERE account_id = p_account;
     END IF;
-    alert := ledger_low_balance_check(p_account, a.balance_micros, txn, p_now);  -- 0006
-    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    alert := ledger_low_balance_check(a, balance_before, txn, p_now);  -- 0006
     RETURN ledger_idempotent_store(p_account, p_key, 'commit', p_hash, jsonb_build_object(
-        'reservation', ledger_reservation_json(p_account, p_reservation),
+        'reservation', ledger_reservation_row_json(r, lots_json),
         'transaction_id', txn::text,
         'low_balance_alert_id', alert,
         'balance', ledger_balance_json(a, p_now)), p_now);
@@ -772,14 +831,17 @@ CREATE OR REPLACE FUNCTION ledger_consume(
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
+    r reservations;
     replay jsonb;
     res uuid := gen_random_uuid();
     txn bigint;
-    priced jsonb;
     amount bigint;
+    priced jsonb;
     usage jsonb;
+    lots_json jsonb;
     alert bigint;
     feature text := coalesce(p_usage ->> 'feature', p_feature);
+    balance_before bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'consume', p_hash);
@@ -790,20 +852,23 @@ BEGIN
     amount := (priced ->> 'cost_micros')::bigint;
     usage := CASE WHEN p_usage IS NULL THEN NULL ELSE priced END;
     PERFORM ledger_require_available(a, amount);
+    balance_before := a.balance_micros;
     txn := ledger_new_transaction(p_account, 'charge', -amount, p_now, res, feature, p_comment,
                                   NULL, NULL, p_usage ->> 'model', usage);
+    -- A Consume is a reservation made and committed at once: Refund finds it like any other.
     INSERT INTO reservations (account_id, reservation_id, status, held_micros, committed_micros,
                               expires_at, created_at, finalized_at, feature, model, comment, usage,
                               charge_transaction_id)
     VALUES (p_account, res, 'committed', amount, amount, p_now, p_now, p_now,
-            nullif(feature, ''), nullif(p_usage ->> 'model', ''), nullif(p_comment, ''), usage, txn);
-    PERFORM ledger_take_from_lots(p_account, res, amount, p_now, txn);
+            nullif(feature, ''), nullif(p_usage ->> 'model', ''), nullif(p_comment, ''), usage, txn)
+    RETURNING * INTO r;
+    lots_json := ledger_take_lots(p_account, res, amount, p_now, txn);
     UPDATE accounts SET balance_micros = balance_micros - amount
-     WHERE account_id = p_account;
-    alert := ledger_low_balance_check(p_account, a.balance_micros, txn, p_now);  -- 0006
-    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    alert := ledger_low_balance_check(a, balance_before, txn, p_now);  -- 0006
     RETURN ledger_idempotent_store(p_account, p_key, 'consume', p_hash, jsonb_build_object(
-        'reservation', ledger_reservation_json(p_account, res),
+        'reservation', ledger_reservation_row_json(r, lots_json),
         'transaction_id', txn::text,
         'low_balance_alert_id', alert,
         'balance', ledger_balance_json(a, p_now)), p_now);
@@ -822,4 +887,62 @@ BEGIN
             jsonb_build_object('reservation_id', p_reservation::text));
     END IF;
     RETURN r;
+END $$;
+
+-- One page of an account's journal, newest first, with postings and status, after the
+-- account's due maintenance (so expiries that fell due show), in one round trip. Keyset on
+-- transaction_id: per account, ids grow in commit order because every write to an account
+-- holds its row lock.
+CREATE OR REPLACE FUNCTION ledger_list_transactions(
+    p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
+    p_feature text, p_model text, p_statuses text[], p_limit int, p_now timestamptz)
+    RETURNS TABLE (entry jsonb, page_key bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (ledger_read_account(p_account, p_now)).account_id IS NULL THEN
+        PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
+    END IF;
+    -- EXECUTE: planned for the values of this call. A cached generic plan cannot know
+    -- whether a page starts at the newest entry or deep in the journal; the one PostgreSQL
+    -- picked read all of a 1,000,000-entry account for its first page (5 s).
+    RETURN QUERY EXECUTE $query$
+        SELECT jsonb_build_object(
+                   'transaction_id', t.transaction_id,
+                   'account_id', t.account_id,
+                   'kind', t.kind,
+                   'amount_micros', t.amount_micros,
+                   'reservation_id', t.reservation_id::text,
+                   'feature', t.feature,
+                   'model', t.model,
+                   'usage', t.usage,
+                   'comment', t.comment,
+                   'actor', t.actor,
+                   'external_ref', t.external_ref,
+                   'created_at', ledger_micros(t.created_at),
+                   'status', ledger_transaction_status(t.kind, r.status, r.committed_micros,
+                                                       r.refunded_micros),
+                   'postings', coalesce((
+                       SELECT jsonb_agg(jsonb_build_object(
+                                  'ledger_account', p.ledger_account, 'lot_id', p.lot_id,
+                                  'source', p.source, 'amount_micros', p.amount_micros, 'memo', p.memo)
+                              ORDER BY p.posting_no)
+                         FROM postings p
+                        WHERE p.account_id = t.account_id AND p.transaction_id = t.transaction_id),
+                       '[]'::jsonb)),
+               t.transaction_id
+          FROM journal_transactions t
+          LEFT JOIN reservations r ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
+         WHERE t.account_id = $1
+           AND t.transaction_id < coalesce($2, 9223372036854775807)
+           AND ($3 IS NULL OR t.kind = ANY ($3))
+           AND ($4 IS NULL OR t.created_at >= $4)
+           AND ($5 IS NULL OR t.created_at < $5)
+           AND ($6 IS NULL OR t.feature = $6)
+           AND ($7 IS NULL OR t.model = $7)
+           AND ($8 IS NULL OR ledger_transaction_status(t.kind, r.status,
+                    r.committed_micros, r.refunded_micros) = ANY ($8))
+         ORDER BY t.transaction_id DESC
+         LIMIT $9
+    $query$ USING p_account, p_before, p_kinds, p_start, p_end, p_feature, p_model, p_statuses,
+                  p_limit;
 END $$;

@@ -456,6 +456,7 @@ CREATE OR REPLACE FUNCTION ledger_adjust_balance(
     p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
+    after accounts;
     a accounts;
     replay jsonb;
     alert bigint;
@@ -468,13 +469,13 @@ BEGIN
     END IF;
     PERFORM ledger_require_available(a, p_amount);
     txn := ledger_new_transaction(p_account, 'adjustment', -p_amount, p_now, NULL, NULL, p_reason, p_actor);
-    PERFORM ledger_take_from_lots(p_account, NULL, p_amount, p_now, txn, 'adjustment');
-    UPDATE accounts SET balance_micros = balance_micros - p_amount WHERE account_id = p_account;
-    alert := ledger_low_balance_check(p_account, a.balance_micros, txn, p_now);  -- 0006
-    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    PERFORM ledger_take_lots(p_account, NULL, p_amount, p_now, txn, 'adjustment');
+    UPDATE accounts SET balance_micros = balance_micros - p_amount WHERE account_id = p_account
+    RETURNING * INTO after;
+    alert := ledger_low_balance_check(after, a.balance_micros, txn, p_now);  -- 0006
     RETURN ledger_idempotent_store(p_account, p_key, 'adjust_balance', p_hash, jsonb_build_object(
         'transaction_id', txn::text, 'low_balance_alert_id', alert,
-        'balance', ledger_balance_json(a, p_now)), p_now);
+        'balance', ledger_balance_json(after, p_now)), p_now);
 END $$;
 
 -- Paid credits: packs, recharges, subscriptions --------------------------------------

@@ -1,20 +1,22 @@
 -- Low-balance alerts and the sweepers' functions (DESIGN.md section 7, issue 5).
 
+-- Signatures that changed: CREATE OR REPLACE would leave the old one beside the new.
+DROP FUNCTION IF EXISTS ledger_low_balance_check(text, bigint, bigint, timestamptz);
+
 -- Called by every charge (commit, consume, admin debit) with the main balance before
 -- it: when the charge takes the balance from at or above the account's threshold to
 -- below it, records one alert (its email pending when there is an address). Charges
 -- that start below the threshold raise nothing, so one crossing is one alert and the
--- next comes only after the balance went back up. Returns the alert id, or NULL.
+-- next comes only after the balance went back up. `a` is the account row after the
+-- charge. Returns the alert id, or NULL.
 CREATE OR REPLACE FUNCTION ledger_low_balance_check(
-    p_account text, p_before bigint, p_txn bigint, p_now timestamptz) RETURNS bigint
+    a accounts, p_before bigint, p_txn bigint, p_now timestamptz) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    a accounts;
     threshold bigint;
     email text;
     alert bigint;
 BEGIN
-    SELECT * INTO a FROM accounts WHERE account_id = p_account;
     threshold := coalesce(a.low_balance_threshold_micros,
                           (ledger_setting('alerts.low_balance_threshold_micros'))::bigint);
     IF threshold <= 0 OR p_before < threshold OR a.balance_micros >= threshold THEN
@@ -23,7 +25,7 @@ BEGIN
     email := coalesce(a.alert_email, nullif(ledger_setting('alerts.email_to') #>> '{}', ''));
     INSERT INTO low_balance_alerts (account_id, threshold_micros, balance_micros, transaction_id,
                                     created_at, email_to, email_status)
-    VALUES (p_account, threshold, a.balance_micros, p_txn, p_now, email,
+    VALUES (a.account_id, threshold, a.balance_micros, p_txn, p_now, email,
             CASE WHEN email IS NULL THEN 'skipped' ELSE 'pending' END)
     RETURNING alert_id INTO alert;
     RETURN CASE WHEN email IS NULL THEN NULL ELSE alert END;

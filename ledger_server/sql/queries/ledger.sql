@@ -58,47 +58,12 @@ SELECT ledger_lot_json(l), l.priority, ledger_micros(l.expires_at), l.lot_id
  LIMIT %(limit)s::int
 
 -- name: list_transactions
--- Newest first; keyset on transaction_id (per account, ids grow in commit order
--- because every write to an account holds its row lock).
-SELECT jsonb_build_object(
-           'transaction_id', t.transaction_id,
-           'account_id', t.account_id,
-           'kind', t.kind,
-           'amount_micros', t.amount_micros,
-           'reservation_id', t.reservation_id::text,
-           'feature', t.feature,
-           'model', t.model,
-           'usage', t.usage,
-           'comment', t.comment,
-           'actor', t.actor,
-           'external_ref', t.external_ref,
-           'created_at', ledger_micros(t.created_at),
-           'status', ledger_transaction_status(t.kind, r.status, r.committed_micros,
-                                               r.refunded_micros),
-           'postings', coalesce((
-               SELECT jsonb_agg(jsonb_build_object(
-                          'ledger_account', p.ledger_account, 'lot_id', p.lot_id,
-                          'source', p.source, 'amount_micros', p.amount_micros, 'memo', p.memo)
-                      ORDER BY p.posting_no)
-                 FROM postings p
-                WHERE p.account_id = t.account_id AND p.transaction_id = t.transaction_id),
-               '[]'::jsonb)),
-       t.transaction_id
-  FROM journal_transactions t
-  LEFT JOIN reservations r ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
- WHERE t.account_id = %(account_id)s::text
-   AND t.transaction_id < coalesce(%(before)s::bigint, 9223372036854775807)
-   AND (%(kinds)s::text[] IS NULL OR t.kind = ANY (%(kinds)s::text[]))
-   -- "IS NULL OR" rather than coalesce(): the generic plan psycopg switches to after
-   -- five runs then still walks the primary key backwards for the far pages.
-   AND (%(start_time)s::timestamptz IS NULL OR t.created_at >= %(start_time)s::timestamptz)
-   AND (%(end_time)s::timestamptz IS NULL OR t.created_at < %(end_time)s::timestamptz)
-   AND (%(feature)s::text IS NULL OR t.feature = %(feature)s::text)
-   AND (%(model)s::text IS NULL OR t.model = %(model)s::text)
-   AND (%(statuses)s::text[] IS NULL OR ledger_transaction_status(t.kind, r.status,
-            r.committed_micros, r.refunded_micros) = ANY (%(statuses)s::text[]))
- ORDER BY t.transaction_id DESC
- LIMIT %(limit)s::int
+-- One round trip: the account's due maintenance, then the page (sql/functions/0001_ledger.sql).
+SELECT entry, page_key
+  FROM ledger_list_transactions(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
+                                %(start_time)s::timestamptz, %(end_time)s::timestamptz,
+                                %(feature)s::text, %(model)s::text, %(statuses)s::text[],
+                                %(limit)s::int, %(now)s::timestamptz)
 
 -- name: estimate
 SELECT ledger_price_usage(%(feature)s::text, %(model)s::text, %(quantities)s::jsonb, NULL)
