@@ -6,10 +6,11 @@ token itself; ``python -m ledger_server hash-token`` prints it), plus an optiona
 prefix that scopes a service. A server with no callers configured runs unauthenticated for
 local development and may only listen on a loopback address.
 
-This module is pure (no gRPC): the interceptor is ledger_server/server/auth.py."""
+This module is pure (no gRPC): the per-call check is ledger_server/server/auth.py."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -174,6 +175,8 @@ def is_loopback_host(host: str) -> bool:
         return False  # another host name, or "" / "0.0.0.0" / "::" (every interface)
 
 
+# Checked on every call without tokens; a connection's peer string repeats on each of its calls.
+@functools.lru_cache(maxsize=4096)
 def is_loopback_peer(peer: str) -> bool:
     """A peer as grpc reports it: ``ipv4:127.0.0.1:5123``, ``ipv6:%5B::1%5D:5123`` (the
     brackets percent-encoded), ``unix:...``."""

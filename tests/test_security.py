@@ -43,7 +43,7 @@ from ledger_server.security import (
     hash_token,
     is_loopback_peer,
 )
-from ledger_server.server.auth import RULES, AuthInterceptor
+from ledger_server.server.auth import RULES, loopback_only
 from support.certs import make_certs
 from support.ledger import CREDIT, expect_error, new_account, new_key
 from support.secured import Callers, base_settings, make_callers, serving, status_code
@@ -466,13 +466,13 @@ class _FakeContext:
     ],
 )
 def test_without_tokens_each_call_must_come_from_loopback(peer: str, served: bool) -> None:
-    """Defence in depth behind the listen address: the interceptor checks each call's peer."""
+    """Defence in depth behind the listen address: each unary call's peer is checked."""
     assert is_loopback_peer(peer) is served
 
     async def handler(request: Any, context: Any) -> str:
         return "served"
 
-    wrapped = AuthInterceptor._loopback_only(handler)
+    wrapped = loopback_only(handler)
     context = _FakeContext(peer)
     try:
         result = asyncio.run(wrapped(None, context))

@@ -1,11 +1,12 @@
 """Call deadlines become PostgreSQL time-outs.
 
-The limits interceptor records each call's deadline (a contextvar); every connection the call
-borrows from the pool then runs with ``statement_timeout`` and ``lock_timeout`` set to the
-time the call has left, minus a margin so the server can still answer before the client gives
-up. A call without a deadline gets the cap, LEDGER_STATEMENT_TIMEOUT_MS (which also bounds
-calls with longer deadlines; 0 = no cap). A time-out cancels the statement, rolls its
-transaction back (no lock is kept) and is answered DEADLINE_EXCEEDED (db/errors.py).
+Each call's limits step (server/limits.py) records its deadline (a contextvar); every
+connection the call borrows from the pool then runs with ``statement_timeout`` and
+``lock_timeout`` set to the time the call has left, minus a margin so the server can still
+answer before the client gives up. A call without a deadline gets the cap,
+LEDGER_STATEMENT_TIMEOUT_MS (which also bounds calls with longer deadlines; 0 = no cap). A
+time-out cancels the statement, rolls its transaction back (no lock is kept) and is answered
+DEADLINE_EXCEEDED (db/errors.py).
 
 One round trip: the settings are session settings, sent (one ``SELECT set_config(...)``) only
 when the connection's current values differ from the call's. The time left is rounded down

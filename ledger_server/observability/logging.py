@@ -2,9 +2,10 @@
 message, the request id of the call or job in progress, and the event's own fields
 (``log.info("...", extra={"rpc_method": ..., "code": ...})``).
 
-Nothing here prints request metadata: the interceptor logs chosen fields only. As a second
-line of defence the formatter masks values under secret-looking keys and any
-``Bearer <token>`` in a message, so a token that slips into a log line is not readable.
+Nothing here prints request metadata: the per-call log line (observability/rpc.py) has
+chosen fields only. As a second line of defence the formatter masks values under
+secret-looking keys and any ``Bearer <token>`` in a message, so a token that slips into a log
+line is not readable.
 
 ``LEDGER_LOG_FORMAT`` (``json``, or ``text`` for a human at a terminal) and
 ``LEDGER_LOG_LEVEL`` (``INFO``) choose the output of ``python -m ledger_server`` and of the

@@ -1,7 +1,7 @@
 """Prometheus metrics of the ledger, served at ``/metrics`` on ``LEDGER_METRICS_ADDR``.
 
 - ``ledger_rpc_requests_total`` / ``ledger_rpc_duration_seconds``: every unary RPC by
-  service, method and final status code (the interceptor sees the code an abort set);
+  service, method and final status code (observability/rpc.py sees the code an abort set);
 - ``ledger_db_pool_*``: the psycopg pool's size, idle connections and waiting requests;
 - ``ledger_queue_jobs`` / ``ledger_queue_failed_jobs``: RQ jobs waiting and jobs in the
   failed registry, per queue (read from Redis at scrape time, cached a few seconds);
@@ -71,10 +71,21 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
+# (method, code) -> its counter and histogram: labels() hashes and locks on every lookup.
+_RPC_CHILDREN: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
 def observe_rpc(full_method: str, code: str, seconds: float) -> None:
-    service, method = split_method(full_method)
-    RPC_REQUESTS.labels(service, method, code).inc()
-    RPC_DURATION.labels(service, method, code).observe(seconds)
+    children = _RPC_CHILDREN.get((full_method, code))
+    if children is None:
+        service, method = split_method(full_method)
+        children = (
+            RPC_REQUESTS.labels(service, method, code),
+            RPC_DURATION.labels(service, method, code),
+        )
+        _RPC_CHILDREN[(full_method, code)] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def _granted_lot(lot: Any) -> None:

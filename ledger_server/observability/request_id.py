@@ -1,13 +1,13 @@
-"""The request id of the call (or job) in progress, kept in a contextvar: the gRPC
-interceptor sets it from the caller's `x-request-id` metadata (or makes one up), the JSON
-log formatter prints it, and jobs enqueued while it is set carry it in their meta, so a
-worker's log lines name the call that caused them."""
+"""The request id of the call (or job) in progress, kept in a contextvar: each gRPC call's
+observability step (observability/rpc.py) sets it from the caller's `x-request-id` metadata
+(or makes one up), the JSON log formatter prints it, and jobs enqueued while it is set carry
+it in their meta, so a worker's log lines name the call that caused them."""
 
 from __future__ import annotations
 
 import contextvars
+import os
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,7 +21,7 @@ _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_i
 
 
 def new() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, a quarter of the cost
 
 
 def accept(value: object) -> str | None:

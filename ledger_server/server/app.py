@@ -1,6 +1,7 @@
-"""Builds and runs the gRPC server: ledger services behind the error boundary,
-the standard health service and server reflection (so buf curl and grpcurl work
-with no proto files at hand)."""
+"""Builds and runs the gRPC server: the ledger services, the standard health service and
+server reflection (so buf curl and grpcurl work with no proto files at hand), each method
+registered through the pipeline (server/pipeline.py: observability, authentication, rate
+limit and deadline, error boundary), composed once at start-up."""
 
 from __future__ import annotations
 
@@ -32,14 +33,14 @@ from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
-from ledger_server.observability.interceptor import ObservabilityInterceptor
 from ledger_server.observability.runtime import start_observability
 from ledger_server.server import hardening
 from ledger_server.server.admin_service import AdminService
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.billing_service import BillingService
-from ledger_server.server.error_boundary import ErrorBoundary
 from ledger_server.server.ledger_service import LedgerService
+from ledger_server.server.limits import RateLimiter
+from ledger_server.server.pipeline import ComposingServer, Pipeline
 from ledger_server.server.report_service import ReportService
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,19 @@ async def running_server(
         settings.db_pool_max_size,
         settings.statement_timeout_ms,
     )
-    server = grpc.aio.server(
-        # Observability first: it sees the final status of every call.
-        interceptors=[
-            ObservabilityInterceptor(),
-            *hardening.interceptors(settings),
-            ErrorBoundary(),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ],
+    # Every service registers with the ComposingServer, which serves each method through the
+    # pipeline, composed here once per method (no interceptors: they would run on every call).
+    server = ComposingServer(
+        grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        ),
+        Pipeline(
+            settings.callers,
+            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+        ),
     )
     alert_emails = AlertEmails(settings.redis_url)
     ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(

@@ -1,4 +1,6 @@
-"""The authentication interceptor: who is calling, and may they make this call.
+"""Authentication and authorization: who is calling, and may they make this call. The
+composed behaviour of every unary call (server/pipeline.py) runs this check first, right
+after observability.
 
 With callers configured, every call except health and reflection must carry
 ``authorization: Bearer <token>``; the token's SHA-256 is compared, in constant time, with
@@ -9,8 +11,8 @@ the caller through ledger_server.security.current_principal() (caller_identity()
 name as the actor).
 
 Without callers (local development) calls are served unauthenticated, from loopback peers
-only: the listen address is loopback (checked at start-up), and each call's peer is checked
-again here, as defence in depth."""
+only: the listen address is loopback (checked at start-up), and each unary call's peer is
+checked again here (loopback_only), as defence in depth."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import grpc
 
@@ -34,8 +36,6 @@ from ledger_server.server.error_boundary import to_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
-Request = TypeVar("Request")
-Response = TypeVar("Response")
 
 AUTHORIZATION_METADATA_KEY = "authorization"
 
@@ -150,73 +150,35 @@ class Authenticator:
                 )
 
 
-def _rewrap(
-    handler: grpc.RpcMethodHandler[Request, Response], behaviour: Handler
-) -> grpc.RpcMethodHandler[Request, Response]:
-    return cast(
-        "grpc.RpcMethodHandler[Request, Response]",
-        grpc.unary_unary_rpc_method_handler(
-            behaviour,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        ),
-    )
+def authorized(auth: Authenticator, method: str, inner: Handler) -> Handler:
+    """``inner`` (the unary method ``method``) for authenticated callers allowed to call it,
+    run as that caller (current_principal())."""
 
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, callers: tuple[Caller, ...]) -> None:
-        self._auth = Authenticator(callers)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None:
-            return handler
-        if not self._auth.callers:
-            # Local development. Streaming methods (health Watch, reflection) rely on the
-            # loopback listen address alone.
-            if handler.unary_unary is None:
-                return handler
-            return _rewrap(handler, self._loopback_only(cast(Handler, handler.unary_unary)))
-        if is_open(method):
-            return handler
-        if handler.unary_unary is None:
-            return None  # every ledger RPC is unary; anything else is not served
-        return _rewrap(handler, self._authorized(method, cast(Handler, handler.unary_unary)))
-
-    def _authorized(self, method: str, inner: Handler) -> Handler:
-        auth = self._auth
-
-        async def authorized(request: Any, context: Context) -> Any:
-            try:
-                caller = auth.authenticate(context.invocation_metadata())
-                auth.authorize(caller, method, request)
-            except LedgerError as error:
-                await context.abort_with_status(to_status(error))
-            with acting_as(caller):
-                return await inner(request, context)
-
-        return authorized
-
-    @staticmethod
-    def _loopback_only(inner: Handler) -> Handler:
-        async def loopback_only(request: Any, context: Context) -> Any:
-            if not is_loopback_peer(context.peer()):
-                await context.abort_with_status(
-                    to_status(
-                        _unauthenticated(
-                            "this server runs without authentication and serves loopback "
-                            "clients only",
-                            "LOOPBACK_ONLY",
-                        )
-                    )
-                )
+    async def authorized_call(request: Any, context: Context) -> Any:
+        try:
+            caller = auth.authenticate(context.invocation_metadata())
+            auth.authorize(caller, method, request)
+        except LedgerError as error:
+            await context.abort_with_status(to_status(error))
+        with acting_as(caller):
             return await inner(request, context)
 
-        return loopback_only
+    return authorized_call
+
+
+def loopback_only(inner: Handler) -> Handler:
+    """``inner`` for loopback peers only (running without callers)."""
+
+    async def loopback_call(request: Any, context: Context) -> Any:
+        if not is_loopback_peer(context.peer()):
+            await context.abort_with_status(
+                to_status(
+                    _unauthenticated(
+                        "this server runs without authentication and serves loopback clients only",
+                        "LOOPBACK_ONLY",
+                    )
+                )
+            )
+        return await inner(request, context)
+
+    return loopback_call

@@ -1,13 +1,13 @@
-"""The one error boundary: domain errors become google.rpc.Status with an
-ErrorInfo detail (reason, domain, metadata), plus a BadRequest field violation
-for invalid input. Anything else is logged and answered INTERNAL without
-internals."""
+"""The one error boundary, the innermost step of every unary call (server/pipeline.py):
+domain errors become google.rpc.Status with an ErrorInfo detail (reason, domain, metadata),
+plus a BadRequest field violation for invalid input. Anything else is logged and answered
+INTERNAL without internals."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import grpc
 import psycopg
@@ -45,11 +45,11 @@ _INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
-Request = TypeVar("Request")
-Response = TypeVar("Response")
 
 
-def _guard(method: str, inner: Handler) -> Handler:
+def guard(method: str, inner: Handler) -> Handler:
+    """``inner`` (the servicer method ``method``) behind the error boundary."""
+
     async def guarded(request: Any, context: Context) -> Any:
         try:
             return await inner(request, context)
@@ -68,23 +68,3 @@ def _guard(method: str, inner: Handler) -> Handler:
             await context.abort_with_status(rpc_status.to_status(_INTERNAL))
 
     return guarded
-
-
-class ErrorBoundary(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        # Under grpc.aio the unary behaviour is a coroutine function.
-        inner = cast(Handler, handler.unary_unary)
-        return grpc.unary_unary_rpc_method_handler(
-            _guard(handler_call_details.method, inner),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )

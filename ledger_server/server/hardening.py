@@ -1,6 +1,7 @@
-"""What running_server needs from security and limits: the start-up checks (secure by
-default), the server credentials (TLS, mutual TLS) and the interceptors (authentication,
-then rate limit and deadline)."""
+"""What running_server needs from security and limits before it serves: the start-up checks
+(secure by default) and the server credentials (TLS, mutual TLS). The per-call checks
+(authentication, then rate limit and deadline) are composed into each method by
+server/pipeline.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import grpc
 
 from ledger_server.config import Settings
 from ledger_server.security import check_listen_address
-from ledger_server.server.auth import AuthInterceptor
-from ledger_server.server.limits import LimitsInterceptor, RateLimiter
+from ledger_server.server.limits import RateLimiter
 from ledger_server.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,3 @@ def startup_checks(settings: Settings, address: str) -> grpc.ServerCredentials |
             limiter.burst,
         )
     return credentials
-
-
-def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    """In call order: authentication, then the rate limit and deadline."""
-    return [
-        AuthInterceptor(settings.callers),
-        LimitsInterceptor(settings.rate_limit_per_second, settings.rate_limit_burst),
-    ]

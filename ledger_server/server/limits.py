@@ -4,27 +4,25 @@ the database (db/deadlines.py turns it into statement and lock time-outs).
 The rate limit is in-process: each server process keeps its own buckets, so N servers
 behind a load balancer let a caller make up to N times the configured rate. Callers are the
 authenticated principals (ledger_server/server/auth.py); without tokens configured every
-(loopback) caller shares one bucket. Health and reflection are never limited."""
+(loopback) caller shares one bucket. Both steps run after authentication, inside the call's
+composed behaviour (server/pipeline.py); health and reflection skip them (never limited)."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import grpc
 
 from ledger_server.db.deadlines import reset_call_deadline, set_call_deadline
 from ledger_server.errors import LedgerError
 from ledger_server.security import current_principal
-from ledger_server.server.auth import is_open
 from ledger_server.server.error_boundary import to_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
-Request = TypeVar("Request")
-Response = TypeVar("Response")
 
 UNAUTHENTICATED_BUCKET = ""
 
@@ -57,51 +55,29 @@ class RateLimiter:
         return (1 - tokens) / self.rate
 
 
-class LimitsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, rate_per_second: float, burst: int) -> None:
-        self._limiter = RateLimiter(rate_per_second, burst)
+def limited(limiter: RateLimiter, inner: Handler) -> Handler:
+    """``inner`` behind the caller's rate limit (when on), with the call's deadline recorded
+    for the database (db/deadlines.py) while it runs."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or is_open(handler_call_details.method):
-            return handler
-        return cast(
-            "grpc.RpcMethodHandler[Request, Response]",
-            grpc.unary_unary_rpc_method_handler(
-                self._limited(cast(Handler, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            ),
-        )
-
-    def _limited(self, inner: Handler) -> Handler:
-        limiter = self._limiter
-
-        async def limited(request: Any, context: Context) -> Any:
-            if limiter.enabled:
-                principal = current_principal()
-                wait = limiter.take(principal.name if principal else UNAUTHENTICATED_BUCKET)
-                if wait > 0:
-                    await context.abort_with_status(
-                        to_status(
-                            LedgerError(
-                                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                "RATE_LIMITED",
-                                "too many calls from this caller; retry later",
-                                {"retry_after_ms": str(math.ceil(wait * 1000))},
-                            )
+    async def within_limits(request: Any, context: Context) -> Any:
+        if limiter.enabled:
+            principal = current_principal()
+            wait = limiter.take(principal.name if principal else UNAUTHENTICATED_BUCKET)
+            if wait > 0:
+                await context.abort_with_status(
+                    to_status(
+                        LedgerError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            "RATE_LIMITED",
+                            "too many calls from this caller; retry later",
+                            {"retry_after_ms": str(math.ceil(wait * 1000))},
                         )
                     )
-            token = set_call_deadline(context.time_remaining())
-            try:
-                return await inner(request, context)
-            finally:
-                reset_call_deadline(token)
+                )
+        token = set_call_deadline(context.time_remaining())
+        try:
+            return await inner(request, context)
+        finally:
+            reset_call_deadline(token)
 
-        return limited
+    return within_limits

@@ -1,22 +1,23 @@
-"""The outermost server interceptor: gives every unary call a request id (the caller's
-``x-request-id``, or a new one), returns it in the trailing metadata, counts the call and
-its latency by final status code, and logs one line per call: failures at INFO (the
-caller's fault: FAILED_PRECONDITION, INVALID_ARGUMENT, ...) or WARNING (ours: INTERNAL,
-UNAVAILABLE, ...), successes at DEBUG.
+"""Observability of every unary call, the outermost step of its composed behaviour
+(server/pipeline.py): gives the call a request id (the caller's ``x-request-id``, or a new
+one), returns it in the trailing metadata, counts the call and its latency by final status
+code, and logs one line per call: failures at INFO (the caller's fault:
+FAILED_PRECONDITION, INVALID_ARGUMENT, ...) or WARNING (ours: INTERNAL, UNAVAILABLE, ...),
+successes at DEBUG.
 
-It sees the code the error boundary (or any interceptor inside it) aborted with, because
-the handlers get a thin wrapper of the servicer context that records aborts and adds the
-request id to whatever trailing metadata they set. The log line carries chosen fields
-only (method, code, reason, duration): never the request or its metadata, which holds
-the caller's token."""
+It sees the code the error boundary (or any step inside it: authentication, the rate limit)
+aborted with, because the inner steps get a thin wrapper of the servicer context that records
+aborts and adds the request id to whatever trailing metadata they set. The log line carries
+chosen fields only (method, code, reason, duration): never the request or its metadata, which
+holds the caller's token."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -28,8 +29,6 @@ log = logging.getLogger("ledger_server.rpc")
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
 Metadata = Sequence[tuple[str, str | bytes]]
-Request = TypeVar("Request")
-Response = TypeVar("Response")
 
 _DETAILS_KEY = "grpc-status-details-bin"
 # Codes that mean the server (or what it depends on) failed, not the request.
@@ -87,18 +86,19 @@ class _ObservedContext:
         return getattr(self._inner, name)
 
 
-def _incoming_request_id(details: grpc.HandlerCallDetails) -> str | None:
-    for key, value in details.invocation_metadata or ():
+def _incoming_request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
         if key == request_id.METADATA_KEY:
             return request_id.accept(value)
     return None
 
 
-def _observed(method: str, incoming: str | None, inner: Handler) -> Handler:
+def observed(method: str, inner: Handler) -> Handler:
+    """``inner`` (the unary method ``method``) with a request id, metrics and its log line."""
     service, name = metrics.split_method(method)
 
-    async def observed(request: Any, context: Context) -> Any:
-        rid = incoming or request_id.new()
+    async def observed_call(request: Any, context: Context) -> Any:
+        rid = _incoming_request_id(context.invocation_metadata()) or request_id.new()
         token = request_id.set_current(rid)
         wrapped = _ObservedContext(context, rid)
         started = time.perf_counter()
@@ -137,27 +137,4 @@ def _observed(method: str, incoming: str | None, inner: Handler) -> Handler:
                 log.log(level, "%s failed: %s%s", name, code, reason, extra=fields)
             request_id.reset(token)
 
-    return observed
-
-
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Put it first in the server's interceptor list, so it sees what every other does."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (health Watch, reflection): passed through as is
-        inner = cast(Handler, handler.unary_unary)
-        return grpc.unary_unary_rpc_method_handler(
-            _observed(
-                handler_call_details.method, _incoming_request_id(handler_call_details), inner
-            ),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    return observed_call
