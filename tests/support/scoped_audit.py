@@ -45,6 +45,10 @@ class ScopedAudit:
                     b"INSERT INTO audit_scope (account_id) VALUES (%s)",
                     [(a,) for a in account_ids],
                 )
+            # Nothing analyses a temporary table by itself: without this the planner guesses
+            # its size and joins the scope to whole tables, so each audit grows with the
+            # database (40 ms against 8 ms after a soak's first 700 examples).
+            self._conn.execute(b"ANALYZE audit_scope")
 
     def violations(self) -> list[Violation]:
         with self._conn.transaction():
