@@ -2,10 +2,10 @@
 
 Runs Consume, Balance and Health/Check at each concurrency against three servers on the
 bench database: the project's server (`python -m ledger_server serve`: grpc.aio with its
-interceptors), and bench/sync_server.py in `aio` and in `sync` mode (the same handler
-code, no interceptors). Same knobs as `make bench` (BENCH_SECONDS, BENCH_CONCURRENCY,
-BENCH_QUICK, BENCH_PROCS); writes bench/compare_servers.json and a section of
-BENCHMARKS.md.
+call pipeline of observability, auth, limits and error boundary), and bench/sync_server.py in
+`aio` and in `sync` mode (the same handler code, without that pipeline). Same knobs as
+`make bench` (BENCH_SECONDS, BENCH_CONCURRENCY, BENCH_QUICK, BENCH_PROCS); writes
+bench/compare_servers.json and a section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> int:
                     )
 
         with stack.server(dbs, cfg.data_dir / "server.log") as srv:
-            measure("project (aio+interc.)", srv.address, srv.pid)
+            measure("project (aio+pipeline)", srv.address, srv.pid)
         for mode in ("aio", "sync"):
             with experimental(dbs, mode) as (address, pid):
                 measure(f"bench {mode}", address, pid)
@@ -88,14 +88,7 @@ def main() -> int:
             f" {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_s_per_1000_ops']:.3f} |"
             f" {r['db_cpu_s_per_1000_ops']:.3f} | {r['other_cores']:.2f} |"
         )
-    section = "\n".join([START, *rows, END])
-    text = report.MD_PATH.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    report.MD_PATH.write_text(text)
+    report.replace_section(START, END, "\n".join(rows))
     print("bench: wrote bench/compare_servers.json and updated BENCHMARKS.md")
     return 0
 

@@ -201,6 +201,13 @@ def top_up(conn: Conn, account: str, minimum_micros: int) -> None:
     )
 
 
+def settle(conn: Conn, account: str) -> None:
+    """Applies what is due on the account (the holds an earlier run left to time out) the way
+    the sweeper would, with no call deadline: releasing tens of thousands of them takes
+    seconds, more than one call's statement time-out, and the calls would keep failing."""
+    conn.execute("SELECT ledger_balance(%s, now())", (account,))
+
+
 def load_journal(conn: Conn, entries: int) -> bool:
     """bench-journal: one purchase lot and entries - 1 charges of 0.001 credits, each as a
     Consume writes it (transaction, committed reservation, reservation lot, 2 postings)."""

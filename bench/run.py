@@ -372,6 +372,8 @@ def main() -> int:
             )
             print(f"bench: dataset ready in {time.perf_counter() - load_began:.1f} s: {timings}")
             with psycopg.connect(dbs.database_url, autocommit=True) as conn:
+                for account in (dataset.MANY_LOTS, dataset.FEW_LOTS, dataset.HOT):
+                    dataset.settle(conn, account)
                 dataset.top_up(conn, dataset.HOT, 1_000_000 * dataset.CREDIT)
                 before_far = dataset.oldest_transactions(conn, dataset.JOURNAL, 100)
             audits.append(_audit(dbs.database_url, "after load"))

@@ -5,7 +5,7 @@ choose between the two by measurement (`python -m bench.compare_servers`).
 Both modes run the same handler code as ledger_server's: the same validation, request
 fingerprint, named query (one SQL round trip into ledger_consume / ledger_balance), error
 translation and response mapping, imported from ledger_server. What they leave out is the
-same for both: interceptors (observability, auth, limits, error boundary), coalescing and
+same for both: the call pipeline (observability, auth, limits, error boundary), coalescing and
 alert emails. Not a server to deploy.
 
     python -m bench.sync_server --mode sync|aio --addr 127.0.0.1:50099 [--threads 32]

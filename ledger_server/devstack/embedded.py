@@ -124,7 +124,8 @@ def bin_path() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
-def _pg_system_user() -> str | None:
+def pg_system_user() -> str | None:
+    """The system user PostgreSQL runs as: root may not run it, so as root a dedicated user."""
     return _PG_SYSTEM_USER if os.name == "posix" and os.geteuid() == 0 else None
 
 
@@ -202,7 +203,7 @@ def _pg_ctl_stop(pgdata: Path, timeout: float = 60.0) -> None:
         return
     result = subprocess.run(
         [str(bin_path() / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"],
-        user=_pg_system_user(),
+        user=pg_system_user(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
