@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+import psycopg
 from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import ledger_service_pb2 as pb
@@ -237,4 +238,37 @@ def test_a_backlog_of_timed_out_holds_is_released_at_once_in_expiry_order(
         pb.GetReservationRequest(account_id=account, reservation_id=live.reservation.reservation_id)
     ).reservation
     assert still.status == pb.RESERVATION_STATUS_PENDING
+    assert_audit_clean()
+
+
+def test_a_backlog_of_timed_out_holds_is_released_set_based(
+    ledger: Ledger, clock: OffsetClock, ledger_db_url: str, assert_audit_clean: Any
+) -> None:
+    """Releasing a backlog writes the account row and each lot a fixed number of times, not
+    once per hold: a transaction that updates one row again and again makes PostgreSQL walk
+    every version it made of that row, so a per-hold loop grew quadratically and a large
+    enough backlog outlasted every call's statement time-out (the account was unusable until
+    the sweeper cleared it)."""
+    holds = 300
+    account = new_account("backlog-set")
+    ledger.grant(account, 20)
+    for _ in range(holds):
+        ledger.reserve(account, CREDIT // 100, ttl=Duration(seconds=60))
+    clock.advance(timedelta(seconds=61))
+
+    with psycopg.connect(ledger_db_url) as conn:  # one transaction: its counters below
+        conn.execute("SELECT ledger_balance(%s, %s)", (account, clock.now()))
+        writes = dict(
+            conn.execute(
+                "SELECT relname, n_tup_upd + n_tup_ins FROM pg_stat_xact_user_tables"
+                " WHERE relname IN ('accounts', 'lots', 'journal_transactions', 'reservations')"
+            ).fetchall()
+        )
+    assert writes["journal_transactions"] == holds  # one RELEASE entry per hold
+    assert writes["reservations"] == holds
+    assert writes["lots"] <= 2
+    assert writes["accounts"] <= 3  # the release, next maintenance time, at most an expiry
+
+    balance = ledger.balance(account)
+    assert (balance.held_micros, balance.available_micros) == (0, 20 * CREDIT)
     assert_audit_clean()
