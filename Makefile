@@ -65,7 +65,8 @@ lock:
 	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip && \
 	"$$tmp/venv/bin/python" -m pip install -q -e ./clients/python -e '.[dev,embedded]' && \
 	{ sed -n '1,2p' constraints.txt; \
-	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -v '^#'; } > "$$tmp/c.txt" && \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^#\|^pip=='; \
+	} > "$$tmp/c.txt" && \
 	mv "$$tmp/c.txt" constraints.txt && echo "constraints.txt updated; now run make test"
 
 node_modules: $(NODE_STAMP)
