@@ -4,6 +4,7 @@ the original response."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -147,32 +148,46 @@ _TRANSACTION_STATUS = {
 TRANSACTION_STATUS_TO_DB = {v: k for k, v in _TRANSACTION_STATUS.items()}
 
 
-def transaction(data: Json) -> pb.Transaction:
+def transaction(row: Sequence[Any]) -> pb.Transaction:
+    """One row of the list_transactions query (sql/queries/ledger.sql), in its column order;
+    the postings come as parallel arrays (NULL when the entry has none)."""
+    (
+        transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
+        comment, actor, external_ref, created_micros, status,
+        posting_accounts, posting_lots, posting_sources, posting_amounts, posting_memos,
+    ) = row  # fmt: skip
     out = pb.Transaction(
-        transaction_id=str(data["transaction_id"]),
-        account_id=data["account_id"],
-        kind=_TRANSACTION_KIND[data["kind"]],
-        status=_TRANSACTION_STATUS[data["status"]],
-        amount_micros=data["amount_micros"],
-        reservation_id=data["reservation_id"] or "",
-        feature=data["feature"] or "",
-        comment=data["comment"] or "",
-        actor=data["actor"] or "",
-        external_ref=data["external_ref"] or "",
-        model=data["model"] or "",
-        usage=priced_usage(data["usage"]) if data.get("usage") else None,
+        transaction_id=str(transaction_id),
+        account_id=account_id,
+        kind=_TRANSACTION_KIND[kind],
+        status=_TRANSACTION_STATUS[status],
+        amount_micros=amount_micros,
+        reservation_id=reservation_id or "",
+        feature=feature or "",
+        comment=comment or "",
+        actor=actor or "",
+        external_ref=external_ref or "",
+        model=model or "",
+        usage=priced_usage(usage) if usage else None,
         postings=[
             pb.Posting(
-                ledger_account=p["ledger_account"],
-                lot_id=str(p["lot_id"]) if p["lot_id"] is not None else "",
-                source=source_from_db(p["source"]),
-                amount_micros=p["amount_micros"],
-                memo=p["memo"] or "",
+                ledger_account=ledger_account,
+                lot_id=str(lot_id) if lot_id is not None else "",
+                source=source_from_db(source),
+                amount_micros=amount,
+                memo=memo or "",
             )
-            for p in data["postings"]
+            for ledger_account, lot_id, source, amount, memo in zip(
+                posting_accounts or (),
+                posting_lots or (),
+                posting_sources or (),
+                posting_amounts or (),
+                posting_memos or (),
+                strict=True,
+            )
         ],
     )
-    set_timestamp(out.create_time, data["created_at"])
+    set_timestamp(out.create_time, created_micros)
     return out
 
 

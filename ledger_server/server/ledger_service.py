@@ -315,10 +315,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             },
         )
         response = pb.ListTransactionsResponse(
-            transactions=[mapping.transaction(row[0]) for row in rows[:page_size]]
+            transactions=[mapping.transaction(row) for row in rows[:page_size]]
         )
         if len(rows) > page_size:
-            response.next_page_token = page_tokens.encode([rows[page_size - 1][1]], filters)
+            # The keyset: the last entry's transaction_id (the row's first column).
+            response.next_page_token = page_tokens.encode([rows[page_size - 1][0]], filters)
         return response
 
     async def _require_account(self, conn: Any, account_id: str, now: datetime) -> None:

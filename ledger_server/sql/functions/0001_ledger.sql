@@ -20,6 +20,8 @@ DROP FUNCTION IF EXISTS ledger_reserve(text, text, bytea, bigint, timestamptz, t
 DROP FUNCTION IF EXISTS ledger_commit(text, uuid, text, bytea, bigint, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_consume(text, text, bytea, bigint, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_release_holds(text, uuid, text, timestamptz, text);
+-- Its result columns changed (CREATE OR REPLACE cannot change them); recreated below.
+DROP FUNCTION IF EXISTS ledger_list_transactions(text, bigint, text[], timestamptz, timestamptz, text, text, text[], int, timestamptz);
 
 CREATE OR REPLACE FUNCTION ledger_micros(ts timestamptz) RETURNS bigint
 LANGUAGE sql IMMUTABLE AS $$
@@ -916,7 +918,14 @@ END $$;
 CREATE OR REPLACE FUNCTION ledger_list_transactions(
     p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
     p_feature text, p_model text, p_statuses text[], p_limit int, p_now timestamptz)
-    RETURNS TABLE (entry jsonb, page_key bigint)
+    -- Columns, and the postings as parallel arrays, rather than one jsonb per entry: building
+    -- and parsing that jsonb cost more than the rest of a page (bench: 3.2 -> 1.4 ms in the
+    -- database for 100 entries, and no JSON for the server to parse).
+    RETURNS TABLE (transaction_id bigint, account_id text, kind text, amount_micros bigint,
+                   reservation_id text, feature text, model text, usage jsonb, comment text,
+                   actor text, external_ref text, created_micros bigint, status text,
+                   posting_accounts text[], posting_lots bigint[], posting_sources text[],
+                   posting_amounts bigint[], posting_memos text[])
 LANGUAGE plpgsql AS $$
 BEGIN
     IF (ledger_read_account(p_account, p_now)).account_id IS NULL THEN
@@ -926,32 +935,22 @@ BEGIN
     -- whether a page starts at the newest entry or deep in the journal; the one PostgreSQL
     -- picked read all of a 1,000,000-entry account for its first page (5 s).
     RETURN QUERY EXECUTE $query$
-        SELECT jsonb_build_object(
-                   'transaction_id', t.transaction_id,
-                   'account_id', t.account_id,
-                   'kind', t.kind,
-                   'amount_micros', t.amount_micros,
-                   'reservation_id', t.reservation_id::text,
-                   'feature', t.feature,
-                   'model', t.model,
-                   'usage', t.usage,
-                   'comment', t.comment,
-                   'actor', t.actor,
-                   'external_ref', t.external_ref,
-                   'created_at', ledger_micros(t.created_at),
-                   'status', ledger_transaction_status(t.kind, r.status, r.committed_micros,
-                                                       r.refunded_micros),
-                   'postings', coalesce((
-                       SELECT jsonb_agg(jsonb_build_object(
-                                  'ledger_account', p.ledger_account, 'lot_id', p.lot_id,
-                                  'source', p.source, 'amount_micros', p.amount_micros, 'memo', p.memo)
-                              ORDER BY p.posting_no)
-                         FROM postings p
-                        WHERE p.account_id = t.account_id AND p.transaction_id = t.transaction_id),
-                       '[]'::jsonb)),
-               t.transaction_id
+        SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
+               t.feature, t.model, t.usage, t.comment, t.actor, t.external_ref,
+               ledger_micros(t.created_at),
+               ledger_transaction_status(t.kind, r.status, r.committed_micros, r.refunded_micros),
+               p.accounts, p.lots, p.sources, p.amounts, p.memos
           FROM journal_transactions t
           LEFT JOIN reservations r ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
+          -- The primary key's order is posting_no's: the arrays line up in posting order.
+          CROSS JOIN LATERAL (
+              SELECT array_agg(ledger_account) AS accounts, array_agg(lot_id) AS lots,
+                     array_agg(source) AS sources, array_agg(amount_micros) AS amounts,
+                     array_agg(memo) AS memos
+                FROM (SELECT pp.ledger_account, pp.lot_id, pp.source, pp.amount_micros, pp.memo
+                        FROM postings pp
+                       WHERE pp.account_id = t.account_id AND pp.transaction_id = t.transaction_id
+                       ORDER BY pp.posting_no) ordered) p
          WHERE t.account_id = $1
            AND t.transaction_id < coalesce($2, 9223372036854775807)
            AND ($3 IS NULL OR t.kind = ANY ($3))

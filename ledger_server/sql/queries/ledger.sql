@@ -59,7 +59,9 @@ SELECT ledger_lot_json(l), l.priority, ledger_micros(l.expires_at), l.lot_id
 
 -- name: list_transactions
 -- One round trip: the account's due maintenance, then the page (sql/functions/0001_ledger.sql).
-SELECT entry, page_key
+SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
+       comment, actor, external_ref, created_micros, status, posting_accounts, posting_lots,
+       posting_sources, posting_amounts, posting_memos
   FROM ledger_list_transactions(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
                                 %(start_time)s::timestamptz, %(end_time)s::timestamptz,
                                 %(feature)s::text, %(model)s::text, %(statuses)s::text[],
