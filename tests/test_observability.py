@@ -16,6 +16,7 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc
 from ledger_server.observability import request_id
 from ledger_server.observability.logging import JsonFormatter
+from ledger_server.observability.metrics import credits_in_result
 from support.ledger import CREDIT, Ledger, new_account
 
 
@@ -94,6 +95,24 @@ def test_replays_do_not_count_credits_twice(ledger: Ledger) -> None:
         _value("ledger_credits_consumed_micros_total", source="purchase")
         == consumed_before + CREDIT
     )
+
+
+def test_credits_in_a_result_count_every_new_lot_by_source_and_nothing_on_a_replay() -> None:
+    lot = {"source": "purchase", "amount_micros": 10 * CREDIT}
+    bonus = {"source": "promotion", "amount_micros": CREDIT}
+    assert credits_in_result("recharge", {"lot": lot, "bonus_lot": bonus}) == (
+        {"purchase": 10 * CREDIT, "promotion": CREDIT},
+        {},
+    )
+    assert credits_in_result("recharge", {"lot": lot, "bonus_lot": None}) == (
+        {"purchase": 10 * CREDIT},
+        {},
+    )
+    assert credits_in_result("recharge", {"lot": lot, "replayed": True}) == ({}, {})
+    # A transfer moves credits between lots: nothing new.
+    assert credits_in_result("transfer_reward", {"lot": lot}) == ({}, {})
+    charged = {"reservation": {"lots": [{"source": "daily", "committed_micros": 3}] * 2}}
+    assert credits_in_result("consume", charged) == ({}, {"daily": 6})
 
 
 def test_json_lines_carry_the_request_id_and_mask_tokens() -> None:

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from redis import Redis
 
+from ledger_server.observability.metrics import WORKER_CREDITS_KEY, QueueCollector
 from support import payments as payment_fixtures
 from support.ledger import CREDIT, Ledger, new_account
 from support.payments import TOLERANCE_SECONDS, PaymentsDb
@@ -97,6 +98,8 @@ def test_a_thousand_checkout_events_delivered_one_to_three_times_grant_exactly_o
             copies[body] += 1
     assert len(deliveries) == sum(copies.values())
 
+    redis = Redis.from_url(payments_redis_url)
+    counted_before = int(redis.hget(WORKER_CREDITS_KEY, "purchase") or 0)
     with ThreadPoolExecutor(max_workers=24) as senders:
         statuses = list(senders.map(lambda b: deliver(webhook_url, b), deliveries))
     assert set(statuses) == {200}
@@ -121,6 +124,24 @@ def test_a_thousand_checkout_events_delivered_one_to_three_times_grant_exactly_o
     )
     assert purchases == [(1000, 1000)]
     assert_audit_clean()
+
+    # The workers counted each event's credits once, after its commit, and a server's
+    # /metrics reports that count (every server reads the same Redis hash).
+    counted = int(redis.hget(WORKER_CREDITS_KEY, "purchase") or 0) - counted_before
+    assert counted == sum(expected.values())
+    collector = QueueCollector(["payments"], cache_seconds=0)
+    collector.attach(payments_redis_url)
+    try:
+        exported = {
+            sample.labels["source"]: sample.value
+            for family in collector.collect()
+            if family.name == "ledger_worker_credits_granted_micros"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
+    finally:
+        collector.detach()
+    assert exported["purchase"] == counted_before + counted
 
 
 # --- must-show 2 ---------------------------------------------------------------------------------

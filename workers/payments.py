@@ -28,17 +28,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
+from redis.exceptions import RedisError
+from rq import get_current_job
 
+from ledger_server.config import ConfigError
 from ledger_server.db.errors import translate
 from ledger_server.db.queries import query
+from ledger_server.observability.metrics import WORKER_CREDITS_KEY, Credits, credits_in_result
 from workers.db import connection
-from workers.queues import PAYMENTS_QUEUE, RETRY_MAX, requeue
+from workers.queues import PAYMENTS_QUEUE, RETRY_MAX, redis_connection, requeue
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class Outcome:
     account_id: str | None = None
     credits_micros: int = 0
     note: str | None = None
+    granted: Credits = field(default_factory=dict)  # new credits by source, for the metrics
 
 
 def idempotency_key(event_id: str) -> str:
@@ -165,10 +170,27 @@ def process_event(event_id: str) -> str:
                         "now": now,
                     },
                 )
-                return outcome.status
     except Exception as exc:
         _mark_failed(event_id, exc)
         raise
+    _count_granted(event_id, outcome.granted)  # committed: a second run finds it done
+    return outcome.status
+
+
+def _count_granted(event_id: str, granted: Credits) -> None:
+    """Adds the event's new credits to the Redis hash the servers' /metrics report. Best
+    effort: the ledger has them whatever happens here."""
+    if not granted:
+        return
+    try:
+        job = get_current_job()  # the Redis the job came from; REDIS_URL when run directly
+        redis = job.connection if job is not None else redis_connection()
+        pipe = redis.pipeline(transaction=False)
+        for source, micros in granted.items():
+            pipe.hincrby(WORKER_CREDITS_KEY, source, micros)
+        pipe.execute()
+    except (RedisError, OSError, ConfigError) as error:
+        log.warning("could not count the credits of payment event %s: %s", event_id, error)
 
 
 def _describe(exc: BaseException) -> str:
@@ -204,6 +226,10 @@ def _ledger_call(conn: Conn, name: str, params: dict[str, object]) -> Json | str
         raise
     assert row is not None and isinstance(row[0], dict)
     return row[0]
+
+
+def _granted(name: str, data: Json) -> Credits:
+    return credits_in_result(name, data)[0]
 
 
 def _base_params(event_id: str, account_id: str, now: datetime) -> dict[str, object]:
@@ -261,7 +287,10 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
         data = _ledger_call(conn, "purchase_pack", params)
         if isinstance(data, str):
             return _already(account_id, f"payment {external_ref}")
-        return Outcome("processed", account_id, int(data["lot"]["amount_micros"]))
+        return Outcome(
+            "processed", account_id, int(data["lot"]["amount_micros"]),
+            granted=_granted("purchase_pack", data),
+        )  # fmt: skip
     if kind == "recharge":
         params["amount_minor"] = int(session.get("amount_total") or 0)
         params["currency"] = str(session.get("currency") or "").upper()
@@ -270,7 +299,7 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
             return _already(account_id, f"payment {external_ref}")
         bonus = data.get("bonus_lot") or {}
         credits = int(data["lot"]["amount_micros"]) + int(bonus.get("amount_micros") or 0)
-        return Outcome("processed", account_id, credits)
+        return Outcome("processed", account_id, credits, granted=_granted("recharge", data))
     return Outcome("ignored", account_id, note=f"unknown checkout kind {kind!r} in metadata")
 
 
@@ -324,7 +353,10 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         if isinstance(data, str):
             return _already(account_id, f"invoice {_id(invoice)}")
         lot = data.get("lot") or {}
-        return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
+        return Outcome(
+            "processed", account_id, int(lot.get("amount_micros") or 0),
+            granted=_granted("start_subscription_period", data),
+        )  # fmt: skip
     prices = [_line_price(line) for line in lines]
     raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
 
@@ -358,7 +390,10 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
     if isinstance(data, str):
         return _already(account_id, "the plan change")
     lot = data.get("lot") or {}
-    return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
+    return Outcome(
+        "processed", account_id, int(lot.get("amount_micros") or 0),
+        granted=_granted("change_subscription_plan", data),
+    )  # fmt: skip
 
 
 def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:

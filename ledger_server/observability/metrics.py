@@ -8,7 +8,12 @@
 - ``ledger_job_failures_total``: failed job runs counted by the workers' failure path
   (a Redis hash, so work horses that die after counting still count);
 - ``ledger_credits_granted_micros_total`` / ``ledger_credits_consumed_micros_total``: by
-  credit source, from the responses of the ledger functions (replays are not counted);
+  credit source, from the responses of the ledger functions this server ran (replays are
+  not counted);
+- ``ledger_worker_credits_granted_micros_total``: by credit source, what the payment workers
+  granted (purchases, recharges, subscription periods), counted by them in a Redis hash once
+  each event's transaction committed; every server reports the same figure, so aggregate it
+  with max, not sum;
 - ``ledger_database_up``: the last health check of PostgreSQL (1 reachable, 0 not).
 """
 
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Redis hash the workers count failed job runs in: field "<queue>|<function>".
 JOB_FAILURES_KEY = "ledger:metrics:job_failures"
+# Redis hash the payment workers count the credits they granted in: field = credit source.
+WORKER_CREDITS_KEY = "ledger:metrics:worker_credits_granted"
 
 RPC_REQUESTS = Counter(
     "ledger_rpc_requests",
@@ -62,6 +69,8 @@ DATABASE_UP = Gauge("ledger_database_up", "1 when the last health check reached 
 
 # Ledger functions whose response's "lot" is a transfer between lots, not new credits.
 _NOT_GRANTS = frozenset({"transfer_reward"})
+# The response fields that hold a new lot (a recharge's bonus is a lot of its own).
+_GRANTED_LOTS = ("lot", "signup_lot", "bonus_lot")
 _CHARGES = frozenset({"commit", "consume"})
 
 
@@ -88,28 +97,47 @@ def observe_rpc(full_method: str, code: str, seconds: float) -> None:
     children[1].observe(seconds)
 
 
-def _granted_lot(lot: Any) -> None:
+Credits = dict[str, int]  # credit source -> micro-credits
+
+
+def _add_lot(lot: Any, granted: Credits) -> None:
     if isinstance(lot, Mapping) and lot.get("source") and int(lot.get("amount_micros") or 0) > 0:
-        CREDITS_GRANTED.labels(str(lot["source"])).inc(int(lot["amount_micros"]))
+        source = str(lot["source"])
+        granted[source] = granted.get(source, 0) + int(lot["amount_micros"])
 
 
-def observe_ledger_result(name: str, data: Mapping[str, Any]) -> None:
-    """Counts the credits a ledger function's (non-replayed) response granted or charged."""
+def credits_in_result(name: str, data: Mapping[str, Any]) -> tuple[Credits, Credits]:
+    """The credits a ledger function's (non-replayed) response granted and charged, by
+    source. A shape we do not know counts nothing: metrics are not the ledger's business."""
+    granted: Credits = {}
+    consumed: Credits = {}
     if data.get("replayed"):
-        return
+        return granted, consumed
     try:
         if name not in _NOT_GRANTS:
-            _granted_lot(data.get("lot"))
-            _granted_lot(data.get("signup_lot"))
+            for field in _GRANTED_LOTS:
+                _add_lot(data.get(field), granted)
         if name in _CHARGES:
             reservation = data.get("reservation")
             lots = reservation.get("lots", ()) if isinstance(reservation, Mapping) else ()
             for item in lots:
                 committed = int(item.get("committed_micros") or 0)
                 if committed > 0:
-                    CREDITS_CONSUMED.labels(str(item.get("source") or "unknown")).inc(committed)
-    except (TypeError, ValueError, AttributeError):  # a shape we do not know: not our business
+                    source = str(item.get("source") or "unknown")
+                    consumed[source] = consumed.get(source, 0) + committed
+    except (TypeError, ValueError, AttributeError):
         log.debug("could not count credits of %s", name, exc_info=True)
+        return {}, {}
+    return granted, consumed
+
+
+def observe_ledger_result(name: str, data: Mapping[str, Any]) -> None:
+    """Counts the credits a ledger function run by this server granted or charged."""
+    granted, consumed = credits_in_result(name, data)
+    for source, micros in granted.items():
+        CREDITS_GRANTED.labels(source).inc(micros)
+    for source, micros in consumed.items():
+        CREDITS_CONSUMED.labels(source).inc(micros)
 
 
 # --- the connection pool -------------------------------------------------------------------
@@ -194,6 +222,7 @@ class QueueCollector(Collector):
                 pipe.llen(Queue(name, connection=redis).key)
                 pipe.zcard(FailedJobRegistry(name, connection=redis).key)
             pipe.hgetall(JOB_FAILURES_KEY)
+            pipe.hgetall(WORKER_CREDITS_KEY)
             results = pipe.execute()
         except (RedisError, OSError) as error:
             log.debug("queue metrics: Redis unreachable: %s", error)
@@ -214,10 +243,18 @@ class QueueCollector(Collector):
             "Failed job runs (each failed attempt, retried or not), by queue and job",
             labels=["queue", "job"],
         )
-        for field, count in sorted(results[-1].items()):
+        for field, count in sorted(results[-2].items()):
             queue, _, job = field.decode(errors="replace").partition("|")
             failures.add_metric([queue, job], int(count))
-        return [up, waiting, failed, failures]
+        worker_credits = CounterMetricFamily(
+            "ledger_worker_credits_granted_micros",
+            "Credits the payment workers granted, in micro-credits, by credit source (the same"
+            " figure on every server: aggregate with max)",
+            labels=["source"],
+        )
+        for field, micros in sorted(results[-1].items()):
+            worker_credits.add_metric([field.decode(errors="replace")], int(micros))
+        return [up, waiting, failed, failures, worker_credits]
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         with self._lock:
