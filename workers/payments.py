@@ -34,10 +34,8 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
-from redis.exceptions import RedisError
 from rq import get_current_job
 
-from ledger_server.config import ConfigError
 from ledger_server.db.errors import translate
 from ledger_server.db.queries import query
 from ledger_server.observability.metrics import WORKER_CREDITS_KEY, Credits, credits_in_result
@@ -149,47 +147,74 @@ def process_event(event_id: str) -> str:
     now = datetime.now(UTC)
     try:
         with connection() as conn:
-            started = conn.execute(query("start_payment_event"), {"event_id": event_id}).fetchone()
-            if started is None:
-                return "done"  # processed or ignored already (or not stored: nothing to do)
-            with conn.transaction():
-                row = conn.execute(query("lock_payment_event"), {"event_id": event_id}).fetchone()
-                if row is None or row[2] in ("processed", "ignored"):
-                    return "done"
-                event_type, payload = str(row[0]), row[1]
-                outcome = _dispatch(conn, event_id, event_type, payload, now)
-                conn.execute(
-                    query("finish_payment_event"),
-                    {
-                        "event_id": event_id,
-                        "status": outcome.status,
-                        "account_id": outcome.account_id or "",
-                        "credits_micros": outcome.credits_micros,
-                        "idempotency_key": idempotency_key(event_id),
-                        "note": outcome.note,
-                        "now": now,
-                    },
-                )
+            outcome = _apply(conn, event_id, now)
+            # Applied by an earlier run, which may have stopped before counting its credits.
+            granted = outcome.granted if outcome else _granted_before(conn, event_id)
     except Exception as exc:
         _mark_failed(event_id, exc)
         raise
-    _count_granted(event_id, outcome.granted)  # committed: a second run finds it done
-    return outcome.status
+    _count_granted(event_id, granted)  # after the commit: a rolled-back grant never counts
+    return outcome.status if outcome else "done"
+
+
+def _apply(conn: Conn, event_id: str, now: datetime) -> Outcome | None:
+    """The event's ledger operation and its row, in one transaction; None when an earlier
+    run finished the event."""
+    if conn.execute(query("start_payment_event"), {"event_id": event_id}).fetchone() is None:
+        return None  # processed or ignored already (or not stored: nothing to do)
+    with conn.transaction():
+        row = conn.execute(query("lock_payment_event"), {"event_id": event_id}).fetchone()
+        if row is None or row[2] in ("processed", "ignored"):
+            return None
+        event_type, payload = str(row[0]), row[1]
+        outcome = _dispatch(conn, event_id, event_type, payload, now)
+        conn.execute(
+            query("finish_payment_event"),
+            {
+                "event_id": event_id,
+                "status": outcome.status,
+                "account_id": outcome.account_id or "",
+                "credits_micros": outcome.credits_micros,
+                "idempotency_key": idempotency_key(event_id),
+                "note": outcome.note,
+                "now": now,
+            },
+        )
+    return outcome
+
+
+def _granted_before(conn: Conn, event_id: str) -> Credits:
+    row = conn.execute(query("processed_payment_response"), {"event_id": event_id}).fetchone()
+    return credits_in_result(str(row[0]), row[1])[0] if row else {}
+
+
+# Adds an event's credits to the metrics hash unless that event was counted already (a
+# marker per event), in one atomic step: neither a client that re-sends the command after a
+# lost reply nor a second run of the job can count an event twice.
+_COUNT_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+    for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    return 1
+end
+return 0
+"""
+COUNTED_MARKER_SECONDS = 30 * 24 * 3600
 
 
 def _count_granted(event_id: str, granted: Credits) -> None:
     """Adds the event's new credits to the Redis hash the servers' /metrics report. Best
-    effort: the ledger has them whatever happens here."""
+    effort: the ledger has them whatever happens here, and the job's outcome stands."""
     if not granted:
         return
     try:
         job = get_current_job()  # the Redis the job came from; REDIS_URL when run directly
         redis = job.connection if job is not None else redis_connection()
-        pipe = redis.pipeline(transaction=False)
-        for source, micros in granted.items():
-            pipe.hincrby(WORKER_CREDITS_KEY, source, micros)
-        pipe.execute()
-    except (RedisError, OSError, ConfigError) as error:
+        args: list[str | int] = [COUNTED_MARKER_SECONDS]
+        for source, micros in sorted(granted.items()):
+            args += [source, micros]
+        marker = f"{WORKER_CREDITS_KEY}:counted:{event_id}"
+        redis.eval(_COUNT_ONCE, 2, WORKER_CREDITS_KEY, marker, *args)
+    except Exception as error:
         log.warning("could not count the credits of payment event %s: %s", event_id, error)
 
 

@@ -942,15 +942,15 @@ BEGIN
                p.accounts, p.lots, p.sources, p.amounts, p.memos
           FROM journal_transactions t
           LEFT JOIN reservations r ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
-          -- The primary key's order is posting_no's: the arrays line up in posting order.
+          -- Each array in posting order, so the arrays line up element by element.
           CROSS JOIN LATERAL (
-              SELECT array_agg(ledger_account) AS accounts, array_agg(lot_id) AS lots,
-                     array_agg(source) AS sources, array_agg(amount_micros) AS amounts,
-                     array_agg(memo) AS memos
-                FROM (SELECT pp.ledger_account, pp.lot_id, pp.source, pp.amount_micros, pp.memo
-                        FROM postings pp
-                       WHERE pp.account_id = t.account_id AND pp.transaction_id = t.transaction_id
-                       ORDER BY pp.posting_no) ordered) p
+              SELECT array_agg(pp.ledger_account ORDER BY pp.posting_no) AS accounts,
+                     array_agg(pp.lot_id ORDER BY pp.posting_no) AS lots,
+                     array_agg(pp.source ORDER BY pp.posting_no) AS sources,
+                     array_agg(pp.amount_micros ORDER BY pp.posting_no) AS amounts,
+                     array_agg(pp.memo ORDER BY pp.posting_no) AS memos
+                FROM postings pp
+               WHERE pp.account_id = t.account_id AND pp.transaction_id = t.transaction_id) p
          WHERE t.account_id = $1
            AND t.transaction_id < coalesce($2, 9223372036854775807)
            AND ($3 IS NULL OR t.kind = ANY ($3))

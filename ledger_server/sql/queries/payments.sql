@@ -47,6 +47,14 @@ UPDATE payment_events
        last_error = %(note)s, processed_at = %(now)s
  WHERE event_id = %(event_id)s
 
+-- name: processed_payment_response
+-- What the ledger answered a processed event (stored under the event's idempotency key),
+-- for counting its credits when the run that applied it stopped before it could.
+SELECT k.operation, k.response
+  FROM payment_events e
+  JOIN idempotency_keys k ON k.account_id = e.account_id AND k.idempotency_key = e.idempotency_key
+ WHERE e.event_id = %(event_id)s AND e.status = 'processed'
+
 -- name: fail_payment_event
 UPDATE payment_events
    SET status = 'failed', last_error = %(error)s
