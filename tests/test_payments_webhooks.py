@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -27,6 +28,8 @@ from support.payments import TOLERANCE_SECONDS, PaymentsDb
 from support.rq_workers import run_burst_workers, run_sweeper, start_worker
 from support.sources import Sources
 from support.webhooks import SECRET, checkout_pack, deliver, post, sign
+from workers import payments
+from workers.db import connection as payment_db_connection
 from workers.webhook import WebhookReceiver
 
 AuditCheck = Callable[[], None]
@@ -336,3 +339,42 @@ def test_the_receiver_answers_health_checks_and_only_its_route(webhook_url: str)
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"{webhook_url}/other", timeout=10)
     assert missing.value.code == 404
+
+
+def test_a_rerun_counts_the_credits_a_killed_run_applied_but_never_counted(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The credits count of /metrics (ledger_worker_credits_granted_micros_total) is written
+    after the event's commit. A work horse killed in between leaves the event processed and
+    uncounted; the next run of the job finds it done and counts it then, and only once."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(7 * CREDIT)
+    account = new_account("recount")
+    body = checkout_pack(account, pack.pack_id)
+    assert deliver(webhook_url, body) == 200
+    event_id = _event_id(body)
+    redis = Redis.from_url(payments_redis_url)
+    redis.lrem("rq:queue:payments", 0, event_id)  # this test runs the job itself
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+
+    def counted() -> int:
+        return int(redis.hget(WORKER_CREDITS_KEY, "purchase") or 0)
+
+    before = counted()
+    with payment_db_connection() as conn:  # the first run: applied and committed, then killed
+        outcome = payments.apply_event(conn, event_id, datetime.now(UTC))
+    assert outcome is not None and outcome.status == "processed"
+    assert counted() == before
+
+    assert payments.process_event(event_id) == "done"  # RQ runs the job again
+    assert counted() == before + 7 * CREDIT
+    assert payments.process_event(event_id) == "done"  # and again: counted once
+    assert counted() == before + 7 * CREDIT
+    assert ledger.balance(account).balance_micros == 7 * CREDIT

@@ -147,7 +147,7 @@ def process_event(event_id: str) -> str:
     now = datetime.now(UTC)
     try:
         with connection() as conn:
-            outcome = _apply(conn, event_id, now)
+            outcome = apply_event(conn, event_id, now)
             # Applied by an earlier run, which may have stopped before counting its credits.
             granted = outcome.granted if outcome else _granted_before(conn, event_id)
     except Exception as exc:
@@ -157,7 +157,7 @@ def process_event(event_id: str) -> str:
     return outcome.status if outcome else "done"
 
 
-def _apply(conn: Conn, event_id: str, now: datetime) -> Outcome | None:
+def apply_event(conn: Conn, event_id: str, now: datetime) -> Outcome | None:
     """The event's ledger operation and its row, in one transaction; None when an earlier
     run finished the event."""
     if conn.execute(query("start_payment_event"), {"event_id": event_id}).fetchone() is None:
