@@ -10,7 +10,9 @@ cancel out; every call is planned and run like a pooled connection's after warm-
 temporary worktree) on its own database, so a change is shown against what it replaced.
 
 Operations, on accounts holding 5 lots (daily, sign-up, promotion, subscription, purchase):
-`consume`, `reserve+commit` (one pair), `balance`. Needs `valgrind` on PATH; writes
+`consume`, `consume, batch of 25` (per Consume, 25 of them on one account in one
+`ledger_consume_batch`, as the server coalesces a hot account's calls), `reserve+commit` (one
+pair), `balance`. Needs `valgrind` on PATH; writes
 bench/sql_cost.json and a section of BENCHMARKS.md."""
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ START = "<!-- bench:sqlcost:start -->"
 END = "<!-- bench:sqlcost:end -->"
 ACCOUNTS = 200
 SMALL, LARGE = 50, 250
-OPERATIONS = ("consume", "reserve+commit", "balance")
+OPERATIONS = ("consume", "consume, batch of 25", "reserve+commit", "balance")
+BATCH = 25  # the hot-account path: Consumes coalesced into one ledger_consume_batch
 
 # Run with PYTHONPATH set to the tree whose SQL is measured: its migrate, its settings.
 SEED = """
@@ -69,6 +72,15 @@ def statements(operation: str, count: int, tag: str) -> str:
                 f"SELECT ledger_consume('{account}', 'c-{tag}-{i}', '\\x00'::bytea, {amount},"
                 " NULL::jsonb, 'bench', '', now());"
             )
+        elif operation.startswith("consume, batch"):
+            if i % BATCH:
+                continue
+            requests = ", ".join(
+                f'{{"key": "b-{tag}-{j}", "hash": "00", "amount": {1000 + j % 99000},'
+                ' "usage": null, "feature": "bench", "comment": ""}'
+                for j in range(i, i + BATCH)
+            )
+            lines.append(f"SELECT ledger_consume_batch('{account}', '[{requests}]'::jsonb, now());")
         elif operation == "reserve+commit":
             reserve = (
                 f"ledger_reserve('{account}', 'r-{tag}-{i}', '\\x00'::bytea, 50000, NULL::jsonb,"

@@ -13,7 +13,8 @@ CREATE OR REPLACE FUNCTION ledger_consume_batch(p_account text, p_requests jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     r jsonb;
-    results jsonb := '[]'::jsonb;
+    -- An array appended in place; a jsonb array concatenated per call is copied each time.
+    results jsonb[] := '{}';
     state text;
     message text;
     detail text;
@@ -21,7 +22,7 @@ DECLARE
 BEGIN
     FOR r IN SELECT value FROM jsonb_array_elements(p_requests) LOOP
         BEGIN
-            results := results || jsonb_build_array(jsonb_build_object('ok', ledger_consume(
+            results := array_append(results, jsonb_build_object('ok', ledger_consume(
                 p_account, r ->> 'key', decode(r ->> 'hash', 'hex'), (r ->> 'amount')::bigint,
                 CASE WHEN jsonb_typeof(r -> 'usage') = 'object' THEN r -> 'usage' END,
                 r ->> 'feature', r ->> 'comment', p_now)));
@@ -29,10 +30,10 @@ BEGIN
             GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                     detail = PG_EXCEPTION_DETAIL,
                                     constraint_name = CONSTRAINT_NAME;
-            results := results || jsonb_build_array(jsonb_build_object('error', jsonb_build_object(
+            results := array_append(results, jsonb_build_object('error', jsonb_build_object(
                 'sqlstate', state, 'message', message, 'detail', nullif(detail, ''),
                 'constraint', nullif(constraint_name, ''))));
         END;
     END LOOP;
-    RETURN results;
+    RETURN to_jsonb(results);
 END $$;
