@@ -64,6 +64,21 @@ LANGUAGE sql STABLE AS $$
         'parent_lot_id', coalesce(l.parent_lot_id::text, ''))
 $$;
 
+-- One lot of a reservation as the API shows it: the one definition of that shape, for the
+-- reservation read back and for the lots a Reserve, Consume or Commit has just written.
+CREATE OR REPLACE FUNCTION ledger_reservation_lot_json(
+    p_lot bigint, p_source text, p_held bigint, p_committed bigint, p_refunded bigint DEFAULT 0,
+    p_refund_expired bigint DEFAULT 0) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object(
+        'lot_id', p_lot::text,
+        'source', p_source,
+        'held_micros', p_held,
+        'committed_micros', p_committed,
+        'refunded_micros', p_refunded,
+        'refund_expired_micros', p_refund_expired)
+$$;
+
 -- A reservation as the API shows it, from its row and its lots (as ledger_take_lots
 -- returns them).
 CREATE OR REPLACE FUNCTION ledger_reservation_row_json(r reservations, p_lots jsonb) RETURNS jsonb
@@ -89,13 +104,9 @@ $$;
 CREATE OR REPLACE FUNCTION ledger_reservation_json(p_account text, p_reservation uuid) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT ledger_reservation_row_json(r, (
-            SELECT jsonb_agg(jsonb_build_object(
-                       'lot_id', rl.lot_id::text,
-                       'source', l.source,
-                       'held_micros', rl.held_micros,
-                       'committed_micros', rl.committed_micros,
-                       'refunded_micros', rl.refunded_micros,
-                       'refund_expired_micros', rl.refund_expired_micros) ORDER BY rl.seq)
+            SELECT jsonb_agg(ledger_reservation_lot_json(
+                       rl.lot_id, l.source, rl.held_micros, rl.committed_micros,
+                       rl.refunded_micros, rl.refund_expired_micros) ORDER BY rl.seq)
               FROM reservation_lots rl
               JOIN lots l ON l.account_id = rl.account_id AND l.lot_id = rl.lot_id
              WHERE rl.account_id = r.account_id AND rl.reservation_id = r.reservation_id))
@@ -484,10 +495,7 @@ BEGIN
         SELECT p_account, p_reservation, lot_id, seq, micros, spent
           FROM taken WHERE p_reservation IS NOT NULL
     )
-    SELECT jsonb_agg(jsonb_build_object(
-               'lot_id', lot_id::text, 'source', source, 'held_micros', micros,
-               'committed_micros', spent, 'refunded_micros', 0, 'refund_expired_micros', 0)
-               ORDER BY seq)
+    SELECT jsonb_agg(ledger_reservation_lot_json(lot_id, source, micros, spent) ORDER BY seq)
       INTO lots_json FROM taken;
     RETURN lots_json;
 END $$;
@@ -657,7 +665,7 @@ BEGIN
     WITH held AS (
         SELECT rl.lot_id, rl.seq, rl.held_micros, l.source, l.expires_at,
                greatest(0, least(rl.held_micros, amount - (sum(rl.held_micros)
-                   OVER (ORDER BY rl.seq) - rl.held_micros))) AS used
+                   OVER (ORDER BY rl.seq) - rl.held_micros)))::bigint AS used
           FROM reservation_lots rl
           JOIN lots l ON l.account_id = p_account AND l.lot_id = ANY (lot_ids)
                      AND l.lot_id = rl.lot_id
@@ -685,10 +693,7 @@ BEGIN
          WHERE amount <> 0
     )
     SELECT coalesce(bool_or(expires_at <= p_now), false),
-           jsonb_agg(jsonb_build_object(
-               'lot_id', lot_id::text, 'source', source, 'held_micros', held_micros,
-               'committed_micros', used, 'refunded_micros', 0, 'refund_expired_micros', 0)
-               ORDER BY seq)
+           jsonb_agg(ledger_reservation_lot_json(lot_id, source, held_micros, used) ORDER BY seq)
       INTO any_lot_expired, lots_json
       FROM held;
     UPDATE reservations
