@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -69,7 +69,6 @@ class Outcome:
     account_id: str | None = None
     credits_micros: int = 0
     note: str | None = None
-    granted: Credits = field(default_factory=dict)  # new credits by source, for the metrics
 
 
 def idempotency_key(event_id: str) -> str:
@@ -148,8 +147,9 @@ def process_event(event_id: str) -> str:
     try:
         with connection() as conn:
             outcome = apply_event(conn, event_id, now)
-            # Applied by an earlier run, which may have stopped before counting its credits.
-            granted = outcome.granted if outcome else _granted_before(conn, event_id)
+            # Read back as the ledger stored it, whether this run applied the event or an
+            # earlier one did and stopped before counting.
+            granted = _granted(conn, event_id)
     except Exception as exc:
         _mark_failed(event_id, exc)
         raise
@@ -183,7 +183,8 @@ def apply_event(conn: Conn, event_id: str, now: datetime) -> Outcome | None:
     return outcome
 
 
-def _granted_before(conn: Conn, event_id: str) -> Credits:
+def _granted(conn: Conn, event_id: str) -> Credits:
+    """The new credits, by source, of a processed event's ledger operation."""
     row = conn.execute(query("processed_payment_response"), {"event_id": event_id}).fetchone()
     return credits_in_result(str(row[0]), row[1])[0] if row else {}
 
@@ -253,10 +254,6 @@ def _ledger_call(conn: Conn, name: str, params: dict[str, object]) -> Json | str
     return row[0]
 
 
-def _granted(name: str, data: Json) -> Credits:
-    return credits_in_result(name, data)[0]
-
-
 def _base_params(event_id: str, account_id: str, now: datetime) -> dict[str, object]:
     return {
         "account_id": account_id,
@@ -312,10 +309,7 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
         data = _ledger_call(conn, "purchase_pack", params)
         if isinstance(data, str):
             return _already(account_id, f"payment {external_ref}")
-        return Outcome(
-            "processed", account_id, int(data["lot"]["amount_micros"]),
-            granted=_granted("purchase_pack", data),
-        )  # fmt: skip
+        return Outcome("processed", account_id, int(data["lot"]["amount_micros"]))
     if kind == "recharge":
         params["amount_minor"] = int(session.get("amount_total") or 0)
         params["currency"] = str(session.get("currency") or "").upper()
@@ -324,7 +318,7 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
             return _already(account_id, f"payment {external_ref}")
         bonus = data.get("bonus_lot") or {}
         credits = int(data["lot"]["amount_micros"]) + int(bonus.get("amount_micros") or 0)
-        return Outcome("processed", account_id, credits, granted=_granted("recharge", data))
+        return Outcome("processed", account_id, credits)
     return Outcome("ignored", account_id, note=f"unknown checkout kind {kind!r} in metadata")
 
 
@@ -378,10 +372,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         if isinstance(data, str):
             return _already(account_id, f"invoice {_id(invoice)}")
         lot = data.get("lot") or {}
-        return Outcome(
-            "processed", account_id, int(lot.get("amount_micros") or 0),
-            granted=_granted("start_subscription_period", data),
-        )  # fmt: skip
+        return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
     prices = [_line_price(line) for line in lines]
     raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
 
@@ -415,10 +406,7 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
     if isinstance(data, str):
         return _already(account_id, "the plan change")
     lot = data.get("lot") or {}
-    return Outcome(
-        "processed", account_id, int(lot.get("amount_micros") or 0),
-        granted=_granted("change_subscription_plan", data),
-    )  # fmt: skip
+    return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
 
 
 def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:

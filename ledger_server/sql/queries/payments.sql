@@ -48,8 +48,8 @@ UPDATE payment_events
  WHERE event_id = %(event_id)s
 
 -- name: processed_payment_response
--- What the ledger answered a processed event (stored under the event's idempotency key),
--- for counting its credits when the run that applied it stopped before it could.
+-- What the ledger answered a processed event (stored under the event's idempotency key):
+-- the credits it granted, for the metrics, whichever run of the job applied it.
 SELECT k.operation, k.response
   FROM payment_events e
   JOIN idempotency_keys k ON k.account_id = e.account_id AND k.idempotency_key = e.idempotency_key
