@@ -190,15 +190,6 @@ class Flow:
         )  # fmt: skip
         return str(data["reservation"]["reservation_id"])
 
-    def listing(self, rpc: str, **params: object) -> None:
-        # ListLots: the account check, then the page, in one transaction.
-        with self.conn.transaction():
-            self.call("account_exists_after_maintenance", rpc)
-            self.call(rpc, **params)
-        # Inside a transaction the page's portal stays open until COMMIT, so its plan is
-        # logged then.
-        self.plans[rpc] += self.recorder.take()
-
     def run(self) -> None:
         credit = 1_000_000
         # Opening the account is not hot path (see the module docstring): not recorded.
@@ -231,7 +222,7 @@ class Flow:
                 for i in range(3)
             ]  # fmt: skip
             self.call("consume_batch", "consume", requests=Jsonb(batch))
-        self.listing(
+        self.call(
             "list_lots", include_inactive=False, after_priority=None, after_expires=None,
             after_lot=None, limit=101,
         )  # fmt: skip

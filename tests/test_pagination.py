@@ -248,3 +248,31 @@ def test_one_call_applies_due_expiries_first_and_refuses_an_unknown_account(
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
     )
+
+
+def test_list_lots_applies_due_expiries_first_and_refuses_an_unknown_account(
+    ledger: Ledger, clock: OffsetClock
+) -> None:
+    """ListLots is one SQL round trip that runs the account's due maintenance before
+    reading the page: a lot that expired since the last operation on the account is no
+    longer listed as live, and shows as expired among the inactive ones."""
+    account = new_account("lots-expiry")
+    ledger.grant(account, 2, source=types_pb2.CREDIT_SOURCE_PURCHASE)
+    ledger.grant(
+        account,
+        3,
+        source=types_pb2.CREDIT_SOURCE_PROMOTION,
+        expires_at=ts(clock.now() + timedelta(minutes=5)),
+    )
+    clock.advance(timedelta(minutes=6))
+
+    live = ledger.stub.ListLots(pb.ListLotsRequest(account_id=account)).lots
+    assert [lot.source for lot in live] == [types_pb2.CREDIT_SOURCE_PURCHASE]
+    every = ledger.stub.ListLots(pb.ListLotsRequest(account_id=account, include_inactive=True))
+    expired = [lot for lot in every.lots if lot.source == types_pb2.CREDIT_SOURCE_PROMOTION]
+    assert [(lot.remaining_micros, lot.expired_micros) for lot in expired] == [(0, 3 * CREDIT)]
+    expect_error(
+        lambda: ledger.stub.ListLots(pb.ListLotsRequest(account_id=new_account("lots-nobody"))),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )

@@ -4,10 +4,9 @@ the SQL functions (sql/functions/), one round trip per operation."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-import grpc
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -15,8 +14,8 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from ledger_server.clock import Clock
 from ledger_server.config import Settings
-from ledger_server.errors import LedgerError, invalid_field
-from ledger_server.ledger import mapping, page_tokens, store, validation
+from ledger_server.errors import invalid_field
+from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
@@ -233,23 +232,20 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["lots", account_id, request.include_inactive]
         position = page_tokens.decode(request.page_token, filters, arity=3)
-        now = self._clock.now()
         after_priority, after_expires, after_lot = position or (None, None, None)
-        async with self._pool.connection() as conn, conn.transaction():
-            await self._require_account(conn, account_id, now)
-            rows = await store.fetch_all(
-                conn,
-                "list_lots",
-                {
-                    "account_id": account_id,
-                    "include_inactive": request.include_inactive,
-                    "now": now,
-                    "after_priority": after_priority,
-                    "after_expires": after_expires,
-                    "after_lot": after_lot,
-                    "limit": page_size + 1,
-                },
-            )
+        rows = await fetch_all(
+            self._pool,
+            "list_lots",
+            {
+                "account_id": account_id,
+                "include_inactive": request.include_inactive,
+                "now": self._clock.now(),
+                "after_priority": after_priority,
+                "after_expires": after_expires,
+                "after_lot": after_lot,
+                "limit": page_size + 1,
+            },
+        )
         response = pb.ListLotsResponse(lots=[mapping.lot(row[0]) for row in rows[:page_size]])
         if len(rows) > page_size:
             last = rows[page_size - 1]
@@ -321,18 +317,6 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             # The keyset: the last entry's transaction_id (the row's first column).
             response.next_page_token = page_tokens.encode([rows[page_size - 1][0]], filters)
         return response
-
-    async def _require_account(self, conn: Any, account_id: str, now: datetime) -> None:
-        rows = await store.fetch_all(
-            conn, "account_exists_after_maintenance", {"account_id": account_id, "now": now}
-        )
-        if not rows[0][0]:
-            raise LedgerError(
-                grpc.StatusCode.NOT_FOUND,
-                "ACCOUNT_NOT_FOUND",
-                "account not found",
-                {"account_id": account_id},
-            )
 
     async def CreateAccount(
         self, request: pb.CreateAccountRequest, context: Context

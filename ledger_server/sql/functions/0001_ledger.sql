@@ -920,6 +920,34 @@ END $$;
 -- account's due maintenance (so expiries that fell due show), in one round trip. Keyset on
 -- transaction_id: per account, ids grow in commit order because every write to an account
 -- holds its row lock.
+-- ListLots in one round trip: the account's due maintenance, then a page in consumption
+-- order, keyset (priority, expiry or infinity, lot_id) after the given position.
+CREATE OR REPLACE FUNCTION ledger_list_lots(
+    p_account text, p_include_inactive boolean, p_after_priority smallint,
+    p_after_expires bigint, p_after_lot bigint, p_limit int, p_now timestamptz)
+    RETURNS TABLE (lot jsonb, priority smallint, expires_micros bigint, lot_id bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (ledger_read_account(p_account, p_now)).account_id IS NULL THEN
+        PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
+    END IF;
+    -- EXECUTE, as for ListTransactions: planned for this call's position, so an account
+    -- with thousands of lots is walked in index order from the position.
+    RETURN QUERY EXECUTE $query$
+        SELECT ledger_lot_json(l), l.priority, ledger_micros(l.expires_at), l.lot_id
+          FROM lots l
+         WHERE l.account_id = $1
+           AND ($2 OR (l.remaining_micros > 0 AND (l.expires_at IS NULL OR l.expires_at > $7)))
+           AND ($5 IS NULL
+                OR (l.priority, coalesce(l.expires_at, 'infinity'::timestamptz), l.lot_id)
+                   > ($3, coalesce('epoch'::timestamptz + $4 * interval '1 microsecond',
+                                   'infinity'::timestamptz), $5))
+         ORDER BY l.priority, coalesce(l.expires_at, 'infinity'::timestamptz), l.lot_id
+         LIMIT $6
+    $query$ USING p_account, p_include_inactive, p_after_priority, p_after_expires, p_after_lot,
+                  p_limit, p_now;
+END $$;
+
 CREATE OR REPLACE FUNCTION ledger_list_transactions(
     p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
     p_feature text, p_model text, p_statuses text[], p_limit int, p_now timestamptz)

@@ -38,24 +38,12 @@ SELECT ledger_consume_batch(%(account_id)s::text, %(requests)s::jsonb, %(now)s::
 -- name: get_reservation
 SELECT ledger_get_reservation(%(account_id)s::text, %(reservation_id)s::uuid, %(now)s::timestamptz)
 
--- name: account_exists_after_maintenance
-SELECT (ledger_read_account(%(account_id)s::text, %(now)s::timestamptz)).account_id IS NOT NULL
-
 -- name: list_lots
--- Consumption order; keyset position (priority, expiry or infinity, lot_id).
-SELECT ledger_lot_json(l), l.priority, ledger_micros(l.expires_at), l.lot_id
-  FROM lots l
- WHERE l.account_id = %(account_id)s::text
-   AND (%(include_inactive)s::boolean
-        OR (l.remaining_micros > 0 AND (l.expires_at IS NULL OR l.expires_at > %(now)s::timestamptz)))
-   AND (%(after_lot)s::bigint IS NULL
-        OR (l.priority, coalesce(l.expires_at, 'infinity'::timestamptz), l.lot_id)
-           > (%(after_priority)s::smallint,
-              coalesce('epoch'::timestamptz + %(after_expires)s::bigint * interval '1 microsecond',
-                       'infinity'::timestamptz),
-              %(after_lot)s::bigint))
- ORDER BY l.priority, coalesce(l.expires_at, 'infinity'::timestamptz), l.lot_id
- LIMIT %(limit)s::int
+-- One round trip: the account's due maintenance, then the page (sql/functions/0001_ledger.sql).
+SELECT lot, priority, expires_micros, lot_id
+  FROM ledger_list_lots(%(account_id)s::text, %(include_inactive)s::boolean,
+                        %(after_priority)s::smallint, %(after_expires)s::bigint,
+                        %(after_lot)s::bigint, %(limit)s::int, %(now)s::timestamptz)
 
 -- name: list_transactions
 -- One round trip: the account's due maintenance, then the page (sql/functions/0001_ledger.sql).
