@@ -219,13 +219,10 @@ def test_a_page_token_only_works_with_the_filters_it_was_issued_for(ledger: Ledg
     )
 
 
-def test_one_call_applies_due_expiries_first_and_refuses_an_unknown_account(
-    ledger: Ledger, clock: OffsetClock
-) -> None:
-    """ListTransactions is one SQL round trip that runs the account's due maintenance
-    before reading the page: a lot that expired since the last operation on the account
-    shows its expiry entry at once, with nothing else called in between."""
-    account = new_account("list-expiry")
+def _with_a_lot_expired_since_its_last_call(ledger: Ledger, clock: OffsetClock, name: str) -> str:
+    """A new account with 2 permanent credits and 3 promotion credits that expired a minute
+    ago, with no call on the account since: its maintenance is due."""
+    account = new_account(name)
     ledger.grant(account, 2, source=types_pb2.CREDIT_SOURCE_PURCHASE)
     ledger.grant(
         account,
@@ -234,6 +231,16 @@ def test_one_call_applies_due_expiries_first_and_refuses_an_unknown_account(
         expires_at=ts(clock.now() + timedelta(minutes=5)),
     )
     clock.advance(timedelta(minutes=6))
+    return account
+
+
+def test_one_call_applies_due_expiries_first_and_refuses_an_unknown_account(
+    ledger: Ledger, clock: OffsetClock
+) -> None:
+    """ListTransactions is one SQL round trip that runs the account's due maintenance
+    before reading the page: a lot that expired since the last operation on the account
+    shows its expiry entry at once, with nothing else called in between."""
+    account = _with_a_lot_expired_since_its_last_call(ledger, clock, "list-expiry")
 
     newest = ledger.stub.ListTransactions(
         pb.ListTransactionsRequest(account_id=account, page_size=1)
@@ -256,15 +263,7 @@ def test_list_lots_applies_due_expiries_first_and_refuses_an_unknown_account(
     """ListLots is one SQL round trip that runs the account's due maintenance before
     reading the page: a lot that expired since the last operation on the account is no
     longer listed as live, and shows as expired among the inactive ones."""
-    account = new_account("lots-expiry")
-    ledger.grant(account, 2, source=types_pb2.CREDIT_SOURCE_PURCHASE)
-    ledger.grant(
-        account,
-        3,
-        source=types_pb2.CREDIT_SOURCE_PROMOTION,
-        expires_at=ts(clock.now() + timedelta(minutes=5)),
-    )
-    clock.advance(timedelta(minutes=6))
+    account = _with_a_lot_expired_since_its_last_call(ledger, clock, "lots-expiry")
 
     live = ledger.stub.ListLots(pb.ListLotsRequest(account_id=account)).lots
     assert [lot.source for lot in live] == [types_pb2.CREDIT_SOURCE_PURCHASE]

@@ -227,9 +227,7 @@ END $$;
 CREATE OR REPLACE FUNCTION ledger_get_account(p_account text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF (ledger_read_account(p_account, p_now)).account_id IS NULL THEN
-        PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
-    END IF;
+    PERFORM ledger_read_existing_account(p_account, p_now);  -- 0001_ledger.sql
     RETURN ledger_account_json(p_account, p_now);
 END $$;
 
