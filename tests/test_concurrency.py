@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import psycopg
+import pytest
 from google.protobuf.duration_pb2 import Duration
+from psycopg.types.json import Jsonb
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_server.config import Settings
 from support.ledger import CREDIT, Ledger, error_details, new_account, new_key
 
 
@@ -184,3 +190,186 @@ def test_concurrent_consumes_on_one_account_share_transactions(
     assert moments < charges
     assert ledger.balance(account).balance_micros == 940 * CREDIT
     assert_audit_clean()  # type: ignore[operator]
+
+
+def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
+    ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
+) -> None:
+    """Group commit: while as many Consume transactions as the server allows
+    (LEDGER_CONSUME_MAX_IN_FLIGHT) are in flight, later calls wait and are then committed
+    together across accounts. Here the first calls are held on locked accounts, so the
+    rest must wait. Calls in one batch run at one moment (their charges share created_at;
+    separate calls never do), which shows the batching; a refused call in a batch changes
+    nothing and the others in it go through."""
+    slots = Settings(database_url="").consume_max_in_flight
+    blocked = [new_account("group-blocked") for _ in range(slots)]
+    rich = [new_account("group") for _ in range(20)]
+    poor = [new_account("group-poor") for _ in range(6)]
+    for account in blocked + rich:
+        ledger.grant(account, 10)
+    for account in poor:
+        ledger.grant(account, 1)
+    later = [(account, i) for account in rich + poor for i in range(2)]
+    random.Random(7).shuffle(later)
+
+    async def consume_all(
+        holder: psycopg.Connection[Any], prober: psycopg.Connection[Any]
+    ) -> list[object]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+
+            async def one(account: str, i: int) -> pb.ConsumeResponse | grpc.aio.AioRpcError:
+                try:
+                    return await stub.Consume(
+                        pb.ConsumeRequest(
+                            account_id=account, idempotency_key=f"g-{i}", amount_micros=CREDIT
+                        )
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return error
+
+            first = [asyncio.ensure_future(one(account, 0)) for account in blocked]
+            for _ in range(1000):  # until every slot waits for the held accounts
+                row = prober.execute(  # not holder: a transaction sees one pg_stat_activity
+                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
+                    (holder.info.backend_pid,),
+                ).fetchone()
+                if row and row[0] >= slots:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the first calls never waited for the held accounts")
+            rest = [asyncio.ensure_future(one(account, i)) for account, i in later]
+            await asyncio.sleep(0.3)  # the calls reach the server and queue
+            holder.rollback()
+            return await asyncio.gather(*first, *rest)
+
+    with (
+        psycopg.connect(ledger_db_url) as holder,
+        psycopg.connect(ledger_db_url, autocommit=True) as prober,
+    ):
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (blocked,))
+        results = asyncio.run(consume_all(holder, prober))
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == len(poor)  # each poor account pays for one of its two calls
+    for error in refused:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_details(error)[0].reason == "INSUFFICIENT_CREDITS"
+    for account in rich:
+        assert ledger.balance(account).balance_micros == 8 * CREDIT
+    for account in poor:
+        assert ledger.balance(account).balance_micros == 0
+    with psycopg.connect(ledger_db_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT account_id) FROM journal_transactions"
+            " WHERE account_id = ANY(%s) AND kind = 'charge' GROUP BY created_at",
+            (rich + poor,),
+        ).fetchall()
+    assert sum(charges for charges, _ in rows) == len(later) - len(poor)
+    assert max(accounts for _, accounts in rows) > 1  # a batch spanning accounts
+    assert_audit_clean()  # type: ignore[operator]
+
+
+def test_a_call_in_a_batch_that_waits_too_long_for_a_lock_fails_alone(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """An account locked elsewhere (another server's transaction) makes its call in the
+    batch give up on the lock (a quarter of the statement time-out) and the other calls
+    commit; the statement time-out would have rolled the whole batch back."""
+    free, locked = new_account("free"), new_account("locked")
+    ledger.grant(free, 5)
+    ledger.grant(locked, 5)
+    requests = [
+        {"account": account, "key": new_key(), "hash": "00", "amount": CREDIT,
+         "usage": None, "feature": "", "comment": ""}
+        for account in (locked, free)
+    ]  # fmt: skip
+    with (
+        psycopg.connect(ledger_db_url) as holder,
+        psycopg.connect(ledger_db_url, autocommit=True) as batcher,
+    ):
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (locked,))
+        batcher.execute("SELECT set_config('statement_timeout', '2s', false),"
+                        " set_config('lock_timeout', '2s', false)")  # fmt: skip
+        row = batcher.execute(
+            "SELECT ledger_consume_batch(%s, now())", (Jsonb(requests),)
+        ).fetchone()
+        holder.rollback()
+    assert row is not None
+    assert row[0][0]["error"]["sqlstate"] == "55P03"  # lock_not_available: DEADLINE_EXCEEDED
+    assert row[0][1]["ok"]["balance"]["balance_micros"] == 4 * CREDIT
+    assert ledger.balance(free).balance_micros == 4 * CREDIT
+    assert ledger.balance(locked).balance_micros == 5 * CREDIT
+
+
+def test_the_previous_releases_batch_form_still_answers(ledger: Ledger, ledger_db_url: str) -> None:
+    """Servers of the previous release call ledger_consume_batch(account, requests, now)
+    until a rolling deploy replaces them."""
+    account = new_account("previous")
+    ledger.grant(account, 3)
+    requests = [
+        {"key": new_key(), "hash": "00", "amount": amount * CREDIT, "usage": None,
+         "feature": "", "comment": ""}
+        for amount in (1, 5, 2)
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT ledger_consume_batch(%s::text, %s::jsonb, now())", (account, Jsonb(requests))
+        ).fetchone()
+    assert row is not None
+    assert [next(iter(result)) for result in row[0]] == ["ok", "error", "ok"]
+    assert ledger.balance(account).balance_micros == 0
+
+
+def test_a_batch_locks_its_accounts_in_one_order_and_answers_in_its_own(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """Two server processes can batch the same accounts in different arrival orders; the
+    batch function takes the accounts in account_id order, so neither can wait for the
+    other in a cycle. Here the batch lists 'b' before 'a' while 'b' is locked elsewhere:
+    it must already hold 'a' when it waits for 'b'. Its answers come back in the order
+    of the requests, a refused one among them."""
+    prefix = new_account("order")
+    first, second = f"{prefix}-a", f"{prefix}-b"
+    ledger.grant(first, 1)
+    ledger.grant(second, 5)
+    requests = [
+        {"account": account, "key": new_key(), "hash": "00", "amount": amount,
+         "usage": None, "feature": "", "comment": ""}
+        for account, amount in ((second, CREDIT), (first, 2 * CREDIT), (first, CREDIT))
+    ]  # fmt: skip
+    with (
+        psycopg.connect(ledger_db_url) as holder,
+        psycopg.connect(ledger_db_url, autocommit=True) as prober,
+        psycopg.connect(ledger_db_url, autocommit=True) as batcher,
+        ThreadPoolExecutor(1) as threads,
+    ):
+        batcher.execute("SET statement_timeout = '20s'")
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (second,))
+        batch = threads.submit(
+            lambda: batcher.execute(
+                "SELECT ledger_consume_batch(%s, now())", (Jsonb(requests),)
+            ).fetchone()
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not prober.execute(
+                "SELECT %s = ANY (pg_blocking_pids(%s))",
+                (holder.info.backend_pid, batcher.info.backend_pid),
+            ).fetchone()[0]:  # type: ignore[index]
+                assert time.monotonic() < deadline, "the batch never waited for 'b'"
+                time.sleep(0.01)
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                prober.execute(
+                    "SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE NOWAIT", (first,)
+                )
+        finally:
+            holder.rollback()
+        row = batch.result(timeout=30)
+    assert row is not None
+    results = row[0]
+    assert results[0]["ok"]["balance"]["balance_micros"] == 4 * CREDIT  # 'b': 5 - 1
+    assert results[1]["error"]["sqlstate"] == "LE001"  # 'a': 2 asked of 1
+    assert results[2]["ok"]["balance"]["balance_micros"] == 0  # 'a': 1 of 1
+    assert ledger.balance(first).balance_micros == 0
+    assert ledger.balance(second).balance_micros == 4 * CREDIT

@@ -215,10 +215,10 @@ class Flow:
         self.call("consume", **consume)
         self.call("consume", key="same-key", **consume)
         self.call("consume", key="same-key", **consume)  # a replay
-        if "consume_batch" in load_queries():  # Consume calls coalesced on a busy account
+        if "consume_batch" in load_queries():  # Consume calls committed together
             batch = [
-                {"key": f"batch-{i}", "hash": "00" * 32, "amount": credit, "usage": None,
-                 "feature": "chat", "comment": ""}
+                {"account": self.account, "key": f"batch-{i}", "hash": "00" * 32,
+                 "amount": credit, "usage": None, "feature": "chat", "comment": ""}
                 for i in range(3)
             ]  # fmt: skip
             self.call("consume_batch", "consume", requests=Jsonb(batch))

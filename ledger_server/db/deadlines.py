@@ -47,6 +47,16 @@ def reset_call_deadline(token: Any) -> None:
     _deadline.reset(token)
 
 
+def set_deadline(deadline: float | None) -> Any:
+    """Records a deadline on the time.monotonic() clock (None: none); returns a token."""
+    return _deadline.set(deadline)
+
+
+def current_deadline() -> float | None:
+    """The current call's deadline on the time.monotonic() clock (None: none)."""
+    return _deadline.get()
+
+
 def remaining_seconds() -> float | None:
     deadline = _deadline.get()
     return None if deadline is None else deadline - time.monotonic()

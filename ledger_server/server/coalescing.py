@@ -1,23 +1,33 @@
-"""Coalesces concurrent Consume calls on one account into one transaction.
+"""Group commit for Consume: calls that queue up in the server share one transaction.
 
-Every write to an account holds its row lock until it commits, so calls on one busy
-account queue up in PostgreSQL and each pays a commit of its own. Here they queue in
-the server instead: while a Consume for the account is in flight, the next calls wait
-and then go together as one batch (sql/functions/0007_coalesced.sql): one round trip,
-one transaction, one commit, each call in a savepoint so a refused one changes nothing.
-An account with nothing in flight takes the ordinary one-call path, so the common case
-gains no latency. Each call keeps its own idempotency key, so a batch that fails as a
-whole (the database went away) is retried by the clients like any call."""
+A Consume's fixed costs (a round trip, a statement start, a commit and its WAL flush, the
+server's database client work) are about as large as its ledger work, and every write to
+one account holds the account's row lock until it commits. So the server lets at most
+``max_in_flight`` Consume transactions run at once and at most one per account. A call that
+finds a slot free and its account idle runs alone at once (no added latency when the
+server is not busy); the others wait in arrival order, and whenever a transaction ends, the
+waiting calls whose accounts are idle go together as one batch
+(sql/functions/0007_coalesced.sql): one round trip, one transaction, one commit, each call
+in a savepoint so a refused one changes nothing. Calls for one account keep their order;
+several of them in one batch is the hot-account case. Each call keeps its own idempotency
+key, so a batch that fails as a whole (the database went away) is retried by the clients
+like any call."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from ledger_server.db import deadlines
 from ledger_server.db.errors import DatabaseFailure, translate_failure
+from ledger_server.errors import unavailable
 from ledger_server.ledger import store
 from ledger_server.observability.metrics import observe_ledger_result
 from ledger_server.server.calls import call_json
@@ -27,18 +37,27 @@ from ledger_server.server.calls import call_json
 # to read pg_subtrans. 32 stays well inside the cache.
 MAX_BATCH = 32
 
-Waiter = tuple[dict[str, object], "asyncio.Future[dict[str, Any]]"]
-
 
 class BatchElementError(RuntimeError):
     """A call in a batch failed in a way the ledger does not name (a bug: INTERNAL)."""
 
 
-def _request(params: dict[str, object]) -> dict[str, object]:
+@dataclass
+class _Waiter:
+    account_id: str
+    params: dict[str, object]
+    deadline: float | None  # the call's deadline (time.monotonic), None: none
+    future: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def _request(account_id: str, params: dict[str, object]) -> dict[str, object]:
     usage = params["usage"]
     hash_ = params["hash"]
     assert isinstance(hash_, bytes)
     return {
+        "account": account_id,
         "key": params["key"],
         "hash": hash_.hex(),
         "amount": params["amount"],
@@ -48,73 +67,131 @@ def _request(params: dict[str, object]) -> dict[str, object]:
     }
 
 
+def latest_deadline(deadlines_: list[float | None]) -> float | None:
+    """A batch runs until its most patient caller gives up (None: one has no deadline); a
+    caller whose deadline passes first gets DEADLINE_EXCEEDED from its client and, on retry
+    with its key, the answer the batch stored."""
+    return None if None in deadlines_ else max(d for d in deadlines_ if d is not None)
+
+
 class ConsumeCoalescer:
-    def __init__(self, pool: AsyncConnectionPool, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        max_in_flight: int,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self._pool = pool
+        self._max_in_flight = max_in_flight
         self._max_batch = max_batch
-        self._busy: set[str] = set()
-        self._waiting: dict[str, list[Waiter]] = {}
+        self._in_flight = 0
+        self._busy: set[str] = set()  # accounts with a transaction in flight
+        # Each account's waiting calls in arrival order; the accounts in the order their
+        # oldest waiting call arrived (a dict keeps insertion order).
+        self._waiting: dict[str, deque[_Waiter]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def consume(self, account_id: str, params: dict[str, object]) -> dict[str, Any]:
-        if account_id in self._busy:
-            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(account_id, []).append((params, future))
-            return await future
-        self._busy.add(account_id)
-        try:
-            return await call_json(self._pool, "consume", params)
-        finally:
-            self._next(account_id)
+        if (
+            self._in_flight < self._max_in_flight
+            and account_id not in self._busy
+            and account_id not in self._waiting
+        ):
+            self._start([account_id])
+            try:
+                return await call_json(self._pool, "consume", params)
+            finally:
+                self._finish([account_id])
+        waiter = _Waiter(account_id, params, deadlines.current_deadline())
+        self._waiting.setdefault(account_id, deque()).append(waiter)
+        self._dispatch()
+        return await waiter.future
 
-    def _next(self, account_id: str) -> None:
-        waiting = self._waiting.pop(account_id, [])
-        waiting = [(params, future) for params, future in waiting if not future.done()]
-        if not waiting:
-            self._busy.discard(account_id)
-            return
-        batch, rest = waiting[: self._max_batch], waiting[self._max_batch :]
-        if rest:
-            self._waiting[account_id] = rest
-        task = asyncio.create_task(self._run(account_id, batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _start(self, accounts: list[str]) -> None:
+        self._in_flight += 1
+        self._busy.update(accounts)
 
-    async def _run(self, account_id: str, batch: list[Waiter]) -> None:
+    def _finish(self, accounts: list[str]) -> None:
+        self._in_flight -= 1
+        self._busy.difference_update(accounts)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._in_flight < self._max_in_flight:
+            batch = self._take_batch()
+            if not batch:
+                return
+            self._start([waiter.account_id for waiter in batch])
+            # A context of its own: not the request id or deadline of the call whose
+            # ending happened to start it.
+            task = asyncio.create_task(self._run(batch), context=contextvars.Context())
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._ended, batch))
+
+    def _take_batch(self) -> list[_Waiter]:
+        """Up to max_batch waiting calls of accounts with nothing in flight: the accounts
+        whose calls have waited longest first, each account's calls in arrival order."""
+        batch: list[_Waiter] = []
+        for account_id in list(self._waiting):
+            if len(batch) == self._max_batch:
+                break
+            if account_id in self._busy:
+                continue
+            queue = self._waiting[account_id]
+            while queue and len(batch) < self._max_batch:
+                waiter = queue.popleft()
+                if not waiter.future.done():  # done: its caller went away
+                    batch.append(waiter)
+            if not queue:
+                del self._waiting[account_id]
+        return batch
+
+    def _ended(self, batch: list[_Waiter], task: asyncio.Task[None]) -> None:
+        """Runs however the batch's task ended, even cancelled before it started: no
+        caller is left waiting and the accounts and the slot are given back."""
+        self._tasks.discard(task)
+        for waiter in batch:
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    unavailable("the server stopped this call; retry with the same idempotency key")
+                )
+        self._finish([waiter.account_id for waiter in batch])
+
+    async def _run(self, batch: list[_Waiter]) -> None:
+        deadlines.set_deadline(latest_deadline([waiter.deadline for waiter in batch]))
         try:
             if len(batch) == 1:
-                params, future = batch[0]
-                result = await call_json(self._pool, "consume", params)
-                if not future.done():
-                    future.set_result(result)
+                waiter = batch[0]
+                result = await call_json(self._pool, "consume", waiter.params)
+                if not waiter.future.done():
+                    waiter.future.set_result(result)
                 return
             async with self._pool.connection() as conn:
                 results = await store.call_json_array(
                     conn,
                     "consume_batch",
                     {
-                        "account_id": account_id,
-                        "requests": Jsonb([_request(params) for params, _ in batch]),
-                        "now": max(params["now"] for params, _ in batch),  # type: ignore[type-var]
+                        "requests": Jsonb([_request(w.account_id, w.params) for w in batch]),
+                        "now": max(w.params["now"] for w in batch),  # type: ignore[type-var]
                     },
                 )
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
+            for waiter, result in zip(batch, results, strict=True):
+                if "ok" in result:
+                    # Counted even when the caller went away: the credits were consumed.
+                    observe_ledger_result("consume", result["ok"])
+                if waiter.future.done():
                     continue
                 if "ok" in result:
-                    observe_ledger_result("consume", result["ok"])
-                    future.set_result(result["ok"])
+                    waiter.future.set_result(result["ok"])
                 else:
                     error = result["error"]
                     failure = DatabaseFailure(
                         error["sqlstate"], error["message"], error["detail"], error["constraint"]
                     )
-                    future.set_exception(
+                    waiter.future.set_exception(
                         translate_failure(failure) or BatchElementError(error["message"])
                     )
         except Exception as exc:  # the batch as a whole: every call gets the error
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-        finally:
-            self._next(account_id)
+            for waiter in batch:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)

@@ -60,7 +60,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self._clock = clock
         self._settings = settings
         self._alert_emails = alert_emails
-        self._coalescer = ConsumeCoalescer(pool)
+        self._coalescer = ConsumeCoalescer(pool, settings.consume_max_in_flight)
 
     async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
         return await call_json(self._pool, name, params)

@@ -1,39 +1,68 @@
--- The hot-account path (issue 7). Every write to one account holds its row lock until
--- it commits, so one account takes at most one transaction per commit latency. When
--- calls for one account queue up behind each other, the server sends them here as one
--- batch: one transaction, one commit, each call in a savepoint of its own so a refused
--- one (insufficient credits, a reused key) changes nothing and the others go on.
+-- Group commit for Consume (issue 7). A Consume is a small transaction whose fixed costs
+-- (the round trip, the statement start, the commit and its WAL flush) are as large as its
+-- work, and every write to one account holds that account's row lock until it commits.
+-- When Consume calls queue up in the server (server/coalescing.py), they come here as one
+-- batch: one round trip, one transaction, one commit, each call in a savepoint of its own
+-- so a refused one (insufficient credits, a reused key) changes nothing and the others go
+-- on. A batch may hold calls for many accounts and several calls for one account.
 --
--- p_requests: [{key, hash (hex), amount, usage, feature, comment}] in arrival order.
--- Returns one element per request, in order: {"ok": <response>} or
+-- Lock order: the calls run in account_id order (C collation), a stable sort, so one
+-- account's calls keep their arrival order, and two batches lock the accounts they share
+-- in the same order and cannot deadlock. Within each call the one order of
+-- 0001_ledger.sql holds (account, then lots, then reservations).
+--
+-- p_requests: [{account, key, hash (hex), amount, usage, feature, comment}] in arrival
+-- order. Returns one element per request, in that order: {"ok": <response>} or
 -- {"error": {"sqlstate", "message", "detail", "constraint"}} for the server's one
 -- error boundary to translate as if the call had run alone.
-CREATE OR REPLACE FUNCTION ledger_consume_batch(p_account text, p_requests jsonb, p_now timestamptz)
+
+CREATE OR REPLACE FUNCTION ledger_consume_batch(p_requests jsonb, p_now timestamptz)
     RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    r jsonb;
-    -- An array appended in place; a jsonb array concatenated per call is copied each time.
-    results jsonb[] := '{}';
+    r record;
+    -- Filled in place by position; a jsonb array concatenated per call is copied each time.
+    results jsonb[] := array_fill(NULL::jsonb, ARRAY[jsonb_array_length(p_requests)]);
     state text;
     message text;
     detail text;
     constraint_name text;
+    timeout_ms bigint := (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout');
 BEGIN
-    FOR r IN SELECT value FROM jsonb_array_elements(p_requests) LOOP
+    -- A call that waits for a lock held elsewhere (another server's transaction) gives up
+    -- alone, well before the statement time-out would roll the whole batch back.
+    IF timeout_ms > 0 THEN
+        PERFORM set_config('lock_timeout', greatest(timeout_ms / 4, 1)::text, true);
+    END IF;
+    FOR r IN
+        SELECT req, n FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(req, n)
+         ORDER BY req ->> 'account' COLLATE "C", n
+    LOOP
         BEGIN
-            results := array_append(results, jsonb_build_object('ok', ledger_consume(
-                p_account, r ->> 'key', decode(r ->> 'hash', 'hex'), (r ->> 'amount')::bigint,
-                CASE WHEN jsonb_typeof(r -> 'usage') = 'object' THEN r -> 'usage' END,
-                r ->> 'feature', r ->> 'comment', p_now)));
+            results[r.n] := jsonb_build_object('ok', ledger_consume(
+                r.req ->> 'account', r.req ->> 'key', decode(r.req ->> 'hash', 'hex'),
+                (r.req ->> 'amount')::bigint,
+                CASE WHEN jsonb_typeof(r.req -> 'usage') = 'object' THEN r.req -> 'usage' END,
+                r.req ->> 'feature', r.req ->> 'comment', p_now));
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                     detail = PG_EXCEPTION_DETAIL,
                                     constraint_name = CONSTRAINT_NAME;
-            results := array_append(results, jsonb_build_object('error', jsonb_build_object(
+            results[r.n] := jsonb_build_object('error', jsonb_build_object(
                 'sqlstate', state, 'message', message, 'detail', nullif(detail, ''),
-                'constraint', nullif(constraint_name, ''))));
+                'constraint', nullif(constraint_name, '')));
         END;
     END LOOP;
     RETURN to_jsonb(results);
 END $$;
+
+-- The form of the previous release (one account, given apart), kept so that its servers
+-- keep working during a rolling deploy; drop it in the release after.
+CREATE OR REPLACE FUNCTION ledger_consume_batch(p_account text, p_requests jsonb, p_now timestamptz)
+    RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT ledger_consume_batch(
+        coalesce((SELECT jsonb_agg(req || jsonb_build_object('account', p_account) ORDER BY n)
+                    FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(req, n)), '[]'),
+        p_now)
+$$;

@@ -32,8 +32,8 @@ SELECT ledger_consume(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(am
                       %(usage)s::jsonb, %(feature)s::text, %(comment)s::text, %(now)s::timestamptz)
 
 -- name: consume_batch
--- Concurrent Consume calls on one account, coalesced (server/coalescing.py).
-SELECT ledger_consume_batch(%(account_id)s::text, %(requests)s::jsonb, %(now)s::timestamptz)
+-- Consume calls queued in the server, committed together (server/coalescing.py).
+SELECT ledger_consume_batch(%(requests)s::jsonb, %(now)s::timestamptz)
 
 -- name: get_reservation
 SELECT ledger_get_reservation(%(account_id)s::text, %(reservation_id)s::uuid, %(now)s::timestamptz)

@@ -1,0 +1,91 @@
+"""The group-commit queue of Consume calls (server/coalescing.py), without a database:
+a pool whose connections never come back stands in for a stuck PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from ledger_server.errors import LedgerError
+from ledger_server.server.coalescing import ConsumeCoalescer, latest_deadline
+
+
+class StuckPool:
+    """Every borrower waits for a connection forever (until cancelled)."""
+
+    def __init__(self) -> None:
+        self.borrowers = 0
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        self.borrowers += 1
+        await asyncio.Event().wait()
+        yield None  # pragma: no cover (never reached)
+
+
+def params(key: str) -> dict[str, object]:
+    return {"key": key, "hash": b"\0", "amount": 1, "usage": None, "feature": "",
+            "comment": "", "now": 0}  # fmt: skip
+
+
+async def until(condition: Any) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None:
+    """Server shutdown cancels the batch's task: its callers get UNAVAILABLE (retry with
+    the same key) instead of waiting forever, and the slot and accounts are given back."""
+
+    async def scenario() -> None:
+        pool = StuckPool()
+        coalescer = ConsumeCoalescer(pool, max_in_flight=1)  # type: ignore[arg-type]
+        alone = asyncio.create_task(coalescer.consume("a", params("1")))
+        await until(lambda: pool.borrowers == 1)
+        queued = [asyncio.create_task(coalescer.consume(acct, params(acct))) for acct in "bc"]
+        await asyncio.sleep(0.01)
+        alone.cancel()  # the call running alone ends; the queued ones go as one batch
+        await until(lambda: pool.borrowers == 2)
+        for task in list(coalescer._tasks):
+            task.cancel()
+        for task in queued:
+            with pytest.raises(LedgerError) as raised:
+                await asyncio.wait_for(task, timeout=5)
+            assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        assert coalescer._in_flight == 0
+        assert not coalescer._busy and not coalescer._waiting
+
+    asyncio.run(scenario())
+
+
+def test_calls_for_a_busy_account_wait_even_when_a_slot_is_free() -> None:
+    """One transaction per account at a time: a second call for an account in flight
+    queues (and later joins a batch) rather than taking a free slot."""
+
+    async def scenario() -> None:
+        pool = StuckPool()
+        coalescer = ConsumeCoalescer(pool, max_in_flight=4)  # type: ignore[arg-type]
+        first = asyncio.create_task(coalescer.consume("a", params("1")))
+        await until(lambda: pool.borrowers == 1)
+        second = asyncio.create_task(coalescer.consume("a", params("2")))
+        other = asyncio.create_task(coalescer.consume("b", params("3")))
+        await until(lambda: pool.borrowers == 2)  # "b" ran at once, alone
+        assert [w.params["key"] for w in coalescer._waiting["a"]] == ["2"]
+        for task in (first, second, other):
+            task.cancel()
+        await asyncio.gather(first, second, other, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_waits_for_its_most_patient_caller() -> None:
+    assert latest_deadline([10.0, 30.0, 20.0]) == 30.0
+    assert latest_deadline([10.0, None]) is None
