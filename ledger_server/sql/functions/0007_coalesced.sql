@@ -27,7 +27,8 @@ DECLARE
     message text;
     detail text;
     constraint_name text;
-    timeout_ms bigint := (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout');
+    -- current_setting, not the pg_settings view: the view builds every setting's row.
+    timeout_ms bigint := extract(epoch FROM current_setting('statement_timeout')::interval) * 1000;
 BEGIN
     -- A call that waits for a lock held elsewhere (another server's transaction) gives up
     -- alone, well before the statement time-out would roll the whole batch back.
