@@ -11,8 +11,10 @@ temporary worktree) on its own database, so a change is shown against what it re
 
 Operations, on accounts holding 5 lots (daily, sign-up, promotion, subscription, purchase):
 `consume`, `consume, batch of 25` (per Consume, 25 of them on one account in one
-`ledger_consume_batch`, as the server coalesces a hot account's calls), `reserve+commit` (one
-pair), `balance`. Needs `valgrind` on PATH; writes
+`ledger_consume_batch`, as the server coalesces a hot account's calls), `consume, 25 accounts
+in a batch` (per Consume, 25 calls on 25 accounts committed together, the server's group
+commit; a tree without group commit runs them as 25 transactions, as its server did),
+`reserve+commit` (one pair), `balance`. Needs `valgrind` on PATH; writes
 bench/sql_cost.json and a section of BENCHMARKS.md."""
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+
 from bench import report
 from bench.run import BENCH_DIR
 from ledger_server.devstack import embedded
@@ -36,7 +40,13 @@ START = "<!-- bench:sqlcost:start -->"
 END = "<!-- bench:sqlcost:end -->"
 ACCOUNTS = 200
 SMALL, LARGE = 50, 250
-OPERATIONS = ("consume", "consume, batch of 25", "reserve+commit", "balance")
+OPERATIONS = (
+    "consume",
+    "consume, batch of 25",
+    "consume, 25 accounts in a batch",
+    "reserve+commit",
+    "balance",
+)
 BATCH = 25  # the hot-account path: Consumes coalesced into one ledger_consume_batch
 
 # Run with PYTHONPATH set to the tree whose SQL is measured: its migrate, its settings.
@@ -61,26 +71,56 @@ with psycopg.connect(url, autocommit=True) as conn:
 """
 
 
-def statements(operation: str, count: int, tag: str) -> str:
-    """``count`` calls of ``operation`` as the server makes them, spread over the accounts."""
+# Whether the tree's ledger_consume_batch commits calls on many accounts together.
+GROUP_COMMIT = "SELECT to_regprocedure('ledger_consume_batch(jsonb, timestamptz)') IS NOT NULL"
+
+
+def _account(i: int) -> str:
+    return f"sqlcost-{(i * 7919) % ACCOUNTS:04d}"
+
+
+def _consume(account: str, key: str, amount: int) -> str:
+    return (
+        f"SELECT ledger_consume('{account}', '{key}', '\\x00'::bytea, {amount},"
+        " NULL::jsonb, 'bench', '', now());"
+    )
+
+
+def _batch(tag: str, start: int, one_account: bool, group_commit: bool) -> list[str]:
+    """BATCH Consumes from call ``start`` on: on one account or on as many accounts."""
+    calls = [
+        (_account(start if one_account else j), f"b-{tag}-{j}", 1000 + j % 99000)
+        for j in range(start, start + BATCH)
+    ]
+    if not group_commit:  # the tree before group commit
+        if not one_account:
+            return [_consume(*call) for call in calls]  # one transaction each
+        requests = ", ".join(
+            f'{{"key": "{key}", "hash": "00", "amount": {amount}, "usage": null,'
+            ' "feature": "bench", "comment": ""}'
+            for _, key, amount in calls
+        )
+        return [f"SELECT ledger_consume_batch('{calls[0][0]}', '[{requests}]'::jsonb, now());"]
+    requests = ", ".join(
+        f'{{"account": "{account}", "key": "{key}", "hash": "00", "amount": {amount},'
+        ' "usage": null, "feature": "bench", "comment": ""}'
+        for account, key, amount in calls
+    )
+    return [f"SELECT ledger_consume_batch('[{requests}]'::jsonb, now());"]
+
+
+def statements(operation: str, count: int, tag: str, group_commit: bool) -> str:
+    """``count`` calls of ``operation`` as the server makes them, spread over the accounts.
+    ``group_commit``: the tree's ledger_consume_batch takes calls on many accounts."""
     lines = []
     for i in range(count):
-        account = f"sqlcost-{(i * 7919) % ACCOUNTS:04d}"
+        account = _account(i)
         amount = 1000 + (i * 104729) % 99000
         if operation == "consume":
-            lines.append(
-                f"SELECT ledger_consume('{account}', 'c-{tag}-{i}', '\\x00'::bytea, {amount},"
-                " NULL::jsonb, 'bench', '', now());"
-            )
-        elif operation.startswith("consume, batch"):
-            if i % BATCH:
-                continue
-            requests = ", ".join(
-                f'{{"key": "b-{tag}-{j}", "hash": "00", "amount": {1000 + j % 99000},'
-                ' "usage": null, "feature": "bench", "comment": ""}'
-                for j in range(i, i + BATCH)
-            )
-            lines.append(f"SELECT ledger_consume_batch('{account}', '[{requests}]'::jsonb, now());")
+            lines.append(_consume(account, f"c-{tag}-{i}", amount))
+        elif operation.startswith("consume, "):
+            if i % BATCH == 0:
+                lines += _batch(tag, i, operation == "consume, batch of 25", group_commit)
         elif operation == "reserve+commit":
             reserve = (
                 f"ledger_reserve('{account}', 'r-{tag}-{i}', '\\x00'::bytea, 50000, NULL::jsonb,"
@@ -132,6 +172,7 @@ def worktree(revision: str) -> Iterator[Path]:
 
 def measure(trees: dict[str, Path], data_dir: Path) -> dict[str, dict[str, int]]:
     pgdata = data_dir / "sqlcost-pg"
+    group_commit: dict[str, bool] = {}
     server = embedded.start_postgres(pgdata)
     try:
         for label, tree in trees.items():
@@ -142,6 +183,9 @@ def measure(trees: dict[str, Path], data_dir: Path) -> dict[str, dict[str, int]]
             url = embedded.with_database(server.url, database)
             seed = [sys.executable, "-c", SEED, url, str(ACCOUNTS)]
             subprocess.run(seed, env=env, cwd=tree, check=True)  # -c puts the cwd first
+            with psycopg.connect(url) as conn:
+                row = conn.execute(GROUP_COMMIT).fetchone()
+                group_commit[label] = bool(row and row[0])
     finally:
         server.stop()  # the single-user backend needs the cluster to itself
     work = Path(tempfile.mkdtemp(prefix="sqlcost-run-"))
@@ -150,13 +194,16 @@ def measure(trees: dict[str, Path], data_dir: Path) -> dict[str, dict[str, int]]
     try:
         for run, (label, _) in enumerate(trees.items()):
             results[label] = {}
-            for operation in OPERATIONS:
-                tag = f"{run}-{operation[0]}"
-                small = instructions(
-                    pgdata, f"sqlcost_{label}", statements(operation, SMALL, f"{tag}s"), work
-                )
-                large = instructions(
-                    pgdata, f"sqlcost_{label}", statements(operation, LARGE, f"{tag}l"), work
+            for number, operation in enumerate(OPERATIONS):
+                tag = f"{run}-{number}"
+                small, large = (
+                    instructions(
+                        pgdata,
+                        f"sqlcost_{label}",
+                        statements(operation, count, f"{tag}{count}", group_commit[label]),
+                        work,
+                    )
+                    for count in (SMALL, LARGE)
                 )
                 results[label][operation] = (large - small) // (LARGE - SMALL)
                 print(f"sqlcost: {label:<9} {operation:<15} {results[label][operation]:>10,} Ir")
