@@ -3,9 +3,12 @@ migrating again changes nothing; the journal is append-only."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import psycopg
 import pytest
 
+from ledger_server import runtime_settings
 from ledger_server.db import migrate as migrations
 from support.ledger import Ledger, new_account
 
@@ -228,3 +231,39 @@ def test_balance_constraints_hold_in_the_database(ledger_db_url: str) -> None:
                 "VALUES ('negative-balance', -1, now())"
             )
         assert raised.value.diag.constraint_name == "accounts_balance_nonnegative"
+
+
+def test_a_charge_updates_its_lot_without_new_index_entries(fresh_database_url: str) -> None:
+    """A lot index that names remaining_micros (as a column or in its predicate) makes
+    every charge write a new entry into it; with the depleted flag in its place the lot's
+    update stays on its page (HOT) until the lot runs out."""
+    migrations.migrate(fresh_database_url)
+    now = datetime.now(UTC)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        runtime_settings.sync_environment_defaults(
+            conn, runtime_settings.environment_defaults(), now
+        )
+        conn.execute(  # the purchase lot alone
+            "UPDATE settings SET value = 'false'::jsonb"
+            " WHERE key IN ('signup.enabled', 'monthly_free.enabled')"
+        )
+        conn.execute(
+            "SELECT ledger_grant('hot-lot', 'grant', '\\x00', 100, 'purchase', NULL, 'main',"
+            " '', '', 'test', %s)",
+            (now,),
+        )
+    with psycopg.connect(fresh_database_url) as conn:
+        for i in range(3):
+            conn.execute(
+                "SELECT ledger_consume('hot-lot', %s, '\\x00', 10, NULL, '', '', %s)",
+                (f"charge-{i}", now),
+            )
+        conn.execute(  # runs it out: the flag changes, the lot leaves the indexes
+            "SELECT ledger_consume('hot-lot', 'last', '\\x00', 70, NULL, '', '', %s)", (now,)
+        )
+        row = conn.execute(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'lots'"
+        ).fetchone()
+        remaining = conn.execute("SELECT remaining_micros FROM lots").fetchall()
+    assert remaining == [(0,)]
+    assert row == (4, 3)

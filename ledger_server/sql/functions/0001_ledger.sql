@@ -259,7 +259,7 @@ DECLARE
     main_total bigint;
 BEGIN
     PERFORM 1 FROM lots
-     WHERE account_id = p_account AND remaining_micros > held_micros
+     WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
        AND expires_at IS NOT NULL AND expires_at <= p_now
      ORDER BY lot_id
        FOR UPDATE;
@@ -267,7 +267,7 @@ BEGIN
            coalesce(sum(remaining_micros - held_micros) FILTER (WHERE balance_kind = 'main'), 0)
       INTO total, main_total
       FROM lots
-     WHERE account_id = p_account AND remaining_micros > held_micros
+     WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
        AND expires_at IS NOT NULL AND expires_at <= p_now;
     IF total = 0 THEN
         RETURN 0;
@@ -276,7 +276,7 @@ BEGIN
                                   p_comment => 'expired credits moved to breakage');
     FOR l IN
         SELECT * FROM lots
-         WHERE account_id = p_account AND remaining_micros > held_micros
+         WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
            AND expires_at IS NOT NULL AND expires_at <= p_now
          ORDER BY lot_id
     LOOP
@@ -303,7 +303,7 @@ CREATE OR REPLACE FUNCTION ledger_next_maintenance(p_account text, p_now timesta
 LANGUAGE sql STABLE AS $$
     SELECT least(
         (SELECT min(expires_at) FROM lots
-          WHERE account_id = p_account AND remaining_micros > 0
+          WHERE account_id = p_account AND NOT depleted
             AND expires_at IS NOT NULL AND expires_at > p_now),
         (SELECT min(expires_at) FROM reservations
           WHERE account_id = p_account AND status = 'pending'),
@@ -451,7 +451,7 @@ DECLARE
     -- index order, never a sort of all the account's lots, whatever the statistics say.
     lots_in_order CURSOR FOR
         SELECT lot_id, source, remaining_micros, held_micros FROM lots
-         WHERE account_id = p_account AND balance_kind = 'main' AND remaining_micros > 0
+         WHERE account_id = p_account AND balance_kind = 'main' AND NOT depleted
            AND (expires_at IS NULL OR expires_at > p_now)
          ORDER BY priority, expires_at, lot_id
            FOR UPDATE;

@@ -312,7 +312,7 @@ BEGIN
     need := amount;
     FOR r IN
         SELECT lot_id, source, remaining_micros FROM lots
-         WHERE account_id = p_account AND balance_kind = 'reward' AND remaining_micros > 0
+         WHERE account_id = p_account AND balance_kind = 'reward' AND NOT depleted
            AND (expires_at IS NULL OR expires_at > p_now)
          ORDER BY priority, expires_at, lot_id
            FOR UPDATE
