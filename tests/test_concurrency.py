@@ -19,7 +19,14 @@ from psycopg.types.json import Jsonb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from ledger_server.config import Settings
-from support.ledger import CREDIT, Ledger, error_details, new_account, new_key
+from support.ledger import (
+    CREDIT,
+    Ledger,
+    consume_or_error,
+    error_details,
+    new_account,
+    new_key,
+)
 
 
 def _fund_over_several_lots(ledger: Ledger, account: str) -> None:
@@ -44,19 +51,9 @@ def test_fifty_concurrent_consumes_of_three_credits_from_one_hundred(
         async with grpc.aio.insecure_channel(server_address) as channel:
             stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
 
-            async def one(i: int) -> pb.ConsumeResponse | grpc.aio.AioRpcError:
-                try:
-                    return await stub.Consume(
-                        pb.ConsumeRequest(
-                            account_id=account,
-                            idempotency_key=f"consume-{i}",
-                            amount_micros=3 * CREDIT,
-                        )
-                    )
-                except grpc.aio.AioRpcError as error:
-                    return error
-
-            return await asyncio.gather(*(one(i) for i in range(50)))
+            return await asyncio.gather(
+                *(consume_or_error(stub, account, f"consume-{i}", 3 * CREDIT) for i in range(50))
+            )
 
     results = asyncio.run(consume_all())
     succeeded = [r for r in results if isinstance(r, pb.ConsumeResponse)]
@@ -218,15 +215,8 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
         async with grpc.aio.insecure_channel(server_address) as channel:
             stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
 
-            async def one(account: str, i: int) -> pb.ConsumeResponse | grpc.aio.AioRpcError:
-                try:
-                    return await stub.Consume(
-                        pb.ConsumeRequest(
-                            account_id=account, idempotency_key=f"g-{i}", amount_micros=CREDIT
-                        )
-                    )
-                except grpc.aio.AioRpcError as error:
-                    return error
+            def one(account: str, i: int) -> Any:
+                return consume_or_error(stub, account, f"g-{i}", CREDIT)
 
             first = [asyncio.ensure_future(one(account, 0)) for account in blocked]
             for _ in range(1000):  # until every slot waits for the held accounts

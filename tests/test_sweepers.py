@@ -19,7 +19,7 @@ from ledger_server.audit import audit_database
 from ledger_server.clock import OffsetClock
 from ledger_server.db.migrate import migrate
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
-from support.ledger import CREDIT, Ledger, new_account, new_key
+from support.ledger import CREDIT, Ledger, consume_or_error, new_account, new_key
 from support.workers import assert_finished, run_burst_workers, start_burst_worker
 from workers import sweepers
 from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
@@ -130,15 +130,8 @@ def test_a_charge_racing_the_expiry_sweep_never_spends_expired_credits(
         async with grpc.aio.insecure_channel(server_address) as channel:
             stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
 
-            async def one(account: str, amount: int) -> pb.ConsumeResponse | grpc.aio.AioRpcError:
-                try:
-                    return await stub.Consume(
-                        pb.ConsumeRequest(
-                            account_id=account, idempotency_key=new_key(), amount_micros=amount
-                        )
-                    )
-                except grpc.aio.AioRpcError as error:
-                    return error
+            def one(account: str, amount: int) -> Any:
+                return consume_or_error(stub, account, new_key(), amount)
 
             # 4 credits fit in the permanent lot; 6 would need expired credits.
             return await asyncio.gather(

@@ -174,3 +174,16 @@ class Ledger:
             token = page.next_page_token
             if not token:
                 return out
+
+
+async def consume_or_error(
+    stub: ledger_service_pb2_grpc.LedgerServiceStub, account_id: str, key: str, micros: int
+) -> pb.ConsumeResponse | grpc.aio.AioRpcError:
+    """One Consume on an asyncio channel's stub; a refused call is returned, not raised,
+    so many can be gathered."""
+    try:
+        return await stub.Consume(
+            pb.ConsumeRequest(account_id=account_id, idempotency_key=key, amount_micros=micros)
+        )
+    except grpc.aio.AioRpcError as error:
+        return error
