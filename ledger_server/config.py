@@ -84,7 +84,7 @@ class Settings:
     grpc_addr: str = "localhost:50051"
     db_pool_min_size: int = 2
     db_pool_max_size: int = 16
-    consume_max_in_flight: int = 4
+    group_commit_max_in_flight: int = 4
     migrate_on_start: bool = True
     reservation_ttl_default: timedelta = timedelta(minutes=15)
     reservation_ttl_max: timedelta = timedelta(days=7)
@@ -130,7 +130,7 @@ class Settings:
             grpc_addr=env.get("LEDGER_GRPC_ADDR", "") or "localhost:50051",
             db_pool_min_size=pool_min,
             db_pool_max_size=pool_max,
-            consume_max_in_flight=_int(env, "LEDGER_CONSUME_MAX_IN_FLIGHT", 4, minimum=1),
+            group_commit_max_in_flight=_int(env, "LEDGER_GROUP_COMMIT_MAX_IN_FLIGHT", 4, minimum=1),
             migrate_on_start=env.get("LEDGER_MIGRATE_ON_START", "true").lower()
             not in ("0", "false", "no"),
             reservation_ttl_default=timedelta(seconds=ttl_default),

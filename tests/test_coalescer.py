@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from ledger_server.errors import LedgerError
-from ledger_server.server.coalescing import ConsumeCoalescer, latest_deadline
+from ledger_server.server.coalescing import GroupCommit, latest_deadline
 
 
 class StuckPool:
@@ -47,10 +47,13 @@ def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None
 
     async def scenario() -> None:
         pool = StuckPool()
-        coalescer = ConsumeCoalescer(pool, max_in_flight=1)  # type: ignore[arg-type]
-        alone = asyncio.create_task(coalescer.consume("a", params("1")))
+        coalescer = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
+        alone = asyncio.create_task(coalescer.call("consume", "a", params("1")))
         await until(lambda: pool.borrowers == 1)
-        queued = [asyncio.create_task(coalescer.consume(acct, params(acct))) for acct in "bc"]
+        queued = [
+            asyncio.create_task(coalescer.call("consume", account, params(account)))
+            for account in "bc"
+        ]
         await asyncio.sleep(0.01)
         alone.cancel()  # the call running alone ends; the queued ones go as one batch
         await until(lambda: pool.borrowers == 2)
@@ -72,11 +75,11 @@ def test_calls_for_a_busy_account_wait_even_when_a_slot_is_free() -> None:
 
     async def scenario() -> None:
         pool = StuckPool()
-        coalescer = ConsumeCoalescer(pool, max_in_flight=4)  # type: ignore[arg-type]
-        first = asyncio.create_task(coalescer.consume("a", params("1")))
+        coalescer = GroupCommit(pool, max_in_flight=4)  # type: ignore[arg-type]
+        first = asyncio.create_task(coalescer.call("consume", "a", params("1")))
         await until(lambda: pool.borrowers == 1)
-        second = asyncio.create_task(coalescer.consume("a", params("2")))
-        other = asyncio.create_task(coalescer.consume("b", params("3")))
+        second = asyncio.create_task(coalescer.call("consume", "a", params("2")))
+        other = asyncio.create_task(coalescer.call("consume", "b", params("3")))
         await until(lambda: pool.borrowers == 2)  # "b" ran at once, alone
         assert [w.params["key"] for w in coalescer._waiting["a"]] == ["2"]
         for task in (first, second, other):

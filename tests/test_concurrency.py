@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -193,12 +194,12 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
     ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
 ) -> None:
     """Group commit: while as many Consume transactions as the server allows
-    (LEDGER_CONSUME_MAX_IN_FLIGHT) are in flight, later calls wait and are then committed
+    (LEDGER_GROUP_COMMIT_MAX_IN_FLIGHT) are in flight, later calls wait and are then committed
     together across accounts. Here the first calls are held on locked accounts, so the
     rest must wait. Calls in one batch run at one moment (their charges share created_at;
     separate calls never do), which shows the batching; a refused call in a batch changes
     nothing and the others in it go through."""
-    slots = Settings(database_url="").consume_max_in_flight
+    slots = Settings(database_url="").group_commit_max_in_flight
     blocked = [new_account("group-blocked") for _ in range(slots)]
     rich = [new_account("group") for _ in range(20)]
     poor = [new_account("group-poor") for _ in range(6)]
@@ -363,3 +364,106 @@ def test_a_batch_locks_its_accounts_in_one_order_and_answers_in_its_own(
     assert results[2]["ok"]["balance"]["balance_micros"] == 0  # 'a': 1 of 1
     assert ledger.balance(first).balance_micros == 0
     assert ledger.balance(second).balance_micros == 4 * CREDIT
+
+
+def test_a_batch_runs_reserves_and_commits_too_each_alone_in_its_outcome(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """Reserve and Commit are group-committed like Consume: one batch, each call in its
+    own savepoint, answers in request order; an unknown reservation or operation fails
+    alone."""
+    account, other = new_account("mixed-batch"), new_account("mixed-batch")
+    ledger.grant(account, 10)
+    ledger.grant(other, 10)
+    held = ledger.reserve(account, 3 * CREDIT).reservation.reservation_id
+    common = {"hash": "00", "usage": None, "comment": ""}
+    requests = [
+        {"op": "reserve", "account": account, "key": new_key(), "amount": 2 * CREDIT,
+         "feature": "", "expires_at": "2999-01-01T00:00:00+00:00", **common},
+        {"op": "commit", "account": account, "key": new_key(), "amount": CREDIT,
+         "reservation_id": held, **common},
+        {"op": "commit", "account": other, "key": new_key(), "amount": CREDIT,
+         "reservation_id": str(uuid.uuid4()), **common},
+        {"op": "transfer", "account": other, "key": new_key(), "amount": CREDIT, **common},
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT ledger_consume_batch(%s, now())", (Jsonb(requests),)).fetchone()
+    assert row is not None
+    reserved, committed, unknown, bogus = row[0]
+    assert reserved["ok"]["reservation"]["status"] == "pending"
+    assert committed["ok"]["reservation"]["committed_micros"] == CREDIT
+    assert unknown["error"]["sqlstate"] == "LE004"  # reservation not found: NOT_FOUND
+    assert bogus["error"]["sqlstate"] == "LE101"  # a server bug: INTERNAL
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 2 * CREDIT)
+    assert ledger.balance(other).balance_micros == 10 * CREDIT
+
+
+def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
+    ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
+) -> None:
+    """While every slot is taken, Reserve and Commit calls of many accounts wait and are
+    then committed together (reservations of different accounts made at one moment)."""
+    slots = Settings(database_url="").group_commit_max_in_flight
+    blocked = [new_account("pairs-blocked") for _ in range(slots)]
+    accounts = [new_account("pairs") for _ in range(20)]
+    for account in blocked + accounts:
+        ledger.grant(account, 10)
+
+    async def pairs(
+        holder: psycopg.Connection[Any], prober: psycopg.Connection[Any]
+    ) -> list[object]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+
+            async def pair(account: str) -> pb.CommitResponse:
+                reserved = await stub.Reserve(
+                    pb.ReserveRequest(
+                        account_id=account, idempotency_key=new_key(), amount_micros=3 * CREDIT
+                    )
+                )
+                return await stub.Commit(
+                    pb.CommitRequest(
+                        account_id=account,
+                        reservation_id=reserved.reservation.reservation_id,
+                        idempotency_key=new_key(),
+                        amount_micros=CREDIT,
+                    )
+                )
+
+            first = [
+                asyncio.ensure_future(consume_or_error(stub, account, new_key(), CREDIT))
+                for account in blocked
+            ]
+            for _ in range(1000):  # until every slot waits for the held accounts
+                row = prober.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
+                    (holder.info.backend_pid,),
+                ).fetchone()
+                if row and row[0] >= slots:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the first calls never waited for the held accounts")
+            rest = [asyncio.ensure_future(pair(account)) for account in accounts]
+            await asyncio.sleep(0.3)  # the Reserves reach the server and queue
+            holder.rollback()
+            return await asyncio.gather(*first, *rest)
+
+    with (
+        psycopg.connect(ledger_db_url) as holder,
+        psycopg.connect(ledger_db_url, autocommit=True) as prober,
+    ):
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (blocked,))
+        asyncio.run(pairs(holder, prober))
+    for account in accounts:
+        balance = ledger.balance(account)
+        assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(
+            "SELECT max(n) FROM (SELECT count(DISTINCT account_id) AS n FROM reservations"
+            " WHERE account_id = ANY(%s) GROUP BY created_at) moments",
+            (accounts,),
+        ).fetchone()
+    assert row is not None and row[0] > 1  # a batch of Reserves spanning accounts
+    assert_audit_clean()  # type: ignore[operator]

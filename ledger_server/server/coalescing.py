@@ -1,10 +1,11 @@
-"""Group commit for Consume: calls that queue up in the server share one transaction.
+"""Group commit for the charging calls (Consume, Reserve, Commit): calls that queue up in
+the server share one transaction.
 
-A Consume's fixed costs (a round trip, a statement start, a commit and its WAL flush, the
+Such a call's fixed costs (a round trip, a statement start, a commit and its WAL flush, the
 server's database client work) are about as large as its ledger work, and every write to
 one account holds the account's row lock until it commits. So the server lets at most
-``max_in_flight`` Consume transactions run at once and at most one per account. A call that
-finds a slot free and its account idle runs alone at once (no added latency when the
+``max_in_flight`` of these transactions run at once and at most one per account. A call
+that finds a slot free and its account idle runs alone at once (no added latency when the
 server is not busy); the others wait in arrival order, and whenever a transaction ends, the
 waiting calls whose accounts are idle go together as one batch
 (sql/functions/0007_coalesced.sql): one round trip, one transaction, one commit, each call
@@ -20,6 +21,7 @@ import contextvars
 import functools
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -42,8 +44,17 @@ class BatchElementError(RuntimeError):
     """A call in a batch failed in a way the ledger does not name (a bug: INTERNAL)."""
 
 
+# What a batch can run (ledger_batch_call), and each one's fields besides the common ones.
+BATCHED = {
+    "consume": ("feature",),
+    "reserve": ("feature", "expires_at"),
+    "commit": ("reservation_id",),
+}
+
+
 @dataclass
 class _Waiter:
+    operation: str
     account_id: str
     params: dict[str, object]
     deadline: float | None  # the call's deadline (time.monotonic), None: none
@@ -52,19 +63,24 @@ class _Waiter:
     )
 
 
-def _request(account_id: str, params: dict[str, object]) -> dict[str, object]:
+def _request(waiter: _Waiter) -> dict[str, object]:
+    params = waiter.params
     usage = params["usage"]
     hash_ = params["hash"]
     assert isinstance(hash_, bytes)
-    return {
-        "account": account_id,
+    request: dict[str, object] = {
+        "op": waiter.operation,
+        "account": waiter.account_id,
         "key": params["key"],
         "hash": hash_.hex(),
         "amount": params["amount"],
         "usage": usage.obj if isinstance(usage, Jsonb) else None,
-        "feature": params["feature"],
         "comment": params["comment"],
     }
+    for name in BATCHED[waiter.operation]:
+        value = params[name]
+        request[name] = value.isoformat() if isinstance(value, datetime) else str(value)
+    return request
 
 
 def latest_deadline(deadlines_: list[float | None]) -> float | None:
@@ -74,7 +90,7 @@ def latest_deadline(deadlines_: list[float | None]) -> float | None:
     return None if None in deadlines_ else max(d for d in deadlines_ if d is not None)
 
 
-class ConsumeCoalescer:
+class GroupCommit:
     def __init__(
         self,
         pool: AsyncConnectionPool,
@@ -91,7 +107,10 @@ class ConsumeCoalescer:
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def consume(self, account_id: str, params: dict[str, object]) -> dict[str, Any]:
+    async def call(
+        self, operation: str, account_id: str, params: dict[str, object]
+    ) -> dict[str, Any]:
+        """Runs one of BATCHED's operations for the account, alone or in a batch."""
         if (
             self._in_flight < self._max_in_flight
             and account_id not in self._busy
@@ -99,10 +118,10 @@ class ConsumeCoalescer:
         ):
             self._start([account_id])
             try:
-                return await call_json(self._pool, "consume", params)
+                return await call_json(self._pool, operation, params)
             finally:
                 self._finish([account_id])
-        waiter = _Waiter(account_id, params, deadlines.current_deadline())
+        waiter = _Waiter(operation, account_id, params, deadlines.current_deadline())
         self._waiting.setdefault(account_id, deque()).append(waiter)
         self._dispatch()
         return await waiter.future
@@ -162,7 +181,7 @@ class ConsumeCoalescer:
         try:
             if len(batch) == 1:
                 waiter = batch[0]
-                result = await call_json(self._pool, "consume", waiter.params)
+                result = await call_json(self._pool, waiter.operation, waiter.params)
                 if not waiter.future.done():
                     waiter.future.set_result(result)
                 return
@@ -171,14 +190,14 @@ class ConsumeCoalescer:
                     conn,
                     "consume_batch",
                     {
-                        "requests": Jsonb([_request(w.account_id, w.params) for w in batch]),
+                        "requests": Jsonb([_request(waiter) for waiter in batch]),
                         "now": max(w.params["now"] for w in batch),  # type: ignore[type-var]
                     },
                 )
             for waiter, result in zip(batch, results, strict=True):
                 if "ok" in result:
                     # Counted even when the caller went away: the credits were consumed.
-                    observe_ledger_result("consume", result["ok"])
+                    observe_ledger_result(waiter.operation, result["ok"])
                 if waiter.future.done():
                     continue
                 if "ok" in result:

@@ -1,20 +1,45 @@
--- Group commit for Consume (issue 7). A Consume is a small transaction whose fixed costs
--- (the round trip, the statement start, the commit and its WAL flush) are as large as its
--- work, and every write to one account holds that account's row lock until it commits.
--- When Consume calls queue up in the server (server/coalescing.py), they come here as one
--- batch: one round trip, one transaction, one commit, each call in a savepoint of its own
--- so a refused one (insufficient credits, a reused key) changes nothing and the others go
--- on. A batch may hold calls for many accounts and several calls for one account.
+-- Group commit for the charging calls (issue 7): Consume, Reserve and Commit. Each is a
+-- small transaction whose fixed costs (the round trip, the statement start, the commit and
+-- its WAL flush) are as large as its work, and every write to one account holds that
+-- account's row lock until it commits. When such calls queue up in the server
+-- (server/coalescing.py), they come here as one batch: one round trip, one transaction,
+-- one commit, each call in a savepoint of its own so a refused one (insufficient credits,
+-- a reused key, an unknown reservation) changes nothing and the others go on. A batch may
+-- hold calls for many accounts and several calls for one account.
 --
 -- Lock order: the calls run in account_id order (C collation), a stable sort, so one
--- account's calls keep their arrival order, and two batches lock the accounts they share
--- in the same order and cannot deadlock. Within each call the one order of
--- 0001_ledger.sql holds (account, then lots, then reservations).
+-- account's calls keep their arrival order (a Commit after the Reserve it settles), and two
+-- batches lock the accounts they share in the same order and cannot deadlock. Within each
+-- call the one order of 0001_ledger.sql holds (account, then lots, then reservations).
 --
--- p_requests: [{account, key, hash (hex), amount, usage, feature, comment}] in arrival
--- order. Returns one element per request, in that order: {"ok": <response>} or
--- {"error": {"sqlstate", "message", "detail", "constraint"}} for the server's one
--- error boundary to translate as if the call had run alone.
+-- p_requests: [{op, account, key, hash (hex), amount, usage, comment, and per op:
+-- feature (consume, reserve), expires_at (reserve), reservation_id (commit)}] in arrival
+-- order; op defaults to consume. Returns one element per request, in that order:
+-- {"ok": <response>} or {"error": {"sqlstate", "message", "detail", "constraint"}} for
+-- the server's one error boundary to translate as if the call had run alone.
+-- (ledger_consume_batch keeps the name of its first use, Consume alone.)
+
+CREATE OR REPLACE FUNCTION ledger_batch_call(r jsonb, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    op text := coalesce(r ->> 'op', 'consume');
+    usage jsonb := CASE WHEN jsonb_typeof(r -> 'usage') = 'object' THEN r -> 'usage' END;
+BEGIN
+    IF op = 'consume' THEN
+        RETURN ledger_consume(r ->> 'account', r ->> 'key', decode(r ->> 'hash', 'hex'),
+                              (r ->> 'amount')::bigint, usage, r ->> 'feature', r ->> 'comment',
+                              p_now);
+    ELSIF op = 'reserve' THEN
+        RETURN ledger_reserve(r ->> 'account', r ->> 'key', decode(r ->> 'hash', 'hex'),
+                              (r ->> 'amount')::bigint, usage, (r ->> 'expires_at')::timestamptz,
+                              r ->> 'feature', r ->> 'comment', p_now);
+    ELSIF op = 'commit' THEN
+        RETURN ledger_commit(r ->> 'account', (r ->> 'reservation_id')::uuid, r ->> 'key',
+                             decode(r ->> 'hash', 'hex'), (r ->> 'amount')::bigint, usage,
+                             r ->> 'comment', p_now);
+    END IF;
+    RAISE EXCEPTION 'no such operation in a batch: %', op USING ERRCODE = 'LE101';
+END $$;
 
 CREATE OR REPLACE FUNCTION ledger_consume_batch(p_requests jsonb, p_now timestamptz)
     RETURNS jsonb
@@ -40,11 +65,7 @@ BEGIN
          ORDER BY req ->> 'account' COLLATE "C", n
     LOOP
         BEGIN
-            results[r.n] := jsonb_build_object('ok', ledger_consume(
-                r.req ->> 'account', r.req ->> 'key', decode(r.req ->> 'hash', 'hex'),
-                (r.req ->> 'amount')::bigint,
-                CASE WHEN jsonb_typeof(r.req -> 'usage') = 'object' THEN r.req -> 'usage' END,
-                r.req ->> 'feature', r.req ->> 'comment', p_now));
+            results[r.n] := jsonb_build_object('ok', ledger_batch_call(r.req, p_now));
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                     detail = PG_EXCEPTION_DETAIL,
