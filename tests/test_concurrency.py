@@ -4,10 +4,12 @@ grant and never double-apply (DESIGN.md section 4)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -190,6 +192,41 @@ def test_concurrent_consumes_on_one_account_share_transactions(
     assert_audit_clean()  # type: ignore[operator]
 
 
+Conn = psycopg.Connection[Any]
+
+
+@contextlib.contextmanager
+def held(database_url: str, accounts: list[str]) -> Iterator[tuple[Conn, Conn]]:
+    """A transaction holding the accounts' row locks, and a connection to watch it from
+    (not the holder: a transaction sees one snapshot of pg_stat_activity)."""
+    with (
+        psycopg.connect(database_url) as holder,
+        psycopg.connect(database_url, autocommit=True) as prober,
+    ):
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (accounts,))
+        yield holder, prober
+
+
+async def fill_every_slot(
+    stub: ledger_service_pb2_grpc.LedgerServiceStub, holder: Conn, prober: Conn, blocked: list[str]
+) -> list[asyncio.Future[object]]:
+    """One Consume per held account (as many as the server's group-commit slots), returned
+    once each waits for the holder's lock: every later charging call then has to queue."""
+    first: list[asyncio.Future[object]] = [
+        asyncio.ensure_future(consume_or_error(stub, account, new_key(), CREDIT))
+        for account in blocked
+    ]
+    for _ in range(1000):
+        row = prober.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
+            (holder.info.backend_pid,),
+        ).fetchone()
+        if row and row[0] >= len(blocked):
+            return first
+        await asyncio.sleep(0.01)
+    raise AssertionError("the first calls never waited for the held accounts")
+
+
 def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
     ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
 ) -> None:
@@ -210,36 +247,20 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
     later = [(account, i) for account in rich + poor for i in range(2)]
     random.Random(7).shuffle(later)
 
-    async def consume_all(
-        holder: psycopg.Connection[Any], prober: psycopg.Connection[Any]
-    ) -> list[object]:
+    async def consume_all(holder: Conn, prober: Conn) -> list[object]:
         async with grpc.aio.insecure_channel(server_address) as channel:
             stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
 
-            def one(account: str, i: int) -> Any:
-                return consume_or_error(stub, account, f"g-{i}", CREDIT)
-
-            first = [asyncio.ensure_future(one(account, 0)) for account in blocked]
-            for _ in range(1000):  # until every slot waits for the held accounts
-                row = prober.execute(  # not holder: a transaction sees one pg_stat_activity
-                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
-                    (holder.info.backend_pid,),
-                ).fetchone()
-                if row and row[0] >= slots:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the first calls never waited for the held accounts")
-            rest = [asyncio.ensure_future(one(account, i)) for account, i in later]
+            first = await fill_every_slot(stub, holder, prober, blocked)
+            rest = [
+                asyncio.ensure_future(consume_or_error(stub, account, f"g-{i}", CREDIT))
+                for account, i in later
+            ]
             await asyncio.sleep(0.3)  # the calls reach the server and queue
             holder.rollback()
             return await asyncio.gather(*first, *rest)
 
-    with (
-        psycopg.connect(ledger_db_url) as holder,
-        psycopg.connect(ledger_db_url, autocommit=True) as prober,
-    ):
-        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (blocked,))
+    with held(ledger_db_url, blocked) as (holder, prober):
         results = asyncio.run(consume_all(holder, prober))
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(refused) == len(poor)  # each poor account pays for one of its two calls
@@ -410,9 +431,7 @@ def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
     for account in blocked + accounts:
         ledger.grant(account, 10)
 
-    async def pairs(
-        holder: psycopg.Connection[Any], prober: psycopg.Connection[Any]
-    ) -> list[object]:
+    async def pairs(holder: Conn, prober: Conn) -> list[object]:
         async with grpc.aio.insecure_channel(server_address) as channel:
             stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
 
@@ -431,30 +450,13 @@ def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
                     )
                 )
 
-            first = [
-                asyncio.ensure_future(consume_or_error(stub, account, new_key(), CREDIT))
-                for account in blocked
-            ]
-            for _ in range(1000):  # until every slot waits for the held accounts
-                row = prober.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
-                    (holder.info.backend_pid,),
-                ).fetchone()
-                if row and row[0] >= slots:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the first calls never waited for the held accounts")
+            first = await fill_every_slot(stub, holder, prober, blocked)
             rest = [asyncio.ensure_future(pair(account)) for account in accounts]
             await asyncio.sleep(0.3)  # the Reserves reach the server and queue
             holder.rollback()
             return await asyncio.gather(*first, *rest)
 
-    with (
-        psycopg.connect(ledger_db_url) as holder,
-        psycopg.connect(ledger_db_url, autocommit=True) as prober,
-    ):
-        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (blocked,))
+    with held(ledger_db_url, blocked) as (holder, prober):
         asyncio.run(pairs(holder, prober))
     for account in accounts:
         balance = ledger.balance(account)
