@@ -39,8 +39,7 @@ _deadline: ContextVar[float | None] = ContextVar("ledger_call_deadline", default
 
 def set_call_deadline(remaining_seconds: float | None) -> Any:
     """Records the current call's deadline (None: none); returns a token for reset."""
-    deadline = None if remaining_seconds is None else time.monotonic() + remaining_seconds
-    return _deadline.set(deadline)
+    return set_deadline(None if remaining_seconds is None else time.monotonic() + remaining_seconds)
 
 
 def reset_call_deadline(token: Any) -> None:
@@ -58,7 +57,7 @@ def current_deadline() -> float | None:
 
 
 def remaining_seconds() -> float | None:
-    deadline = _deadline.get()
+    deadline = current_deadline()
     return None if deadline is None else deadline - time.monotonic()
 
 

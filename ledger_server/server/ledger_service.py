@@ -19,7 +19,7 @@ from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
-from ledger_server.server.coalescing import GroupCommit
+from ledger_server.server.group_commit import GroupCommit
 
 
 def _source(value: types_pb2.CreditSource.ValueType) -> str:
@@ -60,7 +60,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self._clock = clock
         self._settings = settings
         self._alert_emails = alert_emails
-        self._coalescer = GroupCommit(pool, settings.group_commit_max_in_flight)
+        self._group_commit = GroupCommit(pool, settings.group_commit_max_in_flight)
 
     async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
         return await call_json(self._pool, name, params)
@@ -115,7 +115,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("reserve", request),
             "now": now,
         }
-        data = await self._coalescer.call("reserve", request.account_id, params)
+        data = await self._group_commit.call("reserve", request.account_id, params)
         mark_replay(context, data)
         return pb.ReserveResponse(
             reservation=mapping.reservation(data["reservation"]),
@@ -145,7 +145,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("commit", request),
             "now": self._clock.now(),
         }
-        data = await self._coalescer.call("commit", request.account_id, params)
+        data = await self._group_commit.call("commit", request.account_id, params)
         mark_replay(context, data)
         await self._alert_emails.queue_for(request.account_id, data)
         return pb.CommitResponse(
@@ -207,7 +207,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("consume", request),
             "now": self._clock.now(),
         }
-        data = await self._coalescer.call("consume", request.account_id, params)
+        data = await self._group_commit.call("consume", request.account_id, params)
         mark_replay(context, data)
         await self._alert_emails.queue_for(request.account_id, data)
         return pb.ConsumeResponse(

@@ -2,7 +2,7 @@
 -- small transaction whose fixed costs (the round trip, the statement start, the commit and
 -- its WAL flush) are as large as its work, and every write to one account holds that
 -- account's row lock until it commits. When such calls queue up in the server
--- (server/coalescing.py), they come here as one batch: one round trip, one transaction,
+-- (server/group_commit.py), they come here as one batch: one round trip, one transaction,
 -- one commit, each call in a savepoint of its own so a refused one (insufficient credits,
 -- a reused key, an unknown reservation) changes nothing and the others go on. A batch may
 -- hold calls for many accounts and several calls for one account.

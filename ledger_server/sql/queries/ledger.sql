@@ -32,7 +32,8 @@ SELECT ledger_consume(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(am
                       %(usage)s::jsonb, %(feature)s::text, %(comment)s::text, %(now)s::timestamptz)
 
 -- name: consume_batch
--- Consume calls queued in the server, committed together (server/coalescing.py).
+-- Consume, Reserve and Commit calls queued in the server, committed together
+-- (server/group_commit.py).
 SELECT ledger_consume_batch(%(requests)s::jsonb, %(now)s::timestamptz)
 
 -- name: get_reservation

@@ -1,4 +1,4 @@
-"""The group-commit queue of Consume calls (server/coalescing.py), without a database:
+"""The group-commit queue of charging calls (server/group_commit.py), without a database:
 a pool whose connections never come back stands in for a stuck PostgreSQL."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from ledger_server.errors import LedgerError
-from ledger_server.server.coalescing import GroupCommit, latest_deadline
+from ledger_server.server.group_commit import GroupCommit, latest_deadline
 
 
 class StuckPool:
@@ -47,24 +47,24 @@ def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None
 
     async def scenario() -> None:
         pool = StuckPool()
-        coalescer = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
-        alone = asyncio.create_task(coalescer.call("consume", "a", params("1")))
+        group_commit = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
+        alone = asyncio.create_task(group_commit.call("consume", "a", params("1")))
         await until(lambda: pool.borrowers == 1)
         queued = [
-            asyncio.create_task(coalescer.call("consume", account, params(account)))
+            asyncio.create_task(group_commit.call("consume", account, params(account)))
             for account in "bc"
         ]
         await asyncio.sleep(0.01)
         alone.cancel()  # the call running alone ends; the queued ones go as one batch
         await until(lambda: pool.borrowers == 2)
-        for task in list(coalescer._tasks):
+        for task in list(group_commit._tasks):
             task.cancel()
         for task in queued:
             with pytest.raises(LedgerError) as raised:
                 await asyncio.wait_for(task, timeout=5)
             assert raised.value.code == grpc.StatusCode.UNAVAILABLE
-        assert coalescer._in_flight == 0
-        assert not coalescer._busy and not coalescer._waiting
+        assert group_commit._in_flight == 0
+        assert not group_commit._busy and not group_commit._waiting
 
     asyncio.run(scenario())
 
@@ -75,13 +75,13 @@ def test_calls_for_a_busy_account_wait_even_when_a_slot_is_free() -> None:
 
     async def scenario() -> None:
         pool = StuckPool()
-        coalescer = GroupCommit(pool, max_in_flight=4)  # type: ignore[arg-type]
-        first = asyncio.create_task(coalescer.call("consume", "a", params("1")))
+        group_commit = GroupCommit(pool, max_in_flight=4)  # type: ignore[arg-type]
+        first = asyncio.create_task(group_commit.call("consume", "a", params("1")))
         await until(lambda: pool.borrowers == 1)
-        second = asyncio.create_task(coalescer.call("consume", "a", params("2")))
-        other = asyncio.create_task(coalescer.call("consume", "b", params("3")))
+        second = asyncio.create_task(group_commit.call("consume", "a", params("2")))
+        other = asyncio.create_task(group_commit.call("consume", "b", params("3")))
         await until(lambda: pool.borrowers == 2)  # "b" ran at once, alone
-        assert [w.params["key"] for w in coalescer._waiting["a"]] == ["2"]
+        assert [w.params["key"] for w in group_commit._waiting["a"]] == ["2"]
         for task in (first, second, other):
             task.cancel()
         await asyncio.gather(first, second, other, return_exceptions=True)
