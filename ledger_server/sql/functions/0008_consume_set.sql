@@ -1,0 +1,182 @@
+-- Set-based Consume for a batch of the group commit (issue 7). Run one by one, each
+-- Consume of a batch pays ~10 statements, a savepoint and its own start-up of every
+-- statement (plans, the CHECK constraints of each table it writes); here the plain
+-- Consumes of a batch are written together, one statement per table for all of them.
+--
+-- It takes only what is sure to succeed, decided before anything is written: an account's
+-- calls are taken all together when every one is a Consume of a plain amount (no usage to
+-- price) with a key new to the account and distinct within the batch, nothing is due on
+-- the account (expiry, timed-out holds, allowance), its available credits cover them all,
+-- they raise no low-balance alert, and its first 64 lots with credits cover them. Anything
+-- else (a refusal, a replay, a first alert) is left to ledger_consume_batch's call-by-call
+-- path, which gives it the answer it gets alone.
+--
+-- Each call ends exactly as ledger_consume would have left it, its calls one after the
+-- other in arrival order: the account's lots, in consumption order, are one range of
+-- credits and each call takes the next slice of it; the journal entries are numbered in
+-- the batch's order (account, then arrival); the stored answer is the one
+-- ledger_consume stores. It locks every account of the batch first, in the batch's one
+-- order (0007_coalesced.sql), so the calls it leaves find their accounts locked already.
+--
+-- Returns an array as long as p_requests: {"ok": <response>} for each call it made,
+-- NULL for the others.
+CREATE OR REPLACE FUNCTION ledger_consume_set(p_requests jsonb, p_now timestamptz)
+    RETURNS jsonb[]
+LANGUAGE plpgsql
+-- Planned once per connection: a custom plan, made for each batch's values, costs more
+-- than the batch it would speed up, and the plan's choices do not depend on the values
+-- (every table is reached by its key, the accounts by "= ANY").
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    results jsonb[] := array_fill(NULL::jsonb, ARRAY[jsonb_array_length(p_requests)]);
+    default_threshold bigint := (ledger_setting('alerts.low_balance_threshold_micros'))::bigint;
+    batch_accounts text[] := ARRAY(SELECT DISTINCT r ->> 'account'
+                                     FROM jsonb_array_elements(p_requests) r);
+    positions int[];
+    responses jsonb[];
+BEGIN
+    PERFORM FROM accounts WHERE account_id = ANY (batch_accounts)
+      ORDER BY account_id COLLATE "C"
+        FOR UPDATE;
+    WITH request AS (
+        SELECT t.n::int AS n, t.r ->> 'account' AS account_id, t.r ->> 'key' AS key,
+               decode(t.r ->> 'hash', 'hex') AS hash,
+               CASE WHEN coalesce(t.r ->> 'op', 'consume') = 'consume'
+                     AND jsonb_typeof(t.r -> 'usage') IS DISTINCT FROM 'object'
+                    THEN (t.r ->> 'amount')::bigint END AS amount,
+               nullif(t.r ->> 'feature', '') AS feature, nullif(t.r ->> 'comment', '') AS comment
+          FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(r, n)
+    ), account_need AS (
+        SELECT q.account_id, sum(q.amount)::bigint AS total,
+               -- coalesce: bool_and skips NULLs, and a call of another kind has no amount
+               bool_and(coalesce(q.amount > 0 AND q.key IS NOT NULL AND q.hash IS NOT NULL
+                                 AND k.idempotency_key IS NULL, false))
+                   AND count(DISTINCT q.key) = count(*) AS plain
+          FROM request q
+          LEFT JOIN idempotency_keys k  -- a key used before: a replay or a conflict
+            ON k.account_id = q.account_id AND k.idempotency_key = q.key
+         GROUP BY q.account_id
+    ), ready AS (
+        SELECT a.account_id, a.balance_micros, a.held_micros, a.reward_balance_micros, n.total
+          FROM account_need n
+          -- "= ANY": the plan looks up the batch's accounts, whatever it estimates of n.
+          JOIN accounts a ON a.account_id = ANY (batch_accounts) AND a.account_id = n.account_id
+         WHERE n.plain
+           AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
+           AND a.balance_micros - a.held_micros >= n.total
+           -- ledger_low_balance_check would record an alert for one of them
+           AND coalesce(NOT (coalesce(a.low_balance_threshold_micros, default_threshold) > 0
+                             AND a.balance_micros >= coalesce(a.low_balance_threshold_micros,
+                                                              default_threshold)
+                             AND a.balance_micros - n.total < coalesce(
+                                 a.low_balance_threshold_micros, default_threshold)), false)
+    ), lot AS (
+        -- Each ready account's main lots with credits, in consumption order, as ranges
+        -- [lot_start, lot_end) of its spendable credits.
+        SELECT r.account_id, l.lot_id, l.source,
+               (sum(l.spendable) OVER w)::bigint - l.spendable AS lot_start,
+               (sum(l.spendable) OVER w)::bigint AS lot_end
+          FROM ready r
+          CROSS JOIN LATERAL (
+              SELECT lot_id, source, remaining_micros - held_micros AS spendable, priority,
+                     expires_at
+                FROM lots
+               WHERE account_id = r.account_id AND balance_kind = 'main' AND NOT depleted
+                 AND (expires_at IS NULL OR expires_at > p_now)
+                 AND remaining_micros > held_micros
+               ORDER BY priority, expires_at, lot_id
+               LIMIT 64) l
+        WINDOW w AS (PARTITION BY r.account_id ORDER BY l.priority, l.expires_at, l.lot_id
+                     ROWS UNBOUNDED PRECEDING)
+    ), covered AS (
+        SELECT r.account_id, r.balance_micros, r.held_micros, r.reward_balance_micros, r.total
+          FROM ready r
+         WHERE r.total <= (SELECT max(lot_end) FROM lot WHERE lot.account_id = r.account_id)
+    ), charge AS (
+        -- Each call's slice [call_start, call_end) of its account's credits, in arrival order.
+        SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.feature, q.comment,
+               gen_random_uuid() AS reservation_id,
+               c.balance_micros - (sum(q.amount) OVER w)::bigint AS balance_after,
+               c.held_micros, c.reward_balance_micros,
+               (sum(q.amount) OVER w)::bigint - q.amount AS call_start,
+               (sum(q.amount) OVER w)::bigint AS call_end
+          FROM request q JOIN covered c ON c.account_id = q.account_id
+        WINDOW w AS (PARTITION BY q.account_id ORDER BY q.n ROWS UNBOUNDED PRECEDING)
+    ), take AS (
+        SELECT c.n, c.account_id, c.reservation_id, l.lot_id, l.source,
+               least(c.call_end, l.lot_end) - greatest(c.call_start, l.lot_start) AS micros,
+               (row_number() OVER (PARTITION BY c.n ORDER BY l.lot_start) - 1)::smallint AS seq
+          FROM charge c
+          JOIN lot l ON l.account_id = c.account_id
+                    AND l.lot_start < c.call_end AND l.lot_end > c.call_start
+    ), took AS (
+        SELECT n, count(*)::int AS lot_count,
+               jsonb_agg(ledger_reservation_lot_json(lot_id, source, micros, micros)
+                         ORDER BY seq) AS lots_json
+          FROM take GROUP BY n
+    ), journal AS (
+        INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id,
+                                          feature, comment, created_at)
+        SELECT account_id, 'charge', -amount, reservation_id, feature, comment, p_now
+          FROM charge ORDER BY account_id COLLATE "C", n
+        RETURNING account_id, transaction_id, reservation_id
+    ), reserved AS (
+        INSERT INTO reservations AS r (account_id, reservation_id, status, held_micros,
+                                       committed_micros, expires_at, created_at, finalized_at,
+                                       feature, comment, charge_transaction_id)
+        SELECT c.account_id, c.reservation_id, 'committed', c.amount, c.amount, p_now, p_now,
+               p_now, c.feature, c.comment, j.transaction_id
+          FROM charge c
+          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
+        RETURNING r.reservation_id, r AS row
+    ), lots_taken AS (
+        UPDATE lots l SET remaining_micros = l.remaining_micros - t.micros
+          FROM (SELECT account_id, lot_id, sum(micros)::bigint AS micros
+                  FROM take GROUP BY account_id, lot_id) t
+         WHERE l.account_id = t.account_id AND l.lot_id = t.lot_id
+    ), posted AS (
+        INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id,
+                              source, amount_micros)
+        SELECT t.account_id, j.transaction_id, t.seq, 'account:main', t.lot_id, t.source,
+               -t.micros
+          FROM take t
+          JOIN journal j ON j.account_id = t.account_id AND j.reservation_id = t.reservation_id
+        UNION ALL
+        SELECT c.account_id, j.transaction_id, k.lot_count, 'revenue', NULL, NULL, c.amount
+          FROM charge c
+          JOIN took k ON k.n = c.n
+          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
+    ), reserved_lots AS (
+        INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros,
+                                      committed_micros)
+        SELECT account_id, reservation_id, lot_id, seq, micros, micros FROM take
+    ), charged AS (
+        UPDATE accounts a SET balance_micros = a.balance_micros - c.total
+          FROM covered c
+         WHERE a.account_id = ANY (batch_accounts) AND a.account_id = c.account_id
+    ), stored AS (
+        INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash,
+                                      response, created_at)
+        SELECT c.account_id, c.key, 'consume', c.hash, jsonb_build_object(
+                   'reservation', ledger_reservation_row_json(r.row, k.lots_json),
+                   'transaction_id', j.transaction_id::text,
+                   'low_balance_alert_id', NULL::bigint,
+                   'balance', ledger_balance_values_json(c.account_id, c.balance_after,
+                                                         c.held_micros, c.reward_balance_micros,
+                                                         p_now)),
+               p_now
+          FROM charge c
+          JOIN took k ON k.n = c.n
+          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
+          JOIN reserved r ON r.reservation_id = c.reservation_id
+        RETURNING account_id, idempotency_key, response
+    )
+    SELECT array_agg(c.n), array_agg(s.response || jsonb_build_object('replayed', false))
+      INTO positions, responses
+      FROM stored s JOIN charge c ON c.account_id = s.account_id AND c.key = s.idempotency_key;
+    FOR i IN 1 .. coalesce(cardinality(positions), 0) LOOP
+        results[positions[i]] := jsonb_build_object('ok', responses[i]);
+    END LOOP;
+    RETURN results;
+END $$;

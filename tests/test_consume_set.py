@@ -1,0 +1,274 @@
+"""The set-based Consume of a batch (sql/functions/0008_consume_set.sql) leaves every
+account exactly as ledger_consume, call by call, would have left it, and takes only the
+calls that are sure to succeed."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from psycopg.types.json import Jsonb
+
+from ledger.v1 import types_pb2
+from support.ledger import CREDIT, Ledger, new_account, new_key
+
+SOURCES = [
+    types_pb2.CREDIT_SOURCE_SIGNUP,
+    types_pb2.CREDIT_SOURCE_DAILY,
+    types_pb2.CREDIT_SOURCE_MONTHLY_FREE,
+    types_pb2.CREDIT_SOURCE_PURCHASE,
+    types_pb2.CREDIT_SOURCE_ADMIN,
+]
+# Keys of a stored answer that name a row: compared by which row, not by its number.
+ID_KEYS = {"lot_id", "transaction_id", "charge_transaction_id", "reservation_id"}
+TIME_KEYS = {"as_of", "created_at", "expires_at", "finalized_at"}
+
+
+def _fund(ledger: Ledger, account: str, rng: random.Random) -> None:
+    """A few lots of mixed sources and expiries, one of them partly held."""
+    for _ in range(rng.randint(1, 6)):
+        expiry = rng.choice([None, 3600, 7200, 86400])
+        ledger.grant(
+            account,
+            micros=rng.randint(1, 40) * CREDIT + rng.randint(0, CREDIT),
+            source=rng.choice(SOURCES),
+            **({} if expiry is None else {"expires_in": Duration(seconds=expiry)}),
+        )
+    available = ledger.balance(account).available_micros
+    ledger.reserve(account, rng.randint(1, available // 4 + 1))
+
+
+def _requests(ledger: Ledger, accounts: list[str], rng: random.Random) -> list[dict[str, object]]:
+    """Calls for the accounts in an interleaved arrival order, each account's within its
+    available credits."""
+    calls: list[dict[str, object]] = []
+    for number, account in enumerate(accounts):
+        left = ledger.balance(account).available_micros
+        for call in range(rng.randint(1, 5)):
+            amount = rng.randint(1, max(1, left // 2))
+            if amount > left:
+                break
+            left -= amount
+            calls.append(
+                {"account": account, "key": f"k{number}-{call}", "hash": "ab", "amount": amount,
+                 "usage": None, "feature": rng.choice(["", "chat"]),
+                 "comment": rng.choice(["", "a note"])}
+            )  # fmt: skip
+    rng.shuffle(calls)
+    return calls
+
+
+def _moment_after(conn: psycopg.Connection[Any], accounts: list[str]) -> datetime:
+    row = conn.execute(
+        "SELECT max(created_at) + interval '1 second' FROM journal_transactions"
+        " WHERE account_id = ANY (%s)",
+        (accounts,),
+    ).fetchone()
+    assert row is not None
+    moment: datetime = row[0]
+    return moment
+
+
+def _canonical(value: Any, ids: dict[str, str], now_micros: int) -> Any:
+    """A stored answer with row numbers replaced by which row they name."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key in ID_KEYS and item not in (None, ""):
+                out[key] = ids.setdefault(str(item), f"{key}#{len(ids)}")
+            elif key in TIME_KEYS and isinstance(item, int):
+                out[key] = "now" if item == now_micros else "earlier"
+            elif key == "account_id":
+                out[key] = "account"
+            else:
+                out[key] = _canonical(item, ids, now_micros)
+        return out
+    if isinstance(value, list):
+        return [_canonical(item, ids, now_micros) for item in value]
+    return value
+
+
+def _snapshot(conn: psycopg.Connection[Any], account: str, now: datetime) -> dict[str, Any]:
+    """Everything a Consume writes for the account, with its row numbers replaced by the
+    row's place (lots by lot_id, entries by transaction_id) and times by whether they are
+    the batch's moment."""
+    lots: dict[Any, str] = {}
+    entries: dict[Any, str] = {}
+    reservations: dict[Any, str] = {}
+    params = {"account": account, "now": now}
+
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        return conn.execute(sql, params).fetchall()
+
+    lot_rows = rows(
+        "SELECT lot_id, source, balance_kind, amount_micros, remaining_micros, held_micros,"
+        " depleted FROM lots WHERE account_id = %(account)s ORDER BY lot_id"
+    )
+    for place, lot in enumerate(lot_rows):
+        lots[lot[0]] = f"lot#{place}"
+    journal = rows(
+        "SELECT transaction_id, kind, amount_micros, reservation_id, feature, model, comment,"
+        " usage, created_at = %(now)s FROM journal_transactions"
+        " WHERE account_id = %(account)s ORDER BY transaction_id"
+    )
+    for place, entry in enumerate(journal):
+        entries[entry[0]] = f"transaction#{place}"
+        if entry[3] is not None:
+            reservations.setdefault(entry[3], f"reservation#{place}")
+
+    def named(row: tuple[Any, ...], ids: dict[int, dict[Any, str]]) -> list[Any]:
+        """The row with the values of columns ``ids`` (by position) replaced by name."""
+        return [ids[i].get(v, v) if i in ids else v for i, v in enumerate(row)]
+
+    def table(sql: str, ids: dict[int, dict[Any, str]]) -> list[list[Any]]:
+        return sorted((named(row, ids) for row in rows(sql)), key=repr)
+
+    answer_ids = {str(lot_id): name for lot_id, name in lots.items()}
+    micros = round(now.timestamp() * 1_000_000)
+    return {
+        "account": rows(
+            "SELECT balance_micros, held_micros, reward_balance_micros,"
+            " next_maintenance_at > %(now)s FROM accounts WHERE account_id = %(account)s"
+        ),
+        "lots": [named(lot, {0: lots}) for lot in lot_rows],
+        "journal": [named(entry, {0: entries, 3: reservations}) for entry in journal],
+        "postings": table(
+            "SELECT transaction_id, posting_no, ledger_account, lot_id, source, amount_micros,"
+            " memo FROM postings WHERE account_id = %(account)s",
+            {0: entries, 3: lots},
+        ),
+        "reservations": table(
+            "SELECT reservation_id, status, held_micros, committed_micros, refunded_micros,"
+            " expires_at = %(now)s, created_at = %(now)s, finalized_at = %(now)s, feature,"
+            " model, comment, usage, charge_transaction_id FROM reservations"
+            " WHERE account_id = %(account)s",
+            {0: reservations, 12: entries},
+        ),
+        "reservation_lots": table(
+            "SELECT reservation_id, lot_id, seq, held_micros, committed_micros, refunded_micros,"
+            " refund_expired_micros FROM reservation_lots WHERE account_id = %(account)s",
+            {0: reservations, 1: lots},
+        ),
+        "answers": [
+            (key, operation, bytes(digest), _canonical(response, answer_ids, micros))
+            for key, operation, digest, response in rows(
+                "SELECT idempotency_key, operation, request_hash, response FROM idempotency_keys"
+                " WHERE account_id = %(account)s AND operation = 'consume'"
+                " ORDER BY idempotency_key"
+            )
+        ],
+    }
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
+    ledger: Ledger, ledger_db_url: str, seed: int
+) -> None:
+    rng = random.Random(seed)
+    count = rng.randint(1, 3)
+    by_set = [new_account(f"set{seed}-{n}") for n in range(count)]
+    one_by_one = [new_account(f"one{seed}-{n}") for n in range(count)]
+    for pair in zip(by_set, one_by_one, strict=True):
+        funding = rng.getstate()
+        for account in pair:  # the same lots, holds and calls for both
+            rng.setstate(funding)
+            _fund(ledger, account, rng)
+    calls_state = rng.getstate()
+    set_calls = _requests(ledger, by_set, rng)
+    rng.setstate(calls_state)
+    single_calls = _requests(ledger, one_by_one, rng)
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        # No low-balance alert: a call raising one goes one by one (the test below).
+        conn.execute(
+            "UPDATE accounts SET low_balance_threshold_micros = 0 WHERE account_id = ANY (%s)",
+            (by_set + one_by_one,),
+        )
+        now = _moment_after(conn, by_set + one_by_one)
+        row = conn.execute("SELECT ledger_consume_set(%s, %s)", (Jsonb(set_calls), now)).fetchone()
+        assert row is not None
+        assert all(result is not None and "ok" in result for result in row[0])
+        with conn.transaction():  # what ledger_consume_batch does when the set takes none
+            in_batch_order = sorted(
+                range(len(single_calls)),
+                key=lambda n: (str(single_calls[n]["account"]).encode(), n),
+            )
+            answers: list[Any] = [None] * len(single_calls)
+            for n in in_batch_order:
+                call = single_calls[n]
+                answers[n] = conn.execute(
+                    "SELECT ledger_consume(%s, %s, decode(%s, 'hex'), %s, NULL, %s, %s, %s)",
+                    (call["account"], call["key"], call["hash"], call["amount"],
+                     call["feature"], call["comment"], now),
+                ).fetchone()[0]  # type: ignore[index]  # fmt: skip
+        micros = round(now.timestamp() * 1_000_000)
+        for result, answer in zip(row[0], answers, strict=True):
+            assert result["ok"]["replayed"] is False
+            assert _canonical(result["ok"], {}, micros).keys() == answer.keys()
+        for mine, theirs in zip(by_set, one_by_one, strict=True):
+            assert _snapshot(conn, mine, now) == _snapshot(conn, theirs, now)
+
+
+def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url: str) -> None:
+    """Each account below has one reason for its calls to go one by one; the last has none.
+    Those left changed nothing; the batch function then answers them alone."""
+    accounts = {
+        reason: new_account(f"left-{reason}")
+        for reason in ("short", "replayed", "twice", "priced", "reserve", "due", "alert",
+                       "many-lots", "unknown", "taken")
+    }  # fmt: skip
+    for reason, account in accounts.items():
+        if reason == "unknown":
+            continue
+        if reason == "many-lots":
+            for _ in range(65):
+                ledger.grant(account, 1)
+        else:
+            ledger.grant(account, 10)
+    ledger.grant(accounts["due"], 1, expires_in=Duration(seconds=3600))
+    used = new_key()
+    ledger.consume(accounts["replayed"], CREDIT, key=used)
+
+    def call(reason: str, amount: float = 1, **fields: object) -> dict[str, object]:
+        return {"account": accounts[reason], "key": new_key(), "hash": "ab",
+                "amount": round(amount * CREDIT), "usage": None, "feature": "", "comment": "",
+                **fields}  # fmt: skip
+
+    twice = new_key()
+    requests = [
+        call("short", 6), call("short", 5),  # 11 of 10: the second is refused
+        call("replayed", key=used),
+        call("twice", key=twice), call("twice", key=twice),
+        call("priced", usage={"feature": "chat", "quantities": {"tokens": 1}}),
+        call("reserve"), call("reserve", op="reserve", expires_at="2999-01-01T00:00:00+00:00"),
+        call("due"),
+        call("alert", 9.5),
+        call("many-lots", 65),
+        call("unknown"),
+        call("taken", 2), call("taken", 3),
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        # One alert threshold, on the account meant to raise an alert.
+        conn.execute(
+            "UPDATE accounts SET low_balance_threshold_micros ="
+            " CASE WHEN account_id = %s THEN %s ELSE 0 END WHERE account_id = ANY (%s)",
+            (accounts["alert"], CREDIT, list(accounts.values())),
+        )
+        now = _moment_after(conn, list(accounts.values())) + timedelta(hours=2)
+        before = {
+            reason: _snapshot(conn, account, now)
+            for reason, account in accounts.items()
+            if reason != "taken"
+        }
+        row = conn.execute("SELECT ledger_consume_set(%s, %s)", (Jsonb(requests), now)).fetchone()
+        assert row is not None
+        taken = [n for n, result in enumerate(row[0]) if result is not None]
+        assert taken == [len(requests) - 2, len(requests) - 1]
+        for reason, snapshot in before.items():
+            assert _snapshot(conn, accounts[reason], now) == snapshot, reason
+        balance = row[0][-1]["ok"]["balance"]
+        assert balance["balance_micros"] == 5 * CREDIT
+        assert row[0][-2]["ok"]["balance"]["balance_micros"] == 8 * CREDIT
