@@ -60,13 +60,13 @@ BEGIN
     IF timeout_ms > 0 THEN
         PERFORM set_config('lock_timeout', greatest(timeout_ms / 4, 1)::text, true);
     END IF;
-    -- The plain Consumes sure to succeed, written together (0008_consume_set.sql); when
-    -- that cannot be done (a lock wait timed out, say), every call goes one by one below.
+    -- The plain Consumes and Reserves sure to succeed, written together (0008_take_set.sql);
+    -- when that cannot be done (a lock wait timed out, say), every call goes one by one below.
     BEGIN
-        results := ledger_consume_set(p_requests, p_now);
+        results := ledger_take_set(p_requests, p_now);
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
-        RAISE LOG 'ledger_consume_set: % %; the batch goes call by call', state, message;
+        RAISE LOG 'ledger_take_set: % %; the batch goes call by call', state, message;
     END;
     FOR r IN
         SELECT req, n FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(req, n)

@@ -1,26 +1,27 @@
--- Set-based Consume for a batch of the group commit (issue 7). Run one by one, each
--- Consume of a batch pays ~10 statements, a savepoint and its own start-up of every
+-- Set-based Consume and Reserve for a batch of the group commit (issue 7). Run one by one,
+-- each call of a batch pays ~10 statements, a savepoint and its own start-up of every
 -- statement (plans, the CHECK constraints of each table it writes); here the plain
--- Consumes of a batch are written together, one statement per table for all of them.
+-- Consumes and Reserves of a batch are written together, one statement per table for all.
 --
 -- It takes only what is sure to succeed, decided before anything is written: an account's
--- calls are taken all together when every one is a Consume of a plain amount (no usage to
--- price) with a key new to the account and distinct within the batch, nothing is due on
--- the account (expiry, timed-out holds, allowance), its available credits cover them all,
--- they raise no low-balance alert, and its first 64 lots with credits cover them. Anything
--- else (a refusal, a replay, a first alert) is left to ledger_consume_batch's call-by-call
--- path, which gives it the answer it gets alone.
+-- calls are taken all together when every one is a Consume or a Reserve of a plain amount
+-- (no usage to price) with a key new to the account and distinct within the batch, nothing
+-- is due on the account (expiry, timed-out holds, allowance), its available credits cover
+-- them all, its Consumes raise no low-balance alert, and its first 64 lots with credits
+-- cover them. Anything else (a refusal, a replay, a first alert, a Commit) is left to
+-- ledger_consume_batch's call-by-call path, which gives it the answer it gets alone.
 --
--- Each call ends exactly as ledger_consume would have left it, its calls one after the
--- other in arrival order: the account's lots, in consumption order, are one range of
--- credits and each call takes the next slice of it; the journal entries are numbered in
--- the batch's order (account, then arrival); the stored answer is the one
--- ledger_consume stores. It locks every account of the batch first, in the batch's one
--- order (0007_coalesced.sql), so the calls it leaves find their accounts locked already.
+-- Each call ends exactly as ledger_consume or ledger_reserve would have left it, the
+-- account's calls one after the other in arrival order: the account's lots, in consumption
+-- order, are one range of spendable credits and each call takes the next slice of it (a
+-- Consume spends its slice, a Reserve holds it); the journal entries are numbered in the
+-- batch's order (account, then arrival); the stored answer is the one the call stores
+-- alone. It locks every account of the batch first, in the batch's one order
+-- (0007_coalesced.sql), so the calls it leaves find their accounts locked already.
 --
 -- Returns an array as long as p_requests: {"ok": <response>} for each call it made,
 -- NULL for the others.
-CREATE OR REPLACE FUNCTION ledger_consume_set(p_requests jsonb, p_now timestamptz)
+CREATE OR REPLACE FUNCTION ledger_take_set(p_requests jsonb, p_now timestamptz)
     RETURNS jsonb[]
 LANGUAGE plpgsql
 -- Planned once per connection: a custom plan, made for each batch's values, costs more
@@ -41,16 +42,20 @@ BEGIN
         FOR UPDATE;
     WITH request AS (
         SELECT t.n::int AS n, t.r ->> 'account' AS account_id, t.r ->> 'key' AS key,
-               decode(t.r ->> 'hash', 'hex') AS hash,
-               CASE WHEN coalesce(t.r ->> 'op', 'consume') = 'consume'
+               decode(t.r ->> 'hash', 'hex') AS hash, coalesce(t.r ->> 'op', 'consume') AS op,
+               -- NULL (not taken) for a call of another kind or with usage to price
+               CASE WHEN coalesce(t.r ->> 'op', 'consume') IN ('consume', 'reserve')
                      AND jsonb_typeof(t.r -> 'usage') IS DISTINCT FROM 'object'
                     THEN (t.r ->> 'amount')::bigint END AS amount,
+               (t.r ->> 'expires_at')::timestamptz AS expires_at,
                nullif(t.r ->> 'feature', '') AS feature, nullif(t.r ->> 'comment', '') AS comment
           FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(r, n)
     ), account_need AS (
         SELECT q.account_id, sum(q.amount)::bigint AS total,
-               -- coalesce: bool_and skips NULLs, and a call of another kind has no amount
+               coalesce(sum(q.amount) FILTER (WHERE q.op = 'consume'), 0)::bigint AS spent,
+               -- coalesce: bool_and skips NULLs
                bool_and(coalesce(q.amount > 0 AND q.key IS NOT NULL AND q.hash IS NOT NULL
+                                 AND (q.op = 'consume' OR q.expires_at IS NOT NULL)
                                  AND k.idempotency_key IS NULL, false))
                    AND count(DISTINCT q.key) = count(*) AS plain
           FROM request q
@@ -58,18 +63,19 @@ BEGIN
             ON k.account_id = q.account_id AND k.idempotency_key = q.key
          GROUP BY q.account_id
     ), ready AS (
-        SELECT a.account_id, a.balance_micros, a.held_micros, a.reward_balance_micros, n.total
+        SELECT a.account_id, a.balance_micros, a.held_micros, a.reward_balance_micros,
+               n.total, n.spent
           FROM account_need n
           -- "= ANY": the plan looks up the batch's accounts, whatever it estimates of n.
           JOIN accounts a ON a.account_id = ANY (batch_accounts) AND a.account_id = n.account_id
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
            AND a.balance_micros - a.held_micros >= n.total
-           -- ledger_low_balance_check would record an alert for one of them
+           -- ledger_low_balance_check would record an alert for one of the Consumes
            AND coalesce(NOT (coalesce(a.low_balance_threshold_micros, default_threshold) > 0
                              AND a.balance_micros >= coalesce(a.low_balance_threshold_micros,
                                                               default_threshold)
-                             AND a.balance_micros - n.total < coalesce(
+                             AND a.balance_micros - n.spent < coalesce(
                                  a.low_balance_threshold_micros, default_threshold)), false)
     ), lot AS (
         -- Each ready account's main lots with credits, in consumption order, as ranges
@@ -90,81 +96,107 @@ BEGIN
         WINDOW w AS (PARTITION BY r.account_id ORDER BY l.priority, l.expires_at, l.lot_id
                      ROWS UNBOUNDED PRECEDING)
     ), covered AS (
-        SELECT r.account_id, r.balance_micros, r.held_micros, r.reward_balance_micros, r.total
+        SELECT r.account_id, r.balance_micros, r.held_micros, r.reward_balance_micros,
+               r.total, r.spent
           FROM ready r
          WHERE r.total <= (SELECT max(lot_end) FROM lot WHERE lot.account_id = r.account_id)
     ), charge AS (
-        -- Each call's slice [call_start, call_end) of its account's credits, in arrival order.
-        SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.feature, q.comment,
+        -- Each call's slice [call_start, call_end) of its account's credits, in arrival
+        -- order, and the account's balances once it is made.
+        SELECT q.n, q.op, q.account_id, q.key, q.hash, q.amount, q.feature, q.comment,
+               CASE WHEN q.op = 'consume' THEN p_now ELSE q.expires_at END AS expires_at,
                gen_random_uuid() AS reservation_id,
-               c.balance_micros - (sum(q.amount) OVER w)::bigint AS balance_after,
-               c.held_micros, c.reward_balance_micros,
+               c.balance_micros - coalesce(sum(q.amount) FILTER (WHERE q.op = 'consume')
+                                               OVER w, 0)::bigint AS balance_after,
+               c.held_micros + coalesce(sum(q.amount) FILTER (WHERE q.op = 'reserve')
+                                            OVER w, 0)::bigint AS held_after,
+               c.reward_balance_micros,
                (sum(q.amount) OVER w)::bigint - q.amount AS call_start,
                (sum(q.amount) OVER w)::bigint AS call_end
           FROM request q JOIN covered c ON c.account_id = q.account_id
         WINDOW w AS (PARTITION BY q.account_id ORDER BY q.n ROWS UNBOUNDED PRECEDING)
     ), take AS (
-        SELECT c.n, c.account_id, c.reservation_id, l.lot_id, l.source,
-               least(c.call_end, l.lot_end) - greatest(c.call_start, l.lot_start) AS micros,
+        SELECT c.n, c.account_id, c.reservation_id, l.lot_id, l.source, t.micros,
+               CASE WHEN c.op = 'consume' THEN t.micros ELSE 0 END AS spent,
                (row_number() OVER (PARTITION BY c.n ORDER BY l.lot_start) - 1)::smallint AS seq
           FROM charge c
           JOIN lot l ON l.account_id = c.account_id
                     AND l.lot_start < c.call_end AND l.lot_end > c.call_start
+          CROSS JOIN LATERAL (SELECT least(c.call_end, l.lot_end)
+                                     - greatest(c.call_start, l.lot_start) AS micros) t
     ), took AS (
         SELECT n, count(*)::int AS lot_count,
-               jsonb_agg(ledger_reservation_lot_json(lot_id, source, micros, micros)
+               jsonb_agg(ledger_reservation_lot_json(lot_id, source, micros, spent)
                          ORDER BY seq) AS lots_json
           FROM take GROUP BY n
     ), journal AS (
         INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id,
                                           feature, comment, created_at)
-        SELECT account_id, 'charge', -amount, reservation_id, feature, comment, p_now
+        SELECT account_id, CASE op WHEN 'consume' THEN 'charge' ELSE 'hold' END,
+               CASE op WHEN 'consume' THEN -amount ELSE amount END, reservation_id, feature,
+               comment, p_now
           FROM charge ORDER BY account_id COLLATE "C", n
         RETURNING account_id, transaction_id, reservation_id
     ), reserved AS (
         INSERT INTO reservations AS r (account_id, reservation_id, status, held_micros,
                                        committed_micros, expires_at, created_at, finalized_at,
-                                       feature, comment, charge_transaction_id)
-        SELECT c.account_id, c.reservation_id, 'committed', c.amount, c.amount, p_now, p_now,
-               p_now, c.feature, c.comment, j.transaction_id
+                                       feature, comment, charge_transaction_id,
+                                       hold_transaction_id)
+        SELECT c.account_id, c.reservation_id,
+               CASE c.op WHEN 'consume' THEN 'committed' ELSE 'pending' END, c.amount,
+               CASE c.op WHEN 'consume' THEN c.amount ELSE 0 END, c.expires_at, p_now,
+               CASE c.op WHEN 'consume' THEN p_now END, c.feature, c.comment,
+               CASE c.op WHEN 'consume' THEN j.transaction_id END,
+               CASE c.op WHEN 'reserve' THEN j.transaction_id END
           FROM charge c
           JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
         RETURNING r.reservation_id, r AS row
     ), lots_taken AS (
-        UPDATE lots l SET remaining_micros = l.remaining_micros - t.micros
-          FROM (SELECT account_id, lot_id, sum(micros)::bigint AS micros
+        UPDATE lots l SET held_micros = l.held_micros + t.held,
+                          remaining_micros = l.remaining_micros - t.spent
+          FROM (SELECT account_id, lot_id, sum(micros - spent)::bigint AS held,
+                       sum(spent)::bigint AS spent
                   FROM take GROUP BY account_id, lot_id) t
          WHERE l.account_id = t.account_id AND l.lot_id = t.lot_id
     ), posted AS (
         INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id,
                               source, amount_micros)
         SELECT t.account_id, j.transaction_id, t.seq, 'account:main', t.lot_id, t.source,
-               -t.micros
+               -t.spent
           FROM take t
           JOIN journal j ON j.account_id = t.account_id AND j.reservation_id = t.reservation_id
+         WHERE t.spent > 0
         UNION ALL
         SELECT c.account_id, j.transaction_id, k.lot_count, 'revenue', NULL, NULL, c.amount
           FROM charge c
           JOIN took k ON k.n = c.n
           JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
+         WHERE c.op = 'consume'
     ), reserved_lots AS (
         INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros,
                                       committed_micros)
-        SELECT account_id, reservation_id, lot_id, seq, micros, micros FROM take
+        SELECT account_id, reservation_id, lot_id, seq, micros, spent FROM take
     ), charged AS (
-        UPDATE accounts a SET balance_micros = a.balance_micros - c.total
+        UPDATE accounts a
+           SET balance_micros = a.balance_micros - c.spent,
+               held_micros = a.held_micros + (c.total - c.spent),
+               next_maintenance_at = least(a.next_maintenance_at, (
+                   SELECT min(expires_at) FROM charge
+                    WHERE charge.account_id = c.account_id AND charge.op = 'reserve'))
           FROM covered c
          WHERE a.account_id = ANY (batch_accounts) AND a.account_id = c.account_id
     ), stored AS (
         INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash,
                                       response, created_at)
-        SELECT c.account_id, c.key, 'consume', c.hash, jsonb_build_object(
+        SELECT c.account_id, c.key, c.op, c.hash,
+               jsonb_build_object(
                    'reservation', ledger_reservation_row_json(r.row, k.lots_json),
-                   'transaction_id', j.transaction_id::text,
-                   'low_balance_alert_id', NULL::bigint,
                    'balance', ledger_balance_values_json(c.account_id, c.balance_after,
-                                                         c.held_micros, c.reward_balance_micros,
-                                                         p_now)),
+                                                         c.held_after, c.reward_balance_micros,
+                                                         p_now))
+               || CASE c.op WHEN 'consume' THEN jsonb_build_object(
+                      'transaction_id', j.transaction_id::text,
+                      'low_balance_alert_id', NULL::bigint) ELSE '{}' END,
                p_now
           FROM charge c
           JOIN took k ON k.n = c.n

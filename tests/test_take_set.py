@@ -1,6 +1,6 @@
-"""The set-based Consume of a batch (sql/functions/0008_consume_set.sql) leaves every
-account exactly as ledger_consume, call by call, would have left it, and takes only the
-calls that are sure to succeed."""
+"""The set-based Consume and Reserve of a batch (sql/functions/0008_take_set.sql) leave every
+account exactly as ledger_consume and ledger_reserve, call by call, would have left it, and
+take only the calls that are sure to succeed."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ SOURCES = [
 ]
 # Keys of a stored answer that name a row: compared by which row, not by its number.
 ID_KEYS = {"lot_id", "transaction_id", "charge_transaction_id", "reservation_id"}
+HOLD_UNTIL = "2999-01-01T00:00:00+00:00"
 TIME_KEYS = {"as_of", "created_at", "expires_at", "finalized_at"}
 
 
@@ -43,8 +44,8 @@ def _fund(ledger: Ledger, account: str, rng: random.Random) -> None:
 
 
 def _requests(ledger: Ledger, accounts: list[str], rng: random.Random) -> list[dict[str, object]]:
-    """Calls for the accounts in an interleaved arrival order, each account's within its
-    available credits."""
+    """Consumes and Reserves for the accounts in an interleaved arrival order, each account's
+    within its available credits."""
     calls: list[dict[str, object]] = []
     for number, account in enumerate(accounts):
         left = ledger.balance(account).available_micros
@@ -54,9 +55,10 @@ def _requests(ledger: Ledger, accounts: list[str], rng: random.Random) -> list[d
                 break
             left -= amount
             calls.append(
-                {"account": account, "key": f"k{number}-{call}", "hash": "ab", "amount": amount,
-                 "usage": None, "feature": rng.choice(["", "chat"]),
-                 "comment": rng.choice(["", "a note"])}
+                {"op": rng.choice(["consume", "reserve"]), "account": account,
+                 "key": f"k{number}-{call}", "hash": "ab", "amount": amount, "usage": None,
+                 "feature": rng.choice(["", "chat"]), "comment": rng.choice(["", "a note"]),
+                 "expires_at": HOLD_UNTIL}
             )  # fmt: skip
     rng.shuffle(calls)
     return calls
@@ -144,9 +146,9 @@ def _snapshot(conn: psycopg.Connection[Any], account: str, now: datetime) -> dic
         "reservations": table(
             "SELECT reservation_id, status, held_micros, committed_micros, refunded_micros,"
             " expires_at = %(now)s, created_at = %(now)s, finalized_at = %(now)s, feature,"
-            " model, comment, usage, charge_transaction_id FROM reservations"
-            " WHERE account_id = %(account)s",
-            {0: reservations, 12: entries},
+            " model, comment, usage, charge_transaction_id, hold_transaction_id"
+            " FROM reservations WHERE account_id = %(account)s",
+            {0: reservations, 12: entries, 13: entries},
         ),
         "reservation_lots": table(
             "SELECT reservation_id, lot_id, seq, held_micros, committed_micros, refunded_micros,"
@@ -188,7 +190,7 @@ def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
             (by_set + one_by_one,),
         )
         now = _moment_after(conn, by_set + one_by_one)
-        row = conn.execute("SELECT ledger_consume_set(%s, %s)", (Jsonb(set_calls), now)).fetchone()
+        row = conn.execute("SELECT ledger_take_set(%s, %s)", (Jsonb(set_calls), now)).fetchone()
         assert row is not None
         assert all(result is not None and "ok" in result for result in row[0])
         with conn.transaction():  # what ledger_consume_batch does when the set takes none
@@ -200,10 +202,8 @@ def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
             for n in in_batch_order:
                 call = single_calls[n]
                 answers[n] = conn.execute(
-                    "SELECT ledger_consume(%s, %s, decode(%s, 'hex'), %s, NULL, %s, %s, %s)",
-                    (call["account"], call["key"], call["hash"], call["amount"],
-                     call["feature"], call["comment"], now),
-                ).fetchone()[0]  # type: ignore[index]  # fmt: skip
+                    "SELECT ledger_batch_call(%s, %s)", (Jsonb(call), now)
+                ).fetchone()[0]  # type: ignore[index]
         micros = round(now.timestamp() * 1_000_000)
         for result, answer in zip(row[0], answers, strict=True):
             assert result["ok"]["replayed"] is False
@@ -217,7 +217,7 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
     Those left changed nothing; the batch function then answers them alone."""
     accounts = {
         reason: new_account(f"left-{reason}")
-        for reason in ("short", "replayed", "twice", "priced", "reserve", "due", "alert",
+        for reason in ("short", "replayed", "twice", "priced", "commit", "due", "alert",
                        "many-lots", "unknown", "taken")
     }  # fmt: skip
     for reason, account in accounts.items():
@@ -231,6 +231,7 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
     ledger.grant(accounts["due"], 1, expires_in=Duration(seconds=3600))
     used = new_key()
     ledger.consume(accounts["replayed"], CREDIT, key=used)
+    held = ledger.reserve(accounts["commit"], CREDIT).reservation.reservation_id
 
     def call(reason: str, amount: float = 1, **fields: object) -> dict[str, object]:
         return {"account": accounts[reason], "key": new_key(), "hash": "ab",
@@ -243,12 +244,12 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
         call("replayed", key=used),
         call("twice", key=twice), call("twice", key=twice),
         call("priced", usage={"feature": "chat", "quantities": {"tokens": 1}}),
-        call("reserve"), call("reserve", op="reserve", expires_at="2999-01-01T00:00:00+00:00"),
+        call("commit"), call("commit", op="commit", reservation_id=held),
         call("due"),
         call("alert", 9.5),
         call("many-lots", 65),
         call("unknown"),
-        call("taken", 2), call("taken", 3),
+        call("taken", 2), call("taken", 3, op="reserve", expires_at=HOLD_UNTIL),
     ]  # fmt: skip
     with psycopg.connect(ledger_db_url, autocommit=True) as conn:
         # One alert threshold, on the account meant to raise an alert.
@@ -263,12 +264,16 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
             for reason, account in accounts.items()
             if reason != "taken"
         }
-        row = conn.execute("SELECT ledger_consume_set(%s, %s)", (Jsonb(requests), now)).fetchone()
+        row = conn.execute("SELECT ledger_take_set(%s, %s)", (Jsonb(requests), now)).fetchone()
         assert row is not None
         taken = [n for n, result in enumerate(row[0]) if result is not None]
         assert taken == [len(requests) - 2, len(requests) - 1]
         for reason, snapshot in before.items():
             assert _snapshot(conn, accounts[reason], now) == snapshot, reason
-        balance = row[0][-1]["ok"]["balance"]
-        assert balance["balance_micros"] == 5 * CREDIT
-        assert row[0][-2]["ok"]["balance"]["balance_micros"] == 8 * CREDIT
+        consumed, reserved = row[0][-2]["ok"], row[0][-1]["ok"]
+        assert consumed["balance"]["balance_micros"] == 8 * CREDIT
+        assert reserved["reservation"]["status"] == "pending"
+        assert (reserved["balance"]["balance_micros"], reserved["balance"]["held_micros"]) == (
+            8 * CREDIT,
+            3 * CREDIT,
+        )
