@@ -3,9 +3,10 @@
 -- its WAL flush) are as large as its work, and every write to one account holds that
 -- account's row lock until it commits. When such calls queue up in the server
 -- (server/group_commit.py), they come here as one batch: one round trip, one transaction,
--- one commit, each call in a savepoint of its own so a refused one (insufficient credits,
--- a reused key, an unknown reservation) changes nothing and the others go on. A batch may
--- hold calls for many accounts and several calls for one account.
+-- one commit. The Consumes and Reserves sure to succeed are written together first
+-- (0008_take_set.sql); every other call runs in a savepoint of its own, so a refused one
+-- (insufficient credits, a reused key, an unknown reservation) changes nothing and the
+-- others go on. A batch may hold calls for many accounts and several calls for one account.
 --
 -- Lock order: the calls run in account_id order (C collation), a stable sort, so one
 -- account's calls keep their arrival order (a Commit after the Reserve it settles), and two
