@@ -52,4 +52,6 @@ def assert_finished(jobs: list[Job]) -> None:
     """Every job ran to the end (a failing job would otherwise just wait for its retry)."""
     for job in jobs:
         status = job.get_status(refresh=True)
-        assert status == JobStatus.FINISHED, (job.func_name, status, job.exc_info)
+        result = job.latest_result()
+        failure = result.exc_string if result is not None else None
+        assert status == JobStatus.FINISHED, (job.func_name, status, failure)
