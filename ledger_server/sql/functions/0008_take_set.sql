@@ -53,6 +53,7 @@ BEGIN
     ), account_need AS (
         SELECT q.account_id, sum(q.amount)::bigint AS total,
                coalesce(sum(q.amount) FILTER (WHERE q.op = 'consume'), 0)::bigint AS spent,
+               min(q.expires_at) FILTER (WHERE q.op = 'reserve') AS hold_until,
                -- coalesce: bool_and skips NULLs
                bool_and(coalesce(q.amount > 0 AND q.key IS NOT NULL AND q.hash IS NOT NULL
                                  AND (q.op = 'consume' OR q.expires_at IS NOT NULL)
@@ -64,19 +65,18 @@ BEGIN
          GROUP BY q.account_id
     ), ready AS (
         SELECT a.account_id, a.balance_micros, a.held_micros, a.reward_balance_micros,
-               n.total, n.spent
+               n.total, n.spent, n.hold_until
           FROM account_need n
           -- "= ANY": the plan looks up the batch's accounts, whatever it estimates of n.
           JOIN accounts a ON a.account_id = ANY (batch_accounts) AND a.account_id = n.account_id
+          CROSS JOIN LATERAL (SELECT coalesce(a.low_balance_threshold_micros,
+                                              default_threshold) AS threshold) t
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
            AND a.balance_micros - a.held_micros >= n.total
            -- ledger_low_balance_check would record an alert for one of the Consumes
-           AND coalesce(NOT (coalesce(a.low_balance_threshold_micros, default_threshold) > 0
-                             AND a.balance_micros >= coalesce(a.low_balance_threshold_micros,
-                                                              default_threshold)
-                             AND a.balance_micros - n.spent < coalesce(
-                                 a.low_balance_threshold_micros, default_threshold)), false)
+           AND coalesce(NOT (t.threshold > 0 AND a.balance_micros >= t.threshold
+                             AND a.balance_micros - n.spent < t.threshold), false)
     ), lot AS (
         -- Each ready account's main lots with credits, in consumption order, as ranges
         -- [lot_start, lot_end) of its spendable credits.
@@ -97,7 +97,7 @@ BEGIN
                      ROWS UNBOUNDED PRECEDING)
     ), covered AS (
         SELECT r.account_id, r.balance_micros, r.held_micros, r.reward_balance_micros,
-               r.total, r.spent
+               r.total, r.spent, r.hold_until
           FROM ready r
          WHERE r.total <= (SELECT max(lot_end) FROM lot WHERE lot.account_id = r.account_id)
     ), charge AS (
@@ -180,9 +180,7 @@ BEGIN
         UPDATE accounts a
            SET balance_micros = a.balance_micros - c.spent,
                held_micros = a.held_micros + (c.total - c.spent),
-               next_maintenance_at = least(a.next_maintenance_at, (
-                   SELECT min(expires_at) FROM charge
-                    WHERE charge.account_id = c.account_id AND charge.op = 'reserve'))
+               next_maintenance_at = least(a.next_maintenance_at, c.hold_until)
           FROM covered c
          WHERE a.account_id = ANY (batch_accounts) AND a.account_id = c.account_id
     ), stored AS (
