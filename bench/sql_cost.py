@@ -14,8 +14,9 @@ Operations, on accounts holding 5 lots (daily, sign-up, promotion, subscription,
 `ledger_consume_batch`, as the server coalesces a hot account's calls), `consume, 25 accounts
 in a batch` (per Consume, 25 calls on 25 accounts committed together, the server's group
 commit; a tree without group commit runs them as 25 transactions, as its server did),
-`reserve+commit` (one pair), `balance`. Needs `valgrind` on PATH; writes
-bench/sql_cost.json and a section of BENCHMARKS.md."""
+`reserve+commit` (one pair), `reserve+commit, 25 accounts in a batch` (per pair: a batch of
+25 Reserves on 25 accounts, then a batch of their 25 Commits), `balance`. Needs `valgrind`
+on PATH; writes bench/sql_cost.json and a section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ OPERATIONS = (
     "consume, batch of 25",
     "consume, 25 accounts in a batch",
     "reserve+commit",
+    "reserve+commit, 25 accounts in a batch",
     "balance",
 )
 BATCH = 25  # the hot-account path: Consumes coalesced into one ledger_consume_batch
@@ -109,6 +111,26 @@ def _batch(tag: str, start: int, one_account: bool, group_commit: bool) -> list[
     return [f"SELECT ledger_consume_batch('[{requests}]'::jsonb, now());"]
 
 
+def _pairs_batch(tag: str, start: int) -> str:
+    """BATCH Reserves on as many accounts in one ledger_consume_batch, then their Commits in
+    another, one statement (the Commits need the Reserves' reservation ids)."""
+    reserves = ", ".join(
+        f'{{"op": "reserve", "account": "{_account(j)}", "key": "r-{tag}-{j}", "hash": "00",'
+        f' "amount": 50000, "usage": null, "feature": "bench", "comment": "",'
+        f' "expires_at": "2999-01-01T00:00:00Z"}}'
+        for j in range(start, start + BATCH)
+    )
+    return (
+        f"WITH held AS (SELECT ledger_consume_batch('[{reserves}]'::jsonb, now()) AS answers)"
+        " SELECT ledger_consume_batch((SELECT jsonb_agg(jsonb_build_object("
+        "'op', 'commit', 'account', a -> 'ok' -> 'reservation' ->> 'account_id',"
+        f" 'key', 'm-{tag}-' || n, 'hash', '00', 'amount', 1000 + n * 7, 'usage', NULL,"
+        " 'comment', '', 'reservation_id', a -> 'ok' -> 'reservation' ->> 'reservation_id')"
+        " ORDER BY n) FROM held, jsonb_array_elements(held.answers) WITH ORDINALITY AS t(a, n)),"
+        " now());"
+    )
+
+
 def statements(operation: str, count: int, tag: str, group_commit: bool) -> str:
     """``count`` calls of ``operation`` as the server makes them, spread over the accounts.
     ``group_commit``: the tree's ledger_consume_batch takes calls on many accounts."""
@@ -131,6 +153,9 @@ def statements(operation: str, count: int, tag: str, group_commit: bool) -> str:
                 f" 'reservation_id')::uuid, 'm-{tag}-{i}', '\\x00'::bytea, {amount // 3},"
                 " NULL::jsonb, '', now());"
             )
+        elif operation == "reserve+commit, 25 accounts in a batch":
+            if i % BATCH == 0:
+                lines.append(_pairs_batch(tag, i))
         else:
             lines.append(f"SELECT ledger_balance('{account}', now());")
     return "\n".join(lines) + "\n"

@@ -222,6 +222,13 @@ class Flow:
                 for i in range(3)
             ]  # fmt: skip
             self.call("consume_batch", "consume", requests=Jsonb(batch))
+            pending = self.reserve(2 * credit)
+            commits = [
+                {"op": "commit", "account": self.account, "key": "batch-commit",
+                 "hash": "00" * 32, "amount": credit, "usage": None, "comment": "",
+                 "reservation_id": pending}
+            ]  # fmt: skip
+            self.call("consume_batch", "commit", requests=Jsonb(commits))
         self.call(
             "list_lots", include_inactive=False, after_priority=None, after_expires=None,
             after_lot=None, limit=101,

@@ -1,10 +1,12 @@
-"""The set-based Consume and Reserve of a batch (sql/functions/0008_take_set.sql) leave every
-account exactly as ledger_consume and ledger_reserve, call by call, would have left it, and
-take only the calls that are sure to succeed."""
+"""The set-based Consume, Reserve and Commit of a batch (sql/functions/0008_take_set.sql,
+0009_commit_set.sql) leave every account exactly as ledger_consume, ledger_reserve and
+ledger_commit, call by call, would have left it, and take only the calls that are sure to
+succeed."""
 
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,6 +15,8 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from psycopg.types.json import Jsonb
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 from support.ledger import CREDIT, Ledger, new_account, new_key
 
@@ -29,8 +33,9 @@ HOLD_UNTIL = "2999-01-01T00:00:00+00:00"
 TIME_KEYS = {"as_of", "created_at", "expires_at", "finalized_at"}
 
 
-def _fund(ledger: Ledger, account: str, rng: random.Random) -> None:
-    """A few lots of mixed sources and expiries, one of them partly held."""
+def _fund(ledger: Ledger, account: str, rng: random.Random, feature: str) -> list[str]:
+    """A few lots of mixed sources and expiries and a few holds across them, one of them
+    priced by the rate card (feature). Returns the holds' reservation ids."""
     for _ in range(rng.randint(1, 6)):
         expiry = rng.choice([None, 3600, 7200, 86400])
         ledger.grant(
@@ -39,15 +44,55 @@ def _fund(ledger: Ledger, account: str, rng: random.Random) -> None:
             source=rng.choice(SOURCES),
             **({} if expiry is None else {"expires_in": Duration(seconds=expiry)}),
         )
-    available = ledger.balance(account).available_micros
-    ledger.reserve(account, rng.randint(1, available // 4 + 1))
+    held = []
+    for _ in range(rng.randint(1, 4)):
+        available = ledger.balance(account).available_micros
+        if available >= CREDIT and rng.random() < 0.4:  # 1,000 tokens cost 1 credit
+            usage = types_pb2.Usage(
+                feature=feature,
+                model="m1",
+                quantities=[
+                    types_pb2.UsageQuantity(
+                        unit=types_pb2.USAGE_UNIT_TOKENS, quantity=rng.randint(1, 1000)
+                    )
+                ],
+            )
+            reserved = ledger.stub.Reserve(
+                pb.ReserveRequest(account_id=account, idempotency_key=new_key(), usage=usage)
+            )
+        else:
+            reserved = ledger.reserve(
+                account,
+                rng.randint(1, available // 3 + 1),
+                feature=rng.choice(["", "chat"]),
+                comment=rng.choice(["", "held"]),
+            )
+        held.append(reserved.reservation.reservation_id)
+    return held
 
 
-def _requests(ledger: Ledger, accounts: list[str], rng: random.Random) -> list[dict[str, object]]:
-    """Consumes and Reserves for the accounts in an interleaved arrival order, each account's
-    within its available credits."""
+def _requests(
+    ledger: Ledger, accounts: list[str], held: dict[str, list[str]], rng: random.Random
+) -> list[dict[str, object]]:
+    """Consumes and Reserves, or Commits of the account's holds, for the accounts in an
+    interleaved arrival order, each account's within its available credits."""
     calls: list[dict[str, object]] = []
     for number, account in enumerate(accounts):
+        if rng.random() < 0.5:
+            holds = held[account]
+            for call, place in enumerate(rng.sample(range(len(holds)), rng.randint(1, len(holds)))):
+                reservation = ledger.stub.GetReservation(
+                    pb.GetReservationRequest(account_id=account, reservation_id=holds[place])
+                ).reservation
+                amount = rng.choice(
+                    [0, reservation.held_micros, rng.randint(0, reservation.held_micros)]
+                )
+                calls.append(
+                    {"op": "commit", "account": account, "key": f"k{number}-{call}",
+                     "hash": "ab", "amount": amount, "usage": None,
+                     "comment": rng.choice(["", "a note"]), "reservation_id": holds[place]}
+                )  # fmt: skip
+            continue
         left = ledger.balance(account).available_micros
         for call in range(rng.randint(1, 5)):
             amount = rng.randint(1, max(1, left // 2))
@@ -159,30 +204,38 @@ def _snapshot(conn: psycopg.Connection[Any], account: str, now: datetime) -> dic
             (key, operation, bytes(digest), _canonical(response, answer_ids, micros))
             for key, operation, digest, response in rows(
                 "SELECT idempotency_key, operation, request_hash, response FROM idempotency_keys"
-                " WHERE account_id = %(account)s AND operation = 'consume'"
+                " WHERE account_id = %(account)s AND idempotency_key ~ '^k[0-9]+-[0-9]+$'"
                 " ORDER BY idempotency_key"
             )
         ],
     }
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
-    ledger: Ledger, ledger_db_url: str, seed: int
+    ledger: Ledger, admin: Any, ledger_db_url: str, seed: int
 ) -> None:
     rng = random.Random(seed)
-    count = rng.randint(1, 3)
+    feature = f"priced-{uuid.uuid4().hex[:8]}"
+    admin.SetPrice(
+        admin_pb.SetPriceRequest(
+            price=admin_pb.Price(feature=feature, model="m1", unit=types_pb2.USAGE_UNIT_TOKENS,
+                                 unit_size=1, unit_price_micros=CREDIT // 1000)
+        )
+    )  # fmt: skip
+    count = rng.randint(1, 4)
     by_set = [new_account(f"set{seed}-{n}") for n in range(count)]
     one_by_one = [new_account(f"one{seed}-{n}") for n in range(count)]
+    held: dict[str, list[str]] = {}
     for pair in zip(by_set, one_by_one, strict=True):
         funding = rng.getstate()
         for account in pair:  # the same lots, holds and calls for both
             rng.setstate(funding)
-            _fund(ledger, account, rng)
+            held[account] = _fund(ledger, account, rng, feature)
     calls_state = rng.getstate()
-    set_calls = _requests(ledger, by_set, rng)
+    set_calls = _requests(ledger, by_set, held, rng)
     rng.setstate(calls_state)
-    single_calls = _requests(ledger, one_by_one, rng)
+    single_calls = _requests(ledger, one_by_one, held, rng)
     with psycopg.connect(ledger_db_url, autocommit=True) as conn:
         # No low-balance alert: a call raising one goes one by one (the test below).
         conn.execute(
@@ -213,12 +266,14 @@ def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
 
 
 def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url: str) -> None:
-    """Each account below has one reason for its calls to go one by one; the last has none.
-    Those left changed nothing; the batch function then answers them alone."""
+    """Each account below has one reason for its calls to go one by one; the last two have
+    none. Those left changed nothing; the batch function then answers them alone."""
     accounts = {
         reason: new_account(f"left-{reason}")
         for reason in ("short", "replayed", "twice", "priced", "commit", "due", "alert",
-                       "many-lots", "unknown", "taken")
+                       "many-lots", "unknown", "over-held", "settled-twice", "priced-commit",
+                       "not-pending", "no-such-hold", "held-lot-expired", "commit-alert",
+                       "taken", "commits-taken")
     }  # fmt: skip
     for reason, account in accounts.items():
         if reason == "unknown":
@@ -229,14 +284,30 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
         else:
             ledger.grant(account, 10)
     ledger.grant(accounts["due"], 1, expires_in=Duration(seconds=3600))
+    # Held first (nearest expiry), expired when the batch runs, its hold still pending.
+    ledger.grant(accounts["held-lot-expired"], 1, expires_in=Duration(seconds=3600))
     used = new_key()
     ledger.consume(accounts["replayed"], CREDIT, key=used)
-    held = ledger.reserve(accounts["commit"], CREDIT).reservation.reservation_id
+    day = Duration(seconds=86400)  # the holds outlast the batch's moment
+
+    def hold(reason: str, credits: float = 1) -> str:
+        held = ledger.reserve(accounts[reason], round(credits * CREDIT), ttl=day)
+        return held.reservation.reservation_id
+
+    holds = {reason: hold(reason) for reason in (
+        "commit", "over-held", "settled-twice", "priced-commit", "not-pending",
+        "held-lot-expired")}  # fmt: skip
+    holds["commit-alert"] = hold("commit-alert", 9.5)
+    holds["commits-taken"], second_hold = hold("commits-taken", 2), hold("commits-taken", 3)
+    ledger.commit(accounts["not-pending"], holds["not-pending"], CREDIT)
 
     def call(reason: str, amount: float = 1, **fields: object) -> dict[str, object]:
         return {"account": accounts[reason], "key": new_key(), "hash": "ab",
                 "amount": round(amount * CREDIT), "usage": None, "feature": "", "comment": "",
                 **fields}  # fmt: skip
+
+    def commit(reason: str, amount: float = 1, **fields: object) -> dict[str, object]:
+        return call(reason, amount, **{"op": "commit", "reservation_id": holds[reason], **fields})
 
     twice = new_key()
     requests = [
@@ -244,36 +315,59 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
         call("replayed", key=used),
         call("twice", key=twice), call("twice", key=twice),
         call("priced", usage={"feature": "chat", "quantities": {"tokens": 1}}),
-        call("commit"), call("commit", op="commit", reservation_id=held),
+        call("commit"), commit("commit"),
         call("due"),
         call("alert", 9.5),
         call("many-lots", 65),
         call("unknown"),
+        commit("over-held", 1.5),
+        commit("settled-twice", 0.5), commit("settled-twice", 0.5),
+        commit("priced-commit", usage={"quantities": [{"unit": "tokens", "quantity": 1}]}),
+        commit("not-pending"),
+        call("no-such-hold", op="commit", reservation_id=str(uuid.uuid4())),
+        commit("held-lot-expired", 0.5),
+        commit("commit-alert", 9.5),
         call("taken", 2), call("taken", 3, op="reserve", expires_at=HOLD_UNTIL),
+        commit("commits-taken", 1.5), commit("commits-taken", 3, reservation_id=second_hold),
     ]  # fmt: skip
     with psycopg.connect(ledger_db_url, autocommit=True) as conn:
-        # One alert threshold, on the account meant to raise an alert.
+        # One alert threshold, on the accounts meant to raise an alert.
         conn.execute(
             "UPDATE accounts SET low_balance_threshold_micros ="
-            " CASE WHEN account_id = %s THEN %s ELSE 0 END WHERE account_id = ANY (%s)",
-            (accounts["alert"], CREDIT, list(accounts.values())),
+            " CASE WHEN account_id = ANY (%s) THEN %s ELSE 0 END WHERE account_id = ANY (%s)",
+            ([accounts["alert"], accounts["commit-alert"]], CREDIT, list(accounts.values())),
         )
         now = _moment_after(conn, list(accounts.values())) + timedelta(hours=2)
+        # What a call at `now` does first: the expired lot's unheld credits expire, and
+        # nothing is due on the account until its hold times out.
+        conn.execute("SELECT ledger_lock_account(%s, %s)", (accounts["held-lot-expired"], now))
         before = {
             reason: _snapshot(conn, account, now)
             for reason, account in accounts.items()
-            if reason != "taken"
+            if not reason.endswith("taken")
         }
         row = conn.execute("SELECT ledger_take_set(%s, %s)", (Jsonb(requests), now)).fetchone()
         assert row is not None
         taken = [n for n, result in enumerate(row[0]) if result is not None]
-        assert taken == [len(requests) - 2, len(requests) - 1]
+        assert taken == list(range(len(requests) - 4, len(requests)))
         for reason, snapshot in before.items():
             assert _snapshot(conn, accounts[reason], now) == snapshot, reason
-        consumed, reserved = row[0][-2]["ok"], row[0][-1]["ok"]
+        consumed, reserved, first, second = (result["ok"] for result in row[0][-4:])
         assert consumed["balance"]["balance_micros"] == 8 * CREDIT
         assert reserved["reservation"]["status"] == "pending"
         assert (reserved["balance"]["balance_micros"], reserved["balance"]["held_micros"]) == (
             8 * CREDIT,
             3 * CREDIT,
+        )
+        assert (first["reservation"]["status"], first["reservation"]["committed_micros"]) == (
+            "committed",
+            1.5 * CREDIT,
+        )
+        assert (first["balance"]["balance_micros"], first["balance"]["held_micros"]) == (
+            8.5 * CREDIT,
+            3 * CREDIT,
+        )
+        assert (second["balance"]["balance_micros"], second["balance"]["held_micros"]) == (
+            5.5 * CREDIT,
+            0,
         )

@@ -8,8 +8,10 @@
 -- (no usage to price) with a key new to the account and distinct within the batch, nothing
 -- is due on the account (expiry, timed-out holds, allowance), its available credits cover
 -- them all, its Consumes raise no low-balance alert, and its first 64 lots with credits
--- cover them. Anything else (a refusal, a replay, a first alert, a Commit) is left to
--- ledger_consume_batch's call-by-call path, which gives it the answer it gets alone.
+-- cover them. The plain Commits are taken by ledger_commit_set (0009_commit_set.sql) on
+-- the same terms. Anything else (a refusal, a replay, a first alert, an account with
+-- Commits beside its Consumes) is left to ledger_consume_batch's call-by-call path, which
+-- gives it the answer it gets alone.
 --
 -- Each call ends exactly as ledger_consume or ledger_reserve would have left it, the
 -- account's calls one after the other in arrival order: the account's lots, in consumption
@@ -36,10 +38,21 @@ DECLARE
                                      FROM jsonb_array_elements(p_requests) r);
     positions int[];
     responses jsonb[];
+    -- jsonb_path_exists: no row per call built to find out.
+    any_commit boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "commit")');
+    any_charge boolean := jsonb_path_exists(p_requests,
+                                            '$[*] ? (!exists(@.op) || @.op != "commit")');
 BEGIN
     PERFORM FROM accounts WHERE account_id = ANY (batch_accounts)
       ORDER BY account_id COLLATE "C"
         FOR UPDATE;
+    IF any_commit THEN
+        results := ledger_commit_set(p_requests, p_now, batch_accounts, default_threshold,
+                                     results);
+    END IF;
+    IF NOT any_charge THEN
+        RETURN results;
+    END IF;
     WITH request AS (
         SELECT t.n::int AS n, t.r ->> 'account' AS account_id, t.r ->> 'key' AS key,
                decode(t.r ->> 'hash', 'hex') AS hash, coalesce(t.r ->> 'op', 'consume') AS op,
@@ -60,8 +73,12 @@ BEGIN
                                  AND k.idempotency_key IS NULL, false))
                    AND count(DISTINCT q.key) = count(*) AS plain
           FROM request q
-          LEFT JOIN idempotency_keys k  -- a key used before: a replay or a conflict
-            ON k.account_id = q.account_id AND k.idempotency_key = q.key
+          -- A key used before: a replay or a conflict. LATERAL ... OFFSET 0 (not merged
+          -- into the join): each key looked up by itself, whatever the plan estimates.
+          LEFT JOIN LATERAL (
+              SELECT k.idempotency_key FROM idempotency_keys k
+               WHERE k.account_id = q.account_id AND k.idempotency_key = q.key OFFSET 0) k
+            ON true
          GROUP BY q.account_id
     ), ready AS (
         SELECT a.account_id, a.balance_micros, a.held_micros, a.reward_balance_micros,
