@@ -200,6 +200,29 @@ def test_fresh_migrate_gives_the_expected_schema(fresh_database_url: str) -> Non
     assert migrations.migrate(fresh_database_url) == []
 
 
+def test_account_ids_and_idempotency_keys_compare_by_their_bytes(
+    fresh_database_url: str,
+) -> None:
+    """Every account id column and the ledger's idempotency key are in the "C" collation: the
+    database's own (a libc locale) would make each comparison in an index probe or a sort
+    call strcoll (migration 0010)."""
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url) as conn:
+        columns = conn.execute(
+            """SELECT c.relname, a.attname, coalesce(l.collname, '(default)')
+                 FROM pg_attribute a
+                 JOIN pg_class c ON c.oid = a.attrelid AND c.relkind = 'r'
+                 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
+                 LEFT JOIN pg_collation l ON l.oid = a.attcollation
+                  AND a.attcollation <> (SELECT oid FROM pg_collation WHERE collname = 'default')
+                WHERE (a.attname IN ('account_id', 'referred_by')
+                       OR (c.relname, a.attname) = ('idempotency_keys', 'idempotency_key'))
+                  AND NOT a.attisdropped"""
+        ).fetchall()
+    assert len(columns) == 17
+    assert [column for column in columns if column[2] != "C"] == []
+
+
 def test_an_edited_migration_is_refused(fresh_database_url: str) -> None:
     migrations.migrate(fresh_database_url)
     with psycopg.connect(fresh_database_url, autocommit=True) as conn:
