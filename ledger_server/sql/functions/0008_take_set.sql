@@ -16,9 +16,8 @@
 -- Each call ends exactly as ledger_consume or ledger_reserve would have left it, the
 -- account's calls one after the other in arrival order: the account's lots, in consumption
 -- order, are one range of spendable credits and each call takes the next slice of it (a
--- Consume spends its slice, a Reserve holds it); the journal entries are numbered in the
--- batch's order (account, then arrival); the stored answer is the one the call stores
--- alone. It locks every account of the batch first, in the batch's one order
+-- Consume spends its slice, a Reserve holds it); an account's journal entries are numbered
+-- in arrival order; the stored answer is the one the call stores alone. It locks every account of the batch first, in the batch's one order
 -- (0007_coalesced.sql), so the calls it leaves find their accounts locked already.
 --
 -- Returns an array as long as p_requests: {"ok": <response>} for each call it made,
@@ -38,6 +37,12 @@ DECLARE
                                      FROM jsonb_array_elements(p_requests) r);
     positions int[];
     responses jsonb[];
+    -- A journal entry's id for each call, drawn before anything is written, so each write
+    -- names its entry without joining back to the rows the journal insert returns. Ids of
+    -- calls left to the call-by-call path go unused (a sequence has gaps anyway); each
+    -- account's calls get increasing ids in arrival order, as one by one.
+    txn_ids bigint[] := ARRAY(SELECT nextval('journal_transactions_transaction_id_seq')
+                                FROM generate_series(1, jsonb_array_length(p_requests)));
     -- jsonb_path_exists: no row per call built to find out.
     any_commit boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "commit")');
     any_charge boolean := jsonb_path_exists(p_requests,
@@ -48,7 +53,7 @@ BEGIN
         FOR UPDATE;
     IF any_commit THEN
         results := ledger_commit_set(p_requests, p_now, batch_accounts, default_threshold,
-                                     results);
+                                     txn_ids, results);
     END IF;
     IF NOT any_charge THEN
         RETURN results;
@@ -121,6 +126,7 @@ BEGIN
         -- Each call's slice [call_start, call_end) of its account's credits, in arrival
         -- order, and the account's balances once it is made.
         SELECT q.n, q.op, q.account_id, q.key, q.hash, q.amount, q.feature, q.comment,
+               txn_ids[q.n] AS txn,
                CASE WHEN q.op = 'consume' THEN p_now ELSE q.expires_at END AS expires_at,
                gen_random_uuid() AS reservation_id,
                c.balance_micros - coalesce(sum(q.amount) FILTER (WHERE q.op = 'consume')
@@ -133,7 +139,7 @@ BEGIN
           FROM request q JOIN covered c ON c.account_id = q.account_id
         WINDOW w AS (PARTITION BY q.account_id ORDER BY q.n ROWS UNBOUNDED PRECEDING)
     ), take AS (
-        SELECT c.n, c.account_id, c.reservation_id, l.lot_id, l.source, t.micros,
+        SELECT c.n, c.account_id, c.reservation_id, c.txn, l.lot_id, l.source, t.micros,
                CASE WHEN c.op = 'consume' THEN t.micros ELSE 0 END AS spent,
                (row_number() OVER (PARTITION BY c.n ORDER BY l.lot_start) - 1)::smallint AS seq
           FROM charge c
@@ -147,13 +153,13 @@ BEGIN
                          ORDER BY seq) AS lots_json
           FROM take GROUP BY n
     ), journal AS (
-        INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id,
-                                          feature, comment, created_at)
-        SELECT account_id, CASE op WHEN 'consume' THEN 'charge' ELSE 'hold' END,
+        INSERT INTO journal_transactions (account_id, transaction_id, kind, amount_micros,
+                                          reservation_id, feature, comment, created_at)
+        OVERRIDING SYSTEM VALUE
+        SELECT account_id, txn, CASE op WHEN 'consume' THEN 'charge' ELSE 'hold' END,
                CASE op WHEN 'consume' THEN -amount ELSE amount END, reservation_id, feature,
                comment, p_now
           FROM charge ORDER BY account_id COLLATE "C", n
-        RETURNING account_id, transaction_id, reservation_id
     ), reserved AS (
         INSERT INTO reservations AS r (account_id, reservation_id, status, held_micros,
                                        committed_micros, expires_at, created_at, finalized_at,
@@ -163,10 +169,9 @@ BEGIN
                CASE c.op WHEN 'consume' THEN 'committed' ELSE 'pending' END, c.amount,
                CASE c.op WHEN 'consume' THEN c.amount ELSE 0 END, c.expires_at, p_now,
                CASE c.op WHEN 'consume' THEN p_now END, c.feature, c.comment,
-               CASE c.op WHEN 'consume' THEN j.transaction_id END,
-               CASE c.op WHEN 'reserve' THEN j.transaction_id END
+               CASE c.op WHEN 'consume' THEN c.txn END,
+               CASE c.op WHEN 'reserve' THEN c.txn END
           FROM charge c
-          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
         RETURNING r.reservation_id, r AS row
     ), lots_taken AS (
         UPDATE lots l SET held_micros = l.held_micros + t.held,
@@ -178,16 +183,13 @@ BEGIN
     ), posted AS (
         INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id,
                               source, amount_micros)
-        SELECT t.account_id, j.transaction_id, t.seq, 'account:main', t.lot_id, t.source,
-               -t.spent
+        SELECT t.account_id, t.txn, t.seq, 'account:main', t.lot_id, t.source, -t.spent
           FROM take t
-          JOIN journal j ON j.account_id = t.account_id AND j.reservation_id = t.reservation_id
          WHERE t.spent > 0
         UNION ALL
-        SELECT c.account_id, j.transaction_id, k.lot_count, 'revenue', NULL, NULL, c.amount
+        SELECT c.account_id, c.txn, k.lot_count, 'revenue', NULL, NULL, c.amount
           FROM charge c
           JOIN took k ON k.n = c.n
-          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
          WHERE c.op = 'consume'
     ), reserved_lots AS (
         INSERT INTO reservation_lots (account_id, reservation_id, lot_id, seq, held_micros,
@@ -210,12 +212,11 @@ BEGIN
                                                          c.held_after, c.reward_balance_micros,
                                                          p_now))
                || CASE c.op WHEN 'consume' THEN jsonb_build_object(
-                      'transaction_id', j.transaction_id::text,
+                      'transaction_id', c.txn::text,
                       'low_balance_alert_id', NULL::bigint) ELSE '{}' END,
                p_now
           FROM charge c
           JOIN took k ON k.n = c.n
-          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
           JOIN reserved r ON r.reservation_id = c.reservation_id
         RETURNING account_id, idempotency_key, response
     )

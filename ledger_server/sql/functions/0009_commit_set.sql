@@ -13,14 +13,16 @@
 --
 -- Each call ends exactly as ledger_commit would have left it, the account's calls one
 -- after the other in arrival order: the charge is taken from the reservation's lots in
--- their order and the rest of the hold goes back; the journal entries are numbered in the
--- batch's order (account, then arrival); the stored answer is the one the call stores
--- alone.
+-- their order and the rest of the hold goes back; an account's journal entries are
+-- numbered in arrival order; the stored answer is the one the call stores alone.
 --
--- p_results: ledger_take_set's answers so far; returned with the Commits made filled in.
+-- p_txn_ids: the journal entry id of each call (ledger_take_set draws them); p_results:
+-- ledger_take_set's answers so far, returned with the Commits made filled in.
+-- Its first form, without p_txn_ids: CREATE OR REPLACE would leave it beside this one.
+DROP FUNCTION IF EXISTS ledger_commit_set(jsonb, timestamptz, text[], bigint, jsonb[]);
 CREATE OR REPLACE FUNCTION ledger_commit_set(
     p_requests jsonb, p_now timestamptz, p_batch_accounts text[], p_default_threshold bigint,
-    p_results jsonb[]) RETURNS jsonb[]
+    p_txn_ids bigint[], p_results jsonb[]) RETURNS jsonb[]
 LANGUAGE plpgsql
 -- As ledger_take_set: one generic plan per connection.
 SET plan_cache_mode = force_generic_plan
@@ -38,11 +40,11 @@ BEGIN
                     THEN (t.r ->> 'amount')::bigint END AS amount,
                CASE WHEN t.r ->> 'op' = 'commit' THEN (t.r ->> 'reservation_id')::uuid
                     END AS reservation_id,
-               nullif(t.r ->> 'comment', '') AS comment
+               nullif(t.r ->> 'comment', '') AS comment, p_txn_ids[t.n] AS txn
           FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(r, n)
     ), settle AS (
         -- Each call with the pending reservation it settles (none for other calls).
-        SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.reservation_id,
+        SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.reservation_id, q.txn,
                coalesce(q.comment, v.comment) AS comment, v.held_micros AS held, v.feature,
                v.model, v.usage
           FROM request q
@@ -55,7 +57,7 @@ BEGIN
                  AND v.status = 'pending' OFFSET 0) v ON true
     ), held AS (
         -- The reservation's lots in their order: what each gives to the charge (used).
-        SELECT s.n, s.account_id, s.reservation_id, h.lot_id, h.seq, h.held_micros,
+        SELECT s.n, s.account_id, s.reservation_id, s.txn, h.lot_id, h.seq, h.held_micros,
                h.source, h.expires_at,
                greatest(0, least(h.held_micros, s.amount - (sum(h.held_micros)
                    OVER (PARTITION BY s.n ORDER BY h.seq) - h.held_micros)))::bigint AS used
@@ -97,7 +99,7 @@ BEGIN
                             WHERE h.account_id = a.account_id AND h.expires_at <= p_now)
     ), charge AS (
         -- Each Commit and the account's balances once it is made.
-        SELECT s.n, s.account_id, s.key, s.hash, s.amount, s.reservation_id, s.comment,
+        SELECT s.n, s.account_id, s.key, s.hash, s.amount, s.reservation_id, s.txn, s.comment,
                s.feature, s.model, s.usage,
                r.balance_micros - (sum(s.amount) OVER w)::bigint AS balance_after,
                r.held_micros - (sum(s.held) OVER w)::bigint AS held_after,
@@ -109,12 +111,13 @@ BEGIN
                         AS lots_used
           FROM held h JOIN ready r ON r.account_id = h.account_id
     ), journal AS (
-        INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id,
-                                          feature, comment, created_at, model, usage)
-        SELECT account_id, 'charge', -amount, reservation_id, nullif(feature, ''), comment,
-               p_now, nullif(model, ''), usage
+        INSERT INTO journal_transactions (account_id, transaction_id, kind, amount_micros,
+                                          reservation_id, feature, comment, created_at, model,
+                                          usage)
+        OVERRIDING SYSTEM VALUE
+        SELECT account_id, txn, 'charge', -amount, reservation_id, nullif(feature, ''),
+               comment, p_now, nullif(model, ''), usage
           FROM charge ORDER BY account_id COLLATE "C", n
-        RETURNING account_id, transaction_id, reservation_id
     ), lots_charged AS (
         UPDATE lots l SET held_micros = l.held_micros - t.held,
                           remaining_micros = l.remaining_micros - t.used
@@ -131,24 +134,19 @@ BEGIN
         INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account, lot_id,
                               source, amount_micros)
         -- used > 0 on a prefix of the lots in seq order, so seq numbers them
-        SELECT t.account_id, j.transaction_id, t.seq, 'account:main', t.lot_id, t.source,
-               -t.used
+        SELECT t.account_id, t.txn, t.seq, 'account:main', t.lot_id, t.source, -t.used
           FROM taken t
-          JOIN journal j ON j.account_id = t.account_id AND j.reservation_id = t.reservation_id
          WHERE t.used > 0
         UNION ALL
-        SELECT c.account_id, j.transaction_id, coalesce(u.lots_used, 0), 'revenue', NULL,
-               NULL, c.amount
+        SELECT c.account_id, c.txn, coalesce(u.lots_used, 0), 'revenue', NULL, NULL, c.amount
           FROM charge c
-          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
           LEFT JOIN (SELECT DISTINCT n, lots_used FROM taken) u ON u.n = c.n
          WHERE c.amount <> 0
     ), settled AS (
         UPDATE reservations v
            SET status = 'committed', committed_micros = c.amount, finalized_at = p_now,
-               charge_transaction_id = j.transaction_id
+               charge_transaction_id = c.txn
           FROM charge c
-          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
          WHERE v.account_id = c.account_id AND v.reservation_id = c.reservation_id
         RETURNING v.reservation_id, v AS row
     ), charged AS (
@@ -168,14 +166,13 @@ BEGIN
                                                                     t.held_micros, t.used)
                                         ORDER BY t.seq)
                          FROM taken t WHERE t.n = c.n)),
-                   'transaction_id', j.transaction_id::text,
+                   'transaction_id', c.txn::text,
                    'low_balance_alert_id', NULL::bigint,
                    'balance', ledger_balance_values_json(c.account_id, c.balance_after,
                                                          c.held_after, c.reward_balance_micros,
                                                          p_now)),
                p_now
           FROM charge c
-          JOIN journal j ON j.account_id = c.account_id AND j.reservation_id = c.reservation_id
           JOIN settled v ON v.reservation_id = c.reservation_id
         RETURNING account_id, idempotency_key, response
     )
