@@ -17,8 +17,9 @@
 -- account's calls one after the other in arrival order: the account's lots, in consumption
 -- order, are one range of spendable credits and each call takes the next slice of it (a
 -- Consume spends its slice, a Reserve holds it); an account's journal entries are numbered
--- in arrival order; the stored answer is the one the call stores alone. It locks every account of the batch first, in the batch's one order
--- (0007_coalesced.sql), so the calls it leaves find their accounts locked already.
+-- in arrival order; the stored answer is the one the call stores alone. It locks every
+-- account of the batch first, in the batch's one order (0007_coalesced.sql), so the calls
+-- it leaves find their accounts locked already.
 --
 -- Returns an array as long as p_requests: {"ok": <response>} for each call it made,
 -- NULL for the others.

@@ -18,6 +18,7 @@
 --
 -- p_txn_ids: the journal entry id of each call (ledger_take_set draws them); p_results:
 -- ledger_take_set's answers so far, returned with the Commits made filled in.
+
 -- Its first form, without p_txn_ids: CREATE OR REPLACE would leave it beside this one.
 DROP FUNCTION IF EXISTS ledger_commit_set(jsonb, timestamptz, text[], bigint, jsonb[]);
 CREATE OR REPLACE FUNCTION ledger_commit_set(
