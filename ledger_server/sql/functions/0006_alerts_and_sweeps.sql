@@ -3,6 +3,16 @@
 -- Signatures that changed: CREATE OR REPLACE would leave the old one beside the new.
 DROP FUNCTION IF EXISTS ledger_low_balance_check(text, bigint, bigint, timestamptz);
 
+-- The one rule of a low-balance alert: a charge takes the main balance from at or above
+-- the threshold to below it (no alerts with a threshold of 0 or less). NULL when the
+-- threshold is unknown. IMMUTABLE over an immutable body, so it is inlined where it is used
+-- in a statement (the batch sets, 0008/0009).
+CREATE OR REPLACE FUNCTION ledger_crosses_low_balance(
+    p_threshold bigint, p_before bigint, p_after bigint) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p_threshold > 0 AND p_before >= p_threshold AND p_after < p_threshold
+$$;
+
 -- Called by every charge (commit, consume, admin debit) with the main balance before
 -- it: when the charge takes the balance from at or above the account's threshold to
 -- below it, records one alert (its email pending when there is an address). Charges
@@ -19,7 +29,7 @@ DECLARE
 BEGIN
     threshold := coalesce(a.low_balance_threshold_micros,
                           (ledger_setting('alerts.low_balance_threshold_micros'))::bigint);
-    IF threshold <= 0 OR p_before < threshold OR a.balance_micros >= threshold THEN
+    IF NOT ledger_crosses_low_balance(threshold, p_before, a.balance_micros) THEN
         RETURN NULL;
     END IF;
     email := coalesce(a.alert_email, nullif(ledger_setting('alerts.email_to') #>> '{}', ''));

@@ -23,6 +23,21 @@
 --
 -- Returns an array as long as p_requests: {"ok": <response>} for each call it made,
 -- NULL for the others.
+-- The answers of the calls a set made (positions in p_requests, stored responses) put
+-- into the batch's results as the call alone answers: {"ok": <response, not replayed>}.
+CREATE OR REPLACE FUNCTION ledger_set_answers(
+    p_results jsonb[], p_positions int[], p_responses jsonb[]) RETURNS jsonb[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    results jsonb[] := p_results;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_positions), 0) LOOP
+        results[p_positions[i]] := jsonb_build_object(
+            'ok', p_responses[i] || jsonb_build_object('replayed', false));
+    END LOOP;
+    RETURN results;
+END $$;
+
 CREATE OR REPLACE FUNCTION ledger_take_set(p_requests jsonb, p_now timestamptz)
     RETURNS jsonb[]
 LANGUAGE plpgsql
@@ -92,14 +107,13 @@ BEGIN
           FROM account_need n
           -- "= ANY": the plan looks up the batch's accounts, whatever it estimates of n.
           JOIN accounts a ON a.account_id = ANY (batch_accounts) AND a.account_id = n.account_id
-          CROSS JOIN LATERAL (SELECT coalesce(a.low_balance_threshold_micros,
-                                              default_threshold) AS threshold) t
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
            AND a.balance_micros - a.held_micros >= n.total
            -- ledger_low_balance_check would record an alert for one of the Consumes
-           AND coalesce(NOT (t.threshold > 0 AND a.balance_micros >= t.threshold
-                             AND a.balance_micros - n.spent < t.threshold), false)
+           AND NOT coalesce(ledger_crosses_low_balance(
+                   coalesce(a.low_balance_threshold_micros, default_threshold),
+                   a.balance_micros, a.balance_micros - n.spent), true)
     ), lot AS (
         -- Each ready account's main lots with credits, in consumption order, as ranges
         -- [lot_start, lot_end) of its spendable credits.
@@ -221,11 +235,7 @@ BEGIN
           JOIN reserved r ON r.reservation_id = c.reservation_id
         RETURNING account_id, idempotency_key, response
     )
-    SELECT array_agg(c.n), array_agg(s.response || jsonb_build_object('replayed', false))
-      INTO positions, responses
+    SELECT array_agg(c.n), array_agg(s.response) INTO positions, responses
       FROM stored s JOIN charge c ON c.account_id = s.account_id AND c.key = s.idempotency_key;
-    FOR i IN 1 .. coalesce(cardinality(positions), 0) LOOP
-        results[positions[i]] := jsonb_build_object('ok', responses[i]);
-    END LOOP;
-    RETURN results;
+    RETURN ledger_set_answers(results, positions, responses);
 END $$;

@@ -89,13 +89,12 @@ BEGIN
           FROM account_need n
           -- "= ANY": the plan looks up the batch's accounts, whatever it estimates of n.
           JOIN accounts a ON a.account_id = ANY (p_batch_accounts) AND a.account_id = n.account_id
-          CROSS JOIN LATERAL (SELECT coalesce(a.low_balance_threshold_micros,
-                                              p_default_threshold) AS threshold) t
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
            -- ledger_low_balance_check would record an alert for one of the Commits
-           AND coalesce(NOT (t.threshold > 0 AND a.balance_micros >= t.threshold
-                             AND a.balance_micros - n.spent < t.threshold), false)
+           AND NOT coalesce(ledger_crosses_low_balance(
+                   coalesce(a.low_balance_threshold_micros, p_default_threshold),
+                   a.balance_micros, a.balance_micros - n.spent), true)
            AND NOT EXISTS (SELECT FROM held h
                             WHERE h.account_id = a.account_id AND h.expires_at <= p_now)
     ), charge AS (
@@ -177,11 +176,7 @@ BEGIN
           JOIN settled v ON v.reservation_id = c.reservation_id
         RETURNING account_id, idempotency_key, response
     )
-    SELECT array_agg(c.n), array_agg(s.response || jsonb_build_object('replayed', false))
-      INTO positions, responses
+    SELECT array_agg(c.n), array_agg(s.response) INTO positions, responses
       FROM stored s JOIN charge c ON c.account_id = s.account_id AND c.key = s.idempotency_key;
-    FOR i IN 1 .. coalesce(cardinality(positions), 0) LOOP
-        results[positions[i]] := jsonb_build_object('ok', responses[i]);
-    END LOOP;
-    RETURN results;
+    RETURN ledger_set_answers(results, positions, responses);
 END $$;
