@@ -14,6 +14,7 @@ from ledger_server.config import ConfigError, Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.observability.logging import setup_logging
 from ledger_server.security import SecurityError, hash_token
+from ledger_server.server import event_loop
 from ledger_server.server.app import running_server
 from ledger_server.server.hardening import startup_checks
 
@@ -26,7 +27,12 @@ async def _serve(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with running_server(settings) as running:
-        log.info("ledger gRPC server listening on %s (port %d)", settings.grpc_addr, running.port)
+        log.info(
+            "ledger gRPC server listening on %s (port %d), event loop %s",
+            settings.grpc_addr,
+            running.port,
+            f"{type(loop).__module__}.{type(loop).__qualname__}",  # what runs, not the setting
+        )
         await stop.wait()
         log.info("shutting down")
 
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         except SecurityError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             return 2
-        asyncio.run(_serve(settings))
+        event_loop.run(_serve(settings), settings.event_loop)
         return 0
     if args.command == "migrate":
         applied = migrate(settings.database_url)

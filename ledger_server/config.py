@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ledger_server.security import Caller, SecurityError, load_callers
+from ledger_server.server.event_loop import EVENT_LOOPS
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,7 @@ class Settings:
     # default of a Settings built in code, e.g. by tests; from_env defaults to localhost:9464).
     metrics_addr: str = ""
     health_check_interval: timedelta = timedelta(seconds=5)
+    event_loop: str = "uvloop"  # server/event_loop.py
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +121,11 @@ class Settings:
         if ttl_max < ttl_default:
             raise ConfigError(
                 "LEDGER_RESERVATION_TTL_MAX_SECONDS must be at least LEDGER_RESERVATION_TTL_SECONDS"
+            )
+        event_loop = env.get("LEDGER_EVENT_LOOP", "") or "uvloop"
+        if event_loop not in EVENT_LOOPS:
+            raise ConfigError(
+                f"LEDGER_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {event_loop!r}"
             )
         try:
             callers = load_callers(env)
@@ -149,4 +156,5 @@ class Settings:
             health_check_interval=timedelta(
                 seconds=_int(env, "LEDGER_HEALTH_CHECK_INTERVAL_SECONDS", 5, minimum=1)
             ),
+            event_loop=event_loop,
         )

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from ledger_server.clock import Clock
 from ledger_server.config import Settings
+from ledger_server.server import event_loop
 from ledger_server.server.app import running_server
 
 
@@ -22,6 +23,10 @@ class ServerThread:
         self._error: BaseException | None = None
         self.port = 0
         self._thread = threading.Thread(target=self._run, name="ledger-server", daemon=True)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
     @property
     def address(self) -> str:
@@ -42,7 +47,8 @@ class ServerThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            # The loop `serve` runs on (uvloop by default), so the suite tests that one.
+            event_loop.run(self._main(), self._settings.event_loop)
         except BaseException as exc:  # surfaced to start()
             self._error = exc
             self._ready.set()
