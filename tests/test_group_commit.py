@@ -4,41 +4,18 @@ a pool whose connections never come back stands in for a stuck PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
 
 from ledger_server.errors import LedgerError
 from ledger_server.server.group_commit import GroupCommit, latest_deadline
-
-
-class StuckPool:
-    """Every borrower waits for a connection forever (until cancelled)."""
-
-    def __init__(self) -> None:
-        self.borrowers = 0
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        self.borrowers += 1
-        await asyncio.Event().wait()
-        yield None  # pragma: no cover (never reached)
+from support.stuck_pool import StuckPool, until
 
 
 def params(key: str) -> dict[str, object]:
     return {"key": key, "hash": b"\0", "amount": 1, "usage": None, "feature": "",
             "comment": "", "now": 0}  # fmt: skip
-
-
-async def until(condition: Any) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition never held")
 
 
 def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None:

@@ -2,7 +2,8 @@
 
 Distributed by account_id (Citus), a statement that finds an account's rows by anything
 else becomes a query over every shard. This runs each named query the hot-path RPCs use
-(grant, balance, reserve, commit, release, refund, consume and its coalesced batch,
+(grant, balance and its batched read, reserve, commit, release, refund, consume and its
+coalesced batch,
 get_reservation, list_lots, list_transactions) against the test database with auto_explain
 loaded into the session (log_nested_statements on, JSON plans sent to the client as LOG
 notices), so it sees the
@@ -200,6 +201,7 @@ class Flow:
         self.grant(5 * credit, "promotion", self.now + timedelta(days=1))
         self.grant(1 * credit, "daily", None)
         self.call("balance")
+        self.call("balances", "balance", accounts=[self.account])  # Balance calls read together
         held = self.reserve(8 * credit)
         self.call("get_reservation", reservation_id=held)
         self.call("commit", reservation_id=held, amount=6 * credit, usage=None, comment="")

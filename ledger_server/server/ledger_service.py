@@ -18,6 +18,7 @@ from ledger_server.errors import invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
 from ledger_server.server.alert_emails import AlertEmails
+from ledger_server.server.balance_reads import BalanceReads
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 from ledger_server.server.group_commit import GroupCommit
 
@@ -61,6 +62,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self._settings = settings
         self._alert_emails = alert_emails
         self._group_commit = GroupCommit(pool, settings.group_commit_max_in_flight)
+        self._balances = BalanceReads(pool, settings.balance_max_in_flight)
 
     async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
         return await call_json(self._pool, name, params)
@@ -89,11 +91,8 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         )
 
     async def Balance(self, request: pb.BalanceRequest, context: Context) -> pb.BalanceResponse:
-        params: dict[str, object] = {
-            "account_id": validation.account_id(request.account_id),
-            "now": self._clock.now(),
-        }
-        return mapping.balance_response(await self._call("balance", params))
+        account_id = validation.account_id(request.account_id)
+        return mapping.balance_response(await self._balances.read(account_id, self._clock.now()))
 
     def _ttl(self, request: pb.ReserveRequest) -> timedelta:
         if not request.HasField("ttl"):

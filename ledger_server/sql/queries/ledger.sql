@@ -9,6 +9,15 @@ SELECT ledger_grant(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(amou
 -- name: balance
 SELECT ledger_balance(%(account_id)s::text, %(now)s::timestamptz)
 
+-- name: balances
+-- Balance calls queued in the server, read together (server/balance_reads.py): the accounts
+-- ledger_read_account would read without its lock. Those due maintenance and those not found
+-- are left out and go through `balance`.
+SELECT a.account_id, ledger_balance_json(a, %(now)s::timestamptz)
+  FROM accounts a
+ WHERE a.account_id = ANY (%(accounts)s::text[])
+   AND (a.next_maintenance_at <= %(now)s::timestamptz) IS NOT TRUE
+
 -- name: reserve
 SELECT ledger_reserve(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(amount)s::bigint,
                       %(usage)s::jsonb, %(expires_at)s::timestamptz, %(feature)s::text, %(comment)s::text,

@@ -1,0 +1,131 @@
+"""Balance calls read together (server/balance_reads.py): a call that finds a slot free
+reads alone; the ones that queue behind it go as one `balances` statement, and each answer
+is what a lone Balance gives, maintenance and NOT_FOUND included."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from ledger_server.db.pool import open_pool
+from ledger_server.db.queries import query
+from ledger_server.errors import LedgerError
+from ledger_server.ledger import store
+from ledger_server.server.balance_reads import BalanceReads
+from support.stuck_pool import StuckPool, until
+
+CREDIT = 1_000_000
+
+
+def _grant(conn: psycopg.Connection[Any], account: str, amount: int, now: datetime,
+           expires_at: datetime | None) -> None:  # fmt: skip
+    conn.execute(
+        query("grant"),
+        {"account_id": account, "key": secrets.token_hex(8), "hash": bytes(32),
+         "amount": amount, "source": "promotion" if expires_at else "purchase",
+         "expires_at": expires_at, "balance_kind": "main", "external_ref": "", "comment": "",
+         "actor": None, "now": now},
+    )  # fmt: skip
+
+
+class Statements:
+    """Records the named queries the reads run (the store functions they call)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        for function in ("fetch_all", "call_json"):
+            original = getattr(store, function)
+            monkeypatch.setattr(store, function, self._spy(original))
+
+    def _spy(self, original: Any) -> Any:
+        async def recorded(conn: Any, name: str, params: Mapping[str, object]) -> Any:
+            self.names.append(name)
+            return await original(conn, name, params)
+
+        return recorded
+
+
+def test_queued_reads_go_as_one_statement_and_answer_as_lone_reads(
+    ledger_db_url: str, server_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # server_address: the suite's server has written the run-time settings grants read.
+    now = datetime.now(UTC)
+    later = now + timedelta(days=2)  # the promotion lot below has expired by then
+    tag = secrets.token_hex(4)
+    plain = [f"reads-{tag}-{i}" for i in range(3)]
+    due, unknown = f"reads-{tag}-due", f"reads-{tag}-unknown"
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        for i, account in enumerate(plain):
+            _grant(conn, account, (i + 1) * CREDIT, now, None)
+        _grant(conn, due, 5 * CREDIT, now, now + timedelta(days=1))
+        _grant(conn, due, CREDIT, now, None)
+    statements = Statements(monkeypatch)
+    order = [plain[0], plain[1], due, plain[2], unknown, plain[1]]
+
+    async def scenario() -> list[Any]:
+        pool = await open_pool(ledger_db_url, 1, 2)
+        try:
+            reads = BalanceReads(pool, max_in_flight=1)
+            # The first takes the only slot; the others queue behind it and go together.
+            return await asyncio.gather(
+                *(reads.read(account, later) for account in order), return_exceptions=True
+            )
+        finally:
+            await pool.close()
+
+    answers = asyncio.run(scenario())
+    # plain[0] alone; then one `balances` for the rest, and `balance` for the two it leaves
+    # out: the account due maintenance (its promotion expired) and the unknown one.
+    assert statements.names == ["balance", "balances", "balance", "balance"]
+    assert [a["balance_micros"] for a in answers[:2]] == [CREDIT, 2 * CREDIT]
+    assert answers[2]["balance_micros"] == CREDIT  # the expired 5 credits are gone
+    assert answers[3]["balance_micros"] == 3 * CREDIT
+    assert isinstance(answers[4], LedgerError) and answers[4].code == grpc.StatusCode.NOT_FOUND
+    assert answers[5] == answers[1]
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        for account, answer in zip(order, answers, strict=True):
+            if account != unknown:
+                lone = conn.execute(query("balance"), {"account_id": account, "now": later})
+                assert answer == lone.fetchone()[0]  # type: ignore[index]
+
+
+def test_reads_with_a_slot_free_run_alone() -> None:
+    async def scenario() -> None:
+        pool = StuckPool()
+        reads = BalanceReads(pool, max_in_flight=2)  # type: ignore[arg-type]
+        calls = [asyncio.create_task(reads.read(a, datetime.now(UTC))) for a in "abc"]
+        await until(lambda: pool.borrowers == 2)
+        assert [read.account_id for read in reads._waiting] == ["c"]
+        for task in calls:
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None:
+    async def scenario() -> None:
+        pool = StuckPool()
+        reads = BalanceReads(pool, max_in_flight=1)  # type: ignore[arg-type]
+        alone = asyncio.create_task(reads.read("a", datetime.now(UTC)))
+        await until(lambda: pool.borrowers == 1)
+        queued = [asyncio.create_task(reads.read(a, datetime.now(UTC))) for a in "bc"]
+        await asyncio.sleep(0.01)
+        alone.cancel()  # the read running alone ends; the queued ones go as one batch
+        await until(lambda: pool.borrowers == 2)
+        for task in list(reads._tasks):
+            task.cancel()
+        for task in queued:
+            with pytest.raises(LedgerError) as raised:
+                await asyncio.wait_for(task, timeout=5)
+            assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        assert reads._in_flight == 0 and not reads._waiting
+
+    asyncio.run(scenario())
