@@ -19,7 +19,7 @@ from ledger_server.db.queries import query
 from ledger_server.errors import LedgerError
 from ledger_server.ledger import store
 from ledger_server.server.balance_reads import BalanceReads
-from support.stuck_pool import StuckPool, until
+from support.stuck_pool import StuckPool, stop_a_batch_midway, until
 
 CREDIT = 1_000_000
 
@@ -114,18 +114,9 @@ def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None
     async def scenario() -> None:
         pool = StuckPool()
         reads = BalanceReads(pool, max_in_flight=1)  # type: ignore[arg-type]
-        alone = asyncio.create_task(reads.read("a", datetime.now(UTC)))
-        await until(lambda: pool.borrowers == 1)
-        queued = [asyncio.create_task(reads.read(a, datetime.now(UTC))) for a in "bc"]
-        await asyncio.sleep(0.01)
-        alone.cancel()  # the read running alone ends; the queued ones go as one batch
-        await until(lambda: pool.borrowers == 2)
-        for task in list(reads._tasks):
-            task.cancel()
-        for task in queued:
-            with pytest.raises(LedgerError) as raised:
-                await asyncio.wait_for(task, timeout=5)
-            assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        await stop_a_batch_midway(
+            pool, lambda account: reads.read(account, datetime.now(UTC)), lambda: reads._tasks
+        )
         assert reads._in_flight == 0 and not reads._waiting
 
     asyncio.run(scenario())

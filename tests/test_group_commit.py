@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
-import pytest
-
-from ledger_server.errors import LedgerError
 from ledger_server.server.group_commit import GroupCommit, latest_deadline
-from support.stuck_pool import StuckPool, until
+from support.stuck_pool import StuckPool, stop_a_batch_midway, until
 
 
 def params(key: str) -> dict[str, object]:
@@ -25,21 +21,11 @@ def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None
     async def scenario() -> None:
         pool = StuckPool()
         group_commit = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
-        alone = asyncio.create_task(group_commit.call("consume", "a", params("1")))
-        await until(lambda: pool.borrowers == 1)
-        queued = [
-            asyncio.create_task(group_commit.call("consume", account, params(account)))
-            for account in "bc"
-        ]
-        await asyncio.sleep(0.01)
-        alone.cancel()  # the call running alone ends; the queued ones go as one batch
-        await until(lambda: pool.borrowers == 2)
-        for task in list(group_commit._tasks):
-            task.cancel()
-        for task in queued:
-            with pytest.raises(LedgerError) as raised:
-                await asyncio.wait_for(task, timeout=5)
-            assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        await stop_a_batch_midway(
+            pool,
+            lambda account: group_commit.call("consume", account, params(account)),
+            lambda: group_commit._tasks,
+        )
         assert group_commit._in_flight == 0
         assert not group_commit._busy and not group_commit._waiting
 
