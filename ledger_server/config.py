@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ledger_server.security import Caller, SecurityError, load_callers
-from ledger_server.server.event_loop import EVENT_LOOPS
+from ledger_server.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 
 class ConfigError(ValueError):
@@ -105,7 +105,7 @@ class Settings:
     # default of a Settings built in code, e.g. by tests; from_env defaults to localhost:9464).
     metrics_addr: str = ""
     health_check_interval: timedelta = timedelta(seconds=5)
-    event_loop: str = "uvloop"  # server/event_loop.py
+    event_loop: str = DEFAULT_EVENT_LOOP  # server/event_loop.py
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -123,7 +123,7 @@ class Settings:
             raise ConfigError(
                 "LEDGER_RESERVATION_TTL_MAX_SECONDS must be at least LEDGER_RESERVATION_TTL_SECONDS"
             )
-        event_loop = env.get("LEDGER_EVENT_LOOP", "") or "uvloop"
+        event_loop = env.get("LEDGER_EVENT_LOOP", "") or DEFAULT_EVENT_LOOP
         if event_loop not in EVENT_LOOPS:
             raise ConfigError(
                 f"LEDGER_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {event_loop!r}"

@@ -120,3 +120,40 @@ def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None
         assert reads._in_flight == 0 and not reads._waiting
 
     asyncio.run(scenario())
+
+
+def test_reads_the_batch_found_do_not_wait_for_an_account_left_out(
+    ledger_db_url: str, server_address: str
+) -> None:
+    """An account due maintenance is read through `balance`, which waits for its lock (here
+    held by another transaction, as a charge would): the batch's other reads are answered
+    before that wait, not after it."""
+    now = datetime.now(UTC)
+    later = now + timedelta(days=2)
+    tag = secrets.token_hex(4)
+    first, found, due = (f"reads-{tag}-{name}" for name in ("first", "found", "due"))
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        for account in (first, found):
+            _grant(conn, account, CREDIT, now, None)
+        _grant(conn, due, 5 * CREDIT, now, now + timedelta(days=1))
+        _grant(conn, due, CREDIT, now, None)
+
+    async def scenario() -> None:
+        pool = await open_pool(ledger_db_url, 1, 2)
+        try:
+            with psycopg.connect(ledger_db_url) as locker:
+                locker.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (due,))
+                reads = BalanceReads(pool, max_in_flight=1)
+                alone = asyncio.create_task(reads.read(first, later))
+                due_read = asyncio.create_task(reads.read(due, later))  # queued before `found`
+                found_read = asyncio.create_task(reads.read(found, later))
+                answer = await asyncio.wait_for(found_read, timeout=3)
+                assert answer["balance_micros"] == CREDIT
+                assert (await alone)["balance_micros"] == CREDIT
+                assert not due_read.done()  # still waiting for the lock
+                locker.commit()
+            assert (await asyncio.wait_for(due_read, timeout=10))["balance_micros"] == CREDIT
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())

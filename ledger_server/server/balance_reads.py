@@ -7,8 +7,9 @@ at most ``max_in_flight`` Balance statements at once: a call that finds a slot f
 alone at once (no added latency when the server is not busy), the others wait, and whenever
 a statement ends the waiting calls go together as one `balances` query. The accounts that
 query leaves out (maintenance due, which takes the account's lock, or not found) are read
-one by one through `balance`, exactly as a lone call. Reads take no account lock and no
-part in group commit: a Balance does not wait behind a charge."""
+one by one through `balance`, exactly as a lone call, after every other call of the batch
+has its answer. Reads take no part in group commit, and only an account due maintenance
+takes its lock: no other Balance waits behind a charge."""
 
 from __future__ import annotations
 
@@ -99,18 +100,24 @@ class BalanceReads:
                 accounts = sorted({read.account_id for read in batch})
                 rows = await store.fetch_all(conn, "balances", {"accounts": accounts, "now": now})
                 found: dict[str, dict[str, Any]] = {account: data for account, data in rows}
-                for read in batch:
+                left_out = []
+                for read in batch:  # answered first: a left-out account may wait for its lock
                     data = found.get(read.account_id)
-                    if data is None:  # due maintenance or not found: as a lone call
-                        params = {"account_id": read.account_id, "now": now}
-                        try:
-                            data = found[read.account_id] = await store.call_json(
-                                conn, "balance", params
-                            )
-                        except LedgerError as exc:  # this call's alone (e.g. NOT_FOUND)
-                            if not read.future.done():
-                                read.future.set_exception(exc)
-                            continue
+                    if data is None:
+                        left_out.append(read)
+                    elif not read.future.done():
+                        read.future.set_result(data)
+                for read in left_out:  # due maintenance or not found: as a lone call
+                    params = {"account_id": read.account_id, "now": now}
+                    try:
+                        data = found.get(read.account_id) or await store.call_json(
+                            conn, "balance", params
+                        )
+                    except LedgerError as exc:  # this call's alone (e.g. NOT_FOUND)
+                        if not read.future.done():
+                            read.future.set_exception(exc)
+                        continue
+                    found[read.account_id] = data
                     if not read.future.done():
                         read.future.set_result(data)
         except Exception as exc:  # the batch as a whole: every call gets the error

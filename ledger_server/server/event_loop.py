@@ -9,12 +9,15 @@ C: BENCHMARKS.md (session 7) measured the server's CPU per call against the stan
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+# uvloop has no Windows wheels (pyproject installs it elsewhere only).
+DEFAULT_EVENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
