@@ -86,6 +86,7 @@ class Settings:
     db_pool_min_size: int = 2
     db_pool_max_size: int = 16
     group_commit_max_in_flight: int = 2
+    group_commit_open_lane_after: timedelta = timedelta(milliseconds=100)
     balance_max_in_flight: int = 2
     migrate_on_start: bool = True
     reservation_ttl_default: timedelta = timedelta(minutes=15)
@@ -139,6 +140,9 @@ class Settings:
             db_pool_min_size=pool_min,
             db_pool_max_size=pool_max,
             group_commit_max_in_flight=_int(env, "LEDGER_GROUP_COMMIT_MAX_IN_FLIGHT", 2, minimum=1),
+            group_commit_open_lane_after=timedelta(
+                milliseconds=_int(env, "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS", 100)
+            ),
             balance_max_in_flight=_int(env, "LEDGER_BALANCE_MAX_IN_FLIGHT", 2, minimum=1),
             migrate_on_start=env.get("LEDGER_MIGRATE_ON_START", "true").lower()
             not in ("0", "false", "no"),

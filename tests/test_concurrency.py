@@ -17,6 +17,7 @@ import grpc
 import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
 
 from ledger.v1 import ledger_service_pb2 as pb
@@ -225,6 +226,37 @@ async def fill_every_slot(
             return first
         await asyncio.sleep(0.01)
     raise AssertionError("the first calls never waited for the held accounts")
+
+
+def test_a_transaction_stuck_on_a_lock_lets_other_accounts_charge_in_another_lane(
+    ledger: Ledger, server_address: str, ledger_db_url: str
+) -> None:
+    """The server keeps one group-commit lane while batches are quick; a Consume stuck on an
+    account locked elsewhere (another server's transaction) must not hold up the rest: after
+    LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS the other accounts' calls go in another lane and
+    are answered while the stuck one still waits."""
+    stuck, free = new_account("lane-stuck"), new_account("lane-free")
+    for account in (stuck, free):
+        ledger.grant(account, 5)
+    extra_lanes = REGISTRY.get_sample_value("ledger_group_commit_extra_lanes_total") or 0.0
+
+    async def charge(holder: Conn, prober: Conn) -> tuple[object, object]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            (waiting,) = await fill_every_slot(stub, holder, prober, [stuck])
+            answered = await asyncio.wait_for(
+                consume_or_error(stub, free, new_key(), CREDIT), timeout=30
+            )
+            still_waiting = not waiting.done()
+            holder.rollback()
+            return answered, (still_waiting, await waiting)
+
+    with held(ledger_db_url, [stuck]) as (holder, prober):
+        answered, (still_waiting, stuck_result) = asyncio.run(charge(holder, prober))
+    assert isinstance(answered, pb.ConsumeResponse) and still_waiting
+    assert isinstance(stuck_result, pb.ConsumeResponse)  # the lock was released in time
+    assert (REGISTRY.get_sample_value("ledger_group_commit_extra_lanes_total") or 0) > extra_lanes
+    assert ledger.balance(free).balance_micros == 4 * CREDIT
 
 
 def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(

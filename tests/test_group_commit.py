@@ -4,7 +4,12 @@ a pool whose connections never come back stands in for a stuck PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
+import pytest
+from prometheus_client import REGISTRY
+
+from ledger_server.config import ConfigError, Settings
 from ledger_server.server.group_commit import GroupCommit, latest_deadline
 from support.stuck_pool import StuckPool, stop_a_batch_midway, until
 
@@ -55,3 +60,76 @@ def test_calls_for_a_busy_account_wait_even_when_a_slot_is_free() -> None:
 def test_a_batch_waits_for_its_most_patient_caller() -> None:
     assert latest_deadline([10.0, 30.0, 20.0]) == 30.0
     assert latest_deadline([10.0, None]) is None
+
+
+def test_a_second_lane_opens_only_once_the_first_has_run_open_lane_after() -> None:
+    """While the only transaction in flight is young, another account's call waits (to go
+    in the next, larger batch) instead of starting a second transaction; once the first has
+    run open_lane_after (a lock wait, say), the waiting call goes in a second lane without
+    waiting for the first to end."""
+
+    async def scenario() -> None:
+        pool = StuckPool()
+        group_commit = GroupCommit(pool, max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
+        extra_lanes = _metric("ledger_group_commit_extra_lanes_total")
+        first = asyncio.create_task(group_commit.call("consume", "a", params("1")))
+        await until(lambda: pool.borrowers == 1)
+        second = asyncio.create_task(group_commit.call("consume", "b", params("2")))
+        await asyncio.sleep(0.1)
+        assert pool.borrowers == 1 and list(group_commit._waiting) == ["b"]
+        await until(lambda: pool.borrowers == 2)  # while the first is still stuck
+        assert not group_commit._waiting and group_commit._in_flight == 2
+        assert _metric("ledger_group_commit_extra_lanes_total") == extra_lanes + 1
+        batches = list(group_commit._tasks)
+        for task in (first, second, *batches):
+            task.cancel()
+        await asyncio.gather(first, second, *batches, return_exceptions=True)
+        assert group_commit._in_flight == 0 and not group_commit._lane_starts
+
+    asyncio.run(scenario())
+
+
+def test_calls_waiting_for_a_lane_go_together_when_the_young_one_ends() -> None:
+    """The first transaction ends before open_lane_after: everything that queued behind it
+    goes as one batch in the lane it frees, and the timer adds no second lane."""
+
+    async def scenario() -> None:
+        pool = StuckPool()
+        group_commit = GroupCommit(pool, max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
+        calls = _metric("ledger_group_commit_calls_per_transaction_sum")
+        transactions = _metric("ledger_group_commit_calls_per_transaction_count")
+        first = asyncio.create_task(group_commit.call("consume", "a", params("1")))
+        await until(lambda: pool.borrowers == 1)
+        queued = [
+            asyncio.create_task(group_commit.call("consume", account, params(account)))
+            for account in "bcd"
+        ]
+        await until(lambda: len(group_commit._waiting) == 3)
+        first.cancel()
+        await until(lambda: pool.borrowers == 2)
+        assert group_commit._in_flight == 1 and not group_commit._waiting
+        await asyncio.sleep(0.4)  # past open_lane_after: nothing is left to open a lane for
+        assert pool.borrowers == 2 and len(group_commit._tasks) == 1
+        # Counted: the lone call, then one transaction carrying the three that waited.
+        assert _metric("ledger_group_commit_calls_per_transaction_sum") == calls + 4
+        assert _metric("ledger_group_commit_calls_per_transaction_count") == transactions + 2
+        for task in group_commit._tasks:
+            task.cancel()
+        await asyncio.gather(first, *queued, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def _metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_open_lane_after_comes_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql:///x", "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS": "7"}
+    )
+    assert settings.group_commit_open_lane_after == timedelta(milliseconds=7)
+    with pytest.raises(ConfigError, match="LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS"):
+        Settings.from_env(
+            {"DATABASE_URL": "postgresql:///x", "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS": "-1"}
+        )

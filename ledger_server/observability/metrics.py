@@ -14,6 +14,9 @@
   granted (purchases, recharges, subscription periods), counted by them in a Redis hash once
   each event's transaction committed; every server reports the same figure, so aggregate it
   with max, not sum;
+- ``ledger_group_commit_calls_per_transaction`` / ``ledger_group_commit_extra_lanes_total``:
+  how many charging calls each group-commit transaction carried (1: a call run alone) and how
+  many transactions started beside one still in flight (server/group_commit.py);
 - ``ledger_database_up``: the last health check of PostgreSQL (1 reachable, 0 not).
 """
 
@@ -64,6 +67,16 @@ CREDITS_CONSUMED = Counter(
     "ledger_credits_consumed_micros",
     "Credits charged (commits and consumes), in micro-credits, by the source of the lots",
     ["source"],
+)
+GROUP_COMMIT_CALLS = Histogram(
+    "ledger_group_commit_calls_per_transaction",
+    "Charging calls (Consume, Reserve, Commit) per group-commit transaction; 1: a call alone",
+    buckets=(1, 2, 4, 8, 16, 32),
+)
+GROUP_COMMIT_EXTRA_LANES = Counter(
+    "ledger_group_commit_extra_lanes",
+    "Group-commit transactions started while another was in flight: a lane opened because the "
+    "one before had run LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS",
 )
 DATABASE_UP = Gauge("ledger_database_up", "1 when the last health check reached PostgreSQL, else 0")
 

@@ -61,7 +61,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self._clock = clock
         self._settings = settings
         self._alert_emails = alert_emails
-        self._group_commit = GroupCommit(pool, settings.group_commit_max_in_flight)
+        self._group_commit = GroupCommit(
+            pool,
+            settings.group_commit_max_in_flight,
+            settings.group_commit_open_lane_after.total_seconds(),
+        )
         self._balances = BalanceReads(pool, settings.balance_max_in_flight)
 
     async def _call(self, name: str, params: dict[str, object]) -> dict[str, Any]:
