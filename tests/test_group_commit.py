@@ -91,9 +91,12 @@ def test_a_second_lane_opens_only_once_the_first_has_run_open_lane_after() -> No
 
 def test_calls_waiting_for_a_lane_go_together_when_the_young_one_ends() -> None:
     """The first transaction ends before open_lane_after: everything that queued behind it
-    goes as one batch in the lane it frees, and the timer adds no second lane."""
+    goes as one batch in the lane it frees. A call arriving next waits for that batch to
+    have run open_lane_after, not for the timer set while the first ran (which fires
+    earlier and must set itself again)."""
 
     async def scenario() -> None:
+        loop = asyncio.get_running_loop()
         pool = StuckPool()
         group_commit = GroupCommit(pool, max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
         calls = _metric("ledger_group_commit_calls_per_transaction_sum")
@@ -104,18 +107,25 @@ def test_calls_waiting_for_a_lane_go_together_when_the_young_one_ends() -> None:
             asyncio.create_task(group_commit.call("consume", account, params(account)))
             for account in "bcd"
         ]
-        await until(lambda: len(group_commit._waiting) == 3)
+        await until(lambda: len(group_commit._waiting) == 3)  # a timer for a's 0.3 s is set
+        await asyncio.sleep(0.15)
         first.cancel()
         await until(lambda: pool.borrowers == 2)
+        batch_started = loop.time()
         assert group_commit._in_flight == 1 and not group_commit._waiting
-        await asyncio.sleep(0.4)  # past open_lane_after: nothing is left to open a lane for
-        assert pool.borrowers == 2 and len(group_commit._tasks) == 1
-        # Counted: the lone call, then one transaction carrying the three that waited.
-        assert _metric("ledger_group_commit_calls_per_transaction_sum") == calls + 4
-        assert _metric("ledger_group_commit_calls_per_transaction_count") == transactions + 2
-        for task in group_commit._tasks:
+        late = asyncio.create_task(group_commit.call("consume", "e", params("e")))
+        await asyncio.sleep(0.2)  # a's timer has fired; the batch has run 0.2 s of its 0.3
+        assert pool.borrowers == 2 and list(group_commit._waiting) == ["e"]
+        await until(lambda: pool.borrowers == 3)
+        assert loop.time() - batch_started >= 0.29
+        # Counted: the lone call, the three that waited in one transaction, then "e".
+        assert _metric("ledger_group_commit_calls_per_transaction_sum") == calls + 5
+        assert _metric("ledger_group_commit_calls_per_transaction_count") == transactions + 3
+        batches = list(group_commit._tasks)
+        for task in batches:
             task.cancel()
-        await asyncio.gather(first, *queued, return_exceptions=True)
+        await asyncio.gather(first, late, *queued, *batches, return_exceptions=True)
+        assert group_commit._in_flight == 0 and not group_commit._lane_starts
 
     asyncio.run(scenario())
 

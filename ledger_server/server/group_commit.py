@@ -4,28 +4,28 @@ the server share one transaction.
 Such a call's fixed costs (a round trip, a statement start, a commit and its WAL flush, the
 server's database client work) are about as large as its ledger work, and every write to
 one account holds the account's row lock until it commits. So the server lets at most
-``max_in_flight`` of these transactions run at once and at most one per account. A call
-that finds a slot free and its account idle runs alone at once (no added latency when the
-server is not busy); the others wait in arrival order, and whenever a transaction ends, the
-waiting calls whose accounts are idle go together as one batch
+``max_in_flight`` of these transactions ("lanes") run at once, at most one per account, and
+opens a lane beside one in flight only once every transaction in flight has run
+``open_lane_after`` seconds. A call that finds nothing in flight (or that long in flight),
+nobody waiting and its account idle runs alone at once (no added latency when the server
+is not busy); the others wait in arrival order, and when a transaction ends or a lane may
+open, the waiting calls whose accounts are idle go together as one batch
 (sql/functions/0007_coalesced.sql): one round trip, one transaction, one commit, each call
 in a savepoint so a refused one changes nothing. Calls for one account keep their order;
 several of them in one batch is the hot-account case. Each call keeps its own idempotency
 key, so a batch that fails as a whole (the database went away) is retried by the clients
 like any call.
 
-Lanes beyond the first open only when needed: a further transaction starts only once every
-one in flight has run ``open_lane_after`` seconds. While batches are quick, one lane makes
-them larger (fewer transactions, commits and WAL flushes for the same calls, less database
-CPU per call); a batch that waits on an account lock or a slow disk still lets the calls
-behind it go in another lane after that short wait."""
+Why lanes open late: while batches are quick, one lane makes them larger (fewer
+transactions, commits and WAL flushes for the same calls, less database CPU per call); a
+batch that waits on an account lock or a slow disk still lets the calls behind it go in
+another lane after that short wait."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import functools
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,8 +129,8 @@ class GroupCommit:
         """Runs one of BATCHED's operations for the account, alone or in a batch."""
         if (
             self._in_flight < self._max_in_flight
+            and not self._waiting  # else a call that waits for a lane to open loses its turn
             and account_id not in self._busy
-            and account_id not in self._waiting
             and self._lane_opens_in() <= 0
         ):
             lane = self._start([account_id])
@@ -149,7 +149,10 @@ class GroupCommit:
         if not self._lane_starts:
             return 0.0
         youngest = max(self._lane_starts.values())
-        return youngest + self._open_lane_after - time.monotonic()
+        remaining = youngest + self._open_lane_after - asyncio.get_running_loop().time()
+        # Within a millisecond counts as now: uvloop's timers fire to the millisecond, and
+        # a timer a fraction early would otherwise set itself again and again until then.
+        return remaining if remaining > 0.001 else 0.0
 
     def _start(self, accounts: list[str]) -> int:
         """``accounts``: one per call (an account with several calls in the batch repeats)."""
@@ -160,7 +163,8 @@ class GroupCommit:
         self._busy.update(accounts)
         lane = self._next_lane
         self._next_lane += 1
-        self._lane_starts[lane] = time.monotonic()
+        # The loop's clock, the one its timers run on (uvloop's counts whole milliseconds).
+        self._lane_starts[lane] = asyncio.get_running_loop().time()
         return lane
 
     def _finish(self, lane: int, accounts: list[str]) -> None:
