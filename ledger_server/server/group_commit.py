@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -113,9 +114,8 @@ class GroupCommit:
         self._max_in_flight = max_in_flight
         self._open_lane_after = open_lane_after
         self._max_batch = max_batch
-        self._in_flight = 0
         self._lane_starts: dict[int, float] = {}  # lane token -> when its transaction began
-        self._next_lane = 0
+        self._lane_tokens = itertools.count()
         self._wake: asyncio.TimerHandle | None = None  # a dispatch when a lane may open
         self._busy: set[str] = set()  # accounts with a transaction in flight
         # Each account's waiting calls in arrival order; the accounts in the order their
@@ -143,6 +143,10 @@ class GroupCommit:
         self._dispatch()
         return await waiter.future
 
+    @property
+    def _in_flight(self) -> int:
+        return len(self._lane_starts)
+
     def _lane_opens_in(self) -> float:
         """Seconds until another lane may open (<= 0: now): when the youngest transaction
         in flight has run open_lane_after."""
@@ -159,16 +163,13 @@ class GroupCommit:
         GROUP_COMMIT_CALLS.observe(len(accounts))
         if self._in_flight:
             GROUP_COMMIT_EXTRA_LANES.inc()
-        self._in_flight += 1
         self._busy.update(accounts)
-        lane = self._next_lane
-        self._next_lane += 1
+        lane = next(self._lane_tokens)
         # The loop's clock, the one its timers run on (uvloop's counts whole milliseconds).
         self._lane_starts[lane] = asyncio.get_running_loop().time()
         return lane
 
     def _finish(self, lane: int, accounts: list[str]) -> None:
-        self._in_flight -= 1
         self._busy.difference_update(accounts)
         del self._lane_starts[lane]
         self._dispatch()
