@@ -49,17 +49,24 @@ def cluster_cpu(postmaster: int | None) -> float:
 
 @dataclass(frozen=True)
 class MachineCpu:
-    busy: float
+    busy: float  # steal included: time the hypervisor gave to other guests counts as busy
     total: float
+    steal: float = 0.0
+
+
+def parse_proc_stat(text: str) -> MachineCpu:
+    """The first ("cpu") line of /proc/stat: user nice system idle iowait irq softirq steal
+    [guest guest_nice], in clock ticks."""
+    values = [int(v) for v in text.splitlines()[0].split()[1:]]
+    values += [0] * (8 - len(values))  # kernels before 2.6.11 stop at softirq
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return MachineCpu(busy=(total - idle) / TICK, total=total / TICK, steal=values[7] / TICK)
 
 
 def machine_cpu() -> MachineCpu:
-    """Busy and total CPU seconds of the machine (all cores) since boot."""
-    line = Path("/proc/stat").read_text().splitlines()[0].split()
-    values = [int(v) for v in line[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])  # guest time is already counted in user
-    return MachineCpu(busy=(total - idle) / TICK, total=total / TICK)
+    """Busy, total and stolen CPU seconds of the machine (all cores) since boot."""
+    return parse_proc_stat(Path("/proc/stat").read_text())
 
 
 def machine_info() -> dict[str, str]:

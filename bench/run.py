@@ -34,7 +34,7 @@ from typing import Any
 
 import psycopg
 
-from bench import dataset, measure, profile, report, stack
+from bench import dataset, measure, profile, report, server_metrics, stack
 from ledger_server.audit import audit_database
 from ledger_server.devstack import embedded
 from ledger_server.ledger import page_tokens
@@ -115,14 +115,21 @@ class Window:
     cluster: float
     machine: measure.MachineCpu
     extra: float = 0.0
+    group_commit: server_metrics.GroupCommitTotals | None = None
 
 
-def _snapshot(server_pid: int | None, postmaster: int | None, extra_pid: int | None) -> Window:
+def _snapshot(
+    server_pid: int | None,
+    postmaster: int | None,
+    extra_pid: int | None,
+    metrics_url: str | None = None,
+) -> Window:
     return Window(
         server=measure.process_cpu(server_pid) if server_pid else 0.0,
         cluster=measure.cluster_cpu(postmaster),
         machine=measure.machine_cpu(),
         extra=measure.process_cpu(extra_pid) if extra_pid else 0.0,
+        group_commit=server_metrics.group_commit(metrics_url),
     )
 
 
@@ -148,6 +155,7 @@ def _summary(
     server_cpu = after.server - before.server
     cluster_cpu = after.cluster - before.cluster
     busy = after.machine.busy - before.machine.busy
+    steal = after.machine.steal - before.machine.steal
     per_k = 1000 / ops if ops else float("nan")
     return {
         "name": name,
@@ -166,11 +174,21 @@ def _summary(
         "db_cores": round(cluster_cpu / seconds, 2),
         "generator_cores": round(generator_cpu / seconds, 2),
         "machine_busy_cores": round(busy / seconds, 2),
+        # CPU the hypervisor gave to other guests while ours waited: a run that had much of
+        # it ran on a slower machine than its neighbours in the table.
+        "steal_cores": round(steal / seconds, 2),
         # Everything else on the machine (noise); clock-tick rounding can make it dip below 0.
         "other_cores": round(
-            max(0.0, busy - server_cpu - cluster_cpu - generator_cpu) / seconds, 2
+            max(0.0, busy - steal - server_cpu - cluster_cpu - generator_cpu) / seconds, 2
+        ),
+        "calls_per_transaction": _rounded(
+            server_metrics.calls_per_transaction(before.group_commit, after.group_commit), 1
         ),
     }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def run_grpc(
@@ -181,6 +199,7 @@ def run_grpc(
     params: dict[str, Any],
     server_pid: int,
     postmaster: int | None,
+    metrics_url: str | None = None,
 ) -> tuple[dict[str, Any], int]:
     """One scenario at one concurrency; returns the summary and micro-credits charged."""
     nprocs = 1 if concurrency == 1 else max(1, min(cfg.procs, concurrency))
@@ -207,9 +226,9 @@ def run_grpc(
             )
         )
     time.sleep(max(0.0, start_at - time.time()))
-    before = _snapshot(server_pid, postmaster, None)
+    before = _snapshot(server_pid, postmaster, None, metrics_url)
     time.sleep(max(0.0, end_at - time.time()))
-    after = _snapshot(server_pid, postmaster, None)
+    after = _snapshot(server_pid, postmaster, None, metrics_url)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     generator_cpu = 0.0
@@ -417,7 +436,14 @@ def main() -> int:
                             _balance(dbs.database_url, dataset.HOT) if name == "hot_account" else 0
                         )
                         summary, charged = run_grpc(
-                            cfg, name, concurrency, srv.address, params[name], srv.pid, postmaster
+                            cfg,
+                            name,
+                            concurrency,
+                            srv.address,
+                            params[name],
+                            srv.pid,
+                            postmaster,
+                            srv.metrics_url,
                         )
                         if name == "hot_account":
                             spent = hot_before - _balance(dbs.database_url, dataset.HOT)

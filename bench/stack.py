@@ -110,6 +110,7 @@ class Server:
     process: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    metrics_url: str
 
     @property
     def pid(self) -> int:
@@ -140,11 +141,14 @@ def server(
 ) -> Iterator[Server]:
     """`python -m ledger_server serve` on a free port, as `make run` starts it."""
     address = f"127.0.0.1:{_free_port()}"
+    metrics_address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
         "DATABASE_URL": dbs.database_url,
         "REDIS_URL": dbs.redis_url,
         "LEDGER_GRPC_ADDR": address,
+        # Its own port: the bench reads it, and a `make run` beside it keeps the default one.
+        "LEDGER_METRICS_ADDR": metrics_address,
         "LEDGER_MIGRATE_ON_START": "true",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
@@ -163,7 +167,7 @@ def server(
     )
     try:
         wait_serving(address, 90, process)
-        yield Server(process, address, log_path)
+        yield Server(process, address, log_path, f"http://{metrics_address}/metrics")
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

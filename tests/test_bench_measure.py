@@ -1,0 +1,73 @@
+"""The benchmark's own accounting: stolen CPU kept apart from other work, and the server's
+group-commit batch size read from its /metrics (pure rules; `make bench` runs them for real)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from bench import measure, server_metrics
+from bench.run import Window, _summary
+
+TICK = measure.TICK
+
+
+def _proc_stat(user: int, idle: int, steal: int) -> str:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    return f"cpu  {user} 0 0 {idle} 0 0 0 {steal} 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n"
+
+
+def test_proc_stat_steal_is_busy_and_reported_apart() -> None:
+    cpu = measure.parse_proc_stat(_proc_stat(user=300, idle=500, steal=200))
+    assert cpu.busy == 500 / TICK
+    assert cpu.total == 1000 / TICK
+    assert cpu.steal == 200 / TICK
+
+
+def test_proc_stat_without_a_steal_field() -> None:
+    cpu = measure.parse_proc_stat("cpu  300 0 0 500 0 0 0\n")
+    assert cpu.steal == 0
+    assert cpu.busy == 300 / TICK
+
+
+def _window(busy_ticks: int, steal_ticks: int, server: float) -> Window:
+    return Window(
+        server=server,
+        cluster=0.0,
+        machine=measure.MachineCpu(
+            busy=busy_ticks / TICK, total=10_000 / TICK, steal=steal_ticks / TICK
+        ),
+    )
+
+
+def test_other_cores_leave_out_what_the_hypervisor_stole() -> None:
+    before = _window(0, 0, server=0.0)
+    # In 10 s: 12 s busy, of which 4 s stolen and 6 s the server's; 2 s of other work.
+    after = _window(12 * TICK, 4 * TICK, server=6.0)
+    row = _summary("consume", 16, 10.0, [1.0, 2.0], {}, before, after, generator_cpu=0.0)
+    assert row["steal_cores"] == 0.4
+    assert row["other_cores"] == 0.2
+    assert row["calls_per_transaction"] is None
+
+
+def _exposition(batches: list[int]) -> str:
+    registry = CollectorRegistry()
+    histogram = Histogram(
+        server_metrics.GROUP_COMMIT, "calls", buckets=(1, 2, 4, 8, 16, 32), registry=registry
+    )
+    for calls in batches:
+        histogram.observe(calls)
+    return generate_latest(registry).decode()
+
+
+def test_calls_per_transaction_over_a_window() -> None:
+    before = server_metrics.parse_group_commit(_exposition([1, 1]))
+    after = server_metrics.parse_group_commit(_exposition([1, 1, 8, 16, 30]))
+    assert (before.calls, before.transactions) == (2, 2)
+    assert server_metrics.calls_per_transaction(before, after) == 18.0
+
+
+def test_no_transactions_in_the_window_gives_no_figure() -> None:
+    totals = server_metrics.parse_group_commit(_exposition([4]))
+    assert server_metrics.calls_per_transaction(totals, totals) is None
+    assert server_metrics.calls_per_transaction(None, totals) is None
+    assert server_metrics.parse_group_commit("") == server_metrics.GroupCommitTotals(0, 0)
