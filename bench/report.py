@@ -44,7 +44,7 @@ COLUMNS = [
     ("vs transport", lambda r: _pct(r.get("ratio_to_transport_limit"))),
     ("srv CPU s/1k", lambda r: _fmt(r["server_cpu_s_per_1000_ops"], 3)),
     ("db CPU s/1k", lambda r: _fmt(r["db_cpu_s_per_1000_ops"], 3)),
-    ("calls/txn", lambda r: _fmt(r.get("calls_per_transaction"), 1)),
+    ("calls/batch", lambda r: _fmt(r.get("calls_per_batch"), 1)),
     ("gen cores", lambda r: _fmt(r["generator_cores"], 2)),
     ("steal cores", lambda r: _fmt(r.get("steal_cores"), 2)),
     ("other cores", lambda r: _fmt(r["other_cores"], 2)),
@@ -111,9 +111,10 @@ def generated_section(doc: dict[str, Any]) -> str:
         "Columns: `vs db` / `vs transport` = ops/s as a share of the database limit"
         " (pgbench, same `ledger_consume` call) and of the transport limit (Health/Check)"
         " at the same concurrency; `srv`/`db CPU s/1k` = CPU seconds of the server process /"
-        " of all PostgreSQL processes per 1,000 ops (= ms per op); `calls/txn` = charging"
-        " calls per group-commit transaction in the window (the server's"
-        " `ledger_group_commit_calls_per_transaction`; `-`: none ran); `gen cores` = CPU of"
+        " of all PostgreSQL processes per 1,000 ops (= ms per op); `calls/batch` = calls"
+        " answered per group-commit transaction (Consume, Reserve, Commit) or per read of"
+        " the balances (Balance) in the window, from the server's own histograms (`-`: none"
+        " ran); `gen cores` = CPU of"
         " the load generator(s) (pgbench for the db limits); `steal cores` = CPU the"
         " hypervisor gave to other guests while this one wanted it (a row with much of it"
         " ran on a slower machine); `other cores` = CPU used by everything else on the"

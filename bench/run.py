@@ -115,7 +115,7 @@ class Window:
     cluster: float
     machine: measure.MachineCpu
     extra: float = 0.0
-    group_commit: server_metrics.GroupCommitTotals | None = None
+    batches: server_metrics.BatchTotals | None = None
 
 
 def _snapshot(
@@ -129,7 +129,7 @@ def _snapshot(
         cluster=measure.cluster_cpu(postmaster),
         machine=measure.machine_cpu(),
         extra=measure.process_cpu(extra_pid) if extra_pid else 0.0,
-        group_commit=server_metrics.group_commit(metrics_url),
+        batches=server_metrics.batches(metrics_url),
     )
 
 
@@ -181,8 +181,8 @@ def _summary(
         "other_cores": round(
             max(0.0, busy - steal - server_cpu - cluster_cpu - generator_cpu) / seconds, 2
         ),
-        "calls_per_transaction": _rounded(
-            server_metrics.calls_per_transaction(before.group_commit, after.group_commit), 1
+        "calls_per_batch": _rounded(
+            server_metrics.calls_per_batch(before.batches, after.batches), 1
         ),
     }
 

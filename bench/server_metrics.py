@@ -1,6 +1,7 @@
 """What the server under test says of itself: its Prometheus `/metrics`, read at both ends of
-a measured window. The group-commit histogram gives how many charging calls each of the
-window's transactions carried, which is what makes a Consume cheap under load."""
+a measured window. Its batching histograms give how many calls each group-commit
+transaction (Consume, Reserve, Commit) or each read of the balances (Balance) answered in
+the window: that is what makes a call cheap under load."""
 
 from __future__ import annotations
 
@@ -9,43 +10,45 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-GROUP_COMMIT = "ledger_group_commit_calls_per_transaction"
+# Charging calls per group-commit transaction, Balance calls per read.
+BATCH_HISTOGRAMS = (
+    "ledger_group_commit_calls_per_transaction",
+    "ledger_balance_calls_per_read",
+)
 
 
 @dataclass(frozen=True)
-class GroupCommitTotals:
-    calls: float  # the histogram's _sum
-    transactions: float  # its _count
+class BatchTotals:
+    calls: float  # the histograms' _sum
+    batches: float  # their _count
 
 
-def parse_group_commit(text: str) -> GroupCommitTotals:
-    calls = transactions = 0.0
+def parse_batches(text: str) -> BatchTotals:
+    calls = batches = 0.0
     for family in text_string_to_metric_families(text):
-        if family.name != GROUP_COMMIT:
+        if family.name not in BATCH_HISTOGRAMS:
             continue
         for sample in family.samples:
-            if sample.name == f"{GROUP_COMMIT}_sum":
-                calls = sample.value
-            elif sample.name == f"{GROUP_COMMIT}_count":
-                transactions = sample.value
-    return GroupCommitTotals(calls=calls, transactions=transactions)
+            if sample.name == f"{family.name}_sum":
+                calls += sample.value
+            elif sample.name == f"{family.name}_count":
+                batches += sample.value
+    return BatchTotals(calls=calls, batches=batches)
 
 
-def group_commit(metrics_url: str | None) -> GroupCommitTotals | None:
-    """The server's group-commit totals so far; None without a metrics endpoint."""
+def batches(metrics_url: str | None) -> BatchTotals | None:
+    """The server's batching totals so far; None without a metrics endpoint."""
     if not metrics_url:
         return None
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:
-        return parse_group_commit(reply.read().decode())
+        return parse_batches(reply.read().decode())
 
 
-def calls_per_transaction(
-    before: GroupCommitTotals | None, after: GroupCommitTotals | None
-) -> float | None:
-    """Charging calls per group-commit transaction in the window; None when none ran."""
+def calls_per_batch(before: BatchTotals | None, after: BatchTotals | None) -> float | None:
+    """Calls answered per transaction or read in the window; None when none ran."""
     if before is None or after is None:
         return None
-    transactions = after.transactions - before.transactions
-    if transactions <= 0:
+    ran = after.batches - before.batches
+    if ran <= 0:
         return None
-    return (after.calls - before.calls) / transactions
+    return (after.calls - before.calls) / ran

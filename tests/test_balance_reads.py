@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from ledger_server.db.pool import open_pool
 from ledger_server.db.queries import query
@@ -68,6 +69,7 @@ def test_queued_reads_go_as_one_statement_and_answer_as_lone_reads(
         _grant(conn, due, CREDIT, now, None)
     statements = Statements(monkeypatch)
     order = [plain[0], plain[1], due, plain[2], unknown, plain[1]]
+    calls, reads = _metric("_sum"), _metric("_count")
 
     async def scenario() -> list[Any]:
         pool = await open_pool(ledger_db_url, 1, 2)
@@ -84,6 +86,8 @@ def test_queued_reads_go_as_one_statement_and_answer_as_lone_reads(
     # plain[0] alone; then one `balances` for the rest, and `balance` for the two it leaves
     # out: the account due maintenance (its promotion expired) and the unknown one.
     assert statements.names == ["balance", "balances", "balance", "balance"]
+    # Counted as two reads: the lone one and the batch of five.
+    assert (_metric("_sum"), _metric("_count")) == (calls + 6, reads + 2)
     assert [a["balance_micros"] for a in answers[:2]] == [CREDIT, 2 * CREDIT]
     assert answers[2]["balance_micros"] == CREDIT  # the expired 5 credits are gone
     assert answers[3]["balance_micros"] == 3 * CREDIT
@@ -94,6 +98,10 @@ def test_queued_reads_go_as_one_statement_and_answer_as_lone_reads(
             if account != unknown:
                 lone = conn.execute(query("balance"), {"account_id": account, "now": later})
                 assert answer == lone.fetchone()[0]  # type: ignore[index]
+
+
+def _metric(suffix: str) -> float:
+    return REGISTRY.get_sample_value(f"ledger_balance_calls_per_read{suffix}") or 0.0
 
 
 def test_reads_with_a_slot_free_run_alone() -> None:

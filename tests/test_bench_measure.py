@@ -1,7 +1,9 @@
 """The benchmark's own accounting: stolen CPU kept apart from other work, and the server's
-group-commit batch size read from its /metrics (pure rules; `make bench` runs them for real)."""
+batch sizes read from its /metrics (pure rules; `make bench` runs them for real)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -46,28 +48,35 @@ def test_other_cores_leave_out_what_the_hypervisor_stole() -> None:
     row = _summary("consume", 16, 10.0, [1.0, 2.0], {}, before, after, generator_cpu=0.0)
     assert row["steal_cores"] == 0.4
     assert row["other_cores"] == 0.2
-    assert row["calls_per_transaction"] is None
+    assert row["calls_per_batch"] is None
 
 
-def _exposition(batches: list[int]) -> str:
+def _exposition(charges: Sequence[int], balances: Sequence[int] = ()) -> str:
     registry = CollectorRegistry()
-    histogram = Histogram(
-        server_metrics.GROUP_COMMIT, "calls", buckets=(1, 2, 4, 8, 16, 32), registry=registry
-    )
-    for calls in batches:
-        histogram.observe(calls)
+    for name, sizes in zip(server_metrics.BATCH_HISTOGRAMS, (charges, balances), strict=True):
+        histogram = Histogram(name, "calls", buckets=(1, 2, 4, 8, 16, 32), registry=registry)
+        for calls in sizes:
+            histogram.observe(calls)
+    other = Histogram("ledger_rpc_duration_seconds", "not a batch", registry=registry)
+    other.observe(3.0)
     return generate_latest(registry).decode()
 
 
-def test_calls_per_transaction_over_a_window() -> None:
-    before = server_metrics.parse_group_commit(_exposition([1, 1]))
-    after = server_metrics.parse_group_commit(_exposition([1, 1, 8, 16, 30]))
-    assert (before.calls, before.transactions) == (2, 2)
-    assert server_metrics.calls_per_transaction(before, after) == 18.0
+def test_calls_per_batch_over_a_window() -> None:
+    before = server_metrics.parse_batches(_exposition([1, 1]))
+    after = server_metrics.parse_batches(_exposition([1, 1, 8, 16, 30]))
+    assert (before.calls, before.batches) == (2, 2)
+    assert server_metrics.calls_per_batch(before, after) == 18.0
 
 
-def test_no_transactions_in_the_window_gives_no_figure() -> None:
-    totals = server_metrics.parse_group_commit(_exposition([4]))
-    assert server_metrics.calls_per_transaction(totals, totals) is None
-    assert server_metrics.calls_per_transaction(None, totals) is None
-    assert server_metrics.parse_group_commit("") == server_metrics.GroupCommitTotals(0, 0)
+def test_balance_reads_count_as_batches_too() -> None:
+    before = server_metrics.parse_batches(_exposition([], [1]))
+    after = server_metrics.parse_batches(_exposition([], [1, 1, 10]))
+    assert server_metrics.calls_per_batch(before, after) == 5.5
+
+
+def test_no_batches_in_the_window_gives_no_figure() -> None:
+    totals = server_metrics.parse_batches(_exposition([4]))
+    assert server_metrics.calls_per_batch(totals, totals) is None
+    assert server_metrics.calls_per_batch(None, totals) is None
+    assert server_metrics.parse_batches("") == server_metrics.BatchTotals(0, 0)

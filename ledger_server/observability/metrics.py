@@ -17,6 +17,8 @@
 - ``ledger_group_commit_calls_per_transaction`` / ``ledger_group_commit_extra_lanes_total``:
   how many charging calls each group-commit transaction carried (1: a call run alone) and how
   many transactions started beside one still in flight (server/group_commit.py);
+- ``ledger_balance_calls_per_read``: how many Balance calls each read answered together (1:
+  a call read alone; server/balance_reads.py);
 - ``ledger_database_up``: the last health check of PostgreSQL (1 reachable, 0 not).
 """
 
@@ -77,6 +79,11 @@ GROUP_COMMIT_EXTRA_LANES = Counter(
     "ledger_group_commit_extra_lanes",
     "Group-commit transactions started while another was in flight: a lane opened because the "
     "one before had run LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS",
+)
+BALANCE_READ_CALLS = Histogram(
+    "ledger_balance_calls_per_read",
+    "Balance calls answered by one read of the balances; 1: a call read alone",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 DATABASE_UP = Gauge("ledger_database_up", "1 when the last health check reached PostgreSQL, else 0")
 

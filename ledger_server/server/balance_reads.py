@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from ledger_server.db import deadlines
 from ledger_server.errors import LedgerError, unavailable
 from ledger_server.ledger import store
+from ledger_server.observability.metrics import BALANCE_READ_CALLS
 from ledger_server.server.calls import call_json
 from ledger_server.server.group_commit import latest_deadline
 
@@ -57,6 +58,7 @@ class BalanceReads:
         """The account's balance as ledger_balance gives it, alone or in a batch."""
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
+            BALANCE_READ_CALLS.observe(1)
             params: dict[str, object] = {"account_id": account_id, "now": now}
             try:
                 return await call_json(self._pool, "balance", params)
@@ -78,6 +80,7 @@ class BalanceReads:
             if not batch:
                 continue
             self._in_flight += 1
+            BALANCE_READ_CALLS.observe(len(batch))
             # A context of its own: not the request id or deadline of the call whose
             # ending happened to start it.
             task = asyncio.create_task(self._run(batch), context=contextvars.Context())
