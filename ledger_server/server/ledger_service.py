@@ -313,9 +313,10 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
                 "now": self._clock.now(),
             },
         )
-        response = pb.ListTransactionsResponse(
-            transactions=[mapping.transaction(row) for row in rows[:page_size]]
-        )
+        response = pb.ListTransactionsResponse()
+        add_transaction = response.transactions.add
+        for row in rows[:page_size]:
+            mapping.fill_transaction(add_transaction(), row)
         if len(rows) > page_size:
             # The keyset: the last entry's transaction_id (the row's first column).
             response.next_page_token = page_tokens.encode([rows[page_size - 1][0]], filters)
