@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -118,18 +118,12 @@ class Window:
     batches: server_metrics.BatchTotals | None = None
 
 
-def _snapshot(
-    server_pid: int | None,
-    postmaster: int | None,
-    extra_pid: int | None,
-    metrics_url: str | None = None,
-) -> Window:
+def _snapshot(server_pid: int | None, postmaster: int | None, extra_pid: int | None) -> Window:
     return Window(
         server=measure.process_cpu(server_pid) if server_pid else 0.0,
         cluster=measure.cluster_cpu(postmaster),
         machine=measure.machine_cpu(),
         extra=measure.process_cpu(extra_pid) if extra_pid else 0.0,
-        batches=server_metrics.batches(metrics_url),
     )
 
 
@@ -226,9 +220,13 @@ def run_grpc(
             )
         )
     time.sleep(max(0.0, start_at - time.time()))
-    before = _snapshot(server_pid, postmaster, None, metrics_url)
+    # The server's /metrics read just outside the window at both ends: what answering the
+    # scrape costs the server is not the calls'.
+    started_batches = server_metrics.batches(metrics_url)
+    before = replace(_snapshot(server_pid, postmaster, None), batches=started_batches)
     time.sleep(max(0.0, end_at - time.time()))
-    after = _snapshot(server_pid, postmaster, None, metrics_url)
+    after = _snapshot(server_pid, postmaster, None)
+    after = replace(after, batches=server_metrics.batches(metrics_url))
     latencies: list[float] = []
     errors: dict[str, int] = {}
     generator_cpu = 0.0

@@ -37,11 +37,16 @@ def parse_batches(text: str) -> BatchTotals:
 
 
 def batches(metrics_url: str | None) -> BatchTotals | None:
-    """The server's batching totals so far; None without a metrics endpoint."""
+    """The server's batching totals so far; None without a metrics endpoint, or when it
+    does not answer (the server logs and goes on when it cannot bind the port): the
+    column then shows "-" rather than the run stopping after its dataset load."""
     if not metrics_url:
         return None
-    with urllib.request.urlopen(metrics_url, timeout=5) as reply:
-        return parse_batches(reply.read().decode())
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+            return parse_batches(reply.read().decode())
+    except OSError:  # URLError and time-outs included
+        return None
 
 
 def calls_per_batch(before: BatchTotals | None, after: BatchTotals | None) -> float | None:

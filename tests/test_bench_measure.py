@@ -3,6 +3,7 @@ batch sizes read from its /metrics (pure rules; `make bench` runs them for real)
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -80,3 +81,11 @@ def test_no_batches_in_the_window_gives_no_figure() -> None:
     assert server_metrics.calls_per_batch(totals, totals) is None
     assert server_metrics.calls_per_batch(None, totals) is None
     assert server_metrics.parse_batches("") == server_metrics.BatchTotals(0, 0)
+
+
+def test_a_server_without_metrics_gives_no_figure_rather_than_stopping_the_run() -> None:
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listened
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+        assert server_metrics.batches(url) is None
+    assert server_metrics.batches(None) is None

@@ -163,7 +163,7 @@ def fill_transaction(out: pb.Transaction, row: Sequence[Any]) -> None:
     arrays (NULL when the entry has none).
 
     Filled in place, field by field: a message built apart is copied again when it joins
-    its page, and a page is 100 of them (half the mapping's time, bench/BENCHMARKS.md).
+    its page, and a page is 100 of them (half the mapping's time, BENCHMARKS.md item 24).
     Fields left unset are the same empty values on the wire."""
     (
         transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
