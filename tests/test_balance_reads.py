@@ -165,3 +165,28 @@ def test_reads_the_batch_found_do_not_wait_for_an_account_left_out(
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_caller_gone_before_its_batch_runs_is_not_counted_in_it() -> None:
+    async def scenario() -> None:
+        pool = StuckPool()
+        reads = BalanceReads(pool, max_in_flight=1)  # type: ignore[arg-type]
+        now = datetime.now(UTC)
+        calls, batches = _metric("_sum"), _metric("_count")
+        alone = asyncio.create_task(reads.read("a", now))
+        await until(lambda: pool.borrowers == 1)
+        queued = {account: asyncio.create_task(reads.read(account, now)) for account in "bcd"}
+        await until(lambda: len(reads._waiting) == 3)
+        queued["c"].cancel()  # the caller leaves while it waits
+        await asyncio.gather(queued["c"], return_exceptions=True)
+        alone.cancel()
+        await until(lambda: pool.borrowers == 2)
+        # "a" alone, then "b" and "d": the batch read answers two callers, not three.
+        assert (_metric("_sum"), _metric("_count")) == (calls + 3, batches + 2)
+        batch_tasks = list(reads._tasks)
+        for task in (*queued.values(), *batch_tasks):
+            task.cancel()
+        await asyncio.gather(alone, *queued.values(), *batch_tasks, return_exceptions=True)
+        assert reads._in_flight == 0
+
+    asyncio.run(scenario())
