@@ -112,6 +112,8 @@ def test_a_grant_without_postings_or_usage() -> None:
 def test_posting_arrays_that_do_not_line_up_are_refused() -> None:
     with pytest.raises(ValueError):
         _filled(_row(posting_memos=[None]))
+    with pytest.raises(ValueError):  # postings without their ledger accounts
+        _filled(_row(posting_accounts=None))
 
 
 @pytest.mark.parametrize("value", [v for _, v in types_pb2.CreditSource.items() if v])

@@ -163,8 +163,7 @@ def fill_transaction(out: pb.Transaction, row: Sequence[Any]) -> None:
     arrays (NULL when the entry has none).
 
     Filled in place, field by field: a message built apart is copied again when it joins
-    its page, and a page is 100 of them (half the mapping's time, BENCHMARKS.md item 24).
-    Fields left unset are the same empty values on the wire."""
+    its page, and a page is 100 of them (half the mapping's time, BENCHMARKS.md item 24)."""
     (
         transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
         comment, actor, external_ref, created_micros, status,
@@ -175,37 +174,30 @@ def fill_transaction(out: pb.Transaction, row: Sequence[Any]) -> None:
     out.kind = _TRANSACTION_KIND[kind]
     out.status = _TRANSACTION_STATUS[status]
     out.amount_micros = amount_micros
-    if reservation_id:
-        out.reservation_id = reservation_id
-    if feature:
-        out.feature = feature
-    if comment:
-        out.comment = comment
-    if actor:
-        out.actor = actor
-    if external_ref:
-        out.external_ref = external_ref
-    if model:
-        out.model = model
+    out.reservation_id = reservation_id or ""
+    out.feature = feature or ""
+    out.comment = comment or ""
+    out.actor = actor or ""
+    out.external_ref = external_ref or ""
+    out.model = model or ""
     if usage:
         out.usage.CopyFrom(priced_usage(usage))
-    if posting_accounts:
-        add_posting = out.postings.add
-        for ledger_account, lot_id, source, amount, memo in zip(
-            posting_accounts,
-            posting_lots,
-            posting_sources,
-            posting_amounts,
-            posting_memos,
-            strict=True,
-        ):
-            posting = add_posting(ledger_account=ledger_account, amount_micros=amount)
-            if lot_id is not None:
-                posting.lot_id = str(lot_id)
-            if source:
-                posting.source = _SOURCE_FROM_DB[source]
-            if memo:
-                posting.memo = memo
+    add_posting = out.postings.add
+    for ledger_account, lot_id, source, amount, memo in zip(
+        posting_accounts or (),
+        posting_lots or (),
+        posting_sources or (),
+        posting_amounts or (),
+        posting_memos or (),
+        strict=True,
+    ):
+        posting = add_posting(ledger_account=ledger_account, amount_micros=amount)
+        if lot_id is not None:
+            posting.lot_id = str(lot_id)
+        if source:
+            posting.source = _SOURCE_FROM_DB[source]
+        if memo:
+            posting.memo = memo
     set_timestamp(out.create_time, created_micros)
 
 
