@@ -15,7 +15,7 @@ BUF := node_modules/.bin/buf
 
 PROTO_FILES := $(shell find protos -name '*.proto' | LC_ALL=C sort)
 CLIENT_SRC := clients/python/src
-TYPECHECK_PATHS := ledger_server workers $(CLIENT_SRC)/ledger_client
+TYPECHECK_PATHS := ledger_server workers $(CLIENT_SRC)/ledger_client bench
 
 # Runs a command with DATABASE_URL set: the caller's, or the embedded server under .data/
 # (started if needed and left running; `make stop` stops it).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -344,14 +345,15 @@ def load(database_url: str, sizes: Sizes, fresh: bool, may_wipe: bool) -> dict[s
         if fresh:
             wipe(conn)
         _fast_session(conn)
-        for name, step in (
+        steps: tuple[tuple[str, Callable[[], bool]], ...] = (
             ("random_accounts", lambda: load_random_accounts(conn, sizes.accounts)),
             ("lot_accounts", lambda: load_lot_accounts(conn, sizes.many_lots)),
             ("journal", lambda: load_journal(conn, sizes.journal_entries)),
-        ):
+        )
+        for name, step in steps:
             began = time.perf_counter()
-            loaded = step()
-            timings[name] = round(time.perf_counter() - began, 2) if loaded else 0.0
+            did_load = step()
+            timings[name] = round(time.perf_counter() - began, 2) if did_load else 0.0
         conn.execute("SET session_replication_role = DEFAULT")
         began = time.perf_counter()
         conn.execute("VACUUM (ANALYZE)")

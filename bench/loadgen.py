@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from ledger_client import AsyncLedgerClient, LedgerError
 
@@ -102,11 +102,16 @@ def make_op(client: AsyncLedgerClient, spec: dict[str, Any]) -> Op:
     if scenario == "health":
         # The transport limit: the standard health RPC on the same channel, through the
         # same retry loop and deadline handling as every ledger call.
-        stub = health_pb2_grpc.HealthStub(client._channel)
+        # The typed stubs declare HealthStub without its methods: the call is built here.
+        check = client._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         request = health_pb2.HealthCheckRequest()
 
         async def health() -> int:
-            await client._invoke(stub.Check, request, None)
+            await client._invoke(check, request, None)
             return 0
 
         return health

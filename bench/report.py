@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-COLUMNS = [
+COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("scenario", lambda r: r["name"]),
     ("conc", lambda r: str(r["concurrency"])),
     ("ops/s", lambda r: _fmt(r["ops_per_s"], 0)),

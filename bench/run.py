@@ -337,7 +337,7 @@ def _audit(database_url: str, when: str) -> dict[str, Any]:
 def _versions(database_url: str) -> dict[str, str]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         row = conn.execute("SHOW server_version").fetchone()
-        settings = dict(
+        settings: dict[str, str] = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name IN ('synchronous_commit',"
                 " 'fsync', 'shared_buffers', 'max_connections', 'commit_delay', 'wal_sync_method')"
@@ -399,7 +399,7 @@ def main() -> int:
                 [before_far],
                 ["transactions", dataset.JOURNAL, None, None, None, None, None, None],
             )
-            params = {
+            params: dict[str, dict[str, Any]] = {
                 "consume": {
                     "account_prefix": dataset.ACCOUNT_PREFIX,
                     "accounts": cfg.sizes.accounts,

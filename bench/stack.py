@@ -1,12 +1,13 @@
 """The stack under test, started the way `make run` starts it: PostgreSQL and Redis from
 DATABASE_URL / REDIS_URL, else embedded servers under the bench data dir (never the
 `.data/pg` of `make run`), and the gRPC server as its own process
-(`python -m ledger_server serve`, migrating on start) on a free port."""
+(`python -m ledger_server serve`, migrating on start) on ports it picks itself."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from ledger_server.devstack import embedded
 
@@ -33,6 +34,45 @@ class Databases:
     redis_url: str
     embedded_pgdata: Path | None
     started: list[embedded.Stoppable] = field(default_factory=list)
+
+
+_LISTENING = re.compile(r"listening on \S+ \(port (\d+)\)")
+_METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int | None = None
+    metrics: int | None = None
+
+
+def ports_from_log(text: str) -> Ports:
+    """The ports the server bound, from the lines it logs once it has bound them."""
+    grpc_port = _LISTENING.search(text)
+    metrics_port = _METRICS.search(text)
+    return Ports(
+        grpc=int(grpc_port.group(1)) if grpc_port else None,
+        metrics=int(metrics_port.group(1)) if metrics_port else None,
+    )
+
+
+def wait_for_ports(
+    log_path: Path, offset: int, timeout: float, process: subprocess.Popen[bytes]
+) -> Ports:
+    """Reads the server's log from ``offset`` (where this start began) until it names its
+    gRPC port. The metrics line comes before it; a server without metrics has none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with log_path.open("rb") as log:
+            log.seek(offset)
+            ports = ports_from_log(log.read().decode(errors="replace"))
+        if ports.grpc is not None:
+            return ports
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server named no port after {timeout}s; see {log_path}")
+        time.sleep(0.1)
 
 
 def _free_port() -> int:
@@ -117,15 +157,29 @@ class Server:
         return self.process.pid
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def health_check(
+    channel: grpc.Channel,
+) -> grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
+    # The typed stubs declare HealthStub without its methods: the call is built here instead.
+    return channel.unary_unary(
+        HEALTH_CHECK,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
 def wait_serving(address: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        check = health_check(channel)
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode}")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                reply = check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -139,22 +193,23 @@ def wait_serving(address: str, timeout: float, process: subprocess.Popen[bytes])
 def server(
     dbs: Databases, log_path: Path, extra_env: dict[str, str] | None = None
 ) -> Iterator[Server]:
-    """`python -m ledger_server serve` on a free port, as `make run` starts it."""
-    address = f"127.0.0.1:{_free_port()}"
-    metrics_address = f"127.0.0.1:{_free_port()}"
+    """`python -m ledger_server serve`, as `make run` starts it. Both ports are the
+    server's own pick (port 0), read back from its log, so nothing else can take them
+    between a probe and the bind."""
     env = {
         **os.environ,
         "DATABASE_URL": dbs.database_url,
         "REDIS_URL": dbs.redis_url,
-        "LEDGER_GRPC_ADDR": address,
+        "LEDGER_GRPC_ADDR": "127.0.0.1:0",
         # Its own port: the bench reads it, and a `make run` beside it keeps the default one.
-        "LEDGER_METRICS_ADDR": metrics_address,
+        "LEDGER_METRICS_ADDR": "127.0.0.1:0",
         "LEDGER_MIGRATE_ON_START": "true",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
+    offset = log.tell()
     process = subprocess.Popen(
         [sys.executable, "-m", "ledger_server", "serve"],
         env=env,
@@ -166,8 +221,11 @@ def server(
         preexec_fn=embedded.die_with_parent(),
     )
     try:
+        ports = wait_for_ports(log_path, offset, 90, process)
+        address = f"127.0.0.1:{ports.grpc}"
         wait_serving(address, 90, process)
-        yield Server(process, address, log_path, f"http://{metrics_address}/metrics")
+        metrics_url = f"http://127.0.0.1:{ports.metrics}/metrics" if ports.metrics else ""
+        yield Server(process, address, log_path, metrics_url)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -1,14 +1,18 @@
 """The benchmark's own accounting: stolen CPU kept apart from other work, and the server's
-batch sizes read from its /metrics (pure rules; `make bench` runs them for real)."""
+batch sizes read from its /metrics (pure rules; `make bench` runs them for real), and the
+server it starts found on the ports it bound."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bench import measure, server_metrics
+from bench import measure, server_metrics, stack
 from bench.run import Window, _summary
 
 TICK = measure.TICK
@@ -89,3 +93,35 @@ def test_a_server_without_metrics_gives_no_figure_rather_than_stopping_the_run()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
         assert server_metrics.batches(url) is None
     assert server_metrics.batches(None) is None
+
+
+def test_the_bench_server_is_found_on_the_ports_it_bound_not_an_earlier_runs(
+    fresh_database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # The bench appends every start to one log: an earlier run's ports must not be read.
+    log_path = tmp_path / "server.log"
+    log_path.write_text(
+        '{"message": "metrics on http://127.0.0.1:1/metrics"}\n'
+        '{"message": "ledger gRPC server listening on 127.0.0.1:0 (port 1), event loop x"}\n'
+    )
+    dbs = stack.Databases(
+        server_url=fresh_database_url,
+        database_url=fresh_database_url,
+        redis_url=redis_url,
+        embedded_pgdata=None,
+    )
+    with stack.server(dbs, log_path) as srv:
+        assert srv.address != "127.0.0.1:1"
+        with grpc.insecure_channel(srv.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert srv.metrics_url and ":1/" not in srv.metrics_url
+        totals = server_metrics.batches(srv.metrics_url)
+        assert totals is not None  # the server's own /metrics answered
+
+
+def test_a_server_without_metrics_logs_no_metrics_port() -> None:
+    ports = stack.ports_from_log("ledger gRPC server listening on [::]:0 (port 50123), x\n")
+    assert ports == stack.Ports(grpc=50123, metrics=None)
