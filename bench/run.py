@@ -159,6 +159,9 @@ def _summary(
         "ops_per_s": round(ops / seconds, 1),
         "p50_ms": round(_percentile(lat, 0.50), 3),
         "p99_ms": round(_percentile(lat, 0.99), 3),
+        # The far tail (event-loop pauses such as a full garbage collection show here first).
+        "p999_ms": round(_percentile(lat, 0.999), 3),
+        "max_ms": round(lat[-1], 3) if lat else float("nan"),
         "mean_ms": round(statistics.fmean(lat), 3) if lat else float("nan"),
         "errors": errors,
         "server_cpu_s_per_1000_ops": round(server_cpu * per_k, 4),

@@ -56,6 +56,14 @@ def test_other_cores_leave_out_what_the_hypervisor_stole() -> None:
     assert row["calls_per_batch"] is None
 
 
+def test_the_far_tail_is_reported_beside_the_p99() -> None:
+    latencies = [1.0] * 998 + [30.0, 90.0]  # two slow calls in 1,000
+    row = _summary("balance", 16, 1.0, latencies, {}, _window(0, 0, 0.0), _window(0, 0, 0.0), 0.0)
+    assert row["p99_ms"] == 1.0
+    assert row["p999_ms"] == 30.0
+    assert row["max_ms"] == 90.0
+
+
 def _exposition(charges: Sequence[int], balances: Sequence[int] = ()) -> str:
     registry = CollectorRegistry()
     for name, sizes in zip(server_metrics.BATCH_HISTOGRAMS, (charges, balances), strict=True):
