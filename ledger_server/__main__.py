@@ -14,7 +14,7 @@ from ledger_server.config import ConfigError, Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.observability.logging import setup_logging
 from ledger_server.security import SecurityError, hash_token
-from ledger_server.server import event_loop
+from ledger_server.server import event_loop, startup_heap
 from ledger_server.server.app import running_server
 from ledger_server.server.hardening import startup_checks
 
@@ -27,6 +27,12 @@ async def _serve(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with running_server(settings) as running:
+        frozen = startup_heap.freeze()
+        log.info(
+            "startup heap frozen: %d objects outside the garbage collector's full collections",
+            frozen,
+            extra={"frozen_objects": frozen},
+        )
         log.info(
             "ledger gRPC server listening on %s (port %d), event loop %s",
             settings.grpc_addr,

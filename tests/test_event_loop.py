@@ -4,6 +4,7 @@ on request, and the suite's in-process server on the same loop as `serve`."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import uvloop
@@ -60,4 +61,7 @@ def test_the_server_process_charges_on_either_loop(
             assert client.balance(account).balance_micros == before - 4 * CREDIT
     finally:
         server.stop()
-    assert f"event loop {logged}" in "".join(server.log)
+    log = "".join(server.log)
+    assert f"event loop {logged}" in log
+    frozen = re.search(r"startup heap frozen: (\d+) objects", log)
+    assert frozen and int(frozen.group(1)) > 10_000  # the modules and descriptors, at least
