@@ -37,22 +37,22 @@ class Databases:
 
 
 _LISTENING = re.compile(r"listening on \S+ \(port (\d+)\)")
-_METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
+_METRICS = re.compile(r"metrics on (http://\S+:(\d+)/metrics)")
 
 
 @dataclass(frozen=True)
 class Ports:
     grpc: int | None = None
-    metrics: int | None = None
+    metrics_url: str = ""  # empty: not served (the server logs why)
 
 
 def ports_from_log(text: str) -> Ports:
     """The ports the server bound, from the lines it logs once it has bound them."""
     grpc_port = _LISTENING.search(text)
-    metrics_port = _METRICS.search(text)
+    metrics = _METRICS.search(text)
     return Ports(
         grpc=int(grpc_port.group(1)) if grpc_port else None,
-        metrics=int(metrics_port.group(1)) if metrics_port else None,
+        metrics_url=metrics.group(1) if metrics else "",
     )
 
 
@@ -205,6 +205,8 @@ def server(
         "LEDGER_METRICS_ADDR": "127.0.0.1:0",
         "LEDGER_MIGRATE_ON_START": "true",
         "PYTHONUNBUFFERED": "1",
+        # The ports are read from INFO lines, whatever level the caller's environment sets.
+        "LEDGER_LOG_LEVEL": "INFO",
         **(extra_env or {}),
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,8 +226,7 @@ def server(
         ports = wait_for_ports(log_path, offset, 90, process)
         address = f"127.0.0.1:{ports.grpc}"
         wait_serving(address, 90, process)
-        metrics_url = f"http://127.0.0.1:{ports.metrics}/metrics" if ports.metrics else ""
-        yield Server(process, address, log_path, metrics_url)
+        yield Server(process, address, log_path, ports.metrics_url)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

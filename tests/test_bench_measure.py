@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -104,9 +105,11 @@ def test_a_server_without_metrics_gives_no_figure_rather_than_stopping_the_run()
 
 
 def test_the_bench_server_is_found_on_the_ports_it_bound_not_an_earlier_runs(
-    fresh_database_url: str, redis_url: str, tmp_path: Path
+    fresh_database_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The bench appends every start to one log: an earlier run's ports must not be read.
+    # A quieter log level in the caller's environment must not hide the lines it reads.
+    monkeypatch.setenv("LEDGER_LOG_LEVEL", "WARNING")
     log_path = tmp_path / "server.log"
     log_path.write_text(
         '{"message": "metrics on http://127.0.0.1:1/metrics"}\n'
@@ -130,6 +133,6 @@ def test_the_bench_server_is_found_on_the_ports_it_bound_not_an_earlier_runs(
         assert totals is not None  # the server's own /metrics answered
 
 
-def test_a_server_without_metrics_logs_no_metrics_port() -> None:
+def test_a_log_without_a_metrics_line_gives_no_metrics_url() -> None:
     ports = stack.ports_from_log("ledger gRPC server listening on [::]:0 (port 50123), x\n")
-    assert ports == stack.Ports(grpc=50123, metrics=None)
+    assert ports == stack.Ports(grpc=50123, metrics_url="")
