@@ -4,7 +4,10 @@ a pool whose connections never come back stands in for a stuck PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -126,6 +129,74 @@ def test_calls_waiting_for_a_lane_go_together_when_the_young_one_ends() -> None:
             task.cancel()
         await asyncio.gather(first, late, *queued, *batches, return_exceptions=True)
         assert group_commit._in_flight == 0 and not group_commit._lane_starts
+
+    asyncio.run(scenario())
+
+
+class _GatedPool:
+    """Connections that answer when the test opens their gate (one gate per borrower, in
+    order); a batch gets one "ok" per call."""
+
+    def __init__(self) -> None:
+        self.borrowers = 0
+        self.gates: list[asyncio.Event] = []
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        self.borrowers += 1
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        yield _AnsweringConnection()
+
+
+class _AnsweringConnection:
+    async def execute(self, sql: str, params: dict[str, Any]) -> Any:
+        batch = params.get("requests")
+        row = (
+            [{"ok": {"key": call["key"]}} for call in batch.obj]
+            if batch
+            else {"key": params["key"]}
+        )
+
+        class Cursor:
+            async def fetchall(self) -> list[tuple[Any]]:
+                return [(row,)]
+
+        return Cursor()
+
+
+def test_a_batch_gives_its_lane_back_before_its_callers_are_answered() -> None:
+    """Answering a batch's callers (their handlers, their replies) takes the event loop for
+    a while; the calls that queued behind the batch go to the database first, so the lane
+    does not sit idle meanwhile."""
+
+    async def scenario() -> None:
+        pool = _GatedPool()
+        group_commit = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
+        borrowers_when_answered: dict[str, int] = {}
+
+        async def caller(account: str) -> dict[str, Any]:
+            result = await group_commit.call("consume", account, params(account))
+            borrowers_when_answered[account] = pool.borrowers
+            return result
+
+        alone = asyncio.create_task(caller("a"))
+        await until(lambda: pool.borrowers == 1)
+        batched = [asyncio.create_task(caller(account)) for account in "bc"]
+        await until(lambda: len(group_commit._waiting) == 2)
+        pool.gates[0].set()  # "a" ends: "b" and "c" go as one batch
+        await until(lambda: pool.borrowers == 2)
+        late = asyncio.create_task(caller("d"))
+        await until(lambda: "d" in group_commit._waiting)
+        pool.gates[1].set()  # the batch ends
+        answers = await asyncio.gather(*batched)
+        assert [answer["key"] for answer in answers] == ["b", "c"]
+        # "d" had borrowed its connection before "b" and "c" were answered.
+        assert borrowers_when_answered["b"] == borrowers_when_answered["c"] == 3
+        pool.gates[2].set()
+        assert (await late)["key"] == "d" and (await alone)["key"] == "a"
+        assert group_commit._in_flight == 0 and not group_commit._busy
 
     asyncio.run(scenario())
 

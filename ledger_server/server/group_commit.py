@@ -174,6 +174,14 @@ class GroupCommit:
         del self._lane_starts[lane]
         self._dispatch()
 
+    def _release(self, lane: int, batch: list[_Waiter]) -> None:
+        """Gives a batch's lane and accounts back, once. Called as soon as its transaction
+        has ended, before its callers are answered: answering them (their handlers, the
+        replies) takes the event loop for a while, and the calls that queued meanwhile
+        should be on their way to the database by then, not waiting behind it."""
+        if lane in self._lane_starts:
+            self._finish(lane, [waiter.account_id for waiter in batch])
+
     def _dispatch(self) -> None:
         while self._in_flight < self._max_in_flight and self._waiting:
             opens_in = self._lane_opens_in()
@@ -186,7 +194,7 @@ class GroupCommit:
             lane = self._start([waiter.account_id for waiter in batch])
             # A context of its own: not the request id or deadline of the call whose
             # ending happened to start it.
-            task = asyncio.create_task(self._run(batch), context=contextvars.Context())
+            task = asyncio.create_task(self._run(lane, batch), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._ended, lane, batch))
 
@@ -228,14 +236,15 @@ class GroupCommit:
                 waiter.future.set_exception(
                     unavailable("the server stopped this call; retry with the same idempotency key")
                 )
-        self._finish(lane, [waiter.account_id for waiter in batch])
+        self._release(lane, batch)
 
-    async def _run(self, batch: list[_Waiter]) -> None:
+    async def _run(self, lane: int, batch: list[_Waiter]) -> None:
         deadlines.set_deadline(latest_deadline([waiter.deadline for waiter in batch]))
         try:
             if len(batch) == 1:
                 waiter = batch[0]
                 result = await call_json(self._pool, waiter.operation, waiter.params)
+                self._release(lane, batch)
                 if not waiter.future.done():
                     waiter.future.set_result(result)
                 return
@@ -248,6 +257,7 @@ class GroupCommit:
                         "now": max(w.params["now"] for w in batch),  # type: ignore[type-var]
                     },
                 )
+            self._release(lane, batch)  # the transaction has ended (the connection is back)
             for waiter, result in zip(batch, results, strict=True):
                 if "ok" in result:
                     # Counted even when the caller went away: the credits were consumed.
@@ -265,6 +275,7 @@ class GroupCommit:
                         translate_failure(failure) or BatchElementError(error["message"])
                     )
         except Exception as exc:  # the batch as a whole: every call gets the error
+            self._release(lane, batch)
             for waiter in batch:
                 if not waiter.future.done():
                     waiter.future.set_exception(exc)
