@@ -1,5 +1,6 @@
 """The group-commit queue of charging calls (server/group_commit.py), without a database:
-a pool whose connections never come back stands in for a stuck PostgreSQL."""
+a pool whose connections never come back stands in for a stuck PostgreSQL, and one whose
+connections answer when the test says so for a working one."""
 
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def test_a_batch_gives_its_lane_back_before_its_callers_are_answered() -> None:
         pool.gates[1].set()  # the batch ends
         answers = await asyncio.gather(*batched)
         assert [answer["key"] for answer in answers] == ["b", "c"]
-        # "d" had borrowed its connection before "b" and "c" were answered.
+        # "d" had asked the pool for its connection before "b" and "c" were answered.
         assert borrowers_when_answered["b"] == borrowers_when_answered["c"] == 3
         pool.gates[2].set()
         assert (await late)["key"] == "d" and (await alone)["key"] == "a"

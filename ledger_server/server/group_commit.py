@@ -229,7 +229,8 @@ class GroupCommit:
 
     def _ended(self, lane: int, batch: list[_Waiter], task: asyncio.Task[None]) -> None:
         """Runs however the batch's task ended, even cancelled before it started: no
-        caller is left waiting and the accounts and the slot are given back."""
+        caller is left waiting, and the accounts and the slot are given back if the batch
+        has not already done so."""
         self._tasks.discard(task)
         for waiter in batch:
             if not waiter.future.done():
@@ -241,41 +242,59 @@ class GroupCommit:
     async def _run(self, lane: int, batch: list[_Waiter]) -> None:
         deadlines.set_deadline(latest_deadline([waiter.deadline for waiter in batch]))
         try:
-            if len(batch) == 1:
-                waiter = batch[0]
-                result = await call_json(self._pool, waiter.operation, waiter.params)
-                self._release(lane, batch)
-                if not waiter.future.done():
-                    waiter.future.set_result(result)
-                return
-            async with self._pool.connection() as conn:
-                results = await store.call_json_array(
-                    conn,
-                    "consume_batch",
-                    {
-                        "requests": Jsonb([_request(waiter) for waiter in batch]),
-                        "now": max(w.params["now"] for w in batch),  # type: ignore[type-var]
-                    },
-                )
-            self._release(lane, batch)  # the transaction has ended (the connection is back)
-            for waiter, result in zip(batch, results, strict=True):
-                if "ok" in result:
-                    # Counted even when the caller went away: the credits were consumed.
-                    observe_ledger_result(waiter.operation, result["ok"])
-                if waiter.future.done():
-                    continue
-                if "ok" in result:
-                    waiter.future.set_result(result["ok"])
-                else:
-                    error = result["error"]
-                    failure = DatabaseFailure(
-                        error["sqlstate"], error["message"], error["detail"], error["constraint"]
-                    )
-                    waiter.future.set_exception(
-                        translate_failure(failure) or BatchElementError(error["message"])
-                    )
+            outcome = await self._execute(batch)
         except Exception as exc:  # the batch as a whole: every call gets the error
             self._release(lane, batch)
-            for waiter in batch:
-                if not waiter.future.done():
-                    waiter.future.set_exception(exc)
+            _fail(batch, exc)
+            return
+        # The transaction has ended (the connection is back): the next batch goes first.
+        # Outside the try: an error starting it is not this batch's (_ended answers then).
+        self._release(lane, batch)
+        try:
+            _answer(batch, outcome)
+        except Exception as exc:  # an answer of the wrong shape: the calls not yet answered
+            _fail(batch, exc)
+
+    async def _execute(self, batch: list[_Waiter]) -> dict[str, Any] | list[dict[str, Any]]:
+        """One call runs alone (its ledger function); several run as one batch statement."""
+        if len(batch) == 1:
+            waiter = batch[0]
+            return await call_json(self._pool, waiter.operation, waiter.params)
+        async with self._pool.connection() as conn:
+            return await store.call_json_array(
+                conn,
+                "consume_batch",
+                {
+                    "requests": Jsonb([_request(waiter) for waiter in batch]),
+                    "now": max(w.params["now"] for w in batch),  # type: ignore[type-var]
+                },
+            )
+
+
+def _answer(batch: list[_Waiter], outcome: dict[str, Any] | list[dict[str, Any]]) -> None:
+    if isinstance(outcome, dict):  # a call run alone (call_json counted its credits)
+        if not batch[0].future.done():
+            batch[0].future.set_result(outcome)
+        return
+    for waiter, result in zip(batch, outcome, strict=True):
+        if "ok" in result:
+            # Counted even when the caller went away: the credits were consumed.
+            observe_ledger_result(waiter.operation, result["ok"])
+        if waiter.future.done():
+            continue
+        if "ok" in result:
+            waiter.future.set_result(result["ok"])
+        else:
+            error = result["error"]
+            failure = DatabaseFailure(
+                error["sqlstate"], error["message"], error["detail"], error["constraint"]
+            )
+            waiter.future.set_exception(
+                translate_failure(failure) or BatchElementError(error["message"])
+            )
+
+
+def _fail(batch: list[_Waiter], exc: Exception) -> None:
+    for waiter in batch:
+        if not waiter.future.done():
+            waiter.future.set_exception(exc)
