@@ -22,6 +22,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from bench import health as health_rpc
 from ledger_client import AsyncLedgerClient, LedgerError
 
 Op = Callable[[], Awaitable[int]]  # returns micro-credits charged (0 when none)
@@ -102,12 +103,7 @@ def make_op(client: AsyncLedgerClient, spec: dict[str, Any]) -> Op:
     if scenario == "health":
         # The transport limit: the standard health RPC on the same channel, through the
         # same retry loop and deadline handling as every ledger call.
-        # The typed stubs declare HealthStub without its methods: the call is built here.
-        check = client._channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        check = health_rpc.check(client._channel)
         request = health_pb2.HealthCheckRequest()
 
         async def health() -> int:

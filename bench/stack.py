@@ -21,6 +21,7 @@ import grpc
 import psycopg
 from grpc_health.v1 import health_pb2
 
+from bench import health
 from ledger_server.devstack import embedded
 
 BENCH_DB = "ledger_bench"
@@ -157,24 +158,10 @@ class Server:
         return self.process.pid
 
 
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-
-
-def health_check(
-    channel: grpc.Channel,
-) -> grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
-    # The typed stubs declare HealthStub without its methods: the call is built here instead.
-    return channel.unary_unary(
-        HEALTH_CHECK,
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-
-
 def wait_serving(address: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        check = health_check(channel)
+        check = health.check(channel)
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode}")
