@@ -1,0 +1,67 @@
+"""The server's connection pool (ledger_server/db/pool.py) lends the connection returned
+last, and still closes the one idle longest when it shrinks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ledger_server.db.pool import open_pool
+
+
+async def _backend(pool: Any) -> int:
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        return int(row[0])
+
+
+async def _hold_three(pool: Any) -> list[int]:
+    """Borrows three connections at once and returns them in borrowing order."""
+    borrowed = [await pool.getconn() for _ in range(3)]
+    pids = []
+    for conn in borrowed:
+        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        pids.append(int(row[0]))
+    for conn in borrowed:
+        await pool.putconn(conn)
+    return pids
+
+
+def test_calls_one_after_another_reuse_the_connection_returned_last(ledger_db_url: str) -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        pool = await open_pool(ledger_db_url, 3, 3)
+        try:
+            returned = await _hold_three(pool)
+            return returned, [await _backend(pool) for _ in range(6)]
+        finally:
+            await pool.close()
+
+    returned, used = asyncio.run(scenario())
+    assert len(set(returned)) == 3
+    # FIFO (psycopg_pool's own order) would go round all three, the first returned first.
+    assert used == [returned[-1]] * 6
+
+
+def test_shrinking_closes_the_connection_idle_longest(ledger_db_url: str) -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        pool = await open_pool(ledger_db_url, 1, 3)
+        try:
+            returned = await _hold_three(pool)
+            for _ in range(3):
+                await _backend(pool)
+            # What the pool's scheduled shrinking runs after max_idle: the first call resets
+            # its low-water mark, the second closes one connection unused since then.
+            await pool._shrink_pool()
+            await pool._shrink_pool()
+            await asyncio.sleep(0.2)  # the backend ends after the close reaches it
+            async with pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY (%s)", (returned,)
+                )
+                alive = sorted(int(row[0]) for row in await cursor.fetchall())
+            return returned, alive
+        finally:
+            await pool.close()
+
+    returned, alive = asyncio.run(scenario())
+    assert alive == sorted(returned[1:])  # the first returned, never lent since, is gone
