@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from bench import dataset, report, stack
@@ -27,17 +28,24 @@ END = "<!-- bench:servers:end -->"
 
 
 @contextlib.contextmanager
-def experimental(dbs: stack.Databases, mode: str) -> Iterator[tuple[str, int]]:
-    address = f"127.0.0.1:{stack._free_port()}"
-    log = (BENCH_DIR.parent / ".data" / "bench" / f"{mode}-server.log").open("ab")
+def experimental(
+    dbs: stack.Databases, mode: str, log_dir: Path = BENCH_DIR.parent / ".data" / "bench"
+) -> Iterator[tuple[str, int]]:
+    # Port 0: the server picks its port and logs it, so nothing can take it between a
+    # probe and the bind.
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{mode}-server.log"
+    log = log_path.open("ab")
+    offset = log.tell()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.sync_server", "--mode", mode, "--addr", address],
+        [sys.executable, "-m", "bench.sync_server", "--mode", mode, "--addr", "127.0.0.1:0"],
         env={**os.environ, "DATABASE_URL": dbs.database_url},
         cwd=stack.REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
+        address = f"127.0.0.1:{stack.wait_for_ports(log_path, offset, 60, process).grpc}"
         stack.wait_serving(address, 60, process)
         yield address, process.pid
     finally:

@@ -9,7 +9,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -74,13 +73,6 @@ def wait_for_ports(
         if time.monotonic() > deadline:
             raise RuntimeError(f"the server named no port after {timeout}s; see {log_path}")
         time.sleep(0.1)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _preload_pg_stat_statements(pgdata: Path, url: str) -> str:

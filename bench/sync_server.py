@@ -122,6 +122,11 @@ class AioLedger(ledger_service_pb2_grpc.LedgerServiceServicer):
             raise
 
 
+def _listening(addr: str, port: int) -> None:
+    """The line bench/stack.py reads the port from (``--addr`` may ask for port 0)."""
+    print(f"listening on {addr} (port {port})", flush=True)
+
+
 def serve_sync(url: str, addr: str, threads: int, pool_max: int) -> None:
     pool = ConnectionPool(
         url, min_size=2, max_size=pool_max, configure=lambda c: c.set_autocommit(True), open=True
@@ -133,7 +138,7 @@ def serve_sync(url: str, addr: str, threads: int, pool_max: int) -> None:
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(addr)
+    _listening(addr, server.add_insecure_port(addr))
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -154,7 +159,7 @@ async def serve_aio(url: str, addr: str, pool_max: int) -> None:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(addr)
+    _listening(addr, server.add_insecure_port(addr))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bench import measure, server_metrics, stack
+from bench import compare_servers, measure, server_metrics, stack
 from bench.run import Window, _summary
 
 TICK = measure.TICK
@@ -131,6 +131,25 @@ def test_the_bench_server_is_found_on_the_ports_it_bound_not_an_earlier_runs(
         assert srv.metrics_url and ":1/" not in srv.metrics_url
         totals = server_metrics.batches(srv.metrics_url)
         assert totals is not None  # the server's own /metrics answered
+
+
+@pytest.mark.parametrize("mode", ["aio", "sync"])
+def test_the_servers_compared_are_found_on_the_port_they_bound(
+    ledger_db_url: str, tmp_path: Path, mode: str
+) -> None:
+    # bench.compare_servers' own servers bind port 0 too, and an earlier start's line in
+    # their log is not read.
+    (tmp_path / f"{mode}-server.log").write_text("listening on 127.0.0.1:0 (port 1)\n")
+    dbs = stack.Databases(
+        server_url=ledger_db_url, database_url=ledger_db_url, redis_url="", embedded_pgdata=None
+    )
+    with compare_servers.experimental(dbs, mode, tmp_path) as (address, _pid):
+        assert address != "127.0.0.1:1"
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_log_without_a_metrics_line_gives_no_metrics_url() -> None:
