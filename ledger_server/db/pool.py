@@ -1,13 +1,20 @@
 """The async connection pool every RPC borrows one connection from.
 
 It lends the connection returned last (LIFO, as SQLAlchemy's ``pool_use_lifo``, node-pg and
-pgcat do), where psycopg_pool lends the one idle longest (FIFO). Under load FIFO walks every
-call through all of the pool's backends in turn, each one's memory cold in the CPU caches
-by the time its turn comes again; LIFO keeps the work on the few backends the load needs.
-Measured on the bench's Consume at concurrency 16 (BENCHMARKS.md, session 11), ten
-alternating pairs: 8% less PostgreSQL CPU per call and 6% more calls per second on average,
-less than the spread between runs of one build on that machine, so a modest gain. The idle
-rest stay at the other end, where the pool's shrinking closes them after ``max_idle``."""
+pgcat do), where psycopg_pool lends the one idle longest (FIFO). Under the bench's Consume
+load the pool holds two connections and the one group-commit lane borrows one per batch:
+FIFO alternates between them, so each batch goes to a backend that has slept through the
+previous one, while LIFO hands it to the backend that has just finished, its memory still
+warm in the CPU caches. Measured at concurrency 16 (BENCHMARKS.md, session 11, item 30),
+ten alternating pairs: 8% less PostgreSQL CPU per call and 6% more calls per second on
+average, less than the spread between runs of one build on that machine, so a modest gain.
+
+The idle rest stay at the other end, where the pool's shrinking closes one per ``max_idle``
+(10 minutes) unused. They are also where psycopg_pool checks a connection's age least
+often (it does so when a connection is returned), so a connection kept idle under
+``min_size`` through hours of steady load can be older than ``max_lifetime`` when a burst
+borrows it; the server then answers that call UNAVAILABLE if PostgreSQL or the network
+dropped it meanwhile, and the client retries, as after any lost connection."""
 
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ class LedgerPool(DeadlinePool):
         # (and shrinks) from the left, under its lock. Turning the deque by one brings the
         # last returned to the left for this loan and leaves the others in their order, so
         # the one idle longest is still the first the pool closes.
-        self._pool.rotate(1)
+        if timeout is None or timeout > 0:  # else the parent raises PoolTimeout, lends nothing
+            self._pool.rotate(1)
         return await super()._get_ready_connection(timeout)
 
 
