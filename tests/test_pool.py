@@ -14,17 +14,13 @@ from ledger_server.db.pool import open_pool
 
 async def _backend(pool: Any) -> int:
     async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
-        return int(row[0])
+        return int(conn.info.backend_pid)
 
 
 async def _hold_three(pool: Any) -> list[int]:
     """Borrows three connections at once and returns them in borrowing order."""
     borrowed = [await pool.getconn() for _ in range(3)]
-    pids = []
-    for conn in borrowed:
-        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
-        pids.append(int(row[0]))
+    pids = [int(conn.info.backend_pid) for conn in borrowed]
     for conn in borrowed:
         await pool.putconn(conn)
     return pids
