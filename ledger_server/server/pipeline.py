@@ -17,10 +17,11 @@ streaming method that is not open is not served at all (UNIMPLEMENTED): every le
 unary.
 
 ComposingServer is the grpc.aio.Server the services register with (the generated
-``add_*Servicer_to_server`` functions, health and reflection): it composes each method
-handler as it is registered and hands the result to the real server. A call then runs one
-behaviour composed at start-up; there are no server interceptors, which grpc.aio would run,
-each rebuilding the method handler, on every call."""
+``add_*Servicer_to_server`` functions, health and reflection): it serves every method as a
+generic one (ComposingServer.add_registered_method_handlers says why) and composes each
+method's handler on its first call, then keeps it. A call runs that one composed behaviour;
+there are no server interceptors, which grpc.aio would run, each rebuilding the method
+handler, on every call."""
 
 from __future__ import annotations
 
@@ -107,12 +108,15 @@ class ComposingServer(grpc.aio.Server):
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, MethodHandler]
     ) -> None:
-        composed: dict[str, MethodHandler] = {}
-        for name, handler in method_handlers.items():
-            served = self._pipeline.method_handler(f"/{service_name}/{name}", handler)
-            if served is not None:
-                composed[name] = served
-        self._server.add_registered_method_handlers(service_name, composed)
+        """Serves them as generic methods. grpc.aio's server loop keeps one pending
+        request per registered method and waits on all of them (``asyncio.wait``) before
+        each call it accepts, so ~50 registered methods cost every call ~50 futures' worth
+        of Python; generic methods share one pending request. The generated
+        ``add_*Servicer_to_server`` functions add a generic handler for the same methods
+        first, which then answers; this one serves a method registered only here."""
+        self.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(service_name, dict(method_handlers))]
+        )
 
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
