@@ -79,7 +79,13 @@ DAY = 24 * HOUR
 MARGIN = 60 * SECOND
 GUARD = 5 * SECOND
 
-SOURCES = [v for v in types_pb2.CreditSource.values() if v != types_pb2.CREDIT_SOURCE_UNSPECIFIED]
+# Every source a Grant may name: OVERDRAFT is the overdraft limit's own lot
+# (AdminService.SetOverdraftLimit; tests/test_overdraft.py), never granted.
+SOURCES = [
+    v
+    for v in types_pb2.CreditSource.values()
+    if v not in (types_pb2.CREDIT_SOURCE_UNSPECIFIED, types_pb2.CREDIT_SOURCE_OVERDRAFT)
+]
 MUTATIONS = ("Grant", "Reserve", "Commit", "Release", "Refund", "Consume")
 
 

@@ -61,6 +61,7 @@ EXPECTED_CONSTRAINTS = {
     "accounts_balance_nonnegative",
     "accounts_held_within_balance",
     "accounts_low_balance_threshold_nonnegative",
+    "accounts_overdraft_limit_nonnegative",
     "accounts_not_self_referred",
     "accounts_referral_code_unique",
     "accounts_referred_by_fk",
@@ -81,6 +82,7 @@ EXPECTED_CONSTRAINTS = {
     "lots_balance_kind_known",
     "lots_expired_within_amount",
     "lots_held_within_remaining",
+    "lots_overdraft_is_main_and_permanent",
     "lots_parent_fk",
     "lots_remaining_nonnegative",
     "lots_remaining_within_amount",
@@ -160,6 +162,8 @@ EXPECTED_FUNCTIONS = {
     "ledger_start_subscription_period",
     "ledger_change_subscription_plan",
     "ledger_adjust_balance",
+    "ledger_set_overdraft_limit",
+    "ledger_repay_overdraft",
 }
 
 

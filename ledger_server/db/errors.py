@@ -49,6 +49,7 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE040": (grpc.StatusCode.NOT_FOUND, "PURCHASE_NOT_FOUND"),
     "LE041": (grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_PRICE_MISSING"),
     "LE042": (grpc.StatusCode.FAILED_PRECONDITION, "PLAN_INACTIVE"),
+    "LE043": (grpc.StatusCode.FAILED_PRECONDITION, "OVERDRAFT_IN_USE"),
 }
 
 # Constraints a request can run into with input that passed validation.

@@ -69,8 +69,21 @@ _BALANCE_FIELDS = (
 )
 
 
+# Present only for an account with an overdraft limit (ledger_balance_json), and absent
+# from answers stored before overdrafts existed, which replays return as they were.
+_OVERDRAFT_FIELDS = ("overdraft_limit_micros", "debt_micros")
+
+
+def _balance_fields(data: Json) -> Json:
+    fields = {field: data[field] for field in _BALANCE_FIELDS}
+    for field in _OVERDRAFT_FIELDS:
+        if field in data:
+            fields[field] = data[field]
+    return fields
+
+
 def account_balance(data: Json) -> types_pb2.AccountBalance:
-    out = types_pb2.AccountBalance(**{field: data[field] for field in _BALANCE_FIELDS})
+    out = types_pb2.AccountBalance(**_balance_fields(data))
     set_timestamp(out.as_of, data["as_of"])
     return out
 
@@ -78,7 +91,7 @@ def account_balance(data: Json) -> types_pb2.AccountBalance:
 def balance_response(data: Json) -> pb.BalanceResponse:
     """The same fields as AccountBalance, flat in the Balance response (the contract
     names available_micros there)."""
-    out = pb.BalanceResponse(**{field: data[field] for field in _BALANCE_FIELDS})
+    out = pb.BalanceResponse(**_balance_fields(data))
     set_timestamp(out.as_of, data["as_of"])
     return out
 
@@ -142,6 +155,7 @@ _TRANSACTION_KIND = {
     "expiry": pb.TRANSACTION_KIND_EXPIRY,
     "adjustment": pb.TRANSACTION_KIND_ADJUSTMENT,
     "transfer": pb.TRANSACTION_KIND_TRANSFER,
+    "overdraft": pb.TRANSACTION_KIND_OVERDRAFT,
 }
 TRANSACTION_KIND_TO_DB = {v: k for k, v in _TRANSACTION_KIND.items()}
 

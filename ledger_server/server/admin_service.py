@@ -152,6 +152,24 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             balance=mapping.account_balance(data["balance"]),
         )
 
+    async def SetOverdraftLimit(
+        self, request: pb.SetOverdraftLimitRequest, context: Context
+    ) -> pb.SetOverdraftLimitResponse:
+        params: dict[str, object] = {
+            "account_id": validation.account_id(request.account_id),
+            "limit": validation.non_negative_amount(
+                request.overdraft_limit_micros, "overdraft_limit_micros"
+            ),
+            "reason": validation.required_text(request.reason, "reason"),
+            "actor": caller_identity(context),
+            "now": self._clock.now(),
+        }
+        data = await call_json(self._pool, "set_overdraft_limit", params)
+        return pb.SetOverdraftLimitResponse(
+            transaction_id=data["transaction_id"],
+            balance=mapping.account_balance(data["balance"]),
+        )
+
     # --- catalogue -------------------------------------------------------------------------
 
     async def _write_catalogue(

@@ -28,6 +28,8 @@ def _source(value: types_pb2.CreditSource.ValueType) -> str:
         raise invalid_field("source", "must be set")
     if value not in types_pb2.CreditSource.values():
         raise invalid_field("source", f"unknown credit source {value}")
+    if value == types_pb2.CREDIT_SOURCE_OVERDRAFT:
+        raise invalid_field("source", "OVERDRAFT is set by AdminService.SetOverdraftLimit")
     return mapping.source_to_db(value)
 
 

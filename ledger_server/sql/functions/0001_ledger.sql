@@ -52,11 +52,20 @@ LANGUAGE sql STABLE AS $$
         'as_of', ledger_micros(now_ts))
 $$;
 
--- Balances from a locked (or freshly read) account row.
+-- Balances from a locked (or freshly read) account row. With an overdraft limit the
+-- balance shown is below the lots' sum by the limit (the overdraft lot holds the unused
+-- part of it), and the debt is what the overdraft lot has lost (migration 0011); the
+-- available credits are the same either way. Without one, the fields are absent (0).
 CREATE OR REPLACE FUNCTION ledger_balance_json(a accounts, now_ts timestamptz) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT ledger_balance_values_json(a.account_id, a.balance_micros, a.held_micros,
                                       a.reward_balance_micros, now_ts)
+           || CASE WHEN a.overdraft_limit_micros = 0 THEN '{}'::jsonb ELSE jsonb_build_object(
+                  'balance_micros', a.balance_micros - a.overdraft_limit_micros,
+                  'overdraft_limit_micros', a.overdraft_limit_micros,
+                  'debt_micros', (SELECT o.amount_micros - o.remaining_micros FROM lots o
+                                   WHERE o.account_id = a.account_id AND o.source = 'overdraft'))
+              END
 $$;
 
 CREATE OR REPLACE FUNCTION ledger_lot_json(l lots) RETURNS jsonb
@@ -218,6 +227,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     l lots;
     prio smallint;
+    overdraft_limit bigint;
 BEGIN
     SELECT priority INTO prio FROM credit_sources WHERE source = p_source;
     IF NOT FOUND THEN
@@ -236,7 +246,48 @@ BEGIN
            reward_balance_micros = reward_balance_micros
                                    + CASE WHEN p_balance_kind = 'reward' THEN p_amount ELSE 0 END,
            next_maintenance_at = least(next_maintenance_at, p_expires_at)
-     WHERE account_id = p_account;
+     WHERE account_id = p_account
+    RETURNING overdraft_limit_micros INTO overdraft_limit;
+    -- New credits repay; credits only moved between main lots (a plan upgrade's
+    -- carry-over) were there while the debt was made.
+    IF overdraft_limit > 0 AND p_balance_kind = 'main'
+       AND p_source NOT IN ('overdraft', 'subscription_carry_over') THEN
+        l := ledger_repay_overdraft(l, p_now);
+    END IF;
+    RETURN l;
+END $$;
+
+-- Pays an overdraft debt back from a lot just added to the main balance, as far as the
+-- lot goes: one TRANSFER transaction from the lot to the account's overdraft lot (the
+-- balance does not move; the debt and the lot's remaining credits fall). Returns the lot.
+CREATE OR REPLACE FUNCTION ledger_repay_overdraft(p_lot lots, p_now timestamptz) RETURNS lots
+LANGUAGE plpgsql AS $$
+DECLARE
+    o lots;
+    l lots := p_lot;
+    repay bigint;
+    txn bigint;
+BEGIN
+    SELECT * INTO o FROM lots
+     WHERE account_id = p_lot.account_id AND source = 'overdraft' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN l;
+    END IF;
+    repay := least(o.amount_micros - o.remaining_micros, p_lot.remaining_micros - p_lot.held_micros);
+    IF repay <= 0 THEN
+        RETURN l;
+    END IF;
+    txn := ledger_new_transaction(p_lot.account_id, 'transfer', repay, p_now, NULL, NULL,
+                                  'overdraft repayment');
+    UPDATE lots SET remaining_micros = remaining_micros - repay
+     WHERE account_id = p_lot.account_id AND lot_id = p_lot.lot_id
+    RETURNING * INTO l;
+    UPDATE lots SET remaining_micros = remaining_micros + repay
+     WHERE account_id = o.account_id AND lot_id = o.lot_id;
+    PERFORM ledger_post(l.account_id, txn, 0, 'account:main', l.lot_id, l.source, -repay,
+                        'overdraft repayment');
+    PERFORM ledger_post(o.account_id, txn, 1, 'account:main', o.lot_id, o.source, repay,
+                        'overdraft repayment');
     RETURN l;
 END $$;
 
@@ -250,6 +301,10 @@ DECLARE
     txn bigint;
     l lots;
 BEGIN
+    IF p_source = 'overdraft' THEN  -- only ledger_set_overdraft_limit makes that lot
+        PERFORM ledger_fail('LE010', 'overdraft credits are not granted', jsonb_build_object(
+            'field', 'source', 'violation', 'OVERDRAFT is set by the overdraft limit'));
+    END IF;
     txn := ledger_new_transaction(p_account, 'grant', p_amount, p_now, NULL, NULL, p_comment,
                                   p_actor, p_external_ref);
     l := ledger_add_lot(p_account, txn, 0, p_amount, p_source, p_balance_kind, p_expires_at,
@@ -813,6 +868,8 @@ DECLARE
     amount bigint;
     expired_part bigint;
     next_expiry timestamptz;
+    overflow bigint;
+    overflow_total bigint := 0;
     n int := 0;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -844,8 +901,16 @@ BEGIN
     txn := ledger_new_transaction(p_account, 'refund', amount - expired_part, p_now, p_reservation,
                                   r.feature, coalesce(nullif(p_reason, ''), 'refund'));
     FOR step IN SELECT * FROM ledger_refund_plan(p_account, p_reservation, amount, p_now) LOOP
+        -- Credits charged from the overdraft lot go back into it as far as its debt
+        -- goes; a debt repaid since leaves no room, and the rest becomes a refund lot.
+        overflow := 0;
+        IF step.source = 'overdraft' THEN
+            SELECT greatest(step.give - (amount_micros - remaining_micros), 0) INTO overflow
+              FROM lots WHERE account_id = p_account AND lot_id = step.lot_id FOR UPDATE;
+        END IF;
         UPDATE lots
-           SET remaining_micros = remaining_micros + CASE WHEN step.expired THEN 0 ELSE step.give END,
+           SET remaining_micros = remaining_micros
+                                  + CASE WHEN step.expired THEN 0 ELSE step.give - overflow END,
                expired_micros = expired_micros + CASE WHEN step.expired THEN step.give ELSE 0 END
          WHERE account_id = p_account AND lot_id = step.lot_id;
         UPDATE reservation_lots
@@ -853,8 +918,15 @@ BEGIN
                refund_expired_micros = refund_expired_micros
                                        + CASE WHEN step.expired THEN step.give ELSE 0 END
          WHERE account_id = p_account AND reservation_id = p_reservation AND lot_id = step.lot_id;
-        PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id, step.source, step.give, 'refund');
+        PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id, step.source,
+                            step.give - overflow, 'refund');
         n := n + 1;
+        IF overflow > 0 THEN
+            PERFORM ledger_add_lot(p_account, txn, n, overflow, 'refund', 'main', NULL, NULL,
+                                   step.lot_id, p_now);
+            n := n + 1;
+            overflow_total := overflow_total + overflow;
+        END IF;
         IF NOT step.expired THEN
             next_expiry := least(next_expiry, step.expires_at);
         ELSE
@@ -869,7 +941,8 @@ BEGIN
     UPDATE reservations SET refunded_micros = refunded_micros + amount
      WHERE account_id = p_account AND reservation_id = p_reservation;
     UPDATE accounts
-       SET balance_micros = balance_micros + amount - expired_part,
+       -- ledger_add_lot counted the refund lots already.
+       SET balance_micros = balance_micros + amount - expired_part - overflow_total,
            next_maintenance_at = least(next_maintenance_at, next_expiry)
      WHERE account_id = p_account
     RETURNING * INTO a;

@@ -18,7 +18,8 @@ $$;
 -- below it, records one alert (its email pending when there is an address). Charges
 -- that start below the threshold raise nothing, so one crossing is one alert and the
 -- next comes only after the balance went back up. `a` is the account row after the
--- charge. Returns the alert id, or NULL.
+-- charge. Returns the alert id, or NULL. Both balances are compared as the API shows
+-- them: less the overdraft limit, if any (the charge does not change the limit).
 CREATE OR REPLACE FUNCTION ledger_low_balance_check(
     a accounts, p_before bigint, p_txn bigint, p_now timestamptz) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -26,16 +27,18 @@ DECLARE
     threshold bigint;
     email text;
     alert bigint;
+    shown_after bigint := a.balance_micros - a.overdraft_limit_micros;
 BEGIN
     threshold := coalesce(a.low_balance_threshold_micros,
                           (ledger_setting('alerts.low_balance_threshold_micros'))::bigint);
-    IF NOT ledger_crosses_low_balance(threshold, p_before, a.balance_micros) THEN
+    IF NOT ledger_crosses_low_balance(threshold, p_before - a.overdraft_limit_micros,
+                                      shown_after) THEN
         RETURN NULL;
     END IF;
     email := coalesce(a.alert_email, nullif(ledger_setting('alerts.email_to') #>> '{}', ''));
     INSERT INTO low_balance_alerts (account_id, threshold_micros, balance_micros, transaction_id,
                                     created_at, email_to, email_status)
-    VALUES (a.account_id, threshold, a.balance_micros, p_txn, p_now, email,
+    VALUES (a.account_id, threshold, shown_after, p_txn, p_now, email,
             CASE WHEN email IS NULL THEN 'skipped' ELSE 'pending' END)
     RETURNING alert_id INTO alert;
     RETURN CASE WHEN email IS NULL THEN NULL ELSE alert END;

@@ -7,8 +7,8 @@
 -- calls are taken all together when every one is a Consume or a Reserve of a plain amount
 -- (no usage to price) with a key new to the account and distinct within the batch, nothing
 -- is due on the account (expiry, timed-out holds, allowance), its available credits cover
--- them all, its Consumes raise no low-balance alert, and its first 64 lots with credits
--- cover them. The plain Commits are taken by ledger_commit_set (0009_commit_set.sql) on
+-- them all, its Consumes raise no low-balance alert, it has no overdraft limit, and its
+-- first 64 lots with credits cover them. The plain Commits are taken by ledger_commit_set (0009_commit_set.sql) on
 -- the same terms. Anything else (a refusal, a replay, a first alert, an account with
 -- Commits beside its Consumes) is left to ledger_consume_batch's call-by-call path, which
 -- gives it the answer it gets alone.
@@ -109,6 +109,8 @@ BEGIN
           JOIN accounts a ON a.account_id = ANY (batch_accounts) AND a.account_id = n.account_id
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
+           -- The balances the set answers with have no overdraft (ledger_balance_json)
+           AND a.overdraft_limit_micros = 0
            AND a.balance_micros - a.held_micros >= n.total
            -- ledger_low_balance_check would record an alert for one of the Consumes
            AND NOT coalesce(ledger_crosses_low_balance(

@@ -91,6 +91,8 @@ BEGIN
           JOIN accounts a ON a.account_id = ANY (p_batch_accounts) AND a.account_id = n.account_id
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
+           -- The balances the set answers with have no overdraft (ledger_balance_json)
+           AND a.overdraft_limit_micros = 0
            -- ledger_low_balance_check would record an alert for one of the Commits
            AND NOT coalesce(ledger_crosses_low_balance(
                    coalesce(a.low_balance_threshold_micros, p_default_threshold),

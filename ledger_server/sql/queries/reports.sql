@@ -29,9 +29,13 @@ SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(account_id)s::text)
 -- expiring at midnight expires in the day that ends then), even when the expiry was
 -- journaled later by the first operation that touched the account. Expiries that
 -- are due but not journaled yet count too (the lazy sweep has not reached them).
+--
+-- The overdraft source's balance is minus the debt (its lot's remaining credits less its
+-- amount, the limit): changes of the limit move no credits, so they are not movements.
 WITH current_lots AS (
     SELECT l.source,
-           sum(l.remaining_micros) AS remaining,
+           sum(l.remaining_micros
+               - CASE WHEN l.source = 'overdraft' THEN l.amount_micros ELSE 0 END) AS remaining,
            -- Due but not journaled yet: the unheld credits of lots already expired.
            sum(l.remaining_micros - l.held_micros)
                FILTER (WHERE l.expires_at <= %(now)s::timestamptz) AS due_expiry
@@ -48,6 +52,7 @@ WITH current_lots AS (
      WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
        AND t.created_at >= %(start)s::timestamptz
        AND p.lot_id IS NOT NULL  -- the account's side only
+       AND t.kind <> 'overdraft'
     UNION ALL
     SELECT l.source, 'expiry', -(l.remaining_micros - l.held_micros),
            l.expires_at - interval '1 microsecond'

@@ -181,3 +181,7 @@ SELECT ledger_alert_json(l), l.alert_id
    AND l.alert_id < coalesce(%(before)s::bigint, 9223372036854775807)
  ORDER BY l.alert_id DESC
  LIMIT %(limit)s::int
+
+-- name: set_overdraft_limit
+SELECT ledger_set_overdraft_limit(%(account_id)s::text, %(limit)s::bigint, %(reason)s::text,
+                                  %(actor)s::text, %(now)s::timestamptz)

@@ -191,6 +191,57 @@ class AdjustBalanceResponse(_message.Message):
 Global___AdjustBalanceResponse: _TypeAlias = AdjustBalanceResponse  # noqa: Y015
 
 @_typing.final
+class SetOverdraftLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    overdraft_limit_micros: _builtins.int
+    """The new limit; zero takes the overdraft away."""
+    reason: _builtins.str
+    """Why; required, recorded in the journal."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        overdraft_limit_micros: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "overdraft_limit_micros", b"overdraft_limit_micros", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOverdraftLimitRequest: _TypeAlias = SetOverdraftLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetOverdraftLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The OVERDRAFT transaction; empty when the limit already had this value."""
+    @_builtins.property
+    def balance(self) -> _types_pb2.AccountBalance: ...
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        balance: _types_pb2.AccountBalance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOverdraftLimitResponse: _TypeAlias = SetOverdraftLimitResponse  # noqa: Y015
+
+@_typing.final
 class CreateCreditPackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

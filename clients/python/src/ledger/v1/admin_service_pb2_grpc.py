@@ -47,6 +47,11 @@ class AdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.AdjustBalanceRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_admin__service__pb2.AdjustBalanceResponse.FromString,
                 _registered_method=True)
+        self.SetOverdraftLimit = channel.unary_unary(
+                '/ledger.v1.AdminService/SetOverdraftLimit',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.SetOverdraftLimitRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetOverdraftLimitResponse.FromString,
+                _registered_method=True)
         self.CreateCreditPack = channel.unary_unary(
                 '/ledger.v1.AdminService/CreateCreditPack',
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.CreateCreditPackRequest.SerializeToString,
@@ -154,6 +159,15 @@ class AdminServiceServicer:
 
     def AdjustBalance(self, request, context):
         """Debits credits by hand (an ADJUSTMENT), taking lots in consumption order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOverdraftLimit(self, request, context):
+        """Sets how far below zero the account's balance may go. Lowering it takes back only the
+        unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
+        debt first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -295,6 +309,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.AdjustBalance,
                     request_deserializer=ledger_dot_v1_dot_admin__service__pb2.AdjustBalanceRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_admin__service__pb2.AdjustBalanceResponse.SerializeToString,
+            ),
+            'SetOverdraftLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOverdraftLimit,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetOverdraftLimitRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.SetOverdraftLimitResponse.SerializeToString,
             ),
             'CreateCreditPack': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCreditPack,
@@ -444,6 +463,33 @@ class AdminService:
             '/ledger.v1.AdminService/AdjustBalance',
             ledger_dot_v1_dot_admin__service__pb2.AdjustBalanceRequest.SerializeToString,
             ledger_dot_v1_dot_admin__service__pb2.AdjustBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOverdraftLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/SetOverdraftLimit',
+            ledger_dot_v1_dot_admin__service__pb2.SetOverdraftLimitRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.SetOverdraftLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,11 @@ class AdminServiceStub:
     """Grants credits by hand (source ADMIN)."""
     AdjustBalance: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.AdjustBalanceRequest, _admin_service_pb2.AdjustBalanceResponse]
     """Debits credits by hand (an ADJUSTMENT), taking lots in consumption order."""
+    SetOverdraftLimit: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetOverdraftLimitRequest, _admin_service_pb2.SetOverdraftLimitResponse]
+    """Sets how far below zero the account's balance may go. Lowering it takes back only the
+    unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
+    debt first.
+    """
     CreateCreditPack: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateCreditPackRequest, _admin_service_pb2.CreateCreditPackResponse]
     UpdateCreditPack: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateCreditPackRequest, _admin_service_pb2.UpdateCreditPackResponse]
     """Replaces a pack's fields; deactivate a pack rather than delete it."""
@@ -90,6 +95,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Grants credits by hand (source ADMIN)."""
     AdjustBalance: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.AdjustBalanceRequest, _admin_service_pb2.AdjustBalanceResponse]  # type: ignore[assignment]
     """Debits credits by hand (an ADJUSTMENT), taking lots in consumption order."""
+    SetOverdraftLimit: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetOverdraftLimitRequest, _admin_service_pb2.SetOverdraftLimitResponse]  # type: ignore[assignment]
+    """Sets how far below zero the account's balance may go. Lowering it takes back only the
+    unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
+    debt first.
+    """
     CreateCreditPack: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateCreditPackRequest, _admin_service_pb2.CreateCreditPackResponse]  # type: ignore[assignment]
     UpdateCreditPack: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateCreditPackRequest, _admin_service_pb2.UpdateCreditPackResponse]  # type: ignore[assignment]
     """Replaces a pack's fields; deactivate a pack rather than delete it."""
@@ -149,6 +159,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.AdjustBalanceResponse, _abc.Awaitable[_admin_service_pb2.AdjustBalanceResponse]]:
         """Debits credits by hand (an ADJUSTMENT), taking lots in consumption order."""
+
+    @_abc_1.abstractmethod
+    def SetOverdraftLimit(
+        self,
+        request: _admin_service_pb2.SetOverdraftLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetOverdraftLimitResponse, _abc.Awaitable[_admin_service_pb2.SetOverdraftLimitResponse]]:
+        """Sets how far below zero the account's balance may go. Lowering it takes back only the
+        unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
+        debt first.
+        """
 
     @_abc_1.abstractmethod
     def CreateCreditPack(

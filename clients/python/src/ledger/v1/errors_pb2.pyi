@@ -137,6 +137,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_BALANCE_LIMIT: _ErrorReason.ValueType  # 46
     """FAILED_PRECONDITION: the amount would take a balance beyond what the ledger holds."""
+    ERROR_REASON_OVERDRAFT_IN_USE: _ErrorReason.ValueType  # 47
+    """FAILED_PRECONDITION: the overdraft limit cannot go below the debt and the holds on the
+    overdraft. metadata: field, overdraft_limit_micros, in_use_micros, requested_micros.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -259,4 +263,8 @@ database; nothing was changed; safe to retry with the same key.
 """
 ERROR_REASON_BALANCE_LIMIT: ErrorReason.ValueType  # 46
 """FAILED_PRECONDITION: the amount would take a balance beyond what the ledger holds."""
+ERROR_REASON_OVERDRAFT_IN_USE: ErrorReason.ValueType  # 47
+"""FAILED_PRECONDITION: the overdraft limit cannot go below the debt and the holds on the
+overdraft. metadata: field, overdraft_limit_micros, in_use_micros, requested_micros.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

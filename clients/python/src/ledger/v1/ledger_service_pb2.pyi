@@ -73,7 +73,13 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     TRANSACTION_KIND_ADJUSTMENT: _TransactionKind.ValueType  # 7
     """An administrator's debit or correction."""
     TRANSACTION_KIND_TRANSFER: _TransactionKind.ValueType  # 8
-    """Credits moved between an account's balances (reward to main)."""
+    """Credits moved between an account's lots: reward to main, a plan upgrade's carry-over,
+    an overdraft debt repaid from a new grant.
+    """
+    TRANSACTION_KIND_OVERDRAFT: _TransactionKind.ValueType  # 9
+    """The overdraft limit changed (AdminService.SetOverdraftLimit): the amount is the change
+    of the limit, and so of the available credits; the balance moves the other way.
+    """
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper): ...
 
@@ -93,7 +99,13 @@ TRANSACTION_KIND_EXPIRY: TransactionKind.ValueType  # 6
 TRANSACTION_KIND_ADJUSTMENT: TransactionKind.ValueType  # 7
 """An administrator's debit or correction."""
 TRANSACTION_KIND_TRANSFER: TransactionKind.ValueType  # 8
-"""Credits moved between an account's balances (reward to main)."""
+"""Credits moved between an account's lots: reward to main, a plan upgrade's carry-over,
+an overdraft debt repaid from a new grant.
+"""
+TRANSACTION_KIND_OVERDRAFT: TransactionKind.ValueType  # 9
+"""The overdraft limit changed (AdminService.SetOverdraftLimit): the amount is the change
+of the limit, and so of the available credits; the balance moves the other way.
+"""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _TransactionStatus:
@@ -255,8 +267,9 @@ class Posting(_message.Message):
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     MEMO_FIELD_NUMBER: _builtins.int
     ledger_account: _builtins.str
-    """"account:main", "account:reward" or "account:debt" for the customer's side;
-    "issuance:<source>", "revenue", "breakage" for system accounts.
+    """"account:main" or "account:reward" for the customer's side (the unused overdraft is
+    a main lot of source OVERDRAFT); "issuance:<source>", "revenue", "breakage",
+    "adjustment" and "overdraft" (the limit granted) for system accounts.
     """
     lot_id: _builtins.str
     """The customer's lot, for account-side postings."""

@@ -114,7 +114,9 @@ class SummaryAmounts(_message.Message):
     """
     transferred_micros: _builtins.int
     """Net credits moved in by transfers between an account's own lots (reward to main,
-    subscription carry-over); not an allocation. Zero in total; may be non-zero per source.
+    subscription carry-over, an overdraft debt repaid); not an allocation. Zero in total;
+    may be non-zero per source. For the OVERDRAFT source every balance here is minus the
+    debt, and changes of the limit are not movements.
     """
     remaining_micros: _builtins.int
     """The balance when the period ends (main and reward balances, held credits included)."""

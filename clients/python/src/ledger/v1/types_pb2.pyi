@@ -53,6 +53,12 @@ class _CreditSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditSo
     """Unused subscription credits carried into a new period on plan upgrade."""
     CREDIT_SOURCE_PROMOTION: _CreditSource.ValueType  # 13
     """Promotional or goodwill credits granted by a product service."""
+    CREDIT_SOURCE_OVERDRAFT: _CreditSource.ValueType  # 14
+    """The unused part of the account's overdraft limit: one lot, consumed after every other
+    (AdminService.SetOverdraftLimit).
+    """
+    CREDIT_SOURCE_REFUND: _CreditSource.ValueType  # 15
+    """Credits refunded after the overdraft debt they were charged from was repaid."""
 
 class CreditSource(_CreditSource, metaclass=_CreditSourceEnumTypeWrapper):
     """Where a lot of credits came from. The source decides the lot's consumption
@@ -86,6 +92,12 @@ CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER: CreditSource.ValueType  # 12
 """Unused subscription credits carried into a new period on plan upgrade."""
 CREDIT_SOURCE_PROMOTION: CreditSource.ValueType  # 13
 """Promotional or goodwill credits granted by a product service."""
+CREDIT_SOURCE_OVERDRAFT: CreditSource.ValueType  # 14
+"""The unused part of the account's overdraft limit: one lot, consumed after every other
+(AdminService.SetOverdraftLimit).
+"""
+CREDIT_SOURCE_REFUND: CreditSource.ValueType  # 15
+"""Credits refunded after the overdraft debt they were charged from was repaid."""
 Global___CreditSource: _TypeAlias = CreditSource  # noqa: Y015
 
 class _BalanceKind:

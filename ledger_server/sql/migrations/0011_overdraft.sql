@@ -1,0 +1,32 @@
+-- Overdraft (DESIGN section 3): a balance may go below zero only by an account's explicit
+-- overdraft limit. The unused part of the limit is one lot per account, of source
+-- 'overdraft', consumed after every other lot (the highest priority number): charges,
+-- holds, commits, releases and refunds then work through it as through any lot, and
+-- accounts.balance_micros stays the sum of the main lots' remaining credits. The balance
+-- the API shows is balance_micros - overdraft_limit_micros; the debt is the overdraft
+-- lot's amount (= the limit) minus its remaining credits. A grant to a main balance pays
+-- the debt back first (ledger_repay_overdraft).
+-- A refund of credits charged from the overdraft lot after the debt was repaid has no room
+-- there: it becomes a lot of its own, source 'refund'.
+INSERT INTO credit_sources (source, priority, is_paid) VALUES
+    ('overdraft', 32767, false),
+    ('refund',    100,   false);
+
+ALTER TABLE accounts
+    ADD COLUMN overdraft_limit_micros bigint NOT NULL DEFAULT 0,
+    ADD CONSTRAINT accounts_overdraft_limit_nonnegative CHECK (overdraft_limit_micros >= 0);
+
+-- An overdraft lot whose limit went back to zero stays, empty (lots are never deleted).
+ALTER TABLE lots
+    DROP CONSTRAINT lots_amount_positive,
+    ADD CONSTRAINT lots_amount_positive CHECK (amount_micros > 0 OR source = 'overdraft'),
+    ADD CONSTRAINT lots_overdraft_is_main_and_permanent CHECK (
+        source <> 'overdraft' OR (balance_kind = 'main' AND expires_at IS NULL));
+CREATE UNIQUE INDEX lots_one_overdraft_per_account ON lots (account_id) WHERE source = 'overdraft';
+
+-- A change of the limit: the overdraft lot grows or shrinks by its unused credits.
+ALTER TABLE journal_transactions
+    DROP CONSTRAINT journal_transactions_kind_known,
+    ADD CONSTRAINT journal_transactions_kind_known CHECK (kind IN
+        ('grant', 'hold', 'charge', 'release', 'refund', 'expiry', 'adjustment', 'transfer',
+         'overdraft'));

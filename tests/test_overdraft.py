@@ -1,0 +1,319 @@
+"""Overdraft (DESIGN.md section 3): a balance goes below zero only by an account's explicit
+limit, and no further; the next grants repay the debt first; refunds, holds, lowering the
+limit, low-balance alerts and reports all see the balance the API shows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import (
+    admin_service_pb2_grpc,
+    ledger_service_pb2_grpc,
+    report_service_pb2_grpc,
+    types_pb2,
+)
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import report_service_pb2 as report_pb
+from ledger_server.clock import OffsetClock
+from support.ledger import CREDIT, Ledger, consume_or_error, expect_error, new_account
+
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+OVERDRAFT = types_pb2.CREDIT_SOURCE_OVERDRAFT
+
+
+def _set_limit(
+    admin: admin_service_pb2_grpc.AdminServiceStub, account: str, credits: float
+) -> admin_pb.SetOverdraftLimitResponse:
+    return admin.SetOverdraftLimit(
+        admin_pb.SetOverdraftLimitRequest(
+            account_id=account,
+            overdraft_limit_micros=round(credits * CREDIT),
+            reason="trusted customer",
+        )
+    )
+
+
+def _shown(ledger: Ledger, account: str) -> tuple[float, float, float, float]:
+    """Balance, available, limit and debt, in credits."""
+    b = ledger.balance(account)
+    return tuple(  # type: ignore[return-value]
+        v / CREDIT
+        for v in (b.balance_micros, b.available_micros, b.overdraft_limit_micros, b.debt_micros)
+    )
+
+
+def _lot_by_source(ledger: Ledger, account: str, source: int) -> types_pb2.Lot:
+    [lot] = [x for x in ledger.lots(account, include_inactive=True) if x.source == source]
+    return lot
+
+
+def test_a_limit_lets_the_balance_go_below_zero_and_no_further(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 10)
+    assert _shown(ledger, account) == (10, 10, 0, 0)
+
+    answer = _set_limit(admin, account, 5)
+    assert answer.transaction_id
+    assert (answer.balance.balance_micros, answer.balance.available_micros) == (
+        10 * CREDIT,
+        15 * CREDIT,
+    )
+    assert answer.balance.overdraft_limit_micros == 5 * CREDIT
+
+    charged = ledger.consume(account, 13 * CREDIT)
+    assert charged.balance.balance_micros == -3 * CREDIT
+    assert charged.balance.debt_micros == 3 * CREDIT
+    assert _shown(ledger, account) == (-3, 2, 5, 3)
+
+    info = expect_error(lambda: ledger.consume(account, 3 * CREDIT), FAILED, "INSUFFICIENT_CREDITS")
+    assert info.metadata["available_micros"] == str(2 * CREDIT)
+    assert _shown(ledger, account) == (-3, 2, 5, 3)
+    ledger.consume(account, 2 * CREDIT)
+    assert _shown(ledger, account) == (-5, 0, 5, 5)
+
+    overdraft_lot = _lot_by_source(ledger, account, OVERDRAFT)
+    assert (overdraft_lot.amount_micros, overdraft_lot.remaining_micros) == (5 * CREDIT, 0)
+    [change] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_OVERDRAFT])
+    assert change.amount_micros == 5 * CREDIT
+    assert change.transaction_id == answer.transaction_id
+    assert_audit_clean()
+
+
+def test_without_a_limit_the_balance_stops_at_zero(ledger: Ledger) -> None:
+    account = new_account()
+    ledger.grant(account, 4)
+    expect_error(lambda: ledger.consume(account, 5 * CREDIT), FAILED, "INSUFFICIENT_CREDITS")
+    assert _shown(ledger, account) == (4, 4, 0, 0)
+
+
+def test_the_next_grants_repay_the_debt_first(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 2)
+    _set_limit(admin, account, 10)
+    ledger.consume(account, 8 * CREDIT)
+    assert _shown(ledger, account) == (-6, 4, 10, 6)
+
+    first = ledger.grant(account, 4, source=types_pb2.CREDIT_SOURCE_DAILY)
+    assert (first.lot.amount_micros, first.lot.remaining_micros) == (4 * CREDIT, 0)
+    assert (first.balance.balance_micros, first.balance.debt_micros) == (-2 * CREDIT, 2 * CREDIT)
+    second = ledger.grant(account, 5)
+    assert second.lot.remaining_micros == 3 * CREDIT
+    assert _shown(ledger, account) == (3, 13, 10, 0)
+
+    repayments = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER])
+    assert sorted(t.amount_micros for t in repayments) == [2 * CREDIT, 4 * CREDIT]
+    assert _lot_by_source(ledger, account, OVERDRAFT).remaining_micros == 10 * CREDIT
+    assert_audit_clean()
+
+
+def test_a_refund_pays_the_debt_back_and_what_has_no_room_becomes_a_refund_lot(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 2)
+    _set_limit(admin, account, 10)
+    first = ledger.consume(account, 8 * CREDIT).reservation  # 2 from the purchase, 6 overdraft
+    ledger.refund(account, first.reservation_id, 5 * CREDIT)  # the overdraft lot first
+    assert _shown(ledger, account) == (-1, 9, 10, 1)
+
+    second = ledger.consume(account, 3 * CREDIT).reservation  # all from the overdraft
+    ledger.grant(account, 10)  # repays the 4 owed
+    assert _shown(ledger, account) == (6, 16, 10, 0)
+    refund = ledger.refund(account, second.reservation_id)
+    assert refund.refunded_micros == 3 * CREDIT
+    assert refund.balance.balance_micros == 9 * CREDIT
+    assert refund.balance.available_micros == 19 * CREDIT
+    refund_lot = _lot_by_source(ledger, account, types_pb2.CREDIT_SOURCE_REFUND)
+    overdraft_lot = _lot_by_source(ledger, account, OVERDRAFT)
+    assert refund_lot.remaining_micros == 3 * CREDIT
+    assert refund_lot.parent_lot_id == overdraft_lot.lot_id
+    assert overdraft_lot.remaining_micros == overdraft_lot.amount_micros == 10 * CREDIT
+    assert _shown(ledger, account) == (9, 19, 10, 0)
+    assert_audit_clean()
+
+
+def test_lowering_the_limit_takes_back_only_the_unused_part(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 1)
+    _set_limit(admin, account, 10)
+    ledger.consume(account, 5 * CREDIT)  # debt 4
+    hold = ledger.reserve(account, 2 * CREDIT).reservation  # 2 more of the overdraft held
+    assert _shown(ledger, account) == (-4, 4, 10, 4)
+
+    info = expect_error(lambda: _set_limit(admin, account, 5.5), FAILED, "OVERDRAFT_IN_USE")
+    assert info.metadata["field"] == "overdraft_limit_micros"
+    assert info.metadata["in_use_micros"] == str(6 * CREDIT)
+    assert _shown(ledger, account) == (-4, 4, 10, 4)
+
+    lowered = _set_limit(admin, account, 6)
+    assert lowered.balance.balance_micros == -4 * CREDIT
+    assert lowered.balance.available_micros == 0
+    again = _set_limit(admin, account, 6)
+    assert again.transaction_id == ""
+    assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_OVERDRAFT])) == 2
+
+    ledger.release(account, hold.reservation_id)
+    _set_limit(admin, account, 4)
+    assert _shown(ledger, account) == (-4, 0, 4, 4)
+    expect_error(lambda: _set_limit(admin, account, 0), FAILED, "OVERDRAFT_IN_USE")
+    ledger.grant(account, 4)
+    assert _set_limit(admin, account, 0).balance.balance_micros == 0
+    assert _shown(ledger, account) == (0, 0, 0, 0)
+    assert _lot_by_source(ledger, account, OVERDRAFT).amount_micros == 0
+    assert_audit_clean()
+
+
+def test_bad_input_is_refused_by_field_and_changes_nothing(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub
+) -> None:
+    account = new_account()
+    ledger.grant(account, 3)
+    for request, field in (
+        (
+            admin_pb.SetOverdraftLimitRequest(
+                account_id=account, overdraft_limit_micros=-1, reason="r"
+            ),
+            "overdraft_limit_micros",
+        ),
+        (
+            admin_pb.SetOverdraftLimitRequest(
+                account_id=account, overdraft_limit_micros=10**16, reason="r"
+            ),
+            "overdraft_limit_micros",
+        ),
+        (admin_pb.SetOverdraftLimitRequest(account_id=account, overdraft_limit_micros=1), "reason"),
+        (
+            admin_pb.SetOverdraftLimitRequest(account_id="", overdraft_limit_micros=1, reason="r"),
+            "account_id",
+        ),
+    ):
+        info = expect_error(lambda r=request: admin.SetOverdraftLimit(r), INVALID, "INVALID_FIELD")
+        assert info.metadata["field"] == field
+    expect_error(
+        lambda: _set_limit(admin, new_account(), 5), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"
+    )
+    info = expect_error(
+        lambda: ledger.grant(account, 5, source=OVERDRAFT), INVALID, "INVALID_FIELD"
+    )
+    assert info.metadata["field"] == "source"
+    assert _shown(ledger, account) == (3, 3, 0, 0)
+    assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_OVERDRAFT])
+
+
+def test_a_low_balance_alert_compares_the_balance_shown(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub
+) -> None:
+    account = new_account()
+    ledger.grant(account, 10)
+    _set_limit(admin, account, 100)
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=5 * CREDIT)
+    )
+    ledger.consume(account, 6 * CREDIT)
+    ledger.consume(account, CREDIT)  # already below: no second alert
+    alerts = admin.ListLowBalanceAlerts(
+        admin_pb.ListLowBalanceAlertsRequest(account_id=account)
+    ).alerts
+    assert [a.balance_micros for a in alerts] == [4 * CREDIT]
+
+
+def test_concurrent_charges_stay_within_the_limit_and_answer_the_balance_shown(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    server_address: str,
+    assert_audit_clean: Any,
+) -> None:
+    account = new_account()
+    ledger.grant(account, 10)
+    _set_limit(admin, account, 20)
+
+    async def consume_all() -> list[pb.ConsumeResponse | grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            return await asyncio.gather(
+                *(consume_or_error(stub, account, f"od-{i}", CREDIT) for i in range(40))
+            )
+
+    results = asyncio.run(consume_all())
+    done = [r for r in results if isinstance(r, pb.ConsumeResponse)]
+    assert len(done) == 30
+    for answer in done:  # every answer shows the overdraft, however the server grouped it
+        b = answer.balance
+        assert b.overdraft_limit_micros == 20 * CREDIT
+        assert b.balance_micros == b.available_micros + b.held_micros - 20 * CREDIT
+    assert sorted(r.balance.balance_micros for r in done)[0] == -20 * CREDIT
+    assert _shown(ledger, account) == (-20, 0, 20, 20)
+    assert_audit_clean()
+
+
+@pytest.fixture(scope="module")
+def reports(server_address: str) -> Iterator[report_service_pb2_grpc.ReportServiceStub]:
+    with grpc.insecure_channel(server_address) as channel:
+        yield report_service_pb2_grpc.ReportServiceStub(channel)
+
+
+def test_the_report_shows_the_overdraft_as_minus_the_debt(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    reports: report_service_pb2_grpc.ReportServiceStub,
+    clock: OffsetClock,
+) -> None:
+    period = report_pb.TimeRange()
+    period.start_time.FromDatetime(clock.now() - timedelta(minutes=1))
+    period.end_time.FromDatetime(clock.now() + timedelta(days=1))
+    account = new_account()
+    ledger.grant(account, 2)
+    _set_limit(admin, account, 10)
+    ledger.consume(account, 8 * CREDIT)
+    ledger.grant(account, 1)
+    _set_limit(admin, account, 7)
+    summary = reports.GetSummary(report_pb.GetSummaryRequest(account_id=account, range=period))
+    by_source = {s.source: s.amounts for s in summary.sources}
+    overdraft = by_source[OVERDRAFT]
+    assert overdraft.consumed_micros == 6 * CREDIT
+    assert overdraft.transferred_micros == 1 * CREDIT
+    assert overdraft.remaining_micros == -5 * CREDIT
+    assert summary.total.remaining_micros == ledger.balance(account).balance_micros == -5 * CREDIT
+    for amounts in [*by_source.values(), summary.total]:
+        assert (
+            amounts.opening_micros
+            + amounts.allocated_micros
+            - amounts.consumed_micros
+            - amounts.adjusted_micros
+            + amounts.refunded_micros
+            - amounts.expired_micros
+            + amounts.transferred_micros
+            == amounts.remaining_micros
+        )
+
+
+def test_the_database_grants_no_overdraft_credits_by_itself(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """The server refuses source OVERDRAFT before the database sees it; the database's own
+    guard holds for any other caller of its functions."""
+    account = new_account()
+    ledger.grant(account, 1)
+    with psycopg.connect(ledger_db_url) as conn, pytest.raises(psycopg.Error) as refused:
+        conn.execute(
+            "SELECT ledger_grant_lot(%s, 5000000, 'overdraft', 'main', NULL, NULL, 'x', NULL,"
+            " now())",
+            (account,),
+        )
+    assert refused.value.sqlstate == "LE010"
+    assert _shown(ledger, account) == (1, 1, 0, 0)
