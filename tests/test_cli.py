@@ -145,6 +145,22 @@ def test_grant_balance_adjust_and_transactions(cli: Cli) -> None:
     assert lots.returncode == 0 and "admin" in lots.stdout and "10.25" in lots.stdout
 
 
+def test_overdraft_limit_and_debt(cli: Cli) -> None:
+    account = new_account("cli")
+    ok_json(cli("grant", account, "1", "--reason", "goodwill", "--json"))
+    limited = cli("overdraft", account, "5", "--reason", "trusted")
+    assert limited.returncode == 0, limited.stderr
+    assert ["available", "6"] in [line.split() for line in limited.stdout.splitlines()]
+    assert cli("adjust", account, "3", "--reason", "correction").returncode == 0
+    shown = [line.rsplit(None, 1) for line in cli("balance", account).stdout.splitlines()]
+    assert ["balance", "-2"] in shown
+    assert ["overdraft limit", "5"] in shown and ["debt", "2"] in shown
+    refused = cli("overdraft", account, "1", "--reason", "less")
+    assert refused.returncode != 0 and "OVERDRAFT_IN_USE" in refused.stderr
+    kinds = [t["kind"] for t in ok_json(cli("transactions", account, "--json"))["transactions"]]
+    assert "TRANSACTION_KIND_OVERDRAFT" in kinds
+
+
 def test_reservations_summary_and_codes(cli: Cli, ledger: Ledger) -> None:
     account = new_account("cli")
     ledger.grant(account, 5)

@@ -399,6 +399,28 @@ def adjust(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+def overdraft(args: argparse.Namespace, session: Session) -> int:
+    response = session.call(
+        session.admin.SetOverdraftLimit,
+        admin_pb.SetOverdraftLimitRequest(
+            account_id=args.account,
+            overdraft_limit_micros=output.parse_credits(args.credits),
+            reason=args.reason,
+        ),
+    )
+    if session.json:
+        output.print_json(response, session.out)
+    else:
+        output.fields(
+            [
+                ("transaction", response.transaction_id or "(the limit was unchanged)"),
+                *_balance_fields(response.balance),
+            ],
+            session.out,
+        )
+    return 0
+
+
 def _batch(batch: admin_pb.RedemptionBatch, session: Session) -> None:
     output.fields(
         [
