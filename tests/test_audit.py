@@ -97,3 +97,27 @@ def test_the_audit_command_exit_code(fresh_database_url: str) -> None:
     )
     assert broken.returncode == 1
     assert "balance_vs_lots" in broken.stdout
+
+
+def test_overdraft_invariants_are_audited(fresh_database_url: str) -> None:
+    """The overdraft lot matches the limit and what the 'overdraft' account granted it,
+    and a debt never stands beside spendable credits (tests/test_overdraft.py)."""
+    migrate(fresh_database_url)
+    _fill(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("SELECT ledger_set_overdraft_limit('audited', 5000000, 'r', 'a', now())")
+        conn.execute(
+            "SELECT ledger_consume('audited', 'c2', '\\x04', 107000000, NULL, 'chat', '', now())"
+        )
+        # All but the credit held spent, and 2 of the overdraft.
+        assert audit_database(fresh_database_url) == []
+
+        conn.execute("UPDATE accounts SET overdraft_limit_micros = 6000000")
+        assert {v.check for v in audit_database(fresh_database_url)} == {"overdraft_vs_limit"}
+        conn.execute("UPDATE accounts SET overdraft_limit_micros = 5000000")
+
+        # A hold given back behind the ledger's back: its credits and the debt side by side.
+        conn.execute("UPDATE lots SET held_micros = 0 WHERE source = 'signup'")
+        conn.execute("UPDATE accounts SET held_micros = 0")
+        conn.execute("UPDATE reservations SET status = 'released', finalized_at = now()")
+        assert {v.check for v in audit_database(fresh_database_url)} == {"debt_beside_credits"}

@@ -1,6 +1,7 @@
 """Overdraft (DESIGN.md section 3): a balance goes below zero only by an account's explicit
-limit, and no further; the next grants repay the debt first; refunds, holds, lowering the
-limit, low-balance alerts and reports all see the balance the API shows."""
+limit, and no further; a debt never stands beside spendable credits (grants, releases,
+commits and refunds repay it at once); lowering the limit, low-balance alerts and reports
+all see the balance the API shows."""
 
 from __future__ import annotations
 
@@ -119,6 +120,44 @@ def test_the_next_grants_repay_the_debt_first(
     assert_audit_clean()
 
 
+def test_credits_a_release_frees_pay_the_debt_back(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    daily = ledger.grant(account, 5, source=types_pb2.CREDIT_SOURCE_DAILY).lot.lot_id
+    _set_limit(admin, account, 10)
+    hold = ledger.reserve(account, 5 * CREDIT).reservation  # the daily credits, held
+    ledger.consume(account, 5 * CREDIT)  # from the overdraft
+    assert _shown(ledger, account) == (0, 5, 10, 5)
+
+    released = ledger.release(account, hold.reservation_id)
+    assert (released.balance.balance_micros, released.balance.debt_micros) == (0, 0)
+    assert _shown(ledger, account) == (0, 10, 10, 0)
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert lots[daily].remaining_micros == 0
+    [repayment] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER])
+    assert repayment.amount_micros == 5 * CREDIT
+    assert_audit_clean()
+
+
+def test_a_commit_drawn_on_the_overdraft_is_paid_from_credits_granted_since(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 1)
+    ledger.consume(account, CREDIT)
+    _set_limit(admin, account, 10)
+    hold = ledger.reserve(account, 10 * CREDIT).reservation  # all of it on the overdraft lot
+    ledger.grant(account, 4)  # no debt yet: nothing to repay
+    assert _shown(ledger, account) == (4, 4, 10, 0)
+
+    committed = ledger.commit(account, hold.reservation_id, 10 * CREDIT)
+    assert committed.balance.balance_micros == -6 * CREDIT
+    assert committed.balance.debt_micros == 6 * CREDIT
+    assert _shown(ledger, account) == (-6, 4, 10, 6)
+    assert_audit_clean()
+
+
 def test_a_refund_pays_the_debt_back_and_what_has_no_room_becomes_a_refund_lot(
     ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
 ) -> None:
@@ -142,6 +181,21 @@ def test_a_refund_pays_the_debt_back_and_what_has_no_room_becomes_a_refund_lot(
     assert refund_lot.parent_lot_id == overdraft_lot.lot_id
     assert overdraft_lot.remaining_micros == overdraft_lot.amount_micros == 10 * CREDIT
     assert _shown(ledger, account) == (9, 19, 10, 0)
+    assert_audit_clean()
+
+
+def test_a_refund_into_other_lots_pays_the_debt_back(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    purchase = ledger.grant(account, 5).lot.lot_id
+    _set_limit(admin, account, 10)
+    first = ledger.consume(account, 5 * CREDIT).reservation  # the purchase
+    ledger.consume(account, 3 * CREDIT)  # the overdraft
+    refund = ledger.refund(account, first.reservation_id)
+    assert (refund.balance.balance_micros, refund.balance.debt_micros) == (2 * CREDIT, 0)
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert lots[purchase].remaining_micros == 2 * CREDIT
     assert_audit_clean()
 
 
@@ -258,6 +312,53 @@ def test_concurrent_charges_stay_within_the_limit_and_answer_the_balance_shown(
         assert b.balance_micros == b.available_micros + b.held_micros - 20 * CREDIT
     assert sorted(r.balance.balance_micros for r in done)[0] == -20 * CREDIT
     assert _shown(ledger, account) == (-20, 0, 20, 20)
+    assert_audit_clean()
+
+
+def test_concurrent_reserves_and_commits_answer_the_balance_shown(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    server_address: str,
+    assert_audit_clean: Any,
+) -> None:
+    account = new_account()
+    ledger.grant(account, 5)
+    _set_limit(admin, account, 20)
+
+    async def reserve_then_commit() -> list[Any]:
+        async with grpc.aio.insecure_channel(server_address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            held = await asyncio.gather(
+                *(
+                    stub.Reserve(
+                        pb.ReserveRequest(
+                            account_id=account, idempotency_key=f"r-{i}", amount_micros=CREDIT
+                        )
+                    )
+                    for i in range(20)
+                )
+            )
+            return list(
+                await asyncio.gather(
+                    *(
+                        stub.Commit(
+                            pb.CommitRequest(
+                                account_id=account,
+                                reservation_id=r.reservation.reservation_id,
+                                idempotency_key=f"c-{i}",
+                                amount_micros=CREDIT,
+                            )
+                        )
+                        for i, r in enumerate(held)
+                    )
+                )
+            )
+
+    for answer in asyncio.run(reserve_then_commit()):
+        b = answer.balance
+        assert b.overdraft_limit_micros == 20 * CREDIT
+        assert b.balance_micros == b.available_micros + b.held_micros - 20 * CREDIT
+    assert _shown(ledger, account) == (-15, 5, 20, 15)
     assert_audit_clean()
 
 

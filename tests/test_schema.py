@@ -82,7 +82,6 @@ EXPECTED_CONSTRAINTS = {
     "lots_balance_kind_known",
     "lots_expired_within_amount",
     "lots_held_within_remaining",
-    "lots_overdraft_is_main_and_permanent",
     "lots_parent_fk",
     "lots_remaining_nonnegative",
     "lots_remaining_within_amount",
@@ -163,7 +162,7 @@ EXPECTED_FUNCTIONS = {
     "ledger_change_subscription_plan",
     "ledger_adjust_balance",
     "ledger_set_overdraft_limit",
-    "ledger_repay_overdraft",
+    "ledger_settle_overdraft",
 }
 
 

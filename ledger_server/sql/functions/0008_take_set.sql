@@ -8,10 +8,10 @@
 -- (no usage to price) with a key new to the account and distinct within the batch, nothing
 -- is due on the account (expiry, timed-out holds, allowance), its available credits cover
 -- them all, its Consumes raise no low-balance alert, it has no overdraft limit, and its
--- first 64 lots with credits cover them. The plain Commits are taken by ledger_commit_set (0009_commit_set.sql) on
--- the same terms. Anything else (a refusal, a replay, a first alert, an account with
--- Commits beside its Consumes) is left to ledger_consume_batch's call-by-call path, which
--- gives it the answer it gets alone.
+-- first 64 lots with credits cover them. The plain Commits are taken by ledger_commit_set
+-- (0009_commit_set.sql) on the same terms. Anything else (a refusal, a replay, a first
+-- alert, an account with Commits beside its Consumes) is left to ledger_consume_batch's
+-- call-by-call path, which gives it the answer it gets alone.
 --
 -- Each call ends exactly as ledger_consume or ledger_reserve would have left it, the
 -- account's calls one after the other in arrival order: the account's lots, in consumption

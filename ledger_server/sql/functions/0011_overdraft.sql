@@ -1,5 +1,8 @@
 -- Overdraft limits (DESIGN section 3; the model is in migration 0011_overdraft.sql).
 
+-- Replaced by ledger_settle_overdraft (0001_ledger.sql) before it was released.
+DROP FUNCTION IF EXISTS ledger_repay_overdraft(lots, timestamptz);
+
 -- Sets an account's overdraft limit. Raising it grows the overdraft lot (made on first
 -- use) by the difference; lowering it shrinks the lot by its unused credits only, so a
 -- limit never goes below the debt and the holds on the overdraft (LE043 otherwise). One

@@ -99,4 +99,30 @@ SELECT 'reservation_lots_vs_reservation', r.account_id,
  WHERE r.held_micros <> coalesce(s.held, 0)
     OR r.committed_micros <> coalesce(s.committed, 0)
     OR r.refunded_micros <> coalesce(s.refunded, 0)
+UNION ALL
+-- Overdraft (migration 0011): the overdraft lot is main and permanent, its amount is the
+-- account's limit and so is what the 'overdraft' system account granted it; a debt never
+-- stands beside spendable main credits (ledger_settle_overdraft).
+SELECT 'overdraft_vs_limit', a.account_id,
+       format('limit %s; overdraft lot %s: %s, amount %s, expires %s; overdraft postings %s',
+              a.overdraft_limit_micros, o.lot_id, o.balance_kind, o.amount_micros, o.expires_at,
+              coalesce(p.total, 0))
+  FROM accounts a
+  LEFT JOIN lots o ON o.account_id = a.account_id AND o.source = 'overdraft'
+  LEFT JOIN (SELECT account_id, sum(amount_micros) AS total FROM postings
+              WHERE ledger_account = 'overdraft' GROUP BY account_id) p
+         ON p.account_id = a.account_id
+ WHERE a.overdraft_limit_micros <> coalesce(o.amount_micros, 0)
+    OR coalesce(p.total, 0) <> -a.overdraft_limit_micros
+    OR o.balance_kind <> 'main' OR o.expires_at IS NOT NULL
+UNION ALL
+SELECT 'debt_beside_credits', o.account_id,
+       format('debt %s while main lots hold %s spendable credits',
+              o.amount_micros - o.remaining_micros, s.spendable)
+  FROM lots o
+  JOIN (SELECT account_id, sum(remaining_micros - held_micros) AS spendable FROM lots
+         WHERE balance_kind = 'main' AND source <> 'overdraft' AND remaining_micros > held_micros
+           AND (expires_at IS NULL OR expires_at > now())
+         GROUP BY account_id) s ON s.account_id = o.account_id
+ WHERE o.source = 'overdraft' AND o.remaining_micros < o.amount_micros
 ORDER BY 1, 2

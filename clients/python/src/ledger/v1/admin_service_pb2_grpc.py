@@ -166,8 +166,8 @@ class AdminServiceServicer:
 
     def SetOverdraftLimit(self, request, context):
         """Sets how far below zero the account's balance may go. Lowering it takes back only the
-        unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
-        debt first.
+        unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise). A debt is repaid at once
+        by any main credits that become spendable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,8 +42,8 @@ class AdminServiceStub:
     """Debits credits by hand (an ADJUSTMENT), taking lots in consumption order."""
     SetOverdraftLimit: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetOverdraftLimitRequest, _admin_service_pb2.SetOverdraftLimitResponse]
     """Sets how far below zero the account's balance may go. Lowering it takes back only the
-    unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
-    debt first.
+    unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise). A debt is repaid at once
+    by any main credits that become spendable.
     """
     CreateCreditPack: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateCreditPackRequest, _admin_service_pb2.CreateCreditPackResponse]
     UpdateCreditPack: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateCreditPackRequest, _admin_service_pb2.UpdateCreditPackResponse]
@@ -97,8 +97,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Debits credits by hand (an ADJUSTMENT), taking lots in consumption order."""
     SetOverdraftLimit: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetOverdraftLimitRequest, _admin_service_pb2.SetOverdraftLimitResponse]  # type: ignore[assignment]
     """Sets how far below zero the account's balance may go. Lowering it takes back only the
-    unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
-    debt first.
+    unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise). A debt is repaid at once
+    by any main credits that become spendable.
     """
     CreateCreditPack: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateCreditPackRequest, _admin_service_pb2.CreateCreditPackResponse]  # type: ignore[assignment]
     UpdateCreditPack: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateCreditPackRequest, _admin_service_pb2.UpdateCreditPackResponse]  # type: ignore[assignment]
@@ -167,8 +167,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.SetOverdraftLimitResponse, _abc.Awaitable[_admin_service_pb2.SetOverdraftLimitResponse]]:
         """Sets how far below zero the account's balance may go. Lowering it takes back only the
-        unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise); the next grants repay a
-        debt first.
+        unused part (FAILED_PRECONDITION OVERDRAFT_IN_USE otherwise). A debt is repaid at once
+        by any main credits that become spendable.
         """
 
     @_abc_1.abstractmethod

@@ -178,7 +178,9 @@ class AccountBalance(_message.Message):
     overdraft_limit_micros: _builtins.int
     """How far below zero the account may go; zero for almost every account."""
     debt_micros: _builtins.int
-    """Credits spent beyond the lots (repaid first by the next grant)."""
+    """Credits spent beyond the lots. Repaid at once by any main credits that become
+    spendable (a grant, a hold given back, a refund), so it never stands beside them.
+    """
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
