@@ -314,7 +314,7 @@ BEGIN
         due := due - take;
         EXIT WHEN due = 0;
     END LOOP;
-    -- The overdraft lot last: lots are locked in consumption order, and it comes last.
+    -- The overdraft lot last, after the lots it is paid from (all under the account's lock).
     UPDATE lots SET remaining_micros = remaining_micros + total
      WHERE account_id = p_account AND lot_id = o.lot_id;
     PERFORM ledger_post(p_account, txn, n, 'account:main', o.lot_id, o.source, total,

@@ -720,12 +720,13 @@ BEGIN
         txn := ledger_new_transaction(p_account, 'transfer', carried, p_now,
                                       p_comment => 'plan upgrade to ' || plan.plan_id
                                                    || ': unused subscription credits carried over');
-        carry := ledger_add_lot(p_account, txn, 0, carried, 'subscription_carry_over', 'main', p_end,
-                                p_external_ref, NULL, p_now);
+        -- The old lots are emptied before the new one is added: adding a lot may pay an
+        -- overdraft debt from the spendable credits (ledger_settle_overdraft), which must
+        -- not reach the credits being moved.
         FOR r IN
             SELECT lot_id, source, remaining_micros - held_micros AS unused FROM lots
              WHERE account_id = p_account AND balance_kind = 'main'
-               AND source IN ('subscription', 'subscription_carry_over') AND lot_id <> carry.lot_id
+               AND source IN ('subscription', 'subscription_carry_over')
                AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now)
              ORDER BY lot_id
                FOR UPDATE
@@ -737,6 +738,8 @@ BEGIN
             n := n + 1;
         END LOOP;
         UPDATE accounts SET balance_micros = balance_micros - carried WHERE account_id = p_account;
+        carry := ledger_add_lot(p_account, txn, 0, carried, 'subscription_carry_over', 'main', p_end,
+                                p_external_ref, NULL, p_now);
     END IF;
     l := ledger_grant_subscription_period(p_account, plan, p_start, p_end, p_external_ref,
                                           p_subscription_ref, p_now);
