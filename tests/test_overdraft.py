@@ -43,6 +43,16 @@ def _set_limit(
     )
 
 
+def _account_with_limit(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, credits: float, limit: float
+) -> str:
+    """A new account holding `credits` of a purchase, then given an overdraft `limit`."""
+    account = new_account()
+    ledger.grant(account, credits)
+    _set_limit(admin, account, limit)
+    return account
+
+
 def _shown(ledger: Ledger, account: str) -> tuple[float, float, float, float]:
     """Balance, available, limit and debt, in credits."""
     b = ledger.balance(account)
@@ -101,9 +111,7 @@ def test_without_a_limit_the_balance_stops_at_zero(ledger: Ledger) -> None:
 def test_the_next_grants_repay_the_debt_first(
     ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
 ) -> None:
-    account = new_account()
-    ledger.grant(account, 2)
-    _set_limit(admin, account, 10)
+    account = _account_with_limit(ledger, admin, 2, 10)
     ledger.consume(account, 8 * CREDIT)
     assert _shown(ledger, account) == (-6, 4, 10, 6)
 
@@ -161,9 +169,7 @@ def test_a_commit_drawn_on_the_overdraft_is_paid_from_credits_granted_since(
 def test_a_refund_pays_the_debt_back_and_what_has_no_room_becomes_a_refund_lot(
     ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
 ) -> None:
-    account = new_account()
-    ledger.grant(account, 2)
-    _set_limit(admin, account, 10)
+    account = _account_with_limit(ledger, admin, 2, 10)
     first = ledger.consume(account, 8 * CREDIT).reservation  # 2 from the purchase, 6 overdraft
     ledger.refund(account, first.reservation_id, 5 * CREDIT)  # the overdraft lot first
     assert _shown(ledger, account) == (-1, 9, 10, 1)
@@ -202,9 +208,7 @@ def test_a_refund_into_other_lots_pays_the_debt_back(
 def test_lowering_the_limit_takes_back_only_the_unused_part(
     ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
 ) -> None:
-    account = new_account()
-    ledger.grant(account, 1)
-    _set_limit(admin, account, 10)
+    account = _account_with_limit(ledger, admin, 1, 10)
     ledger.consume(account, 5 * CREDIT)  # debt 4
     hold = ledger.reserve(account, 2 * CREDIT).reservation  # 2 more of the overdraft held
     assert _shown(ledger, account) == (-4, 4, 10, 4)
@@ -272,9 +276,7 @@ def test_bad_input_is_refused_by_field_and_changes_nothing(
 def test_a_low_balance_alert_compares_the_balance_shown(
     ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub
 ) -> None:
-    account = new_account()
-    ledger.grant(account, 10)
-    _set_limit(admin, account, 100)
+    account = _account_with_limit(ledger, admin, 10, 100)
     admin.SetLowBalanceAlert(
         admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=5 * CREDIT)
     )
@@ -292,9 +294,7 @@ def test_concurrent_charges_stay_within_the_limit_and_answer_the_balance_shown(
     server_address: str,
     assert_audit_clean: Any,
 ) -> None:
-    account = new_account()
-    ledger.grant(account, 10)
-    _set_limit(admin, account, 20)
+    account = _account_with_limit(ledger, admin, 10, 20)
 
     async def consume_all() -> list[pb.ConsumeResponse | grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -321,9 +321,7 @@ def test_concurrent_reserves_and_commits_answer_the_balance_shown(
     server_address: str,
     assert_audit_clean: Any,
 ) -> None:
-    account = new_account()
-    ledger.grant(account, 5)
-    _set_limit(admin, account, 20)
+    account = _account_with_limit(ledger, admin, 5, 20)
 
     async def reserve_then_commit() -> list[Any]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -377,9 +375,7 @@ def test_the_report_shows_the_overdraft_as_minus_the_debt(
     period = report_pb.TimeRange()
     period.start_time.FromDatetime(clock.now() - timedelta(minutes=1))
     period.end_time.FromDatetime(clock.now() + timedelta(days=1))
-    account = new_account()
-    ledger.grant(account, 2)
-    _set_limit(admin, account, 10)
+    account = _account_with_limit(ledger, admin, 2, 10)
     ledger.consume(account, 8 * CREDIT)
     ledger.grant(account, 1)
     _set_limit(admin, account, 7)

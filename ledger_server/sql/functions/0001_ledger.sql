@@ -263,6 +263,40 @@ BEGIN
     RETURN l;
 END $$;
 
+-- Moves p_amount of unheld credits out of the account's live lots of one balance kind
+-- (never the overdraft lot), in consumption order, each posted to p_txn from posting
+-- p_posting_no on; the caller posts where they go. Returns the next posting number. Call
+-- with the account row locked, for no more than those lots hold.
+CREATE OR REPLACE FUNCTION ledger_move_out_of_lots(
+    p_account text, p_balance_kind text, p_amount bigint, p_txn bigint, p_posting_no int,
+    p_memo text, p_now timestamptz) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    due bigint := p_amount;
+    take bigint;
+    n int := p_posting_no;
+    r record;
+BEGIN
+    FOR r IN
+        SELECT lot_id, source, remaining_micros - held_micros AS unheld FROM lots
+         WHERE account_id = p_account AND balance_kind = p_balance_kind AND NOT depleted
+           AND source <> 'overdraft' AND (expires_at IS NULL OR expires_at > p_now)
+           AND remaining_micros > held_micros
+         ORDER BY priority, expires_at, lot_id
+           FOR UPDATE
+    LOOP
+        take := least(r.unheld, due);
+        UPDATE lots SET remaining_micros = remaining_micros - take
+         WHERE account_id = p_account AND lot_id = r.lot_id;
+        PERFORM ledger_post(p_account, p_txn, n, 'account:' || p_balance_kind, r.lot_id, r.source,
+                            -take, p_memo);
+        n := n + 1;
+        due := due - take;
+        EXIT WHEN due = 0;
+    END LOOP;
+    RETURN n;
+END $$;
+
 -- An overdraft debt never stands beside spendable credits: whatever makes main credits
 -- spendable while the account owes (a grant, a hold given back, a refund, a commit that
 -- drew on the overdraft while other credits were free) pays the debt back from them at
@@ -275,11 +309,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     o lots;
     total bigint;
-    due bigint;
-    take bigint;
     txn bigint;
-    r record;
-    n int := 0;
+    n int;
 BEGIN
     SELECT * INTO o FROM lots WHERE account_id = p_account AND source = 'overdraft';
     IF NOT FOUND OR o.amount_micros = o.remaining_micros THEN
@@ -296,24 +327,7 @@ BEGIN
     END IF;
     txn := ledger_new_transaction(p_account, 'transfer', total, p_now, NULL, NULL,
                                   'overdraft repayment');
-    due := total;
-    FOR r IN
-        SELECT lot_id, source, remaining_micros - held_micros AS spendable FROM lots
-         WHERE account_id = p_account AND balance_kind = 'main' AND NOT depleted
-           AND source <> 'overdraft' AND (expires_at IS NULL OR expires_at > p_now)
-           AND remaining_micros > held_micros
-         ORDER BY priority, expires_at, lot_id
-           FOR UPDATE
-    LOOP
-        take := least(r.spendable, due);
-        UPDATE lots SET remaining_micros = remaining_micros - take
-         WHERE account_id = p_account AND lot_id = r.lot_id;
-        PERFORM ledger_post(p_account, txn, n, 'account:main', r.lot_id, r.source, -take,
-                            'overdraft repayment');
-        n := n + 1;
-        due := due - take;
-        EXIT WHEN due = 0;
-    END LOOP;
+    n := ledger_move_out_of_lots(p_account, 'main', total, txn, 0, 'overdraft repayment', p_now);
     -- The overdraft lot last, after the lots it is paid from (all under the account's lock).
     UPDATE lots SET remaining_micros = remaining_micros + total
      WHERE account_id = p_account AND lot_id = o.lot_id;

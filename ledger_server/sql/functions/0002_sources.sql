@@ -289,11 +289,7 @@ DECLARE
     a accounts;
     replay jsonb;
     amount bigint;
-    need bigint;
-    take bigint;
     txn bigint;
-    n int := 1;
-    r record;
     l lots;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -309,23 +305,8 @@ BEGIN
     txn := ledger_new_transaction(p_account, 'transfer', amount, p_now,
                                   p_comment => 'reward balance transferred to main');
     l := ledger_add_lot(p_account, txn, 0, amount, 'reward_transfer', 'main', NULL, NULL, NULL, p_now);
-    need := amount;
-    FOR r IN
-        SELECT lot_id, source, remaining_micros FROM lots
-         WHERE account_id = p_account AND balance_kind = 'reward' AND NOT depleted
-           AND (expires_at IS NULL OR expires_at > p_now)
-         ORDER BY priority, expires_at, lot_id
-           FOR UPDATE
-    LOOP
-        take := least(r.remaining_micros, need);
-        UPDATE lots SET remaining_micros = remaining_micros - take
-         WHERE account_id = p_account AND lot_id = r.lot_id;
-        PERFORM ledger_post(p_account, txn, n, 'account:reward', r.lot_id, r.source, -take,
-                            'transferred to main');
-        n := n + 1;
-        need := need - take;
-        EXIT WHEN need = 0;
-    END LOOP;
+    PERFORM ledger_move_out_of_lots(p_account, 'reward', amount, txn, 1, 'transferred to main',
+                                    p_now);
     UPDATE accounts SET reward_balance_micros = reward_balance_micros - amount
      WHERE account_id = p_account
     RETURNING * INTO a;

@@ -12,6 +12,8 @@ INSERT INTO credit_sources (source, priority, is_paid) VALUES
     ('overdraft', 32767, false),
     ('refund',    100,   false);
 
+-- The limit is also the overdraft lot's amount (the audit checks both agree); kept on the
+-- account row, which every call reads anyway, so an account without one costs no lookup.
 ALTER TABLE accounts
     ADD COLUMN overdraft_limit_micros bigint NOT NULL DEFAULT 0,
     ADD CONSTRAINT accounts_overdraft_limit_nonnegative CHECK (overdraft_limit_micros >= 0);
