@@ -105,7 +105,9 @@ def test_overdraft_invariants_are_audited(fresh_database_url: str) -> None:
     migrate(fresh_database_url)
     _fill(fresh_database_url)
     with psycopg.connect(fresh_database_url, autocommit=True) as conn:
-        conn.execute("SELECT ledger_set_overdraft_limit('audited', 5000000, 'r', 'a', now())")
+        conn.execute(
+            "SELECT ledger_set_overdraft_limit('audited', 'k', '\\x05', 5000000, 'r', 'a', now())"
+        )
         conn.execute(
             "SELECT ledger_consume('audited', 'c2', '\\x04', 107000000, NULL, 'chat', '', now())"
         )

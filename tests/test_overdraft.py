@@ -6,6 +6,7 @@ all see the balance the API shows."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -32,11 +33,12 @@ OVERDRAFT = types_pb2.CREDIT_SOURCE_OVERDRAFT
 
 
 def _set_limit(
-    admin: admin_service_pb2_grpc.AdminServiceStub, account: str, credits: float
+    admin: admin_service_pb2_grpc.AdminServiceStub, account: str, credits: float, key: str = ""
 ) -> admin_pb.SetOverdraftLimitResponse:
     return admin.SetOverdraftLimit(
         admin_pb.SetOverdraftLimitRequest(
             account_id=account,
+            idempotency_key=key or f"limit-{uuid.uuid4()}",
             overdraft_limit_micros=round(credits * CREDIT),
             reason="trusted customer",
         )
@@ -241,25 +243,15 @@ def test_bad_input_is_refused_by_field_and_changes_nothing(
 ) -> None:
     account = new_account()
     ledger.grant(account, 3)
-    for request, field in (
-        (
-            admin_pb.SetOverdraftLimitRequest(
-                account_id=account, overdraft_limit_micros=-1, reason="r"
-            ),
-            "overdraft_limit_micros",
-        ),
-        (
-            admin_pb.SetOverdraftLimitRequest(
-                account_id=account, overdraft_limit_micros=10**16, reason="r"
-            ),
-            "overdraft_limit_micros",
-        ),
-        (admin_pb.SetOverdraftLimitRequest(account_id=account, overdraft_limit_micros=1), "reason"),
-        (
-            admin_pb.SetOverdraftLimitRequest(account_id="", overdraft_limit_micros=1, reason="r"),
-            "account_id",
-        ),
+    good = {"account_id": account, "idempotency_key": "k", "overdraft_limit_micros": 1}
+    for change, field in (
+        ({"overdraft_limit_micros": -1}, "overdraft_limit_micros"),
+        ({"overdraft_limit_micros": 10**16}, "overdraft_limit_micros"),
+        ({"reason": ""}, "reason"),
+        ({"account_id": ""}, "account_id"),
+        ({"idempotency_key": ""}, "idempotency_key"),
     ):
+        request = admin_pb.SetOverdraftLimitRequest(**{**good, "reason": "r", **change})
         info = expect_error(lambda r=request: admin.SetOverdraftLimit(r), INVALID, "INVALID_FIELD")
         assert info.metadata["field"] == field
     expect_error(
@@ -271,6 +263,39 @@ def test_bad_input_is_refused_by_field_and_changes_nothing(
     assert info.metadata["field"] == "source"
     assert _shown(ledger, account) == (3, 3, 0, 0)
     assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_OVERDRAFT])
+
+
+def test_a_retried_change_answers_the_first_response_and_never_undoes_a_later_one(
+    ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
+) -> None:
+    account = new_account()
+    ledger.grant(account, 1)
+    first = _set_limit(admin, account, 10, key="raise")
+    _set_limit(admin, account, 20, key="raise-more")
+    retried, call = admin.SetOverdraftLimit.with_call(
+        admin_pb.SetOverdraftLimitRequest(
+            account_id=account,
+            idempotency_key="raise",
+            overdraft_limit_micros=10 * CREDIT,
+            reason="trusted customer",
+        )
+    )
+    assert ("ledger-idempotent-replay", "true") in (call.trailing_metadata() or ())
+    assert retried == first
+    assert _shown(ledger, account) == (1, 21, 20, 0)
+    assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_OVERDRAFT])) == 2
+
+    unchanged = _set_limit(admin, account, 20, key="same")
+    assert unchanged.transaction_id == ""
+    assert _set_limit(admin, account, 20, key="same") == unchanged
+    info = expect_error(
+        lambda: _set_limit(admin, account, 5, key="raise"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert info.metadata["original_operation"] == "set_overdraft_limit"
+    assert _shown(ledger, account) == (1, 21, 20, 0)
+    assert_audit_clean()
 
 
 def test_a_low_balance_alert_compares_the_balance_shown(

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("credits", help="the new limit; 0 takes the overdraft away")
     p.add_argument("--reason", required=True)
+    key_option(p)
 
     p = add("reservations", commands.reservation, "show a reservation and its lots")
     p.add_argument("account")

@@ -404,6 +404,7 @@ def overdraft(args: argparse.Namespace, session: Session) -> int:
         session.admin.SetOverdraftLimit,
         admin_pb.SetOverdraftLimitRequest(
             account_id=args.account,
+            idempotency_key=_key(args, session),
             overdraft_limit_micros=output.parse_credits(args.credits),
             reason=args.reason,
         ),

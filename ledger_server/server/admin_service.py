@@ -157,14 +157,17 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> pb.SetOverdraftLimitResponse:
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
+            "key": validation.idempotency_key(request.idempotency_key),
             "limit": validation.non_negative_amount(
                 request.overdraft_limit_micros, "overdraft_limit_micros"
             ),
             "reason": validation.required_text(request.reason, "reason"),
             "actor": caller_identity(context),
+            "hash": request_fingerprint("set_overdraft_limit", request),
             "now": self._clock.now(),
         }
         data = await call_json(self._pool, "set_overdraft_limit", params)
+        mark_replay(context, data)
         return pb.SetOverdraftLimitResponse(
             transaction_id=data["transaction_id"],
             balance=mapping.account_balance(data["balance"]),

@@ -2,6 +2,8 @@
 
 -- Replaced by ledger_settle_overdraft (0001_ledger.sql) before it was released.
 DROP FUNCTION IF EXISTS ledger_repay_overdraft(lots, timestamptz);
+-- Its first form, before it took an idempotency key.
+DROP FUNCTION IF EXISTS ledger_set_overdraft_limit(text, bigint, text, text, timestamptz);
 
 -- Sets an account's overdraft limit. Raising it grows the overdraft lot (made on first
 -- use) by the difference; lowering it shrinks the lot by its unused credits only, so a
@@ -9,21 +11,30 @@ DROP FUNCTION IF EXISTS ledger_repay_overdraft(lots, timestamptz);
 -- OVERDRAFT transaction records the change: the account's side on the overdraft lot, the
 -- other side on the 'overdraft' system account. The balance shown moves by the change of
 -- the limit's opposite sign; the available credits by the change itself. Setting the limit
--- it has changes nothing and answers with no transaction.
+-- it has changes nothing and answers with no transaction. The limit is absolute, but a
+-- retry must still answer the first response: replayed, a late retry would undo a change
+-- made after it.
 CREATE OR REPLACE FUNCTION ledger_set_overdraft_limit(
-    p_account text, p_limit bigint, p_reason text, p_actor text, p_now timestamptz)
-    RETURNS jsonb
+    p_account text, p_key text, p_hash bytea, p_limit bigint, p_reason text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     o lots;
     change bigint;
     txn bigint;
+    replay jsonb;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'set_overdraft_limit', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
     change := p_limit - a.overdraft_limit_micros;
     IF change = 0 THEN
-        RETURN jsonb_build_object('transaction_id', '', 'balance', ledger_balance_json(a, p_now));
+        RETURN ledger_idempotent_store(p_account, p_key, 'set_overdraft_limit', p_hash,
+            jsonb_build_object('transaction_id', '', 'balance', ledger_balance_json(a, p_now)),
+            p_now);
     END IF;
     SELECT * INTO o FROM lots WHERE account_id = p_account AND source = 'overdraft' FOR UPDATE;
     IF change < 0 AND o.remaining_micros - o.held_micros < -change THEN
@@ -49,5 +60,7 @@ BEGIN
     PERFORM ledger_post(p_account, txn, 1, 'overdraft', NULL, 'overdraft', -change);
     UPDATE accounts SET overdraft_limit_micros = p_limit WHERE account_id = p_account
     RETURNING * INTO a;
-    RETURN jsonb_build_object('transaction_id', txn::text, 'balance', ledger_balance_json(a, p_now));
+    RETURN ledger_idempotent_store(p_account, p_key, 'set_overdraft_limit', p_hash,
+        jsonb_build_object('transaction_id', txn::text, 'balance', ledger_balance_json(a, p_now)),
+        p_now);
 END $$;

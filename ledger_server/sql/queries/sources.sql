@@ -183,5 +183,6 @@ SELECT ledger_alert_json(l), l.alert_id
  LIMIT %(limit)s::int
 
 -- name: set_overdraft_limit
-SELECT ledger_set_overdraft_limit(%(account_id)s::text, %(limit)s::bigint, %(reason)s::text,
-                                  %(actor)s::text, %(now)s::timestamptz)
+SELECT ledger_set_overdraft_limit(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                  %(limit)s::bigint, %(reason)s::text, %(actor)s::text,
+                                  %(now)s::timestamptz)

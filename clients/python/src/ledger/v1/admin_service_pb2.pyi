@@ -197,21 +197,28 @@ class SetOverdraftLimitRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     OVERDRAFT_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     overdraft_limit_micros: _builtins.int
     """The new limit; zero takes the overdraft away."""
     reason: _builtins.str
     """Why; required, recorded in the journal."""
+    idempotency_key: _builtins.str
+    """Required. A retry with the same key answers the first call's response and changes
+    nothing, so a late retry cannot undo a change made after it; the same key with another
+    limit or reason is refused (IDEMPOTENCY_KEY_REUSED).
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         overdraft_limit_micros: _builtins.int = ...,
         reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "overdraft_limit_micros", b"overdraft_limit_micros", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "idempotency_key", b"idempotency_key", "overdraft_limit_micros", b"overdraft_limit_micros", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
