@@ -30,7 +30,9 @@ from support.webhooks import (
     checkout_recharge,
     deliver,
     event,
+    invoice_line,
     invoice_paid,
+    subscription_updated,
 )
 
 AuditCheck = Callable[[], None]
@@ -171,6 +173,22 @@ def test_a_refund_of_an_unknown_payment_is_recorded_and_ignored(
 # --- subscriptions -------------------------------------------------------------------------
 
 
+def _subscriber(
+    apply_events: Callable[..., list[str]], sources: Sources, ledger: Ledger
+) -> tuple[str, str, Any, Any, int, int]:
+    """An account on a basic plan (100 credits, 40 spent) for a period that began a minute
+    ago; also a pro plan of a higher rank. Returns account, subscription, basic, pro, start
+    and end of the period."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    account, sub = new_account("subscriber"), f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    end = start + 30 * 86400
+    apply_events(invoice_paid(account, sub, basic.provider_price_id, start, end))
+    ledger.consume(account, 40 * CREDIT)
+    return account, sub, basic, pro, start, end
+
+
 def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,
@@ -189,26 +207,22 @@ def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
     assert ledger.balance(account).balance_micros == 100 * CREDIT
     ledger.consume(account, 40 * CREDIT)
 
-    upgraded = event(
-        "customer.subscription.updated",
-        {
-            "id": sub,
-            "object": "subscription",
-            "metadata": {"account_id": account},
-            "items": {
-                "data": [
-                    {
-                        "price": {"id": pro.provider_price_id},
-                        "current_period_start": start + 86400,
-                        "current_period_end": end + 86400,
-                    }
-                ]
-            },
-        },
-        previous_attributes={"items": {"data": [{"price": {"id": basic.provider_price_id}}]}},
+    # Mid-period, the billing cycle kept: the prorations are invoiced (paid) at once.
+    upgraded = subscription_updated(
+        account, sub, pro.provider_price_id, start, end, previous_price_id=basic.provider_price_id
     )
+    now = int(time.time())
     proration = invoice_paid(
-        account, sub, pro.provider_price_id, start, end, billing_reason="subscription_update"
+        account,
+        sub,
+        pro.provider_price_id,
+        start,
+        end,
+        billing_reason="subscription_update",
+        lines=[
+            invoice_line(basic.provider_price_id, now, end, proration=True),
+            invoice_line(pro.provider_price_id, now, end, proration=True),
+        ],
     )
     [change, prorated] = apply_events(upgraded, proration)
     # 60 unused basic credits carried over, plus the pro plan's 300.
@@ -216,6 +230,93 @@ def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
     assert payments_db.event(change)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
     assert payments_db.event(prorated)["status"] == "ignored"  # type: ignore[index]
     assert_audit_clean()
+
+
+@pytest.mark.parametrize("invoice_first", [False, True], ids=["update-first", "invoice-first"])
+def test_a_plan_change_at_renewal_is_granted_once_by_the_paid_invoice(
+    invoice_first: bool,
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    renewed = subscription_updated(
+        account, sub, pro.provider_price_id, end, end + 30 * 86400,
+        previous_price_id=basic.provider_price_id,
+    )  # fmt: skip
+    # The renewal's invoice: a proration line of the old plan (its period over) comes first.
+    invoice = invoice_paid(
+        account,
+        sub,
+        pro.provider_price_id,
+        end,
+        end + 30 * 86400,
+        billing_reason="subscription_cycle",
+        lines=[
+            invoice_line(basic.provider_price_id, start - 86400, start - 60, proration=True),
+            invoice_line(pro.provider_price_id, end, end + 30 * 86400),
+        ],
+    )
+    update, paid = (
+        apply_events(invoice, renewed)[::-1] if invoice_first else apply_events(renewed, invoice)
+    )
+    # The basic period's 60 left stay until it ends (no carry-over at a renewal); pro's 300.
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert payments_db.event(paid)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert payments_db.event(update)["status"] == "ignored"  # type: ignore[index]
+    assert_audit_clean()
+
+
+def test_a_reset_billing_cycle_upgrades_from_the_paid_invoice_with_carry_over(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    account, sub, basic, pro, _start, end = _subscriber(apply_events, sources, ledger)
+    now = int(time.time())
+    upgraded = subscription_updated(account, sub, pro.provider_price_id, now, now + 30 * 86400)
+    invoice = invoice_paid(
+        account,
+        sub,
+        pro.provider_price_id,
+        now,
+        now + 30 * 86400,
+        billing_reason="subscription_update",
+        lines=[
+            invoice_line(basic.provider_price_id, now, end, proration=True),
+            invoice_line(pro.provider_price_id, now, now + 30 * 86400),
+        ],
+    )
+    update, paid = apply_events(upgraded, invoice)
+    assert payments_db.event(update)["status"] == "ignored"  # type: ignore[index]
+    assert payments_db.event(paid)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    carried = [lot for lot in ledger.lots(account) if lot.amount_micros == 60 * CREDIT]
+    assert [lot.expires_at.seconds for lot in carried] == [now + 30 * 86400]
+    [again] = apply_events(invoice)
+    assert payments_db.event(again)["status"] == "processed"  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert_audit_clean()
+
+
+def test_a_plan_change_of_an_unpaid_subscription_grants_nothing(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    account, sub, _basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    [update] = apply_events(
+        subscription_updated(account, sub, pro.provider_price_id, start, end, status="past_due")
+    )
+    event_row = payments_db.event(update)
+    assert event_row is not None and event_row["status"] == "ignored"
+    assert "past_due" in event_row["last_error"]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
 
 
 # --- the payment log -----------------------------------------------------------------------

@@ -14,10 +14,16 @@ Event types:
   the pack (ledger_purchase_pack) or recharge (ledger_recharge) named in the session's
   metadata, fulfilled under the payment intent's id. Mode subscription: the subscription id
   is linked to the account; the credits come with the invoice.
-- invoice.paid: the subscription period of the plan whose provider_price_id is the line's
-  price (ledger_start_subscription_period), once per invoice.
-- customer.subscription.updated to another plan: ledger_change_subscription_plan
-  (upgrade carry-over, seed 001).
+- invoice.paid: the subscription period of the plan whose provider_price_id is the price
+  of the invoice's first line that is not a proration (ledger_start_subscription_period),
+  once per invoice. An invoice for a plan change (billing_reason subscription_update) that
+  starts a new period (the billing cycle was reset) changes the plan
+  (ledger_change_subscription_plan); one with prorations only is left to the event below.
+- customer.subscription.updated to another plan within the current period, the
+  subscription active or trialing: ledger_change_subscription_plan (upgrade carry-over, seed
+  001). A change that comes with a new period (a change scheduled for the renewal, or a
+  reset billing cycle) is granted by that period's paid invoice instead: applied here too,
+  the period's credits would be granted twice, and before anyone paid.
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase).
 - anything else: recorded as 'ignored'.
@@ -117,6 +123,15 @@ def _line_price(line: Mapping[str, Any]) -> str:
         _id(line.get("price"))
         or _id(_dig(line, "pricing", "price_details", "price"))
         or _id(line.get("plan"))
+    )
+
+
+def _is_proration(line: Mapping[str, Any]) -> bool:
+    """`proration` before API version 2025-03-31, under the line's parent since."""
+    return bool(
+        line.get("proration")
+        or _dig(line, "parent", "subscription_item_details", "proration")
+        or _dig(line, "parent", "invoice_item_details", "proration")
     )
 
 
@@ -344,17 +359,27 @@ def _plan_for_price(conn: Conn, price_id: str) -> str | None:
     return str(row[0]) if row else None
 
 
+def _current_subscription(conn: Conn, account_id: str) -> tuple[str, datetime] | None:
+    """The account's plan and the start of its current period, if it has a subscription."""
+    row = conn.execute(query("current_subscription_plan"), {"account_id": account_id}).fetchone()
+    return (str(row[0]), row[1]) if row else None
+
+
+def _plan_change_ref(subscription_ref: str, plan_id: str, start: datetime) -> str:
+    """One plan change per subscription, plan and period, whichever event applies it."""
+    return f"{subscription_ref}:{plan_id}:{int(start.timestamp())}"
+
+
 def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Outcome:
     subscription_ref, metadata = _invoice_subscription(invoice)
     if not subscription_ref:
         return Outcome("ignored", note="the invoice is not for a subscription")
     account_id = _subscription_account(conn, subscription_ref, metadata)
-    if invoice.get("billing_reason") == "subscription_update":
-        return Outcome(
-            "ignored", account_id, note="plan change: applied by customer.subscription.updated"
-        )
+    plan_change = invoice.get("billing_reason") == "subscription_update"
     lines = _dig(invoice, "lines", "data") or []
     for line in lines:
+        if _is_proration(line):  # the unused time of the old plan, the rest of the new one
+            continue
         plan_id = _plan_for_price(conn, _line_price(line))
         start = _timestamp(_dig(line, "period", "start"))
         end = _timestamp(_dig(line, "period", "end"))
@@ -368,11 +393,23 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
             external_ref=_id(invoice),
             subscription_ref=subscription_ref,
         )
-        data = _ledger_call(conn, "start_subscription_period", params)
+        if plan_change:
+            if _current_subscription(conn, account_id) == (plan_id, start):
+                return Outcome("ignored", account_id, note="the plan change was applied already")
+            params["external_ref"] = _plan_change_ref(subscription_ref, plan_id, start)
+            data = _ledger_call(conn, "change_subscription_plan", params)
+        else:
+            data = _ledger_call(conn, "start_subscription_period", params)
         if isinstance(data, str):
             return _already(account_id, f"invoice {_id(invoice)}")
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
+    if plan_change:
+        return Outcome(
+            "ignored",
+            account_id,
+            note="prorations only: the plan change is applied by customer.subscription.updated",
+        )
     prices = [_line_price(line) for line in lines]
     raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
 
@@ -385,21 +422,31 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
     plan_id = _plan_for_price(conn, _id(item.get("price")) or _id(item.get("plan")))
     if plan_id is None:
         return Outcome("ignored", account_id, note="no subscription plan has the item's price")
-    row = conn.execute(query("current_subscription_plan"), {"account_id": account_id}).fetchone()
-    if row is None:
+    current = _current_subscription(conn, account_id)
+    if current is None:
         return Outcome("ignored", account_id, note="no subscription yet: invoice.paid starts it")
-    if str(row[0]) == plan_id:
+    current_plan, current_start = current
+    if current_plan == plan_id:
         return Outcome("ignored", account_id, note="the plan did not change")
+    status = sub.get("status")
+    if status not in ("active", "trialing"):
+        return Outcome(
+            "ignored", account_id, note=f"subscription {status}: a plan change waits for payment"
+        )
     start = _timestamp(sub.get("current_period_start") or item.get("current_period_start"))
     end = _timestamp(sub.get("current_period_end") or item.get("current_period_end"))
     if start is None or end is None:
         raise ValueError("the subscription has no current period")
+    if start != current_start:
+        return Outcome(
+            "ignored", account_id, note="a new period: its paid invoice grants the new plan"
+        )
     params = _base_params(event_id, account_id, now)
     params.update(
         plan_id=plan_id,
         period_start=start,
         period_end=end,
-        external_ref=f"{subscription_ref}:{plan_id}:{int(start.timestamp())}",
+        external_ref=_plan_change_ref(subscription_ref, plan_id, start),
         subscription_ref=subscription_ref,
     )
     data = _ledger_call(conn, "change_subscription_plan", params)

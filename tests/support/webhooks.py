@@ -116,6 +116,19 @@ def charge_refunded(
     )
 
 
+def invoice_line(price_id: str, start: int, end: int, proration: bool = False) -> dict[str, Any]:
+    """A line in the shape of API version 2025-03-31 and later (parent, pricing)."""
+    return {
+        "object": "line_item",
+        "period": {"start": start, "end": end},
+        "pricing": {"type": "price_details", "price_details": {"price": price_id}},
+        "parent": {
+            "type": "subscription_item_details",
+            "subscription_item_details": {"proration": proration},
+        },
+    }
+
+
 def invoice_paid(
     account_id: str,
     subscription: str,
@@ -125,8 +138,10 @@ def invoice_paid(
     invoice_id: str | None = None,
     billing_reason: str = "subscription_create",
     event_id: str | None = None,
+    lines: list[dict[str, Any]] | None = None,
 ) -> bytes:
-    """An invoice in the shape of API version 2025-03-31 and later (parent, pricing)."""
+    """An invoice in the shape of API version 2025-03-31 and later (parent, pricing); its
+    one line is for `price_id` over [start, end] unless `lines` are given."""
     return event(
         "invoice.paid",
         {
@@ -143,16 +158,37 @@ def invoice_paid(
             },
             "lines": {
                 "object": "list",
-                "data": [
-                    {
-                        "object": "line_item",
-                        "period": {"start": start, "end": end},
-                        "pricing": {"type": "price_details", "price_details": {"price": price_id}},
-                    }
-                ],
+                "data": lines if lines is not None else [invoice_line(price_id, start, end)],
             },
         },
         event_id,
+    )
+
+
+def subscription_updated(
+    account_id: str,
+    subscription: str,
+    price_id: str,
+    start: int,
+    end: int,
+    status: str = "active",
+    previous_price_id: str | None = None,
+) -> bytes:
+    """customer.subscription.updated, the period on the item (API 2025-03-31 and later)."""
+    item = {"price": {"id": price_id}, "current_period_start": start, "current_period_end": end}
+    previous = (
+        {"items": {"data": [{"price": {"id": previous_price_id}}]}} if previous_price_id else {}
+    )
+    return event(
+        "customer.subscription.updated",
+        {
+            "id": subscription,
+            "object": "subscription",
+            "status": status,
+            "metadata": {"account_id": account_id},
+            "items": {"data": [item]},
+        },
+        previous_attributes=previous,
     )
 
 

@@ -83,7 +83,7 @@ SELECT plan_id FROM subscription_plans
  LIMIT 1
 
 -- name: current_subscription_plan
-SELECT plan_id FROM subscriptions WHERE account_id = %(account_id)s
+SELECT plan_id, current_period_start FROM subscriptions WHERE account_id = %(account_id)s
 
 -- name: account_for_subscription
 SELECT account_id FROM checkout_sessions
