@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import billing_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
@@ -554,6 +555,55 @@ def test_checkout_for_a_recharge_and_a_subscription(
     assert sent["mode"] == "subscription"
     assert sent["line_items[0][price]"] == plan.provider_price_id
     assert sent["subscription_data[metadata][account_id]"] == account
+
+
+def test_a_paid_checkout_grants_what_it_sold_whatever_changed_before_the_payment(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    admin: Any,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(50 * CREDIT, price_minor=990, currency="USD")
+    account = new_account("paid-late")
+    bought = checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=account, idempotency_key=new_key(), pack_id=pack.pack_id
+        )
+    ).session
+    topped_up = checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            recharge=billing_pb.RechargeAmount(amount_minor=30000, currency="CNY"),
+        )
+    ).session
+    # While the customer pays: the pack changes and goes off sale, only subscribers may buy
+    # packs, and recharges get a higher minimum and no bonus.
+    changed = billing_pb.CreditPack()
+    changed.CopyFrom(pack)
+    changed.credits_micros, changed.active = 10 * CREDIT, False
+    admin.UpdateCreditPack(admin_pb.UpdateCreditPackRequest(pack=changed))
+    configure("purchase.allow_free_users", False)
+    configure("recharge.minimum_minor", 100000)
+    configure("recharge.bonus_tiers", [])
+
+    pack_paid, recharge_paid = apply_events(
+        checkout_pack(account, pack.pack_id, session_id=bought.session_id),
+        checkout_recharge(account, 30000, session_id=topped_up.session_id),
+    )
+    assert payments_db.event(pack_paid)["credits_micros"] == 50 * CREDIT  # type: ignore[index]
+    assert payments_db.event(recharge_paid)["credits_micros"] == 330 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 380 * CREDIT
+    # A session this ledger did not prepare is still held to the rules of the day.
+    [elsewhere] = apply_events(checkout_pack(account, pack.pack_id))
+    assert payments_db.event(elsewhere)["status"] == "failed"  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 380 * CREDIT
+    assert_audit_clean()
 
 
 def test_stripe_refusals_and_outages_map_to_grpc_errors(

@@ -47,6 +47,7 @@ EXPECTED_CONSTRAINTS = {
     "purchases_bonus_clawed_back_within_bonus",
     "purchases_clawed_back_within_credits",
     "checkout_sessions_one_per_key",
+    "checkout_sessions_sold_amounts",
     "checkout_sessions_amount_nonnegative",
     "checkout_sessions_kind_target",
     "checkout_sessions_kind_known",
@@ -163,6 +164,7 @@ EXPECTED_FUNCTIONS = {
     "ledger_adjust_balance",
     "ledger_set_overdraft_limit",
     "ledger_settle_overdraft",
+    "ledger_fulfil_checkout",
 }
 
 

@@ -11,8 +11,10 @@ cannot deadlock.
 
 Event types:
 - checkout.session.completed / checkout.session.async_payment_succeeded (mode payment):
+  what the session sold when BillingService.CreateCheckoutSession made it
+  (ledger_fulfil_checkout: no sale rule is asked again once the customer has paid), else
   the pack (ledger_purchase_pack) or recharge (ledger_recharge) named in the session's
-  metadata, fulfilled under the payment intent's id. Mode subscription: the subscription id
+  metadata; fulfilled under the payment intent's id. Mode subscription: the subscription id
   is linked to the account; the credits come with the invoice.
 - invoice.paid: the subscription period of the plan whose provider_price_id is the price
   of the invoice's first line that is not a proration (ledger_start_subscription_period),
@@ -258,6 +260,13 @@ def _mark_failed(event_id: str, exc: BaseException) -> None:
 def _ledger_call(conn: Conn, name: str, params: dict[str, object]) -> Json | str:
     """Runs a ledger function in a savepoint. Returns its JSON, or the SQLSTATE of an error
     that ends the event without effect (already fulfilled, purchase not found)."""
+    result = _ledger_call_or_none(conn, name, params)
+    assert result is not None
+    return result
+
+
+def _ledger_call_or_none(conn: Conn, name: str, params: dict[str, object]) -> Json | str | None:
+    """_ledger_call of a function that may answer NULL (None)."""
     try:
         with conn.transaction():
             row = conn.execute(query(name), params).fetchone()
@@ -265,7 +274,7 @@ def _ledger_call(conn: Conn, name: str, params: dict[str, object]) -> Json | str
         if exc.sqlstate in (_ALREADY_FULFILLED, _PURCHASE_NOT_FOUND):
             return str(exc.sqlstate)
         raise
-    assert row is not None and isinstance(row[0], dict)
+    assert row is not None and (row[0] is None or isinstance(row[0], dict))
     return row[0]
 
 
@@ -318,6 +327,13 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
     external_ref = _id(session.get("payment_intent")) or _id(session)
     params = _base_params(event_id, account_id, now)
     params["external_ref"] = external_ref
+    sold = _ledger_call_or_none(conn, "fulfil_checkout", {**params, "session_id": _id(session)})
+    if sold is not None:  # a session this ledger prepared: what it sold
+        if isinstance(sold, str):
+            return _already(account_id, f"payment {external_ref}")
+        bonus_lot = sold.get("bonus_lot") or {}
+        credits = int(sold["lot"]["amount_micros"]) + int(bonus_lot.get("amount_micros") or 0)
+        return Outcome("processed", account_id, credits)
     kind = metadata.get("kind")
     if kind == "pack":
         params["pack_id"] = str(metadata.get("pack_id") or "")

@@ -289,6 +289,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         session = await asyncio.to_thread(
             self._create_stripe_session, account_id, key, prepared, success_url, cancel_url
         )
+        one_time = prepared["kind"] != "subscription"  # a subscription's invoices grant
         stored = await call_json(
             self._pool,
             "record_checkout_session",
@@ -300,6 +301,8 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
                 "plan_id": prepared.get("plan_id") or "",
                 "amount_minor": prepared["amount_minor"],
                 "currency": prepared["currency"],
+                "credits_micros": prepared["credits_micros"] if one_time else None,
+                "bonus_micros": prepared.get("bonus_micros", 0) if one_time else None,
                 "url": session.url or "",
             },
         )

@@ -47,12 +47,13 @@ def checkout_pack(
     payment_intent: str | None = None,
     event_id: str | None = None,
     amount_total: int = 2500,
+    session_id: str | None = None,
 ) -> bytes:
     metadata = {"account_id": account_id, "kind": "pack", "pack_id": pack_id}
     return event(
         "checkout.session.completed",
         {
-            "id": f"cs_test_{uuid.uuid4().hex}",
+            "id": session_id or f"cs_test_{uuid.uuid4().hex}",
             "object": "checkout.session",
             "mode": "payment",
             "payment_status": "paid",
@@ -73,12 +74,13 @@ def checkout_recharge(
     currency: str = "cny",
     payment_intent: str | None = None,
     event_id: str | None = None,
+    session_id: str | None = None,
 ) -> bytes:
     metadata = {"account_id": account_id, "kind": "recharge", "amount_minor": str(amount_minor)}
     return event(
         "checkout.session.completed",
         {
-            "id": f"cs_test_{uuid.uuid4().hex}",
+            "id": session_id or f"cs_test_{uuid.uuid4().hex}",
             "object": "checkout.session",
             "mode": "payment",
             "payment_status": "paid",

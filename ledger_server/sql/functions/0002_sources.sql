@@ -477,7 +477,6 @@ DECLARE
     a accounts;
     replay jsonb;
     p credit_packs;
-    l lots;
 BEGIN
     PERFORM ledger_open_account(p_account, '', p_now);
     a := ledger_lock_account(p_account, p_now);
@@ -498,18 +497,33 @@ BEGIN
         PERFORM ledger_fail('LE023', 'only subscribers may buy credit packs',
             jsonb_build_object('setting', 'purchase.allow_free_users'));
     END IF;
+    RETURN ledger_idempotent_store(p_account, p_key, 'purchase_pack', p_hash,
+        ledger_sell_pack(p_account, p.pack_id, p.credits_micros, p.price_minor, p.currency,
+                         p_external_ref, p_now), p_now);
+END $$;
+
+-- Grants what a pack sold (its credits, price and currency as sold) and records the
+-- purchase, once per payment; the answer of PurchasePack. Call with the account locked.
+CREATE OR REPLACE FUNCTION ledger_sell_pack(
+    p_account text, p_pack text, p_credits bigint, p_price_minor bigint, p_currency text,
+    p_external_ref text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    l lots;
+BEGIN
     PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
-    l := ledger_grant_lot(p_account, p.credits_micros, 'purchase', 'main', NULL, p_external_ref,
-                          'credit pack ' || p.pack_id, NULL, p_now);
+    l := ledger_grant_lot(p_account, p_credits, 'purchase', 'main', NULL, p_external_ref,
+                          'credit pack ' || p_pack, NULL, p_now);
     INSERT INTO purchases (account_id, kind, pack_id, amount_minor, currency, credits_micros, lot_id,
                            external_ref, created_at)
-    VALUES (p_account, 'pack', p.pack_id, p.price_minor, p.currency, p.credits_micros, l.lot_id,
+    VALUES (p_account, 'pack', p_pack, p_price_minor, p_currency, p_credits, l.lot_id,
             nullif(p_external_ref, ''), p_now);
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
-    RETURN ledger_idempotent_store(p_account, p_key, 'purchase_pack', p_hash, jsonb_build_object(
+    RETURN jsonb_build_object(
         'lot', ledger_lot_json(l),
         'transaction_id', l.grant_transaction_id::text,
-        'balance', ledger_balance_json(a, p_now)), p_now);
+        'balance', ledger_balance_json(a, p_now));
 END $$;
 
 -- Seed 002: credits for an amount paid, with the highest bonus tier it reaches.
@@ -547,11 +561,6 @@ DECLARE
     a accounts;
     replay jsonb;
     quote jsonb;
-    credits bigint;
-    bonus bigint;
-    txn bigint;
-    l lots;
-    bl lots;
 BEGIN
     PERFORM ledger_open_account(p_account, '', p_now);
     a := ledger_lock_account(p_account, p_now);
@@ -560,29 +569,45 @@ BEGIN
         RETURN replay;
     END IF;
     quote := ledger_recharge_quote(p_amount_minor, p_currency);
-    credits := (quote ->> 'credits_micros')::bigint;
-    bonus := (quote ->> 'bonus_micros')::bigint;
+    RETURN ledger_idempotent_store(p_account, p_key, 'recharge', p_hash,
+        ledger_sell_recharge(p_account, p_amount_minor, p_currency,
+                             (quote ->> 'credits_micros')::bigint,
+                             (quote ->> 'bonus_micros')::bigint, p_external_ref, p_now), p_now);
+END $$;
+
+-- Grants what a recharge sold (its credits and bonus as quoted) and records the purchase,
+-- once per payment; the answer of Recharge. Call with the account locked.
+CREATE OR REPLACE FUNCTION ledger_sell_recharge(
+    p_account text, p_amount_minor bigint, p_currency text, p_credits bigint, p_bonus bigint,
+    p_external_ref text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    txn bigint;
+    l lots;
+    bl lots;
+BEGIN
     PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
-    txn := ledger_new_transaction(p_account, 'grant', credits + bonus, p_now, NULL, NULL,
+    txn := ledger_new_transaction(p_account, 'grant', p_credits + p_bonus, p_now, NULL, NULL,
                                   'recharge ' || p_amount_minor || ' ' || upper(p_currency), NULL,
                                   p_external_ref);
-    l := ledger_add_lot(p_account, txn, 0, credits, 'recharge', 'main', NULL, p_external_ref, NULL, p_now);
-    PERFORM ledger_post(p_account, txn, 1, 'issuance:recharge', NULL, 'recharge', -credits);
-    IF bonus > 0 THEN
-        bl := ledger_add_lot(p_account, txn, 2, bonus, 'recharge_bonus', 'main', NULL, p_external_ref,
+    l := ledger_add_lot(p_account, txn, 0, p_credits, 'recharge', 'main', NULL, p_external_ref, NULL, p_now);
+    PERFORM ledger_post(p_account, txn, 1, 'issuance:recharge', NULL, 'recharge', -p_credits);
+    IF p_bonus > 0 THEN
+        bl := ledger_add_lot(p_account, txn, 2, p_bonus, 'recharge_bonus', 'main', NULL, p_external_ref,
                              l.lot_id, p_now);
-        PERFORM ledger_post(p_account, txn, 3, 'issuance:recharge_bonus', NULL, 'recharge_bonus', -bonus);
+        PERFORM ledger_post(p_account, txn, 3, 'issuance:recharge_bonus', NULL, 'recharge_bonus', -p_bonus);
     END IF;
     INSERT INTO purchases (account_id, kind, amount_minor, currency, credits_micros, bonus_micros,
                            lot_id, bonus_lot_id, external_ref, created_at)
-    VALUES (p_account, 'recharge', p_amount_minor, upper(p_currency), credits, bonus, l.lot_id,
+    VALUES (p_account, 'recharge', p_amount_minor, upper(p_currency), p_credits, p_bonus, l.lot_id,
             bl.lot_id, nullif(p_external_ref, ''), p_now);
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
-    RETURN ledger_idempotent_store(p_account, p_key, 'recharge', p_hash, jsonb_build_object(
+    RETURN jsonb_build_object(
         'lot', ledger_lot_json(l),
         'bonus_lot', CASE WHEN bl.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(bl) END,
         'transaction_id', txn::text,
-        'balance', ledger_balance_json(a, p_now)), p_now);
+        'balance', ledger_balance_json(a, p_now));
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger_subscription_json(p_account text, p_now timestamptz) RETURNS jsonb

@@ -91,20 +91,26 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Stores the session the provider created. Two racing requests under one key (or a
+-- Its first form, before it recorded what a one-time checkout sold.
+DROP FUNCTION IF EXISTS ledger_record_checkout_session(
+    text, text, text, bytea, text, text, text, bigint, text, text, timestamptz);
+
+-- Stores the session the provider created, with what a one-time checkout sold (credits and
+-- bonus as prepared; NULL for a subscription). Two racing requests under one key (or a
 -- retry after the provider answered but before this insert) store one row; both get it.
 CREATE OR REPLACE FUNCTION ledger_record_checkout_session(
     p_session text, p_account text, p_key text, p_hash bytea, p_kind text, p_pack text,
-    p_plan text, p_amount_minor bigint, p_currency text, p_url text, p_now timestamptz)
-    RETURNS jsonb
+    p_plan text, p_amount_minor bigint, p_currency text, p_credits bigint, p_bonus bigint,
+    p_url text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     c checkout_sessions;
 BEGIN
     INSERT INTO checkout_sessions (session_id, account_id, idempotency_key, request_hash, kind,
-                                   pack_id, plan_id, amount_minor, currency, url, created_at)
+                                   pack_id, plan_id, amount_minor, currency, credits_micros,
+                                   bonus_micros, url, created_at)
     VALUES (p_session, p_account, p_key, p_hash, p_kind, nullif(p_pack, ''), nullif(p_plan, ''),
-            p_amount_minor, upper(p_currency), p_url, p_now)
+            p_amount_minor, upper(p_currency), p_credits, p_bonus, p_url, p_now)
     ON CONFLICT DO NOTHING;
     SELECT * INTO c FROM checkout_sessions WHERE account_id = p_account AND idempotency_key = p_key;
     IF NOT FOUND THEN
@@ -202,4 +208,40 @@ BEGIN
         'refunded_share_micros', share_credits + share_bonus,
         'transaction_id', coalesce(txn::text, ''),
         'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- The payment of a one-time checkout this ledger prepared (checkout.session.completed):
+-- grants what the session sold, as PurchasePack or Recharge would have answered, under the
+-- event's key. The sale rules are not asked again: they held when the session was made,
+-- and the customer has paid since. NULL when the session is not one of those (made
+-- elsewhere, for a subscription, or stored before what it sold was): the caller falls back
+-- to the checkout's metadata.
+CREATE OR REPLACE FUNCTION ledger_fulfil_checkout(
+    p_account text, p_key text, p_hash bytea, p_session text, p_external_ref text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    c checkout_sessions;
+    replay jsonb;
+    operation text;
+BEGIN
+    SELECT * INTO c FROM checkout_sessions
+     WHERE session_id = p_session AND account_id = p_account AND credits_micros IS NOT NULL;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    operation := CASE c.kind WHEN 'pack' THEN 'purchase_pack' ELSE 'recharge' END;
+    PERFORM ledger_open_account(p_account, '', p_now);
+    PERFORM ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, operation, p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    RETURN ledger_idempotent_store(p_account, p_key, operation, p_hash,
+        CASE c.kind
+            WHEN 'pack' THEN ledger_sell_pack(p_account, c.pack_id, c.credits_micros,
+                                              c.amount_minor, c.currency, p_external_ref, p_now)
+            ELSE ledger_sell_recharge(p_account, c.amount_minor, c.currency, c.credits_micros,
+                                      c.bonus_micros, p_external_ref, p_now)
+        END, p_now);
 END $$;

@@ -11,7 +11,13 @@ SELECT ledger_checkout_prepare(%(account_id)s::text, %(key)s::text, %(hash)s::by
 SELECT ledger_record_checkout_session(%(session_id)s::text, %(account_id)s::text, %(key)s::text,
                                       %(hash)s::bytea, %(kind)s::text, %(pack_id)s::text,
                                       %(plan_id)s::text, %(amount_minor)s::bigint,
-                                      %(currency)s::text, %(url)s::text, %(now)s::timestamptz)
+                                      %(currency)s::text, %(credits_micros)s::bigint,
+                                      %(bonus_micros)s::bigint, %(url)s::text,
+                                      %(now)s::timestamptz)
+
+-- name: fulfil_checkout
+SELECT ledger_fulfil_checkout(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                              %(session_id)s::text, %(external_ref)s::text, %(now)s::timestamptz)
 
 -- name: claw_back_purchase
 SELECT ledger_claw_back_purchase(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
