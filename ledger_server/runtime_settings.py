@@ -39,6 +39,17 @@ def _non_negative(value: Json) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+# A lot lives at most this long (validation.MAX_LOT_LIFETIME): beyond it an expiry passes
+# the year 9999, which PostgreSQL stores but a protobuf Timestamp cannot carry.
+MAX_LIFETIME_DAYS = 36_500
+
+
+def _lifetime_days(value: Json) -> str | None:
+    if not 0 <= value <= MAX_LIFETIME_DAYS:
+        return f"must be 0 to {MAX_LIFETIME_DAYS} days"
+    return None
+
+
 def _timezone(value: Json) -> str | None:
     try:
         zoneinfo.ZoneInfo(value)
@@ -142,7 +153,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         30,
         "days until the sign-up bonus expires; 0 = never",
-        _non_negative,
+        _lifetime_days,
     ),
     SettingDefinition(
         "daily.enabled",
@@ -165,7 +176,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         0,
         "days until a daily reward expires; 0 = never",
-        _non_negative,
+        _lifetime_days,
     ),
     SettingDefinition(
         "daily.automatic",

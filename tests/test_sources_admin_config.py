@@ -133,9 +133,15 @@ def test_change_history_can_be_listed_for_all_keys(sources: Sources, configure: 
         ("signup.enabled", struct_pb2.Value(number_value=1)),
         ("ledger.timezone", struct_pb2.Value(bool_value=True)),
         ("recharge.bonus_tiers", struct_pb2.Value(string_value="30000:30")),
+        # Known to Python's zone database, not to PostgreSQL's.
+        ("ledger.timezone", struct_pb2.Value(string_value="right/UTC")),
+        ("ledger.timezone", struct_pb2.Value(string_value="posixrules")),
+        # Expiries past the year 9999.
+        ("signup.expire_days", struct_pb2.Value(number_value=3_000_000)),
+        ("daily.expire_days", struct_pb2.Value(number_value=36_501)),
     ],
 )
-def test_a_value_of_the_wrong_type_is_refused(
+def test_a_value_of_the_wrong_type_or_out_of_range_is_refused(
     sources: Sources, key: str, wrong: struct_pb2.Value
 ) -> None:
     before = sources.setting(key)

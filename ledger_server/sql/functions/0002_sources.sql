@@ -54,6 +54,15 @@ BEGIN
     IF FOUND AND old.value = p_value AND old.source = p_source THEN
         RETURN ledger_setting_json(old);
     END IF;
+    -- The servers check the name against Python's zone database, which knows names that
+    -- PostgreSQL's does not (right/UTC, posixrules): every opening, claim and month-start
+    -- maintenance would then fail. PostgreSQL's is the one that computes the days.
+    IF p_key = 'ledger.timezone'
+       AND NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = p_value #>> '{}') THEN
+        PERFORM ledger_fail('LE010', 'unknown time zone', jsonb_build_object(
+            'field', 'value', 'violation', 'PostgreSQL does not know the time zone '
+                                           || (p_value #>> '{}')));
+    END IF;
     INSERT INTO settings (key, value, source, updated_by, updated_at)
     VALUES (p_key, p_value, p_source, p_actor, p_now)
     ON CONFLICT (key) DO UPDATE
