@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import psycopg
+import pytest
 import redis
 
 from ledger.v1 import ledger_service_pb2 as pb
@@ -21,6 +22,7 @@ from ledger_server.db.migrate import migrate
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, consume_or_error, new_account, new_key
 from support.workers import assert_finished, run_burst_workers, start_burst_worker
+from workers import db as worker_db
 from workers import sweepers
 from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
 
@@ -221,3 +223,52 @@ def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
         "workers.sweepers.grant_daily_rewards",
         "workers.payments.requeue_stalled_payment_events",
     }
+
+
+def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_account(
+    fresh_database_url: str, monkeypatch: Any
+) -> None:
+    """The day is ledger.timezone's (a claim counts in it), not UTC's; an account whose
+    claim fails leaves every other account its reward, and the job fails at the end."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    start = datetime(2026, 12, 5, 15, 0, tzinfo=UTC)  # 23:00 in Shanghai
+    prefix = new_account("auto")
+    accounts = [f"{prefix}-{n}" for n in (1, 2, 3)]
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+        for key, value in (("ledger.timezone", '"Asia/Shanghai"'), ("daily.automatic", "true")):
+            conn.execute(
+                "SELECT ledger_put_setting(%s, %s, 'admin', 'test', 'the job under test', %s, "
+                "true)",
+                (key, value, start),
+            )
+        for account in accounts:
+            conn.execute("SELECT ledger_open_account(%s, '', %s)", (account, start))
+        # A client took the key the job will use on 7 December for a grant of its own.
+        conn.execute(
+            "SELECT ledger_grant(%s, 'auto-daily:2026-12-07', '\\x01', 1000000, 'purchase', "
+            "NULL, 'main', '', '', NULL, %s)",
+            (accounts[1], start),
+        )
+
+    def daily_lots() -> list[tuple[str, int]]:
+        with psycopg.connect(fresh_database_url) as conn:
+            return conn.execute(
+                "SELECT account_id, count(*)::int FROM lots WHERE source = 'daily' "
+                "GROUP BY account_id ORDER BY account_id"
+            ).fetchall()
+
+    try:
+        assert sweepers.grant_daily_rewards(start.isoformat()) == 3
+        assert sweepers.grant_daily_rewards(start.isoformat()) == 0  # the same day: once
+        # Two hours later it is still 5 December in UTC, but 6 December in Shanghai.
+        assert sweepers.grant_daily_rewards((start + timedelta(hours=2)).isoformat()) == 3
+        assert daily_lots() == [(account, 2) for account in accounts]
+
+        with pytest.raises(sweepers.DailyRewardsIncomplete, match=accounts[1]):
+            sweepers.grant_daily_rewards((start + timedelta(days=1, hours=2)).isoformat())
+        assert daily_lots() == [(accounts[0], 3), (accounts[1], 2), (accounts[2], 3)]
+    finally:
+        worker_db.close()
+    assert audit_database(fresh_database_url) == []

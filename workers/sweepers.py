@@ -8,6 +8,7 @@ what "now" is."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -18,6 +19,8 @@ from workers.db import connection
 from workers.queues import DEFAULT_QUEUE, requeue
 
 SWEEP_BATCH = 500
+
+log = logging.getLogger(__name__)
 
 
 def _now(as_of: str | None) -> datetime:
@@ -49,15 +52,28 @@ def grant_monthly_allowances(as_of: str | None = None) -> int:
     return marked
 
 
+class DailyRewardsIncomplete(RuntimeError):
+    """Some accounts' daily rewards failed; every other account got its reward. The job
+    fails so that the failure shows (RQ's failed registry, its retries); a re-run grants
+    nobody twice."""
+
+
 def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:
-    """When daily.automatic is on: claims today's daily reward for every account (one
-    idempotency key per account and day, so a re-run grants nothing twice)."""
+    """When daily.automatic is on: claims today's daily reward for every account, one
+    idempotency key per account and day of ledger.timezone (the day the claim counts in),
+    so a re-run grants nothing twice. An account whose claim fails is logged and passed
+    over; the job then fails at the end, after every other account."""
     now = _now(as_of)
     granted = 0
+    failed: list[str] = []
     with connection() as conn:
         row = conn.execute(query("setting_value"), {"key": "daily.automatic"}).fetchone()
         if not row or row[0] is not True:
             return 0
+        day = conn.execute(query("ledger_day"), {"now": now}).fetchone()
+        assert day is not None
+        key = f"auto-daily:{day[0].isoformat()}"
+        key_hash = hashlib.sha256(key.encode()).digest()
         after = ""
         while True:
             accounts = [
@@ -67,30 +83,31 @@ def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> i
                 ).fetchall()
             ]
             for account_id in accounts:
-                key = f"auto-daily:{now.date().isoformat()}"
                 try:
                     result = conn.execute(
                         query("claim_daily_reward"),
-                        {
-                            "account_id": account_id,
-                            "key": key,
-                            "hash": hashlib.sha256(key.encode()).digest(),
-                            "now": now,
-                        },
+                        {"account_id": account_id, "key": key, "hash": key_hash, "now": now},
                     ).fetchone()
                 except psycopg.Error as exc:
                     error = translate(exc)
-                    if error is None or error.reason not in (
+                    if error is not None and error.reason in (
                         "DAILY_REWARD_ALREADY_CLAIMED",
                         "SOURCE_DISABLED",
                     ):
-                        raise
+                        continue
+                    log.error("daily reward of account %s failed: %s", account_id, exc)
+                    failed.append(account_id)
                     continue
                 if result and not result[0].get("replayed"):
                     granted += 1
             if len(accounts) < batch:
-                return granted
+                break
             after = accounts[-1]
+    if failed:
+        raise DailyRewardsIncomplete(
+            f"{len(failed)} accounts got no daily reward ({granted} did), first {failed[0]!r}"
+        )
+    return granted
 
 
 def requeue_pending_alert_emails(older_than_seconds: int = 60, as_of: str | None = None) -> int:

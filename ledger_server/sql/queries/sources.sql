@@ -143,6 +143,10 @@ SELECT ledger_schedule_monthly_allowances(%(now)s::timestamptz)
 -- name: setting_value
 SELECT value FROM settings WHERE key = %(key)s
 
+-- name: ledger_day
+-- The day of ledger.timezone a time falls on: the day a daily reward counts in.
+SELECT (%(now)s::timestamptz AT TIME ZONE ledger_timezone())::date
+
 -- name: accounts_after
 SELECT account_id FROM accounts WHERE account_id > %(after)s ORDER BY account_id LIMIT %(limit)s
 
