@@ -10,6 +10,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from support.ledger import CREDIT, Ledger, new_account
 from support.payments import TOLERANCE_SECONDS, PaymentsDb
 from support.rq_workers import run_burst_workers, run_sweeper, start_worker
 from support.sources import Sources
-from support.webhooks import SECRET, checkout_pack, deliver, post, sign
+from support.webhooks import SECRET, charge_refunded, checkout_pack, deliver, post, sign
 from workers import payments
 from workers.db import connection as payment_db_connection
 from workers.webhook import WebhookReceiver
@@ -378,3 +379,38 @@ def test_a_rerun_counts_the_credits_a_killed_run_applied_but_never_counted(
     assert payments.process_event(event_id) == "done"  # and again: counted once
     assert counted() == before + 7 * CREDIT
     assert ledger.balance(account).balance_micros == 7 * CREDIT
+
+
+def test_a_refund_handled_before_its_payment_waits_for_it(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The checkout's job failed once (or waits for the sweeper) while the refund's runs:
+    the refund finds no purchase yet. Dropped, the refunded payment's credits would stay."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(9 * CREDIT, price_minor=900)
+    account, intent = new_account("refund-first"), f"pi_{uuid.uuid4().hex}"
+    paid = checkout_pack(account, pack.pack_id, payment_intent=intent)
+    refunded = charge_refunded(intent, amount=900, amount_refunded=900)
+    for body in (paid, refunded):
+        assert deliver(webhook_url, body) == 200
+        Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, _event_id(body))
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+
+    with pytest.raises(payments.EventNotReady):
+        payments.process_event(_event_id(refunded))
+    assert payments_db.event(_event_id(refunded))["status"] == "failed"  # type: ignore[index]
+    assert payments.process_event(_event_id(paid)) == "processed"
+    assert ledger.balance(account).balance_micros == 9 * CREDIT
+    assert payments.process_event(_event_id(refunded)) == "processed"  # its retry
+    assert ledger.balance(account).balance_micros == 0
+    assert payments_db.event(_event_id(refunded))["credits_micros"] == -9 * CREDIT  # type: ignore[index]
+    assert_audit_clean()

@@ -27,7 +27,8 @@ Event types:
   reset billing cycle) is granted by that period's paid invoice instead: applied here too,
   the period's credits would be granted twice, and before anyone paid.
 - charge.refunded: the unspent part of the refunded share is clawed back
-  (ledger_claw_back_purchase).
+  (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
+  refunds is stored but not yet applied.
 - anything else: recorded as 'ignored'.
 """
 
@@ -472,9 +473,20 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
     return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
 
 
+def _require_no_unfinished_payment(conn: Conn, event_id: str, refs: list[str]) -> None:
+    """A refund handled before the event of the payment it refunds would find no purchase
+    and be dropped for good, while the payment's credits came later and stayed."""
+    row = conn.execute(
+        query("unfinished_event_paid_by"), {"event_id": event_id, "external_refs": refs}
+    ).fetchone()
+    if row is not None:
+        raise EventNotReady(f"the payment's own event {row[0]} is not applied yet")
+
+
 def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:
     payment_intent = _id(charge.get("payment_intent"))
     refs = [r for r in (payment_intent, _id(charge.get("invoice")), _id(charge)) if r]
+    _require_no_unfinished_payment(conn, event_id, refs)
     account_id = str(_metadata(charge).get("account_id") or "")
     if not account_id:
         row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()

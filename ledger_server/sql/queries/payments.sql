@@ -97,6 +97,16 @@ SELECT account_id FROM checkout_sessions
  ORDER BY created_at DESC
  LIMIT 1
 
+-- name: unfinished_event_paid_by
+-- Another stored event not yet applied whose object is paid by one of these references (a
+-- checkout by its payment intent, an invoice by its id): a refund of it waits for it.
+-- Only unfinished rows are read (payment_events_sweep).
+SELECT event_id FROM payment_events
+ WHERE status IN ('received', 'processing', 'failed') AND event_id <> %(event_id)s
+   AND (payload #>> '{data,object,payment_intent}' = ANY (%(external_refs)s::text[])
+        OR payload #>> '{data,object,id}' = ANY (%(external_refs)s::text[]))
+ LIMIT 1
+
 -- name: account_for_payment
 SELECT account_id FROM purchases
  WHERE external_ref = ANY (%(external_refs)s::text[])
