@@ -26,6 +26,7 @@ from support.server import ServerThread
 from support.sources import Sources
 from support.stripe_double import StripeDouble
 from support.webhooks import (
+    charge_dispute_closed,
     charge_refunded,
     checkout_pack,
     checkout_recharge,
@@ -158,6 +159,31 @@ def test_refund_of_a_recharge_takes_the_same_share_of_its_bonus(
         15 * CREDIT,
     ]
     assert len(lots) == 2
+    assert_audit_clean()
+
+
+def test_a_lost_chargeback_takes_back_what_is_left_of_the_purchase(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2500)
+    account, intent = new_account("disputed"), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    ledger.consume(account, 30 * CREDIT)
+
+    won, lost = apply_events(
+        charge_dispute_closed(intent, 2500, "won"), charge_dispute_closed(intent, 2500, "lost")
+    )
+    assert payments_db.event(won)["status"] == "ignored"  # type: ignore[index]
+    assert payments_db.event(lost)["credits_micros"] == -70 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
+    [clawback] = _clawbacks(ledger, account)
+    assert "disputed and lost" in clawback.comment and clawback.external_ref == intent
     assert_audit_clean()
 
 

@@ -29,6 +29,7 @@ Event types:
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
   refunds is stored but not yet applied.
+- charge.dispute.closed, lost: a chargeback, clawed back as a full refund would be.
 - anything else: recorded as 'ignored'.
 """
 
@@ -300,6 +301,8 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
         return _subscription_updated(conn, event_id, obj, now)
     if event_type == "charge.refunded":
         return _charge_refunded(conn, event_id, obj, now)
+    if event_type == "charge.dispute.closed":
+        return _dispute_closed(conn, event_id, obj, now)
     return Outcome("ignored", account_id=account_hint(payload), note="event type not handled")
 
 
@@ -486,23 +489,65 @@ def _require_no_unfinished_payment(conn: Conn, event_id: str, refs: list[str]) -
 def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:
     payment_intent = _id(charge.get("payment_intent"))
     refs = [r for r in (payment_intent, _id(charge.get("invoice")), _id(charge)) if r]
+    refunded, paid = int(charge.get("amount_refunded") or 0), int(charge.get("amount") or 0)
+    currency = str(charge.get("currency") or "").upper()
+    return _claw_back(
+        conn,
+        event_id,
+        now,
+        refs,
+        _metadata(charge),
+        refunded,
+        paid,
+        f"payment {payment_intent or _id(charge)} refunded: {refunded} of {paid} {currency}",
+    )
+
+
+def _dispute_closed(conn: Conn, event_id: str, dispute: Any, now: datetime) -> Outcome:
+    """A chargeback the merchant lost: the bank took the payment back, as a full refund
+    would (a dispute is for what of the charge was not refunded, so the whole of what is
+    left of the purchase goes). Won or accepted-and-reinstated disputes change nothing."""
+    if dispute.get("status") != "lost":
+        return Outcome("ignored", note=f"dispute {dispute.get('status')}: the payment stands")
+    payment_intent = _id(dispute.get("payment_intent"))
+    refs = [r for r in (payment_intent, _id(dispute.get("charge"))) if r]
+    amount = int(dispute.get("amount") or 0)
+    currency = str(dispute.get("currency") or "").upper()
+    return _claw_back(
+        conn,
+        event_id,
+        now,
+        refs,
+        _metadata(dispute),
+        amount,
+        amount,
+        f"payment {refs[0] if refs else _id(dispute)} disputed and lost: {amount} {currency}",
+    )
+
+
+def _claw_back(
+    conn: Conn,
+    event_id: str,
+    now: datetime,
+    refs: list[str],
+    metadata: Mapping[str, Any],
+    refunded_minor: int,
+    paid_minor: int,
+    comment: str,
+) -> Outcome:
+    """Takes back the refunded share of the purchase paid by one of `refs`."""
     _require_no_unfinished_payment(conn, event_id, refs)
-    account_id = str(_metadata(charge).get("account_id") or "")
+    account_id = str(metadata.get("account_id") or "")
     if not account_id:
         row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
         account_id = str(row[0]) if row else ""
     if not account_id:
         return Outcome("ignored", note="no purchase was paid by this charge")
-    refunded, paid = int(charge.get("amount_refunded") or 0), int(charge.get("amount") or 0)
-    currency = str(charge.get("currency") or "").upper()
+    if paid_minor <= 0:
+        return Outcome("ignored", account_id, note="the event names no amount paid")
     params = _base_params(event_id, account_id, now)
     params.update(
-        external_refs=refs,
-        refunded_minor=refunded,
-        paid_minor=paid,
-        comment=(
-            f"payment {payment_intent or _id(charge)} refunded: {refunded} of {paid} {currency}"
-        ),
+        external_refs=refs, refunded_minor=refunded_minor, paid_minor=paid_minor, comment=comment
     )
     data = _ledger_call(conn, "claw_back_purchase", params)
     if isinstance(data, str):

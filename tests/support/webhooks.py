@@ -118,6 +118,25 @@ def charge_refunded(
     )
 
 
+def charge_dispute_closed(
+    payment_intent: str, amount: int, status: str, currency: str = "usd"
+) -> bytes:
+    return event(
+        "charge.dispute.closed",
+        {
+            "id": f"du_{uuid.uuid4().hex}",
+            "object": "dispute",
+            "charge": f"ch_{uuid.uuid4().hex}",
+            "payment_intent": payment_intent,
+            "amount": amount,
+            "currency": currency,
+            "status": status,
+            "reason": "fraudulent",
+            "metadata": {},
+        },
+    )
+
+
 def invoice_line(price_id: str, start: int, end: int, proration: bool = False) -> dict[str, Any]:
     """A line in the shape of API version 2025-03-31 and later (parent, pricing)."""
     return {
