@@ -34,6 +34,7 @@ from support.webhooks import (
     event,
     invoice_line,
     invoice_paid,
+    invoice_payment_paid,
     subscription_updated,
 )
 
@@ -184,6 +185,32 @@ def test_a_lost_chargeback_takes_back_what_is_left_of_the_purchase(
     assert ledger.balance(account).balance_micros == 0
     [clawback] = _clawbacks(ledger, account)
     assert "disputed and lost" in clawback.comment and clawback.external_ref == intent
+    assert_audit_clean()
+
+
+def test_a_refunded_subscription_payment_is_found_through_its_invoice(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Since API version 2025-03-31 a charge no longer names its invoice: the refund names
+    the payment intent, the period's purchase is under the invoice, and invoice_payment.paid
+    joins them."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account, sub = new_account("sub-refund"), f"sub_{uuid.uuid4().hex}"
+    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    ledger_events = apply_events(
+        invoice_paid(account, sub, plan.provider_price_id, start, start + 30 * 86400, invoice),
+        invoice_payment_paid(invoice, intent),
+    )
+    assert [payments_db.event(e)["status"] for e in ledger_events] == ["processed"] * 2  # type: ignore[index]
+    ledger.consume(account, 25 * CREDIT)
+    [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert payments_db.event(refund)["credits_micros"] == -75 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
     assert_audit_clean()
 
 

@@ -19,6 +19,7 @@ EXPECTED_TABLES = {
     "credit_sources",
     "daily_claims",
     "idempotency_keys",
+    "invoice_payments",
     "journal_transactions",
     "lots",
     "low_balance_alerts",

@@ -30,6 +30,8 @@ Event types:
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
   refunds is stored but not yet applied.
 - charge.dispute.closed, lost: a chargeback, clawed back as a full refund would be.
+- invoice_payment.paid: which payment intent paid an invoice, for the refunds of a
+  subscription's payments (since API version 2025-03-31 a charge no longer names its invoice).
 - anything else: recorded as 'ignored'.
 """
 
@@ -303,6 +305,8 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
         return _charge_refunded(conn, event_id, obj, now)
     if event_type == "charge.dispute.closed":
         return _dispute_closed(conn, event_id, obj, now)
+    if event_type == "invoice_payment.paid":
+        return _invoice_payment_paid(conn, obj, now)
     return Outcome("ignored", account_id=account_hint(payload), note="event type not handled")
 
 
@@ -476,6 +480,20 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
     return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
 
 
+def _invoice_payment_paid(conn: Conn, payment: Any, now: datetime) -> Outcome:
+    """Records which payment paid an invoice, for its refunds (the charge does not say)."""
+    invoice_ref = _id(payment.get("invoice"))
+    paid_by = _dig(payment, "payment") or {}
+    payment_ref = _id(paid_by.get("payment_intent")) or _id(paid_by.get("charge"))
+    if not invoice_ref or not payment_ref:
+        return Outcome("ignored", note="the invoice payment names no invoice or payment")
+    conn.execute(
+        query("record_invoice_payment"),
+        {"payment_ref": payment_ref, "invoice_ref": invoice_ref, "now": now},
+    )
+    return Outcome("processed", note=f"invoice {invoice_ref} paid by {payment_ref}")
+
+
 def _require_no_unfinished_payment(conn: Conn, event_id: str, refs: list[str]) -> None:
     """A refund handled before the event of the payment it refunds would find no purchase
     and be dropped for good, while the payment's credits came later and stayed."""
@@ -535,7 +553,10 @@ def _claw_back(
     paid_minor: int,
     comment: str,
 ) -> Outcome:
-    """Takes back the refunded share of the purchase paid by one of `refs`."""
+    """Takes back the refunded share of the purchase paid by one of `refs`, or by an
+    invoice one of them paid (a subscription period's purchase is under the invoice)."""
+    invoices = conn.execute(query("invoices_paid_by"), {"external_refs": refs}).fetchall()
+    refs = refs + [str(row[0]) for row in invoices if row[0] not in refs]
     _require_no_unfinished_payment(conn, event_id, refs)
     account_id = str(metadata.get("account_id") or "")
     if not account_id:

@@ -137,6 +137,21 @@ def charge_dispute_closed(
     )
 
 
+def invoice_payment_paid(invoice_id: str, payment_intent: str, amount: int = 1000) -> bytes:
+    """invoice_payment.paid (API version 2025-03-31 and later): which payment paid it."""
+    return event(
+        "invoice_payment.paid",
+        {
+            "id": f"inpay_{uuid.uuid4().hex}",
+            "object": "invoice_payment",
+            "invoice": invoice_id,
+            "amount_paid": amount,
+            "status": "paid",
+            "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+        },
+    )
+
+
 def invoice_line(price_id: str, start: int, end: int, proration: bool = False) -> dict[str, Any]:
     """A line in the shape of API version 2025-03-31 and later (parent, pricing)."""
     return {

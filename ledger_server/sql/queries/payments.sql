@@ -99,13 +99,25 @@ SELECT account_id FROM checkout_sessions
 
 -- name: unfinished_event_paid_by
 -- Another stored event not yet applied whose object is paid by one of these references (a
--- checkout by its payment intent, an invoice by its id): a refund of it waits for it.
+-- checkout by its payment intent, an invoice by its id, an invoice payment by its payment
+-- intent): a refund of it waits for it.
 -- Only unfinished rows are read (payment_events_sweep).
 SELECT event_id FROM payment_events
  WHERE status IN ('received', 'processing', 'failed') AND event_id <> %(event_id)s
    AND (payload #>> '{data,object,payment_intent}' = ANY (%(external_refs)s::text[])
-        OR payload #>> '{data,object,id}' = ANY (%(external_refs)s::text[]))
+        OR payload #>> '{data,object,id}' = ANY (%(external_refs)s::text[])
+        OR payload #>> '{data,object,payment,payment_intent}' = ANY (%(external_refs)s::text[]))
  LIMIT 1
+
+-- name: record_invoice_payment
+INSERT INTO invoice_payments (payment_ref, invoice_ref, created_at)
+VALUES (%(payment_ref)s, %(invoice_ref)s, %(now)s)
+ON CONFLICT DO NOTHING
+
+-- name: invoices_paid_by
+SELECT invoice_ref FROM invoice_payments
+ WHERE payment_ref = ANY (%(external_refs)s::text[])
+ ORDER BY created_at, invoice_ref
 
 -- name: account_for_payment
 SELECT account_id FROM purchases
