@@ -357,6 +357,29 @@ def test_a_reset_billing_cycle_upgrades_from_the_paid_invoice_with_carry_over(
     assert_audit_clean()
 
 
+def test_a_plan_change_delivered_after_a_newer_one_is_not_applied(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    account, sub, _basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    top = sources.create_plan(500 * CREDIT, rank=3)
+    now = int(time.time())
+    to_pro = subscription_updated(account, sub, pro.provider_price_id, start, end, created=now - 10)
+    to_top = subscription_updated(account, sub, top.provider_price_id, start, end, created=now)
+    newest, stale = apply_events(to_top, to_pro)  # Stripe delivered them out of order
+    assert payments_db.event(newest)["credits_micros"] == 500 * CREDIT  # type: ignore[index]
+    stale_row = payments_db.event(stale)
+    assert stale_row is not None and stale_row["status"] == "ignored"
+    assert "superseded" in stale_row["last_error"]
+    # The basic plan's 60 left carried over, plus the top plan's 500; the account stays on it.
+    assert ledger.balance(account).balance_micros == 560 * CREDIT
+    assert sources.get_account(account).subscription.plan_id == top.plan_id
+    assert_audit_clean()
+
+
 def test_a_plan_change_of_an_unpaid_subscription_grants_nothing(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

@@ -22,10 +22,11 @@ Event types:
   starts a new period (the billing cycle was reset) changes the plan
   (ledger_change_subscription_plan); one with prorations only is left to the event below.
 - customer.subscription.updated to another plan within the current period, the
-  subscription active or trialing: ledger_change_subscription_plan (upgrade carry-over, seed
-  001). A change that comes with a new period (a change scheduled for the renewal, or a
-  reset billing cycle) is granted by that period's paid invoice instead: applied here too,
-  the period's credits would be granted twice, and before anyone paid.
+  subscription active or trialing, unless a newer such event of the subscription is
+  stored: ledger_change_subscription_plan (upgrade carry-over, seed 001). A change that
+  comes with a new period (a change scheduled for the renewal, or a reset billing cycle) is
+  granted by that period's paid invoice instead: applied here too, the period's credits
+  would be granted twice, and before anyone paid.
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
   refunds is stored but not yet applied.
@@ -300,6 +301,14 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
     if event_type == "invoice.paid":
         return _invoice_paid(conn, event_id, obj, now)
     if event_type == "customer.subscription.updated":
+        newer = conn.execute(
+            query("newer_subscription_update"),
+            {"subscription_ref": _id(obj), "created": int(payload.get("created") or 0)},
+        ).fetchone()
+        if newer is not None:
+            return Outcome(
+                "ignored", account_hint(payload), note=f"superseded by the newer event {newer[0]}"
+            )
         return _subscription_updated(conn, event_id, obj, now)
     if event_type == "charge.refunded":
         return _charge_refunded(conn, event_id, obj, now)

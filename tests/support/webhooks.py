@@ -27,12 +27,19 @@ def new_event_id() -> str:
     return f"evt_{uuid.uuid4().hex}"
 
 
-def event(event_type: str, obj: dict[str, Any], event_id: str | None = None, **extra: Any) -> bytes:
+def event(
+    event_type: str,
+    obj: dict[str, Any],
+    event_id: str | None = None,
+    *,
+    created: int | None = None,
+    **extra: Any,
+) -> bytes:
     body = {
         "id": event_id or new_event_id(),
         "object": "event",
         "api_version": "2026-10-28.endive",
-        "created": int(time.time()),
+        "created": int(time.time()) if created is None else created,
         "livemode": False,
         "pending_webhooks": 1,
         "type": event_type,
@@ -209,6 +216,7 @@ def subscription_updated(
     end: int,
     status: str = "active",
     previous_price_id: str | None = None,
+    created: int | None = None,
 ) -> bytes:
     """customer.subscription.updated, the period on the item (API 2025-03-31 and later)."""
     item = {"price": {"id": price_id}, "current_period_start": start, "current_period_end": end}
@@ -224,6 +232,7 @@ def subscription_updated(
             "metadata": {"account_id": account_id},
             "items": {"data": [item]},
         },
+        created=created,
         previous_attributes=previous,
     )
 

@@ -109,6 +109,15 @@ SELECT event_id FROM payment_events
         OR payload #>> '{data,object,payment,payment_intent}' = ANY (%(external_refs)s::text[]))
  LIMIT 1
 
+-- name: newer_subscription_update
+-- A customer.subscription.updated event of the same subscription created after this one
+-- (payment_events_subscription_updates).
+SELECT event_id FROM payment_events
+ WHERE type = 'customer.subscription.updated'
+   AND payload #>> '{data,object,id}' = %(subscription_ref)s
+   AND (payload ->> 'created')::bigint > %(created)s
+ LIMIT 1
+
 -- name: record_invoice_payment
 INSERT INTO invoice_payments (payment_ref, invoice_ref, created_at)
 VALUES (%(payment_ref)s, %(invoice_ref)s, %(now)s)
