@@ -182,16 +182,25 @@ def test_the_monthly_allowance_job_run_twice_grants_once(
             (now,),
         )
     connection = redis_connection(redis_url)
+    # Two accounts per transaction: the five take three chunks.
     jobs = [
         enqueue(
-            DEFAULT_QUEUE, sweepers.grant_monthly_allowances, now.isoformat(), connection=connection
+            DEFAULT_QUEUE,
+            sweepers.grant_monthly_allowances,
+            now.isoformat(),
+            2,
+            connection=connection,
         )
         for _ in range(2)
     ]
     run_burst_workers(fresh_database_url, redis_url, count=2)
     jobs.append(
         enqueue(
-            DEFAULT_QUEUE, sweepers.grant_monthly_allowances, now.isoformat(), connection=connection
+            DEFAULT_QUEUE,
+            sweepers.grant_monthly_allowances,
+            now.isoformat(),
+            2,
+            connection=connection,
         )
     )
     run_burst_workers(fresh_database_url, redis_url)

@@ -41,13 +41,21 @@ def sweep_due_accounts(as_of: str | None = None, batch: int = SWEEP_BATCH) -> in
                 return swept
 
 
-def grant_monthly_allowances(as_of: str | None = None) -> int:
+def grant_monthly_allowances(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:
     """Grants this month's allowance to every account that lacks it (run twice in a
-    month, it grants once). Returns how many accounts were due."""
+    month, it grants once), marking a batch of accounts per transaction so that calls on
+    the others never wait for the whole run. Returns how many accounts were due."""
     now = _now(as_of)
+    marked = 0
+    after: str | None = ""
     with connection() as conn:
-        row = conn.execute(query("schedule_monthly_allowances"), {"now": now}).fetchone()
-    marked = int(row[0]) if row else 0
+        while after is not None:
+            row = conn.execute(
+                query("schedule_monthly_allowances"), {"now": now, "after": after, "limit": batch}
+            ).fetchone()
+            assert row is not None
+            marked += int(row[0])
+            after = row[1]
     sweep_due_accounts(now.isoformat())
     return marked
 

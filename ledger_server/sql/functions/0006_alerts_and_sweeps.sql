@@ -77,24 +77,46 @@ BEGIN
     RETURN n;
 END $$;
 
--- The scheduled monthly allowance: makes this month's allowance due now on every
--- account that lacks it (the sweep then grants it). Granting checks the month's row,
--- so running this twice in a month grants once. Returns how many accounts it marked.
-CREATE OR REPLACE FUNCTION ledger_schedule_monthly_allowances(p_now timestamptz) RETURNS int
+-- Its first form: one UPDATE of every account, locking them all in the heap's order until
+-- it committed (every call on them waited, and a batch locking in account_id order could
+-- deadlock with it).
+DROP FUNCTION IF EXISTS ledger_schedule_monthly_allowances(timestamptz);
+
+-- The scheduled monthly allowance, one chunk of accounts per call (and per transaction):
+-- makes this month's allowance due now on the accounts after p_after (in account_id order,
+-- the one lock order of the batches) that lack it; the sweep then grants it. Granting checks
+-- the month's row, so running this twice in a month grants once. Returns how many accounts
+-- it marked and the last account of the chunk (NULL: no account after p_after).
+CREATE OR REPLACE FUNCTION ledger_schedule_monthly_allowances(
+    p_now timestamptz, p_after text, p_limit int) RETURNS TABLE (marked int, last_account text)
 LANGUAGE plpgsql AS $$
 DECLARE
     tz text := ledger_timezone();
     this_month date := date_trunc('month', p_now AT TIME ZONE tz)::date;
-    n int;
 BEGIN
     IF NOT (ledger_setting('monthly_free.enabled'))::boolean THEN
-        RETURN 0;
+        RETURN QUERY SELECT 0, NULL::text;
+        RETURN;
     END IF;
-    UPDATE accounts a
-       SET monthly_free_next_at = p_now, next_maintenance_at = least(a.next_maintenance_at, p_now)
-     WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
-       AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
-                        WHERE m.account_id = a.account_id AND m.month = this_month);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
+    RETURN QUERY
+    WITH chunk AS (
+        SELECT a.account_id FROM accounts a
+         WHERE a.account_id > p_after
+         ORDER BY a.account_id
+         LIMIT p_limit
+    ), due AS (
+        SELECT a.account_id FROM accounts a JOIN chunk c ON c.account_id = a.account_id
+         WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
+           AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
+                            WHERE m.account_id = a.account_id AND m.month = this_month)
+         ORDER BY a.account_id
+           FOR UPDATE OF a
+    ), marked AS (
+        UPDATE accounts a
+           SET monthly_free_next_at = p_now,
+               next_maintenance_at = least(a.next_maintenance_at, p_now)
+          FROM due WHERE a.account_id = due.account_id
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM marked)::int, (SELECT max(c.account_id) FROM chunk c);
 END $$;

@@ -138,7 +138,8 @@ SELECT change_id, key, old_value, new_value, source, actor, coalesce(reason, '')
 SELECT ledger_sweep(%(now)s::timestamptz, %(limit)s::int)
 
 -- name: schedule_monthly_allowances
-SELECT ledger_schedule_monthly_allowances(%(now)s::timestamptz)
+SELECT marked, last_account
+  FROM ledger_schedule_monthly_allowances(%(now)s::timestamptz, %(after)s::text, %(limit)s::int)
 
 -- name: setting_value
 SELECT value FROM settings WHERE key = %(key)s
