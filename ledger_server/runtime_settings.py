@@ -152,7 +152,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         "LEDGER_SIGNUP_BONUS_EXPIRE_DAYS",
         int,
         30,
-        "days until the sign-up bonus expires; 0 = never",
+        "days until the sign-up bonus expires (at most 36,500); 0 = never",
         _lifetime_days,
     ),
     SettingDefinition(
@@ -175,7 +175,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         "LEDGER_DAILY_REWARD_EXPIRE_DAYS",
         int,
         0,
-        "days until a daily reward expires; 0 = never",
+        "days until a daily reward expires (at most 36,500); 0 = never",
         _lifetime_days,
     ),
     SettingDefinition(
