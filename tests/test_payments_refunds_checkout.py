@@ -37,6 +37,7 @@ from support.webhooks import (
     invoice_payment_paid,
     subscription_updated,
 )
+from workers import payments
 
 AuditCheck = Callable[[], None]
 
@@ -64,6 +65,16 @@ def apply_events(
         return [str(json.loads(body)["id"]) for body in bodies]
 
     return apply
+
+
+@pytest.fixture
+def rerun(
+    ledger_db_url: str, payments_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], str]:
+    """Runs an event's job again here, as RQ's retry of it would."""
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+    return payments.process_event
 
 
 def _clawbacks(ledger: Ledger, account: str) -> list[pb.Transaction]:
@@ -214,6 +225,28 @@ def test_a_refunded_subscription_payment_is_found_through_its_invoice(
     assert_audit_clean()
 
 
+def test_two_refunds_of_one_payment_pending_together_are_both_applied(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
+    account, intent = new_account("two-refunds"), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    first, second = apply_events(
+        charge_refunded(intent, amount=2000, amount_refunded=500),
+        charge_refunded(intent, amount=2000, amount_refunded=1000),
+    )
+    assert [payments_db.event(e)["credits_micros"] for e in (first, second)] == [  # type: ignore[index]
+        -25 * CREDIT,
+        -25 * CREDIT,
+    ]
+    assert ledger.balance(account).balance_micros == 50 * CREDIT
+
+
 def test_a_refund_of_an_unknown_payment_is_recorded_and_ignored(
     apply_events: Callable[..., list[str]], payments_db: PaymentsDb
 ) -> None:
@@ -290,6 +323,7 @@ def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
 def test_a_plan_change_at_renewal_is_granted_once_by_the_paid_invoice(
     invoice_first: bool,
     apply_events: Callable[..., list[str]],
+    rerun: Callable[[str], str],
     payments_db: PaymentsDb,
     sources: Sources,
     ledger: Ledger,
@@ -313,9 +347,14 @@ def test_a_plan_change_at_renewal_is_granted_once_by_the_paid_invoice(
             invoice_line(pro.provider_price_id, end, end + 30 * 86400),
         ],
     )
-    update, paid = (
-        apply_events(invoice, renewed)[::-1] if invoice_first else apply_events(renewed, invoice)
-    )
+    if invoice_first:
+        paid, update = apply_events(invoice, renewed)
+    else:
+        update, paid = apply_events(renewed, invoice)
+        # It waited for the new period's invoice (EventNotReady), and its retry finds the
+        # plan it names already on.
+        assert payments_db.event(update)["status"] == "failed"  # type: ignore[index]
+        assert rerun(update) == "ignored"
     # The basic period's 60 left stay until it ends (no carry-over at a renewal); pro's 300.
     assert ledger.balance(account).balance_micros == 360 * CREDIT
     assert payments_db.event(paid)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
@@ -325,6 +364,7 @@ def test_a_plan_change_at_renewal_is_granted_once_by_the_paid_invoice(
 
 def test_a_reset_billing_cycle_upgrades_from_the_paid_invoice_with_carry_over(
     apply_events: Callable[..., list[str]],
+    rerun: Callable[[str], str],
     payments_db: PaymentsDb,
     sources: Sources,
     ledger: Ledger,
@@ -346,14 +386,34 @@ def test_a_reset_billing_cycle_upgrades_from_the_paid_invoice_with_carry_over(
         ],
     )
     update, paid = apply_events(upgraded, invoice)
-    assert payments_db.event(update)["status"] == "ignored"  # type: ignore[index]
+    assert payments_db.event(update)["status"] == "failed"  # waits for the invoice  # type: ignore[index]
     assert payments_db.event(paid)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert rerun(update) == "ignored"  # the plan it names is on
     assert ledger.balance(account).balance_micros == 360 * CREDIT
     carried = [lot for lot in ledger.lots(account) if lot.amount_micros == 60 * CREDIT]
     assert [lot.expires_at.seconds for lot in carried] == [now + 30 * 86400]
-    [again] = apply_events(invoice)
-    assert payments_db.event(again)["status"] == "processed"  # type: ignore[index]
+    # Another event about the same paid invoice changes nothing more.
+    [again] = apply_events(
+        invoice_paid(
+            account,
+            sub,
+            pro.provider_price_id,
+            now,
+            now + 30 * 86400,
+            invoice_id=json.loads(invoice)["data"]["object"]["id"],
+            billing_reason="subscription_update",
+            lines=[invoice_line(pro.provider_price_id, now, now + 30 * 86400)],
+        )
+    )
+    assert payments_db.event(again)["status"] == "ignored"  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 360 * CREDIT
+    # Its refund finds the purchase under the invoice.
+    intent = f"pi_{uuid.uuid4().hex}"
+    [refund] = apply_events(
+        invoice_payment_paid(json.loads(invoice)["data"]["object"]["id"], intent),
+        charge_refunded(intent, amount=1000, amount_refunded=1000),
+    )[1:]
+    assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
     assert_audit_clean()
 
 
@@ -378,6 +438,26 @@ def test_a_plan_change_delivered_after_a_newer_one_is_not_applied(
     assert ledger.balance(account).balance_micros == 560 * CREDIT
     assert sources.get_account(account).subscription.plan_id == top.plan_id
     assert_audit_clean()
+
+
+def test_a_change_within_a_period_is_applied_though_a_renewal_event_came_after_it(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    account, sub, _basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    now = int(time.time())
+    in_period = subscription_updated(
+        account, sub, pro.provider_price_id, start, end, created=now - 10
+    )
+    renewal = subscription_updated(
+        account, sub, pro.provider_price_id, end, end + 30 * 86400, created=now
+    )
+    renewed, upgraded = apply_events(renewal, in_period)
+    assert payments_db.event(upgraded)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert payments_db.event(renewed)["status"] in ("failed", "ignored")  # type: ignore[index]
 
 
 def test_a_plan_change_of_an_unpaid_subscription_grants_nothing(

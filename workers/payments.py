@@ -22,11 +22,12 @@ Event types:
   starts a new period (the billing cycle was reset) changes the plan
   (ledger_change_subscription_plan); one with prorations only is left to the event below.
 - customer.subscription.updated to another plan within the current period, the
-  subscription active or trialing, unless a newer such event of the subscription is
-  stored: ledger_change_subscription_plan (upgrade carry-over, seed 001). A change that
-  comes with a new period (a change scheduled for the renewal, or a reset billing cycle) is
-  granted by that period's paid invoice instead: applied here too, the period's credits
-  would be granted twice, and before anyone paid.
+  subscription active or trialing, unless a newer such event of the subscription for the
+  same period is stored: ledger_change_subscription_plan (upgrade carry-over, seed 001). A
+  change that comes with a new period (a change scheduled for the renewal, or a reset
+  billing cycle) is granted by that period's paid invoice instead (applied here too, the
+  period's credits would be granted twice, and before anyone paid): the event waits for
+  that invoice (EventNotReady), then is decided again.
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
   refunds is stored but not yet applied.
@@ -131,6 +132,14 @@ def _line_price(line: Mapping[str, Any]) -> str:
         or _id(_dig(line, "pricing", "price_details", "price"))
         or _id(line.get("plan"))
     )
+
+
+def _period_start(sub: Mapping[str, Any]) -> int | None:
+    """A subscription's current period start (epoch seconds): on the subscription before
+    API version 2025-03-31, on its first item since."""
+    items = _dig(sub, "items", "data") or [{}]
+    value = sub.get("current_period_start") or _dig(items[0], "current_period_start")
+    return int(value) if isinstance(value, int | float) else None
 
 
 def _is_proration(line: Mapping[str, Any]) -> bool:
@@ -303,7 +312,11 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
     if event_type == "customer.subscription.updated":
         newer = conn.execute(
             query("newer_subscription_update"),
-            {"subscription_ref": _id(obj), "created": int(payload.get("created") or 0)},
+            {
+                "subscription_ref": _id(obj),
+                "created": int(payload.get("created") or 0),
+                "period_start": _period_start(obj),
+            },
         ).fetchone()
         if newer is not None:
             return Outcome(
@@ -399,7 +412,7 @@ def _current_subscription(conn: Conn, account_id: str) -> tuple[str, datetime] |
 
 
 def _plan_change_ref(subscription_ref: str, plan_id: str, start: datetime) -> str:
-    """One plan change per subscription, plan and period, whichever event applies it."""
+    """One plan change per subscription, plan and period (customer.subscription.updated)."""
     return f"{subscription_ref}:{plan_id}:{int(start.timestamp())}"
 
 
@@ -429,7 +442,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         if plan_change:
             if _current_subscription(conn, account_id) == (plan_id, start):
                 return Outcome("ignored", account_id, note="the plan change was applied already")
-            params["external_ref"] = _plan_change_ref(subscription_ref, plan_id, start)
+            # Under the invoice, as every paid period: its refund finds it there.
             data = _ledger_call(conn, "change_subscription_plan", params)
         else:
             data = _ledger_call(conn, "start_subscription_period", params)
@@ -466,14 +479,16 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
         return Outcome(
             "ignored", account_id, note=f"subscription {status}: a plan change waits for payment"
         )
-    start = _timestamp(sub.get("current_period_start") or item.get("current_period_start"))
+    start = _timestamp(_period_start(sub))
     end = _timestamp(sub.get("current_period_end") or item.get("current_period_end"))
     if start is None or end is None:
         raise ValueError("the subscription has no current period")
-    if start != current_start:
-        return Outcome(
-            "ignored", account_id, note="a new period: its paid invoice grants the new plan"
-        )
+    if start < current_start:
+        return Outcome("ignored", account_id, note="a change of a period that has ended")
+    if start > current_start:
+        # The new period's paid invoice grants its plan; then this change is decided again
+        # (the same plan: nothing to do; another: a change made after the renewal).
+        raise EventNotReady("the subscription's new period is not started yet (its invoice)")
     params = _base_params(event_id, account_id, now)
     params.update(
         plan_id=plan_id,

@@ -104,18 +104,25 @@ SELECT account_id FROM checkout_sessions
 -- Only unfinished rows are read (payment_events_sweep).
 SELECT event_id FROM payment_events
  WHERE status IN ('received', 'processing', 'failed') AND event_id <> %(event_id)s
+   -- Payments only: two refunds of one payment must not wait for each other.
+   AND type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded',
+                'invoice.paid', 'invoice_payment.paid')
    AND (payload #>> '{data,object,payment_intent}' = ANY (%(external_refs)s::text[])
         OR payload #>> '{data,object,id}' = ANY (%(external_refs)s::text[])
         OR payload #>> '{data,object,payment,payment_intent}' = ANY (%(external_refs)s::text[]))
  LIMIT 1
 
 -- name: newer_subscription_update
--- A customer.subscription.updated event of the same subscription created after this one
--- (payment_events_subscription_updates).
+-- A customer.subscription.updated event of the same subscription and period created after
+-- this one (payment_events_subscription_updates); the period start is on the subscription
+-- before API version 2025-03-31, on its first item since.
 SELECT event_id FROM payment_events
  WHERE type = 'customer.subscription.updated'
    AND payload #>> '{data,object,id}' = %(subscription_ref)s
    AND (payload ->> 'created')::bigint > %(created)s
+   AND coalesce(payload #>> '{data,object,current_period_start}',
+                payload #>> '{data,object,items,data,0,current_period_start}')::bigint
+       IS NOT DISTINCT FROM %(period_start)s::bigint
  LIMIT 1
 
 -- name: record_invoice_payment
