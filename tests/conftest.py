@@ -145,6 +145,7 @@ def server_address(ledger_db_url: str, redis_url: str, clock: OffsetClock) -> It
                     key="signup.enabled",
                     value=struct_pb2.Value(bool_value=False),
                     reason="test suite baseline",
+                    idempotency_key=f"baseline-{secrets.token_hex(8)}",
                 ),
                 metadata=((ACTOR_METADATA_KEY, "test-suite"),),
             )

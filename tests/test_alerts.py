@@ -15,7 +15,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from ledger.v1 import admin_service_pb2 as admin_pb
-from support.ledger import CREDIT, Ledger, new_account
+from support.ledger import CREDIT, Ledger, new_account, new_key
 from support.workers import run_burst_workers
 from workers import sweepers
 from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
@@ -66,7 +66,9 @@ def test_a_crossing_sends_one_email_and_records_one_alert(
     account = new_account("low")
     ledger.grant(account, 30)
     set_alert = admin.SetLowBalanceAlert(
-        admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=20 * CREDIT)
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
     )
     assert set_alert.threshold_micros == 20 * CREDIT
 
@@ -91,7 +93,10 @@ def test_a_crossing_sends_one_email_and_records_one_alert(
     # Back above the threshold, then below again: the next alert, to the account's own address.
     admin.SetLowBalanceAlert(
         admin_pb.SetLowBalanceAlertRequest(
-            account_id=account, threshold_micros=20 * CREDIT, email="owner@example.com"
+            account_id=account,
+            threshold_micros=20 * CREDIT,
+            email="owner@example.com",
+            idempotency_key=new_key(),
         )
     )
     ledger.grant(account, 20)
@@ -128,7 +133,9 @@ def test_an_email_whose_job_was_lost_is_queued_again_by_the_sweeper(
     account = new_account("lost")
     ledger.grant(account, 30)
     admin.SetLowBalanceAlert(
-        admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=20 * CREDIT)
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
     )
     ledger.consume(account, 15 * CREDIT)
     redis_connection(redis_url).flushdb()  # the queued email job is gone

@@ -25,7 +25,7 @@ from ledger.v1 import (
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger_server.clock import OffsetClock
-from support.ledger import CREDIT, Ledger, consume_or_error, expect_error, new_account
+from support.ledger import CREDIT, Ledger, consume_or_error, expect_error, new_account, new_key
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -303,7 +303,9 @@ def test_a_low_balance_alert_compares_the_balance_shown(
 ) -> None:
     account = _account_with_limit(ledger, admin, 10, 100)
     admin.SetLowBalanceAlert(
-        admin_pb.SetLowBalanceAlertRequest(account_id=account, threshold_micros=5 * CREDIT)
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=5 * CREDIT, idempotency_key=new_key()
+        )
     )
     ledger.consume(account, 6 * CREDIT)
     ledger.consume(account, CREDIT)  # already below: no second alert

@@ -743,7 +743,9 @@ def test_a_paid_checkout_grants_what_it_sold_whatever_changed_before_the_payment
     changed = billing_pb.CreditPack()
     changed.CopyFrom(pack)
     changed.credits_micros, changed.active = 10 * CREDIT, False
-    admin.UpdateCreditPack(admin_pb.UpdateCreditPackRequest(pack=changed))
+    admin.UpdateCreditPack(
+        admin_pb.UpdateCreditPackRequest(pack=changed, idempotency_key=new_key())
+    )
     configure("purchase.allow_free_users", False)
     configure("recharge.minimum_minor", 100000)
     configure("recharge.bonus_tiers", [])

@@ -54,7 +54,8 @@ def _set_price(
                 unit=t.UsageUnit.Value(f"USAGE_UNIT_{unit.upper()}"),
                 unit_size=unit_size,
                 unit_price_micros=micros,
-            )
+            ),
+            idempotency_key=new_key(),
         )
     ).price
 
@@ -121,7 +122,8 @@ def test_token_pricing_is_exact_over_ten_thousand_calls(
     _set_price(admin, chat, "output_tokens", 1_500_000, unit_size=1000)
     admin.SetModelMultiplier(
         admin_pb.SetModelMultiplierRequest(
-            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=2_500_000)
+            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=2_500_000),
+            idempotency_key=new_key(),
         )
     )
     # One call, checked by hand: 1234 in, 567 out -> (617 000 + 850 500) x 2.5 = 3 668 750.
@@ -272,7 +274,8 @@ def test_estimate_equals_what_consume_charges(ledger: Ledger, admin: Any) -> Non
     _set_price(admin, chat, "output_tokens", 1_000_001, unit_size=1000)
     admin.SetModelMultiplier(
         admin_pb.SetModelMultiplierRequest(
-            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=1_333_333)
+            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=1_333_333),
+            idempotency_key=new_key(),
         )
     )
     account = new_account()
@@ -358,7 +361,11 @@ def test_a_removed_price_is_gone_and_versions_stay(ledger: Ledger, admin: Any) -
     assert [(p.unit_price_micros, p.price_version, p.updated_by) for p in listed] == [
         (7 * CREDIT, first.price_version, "test-admin")
     ]
-    admin.RemovePrice(admin_pb.RemovePriceRequest(feature=feature, unit=t.USAGE_UNIT_GENERATIONS))
+    admin.RemovePrice(
+        admin_pb.RemovePriceRequest(
+            feature=feature, unit=t.USAGE_UNIT_GENERATIONS, idempotency_key=new_key()
+        )
+    )
     assert list(admin.ListPrices(admin_pb.ListPricesRequest(feature=feature)).prices) == []
     expect_error(
         lambda: ledger.stub.Estimate(pb.EstimateRequest(usage=_usage(feature, generations=1))),

@@ -300,6 +300,7 @@ def test_all_accounts_summary_of_a_fresh_database(fresh_database_url: str) -> No
                     key="signup.enabled",
                     value=struct_pb2.Value(bool_value=False),
                     reason="exact balances",
+                    idempotency_key=new_key(),
                 ),
                 metadata=((ACTOR_METADATA_KEY, "report-test"),),
             )

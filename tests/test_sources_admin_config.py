@@ -148,7 +148,9 @@ def test_a_value_of_the_wrong_type_or_out_of_range_is_refused(
     history = sources.setting_changes(key)
     expect_error(
         lambda: sources.admin.UpdateSetting(
-            admin_pb.UpdateSettingRequest(key=key, value=wrong, reason="typo")
+            admin_pb.UpdateSettingRequest(
+                key=key, value=wrong, reason="typo", idempotency_key=new_key()
+            )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_FIELD",
@@ -366,7 +368,10 @@ def test_environment_variables_give_the_defaults_and_admin_changes_survive_a_res
 
             admin.UpdateSetting(
                 admin_pb.UpdateSettingRequest(
-                    key="signup.amount_micros", value=value(9 * CREDIT), reason="keep me"
+                    key="signup.amount_micros",
+                    value=value(9 * CREDIT),
+                    reason="keep me",
+                    idempotency_key=new_key(),
                 ),
                 metadata=metadata,
             )
@@ -393,7 +398,10 @@ def test_environment_variables_give_the_defaults_and_admin_changes_survive_a_res
             # Reset follows the (new) environment default.
             reset = admin.UpdateSetting(
                 admin_pb.UpdateSettingRequest(
-                    key="signup.amount_micros", reset=True, reason="follow the environment"
+                    key="signup.amount_micros",
+                    reset=True,
+                    reason="follow the environment",
+                    idempotency_key=new_key(),
                 ),
                 metadata=metadata,
             ).setting

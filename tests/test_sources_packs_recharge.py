@@ -59,7 +59,9 @@ def test_admins_manage_the_pack_catalogue(sources: Sources) -> None:
     changed.price_minor = 1190
     changed.translation_key = "credit_120"
     changed.active = False
-    updated = sources.admin.UpdateCreditPack(admin_pb.UpdateCreditPackRequest(pack=changed)).pack
+    updated = sources.admin.UpdateCreditPack(
+        admin_pb.UpdateCreditPackRequest(pack=changed, idempotency_key=new_key())
+    ).pack
     assert (updated.credits_micros, updated.price_minor, updated.translation_key) == (
         120 * CREDIT,
         1190,
@@ -364,7 +366,8 @@ def test_a_pack_id_must_be_lower_case_letters_digits_and_dashes(
                     currency="USD",
                     provider_price_id="price_x",
                     active=True,
-                )
+                ),
+                idempotency_key=new_key(),
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -399,7 +402,8 @@ def test_updating_an_unknown_pack_is_not_found(sources: Sources) -> None:
                     currency="USD",
                     provider_price_id="price_1",
                     active=True,
-                )
+                ),
+                idempotency_key=new_key(),
             )
         ),
         grpc.StatusCode.NOT_FOUND,
@@ -418,7 +422,9 @@ def test_a_purchase_retried_after_the_pack_is_retired_is_still_a_replay(
     retired = billing_pb.CreditPack()
     retired.CopyFrom(pack)
     retired.active = False
-    sources.admin.UpdateCreditPack(admin_pb.UpdateCreditPackRequest(pack=retired))
+    sources.admin.UpdateCreditPack(
+        admin_pb.UpdateCreditPackRequest(pack=retired, idempotency_key=new_key())
+    )
     replay = sources.purchase(account, pack.pack_id, key=key, external_ref="pi_retry")
     assert replay.lot.lot_id == bought.lot.lot_id
     assert ledger.balance(account).balance_micros == 100 * CREDIT

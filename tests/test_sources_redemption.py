@@ -175,7 +175,9 @@ def test_a_disabled_batch_is_refused_and_past_redemptions_stand(
     early = new_account()
     sources.redeem(early, created.codes[0])
     disabled = sources.admin.DisableRedemptionBatch(
-        admin_pb.DisableRedemptionBatchRequest(batch_id=created.batch.batch_id, reason="leaked")
+        admin_pb.DisableRedemptionBatchRequest(
+            batch_id=created.batch.batch_id, reason="leaked", idempotency_key=new_key()
+        )
     ).batch
     assert disabled.disabled
     assert sources.get_batch(created.batch.batch_id).disabled
@@ -262,7 +264,9 @@ def test_a_redemption_retried_after_the_batch_is_disabled_is_still_a_replay(
     key = new_key("redeem")
     first = sources.redeem(account, created.codes[0], key=key)
     sources.admin.DisableRedemptionBatch(
-        admin_pb.DisableRedemptionBatchRequest(batch_id=created.batch.batch_id, reason="leaked")
+        admin_pb.DisableRedemptionBatchRequest(
+            batch_id=created.batch.batch_id, reason="leaked", idempotency_key=new_key()
+        )
     )
     assert sources.redeem(account, created.codes[0], key=key).lot.lot_id == first.lot.lot_id
     assert ledger.balance(account).balance_micros == 10 * CREDIT

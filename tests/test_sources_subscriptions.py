@@ -312,7 +312,7 @@ def test_an_updated_plan_grants_its_new_amount_from_the_next_period(
     changed.CopyFrom(plan)
     changed.credits_micros = 120 * CREDIT
     updated = sources.admin.UpdateSubscriptionPlan(
-        admin_pb.UpdateSubscriptionPlanRequest(plan=changed)
+        admin_pb.UpdateSubscriptionPlanRequest(plan=changed, idempotency_key=new_key())
     ).plan
     assert updated.credits_micros == 120 * CREDIT
     account = sources.create_account().account.account_id

@@ -220,7 +220,8 @@ def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
     admin.SetPrice(
         admin_pb.SetPriceRequest(
             price=admin_pb.Price(feature=feature, model="m1", unit=types_pb2.USAGE_UNIT_TOKENS,
-                                 unit_size=1, unit_price_micros=CREDIT // 1000)
+                                 unit_size=1, unit_price_micros=CREDIT // 1000),
+            idempotency_key=new_key(),
         )
     )  # fmt: skip
     count = rng.randint(1, 4)

@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def key_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--key", help="idempotency key (default: a new one, printed)")
+        p.add_argument(
+            "--key", dest="idempotency_key", help="idempotency key (default: a new one, printed)"
+        )
 
     p = add("balance", commands.balance, "an account's balances")
     p.add_argument("account")
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.codes_disable)
     p.add_argument("batch")
     p.add_argument("--reason", required=True)
+    key_option(p)
 
     p = add("summary", commands.summary, "allocated, consumed, expired, ... over a period")
     p.add_argument("account", nargs="?", help="one account (default: every account)")
@@ -158,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key")
     p.add_argument("value", help='JSON (true, 100, "Asia/Shanghai") or plain text')
     p.add_argument("--reason", required=True)
+    key_option(p)
     p = config.add_parser("reset", help="back to the environment default", parents=[common])
     p.set_defaults(run=commands.config_reset)
     p.add_argument("key")
     p.add_argument("--reason", required=True)
+    key_option(p)
     return parser
 
 

@@ -85,8 +85,8 @@ Command = Callable[[argparse.Namespace, Session], int]
 def _key(args: argparse.Namespace, session: Session) -> str:
     """The idempotency key: --key, else a new one, told to the operator so that a
     retry of the same change can reuse it."""
-    key: str = args.key or f"cli-{uuid.uuid4().hex}"
-    if not args.key and not session.json:
+    key: str = args.idempotency_key or f"cli-{uuid.uuid4().hex}"
+    if not args.idempotency_key and not session.json:
         print(
             f"idempotency key: {key} (pass --key {key} to retry this exact change)", file=sys.stderr
         )
@@ -483,7 +483,9 @@ def codes_show(args: argparse.Namespace, session: Session) -> int:
 def codes_disable(args: argparse.Namespace, session: Session) -> int:
     response = session.call(
         session.admin.DisableRedemptionBatch,
-        admin_pb.DisableRedemptionBatchRequest(batch_id=args.batch, reason=args.reason),
+        admin_pb.DisableRedemptionBatchRequest(
+            batch_id=args.batch, reason=args.reason, idempotency_key=_key(args, session)
+        ),
     )
     if session.json:
         output.print_json(response, session.out)
@@ -555,7 +557,10 @@ def config_set(args: argparse.Namespace, session: Session) -> int:
     response = session.call(
         session.admin.UpdateSetting,
         admin_pb.UpdateSettingRequest(
-            key=args.key, value=_parse_value(args.value), reason=args.reason
+            key=args.key,
+            value=_parse_value(args.value),
+            reason=args.reason,
+            idempotency_key=_key(args, session),
         ),
     )
     return _setting_changed(response, session)
@@ -564,7 +569,9 @@ def config_set(args: argparse.Namespace, session: Session) -> int:
 def config_reset(args: argparse.Namespace, session: Session) -> int:
     response = session.call(
         session.admin.UpdateSetting,
-        admin_pb.UpdateSettingRequest(key=args.key, reset=True, reason=args.reason),
+        admin_pb.UpdateSettingRequest(
+            key=args.key, reset=True, reason=args.reason, idempotency_key=_key(args, session)
+        ),
     )
     return _setting_changed(response, session)
 

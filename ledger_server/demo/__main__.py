@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from importlib import resources
 from typing import Any
 
@@ -25,6 +26,11 @@ def load_catalogue() -> dict[str, Any]:
     text = (resources.files("ledger_server.demo") / "catalogue.json").read_text(encoding="utf-8")
     catalogue: dict[str, Any] = json.loads(text)
     return catalogue
+
+
+def _key() -> str:
+    """A new idempotency key per change (the loader is re-run, not retried)."""
+    return f"demo-{uuid.uuid4().hex}"
 
 
 def _price_key(price: admin_pb.Price) -> tuple[str, str, int]:
@@ -50,7 +56,9 @@ def load(channel: grpc.Channel, actor: str = "demo-data") -> dict[str, int]:
             price.unit_price_micros,
         ):
             continue
-        admin.SetPrice(admin_pb.SetPriceRequest(price=price), metadata=metadata)
+        admin.SetPrice(
+            admin_pb.SetPriceRequest(price=price, idempotency_key=_key()), metadata=metadata
+        )
         written["prices"] += 1
 
     multipliers = {
@@ -64,31 +72,40 @@ def load(channel: grpc.Channel, actor: str = "demo-data") -> dict[str, int]:
         if multipliers.get(multiplier.model) == multiplier.multiplier_ppm:
             continue
         admin.SetModelMultiplier(
-            admin_pb.SetModelMultiplierRequest(multiplier=multiplier), metadata=metadata
+            admin_pb.SetModelMultiplierRequest(multiplier=multiplier, idempotency_key=_key()),
+            metadata=metadata,
         )
         written["multipliers"] += 1
 
     for entry in catalogue["packs"]:
         pack = json_format.ParseDict(entry, billing_pb.CreditPack())
         try:
-            admin.CreateCreditPack(admin_pb.CreateCreditPackRequest(pack=pack), metadata=metadata)
+            admin.CreateCreditPack(
+                admin_pb.CreateCreditPackRequest(pack=pack, idempotency_key=_key()),
+                metadata=metadata,
+            )
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            admin.UpdateCreditPack(admin_pb.UpdateCreditPackRequest(pack=pack), metadata=metadata)
+            admin.UpdateCreditPack(
+                admin_pb.UpdateCreditPackRequest(pack=pack, idempotency_key=_key()),
+                metadata=metadata,
+            )
         written["packs"] += 1
 
     for entry in catalogue["plans"]:
         plan = json_format.ParseDict(entry, billing_pb.SubscriptionPlan())
         try:
             admin.CreateSubscriptionPlan(
-                admin_pb.CreateSubscriptionPlanRequest(plan=plan), metadata=metadata
+                admin_pb.CreateSubscriptionPlanRequest(plan=plan, idempotency_key=_key()),
+                metadata=metadata,
             )
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             admin.UpdateSubscriptionPlan(
-                admin_pb.UpdateSubscriptionPlanRequest(plan=plan), metadata=metadata
+                admin_pb.UpdateSubscriptionPlanRequest(plan=plan, idempotency_key=_key()),
+                metadata=metadata,
             )
         written["plans"] += 1
     return written

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -18,11 +21,15 @@ from ledger.v1 import types_pb2 as types_pb
 from ledger_server import runtime_settings
 from ledger_server.clock import Clock
 from ledger_server.errors import LedgerError, invalid_field
-from ledger_server.ledger import mapping, page_tokens, validation
+from ledger_server.ledger import mapping, page_tokens, store, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.server import admin_requests
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 from ledger_server.server.identity import caller_identity
+
+Conn = AsyncConnection[TupleRow]
+Response = TypeVar("Response", bound=Message)
 
 _CATALOGUE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_CODES_PER_BATCH = 10_000
@@ -175,30 +182,55 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 
     # --- catalogue -------------------------------------------------------------------------
 
+    async def _once(
+        self,
+        context: Context,
+        operation: str,
+        request: Message,
+        response_type: type[Response],
+        change: admin_requests.Change[Response],
+    ) -> Response:
+        """The change, once per idempotency key (a retry answers the first response)."""
+        return await admin_requests.once(
+            self._pool, context, operation, request, response_type, self._clock.now(), change
+        )
+
     async def _write_catalogue(
-        self, query: str, params: dict[str, object], context: Context
+        self, conn: Conn, query: str, params: dict[str, object], context: Context
     ) -> tuple[Any, ...] | None:
         params.update(actor=caller_identity(context), now=self._clock.now())
-        rows = await fetch_all(self._pool, query, params)
+        rows = await store.fetch_all(conn, query, params)
         return rows[0] if rows else None
 
     async def CreateCreditPack(
         self, request: pb.CreateCreditPackRequest, context: Context
     ) -> pb.CreateCreditPackResponse:
         params = _pack_params(request.pack)
-        row = await self._write_catalogue("insert_credit_pack", params, context)
-        if row is None:
-            raise _exists("credit pack", request.pack.pack_id)
-        return pb.CreateCreditPackResponse(pack=mapping.credit_pack(row))
+
+        async def change(conn: Conn) -> pb.CreateCreditPackResponse:
+            row = await self._write_catalogue(conn, "insert_credit_pack", params, context)
+            if row is None:
+                raise _exists("credit pack", request.pack.pack_id)
+            return pb.CreateCreditPackResponse(pack=mapping.credit_pack(row))
+
+        return await self._once(
+            context, "create_credit_pack", request, pb.CreateCreditPackResponse, change
+        )
 
     async def UpdateCreditPack(
         self, request: pb.UpdateCreditPackRequest, context: Context
     ) -> pb.UpdateCreditPackResponse:
         params = _pack_params(request.pack)
-        row = await self._write_catalogue("update_credit_pack", params, context)
-        if row is None:
-            raise _not_found("PACK_NOT_FOUND", "pack_id", request.pack.pack_id)
-        return pb.UpdateCreditPackResponse(pack=mapping.credit_pack(row))
+
+        async def change(conn: Conn) -> pb.UpdateCreditPackResponse:
+            row = await self._write_catalogue(conn, "update_credit_pack", params, context)
+            if row is None:
+                raise _not_found("PACK_NOT_FOUND", "pack_id", request.pack.pack_id)
+            return pb.UpdateCreditPackResponse(pack=mapping.credit_pack(row))
+
+        return await self._once(
+            context, "update_credit_pack", request, pb.UpdateCreditPackResponse, change
+        )
 
     async def ListAllCreditPacks(
         self, request: pb.ListAllCreditPacksRequest, context: Context
@@ -210,19 +242,31 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: pb.CreateSubscriptionPlanRequest, context: Context
     ) -> pb.CreateSubscriptionPlanResponse:
         params = _plan_params(request.plan)
-        row = await self._write_catalogue("insert_subscription_plan", params, context)
-        if row is None:
-            raise _exists("subscription plan", request.plan.plan_id)
-        return pb.CreateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
+
+        async def change(conn: Conn) -> pb.CreateSubscriptionPlanResponse:
+            row = await self._write_catalogue(conn, "insert_subscription_plan", params, context)
+            if row is None:
+                raise _exists("subscription plan", request.plan.plan_id)
+            return pb.CreateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
+
+        return await self._once(
+            context, "create_subscription_plan", request, pb.CreateSubscriptionPlanResponse, change
+        )
 
     async def UpdateSubscriptionPlan(
         self, request: pb.UpdateSubscriptionPlanRequest, context: Context
     ) -> pb.UpdateSubscriptionPlanResponse:
         params = _plan_params(request.plan)
-        row = await self._write_catalogue("update_subscription_plan", params, context)
-        if row is None:
-            raise _not_found("PLAN_NOT_FOUND", "plan_id", request.plan.plan_id)
-        return pb.UpdateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
+
+        async def change(conn: Conn) -> pb.UpdateSubscriptionPlanResponse:
+            row = await self._write_catalogue(conn, "update_subscription_plan", params, context)
+            if row is None:
+                raise _not_found("PLAN_NOT_FOUND", "plan_id", request.plan.plan_id)
+            return pb.UpdateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
+
+        return await self._once(
+            context, "update_subscription_plan", request, pb.UpdateSubscriptionPlanResponse, change
+        )
 
     # --- redemption codes --------------------------------------------------------------------
 
@@ -280,10 +324,16 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "actor": caller_identity(context),
             "now": self._clock.now(),
         }
-        rows = await fetch_all(self._pool, "disable_redemption_batch", params)
-        if rows[0][0] is None:
-            raise _not_found("REDEMPTION_BATCH_NOT_FOUND", "batch_id", request.batch_id)
-        return pb.DisableRedemptionBatchResponse(batch=mapping.redemption_batch(rows[0][0]))
+
+        async def change(conn: Conn) -> pb.DisableRedemptionBatchResponse:
+            rows = await store.fetch_all(conn, "disable_redemption_batch", params)
+            if rows[0][0] is None:
+                raise _not_found("REDEMPTION_BATCH_NOT_FOUND", "batch_id", request.batch_id)
+            return pb.DisableRedemptionBatchResponse(batch=mapping.redemption_batch(rows[0][0]))
+
+        return await self._once(
+            context, "disable_redemption_batch", request, pb.DisableRedemptionBatchResponse, change
+        )
 
     async def GetRedemptionBatch(
         self, request: pb.GetRedemptionBatchRequest, context: Context
@@ -333,20 +383,23 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             if violation is not None:
                 raise invalid_field("value", f"{definition.key} {violation}")
             value, source = definition.normalize(value), "admin"
-        data = await call_json(
-            self._pool,
-            "put_setting",
-            {
-                "key": definition.key,
-                "value": Jsonb(value),
-                "source": source,
-                "actor": caller_identity(context),
-                "reason": reason,
-                "now": self._clock.now(),
-                "over_admin": True,
-            },
+        params: dict[str, object] = {
+            "key": definition.key,
+            "value": Jsonb(value),
+            "source": source,
+            "actor": caller_identity(context),
+            "reason": reason,
+            "now": self._clock.now(),
+            "over_admin": True,
+        }
+
+        async def change(conn: Conn) -> pb.UpdateSettingResponse:
+            data = await store.call_json(conn, "put_setting", params)
+            return pb.UpdateSettingResponse(setting=self._setting(data))
+
+        return await self._once(
+            context, "update_setting", request, pb.UpdateSettingResponse, change
         )
-        return pb.UpdateSettingResponse(setting=self._setting(data))
 
     async def ListSettingChanges(
         self, request: pb.ListSettingChangesRequest, context: Context
@@ -391,8 +444,12 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "actor": caller_identity(context),
             "now": self._clock.now(),
         }
-        rows = await fetch_all(self._pool, "insert_price", params)
-        return pb.SetPriceResponse(price=mapping.price(rows[0][0]))
+
+        async def change(conn: Conn) -> pb.SetPriceResponse:
+            rows = await store.fetch_all(conn, "insert_price", params)
+            return pb.SetPriceResponse(price=mapping.price(rows[0][0]))
+
+        return await self._once(context, "set_price", request, pb.SetPriceResponse, change)
 
     async def RemovePrice(
         self, request: pb.RemovePriceRequest, context: Context
@@ -404,28 +461,32 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             if request.unit in types_pb.UsageUnit.values()
             else "",
         }
-        current = await fetch_all(self._pool, "current_price", key)
-        if not current:
-            raise LedgerError(
-                grpc.StatusCode.NOT_FOUND,
-                "PRICE_NOT_FOUND",
-                "the rate card has no such price",
-                {"feature": request.feature, "model": request.model, "unit": str(key["unit"])},
+
+        async def change(conn: Conn) -> pb.RemovePriceResponse:
+            current = await store.fetch_all(conn, "current_price", key)
+            if not current:
+                raise LedgerError(
+                    grpc.StatusCode.NOT_FOUND,
+                    "PRICE_NOT_FOUND",
+                    "the rate card has no such price",
+                    {"feature": request.feature, "model": request.model, "unit": str(key["unit"])},
+                )
+            row = current[0][0]
+            await store.fetch_all(
+                conn,
+                "insert_price",
+                {
+                    **key,
+                    "unit_size": row["unit_size"],
+                    "unit_price_micros": row["unit_price_micros"],
+                    "active": False,
+                    "actor": caller_identity(context),
+                    "now": self._clock.now(),
+                },
             )
-        row = current[0][0]
-        await fetch_all(
-            self._pool,
-            "insert_price",
-            {
-                **key,
-                "unit_size": row["unit_size"],
-                "unit_price_micros": row["unit_price_micros"],
-                "active": False,
-                "actor": caller_identity(context),
-                "now": self._clock.now(),
-            },
-        )
-        return pb.RemovePriceResponse()
+            return pb.RemovePriceResponse()
+
+        return await self._once(context, "remove_price", request, pb.RemovePriceResponse, change)
 
     async def ListPrices(
         self, request: pb.ListPricesRequest, context: Context
@@ -448,8 +509,14 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "actor": caller_identity(context),
             "now": self._clock.now(),
         }
-        rows = await fetch_all(self._pool, "insert_multiplier", params)
-        return pb.SetModelMultiplierResponse(multiplier=mapping.model_multiplier(rows[0][0]))
+
+        async def change(conn: Conn) -> pb.SetModelMultiplierResponse:
+            rows = await store.fetch_all(conn, "insert_multiplier", params)
+            return pb.SetModelMultiplierResponse(multiplier=mapping.model_multiplier(rows[0][0]))
+
+        return await self._once(
+            context, "set_model_multiplier", request, pb.SetModelMultiplierResponse, change
+        )
 
     async def ListModelMultipliers(
         self, request: pb.ListModelMultipliersRequest, context: Context
@@ -473,18 +540,24 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         email = request.email.strip()
         if email and runtime_settings.BY_KEY["alerts.email_to"].violation(email):
             raise invalid_field("email", "must be an email address")
-        rows = await fetch_all(
-            self._pool,
-            "set_low_balance_alert",
-            {"account_id": account_id, "threshold": threshold, "email": email or None},
+
+        async def change(conn: Conn) -> pb.SetLowBalanceAlertResponse:
+            rows = await store.fetch_all(
+                conn,
+                "set_low_balance_alert",
+                {"account_id": account_id, "threshold": threshold, "email": email or None},
+            )
+            if not rows:
+                raise _not_found("ACCOUNT_NOT_FOUND", "account_id", account_id)
+            _, stored_threshold, stored_email = rows[0]
+            response = pb.SetLowBalanceAlertResponse(account_id=account_id, email=stored_email)
+            if stored_threshold is not None:
+                response.threshold_micros = stored_threshold
+            return response
+
+        return await self._once(
+            context, "set_low_balance_alert", request, pb.SetLowBalanceAlertResponse, change
         )
-        if not rows:
-            raise _not_found("ACCOUNT_NOT_FOUND", "account_id", account_id)
-        _, stored_threshold, stored_email = rows[0]
-        response = pb.SetLowBalanceAlertResponse(account_id=account_id, email=stored_email)
-        if stored_threshold is not None:
-            response.threshold_micros = stored_threshold
-        return response
 
     async def ListLowBalanceAlerts(
         self, request: pb.ListLowBalanceAlertsRequest, context: Context

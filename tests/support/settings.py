@@ -11,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc
 from ledger_server.server.identity import ACTOR_METADATA_KEY
+from support.ledger import new_key
 
 
 class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
@@ -57,21 +58,27 @@ class SettingsChanger:
     def __call__(self, key: str, value: object) -> admin_pb.Setting:
         self._save(key)
         return self._admin.UpdateSetting(
-            admin_pb.UpdateSettingRequest(key=key, value=to_value(value), reason="test")
+            admin_pb.UpdateSettingRequest(
+                key=key, value=to_value(value), reason="test", idempotency_key=new_key()
+            )
         ).setting
 
     def reset(self, key: str) -> admin_pb.Setting:
         self._save(key)
         return self._admin.UpdateSetting(
-            admin_pb.UpdateSettingRequest(key=key, reset=True, reason="test")
+            admin_pb.UpdateSettingRequest(
+                key=key, reset=True, reason="test", idempotency_key=new_key()
+            )
         ).setting
 
     def restore(self) -> None:
         for key, saved in self._saved.items():
             if saved.source == admin_pb.SETTING_SOURCE_ADMIN:
                 request = admin_pb.UpdateSettingRequest(
-                    key=key, value=saved.value, reason="restore"
+                    key=key, value=saved.value, reason="restore", idempotency_key=new_key()
                 )
             else:
-                request = admin_pb.UpdateSettingRequest(key=key, reset=True, reason="restore")
+                request = admin_pb.UpdateSettingRequest(
+                    key=key, reset=True, reason="restore", idempotency_key=new_key()
+                )
             self._admin.UpdateSetting(request)

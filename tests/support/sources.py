@@ -204,7 +204,8 @@ class Sources:
                     currency=currency,
                     provider_price_id=f"price_{pack_id}",
                     active=active,
-                )
+                ),
+                idempotency_key=new_key(),
             )
         ).pack
 
@@ -230,7 +231,8 @@ class Sources:
                     currency="USD",
                     provider_price_id=f"price_{plan_id}",
                     active=active,
-                )
+                ),
+                idempotency_key=new_key(),
             )
         ).plan
 
@@ -389,12 +391,16 @@ class Sources:
 
     def update_setting(self, key: str, new_value: object, reason: str) -> admin_pb.Setting:
         return self.admin.UpdateSetting(
-            admin_pb.UpdateSettingRequest(key=key, value=value(new_value), reason=reason)
+            admin_pb.UpdateSettingRequest(
+                key=key, value=value(new_value), reason=reason, idempotency_key=new_key()
+            )
         ).setting
 
     def reset_setting(self, key: str, reason: str = "back to the default") -> admin_pb.Setting:
         return self.admin.UpdateSetting(
-            admin_pb.UpdateSettingRequest(key=key, reset=True, reason=reason)
+            admin_pb.UpdateSettingRequest(
+                key=key, reset=True, reason=reason, idempotency_key=new_key()
+            )
         ).setting
 
     def setting_changes(self, key: str) -> list[admin_pb.SettingChange]:

@@ -253,6 +253,9 @@ class CreateCreditPackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PACK_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def pack(self) -> _billing_service_pb2.CreditPack:
         """Lower-case letters, digits, '-', '_' and '.'."""
@@ -261,10 +264,11 @@ class CreateCreditPackRequest(_message.Message):
         self,
         *,
         pack: _billing_service_pb2.CreditPack | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pack", b"pack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack", b"pack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "pack", b"pack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -295,16 +299,20 @@ class UpdateCreditPackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PACK_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def pack(self) -> _billing_service_pb2.CreditPack: ...
     def __init__(
         self,
         *,
         pack: _billing_service_pb2.CreditPack | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pack", b"pack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack", b"pack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "pack", b"pack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,16 +378,20 @@ class CreateSubscriptionPlanRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLAN_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def plan(self) -> _billing_service_pb2.SubscriptionPlan: ...
     def __init__(
         self,
         *,
         plan: _billing_service_pb2.SubscriptionPlan | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "plan", b"plan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,16 +422,20 @@ class UpdateSubscriptionPlanRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLAN_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def plan(self) -> _billing_service_pb2.SubscriptionPlan: ...
     def __init__(
         self,
         *,
         plan: _billing_service_pb2.SubscriptionPlan | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "plan", b"plan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -577,17 +593,21 @@ class DisableRedemptionBatchRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     reason: _builtins.str
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "idempotency_key", b"idempotency_key", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -742,11 +762,14 @@ class UpdateSettingRequest(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     reset: _builtins.bool
     """Go back to the environment default (and follow it from then on)."""
     reason: _builtins.str
     """Why; required (also for a reset), recorded in the audit trail."""
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def value(self) -> _struct_pb2.Value:
         """The new value; its type must match the setting's. Ignored when reset is set."""
@@ -758,10 +781,11 @@ class UpdateSettingRequest(_message.Message):
         value: _struct_pb2.Value | None = ...,
         reset: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "reason", b"reason", "reset", b"reset", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "key", b"key", "reason", b"reason", "reset", b"reset", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -965,16 +989,20 @@ class SetPriceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PRICE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def price(self) -> Global___Price: ...
     def __init__(
         self,
         *,
         price: Global___Price | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "price", b"price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1007,19 +1035,23 @@ class RemovePriceRequest(_message.Message):
     FEATURE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     model: _builtins.str
     unit: _types_pb2.UsageUnit.ValueType
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     def __init__(
         self,
         *,
         feature: _builtins.str = ...,
         model: _builtins.str = ...,
         unit: _types_pb2.UsageUnit.ValueType = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "model", b"model", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "idempotency_key", b"idempotency_key", "model", b"model", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1085,16 +1117,20 @@ class SetModelMultiplierRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MULTIPLIER_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     @_builtins.property
     def multiplier(self) -> Global___ModelMultiplier: ...
     def __init__(
         self,
         *,
         multiplier: Global___ModelMultiplier | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["multiplier", b"multiplier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["multiplier", b"multiplier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "multiplier", b"multiplier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1162,6 +1198,7 @@ class SetLowBalanceAlertRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     threshold_micros: _builtins.int
     """Alert when a charge takes the balance below this; unset: the default setting.
@@ -1169,16 +1206,19 @@ class SetLowBalanceAlertRequest(_message.Message):
     """
     email: _builtins.str
     """Where this account's alerts are emailed; empty: the alerts.email_to setting."""
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         threshold_micros: _builtins.int | None = ...,
         email: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "account_id", b"account_id", "email", b"email", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros", "account_id", b"account_id", "email", b"email", "idempotency_key", b"idempotency_key", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__threshold_micros: _TypeAlias = _typing.Literal["threshold_micros"]  # noqa: Y015
     _WhichOneofArgType__threshold_micros: _TypeAlias = _typing.Literal["_threshold_micros", b"_threshold_micros"]  # noqa: Y015
