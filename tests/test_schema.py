@@ -14,6 +14,7 @@ from support.ledger import Ledger, new_account
 
 EXPECTED_TABLES = {
     "accounts",
+    "admin_requests",
     "checkout_sessions",
     "credit_packs",
     "credit_sources",
