@@ -6,6 +6,8 @@ succeed."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -372,3 +374,46 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
             5.5 * CREDIT,
             0,
         )
+
+
+def test_a_batch_draws_its_journal_ids_once_it_holds_the_accounts(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """ListTransactions pages by journal id, newest first: an account's ids must grow in
+    commit order. A batch that waits for an account's lock while another call on it commits
+    must not have taken its ids before that call did."""
+    account = new_account("ordered")
+    ledger.grant(account, 10)
+    request = {"account": account, "key": new_key(), "hash": "ab", "amount": CREDIT,
+               "usage": None, "feature": "", "comment": ""}  # fmt: skip
+    taken: list[Any] = []
+
+    def run_batch() -> None:
+        with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+            row = conn.execute("SELECT ledger_take_set(%s, now())", (Jsonb([request]),))
+            taken.append(row.fetchone())
+
+    with psycopg.connect(ledger_db_url) as holder:
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
+        batch = threading.Thread(target=run_batch)
+        batch.start()
+        deadline = time.monotonic() + 30
+        with psycopg.connect(ledger_db_url, autocommit=True) as watcher:
+            while not watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'SELECT ledger_take_set%%'"
+            ).fetchone():
+                assert time.monotonic() < deadline, "the batch never waited for the lock"
+                time.sleep(0.02)
+        # While the batch waits: another call on the account takes a journal id and commits.
+        holder.execute(
+            "SELECT ledger_grant(%s, %s, '\\x01', 1000000, 'purchase', NULL, 'main', '', '', "
+            "NULL, now())",
+            (account, new_key()),
+        )
+        holder.commit()
+    batch.join(30)
+    [[results]] = taken
+    assert results[0] is not None  # the set took the charge
+    kinds = [t.kind for t in ledger.transactions(account)]  # newest first, by id
+    assert kinds[:2] == [pb.TRANSACTION_KIND_CHARGE, pb.TRANSACTION_KIND_GRANT]

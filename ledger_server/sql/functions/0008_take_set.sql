@@ -56,9 +56,12 @@ DECLARE
     -- A journal entry's id for each call, drawn before anything is written, so each write
     -- names its entry without joining back to the rows the journal insert returns. Ids of
     -- calls left to the call-by-call path go unused (a sequence has gaps anyway); each
-    -- account's calls get increasing ids in arrival order, as one by one.
-    txn_ids bigint[] := ARRAY(SELECT nextval('journal_transactions_transaction_id_seq')
-                                FROM generate_series(1, jsonb_array_length(p_requests)));
+    -- account's calls get increasing ids in arrival order, as one by one. Drawn once the
+    -- accounts are locked: an account's journal ids then grow in commit order, which the
+    -- keyset pages of ListTransactions rely on (drawn before, an entry committed while this
+    -- batch waited for a lock got a higher id than the batch's, and a reader who had paged
+    -- past it never saw the batch's entries).
+    txn_ids bigint[];
     -- jsonb_path_exists: no row per call built to find out.
     any_commit boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "commit")');
     any_charge boolean := jsonb_path_exists(p_requests,
@@ -67,6 +70,8 @@ BEGIN
     PERFORM FROM accounts WHERE account_id = ANY (batch_accounts)
       ORDER BY account_id COLLATE "C"
         FOR UPDATE;
+    txn_ids := ARRAY(SELECT nextval('journal_transactions_transaction_id_seq')
+                       FROM generate_series(1, jsonb_array_length(p_requests)));
     IF any_commit THEN
         results := ledger_commit_set(p_requests, p_now, batch_accounts, default_threshold,
                                      txn_ids, results);
