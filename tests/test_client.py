@@ -455,6 +455,40 @@ def test_the_deadline_covers_the_call() -> None:
     assert len(fake.received) == 1  # a spent deadline is not retried
 
 
+def test_an_unknown_outcome_names_the_key_to_retry_with(proxy: DropProxy, ledger: Ledger) -> None:
+    """The deadline passed while the charge was applied: the error carries the key the
+    client made, and a retry with it answers the original charge instead of a second."""
+    account = new_account("unknown")
+    ledger.grant(account, 10)
+    with LedgerClient(proxy.address, retry=FAST_RETRY, timeout=1.0) as client:
+        proxy.hold_next_response()
+        with pytest.raises(DeadlineExceeded) as raised:
+            client.consume(account, 3 * CREDIT, feature="img")
+        proxy.drop_held()
+        [charge] = charges(ledger, account)
+        assert raised.value.idempotency_key
+        again = client.consume(
+            account, 3 * CREDIT, feature="img", idempotency_key=raised.value.idempotency_key
+        )
+    assert again.transaction_id == charge.transaction_id
+    assert ledger.balance(account).balance_micros == 7 * CREDIT
+
+
+def test_the_async_client_names_the_key_too() -> None:
+    fake = FakeLedger(failures=[failure(grpc.StatusCode.UNAVAILABLE, "down")] * 2)
+
+    async def run(address: str) -> None:
+        policy = RetryPolicy(max_attempts=2, initial_backoff=0.01)
+        async with AsyncLedgerClient(address, retry=policy) as client:
+            with pytest.raises(Unavailable) as raised:
+                await client.consume("acct-1", CREDIT)
+        sent = {r.request.idempotency_key for r in fake.received}  # type: ignore[attr-defined]
+        assert sent == {raised.value.idempotency_key}
+
+    with serve_fake(fake) as address:
+        asyncio.run(run(address))
+
+
 def test_error_decoding_picks_our_error_info_or_falls_back_to_the_code() -> None:
     garbage = Failure(NOT_FOUND, "from the transport", (("grpc-status-details-bin", b"\xff"),))
     theirs = failure(FAILED, "INSUFFICIENT_CREDITS", domain="other.example", message="theirs")

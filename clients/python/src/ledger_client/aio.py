@@ -116,6 +116,7 @@ class AsyncLedgerClient:
                 left = None if deadline is None else deadline - time.monotonic()
                 delay = self.config.retry.delay_before_retry(error, attempt, left)
                 if delay is None:
+                    error.idempotency_key = getattr(request, "idempotency_key", "")
                     raise error from rpc_error
             log.info("ledger call failed with %s; retry %d in %.3f s", error, attempt, delay)
             await asyncio.sleep(delay)

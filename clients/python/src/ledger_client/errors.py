@@ -69,6 +69,10 @@ class LedgerError(Exception):
         self.reason = reason
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
+        # The key the client sent (a mutating call; "" otherwise): when the outcome is
+        # unknown (DeadlineExceeded, Unavailable) a retry must send this same key, which the
+        # client made itself when the caller passed none.
+        self.idempotency_key = ""
 
     def __str__(self) -> str:
         label = f"{self.code.name} {self.reason}" if self.reason else self.code.name
@@ -201,7 +205,8 @@ class ReservationNotCommitted(FailedPrecondition):
 
 class Unavailable(LedgerError):
     """The server or its database could not be reached. The client retries these itself;
-    raised once its attempts or its deadline are spent. Safe to retry with the same key."""
+    raised once its attempts or its deadline are spent. Safe to retry with the same key
+    (``error.idempotency_key``)."""
 
     default_code = grpc.StatusCode.UNAVAILABLE
 
@@ -215,7 +220,8 @@ class Conflict(LedgerError):
 
 class DeadlineExceeded(LedgerError):
     """The call's deadline passed. For a mutating call the outcome is unknown: call again with
-    the same ``idempotency_key=`` to get the original result or apply it once."""
+    ``idempotency_key=error.idempotency_key`` (the key this call sent) to get the original
+    result or apply it once; a call without it makes a new key and may apply twice."""
 
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
