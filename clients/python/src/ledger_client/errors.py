@@ -71,8 +71,9 @@ class LedgerError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         # The key the client sent (a mutating call; "" otherwise): when the outcome is
         # unknown (DeadlineExceeded, Unavailable) a retry must send this same key, which the
-        # client made itself when the caller passed none.
-        self.idempotency_key = ""
+        # client made itself when the caller passed none. Until the client sets it, the one
+        # the server named (IdempotencyKeyReused).
+        self.idempotency_key: str = self.metadata.get("idempotency_key", "")
 
     def __str__(self) -> str:
         label = f"{self.code.name} {self.reason}" if self.reason else self.code.name
@@ -124,11 +125,8 @@ class AlreadyExists(LedgerError):
 
 
 class IdempotencyKeyReused(AlreadyExists):
-    """ALREADY_EXISTS: the idempotency key was used before for a different request."""
-
-    @property
-    def idempotency_key(self) -> str:
-        return self.metadata.get("idempotency_key", "")
+    """ALREADY_EXISTS: the idempotency key (``.idempotency_key``) was used before for a
+    different request."""
 
 
 class NotFound(LedgerError):
