@@ -39,6 +39,10 @@ AMOUNT_FIELDS = (
 Period = tuple[datetime | None, datetime | None, datetime | None, datetime | None]
 
 
+# A period's end must still be a date: the day after 9999-12-31 is not.
+_LAST_YEAR = 9998
+
+
 def _local_period(request: pb.GetSummaryRequest) -> Period:
     """(local_start, local_end, start, end): a day or month as local wall-clock times
     (the SQL turns them into instants in the ledger's zone), or a range as instants."""
@@ -50,6 +54,8 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
             day = date.fromisoformat(request.day)
         except ValueError:
             raise invalid_field("day", "must be a date YYYY-MM-DD") from None
+        if day.year > _LAST_YEAR:
+            raise invalid_field("day", f"must be in the year {_LAST_YEAR} or before")
         start = datetime(day.year, day.month, day.day)
         return start, start + timedelta(days=1), None, None
     if which == "month":
@@ -58,6 +64,8 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
         year, month = int(request.month[:4]), int(request.month[5:])
         if not 1 <= month <= 12 or year < 1:
             raise invalid_field("month", "must be a month YYYY-MM")
+        if year > _LAST_YEAR:
+            raise invalid_field("month", f"must be in the year {_LAST_YEAR} or before")
         start = datetime(year, month, 1)
         following = datetime(year + month // 12, month % 12 + 1, 1)
         return start, following, None, None
