@@ -5,13 +5,16 @@ filters hold across pages; a malformed page token is INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import psycopg
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
@@ -217,6 +220,47 @@ def test_a_page_token_only_works_with_the_filters_it_was_issued_for(ledger: Ledg
         "INVALID_FIELD",
         "page_token",
     )
+
+
+def _with_position(token: str, position: list[object]) -> str:
+    """The token with its position replaced, its filter digest kept (tokens are not
+    signed: anyone can do this)."""
+    payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    payload["p"] = position
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def test_a_forged_position_is_refused_by_field_never_reaching_the_database(
+    ledger: Ledger,
+) -> None:
+    account = new_account("walk-forged")
+    for days in (1, 2, 3):
+        ledger.grant(
+            account, 1, source=types_pb2.CREDIT_SOURCE_PROMOTION,
+            expires_in=Duration(seconds=days * 86400),
+        )  # fmt: skip
+    journal_token = ledger.stub.ListTransactions(
+        pb.ListTransactionsRequest(account_id=account, page_size=1)
+    ).next_page_token
+    lots_token = ledger.stub.ListLots(
+        pb.ListLotsRequest(account_id=account, page_size=1)
+    ).next_page_token
+    assert journal_token and lots_token
+
+    def refused(call: Any, request: Any) -> None:
+        expect_error(
+            lambda: call(request), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "page_token"
+        )
+
+    for position in (["abc"], [True], [2**70], [-1], [None], [1.5]):
+        token = _with_position(journal_token, position)
+        refused(
+            ledger.stub.ListTransactions,
+            pb.ListTransactionsRequest(account_id=account, page_token=token),
+        )
+    for position in ([40_000, 0, 1], [1, 10**20, 1], [1, "x", 1], [None, None, 1]):
+        token = _with_position(lots_token, position)
+        refused(ledger.stub.ListLots, pb.ListLotsRequest(account_id=account, page_token=token))
 
 
 def _with_a_lot_expired_since_its_last_call(ledger: Ledger, clock: OffsetClock, name: str) -> str:

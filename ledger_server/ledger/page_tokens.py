@@ -15,6 +15,35 @@ from ledger_server.errors import invalid_field
 Position = list[int | str | None]
 
 
+class Kind:
+    """What one value of a position may be: the column it is compared with. A token is
+    not signed; a value that is not of its column's type and range would reach the
+    database as a cast error (INTERNAL), so it is refused here."""
+
+    def __init__(self, low: int | None, high: int | None, nullable: bool = False) -> None:
+        self.low, self.high, self.nullable = low, high, nullable  # low None: text
+
+    def admits(self, value: object) -> bool:
+        if value is None:
+            return self.nullable
+        if self.low is None or self.high is None:
+            return isinstance(value, str) and len(value) <= 255
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and self.low <= value <= self.high
+        )
+
+
+ID = Kind(0, 2**63 - 1)  # a bigint key
+PRIORITY = Kind(-(2**15), 2**15 - 1)  # a smallint
+# Microseconds since 1970 of a timestamp of the years 1 to 9999.
+_MICROS = (-62_135_596_800_000_000, 253_402_300_799_999_999)
+MICROS = Kind(*_MICROS)
+MICROS_OR_NONE = Kind(*_MICROS, nullable=True)  # e.g. no expiry
+TEXT = Kind(None, None)
+
+
 def _filter_digest(filters: Sequence[object]) -> str:
     return hashlib.sha256(json.dumps(list(filters), default=str).encode()).hexdigest()[:16]
 
@@ -24,7 +53,7 @@ def encode(position: Position, filters: Sequence[object]) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def decode(token: str, filters: Sequence[object], arity: int) -> Position | None:
+def decode(token: str, filters: Sequence[object], kinds: Sequence[Kind]) -> Position | None:
     if not token:
         return None
     try:
@@ -37,8 +66,8 @@ def decode(token: str, filters: Sequence[object], arity: int) -> Position | None
     position = payload.get("p")
     if (
         not isinstance(position, list)
-        or len(position) != arity
-        or not all(isinstance(v, int | str) or v is None for v in position)
+        or len(position) != len(kinds)
+        or not all(kind.admits(v) for kind, v in zip(kinds, position, strict=True))
     ):
         raise invalid_field("page_token", "is not a page token this server issued")
     if payload.get("f") != _filter_digest(filters):

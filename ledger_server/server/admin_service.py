@@ -407,7 +407,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         key = validation.code(request.key, "key") or None
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["setting_changes", key]
-        position = page_tokens.decode(request.page_token, filters, arity=1)
+        position = page_tokens.decode(request.page_token, filters, (page_tokens.ID,))
         rows = await fetch_all(
             self._pool,
             "list_setting_changes",
@@ -565,7 +565,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         account_id = validation.account_id(request.account_id) if request.account_id else None
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["low_balance_alerts", account_id]
-        position = page_tokens.decode(request.page_token, filters, arity=1)
+        position = page_tokens.decode(request.page_token, filters, (page_tokens.ID,))
         rows = await fetch_all(
             self._pool,
             "list_low_balance_alerts",

@@ -380,7 +380,9 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             status = _EVENT_STATUS_NAMES[request.status]
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["payment_events", account_id, status]
-        position = page_tokens.decode(request.page_token, filters, arity=2)
+        position = page_tokens.decode(
+            request.page_token, filters, (page_tokens.MICROS, page_tokens.TEXT)
+        )
         before_time, before_id = position or (None, None)
         rows = await fetch_all(
             self._pool,

@@ -236,7 +236,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         account_id = validation.account_id(request.account_id)
         page_size = validation.page_size(request.page_size)
         filters: list[object] = ["lots", account_id, request.include_inactive]
-        position = page_tokens.decode(request.page_token, filters, arity=3)
+        position = page_tokens.decode(
+            request.page_token,
+            filters,
+            (page_tokens.PRIORITY, page_tokens.MICROS_OR_NONE, page_tokens.ID),
+        )
         after_priority, after_expires, after_lot = position or (None, None, None)
         rows = await fetch_all(
             self._pool,
@@ -298,7 +302,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             model,
             statuses,
         ]
-        position = page_tokens.decode(request.page_token, filters, arity=1)
+        position = page_tokens.decode(request.page_token, filters, (page_tokens.ID,))
         rows = await fetch_all(
             self._pool,
             "list_transactions",
