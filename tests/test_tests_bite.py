@@ -27,7 +27,7 @@ from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from support import broken_sql
-from support.ledger import Ledger
+from support.ledger import Ledger, new_key
 from support.server import ServerThread
 from support.settings import ActorMetadata
 
@@ -66,6 +66,7 @@ def scratch(fresh_database_url: str, redis_url: str) -> Iterator[Scratch]:
                     key="signup.enabled",
                     value=struct_pb2.Value(bool_value=False),
                     reason="the suite's baseline",
+                    idempotency_key=new_key("baseline"),
                 )
             )
             yield Scratch(
