@@ -244,6 +244,28 @@ def test_a_price_change_between_reserve_and_commit_does_not_change_that_reservat
     assert_audit_clean()
 
 
+def test_a_hold_of_an_amount_settled_by_usage_is_priced_as_the_holds_feature(
+    ledger: Ledger, admin: Any, assert_audit_clean: Any
+) -> None:
+    chat = _feature("chat")
+    _set_price(admin, chat, "tokens", 2 * CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+    held = ledger.reserve(account, 10 * CREDIT, feature=chat).reservation
+    committed = ledger.stub.Commit(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=held.reservation_id,
+            idempotency_key=new_key(),
+            usage=_usage("", tokens=1500),  # the feature is the hold's
+        )
+    )
+    assert committed.reservation.committed_micros == 3 * CREDIT
+    [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert charge.feature == chat
+    assert_audit_clean()
+
+
 def test_commit_above_the_held_usage_is_refused(ledger: Ledger, admin: Any) -> None:
     chat = _feature("chat")
     _set_price(admin, chat, "tokens", 1 * CREDIT, unit_size=1000)

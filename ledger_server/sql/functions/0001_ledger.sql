@@ -777,6 +777,11 @@ BEGIN
         -- The usage is the reservation's feature and model; only the quantities are new.
         actual := jsonb_build_object('feature', r.usage ->> 'feature', 'model', r.usage ->> 'model',
                                      'quantities', actual -> 'quantities');
+    ELSIF actual IS NOT NULL THEN
+        -- A hold of an amount, settled by usage: what the usage leaves out is the hold's.
+        actual := actual || jsonb_build_object(
+            'feature', coalesce(nullif(actual ->> 'feature', ''), r.feature, ''),
+            'model', coalesce(nullif(actual ->> 'model', ''), r.model, ''));
     END IF;
     priced := ledger_priced(p_amount, actual, r.usage);
     amount := (priced ->> 'cost_micros')::bigint;
