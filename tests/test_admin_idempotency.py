@@ -35,6 +35,18 @@ def _pack(pack_id: str, credits: int = 10) -> billing_pb.CreditPack:
     )
 
 
+_PLAN = billing_pb.SubscriptionPlan(
+    plan_id="plan-no-key",
+    translation_key="plan_no_key",
+    credits_micros=CREDIT,
+    period_unit=billing_pb.BILLING_PERIOD_UNIT_MONTH,
+    period_count=1,
+    rank=1,
+    price_minor=100,
+    currency="USD",
+)
+
+
 def _price(feature: str, micros: int) -> admin_pb.Price:
     return admin_pb.Price(
         feature=feature, unit=t.USAGE_UNIT_IMAGES, unit_size=1, unit_price_micros=micros
@@ -150,33 +162,11 @@ def test_one_key_serves_one_kind_of_change(admin: AdminStub, ledger: Ledger) -> 
         ("UpdateCreditPack", admin_pb.UpdateCreditPackRequest(pack=_pack("pack-no-key"))),
         (
             "CreateSubscriptionPlan",
-            admin_pb.CreateSubscriptionPlanRequest(
-                plan=billing_pb.SubscriptionPlan(
-                    plan_id="plan-no-key",
-                    translation_key="plan_no_key",
-                    credits_micros=CREDIT,
-                    period_unit=billing_pb.BILLING_PERIOD_UNIT_MONTH,
-                    period_count=1,
-                    rank=1,
-                    price_minor=100,
-                    currency="USD",
-                )
-            ),
+            admin_pb.CreateSubscriptionPlanRequest(plan=_PLAN),
         ),
         (
             "UpdateSubscriptionPlan",
-            admin_pb.UpdateSubscriptionPlanRequest(
-                plan=billing_pb.SubscriptionPlan(
-                    plan_id="plan-no-key",
-                    translation_key="plan_no_key",
-                    credits_micros=CREDIT,
-                    period_unit=billing_pb.BILLING_PERIOD_UNIT_MONTH,
-                    period_count=1,
-                    rank=1,
-                    price_minor=100,
-                    currency="USD",
-                )
-            ),
+            admin_pb.UpdateSubscriptionPlanRequest(plan=_PLAN),
         ),
         (
             "DisableRedemptionBatch",
