@@ -20,7 +20,9 @@ def test_what_exists_at_freeze_is_kept_out_of_collections_and_garbage_is_not_kep
     del garbage
     try:
         frozen = startup_heap.freeze()
-        assert frozen == gc.get_freeze_count() > 0
+        # Other threads of the test session may free a frozen object meanwhile (it leaves
+        # the permanent generation then); none can add one.
+        assert 0 < gc.get_freeze_count() <= frozen
         assert garbage_ref() is None  # collected before the freeze, not frozen for good
         assert not any(obj is kept for obj in gc.get_objects())  # what collections walk
     finally:
