@@ -448,6 +448,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
             data = _ledger_call(conn, "start_subscription_period", params)
         if isinstance(data, str):
             return _already(account_id, f"invoice {_id(invoice)}")
+        conn.execute(query("wake_subscription_updates"), {"subscription_ref": subscription_ref})
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
     if plan_change:
@@ -487,7 +488,8 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
         return Outcome("ignored", account_id, note="a change of a period that has ended")
     if start > current_start:
         # The new period's paid invoice grants its plan; then this change is decided again
-        # (the same plan: nothing to do; another: a change made after the renewal).
+        # (the same plan: nothing to do; another: a change made after the renewal). That
+        # invoice puts the event back to 'received' for the sweeper, however long it took.
         raise EventNotReady("the subscription's new period is not started yet (its invoice)")
     params = _base_params(event_id, account_id, now)
     params.update(

@@ -125,6 +125,14 @@ SELECT event_id FROM payment_events
        IS NOT DISTINCT FROM %(period_start)s::bigint
  LIMIT 1
 
+-- name: wake_subscription_updates
+-- A subscription's period was paid: its customer.subscription.updated events that failed
+-- waiting for it (EventNotReady) go back to 'received', so the sweeper re-queues them even
+-- if their retries are spent (payment_events_subscription_updates).
+UPDATE payment_events SET status = 'received'
+ WHERE type = 'customer.subscription.updated' AND status = 'failed'
+   AND payload #>> '{data,object,id}' = %(subscription_ref)s
+
 -- name: record_invoice_payment
 INSERT INTO invoice_payments (payment_ref, invoice_ref, created_at)
 VALUES (%(payment_ref)s, %(invoice_ref)s, %(now)s)
