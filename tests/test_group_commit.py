@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 
 from ledger_server.config import ConfigError, Settings
-from ledger_server.server.group_commit import GroupCommit, latest_deadline
+from ledger_server.errors import LedgerError
+from ledger_server.server.group_commit import GroupCommit, _answer, _Waiter, latest_deadline
 from support.stuck_pool import StuckPool, stop_a_batch_midway, until
 
 
@@ -215,3 +217,27 @@ def test_open_lane_after_comes_from_the_environment() -> None:
         Settings.from_env(
             {"DATABASE_URL": "postgresql:///x", "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS": "-1"}
         )
+
+
+def test_a_call_that_waited_out_the_batchs_lock_wait_is_a_conflict_to_retry() -> None:
+    """Its own lock wait, a quarter of the batch's time, not the caller's deadline: the call
+    was rolled back, so ABORTED (the client retries it with the same key), not
+    DEADLINE_EXCEEDED (an outcome the caller would have to find out)."""
+
+    async def answered() -> list[BaseException | None]:
+        waiters = [_Waiter("consume", f"acct-{n}", {}, None) for n in range(2)]
+        _answer(
+            waiters,
+            [
+                {"error": {"sqlstate": "55P03", "message": "lock timeout", "detail": None,
+                           "constraint": None}},
+                {"error": {"sqlstate": "57014", "message": "canceling statement",
+                           "detail": None, "constraint": None}},
+            ],
+        )  # fmt: skip
+        return [w.future.exception() for w in waiters]
+
+    busy, cancelled = asyncio.run(answered())
+    assert isinstance(busy, LedgerError) and isinstance(cancelled, LedgerError)
+    assert (busy.code, busy.reason) == (grpc.StatusCode.ABORTED, "CONFLICT")
+    assert cancelled.code == grpc.StatusCode.DEADLINE_EXCEEDED  # the whole batch's time-out

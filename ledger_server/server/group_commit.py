@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import grpc
+from psycopg import errors as pg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from ledger_server.db import deadlines
 from ledger_server.db.errors import DatabaseFailure, translate_failure
-from ledger_server.errors import unavailable
+from ledger_server.errors import LedgerError, unavailable
 from ledger_server.ledger import store
 from ledger_server.observability.metrics import (
     GROUP_COMMIT_CALLS,
@@ -271,6 +273,13 @@ class GroupCommit:
             )
 
 
+_ACCOUNT_BUSY = LedgerError(
+    grpc.StatusCode.ABORTED,
+    "CONFLICT",
+    "the account was busy with another transaction; retry with the same idempotency key",
+)
+
+
 def _answer(batch: list[_Waiter], outcome: dict[str, Any] | list[dict[str, Any]]) -> None:
     if isinstance(outcome, dict):  # a call run alone (call_json counted its credits)
         if not batch[0].future.done():
@@ -286,6 +295,11 @@ def _answer(batch: list[_Waiter], outcome: dict[str, Any] | list[dict[str, Any]]
             waiter.future.set_result(result["ok"])
         else:
             error = result["error"]
+            if error["sqlstate"] == pg.LockNotAvailable.sqlstate:
+                # The batch's own lock wait (a quarter of its time), not the caller's
+                # deadline: the call was rolled back and the caller has time to retry it.
+                waiter.future.set_exception(_ACCOUNT_BUSY)
+                continue
             failure = DatabaseFailure(
                 error["sqlstate"], error["message"], error["detail"], error["constraint"]
             )
