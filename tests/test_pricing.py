@@ -266,6 +266,19 @@ def test_a_hold_of_an_amount_settled_by_usage_is_priced_as_the_holds_feature(
     assert_audit_clean()
 
 
+def test_usage_that_prices_past_any_amount_is_refused_by_field(ledger: Ledger, admin: Any) -> None:
+    dear = _feature("dear")
+    _set_price(admin, dear, "tokens", 10**15)  # the most a unit may cost
+    account = new_account()
+    ledger.grant(account, 1)
+    for call in (
+        lambda: ledger.stub.Estimate(pb.EstimateRequest(usage=_usage(dear, tokens=10**12))),
+        lambda: _consume(ledger, account, _usage(dear, tokens=10**12)),
+    ):
+        expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "usage.quantities")
+    assert ledger.balance(account).balance_micros == CREDIT
+
+
 def test_commit_above_the_held_usage_is_refused(ledger: Ledger, admin: Any) -> None:
     chat = _feature("chat")
     _set_price(admin, chat, "tokens", 1 * CREDIT, unit_size=1000)

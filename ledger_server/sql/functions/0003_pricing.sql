@@ -103,6 +103,11 @@ BEGIN
             'unit_size', unit_size, 'multiplier_ppm', multiplier, 'price_version', price_version,
             'multiplier_version', multiplier_version);
     END LOOP;
+    IF ceil(total) > 9223372036854775807 THEN  -- past bigint: bad input, not a balance limit
+        PERFORM ledger_fail('LE010', 'the usage costs more than an amount can be',
+            jsonb_build_object('field', 'usage.quantities',
+                               'violation', 'cost more than an amount can be'));
+    END IF;
     RETURN jsonb_build_object('feature', p_feature, 'model', p_model, 'lines', lines,
                               'cost_micros', ceil(total)::bigint);
 END $$;
