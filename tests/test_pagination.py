@@ -8,7 +8,7 @@ import base64
 import json
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -261,6 +261,28 @@ def test_a_forged_position_is_refused_by_field_never_reaching_the_database(
     for position in ([40_000, 0, 1], [1, 10**20, 1], [1, "x", 1], [None, None, 1]):
         token = _with_position(lots_token, position)
         refused(ledger.stub.ListLots, pb.ListLotsRequest(account_id=account, page_token=token))
+
+
+def test_lots_expiring_centuries_ahead_are_paged_once_each(ledger: Ledger) -> None:
+    """Expiries past 2^53 microseconds (the year 2255), to the microsecond."""
+    account = new_account("walk-far")
+    far = datetime(2600, 1, 1, tzinfo=UTC)
+    for micros in (1, 3, 2, 999_999):
+        ledger.grant(
+            account, 1, source=types_pb2.CREDIT_SOURCE_PROMOTION,
+            expires_at=ts(far + timedelta(microseconds=micros)),
+        )  # fmt: skip
+    seen: list[str] = []
+    token = ""
+    for _ in range(10):
+        page = ledger.stub.ListLots(
+            pb.ListLotsRequest(account_id=account, page_size=1, page_token=token)
+        )
+        seen += [lot.lot_id for lot in page.lots]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == 4 and len(set(seen)) == 4
 
 
 def _with_a_lot_expired_since_its_last_call(ledger: Ledger, clock: OffsetClock, name: str) -> str:

@@ -1092,7 +1092,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM ledger_read_existing_account(p_account, p_now);
     -- EXECUTE, as for ListTransactions: planned for this call's position, so an account
-    -- with thousands of lots is walked in index order from the position.
+    -- with thousands of lots is walked in index order from the position. The position's
+    -- expiry is rebuilt in whole seconds plus microseconds: an interval times a bigint is
+    -- computed in double precision, inexact past 2^53 microseconds (the year 2255).
     RETURN QUERY EXECUTE $query$
         SELECT ledger_lot_json(l), l.priority, ledger_micros(l.expires_at), l.lot_id
           FROM lots l
@@ -1100,7 +1102,8 @@ BEGIN
            AND ($2 OR (l.remaining_micros > 0 AND (l.expires_at IS NULL OR l.expires_at > $7)))
            AND ($5 IS NULL
                 OR (l.priority, coalesce(l.expires_at, 'infinity'::timestamptz), l.lot_id)
-                   > ($3, coalesce('epoch'::timestamptz + $4 * interval '1 microsecond',
+                   > ($3, coalesce('epoch'::timestamptz + ($4 / 1000000) * interval '1 second'
+                                       + ($4 % 1000000) * interval '1 microsecond',
                                    'infinity'::timestamptz), $5))
          ORDER BY l.priority, coalesce(l.expires_at, 'infinity'::timestamptz), l.lot_id
          LIMIT $6
