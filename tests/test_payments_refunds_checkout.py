@@ -77,6 +77,22 @@ def rerun(
     return payments.process_event
 
 
+def _bought_pack(
+    apply_events: Callable[..., list[str]],
+    sources: Sources,
+    configure: Any,
+    name: str,
+    price_minor: int,
+) -> tuple[str, str]:
+    """A new account that bought a pack of 100 credits at price_minor through a checkout:
+    the account and the payment intent that paid it."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=price_minor)
+    account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    return account, intent
+
+
 def _clawbacks(ledger: Ledger, account: str) -> list[pb.Transaction]:
     return [t for t in ledger.transactions(account) if t.kind == pb.TRANSACTION_KIND_ADJUSTMENT]
 
@@ -92,10 +108,7 @@ def test_refund_of_a_partly_spent_pack_takes_back_only_the_unspent_unheld_part(
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=2500)
-    account, intent = new_account("refund"), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    account, intent = _bought_pack(apply_events, sources, configure, "refund", 2500)
     ledger.consume(account, 30 * CREDIT)
     ledger.reserve(account, 20 * CREDIT)  # held: not taken back either
 
@@ -127,10 +140,7 @@ def test_partial_refunds_take_their_share_and_never_drive_the_balance_negative(
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
-    account, intent = new_account("partial"), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    account, intent = _bought_pack(apply_events, sources, configure, "partial", 2000)
     ledger.consume(account, 10 * CREDIT)
 
     # Half refunded: half the pack (50) is still there, so all of it goes.
@@ -182,10 +192,7 @@ def test_a_lost_chargeback_takes_back_what_is_left_of_the_purchase(
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=2500)
-    account, intent = new_account("disputed"), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    account, intent = _bought_pack(apply_events, sources, configure, "disputed", 2500)
     ledger.consume(account, 30 * CREDIT)
 
     won, lost = apply_events(
@@ -232,10 +239,7 @@ def test_two_refunds_of_one_payment_pending_together_are_both_applied(
     ledger: Ledger,
     configure: Any,
 ) -> None:
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
-    account, intent = new_account("two-refunds"), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    account, intent = _bought_pack(apply_events, sources, configure, "two-refunds", 2000)
     first, second = apply_events(
         charge_refunded(intent, amount=2000, amount_refunded=500),
         charge_refunded(intent, amount=2000, amount_refunded=1000),

@@ -134,11 +134,11 @@ def _line_price(line: Mapping[str, Any]) -> str:
     )
 
 
-def _period_start(sub: Mapping[str, Any]) -> int | None:
-    """A subscription's current period start (epoch seconds): on the subscription before
-    API version 2025-03-31, on its first item since."""
+def _period_bound(sub: Mapping[str, Any], bound: str) -> int | None:
+    """A subscription's current period start or end (epoch seconds): on the subscription
+    before API version 2025-03-31, on its first item since."""
     items = _dig(sub, "items", "data") or [{}]
-    value = sub.get("current_period_start") or _dig(items[0], "current_period_start")
+    value = sub.get(f"current_period_{bound}") or _dig(items[0], f"current_period_{bound}")
     return int(value) if isinstance(value, int | float) else None
 
 
@@ -310,19 +310,7 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
     if event_type == "invoice.paid":
         return _invoice_paid(conn, event_id, obj, now)
     if event_type == "customer.subscription.updated":
-        newer = conn.execute(
-            query("newer_subscription_update"),
-            {
-                "subscription_ref": _id(obj),
-                "created": int(payload.get("created") or 0),
-                "period_start": _period_start(obj),
-            },
-        ).fetchone()
-        if newer is not None:
-            return Outcome(
-                "ignored", account_hint(payload), note=f"superseded by the newer event {newer[0]}"
-            )
-        return _subscription_updated(conn, event_id, obj, now)
+        return _subscription_updated(conn, event_id, int(payload.get("created") or 0), obj, now)
     if event_type == "charge.refunded":
         return _charge_refunded(conn, event_id, obj, now)
     if event_type == "charge.dispute.closed":
@@ -361,26 +349,28 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
     if sold is not None:  # a session this ledger prepared: what it sold
         if isinstance(sold, str):
             return _already(account_id, f"payment {external_ref}")
-        bonus_lot = sold.get("bonus_lot") or {}
-        credits = int(sold["lot"]["amount_micros"]) + int(bonus_lot.get("amount_micros") or 0)
-        return Outcome("processed", account_id, credits)
+        return Outcome("processed", account_id, _sold_credits(sold))
     kind = metadata.get("kind")
     if kind == "pack":
         params["pack_id"] = str(metadata.get("pack_id") or "")
         data = _ledger_call(conn, "purchase_pack", params)
         if isinstance(data, str):
             return _already(account_id, f"payment {external_ref}")
-        return Outcome("processed", account_id, int(data["lot"]["amount_micros"]))
+        return Outcome("processed", account_id, _sold_credits(data))
     if kind == "recharge":
         params["amount_minor"] = int(session.get("amount_total") or 0)
         params["currency"] = str(session.get("currency") or "").upper()
         data = _ledger_call(conn, "recharge", params)
         if isinstance(data, str):
             return _already(account_id, f"payment {external_ref}")
-        bonus = data.get("bonus_lot") or {}
-        credits = int(data["lot"]["amount_micros"]) + int(bonus.get("amount_micros") or 0)
-        return Outcome("processed", account_id, credits)
+        return Outcome("processed", account_id, _sold_credits(data))
     return Outcome("ignored", account_id, note=f"unknown checkout kind {kind!r} in metadata")
+
+
+def _sold_credits(sale: Json) -> int:
+    """The credits a pack's or recharge's answer granted: its lot and any bonus lot."""
+    bonus = sale.get("bonus_lot") or {}
+    return int(sale["lot"]["amount_micros"]) + int(bonus.get("amount_micros") or 0)
 
 
 def _subscription_account(conn: Conn, subscription_ref: str, metadata: Mapping[str, Any]) -> str:
@@ -461,8 +451,24 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
     raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
 
 
-def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) -> Outcome:
+def _subscription_updated(
+    conn: Conn, event_id: str, created: int, sub: Any, now: datetime
+) -> Outcome:
     subscription_ref = _id(sub)
+    newer = conn.execute(
+        query("newer_subscription_update"),
+        {
+            "subscription_ref": subscription_ref,
+            "created": created,
+            "period_start": _period_bound(sub, "start"),
+        },
+    ).fetchone()
+    if newer is not None:
+        return Outcome(
+            "ignored",
+            str(_metadata(sub).get("account_id") or "") or None,
+            note=f"superseded by the newer event {newer[0]}",
+        )
     account_id = _subscription_account(conn, subscription_ref, _metadata(sub))
     items = _dig(sub, "items", "data") or []
     item = items[0] if items else {}
@@ -480,8 +486,8 @@ def _subscription_updated(conn: Conn, event_id: str, sub: Any, now: datetime) ->
         return Outcome(
             "ignored", account_id, note=f"subscription {status}: a plan change waits for payment"
         )
-    start = _timestamp(_period_start(sub))
-    end = _timestamp(sub.get("current_period_end") or item.get("current_period_end"))
+    start = _timestamp(_period_bound(sub, "start"))
+    end = _timestamp(_period_bound(sub, "end"))
     if start is None or end is None:
         raise ValueError("the subscription has no current period")
     if start < current_start:
