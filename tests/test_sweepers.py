@@ -73,6 +73,7 @@ def test_sweepers_run_concurrently_twice_apply_each_expiry_and_time_out_once(
 
     connection = redis_connection(redis_url)
     jobs = []
+    logs: list[str] = []
     for _round in range(2):
         # Two sweep jobs, run by two workers at the same time (small batches so the two
         # really interleave), then the same again.
@@ -80,8 +81,8 @@ def test_sweepers_run_concurrently_twice_apply_each_expiry_and_time_out_once(
             jobs.append(
                 enqueue(DEFAULT_QUEUE, sweepers.sweep_due_accounts, as_of, 3, connection=connection)
             )
-        run_burst_workers(ledger_db_url, redis_url, count=2)
-    assert_finished(jobs)
+        logs += run_burst_workers(ledger_db_url, redis_url, count=2)
+    assert_finished(jobs, logs)
     # Other tests' accounts may be due too (the database and clock are shared), so the
     # sweeps cover at least these; the journal below shows each was swept once.
     assert sum(job.return_value() for job in jobs) >= len(accounts)
@@ -141,10 +142,12 @@ def test_a_charge_racing_the_expiry_sweep_never_spends_expired_credits(
             )
 
     results = asyncio.run(charge_all())
+    logs = []
     for worker in workers:
         out, _ = worker.communicate(timeout=180)
         assert worker.returncode == 0, out
-    assert_finished(jobs)
+        logs.append(out)
+    assert_finished(jobs, logs)
     small, large = results[: len(accounts)], results[len(accounts) :]
     for response in small:
         assert isinstance(response, pb.ConsumeResponse), response
@@ -193,7 +196,7 @@ def test_the_monthly_allowance_job_run_twice_grants_once(
         )
         for _ in range(2)
     ]
-    run_burst_workers(fresh_database_url, redis_url, count=2)
+    logs = run_burst_workers(fresh_database_url, redis_url, count=2)
     jobs.append(
         enqueue(
             DEFAULT_QUEUE,
@@ -203,8 +206,8 @@ def test_the_monthly_allowance_job_run_twice_grants_once(
             connection=connection,
         )
     )
-    run_burst_workers(fresh_database_url, redis_url)
-    assert_finished(jobs)
+    logs += run_burst_workers(fresh_database_url, redis_url)
+    assert_finished(jobs, logs)
 
     with psycopg.connect(fresh_database_url) as conn:
         lots = conn.execute(

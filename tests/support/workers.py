@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rq.job import Job, JobStatus
@@ -48,10 +48,11 @@ def run_burst_workers(
     return logs
 
 
-def assert_finished(jobs: list[Job]) -> None:
-    """Every job ran to the end (a failing job would otherwise just wait for its retry)."""
+def assert_finished(jobs: list[Job], logs: Sequence[str] = ()) -> None:
+    """Every job ran to the end (a failing job would otherwise just wait for its retry).
+    RQ keeps no result for an attempt it retries, so the workers' logs say why."""
     for job in jobs:
         status = job.get_status(refresh=True)
         result = job.latest_result()
         failure = result.exc_string if result is not None else None
-        assert status == JobStatus.FINISHED, (job.func_name, status, failure)
+        assert status == JobStatus.FINISHED, (job.func_name, status, failure, *logs)
