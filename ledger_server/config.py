@@ -10,6 +10,8 @@ from datetime import timedelta
 from ledger_server.security import Caller, SecurityError, load_callers
 from ledger_server.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
+DEFAULT_METRICS_ADDR = "localhost:9464"
+
 
 class ConfigError(ValueError):
     """A setting in the environment has an invalid value."""
@@ -158,7 +160,7 @@ class Settings:
             statement_timeout_ms=_int(env, "LEDGER_STATEMENT_TIMEOUT_MS", 5000),
             rate_limit_per_second=_float(env, "LEDGER_RATE_LIMIT_PER_SECOND", 0.0),
             rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0),
-            metrics_addr=env.get("LEDGER_METRICS_ADDR", "localhost:9464"),
+            metrics_addr=env.get("LEDGER_METRICS_ADDR", DEFAULT_METRICS_ADDR),
             health_check_interval=timedelta(
                 seconds=_int(env, "LEDGER_HEALTH_CHECK_INTERVAL_SECONDS", 5, minimum=1)
             ),

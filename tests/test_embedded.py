@@ -1,5 +1,6 @@
-"""The embedded PostgreSQL's stop survives a pg_ctl child that died by a signal before it
-could run (ledger_server/devstack/embedded.py). Plain unit test: subprocess is replaced."""
+"""The embedded servers (ledger_server/devstack/embedded.py): PostgreSQL's stop survives a
+pg_ctl child that died by a signal before it could run (subprocess is replaced), and the
+embedded Redis keeps off the ports make run's own servers will listen on."""
 
 from __future__ import annotations
 
@@ -54,3 +55,42 @@ def test_a_pg_ctl_that_keeps_dying_gives_up(
 ) -> None:
     with pytest.raises(RuntimeError, match=r"exit -11"):
         _stop_with(monkeypatch, tmp_path, [-signal.SIGSEGV] * 3 + [0])
+
+
+def test_the_embedded_redis_never_takes_a_port_its_stack_will_listen_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """make run starts Redis before its gRPC server: a kernel handing Redis the gRPC port
+    (free until the server binds it) left a server that clients reached as Redis."""
+    grpc_port, other = embedded._unused_port(), embedded._unused_port()
+    offered = iter([grpc_port, other])
+    monkeypatch.setattr(embedded, "_unused_port", lambda: next(offered))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://elsewhere/ledger")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    _, redis_url, started = embedded.resolve_urls(tmp_path, avoid_ports={grpc_port})
+    try:
+        assert redis_url == f"redis://127.0.0.1:{other}/0"
+    finally:
+        for server in started:
+            server.stop()
+
+
+def test_make_run_keeps_its_own_ports_from_the_embedded_redis(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ledger_server.devstack import __main__ as devstack
+
+    avoided: list[object] = []
+
+    def resolve(_data_dir: Path, **kwargs: Any) -> Any:
+        avoided.append(kwargs.get("avoid_ports"))
+        raise devstack._Interrupted("stop here")
+
+    monkeypatch.setattr(devstack.signal, "signal", lambda *_: None)
+    monkeypatch.setattr(devstack, "_accepts", lambda *_: False)
+    monkeypatch.setattr(embedded, "resolve_urls", resolve)
+    monkeypatch.setenv("LEDGER_GRPC_ADDR", "localhost:41715")
+    monkeypatch.setenv("LEDGER_WEBHOOK_ADDR", "127.0.0.1:41716")
+    monkeypatch.setenv("LEDGER_METRICS_ADDR", "localhost:41717")
+    assert devstack.cmd_run(tmp_path, ready_timeout=1) == 0
+    assert avoided == [{41715, 41716, 41717}]

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, NoReturn
 
+from ledger_server.config import DEFAULT_METRICS_ADDR, StripeSettings
 from ledger_server.devstack import embedded
 
 DEFAULT_GRPC_ADDR = "localhost:50051"
@@ -165,6 +166,17 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def own_ports(environ: Mapping[str, str]) -> set[int]:
+    """The ports this stack's servers will listen on (gRPC, webhooks, metrics), which the
+    embedded Redis, started first, must not take."""
+    addrs = (
+        environ.get("LEDGER_GRPC_ADDR") or DEFAULT_GRPC_ADDR,
+        StripeSettings.from_env(environ).webhook_addr,
+        environ.get("LEDGER_METRICS_ADDR", DEFAULT_METRICS_ADDR),
+    )
+    return {int(port) for addr in addrs if (port := addr.rpartition(":")[2]).isdigit()}
+
+
 def _connect_host(host: str) -> str:
     """Where a client on this machine connects for a server bound to ``host``."""
     return "localhost" if host in ("", "0.0.0.0", "::", "*") else host
@@ -253,7 +265,9 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
     started: list[embedded.Stoppable] = []
     children: list[_Child] = []
     try:
-        database_url, redis_url, started = embedded.resolve_urls(data_dir)
+        database_url, redis_url, started = embedded.resolve_urls(
+            data_dir, avoid_ports=own_ports(os.environ)
+        )
         env = {
             **os.environ,
             "DATABASE_URL": database_url,

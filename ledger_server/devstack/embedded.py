@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -321,11 +321,20 @@ def redis_server_path() -> Path:
     return binary
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def _unused_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _free_port(avoid: Collection[int] = ()) -> int:
+    """A port nothing listens on now and that is not in ``avoid``: ports a caller will bind
+    later (``make run``'s gRPC server starts after Redis, and the kernel may hand Redis the
+    very port it is to use, which is free until then)."""
+    while (port := _unused_port()) in avoid:
+        pass
+    return port
 
 
 def _redis_ping(port: int, timeout: float = 0.5) -> bool:
@@ -468,11 +477,13 @@ def start_redis(
     daemonize: bool = False,
     reuse: bool = True,
     timeout: float = 10.0,
+    avoid_ports: Collection[int] = (),
 ) -> EmbeddedRedis:
-    """Starts redis-server on 127.0.0.1 with its files in ``data_dir``; a free port unless
-    ``port`` is given. With ``reuse`` a server already running on ``data_dir`` is returned
-    instead (``started`` False). ``persist=False`` turns off RDB snapshots. Without
-    ``daemonize`` the server is a child of this process and dies with it."""
+    """Starts redis-server on 127.0.0.1 with its files in ``data_dir``; a free port outside
+    ``avoid_ports`` unless ``port`` is given. With ``reuse`` a server already running on
+    ``data_dir`` is returned instead (``started`` False). ``persist=False`` turns off RDB
+    snapshots. Without ``daemonize`` the server is a child of this process and dies with
+    it."""
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     running = _running_redis(data_dir)
@@ -489,7 +500,7 @@ def start_redis(
     pid_file, port_file, log_file = (data_dir / n for n in ("redis.pid", "redis.port", "redis.log"))
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
-        chosen = port if port is not None else _free_port()
+        chosen = port if port is not None else _free_port(avoid_ports)
         pid_file.unlink(missing_ok=True)
         log_offset = log_file.stat().st_size if log_file.exists() else 0
         argv = [
@@ -522,12 +533,17 @@ def start_redis(
 
 
 def resolve_urls(
-    data_dir: Path | None = None, *, daemonize_redis: bool = False
+    data_dir: Path | None = None,
+    *,
+    daemonize_redis: bool = False,
+    avoid_ports: Collection[int] = (),
 ) -> tuple[str, str, list[Stoppable]]:
     """``(database_url, redis_url, started)``: ``DATABASE_URL`` / ``REDIS_URL`` from the
     environment when set, otherwise embedded servers in ``data_dir/pg`` and
-    ``data_dir/redis`` (started, or reused when already running). ``started`` lists what
-    this call launched, in start order; the caller stops them (in reverse) when done."""
+    ``data_dir/redis`` (started, or reused when already running); a Redis it starts takes
+    none of ``avoid_ports``, the ports the caller's own servers will listen on. ``started``
+    lists what this call launched, in start order; the caller stops them (in reverse) when
+    done."""
     data_dir = data_dir or default_data_dir()
     started: list[Stoppable] = []
     try:
@@ -539,7 +555,9 @@ def resolve_urls(
                 started.append(pg)
         redis_url = os.environ.get("REDIS_URL") or ""
         if not redis_url:
-            redis = start_redis(data_dir / "redis", daemonize=daemonize_redis)
+            redis = start_redis(
+                data_dir / "redis", daemonize=daemonize_redis, avoid_ports=avoid_ports
+            )
             redis_url = redis.url
             if redis.started:
                 started.append(redis)
