@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from ledger_server.config import ConfigError
 from ledger_server.db.queries import query
+from ledger_server.ledger.validation import MAX_AMOUNT_MICROS
 
 Json = Any
 
@@ -37,6 +38,14 @@ def _integral(value: Json) -> Json:
 
 def _non_negative(value: Json) -> str | None:
     return None if value >= 0 else "must not be negative"
+
+
+def _amount_micros(value: Json) -> str | None:
+    """An amount the ledger grants or compares: past MAX_AMOUNT_MICROS the SQL that reads it
+    (a bigint) fails, or a second grant overflows the balance, on every later call."""
+    if not 0 <= value <= MAX_AMOUNT_MICROS:
+        return f"must be 0 to {MAX_AMOUNT_MICROS} micros"
+    return None
 
 
 # A lot lives at most this long (validation.MAX_LOT_LIFETIME): beyond it an expiry passes
@@ -145,7 +154,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         100 * CREDIT,
         "sign-up bonus",
-        _non_negative,
+        _amount_micros,
     ),
     SettingDefinition(
         "signup.expire_days",
@@ -168,7 +177,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         10 * CREDIT,
         "daily reward",
-        _non_negative,
+        _amount_micros,
     ),
     SettingDefinition(
         "daily.expire_days",
@@ -206,7 +215,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         1500 * CREDIT,
         "monthly free allowance",
-        _non_negative,
+        _amount_micros,
     ),
     SettingDefinition(
         "purchase.allow_free_users",
@@ -229,7 +238,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         10_000,
         "micro-credits per minor currency unit (10000: 1 credit per 1.00)",
-        _non_negative,
+        _amount_micros,
     ),
     SettingDefinition(
         "recharge.minimum_minor",
@@ -263,7 +272,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         10 * CREDIT,
         "referral reward, paid into the inviter's reward balance",
-        _non_negative,
+        _amount_micros,
     ),
     SettingDefinition(
         "alerts.low_balance_threshold_micros",
@@ -272,7 +281,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         10 * CREDIT,
         "default low-balance threshold: a charge taking the balance below it raises one alert;"
         " 0 = no alerts",
-        _non_negative,
+        _amount_micros,
     ),
     SettingDefinition(
         "alerts.email_to",

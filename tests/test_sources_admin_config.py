@@ -139,6 +139,11 @@ def test_change_history_can_be_listed_for_all_keys(sources: Sources, configure: 
         # Expiries past the year 9999.
         ("signup.expire_days", struct_pb2.Value(number_value=3_000_000)),
         ("daily.expire_days", struct_pb2.Value(number_value=36_501)),
+        # Amounts past bigint (or past what a balance can add up): every later sign-up,
+        # referral or monthly allowance would fail.
+        ("referral.reward_micros", struct_pb2.Value(number_value=1e19)),
+        ("signup.amount_micros", struct_pb2.Value(number_value=5e18)),
+        ("monthly_free.amount_micros", struct_pb2.Value(number_value=10**15 + 1)),
     ],
 )
 def test_a_value_of_the_wrong_type_or_out_of_range_is_refused(
