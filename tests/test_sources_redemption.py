@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -270,3 +271,43 @@ def test_a_redemption_retried_after_the_batch_is_disabled_is_still_a_replay(
     )
     assert sources.redeem(account, created.codes[0], key=key).lot.lot_id == first.lot.lot_id
     assert ledger.balance(account).balance_micros == 10 * CREDIT
+
+
+def test_a_redemption_in_flight_with_a_disable_is_refused_once_the_disable_commits(
+    sources: Sources, ledger_db_url: str
+) -> None:
+    """The redemption reads its batch under a share lock: it waits for a disable in flight
+    and then sees it, and a disable waits for the redemptions in flight (its answer counts
+    them). Unlocked, a redemption committed after DisableRedemptionBatch had answered."""
+    batch_id = sources.create_batch(10 * CREDIT).batch.batch_id
+    outcome: list[str] = []
+    with (
+        psycopg.connect(ledger_db_url) as disabler,
+        psycopg.connect(ledger_db_url, autocommit=True) as redeemer,
+    ):
+        row = disabler.execute(
+            "SELECT code FROM redemption_codes WHERE batch_id = %s", (batch_id,)
+        ).fetchone()
+        assert row is not None
+        disabler.execute(
+            "SELECT ledger_disable_redemption_batch(%s, 'admin', 'leaked', now())", (batch_id,)
+        )
+
+        def redeem() -> None:
+            try:
+                redeemer.execute(
+                    "SELECT ledger_redeem(%s, %s, '\\x01', %s, now())",
+                    (new_account("late"), new_key(), row[0]),
+                )
+                outcome.append("redeemed")
+            except psycopg.Error as error:
+                outcome.append(str(error.sqlstate))
+
+        racing = threading.Thread(target=redeem)
+        racing.start()
+        racing.join(timeout=1.0)
+        assert outcome == [], "the redemption went ahead of the disable in flight"
+        disabler.commit()
+        racing.join(timeout=60)
+    assert outcome == ["LE017"]
+    assert sources.get_batch(batch_id).redemption_count == 0

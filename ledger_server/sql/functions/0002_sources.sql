@@ -408,12 +408,14 @@ BEGIN
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
-    -- Lock order: the account, then the code row every redeemer of the code updates.
+    -- Lock order: the account, the code row every redeemer of the code updates, its batch.
     SELECT * INTO c FROM redemption_codes WHERE code = p_code FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM ledger_fail('LE015', 'no such redemption code', jsonb_build_object('code', p_code));
     END IF;
-    SELECT * INTO b FROM redemption_batches WHERE batch_id = c.batch_id;
+    -- Shared: a disable in flight is waited for and then seen, and a disable waits for the
+    -- redemptions in flight, so none commits after DisableRedemptionBatch has answered.
+    SELECT * INTO b FROM redemption_batches WHERE batch_id = c.batch_id FOR SHARE;
     IF b.disabled THEN
         PERFORM ledger_fail('LE017', 'the redemption code is disabled', jsonb_build_object('code', p_code));
     END IF;
