@@ -375,11 +375,16 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         return response
 
     async def Redeem(self, request: pb.RedeemRequest, context: Context) -> pb.RedeemResponse:
+        code = validation.redemption_code(request.code)
+        # A retry may type the code another way (case, dashes, spaces): it is the same request.
+        as_redeemed = pb.RedeemRequest()
+        as_redeemed.CopyFrom(request)
+        as_redeemed.code = code
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
-            "code": validation.redemption_code(request.code),
-            "hash": request_fingerprint("redeem", request),
+            "code": code,
+            "hash": request_fingerprint("redeem", as_redeemed),
             "now": self._clock.now(),
         }
         data = await self._call("redeem", params)
