@@ -54,6 +54,16 @@ _EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
 
 
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
+
+
 def _refuse_future_timestamp(signature: str | None, tolerance: int) -> None:
     """The stripe library only refuses timestamps older than the tolerance; one further in
     the future than the tolerance is as suspect (a replay window held open), so it is too."""
@@ -96,10 +106,14 @@ class WebhookReceiver:
             # ValueError: not UTF-8 or not JSON. Nothing about the request is stored.
             log.warning("webhook refused: %s", exc)
             return HTTPStatus.BAD_REQUEST, {"error": "invalid signature or payload"}
-        # Signed but not an event we can store: refused for good with 400 (a 5xx would make
-        # Stripe deliver it again forever). PostgreSQL's jsonb cannot hold NUL characters.
-        if not isinstance(payload, dict) or "\\u0000" in json.dumps(payload):
+        # Signed but not an event object: refused for good with 400 (a 5xx would make Stripe
+        # deliver it again forever).
+        if not isinstance(payload, dict):
             return HTTPStatus.BAD_REQUEST, {"error": "the payload is not a storable event"}
+        # PostgreSQL's jsonb cannot hold NUL characters, which a customer can type into a
+        # name or address of a paid checkout: they are stored as U+FFFD rather than the
+        # event refused (and its credits lost).
+        payload = _without_nul(payload)
         event_id, event_type = payload.get("id"), payload.get("type")
         if (
             not isinstance(event_id, str)
