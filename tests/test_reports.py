@@ -264,6 +264,9 @@ def test_summary_refuses_bad_requests(
         ({"month": "2026-1"}, "month"),
         ({"month": "9999-12"}, "month"),  # its end is past the last year a date can hold
         ({"day": "9999-12-31"}, "day"),
+        # East of UTC, a day or month of the year 1 begins in the year 0.
+        ({"day": "0001-01-01"}, "day"),
+        ({"month": "0001-01"}, "month"),
         ({"range": report_pb.TimeRange()}, "range.start_time"),
     ]:
         expect_error(

@@ -41,6 +41,9 @@ Period = tuple[datetime | None, datetime | None, datetime | None, datetime | Non
 
 # A period's end must still be a date: the day after 9999-12-31 is not.
 _LAST_YEAR = 9998
+# A period's start must still be an instant: a day of the year 1 in a zone east of UTC
+# begins in the year 0, which neither PostgreSQL nor a protobuf Timestamp can hold.
+_FIRST_YEAR = 2
 
 
 def _local_period(request: pb.GetSummaryRequest) -> Period:
@@ -54,8 +57,8 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
             day = date.fromisoformat(request.day)
         except ValueError:
             raise invalid_field("day", "must be a date YYYY-MM-DD") from None
-        if day.year > _LAST_YEAR:
-            raise invalid_field("day", f"must be in the year {_LAST_YEAR} or before")
+        if not _FIRST_YEAR <= day.year <= _LAST_YEAR:
+            raise invalid_field("day", f"must be in the years {_FIRST_YEAR} to {_LAST_YEAR}")
         start = datetime(day.year, day.month, day.day)
         return start, start + timedelta(days=1), None, None
     if which == "month":
@@ -64,8 +67,8 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
         year, month = int(request.month[:4]), int(request.month[5:])
         if not 1 <= month <= 12 or year < 1:
             raise invalid_field("month", "must be a month YYYY-MM")
-        if year > _LAST_YEAR:
-            raise invalid_field("month", f"must be in the year {_LAST_YEAR} or before")
+        if not _FIRST_YEAR <= year <= _LAST_YEAR:
+            raise invalid_field("month", f"must be in the years {_FIRST_YEAR} to {_LAST_YEAR}")
         start = datetime(year, month, 1)
         following = datetime(year + month // 12, month % 12 + 1, 1)
         return start, following, None, None
