@@ -221,6 +221,26 @@ def test_an_expired_code_is_refused(
     assert_audit_clean()
 
 
+def test_a_batch_retried_after_its_codes_expired_gets_its_first_answer(
+    sources: Sources, clock: Any
+) -> None:
+    """The codes' expiry is checked after the idempotency lookup: a retry of a lost answer
+    sent after it still learns the codes; a new request with that expiry is refused."""
+    expire_time = clock.now().replace(microsecond=0) + timedelta(hours=1)
+    key = new_key("batch")
+    created = sources.create_batch(10 * CREDIT, 3, key=key, code_expire_time=ts(expire_time))
+    clock.advance(timedelta(hours=2))
+    retried = sources.create_batch(10 * CREDIT, 3, key=key, code_expire_time=ts(expire_time))
+    assert retried.batch.batch_id == created.batch.batch_id
+    assert list(retried.codes) == list(created.codes)
+    expect_error(
+        lambda: sources.create_batch(10 * CREDIT, 3, code_expire_time=ts(expire_time)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        field="code_expire_time",
+    )
+
+
 def test_unknown_codes_and_batches_are_not_found(sources: Sources) -> None:
     account = sources.create_account().account.account_id
     info = expect_error(

@@ -88,14 +88,6 @@ def text(value: str, field: str, max_length: int = 1024) -> str:
     return value
 
 
-def future_time(value: datetime, now: datetime, field: str) -> datetime:
-    if value <= now:
-        raise invalid_field(field, "must be in the future")
-    if value.year > 9000:
-        raise invalid_field(field, "is too far in the future")
-    return value
-
-
 def duration(value: timedelta, field: str, maximum: timedelta) -> timedelta:
     if value <= timedelta():
         raise invalid_field(field, "must be positive")

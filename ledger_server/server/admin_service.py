@@ -280,11 +280,10 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             raise invalid_field("max_redemptions_per_code", "must not be negative")
         code_expires_at = None
         if request.HasField("code_expire_time"):
-            code_expires_at = validation.future_time(
-                validation.timestamp(request.code_expire_time, "code_expire_time"),
-                now,
-                "code_expire_time",
-            )
+            # That it is still in the future is checked after the idempotency lookup (SQL).
+            code_expires_at = validation.timestamp(request.code_expire_time, "code_expire_time")
+            if code_expires_at.year > 9000:
+                raise invalid_field("code_expire_time", "is too far in the future")
         credit_lifetime = None
         if request.HasField("credit_lifetime"):
             credit_lifetime = validation.duration(

@@ -364,6 +364,12 @@ BEGIN
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
+    -- Checked here, after the replay lookup: a retry sent after the codes' expiry still
+    -- gets the original response (the codes it would otherwise never learn).
+    IF p_code_expires_at <= p_now THEN
+        PERFORM ledger_fail('LE010', 'code_expire_time is not in the future', jsonb_build_object(
+            'field', 'code_expire_time', 'violation', 'must be in the future'));
+    END IF;
     INSERT INTO redemption_batches (batch_id, amount_micros, code_count, max_redemptions_per_code,
                                     code_expires_at, credit_lifetime, note, created_by, created_at)
     VALUES (batch, p_amount, p_count, p_max_redemptions, p_code_expires_at, p_credit_lifetime,
