@@ -228,7 +228,7 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
     """What a newcomer sees once the stack is up: where it listens and a first call to paste
     (a grant with a fixed idempotency key, so pasting it twice grants once)."""
     base = f"{_buf_command()} curl --protocol grpc --http2-prior-knowledge"
-    webhook_addr = env.get("LEDGER_WEBHOOK_ADDR") or "localhost:8081"
+    webhook_addr = StripeSettings.from_env(env).webhook_addr
     url = f"http://{_url_host(host)}:{port}/ledger.v1.LedgerService"
     grant = (
         """'{"account_id":"demo","idempotency_key":"demo-welcome","""
