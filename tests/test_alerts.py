@@ -4,7 +4,9 @@ threshold raise nothing more until the balance has gone back above it."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -17,7 +19,8 @@ from aiosmtpd.controller import Controller
 from ledger.v1 import admin_service_pb2 as admin_pb
 from support.ledger import CREDIT, Ledger, new_account, new_key
 from support.workers import run_burst_workers
-from workers import sweepers
+from workers import alerts, sweepers
+from workers import db as worker_db
 from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
 
 
@@ -33,18 +36,44 @@ class Inbox:
         return [m for m in self.messages if account in str(m["Subject"])]
 
 
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
+class HoldingInbox(Inbox):
+    """Holds every message at DATA until released: a slow SMTP server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.arrived.set()
+        await asyncio.to_thread(self.release.wait)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _serve(inbox: Inbox) -> Iterator[tuple[Inbox, int]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
-    inbox = Inbox()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
     try:
         yield inbox, port
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    yield from _serve(Inbox())
+
+
+@pytest.fixture
+def slow_smtp() -> Iterator[tuple[HoldingInbox, int]]:
+    inbox = HoldingInbox()
+    try:
+        yield from _serve(inbox)  # type: ignore[misc]
+    finally:
+        inbox.release.set()
 
 
 def _alerts(admin: Any, account: str) -> list[admin_pb.LowBalanceAlert]:
@@ -159,3 +188,53 @@ def test_an_email_whose_job_was_lost_is_queued_again_by_the_sweeper(
             (account,),
         ).fetchone()
     assert pending == (0,)
+
+
+def test_a_second_job_of_an_alert_being_sent_passes_it_over(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    slow_smtp: tuple[HoldingInbox, int],
+    ledger_db_url: str,
+    monkeypatch: Any,
+) -> None:
+    """The sweeper re-queues an email whose job started long ago; if that job is still
+    talking to a slow SMTP server, the new one must not send the email a second time."""
+    inbox, port = slow_smtp
+    configure("alerts.email_to", "ops@example.com")
+    account = new_account("slow")
+    ledger.grant(account, 30)
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
+    )
+    ledger.consume(account, 15 * CREDIT)
+    [alert] = _alerts(admin, account)
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("LEDGER_SMTP_PORT", str(port))
+    answers: dict[str, str] = {}
+
+    def job(name: str) -> None:
+        answers[name] = alerts.send_low_balance_email(account, alert.alert_id)
+
+    first = threading.Thread(target=job, args=("first",))
+    second = threading.Thread(target=job, args=("second",))
+    try:
+        first.start()
+        assert inbox.arrived.wait(30), "the first job never reached the SMTP server"
+        second.start()
+        second.join(30)  # without the claim it would wait at DATA, beside the first
+        assert not second.is_alive(), "the second job is sending the email too"
+        inbox.release.set()
+        first.join(30)
+    finally:
+        inbox.release.set()
+        first.join()
+        second.join()
+        worker_db.close()
+    assert answers == {"first": "sent to ops@example.com", "second": "being sent by another job"}
+    assert len(inbox.to(account)) == 1
+    [alert] = _alerts(admin, account)
+    assert alert.email_status == admin_pb.ALERT_EMAIL_STATUS_SENT

@@ -1,7 +1,9 @@
 """The low-balance alert email job. The alert row in PostgreSQL is the truth: this job
 sends the email of a pending alert and records the outcome; the sweeper re-queues
-alerts whose email is still pending, so a lost job or Redis loses no alert. Delivery
-is at least once: a crash between sending and recording can send it twice."""
+alerts whose email is still pending, so a lost job or Redis loses no alert. A job holds
+its alert's row from before sending until the outcome is recorded, so a second job of
+the same alert passes it over. Delivery is at least once: a crash between sending and
+recording can send it twice."""
 
 from __future__ import annotations
 
@@ -20,56 +22,56 @@ def _credits(micros: int) -> str:
     return f"{micros / CREDIT:,.6f}".rstrip("0").rstrip(".")
 
 
-def send_low_balance_email(account_id: str, alert_id: int) -> str:
-    with connection() as conn:
-        row = conn.execute(
-            query("alert_for_email"), {"account_id": account_id, "alert_id": alert_id}
-        ).fetchone()
-    if row is None:
-        return "no such alert"
-    email_to, status, threshold, balance, created_at = row
-    if status != "pending":
-        return f"already {status}"
+def _message(
+    account_id: str, email_to: str, threshold: int, balance: int, at: datetime
+) -> EmailMessage:
     message = EmailMessage()
-    smtp = SmtpSettings.from_env()
-    message["From"] = smtp.sender
+    message["From"] = SmtpSettings.from_env().sender
     message["To"] = email_to
     message["Subject"] = f"Low credit balance: {account_id}"
     message.set_content(
         f"The credit balance of account {account_id} fell to {_credits(balance)} credits,"
         f" below its alert threshold of {_credits(threshold)} credits"
-        f" ({created_at:%Y-%m-%d %H:%M:%S} UTC).\n\n"
+        f" ({at:%Y-%m-%d %H:%M:%S} UTC).\n\n"
         "You will get no further alert until the balance has gone back above the threshold.\n"
     )
-    try:
-        with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
-            if smtp.starttls:
-                client.starttls()
-            if smtp.username:
-                client.login(smtp.username, smtp.password)
-            client.send_message(message)
-    except (OSError, smtplib.SMTPException) as error:
-        with connection() as conn:
-            conn.execute(
-                query("record_alert_email"),
-                {
-                    "account_id": account_id,
-                    "alert_id": alert_id,
-                    "status": "pending",
-                    "error": f"{type(error).__name__}: {error}",
-                    "now": datetime.now(UTC),
-                },
-            )
-        raise  # RQ retries with backoff, then keeps it in the failed registry
-    with connection() as conn:
+    return message
+
+
+def _send(message: EmailMessage) -> None:
+    smtp = SmtpSettings.from_env()
+    with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
+        if smtp.starttls:
+            client.starttls()
+        if smtp.username:
+            client.login(smtp.username, smtp.password)
+        client.send_message(message)
+
+
+def send_low_balance_email(account_id: str, alert_id: int) -> str:
+    ids = {"account_id": account_id, "alert_id": alert_id}
+    failure: OSError | smtplib.SMTPException | None = None
+    with connection() as conn, conn.transaction():
+        row = conn.execute(query("claim_alert_for_email"), ids).fetchone()
+        if row is None:
+            exists = conn.execute(query("alert_for_email"), ids).fetchone()
+            return "being sent by another job" if exists else "no such alert"
+        email_to, status, threshold, balance, created_at = row
+        if status != "pending":
+            return f"already {status}"
+        try:
+            _send(_message(account_id, email_to, threshold, balance, created_at))
+        except (OSError, smtplib.SMTPException) as error:
+            failure = error
         conn.execute(
             query("record_alert_email"),
             {
-                "account_id": account_id,
-                "alert_id": alert_id,
-                "status": "sent",
-                "error": None,
+                **ids,
+                "status": "sent" if failure is None else "pending",
+                "error": None if failure is None else f"{type(failure).__name__}: {failure}",
                 "now": datetime.now(UTC),
             },
         )
+    if failure is not None:
+        raise failure  # RQ retries with backoff, then keeps it in the failed registry
     return f"sent to {email_to}"
