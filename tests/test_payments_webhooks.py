@@ -7,6 +7,8 @@ import json
 import os
 import random
 import signal
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -332,6 +334,31 @@ def test_with_redis_down_the_event_is_stored_answered_200_and_swept_later(
     run_sweeper(ledger_db_url, payments_redis_url)
     run_burst_workers(ledger_db_url, payments_redis_url)
     assert ledger.balance(account).balance_micros == 4 * CREDIT
+
+
+def test_with_redis_hung_the_event_is_stored_and_answered_200(
+    ledger_db_url: str, payments_db: PaymentsDb, monkeypatch: Any
+) -> None:
+    """A Redis that accepts connections and never answers must not hold the receiver's
+    handler for good (Stripe would time out, and the thread is lost): the client of
+    workers.queues gives up, and the event, already stored, waits for the sweeper."""
+    body = checkout_pack(new_account("redishung"), "pack-any")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        answers: list[tuple[int, dict[str, Any]]] = []
+        with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+            receiver = WebhookReceiver(SECRET, TOLERANCE_SECONDS, connect=lambda: nullcontext(conn))
+            handler = threading.Thread(
+                target=lambda: answers.append(receiver.receive(body, sign(body))), daemon=True
+            )
+            handler.start()
+            handler.join(60)  # without a socket time-out it would wait as long as Redis
+            assert not handler.is_alive(), "the receiver is still waiting on Redis"
+    [(status, answer)] = answers
+    assert (status, answer["duplicate"]) == (200, False)
+    assert payments_db.event(_event_id(body))["status"] == "received"  # type: ignore[index]
 
 
 def test_the_receiver_answers_health_checks_and_only_its_route(webhook_url: str) -> None:

@@ -35,6 +35,13 @@ RETRY_MAX = 5
 RETRY_INTERVALS = (10, 30, 120, 600, 1800)
 JOB_TIMEOUT_SECONDS = 180
 
+# How long a call may wait on Redis before it fails. A Redis that stops answering must not
+# hold the server's post-commit enqueue, the webhook receiver's handler or a sweeper for
+# good. REDIS_URL's own `socket_timeout`/`socket_connect_timeout` take precedence. The RQ
+# worker's client, which waits in a blocking dequeue for minutes, is made apart
+# (workers/__main__.py) and keeps RQ's own time-out.
+REDIS_TIMEOUT_SECONDS = 5.0
+
 _lock = threading.Lock()
 _connections: dict[tuple[int, str], Redis] = {}
 
@@ -53,7 +60,11 @@ def redis_connection(url: str | None = None) -> Redis:
     with _lock:
         client = _connections.get(key)
         if client is None:
-            client = Redis.from_url(url)
+            client = Redis.from_url(
+                url,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            )
             _connections[key] = client
         return client
 
