@@ -54,6 +54,34 @@ def test_a_batch_has_well_formed_distinct_codes(sources: Sources) -> None:
     assert sources.get_batch(batch.batch_id).code_count == 20
 
 
+def test_codes_come_from_a_cryptographic_source(ledger_db_url: str) -> None:
+    """Codes are drawn from pg_strong_random, not random(): two sessions with the same
+    setseed() draw different codes, and every character of the alphabet is as likely."""
+
+    def draw(count: int) -> list[str]:
+        with psycopg.connect(ledger_db_url) as conn:
+            conn.execute("SELECT setseed(0.42)")
+            return [
+                row[0]
+                for row in conn.execute(
+                    "SELECT ledger_random_code(16) FROM generate_series(1, %s)", (count,)
+                )
+            ]
+
+    first, second = draw(50), draw(50)
+    assert not set(first) & set(second)
+    alphabet = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+    characters = "".join(first + second + draw(1900))
+    assert len(characters) == 2000 * 16
+    counts = {c: characters.count(c) for c in alphabet}
+    assert sum(counts.values()) == len(characters)  # no character outside the alphabet
+    # 32,000 draws: each character expected 1,032 times (standard deviation ~31), the first
+    # eight together 8,258 (~78). A byte taken modulo 31 without dropping those from 248
+    # would favour the first eight: 9,000 together.
+    assert all(840 < n < 1225 for n in counts.values()), counts
+    assert sum(counts[c] for c in alphabet[:8]) < 8629, counts
+
+
 def test_redeem_grants_the_amount_and_ignores_case_dashes_and_spaces(
     sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
 ) -> None:

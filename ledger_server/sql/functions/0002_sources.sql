@@ -108,12 +108,31 @@ LANGUAGE sql STABLE AS $$
      WHERE a.account_id = p_account
 $$;
 
--- Ten characters from an alphabet without look-alikes (no 0/O, 1/I/L).
+-- Characters from an alphabet without look-alikes (no 0/O, 1/I/L), drawn from the
+-- server's cryptographic source (gen_random_uuid's pg_strong_random). random() would not
+-- do: setseed() fixes its sequence, and its next values follow from a few seen, so codes
+-- handed to one customer would tell another's.
 CREATE OR REPLACE FUNCTION ledger_random_code(p_length int) RETURNS text
-LANGUAGE sql VOLATILE AS $$
-    SELECT string_agg(substr('23456789ABCDEFGHJKMNPQRSTUVWXYZ', 1 + floor(random() * 31)::int, 1), '')
-      FROM generate_series(1, p_length)
-$$;
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    alphabet constant text := '23456789ABCDEFGHJKMNPQRSTUVWXYZ';
+    code text := '';
+    pool bytea;
+    b int;
+BEGIN
+    WHILE length(code) < p_length LOOP
+        pool := uuid_send(gen_random_uuid());
+        FOR i IN 0..15 LOOP
+            b := get_byte(pool, i);
+            -- Bytes 6 and 8 hold the UUID's version and variant bits; bytes from 248
+            -- (8 * 31) up are dropped so that every character is equally likely.
+            CONTINUE WHEN i IN (6, 8) OR b >= 248;
+            code := code || substr(alphabet, 1 + b % 31, 1);
+            EXIT WHEN length(code) = p_length;
+        END LOOP;
+    END LOOP;
+    RETURN code;
+END $$;
 
 -- Grants the monthly free allowance when it is due (seed 004): a lot for the
 -- calendar month in the configured zone, expiring when the month ends, at most one
