@@ -284,3 +284,62 @@ def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_a
     finally:
         worker_db.close()
     assert audit_database(fresh_database_url) == []
+
+
+def test_an_account_whose_maintenance_fails_does_not_stall_the_sweep(
+    fresh_database_url: str, monkeypatch: Any
+) -> None:
+    """An account whose maintenance raises fails the batch it is in and stays due, first
+    in line: the sweep goes on account by account, puts it back a while, sweeps every
+    other due account and fails at the end, naming it."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    start = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    prefix = new_account("poison")
+    poison, *healthy = [f"{prefix}-{n}" for n in range(5)]
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+        for minutes, account in enumerate([poison, *healthy], start=30):
+            conn.execute(
+                "SELECT ledger_grant(%s, 'g', '\\x01', 1000000, 'purchase', %s, 'main', "
+                "'', '', NULL, %s)",
+                (account, start + timedelta(minutes=minutes), start),
+            )
+        conn.execute(
+            "CREATE FUNCTION poisoned() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'poisoned'; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER poisoned BEFORE UPDATE ON lots FOR EACH ROW "
+            f"WHEN (OLD.account_id = '{poison}') EXECUTE FUNCTION poisoned()"
+        )
+
+    def live_lots() -> dict[str, int]:
+        with psycopg.connect(fresh_database_url) as conn:
+            rows = conn.execute(
+                "SELECT account_id, count(*)::int FROM lots WHERE remaining_micros > 0 "
+                "AND source = 'purchase' "
+                "GROUP BY account_id"
+            ).fetchall()
+        return dict(rows)
+
+    later = start + timedelta(hours=2)
+    try:
+        with pytest.raises(sweepers.SweepIncomplete, match=poison):
+            sweepers.sweep_due_accounts(later.isoformat(), batch=2)
+        assert live_lots() == {poison: 1}
+        with psycopg.connect(fresh_database_url) as conn:
+            due = conn.execute(
+                "SELECT next_maintenance_at FROM accounts WHERE account_id = %s", (poison,)
+            ).fetchone()
+        assert due == (later + timedelta(seconds=sweepers.POSTPONE_SECONDS),)
+        assert sweepers.sweep_due_accounts(later.isoformat(), batch=2) == 0  # put back
+
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER poisoned ON lots")
+        after_the_pause = later + timedelta(seconds=sweepers.POSTPONE_SECONDS)
+        assert sweepers.sweep_due_accounts(after_the_pause.isoformat(), batch=2) == 1
+        assert live_lots() == {}
+    finally:
+        worker_db.close()
+    assert audit_database(fresh_database_url) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -19,6 +20,9 @@ from workers.db import connection
 from workers.queues import DEFAULT_QUEUE, requeue
 
 SWEEP_BATCH = 500
+# How long an account whose maintenance failed waits before the sweep tries it again (a
+# call on it still maintains it first, as ever).
+POSTPONE_SECONDS = 300
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +31,55 @@ def _now(as_of: str | None) -> datetime:
     return datetime.fromisoformat(as_of) if as_of else datetime.now(UTC)
 
 
+class SweepIncomplete(RuntimeError):
+    """Some accounts' maintenance failed; every other due account was swept. The failed
+    ones are put back a while (POSTPONE_SECONDS) and the job fails so that it shows."""
+
+
 def sweep_due_accounts(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:
     """Applies due expiries, time-outs and allowances, a batch per transaction, until no
     account is due. Returns how many accounts it swept."""
     now = _now(as_of)
     swept = 0
+    failed: list[str] = []
     with connection() as conn:
         while True:
-            row = conn.execute(query("sweep"), {"now": now, "limit": batch}).fetchone()
-            done = int(row[0]) if row else 0
+            try:
+                row = conn.execute(query("sweep"), {"now": now, "limit": batch}).fetchone()
+                done = int(row[0]) if row else 0
+            except psycopg.Error as exc:
+                # One account whose maintenance raises fails its whole batch, and it stays
+                # due and first in line: without this, no account would be swept again.
+                log.warning("a sweep batch failed (%s): sweeping it account by account", exc)
+                done = _sweep_one_by_one(conn, now, batch, failed)
             swept += done
             if done < batch:
-                return swept
+                break
+    if failed:
+        raise SweepIncomplete(
+            f"{len(failed)} accounts' maintenance failed ({swept - len(failed)} swept),"
+            f" first {failed[0]!r}; they are put back {POSTPONE_SECONDS} s"
+        )
+    return swept
+
+
+def _sweep_one_by_one(
+    conn: psycopg.Connection[Any], now: datetime, batch: int, failed: list[str]
+) -> int:
+    """Sweeps the next batch of due accounts one transaction each; one that fails is
+    recorded in `failed` and put back, so the next batch does not meet it again."""
+    due = [r[0] for r in conn.execute(query("due_accounts"), {"now": now, "limit": batch})]
+    for account_id in due:
+        try:
+            conn.execute(query("sweep_account"), {"account_id": account_id, "now": now})
+        except psycopg.Error as exc:
+            log.error("maintenance of account %s failed: %s", account_id, exc)
+            failed.append(account_id)
+            conn.execute(
+                query("postpone_maintenance"),
+                {"account_id": account_id, "now": now, "seconds": POSTPONE_SECONDS},
+            )
+    return len(due)
 
 
 def grant_monthly_allowances(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:
