@@ -223,7 +223,7 @@ def test_the_monthly_allowance_job_run_twice_grants_once(
 def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
     from rq.cron import CronScheduler
 
-    from workers.schedule import register_jobs
+    from workers.schedule import DAILY_REWARDS_TIMEOUT_SECONDS, register_jobs
 
     scheduler = CronScheduler(connection=redis.Redis.from_url(redis_url))
     register_jobs(scheduler, interval_seconds=30)
@@ -235,6 +235,13 @@ def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
         "workers.sweepers.grant_daily_rewards",
         "workers.payments.requeue_stalled_payment_events",
     }
+    # RQ's default 180 s would cut the daily rewards short on a large ledger, every hour.
+    [daily] = [job for job in scheduler.get_jobs() if job.func_name.endswith("daily_rewards")]
+    assert daily.job_options["job_timeout"] == DAILY_REWARDS_TIMEOUT_SECONDS > 180
+
+
+CLAIM_NAME = "ledger_claim_daily_reward"
+CLAIM = f"{CLAIM_NAME}(text, text, bytea, timestamptz)"
 
 
 def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_account(
@@ -277,6 +284,17 @@ def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_a
         # Two hours later it is still 5 December in UTC, but 6 December in Shanghai.
         assert sweepers.grant_daily_rewards((start + timedelta(hours=2)).isoformat()) == 3
         assert daily_lots() == [(account, 2) for account in accounts]
+        # A re-run (after a time-out on a large ledger, say) claims for no account that
+        # has the day's reward: with the claim made to fail, it still has nothing to do.
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute(f"ALTER FUNCTION {CLAIM} RENAME TO claim_broken")
+            try:
+                assert sweepers.grant_daily_rewards((start + timedelta(hours=2)).isoformat()) == 0
+            finally:
+                conn.execute(
+                    f"ALTER FUNCTION {CLAIM.replace(CLAIM_NAME, 'claim_broken')} "
+                    f"RENAME TO {CLAIM_NAME}"
+                )
 
         with pytest.raises(sweepers.DailyRewardsIncomplete, match=accounts[1]):
             sweepers.grant_daily_rewards((start + timedelta(days=1, hours=2)).isoformat())

@@ -116,9 +116,10 @@ def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> i
     granted = 0
     failed: list[str] = []
     with connection() as conn:
-        row = conn.execute(query("setting_value"), {"key": "daily.automatic"}).fetchone()
-        if not row or row[0] is not True:
-            return 0
+        for switch in ("daily.automatic", "daily.enabled"):  # off: every claim would fail
+            row = conn.execute(query("setting_value"), {"key": switch}).fetchone()
+            if not row or row[0] is not True:
+                return 0
         day = conn.execute(query("ledger_day"), {"now": now}).fetchone()
         assert day is not None
         key = f"auto-daily:{day[0].isoformat()}"
@@ -128,7 +129,8 @@ def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> i
             accounts = [
                 r[0]
                 for r in conn.execute(
-                    query("accounts_after"), {"after": after, "limit": batch}
+                    query("accounts_without_daily_claim"),
+                    {"after": after, "day": day[0], "limit": batch},
                 ).fetchall()
             ]
             for account_id in accounts:

@@ -166,8 +166,15 @@ SELECT value FROM settings WHERE key = %(key)s
 -- The day of ledger.timezone a time falls on: the day a daily reward counts in.
 SELECT (%(now)s::timestamptz AT TIME ZONE ledger_timezone())::date
 
--- name: accounts_after
-SELECT account_id FROM accounts WHERE account_id > %(after)s ORDER BY account_id LIMIT %(limit)s
+-- name: accounts_without_daily_claim
+-- The next accounts that lack the day's reward: a re-run (after a time-out, say) goes
+-- straight to those the last run did not reach.
+SELECT a.account_id FROM accounts a
+ WHERE a.account_id > %(after)s
+   AND NOT EXISTS (SELECT 1 FROM daily_claims c
+                    WHERE c.account_id = a.account_id AND c.claim_date = %(day)s)
+ ORDER BY a.account_id
+ LIMIT %(limit)s
 
 -- name: alert_for_email
 SELECT email_to, email_status, threshold_micros, balance_micros, created_at
