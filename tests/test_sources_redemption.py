@@ -294,6 +294,10 @@ def test_unknown_codes_and_batches_are_not_found(sources: Sources) -> None:
             {"amount_micros": 5 * CREDIT, "code_count": 1, "max_redemptions_per_code": -1},
             "max_redemptions_per_code",
         ),
+        (
+            {"amount_micros": 5 * CREDIT, "code_count": 1, "max_redemptions_per_code": 1_000_001},
+            "max_redemptions_per_code",
+        ),
     ],
 )
 def test_a_malformed_batch_is_refused(sources: Sources, fields: dict[str, Any], field: str) -> None:

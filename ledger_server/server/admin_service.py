@@ -33,6 +33,7 @@ Response = TypeVar("Response", bound=Message)
 
 _CATALOGUE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_CODES_PER_BATCH = 10_000
+MAX_REDEMPTIONS_PER_CODE = 1_000_000
 
 
 def _catalogue_id(value: str, field: str) -> str:
@@ -276,8 +277,10 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         now = self._clock.now()
         if not 1 <= request.code_count <= MAX_CODES_PER_BATCH:
             raise invalid_field("code_count", f"must be 1 to {MAX_CODES_PER_BATCH}")
-        if request.max_redemptions_per_code < 0:
-            raise invalid_field("max_redemptions_per_code", "must not be negative")
+        if not 0 <= request.max_redemptions_per_code <= MAX_REDEMPTIONS_PER_CODE:
+            raise invalid_field(
+                "max_redemptions_per_code", f"must be 0 (one) to {MAX_REDEMPTIONS_PER_CODE}"
+            )
         code_expires_at = None
         if request.HasField("code_expire_time"):
             # That it is still in the future is checked after the idempotency lookup (SQL).
@@ -296,7 +299,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "hash": request_fingerprint("create_redemption_batch", request),
             "amount": validation.positive_amount(request.amount_micros),
             "count": request.code_count,
-            "max_redemptions": min(request.max_redemptions_per_code or 1, 1_000_000),
+            "max_redemptions": request.max_redemptions_per_code or 1,
             "code_expires_at": code_expires_at,
             "credit_lifetime": credit_lifetime,
             "note": validation.text(request.note, "note"),

@@ -536,7 +536,7 @@ class CreateRedemptionBatchRequest(_message.Message):
     code_count: _builtins.int
     """1 to 10,000."""
     max_redemptions_per_code: _builtins.int
-    """At least 1; 1 when unset."""
+    """1 to 1,000,000; 1 when unset."""
     note: _builtins.str
     @_builtins.property
     def code_expire_time(self) -> _timestamp_pb2.Timestamp: ...
