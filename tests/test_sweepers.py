@@ -305,19 +305,20 @@ def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_a
 
 
 def test_an_account_whose_maintenance_fails_does_not_stall_the_sweep(
-    fresh_database_url: str, monkeypatch: Any
+    fresh_database_url: str, monkeypatch: Any, caplog: Any
 ) -> None:
     """An account whose maintenance raises fails the batch it is in and stays due, first
-    in line: the sweep goes on account by account, puts it back a while, sweeps every
-    other due account and fails at the end, naming it."""
+    in line: the sweep goes on account by account, passes it over for the rest of the run,
+    sweeps every other due account it can lock and fails at the end, naming it. The
+    account stays due, so a call on it still maintains it first (and fails as loudly)."""
     migrate(fresh_database_url)
     monkeypatch.setenv("DATABASE_URL", fresh_database_url)
     start = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
     prefix = new_account("poison")
-    poison, *healthy = [f"{prefix}-{n}" for n in range(5)]
+    poison, busy, *healthy = [f"{prefix}-{n}" for n in range(5)]
     with psycopg.connect(fresh_database_url, autocommit=True) as conn:
         sync_environment_defaults(conn, environment_defaults(), start)
-        for minutes, account in enumerate([poison, *healthy], start=30):
+        for minutes, account in enumerate([poison, busy, *healthy], start=30):
             conn.execute(
                 "SELECT ledger_grant(%s, 'g', '\\x01', 1000000, 'purchase', %s, 'main', "
                 "'', '', NULL, %s)",
@@ -336,27 +337,36 @@ def test_an_account_whose_maintenance_fails_does_not_stall_the_sweep(
         with psycopg.connect(fresh_database_url) as conn:
             rows = conn.execute(
                 "SELECT account_id, count(*)::int FROM lots WHERE remaining_micros > 0 "
-                "AND source = 'purchase' "
-                "GROUP BY account_id"
+                "AND source = 'purchase' GROUP BY account_id"
             ).fetchall()
         return dict(rows)
 
-    later = start + timedelta(hours=2)
-    try:
-        with pytest.raises(sweepers.SweepIncomplete, match=poison):
-            sweepers.sweep_due_accounts(later.isoformat(), batch=2)
-        assert live_lots() == {poison: 1}
+    def poison_due() -> Any:
         with psycopg.connect(fresh_database_url) as conn:
-            due = conn.execute(
+            row = conn.execute(
                 "SELECT next_maintenance_at FROM accounts WHERE account_id = %s", (poison,)
             ).fetchone()
-        assert due == (later + timedelta(seconds=sweepers.POSTPONE_SECONDS),)
-        assert sweepers.sweep_due_accounts(later.isoformat(), batch=2) == 0  # put back
+        return row[0] if row else None
+
+    later = start + timedelta(hours=2)
+    try:
+        # A call holds one due account all through the first run.
+        with psycopg.connect(fresh_database_url) as holder:
+            holder.execute("SELECT FROM accounts WHERE account_id = %s FOR UPDATE", (busy,))
+            with pytest.raises(sweepers.SweepIncomplete, match=f"{poison}'; 3 swept"):
+                sweepers.sweep_due_accounts(later.isoformat(), batch=2)
+        # One batch failed: the later ones passed the failed account over.
+        assert sum("a sweep batch failed" in r.getMessage() for r in caplog.records) == 1
+        assert live_lots() == {poison: 1, busy: 1}
+        assert poison_due() == start + timedelta(minutes=30)  # still due
+
+        with pytest.raises(sweepers.SweepIncomplete, match=f"{poison}'; 1 swept"):
+            sweepers.sweep_due_accounts(later.isoformat(), batch=2)
+        assert live_lots() == {poison: 1}
 
         with psycopg.connect(fresh_database_url, autocommit=True) as conn:
             conn.execute("DROP TRIGGER poisoned ON lots")
-        after_the_pause = later + timedelta(seconds=sweepers.POSTPONE_SECONDS)
-        assert sweepers.sweep_due_accounts(after_the_pause.isoformat(), batch=2) == 1
+        assert sweepers.sweep_due_accounts(later.isoformat(), batch=2) == 1
         assert live_lots() == {}
     finally:
         worker_db.close()

@@ -20,9 +20,6 @@ from workers.db import connection
 from workers.queues import DEFAULT_QUEUE, requeue
 
 SWEEP_BATCH = 500
-# How long an account whose maintenance failed waits before the sweep tries it again (a
-# call on it still maintains it first, as ever).
-POSTPONE_SECONDS = 300
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +30,8 @@ def _now(as_of: str | None) -> datetime:
 
 class SweepIncomplete(RuntimeError):
     """Some accounts' maintenance failed; every other due account was swept. The failed
-    ones are put back a while (POSTPONE_SECONDS) and the job fails so that it shows."""
+    ones stay due (each call on one maintains it first, and fails as loudly), and the job
+    fails so that it shows; the next run tries them again."""
 
 
 def sweep_due_accounts(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:
@@ -45,41 +43,52 @@ def sweep_due_accounts(as_of: str | None = None, batch: int = SWEEP_BATCH) -> in
     with connection() as conn:
         while True:
             try:
-                row = conn.execute(query("sweep"), {"now": now, "limit": batch}).fetchone()
+                row = conn.execute(
+                    query("sweep"), {"now": now, "limit": batch, "skip": failed}
+                ).fetchone()
                 done = int(row[0]) if row else 0
+                swept += done
             except psycopg.Error as exc:
                 # One account whose maintenance raises fails its whole batch, and it stays
                 # due and first in line: without this, no account would be swept again.
                 log.warning("a sweep batch failed (%s): sweeping it account by account", exc)
-                done = _sweep_one_by_one(conn, now, batch, failed)
-            swept += done
+                maintained, failures = _sweep_one_by_one(conn, now, batch, failed)
+                swept += maintained
+                if maintained + failures == 0:
+                    break  # only accounts others hold: they are theirs to maintain
+                continue  # the failed ones are passed over from now on
             if done < batch:
                 break
     if failed:
         raise SweepIncomplete(
-            f"{len(failed)} accounts' maintenance failed ({swept - len(failed)} swept),"
-            f" first {failed[0]!r}; they are put back {POSTPONE_SECONDS} s"
+            f"maintenance failed on {len(failed)} account(s), first {failed[0]!r}; {swept} swept"
         )
     return swept
 
 
 def _sweep_one_by_one(
     conn: psycopg.Connection[Any], now: datetime, batch: int, failed: list[str]
-) -> int:
-    """Sweeps the next batch of due accounts one transaction each; one that fails is
-    recorded in `failed` and put back, so the next batch does not meet it again."""
-    due = [r[0] for r in conn.execute(query("due_accounts"), {"now": now, "limit": batch})]
+) -> tuple[int, int]:
+    """Sweeps the next batch of due accounts one transaction each; one that fails joins
+    `failed`, which the rest of the run passes over. Returns how many were maintained and
+    how many failed; accounts held by a call or another sweeper count as neither."""
+    due = [
+        r[0]
+        for r in conn.execute(query("due_accounts"), {"now": now, "limit": batch, "skip": failed})
+    ]
+    maintained = failures = 0
     for account_id in due:
         try:
-            conn.execute(query("sweep_account"), {"account_id": account_id, "now": now})
+            rows = conn.execute(
+                query("sweep_account"), {"account_id": account_id, "now": now}
+            ).fetchall()
         except psycopg.Error as exc:
             log.error("maintenance of account %s failed: %s", account_id, exc)
             failed.append(account_id)
-            conn.execute(
-                query("postpone_maintenance"),
-                {"account_id": account_id, "now": now, "seconds": POSTPONE_SECONDS},
-            )
-    return len(due)
+            failures += 1
+        else:
+            maintained += len(rows)
+    return maintained, failures
 
 
 def grant_monthly_allowances(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:

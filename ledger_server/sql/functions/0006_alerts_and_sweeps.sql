@@ -55,10 +55,13 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Applies what is due (timed-out holds, expired lots, monthly allowances) to up to
--- p_limit accounts, oldest due first. SKIP LOCKED: an account busy with a charge (or
--- with another sweeper) is left for later; the charge applies what is due itself.
--- Safe to run any number of times at once. Returns how many accounts it swept.
-CREATE OR REPLACE FUNCTION ledger_sweep(p_now timestamptz, p_limit int) RETURNS int
+-- p_limit accounts, oldest due first, but those in p_skip (whose maintenance failed
+-- earlier in the sweeper's run). SKIP LOCKED: an account busy with a charge (or with
+-- another sweeper) is left for later; the charge applies what is due itself. Safe to run
+-- any number of times at once. Returns how many accounts it swept.
+DROP FUNCTION IF EXISTS ledger_sweep(timestamptz, int);
+CREATE OR REPLACE FUNCTION ledger_sweep(p_now timestamptz, p_limit int,
+                                        p_skip text[] DEFAULT '{}') RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
     acc text;
@@ -66,7 +69,7 @@ DECLARE
 BEGIN
     FOR acc IN
         SELECT account_id FROM accounts
-         WHERE next_maintenance_at <= p_now
+         WHERE next_maintenance_at <= p_now AND account_id <> ALL (p_skip)
          ORDER BY next_maintenance_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED

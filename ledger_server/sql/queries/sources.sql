@@ -135,25 +135,21 @@ SELECT change_id, key, old_value, new_value, source, actor, coalesce(reason, '')
  LIMIT %(limit)s::int
 
 -- name: sweep
-SELECT ledger_sweep(%(now)s::timestamptz, %(limit)s::int)
+SELECT ledger_sweep(%(now)s::timestamptz, %(limit)s::int, %(skip)s::text[])
 
 -- name: due_accounts
 SELECT account_id FROM accounts
- WHERE next_maintenance_at <= %(now)s::timestamptz
+ WHERE next_maintenance_at <= %(now)s::timestamptz AND account_id <> ALL (%(skip)s::text[])
  ORDER BY next_maintenance_at
  LIMIT %(limit)s::int
 
 -- name: sweep_account
--- One due account in a transaction of its own. One locked by a call is passed over: the
--- call maintains it first.
+-- One due account in a transaction of its own; no row when it is no longer due or a call
+-- or another sweeper holds it (the call maintains it first).
 SELECT ledger_maintain(due.account_id, %(now)s::timestamptz)
   FROM (SELECT account_id FROM accounts
          WHERE account_id = %(account_id)s AND next_maintenance_at <= %(now)s::timestamptz
            FOR UPDATE SKIP LOCKED) due
-
--- name: postpone_maintenance
-UPDATE accounts SET next_maintenance_at = %(now)s::timestamptz + make_interval(secs => %(seconds)s)
- WHERE account_id = %(account_id)s AND next_maintenance_at <= %(now)s::timestamptz
 
 -- name: schedule_monthly_allowances
 SELECT marked, last_account
