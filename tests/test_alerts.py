@@ -224,6 +224,14 @@ def test_a_second_job_of_an_alert_being_sent_passes_it_over(
     try:
         first.start()
         assert inbox.arrived.wait(30), "the first job never reached the SMTP server"
+        with psycopg.connect(ledger_db_url) as conn:
+            # No transaction stays open while SMTP talks (it would hold back vacuum, and an
+            # idle-in-transaction time-out would lose the outcome of a sent email).
+            idle = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state LIKE 'idle in transaction%'"
+            ).fetchone()
+        assert idle == (0,)
         second.start()
         second.join(30)  # without the claim it would wait at DATA, beside the first
         assert not second.is_alive(), "the second job is sending the email too"

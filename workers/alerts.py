@@ -1,8 +1,8 @@
 """The low-balance alert email job. The alert row in PostgreSQL is the truth: this job
 sends the email of a pending alert and records the outcome; the sweeper re-queues
 alerts whose email is still pending, so a lost job or Redis loses no alert. A job holds
-its alert's row from before sending until the outcome is recorded, so a second job of
-the same alert passes it over. Delivery is at least once: a crash between sending and
+a lock on its alert from before sending until the outcome is recorded, so a second job
+of the same alert passes it over. Delivery is at least once: a crash between sending and
 recording can send it twice."""
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import smtplib
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from typing import Any
+
+import psycopg
 
 from ledger_server.db.queries import query
 from workers.db import connection
@@ -50,28 +53,37 @@ def _send(message: EmailMessage) -> None:
 
 def send_low_balance_email(account_id: str, alert_id: int) -> str:
     ids = {"account_id": account_id, "alert_id": alert_id}
-    failure: OSError | smtplib.SMTPException | None = None
-    with connection() as conn, conn.transaction():
-        row = conn.execute(query("claim_alert_for_email"), ids).fetchone()
-        if row is None:
-            exists = conn.execute(query("alert_for_email"), ids).fetchone()
-            return "being sent by another job" if exists else "no such alert"
-        email_to, status, threshold, balance, created_at = row
-        if status != "pending":
-            return f"already {status}"
+    with connection() as conn:  # autocommit: no transaction is open while SMTP talks
+        claim = conn.execute(query("claim_alert_email"), ids).fetchone()
+        if not (claim and claim[0]):
+            return "being sent by another job"
         try:
-            _send(_message(account_id, email_to, threshold, balance, created_at))
-        except (OSError, smtplib.SMTPException) as error:
-            failure = error
-        conn.execute(
-            query("record_alert_email"),
-            {
-                **ids,
-                "status": "sent" if failure is None else "pending",
-                "error": None if failure is None else f"{type(failure).__name__}: {failure}",
-                "now": datetime.now(UTC),
-            },
-        )
+            return _send_claimed(conn, ids)
+        finally:
+            conn.execute(query("release_alert_email"), ids)
+
+
+def _send_claimed(conn: psycopg.Connection[Any], ids: dict[str, Any]) -> str:
+    row = conn.execute(query("alert_for_email"), ids).fetchone()
+    if row is None:
+        return "no such alert"
+    email_to, status, threshold, balance, created_at = row
+    if status != "pending":
+        return f"already {status}"
+    failure: OSError | smtplib.SMTPException | None = None
+    try:
+        _send(_message(ids["account_id"], email_to, threshold, balance, created_at))
+    except (OSError, smtplib.SMTPException) as error:
+        failure = error
+    conn.execute(
+        query("record_alert_email"),
+        {
+            **ids,
+            "status": "sent" if failure is None else "pending",
+            "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+            "now": datetime.now(UTC),
+        },
+    )
     if failure is not None:
         raise failure  # RQ retries with backoff, then keeps it in the failed registry
     return f"sent to {email_to}"

@@ -177,14 +177,15 @@ SELECT email_to, email_status, threshold_micros, balance_micros, created_at
   FROM low_balance_alerts
  WHERE account_id = %(account_id)s AND alert_id = %(alert_id)s
 
--- name: claim_alert_for_email
--- The job that sends an alert's email holds its row until it has recorded the outcome, so
--- two jobs of one alert (a re-queue beside a slow send) never both send it; the other
--- skips it. A job that dies lets go with its connection.
-SELECT email_to, email_status, threshold_micros, balance_micros, created_at
-  FROM low_balance_alerts
- WHERE account_id = %(account_id)s AND alert_id = %(alert_id)s
-   FOR NO KEY UPDATE SKIP LOCKED
+-- name: claim_alert_email
+-- The job that sends an alert's email holds this lock until it has recorded the outcome,
+-- so two jobs of one alert (a re-queue beside a slow send) never both send it. A session
+-- lock, not a row lock: no transaction stays open while SMTP talks, and a job that dies
+-- lets go with its connection.
+SELECT pg_try_advisory_lock(hashtextextended('alert-email:' || %(alert_id)s::text, 0))
+
+-- name: release_alert_email
+SELECT pg_advisory_unlock(hashtextextended('alert-email:' || %(alert_id)s::text, 0))
 
 -- name: record_alert_email
 -- A failure stays pending (the job retries, the sweeper re-queues) until the fifth
