@@ -223,7 +223,7 @@ def test_the_monthly_allowance_job_run_twice_grants_once(
 def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
     from rq.cron import CronScheduler
 
-    from workers.schedule import DAILY_REWARDS_TIMEOUT_SECONDS, register_jobs
+    from workers.schedule import register_jobs
 
     scheduler = CronScheduler(connection=redis.Redis.from_url(redis_url))
     register_jobs(scheduler, interval_seconds=30)
@@ -235,9 +235,6 @@ def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
         "workers.sweepers.grant_daily_rewards",
         "workers.payments.requeue_stalled_payment_events",
     }
-    # RQ's default 180 s would cut the daily rewards short on a large ledger, every hour.
-    [daily] = [job for job in scheduler.get_jobs() if job.func_name.endswith("daily_rewards")]
-    assert daily.job_options["job_timeout"] == DAILY_REWARDS_TIMEOUT_SECONDS > 180
 
 
 CLAIM_NAME = "ledger_claim_daily_reward"
@@ -301,6 +298,41 @@ def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_a
         assert daily_lots() == [(accounts[0], 3), (accounts[1], 2), (accounts[2], 3)]
     finally:
         worker_db.close()
+    assert audit_database(fresh_database_url) == []
+
+
+def test_daily_rewards_past_their_time_budget_queue_the_rest_as_a_job(
+    fresh_database_url: str, redis_url: str, monkeypatch: Any
+) -> None:
+    """One part of the job runs for a bounded time (a worker is never held for long, nor
+    the job cut short by RQ's time-out on a large ledger); the rest follows as jobs."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    start = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+    prefix = new_account("budget")
+    accounts = [f"{prefix}-{n}" for n in range(5)]
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+        conn.execute(
+            "SELECT ledger_put_setting('daily.automatic', 'true', 'admin', 'test', "
+            "'the job under test', %s, true)",
+            (start,),
+        )
+        for account in accounts:
+            conn.execute("SELECT ledger_open_account(%s, '', %s)", (account, start))
+    try:
+        # No time at all: one batch of two, then the rest is queued.
+        assert sweepers.grant_daily_rewards(start.isoformat(), 2, "", 0) == 2
+    finally:
+        worker_db.close()
+    logs = run_burst_workers(fresh_database_url, redis_url)
+    with psycopg.connect(fresh_database_url) as conn:
+        lots = conn.execute(
+            "SELECT account_id, count(*)::int FROM lots WHERE source = 'daily' "
+            "GROUP BY account_id ORDER BY account_id"
+        ).fetchall()
+    assert lots == [(account, 1) for account in accounts], logs
     assert audit_database(fresh_database_url) == []
 
 

@@ -9,8 +9,6 @@ from workers import payments, sweepers
 from workers.queues import DEFAULT_QUEUE, PAYMENTS_QUEUE
 from workers.settings import sweep_interval_seconds
 
-DAILY_REWARDS_TIMEOUT_SECONDS = 3300
-
 
 def register_jobs(scheduler: CronScheduler, interval_seconds: int | None = None) -> None:
     interval = interval_seconds or sweep_interval_seconds()
@@ -19,12 +17,6 @@ def register_jobs(scheduler: CronScheduler, interval_seconds: int | None = None)
     # Every hour: the month starts at midnight in the configured time zone, which is
     # not midnight UTC everywhere; a run that finds nothing due grants nothing.
     scheduler.register(sweepers.grant_monthly_allowances, DEFAULT_QUEUE, cron="1 * * * *")
-    # An hour at most (RQ's default is 180 s): on a large ledger the run is long, and a run
-    # cut short leaves the rest to the next hour's, which starts where it stopped.
-    scheduler.register(
-        sweepers.grant_daily_rewards,
-        DEFAULT_QUEUE,
-        cron="2 * * * *",
-        job_timeout=DAILY_REWARDS_TIMEOUT_SECONDS,
-    )
+    # A long run queues its rest as jobs of its own (sweepers.DAILY_BUDGET_SECONDS).
+    scheduler.register(sweepers.grant_daily_rewards, DEFAULT_QUEUE, cron="2 * * * *")
     scheduler.register(payments.requeue_stalled_payment_events, PAYMENTS_QUEUE, interval=interval)

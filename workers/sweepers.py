@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,9 +18,12 @@ import psycopg
 from ledger_server.db.errors import translate
 from ledger_server.db.queries import query
 from workers.db import connection
-from workers.queues import DEFAULT_QUEUE, requeue
+from workers.queues import DEFAULT_QUEUE, enqueue, requeue
 
 SWEEP_BATCH = 500
+# How long one part of the daily rewards runs before it queues the rest (RQ's default job
+# time-out is 180 s).
+DAILY_BUDGET_SECONDS = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +114,31 @@ def grant_monthly_allowances(as_of: str | None = None, batch: int = SWEEP_BATCH)
     return marked
 
 
+def _digest(text: str) -> str:
+    """A job-id-safe stand-in for an account id (any text)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 class DailyRewardsIncomplete(RuntimeError):
     """Some accounts' daily rewards failed; every other account got its reward. The job
     fails so that the failure shows (RQ's failed registry, its retries); a re-run grants
     nobody twice."""
 
 
-def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> int:
-    """When daily.automatic is on: claims today's daily reward for every account, one
-    idempotency key per account and day of ledger.timezone (the day the claim counts in),
-    so a re-run grants nothing twice. An account whose claim fails is logged and passed
-    over; the job then fails at the end, after every other account."""
+def grant_daily_rewards(
+    as_of: str | None = None,
+    batch: int = SWEEP_BATCH,
+    after: str = "",
+    budget_seconds: float = DAILY_BUDGET_SECONDS,
+) -> int:
+    """When daily.automatic is on: claims today's daily reward for every account (after
+    `after`) that lacks it, one idempotency key per account and day of ledger.timezone (the
+    day the claim counts in), so a re-run grants nothing twice. Past `budget_seconds` it
+    queues the rest as a job of its own, so one run never holds a worker for long nor
+    meets RQ's job time-out on a large ledger. An account whose claim fails is logged and
+    passed over; the job then fails at the end, after every other account of its part.
+    Returns how many rewards this part granted."""
+    started = time.monotonic()
     now = _now(as_of)
     granted = 0
     failed: list[str] = []
@@ -133,7 +151,6 @@ def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> i
         assert day is not None
         key = f"auto-daily:{day[0].isoformat()}"
         key_hash = hashlib.sha256(key.encode()).digest()
-        after = ""
         while True:
             accounts = [
                 r[0]
@@ -163,6 +180,18 @@ def grant_daily_rewards(as_of: str | None = None, batch: int = SWEEP_BATCH) -> i
             if len(accounts) < batch:
                 break
             after = accounts[-1]
+            if time.monotonic() - started >= budget_seconds:
+                # The rest queues behind the payments and sweeps that came meanwhile.
+                enqueue(
+                    DEFAULT_QUEUE,
+                    "workers.sweepers.grant_daily_rewards",
+                    as_of,
+                    batch,
+                    after,
+                    budget_seconds,
+                    job_id=f"daily-rewards-{day[0].isoformat()}-{_digest(after)}",
+                )
+                break
     if failed:
         raise DailyRewardsIncomplete(
             f"{len(failed)} accounts got no daily reward ({granted} did), first {failed[0]!r}"
