@@ -82,6 +82,21 @@ def _alerts(admin: Any, account: str) -> list[admin_pb.LowBalanceAlert]:
     )
 
 
+def _crossed_account(ledger: Ledger, admin: Any, configure: Any, name: str) -> str:
+    """An account whose balance has just crossed its threshold (30 to 15 under 20), its
+    alert email queued to ops@example.com."""
+    configure("alerts.email_to", "ops@example.com")
+    account = new_account(name)
+    ledger.grant(account, 30)
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
+    )
+    ledger.consume(account, 15 * CREDIT)
+    return account
+
+
 def test_a_crossing_sends_one_email_and_records_one_alert(
     ledger: Ledger,
     admin: Any,
@@ -158,15 +173,7 @@ def test_an_email_whose_job_was_lost_is_queued_again_by_the_sweeper(
     clock: Any,
 ) -> None:
     inbox, port = smtp
-    configure("alerts.email_to", "ops@example.com")
-    account = new_account("lost")
-    ledger.grant(account, 30)
-    admin.SetLowBalanceAlert(
-        admin_pb.SetLowBalanceAlertRequest(
-            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
-        )
-    )
-    ledger.consume(account, 15 * CREDIT)
+    account = _crossed_account(ledger, admin, configure, "lost")
     redis_connection(redis_url).flushdb()  # the queued email job is gone
     job = enqueue(
         DEFAULT_QUEUE,
@@ -201,15 +208,7 @@ def test_a_second_job_of_an_alert_being_sent_passes_it_over(
     """The sweeper re-queues an email whose job started long ago; if that job is still
     talking to a slow SMTP server, the new one must not send the email a second time."""
     inbox, port = slow_smtp
-    configure("alerts.email_to", "ops@example.com")
-    account = new_account("slow")
-    ledger.grant(account, 30)
-    admin.SetLowBalanceAlert(
-        admin_pb.SetLowBalanceAlertRequest(
-            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
-        )
-    )
-    ledger.consume(account, 15 * CREDIT)
+    account = _crossed_account(ledger, admin, configure, "slow")
     [alert] = _alerts(admin, account)
     monkeypatch.setenv("DATABASE_URL", ledger_db_url)
     monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
