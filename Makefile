@@ -147,7 +147,7 @@ soak: $(STAMP)
 run: $(STAMP)
 	$(PY) -m ledger_server.devstack run
 
-# Loads the example rate card and catalogue (seeds 000-004) into the running `make run`.
+# Loads the example rate card and catalogue (ledger_server/demo/catalogue.json) into the running `make run`.
 demo-data: $(STAMP)
 	$(PY) -m ledger_server.demo
 

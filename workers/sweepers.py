@@ -1,4 +1,4 @@
-"""Time-based rules, run on a schedule (workers/cron_config.py) and safe to run any
+"""Time-based rules, run on a schedule (workers/schedule.py) and safe to run any
 number of times at once: expired lots into breakage, timed-out reservations released,
 monthly allowances granted, automatic daily rewards, and re-queueing what stalled.
 
