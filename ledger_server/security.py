@@ -57,9 +57,9 @@ def hash_token(token: str) -> str:
 
 # --- configuration ------------------------------------------------------------------------------
 
-_NAME = re.compile(r"^[\x21-\x7e]{1,128}$")  # what caller_identity records as the actor
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,127}$")  # a prefix of a valid account id
+_NAME = re.compile(r"[\x21-\x7e]{1,128}")  # what caller_identity records as the actor
+_HASH = re.compile(r"[0-9a-f]{64}")
+_PREFIX = re.compile(r"[A-Za-z0-9._:@/+=-]{1,127}")  # a prefix of a valid account id
 _KEYS = {"name", "role", "token_sha256", "account_prefix"}
 
 
@@ -75,7 +75,7 @@ def _caller(entry: object, where: str) -> Caller:
     if unknown:
         raise SecurityError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
     name = entry.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise SecurityError(f"{where}: name must be 1 to 128 printable ASCII characters")
     where = f"{where} ({name})"
     try:
@@ -84,13 +84,13 @@ def _caller(entry: object, where: str) -> Caller:
         roles = ", ".join(r.value for r in Role)
         raise SecurityError(f"{where}: role must be one of {roles}") from None
     digest = entry.get("token_sha256")
-    if not isinstance(digest, str) or not _HASH.match(digest.lower()):
+    if not isinstance(digest, str) or not _HASH.fullmatch(digest.lower()):
         raise SecurityError(f"{where}: token_sha256 must be 64 hex digits")
     prefix = entry.get("account_prefix")
     if prefix is not None:
         if role is not Role.SERVICE:
             raise SecurityError(f"{where}: account_prefix applies to the service role only")
-        if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
             raise SecurityError(f"{where}: account_prefix must be the start of an account id")
     return Caller(name, role, bytes.fromhex(digest), prefix)
 

@@ -103,6 +103,9 @@ def _cases() -> list[Case]:
         ("Grant", grant(account_id=""), INVALID, "INVALID_FIELD", "account_id"),
         ("Grant", grant(account_id="x" * 129), INVALID, "INVALID_FIELD", "account_id"),
         ("Grant", grant(account_id="has space"), INVALID, "INVALID_FIELD", "account_id"),
+        # Python's `$` also matches before a final newline: the patterns must match whole.
+        ("Grant", grant(account_id="alice\n"), INVALID, "INVALID_FIELD", "account_id"),
+        ("Grant", grant(idempotency_key="key\n"), INVALID, "INVALID_FIELD", "idempotency_key"),
         ("Grant", grant(amount_micros=0), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Grant", grant(amount_micros=-5), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Grant", grant(amount_micros=10**18), INVALID, "INVALID_FIELD", "amount_micros"),
@@ -121,6 +124,7 @@ def _cases() -> list[Case]:
         ("Consume", consume(amount_micros=-1), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Consume", consume(idempotency_key=""), INVALID, "INVALID_FIELD", "idempotency_key"),
         ("Consume", consume(feature="f" * 65), INVALID, "INVALID_FIELD", "feature"),
+        ("Consume", consume(feature="chat\n"), INVALID, "INVALID_FIELD", "feature"),
         ("Consume", consume(account_id="nobody-" + unknown), NOT_FOUND, "ACCOUNT_NOT_FOUND", None),
         ("Reserve", reserve(amount_micros=0), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Reserve", reserve(idempotency_key=""), INVALID, "INVALID_FIELD", "idempotency_key"),

@@ -262,6 +262,8 @@ def test_summary_refuses_bad_requests(
         ({"day": "yesterday"}, "day"),
         ({"month": "2026-13"}, "month"),
         ({"month": "2026-1"}, "month"),
+        ({"month": "2026-01\n"}, "month"),
+        ({"day": "2026-01-02\n"}, "day"),
         ({"month": "9999-12"}, "month"),  # its end is past the last year a date can hold
         ({"day": "9999-12-31"}, "day"),
         # East of UTC, a day or month of the year 1 begins in the year 0.

@@ -19,16 +19,16 @@ MAX_AMOUNT_MICROS = 10**15  # one billion credits in one request
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
-_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
-_CODE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+_CODE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def account_id(value: str, field: str = "account_id") -> str:
     if not value:
         raise invalid_field(field, "must not be empty")
-    if not _ACCOUNT_ID.match(value):
+    if not _ACCOUNT_ID.fullmatch(value):
         raise invalid_field(
             field, "must be 1 to 128 characters of letters, digits and . _ : @ / + = -"
         )
@@ -38,7 +38,7 @@ def account_id(value: str, field: str = "account_id") -> str:
 def idempotency_key(value: str) -> str:
     if not value:
         raise invalid_field("idempotency_key", "is required on every mutating request")
-    if not _IDEMPOTENCY_KEY.match(value):
+    if not _IDEMPOTENCY_KEY.fullmatch(value):
         raise invalid_field("idempotency_key", "must be 1 to 128 printable ASCII characters")
     return value
 
@@ -74,7 +74,7 @@ def reservation_id(value: str) -> uuid.UUID:
 
 def code(value: str, field: str) -> str:
     """Optional short identifiers such as feature or model codes."""
-    if value and not _CODE.match(value):
+    if value and not _CODE.fullmatch(value):
         raise invalid_field(field, "must be at most 64 characters of letters, digits and . _ : / -")
     return value
 
@@ -139,7 +139,7 @@ def lot_expiry(
     return None
 
 
-_REDEMPTION_CODE = re.compile(r"^[A-Z0-9]{16}$")
+_REDEMPTION_CODE = re.compile(r"[A-Z0-9]{16}")
 
 
 def redemption_code(value: str) -> str:
@@ -147,7 +147,7 @@ def redemption_code(value: str) -> str:
     normalized = re.sub(r"[\s-]", "", value).upper()
     if not normalized:
         raise invalid_field("code", "must not be empty")
-    if not _REDEMPTION_CODE.match(normalized):
+    if not _REDEMPTION_CODE.fullmatch(normalized):
         raise invalid_field("code", "must be 16 letters and digits (dashes and case do not matter)")
     return normalized
 

@@ -15,7 +15,7 @@ METADATA_KEY = "x-request-id"
 JOB_META_KEY = "request_id"
 
 # What we accept from a caller: printable ASCII, no spaces, bounded (it ends up in logs).
-_ACCEPTABLE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
+_ACCEPTABLE = re.compile(r"[A-Za-z0-9._:/@+=-]{1,128}")
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -31,7 +31,7 @@ def accept(value: object) -> str | None:
             value = value.decode("ascii")
         except UnicodeDecodeError:
             return None
-    if isinstance(value, str) and _ACCEPTABLE.match(value):
+    if isinstance(value, str) and _ACCEPTABLE.fullmatch(value):
         return value
     return None
 

@@ -16,7 +16,7 @@ from ledger_server.security import current_principal
 
 ACTOR_METADATA_KEY = "x-ledger-actor"
 ANONYMOUS = "anonymous"
-_ACTOR = re.compile(r"^[\x21-\x7e]{1,128}$")
+_ACTOR = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -24,6 +24,6 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if principal is not None:
         return principal.name
     for key, value in context.invocation_metadata() or ():
-        if key == ACTOR_METADATA_KEY and isinstance(value, str) and _ACTOR.match(value):
+        if key == ACTOR_METADATA_KEY and isinstance(value, str) and _ACTOR.fullmatch(value):
             return value
     return ANONYMOUS

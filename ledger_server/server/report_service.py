@@ -21,8 +21,8 @@ from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, validation
 from ledger_server.server.calls import Context
 
-_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_MONTH = re.compile(r"^\d{4}-\d{2}$")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MONTH = re.compile(r"[0-9]{4}-[0-9]{2}")
 
 # The columns of report_summary_by_source after (source, is_paid), in SummaryAmounts order.
 AMOUNT_FIELDS = (
@@ -51,7 +51,7 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
     (the SQL turns them into instants in the ledger's zone), or a range as instants."""
     which = request.WhichOneof("period")
     if which == "day":
-        if not _DAY.match(request.day):
+        if not _DAY.fullmatch(request.day):
             raise invalid_field("day", "must be a date YYYY-MM-DD")
         try:
             day = date.fromisoformat(request.day)
@@ -62,7 +62,7 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
         start = datetime(day.year, day.month, day.day)
         return start, start + timedelta(days=1), None, None
     if which == "month":
-        if not _MONTH.match(request.month):
+        if not _MONTH.fullmatch(request.month):
             raise invalid_field("month", "must be a month YYYY-MM")
         year, month = int(request.month[:4]), int(request.month[5:])
         if not 1 <= month <= 12 or year < 1:
