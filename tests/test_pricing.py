@@ -409,6 +409,43 @@ def test_a_removed_price_is_gone_and_versions_stay(ledger: Ledger, admin: Any) -
     )
 
 
+def test_rate_card_keys_are_checked_by_field(admin: Any) -> None:
+    feature = _feature("keys")
+    _set_price(admin, feature, "generations", CREDIT)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for call, field in [
+        (lambda: _set_price(admin, "chat\n", "generations", CREDIT), "price.feature"),
+        (lambda: _set_price(admin, feature, "generations", CREDIT, model="m\n"), "price.model"),
+        (
+            lambda: admin.SetModelMultiplier(
+                admin_pb.SetModelMultiplierRequest(
+                    multiplier=admin_pb.ModelMultiplier(model="m\n", multiplier_ppm=1_000_000),
+                    idempotency_key=new_key(),
+                )
+            ),
+            "multiplier.model",
+        ),
+        (
+            lambda: admin.RemovePrice(
+                admin_pb.RemovePriceRequest(feature=feature, idempotency_key=new_key())
+            ),
+            "unit",
+        ),
+        (
+            lambda: admin.RemovePrice(
+                admin_pb.RemovePriceRequest(
+                    feature="", unit=t.USAGE_UNIT_GENERATIONS, idempotency_key=new_key()
+                )
+            ),
+            "feature",
+        ),
+    ]:
+        expect_error(call, invalid, "INVALID_FIELD", field)
+    assert [p.feature for p in admin.ListPrices(admin_pb.ListPricesRequest()).prices].count(
+        feature
+    ) == 1
+
+
 def test_the_demo_catalogue_loads_and_prices_the_seeds(
     admin_channel: grpc.Channel, ledger: Ledger
 ) -> None:

@@ -31,21 +31,39 @@ from ledger_server.server.identity import caller_identity
 Conn = AsyncConnection[TupleRow]
 Response = TypeVar("Response", bound=Message)
 
-_CATALOGUE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_CATALOGUE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_CODES_PER_BATCH = 10_000
 MAX_REDEMPTIONS_PER_CODE = 1_000_000
 
 
 def _catalogue_id(value: str, field: str) -> str:
-    if not _CATALOGUE_ID.match(value):
+    if not _CATALOGUE_ID.fullmatch(value):
         raise invalid_field(field, "must be 1 to 64 lower-case letters, digits, '.', '_' or '-'")
     return value
 
 
+_CURRENCY = re.compile(r"[A-Z]{3}")  # str.isupper() also takes "ÅÅÅ", which the CHECK refuses
+
+
 def _currency(value: str, field: str) -> str:
-    if len(value) != 3 or not value.isalpha() or not value.isupper():
+    if not _CURRENCY.fullmatch(value):
         raise invalid_field(field, "must be an upper-case ISO 4217 code such as USD")
     return value
+
+
+def _price_key(
+    feature: str, model: str, unit: types_pb.UsageUnit.ValueType, prefix: str
+) -> dict[str, object]:
+    """The rate card's key of a price, checked the same way by SetPrice and RemovePrice."""
+    if not feature:
+        raise invalid_field(f"{prefix}feature", "must not be empty")
+    if unit == types_pb.USAGE_UNIT_UNSPECIFIED or unit not in types_pb.UsageUnit.values():
+        raise invalid_field(f"{prefix}unit", "must be set to a known unit")
+    return {
+        "feature": validation.code(feature, f"{prefix}feature"),
+        "model": validation.code(model, f"{prefix}model"),
+        "unit": validation.unit_to_db(unit),
+    }
 
 
 def _pack_params(pack: billing_pb.CreditPack) -> dict[str, object]:
@@ -426,18 +444,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 
     async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.SetPriceResponse:
         price = request.price
-        if not price.feature:
-            raise invalid_field("price.feature", "must not be empty")
-        if price.unit == types_pb.USAGE_UNIT_UNSPECIFIED or price.unit not in (
-            types_pb.UsageUnit.values()
-        ):
-            raise invalid_field("price.unit", "must be set to a known unit")
+        key = _price_key(price.feature, price.model, price.unit, "price.")
         if price.unit_size < 0:
             raise invalid_field("price.unit_size", "must be positive (1 when unset)")
         params: dict[str, object] = {
-            "feature": validation.code(price.feature, "price.feature"),
-            "model": validation.code(price.model, "price.model"),
-            "unit": validation.unit_to_db(price.unit),
+            **key,
             "unit_size": price.unit_size or 1,
             "unit_price_micros": validation.non_negative_amount(
                 price.unit_price_micros, "price.unit_price_micros"
@@ -456,13 +467,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def RemovePrice(
         self, request: pb.RemovePriceRequest, context: Context
     ) -> pb.RemovePriceResponse:
-        key: dict[str, object] = {
-            "feature": validation.code(request.feature, "feature"),
-            "model": validation.code(request.model, "model"),
-            "unit": validation.unit_to_db(request.unit)
-            if request.unit in types_pb.UsageUnit.values()
-            else "",
-        }
+        key = _price_key(request.feature, request.model, request.unit, "")
 
         async def change(conn: Conn) -> pb.RemovePriceResponse:
             current = await store.fetch_all(conn, "current_price", key)
