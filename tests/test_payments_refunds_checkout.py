@@ -659,13 +659,19 @@ def test_checkout_checks_the_ledger_rules_before_calling_stripe(
         attempt(recharge=billing_pb.RechargeAmount(amount_minor=2999, currency="CNY")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_FIELD",
-        "amount_minor",
+        "recharge.amount_minor",
     )
     expect_error(
         attempt(recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="USD")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_FIELD",
-        "currency",
+        "recharge.currency",
+    )
+    expect_error(
+        attempt(recharge=billing_pb.RechargeAmount(amount_minor=10**15, currency="CNY")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "recharge.amount_minor",
     )
     expect_error(attempt(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "purchase")
     expect_error(

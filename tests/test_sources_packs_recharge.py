@@ -337,6 +337,18 @@ def test_a_quote_in_another_currency_is_refused(sources: Sources) -> None:
     )
 
 
+def test_a_recharge_too_large_for_one_lot_is_refused_by_field(sources: Sources) -> None:
+    """10**15 fen at 10,000 micros each would be 10**19 micro-credits: past a bigint, the
+    quote used to fail INTERNAL."""
+    for call in (
+        lambda: sources.quote(10**15, "CNY"),
+        lambda: sources.recharge(sources.create_account().account.account_id, 10**15),
+    ):
+        info = expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "amount_minor")
+        assert "at most 100000000000" in info.metadata["violation"]
+    assert sources.quote(10**11, "CNY").credits_micros == 10**15  # the largest is allowed
+
+
 def test_a_recharge_key_reused_for_another_amount_is_refused(
     sources: Sources, ledger: Ledger
 ) -> None:
@@ -351,9 +363,19 @@ def test_a_recharge_key_reused_for_another_amount_is_refused(
     assert ledger.balance(account).balance_micros == 30 * CREDIT
 
 
-@pytest.mark.parametrize("pack_id", ["Upper-Case", "has space", ""])
+@pytest.mark.parametrize(
+    ("pack_id", "currency", "field"),
+    [
+        ("Upper-Case", "USD", "pack.pack_id"),
+        ("has space", "USD", "pack.pack_id"),
+        ("", "USD", "pack.pack_id"),
+        ("pack-1\n", "USD", "pack.pack_id"),  # a final newline once passed `$`
+        ("pack-1", "ÅÅÅ", "pack.currency"),  # upper-case letters, but not ISO 4217's A-Z
+        ("pack-1", "usd", "pack.currency"),
+    ],
+)
 def test_a_pack_id_must_be_lower_case_letters_digits_and_dashes(
-    sources: Sources, pack_id: str
+    sources: Sources, pack_id: str, currency: str, field: str
 ) -> None:
     expect_error(
         lambda: sources.admin.CreateCreditPack(
@@ -363,7 +385,7 @@ def test_a_pack_id_must_be_lower_case_letters_digits_and_dashes(
                     translation_key="credit_100",
                     credits_micros=100 * CREDIT,
                     price_minor=990,
-                    currency="USD",
+                    currency=currency,
                     provider_price_id="price_x",
                     active=True,
                 ),
@@ -372,6 +394,7 @@ def test_a_pack_id_must_be_lower_case_letters_digits_and_dashes(
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_FIELD",
+        field,
     )
 
 

@@ -562,22 +562,38 @@ BEGIN
         'balance', ledger_balance_json(a, p_now));
 END $$;
 
--- Seed 002: credits for an amount paid, with the highest bonus tier it reaches.
-CREATE OR REPLACE FUNCTION ledger_recharge_quote(p_amount_minor bigint, p_currency text) RETURNS jsonb
+-- Its first form, which named the fields of Recharge only.
+DROP FUNCTION IF EXISTS ledger_recharge_quote(bigint, text);
+
+-- Seed 002: credits for an amount paid, with the highest bonus tier it reaches. The fields
+-- are named with p_field_prefix ('recharge.' for a checkout session).
+CREATE OR REPLACE FUNCTION ledger_recharge_quote(
+    p_amount_minor bigint, p_currency text, p_field_prefix text DEFAULT '') RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     currency text := ledger_setting('recharge.currency') #>> '{}';
     minimum bigint := (ledger_setting('recharge.minimum_minor'))::bigint;
     rate bigint := (ledger_setting('recharge.micros_per_minor_unit'))::bigint;
+    -- validation.MAX_AMOUNT_MICROS: the most one request grants (one lot).
+    most_micros constant numeric := 1000000000000000;
     bonus bigint;
 BEGIN
     IF upper(p_currency) <> currency THEN
         PERFORM ledger_fail('LE010', 'unsupported currency', jsonb_build_object(
-            'field', 'currency', 'violation', 'recharges are in ' || currency));
+            'field', p_field_prefix || 'currency', 'violation', 'recharges are in ' || currency));
     END IF;
     IF p_amount_minor < minimum THEN
         PERFORM ledger_fail('LE010', 'below the minimum recharge', jsonb_build_object(
-            'field', 'amount_minor', 'violation', 'must be at least ' || minimum || ' (minor units)'));
+            'field', p_field_prefix || 'amount_minor',
+            'violation', 'must be at least ' || minimum || ' (minor units)'));
+    END IF;
+    -- In numeric: the product of two bigints may not fit one.
+    IF p_amount_minor::numeric * rate > most_micros THEN
+        PERFORM ledger_fail('LE010', 'above the largest recharge', jsonb_build_object(
+            'field', p_field_prefix || 'amount_minor',
+            'violation', 'must be at most ' || floor(most_micros / greatest(rate, 1))
+                         || ' (minor units): it would buy more than '
+                         || most_micros || ' micro-credits'));
     END IF;
     SELECT t.bonus_micros INTO bonus
       FROM jsonb_to_recordset(ledger_setting('recharge.bonus_tiers')) AS t(min_minor bigint, bonus_micros bigint)

@@ -66,7 +66,7 @@ BEGIN
                                   'amount_minor', p.price_minor, 'currency', p.currency,
                                   'credits_micros', p.credits_micros);
     ELSIF p_kind = 'recharge' THEN
-        quote := ledger_recharge_quote(p_amount_minor, p_currency);  -- minimum, currency
+        quote := ledger_recharge_quote(p_amount_minor, p_currency, 'recharge.');  -- minimum, currency
         RETURN jsonb_build_object('kind', 'recharge', 'amount_minor', p_amount_minor,
                                   'currency', upper(p_currency),
                                   'credits_micros', (quote ->> 'credits_micros')::bigint,
