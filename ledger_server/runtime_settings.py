@@ -36,15 +36,18 @@ def _integral(value: Json) -> Json:
     return value
 
 
-def _non_negative(value: Json) -> str | None:
-    return None if value >= 0 else "must not be negative"
-
-
 def _amount_micros(value: Json) -> str | None:
     """An amount the ledger grants or compares: past MAX_AMOUNT_MICROS the SQL that reads it
     (a bigint) fails, or a second grant overflows the balance, on every later call."""
     if not 0 <= value <= MAX_AMOUNT_MICROS:
         return f"must be 0 to {MAX_AMOUNT_MICROS} micros"
+    return None
+
+
+def _amount_minor(value: Json) -> str | None:
+    """A price in minor currency units, read as a bigint on every recharge."""
+    if not 0 <= value <= MAX_AMOUNT_MICROS:
+        return f"must be 0 to {MAX_AMOUNT_MICROS} minor units"
     return None
 
 
@@ -67,26 +70,36 @@ def _timezone(value: Json) -> str | None:
     return None
 
 
+# No spaces or control characters (NUL cannot be stored), at most RFC 5321's 254 characters.
+_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f\ud800-\udfff]+@[^@\s\x00-\x1f\x7f\ud800-\udfff]+")
+
+
 def _email_or_empty(value: Json) -> str | None:
-    if value == "" or re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+    if value == "" or (len(value) <= 254 and _EMAIL.fullmatch(value)):
         return None
     return "must be an email address, or empty"
 
 
 def _currency(value: Json) -> str | None:
-    return None if len(value) == 3 and value.isalpha() and value.isupper() else "must be ISO 4217"
+    return None if re.fullmatch(r"[A-Z]{3}", value) else "must be ISO 4217"
 
 
 def _bonus_tiers(value: Json) -> str | None:
+    """Each bound is read as a bigint on every recharge: past it, every recharge would fail."""
     if not isinstance(value, list):
         return "must be a list of {min_minor, bonus_micros}"
     for tier in value:
         if (
             not isinstance(tier, dict)
             or set(tier) != {"min_minor", "bonus_micros"}
-            or not all(isinstance(tier[k], int) and tier[k] >= 0 for k in tier)
+            or not all(isinstance(tier[k], int) and not isinstance(tier[k], bool) for k in tier)
+            or not 0 <= tier["min_minor"] <= MAX_AMOUNT_MICROS
+            or not 0 <= tier["bonus_micros"] <= MAX_AMOUNT_MICROS
         ):
-            return "each tier must be {min_minor, bonus_micros} with non-negative integers"
+            return (
+                "each tier must be {min_minor, bonus_micros} with integers"
+                f" from 0 to {MAX_AMOUNT_MICROS}"
+            )
     return None
 
 
@@ -246,7 +259,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         3000,
         "smallest recharge, in minor units",
-        _non_negative,
+        _amount_minor,
     ),
     SettingDefinition(
         "recharge.bonus_tiers",

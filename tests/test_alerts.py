@@ -12,12 +12,13 @@ from email import message_from_bytes
 from email.message import Message
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 
 from ledger.v1 import admin_service_pb2 as admin_pb
-from support.ledger import CREDIT, Ledger, new_account, new_key
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.workers import run_burst_workers
 from workers import alerts, sweepers
 from workers import db as worker_db
@@ -95,6 +96,27 @@ def _crossed_account(ledger: Ledger, admin: Any, configure: Any, name: str) -> s
     )
     ledger.consume(account, 15 * CREDIT)
     return account
+
+
+@pytest.mark.parametrize(
+    "email", ["owner\x00@example.com", "owner@example.com\r\nBcc: all@example.com", "no-at-sign"]
+)
+def test_an_alert_address_that_is_not_one_is_refused_by_field(admin: Any, email: str) -> None:
+    account = new_account("bad-email")
+    expect_error(
+        lambda: admin.SetLowBalanceAlert(
+            admin_pb.SetLowBalanceAlertRequest(
+                account_id=account,
+                threshold_micros=20 * CREDIT,
+                email=email,
+                idempotency_key=new_key(),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "email",
+    )
+    assert _alerts(admin, account) == []
 
 
 def test_a_crossing_sends_one_email_and_records_one_alert(

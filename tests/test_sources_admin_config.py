@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc, types_pb2
@@ -126,6 +126,12 @@ def test_change_history_can_be_listed_for_all_keys(sources: Sources, configure: 
     assert [c.key for c in changes] == ["referral.reward_micros", "daily.amount_micros"]
 
 
+def _json(value: object) -> struct_pb2.Value:
+    parsed = struct_pb2.Value()
+    json_format.ParseDict(value, parsed)
+    return parsed
+
+
 @pytest.mark.parametrize(
     ("key", "wrong"),
     [
@@ -144,6 +150,15 @@ def test_change_history_can_be_listed_for_all_keys(sources: Sources, configure: 
         ("referral.reward_micros", struct_pb2.Value(number_value=1e19)),
         ("signup.amount_micros", struct_pb2.Value(number_value=5e18)),
         ("monthly_free.amount_micros", struct_pb2.Value(number_value=10**15 + 1)),
+        # Read as bigints by every recharge's quote.
+        ("recharge.minimum_minor", struct_pb2.Value(number_value=1e19)),
+        ("recharge.bonus_tiers", _json([{"min_minor": 1e19, "bonus_micros": 0}])),
+        ("recharge.bonus_tiers", _json([{"min_minor": 0, "bonus_micros": 1e19}])),
+        ("recharge.bonus_tiers", _json([{"min_minor": True, "bonus_micros": 0}])),
+        # Control characters cannot be stored (NUL) or sent (the rest).
+        ("alerts.email_to", struct_pb2.Value(string_value="ops\x00@example.com")),
+        ("alerts.email_to", struct_pb2.Value(string_value="ops@example.com\r\nBcc: x@y.z")),
+        ("recharge.currency", struct_pb2.Value(string_value="ÅÅÅ")),
     ],
 )
 def test_a_value_of_the_wrong_type_or_out_of_range_is_refused(
