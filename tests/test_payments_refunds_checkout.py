@@ -18,6 +18,7 @@ from ledger.v1 import billing_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
+from ledger_server.ledger import page_tokens
 from support import payments as payment_fixtures
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.payments import PaymentsDb
@@ -533,16 +534,21 @@ def test_the_payment_log_lists_every_event_with_status_error_and_credits(
         if not token:
             break
     assert seen == [e.event_id for e in listed.events]
-    expect_error(
-        lambda: billing.ListPaymentEvents(
-            billing_pb.ListPaymentEventsRequest(
-                account_id=new_account(), page_token=token or "garbage"
-            )
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "INVALID_FIELD",
-        "page_token",
-    )
+    stranger = new_account()
+    # Well-formed tokens for this account whose event id PostgreSQL cannot take as text.
+    forged = [
+        page_tokens.encode([1, event_id], ["payment_events", stranger, None])
+        for event_id in ("evt\x00", "evt\ud800")
+    ]
+    for bad in ("garbage", *forged):
+        expect_error(
+            lambda bad=bad: billing.ListPaymentEvents(
+                billing_pb.ListPaymentEventsRequest(account_id=stranger, page_token=bad)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+            "page_token",
+        )
 
 
 # --- Checkout Sessions against the Stripe double ----------------------------------------------

@@ -27,12 +27,23 @@ class Kind:
         if value is None:
             return self.nullable
         if self.low is None or self.high is None:
-            return isinstance(value, str) and len(value) <= 255
+            return isinstance(value, str) and len(value) <= 255 and _storable(value)
         return (
             isinstance(value, int)
             and not isinstance(value, bool)
             and self.low <= value <= self.high
         )
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL text holds no NUL, and psycopg cannot encode a lone surrogate."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 ID = Kind(0, 2**63 - 1)  # a bigint key
