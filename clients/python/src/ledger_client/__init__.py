@@ -13,9 +13,13 @@ from ledger_client._common import (
     BalanceKindLike,
     ClientConfig,
     Credentials,
+    QuantitiesLike,
     RetryPolicy,
     SourceLike,
     TransactionKindLike,
+    TransactionStatusLike,
+    UsageLike,
+    UsageUnitLike,
     new_idempotency_key,
 )
 from ledger_client.aio import AsyncHold, AsyncLedgerClient
@@ -65,6 +69,7 @@ __all__ = [
     "LedgerError",
     "NotFound",
     "PermissionDenied",
+    "QuantitiesLike",
     "ReservationExpired",
     "ReservationNotCommitted",
     "ReservationNotFound",
@@ -72,7 +77,10 @@ __all__ = [
     "RetryPolicy",
     "SourceLike",
     "TransactionKindLike",
+    "TransactionStatusLike",
     "Unauthenticated",
     "Unavailable",
+    "UsageLike",
+    "UsageUnitLike",
     "new_idempotency_key",
 ]

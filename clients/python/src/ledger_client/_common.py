@@ -24,9 +24,13 @@ __all__ = [
     "BalanceKindLike",
     "ClientConfig",
     "Credentials",
+    "QuantitiesLike",
     "RetryPolicy",
     "SourceLike",
     "TransactionKindLike",
+    "TransactionStatusLike",
+    "UsageLike",
+    "UsageUnitLike",
     "new_idempotency_key",
 ]
 
@@ -39,6 +43,15 @@ BalanceKindLike: TypeAlias = types_pb2.BalanceKind.ValueType | str
 """A balance: ``types_pb2.BALANCE_KIND_REWARD`` or ``"reward"``."""
 TransactionKindLike: TypeAlias = pb.TransactionKind.ValueType | str
 """A journal entry kind: ``ledger_service_pb2.TRANSACTION_KIND_CHARGE`` or ``"charge"``."""
+TransactionStatusLike: TypeAlias = pb.TransactionStatus.ValueType | str
+"""A journal entry status: ``ledger_service_pb2.TRANSACTION_STATUS_PENDING`` or
+``"pending"``."""
+UsageUnitLike: TypeAlias = types_pb2.UsageUnit.ValueType | str
+"""A unit of usage: ``types_pb2.USAGE_UNIT_OUTPUT_TOKENS`` or ``"output_tokens"``."""
+QuantitiesLike: TypeAlias = Mapping[UsageUnitLike, int]
+"""Quantities of usage by unit: ``{"input_tokens": 1200, "output_tokens": 300}``."""
+UsageLike: TypeAlias = QuantitiesLike | types_pb2.Usage
+"""A usage: quantities by unit, or a ``types_pb2.Usage`` (to name a feature and model too)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,37 @@ def to_transaction_kind(value: TransactionKindLike) -> pb.TransactionKind.ValueT
     )
 
 
+def to_transaction_status(value: TransactionStatusLike) -> pb.TransactionStatus.ValueType:
+    values = dict(pb.TransactionStatus.items())
+    return pb.TransactionStatus.ValueType(
+        _enum_value("TRANSACTION_STATUS_", value, values, "transaction status")
+    )
+
+
+def to_usage_unit(value: UsageUnitLike) -> types_pb2.UsageUnit.ValueType:
+    values = dict(types_pb2.UsageUnit.items())
+    return types_pb2.UsageUnit.ValueType(_enum_value("USAGE_UNIT_", value, values, "usage unit"))
+
+
+def to_usage(value: UsageLike, *, feature: str = "", model: str = "") -> types_pb2.Usage:
+    """A ``Usage`` message: a copy of one, or built from quantities by unit (an unknown unit
+    raises ValueError) with ``feature`` and ``model``."""
+    if isinstance(value, types_pb2.Usage):
+        out = types_pb2.Usage()
+        out.CopyFrom(value)
+        return out
+    if not isinstance(value, Mapping):
+        raise TypeError("usage must map units to quantities, e.g. {'output_tokens': 812}")
+    return types_pb2.Usage(
+        feature=feature,
+        model=model,
+        quantities=[
+            types_pb2.UsageQuantity(unit=to_usage_unit(unit), quantity=quantity)
+            for unit, quantity in value.items()
+        ],
+    )
+
+
 def timestamp(value: datetime, name: str) -> timestamp_pb2.Timestamp:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (for example datetime.now(UTC))")
@@ -250,18 +294,26 @@ def reserve_request(
 def commit_request(
     account_id: str,
     reservation_id: str,
-    amount_micros: int,
+    amount_micros: int | None,
     *,
+    usage: UsageLike | None,
     comment: str,
     idempotency_key: str | None,
 ) -> pb.CommitRequest:
-    return pb.CommitRequest(
+    if (amount_micros is None) == (usage is None):
+        raise ValueError("give exactly one of amount_micros and usage")
+    request = pb.CommitRequest(
         account_id=account_id,
         reservation_id=reservation_id,
         idempotency_key=idempotency_key or new_idempotency_key(),
-        amount_micros=amount_micros,
         comment=comment,
     )
+    if amount_micros is not None:
+        request.amount_micros = amount_micros  # zero too: "charge nothing" is a commit
+    if usage is not None:
+        # Without a feature and model the reservation's are used.
+        request.usage.CopyFrom(to_usage(usage))
+    return request
 
 
 def release_request(
@@ -320,6 +372,8 @@ def list_transactions_request(
     start_time: datetime | None,
     end_time: datetime | None,
     feature: str,
+    model: str,
+    statuses: Iterable[TransactionStatusLike],
 ) -> pb.ListTransactionsRequest:
     request = pb.ListTransactionsRequest(
         account_id=account_id,
@@ -327,9 +381,52 @@ def list_transactions_request(
         page_token=page_token,
         kinds=[to_transaction_kind(kind) for kind in kinds],
         feature=feature,
+        model=model,
+        statuses=[to_transaction_status(status) for status in statuses],
     )
     if start_time is not None:
         request.start_time.CopyFrom(timestamp(start_time, "start_time"))
     if end_time is not None:
         request.end_time.CopyFrom(timestamp(end_time, "end_time"))
     return request
+
+
+def create_account_request(
+    account_id: str, *, referral_code: str, idempotency_key: str | None
+) -> pb.CreateAccountRequest:
+    return pb.CreateAccountRequest(
+        account_id=account_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        referral_code=referral_code,
+    )
+
+
+def claim_daily_reward_request(
+    account_id: str, *, idempotency_key: str | None
+) -> pb.ClaimDailyRewardRequest:
+    return pb.ClaimDailyRewardRequest(
+        account_id=account_id, idempotency_key=idempotency_key or new_idempotency_key()
+    )
+
+
+def redeem_request(account_id: str, code: str, *, idempotency_key: str | None) -> pb.RedeemRequest:
+    return pb.RedeemRequest(
+        account_id=account_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        code=code,
+    )
+
+
+def transfer_reward_request(
+    account_id: str, amount_micros: int | None, *, idempotency_key: str | None
+) -> pb.TransferRewardRequest:
+    request = pb.TransferRewardRequest(
+        account_id=account_id, idempotency_key=idempotency_key or new_idempotency_key()
+    )
+    if amount_micros is not None:
+        request.amount_micros = amount_micros
+    return request
+
+
+def estimate_request(feature: str, quantities: QuantitiesLike, *, model: str) -> pb.EstimateRequest:
+    return pb.EstimateRequest(usage=to_usage(quantities, feature=feature, model=model))

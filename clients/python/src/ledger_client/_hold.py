@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from ledger.v1 import ledger_service_pb2 as pb
+from ledger_client._common import new_idempotency_key
 
 
 class HoldState:
     """One reservation's life on the client: reserved on enter, then exactly one of commit
-    or release. The actual cost defaults to the full held amount (see ``set_actual``)."""
+    or release. The actual cost defaults to the full held amount (see ``set_actual``).
+
+    The commit and the release each get one idempotency key, made on the first attempt and
+    kept on the hold: calling ``commit()`` (or ``release()``) again after an unknown outcome
+    (``DeadlineExceeded``, say) sends the same request with the same key, so the server
+    answers the first attempt's result instead of ``ReservationNotPending``."""
 
     def __init__(self, request: pb.ReserveRequest, timeout: float | None) -> None:
         self._request = request
@@ -16,6 +22,10 @@ class HoldState:
         self._actual: int | None = None
         self.commit_response: pb.CommitResponse | None = None
         self.release_response: pb.ReleaseResponse | None = None
+        self._commit_key: str | None = None
+        self._commit_comment = ""
+        self._release_key: str | None = None
+        self._release_reason = ""
 
     @property
     def account_id(self) -> str:
@@ -23,8 +33,18 @@ class HoldState:
 
     @property
     def idempotency_key(self) -> str:
-        """The key of the Reserve call (each commit or release has its own)."""
+        """The key of the Reserve call (the commit and the release have their own)."""
         return self._request.idempotency_key
+
+    @property
+    def commit_idempotency_key(self) -> str | None:
+        """The key every commit attempt of this hold sends; None before the first."""
+        return self._commit_key
+
+    @property
+    def release_idempotency_key(self) -> str | None:
+        """The key every release attempt of this hold sends; None before the first."""
+        return self._release_key
 
     @property
     def reserve_response(self) -> pb.ReserveResponse:
@@ -71,6 +91,32 @@ class HoldState:
         if amount_micros is not None:
             self.set_actual(amount_micros)
         return self._actual if self._actual is not None else self.held_micros
+
+    def _commit_args(
+        self, amount_micros: int | None, comment: str | None, idempotency_key: str | None
+    ) -> tuple[int, str, str]:
+        """The amount, comment and key of a commit attempt. The key (and the comment, when
+        none is given) are the first attempt's, so a repeat is a replay of it."""
+        self._check_pending("commit")
+        amount = self._amount_to_commit(amount_micros)
+        if idempotency_key is not None:
+            self._commit_key = idempotency_key
+        elif self._commit_key is None:
+            self._commit_key = new_idempotency_key()
+        if comment is not None:
+            self._commit_comment = comment
+        return amount, self._commit_comment, self._commit_key
+
+    def _release_args(self, reason: str | None, idempotency_key: str | None) -> tuple[str, str]:
+        """The reason and key of a release attempt: the first attempt's unless given."""
+        self._check_pending("release")
+        if idempotency_key is not None:
+            self._release_key = idempotency_key
+        elif self._release_key is None:
+            self._release_key = new_idempotency_key()
+        if reason is not None:
+            self._release_reason = reason
+        return self._release_reason, self._release_key
 
     def _check_pending(self, action: str) -> None:
         self.reserve_response  # noqa: B018 - raises when not entered

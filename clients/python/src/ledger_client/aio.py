@@ -184,17 +184,23 @@ class AsyncLedgerClient:
         self,
         account_id: str,
         reservation_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        usage: c.UsageLike | None = None,
         comment: str = "",
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> pb.CommitResponse:
-        """Charges the actual cost (0 to the held amount) and returns the rest of the hold."""
+        """Charges the actual cost and returns the rest of the hold. Give exactly one of
+        ``amount_micros`` (0 to the held amount) and ``usage``: the actual quantities by unit
+        (``{"output_tokens": 812}``), priced at the reservation's prices if it was made from
+        a usage description, else by the current rate card for the reservation's feature
+        (or a ``types_pb2.Usage`` naming the feature and model)."""
         request = c.commit_request(
             account_id,
             reservation_id,
             amount_micros,
+            usage=usage,
             comment=comment,
             idempotency_key=idempotency_key,
         )
@@ -287,11 +293,16 @@ class AsyncLedgerClient:
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         feature: str = "",
+        model: str = "",
+        statuses: Iterable[c.TransactionStatusLike] = (),
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListTransactionsResponse:
-        """One page of the account's journal, newest first."""
+        """One page of the account's journal, newest first. Filters combine: ``kinds``
+        and ``statuses`` (values or short names, ``["charge"]``, ``["pending"]``; all when
+        empty), ``start_time`` (included) to ``end_time`` (excluded), ``feature`` and
+        ``model``."""
         request = c.list_transactions_request(
             account_id,
             page_size=page_size,
@@ -300,8 +311,87 @@ class AsyncLedgerClient:
             start_time=start_time,
             end_time=end_time,
             feature=feature,
+            model=model,
+            statuses=statuses,
         )
         return await self._invoke(self._stub.ListTransactions, request, timeout)
+
+    async def create_account(
+        self,
+        account_id: str,
+        *,
+        referral_code: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.CreateAccountResponse:
+        """Opens an account: the sign-up bonus (when enabled), its referral code and, with
+        another account's ``referral_code``, that account's reward. A second creation with
+        another key raises ``AlreadyExists`` (reason ``ACCOUNT_EXISTS``)."""
+        request = c.create_account_request(
+            account_id, referral_code=referral_code, idempotency_key=idempotency_key
+        )
+        return await self._invoke(self._stub.CreateAccount, request, timeout)
+
+    async def get_account(
+        self, account_id: str, *, timeout: float | None = None
+    ) -> pb.GetAccountResponse:
+        """The account: its referral code, who referred it, its subscription."""
+        request = pb.GetAccountRequest(account_id=account_id)
+        return await self._invoke(self._stub.GetAccount, request, timeout)
+
+    async def claim_daily_reward(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ClaimDailyRewardResponse:
+        """Grants the daily reward, once per account per day; ``next_claim_time`` says when
+        the next claim opens. A second claim the same day raises ``FailedPrecondition``
+        (reason ``DAILY_REWARD_ALREADY_CLAIMED``)."""
+        request = c.claim_daily_reward_request(account_id, idempotency_key=idempotency_key)
+        return await self._invoke(self._stub.ClaimDailyReward, request, timeout)
+
+    async def redeem(
+        self,
+        account_id: str,
+        code: str,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.RedeemResponse:
+        """Redeems a redemption code (as printed; case and dashes do not matter), once per
+        account and code."""
+        request = c.redeem_request(account_id, code, idempotency_key=idempotency_key)
+        return await self._invoke(self._stub.Redeem, request, timeout)
+
+    async def transfer_reward(
+        self,
+        account_id: str,
+        amount_micros: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.TransferRewardResponse:
+        """Moves referral rewards into the main balance; ``amount_micros`` None means the
+        whole reward balance."""
+        request = c.transfer_reward_request(
+            account_id, amount_micros, idempotency_key=idempotency_key
+        )
+        return await self._invoke(self._stub.TransferReward, request, timeout)
+
+    async def estimate(
+        self,
+        feature: str,
+        quantities: c.QuantitiesLike,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> pb.EstimateResponse:
+        """What a usage would cost now by the rate card, with the price lines; changes
+        nothing. ``quantities`` by unit: ``{"input_tokens": 1200, "output_tokens": 300}``."""
+        request = c.estimate_request(feature, quantities, model=model)
+        return await self._invoke(self._stub.Estimate, request, timeout)
 
     # --- pagination helpers ------------------------------------------------------------------
 
@@ -337,11 +427,15 @@ class AsyncLedgerClient:
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         feature: str = "",
+        model: str = "",
+        statuses: Iterable[c.TransactionStatusLike] = (),
         page_size: int = 0,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.Transaction]:
-        """Every matching transaction, newest first, walking all pages."""
+        """Every matching transaction, newest first, walking all pages (the filters of
+        :meth:`list_transactions`)."""
         kinds = list(kinds)
+        statuses = list(statuses)
         token = ""
         while True:
             page = await self.list_transactions(
@@ -350,6 +444,8 @@ class AsyncLedgerClient:
                 start_time=start_time,
                 end_time=end_time,
                 feature=feature,
+                model=model,
+                statuses=statuses,
                 page_size=page_size,
                 page_token=token,
                 timeout=timeout,
@@ -405,22 +501,43 @@ class AsyncHold(HoldState):
         self._client = client
 
     async def commit(
-        self, amount_micros: int | None = None, *, comment: str = ""
+        self,
+        amount_micros: int | None = None,
+        *,
+        comment: str | None = None,
+        idempotency_key: str | None = None,
     ) -> pb.CommitResponse:
         """Commits now: ``amount_micros``, else the amount given to ``set_actual``, else the
-        full held amount. The ``async with`` block then ends without another call."""
-        self._check_pending("commit")
-        amount = self._amount_to_commit(amount_micros)
+        full held amount. The ``async with`` block then ends without another call.
+
+        Every attempt sends the same key (:attr:`commit_idempotency_key`, made on the first
+        unless ``idempotency_key`` is given) and, unless ``comment`` is given, the first
+        attempt's comment: after an unknown outcome (``DeadlineExceeded``), call it again to
+        get the original answer instead of ``ReservationNotPending``."""
+        amount, comment, key = self._commit_args(amount_micros, comment, idempotency_key)
         self.commit_response = await self._client.commit(
-            self.account_id, self.reservation_id, amount, comment=comment, timeout=self._timeout
+            self.account_id,
+            self.reservation_id,
+            amount,
+            comment=comment,
+            idempotency_key=key,
+            timeout=self._timeout,
         )
         return self.commit_response
 
-    async def release(self, *, reason: str = "") -> pb.ReleaseResponse:
-        """Returns the whole hold now; nothing is charged."""
-        self._check_pending("release")
+    async def release(
+        self, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> pb.ReleaseResponse:
+        """Returns the whole hold now; nothing is charged. Like :meth:`commit`, every attempt
+        sends the same key (:attr:`release_idempotency_key`) and, unless ``reason`` is given,
+        the first attempt's reason: call it again after an unknown outcome to replay it."""
+        reason, key = self._release_args(reason, idempotency_key)
         self.release_response = await self._client.release(
-            self.account_id, self.reservation_id, reason=reason, timeout=self._timeout
+            self.account_id,
+            self.reservation_id,
+            reason=reason,
+            idempotency_key=key,
+            timeout=self._timeout,
         )
         return self.release_response
 

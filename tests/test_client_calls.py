@@ -1,0 +1,490 @@
+"""The typed Python client's coverage of LedgerService beyond the basics of test_client.py:
+accounts, the daily reward, redemption codes, reward transfers, estimates, commits by usage,
+the journal's model and status filters, through the sync and the asyncio client against the
+real server; writes retried after a lost response replay instead of granting twice; and a
+reservation's commit or release retried after an unknown outcome replays the first attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import types_pb2
+from ledger_client import (
+    AccountNotFound,
+    AlreadyExists,
+    AsyncLedgerClient,
+    DeadlineExceeded,
+    FailedPrecondition,
+    LedgerClient,
+    RetryPolicy,
+)
+from support.ledger import CREDIT, Ledger, new_account, new_key
+from support.proxy import DropProxy
+from support.settings import SettingsChanger
+
+FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
+DAILY = 3 * CREDIT
+REFERRAL = 10 * CREDIT
+
+
+@pytest.fixture
+def client(server_address: str) -> Iterator[LedgerClient]:
+    with LedgerClient(server_address, retry=FAST_RETRY) as client:
+        yield client
+
+
+@pytest.fixture
+def proxy(server_address: str) -> Iterator[DropProxy]:
+    with DropProxy(server_address) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def rewards(configure: SettingsChanger) -> None:
+    """Known reward amounts for this test (put back afterwards)."""
+    configure("daily.enabled", True)
+    configure("daily.amount_micros", DAILY)
+    configure("referral.reward_micros", REFERRAL)
+
+
+def feature(name: str) -> str:
+    """A feature code of its own: the rate card is shared by the session."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def set_price(
+    admin: Any, feature: str, unit: types_pb2.UsageUnit.ValueType, micros: int, model: str = ""
+) -> None:
+    admin.SetPrice(
+        admin_pb.SetPriceRequest(
+            price=admin_pb.Price(feature=feature, model=model, unit=unit, unit_price_micros=micros),
+            idempotency_key=new_key("price"),
+        )
+    )
+
+
+def redemption_code(admin: Any, amount_micros: int) -> str:
+    created = admin.CreateRedemptionBatch(
+        admin_pb.CreateRedemptionBatchRequest(
+            idempotency_key=new_key("batch"), amount_micros=amount_micros, code_count=1
+        )
+    )
+    (code,) = created.codes
+    return str(code)
+
+
+def lot_sources(ledger: Ledger, account: str) -> list[int]:
+    return sorted(lot.source for lot in ledger.lots(account, include_inactive=True))
+
+
+# --- the new calls, sync ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rewards")
+def test_accounts_and_referrals(client: LedgerClient) -> None:
+    inviter, invitee = new_account("inviter"), new_account("invitee")
+    created = client.create_account(inviter)
+    assert created.account.account_id == inviter
+    code = created.account.referral_code
+    assert code
+    assert not created.HasField("signup_lot")  # the session's baseline: no sign-up bonus
+
+    fetched = client.get_account(inviter).account
+    assert (fetched.account_id, fetched.referral_code) == (inviter, code)
+
+    key = new_key("create")
+    joined = client.create_account(invitee, referral_code=code, idempotency_key=key)
+    assert joined.account.referred_by_account_id == inviter
+    assert client.get_account(invitee).account.referred_by_account_id == inviter
+    assert client.balance(inviter).reward_balance_micros == REFERRAL
+
+    # The same key replays the creation: the inviter is not rewarded twice.
+    replay = client.create_account(invitee, referral_code=code, idempotency_key=key)
+    assert replay.account.referral_code == joined.account.referral_code
+    # Another key is a second creation, refused.
+    with pytest.raises(AlreadyExists) as again:
+        client.create_account(invitee, referral_code=code)
+    assert again.value.reason == "ACCOUNT_EXISTS"
+    assert client.balance(inviter).reward_balance_micros == REFERRAL
+
+    with pytest.raises(AccountNotFound):
+        client.get_account(new_account("nobody"))
+
+
+@pytest.mark.usefixtures("rewards")
+def test_daily_reward_redeem_and_transfer(client: LedgerClient, ledger: Ledger, admin: Any) -> None:
+    account = new_account("daily")
+    key = new_key("day")
+    claimed = client.claim_daily_reward(account, idempotency_key=key)
+    assert claimed.lot.source == types_pb2.CREDIT_SOURCE_DAILY
+    assert claimed.lot.amount_micros == DAILY
+    assert claimed.next_claim_time.seconds > claimed.lot.created_at.seconds
+    assert client.claim_daily_reward(account, idempotency_key=key).lot.lot_id == claimed.lot.lot_id
+    with pytest.raises(FailedPrecondition) as twice:
+        client.claim_daily_reward(account)
+    assert twice.value.reason == "DAILY_REWARD_ALREADY_CLAIMED"
+
+    code = redemption_code(admin, 7 * CREDIT)
+    key = new_key("redeem")
+    redeemed = client.redeem(account, code.lower(), idempotency_key=key)  # case does not matter
+    assert redeemed.lot.source == types_pb2.CREDIT_SOURCE_REDEMPTION
+    assert redeemed.lot.amount_micros == 7 * CREDIT
+    assert redeemed.balance.balance_micros == DAILY + 7 * CREDIT
+    assert client.redeem(account, code.lower(), idempotency_key=key).lot.lot_id == (
+        redeemed.lot.lot_id
+    )
+    with pytest.raises(AlreadyExists) as redeemed_twice:
+        client.redeem(account, code)
+    assert redeemed_twice.value.reason == "REDEMPTION_CODE_ALREADY_REDEEMED"
+    assert ledger.balance(account).balance_micros == DAILY + 7 * CREDIT
+
+    inviter = new_account("inviter")
+    referral_code = client.create_account(inviter).account.referral_code
+    client.create_account(new_account("invitee"), referral_code=referral_code)
+    key = new_key("transfer")
+    moved = client.transfer_reward(inviter, 4 * CREDIT, idempotency_key=key)
+    assert moved.transferred_micros == 4 * CREDIT
+    assert moved.lot.source == types_pb2.CREDIT_SOURCE_REWARD_TRANSFER
+    replay = client.transfer_reward(inviter, 4 * CREDIT, idempotency_key=key)
+    assert replay.transaction_id == moved.transaction_id
+    rest = client.transfer_reward(inviter)  # no amount: the whole reward balance
+    assert rest.transferred_micros == REFERRAL - 4 * CREDIT
+    balance = client.balance(inviter)
+    assert (balance.balance_micros, balance.reward_balance_micros) == (REFERRAL, 0)
+    assert len(ledger.transactions(inviter, kinds=[pb.TRANSACTION_KIND_TRANSFER])) == 2
+
+
+def test_estimate_and_commit_by_usage(client: LedgerClient, ledger: Ledger, admin: Any) -> None:
+    image, model = feature("image"), f"m-{uuid.uuid4().hex[:8]}"
+    set_price(admin, image, types_pb2.USAGE_UNIT_GENERATIONS, 1_500_000)
+    set_price(admin, image, types_pb2.USAGE_UNIT_GENERATIONS, 2 * CREDIT, model=model)
+
+    estimate = client.estimate(image, {"generations": 2}).usage
+    assert estimate.cost_micros == 3 * CREDIT
+    [line] = estimate.lines
+    assert (line.unit, line.quantity, line.unit_price_micros) == (
+        types_pb2.USAGE_UNIT_GENERATIONS,
+        2,
+        1_500_000,
+    )
+    by_model = client.estimate(image, {types_pb2.USAGE_UNIT_GENERATIONS: 2}, model=model)
+    assert (by_model.usage.model, by_model.usage.cost_micros) == (model, 4 * CREDIT)
+
+    account = new_account("usage")
+    ledger.grant(account, 20)
+    held = client.reserve(account, 5 * CREDIT, feature=image).reservation
+    committed = client.commit(account, held.reservation_id, usage={"generations": 2})
+    assert committed.reservation.status == pb.RESERVATION_STATUS_COMMITTED
+    assert committed.reservation.committed_micros == 3 * CREDIT
+    assert committed.balance.balance_micros == 17 * CREDIT
+    [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert (charge.feature, charge.usage.cost_micros) == (image, 3 * CREDIT)
+
+    # A Usage message names the model too: priced at that model's price.
+    held = client.reserve(account, 5 * CREDIT, feature=image).reservation
+    usage = types_pb2.Usage(
+        model=model,
+        quantities=[types_pb2.UsageQuantity(unit=types_pb2.USAGE_UNIT_GENERATIONS, quantity=2)],
+    )
+    key = new_key("commit")
+    by_usage = client.commit(account, held.reservation_id, usage=usage, idempotency_key=key)
+    assert by_usage.reservation.committed_micros == 4 * CREDIT
+    replay = client.commit(account, held.reservation_id, usage=usage, idempotency_key=key)
+    assert replay.transaction_id == by_usage.transaction_id
+    assert [t.transaction_id for t in client.iter_transactions(account, model=model)] == [
+        by_usage.transaction_id
+    ]
+    assert ledger.balance(account).balance_micros == 13 * CREDIT
+
+
+def test_arguments_of_the_new_calls_are_checked_before_any_call(client: LedgerClient) -> None:
+    account = new_account("args")
+    with pytest.raises(ValueError, match="exactly one of amount_micros and usage"):
+        client.commit(account, str(uuid.uuid4()))
+    with pytest.raises(ValueError, match="exactly one of amount_micros and usage"):
+        client.commit(account, str(uuid.uuid4()), CREDIT, usage={"images": 1})
+    with pytest.raises(ValueError, match="unknown usage unit"):
+        client.estimate("chat", {"furlongs": 3})
+    with pytest.raises(ValueError, match="unknown transaction status"):
+        client.list_transactions(account, statuses=["lost"])
+    with pytest.raises(TypeError):
+        client.commit(account, str(uuid.uuid4()), usage=[("images", 1)])  # type: ignore[arg-type]
+
+
+def test_journal_filters_by_model_and_status(
+    client: LedgerClient, ledger: Ledger, admin: Any
+) -> None:
+    chat, model = feature("chat"), f"m-{uuid.uuid4().hex[:8]}"
+    set_price(admin, chat, types_pb2.USAGE_UNIT_OUTPUT_TOKENS, 1_000, model=model)
+    account = new_account("filters")
+    ledger.grant(account, 20)
+    pending = client.reserve(account, CREDIT).reservation.reservation_id
+    settled = client.reserve(account, 2 * CREDIT).reservation.reservation_id
+    client.commit(account, settled, CREDIT)
+    by_model = ledger.stub.Consume(
+        pb.ConsumeRequest(
+            account_id=account,
+            idempotency_key=new_key("consume"),
+            usage=types_pb2.Usage(
+                feature=chat,
+                model=model,
+                quantities=[
+                    types_pb2.UsageQuantity(unit=types_pb2.USAGE_UNIT_OUTPUT_TOKENS, quantity=500)
+                ],
+            ),
+        )
+    )
+    everything = ledger.transactions(account)
+
+    pending_only = client.list_transactions(account, statuses=["pending"]).transactions
+    assert [(t.kind, t.reservation_id) for t in pending_only] == [
+        (pb.TRANSACTION_KIND_HOLD, pending)
+    ]
+    committed_holds = client.list_transactions(
+        account, kinds=["hold"], statuses=[pb.TRANSACTION_STATUS_COMMITTED]
+    ).transactions
+    assert settled in {t.reservation_id for t in committed_holds}
+    assert pending not in {t.reservation_id for t in committed_holds}
+    assert all(t.status == pb.TRANSACTION_STATUS_COMMITTED for t in committed_holds)
+
+    of_model = client.list_transactions(account, model=model).transactions
+    assert of_model and all(t.model == model for t in of_model)
+    assert len(of_model) < len(everything)
+    walked = client.iter_transactions(
+        account, kinds=["charge"], model=model, statuses=["succeeded"], page_size=1
+    )
+    assert [t.transaction_id for t in walked] == [by_model.transaction_id]
+    # Unfiltered, every entry is there.
+    assert len(list(client.iter_transactions(account, page_size=2))) == len(everything)
+
+
+# --- writes retried after a lost response replay --------------------------------------------
+
+
+@pytest.mark.usefixtures("rewards")
+def test_new_writes_retried_after_a_lost_response_apply_once(
+    proxy: DropProxy, ledger: Ledger, admin: Any
+) -> None:
+    inviter, invitee = new_account("inviter"), new_account("invitee")
+    code = redemption_code(admin, 7 * CREDIT)
+    with LedgerClient(proxy.address, retry=FAST_RETRY, timeout=30) as client:
+        proxy.drop_next_response()
+        referral_code = client.create_account(inviter).account.referral_code
+        proxy.drop_next_response()
+        joined = client.create_account(invitee, referral_code=referral_code)
+        proxy.drop_next_response()
+        claimed = client.claim_daily_reward(invitee)
+        proxy.drop_next_response()
+        redeemed = client.redeem(invitee, code)
+        proxy.drop_next_response()
+        moved = client.transfer_reward(inviter, 3 * CREDIT)
+    assert proxy.responses_dropped == 5
+    assert proxy.connections >= 6  # every retry came in on a new connection
+
+    assert joined.account.referred_by_account_id == inviter
+    assert lot_sources(ledger, invitee) == sorted(
+        [types_pb2.CREDIT_SOURCE_DAILY, types_pb2.CREDIT_SOURCE_REDEMPTION]
+    )
+    assert claimed.lot.amount_micros == DAILY and redeemed.lot.amount_micros == 7 * CREDIT
+    assert ledger.balance(invitee).balance_micros == DAILY + 7 * CREDIT
+    assert moved.transferred_micros == 3 * CREDIT
+    balance = ledger.balance(inviter)
+    assert (balance.balance_micros, balance.reward_balance_micros) == (
+        3 * CREDIT,
+        REFERRAL - 3 * CREDIT,
+    )
+    assert len(ledger.transactions(inviter, kinds=[pb.TRANSACTION_KIND_TRANSFER])) == 1
+
+
+# --- the asyncio client -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rewards")
+def test_async_client_new_calls(server_address: str, ledger: Ledger, admin: Any) -> None:
+    image, model = feature("aimage"), f"m-{uuid.uuid4().hex[:8]}"
+    set_price(admin, image, types_pb2.USAGE_UNIT_IMAGES, CREDIT)
+    set_price(admin, image, types_pb2.USAGE_UNIT_IMAGES, 3 * CREDIT, model=model)
+    code = redemption_code(admin, 5 * CREDIT)
+    inviter, account = new_account("ainviter"), new_account("aclient")
+
+    async def scenario() -> None:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aclient:
+            referral_code = (await aclient.create_account(inviter)).account.referral_code
+            key = new_key("create")
+            joined = await aclient.create_account(
+                account, referral_code=referral_code, idempotency_key=key
+            )
+            again = await aclient.create_account(
+                account, referral_code=referral_code, idempotency_key=key
+            )
+            assert again.account.referral_code == joined.account.referral_code
+            assert (await aclient.get_account(account)).account.referred_by_account_id == inviter
+            with pytest.raises(AccountNotFound):
+                await aclient.get_account(new_account("nobody"))
+
+            claimed = await aclient.claim_daily_reward(account)
+            assert claimed.lot.amount_micros == DAILY
+            with pytest.raises(FailedPrecondition):
+                await aclient.claim_daily_reward(account)
+            redeemed = await aclient.redeem(account, code)
+            assert redeemed.balance.balance_micros == DAILY + 5 * CREDIT
+            moved = await aclient.transfer_reward(inviter)
+            assert moved.transferred_micros == REFERRAL
+
+            estimate = await aclient.estimate(image, {"images": 2}, model=model)
+            assert estimate.usage.cost_micros == 6 * CREDIT
+            held = await aclient.reserve(account, 2 * CREDIT, feature=image)
+            committed = await aclient.commit(
+                account, held.reservation.reservation_id, usage={"images": 1}
+            )
+            assert committed.reservation.committed_micros == CREDIT
+
+            pending = await aclient.reserve(account, CREDIT)
+            listed = await aclient.list_transactions(account, statuses=["pending"])
+            assert [t.reservation_id for t in listed.transactions] == [
+                pending.reservation.reservation_id
+            ]
+            charges = [
+                t
+                async for t in aclient.iter_transactions(
+                    account, kinds=["charge"], statuses=["succeeded"], page_size=1
+                )
+            ]
+            assert [t.transaction_id for t in charges] == [committed.transaction_id]
+            assert not (await aclient.list_transactions(account, model=model)).transactions
+
+    asyncio.run(scenario())
+    assert ledger.balance(account).balance_micros == DAILY + 4 * CREDIT
+    assert ledger.balance(inviter).balance_micros == REFERRAL
+
+
+@pytest.mark.usefixtures("rewards")
+def test_async_new_writes_retried_after_a_lost_response_apply_once(
+    proxy: DropProxy, ledger: Ledger, admin: Any
+) -> None:
+    inviter, invitee = new_account("ainviter"), new_account("ainvitee")
+    code = redemption_code(admin, 7 * CREDIT)
+
+    async def scenario() -> None:
+        async with AsyncLedgerClient(proxy.address, retry=FAST_RETRY, timeout=30) as aclient:
+            proxy.drop_next_response()
+            referral_code = (await aclient.create_account(inviter)).account.referral_code
+            proxy.drop_next_response()
+            await aclient.create_account(invitee, referral_code=referral_code)
+            proxy.drop_next_response()
+            await aclient.claim_daily_reward(invitee)
+            proxy.drop_next_response()
+            await aclient.redeem(invitee, code)
+            proxy.drop_next_response()
+            await aclient.transfer_reward(inviter, 3 * CREDIT)
+
+    asyncio.run(scenario())
+    assert proxy.responses_dropped == 5
+    assert lot_sources(ledger, invitee) == sorted(
+        [types_pb2.CREDIT_SOURCE_DAILY, types_pb2.CREDIT_SOURCE_REDEMPTION]
+    )
+    assert ledger.balance(invitee).balance_micros == DAILY + 7 * CREDIT
+    balance = ledger.balance(inviter)
+    assert (balance.balance_micros, balance.reward_balance_micros) == (
+        3 * CREDIT,
+        REFERRAL - 3 * CREDIT,
+    )
+
+
+# --- a reservation's commit or release after an unknown outcome -----------------------------
+
+
+def test_hold_commit_after_an_unknown_outcome_replays(proxy: DropProxy, ledger: Ledger) -> None:
+    account = new_account("hold-unknown")
+    ledger.grant(account, 10)
+    with LedgerClient(proxy.address, retry=FAST_RETRY, timeout=1.0) as client:
+        with pytest.raises(DeadlineExceeded), client.reservation(account, 4 * CREDIT) as hold:
+            hold.set_actual(3 * CREDIT)
+            proxy.hold_next_response()  # the commit at the end of the block is applied...
+        proxy.drop_held()  # ...but its answer never arrives
+        [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+        assert not hold.finished
+        first_key = hold.commit_idempotency_key
+        assert first_key
+
+        again = hold.commit()  # the same request, the same key: the original answer
+    assert again.transaction_id == charge.transaction_id
+    assert hold.commit_idempotency_key == first_key
+    assert hold.finished and hold.reservation.committed_micros == 3 * CREDIT
+    assert ledger.balance(account).balance_micros == 7 * CREDIT
+    assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])) == 1
+
+
+def test_hold_release_after_an_unknown_outcome_replays(proxy: DropProxy, ledger: Ledger) -> None:
+    account = new_account("hold-unknown")
+    ledger.grant(account, 10)
+    with LedgerClient(proxy.address, retry=FAST_RETRY, timeout=1.0) as client:
+        with pytest.raises(KeyError), client.reservation(account, 4 * CREDIT) as hold:
+            proxy.hold_next_response()  # the release after the exception is applied...
+            raise KeyError("the job failed")
+        proxy.drop_held()  # ...its DeadlineExceeded was logged, the KeyError propagated
+        assert not hold.finished
+        assert hold.release_idempotency_key
+
+        # The first attempt's key and reason: a replay, not ReservationNotPending (nor
+        # IdempotencyKeyReused for another reason).
+        again = hold.release()
+    assert again.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert hold.finished
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
+    assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])) == 1
+
+
+def test_hold_takes_an_explicit_commit_key(client: LedgerClient, ledger: Ledger) -> None:
+    account = new_account("hold-key")
+    ledger.grant(account, 10)
+    key = new_key("hold-commit")
+    with client.reservation(account, 4 * CREDIT) as hold:
+        committed = hold.commit(2 * CREDIT, comment="done", idempotency_key=key)
+    assert hold.commit_idempotency_key == key
+    # The commit was sent with that key: the same request with it is a replay.
+    replay = client.commit(
+        account, hold.reservation_id, 2 * CREDIT, comment="done", idempotency_key=key
+    )
+    assert replay.transaction_id == committed.transaction_id
+    assert ledger.balance(account).balance_micros == 8 * CREDIT
+
+
+def test_async_hold_commit_and_release_after_an_unknown_outcome_replay(
+    proxy: DropProxy, ledger: Ledger
+) -> None:
+    account = new_account("ahold-unknown")
+    ledger.grant(account, 10)
+
+    async def scenario() -> tuple[pb.CommitResponse, pb.ReleaseResponse]:
+        async with AsyncLedgerClient(proxy.address, retry=FAST_RETRY, timeout=1.0) as aclient:
+            with pytest.raises(DeadlineExceeded):
+                async with aclient.reservation(account, 4 * CREDIT) as committing:
+                    committing.set_actual(CREDIT)
+                    proxy.hold_next_response()
+            proxy.drop_held()
+            committed = await committing.commit()
+
+            with pytest.raises(KeyError):
+                async with aclient.reservation(account, 2 * CREDIT) as releasing:
+                    proxy.hold_next_response()
+                    raise KeyError("the job failed")
+            proxy.drop_held()
+            released = await releasing.release()
+            return committed, released
+
+    committed, released = asyncio.run(scenario())
+    [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    assert committed.transaction_id == charge.transaction_id
+    assert released.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
