@@ -11,6 +11,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
@@ -150,15 +151,23 @@ def test_mixed_reserve_commit_release_from_many_clients(
     assert_audit_clean()  # type: ignore[operator]
 
 
+def _transactions_with_more_calls_than(calls: int) -> float:
+    """Group-commit transactions so far (in this process's server) with more than ``calls``
+    calls (a bucket bound of the histogram)."""
+    name = "ledger_group_commit_calls_per_transaction"
+    every = REGISTRY.get_sample_value(f"{name}_count") or 0.0
+    return every - (REGISTRY.get_sample_value(f"{name}_bucket", {"le": f"{calls}.0"}) or 0.0)
+
+
 def test_concurrent_consumes_on_one_account_share_transactions(
     ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
 ) -> None:
     """The hot-account path: calls that queue behind each other on one account are
     coalesced into shared transactions, each still applied exactly once with its own
-    response. A batch runs at one moment (its calls share created_at; separate calls
-    never do), which shows the batching happened."""
+    response. The server's count of transactions of several calls shows the batching."""
     account = new_account("hot")
     ledger.grant(account, 1000)
+    batched = _transactions_with_more_calls_than(1)
 
     async def consume_all() -> list[pb.ConsumeResponse]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -181,14 +190,11 @@ def test_concurrent_consumes_on_one_account_share_transactions(
     ]
     with psycopg.connect(ledger_db_url) as conn:
         row = conn.execute(
-            "SELECT count(*), count(DISTINCT created_at) FROM journal_transactions "
-            "WHERE account_id = %s AND kind = 'charge'",
+            "SELECT count(*) FROM journal_transactions WHERE account_id = %s AND kind = 'charge'",
             (account,),
         ).fetchone()
-    assert row is not None
-    charges, moments = row
-    assert charges == 60
-    assert moments < charges
+    assert row == (60,)
+    assert _transactions_with_more_calls_than(1) > batched
     assert ledger.balance(account).balance_micros == 940 * CREDIT
     assert_audit_clean()  # type: ignore[operator]
 
@@ -265,9 +271,9 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
     """Group commit: while as many Consume transactions as the server allows
     (LEDGER_GROUP_COMMIT_MAX_IN_FLIGHT) are in flight, later calls wait and are then committed
     together across accounts. Here the first calls are held on locked accounts, so the
-    rest must wait. Calls in one batch run at one moment (their charges share created_at;
-    separate calls never do), which shows the batching; a refused call in a batch changes
-    nothing and the others in it go through."""
+    rest must wait. A transaction of more than two calls spans accounts (no account has
+    more than two), which shows the batching; a refused call in a batch changes nothing
+    and the others in it go through."""
     slots = Settings(database_url="").group_commit_max_in_flight
     blocked = [new_account("group-blocked") for _ in range(slots)]
     rich = [new_account("group") for _ in range(20)]
@@ -278,6 +284,7 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
         ledger.grant(account, 1)
     later = [(account, i) for account in rich + poor for i in range(2)]
     random.Random(7).shuffle(later)
+    spanning = _transactions_with_more_calls_than(2)
 
     async def consume_all(holder: Conn, prober: Conn) -> list[object]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -304,13 +311,13 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
     for account in poor:
         assert ledger.balance(account).balance_micros == 0
     with psycopg.connect(ledger_db_url) as conn:
-        rows = conn.execute(
-            "SELECT count(*), count(DISTINCT account_id) FROM journal_transactions"
-            " WHERE account_id = ANY(%s) AND kind = 'charge' GROUP BY created_at",
+        row = conn.execute(
+            "SELECT count(*) FROM journal_transactions"
+            " WHERE account_id = ANY(%s) AND kind = 'charge'",
             (rich + poor,),
-        ).fetchall()
-    assert sum(charges for charges, _ in rows) == len(later) - len(poor)
-    assert max(accounts for _, accounts in rows) > 1  # a batch spanning accounts
+        ).fetchone()
+    assert row == (len(later) - len(poor),)
+    assert _transactions_with_more_calls_than(2) > spanning  # a batch spanning accounts
     assert_audit_clean()  # type: ignore[operator]
 
 
@@ -344,6 +351,100 @@ def test_a_call_in_a_batch_that_waits_too_long_for_a_lock_fails_alone(
     assert row[0][1]["ok"]["balance"]["balance_micros"] == 4 * CREDIT
     assert ledger.balance(free).balance_micros == 4 * CREDIT
     assert ledger.balance(locked).balance_micros == 5 * CREDIT
+
+
+def test_a_batch_waits_for_a_locked_account_once_and_within_one_budget(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """Several calls for one locked account wait for its lock once, not once each, and all
+    the waits of a batch come out of three quarters of its time: four locked accounts, one
+    with three calls, would otherwise wait 500 ms each call (2 s time-out), and the
+    statement time-out would roll back the free account's Consume with the rest."""
+    prefix = new_account("budget")
+    locked = [f"{prefix}-{n}" for n in range(4)]
+    free = f"{prefix}-z"  # last in the batch's account order: after every wait
+    for account in (*locked, free):
+        ledger.grant(account, 5)
+    calls = [locked[0], locked[0], locked[0], *locked[1:], free]
+
+    def consume(account: str) -> dict[str, object]:
+        return {"account": account, "key": new_key(), "hash": "00", "amount": CREDIT,
+                "usage": None, "feature": "", "comment": ""}  # fmt: skip
+
+    with (
+        psycopg.connect(ledger_db_url) as holder,
+        psycopg.connect(ledger_db_url, autocommit=True) as batcher,
+    ):
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (locked,))
+        batcher.execute("SET statement_timeout = '2s'")
+        row = batcher.execute(
+            "SELECT ledger_consume_batch(%s, now())", (Jsonb([consume(a) for a in calls]),)
+        ).fetchone()
+        holder.rollback()
+    assert row is not None
+    assert [r["error"]["sqlstate"] for r in row[0][:-1]] == ["55P03"] * 6
+    assert row[0][-1]["ok"]["balance"]["balance_micros"] == 4 * CREDIT
+    assert ledger.balance(free).balance_micros == 4 * CREDIT
+    assert all(ledger.balance(a).balance_micros == 5 * CREDIT for a in locked)
+
+
+def test_a_locked_accounts_later_calls_in_a_batch_do_not_wait_again(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """Once one call of an account has waited out the lock (1 s of a 4 s time-out, after
+    the set path's 1 s), the account's later calls give up at once with the same answer.
+    The lock is let go at 2.5 s: a second wait would have got it and charged."""
+    locked, free = new_account("once"), f"{new_account('once')}-z"
+    ledger.grant(locked, 5)
+    ledger.grant(free, 5)
+    requests = [
+        {"account": account, "key": new_key(), "hash": "00", "amount": CREDIT,
+         "usage": None, "feature": "", "comment": ""}
+        for account in (locked, locked, locked, free)
+    ]  # fmt: skip
+    with (
+        psycopg.connect(ledger_db_url) as holder,
+        psycopg.connect(ledger_db_url, autocommit=True) as batcher,
+        ThreadPoolExecutor(1) as threads,
+    ):
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (locked,))
+        batcher.execute("SET statement_timeout = '4s'")
+        threads.submit(lambda: (time.sleep(2.5), holder.rollback()))
+        row = batcher.execute(
+            "SELECT ledger_consume_batch(%s, now())", (Jsonb(requests),)
+        ).fetchone()
+    assert row is not None
+    assert [r["error"]["sqlstate"] for r in row[0][:3]] == ["55P03"] * 3
+    assert row[0][3]["ok"]["balance"]["balance_micros"] == 4 * CREDIT
+    assert ledger.balance(locked).balance_micros == 5 * CREDIT
+
+
+def test_a_commit_in_a_batch_is_judged_at_the_time_it_arrived(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """A Commit received before its hold expired commits, though the batch also holds a
+    call received after the expiry (the batch's latest time)."""
+    account, other = new_account("arrived"), new_account("arrived-later")
+    ledger.grant(account, 5)
+    ledger.grant(other, 5)
+    held = ledger.reserve(account, 2 * CREDIT).reservation
+    expiry = held.expires_at.ToDatetime(tzinfo=UTC)
+    requests = [
+        {"op": "commit", "account": account, "key": new_key(), "hash": "00",
+         "amount": CREDIT, "usage": None, "comment": "", "reservation_id": held.reservation_id,
+         "now": (expiry - timedelta(seconds=1)).isoformat()},
+        {"account": other, "key": new_key(), "hash": "00", "amount": CREDIT, "usage": None,
+         "feature": "", "comment": "", "now": (expiry + timedelta(seconds=1)).isoformat()},
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as batcher:
+        row = batcher.execute(
+            "SELECT ledger_consume_batch(%s, %s)",
+            (Jsonb(requests), expiry + timedelta(seconds=1)),
+        ).fetchone()
+    assert row is not None
+    assert "ok" in row[0][0], row[0][0]
+    assert row[0][0]["ok"]["reservation"]["status"] == "committed"
+    assert ledger.balance(account).balance_micros == 4 * CREDIT
 
 
 def test_the_previous_releases_batch_form_still_answers(ledger: Ledger, ledger_db_url: str) -> None:
@@ -456,12 +557,13 @@ def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
     ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
 ) -> None:
     """While every slot is taken, Reserve and Commit calls of many accounts wait and are
-    then committed together (reservations of different accounts made at one moment)."""
+    then committed together (the server counts transactions of several calls)."""
     slots = Settings(database_url="").group_commit_max_in_flight
     blocked = [new_account("pairs-blocked") for _ in range(slots)]
     accounts = [new_account("pairs") for _ in range(20)]
     for account in blocked + accounts:
         ledger.grant(account, 10)
+    batched = _transactions_with_more_calls_than(1)
 
     async def pairs(holder: Conn, prober: Conn) -> list[object]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -493,11 +595,6 @@ def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
     for account in accounts:
         balance = ledger.balance(account)
         assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
-    with psycopg.connect(ledger_db_url) as conn:
-        row = conn.execute(
-            "SELECT max(n) FROM (SELECT count(DISTINCT account_id) AS n FROM reservations"
-            " WHERE account_id = ANY(%s) GROUP BY created_at) moments",
-            (accounts,),
-        ).fetchone()
-    assert row is not None and row[0] > 1  # a batch of Reserves spanning accounts
+    # Each account has one call at a time: a transaction of two calls or more spans accounts.
+    assert _transactions_with_more_calls_than(1) > batched
     assert_audit_clean()  # type: ignore[operator]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -16,13 +16,21 @@ from prometheus_client import REGISTRY
 
 from ledger_server.config import ConfigError, Settings
 from ledger_server.errors import LedgerError
-from ledger_server.server.group_commit import GroupCommit, _answer, _Waiter, latest_deadline
+from ledger_server.server.group_commit import (
+    GroupCommit,
+    _answer,
+    _request,
+    _Waiter,
+    latest_deadline,
+)
 from support.stuck_pool import StuckPool, stop_a_batch_midway, until
 
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
-def params(key: str) -> dict[str, object]:
+
+def params(key: str, now: datetime = NOW) -> dict[str, object]:
     return {"key": key, "hash": b"\0", "amount": 1, "usage": None, "feature": "",
-            "comment": "", "now": 0}  # fmt: skip
+            "comment": "", "now": now}  # fmt: skip
 
 
 def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None:
@@ -241,3 +249,34 @@ def test_a_call_that_waited_out_the_batchs_lock_wait_is_a_conflict_to_retry() ->
     assert isinstance(busy, LedgerError) and isinstance(cancelled, LedgerError)
     assert (busy.code, busy.reason) == (grpc.StatusCode.ABORTED, "CONFLICT")
     assert cancelled.code == grpc.StatusCode.DEADLINE_EXCEEDED  # the whole batch's time-out
+
+
+def test_callers_that_waited_out_a_lock_each_get_an_error_of_their_own() -> None:
+    """One exception object shared by many futures (it was a module constant) collects the
+    context of every raise of it, for the life of the server."""
+
+    async def answered() -> list[BaseException | None]:
+        waiters = [_Waiter("consume", "acct", {}, None) for _ in range(2)]
+        timed_out = {"error": {"sqlstate": "55P03", "message": "lock timeout", "detail": None,
+                               "constraint": None}}  # fmt: skip
+        _answer(waiters, [timed_out, timed_out])
+        return [w.future.exception() for w in waiters]
+
+    first, second = asyncio.run(answered())
+    assert isinstance(first, LedgerError) and isinstance(second, LedgerError)
+    assert first is not second
+
+
+def test_each_call_of_a_batch_carries_the_time_it_was_received() -> None:
+    """The call-by-call path runs each call at its own time, not the batch's latest."""
+
+    async def requests() -> list[dict[str, object]]:
+        later = NOW + timedelta(seconds=2)
+        return [
+            _request(_Waiter("commit", "acct", {**params("1"), "reservation_id": "r"}, None)),
+            _request(_Waiter("consume", "acct", params("2", later), None)),
+        ]
+
+    first, second = asyncio.run(requests())
+    assert first["now"] == NOW.isoformat()
+    assert second["now"] == (NOW + timedelta(seconds=2)).isoformat()

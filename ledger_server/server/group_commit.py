@@ -90,11 +90,18 @@ def _request(waiter: _Waiter) -> dict[str, object]:
         "amount": params["amount"],
         "usage": usage.obj if isinstance(usage, Jsonb) else None,
         "comment": params["comment"],
+        # The call-by-call path runs each call at its own time (ledger_batch_call).
+        "now": _iso(params["now"]),
     }
     for name in BATCHED[waiter.operation]:
         value = params[name]
         request[name] = value.isoformat() if isinstance(value, datetime) else str(value)
     return request
+
+
+def _iso(value: object) -> str:
+    assert isinstance(value, datetime)
+    return value.isoformat()
 
 
 def latest_deadline(deadlines_: list[float | None]) -> float | None:
@@ -273,11 +280,14 @@ class GroupCommit:
             )
 
 
-_ACCOUNT_BUSY = LedgerError(
-    grpc.StatusCode.ABORTED,
-    "CONFLICT",
-    "the account was busy with another transaction; retry with the same idempotency key",
-)
+def _account_busy() -> LedgerError:
+    """One per caller: an exception object shared by futures gathers every raise's
+    traceback onto it."""
+    return LedgerError(
+        grpc.StatusCode.ABORTED,
+        "CONFLICT",
+        "the account was busy with another transaction; retry with the same idempotency key",
+    )
 
 
 def _answer(batch: list[_Waiter], outcome: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -298,7 +308,7 @@ def _answer(batch: list[_Waiter], outcome: dict[str, Any] | list[dict[str, Any]]
             if error["sqlstate"] == pg.LockNotAvailable.sqlstate:
                 # The batch's own lock wait (a quarter of its time), not the caller's
                 # deadline: the call was rolled back and the caller has time to retry it.
-                waiter.future.set_exception(_ACCOUNT_BUSY)
+                waiter.future.set_exception(_account_busy())
                 continue
             failure = DatabaseFailure(
                 error["sqlstate"], error["message"], error["detail"], error["constraint"]

@@ -13,9 +13,12 @@
 -- batches lock the accounts they share in the same order and cannot deadlock. Within each
 -- call the one order of 0001_ledger.sql holds (account, then lots, then reservations).
 --
--- p_requests: [{op, account, key, hash (hex), amount, usage, comment, and per op:
+-- p_requests: [{op, account, key, hash (hex), amount, usage, comment, now, and per op:
 -- feature (consume, reserve), expires_at (reserve), reservation_id (commit)}] in arrival
--- order; op defaults to consume. Returns one element per request, in that order:
+-- order; op defaults to consume. A call run by itself runs at its own "now" (when the
+-- server received it; p_now, the batch's latest, when absent). The set paths run at p_now:
+-- what they take is sure at each call's own time too (they leave any account with a hold
+-- expired or maintenance due by p_now), though a lot expiring in between is passed over. Returns one element per request, in that order:
 -- {"ok": <response>} or {"error": {"sqlstate", "message", "detail", "constraint"}} for
 -- the server's one error boundary to translate as if the call had run alone.
 -- (ledger_consume_batch keeps the name of its first use, Consume alone.)
@@ -25,19 +28,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     op text := coalesce(r ->> 'op', 'consume');
     usage jsonb := CASE WHEN jsonb_typeof(r -> 'usage') = 'object' THEN r -> 'usage' END;
+    -- The call's own time (when the server received it): a Commit sent before its hold
+    -- expired is not refused because a later call in the batch came after the expiry.
+    call_now timestamptz := coalesce((r ->> 'now')::timestamptz, p_now);
 BEGIN
     IF op = 'consume' THEN
         RETURN ledger_consume(r ->> 'account', r ->> 'key', decode(r ->> 'hash', 'hex'),
                               (r ->> 'amount')::bigint, usage, r ->> 'feature', r ->> 'comment',
-                              p_now);
+                              call_now);
     ELSIF op = 'reserve' THEN
         RETURN ledger_reserve(r ->> 'account', r ->> 'key', decode(r ->> 'hash', 'hex'),
                               (r ->> 'amount')::bigint, usage, (r ->> 'expires_at')::timestamptz,
-                              r ->> 'feature', r ->> 'comment', p_now);
+                              r ->> 'feature', r ->> 'comment', call_now);
     ELSIF op = 'commit' THEN
         RETURN ledger_commit(r ->> 'account', (r ->> 'reservation_id')::uuid, r ->> 'key',
                              decode(r ->> 'hash', 'hex'), (r ->> 'amount')::bigint, usage,
-                             r ->> 'comment', p_now);
+                             r ->> 'comment', call_now);
     END IF;
     RAISE EXCEPTION 'no such operation in a batch: %', op USING ERRCODE = 'LE101';
 END $$;
@@ -55,11 +61,16 @@ DECLARE
     constraint_name text;
     -- current_setting, not the pg_settings view: the view builds every setting's row.
     timeout_ms bigint := extract(epoch FROM current_setting('statement_timeout')::interval) * 1000;
+    lock_ms bigint := greatest(timeout_ms / 4, 1);
+    left_ms bigint;
+    -- The answer of the call that gave up waiting for an account's lock, by account: the
+    -- account's later calls get it at once instead of waiting again each.
+    unreachable jsonb := '{}';
 BEGIN
     -- A call that waits for a lock held elsewhere (another server's transaction) gives up
     -- alone, well before the statement time-out would roll the whole batch back.
     IF timeout_ms > 0 THEN
-        PERFORM set_config('lock_timeout', greatest(timeout_ms / 4, 1)::text, true);
+        PERFORM set_config('lock_timeout', lock_ms::text, true);
     END IF;
     -- The plain Consumes and Reserves sure to succeed, written together (0008_take_set.sql);
     -- when that cannot be done (a lock wait timed out, say), every call goes one by one below.
@@ -74,6 +85,20 @@ BEGIN
          ORDER BY req ->> 'account' COLLATE "C", n
     LOOP
         CONTINUE WHEN results[r.n] IS NOT NULL;
+        IF unreachable ? (r.req ->> 'account') THEN
+            results[r.n] := unreachable -> (r.req ->> 'account');
+            CONTINUE;
+        END IF;
+        -- Every wait comes out of one budget, three quarters of the statement's time: past
+        -- it, a locked account's calls give up at once and the rest of the batch commits.
+        IF timeout_ms > 0 THEN
+            left_ms := timeout_ms * 3 / 4
+                       - (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::bigint;
+            IF left_ms < lock_ms THEN
+                lock_ms := greatest(left_ms, 1);
+                PERFORM set_config('lock_timeout', lock_ms::text, true);
+            END IF;
+        END IF;
         BEGIN
             results[r.n] := jsonb_build_object('ok', ledger_batch_call(r.req, p_now));
         EXCEPTION WHEN OTHERS THEN
@@ -83,6 +108,9 @@ BEGIN
             results[r.n] := jsonb_build_object('error', jsonb_build_object(
                 'sqlstate', state, 'message', message, 'detail', nullif(detail, ''),
                 'constraint', nullif(constraint_name, '')));
+            IF state = '55P03' THEN  -- lock_not_available
+                unreachable := unreachable || jsonb_build_object(r.req ->> 'account', results[r.n]);
+            END IF;
         END;
     END LOOP;
     RETURN to_jsonb(results);
