@@ -205,6 +205,83 @@ def test_estimate_and_commit_by_usage(client: LedgerClient, ledger: Ledger, admi
     assert ledger.balance(account).balance_micros == 13 * CREDIT
 
 
+def test_reserve_consume_and_holds_by_usage(
+    client: LedgerClient, ledger: Ledger, admin: Any
+) -> None:
+    """A usage (quantities by unit, feature and model) is priced by the rate card: held by
+    reserve and reservation, charged by consume, committed by a hold at its reservation's
+    prices."""
+    chat, model = feature("chat"), f"m-{uuid.uuid4().hex[:8]}"
+    set_price(admin, chat, types_pb2.USAGE_UNIT_OUTPUT_TOKENS, 1_000)  # 1 credit per 1,000
+    set_price(admin, chat, types_pb2.USAGE_UNIT_OUTPUT_TOKENS, 2_000, model=model)
+    account = new_account("by-usage")
+    ledger.grant(account, 100)
+
+    held = client.reserve(account, usage={"output_tokens": 4000}, feature=chat, model=model)
+    assert held.reservation.held_micros == 8 * CREDIT
+    assert (held.reservation.feature, held.reservation.model) == (chat, model)
+    client.release(account, held.reservation.reservation_id)
+
+    key = new_key("consume")
+    consumed = client.consume(
+        account, usage={"output_tokens": 3000}, feature=chat, idempotency_key=key
+    )
+    assert consumed.reservation.committed_micros == 3 * CREDIT
+    again = client.consume(
+        account, usage={"output_tokens": 3000}, feature=chat, idempotency_key=key
+    )
+    assert again.transaction_id == consumed.transaction_id
+
+    with client.reservation(
+        account, usage={"output_tokens": 5000}, feature=chat, model=model
+    ) as hold:
+        assert hold.held_micros == 10 * CREDIT
+        hold.set_actual_usage({"output_tokens": 1500})
+    assert hold.commit_response is not None
+    assert hold.commit_response.reservation.committed_micros == 3 * CREDIT  # the model's price
+
+    with client.reservation(account, 4 * CREDIT, feature=chat) as hold:
+        hold.commit(usage={"output_tokens": 2500})
+    assert hold.reservation.committed_micros == 2_500_000
+
+    with client.reservation(account, 4 * CREDIT, feature=chat) as hold:
+        hold.set_actual_usage({"output_tokens": 2500})
+        hold.set_actual(CREDIT)  # the last one given is committed
+    assert hold.reservation.committed_micros == CREDIT
+
+    assert ledger.balance(account).balance_micros == (100 - 3 - 3 - 1) * CREDIT - 2_500_000
+
+    with pytest.raises(ValueError, match="model applies to a usage"):
+        client.consume(account, CREDIT, model=model)
+    with pytest.raises(ValueError, match="exactly one of amount_micros and usage"):
+        client.reserve(account)
+    with pytest.raises(ValueError, match="exactly one of amount_micros and usage"):
+        client.consume(account, CREDIT, usage={"output_tokens": 1})
+
+
+def test_async_reserve_consume_and_holds_by_usage(
+    server_address: str, ledger: Ledger, admin: Any
+) -> None:
+    image = feature("aimage-usage")
+    set_price(admin, image, types_pb2.USAGE_UNIT_IMAGES, 2 * CREDIT)
+    account = new_account("ausage")
+    ledger.grant(account, 20)
+
+    async def scenario() -> None:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aclient:
+            held = await aclient.reserve(account, usage={"images": 3}, feature=image)
+            assert held.reservation.held_micros == 6 * CREDIT
+            await aclient.release(account, held.reservation.reservation_id)
+            consumed = await aclient.consume(account, usage={"images": 1}, feature=image)
+            assert consumed.reservation.committed_micros == 2 * CREDIT
+            async with aclient.reservation(account, usage={"images": 4}, feature=image) as hold:
+                hold.set_actual_usage({"images": 2})
+            assert hold.reservation.committed_micros == 4 * CREDIT
+
+    asyncio.run(scenario())
+    assert ledger.balance(account).balance_micros == 14 * CREDIT
+
+
 def test_arguments_of_the_new_calls_are_checked_before_any_call(client: LedgerClient) -> None:
     account = new_account("args")
     with pytest.raises(ValueError, match="exactly one of amount_micros and usage"):

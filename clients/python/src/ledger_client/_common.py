@@ -270,22 +270,45 @@ def grant_request(
     return request
 
 
+def _amount_or_usage(
+    request: pb.ReserveRequest | pb.ConsumeRequest,
+    amount_micros: int | None,
+    usage: UsageLike | None,
+    *,
+    feature: str,
+    model: str,
+) -> None:
+    """Sets exactly one of the request's amount and usage (a usage given as quantities by
+    unit names ``feature`` and ``model``)."""
+    if (amount_micros is None) == (usage is None):
+        raise ValueError("give exactly one of amount_micros and usage")
+    if amount_micros is not None:
+        if model:
+            raise ValueError("model applies to a usage; an amount names a feature only")
+        request.amount_micros = amount_micros
+        return
+    assert usage is not None
+    request.usage.CopyFrom(to_usage(usage, feature=feature, model=model))
+
+
 def reserve_request(
     account_id: str,
-    amount_micros: int,
+    amount_micros: int | None,
     *,
+    usage: UsageLike | None = None,
     ttl: timedelta | None,
     feature: str,
+    model: str = "",
     comment: str,
     idempotency_key: str | None,
 ) -> pb.ReserveRequest:
     request = pb.ReserveRequest(
         account_id=account_id,
         idempotency_key=idempotency_key or new_idempotency_key(),
-        amount_micros=amount_micros,
         feature=feature,
         comment=comment,
     )
+    _amount_or_usage(request, amount_micros, usage, feature=feature, model=model)
     if ttl is not None:
         request.ttl.CopyFrom(duration(ttl))
     return request
@@ -348,19 +371,22 @@ def refund_request(
 
 def consume_request(
     account_id: str,
-    amount_micros: int,
+    amount_micros: int | None,
     *,
+    usage: UsageLike | None = None,
     feature: str,
+    model: str = "",
     comment: str,
     idempotency_key: str | None,
 ) -> pb.ConsumeRequest:
-    return pb.ConsumeRequest(
+    request = pb.ConsumeRequest(
         account_id=account_id,
         idempotency_key=idempotency_key or new_idempotency_key(),
-        amount_micros=amount_micros,
         feature=feature,
         comment=comment,
     )
+    _amount_or_usage(request, amount_micros, usage, feature=feature, model=model)
+    return request
 
 
 def list_transactions_request(

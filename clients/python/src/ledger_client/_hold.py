@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger_client._common import new_idempotency_key
+from ledger.v1 import types_pb2
+from ledger_client._common import UsageLike, new_idempotency_key, to_usage
 
 
 class HoldState:
@@ -20,6 +21,7 @@ class HoldState:
         self._timeout = timeout
         self._reserved: pb.ReserveResponse | None = None
         self._actual: int | None = None
+        self._actual_usage: types_pb2.Usage | None = None
         self.commit_response: pb.CommitResponse | None = None
         self.release_response: pb.ReleaseResponse | None = None
         self._commit_key: str | None = None
@@ -75,6 +77,11 @@ class HoldState:
         return self._actual
 
     @property
+    def actual_usage(self) -> types_pb2.Usage | None:
+        """What ``set_actual_usage`` recorded; None if it was never called."""
+        return self._actual_usage
+
+    @property
     def finished(self) -> bool:
         return self.commit_response is not None or self.release_response is not None
 
@@ -86,26 +93,44 @@ class HoldState:
         if amount_micros < 0:
             raise ValueError("amount_micros must not be negative")
         self._actual = amount_micros
+        self._actual_usage = None
 
-    def _amount_to_commit(self, amount_micros: int | None) -> int:
-        if amount_micros is not None:
-            self.set_actual(amount_micros)
-        return self._actual if self._actual is not None else self.held_micros
+    def set_actual_usage(self, usage: UsageLike) -> None:
+        """Records the real usage by unit (``{"output_tokens": 812}``), committed when the
+        ``with`` block ends normally and priced by the server: at the reservation's prices
+        if it was made from a usage, else by the rate card for its feature (or pass a
+        ``types_pb2.Usage`` naming the feature and model). Replaces ``set_actual``."""
+        self._actual_usage = to_usage(usage)
+        self._actual = None
 
     def _commit_args(
-        self, amount_micros: int | None, comment: str | None, idempotency_key: str | None
-    ) -> tuple[int, str, str]:
-        """The amount, comment and key of a commit attempt. The key (and the comment, when
-        none is given) are the first attempt's, so a repeat is a replay of it."""
+        self,
+        amount_micros: int | None,
+        usage: UsageLike | None,
+        comment: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[int | None, types_pb2.Usage | None, str, str]:
+        """The amount or usage, comment and key of a commit attempt: ``amount_micros`` or
+        ``usage``, else what ``set_actual`` or ``set_actual_usage`` recorded, else the held
+        amount. The key (and the comment, when none is given) are the first attempt's, so a
+        repeat is a replay of it."""
         self._check_pending("commit")
-        amount = self._amount_to_commit(amount_micros)
+        if amount_micros is not None and usage is not None:
+            raise ValueError("give at most one of amount_micros and usage")
+        if amount_micros is not None:
+            self.set_actual(amount_micros)
+        elif usage is not None:
+            self.set_actual_usage(usage)
         if idempotency_key is not None:
             self._commit_key = idempotency_key
         elif self._commit_key is None:
             self._commit_key = new_idempotency_key()
         if comment is not None:
             self._commit_comment = comment
-        return amount, self._commit_comment, self._commit_key
+        if self._actual_usage is not None:
+            return None, self._actual_usage, self._commit_comment, self._commit_key
+        amount = self._actual if self._actual is not None else self.held_micros
+        return amount, None, self._commit_comment, self._commit_key
 
     def _release_args(self, reason: str | None, idempotency_key: str | None) -> tuple[str, str]:
         """The reason and key of a release attempt: the first attempt's unless given."""

@@ -160,21 +160,27 @@ class AsyncLedgerClient:
     async def reserve(
         self,
         account_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        usage: c.UsageLike | None = None,
         ttl: timedelta | None = None,
         feature: str = "",
+        model: str = "",
         comment: str = "",
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> pb.ReserveResponse:
-        """Holds credits for ``ttl`` (the server's default when None). Prefer
-        :meth:`reservation`, which commits or releases for you."""
+        """Holds credits for ``ttl`` (the server's default when None): exactly one of
+        ``amount_micros`` and ``usage``, the expected usage by unit (``{"output_tokens":
+        4000}`` with ``feature`` and ``model``, or a ``types_pb2.Usage``) whose cost by the
+        rate card is held. Prefer :meth:`reservation`, which commits or releases for you."""
         request = c.reserve_request(
             account_id,
             amount_micros,
+            usage=usage,
             ttl=ttl,
             feature=feature,
+            model=model,
             comment=comment,
             idempotency_key=idempotency_key,
         )
@@ -244,18 +250,24 @@ class AsyncLedgerClient:
     async def consume(
         self,
         account_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        usage: c.UsageLike | None = None,
         feature: str = "",
+        model: str = "",
         comment: str = "",
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> pb.ConsumeResponse:
-        """Reserves and commits in one call (the cost is known up front)."""
+        """Reserves and commits in one call: ``amount_micros`` (the cost known up front),
+        or ``usage`` (quantities by unit, with ``feature`` and ``model``, or a
+        ``types_pb2.Usage``) priced by the current rate card."""
         request = c.consume_request(
             account_id,
             amount_micros,
+            usage=usage,
             feature=feature,
+            model=model,
             comment=comment,
             idempotency_key=idempotency_key,
         )
@@ -461,10 +473,12 @@ class AsyncLedgerClient:
     def reservation(
         self,
         account_id: str,
-        amount_micros: int,
+        amount_micros: int | None = None,
         *,
+        usage: c.UsageLike | None = None,
         ttl: timedelta | None = None,
         feature: str = "",
+        model: str = "",
         comment: str = "",
         idempotency_key: str | None = None,
         timeout: float | None = None,
@@ -475,15 +489,18 @@ class AsyncLedgerClient:
                 image = await generate()
                 hold.set_actual(cost_of(image))
 
-        A normal exit commits the amount given to ``set_actual`` or, if it was never
-        called, the full held amount. An exception releases the hold (nothing is charged)
-        and propagates.
+        A normal exit commits the amount given to ``set_actual`` (or the usage given to
+        ``set_actual_usage``) or, if neither was called, the full held amount. An exception
+        releases the hold (nothing is charged) and propagates. To hold the price of an
+        expected usage, pass ``usage=`` (and ``feature``, ``model``) instead of an amount.
         """
         request = c.reserve_request(
             account_id,
             amount_micros,
+            usage=usage,
             ttl=ttl,
             feature=feature,
+            model=model,
             comment=comment,
             idempotency_key=idempotency_key,
         )
@@ -504,21 +521,26 @@ class AsyncHold(HoldState):
         self,
         amount_micros: int | None = None,
         *,
+        usage: c.UsageLike | None = None,
         comment: str | None = None,
         idempotency_key: str | None = None,
     ) -> pb.CommitResponse:
         """Commits now: ``amount_micros``, else the amount given to ``set_actual``, else the
-        full held amount. The ``async with`` block then ends without another call.
+        full held amount; or ``usage``, else the usage given to ``set_actual_usage``.
+        The ``async with`` block then ends without another call.
 
         Every attempt sends the same key (:attr:`commit_idempotency_key`, made on the first
         unless ``idempotency_key`` is given) and, unless ``comment`` is given, the first
         attempt's comment: after an unknown outcome (``DeadlineExceeded``), call it again to
         get the original answer instead of ``ReservationNotPending``."""
-        amount, comment, key = self._commit_args(amount_micros, comment, idempotency_key)
+        amount, actual_usage, comment, key = self._commit_args(
+            amount_micros, usage, comment, idempotency_key
+        )
         self.commit_response = await self._client.commit(
             self.account_id,
             self.reservation_id,
             amount,
+            usage=actual_usage,
             comment=comment,
             idempotency_key=key,
             timeout=self._timeout,
