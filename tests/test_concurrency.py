@@ -391,9 +391,9 @@ def test_a_batch_waits_for_a_locked_account_once_and_within_one_budget(
 def test_a_locked_accounts_later_calls_in_a_batch_do_not_wait_again(
     ledger: Ledger, ledger_db_url: str
 ) -> None:
-    """Once one call of an account has waited out the lock (1 s of a 4 s time-out, after
-    the set path's 1 s), the account's later calls give up at once with the same answer.
-    The lock is let go at 2.5 s: a second wait would have got it and charged."""
+    """Once one call of an account has waited out the lock (2 s of an 8 s time-out, after
+    the set path's 2 s), the account's later calls give up at once with the same answer.
+    The lock is let go at 5 s: a second wait would have got it and charged."""
     locked, free = new_account("once"), f"{new_account('once')}-z"
     ledger.grant(locked, 5)
     ledger.grant(free, 5)
@@ -408,8 +408,8 @@ def test_a_locked_accounts_later_calls_in_a_batch_do_not_wait_again(
         ThreadPoolExecutor(1) as threads,
     ):
         holder.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (locked,))
-        batcher.execute("SET statement_timeout = '4s'")
-        threads.submit(lambda: (time.sleep(2.5), holder.rollback()))
+        batcher.execute("SET statement_timeout = '8s'")
+        threads.submit(lambda: (time.sleep(5), holder.rollback()))
         row = batcher.execute(
             "SELECT ledger_consume_batch(%s, now())", (Jsonb(requests),)
         ).fetchone()

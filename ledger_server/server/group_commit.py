@@ -281,8 +281,8 @@ class GroupCommit:
 
 
 def _account_busy() -> LedgerError:
-    """One per caller: an exception object shared by futures gathers every raise's
-    traceback onto it."""
+    """One per caller: an exception object shared by futures is raised in each caller's
+    task, which chains whatever that task was handling onto it (``__context__``)."""
     return LedgerError(
         grpc.StatusCode.ABORTED,
         "CONFLICT",
@@ -306,8 +306,9 @@ def _answer(batch: list[_Waiter], outcome: dict[str, Any] | list[dict[str, Any]]
         else:
             error = result["error"]
             if error["sqlstate"] == pg.LockNotAvailable.sqlstate:
-                # The batch's own lock wait (a quarter of its time), not the caller's
-                # deadline: the call was rolled back and the caller has time to retry it.
+                # The batch's own lock wait (at most a quarter of its time), not the
+                # caller's deadline: the call was rolled back and the caller has time to
+                # retry it.
                 waiter.future.set_exception(_account_busy())
                 continue
             failure = DatabaseFailure(

@@ -16,9 +16,9 @@
 -- p_requests: [{op, account, key, hash (hex), amount, usage, comment, now, and per op:
 -- feature (consume, reserve), expires_at (reserve), reservation_id (commit)}] in arrival
 -- order; op defaults to consume. A call run by itself runs at its own "now" (when the
--- server received it; p_now, the batch's latest, when absent). The set paths run at p_now:
--- what they take is sure at each call's own time too (they leave any account with a hold
--- expired or maintenance due by p_now), though a lot expiring in between is passed over. Returns one element per request, in that order:
+-- server received it; p_now, the batch's latest, when absent). The set paths judge at
+-- p_now: an account with anything due by then (a hold or lot expiring, a time-out) is
+-- left to the call-by-call path, so what they take is sure at each call's own time too. Returns one element per request, in that order:
 -- {"ok": <response>} or {"error": {"sqlstate", "message", "detail", "constraint"}} for
 -- the server's one error boundary to translate as if the call had run alone.
 -- (ledger_consume_batch keeps the name of its first use, Consume alone.)
