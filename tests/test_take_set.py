@@ -268,6 +268,71 @@ def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
             assert _snapshot(conn, mine, now) == _snapshot(conn, theirs, now)
 
 
+def test_the_set_records_each_call_at_the_time_it_was_received(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """The set paths judge at the batch's latest time but record each call's own, as the
+    call alone would: the journal entry, the reservation, the stored answer and its
+    balance's as_of."""
+    spender, committer = new_account("at-spender"), new_account("at-committer")
+    ledger.grant(spender, 10)
+    ledger.grant(committer, 10)
+    hold = ledger.reserve(committer, 3 * CREDIT, ttl=Duration(seconds=86400)).reservation
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE accounts SET low_balance_threshold_micros = 0 WHERE account_id = ANY (%s)",
+            ([spender, committer],),
+        )
+        start = _moment_after(conn, [spender, committer])
+        at = [start + timedelta(milliseconds=ms) for ms in (0, 40, 70)]
+        calls = [
+            {"op": "consume", "account": spender, "key": "k0-0", "hash": "ab",
+             "amount": CREDIT, "usage": None, "feature": "", "comment": "",
+             "now": at[0].isoformat()},
+            {"op": "reserve", "account": spender, "key": "k0-1", "hash": "ab",
+             "amount": CREDIT, "usage": None, "feature": "", "comment": "",
+             "expires_at": HOLD_UNTIL, "now": at[1].isoformat()},
+            {"op": "commit", "account": committer, "key": "k1-0", "hash": "ab",
+             "amount": CREDIT, "usage": None, "comment": "",
+             "reservation_id": hold.reservation_id, "now": at[2].isoformat()},
+        ]  # fmt: skip
+        latest = at[2] + timedelta(milliseconds=5)
+        row = conn.execute("SELECT ledger_take_set(%s, %s)", (Jsonb(calls), latest)).fetchone()
+        assert row is not None and all("ok" in result for result in row[0]), row
+        answers = [result["ok"] for result in row[0]]
+        consumed, reserved, _ = answers
+        entries = conn.execute(
+            "SELECT kind, reservation_id::text, created_at FROM journal_transactions"
+            " WHERE account_id = ANY (%s) AND created_at >= %s",
+            ([spender, committer], start),
+        ).fetchall()
+        reservations = conn.execute(
+            "SELECT reservation_id::text, created_at, finalized_at FROM reservations"
+            " WHERE reservation_id = ANY (%s::uuid[])",
+            ([answer["reservation"]["reservation_id"] for answer in answers],),
+        ).fetchall()
+        stored = dict(
+            conn.execute(
+                "SELECT idempotency_key, created_at FROM idempotency_keys"
+                " WHERE account_id = ANY (%s) AND idempotency_key LIKE 'k%%'",
+                ([spender, committer],),
+            ).fetchall()
+        )
+    assert sorted(entries, key=lambda entry: entry[2]) == [
+        ("charge", consumed["reservation"]["reservation_id"], at[0]),
+        ("hold", reserved["reservation"]["reservation_id"], at[1]),
+        ("charge", hold.reservation_id, at[2]),
+    ]
+    by_id = {r[0]: r[1:] for r in reservations}
+    assert by_id[consumed["reservation"]["reservation_id"]] == (at[0], at[0])
+    assert by_id[reserved["reservation"]["reservation_id"]] == (at[1], None)
+    assert by_id[hold.reservation_id][1] == at[2]  # finalized by the Commit
+    assert stored == {"k0-0": at[0], "k0-1": at[1], "k1-0": at[2]}
+    assert [answer["balance"]["as_of"] for answer in answers] == [
+        round(moment.timestamp() * 1_000_000) for moment in at
+    ]
+
+
 def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url: str) -> None:
     """Each account below has one reason for its calls to go one by one; the last two have
     none. Those left changed nothing; the batch function then answers them alone."""

@@ -87,7 +87,9 @@ BEGIN
                      AND jsonb_typeof(t.r -> 'usage') IS DISTINCT FROM 'object'
                     THEN (t.r ->> 'amount')::bigint END AS amount,
                (t.r ->> 'expires_at')::timestamptz AS expires_at,
-               nullif(t.r ->> 'feature', '') AS feature, nullif(t.r ->> 'comment', '') AS comment
+               nullif(t.r ->> 'feature', '') AS feature, nullif(t.r ->> 'comment', '') AS comment,
+               -- when the server received the call: what it records (p_now judges)
+               coalesce((t.r ->> 'now')::timestamptz, p_now) AS call_at
           FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(r, n)
     ), account_need AS (
         SELECT q.account_id, sum(q.amount)::bigint AS total,
@@ -148,8 +150,8 @@ BEGIN
         -- Each call's slice [call_start, call_end) of its account's credits, in arrival
         -- order, and the account's balances once it is made.
         SELECT q.n, q.op, q.account_id, q.key, q.hash, q.amount, q.feature, q.comment,
-               txn_ids[q.n] AS txn,
-               CASE WHEN q.op = 'consume' THEN p_now ELSE q.expires_at END AS expires_at,
+               q.call_at, txn_ids[q.n] AS txn,
+               CASE WHEN q.op = 'consume' THEN q.call_at ELSE q.expires_at END AS expires_at,
                gen_random_uuid() AS reservation_id,
                c.balance_micros - coalesce(sum(q.amount) FILTER (WHERE q.op = 'consume')
                                                OVER w, 0)::bigint AS balance_after,
@@ -180,7 +182,7 @@ BEGIN
         OVERRIDING SYSTEM VALUE
         SELECT account_id, txn, CASE op WHEN 'consume' THEN 'charge' ELSE 'hold' END,
                CASE op WHEN 'consume' THEN -amount ELSE amount END, reservation_id, feature,
-               comment, p_now
+               comment, call_at
           FROM charge ORDER BY account_id COLLATE "C", n
     ), reserved AS (
         INSERT INTO reservations AS r (account_id, reservation_id, status, held_micros,
@@ -189,8 +191,8 @@ BEGIN
                                        hold_transaction_id)
         SELECT c.account_id, c.reservation_id,
                CASE c.op WHEN 'consume' THEN 'committed' ELSE 'pending' END, c.amount,
-               CASE c.op WHEN 'consume' THEN c.amount ELSE 0 END, c.expires_at, p_now,
-               CASE c.op WHEN 'consume' THEN p_now END, c.feature, c.comment,
+               CASE c.op WHEN 'consume' THEN c.amount ELSE 0 END, c.expires_at, c.call_at,
+               CASE c.op WHEN 'consume' THEN c.call_at END, c.feature, c.comment,
                CASE c.op WHEN 'consume' THEN c.txn END,
                CASE c.op WHEN 'reserve' THEN c.txn END
           FROM charge c
@@ -232,11 +234,11 @@ BEGIN
                    'reservation', ledger_reservation_row_json(r.row, k.lots_json),
                    'balance', ledger_balance_values_json(c.account_id, c.balance_after,
                                                          c.held_after, c.reward_balance_micros,
-                                                         p_now))
+                                                         c.call_at))
                || CASE c.op WHEN 'consume' THEN jsonb_build_object(
                       'transaction_id', c.txn::text,
                       'low_balance_alert_id', NULL::bigint) ELSE '{}' END,
-               p_now
+               c.call_at
           FROM charge c
           JOIN took k ON k.n = c.n
           JOIN reserved r ON r.reservation_id = c.reservation_id

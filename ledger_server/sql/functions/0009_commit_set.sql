@@ -41,11 +41,13 @@ BEGIN
                     THEN (t.r ->> 'amount')::bigint END AS amount,
                CASE WHEN t.r ->> 'op' = 'commit' THEN (t.r ->> 'reservation_id')::uuid
                     END AS reservation_id,
-               nullif(t.r ->> 'comment', '') AS comment, p_txn_ids[t.n] AS txn
+               nullif(t.r ->> 'comment', '') AS comment, p_txn_ids[t.n] AS txn,
+               -- when the server received the call: what it records (p_now judges)
+               coalesce((t.r ->> 'now')::timestamptz, p_now) AS call_at
           FROM jsonb_array_elements(p_requests) WITH ORDINALITY AS t(r, n)
     ), settle AS (
         -- Each call with the pending reservation it settles (none for other calls).
-        SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.reservation_id, q.txn,
+        SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.reservation_id, q.txn, q.call_at,
                coalesce(q.comment, v.comment) AS comment, v.held_micros AS held, v.feature,
                v.model, v.usage
           FROM request q
@@ -102,7 +104,7 @@ BEGIN
     ), charge AS (
         -- Each Commit and the account's balances once it is made.
         SELECT s.n, s.account_id, s.key, s.hash, s.amount, s.reservation_id, s.txn, s.comment,
-               s.feature, s.model, s.usage,
+               s.feature, s.model, s.usage, s.call_at,
                r.balance_micros - (sum(s.amount) OVER w)::bigint AS balance_after,
                r.held_micros - (sum(s.held) OVER w)::bigint AS held_after,
                r.reward_balance_micros
@@ -118,7 +120,7 @@ BEGIN
                                           usage)
         OVERRIDING SYSTEM VALUE
         SELECT account_id, txn, 'charge', -amount, reservation_id, nullif(feature, ''),
-               comment, p_now, nullif(model, ''), usage
+               comment, call_at, nullif(model, ''), usage
           FROM charge ORDER BY account_id COLLATE "C", n
     ), lots_charged AS (
         UPDATE lots l SET held_micros = l.held_micros - t.held,
@@ -146,7 +148,7 @@ BEGIN
          WHERE c.amount <> 0
     ), settled AS (
         UPDATE reservations v
-           SET status = 'committed', committed_micros = c.amount, finalized_at = p_now,
+           SET status = 'committed', committed_micros = c.amount, finalized_at = c.call_at,
                charge_transaction_id = c.txn
           FROM charge c
          WHERE v.account_id = c.account_id AND v.reservation_id = c.reservation_id
@@ -172,8 +174,8 @@ BEGIN
                    'low_balance_alert_id', NULL::bigint,
                    'balance', ledger_balance_values_json(c.account_id, c.balance_after,
                                                          c.held_after, c.reward_balance_micros,
-                                                         p_now)),
-               p_now
+                                                         c.call_at)),
+               c.call_at
           FROM charge c
           JOIN settled v ON v.reservation_id = c.reservation_id
         RETURNING account_id, idempotency_key, response
