@@ -24,6 +24,7 @@ from ledger_client import (
     DeadlineExceeded,
     FailedPrecondition,
     LedgerClient,
+    LedgerError,
     RetryPolicy,
 )
 from support.ledger import CREDIT, Ledger, new_account, new_key
@@ -519,6 +520,103 @@ def test_hold_release_after_an_unknown_outcome_replays(proxy: DropProxy, ledger:
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
     assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])) == 1
+
+
+def test_a_block_that_tried_a_release_ends_by_replaying_it_not_by_committing(
+    proxy: DropProxy, ledger: Ledger
+) -> None:
+    """The block released the hold itself, got an unknown outcome and went on: its end
+    replays that release (same key, same reason) instead of charging the hold."""
+    account = new_account("hold-released")
+    ledger.grant(account, 10)
+    with (
+        LedgerClient(proxy.address, retry=FAST_RETRY, timeout=1.0) as client,
+        client.reservation(account, 4 * CREDIT) as hold,
+    ):
+        proxy.hold_next_response()  # the release is applied, its answer lost
+        with pytest.raises(DeadlineExceeded):
+            hold.release(reason="the user cancelled")
+        proxy.drop_held()
+    assert hold.release_response is not None
+    assert hold.release_response.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert hold.commit_response is None
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
+    assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    [release] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])
+    assert release.comment == "the user cancelled"
+
+
+def test_a_commit_refused_at_the_end_of_the_block_gives_the_hold_back(
+    client: LedgerClient, ledger: Ledger
+) -> None:
+    """A usage nobody priced cannot be committed: the error propagates and the hold is
+    released at once, not left until its time-to-live."""
+    account = new_account("hold-refused")
+    ledger.grant(account, 10)
+    unpriced = feature("unpriced")
+    with (
+        pytest.raises(LedgerError),
+        client.reservation(account, 4 * CREDIT, feature=unpriced) as hold,
+    ):
+        hold.set_actual_usage({"images": 1})
+    assert hold.release_response is not None
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
+
+    refusal = ""
+    with client.reservation(account, 4 * CREDIT) as hold:
+        try:
+            hold.set_actual(5 * CREDIT)
+        except ValueError as error:  # refused: the block goes on and commits all
+            refusal = str(error)
+    assert "more than the 4000000 held" in refusal
+    assert hold.reservation.committed_micros == 4 * CREDIT
+
+
+def test_async_block_end_releases_a_refused_commit_and_replays_a_tried_release(
+    server_address: str, ledger: Ledger
+) -> None:
+    account = new_account("ahold-exit")
+    ledger.grant(account, 10)
+    unpriced = feature("aunpriced")
+
+    async def scenario() -> None:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aclient:
+            with pytest.raises(LedgerError):
+                async with aclient.reservation(account, 4 * CREDIT, feature=unpriced) as hold:
+                    hold.set_actual_usage({"images": 1})
+            assert hold.release_response is not None
+            async with aclient.reservation(account, 2 * CREDIT) as released:
+                await released.release(reason="cancelled")
+                released.release_response = None  # as if its answer had been lost
+            assert released.release_response is not None  # replayed at the end, not committed
+            assert released.commit_response is None
+
+    asyncio.run(scenario())
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
+    assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+
+
+def test_arguments_that_name_no_enum_value_or_repeat_a_unit_are_refused(
+    client: LedgerClient,
+) -> None:
+    account = new_account("enum-args")
+    with pytest.raises(TypeError):
+        client.grant(account, CREDIT, True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown credit source"):
+        client.grant(account, CREDIT, 999)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown credit source"):
+        client.grant(account, CREDIT, 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="appears twice"):
+        client.estimate("chat", {"tokens": 1, types_pb2.USAGE_UNIT_TOKENS: 2})
+    usage = types_pb2.Usage(
+        feature="chat",
+        quantities=[types_pb2.UsageQuantity(unit=types_pb2.USAGE_UNIT_TOKENS, quantity=1)],
+    )
+    with pytest.raises(ValueError, match="contradicts"):
+        client.consume(account, usage=usage, feature="image")
 
 
 def test_hold_takes_an_explicit_commit_key(client: LedgerClient, ledger: Ledger) -> None:

@@ -160,7 +160,12 @@ def new_idempotency_key() -> str:
 
 
 def _enum_value(prefix: str, value: int | str, values: Mapping[str, int], what: str) -> int:
+    if isinstance(value, bool):  # an int to Python, never meant as an enum value
+        raise TypeError(f"a {what} is an enum value or its name, not {value!r}")
     if isinstance(value, int):
+        # Zero is the _UNSPECIFIED value, which the server refuses.
+        if value == 0 or value not in values.values():
+            raise ValueError(f"unknown {what} {value!r}")
         return value
     name = value.strip().upper()
     if not name.startswith(prefix):
@@ -204,22 +209,29 @@ def to_usage_unit(value: UsageUnitLike) -> types_pb2.UsageUnit.ValueType:
 
 
 def to_usage(value: UsageLike, *, feature: str = "", model: str = "") -> types_pb2.Usage:
-    """A ``Usage`` message: a copy of one, or built from quantities by unit (an unknown unit
-    raises ValueError) with ``feature`` and ``model``."""
+    """A ``Usage`` message: a copy of one (``feature`` and ``model`` fill in what it leaves
+    empty, and may not contradict it), or built from quantities by unit with ``feature`` and
+    ``model``. An unknown or repeated unit raises ValueError."""
     if isinstance(value, types_pb2.Usage):
+        for name, given in (("feature", feature), ("model", model)):
+            named = getattr(value, name)
+            if given and named and given != named:
+                raise ValueError(f"{name} {given!r} contradicts the usage's {named!r}")
         out = types_pb2.Usage()
         out.CopyFrom(value)
+        out.feature = out.feature or feature
+        out.model = out.model or model
         return out
     if not isinstance(value, Mapping):
         raise TypeError("usage must map units to quantities, e.g. {'output_tokens': 812}")
-    return types_pb2.Usage(
-        feature=feature,
-        model=model,
-        quantities=[
-            types_pb2.UsageQuantity(unit=to_usage_unit(unit), quantity=quantity)
-            for unit, quantity in value.items()
-        ],
-    )
+    quantities = [
+        types_pb2.UsageQuantity(unit=to_usage_unit(unit), quantity=quantity)
+        for unit, quantity in value.items()
+    ]
+    units = [quantity.unit for quantity in quantities]
+    if len(set(units)) != len(units):
+        raise ValueError(f"a unit appears twice in the usage {dict(value)!r}")
+    return types_pb2.Usage(feature=feature, model=model, quantities=quantities)
 
 
 def timestamp(value: datetime, name: str) -> timestamp_pb2.Timestamp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 from ledger_client._common import UsageLike, new_idempotency_key, to_usage
+from ledger_client.errors import Conflict, DeadlineExceeded, Unavailable
 
 
 class HoldState:
@@ -92,6 +93,10 @@ class HoldState:
             raise TypeError("amount_micros must be an int of micro-credits")
         if amount_micros < 0:
             raise ValueError("amount_micros must not be negative")
+        if self._reserved is not None and amount_micros > self.held_micros:
+            raise ValueError(
+                f"amount_micros {amount_micros} is more than the {self.held_micros} held"
+            )
         self._actual = amount_micros
         self._actual_usage = None
 
@@ -143,6 +148,21 @@ class HoldState:
             self._release_reason = reason
         return self._release_reason, self._release_key
 
+    def _exit_action(self, raised: bool) -> str | None:
+        """What the end of the block does: nothing once settled; a release tried before
+        (its outcome unknown) is replayed, never followed by a commit; else a commit, or a
+        release when the block raised."""
+        if self.finished:
+            return None
+        if self._release_key is not None or raised:
+            return "release"
+        return "commit"
+
+    def _exit_release_reason(self, exc_type: type[BaseException] | None) -> str | None:
+        """The reason of the release at the end of the block: the first attempt's, if one
+        was made (a replay must send the same request), else why the block ended."""
+        return None if self._release_key is not None else release_reason(exc_type)
+
     def _check_pending(self, action: str) -> None:
         self.reserve_response  # noqa: B018 - raises when not entered
         if self.commit_response is not None:
@@ -153,6 +173,14 @@ class HoldState:
     def _start(self) -> None:
         if self._reserved is not None:
             raise RuntimeError("a reservation context manager can be entered only once")
+
+
+# A commit that failed with one of these may have been applied: the hold is left as it is,
+# for the caller to call commit() again (the same key replays it).
+OUTCOME_UNKNOWN = (DeadlineExceeded, Unavailable, Conflict)
+# A commit refused for good (not an unknown outcome): nothing was charged, and the hold goes
+# back now rather than when its time-to-live passes.
+REFUSED_COMMIT_REASON = "released by the client: the commit at the end of the block was refused"
 
 
 def release_reason(exc_type: type[BaseException] | None) -> str:

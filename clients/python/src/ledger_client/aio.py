@@ -21,7 +21,7 @@ import grpc.aio
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from ledger_client import _common as c
-from ledger_client._hold import HoldState, release_reason
+from ledger_client._hold import OUTCOME_UNKNOWN, REFUSED_COMMIT_REASON, HoldState
 from ledger_client.errors import LedgerError, from_rpc_error
 
 __all__ = ["AsyncHold", "AsyncLedgerClient"]
@@ -576,14 +576,27 @@ class AsyncHold(HoldState):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.finished:
-            return
-        if exc is None:
-            await self.commit()
-            return
-        try:
-            await self.release(reason=release_reason(exc_type))
-        except LedgerError:
-            # The block's own exception matters more; an unreleased hold is returned by the
-            # server when its time-to-live passes.
-            log.warning("could not release reservation %s", self.reservation_id, exc_info=True)
+        action = self._exit_action(raised=exc is not None)
+        if action == "commit":
+            try:
+                await self.commit()
+            except OUTCOME_UNKNOWN:
+                raise
+            except LedgerError:
+                # Refused for good (nothing charged): give the hold back now.
+                try:
+                    await self.release(reason=REFUSED_COMMIT_REASON)
+                except LedgerError:
+                    log.warning(
+                        "could not release reservation %s", self.reservation_id, exc_info=True
+                    )
+                raise
+        elif action == "release":
+            try:
+                await self.release(reason=self._exit_release_reason(exc_type))
+            except LedgerError:
+                if exc is None:  # a release the block tried itself, replayed: its error
+                    raise
+                # The block's own exception matters more; an unreleased hold is returned by
+                # the server when its time-to-live passes.
+                log.warning("could not release reservation %s", self.reservation_id, exc_info=True)
