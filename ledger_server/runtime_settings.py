@@ -65,7 +65,8 @@ def _lifetime_days(value: Json) -> str | None:
 def _timezone(value: Json) -> str | None:
     try:
         zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    # OSError: a name too long for a file name (the zone database is files)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
         return "must be an IANA time zone such as UTC or Asia/Shanghai"
     return None
 

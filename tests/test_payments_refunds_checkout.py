@@ -673,6 +673,12 @@ def test_checkout_checks_the_ledger_rules_before_calling_stripe(
         "INVALID_FIELD",
         "recharge.currency",
     )
+    expect_error(  # malformed, not only unsupported: the same field
+        attempt(recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="a\n")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "recharge.currency",
+    )
     expect_error(
         attempt(recharge=billing_pb.RechargeAmount(amount_minor=10**15, currency="CNY")),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -159,6 +159,12 @@ def _json(value: object) -> struct_pb2.Value:
         ("alerts.email_to", struct_pb2.Value(string_value="ops\x00@example.com")),
         ("alerts.email_to", struct_pb2.Value(string_value="ops@example.com\r\nBcc: x@y.z")),
         ("recharge.currency", struct_pb2.Value(string_value="ÅÅÅ")),
+        # JSON has no NaN or infinity (protobuf's Value does).
+        ("referral.reward_micros", struct_pb2.Value(number_value=float("nan"))),
+        ("alerts.email_to", struct_pb2.Value(number_value=float("inf"))),
+        ("recharge.bonus_tiers", _json([{"min_minor": 0, "bonus_micros": 0}, float("-inf")])),
+        # Longer than a file name may be (the zone database is files).
+        ("ledger.timezone", struct_pb2.Value(string_value="Europe/" + "x" * 300)),
     ],
 )
 def test_a_value_of_the_wrong_type_or_out_of_range_is_refused(

@@ -46,6 +46,8 @@ def _storable(text: str) -> bool:
     return True
 
 
+MAX_TOKEN_LENGTH = 2048
+
 ID = Kind(0, 2**63 - 1)  # a bigint key
 PRIORITY = Kind(-(2**15), 2**15 - 1)  # a smallint
 # Microseconds since 1970 of a timestamp of the years 1 to 9999.
@@ -67,10 +69,14 @@ def encode(position: Position, filters: Sequence[object]) -> str:
 def decode(token: str, filters: Sequence[object], kinds: Sequence[Kind]) -> Position | None:
     if not token:
         return None
+    # A token this server issues is a few hundred characters; past this, whatever the JSON
+    # inside (nested 2,000 deep, say, which json.loads fails on with RecursionError).
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise invalid_field("page_token", "is not a page token this server issued")
     try:
         padded = token + "=" * (-len(token) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise invalid_field("page_token", "is not a page token this server issued") from None
     if not isinstance(payload, dict):
         raise invalid_field("page_token", "is not a page token this server issued")

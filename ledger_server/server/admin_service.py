@@ -75,7 +75,7 @@ def _pack_params(pack: billing_pb.CreditPack) -> dict[str, object]:
         "credits_micros": validation.positive_amount(pack.credits_micros, "pack.credits_micros"),
         "price_minor": validation.non_negative_amount(pack.price_minor, "pack.price_minor"),
         "currency": _currency(pack.currency, "pack.currency"),
-        "provider_price_id": validation.text(pack.provider_price_id, "pack.provider_price_id", 256),
+        "provider_price_id": validation.reference(pack.provider_price_id, "pack.provider_price_id"),
         "active": pack.active,
     }
 
@@ -98,7 +98,7 @@ def _plan_params(plan: billing_pb.SubscriptionPlan) -> dict[str, object]:
         "rank": plan.rank,
         "price_minor": validation.non_negative_amount(plan.price_minor, "plan.price_minor"),
         "currency": _currency(plan.currency, "plan.currency"),
-        "provider_price_id": validation.text(plan.provider_price_id, "plan.provider_price_id", 256),
+        "provider_price_id": validation.reference(plan.provider_price_id, "plan.provider_price_id"),
         "active": plan.active,
     }
 
@@ -398,7 +398,10 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         else:
             if not request.HasField("value"):
                 raise invalid_field("value", "is required unless reset is set")
-            value = mapping.from_value(request.value)
+            try:
+                value = mapping.from_value(request.value)
+            except ValueError:  # NaN or an infinity, which JSON (and the settings) cannot hold
+                raise invalid_field("value", "must be finite") from None
             violation = definition.violation(value)
             if violation is not None:
                 raise invalid_field("value", f"{definition.key} {violation}")

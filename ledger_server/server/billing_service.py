@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -93,10 +94,14 @@ def _stripe_error(exc: stripe.StripeError) -> LedgerError:
     )
 
 
-def _currency(value: str) -> str:
-    if len(value) != 3 or not value.isalpha():
-        raise invalid_field("currency", "must be an ISO 4217 code such as CNY or USD")
+def _currency(value: str, field: str) -> str:
+    if not _CURRENCY.fullmatch(value):
+        raise invalid_field(field, "must be an ISO 4217 code such as CNY or USD")
     return value.upper()
+
+
+# Either case (the ledger compares upper-cased), ASCII letters only.
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
 
 
 def _period(
@@ -149,7 +154,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         params.update(
             account_id=validation.account_id(request.account_id),
             key=validation.idempotency_key(request.idempotency_key),
-            external_ref=validation.text(request.external_ref, "external_ref", 256),
+            external_ref=validation.reference(request.external_ref, "external_ref"),
             hash=request_fingerprint(name, request),
             now=self._clock.now(),
         )
@@ -175,7 +180,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
     ) -> pb.QuoteRechargeResponse:
         params: dict[str, object] = {
             "amount_minor": validation.positive_amount(request.amount_minor, "amount_minor"),
-            "currency": _currency(request.currency),
+            "currency": _currency(request.currency, "currency"),
         }
         data = await call_json(self._pool, "quote_recharge", params)
         return pb.QuoteRechargeResponse(
@@ -187,7 +192,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
     async def Recharge(self, request: pb.RechargeRequest, context: Context) -> pb.RechargeResponse:
         params: dict[str, object] = {
             "amount_minor": validation.positive_amount(request.amount_minor, "amount_minor"),
-            "currency": _currency(request.currency),
+            "currency": _currency(request.currency, "currency"),
         }
         data = await self._grant("recharge", request, context, params)
         return pb.RechargeResponse(
@@ -207,7 +212,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             "plan_id": validation.code(request.plan_id, "plan_id"),
             "period_start": start,
             "period_end": end,
-            "subscription_ref": validation.text(request.subscription_ref, "subscription_ref", 256),
+            "subscription_ref": validation.reference(request.subscription_ref, "subscription_ref"),
         }
 
     async def StartSubscriptionPeriod(
@@ -262,7 +267,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
                 amount_minor=validation.positive_amount(
                     request.recharge.amount_minor, "recharge.amount_minor"
                 ),
-                currency=_currency(request.recharge.currency),
+                currency=_currency(request.recharge.currency, "recharge.currency"),
             )
         elif which == "plan_id":
             if not request.plan_id:
