@@ -3,6 +3,7 @@ nothing."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
-from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.ledger import CREDIT, Ledger, error_details, expect_error, new_account, new_key
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -118,6 +119,9 @@ def _cases() -> list[Case]:
         ("Grant", grant(comment="c" * 1025), INVALID, "INVALID_FIELD", "comment"),
         ("Grant", grant(comment="nul\x00byte"), INVALID, "INVALID_FIELD", "comment"),
         ("Grant", grant(external_ref="r" * 257), INVALID, "INVALID_FIELD", "external_ref"),
+        # "pay-1" and "pay-1\n" would be two payments
+        ("Grant", grant(external_ref="pay-1\n"), INVALID, "INVALID_FIELD", "external_ref"),
+        ("Grant", grant(external_ref="pay 1"), INVALID, "INVALID_FIELD", "external_ref"),
         ("Grant", grant(balance_kind=7), INVALID, "INVALID_FIELD", "balance_kind"),
         ("Consume", consume(account_id=""), INVALID, "INVALID_FIELD", "account_id"),
         ("Consume", consume(amount_micros=0), INVALID, "INVALID_FIELD", "amount_micros"),
@@ -205,7 +209,9 @@ def test_reads_name_the_account(ledger: Ledger, method: str, request_type: type[
 def test_malformed_page_tokens_are_refused(ledger: Ledger) -> None:
     account = new_account()
     ledger.grant(account, 1)
-    for token in ("garbage", "eyJwIjoxfQ", "%%%"):
+    # JSON nested 2,000 deep: json.loads raises RecursionError
+    nested = base64.urlsafe_b64encode(b'{"p":' + b"[" * 2000 + b"]" * 2000 + b',"f":"x"}')
+    for token in ("garbage", "eyJwIjoxfQ", "%%%", nested.decode()):
         expect_error(
             lambda token=token: ledger.stub.ListTransactions(
                 pb.ListTransactionsRequest(account_id=account, page_token=token)
@@ -264,3 +270,24 @@ def test_oversized_messages_are_refused(server_address: str) -> None:
                 )
             )
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x0a\x03\xed\xa0\x80",  # account_id: a lone surrogate, not UTF-8
+        b"\x0a\x14truncated",  # a string field cut short (20 bytes announced, 9 sent)
+    ],
+)
+def test_a_request_that_does_not_parse_is_refused_by_field(
+    server_address: str, body: bytes
+) -> None:
+    """grpcio answers UNKNOWN, with no ErrorInfo, when the request cannot be parsed."""
+    with grpc.insecure_channel(server_address) as channel:
+        balance = channel.unary_unary("/ledger.v1.LedgerService/Balance")
+        with pytest.raises(grpc.RpcError) as raised:
+            balance(body)
+    error = raised.value
+    assert error.code() == INVALID, error.details()  # type: ignore[attr-defined]
+    info, _ = error_details(error)
+    assert (info.reason, info.metadata["field"]) == ("INVALID_FIELD", "request")

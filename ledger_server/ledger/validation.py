@@ -88,6 +88,19 @@ def text(value: str, field: str, max_length: int = 1024) -> str:
     return value
 
 
+# No whitespace or control characters: "pay-1" and "pay-1\n" must not be two payments.
+_REFERENCE = re.compile(r"[^\s\x00-\x1f\x7f]{0,256}")
+
+
+def reference(value: str, field: str) -> str:
+    """An identifier from another system (a payment id, a price id): optional."""
+    if not _REFERENCE.fullmatch(value):
+        raise invalid_field(
+            field, "must be at most 256 characters, without spaces or control characters"
+        )
+    return value
+
+
 def duration(value: timedelta, field: str, maximum: timedelta) -> timedelta:
     if value <= timedelta():
         raise invalid_field(field, "must be positive")

@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 
 from ledger_server.db.errors import translate
 from ledger_server.errors import ERROR_DOMAIN, LedgerError
+from ledger_server.server.request_parsing import Undecodable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def guard(method: str, inner: Handler) -> Handler:
 
     async def guarded(request: Any, context: Context) -> Any:
         try:
+            if type(request) is Undecodable:
+                raise request.error()
             return await inner(request, context)
         except LedgerError as error:
             await context.abort_with_status(to_status(error))

@@ -82,7 +82,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "source": _source(request.source),
             "expires_at": validation.lot_expiry(request, now),
             "balance_kind": _balance_kind(request.balance_kind),
-            "external_ref": validation.text(request.external_ref, "external_ref", 256),
+            "external_ref": validation.reference(request.external_ref, "external_ref"),
             "comment": validation.text(request.comment, "comment"),
             "actor": None,
             "hash": request_fingerprint("grant", request),

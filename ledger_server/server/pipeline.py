@@ -35,6 +35,7 @@ from ledger_server.security import Caller
 from ledger_server.server.auth import Authenticator, authorized, is_open, loopback_only
 from ledger_server.server.error_boundary import guard
 from ledger_server.server.limits import RateLimiter, limited
+from ledger_server.server.request_parsing import tolerant
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
@@ -70,7 +71,7 @@ class Pipeline:
         # Under grpc.aio the unary behaviour is a coroutine function.
         return grpc.unary_unary_rpc_method_handler(
             self.compose(method, cast(Handler, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
