@@ -193,6 +193,12 @@ def test_an_unknown_setting_is_not_found(sources: Sources) -> None:
         "SETTING_NOT_FOUND",
     )
     assert info.metadata["setting"] == "no.such.setting"
+    expect_error(
+        lambda: sources.update_setting("", 1, "no key"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "key",
+    )
 
 
 def test_a_setting_can_be_reset_to_its_environment_default(

@@ -388,6 +388,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def UpdateSetting(
         self, request: pb.UpdateSettingRequest, context: Context
     ) -> pb.UpdateSettingResponse:
+        if not request.key:
+            raise invalid_field("key", "must name a setting")
         key = validation.code(request.key, "key")  # checked before it is echoed in NOT_FOUND
         reason = validation.required_text(request.reason, "reason")
         definition = runtime_settings.BY_KEY.get(key)
