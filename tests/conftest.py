@@ -19,13 +19,16 @@ from ledger.v1 import (
     billing_service_pb2_grpc,
     ledger_service_pb2_grpc,
 )
+from ledger_client import LedgerClient
 from ledger_server.audit import audit_database
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.devstack import embedded
 from ledger_server.server.identity import ACTOR_METADATA_KEY
+from support.client import FAST_RETRY
 from support.ledger import Ledger
+from support.proxy import DropProxy
 from support.server import ServerThread
 from support.settings import ActorMetadata, SettingsChanger
 
@@ -163,6 +166,20 @@ def stub(server_address: str) -> Iterator[ledger_service_pb2_grpc.LedgerServiceS
 @pytest.fixture
 def ledger(stub: ledger_service_pb2_grpc.LedgerServiceStub) -> Ledger:
     return Ledger(stub)
+
+
+@pytest.fixture
+def client(server_address: str) -> Iterator[LedgerClient]:
+    """The typed Python client (clients/python) on the session's server."""
+    with LedgerClient(server_address, retry=FAST_RETRY) as client:
+        yield client
+
+
+@pytest.fixture
+def proxy(server_address: str) -> Iterator[DropProxy]:
+    """A TCP proxy to the session's server that can drop or hold a response."""
+    with DropProxy(server_address) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

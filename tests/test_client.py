@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from ledger_client import (
 )
 from ledger_server.db.migrate import migrate
 from support.certs import make_certs
+from support.client import FAST_RETRY
 from support.fake_ledger import Failure, FakeLedger, failure, serve_fake
 from support.ledger import CREDIT, Ledger, new_account
 from support.proxy import DropProxy
@@ -58,19 +59,6 @@ from support.server_process import REPO, ServerProcess
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
-FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
-
-
-@pytest.fixture
-def client(server_address: str) -> Iterator[LedgerClient]:
-    with LedgerClient(server_address, retry=FAST_RETRY) as client:
-        yield client
-
-
-@pytest.fixture
-def proxy(server_address: str) -> Iterator[DropProxy]:
-    with DropProxy(server_address) as proxy:
-        yield proxy
 
 
 def charges(ledger: Ledger, account: str) -> list[pb.Transaction]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,27 +24,14 @@ from ledger_client import (
     FailedPrecondition,
     LedgerClient,
     LedgerError,
-    RetryPolicy,
 )
+from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, new_account, new_key
 from support.proxy import DropProxy
 from support.settings import SettingsChanger
 
-FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
 DAILY = 3 * CREDIT
 REFERRAL = 10 * CREDIT
-
-
-@pytest.fixture
-def client(server_address: str) -> Iterator[LedgerClient]:
-    with LedgerClient(server_address, retry=FAST_RETRY) as client:
-        yield client
-
-
-@pytest.fixture
-def proxy(server_address: str) -> Iterator[DropProxy]:
-    with DropProxy(server_address) as proxy:
-        yield proxy
 
 
 @pytest.fixture
