@@ -324,6 +324,44 @@ def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
     assert_audit_clean()
 
 
+def test_a_downgrade_within_the_period_grants_nothing_and_a_return_grants_no_more(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Basic, upgraded to pro (its credits granted), down to basic, then pro again, all in
+    one paid period: only the upgrade grants; each change is recorded as the plan."""
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    now = int(time.time())
+
+    def change(price: str, previous: str, at: int) -> bytes:
+        return subscription_updated(
+            account, sub, price, start, end, previous_price_id=previous, created=at
+        )
+
+    def plan() -> str:
+        return str(
+            ledger.stub.GetAccount(
+                pb.GetAccountRequest(account_id=account)
+            ).account.subscription.plan_id
+        )
+
+    [up] = apply_events(change(pro.provider_price_id, basic.provider_price_id, now + 1))
+    assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
+    [down] = apply_events(change(basic.provider_price_id, pro.provider_price_id, now + 2))
+    assert payments_db.event(down)["credits_micros"] == 0  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert plan() == basic.plan_id
+    [again] = apply_events(change(pro.provider_price_id, basic.provider_price_id, now + 3))
+    assert payments_db.event(again)["status"] == "ignored"  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert plan() == pro.plan_id
+    assert payments_db.event(up)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert_audit_clean()
+
+
 @pytest.mark.parametrize("invoice_first", [False, True], ids=["update-first", "invoice-first"])
 def test_a_plan_change_at_renewal_is_granted_once_by_the_paid_invoice(
     invoice_first: bool,

@@ -275,6 +275,29 @@ def test_a_move_to_an_equal_or_lower_rank_carries_nothing(
     assert_audit_clean()
 
 
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_move_to_an_equal_or_lower_rank_within_the_period_grants_nothing(
+    sources: Sources, ledger: Ledger, clock: Any, rank: int, assert_audit_clean: AuditCheck
+) -> None:
+    """The period's credits were granted with the first plan, and nothing more was paid:
+    the new plan is recorded, its credits come with the next period."""
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    other = sources.create_plan(40 * CREDIT, rank=rank)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, start, end)
+    ledger.consume(account, 30 * CREDIT)
+
+    changed = sources.change_plan(account, other.plan_id, start, end)
+    assert not changed.HasField("lot") and not changed.HasField("carry_over_lot")
+    assert changed.carried_over_micros == 0
+    assert changed.subscription.plan_id == other.plan_id
+    assert changed.balance.balance_micros == 70 * CREDIT
+    assert ledger.balance(account).balance_micros == 70 * CREDIT
+    assert len(ledger.lots(account)) == 1
+    assert_audit_clean()
+
+
 def test_unknown_plans_and_empty_periods_are_refused(
     sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
 ) -> None:

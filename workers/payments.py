@@ -506,6 +506,14 @@ def _subscription_updated(
         subscription_ref=subscription_ref,
     )
     data = _ledger_call(conn, "change_subscription_plan", params)
+    if data == _ALREADY_FULFILLED:  # this plan's credits for this period: granted before
+        conn.execute(query("record_subscription_plan"), params)
+        return Outcome(
+            "ignored",
+            account_id,
+            note="the plan's credits for this period were granted by an earlier change;"
+            " the plan is recorded",
+        )
     if isinstance(data, str):
         return _already(account_id, "the plan change")
     lot = data.get("lot") or {}

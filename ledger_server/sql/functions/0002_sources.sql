@@ -739,7 +739,10 @@ END $$;
 
 -- Seed 001: on an upgrade, the unused credits of the current subscription lots
 -- move (one TRANSFER) into a carry-over lot that lasts the new period; then the new
--- plan's credits are granted. A downgrade or a move to an equal rank carries nothing.
+-- plan's credits are granted. A downgrade or a move to an equal rank carries nothing; made
+-- within the current period it grants nothing either (that period's credits were granted
+-- already, and nothing more was paid): the new plan is recorded and its credits come with
+-- the next period's paid invoice.
 CREATE OR REPLACE FUNCTION ledger_change_subscription_plan(
     p_account text, p_key text, p_hash bytea, p_plan text, p_start timestamptz, p_end timestamptz,
     p_external_ref text, p_subscription_ref text, p_now timestamptz) RETURNS jsonb
@@ -749,6 +752,7 @@ DECLARE
     replay jsonb;
     plan subscription_plans;
     old_rank int;
+    old_start timestamptz;
     carried bigint := 0;
     take bigint;
     txn bigint;
@@ -764,9 +768,26 @@ BEGIN
         RETURN replay;
     END IF;
     plan := ledger_find_plan(p_plan);
-    SELECT sp.rank INTO old_rank
+    SELECT sp.rank, s.current_period_start INTO old_rank, old_start
       FROM subscriptions s JOIN subscription_plans sp ON sp.plan_id = s.plan_id
      WHERE s.account_id = p_account;
+    IF old_rank IS NOT NULL AND plan.rank <= old_rank AND p_start <= old_start THEN
+        -- A payment reference used before is refused as anywhere else.
+        PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
+        IF p_end <= p_now THEN
+            PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
+                'field', 'period_end', 'violation', 'must be in the future'));
+        END IF;
+        UPDATE subscriptions SET plan_id = plan.plan_id, updated_at = p_now,
+                                 external_ref = coalesce(nullif(p_subscription_ref, ''), external_ref)
+         WHERE account_id = p_account;
+        SELECT * INTO a FROM accounts WHERE account_id = p_account;
+        RETURN ledger_idempotent_store(p_account, p_key, 'change_subscription_plan', p_hash,
+            jsonb_build_object(
+                'lot', 'null'::jsonb, 'carry_over_lot', 'null'::jsonb, 'carried_over_micros', 0,
+                'subscription', ledger_subscription_json(p_account, p_now),
+                'balance', ledger_balance_json(a, p_now)), p_now);
+    END IF;
     IF old_rank IS NOT NULL AND plan.rank > old_rank THEN
         SELECT coalesce(sum(remaining_micros - held_micros), 0) INTO carried
           FROM lots

@@ -142,7 +142,9 @@ class BillingServiceServicer:
     def ChangeSubscriptionPlan(self, request, context):
         """Moves the account to another plan for a new period. On an upgrade (a plan of
         higher rank) the unused subscription credits carry over into the new period
-        (seed 001); then the new plan's credits are granted.
+        (seed 001); then the new plan's credits are granted. A move to an equal or lower
+        rank within the current period grants nothing (no lot): the plan is recorded and
+        its credits come with the next period.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

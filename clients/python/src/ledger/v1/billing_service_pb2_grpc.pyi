@@ -59,7 +59,9 @@ class BillingServiceStub:
     ChangeSubscriptionPlan: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ChangeSubscriptionPlanRequest, _billing_service_pb2.ChangeSubscriptionPlanResponse]
     """Moves the account to another plan for a new period. On an upgrade (a plan of
     higher rank) the unused subscription credits carry over into the new period
-    (seed 001); then the new plan's credits are granted.
+    (seed 001); then the new plan's credits are granted. A move to an equal or lower
+    rank within the current period grants nothing (no lot): the plan is recorded and
+    its credits come with the next period.
     """
     CreateCheckoutSession: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CreateCheckoutSessionRequest, _billing_service_pb2.CreateCheckoutSessionResponse]
     """Creates a Stripe Checkout Session for a credit pack, a custom-amount recharge or a
@@ -108,7 +110,9 @@ class BillingServiceAsyncStub(BillingServiceStub):
     ChangeSubscriptionPlan: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ChangeSubscriptionPlanRequest, _billing_service_pb2.ChangeSubscriptionPlanResponse]  # type: ignore[assignment]
     """Moves the account to another plan for a new period. On an upgrade (a plan of
     higher rank) the unused subscription credits carry over into the new period
-    (seed 001); then the new plan's credits are granted.
+    (seed 001); then the new plan's credits are granted. A move to an equal or lower
+    rank within the current period grants nothing (no lot): the plan is recorded and
+    its credits come with the next period.
     """
     CreateCheckoutSession: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CreateCheckoutSessionRequest, _billing_service_pb2.CreateCheckoutSessionResponse]  # type: ignore[assignment]
     """Creates a Stripe Checkout Session for a credit pack, a custom-amount recharge or a
@@ -196,7 +200,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_billing_service_pb2.ChangeSubscriptionPlanResponse, _abc.Awaitable[_billing_service_pb2.ChangeSubscriptionPlanResponse]]:
         """Moves the account to another plan for a new period. On an upgrade (a plan of
         higher rank) the unused subscription credits carry over into the new period
-        (seed 001); then the new plan's credits are granted.
+        (seed 001); then the new plan's credits are granted. A move to an equal or lower
+        rank within the current period grants nothing (no lot): the plan is recorded and
+        its credits come with the next period.
         """
 
     @_abc_1.abstractmethod
