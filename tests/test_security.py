@@ -222,6 +222,27 @@ def test_an_admin_token_works_and_names_the_actor(channel: grpc.Channel) -> None
     billing.ListCreditPacks(billing_service_pb2.ListCreditPacksRequest(), metadata=_as("ops-admin"))
 
 
+def test_a_ledger_grant_names_its_caller_as_the_actor(channel: grpc.Channel) -> None:
+    """DESIGN.md section 5: grants are recorded with who made them, by LedgerService's
+    Grant too (administrators only)."""
+    account = new_account()
+    ledger = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+    ledger.Grant(
+        pb.GrantRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            amount_micros=CREDIT,
+            source=types_pb2.CREDIT_SOURCE_PROMOTION,
+        ),
+        metadata=_as("ops-admin"),
+    )
+    page = ledger.ListTransactions(
+        pb.ListTransactionsRequest(account_id=account, kinds=[pb.TRANSACTION_KIND_GRANT]),
+        metadata=_as("ops-admin"),
+    )
+    assert "ops-admin" in [t.actor for t in page.transactions]
+
+
 def test_the_worker_role_bills_and_reads_but_does_not_spend(channel: grpc.Channel) -> None:
     account = new_account()
     _open_account(channel, account)

@@ -21,6 +21,7 @@ from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.balance_reads import BalanceReads
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 from ledger_server.server.group_commit import GroupCommit
+from ledger_server.server.identity import caller_identity
 
 
 def _source(value: types_pb2.CreditSource.ValueType) -> str:
@@ -84,7 +85,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "balance_kind": _balance_kind(request.balance_kind),
             "external_ref": validation.reference(request.external_ref, "external_ref"),
             "comment": validation.text(request.comment, "comment"),
-            "actor": None,
+            "actor": caller_identity(context),  # DESIGN.md 5: grants name who made them
             "hash": request_fingerprint("grant", request),
             "now": now,
         }
