@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -16,8 +17,10 @@ import grpc
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
+from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import ledger_service_pb2 as pb
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.workers import run_burst_workers
 from workers import alerts, sweepers
@@ -117,6 +120,25 @@ def test_an_alert_address_that_is_not_one_is_refused_by_field(admin: Any, email:
         "email",
     )
     assert _alerts(admin, account) == []
+
+
+def test_credits_expiring_below_the_threshold_record_an_alert(ledger: Ledger, admin: Any) -> None:
+    """DESIGN.md section 7: a crossing is alerted whatever lowered the balance; here a lot
+    expiring (a month's allowance at month end, say)."""
+    account = new_account("expiry-alert")
+    ledger.grant(account, 5)
+    ledger.grant(account, 30, expires_in=Duration(seconds=1))
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
+    )
+    assert _alerts(admin, account) == []
+    time.sleep(1.2)  # past the expiry; the next call on the account applies it
+    assert ledger.balance(account).balance_micros == 5 * CREDIT
+    [expiry] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_EXPIRY])
+    [alert] = _alerts(admin, account)
+    assert (alert.balance_micros, alert.transaction_id) == (5 * CREDIT, expiry.transaction_id)
 
 
 def test_a_crossing_sends_one_email_and_records_one_alert(

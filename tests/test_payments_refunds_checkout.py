@@ -133,6 +133,28 @@ def test_refund_of_a_partly_spent_pack_takes_back_only_the_unspent_unheld_part(
     assert_audit_clean()
 
 
+def test_a_refund_that_takes_the_balance_below_the_threshold_records_an_alert(
+    apply_events: Callable[..., list[str]],
+    sources: Sources,
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+) -> None:
+    """DESIGN.md section 7: a crossing is alerted whatever lowered the balance."""
+    account, intent = _bought_pack(apply_events, sources, configure, "refund-alert", 2500)
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
+    )
+    apply_events(charge_refunded(intent, amount=2500, amount_refunded=2500))
+    [clawback] = _clawbacks(ledger, account)
+    alerts = admin.ListLowBalanceAlerts(
+        admin_pb.ListLowBalanceAlertsRequest(account_id=account)
+    ).alerts
+    assert [(a.balance_micros, a.transaction_id) for a in alerts] == [(0, clawback.transaction_id)]
+
+
 def test_partial_refunds_take_their_share_and_never_drive_the_balance_negative(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

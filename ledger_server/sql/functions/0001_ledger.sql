@@ -364,6 +364,7 @@ END $$;
 CREATE OR REPLACE FUNCTION ledger_expire_due_lots(p_account text, p_now timestamptz) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
+    a accounts;
     l lots;
     txn bigint;
     n int := 0;
@@ -405,7 +406,13 @@ BEGIN
     UPDATE accounts
        SET balance_micros = balance_micros - main_total,
            reward_balance_micros = reward_balance_micros - (total - main_total)
-     WHERE account_id = p_account;
+     WHERE account_id = p_account
+    RETURNING * INTO a;
+    IF main_total > 0 THEN
+        -- Expiry lowers the balance like a charge (a monthly allowance ending, say): a
+        -- crossing is alerted; its email is queued by the sweeper (0006).
+        PERFORM ledger_low_balance_check(a, a.balance_micros + main_total, txn, p_now);
+    END IF;
     RETURN total;
 END $$;
 

@@ -200,6 +200,10 @@ BEGIN
          WHERE account_id = p_account AND purchase_id = pu.purchase_id;
     END IF;
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    IF take + take_bonus > 0 THEN
+        -- A claw-back lowers the balance like a charge: a crossing is alerted (0006).
+        PERFORM ledger_low_balance_check(a, a.balance_micros + take + take_bonus, txn, p_now);
+    END IF;
     RETURN ledger_idempotent_store(p_account, p_key, 'claw_back_purchase', p_hash, jsonb_build_object(
         'purchase_id', pu.purchase_id::text,
         'external_ref', pu.external_ref,

@@ -1272,9 +1272,9 @@ class LowBalanceAlert(_message.Message):
     account_id: _builtins.str
     threshold_micros: _builtins.int
     balance_micros: _builtins.int
-    """The balance right after the charge that crossed the threshold."""
+    """The balance right after the movement that crossed the threshold."""
     transaction_id: _builtins.str
-    """The charge (or debit) that crossed it."""
+    """The movement that crossed it: a charge, a debit, an expiry or a payment's claw-back."""
     email_to: _builtins.str
     email_status: Global___AlertEmailStatus.ValueType
     email_error: _builtins.str
