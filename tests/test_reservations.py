@@ -42,6 +42,23 @@ def test_reserve_holds_and_commit_settles_the_actual_amount(
     assert_audit_clean()
 
 
+def test_a_commit_credits_the_revenue_of_its_feature(ledger: Ledger) -> None:
+    """DESIGN.md section 4: revenue is a system account per feature ('revenue' without one)."""
+    account = new_account()
+    ledger.grant(account, 10)
+    for feature, expected in (("image.upscale", "revenue:image.upscale"), ("", "revenue")):
+        held = ledger.reserve(account, 2 * CREDIT, feature=feature)
+        committed = ledger.commit(account, held.reservation.reservation_id, CREDIT)
+        [charge] = [
+            t
+            for t in ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+            if t.transaction_id == committed.transaction_id
+        ]
+        assert [(p.ledger_account, p.amount_micros) for p in charge.postings if not p.lot_id] == [
+            (expected, CREDIT)
+        ]
+
+
 def test_commit_of_zero_charges_nothing(ledger: Ledger) -> None:
     account = new_account()
     ledger.grant(account, 5)

@@ -559,10 +559,17 @@ BEGIN
     END IF;
 END $$;
 
+-- The system account a charge's revenue goes to: one per feature (DESIGN.md section 4),
+-- 'revenue' for a charge that names none. SQL, immutable: inlined where it is used.
+CREATE OR REPLACE FUNCTION ledger_revenue_account(p_feature text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce('revenue:' || nullif(p_feature, ''), 'revenue')
+$$;
+
 -- Takes p_amount from the account's live main lots in consumption order, locking
 -- each lot it takes from. With p_charge_txn NULL the credits are held for the
 -- reservation; otherwise they are spent at once, posted to that transaction
--- against p_counter_account ('revenue' for charges, 'adjustment' for admin
+-- against p_counter_account (the feature's revenue for charges, 'adjustment' for admin
 -- debits). p_reservation NULL records no reservation lots (admin debits).
 -- Returns the reservation's lots as ledger_reservation_json shows them.
 -- Call after ledger_require_available.
@@ -833,8 +840,9 @@ BEGIN
                lot_id, source, -used
           FROM held WHERE used > 0
         UNION ALL
-        SELECT p_account, txn, (SELECT count(*) FROM held WHERE used > 0)::smallint, 'revenue',
-               NULL, NULL, amount
+        SELECT p_account, txn, (SELECT count(*) FROM held WHERE used > 0)::smallint,
+               ledger_revenue_account(coalesce(actual ->> 'feature', r.feature)), NULL, NULL,
+               amount
          WHERE amount <> 0
     )
     SELECT coalesce(bool_or(expires_at <= p_now), false),
@@ -1001,7 +1009,15 @@ BEGIN
             n := n + 2;
         END IF;
     END LOOP;
-    PERFORM ledger_post(p_account, txn, n, 'revenue', NULL, NULL, -amount, 'refund');
+    -- Back out of the account the charge's revenue went to (a charge of an earlier release
+    -- went to 'revenue').
+    PERFORM ledger_post(p_account, txn, n,
+                        coalesce((SELECT p.ledger_account FROM postings p
+                                   WHERE p.account_id = p_account
+                                     AND p.transaction_id = r.charge_transaction_id
+                                     AND p.lot_id IS NULL AND p.ledger_account LIKE 'revenue%'
+                                   LIMIT 1), 'revenue'),
+                        NULL, NULL, -amount, 'refund');
     UPDATE reservations SET refunded_micros = refunded_micros + amount
      WHERE account_id = p_account AND reservation_id = p_reservation;
     UPDATE accounts
@@ -1058,7 +1074,8 @@ BEGIN
     VALUES (p_account, res, 'committed', amount, amount, p_now, p_now, p_now,
             nullif(feature, ''), nullif(p_usage ->> 'model', ''), nullif(p_comment, ''), usage, txn)
     RETURNING * INTO r;
-    lots_json := ledger_take_lots(p_account, res, amount, p_now, txn);
+    lots_json := ledger_take_lots(p_account, res, amount, p_now, txn,
+                                  ledger_revenue_account(feature));
     UPDATE accounts SET balance_micros = balance_micros - amount
      WHERE account_id = p_account
     RETURNING * INTO a;

@@ -211,7 +211,8 @@ BEGIN
           FROM take t
          WHERE t.spent > 0
         UNION ALL
-        SELECT c.account_id, c.txn, k.lot_count, 'revenue', NULL, NULL, c.amount
+        SELECT c.account_id, c.txn, k.lot_count, ledger_revenue_account(c.feature), NULL, NULL,
+               c.amount
           FROM charge c
           JOIN took k ON k.n = c.n
          WHERE c.op = 'consume'

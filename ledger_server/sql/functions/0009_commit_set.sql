@@ -142,7 +142,8 @@ BEGIN
           FROM taken t
          WHERE t.used > 0
         UNION ALL
-        SELECT c.account_id, c.txn, coalesce(u.lots_used, 0), 'revenue', NULL, NULL, c.amount
+        SELECT c.account_id, c.txn, coalesce(u.lots_used, 0), ledger_revenue_account(c.feature),
+               NULL, NULL, c.amount
           FROM charge c
           LEFT JOIN (SELECT DISTINCT n, lots_used FROM taken) u ON u.n = c.n
          WHERE c.amount <> 0

@@ -268,8 +268,9 @@ class Posting(_message.Message):
     MEMO_FIELD_NUMBER: _builtins.int
     ledger_account: _builtins.str
     """"account:main" or "account:reward" for the customer's side (the unused overdraft is
-    a main lot of source OVERDRAFT); "issuance:<source>", "revenue", "breakage",
-    "adjustment" and "overdraft" (the limit granted) for system accounts.
+    a main lot of source OVERDRAFT); "issuance:<source>", "revenue:<feature>" ("revenue"
+    for a charge without a feature), "breakage", "adjustment" and "overdraft" (the limit
+    granted) for system accounts.
     """
     lot_id: _builtins.str
     """The customer's lot, for account-side postings."""
