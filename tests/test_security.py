@@ -187,6 +187,10 @@ def test_a_service_outside_its_account_scope_is_permission_denied(channel: grpc.
         lambda: reports.GetSummary(
             report_service_pb2.GetSummaryRequest(month="2026-03"), metadata=_as("image-studio")
         ),
+        # ... nor every account's journal.
+        lambda: reports.ListJournal(
+            report_service_pb2.ListJournalRequest(), metadata=_as("image-studio")
+        ),
     ]:
         info = expect_error(call, grpc.StatusCode.PERMISSION_DENIED, "ACCOUNT_OUT_OF_SCOPE")
         assert info.metadata["account_prefix"] == "studio:"

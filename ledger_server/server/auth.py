@@ -92,6 +92,7 @@ RULES: dict[str, Rule] = {
     _BILLING["CreateCheckoutSession"]: Rule(frozenset({_S, _W}), scoped=True),
     # Reports: services for their accounts (a scoped service must name one).
     _REPORT["GetSummary"]: Rule(frozenset({_S}), scoped=True),
+    _REPORT["ListJournal"]: Rule(frozenset({_S}), scoped=True),
     # AdminService: administrators only.
     **{_ADMIN[m]: Rule(frozenset(), scoped=False) for m in _ADMIN},
 }

@@ -17,6 +17,7 @@ from ledger_server.config import Settings
 from ledger_server.errors import invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.server import journal_pages
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.balance_reads import BalanceReads
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
@@ -267,66 +268,24 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
     ) -> pb.ListTransactionsResponse:
         account_id = validation.account_id(request.account_id)
         page_size = validation.page_size(request.page_size)
-        kinds: list[str] | None = None
-        if request.kinds:
-            kinds = []
-            for kind in request.kinds:
-                if kind not in mapping.TRANSACTION_KIND_TO_DB:
-                    raise invalid_field("kinds", f"unknown transaction kind {kind}")
-                kinds.append(mapping.TRANSACTION_KIND_TO_DB[kind])
-        start_time = (
-            validation.timestamp(request.start_time, "start_time")
-            if request.HasField("start_time")
-            else None
-        )
-        end_time = (
-            validation.timestamp(request.end_time, "end_time")
-            if request.HasField("end_time")
-            else None
-        )
-        feature = validation.code(request.feature, "feature") or None
-        model = validation.code(request.model, "model") or None
-        statuses: list[str] | None = None
-        if request.statuses:
-            statuses = []
-            for status in request.statuses:
-                if status not in mapping.TRANSACTION_STATUS_TO_DB:
-                    raise invalid_field("statuses", f"unknown transaction status {status}")
-                statuses.append(mapping.TRANSACTION_STATUS_TO_DB[status])
-        filters: list[object] = [
-            "transactions",
-            account_id,
-            kinds,
-            start_time,
-            end_time,
-            feature,
-            model,
-            statuses,
-        ]
-        position = page_tokens.decode(request.page_token, filters, (page_tokens.ID,))
+        params = journal_pages.filters(request)
+        bound_to = journal_pages.token_filters("transactions", account_id, params)
+        position = journal_pages.position(request, bound_to)
         rows = await fetch_all(
             self._pool,
             "list_transactions",
             {
+                **params,
                 "account_id": account_id,
                 "before": position[0] if position else None,
-                "kinds": kinds,
-                "start_time": start_time,
-                "end_time": end_time,
-                "feature": feature,
-                "model": model,
-                "statuses": statuses,
                 "limit": page_size + 1,
                 "now": self._clock.now(),
             },
         )
         response = pb.ListTransactionsResponse()
-        add_transaction = response.transactions.add
-        for row in rows[:page_size]:
-            mapping.fill_transaction(add_transaction(), row)
-        if len(rows) > page_size:
-            # The keyset: the last entry's transaction_id (the row's first column).
-            response.next_page_token = page_tokens.encode([rows[page_size - 1][0]], filters)
+        response.next_page_token = journal_pages.fill(
+            response.transactions, rows, page_size, bound_to
+        )
         return response
 
     async def CreateAccount(

@@ -1,5 +1,6 @@
-"""ReportService: the summary report (DESIGN.md section 7, seed 004). Reads only: one
-connection, one REPEATABLE READ transaction, the named queries of sql/queries/reports.sql."""
+"""ReportService: the summary report and the platform-wide transaction log (DESIGN.md
+section 7, seed 004). Reads only: one connection (for the summary one REPEATABLE READ
+transaction), the named queries of sql/queries/reports.sql."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ledger_server.clock import Clock
 from ledger_server.db.queries import query
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, validation
+from ledger_server.server import journal_pages
 from ledger_server.server.calls import Context
 
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -104,10 +106,48 @@ async def _rows(
     return await cursor.fetchall() if cursor.description is not None else []
 
 
+async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:
+    exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
+    if not exists[0][0]:
+        raise LedgerError(
+            grpc.StatusCode.NOT_FOUND,
+            "ACCOUNT_NOT_FOUND",
+            "account not found",
+            {"account_id": account_id},
+        )
+
+
 class ReportService(report_service_pb2_grpc.ReportServiceServicer):
     def __init__(self, pool: AsyncConnectionPool, clock: Clock) -> None:
         self._pool = pool
         self._clock = clock
+
+    async def ListJournal(
+        self, request: pb.ListJournalRequest, context: Context
+    ) -> pb.ListJournalResponse:
+        account_id = validation.account_id(request.account_id) if request.account_id else None
+        page_size = validation.page_size(request.page_size)
+        params = journal_pages.filters(request)
+        bound_to = journal_pages.token_filters("journal", account_id, params)
+        position = journal_pages.position(request, bound_to)
+        async with self._pool.connection() as conn:
+            if account_id is not None:
+                await _require_account(conn, account_id)
+            rows = await _rows(
+                conn,
+                "list_journal",
+                {
+                    **params,
+                    "account_id": account_id,
+                    "before": position[0] if position else None,
+                    "limit": page_size + 1,
+                },
+            )
+        response = pb.ListJournalResponse()
+        response.next_page_token = journal_pages.fill(
+            response.transactions, rows, page_size, bound_to
+        )
+        return response
 
     async def GetSummary(
         self, request: pb.GetSummaryRequest, context: Context
@@ -118,14 +158,7 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
         async with self._pool.connection() as conn, conn.transaction():
             await _rows(conn, "report_snapshot", {})
             if account_id is not None:
-                exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
-                if not exists[0][0]:
-                    raise LedgerError(
-                        grpc.StatusCode.NOT_FOUND,
-                        "ACCOUNT_NOT_FOUND",
-                        "account not found",
-                        {"account_id": account_id},
-                    )
+                await _require_account(conn, account_id)
             zone, zoned_start, zoned_end = (
                 await _rows(
                     conn, "report_period", {"local_start": local_start, "local_end": local_end}

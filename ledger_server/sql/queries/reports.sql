@@ -121,3 +121,14 @@ SELECT coalesce(t.feature, ''),
    AND t.created_at < %(end)s::timestamptz
  GROUP BY 1, 2
  ORDER BY 4 DESC, 1, 2
+
+-- name: list_journal
+-- The platform-wide transaction log: every account's entries (or one account's), newest
+-- first (sql/functions/0001_ledger.sql). Reads only: no account's maintenance is applied.
+SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
+       comment, actor, external_ref, created_micros, status, posting_accounts, posting_lots,
+       posting_sources, posting_amounts, posting_memos
+  FROM ledger_journal_page(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
+                           %(start_time)s::timestamptz, %(end_time)s::timestamptz,
+                           %(feature)s::text, %(model)s::text, %(statuses)s::text[],
+                           %(limit)s::int)

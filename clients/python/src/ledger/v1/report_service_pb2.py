@@ -23,28 +23,33 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from ledger.v1 import ledger_service_pb2 as ledger_dot_v1_dot_ledger__service__pb2
 from ledger.v1 import types_pb2 as ledger_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eledger/v1/report_service.proto\x12\tledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15ledger/v1/types.proto\"i\n\tTimeRange\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x11GetSummaryRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x03\x64\x61y\x18\x02 \x01(\tH\x00\x12\x0f\n\x05month\x18\x03 \x01(\tH\x00\x12%\n\x05range\x18\x04 \x01(\x0b\x32\x14.ledger.v1.TimeRangeH\x00\x42\x08\n\x06period\"\xdb\x01\n\x0eSummaryAmounts\x12\x16\n\x0eopening_micros\x18\x01 \x01(\x03\x12\x18\n\x10\x61llocated_micros\x18\x02 \x01(\x03\x12\x17\n\x0f\x63onsumed_micros\x18\x03 \x01(\x03\x12\x17\n\x0f\x61\x64justed_micros\x18\x04 \x01(\x03\x12\x17\n\x0frefunded_micros\x18\x05 \x01(\x03\x12\x16\n\x0e\x65xpired_micros\x18\x06 \x01(\x03\x12\x1a\n\x12transferred_micros\x18\x07 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x08 \x01(\x03\"w\n\rSourceSummary\x12\'\n\x06source\x18\x01 \x01(\x0e\x32\x17.ledger.v1.CreditSource\x12\x11\n\tpurchased\x18\x02 \x01(\x08\x12*\n\x07\x61mounts\x18\x03 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\"q\n\x0c\x46\x65\x61tureUsage\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63harges\x18\x03 \x01(\x03\x12\x17\n\x0f\x63onsumed_micros\x18\x04 \x01(\x03\x12\x17\n\x0frefunded_micros\x18\x05 \x01(\x03\"\x98\x03\n\x12GetSummaryResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x04 \x01(\t\x12(\n\x05total\x18\x05 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\x12\'\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\x12,\n\tpurchased\x18\x07 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\x12)\n\x07sources\x18\x08 \x03(\x0b\x32\x18.ledger.v1.SourceSummary\x12&\n\x05usage\x18\t \x03(\x0b\x32\x17.ledger.v1.FeatureUsage\x12)\n\x05\x61s_of\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp2Z\n\rReportService\x12I\n\nGetSummary\x12\x1c.ledger.v1.GetSummaryRequest\x1a\x1d.ledger.v1.GetSummaryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eledger/v1/report_service.proto\x12\tledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eledger/v1/ledger_service.proto\x1a\x15ledger/v1/types.proto\"\xa8\x02\n\x12ListJournalRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12)\n\x05kinds\x18\x02 \x03(\x0e\x32\x1a.ledger.v1.TransactionKind\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12.\n\x08statuses\x18\x07 \x03(\x0e\x32\x1c.ledger.v1.TransactionStatus\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"\\\n\x13ListJournalResponse\x12,\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x16.ledger.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"i\n\tTimeRange\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x11GetSummaryRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x03\x64\x61y\x18\x02 \x01(\tH\x00\x12\x0f\n\x05month\x18\x03 \x01(\tH\x00\x12%\n\x05range\x18\x04 \x01(\x0b\x32\x14.ledger.v1.TimeRangeH\x00\x42\x08\n\x06period\"\xdb\x01\n\x0eSummaryAmounts\x12\x16\n\x0eopening_micros\x18\x01 \x01(\x03\x12\x18\n\x10\x61llocated_micros\x18\x02 \x01(\x03\x12\x17\n\x0f\x63onsumed_micros\x18\x03 \x01(\x03\x12\x17\n\x0f\x61\x64justed_micros\x18\x04 \x01(\x03\x12\x17\n\x0frefunded_micros\x18\x05 \x01(\x03\x12\x16\n\x0e\x65xpired_micros\x18\x06 \x01(\x03\x12\x1a\n\x12transferred_micros\x18\x07 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x08 \x01(\x03\"w\n\rSourceSummary\x12\'\n\x06source\x18\x01 \x01(\x0e\x32\x17.ledger.v1.CreditSource\x12\x11\n\tpurchased\x18\x02 \x01(\x08\x12*\n\x07\x61mounts\x18\x03 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\"q\n\x0c\x46\x65\x61tureUsage\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63harges\x18\x03 \x01(\x03\x12\x17\n\x0f\x63onsumed_micros\x18\x04 \x01(\x03\x12\x17\n\x0frefunded_micros\x18\x05 \x01(\x03\"\x98\x03\n\x12GetSummaryResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x04 \x01(\t\x12(\n\x05total\x18\x05 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\x12\'\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\x12,\n\tpurchased\x18\x07 \x01(\x0b\x32\x19.ledger.v1.SummaryAmounts\x12)\n\x07sources\x18\x08 \x03(\x0b\x32\x18.ledger.v1.SourceSummary\x12&\n\x05usage\x18\t \x03(\x0b\x32\x17.ledger.v1.FeatureUsage\x12)\n\x05\x61s_of\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa8\x01\n\rReportService\x12I\n\nGetSummary\x12\x1c.ledger.v1.GetSummaryRequest\x1a\x1d.ledger.v1.GetSummaryResponse\x12L\n\x0bListJournal\x12\x1d.ledger.v1.ListJournalRequest\x1a\x1e.ledger.v1.ListJournalResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ledger.v1.report_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIMERANGE']._serialized_start=101
-  _globals['_TIMERANGE']._serialized_end=206
-  _globals['_GETSUMMARYREQUEST']._serialized_start=208
-  _globals['_GETSUMMARYREQUEST']._serialized_end=328
-  _globals['_SUMMARYAMOUNTS']._serialized_start=331
-  _globals['_SUMMARYAMOUNTS']._serialized_end=550
-  _globals['_SOURCESUMMARY']._serialized_start=552
-  _globals['_SOURCESUMMARY']._serialized_end=671
-  _globals['_FEATUREUSAGE']._serialized_start=673
-  _globals['_FEATUREUSAGE']._serialized_end=786
-  _globals['_GETSUMMARYRESPONSE']._serialized_start=789
-  _globals['_GETSUMMARYRESPONSE']._serialized_end=1197
-  _globals['_REPORTSERVICE']._serialized_start=1199
-  _globals['_REPORTSERVICE']._serialized_end=1289
+  _globals['_LISTJOURNALREQUEST']._serialized_start=134
+  _globals['_LISTJOURNALREQUEST']._serialized_end=430
+  _globals['_LISTJOURNALRESPONSE']._serialized_start=432
+  _globals['_LISTJOURNALRESPONSE']._serialized_end=524
+  _globals['_TIMERANGE']._serialized_start=526
+  _globals['_TIMERANGE']._serialized_end=631
+  _globals['_GETSUMMARYREQUEST']._serialized_start=633
+  _globals['_GETSUMMARYREQUEST']._serialized_end=753
+  _globals['_SUMMARYAMOUNTS']._serialized_start=756
+  _globals['_SUMMARYAMOUNTS']._serialized_end=975
+  _globals['_SOURCESUMMARY']._serialized_start=977
+  _globals['_SOURCESUMMARY']._serialized_end=1096
+  _globals['_FEATUREUSAGE']._serialized_start=1098
+  _globals['_FEATUREUSAGE']._serialized_end=1211
+  _globals['_GETSUMMARYRESPONSE']._serialized_start=1214
+  _globals['_GETSUMMARYRESPONSE']._serialized_end=1622
+  _globals['_REPORTSERVICE']._serialized_start=1625
+  _globals['_REPORTSERVICE']._serialized_end=1793
 # @@protoc_insertion_point(module_scope)

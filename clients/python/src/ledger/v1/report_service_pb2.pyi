@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from ledger.v1 import ledger_service_pb2 as _ledger_service_pb2
 from ledger.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,83 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class ListJournalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """One account; empty means every account."""
+    feature: _builtins.str
+    model: _builtins.str
+    page_size: _builtins.int
+    """0 means 100; above 1000 it is clamped to 1000."""
+    page_token: _builtins.str
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_ledger_service_pb2.TransactionKind.ValueType]:
+        """Filters; each empty or unset means all."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """From start_time (included) to end_time (excluded)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_ledger_service_pb2.TransactionStatus.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        kinds: _abc.Iterable[_ledger_service_pb2.TransactionKind.ValueType] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        feature: _builtins.str = ...,
+        model: _builtins.str = ...,
+        statuses: _abc.Iterable[_ledger_service_pb2.TransactionStatus.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "end_time", b"end_time", "feature", b"feature", "kinds", b"kinds", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJournalRequest: _TypeAlias = ListJournalRequest  # noqa: Y015
+
+@_typing.final
+class ListJournalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_ledger_service_pb2.Transaction]: ...
+    def __init__(
+        self,
+        *,
+        transactions: _abc.Iterable[_ledger_service_pb2.Transaction] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJournalResponse: _TypeAlias = ListJournalResponse  # noqa: Y015
 
 @_typing.final
 class TimeRange(_message.Message):

@@ -40,6 +40,11 @@ class ReportServiceStub:
                 request_serializer=ledger_dot_v1_dot_report__service__pb2.GetSummaryRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_report__service__pb2.GetSummaryResponse.FromString,
                 _registered_method=True)
+        self.ListJournal = channel.unary_unary(
+                '/ledger.v1.ReportService/ListJournal',
+                request_serializer=ledger_dot_v1_dot_report__service__pb2.ListJournalRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_report__service__pb2.ListJournalResponse.FromString,
+                _registered_method=True)
 
 
 class ReportServiceServicer:
@@ -55,6 +60,15 @@ class ReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJournal(self, request, context):
+        """The platform-wide transaction log: every account's journal entries (or one account's),
+        newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
+        transaction id: entries written while paging never shift a page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReportServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +76,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
                     servicer.GetSummary,
                     request_deserializer=ledger_dot_v1_dot_report__service__pb2.GetSummaryRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_report__service__pb2.GetSummaryResponse.SerializeToString,
+            ),
+            'ListJournal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJournal,
+                    request_deserializer=ledger_dot_v1_dot_report__service__pb2.ListJournalRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_report__service__pb2.ListJournalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +111,33 @@ class ReportService:
             '/ledger.v1.ReportService/GetSummary',
             ledger_dot_v1_dot_report__service__pb2.GetSummaryRequest.SerializeToString,
             ledger_dot_v1_dot_report__service__pb2.GetSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJournal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.ReportService/ListJournal',
+            ledger_dot_v1_dot_report__service__pb2.ListJournalRequest.SerializeToString,
+            ledger_dot_v1_dot_report__service__pb2.ListJournalResponse.FromString,
             options,
             channel_credentials,
             insecure,

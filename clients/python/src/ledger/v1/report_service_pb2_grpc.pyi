@@ -38,6 +38,11 @@ class ReportServiceStub:
     calendar month or a custom range: allocated, consumed, adjusted, refunded, expired
     and remaining, free and purchased credits apart, with usage by feature and model.
     """
+    ListJournal: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]
+    """The platform-wide transaction log: every account's journal entries (or one account's),
+    newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
+    transaction id: entries written while paging never shift a page.
+    """
 
 @_typing.type_check_only
 class ReportServiceAsyncStub(ReportServiceStub):
@@ -48,6 +53,11 @@ class ReportServiceAsyncStub(ReportServiceStub):
     """What happened to the credits of one account, or of every account, over a day, a
     calendar month or a custom range: allocated, consumed, adjusted, refunded, expired
     and remaining, free and purchased credits apart, with usage by feature and model.
+    """
+    ListJournal: _aio.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]  # type: ignore[assignment]
+    """The platform-wide transaction log: every account's journal entries (or one account's),
+    newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
+    transaction id: entries written while paging never shift a page.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -62,6 +72,17 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         """What happened to the credits of one account, or of every account, over a day, a
         calendar month or a custom range: allocated, consumed, adjusted, refunded, expired
         and remaining, free and purchased credits apart, with usage by feature and model.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJournal(
+        self,
+        request: _report_service_pb2.ListJournalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_report_service_pb2.ListJournalResponse, _abc.Awaitable[_report_service_pb2.ListJournalResponse]]:
+        """The platform-wide transaction log: every account's journal entries (or one account's),
+        newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
+        transaction id: entries written while paging never shift a page.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
