@@ -1150,8 +1150,10 @@ BEGIN
     -- EXECUTE: planned for the values of this call. A cached generic plan cannot know
     -- whether a page starts at the newest entry or deep in the journal; the one PostgreSQL
     -- picked read all of a 1,000,000-entry account for its first page (5 s). Planned with
-    -- the values, "$1 IS NULL" folds away: one account's page uses its own index.
-    RETURN QUERY EXECUTE $query$
+    -- the values, "$1 IS NULL" folds away. Every account's page walks the journal by
+    -- -transaction_id (journal_transactions_newest_first, migration 0016), one account's
+    -- by its primary key.
+    RETURN QUERY EXECUTE format($query$
         SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
                t.feature, t.model, t.usage, t.comment, t.actor, t.external_ref,
                ledger_micros(t.created_at),
@@ -1169,7 +1171,7 @@ BEGIN
                 FROM postings pp
                WHERE pp.account_id = t.account_id AND pp.transaction_id = t.transaction_id) p
          WHERE ($1 IS NULL OR t.account_id = $1)
-           AND t.transaction_id < coalesce($2, 9223372036854775807)
+           AND %1$s
            AND ($3 IS NULL OR t.kind = ANY ($3))
            AND ($4 IS NULL OR t.created_at >= $4)
            AND ($5 IS NULL OR t.created_at < $5)
@@ -1177,10 +1179,13 @@ BEGIN
            AND ($7 IS NULL OR t.model = $7)
            AND ($8 IS NULL OR ledger_transaction_status(t.kind, r.status,
                     r.committed_micros, r.refunded_micros) = ANY ($8))
-         ORDER BY t.transaction_id DESC
+         ORDER BY %2$s
          LIMIT $9
-    $query$ USING p_account, p_before, p_kinds, p_start, p_end, p_feature, p_model, p_statuses,
-                  p_limit;
+    $query$,
+        CASE WHEN p_account IS NULL THEN '-t.transaction_id > -coalesce($2, 9223372036854775807)'
+             ELSE 't.transaction_id < coalesce($2, 9223372036854775807)' END,
+        CASE WHEN p_account IS NULL THEN '-t.transaction_id' ELSE 't.transaction_id DESC' END)
+    USING p_account, p_before, p_kinds, p_start, p_end, p_feature, p_model, p_statuses, p_limit;
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger_list_transactions(
