@@ -18,6 +18,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
+from ledger.v1 import types_pb2
 from ledger_server.config import ConfigError
 from ledger_server.db.queries import query
 from ledger_server.ledger.validation import MAX_AMOUNT_MICROS
@@ -81,6 +82,27 @@ def _email_or_empty(value: Json) -> str | None:
     return "must be an email address, or empty"
 
 
+# Every credit source but the overdraft, whose lot must stay the last one used.
+_PRIORITY_SOURCES = frozenset(
+    name.removeprefix("CREDIT_SOURCE_").lower()
+    for name, _ in types_pb2.CreditSource.items()
+    if name not in ("CREDIT_SOURCE_UNSPECIFIED", "CREDIT_SOURCE_OVERDRAFT")
+)
+_MAX_PRIORITY = 32_766  # a smallint, below the overdraft lot's 32,767
+
+
+def _priorities(value: Json) -> str | None:
+    unknown = sorted(set(value) - _PRIORITY_SOURCES)
+    if unknown:
+        return f"names no credit source it may set: {', '.join(unknown)}"
+    for source, priority in value.items():
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            return f"{source}: must be an integer"
+        if not 0 <= priority <= _MAX_PRIORITY:
+            return f"{source}: must be 0 to {_MAX_PRIORITY}"
+    return None
+
+
 def _currency(value: Json) -> str | None:
     return None if re.fullmatch(r"[A-Z]{3}", value) else "must be ISO 4217"
 
@@ -122,8 +144,11 @@ class SettingDefinition:
                 return lowered in ("1", "true", "yes", "on")
             if self.kind is int:
                 return int(raw)
-            if self.kind is list:
-                return json.loads(raw)
+            if self.kind in (list, dict):
+                parsed = json.loads(raw)
+                if not isinstance(parsed, self.kind):
+                    raise ValueError(raw)
+                return parsed
             return raw
         except ValueError as exc:
             raise ConfigError(
@@ -146,10 +171,12 @@ class SettingDefinition:
                 return "must be a string"
         elif self.kind is list and not isinstance(value, list):
             return "must be a list"
+        elif self.kind is dict and not isinstance(value, dict):
+            return "must be an object"
         return self.check(self.normalize(value)) if self.check else None
 
     def normalize(self, value: Json) -> Json:
-        return _integral(value) if self.kind in (int, list) else value
+        return _integral(value) if self.kind in (int, list, dict) else value
 
 
 CREDIT = 1_000_000
@@ -305,6 +332,16 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         "where low-balance alerts are emailed when the account has no address of its own;"
         " empty = record alerts without email",
         _email_or_empty,
+    ),
+    SettingDefinition(
+        "consumption.priorities",
+        "LEDGER_CONSUMPTION_PRIORITIES",
+        dict,
+        {},
+        'consumption priority by credit source (JSON, e.g. {"promotion": 50}): lower goes'
+        " first, then the nearest expiry; for lots granted after the change. A source not"
+        " named keeps the ledger's own (daily 0, every other 100)",
+        _priorities,
     ),
 )
 

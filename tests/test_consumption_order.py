@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import types_pb2
+from ledger_server import runtime_settings
+from ledger_server.config import ConfigError
 from support.ledger import CREDIT, Ledger, new_account
 
 DAY = 86400
@@ -118,3 +123,29 @@ def test_reward_balance_is_not_spendable(ledger: Ledger) -> None:
     balance = ledger.balance(account)
     assert balance.reward_balance_micros == 50 * CREDIT
     assert balance.available_micros == 10 * CREDIT
+
+
+def test_the_order_by_source_is_configurable_for_lots_granted_after(
+    ledger: Ledger, configure: Any
+) -> None:
+    """DESIGN.md section 4: the order is held in one place and configurable per source
+    (setting consumption.priorities, changed by an audited admin call)."""
+    account = new_account()
+    before = ledger.grant(account, 10, source=types_pb2.CREDIT_SOURCE_PROMOTION).lot.lot_id
+    purchase = ledger.grant(account, 10, source=types_pb2.CREDIT_SOURCE_PURCHASE).lot.lot_id
+    configure("consumption.priorities", {"promotion": 50})
+    after = ledger.grant(account, 10, source=types_pb2.CREDIT_SOURCE_PROMOTION).lot.lot_id
+    # The new promotion lot goes first; the one granted before keeps its place.
+    assert [lot.lot_id for lot in ledger.lots(account)] == [after, before, purchase]
+    ledger.consume(account, 15 * CREDIT)
+    remaining = {lot.lot_id: lot.remaining_micros for lot in ledger.lots(account)}
+    assert remaining == {before: 5 * CREDIT, purchase: 10 * CREDIT}
+
+
+def test_the_order_by_source_can_come_from_the_environment() -> None:
+    env = {"LEDGER_CONSUMPTION_PRIORITIES": '{"promotion": 50, "purchase": 200}'}
+    defaults = runtime_settings.environment_defaults(env)
+    assert defaults["consumption.priorities"] == {"promotion": 50, "purchase": 200}
+    for wrong in ('["promotion"]', '{"overdraft": 1}', "{not json"):
+        with pytest.raises(ConfigError, match="LEDGER_CONSUMPTION_PRIORITIES"):
+            runtime_settings.environment_defaults({"LEDGER_CONSUMPTION_PRIORITIES": wrong})

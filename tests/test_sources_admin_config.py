@@ -163,6 +163,12 @@ def _json(value: object) -> struct_pb2.Value:
         ("referral.reward_micros", struct_pb2.Value(number_value=float("nan"))),
         ("alerts.email_to", struct_pb2.Value(number_value=float("inf"))),
         ("recharge.bonus_tiers", _json([{"min_minor": 0, "bonus_micros": 0}, float("-inf")])),
+        # Consumption priorities: known sources (not the overdraft, always last), smallints.
+        ("consumption.priorities", _json({"no_such_source": 1})),
+        ("consumption.priorities", _json({"overdraft": 1})),
+        ("consumption.priorities", _json({"daily": 40_000})),
+        ("consumption.priorities", _json({"daily": True})),
+        ("consumption.priorities", _json([1, 2])),
         # Longer than a file name may be (the zone database is files).
         ("ledger.timezone", struct_pb2.Value(string_value="Europe/" + "x" * 300)),
     ],

@@ -242,6 +242,8 @@ BEGIN
         PERFORM ledger_fail('LE010', 'unknown credit source',
             jsonb_build_object('field', 'source', 'violation', 'unknown credit source ' || p_source));
     END IF;
+    -- An administrator's order (setting consumption.priorities, 0002) before the ledger's.
+    prio := coalesce((ledger_setting('consumption.priorities') ->> p_source)::smallint, prio);
     INSERT INTO lots (account_id, source, balance_kind, amount_micros, remaining_micros, priority,
                       expires_at, created_at, external_ref, parent_lot_id, grant_transaction_id)
     VALUES (p_account, p_source, p_balance_kind, p_amount, p_amount, prio, p_expires_at, p_now,
