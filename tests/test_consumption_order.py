@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import types_pb2
 from ledger_server import runtime_settings
 from ledger_server.config import ConfigError
+from ledger_server.db.migrate import migrate
 from support.ledger import CREDIT, Ledger, new_account
 
 DAY = 86400
@@ -149,3 +152,22 @@ def test_the_order_by_source_can_come_from_the_environment() -> None:
     for wrong in ('["promotion"]', '{"overdraft": 1}', "{not json"):
         with pytest.raises(ConfigError, match="LEDGER_CONSUMPTION_PRIORITIES"):
             runtime_settings.environment_defaults({"LEDGER_CONSUMPTION_PRIORITIES": wrong})
+
+
+def test_settings_written_before_the_key_existed_grant_in_the_ledgers_order(
+    fresh_database_url: str,
+) -> None:
+    """A database whose settings a server of the previous release wrote (no
+    consumption.priorities yet) still grants, in the ledger's own order."""
+    migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        runtime_settings.sync_environment_defaults(
+            conn, runtime_settings.environment_defaults(), datetime.now(UTC)
+        )
+        conn.execute("DELETE FROM settings WHERE key = 'consumption.priorities'")
+        conn.execute(
+            "SELECT ledger_grant('older', 'g1', '\\x01', 10000000, 'promotion', NULL, 'main', "
+            "'', '', NULL, now())"
+        )
+        row = conn.execute("SELECT priority FROM lots WHERE account_id = 'older'").fetchone()
+    assert row == (100,)

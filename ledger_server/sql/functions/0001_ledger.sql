@@ -242,8 +242,11 @@ BEGIN
         PERFORM ledger_fail('LE010', 'unknown credit source',
             jsonb_build_object('field', 'source', 'violation', 'unknown credit source ' || p_source));
     END IF;
-    -- An administrator's order (setting consumption.priorities, 0002) before the ledger's.
-    prio := coalesce((ledger_setting('consumption.priorities') ->> p_source)::smallint, prio);
+    -- An administrator's order (setting consumption.priorities) before the ledger's. Read
+    -- directly, not by ledger_setting: a database whose settings predate the key (a server
+    -- of the previous release wrote them) grants in the ledger's order instead of failing.
+    prio := coalesce((SELECT (value ->> p_source)::smallint FROM settings
+                       WHERE key = 'consumption.priorities'), prio);
     INSERT INTO lots (account_id, source, balance_kind, amount_micros, remaining_micros, priority,
                       expires_at, created_at, external_ref, parent_lot_id, grant_transaction_id)
     VALUES (p_account, p_source, p_balance_kind, p_amount, p_amount, prio, p_expires_at, p_now,
