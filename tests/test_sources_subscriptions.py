@@ -298,6 +298,26 @@ def test_a_move_to_an_equal_or_lower_rank_within_the_period_grants_nothing(
     assert_audit_clean()
 
 
+def test_a_move_back_up_within_the_period_grants_no_plan_twice(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    """Pro paid for the period, down to basic, back up to pro (a new payment reference):
+    pro's credits once. Basic, pro, basic, then a plan between them: still nothing more."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    middle = sources.create_plan(200 * CREDIT, rank=2)
+    pro = sources.create_plan(300 * CREDIT, rank=3)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, start, end, external_ref=f"in_{new_key()}")
+    sources.change_plan(account, basic.plan_id, start, end, external_ref=f"in_{new_key()}")
+    back = sources.change_plan(account, pro.plan_id, start, end, external_ref=f"in_{new_key()}")
+    assert not back.HasField("lot") and back.subscription.plan_id == pro.plan_id
+    between = sources.change_plan(account, middle.plan_id, start, end)
+    assert not between.HasField("lot") and between.subscription.plan_id == middle.plan_id
+    assert ledger.balance(account).balance_micros == 300 * CREDIT
+    assert_audit_clean()
+
+
 def test_unknown_plans_and_empty_periods_are_refused(
     sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
 ) -> None:

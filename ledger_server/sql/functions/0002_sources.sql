@@ -742,7 +742,8 @@ END $$;
 -- plan's credits are granted. A downgrade or a move to an equal rank carries nothing; made
 -- within the current period it grants nothing either (that period's credits were granted
 -- already, and nothing more was paid): the new plan is recorded and its credits come with
--- the next period's paid invoice.
+-- the next period's paid invoice. So does a move back up to a plan no higher than one this
+-- period was granted already (pro, basic, pro again: pro's credits once).
 CREATE OR REPLACE FUNCTION ledger_change_subscription_plan(
     p_account text, p_key text, p_hash bytea, p_plan text, p_start timestamptz, p_end timestamptz,
     p_external_ref text, p_subscription_ref text, p_now timestamptz) RETURNS jsonb
@@ -753,6 +754,8 @@ DECLARE
     plan subscription_plans;
     old_rank int;
     old_start timestamptz;
+    old_end timestamptz;
+    granted_rank int;
     carried bigint := 0;
     take bigint;
     txn bigint;
@@ -768,10 +771,19 @@ BEGIN
         RETURN replay;
     END IF;
     plan := ledger_find_plan(p_plan);
-    SELECT sp.rank, s.current_period_start INTO old_rank, old_start
+    SELECT sp.rank, s.current_period_start, s.current_period_end INTO old_rank, old_start, old_end
       FROM subscriptions s JOIN subscription_plans sp ON sp.plan_id = s.plan_id
      WHERE s.account_id = p_account;
-    IF old_rank IS NOT NULL AND plan.rank <= old_rank AND p_start <= old_start THEN
+    -- The highest plan whose credits this period got (its lots last to the period's end): a
+    -- move back up to it, or to anything below it, grants nothing again.
+    SELECT max(sp.rank) INTO granted_rank
+      FROM purchases pu
+      JOIN subscription_plans sp ON sp.plan_id = pu.plan_id
+      JOIN lots granted ON granted.account_id = pu.account_id AND granted.lot_id = pu.lot_id
+     WHERE pu.account_id = p_account AND pu.kind = 'subscription'
+       AND granted.expires_at = old_end;
+    IF old_rank IS NOT NULL AND p_start = old_start
+       AND plan.rank <= greatest(old_rank, granted_rank) THEN
         -- A payment reference used before is refused as anywhere else.
         PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
         IF p_end <= p_now THEN
