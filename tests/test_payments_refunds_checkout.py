@@ -14,7 +14,7 @@ import pytest
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import billing_service_pb2 as billing_pb
-from ledger.v1 import billing_service_pb2_grpc, types_pb2
+from ledger.v1 import billing_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
@@ -252,51 +252,6 @@ def test_a_refunded_subscription_payment_is_found_through_its_invoice(
     [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
     assert payments_db.event(refund)["credits_micros"] == -75 * CREDIT  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 0
-    assert_audit_clean()
-
-
-def test_a_refunded_subscription_payment_takes_back_what_an_upgrade_carried_over(
-    apply_events: Callable[..., list[str]],
-    payments_db: PaymentsDb,
-    sources: Sources,
-    ledger: Ledger,
-    assert_audit_clean: AuditCheck,
-) -> None:
-    """The upgrade emptied the period's lot into a carry-over lot: the refund of that
-    period's payment follows its credits there (the pro plan's own 300 stay)."""
-    basic = sources.create_plan(100 * CREDIT, rank=1)
-    pro = sources.create_plan(300 * CREDIT, rank=2)
-    account, sub = new_account("sub-refund-up"), f"sub_{uuid.uuid4().hex}"
-    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
-    start = int(time.time()) - 60
-    end = start + 30 * 86400
-    apply_events(
-        invoice_paid(account, sub, basic.provider_price_id, start, end, invoice),
-        invoice_payment_paid(invoice, intent),
-    )
-    ledger.consume(account, 40 * CREDIT)
-    apply_events(
-        subscription_updated(
-            account,
-            sub,
-            pro.provider_price_id,
-            start,
-            end,
-            previous_price_id=basic.provider_price_id,
-        )
-    )
-    assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
-    [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
-    assert payments_db.event(refund)["credits_micros"] == -60 * CREDIT  # type: ignore[index]
-    assert ledger.balance(account).balance_micros == 300 * CREDIT
-    [clawback] = _clawbacks(ledger, account)
-    carried = [p for p in clawback.postings if p.lot_id]
-    assert [(p.source, p.amount_micros) for p in carried] == [
-        (types_pb2.CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER, -60 * CREDIT)
-    ]
-    # Delivered again: nothing more.
-    apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
-    assert ledger.balance(account).balance_micros == 300 * CREDIT
     assert_audit_clean()
 
 

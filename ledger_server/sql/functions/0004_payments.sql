@@ -141,13 +141,6 @@ DECLARE
     share_bonus bigint;
     take bigint := 0;
     take_bonus bigint := 0;
-    carried_out bigint := 0;
-    carry_wanted bigint := 0;
-    carry_take bigint := 0;
-    carry_takes jsonb := '[]';
-    cl lots;
-    step record;
-    n int;
     txn bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -181,50 +174,9 @@ BEGIN
         take_bonus := greatest(least(share_bonus - pu.bonus_clawed_back_micros,
                                      bl.remaining_micros - bl.held_micros), 0);
     END IF;
-    -- A subscription period's credits that an upgrade carried over (0002
-    -- ledger_change_subscription_plan) live on in carry-over lots: what the share still
-    -- asks for is taken from those, up to what this purchase's lot gave them.
-    IF pu.kind = 'subscription' AND share_credits - pu.clawed_back_micros - take > 0 THEN
-        SELECT coalesce(-sum(p.amount_micros), 0) INTO carried_out
-          FROM postings p
-          JOIN journal_transactions t ON t.account_id = p.account_id
-                                     AND t.transaction_id = p.transaction_id
-         WHERE p.account_id = p_account AND p.lot_id = pu.lot_id AND t.kind = 'transfer';
-        carry_wanted := least(share_credits - pu.clawed_back_micros - take, carried_out);
-    END IF;
-    IF carry_wanted > 0 THEN
-        FOR cl IN
-            SELECT * FROM lots
-             WHERE account_id = p_account AND balance_kind = 'main'
-               AND source = 'subscription_carry_over' AND remaining_micros > held_micros
-               AND (expires_at IS NULL OR expires_at > p_now)
-             ORDER BY lot_id DESC
-               FOR UPDATE
-        LOOP
-            EXIT WHEN carry_take >= carry_wanted;
-            carry_takes := carry_takes || jsonb_build_object(
-                'lot_id', cl.lot_id,
-                'micros', least(carry_wanted - carry_take, cl.remaining_micros - cl.held_micros));
-            carry_take := carry_take + least(carry_wanted - carry_take,
-                                             cl.remaining_micros - cl.held_micros);
-        END LOOP;
-    END IF;
-    IF take + take_bonus + carry_take > 0 THEN
-        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus + carry_take),
-                                      p_now, p_comment => p_comment,
-                                      p_external_ref => pu.external_ref);
-        n := 4;
-        FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, (e ->> 'micros')::bigint AS micros
-                      FROM jsonb_array_elements(carry_takes) e LOOP
-            UPDATE lots SET remaining_micros = remaining_micros - step.micros
-             WHERE account_id = p_account AND lot_id = step.lot_id;
-            PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id,
-                                'subscription_carry_over', -step.micros,
-                                'refund: carried-over credits clawed back');
-            PERFORM ledger_post(p_account, txn, n + 1, 'issuance:subscription', NULL,
-                                'subscription_carry_over', step.micros);
-            n := n + 2;
-        END LOOP;
+    IF take + take_bonus > 0 THEN
+        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus), p_now,
+                                      p_comment => p_comment, p_external_ref => pu.external_ref);
         IF take > 0 THEN
             UPDATE lots SET remaining_micros = remaining_micros - take
              WHERE account_id = p_account AND lot_id = l.lot_id;
@@ -240,23 +192,22 @@ BEGIN
             PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
                                 take_bonus);
         END IF;
-        UPDATE accounts SET balance_micros = balance_micros - (take + take_bonus + carry_take)
+        UPDATE accounts SET balance_micros = balance_micros - (take + take_bonus)
          WHERE account_id = p_account;
         UPDATE purchases
-           SET clawed_back_micros = clawed_back_micros + take + carry_take,
+           SET clawed_back_micros = clawed_back_micros + take,
                bonus_clawed_back_micros = bonus_clawed_back_micros + take_bonus
          WHERE account_id = p_account AND purchase_id = pu.purchase_id;
     END IF;
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
-    IF take + take_bonus + carry_take > 0 THEN
+    IF take + take_bonus > 0 THEN
         -- A claw-back lowers the balance like a charge: a crossing is alerted (0006).
-        PERFORM ledger_low_balance_check(a, a.balance_micros + take + take_bonus + carry_take,
-                                         txn, p_now);
+        PERFORM ledger_low_balance_check(a, a.balance_micros + take + take_bonus, txn, p_now);
     END IF;
     RETURN ledger_idempotent_store(p_account, p_key, 'claw_back_purchase', p_hash, jsonb_build_object(
         'purchase_id', pu.purchase_id::text,
         'external_ref', pu.external_ref,
-        'clawed_back_micros', take + carry_take,
+        'clawed_back_micros', take,
         'bonus_clawed_back_micros', take_bonus,
         'refunded_share_micros', share_credits + share_bonus,
         'transaction_id', coalesce(txn::text, ''),
