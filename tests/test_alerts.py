@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
 from typing import Any
@@ -21,6 +22,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as pb
+from ledger_server.db.migrate import migrate
+from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.workers import run_burst_workers
 from workers import alerts, sweepers
@@ -289,3 +292,30 @@ def test_a_second_job_of_an_alert_being_sent_passes_it_over(
     assert len(inbox.to(account)) == 1
     [alert] = _alerts(admin, account)
     assert alert.email_status == admin_pb.ALERT_EMAIL_STATUS_SENT
+
+
+def test_a_months_allowance_ending_as_the_next_begins_is_no_crossing(
+    fresh_database_url: str,
+) -> None:
+    """Maintenance expires January's allowance and grants February's at the same moment:
+    one check over both, so no alert; a lot expiring alone still raises one."""
+    migrate(fresh_database_url)
+    env = {"LEDGER_MONTHLY_FREE_ENABLED": "true", "LEDGER_SIGNUP_BONUS_ENABLED": "false"}
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(env), datetime.now(UTC))
+        conn.execute(
+            "SELECT ledger_create_account('monthly', 'k1', '\\x01', '', '2026-01-15 12:00+00')"
+        )
+        conn.execute(
+            "UPDATE accounts SET low_balance_threshold_micros = 1000000000"
+            " WHERE account_id = 'monthly'"
+        )
+        conn.execute("SELECT ledger_balance('monthly', '2026-02-01 00:00:01+00')")
+        alerts = conn.execute(
+            "SELECT count(*) FROM low_balance_alerts WHERE account_id = 'monthly'"
+        ).fetchone()
+        lots = conn.execute(
+            "SELECT count(*) FROM lots WHERE account_id = 'monthly' AND source = 'monthly_free'"
+        ).fetchone()
+    assert lots == (2,)  # January's (expired) and February's
+    assert alerts == (0,)

@@ -366,7 +366,12 @@ END $$;
 -- breakage, in one EXPIRY transaction. Held credits of an expired lot stay until
 -- their reservation settles (they were held while the lot was valid); settling
 -- calls this again. Returns the credits expired.
-CREATE OR REPLACE FUNCTION ledger_expire_due_lots(p_account text, p_now timestamptz) RETURNS bigint
+-- Its first form, without p_alert: CREATE OR REPLACE would leave it beside this one.
+DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz);
+-- p_alert: check the low-balance threshold for the expiry; false when the caller checks the
+-- whole of what it did once (a commit, maintenance that grants a month's allowance next).
+CREATE OR REPLACE FUNCTION ledger_expire_due_lots(
+    p_account text, p_now timestamptz, p_alert boolean DEFAULT true) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
@@ -413,9 +418,9 @@ BEGIN
            reward_balance_micros = reward_balance_micros - (total - main_total)
      WHERE account_id = p_account
     RETURNING * INTO a;
-    IF main_total > 0 THEN
-        -- Expiry lowers the balance like a charge (a monthly allowance ending, say): a
-        -- crossing is alerted; its email is queued by the sweeper (0006).
+    IF main_total > 0 AND p_alert THEN
+        -- Expiry lowers the balance like a charge: a crossing is alerted; its email is
+        -- queued by the sweeper (0006).
         PERFORM ledger_low_balance_check(a, a.balance_micros + main_total, txn, p_now);
     END IF;
     RETURN total;
@@ -497,13 +502,29 @@ DECLARE
         SELECT reservation_id FROM reservations
          WHERE account_id = p_account AND status = 'pending' AND expires_at <= p_now
          ORDER BY expires_at, reservation_id);
+    balance_before bigint;
+    expired bigint;
+    a accounts;
 BEGIN
     IF cardinality(timed_out) > 0 THEN
         PERFORM ledger_release_holds(p_account, timed_out, 'expired', p_now,
                                      'time-to-live passed');
     END IF;
-    PERFORM ledger_expire_due_lots(p_account, p_now);
+    -- One low-balance check over the expiries and the month's allowance together: the
+    -- allowance that ends and the one that begins at the same moment are no crossing.
+    SELECT balance_micros INTO balance_before FROM accounts WHERE account_id = p_account;
+    expired := ledger_expire_due_lots(p_account, p_now, false);
     PERFORM ledger_monthly_allowance(p_account, p_now);  -- sql/functions/0002_sources.sql
+    IF expired > 0 THEN
+        SELECT * INTO a FROM accounts WHERE account_id = p_account;
+        IF a.balance_micros < balance_before THEN
+            PERFORM ledger_low_balance_check(
+                a, balance_before,
+                (SELECT max(transaction_id) FROM journal_transactions
+                  WHERE account_id = p_account AND kind = 'expiry'),
+                p_now);  -- 0006
+        END IF;
+    END IF;
     UPDATE accounts SET next_maintenance_at = ledger_next_maintenance(p_account, p_now)
      WHERE account_id = p_account;
 END $$;
@@ -867,8 +888,9 @@ BEGIN
      WHERE account_id = p_account
     RETURNING * INTO a;
     IF any_lot_expired THEN
-        -- The unused part of a hold on a lot that expired meanwhile expires now.
-        PERFORM ledger_expire_due_lots(p_account, p_now);
+        -- The unused part of a hold on a lot that expired meanwhile expires now (the
+        -- commit's own check below covers it).
+        PERFORM ledger_expire_due_lots(p_account, p_now, false);
         SELECT * INTO a FROM accounts WHERE account_id = p_account;
     END IF;
     IF a.overdraft_limit_micros > 0 THEN
