@@ -282,7 +282,7 @@ def load_journal(conn: Conn, entries: int) -> bool:
             SELECT %(acct)s, txn, 0, 'account:main', %(lot)s, 'purchase', -%(amount)s
               FROM bench_charges
             UNION ALL
-            SELECT %(acct)s, txn, 1, 'revenue', NULL, NULL, %(amount)s FROM bench_charges
+            SELECT %(acct)s, txn, 1, 'revenue:bench', NULL, NULL, %(amount)s FROM bench_charges
             """,
             params,
         )

@@ -1163,7 +1163,7 @@ BEGIN
 END $$;
 
 -- A page of the journal, newest first: one account's (p_account), or every account's (NULL:
--- the platform-wide log of ReportService.ListJournal, paged by journal_transactions_by_id).
+-- the platform-wide log of ReportService.ListJournal, paged by journal_transactions_newest_first).
 CREATE OR REPLACE FUNCTION ledger_journal_page(
     p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
     p_feature text, p_model text, p_statuses text[], p_limit int)

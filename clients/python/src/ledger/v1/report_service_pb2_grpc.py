@@ -63,7 +63,10 @@ class ReportServiceServicer:
     def ListJournal(self, request, context):
         """The platform-wide transaction log: every account's journal entries (or one account's),
         newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-        transaction id: entries written while paging never shift a page.
+        transaction id: entries written while paging never shift a page. Across all accounts
+        the filters are applied while walking the journal from the newest entry (or the page
+        token): a filter that matches little of a long journal reads far, up to the statement
+        time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

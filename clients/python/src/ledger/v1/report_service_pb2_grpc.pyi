@@ -41,7 +41,10 @@ class ReportServiceStub:
     ListJournal: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]
     """The platform-wide transaction log: every account's journal entries (or one account's),
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-    transaction id: entries written while paging never shift a page.
+    transaction id: entries written while paging never shift a page. Across all accounts
+    the filters are applied while walking the journal from the newest entry (or the page
+    token): a filter that matches little of a long journal reads far, up to the statement
+    time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
     """
 
 @_typing.type_check_only
@@ -57,7 +60,10 @@ class ReportServiceAsyncStub(ReportServiceStub):
     ListJournal: _aio.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]  # type: ignore[assignment]
     """The platform-wide transaction log: every account's journal entries (or one account's),
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-    transaction id: entries written while paging never shift a page.
+    transaction id: entries written while paging never shift a page. Across all accounts
+    the filters are applied while walking the journal from the newest entry (or the page
+    token): a filter that matches little of a long journal reads far, up to the statement
+    time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -82,7 +88,10 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_report_service_pb2.ListJournalResponse, _abc.Awaitable[_report_service_pb2.ListJournalResponse]]:
         """The platform-wide transaction log: every account's journal entries (or one account's),
         newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-        transaction id: entries written while paging never shift a page.
+        transaction id: entries written while paging never shift a page. Across all accounts
+        the filters are applied while walking the journal from the newest entry (or the page
+        token): a filter that matches little of a long journal reads far, up to the statement
+        time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
