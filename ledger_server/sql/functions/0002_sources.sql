@@ -737,6 +737,18 @@ BEGIN
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
+-- A plan change within the period whose credits an earlier change granted (A to B, back
+-- to A, then B again: the worker's reference for B was fulfilled already): the plan is B
+-- again, nothing more is granted. Under the account lock, the first lock of every change.
+CREATE OR REPLACE FUNCTION ledger_record_subscription_plan(
+    p_account text, p_plan text, p_start timestamptz, p_now timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM ledger_lock_account(p_account, p_now);
+    UPDATE subscriptions SET plan_id = (ledger_find_plan(p_plan)).plan_id, updated_at = p_now
+     WHERE account_id = p_account AND current_period_start = p_start;
+END $$;
+
 -- Seed 001: on an upgrade, the unused credits of the current subscription lots
 -- move (one TRANSFER) into a carry-over lot that lasts the new period; then the new
 -- plan's credits are granted. A downgrade or a move to an equal rank carries nothing; made

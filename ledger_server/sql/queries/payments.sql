@@ -92,10 +92,8 @@ SELECT plan_id FROM subscription_plans
 SELECT plan_id, current_period_start FROM subscriptions WHERE account_id = %(account_id)s
 
 -- name: record_subscription_plan
--- A plan change within the period whose credits an earlier change granted (A to B, back to
--- A, then B again): the plan is B again, nothing more is granted.
-UPDATE subscriptions SET plan_id = %(plan_id)s, updated_at = %(now)s
- WHERE account_id = %(account_id)s AND current_period_start = %(period_start)s
+SELECT ledger_record_subscription_plan(%(account_id)s::text, %(plan_id)s::text,
+                                       %(period_start)s::timestamptz, %(now)s::timestamptz)
 
 -- name: account_for_subscription
 SELECT account_id FROM checkout_sessions
