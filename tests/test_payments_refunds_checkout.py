@@ -14,7 +14,7 @@ import pytest
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import billing_service_pb2 as billing_pb
-from ledger.v1 import billing_service_pb2_grpc
+from ledger.v1 import billing_service_pb2_grpc, types_pb2
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
@@ -252,6 +252,98 @@ def test_a_refunded_subscription_payment_is_found_through_its_invoice(
     [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
     assert payments_db.event(refund)["credits_micros"] == -75 * CREDIT  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_refunded_subscription_payment_takes_back_what_an_upgrade_carried_over(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The upgrade emptied the period's lot into a carry-over lot: the refund of that
+    period's payment follows its credits there (the pro plan's own 300 stay)."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    account, sub = new_account("sub-refund-up"), f"sub_{uuid.uuid4().hex}"
+    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    end = start + 30 * 86400
+    apply_events(
+        invoice_paid(account, sub, basic.provider_price_id, start, end, invoice),
+        invoice_payment_paid(invoice, intent),
+    )
+    ledger.consume(account, 40 * CREDIT)
+    apply_events(
+        subscription_updated(
+            account,
+            sub,
+            pro.provider_price_id,
+            start,
+            end,
+            previous_price_id=basic.provider_price_id,
+        )
+    )
+    assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
+    [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert payments_db.event(refund)["credits_micros"] == -60 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 300 * CREDIT
+    [clawback] = _clawbacks(ledger, account)
+    carried = [p for p in clawback.postings if p.lot_id]
+    assert [(p.source, p.amount_micros) for p in carried] == [
+        (types_pb2.CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER, -60 * CREDIT)
+    ]
+    # Delivered again: nothing more.
+    apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert ledger.balance(account).balance_micros == 300 * CREDIT
+    assert_audit_clean()
+
+
+def test_partial_refunds_after_an_upgrade_take_back_no_more_than_was_carried(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Two upgrades carry basic's 60 unspent credits (40 were spent) into a carry-over lot
+    and then, with pro's 300, into a second one of 360. Half the basic payment refunded,
+    then all of it: the share asks for 50 and then 100, but only 60 were carried: 50 from
+    the second carry-over lot (followed there), then 10 more."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    ultra = sources.create_plan(1000 * CREDIT, rank=3)
+    account, sub = new_account("sub-refund-part"), f"sub_{uuid.uuid4().hex}"
+    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    end = start + 30 * 86400
+    apply_events(
+        invoice_paid(account, sub, basic.provider_price_id, start, end, invoice),
+        invoice_payment_paid(invoice, intent),
+    )
+    ledger.consume(account, 40 * CREDIT)
+    apply_events(
+        subscription_updated(
+            account,
+            sub,
+            pro.provider_price_id,
+            start,
+            end,
+            previous_price_id=basic.provider_price_id,
+        )
+    )
+    to_ultra = subscription_updated(
+        account, sub, ultra.provider_price_id, start, end, previous_price_id=pro.provider_price_id,
+        created=int(time.time()) + 1,
+    )  # fmt: skip
+    apply_events(to_ultra)
+    assert ledger.balance(account).balance_micros == 1360 * CREDIT  # 360 carried + 1000
+    [half] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=500))
+    assert payments_db.event(half)["credits_micros"] == -50 * CREDIT  # type: ignore[index]
+    [rest] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert payments_db.event(rest)["credits_micros"] == -10 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 1300 * CREDIT  # pro's and ultra's stay
     assert_audit_clean()
 
 

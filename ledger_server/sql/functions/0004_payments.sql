@@ -141,6 +141,14 @@ DECLARE
     share_bonus bigint;
     take bigint := 0;
     take_bonus bigint := 0;
+    carried_out bigint := 0;
+    carry_wanted bigint := 0;
+    carry_clawed bigint := 0;
+    carry_take bigint := 0;
+    carry_takes jsonb := '[]';
+    cl lots;
+    step record;
+    n int;
     txn bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -174,9 +182,70 @@ BEGIN
         take_bonus := greatest(least(share_bonus - pu.bonus_clawed_back_micros,
                                      bl.remaining_micros - bl.held_micros), 0);
     END IF;
-    IF take + take_bonus > 0 THEN
-        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus), p_now,
-                                      p_comment => p_comment, p_external_ref => pu.external_ref);
+    -- A subscription period's credits that an upgrade carried over (0002
+    -- ledger_change_subscription_plan, its postings' memo 'carried over to the new period')
+    -- live on in the carry-over lots that upgrade made, and in those a later upgrade made
+    -- from them: what the share still asks for is taken from those lots only, up to what
+    -- this purchase's lot gave them less what its earlier refunds took from them.
+    IF pu.kind = 'subscription' AND share_credits - pu.clawed_back_micros - take > 0 THEN
+        SELECT coalesce(-sum(p.amount_micros), 0) INTO carried_out
+          FROM postings p
+         WHERE p.account_id = p_account AND p.lot_id = pu.lot_id
+           AND p.memo = 'carried over to the new period';
+        SELECT coalesce(-sum(p.amount_micros), 0) INTO carry_clawed
+          FROM postings p
+          JOIN journal_transactions t ON t.account_id = p.account_id
+                                     AND t.transaction_id = p.transaction_id
+         WHERE p.account_id = p_account AND t.kind = 'adjustment'
+           AND t.external_ref = pu.external_ref
+           AND p.memo = 'refund: carried-over credits clawed back';
+        carry_wanted := least(share_credits - pu.clawed_back_micros - take,
+                              carried_out - carry_clawed);
+    END IF;
+    IF carry_wanted > 0 THEN
+        FOR cl IN
+            WITH RECURSIVE chain (lot_id) AS (
+                SELECT pu.lot_id
+                UNION
+                SELECT carry.lot_id
+                  FROM chain c
+                  JOIN postings p ON p.account_id = p_account AND p.lot_id = c.lot_id
+                                 AND p.memo = 'carried over to the new period'
+                  JOIN lots carry ON carry.account_id = p_account
+                                 AND carry.grant_transaction_id = p.transaction_id
+                                 AND carry.source = 'subscription_carry_over')
+            SELECT l2.* FROM lots l2
+             WHERE l2.account_id = p_account
+               AND l2.lot_id IN (SELECT lot_id FROM chain WHERE lot_id <> pu.lot_id)
+               AND l2.remaining_micros > l2.held_micros
+               AND (l2.expires_at IS NULL OR l2.expires_at > p_now)
+             ORDER BY l2.lot_id DESC
+               FOR UPDATE
+        LOOP
+            EXIT WHEN carry_take >= carry_wanted;
+            carry_takes := carry_takes || jsonb_build_object(
+                'lot_id', cl.lot_id,
+                'micros', least(carry_wanted - carry_take, cl.remaining_micros - cl.held_micros));
+            carry_take := carry_take + least(carry_wanted - carry_take,
+                                             cl.remaining_micros - cl.held_micros);
+        END LOOP;
+    END IF;
+    IF take + take_bonus + carry_take > 0 THEN
+        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus + carry_take),
+                                      p_now, p_comment => p_comment,
+                                      p_external_ref => pu.external_ref);
+        n := 4;
+        FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, (e ->> 'micros')::bigint AS micros
+                      FROM jsonb_array_elements(carry_takes) e LOOP
+            UPDATE lots SET remaining_micros = remaining_micros - step.micros
+             WHERE account_id = p_account AND lot_id = step.lot_id;
+            PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id,
+                                'subscription_carry_over', -step.micros,
+                                'refund: carried-over credits clawed back');
+            PERFORM ledger_post(p_account, txn, n + 1, 'issuance:subscription', NULL,
+                                'subscription_carry_over', step.micros);
+            n := n + 2;
+        END LOOP;
         IF take > 0 THEN
             UPDATE lots SET remaining_micros = remaining_micros - take
              WHERE account_id = p_account AND lot_id = l.lot_id;
@@ -192,22 +261,23 @@ BEGIN
             PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
                                 take_bonus);
         END IF;
-        UPDATE accounts SET balance_micros = balance_micros - (take + take_bonus)
+        UPDATE accounts SET balance_micros = balance_micros - (take + take_bonus + carry_take)
          WHERE account_id = p_account;
         UPDATE purchases
-           SET clawed_back_micros = clawed_back_micros + take,
+           SET clawed_back_micros = clawed_back_micros + take + carry_take,
                bonus_clawed_back_micros = bonus_clawed_back_micros + take_bonus
          WHERE account_id = p_account AND purchase_id = pu.purchase_id;
     END IF;
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
-    IF take + take_bonus > 0 THEN
+    IF take + take_bonus + carry_take > 0 THEN
         -- A claw-back lowers the balance like a charge: a crossing is alerted (0006).
-        PERFORM ledger_low_balance_check(a, a.balance_micros + take + take_bonus, txn, p_now);
+        PERFORM ledger_low_balance_check(a, a.balance_micros + take + take_bonus + carry_take,
+                                         txn, p_now);
     END IF;
     RETURN ledger_idempotent_store(p_account, p_key, 'claw_back_purchase', p_hash, jsonb_build_object(
         'purchase_id', pu.purchase_id::text,
         'external_ref', pu.external_ref,
-        'clawed_back_micros', take,
+        'clawed_back_micros', take + carry_take,
         'bonus_clawed_back_micros', take_bonus,
         'refunded_share_micros', share_credits + share_bonus,
         'transaction_id', coalesce(txn::text, ''),
