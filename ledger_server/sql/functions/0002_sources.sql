@@ -740,12 +740,16 @@ END $$;
 -- A plan change within the period whose credits an earlier change granted (A to B, back
 -- to A, then B again: the worker's reference for B was fulfilled already): the plan is B
 -- again, nothing more is granted. Under the account lock, the first lock of every change.
+-- Also the move within the period that ledger_change_subscription_plan grants nothing for.
 CREATE OR REPLACE FUNCTION ledger_record_subscription_plan(
-    p_account text, p_plan text, p_start timestamptz, p_now timestamptz) RETURNS void
+    p_account text, p_plan text, p_start timestamptz, p_now timestamptz,
+    p_subscription_ref text DEFAULT '') RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM ledger_lock_account(p_account, p_now);
-    UPDATE subscriptions SET plan_id = (ledger_find_plan(p_plan)).plan_id, updated_at = p_now
+    UPDATE subscriptions
+       SET plan_id = (ledger_find_plan(p_plan)).plan_id, updated_at = p_now,
+           external_ref = coalesce(nullif(p_subscription_ref, ''), external_ref)
      WHERE account_id = p_account AND current_period_start = p_start;
 END $$;
 
@@ -802,50 +806,44 @@ BEGIN
             PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
                 'field', 'period_end', 'violation', 'must be in the future'));
         END IF;
-        UPDATE subscriptions SET plan_id = plan.plan_id, updated_at = p_now,
-                                 external_ref = coalesce(nullif(p_subscription_ref, ''), external_ref)
-         WHERE account_id = p_account;
-        SELECT * INTO a FROM accounts WHERE account_id = p_account;
-        RETURN ledger_idempotent_store(p_account, p_key, 'change_subscription_plan', p_hash,
-            jsonb_build_object(
-                'lot', 'null'::jsonb, 'carry_over_lot', 'null'::jsonb, 'carried_over_micros', 0,
-                'subscription', ledger_subscription_json(p_account, p_now),
-                'balance', ledger_balance_json(a, p_now)), p_now);
-    END IF;
-    IF old_rank IS NOT NULL AND plan.rank > old_rank THEN
-        SELECT coalesce(sum(remaining_micros - held_micros), 0) INTO carried
-          FROM lots
-         WHERE account_id = p_account AND balance_kind = 'main'
-           AND source IN ('subscription', 'subscription_carry_over')
-           AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now);
-    END IF;
-    IF carried > 0 THEN
-        txn := ledger_new_transaction(p_account, 'transfer', carried, p_now,
-                                      p_comment => 'plan upgrade to ' || plan.plan_id
-                                                   || ': unused subscription credits carried over');
-        -- The old lots are emptied before the new one is added: adding a lot may pay an
-        -- overdraft debt from the spendable credits (ledger_settle_overdraft), which must
-        -- not reach the credits being moved.
-        FOR r IN
-            SELECT lot_id, source, remaining_micros - held_micros AS unused FROM lots
+        PERFORM ledger_record_subscription_plan(p_account, plan.plan_id, p_start, p_now,
+                                                p_subscription_ref);
+    ELSE
+        IF old_rank IS NOT NULL AND plan.rank > old_rank THEN
+            SELECT coalesce(sum(remaining_micros - held_micros), 0) INTO carried
+              FROM lots
              WHERE account_id = p_account AND balance_kind = 'main'
                AND source IN ('subscription', 'subscription_carry_over')
-               AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now)
-             ORDER BY lot_id
-               FOR UPDATE
-        LOOP
-            UPDATE lots SET remaining_micros = remaining_micros - r.unused
-             WHERE account_id = p_account AND lot_id = r.lot_id;
-            PERFORM ledger_post(p_account, txn, n, 'account:main', r.lot_id, r.source, -r.unused,
-                                'carried over to the new period');
-            n := n + 1;
-        END LOOP;
-        UPDATE accounts SET balance_micros = balance_micros - carried WHERE account_id = p_account;
-        carry := ledger_add_lot(p_account, txn, 0, carried, 'subscription_carry_over', 'main', p_end,
-                                p_external_ref, NULL, p_now);
+               AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now);
+        END IF;
+        IF carried > 0 THEN
+            txn := ledger_new_transaction(p_account, 'transfer', carried, p_now,
+                                          p_comment => 'plan upgrade to ' || plan.plan_id
+                                                       || ': unused subscription credits carried over');
+            -- The old lots are emptied before the new one is added: adding a lot may pay an
+            -- overdraft debt from the spendable credits (ledger_settle_overdraft), which must
+            -- not reach the credits being moved.
+            FOR r IN
+                SELECT lot_id, source, remaining_micros - held_micros AS unused FROM lots
+                 WHERE account_id = p_account AND balance_kind = 'main'
+                   AND source IN ('subscription', 'subscription_carry_over')
+                   AND remaining_micros > held_micros AND (expires_at IS NULL OR expires_at > p_now)
+                 ORDER BY lot_id
+                   FOR UPDATE
+            LOOP
+                UPDATE lots SET remaining_micros = remaining_micros - r.unused
+                 WHERE account_id = p_account AND lot_id = r.lot_id;
+                PERFORM ledger_post(p_account, txn, n, 'account:main', r.lot_id, r.source, -r.unused,
+                                    'carried over to the new period');
+                n := n + 1;
+            END LOOP;
+            UPDATE accounts SET balance_micros = balance_micros - carried WHERE account_id = p_account;
+            carry := ledger_add_lot(p_account, txn, 0, carried, 'subscription_carry_over', 'main', p_end,
+                                    p_external_ref, NULL, p_now);
+        END IF;
+        l := ledger_grant_subscription_period(p_account, plan, p_start, p_end, p_external_ref,
+                                              p_subscription_ref, p_now);
     END IF;
-    l := ledger_grant_subscription_period(p_account, plan, p_start, p_end, p_external_ref,
-                                          p_subscription_ref, p_now);
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'change_subscription_plan', p_hash, jsonb_build_object(
         'lot', CASE WHEN l.lot_id IS NULL THEN 'null'::jsonb ELSE ledger_lot_json(l) END,
