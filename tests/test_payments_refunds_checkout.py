@@ -255,18 +255,15 @@ def test_a_refunded_subscription_payment_is_found_through_its_invoice(
     assert_audit_clean()
 
 
-def test_a_refunded_subscription_payment_takes_back_what_an_upgrade_carried_over(
-    apply_events: Callable[..., list[str]],
-    payments_db: PaymentsDb,
-    sources: Sources,
-    ledger: Ledger,
-    assert_audit_clean: AuditCheck,
-) -> None:
-    """The upgrade emptied the period's lot into a carry-over lot: the refund of that
-    period's payment follows its credits there (the pro plan's own 300 stay)."""
+def _upgraded_subscriber(
+    apply_events: Callable[..., list[str]], sources: Sources, ledger: Ledger, name: str
+) -> tuple[str, str, Callable[[str], bytes]]:
+    """An account whose basic period (100 credits, paid by a payment intent, 40 spent) was
+    upgraded to pro (300) mid-period: 60 carried over. Returns the account, the payment
+    intent, and the event of a further upgrade to a plan's price."""
     basic = sources.create_plan(100 * CREDIT, rank=1)
     pro = sources.create_plan(300 * CREDIT, rank=2)
-    account, sub = new_account("sub-refund-up"), f"sub_{uuid.uuid4().hex}"
+    account, sub = new_account(name), f"sub_{uuid.uuid4().hex}"
     invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
     start = int(time.time()) - 60
     end = start + 30 * 86400
@@ -286,6 +283,26 @@ def test_a_refunded_subscription_payment_takes_back_what_an_upgrade_carried_over
         )
     )
     assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
+
+    def upgrade(price_id: str) -> bytes:
+        return subscription_updated(
+            account, sub, price_id, start, end, previous_price_id=pro.provider_price_id,
+            created=int(time.time()) + 1,
+        )  # fmt: skip
+
+    return account, intent, upgrade
+
+
+def test_a_refunded_subscription_payment_takes_back_what_an_upgrade_carried_over(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The upgrade emptied the period's lot into a carry-over lot: the refund of that
+    period's payment follows its credits there (the pro plan's own 300 stay)."""
+    account, intent, _ = _upgraded_subscriber(apply_events, sources, ledger, "sub-refund-up")
     [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
     assert payments_db.event(refund)["credits_micros"] == -60 * CREDIT  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 300 * CREDIT
@@ -311,33 +328,11 @@ def test_partial_refunds_after_an_upgrade_take_back_no_more_than_was_carried(
     and then, with pro's 300, into a second one of 360. Half the basic payment refunded,
     then all of it: the share asks for 50 and then 100, but only 60 were carried: 50 from
     the second carry-over lot (followed there), then 10 more."""
-    basic = sources.create_plan(100 * CREDIT, rank=1)
-    pro = sources.create_plan(300 * CREDIT, rank=2)
+    account, intent, upgrade = _upgraded_subscriber(
+        apply_events, sources, ledger, "sub-refund-part"
+    )
     ultra = sources.create_plan(1000 * CREDIT, rank=3)
-    account, sub = new_account("sub-refund-part"), f"sub_{uuid.uuid4().hex}"
-    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
-    start = int(time.time()) - 60
-    end = start + 30 * 86400
-    apply_events(
-        invoice_paid(account, sub, basic.provider_price_id, start, end, invoice),
-        invoice_payment_paid(invoice, intent),
-    )
-    ledger.consume(account, 40 * CREDIT)
-    apply_events(
-        subscription_updated(
-            account,
-            sub,
-            pro.provider_price_id,
-            start,
-            end,
-            previous_price_id=basic.provider_price_id,
-        )
-    )
-    to_ultra = subscription_updated(
-        account, sub, ultra.provider_price_id, start, end, previous_price_id=pro.provider_price_id,
-        created=int(time.time()) + 1,
-    )  # fmt: skip
-    apply_events(to_ultra)
+    apply_events(upgrade(ultra.provider_price_id))
     assert ledger.balance(account).balance_micros == 1360 * CREDIT  # 360 carried + 1000
     [half] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=500))
     assert payments_db.event(half)["credits_micros"] == -50 * CREDIT  # type: ignore[index]
