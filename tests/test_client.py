@@ -553,7 +553,7 @@ def test_reservation_releases_on_an_exception(
         raise failure
     assert caught.value is failure
     reservation = client.get_reservation(account, hold.reservation_id).reservation
-    assert reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert reservation.status == pb.RESERVATION_STATUS_FAILED
     assert reservation.committed_micros == 0
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
@@ -617,7 +617,7 @@ def test_async_reservation_commits_and_releases(server_address: str, ledger: Led
         return ledger.stub.GetReservation(request).reservation.status
 
     assert status(ok_id) == pb.RESERVATION_STATUS_COMMITTED
-    assert status(failed_id) == pb.RESERVATION_STATUS_RELEASED
+    assert status(failed_id) == pb.RESERVATION_STATUS_FAILED  # the block raised: the job failed
     assert status(cancelled_id) == pb.RESERVATION_STATUS_RELEASED
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (8 * CREDIT, 0)

@@ -498,14 +498,45 @@ def test_hold_release_after_an_unknown_outcome_replays(proxy: DropProxy, ledger:
         assert not hold.finished
         assert hold.release_idempotency_key
 
-        # The first attempt's key and reason: a replay, not ReservationNotPending (nor
-        # IdempotencyKeyReused for another reason).
+        # The first attempt's key, reason and job_failed: a replay, not
+        # ReservationNotPending (nor IdempotencyKeyReused for another request).
         again = hold.release()
-    assert again.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert again.reservation.status == pb.RESERVATION_STATUS_FAILED
     assert hold.finished
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
     assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])) == 1
+
+
+def test_a_block_that_raises_releases_its_hold_as_a_failed_job(
+    client: LedgerClient, ledger: Ledger
+) -> None:
+    """An exception in the block means the job failed (the journal says FAILED); an
+    interrupt means it did not run to the end (RELEASED). Nothing is charged either way."""
+    account = new_account("hold-failed")
+    ledger.grant(account, 10)
+    with pytest.raises(RuntimeError), client.reservation(account, 4 * CREDIT) as failed:
+        raise RuntimeError("the model crashed")
+    assert failed.reservation.status == pb.RESERVATION_STATUS_FAILED
+    with pytest.raises(KeyboardInterrupt), client.reservation(account, 3 * CREDIT) as stopped:
+        raise KeyboardInterrupt
+    assert stopped.reservation.status == pb.RESERVATION_STATUS_RELEASED
+
+    held = client.reserve(account, 2 * CREDIT).reservation.reservation_id
+    released = client.release(account, held, reason="upstream error", job_failed=True)
+    assert released.reservation.status == pb.RESERVATION_STATUS_FAILED
+
+    statuses = {
+        t.reservation_id: t.status
+        for t in client.list_transactions(account, kinds=["hold"]).transactions
+    }
+    assert statuses == {
+        failed.reservation_id: pb.TRANSACTION_STATUS_FAILED,
+        stopped.reservation_id: pb.TRANSACTION_STATUS_RELEASED,
+        held: pb.TRANSACTION_STATUS_FAILED,
+    }
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
 
 
 def test_a_block_that_tried_a_release_ends_by_replaying_it_not_by_committing(
@@ -646,6 +677,6 @@ def test_async_hold_commit_and_release_after_an_unknown_outcome_replay(
     committed, released = asyncio.run(scenario())
     [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
     assert committed.transaction_id == charge.transaction_id
-    assert released.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert released.reservation.status == pb.RESERVATION_STATUS_FAILED
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)

@@ -459,6 +459,7 @@ class LedgerMachine(RuleBasedStateMachine):
             account_id=account_id,
             reservation_id=self.reservation_id(account_id, data),
             idempotency_key=key,
+            job_failed=data.draw(st.booleans()),
         )
 
     def predict_release(self, request: pb.ReleaseRequest) -> Callable[[int], Any]:
@@ -468,7 +469,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
             def apply(response: pb.ReleaseResponse) -> None:
                 if releases:
-                    self.model.release(reservation, t)
+                    self.model.release(reservation, t, request.job_failed)
                 self.expect_reservation(response.reservation, reservation)
                 self.expect_balance(request.account_id, response.balance)
 

@@ -117,6 +117,60 @@ def test_commit_after_release_and_release_after_commit_are_refused(ledger: Ledge
     assert ledger.balance(account).balance_micros == 18 * CREDIT
 
 
+def test_a_release_for_a_failed_job_ends_failed_and_the_log_says_so(
+    ledger: Ledger, assert_audit_clean: Any
+) -> None:
+    """DESIGN.md section 7: the transaction log tells a failed activity from a cancelled
+    one. Both give the whole hold back; only the status differs."""
+    account = new_account()
+    ledger.grant(account, 20)
+    failed_id = ledger.reserve(account, 5 * CREDIT, feature="video").reservation.reservation_id
+    cancelled_id = ledger.reserve(account, 3 * CREDIT, feature="video").reservation.reservation_id
+
+    failed_request = pb.ReleaseRequest(
+        account_id=account,
+        reservation_id=failed_id,
+        idempotency_key=new_key("release"),
+        job_failed=True,
+    )
+    failed = ledger.stub.Release(failed_request)
+    assert failed.reservation.status == pb.RESERVATION_STATUS_FAILED
+    assert failed.balance.available_micros == 17 * CREDIT
+    ledger.release(account, cancelled_id)
+    assert ledger.balance(account).available_micros == 20 * CREDIT
+
+    holds = {
+        t.reservation_id: t for t in ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_HOLD])
+    }
+    assert holds[failed_id].status == pb.TRANSACTION_STATUS_FAILED
+    assert holds[cancelled_id].status == pb.TRANSACTION_STATUS_RELEASED
+    only_failed = ledger.transactions(account, statuses=[pb.TRANSACTION_STATUS_FAILED])
+    assert [t.reservation_id for t in only_failed] == [failed_id]
+    (release,) = [
+        t
+        for t in ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])
+        if t.reservation_id == failed_id
+    ]
+    assert release.comment == "job failed"
+
+    # A retry replays the first answer; the same key saying the job did not fail is another
+    # request, and a failed reservation is settled like a released one.
+    assert ledger.stub.Release(failed_request).reservation.status == pb.RESERVATION_STATUS_FAILED
+    cancelled_instead = pb.ReleaseRequest()
+    cancelled_instead.CopyFrom(failed_request)
+    cancelled_instead.job_failed = False
+    expect_error(
+        lambda: ledger.stub.Release(cancelled_instead),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    info = expect_error(
+        lambda: ledger.commit(account, failed_id, CREDIT), FAILED, "RESERVATION_NOT_PENDING"
+    )
+    assert info.metadata["status"] == "failed"
+    assert ledger.balance(account).balance_micros == 20 * CREDIT
+
+
 def test_insufficient_credits_for_a_reservation(ledger: Ledger) -> None:
     account = new_account()
     ledger.grant(account, 10)

@@ -167,6 +167,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "reservation_id": validation.reservation_id(request.reservation_id),
             "key": validation.idempotency_key(request.idempotency_key),
             "reason": validation.text(request.reason, "reason"),
+            "job_failed": request.job_failed,
             "hash": request_fingerprint("release", request),
             "now": self._clock.now(),
         }

@@ -22,6 +22,7 @@ PENDING = pb.RESERVATION_STATUS_PENDING
 COMMITTED = pb.RESERVATION_STATUS_COMMITTED
 RELEASED = pb.RESERVATION_STATUS_RELEASED
 EXPIRED = pb.RESERVATION_STATUS_EXPIRED
+FAILED_JOB = pb.RESERVATION_STATUS_FAILED
 
 # Consumption order (seed 000): daily rewards first, every other source after them.
 DAILY_PRIORITY = 0
@@ -385,9 +386,9 @@ class LedgerModel:
             )
         return True
 
-    def release(self, reservation: Reservation, now: int) -> None:
+    def release(self, reservation: Reservation, now: int, job_failed: bool = False) -> None:
         self._unhold(reservation)
-        reservation.status = RELEASED
+        reservation.status = FAILED_JOB if job_failed else RELEASED
         self.maintain(reservation.account, now)
 
     def check_refund(self, reservation: Reservation, amount: int | None) -> int:

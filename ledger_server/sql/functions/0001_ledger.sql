@@ -18,6 +18,7 @@ DROP FUNCTION IF EXISTS ledger_take_from_lots(text, uuid, bigint, timestamptz, b
 DROP FUNCTION IF EXISTS ledger_new_transaction(text, text, bigint, timestamptz, uuid, text, text, text, text);
 DROP FUNCTION IF EXISTS ledger_reserve(text, text, bytea, bigint, timestamptz, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_commit(text, uuid, text, bytea, bigint, text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_release(text, uuid, text, bytea, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_consume(text, text, bytea, bigint, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_release_holds(text, uuid, text, timestamptz, text);
 -- Its result columns changed (CREATE OR REPLACE cannot change them); recreated below.
@@ -151,7 +152,8 @@ CREATE OR REPLACE FUNCTION ledger_transaction_status(
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN p_kind = 'hold' THEN CASE p_reservation_status
-            WHEN 'pending' THEN 'pending' WHEN 'committed' THEN 'committed' ELSE 'released' END
+            WHEN 'pending' THEN 'pending' WHEN 'committed' THEN 'committed'
+            WHEN 'failed' THEN 'failed' ELSE 'released' END
         WHEN p_kind = 'charge' AND coalesce(p_refunded, 0) > 0 THEN
             CASE WHEN p_refunded >= coalesce(p_committed, 0) THEN 'refunded' ELSE 'partially_refunded' END
         ELSE 'succeeded'
@@ -439,8 +441,8 @@ LANGUAGE sql STABLE AS $$
         (SELECT monthly_free_next_at FROM accounts WHERE account_id = p_account))
 $$;
 
--- Returns pending reservations' holds to their lots; p_status is 'released' or
--- 'expired' (time-to-live passed). Journals one RELEASE transaction per reservation,
+-- Returns pending reservations' holds to their lots; p_status is 'released', 'failed'
+-- (released because the job failed) or 'expired' (time-to-live passed). Journals one RELEASE transaction per reservation,
 -- in the order of p_reservations. Set-based, so that a backlog of timed-out holds costs
 -- a few statements: a loop of one release per hold updated the same account and lot
 -- rows once per hold, and PostgreSQL walks every version its own transaction made of a
@@ -906,7 +908,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION ledger_release(
     p_account text, p_reservation uuid, p_key text, p_hash bytea, p_reason text,
-    p_now timestamptz) RETURNS jsonb
+    p_now timestamptz, p_job_failed boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
@@ -922,8 +924,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM reservations WHERE account_id = p_account
                       AND reservation_id = p_reservation AND status = 'expired') THEN
         PERFORM ledger_pending_reservation(p_account, p_reservation);
-        PERFORM ledger_release_holds(p_account, ARRAY[p_reservation], 'released', p_now,
-                                     coalesce(nullif(p_reason, ''), 'released by caller'));
+        PERFORM ledger_release_holds(
+            p_account, ARRAY[p_reservation],
+            CASE WHEN p_job_failed THEN 'failed' ELSE 'released' END, p_now,
+            coalesce(nullif(p_reason, ''),
+                     CASE WHEN p_job_failed THEN 'job failed' ELSE 'released by caller' END));
     END IF;
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'release', p_hash, jsonb_build_object(

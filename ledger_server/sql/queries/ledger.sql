@@ -30,7 +30,8 @@ SELECT ledger_commit(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::te
 
 -- name: release
 SELECT ledger_release(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::text,
-                      %(hash)s::bytea, %(reason)s::text, %(now)s::timestamptz)
+                      %(hash)s::bytea, %(reason)s::text, %(now)s::timestamptz,
+                      %(job_failed)s::boolean)
 
 -- name: refund
 SELECT ledger_refund(%(account_id)s::text, %(reservation_id)s::uuid, %(key)s::text,

@@ -352,13 +352,19 @@ def commit_request(
 
 
 def release_request(
-    account_id: str, reservation_id: str, *, reason: str, idempotency_key: str | None
+    account_id: str,
+    reservation_id: str,
+    *,
+    reason: str,
+    job_failed: bool,
+    idempotency_key: str | None,
 ) -> pb.ReleaseRequest:
     return pb.ReleaseRequest(
         account_id=account_id,
         reservation_id=reservation_id,
         idempotency_key=idempotency_key or new_idempotency_key(),
         reason=reason,
+        job_failed=job_failed,
     )
 
 

@@ -29,6 +29,7 @@ class HoldState:
         self._commit_comment = ""
         self._release_key: str | None = None
         self._release_reason = ""
+        self._release_job_failed = False
 
     @property
     def account_id(self) -> str:
@@ -137,8 +138,11 @@ class HoldState:
         amount = self._actual if self._actual is not None else self.held_micros
         return amount, None, self._commit_comment, self._commit_key
 
-    def _release_args(self, reason: str | None, idempotency_key: str | None) -> tuple[str, str]:
-        """The reason and key of a release attempt: the first attempt's unless given."""
+    def _release_args(
+        self, reason: str | None, job_failed: bool | None, idempotency_key: str | None
+    ) -> tuple[str, bool, str]:
+        """The reason, job_failed and key of a release attempt: the first attempt's unless
+        given."""
         self._check_pending("release")
         if idempotency_key is not None:
             self._release_key = idempotency_key
@@ -146,7 +150,9 @@ class HoldState:
             self._release_key = new_idempotency_key()
         if reason is not None:
             self._release_reason = reason
-        return self._release_reason, self._release_key
+        if job_failed is not None:
+            self._release_job_failed = job_failed
+        return self._release_reason, self._release_job_failed, self._release_key
 
     def _exit_action(self, raised: bool) -> str | None:
         """What the end of the block does: nothing once settled; a release tried before
@@ -158,10 +164,16 @@ class HoldState:
             return "release"
         return "commit"
 
-    def _exit_release_reason(self, exc_type: type[BaseException] | None) -> str | None:
-        """The reason of the release at the end of the block: the first attempt's, if one
-        was made (a replay must send the same request), else why the block ended."""
-        return None if self._release_key is not None else release_reason(exc_type)
+    def _exit_release_args(
+        self, exc_type: type[BaseException] | None
+    ) -> tuple[str | None, bool | None]:
+        """The reason and job_failed of the release at the end of the block: the first
+        attempt's, if one was made (a replay must send the same request), else why the block
+        ended. An exception means the job failed; a cancellation, an interrupt or an exit
+        (BaseException but not Exception) means it did not run to the end."""
+        if self._release_key is not None:
+            return None, None
+        return release_reason(exc_type), exc_type is not None and issubclass(exc_type, Exception)
 
     def _check_pending(self, action: str) -> None:
         self.reserve_response  # noqa: B018 - raises when not entered

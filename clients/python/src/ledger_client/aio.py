@@ -218,12 +218,19 @@ class AsyncLedgerClient:
         reservation_id: str,
         *,
         reason: str = "",
+        job_failed: bool = False,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> pb.ReleaseResponse:
-        """Returns the whole hold: the job failed or was cancelled, nothing is charged."""
+        """Returns the whole hold: the job was cancelled or failed, nothing is charged. With
+        ``job_failed`` the reservation ends FAILED (the journal shows the job failed), else
+        RELEASED."""
         request = c.release_request(
-            account_id, reservation_id, reason=reason, idempotency_key=idempotency_key
+            account_id,
+            reservation_id,
+            reason=reason,
+            job_failed=job_failed,
+            idempotency_key=idempotency_key,
         )
         return await self._invoke(self._stub.Release, request, timeout)
 
@@ -548,16 +555,22 @@ class AsyncHold(HoldState):
         return self.commit_response
 
     async def release(
-        self, *, reason: str | None = None, idempotency_key: str | None = None
+        self,
+        *,
+        reason: str | None = None,
+        job_failed: bool | None = None,
+        idempotency_key: str | None = None,
     ) -> pb.ReleaseResponse:
-        """Returns the whole hold now; nothing is charged. Like :meth:`commit`, every attempt
-        sends the same key (:attr:`release_idempotency_key`) and, unless ``reason`` is given,
-        the first attempt's reason: call it again after an unknown outcome to replay it."""
-        reason, key = self._release_args(reason, idempotency_key)
+        """Returns the whole hold now; nothing is charged (``job_failed``: the job failed,
+        see :meth:`AsyncLedgerClient.release`). Like :meth:`commit`, every attempt sends the same
+        key (:attr:`release_idempotency_key`) and, unless given, the first attempt's reason
+        and ``job_failed``: call it again after an unknown outcome to replay it."""
+        reason, job_failed, key = self._release_args(reason, job_failed, idempotency_key)
         self.release_response = await self._client.release(
             self.account_id,
             self.reservation_id,
             reason=reason,
+            job_failed=job_failed,
             idempotency_key=key,
             timeout=self._timeout,
         )
@@ -593,7 +606,8 @@ class AsyncHold(HoldState):
                 raise
         elif action == "release":
             try:
-                await self.release(reason=self._exit_release_reason(exc_type))
+                reason, job_failed = self._exit_release_args(exc_type)
+                await self.release(reason=reason, job_failed=job_failed)
             except LedgerError:
                 if exc is None:  # a release the block tried itself, replayed: its error
                     raise

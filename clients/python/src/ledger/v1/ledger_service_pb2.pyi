@@ -34,9 +34,13 @@ class _ReservationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Res
     RESERVATION_STATUS_COMMITTED: _ReservationStatus.ValueType  # 2
     """Settled; committed_micros were charged."""
     RESERVATION_STATUS_RELEASED: _ReservationStatus.ValueType  # 3
-    """Released by the caller; nothing was charged."""
+    """Released by the caller (the job was cancelled or not run); nothing was charged."""
     RESERVATION_STATUS_EXPIRED: _ReservationStatus.ValueType  # 4
     """The time-to-live passed before a commit; nothing was charged."""
+    RESERVATION_STATUS_FAILED: _ReservationStatus.ValueType  # 5
+    """Released by the caller because the job it held credits for failed
+    (ReleaseRequest.job_failed); nothing was charged.
+    """
 
 class ReservationStatus(_ReservationStatus, metaclass=_ReservationStatusEnumTypeWrapper): ...
 
@@ -46,9 +50,13 @@ RESERVATION_STATUS_PENDING: ReservationStatus.ValueType  # 1
 RESERVATION_STATUS_COMMITTED: ReservationStatus.ValueType  # 2
 """Settled; committed_micros were charged."""
 RESERVATION_STATUS_RELEASED: ReservationStatus.ValueType  # 3
-"""Released by the caller; nothing was charged."""
+"""Released by the caller (the job was cancelled or not run); nothing was charged."""
 RESERVATION_STATUS_EXPIRED: ReservationStatus.ValueType  # 4
 """The time-to-live passed before a commit; nothing was charged."""
+RESERVATION_STATUS_FAILED: ReservationStatus.ValueType  # 5
+"""Released by the caller because the job it held credits for failed
+(ReleaseRequest.job_failed); nothing was charged.
+"""
 Global___ReservationStatus: _TypeAlias = ReservationStatus  # noqa: Y015
 
 class _TransactionKind:
@@ -119,13 +127,17 @@ class _TransactionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tra
     TRANSACTION_STATUS_PENDING: _TransactionStatus.ValueType  # 2
     """A hold whose reservation is still pending."""
     TRANSACTION_STATUS_RELEASED: _TransactionStatus.ValueType  # 3
-    """A hold that was released or timed out: the job failed and was not charged."""
+    """A hold that was released (the job was cancelled or not run) or timed out: nothing
+    was charged.
+    """
     TRANSACTION_STATUS_REFUNDED: _TransactionStatus.ValueType  # 4
     """A charge that was refunded in full."""
     TRANSACTION_STATUS_PARTIALLY_REFUNDED: _TransactionStatus.ValueType  # 5
     """A charge that was refunded in part."""
     TRANSACTION_STATUS_COMMITTED: _TransactionStatus.ValueType  # 6
     """A hold that was settled by a commit."""
+    TRANSACTION_STATUS_FAILED: _TransactionStatus.ValueType  # 7
+    """A hold whose job failed (released with job_failed): nothing was charged."""
 
 class TransactionStatus(_TransactionStatus, metaclass=_TransactionStatusEnumTypeWrapper): ...
 
@@ -134,13 +146,17 @@ TRANSACTION_STATUS_SUCCEEDED: TransactionStatus.ValueType  # 1
 TRANSACTION_STATUS_PENDING: TransactionStatus.ValueType  # 2
 """A hold whose reservation is still pending."""
 TRANSACTION_STATUS_RELEASED: TransactionStatus.ValueType  # 3
-"""A hold that was released or timed out: the job failed and was not charged."""
+"""A hold that was released (the job was cancelled or not run) or timed out: nothing
+was charged.
+"""
 TRANSACTION_STATUS_REFUNDED: TransactionStatus.ValueType  # 4
 """A charge that was refunded in full."""
 TRANSACTION_STATUS_PARTIALLY_REFUNDED: TransactionStatus.ValueType  # 5
 """A charge that was refunded in part."""
 TRANSACTION_STATUS_COMMITTED: TransactionStatus.ValueType  # 6
 """A hold that was settled by a commit."""
+TRANSACTION_STATUS_FAILED: TransactionStatus.ValueType  # 7
+"""A hold whose job failed (released with job_failed): nothing was charged."""
 Global___TransactionStatus: _TypeAlias = TransactionStatus  # noqa: Y015
 
 @_typing.final
@@ -650,10 +666,17 @@ class ReleaseRequest(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    JOB_FAILED_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     reservation_id: _builtins.str
     idempotency_key: _builtins.str
     reason: _builtins.str
+    job_failed: _builtins.bool
+    """The job the credits were held for ran and failed. The reservation ends FAILED
+    instead of RELEASED and its hold shows TRANSACTION_STATUS_FAILED in the journal;
+    nothing is charged either way. A reservation whose time-to-live had passed stays
+    EXPIRED.
+    """
     def __init__(
         self,
         *,
@@ -661,10 +684,11 @@ class ReleaseRequest(_message.Message):
         reservation_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         reason: _builtins.str = ...,
+        job_failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "idempotency_key", b"idempotency_key", "reason", b"reason", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "idempotency_key", b"idempotency_key", "job_failed", b"job_failed", "reason", b"reason", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
