@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 
 from ledger.v1 import admin_service_pb2 as admin_pb
@@ -316,6 +317,32 @@ def test_a_move_back_up_within_the_period_grants_no_plan_twice(
     assert not between.HasField("lot") and between.subscription.plan_id == middle.plan_id
     assert ledger.balance(account).balance_micros == 300 * CREDIT
     assert_audit_clean()
+
+
+def test_recording_a_returned_plan_waits_for_the_account_lock_first(
+    sources: Sources, ledger: Ledger, clock: Any, ledger_db_url: str
+) -> None:
+    """The worker records a return to an already-granted plan through
+    ledger_record_subscription_plan. It takes the account row first, the one lock order every
+    writer keeps (DESIGN.md section 4), so it waits behind a charge holding that account and
+    never updates the subscription underneath it."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=3)
+    account = sources.create_account().account.account_id
+    start, end = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, start, end)
+    record = "SELECT ledger_record_subscription_plan(%s, %s, %s, %s)"
+    arguments = [account, basic.plan_id, start, clock.now()]
+    plan_now = "SELECT plan_id FROM subscriptions WHERE account_id = %s"
+    with psycopg.connect(ledger_db_url, autocommit=True) as worker:
+        worker.execute("SET lock_timeout = '300ms'")
+        with psycopg.connect(ledger_db_url) as charging:
+            charging.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", [account])
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                worker.execute(record, arguments)
+        assert worker.execute(plan_now, [account]).fetchone() == (pro.plan_id,)
+        worker.execute(record, arguments)  # the lock released: recorded
+        assert worker.execute(plan_now, [account]).fetchone() == (basic.plan_id,)
 
 
 def test_unknown_plans_and_empty_periods_are_refused(
