@@ -399,6 +399,32 @@ def test_conflict_surfaces_once_attempts_are_spent() -> None:
     assert len(fake.received) == 3
 
 
+def test_the_servers_own_time_out_is_retried_with_the_same_key() -> None:
+    """DEADLINE_EXCEEDED with the server's ErrorInfo: its database time-out rolled the call
+    back, so the retry (same key) is safe. One without it (the deadline passed on the way,
+    outcome unknown) is raised at once, and so is a server time-out when retries of them are
+    turned off."""
+    server_timeout = failure(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
+    fake = FakeLedger(failures=[server_timeout])
+    with serve_fake(fake) as address, LedgerClient(address, retry=FAST_RETRY) as client:
+        response = client.consume("acct-1", CREDIT)
+    keys = [r.request.idempotency_key for r in fake.received]
+    assert len(keys) == 2 and keys[0] == keys[1]
+    assert response.transaction_id == "tx-" + keys[0]
+
+    unknown = failure(grpc.StatusCode.DEADLINE_EXCEEDED)
+    no_server_timeouts = RetryPolicy(initial_backoff=0.01, retry_server_timeouts=False)
+    for first, policy in ((unknown, FAST_RETRY), (server_timeout, no_server_timeouts)):
+        fake = FakeLedger(failures=[first])
+        with (
+            serve_fake(fake) as address,
+            LedgerClient(address, retry=policy) as client,
+            pytest.raises(DeadlineExceeded),
+        ):
+            client.consume("acct-1", CREDIT)
+        assert len(fake.received) == 1
+
+
 def test_other_errors_are_not_retried() -> None:
     fake = FakeLedger(
         failures=[

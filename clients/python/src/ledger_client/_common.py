@@ -36,6 +36,8 @@ __all__ = [
 
 MICROS_PER_CREDIT = 1_000_000
 USER_AGENT = "credit-ledger-client/0.1.0"
+# The reason the server gives a DEADLINE_EXCEEDED of its own (ledger.v1.ErrorReason 45).
+SERVER_TIMEOUT_REASON = "DEADLINE_EXCEEDED"
 
 SourceLike: TypeAlias = types_pb2.CreditSource.ValueType | str
 """A credit source: ``types_pb2.CREDIT_SOURCE_PURCHASE`` or ``"purchase"``."""
@@ -103,7 +105,11 @@ class RetryPolicy:
     call the server did apply returns the original response instead of applying it twice.
 
     UNAVAILABLE is an outage or a dropped connection; ABORTED is the server's CONFLICT
-    ("lost a race, retry with the same idempotency key")."""
+    ("lost a race, retry with the same idempotency key"). With ``retry_server_timeouts``, a
+    DEADLINE_EXCEEDED that the server itself answered (ErrorInfo reason DEADLINE_EXCEEDED:
+    its database time-out cancelled the statement and rolled the transaction back, nothing
+    was changed) is retried too while the call's deadline leaves time; one that passed on the
+    client's side carries no ErrorInfo, its outcome is unknown, and it is never retried."""
 
     max_attempts: int = 5
     initial_backoff: float = 0.1
@@ -112,12 +118,23 @@ class RetryPolicy:
     retryable_codes: frozenset[grpc.StatusCode] = frozenset(
         {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
     )
+    retry_server_timeouts: bool = True
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
             raise ValueError("backoffs must be non-negative and multiplier at least 1")
+
+    def retries(self, error: LedgerError) -> bool:
+        """Whether a call that failed with ``error`` may be sent again (with the same key)."""
+        if error.code in self.retryable_codes:
+            return True
+        return (
+            self.retry_server_timeouts
+            and error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            and error.reason == SERVER_TIMEOUT_REASON
+        )
 
     def backoff(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
@@ -129,7 +146,7 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before the next attempt, or None to give up and raise ``error``:
         not retryable, attempts spent, or the next attempt would start past the deadline."""
-        if error.code not in self.retryable_codes or attempt >= self.max_attempts:
+        if not self.retries(error) or attempt >= self.max_attempts:
             return None
         delay = self.backoff(attempt)
         if remaining is not None and delay >= remaining:

@@ -219,7 +219,9 @@ class Conflict(LedgerError):
 class DeadlineExceeded(LedgerError):
     """The call's deadline passed. For a mutating call the outcome is unknown: call again with
     ``idempotency_key=error.idempotency_key`` (the key this call sent) to get the original
-    result or apply it once; a call without it makes a new key and may apply twice."""
+    result or apply it once; a call without it makes a new key and may apply twice. With
+    ``reason`` DEADLINE_EXCEEDED the server timed out itself and changed nothing (the client
+    retries those while the deadline leaves time, see ``RetryPolicy``)."""
 
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
