@@ -207,7 +207,9 @@ class Flow:
         self.call("commit", reservation_id=held, amount=6 * credit, usage=None, comment="")
         self.call("refund", reservation_id=held, amount=credit, reason="")
         other = self.reserve(credit)
-        self.call("release", reservation_id=other, reason="")
+        self.call("release", reservation_id=other, reason="", job_failed=False)
+        failed = self.reserve(credit)
+        self.call("release", reservation_id=failed, reason="", job_failed=True)
         consume: dict[str, object] = {
             "amount": 2 * credit,
             "usage": None,

@@ -34,7 +34,9 @@ class _ReservationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Res
     RESERVATION_STATUS_COMMITTED: _ReservationStatus.ValueType  # 2
     """Settled; committed_micros were charged."""
     RESERVATION_STATUS_RELEASED: _ReservationStatus.ValueType  # 3
-    """Released by the caller (the job was cancelled or not run); nothing was charged."""
+    """Released by the caller without job_failed (the job was cancelled, not run, or its
+    charge refused); nothing was charged.
+    """
     RESERVATION_STATUS_EXPIRED: _ReservationStatus.ValueType  # 4
     """The time-to-live passed before a commit; nothing was charged."""
     RESERVATION_STATUS_FAILED: _ReservationStatus.ValueType  # 5
@@ -50,7 +52,9 @@ RESERVATION_STATUS_PENDING: ReservationStatus.ValueType  # 1
 RESERVATION_STATUS_COMMITTED: ReservationStatus.ValueType  # 2
 """Settled; committed_micros were charged."""
 RESERVATION_STATUS_RELEASED: ReservationStatus.ValueType  # 3
-"""Released by the caller (the job was cancelled or not run); nothing was charged."""
+"""Released by the caller without job_failed (the job was cancelled, not run, or its
+charge refused); nothing was charged.
+"""
 RESERVATION_STATUS_EXPIRED: ReservationStatus.ValueType  # 4
 """The time-to-live passed before a commit; nothing was charged."""
 RESERVATION_STATUS_FAILED: ReservationStatus.ValueType  # 5
@@ -127,9 +131,7 @@ class _TransactionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tra
     TRANSACTION_STATUS_PENDING: _TransactionStatus.ValueType  # 2
     """A hold whose reservation is still pending."""
     TRANSACTION_STATUS_RELEASED: _TransactionStatus.ValueType  # 3
-    """A hold that was released (the job was cancelled or not run) or timed out: nothing
-    was charged.
-    """
+    """A hold that was released without job_failed or timed out: nothing was charged."""
     TRANSACTION_STATUS_REFUNDED: _TransactionStatus.ValueType  # 4
     """A charge that was refunded in full."""
     TRANSACTION_STATUS_PARTIALLY_REFUNDED: _TransactionStatus.ValueType  # 5
@@ -146,9 +148,7 @@ TRANSACTION_STATUS_SUCCEEDED: TransactionStatus.ValueType  # 1
 TRANSACTION_STATUS_PENDING: TransactionStatus.ValueType  # 2
 """A hold whose reservation is still pending."""
 TRANSACTION_STATUS_RELEASED: TransactionStatus.ValueType  # 3
-"""A hold that was released (the job was cancelled or not run) or timed out: nothing
-was charged.
-"""
+"""A hold that was released without job_failed or timed out: nothing was charged."""
 TRANSACTION_STATUS_REFUNDED: TransactionStatus.ValueType  # 4
 """A charge that was refunded in full."""
 TRANSACTION_STATUS_PARTIALLY_REFUNDED: TransactionStatus.ValueType  # 5
