@@ -782,7 +782,8 @@ BEGIN
                                'expired_at', to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')));
     END IF;
     IF r.status <> 'pending' THEN
-        PERFORM ledger_fail('LE005', 'reservation is ' || r.status,
+        PERFORM ledger_fail('LE005', 'reservation is ' || CASE r.status
+                WHEN 'failed' THEN 'released already (its job failed)' ELSE r.status END,
             jsonb_build_object('reservation_id', p_reservation::text, 'status', r.status));
     END IF;
     RETURN r;
@@ -988,7 +989,8 @@ BEGIN
             jsonb_build_object('reservation_id', p_reservation::text));
     END IF;
     IF r.status <> 'committed' THEN
-        PERFORM ledger_fail('LE009', 'only committed reservations can be refunded; this one is ' || r.status,
+        PERFORM ledger_fail('LE009', 'only committed reservations can be refunded; this one is '
+            || CASE r.status WHEN 'failed' THEN 'released (its job failed)' ELSE r.status END,
             jsonb_build_object('reservation_id', p_reservation::text, 'status', r.status));
     END IF;
     refundable := r.committed_micros - r.refunded_micros;

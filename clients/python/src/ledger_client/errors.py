@@ -146,7 +146,8 @@ class ReservationNotFound(NotFound):
 
 
 class ReservationNotPending(FailedPrecondition):
-    """The reservation was committed or released already."""
+    """The reservation was committed or released already (``status``: committed, released
+    or failed)."""
 
     @property
     def reservation_id(self) -> str:

@@ -36,7 +36,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_RESERVATION_NOT_FOUND: _ErrorReason.ValueType  # 5
     """NOT_FOUND. metadata: reservation_id."""
     ERROR_REASON_RESERVATION_NOT_PENDING: _ErrorReason.ValueType  # 6
-    """FAILED_PRECONDITION: committed or released already. metadata: reservation_id, status."""
+    """FAILED_PRECONDITION: committed or released already. metadata: reservation_id, status
+    (committed, released or failed).
+    """
     ERROR_REASON_RESERVATION_EXPIRED: _ErrorReason.ValueType  # 7
     """FAILED_PRECONDITION: the time-to-live passed and the hold was returned.
     metadata: reservation_id, expired_at.
@@ -162,7 +164,9 @@ ERROR_REASON_ACCOUNT_NOT_FOUND: ErrorReason.ValueType  # 4
 ERROR_REASON_RESERVATION_NOT_FOUND: ErrorReason.ValueType  # 5
 """NOT_FOUND. metadata: reservation_id."""
 ERROR_REASON_RESERVATION_NOT_PENDING: ErrorReason.ValueType  # 6
-"""FAILED_PRECONDITION: committed or released already. metadata: reservation_id, status."""
+"""FAILED_PRECONDITION: committed or released already. metadata: reservation_id, status
+(committed, released or failed).
+"""
 ERROR_REASON_RESERVATION_EXPIRED: ErrorReason.ValueType  # 7
 """FAILED_PRECONDITION: the time-to-live passed and the hold was returned.
 metadata: reservation_id, expired_at.
