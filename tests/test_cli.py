@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from ledger.v1 import ledger_service_pb2 as ledger_pb
+from ledger_server.cli.output import enum_name
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, new_account
 
@@ -186,6 +188,16 @@ def test_reservations_summary_and_codes(cli: Cli, ledger: Ledger) -> None:
     assert "launch" in cli("codes", "show", batch).stdout
     disabled = ok_json(cli("codes", "disable", batch, "--reason", "leaked", "--json"))
     assert disabled["batch"]["disabled"] is True
+
+
+def test_an_enum_value_this_build_does_not_know_prints_as_its_number() -> None:
+    """A newer server may answer a status this CLI's protos lack (a rolling deploy): the
+    table shows the number instead of the CLI failing on it."""
+    name_of = ledger_pb.ReservationStatus.Name
+    failed = ledger_pb.RESERVATION_STATUS_FAILED
+    assert enum_name(name_of, failed, "RESERVATION_STATUS_") == "failed"
+    newer = ledger_pb.ReservationStatus.ValueType(99)
+    assert enum_name(name_of, newer, "RESERVATION_STATUS_") == "99"
 
 
 def test_config_list_set_and_reset(cli: Cli, configure: Any) -> None:

@@ -119,7 +119,9 @@ def _balance_fields(
 
 
 def _source(value: int) -> str:
-    return enum_name(types_pb2.CreditSource.Name(value), "CREDIT_SOURCE_")  # type: ignore[arg-type]
+    return enum_name(
+        types_pb2.CreditSource.Name, types_pb2.CreditSource.ValueType(value), "CREDIT_SOURCE_"
+    )
 
 
 # --- reads ---------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def lots(args: argparse.Namespace, session: Session) -> int:
             [
                 lot.lot_id,
                 _source(lot.source),
-                enum_name(types_pb2.BalanceKind.Name(lot.balance_kind), "BALANCE_KIND_"),
+                enum_name(types_pb2.BalanceKind.Name, lot.balance_kind, "BALANCE_KIND_"),
                 credits(lot.amount_micros),
                 credits(lot.remaining_micros),
                 credits(lot.held_micros),
@@ -215,8 +217,8 @@ def transactions(args: argparse.Namespace, session: Session) -> int:
             [
                 t.transaction_id,
                 when(t.create_time),
-                enum_name(ledger_pb.TransactionKind.Name(t.kind), "TRANSACTION_KIND_"),
-                enum_name(ledger_pb.TransactionStatus.Name(t.status), "TRANSACTION_STATUS_"),
+                enum_name(ledger_pb.TransactionKind.Name, t.kind, "TRANSACTION_KIND_"),
+                enum_name(ledger_pb.TransactionStatus.Name, t.status, "TRANSACTION_STATUS_"),
                 credits(t.amount_micros),
                 t.feature,
                 ", ".join(
@@ -250,7 +252,7 @@ def reservation(args: argparse.Namespace, session: Session) -> int:
             ("account", r.account_id),
             (
                 "status",
-                enum_name(ledger_pb.ReservationStatus.Name(r.status), "RESERVATION_STATUS_"),
+                enum_name(ledger_pb.ReservationStatus.Name, r.status, "RESERVATION_STATUS_"),
             ),
             ("held", credits(r.held_micros)),
             ("committed", credits(r.committed_micros)),
@@ -521,7 +523,7 @@ def config_list(args: argparse.Namespace, session: Session) -> int:
                 s.key,
                 _value_text(s.value),
                 _value_text(s.default_value),
-                enum_name(admin_pb.SettingSource.Name(s.source), "SETTING_SOURCE_"),
+                enum_name(admin_pb.SettingSource.Name, s.source, "SETTING_SOURCE_"),
                 s.updated_by,
                 when(s.update_time),
             ]
@@ -548,7 +550,7 @@ def _setting_changed(response: admin_pb.UpdateSettingResponse, session: Session)
         output.print_json(response, session.out)
     else:
         s = response.setting
-        source = enum_name(admin_pb.SettingSource.Name(s.source), "SETTING_SOURCE_")
+        source = enum_name(admin_pb.SettingSource.Name, s.source, "SETTING_SOURCE_")
         print(f"{s.key} = {_value_text(s.value)} ({source})", file=session.out)
     return 0
 

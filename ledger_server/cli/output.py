@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC
 from decimal import Decimal, InvalidOperation
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 MICROS_PER_CREDIT = 1_000_000
+EnumValue = TypeVar("EnumValue", bound=int)
 
 
 class UsageError(Exception):
@@ -52,8 +53,13 @@ def when(ts: Timestamp) -> str:
     return ts.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def enum_name(name: str, prefix: str) -> str:
-    return name.removeprefix(prefix).lower()
+def enum_name(name_of: Callable[[EnumValue], str], value: EnumValue, prefix: str) -> str:
+    """``value``'s name (``name_of``: an enum's ``Name``) without ``prefix``, in lower case;
+    the number itself when this build does not know it (a newer server's value)."""
+    try:
+        return name_of(value).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out: TextIO) -> None:
