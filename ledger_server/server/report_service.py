@@ -106,6 +106,11 @@ async def _rows(
     return await cursor.fetchall() if cursor.description is not None else []
 
 
+async def _newest_id(conn: AsyncConnection[TupleRow]) -> int | None:
+    newest = (await _rows(conn, "journal_newest_id", {}))[0][0]
+    return None if newest is None else int(newest)
+
+
 async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:
     exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
     if not exists[0][0]:
@@ -130,22 +135,31 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
         params = journal_pages.filters(request)
         bound_to = journal_pages.token_filters("journal", account_id, params)
         position = journal_pages.position(request, bound_to)
+        response = pb.ListJournalResponse()
+        before = position[0] if position else None
+        assert before is None or isinstance(before, int)  # decoded as page_tokens.ID
+        floor = None
         async with self._pool.connection() as conn:
             if account_id is not None:
                 await _require_account(conn, account_id)
+            else:
+                newest = None if before is not None else await _newest_id(conn)
+                before, floor = journal_pages.scan_bounds(before, newest)
+                if before is None:
+                    return response  # an empty journal
             rows = await _rows(
                 conn,
                 "list_journal",
                 {
                     **params,
                     "account_id": account_id,
-                    "before": position[0] if position else None,
+                    "before": before,
+                    "after": floor,
                     "limit": page_size + 1,
                 },
             )
-        response = pb.ListJournalResponse()
         response.next_page_token = journal_pages.fill(
-            response.transactions, rows, page_size, bound_to
+            response.transactions, rows, page_size, bound_to, floor
         )
         return response
 

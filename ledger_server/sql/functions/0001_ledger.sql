@@ -19,6 +19,7 @@ DROP FUNCTION IF EXISTS ledger_new_transaction(text, text, bigint, timestamptz, 
 DROP FUNCTION IF EXISTS ledger_reserve(text, text, bytea, bigint, timestamptz, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_commit(text, uuid, text, bytea, bigint, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_release(text, uuid, text, bytea, text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_journal_page(text, bigint, text[], timestamptz, timestamptz, text, text, text[], int);
 DROP FUNCTION IF EXISTS ledger_consume(text, text, bytea, bigint, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_release_holds(text, uuid, text, timestamptz, text);
 -- Its result columns changed (CREATE OR REPLACE cannot change them); recreated below.
@@ -1171,9 +1172,10 @@ END $$;
 
 -- A page of the journal, newest first: one account's (p_account), or every account's (NULL:
 -- the platform-wide log of ReportService.ListJournal, paged by journal_transactions_newest_first).
+-- p_after (exclusive) bounds how far down the page reads (NULL: to the oldest entry).
 CREATE OR REPLACE FUNCTION ledger_journal_page(
     p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
-    p_feature text, p_model text, p_statuses text[], p_limit int)
+    p_feature text, p_model text, p_statuses text[], p_limit int, p_after bigint DEFAULT NULL)
     RETURNS TABLE (transaction_id bigint, account_id text, kind text, amount_micros bigint,
                    reservation_id text, feature text, model text, usage jsonb, comment text,
                    actor text, external_ref text, created_micros bigint, status text,
@@ -1206,6 +1208,7 @@ BEGIN
                WHERE pp.account_id = t.account_id AND pp.transaction_id = t.transaction_id) p
          WHERE ($1 IS NULL OR t.account_id = $1)
            AND %1$s
+           AND %3$s
            AND ($3 IS NULL OR t.kind = ANY ($3))
            AND ($4 IS NULL OR t.created_at >= $4)
            AND ($5 IS NULL OR t.created_at < $5)
@@ -1218,8 +1221,11 @@ BEGIN
     $query$,
         CASE WHEN p_account IS NULL THEN '-t.transaction_id > -coalesce($2, 9223372036854775807)'
              ELSE 't.transaction_id < coalesce($2, 9223372036854775807)' END,
-        CASE WHEN p_account IS NULL THEN '-t.transaction_id' ELSE 't.transaction_id DESC' END)
-    USING p_account, p_before, p_kinds, p_start, p_end, p_feature, p_model, p_statuses, p_limit;
+        CASE WHEN p_account IS NULL THEN '-t.transaction_id' ELSE 't.transaction_id DESC' END,
+        CASE WHEN p_account IS NULL THEN '-t.transaction_id < -coalesce($10, 0)'
+             ELSE 't.transaction_id > coalesce($10, 0)' END)
+    USING p_account, p_before, p_kinds, p_start, p_end, p_feature, p_model, p_statuses, p_limit,
+          p_after;
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger_list_transactions(

@@ -131,4 +131,9 @@ SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature,
   FROM ledger_journal_page(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
                            %(start_time)s::timestamptz, %(end_time)s::timestamptz,
                            %(feature)s::text, %(model)s::text, %(statuses)s::text[],
-                           %(limit)s::int)
+                           %(limit)s::int, %(after)s::bigint)
+
+-- name: journal_newest_id
+-- The newest journal entry's id (NULL: none), where an every-account page starts reading:
+-- one entry of journal_transactions_newest_first (migration 0016).
+SELECT -min(-transaction_id) FROM journal_transactions

@@ -83,7 +83,9 @@ class ListJournalResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_ledger_service_pb2.Transaction]: ...
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_ledger_service_pb2.Transaction]:
+        """At most page_size; across all accounts possibly fewer, even none, before the last page."""
+
     def __init__(
         self,
         *,

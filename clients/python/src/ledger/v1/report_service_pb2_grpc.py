@@ -65,8 +65,9 @@ class ReportServiceServicer:
         newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
         transaction id: entries written while paging never shift a page. Across all accounts
         the filters are applied while walking the journal from the newest entry (or the page
-        token): a filter that matches little of a long journal reads far, up to the statement
-        time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
+        token), and one page walks at most 20,000 entries: a filter that matches little of a
+        long journal gives pages with fewer entries than page_size, even none, that still
+        carry a next_page_token. Page until the token is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

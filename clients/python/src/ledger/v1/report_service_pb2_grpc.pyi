@@ -43,8 +43,9 @@ class ReportServiceStub:
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
     transaction id: entries written while paging never shift a page. Across all accounts
     the filters are applied while walking the journal from the newest entry (or the page
-    token): a filter that matches little of a long journal reads far, up to the statement
-    time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
+    token), and one page walks at most 20,000 entries: a filter that matches little of a
+    long journal gives pages with fewer entries than page_size, even none, that still
+    carry a next_page_token. Page until the token is empty.
     """
 
 @_typing.type_check_only
@@ -62,8 +63,9 @@ class ReportServiceAsyncStub(ReportServiceStub):
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
     transaction id: entries written while paging never shift a page. Across all accounts
     the filters are applied while walking the journal from the newest entry (or the page
-    token): a filter that matches little of a long journal reads far, up to the statement
-    time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
+    token), and one page walks at most 20,000 entries: a filter that matches little of a
+    long journal gives pages with fewer entries than page_size, even none, that still
+    carry a next_page_token. Page until the token is empty.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -90,8 +92,9 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
         transaction id: entries written while paging never shift a page. Across all accounts
         the filters are applied while walking the journal from the newest entry (or the page
-        token): a filter that matches little of a long journal reads far, up to the statement
-        time-out (DEADLINE_EXCEEDED); name the account to page one account's journal.
+        token), and one page walks at most 20,000 entries: a filter that matches little of a
+        long journal gives pages with fewer entries than page_size, even none, that still
+        carry a next_page_token. Page until the token is empty.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
