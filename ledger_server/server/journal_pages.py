@@ -1,6 +1,8 @@
 """Pages of the journal, newest first, as LedgerService.ListTransactions (one account) and
 ReportService.ListJournal (every account, or one) answer them: the same filters, checked
-the same way, and the same keyset page tokens (the last entry's transaction id)."""
+the same way, and the same keyset page tokens: the id below which the next page reads (the
+last entry listed, or the last one read by a page of every account's log that did not
+fill)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from ledger_server.ledger.page_tokens import Position
 # The requests whose filters are the same fields.
 JournalQuery = ledger_pb.ListTransactionsRequest | report_pb.ListJournalRequest
 
-# How many transaction ids one page of every account's log reads at most. A filter that
-# matches little of a long journal would otherwise read on until the page filled or the
-# statement timed out; with the bound a page may come back short, even empty, with a token
-# to read on from where it stopped. 20,000 entries take a few milliseconds to read.
-SCAN_IDS = 20_000
+# How many journal entries one page of every account's log reads at most, matching the
+# filters or not. A filter that matches little of a long journal would otherwise read on
+# until the page filled or the statement timed out; with the bound a page may come back
+# short, even empty, with a token to read on below the last entry it read. 20,000 entries
+# take about 10 ms to read.
+SCAN_ENTRIES = 20_000
 
 
 def _names(values: Sequence[int], to_db: dict[Any, str], field: str, what: str) -> list[str] | None:
@@ -68,32 +71,22 @@ def position(request: JournalQuery, bound_to: list[object]) -> Position | None:
     return page_tokens.decode(request.page_token, bound_to, (page_tokens.ID,))
 
 
-def scan_bounds(before: int | None, newest_id: int | None) -> tuple[int | None, int | None]:
-    """Where a page of every account's log reads: below ``before`` (the page token's id, or
-    past ``newest_id`` for the first page) and above the returned floor, at most SCAN_IDS
-    ids. (None, None): the journal is empty. A floor of None reads to the oldest entry."""
-    upper = before if before is not None else (None if newest_id is None else newest_id + 1)
-    if upper is None:
-        return None, None
-    floor = upper - 1 - SCAN_IDS
-    return upper, (floor if floor > 0 else None)
-
-
 def fill(
     transactions: Any,
     rows: list[tuple[Any, ...]],
     page_size: int,
     bound_to: list[object],
-    floor: int | None = None,
+    resume_below: int | None = None,
 ) -> str:
     """Adds the page's entries to ``transactions``; returns the next page's token ("": none).
-    ``floor``: the page read only ids above it, so a page that did not fill goes on below."""
+    ``resume_below``: the last entry a page that did not fill read (SCAN_ENTRIES); the next
+    page reads on below it."""
     add = transactions.add
     for row in rows[:page_size]:
         mapping.fill_transaction(add(), row)
     if len(rows) > page_size:
         # The keyset: the last entry's transaction_id (the row's first column).
         return page_tokens.encode([rows[page_size - 1][0]], bound_to)
-    if floor is not None:
-        return page_tokens.encode([floor + 1], bound_to)
+    if resume_below is not None:
+        return page_tokens.encode([resume_below], bound_to)
     return ""

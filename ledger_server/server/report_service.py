@@ -106,11 +106,6 @@ async def _rows(
     return await cursor.fetchall() if cursor.description is not None else []
 
 
-async def _newest_id(conn: AsyncConnection[TupleRow]) -> int | None:
-    newest = (await _rows(conn, "journal_newest_id", {}))[0][0]
-    return None if newest is None else int(newest)
-
-
 async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:
     exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
     if not exists[0][0]:
@@ -135,18 +130,16 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
         params = journal_pages.filters(request)
         bound_to = journal_pages.token_filters("journal", account_id, params)
         position = journal_pages.position(request, bound_to)
-        response = pb.ListJournalResponse()
         before = position[0] if position else None
-        assert before is None or isinstance(before, int)  # decoded as page_tokens.ID
-        floor = None
-        async with self._pool.connection() as conn:
+        # Every account's log reads a bounded stretch of the journal per page; a page that
+        # did not fill goes on below the last entry it read (journal_pages.SCAN_ENTRIES).
+        scan = journal_pages.SCAN_ENTRIES if account_id is None else None
+        resume_below = None
+        # One snapshot: an entry committed between the two reads would shift the stretch.
+        async with self._pool.connection() as conn, conn.transaction():
+            await _rows(conn, "report_snapshot", {})
             if account_id is not None:
                 await _require_account(conn, account_id)
-            else:
-                newest = None if before is not None else await _newest_id(conn)
-                before, floor = journal_pages.scan_bounds(before, newest)
-                if before is None:
-                    return response  # an empty journal
             rows = await _rows(
                 conn,
                 "list_journal",
@@ -154,12 +147,16 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
                     **params,
                     "account_id": account_id,
                     "before": before,
-                    "after": floor,
+                    "scan": scan,
                     "limit": page_size + 1,
                 },
             )
+            if scan is not None and len(rows) <= page_size:
+                end = await _rows(conn, "journal_scan_end", {"before": before, "scan": scan})
+                resume_below = end[0][0] if end else None
+        response = pb.ListJournalResponse()
         response.next_page_token = journal_pages.fill(
-            response.transactions, rows, page_size, bound_to, floor
+            response.transactions, rows, page_size, bound_to, resume_below
         )
         return response
 

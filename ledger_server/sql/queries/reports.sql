@@ -131,9 +131,13 @@ SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature,
   FROM ledger_journal_page(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
                            %(start_time)s::timestamptz, %(end_time)s::timestamptz,
                            %(feature)s::text, %(model)s::text, %(statuses)s::text[],
-                           %(limit)s::int, %(after)s::bigint)
+                           %(limit)s::int, %(scan)s::int)
 
--- name: journal_newest_id
--- The newest journal entry's id (NULL: none), where an every-account page starts reading:
--- one entry of journal_transactions_newest_first (migration 0016).
-SELECT -min(-transaction_id) FROM journal_transactions
+-- name: journal_scan_end
+-- Where a page of every account's log that read %(scan)s entries below %(before)s stopped:
+-- the id of the last entry it read (NULL: it read to the oldest), on
+-- journal_transactions_newest_first (migration 0016). The next page reads below it.
+SELECT transaction_id FROM journal_transactions
+ WHERE -transaction_id > -coalesce(%(before)s::bigint, 9223372036854775807)
+ ORDER BY -transaction_id
+OFFSET %(scan)s::int - 1 LIMIT 1
