@@ -8,7 +8,9 @@ reservation's commit or release retried after an unknown outcome replays the fir
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +27,7 @@ from ledger_client import (
     LedgerClient,
     LedgerError,
 )
+from ledger_server.server import journal_pages
 from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, new_account, new_key
 from support.proxy import DropProxy
@@ -680,3 +683,57 @@ def test_async_hold_commit_and_release_after_an_unknown_outcome_replay(
     assert released.reservation.status == pb.RESERVATION_STATUS_FAILED
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
+
+
+def test_summary_and_the_platform_log(
+    client: LedgerClient,
+    server_address: str,
+    ledger: Ledger,
+    clock: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ReportService through the client: an account's summary over a period, and the
+    platform-wide log walked to its end across short and empty pages."""
+    name = feature("report")
+    account, busy = new_account("report"), new_account("report-busy")
+    ledger.grant(account, 10)
+    older = client.consume(account, 3 * CREDIT, feature=name).transaction_id
+    for _ in range(12):
+        ledger.grant(busy, 1)  # entries of another account in between
+    newer = client.consume(account, CREDIT, feature=name).transaction_id
+
+    now = clock.now()
+    summary = client.summary(
+        account, start_time=now - timedelta(hours=1), end_time=now + timedelta(hours=1)
+    )
+    total = summary.total
+    assert (total.allocated_micros, total.consumed_micros, total.remaining_micros) == (
+        10 * CREDIT,
+        4 * CREDIT,
+        6 * CREDIT,
+    )
+    assert [(u.feature, u.consumed_micros) for u in summary.usage] == [(name, 4 * CREDIT)]
+    assert client.summary(account, day=now.date()).account_id == account
+    with pytest.raises(ValueError, match="exactly one period"):
+        client.summary(account, day="2026-01-01", month="2026-01")
+
+    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 5)  # pages read 5 entries
+    first = client.list_journal(feature=name, page_size=10)
+    assert [t.transaction_id for t in first.transactions] == [newer] and first.next_page_token
+    # The first two entries, across the short and empty pages between them (the walk would
+    # go on through the whole suite's journal, five entries a page).
+    walked = itertools.islice(client.iter_journal(feature=name), 2)
+    assert [t.transaction_id for t in walked] == [newer, older]
+
+    async def walk() -> list[str]:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aclient:
+            summary = await aclient.summary(account, month=now)
+            assert summary.account_id == account
+            walked = []
+            async for entry in aclient.iter_journal(feature=name):
+                walked.append(entry.transaction_id)
+                if len(walked) == 2:
+                    break
+            return walked
+
+    assert asyncio.run(walk()) == [newer, older]

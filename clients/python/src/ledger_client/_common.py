@@ -8,13 +8,14 @@ import random
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import TypeAlias
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import report_service_pb2 as report_pb
 from ledger.v1 import types_pb2
 from ledger_client.errors import LedgerError
 
@@ -424,31 +425,82 @@ def consume_request(
     return request
 
 
+@dataclass(frozen=True)
+class JournalFilters:
+    """The filters ListTransactions and ListJournal share; each empty or None means all."""
+
+    kinds: tuple[TransactionKindLike, ...] = ()
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    feature: str = ""
+    model: str = ""
+    statuses: tuple[TransactionStatusLike, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        kinds: Iterable[TransactionKindLike],
+        start_time: datetime | None,
+        end_time: datetime | None,
+        feature: str,
+        model: str,
+        statuses: Iterable[TransactionStatusLike],
+    ) -> JournalFilters:
+        return cls(tuple(kinds), start_time, end_time, feature, model, tuple(statuses))
+
+    def fill(self, request: pb.ListTransactionsRequest | report_pb.ListJournalRequest) -> None:
+        request.kinds.extend(to_transaction_kind(kind) for kind in self.kinds)
+        request.statuses.extend(to_transaction_status(status) for status in self.statuses)
+        request.feature = self.feature
+        request.model = self.model
+        if self.start_time is not None:
+            request.start_time.CopyFrom(timestamp(self.start_time, "start_time"))
+        if self.end_time is not None:
+            request.end_time.CopyFrom(timestamp(self.end_time, "end_time"))
+
+
 def list_transactions_request(
-    account_id: str,
-    *,
-    page_size: int,
-    page_token: str,
-    kinds: Iterable[TransactionKindLike],
-    start_time: datetime | None,
-    end_time: datetime | None,
-    feature: str,
-    model: str,
-    statuses: Iterable[TransactionStatusLike],
+    account_id: str, *, page_size: int, page_token: str, filters: JournalFilters
 ) -> pb.ListTransactionsRequest:
     request = pb.ListTransactionsRequest(
-        account_id=account_id,
-        page_size=page_size,
-        page_token=page_token,
-        kinds=[to_transaction_kind(kind) for kind in kinds],
-        feature=feature,
-        model=model,
-        statuses=[to_transaction_status(status) for status in statuses],
+        account_id=account_id, page_size=page_size, page_token=page_token
     )
-    if start_time is not None:
-        request.start_time.CopyFrom(timestamp(start_time, "start_time"))
-    if end_time is not None:
-        request.end_time.CopyFrom(timestamp(end_time, "end_time"))
+    filters.fill(request)
+    return request
+
+
+def list_journal_request(
+    account_id: str, *, page_size: int, page_token: str, filters: JournalFilters
+) -> report_pb.ListJournalRequest:
+    request = report_pb.ListJournalRequest(
+        account_id=account_id, page_size=page_size, page_token=page_token
+    )
+    filters.fill(request)
+    return request
+
+
+def summary_request(
+    account_id: str,
+    *,
+    day: date | str | None,
+    month: date | str | None,
+    start_time: datetime | None,
+    end_time: datetime | None,
+) -> report_pb.GetSummaryRequest:
+    """Exactly one period: a day, a month (a date stands for its month), or a range."""
+    ranged = start_time is not None or end_time is not None
+    if sum((day is not None, month is not None, ranged)) != 1:
+        raise ValueError("give exactly one period: day, month, or start_time and end_time")
+    request = report_pb.GetSummaryRequest(account_id=account_id)
+    if day is not None:
+        request.day = day.isoformat() if isinstance(day, date) else day
+    elif month is not None:
+        request.month = month.strftime("%Y-%m") if isinstance(month, date) else month
+    else:
+        if start_time is None or end_time is None:
+            raise ValueError("a range needs both start_time and end_time")
+        request.range.start_time.CopyFrom(timestamp(start_time, "start_time"))
+        request.range.end_time.CopyFrom(timestamp(end_time, "end_time"))
     return request
 
 

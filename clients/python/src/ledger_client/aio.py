@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from types import TracebackType
 from typing import TypeVar
 
@@ -19,7 +19,8 @@ import grpc
 import grpc.aio
 
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc, types_pb2
+from ledger.v1 import report_service_pb2 as report_pb
 from ledger_client import _common as c
 from ledger_client._hold import OUTCOME_UNKNOWN, REFUSED_COMMIT_REASON, HoldState
 from ledger_client.errors import LedgerError, from_rpc_error
@@ -70,6 +71,7 @@ class AsyncLedgerClient:
         self._metadata = self.config.credentials.call_metadata()
         self._channel = open_channel(self.config)
         self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
+        self._reports = report_service_pb2_grpc.ReportServiceStub(self._channel)
 
     @classmethod
     def from_config(cls, config: c.ClientConfig) -> AsyncLedgerClient:
@@ -326,12 +328,7 @@ class AsyncLedgerClient:
             account_id,
             page_size=page_size,
             page_token=page_token,
-            kinds=kinds,
-            start_time=start_time,
-            end_time=end_time,
-            feature=feature,
-            model=model,
-            statuses=statuses,
+            filters=c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses),
         )
         return await self._invoke(self._stub.ListTransactions, request, timeout)
 
@@ -469,6 +466,83 @@ class AsyncLedgerClient:
                 page_token=token,
                 timeout=timeout,
             )
+            for transaction in page.transactions:
+                yield transaction
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- reports ---------------------------------------------------------------------------
+
+    async def summary(
+        self,
+        account_id: str = "",
+        *,
+        day: date | str | None = None,
+        month: date | str | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        timeout: float | None = None,
+    ) -> report_pb.GetSummaryResponse:
+        """What happened to one account's credits (every account's with ``account_id=""``,
+        for a caller allowed to ask) over exactly one period: ``day`` ("YYYY-MM-DD" or a
+        date), ``month`` ("YYYY-MM", or a date for its month), both in the ledger's time
+        zone, or ``start_time`` (included) to ``end_time`` (excluded): allocated, consumed,
+        adjusted, refunded, expired and remaining, free and purchased apart, usage by
+        feature and model."""
+        request = c.summary_request(
+            account_id, day=day, month=month, start_time=start_time, end_time=end_time
+        )
+        return await self._invoke(self._reports.GetSummary, request, timeout)
+
+    async def list_journal(
+        self,
+        account_id: str = "",
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        model: str = "",
+        statuses: Iterable[c.TransactionStatusLike] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> report_pb.ListJournalResponse:
+        """One page of the platform-wide log (ReportService.ListJournal): every account's
+        entries, or one account's, newest first, with the filters of
+        :meth:`list_transactions`. Across every account a page may hold fewer entries than
+        ``page_size``, even none, before the last: :meth:`iter_journal` pages on."""
+        request = c.list_journal_request(
+            account_id,
+            page_size=page_size,
+            page_token=page_token,
+            filters=c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses),
+        )
+        return await self._invoke(self._reports.ListJournal, request, timeout)
+
+    async def iter_journal(
+        self,
+        account_id: str = "",
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        model: str = "",
+        statuses: Iterable[c.TransactionStatusLike] = (),
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[pb.Transaction]:
+        """Every matching entry of the log, newest first, walking all pages, short and empty
+        ones included, until the last (the filters of :meth:`list_journal`)."""
+        filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
+        token = ""
+        while True:
+            request = c.list_journal_request(
+                account_id, page_size=page_size, page_token=token, filters=filters
+            )
+            page = await self._invoke(self._reports.ListJournal, request, timeout)
             for transaction in page.transactions:
                 yield transaction
             token = page.next_page_token

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from types import TracebackType
 from typing import TypeVar
 
 import grpc
 
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc, types_pb2
+from ledger.v1 import report_service_pb2 as report_pb
 from ledger_client import _common as c
 from ledger_client._hold import OUTCOME_UNKNOWN, REFUSED_COMMIT_REASON, HoldState
 from ledger_client.errors import LedgerError, from_rpc_error
@@ -63,6 +64,7 @@ class LedgerClient:
         self._metadata = self.config.credentials.call_metadata()
         self._channel = open_channel(self.config)
         self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
+        self._reports = report_service_pb2_grpc.ReportServiceStub(self._channel)
 
     @classmethod
     def from_config(cls, config: c.ClientConfig) -> LedgerClient:
@@ -317,12 +319,7 @@ class LedgerClient:
             account_id,
             page_size=page_size,
             page_token=page_token,
-            kinds=kinds,
-            start_time=start_time,
-            end_time=end_time,
-            feature=feature,
-            model=model,
-            statuses=statuses,
+            filters=c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses),
         )
         return self._invoke(self._stub.ListTransactions, request, timeout)
 
@@ -459,6 +456,82 @@ class LedgerClient:
                 page_token=token,
                 timeout=timeout,
             )
+            yield from page.transactions
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- reports ---------------------------------------------------------------------------
+
+    def summary(
+        self,
+        account_id: str = "",
+        *,
+        day: date | str | None = None,
+        month: date | str | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        timeout: float | None = None,
+    ) -> report_pb.GetSummaryResponse:
+        """What happened to one account's credits (every account's with ``account_id=""``,
+        for a caller allowed to ask) over exactly one period: ``day`` ("YYYY-MM-DD" or a
+        date), ``month`` ("YYYY-MM", or a date for its month), both in the ledger's time
+        zone, or ``start_time`` (included) to ``end_time`` (excluded): allocated, consumed,
+        adjusted, refunded, expired and remaining, free and purchased apart, usage by
+        feature and model."""
+        request = c.summary_request(
+            account_id, day=day, month=month, start_time=start_time, end_time=end_time
+        )
+        return self._invoke(self._reports.GetSummary, request, timeout)
+
+    def list_journal(
+        self,
+        account_id: str = "",
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        model: str = "",
+        statuses: Iterable[c.TransactionStatusLike] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> report_pb.ListJournalResponse:
+        """One page of the platform-wide log (ReportService.ListJournal): every account's
+        entries, or one account's, newest first, with the filters of
+        :meth:`list_transactions`. Across every account a page may hold fewer entries than
+        ``page_size``, even none, before the last: :meth:`iter_journal` pages on."""
+        request = c.list_journal_request(
+            account_id,
+            page_size=page_size,
+            page_token=page_token,
+            filters=c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses),
+        )
+        return self._invoke(self._reports.ListJournal, request, timeout)
+
+    def iter_journal(
+        self,
+        account_id: str = "",
+        *,
+        kinds: Iterable[c.TransactionKindLike] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        feature: str = "",
+        model: str = "",
+        statuses: Iterable[c.TransactionStatusLike] = (),
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[pb.Transaction]:
+        """Every matching entry of the log, newest first, walking all pages, short and empty
+        ones included, until the last (the filters of :meth:`list_journal`)."""
+        filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
+        token = ""
+        while True:
+            request = c.list_journal_request(
+                account_id, page_size=page_size, page_token=token, filters=filters
+            )
+            page = self._invoke(self._reports.ListJournal, request, timeout)
             yield from page.transactions
             token = page.next_page_token
             if not token:
