@@ -716,6 +716,8 @@ def test_summary_and_the_platform_log(
     assert client.summary(account, day=now.date()).account_id == account
     with pytest.raises(ValueError, match="exactly one period"):
         client.summary(account, day="2026-01-01", month="2026-01")
+    with pytest.raises(TypeError, match="not a datetime"):
+        client.summary(account, day=now)  # its day depends on the ledger's time zone
 
     monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 5)  # pages read 5 entries
     first = client.list_journal(feature=name, page_size=10)
@@ -727,7 +729,7 @@ def test_summary_and_the_platform_log(
 
     async def walk() -> list[str]:
         async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aclient:
-            summary = await aclient.summary(account, month=now)
+            summary = await aclient.summary(account, month=now.date())
             assert summary.account_id == account
             walked = []
             async for entry in aclient.iter_journal(feature=name):

@@ -491,6 +491,9 @@ def summary_request(
     ranged = start_time is not None or end_time is not None
     if sum((day is not None, month is not None, ranged)) != 1:
         raise ValueError("give exactly one period: day, month, or start_time and end_time")
+    if isinstance(day, datetime) or isinstance(month, datetime):
+        # Which day an instant falls on depends on the ledger's time zone (the server's).
+        raise TypeError("day and month take a date or a string, not a datetime")
     request = report_pb.GetSummaryRequest(account_id=account_id)
     if day is not None:
         request.day = day.isoformat() if isinstance(day, date) else day
