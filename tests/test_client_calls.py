@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 import pytest
@@ -716,6 +716,9 @@ def test_summary_and_the_platform_log(
     assert client.summary(account, day=now.date()).account_id == account
     with pytest.raises(ValueError, match="exactly one period"):
         client.summary(account, day="2026-01-01", month="2026-01")
+    far_back = client.summary(account, month=date(999, 3, 1))  # "0999-03", no activity
+    assert far_back.total.allocated_micros == 0
+    assert client.list_transactions(account, feature=None, model=None).transactions  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="not a datetime"):
         client.summary(account, day=now)  # its day depends on the ledger's time zone
 

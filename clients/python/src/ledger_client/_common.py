@@ -451,8 +451,8 @@ class JournalFilters:
     def fill(self, request: pb.ListTransactionsRequest | report_pb.ListJournalRequest) -> None:
         request.kinds.extend(to_transaction_kind(kind) for kind in self.kinds)
         request.statuses.extend(to_transaction_status(status) for status in self.statuses)
-        request.feature = self.feature
-        request.model = self.model
+        request.feature = self.feature or ""  # None, as the message constructor took it
+        request.model = self.model or ""
         if self.start_time is not None:
             request.start_time.CopyFrom(timestamp(self.start_time, "start_time"))
         if self.end_time is not None:
@@ -498,7 +498,8 @@ def summary_request(
     if day is not None:
         request.day = day.isoformat() if isinstance(day, date) else day
     elif month is not None:
-        request.month = month.strftime("%Y-%m") if isinstance(month, date) else month
+        # isoformat: four-digit years (strftime's %Y gives "999" for the year 999).
+        request.month = month.isoformat()[:7] if isinstance(month, date) else month
     else:
         if start_time is None or end_time is None:
             raise ValueError("a range needs both start_time and end_time")
