@@ -106,6 +106,23 @@ async def _rows(
     return await cursor.fetchall() if cursor.description is not None else []
 
 
+async def _every_accounts_page(
+    conn: AsyncConnection[TupleRow], query: dict[str, object], page_size: int
+) -> tuple[list[TupleRow], int | None]:
+    """A page of every account's log, which reads a bounded stretch of the journal
+    (journal_pages.SCAN_ENTRIES), and, for a page that did not fill, the last entry it read
+    (None: it read to the oldest). One snapshot: an entry committed between the two reads
+    would shift the stretch."""
+    scan = journal_pages.SCAN_ENTRIES
+    async with conn.transaction():
+        await _rows(conn, "report_snapshot", {})
+        rows = await _rows(conn, "list_journal", {**query, "scan": scan})
+        if len(rows) > page_size:
+            return rows, None
+        end = await _rows(conn, "journal_scan_end", {"before": query["before"], "scan": scan})
+    return rows, (end[0][0] if end else None)
+
+
 async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:
     exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
     if not exists[0][0]:
@@ -130,30 +147,20 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
         params = journal_pages.filters(request)
         bound_to = journal_pages.token_filters("journal", account_id, params)
         position = journal_pages.position(request, bound_to)
-        before = position[0] if position else None
-        # Every account's log reads a bounded stretch of the journal per page; a page that
-        # did not fill goes on below the last entry it read (journal_pages.SCAN_ENTRIES).
-        scan = journal_pages.SCAN_ENTRIES if account_id is None else None
+        query = {
+            **params,
+            "account_id": account_id,
+            "before": position[0] if position else None,
+            "scan": None,
+            "limit": page_size + 1,
+        }
         resume_below = None
-        # One snapshot: an entry committed between the two reads would shift the stretch.
-        async with self._pool.connection() as conn, conn.transaction():
-            await _rows(conn, "report_snapshot", {})
+        async with self._pool.connection() as conn:
             if account_id is not None:
                 await _require_account(conn, account_id)
-            rows = await _rows(
-                conn,
-                "list_journal",
-                {
-                    **params,
-                    "account_id": account_id,
-                    "before": before,
-                    "scan": scan,
-                    "limit": page_size + 1,
-                },
-            )
-            if scan is not None and len(rows) <= page_size:
-                end = await _rows(conn, "journal_scan_end", {"before": before, "scan": scan})
-                resume_below = end[0][0] if end else None
+                rows = await _rows(conn, "list_journal", query)
+            else:
+                rows, resume_below = await _every_accounts_page(conn, query, page_size)
         response = pb.ListJournalResponse()
         response.next_page_token = journal_pages.fill(
             response.transactions, rows, page_size, bound_to, resume_below
