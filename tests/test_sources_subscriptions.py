@@ -252,16 +252,25 @@ def test_upgrade_carries_only_credits_not_held(
     assert_audit_clean()
 
 
+def _pro_subscriber_who_spent_30(
+    sources: Sources, ledger: Ledger, clock: Any, rank: int
+) -> tuple[str, Any, tuple[datetime, datetime]]:
+    """A subscriber to a 100-credit plan of rank 1 for the current period, 30 credits
+    spent, and a 40-credit plan of ``rank`` to move to."""
+    pro = sources.create_plan(100 * CREDIT, rank=1)
+    other = sources.create_plan(40 * CREDIT, rank=rank)
+    account = sources.create_account().account.account_id
+    period = _period_from_now(clock)
+    sources.start_period(account, pro.plan_id, *period)
+    ledger.consume(account, 30 * CREDIT)
+    return account, other, period
+
+
 @pytest.mark.parametrize("rank", [1, 0])
 def test_a_move_to_an_equal_or_lower_rank_carries_nothing(
     sources: Sources, ledger: Ledger, clock: Any, rank: int, assert_audit_clean: AuditCheck
 ) -> None:
-    pro = sources.create_plan(100 * CREDIT, rank=1)
-    other = sources.create_plan(40 * CREDIT, rank=rank)
-    account = sources.create_account().account.account_id
-    start, end = _period_from_now(clock)
-    sources.start_period(account, pro.plan_id, start, end)
-    ledger.consume(account, 30 * CREDIT)
+    account, other, _ = _pro_subscriber_who_spent_30(sources, ledger, clock, rank)
 
     new_start = whole_seconds(clock.now())
     changed = sources.change_plan(account, other.plan_id, new_start, new_start + PERIOD)
@@ -282,12 +291,7 @@ def test_a_move_to_an_equal_or_lower_rank_within_the_period_grants_nothing(
 ) -> None:
     """The period's credits were granted with the first plan, and nothing more was paid:
     the new plan is recorded, its credits come with the next period."""
-    pro = sources.create_plan(100 * CREDIT, rank=1)
-    other = sources.create_plan(40 * CREDIT, rank=rank)
-    account = sources.create_account().account.account_id
-    start, end = _period_from_now(clock)
-    sources.start_period(account, pro.plan_id, start, end)
-    ledger.consume(account, 30 * CREDIT)
+    account, other, (start, end) = _pro_subscriber_who_spent_30(sources, ledger, clock, rank)
 
     changed = sources.change_plan(account, other.plan_id, start, end)
     assert not changed.HasField("lot") and not changed.HasField("carry_over_lot")
