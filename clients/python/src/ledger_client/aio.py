@@ -513,13 +513,8 @@ class AsyncLedgerClient:
         entries, or one account's, newest first, with the filters of
         :meth:`list_transactions`. Across every account a page may hold fewer entries than
         ``page_size``, even none, before the last: :meth:`iter_journal` pages on."""
-        request = c.list_journal_request(
-            account_id,
-            page_size=page_size,
-            page_token=page_token,
-            filters=c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses),
-        )
-        return await self._invoke(self._reports.ListJournal, request, timeout)
+        filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
+        return await self._journal_page(account_id, filters, page_size, page_token, timeout)
 
     async def iter_journal(
         self,
@@ -539,15 +534,25 @@ class AsyncLedgerClient:
         filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
         token = ""
         while True:
-            request = c.list_journal_request(
-                account_id, page_size=page_size, page_token=token, filters=filters
-            )
-            page = await self._invoke(self._reports.ListJournal, request, timeout)
+            page = await self._journal_page(account_id, filters, page_size, token, timeout)
             for transaction in page.transactions:
                 yield transaction
             token = page.next_page_token
             if not token:
                 return
+
+    async def _journal_page(
+        self,
+        account_id: str,
+        filters: c.JournalFilters,
+        page_size: int,
+        page_token: str,
+        timeout: float | None,
+    ) -> report_pb.ListJournalResponse:
+        request = c.list_journal_request(
+            account_id, page_size=page_size, page_token=page_token, filters=filters
+        )
+        return await self._invoke(self._reports.ListJournal, request, timeout)
 
     # --- reservations ------------------------------------------------------------------------
 

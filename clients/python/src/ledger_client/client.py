@@ -502,13 +502,8 @@ class LedgerClient:
         entries, or one account's, newest first, with the filters of
         :meth:`list_transactions`. Across every account a page may hold fewer entries than
         ``page_size``, even none, before the last: :meth:`iter_journal` pages on."""
-        request = c.list_journal_request(
-            account_id,
-            page_size=page_size,
-            page_token=page_token,
-            filters=c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses),
-        )
-        return self._invoke(self._reports.ListJournal, request, timeout)
+        filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
+        return self._journal_page(account_id, filters, page_size, page_token, timeout)
 
     def iter_journal(
         self,
@@ -528,14 +523,24 @@ class LedgerClient:
         filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
         token = ""
         while True:
-            request = c.list_journal_request(
-                account_id, page_size=page_size, page_token=token, filters=filters
-            )
-            page = self._invoke(self._reports.ListJournal, request, timeout)
+            page = self._journal_page(account_id, filters, page_size, token, timeout)
             yield from page.transactions
             token = page.next_page_token
             if not token:
                 return
+
+    def _journal_page(
+        self,
+        account_id: str,
+        filters: c.JournalFilters,
+        page_size: int,
+        page_token: str,
+        timeout: float | None,
+    ) -> report_pb.ListJournalResponse:
+        request = c.list_journal_request(
+            account_id, page_size=page_size, page_token=page_token, filters=filters
+        )
+        return self._invoke(self._reports.ListJournal, request, timeout)
 
     # --- reservations ------------------------------------------------------------------------
 
