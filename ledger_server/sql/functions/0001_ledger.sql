@@ -162,6 +162,12 @@ LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
+-- A reservation's status in an error message ('failed' reads as what happened to it).
+CREATE OR REPLACE FUNCTION ledger_status_words(p_status text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_status WHEN 'failed' THEN 'released (its job failed)' ELSE p_status END
+$$;
+
 -- Returns the stored response of a retried request, NULL for a new key, and fails
 -- when the key was used for a different request. Call with the account locked.
 CREATE OR REPLACE FUNCTION ledger_idempotent_replay(
@@ -444,8 +450,8 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Returns pending reservations' holds to their lots; p_status is 'released', 'failed'
--- (released because the job failed) or 'expired' (time-to-live passed). Journals one RELEASE transaction per reservation,
--- in the order of p_reservations. Set-based, so that a backlog of timed-out holds costs
+-- (released because the job failed) or 'expired' (time-to-live passed). Journals one
+-- RELEASE transaction per reservation, in the order of p_reservations. Set-based, so that a backlog of timed-out holds costs
 -- a few statements: a loop of one release per hold updated the same account and lot
 -- rows once per hold, and PostgreSQL walks every version its own transaction made of a
 -- row, so the loop was quadratic (4,000 holds on one lot took 1.1 s and a large enough
@@ -784,8 +790,7 @@ BEGIN
                                'expired_at', to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')));
     END IF;
     IF r.status <> 'pending' THEN
-        PERFORM ledger_fail('LE005', 'reservation is ' || CASE r.status
-                WHEN 'failed' THEN 'released already (its job failed)' ELSE r.status END,
+        PERFORM ledger_fail('LE005', 'reservation is ' || ledger_status_words(r.status),
             jsonb_build_object('reservation_id', p_reservation::text, 'status', r.status));
     END IF;
     RETURN r;
@@ -992,7 +997,7 @@ BEGIN
     END IF;
     IF r.status <> 'committed' THEN
         PERFORM ledger_fail('LE009', 'only committed reservations can be refunded; this one is '
-            || CASE r.status WHEN 'failed' THEN 'released (its job failed)' ELSE r.status END,
+            || ledger_status_words(r.status),
             jsonb_build_object('reservation_id', p_reservation::text, 'status', r.status));
     END IF;
     refundable := r.committed_micros - r.refunded_micros;
