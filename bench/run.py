@@ -396,6 +396,11 @@ def main() -> int:
                     dataset.settle(conn, account)
                 dataset.top_up(conn, dataset.HOT, 1_000_000 * dataset.CREDIT)
                 before_far = dataset.oldest_transactions(conn, dataset.JOURNAL, 100)
+                checkpoint_s = dataset.checkpoint(conn)
+                if checkpoint_s is None:
+                    print("bench: no CHECKPOINT (the role may not); early rows may run slower")
+                else:
+                    timings["checkpoint"] = checkpoint_s
             audits.append(_audit(dbs.database_url, "after load"))
             postmaster = stack.postmaster_pid(dbs)
             far_token = page_tokens.encode(
