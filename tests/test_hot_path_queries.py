@@ -22,21 +22,17 @@ looks the new referral code up across all accounts (see docs/SCALING.md).
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg.errors import Diagnostic
-from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from ledger_server import runtime_settings
 from ledger_server.db.queries import load_queries, query
+from support.plans import Conn, Plan, PlanRecorder, explained_connection, scans
 
 ACCOUNT_TABLES = frozenset(
     {
@@ -73,19 +69,8 @@ _INDEX_CONDITION = {
 }
 _ACCOUNT_ID = re.compile(r"\baccount_id\b")
 
-Plan = dict[str, Any]
-Conn = psycopg.Connection[TupleRow]
-
 
 # --- reading plans --------------------------------------------------------------------------
-
-
-def scans(plan: Plan) -> Iterator[Plan]:
-    """Every node of a plan tree that reads a table (not the ModifyTable above it)."""
-    if "Scan" in plan.get("Node Type", "") and "Relation Name" in plan:
-        yield plan
-    for child in plan.get("Plans", []):
-        yield from scans(child)
 
 
 def violations(statement: str, plan: Plan) -> list[str]:
@@ -105,55 +90,13 @@ def violations(statement: str, plan: Plan) -> list[str]:
     return found
 
 
-class PlanRecorder:
-    """Collects the JSON plans auto_explain sends as LOG notices on one connection."""
-
-    def __init__(self, conn: Conn) -> None:
-        self.plans: list[tuple[str, Plan]] = []
-        conn.add_notice_handler(self._on_notice)
-
-    def _on_notice(self, diag: Diagnostic) -> None:
-        message = diag.message_primary or ""
-        if "plan:" not in message:
-            return
-        document = json.loads(message[message.index("{") :])
-        text = " ".join(document.get("Query Text", "").split())
-        self.plans.append((text[:160], document["Plan"]))
-
-    def take(self) -> list[tuple[str, Plan]]:
-        plans, self.plans = self.plans, []
-        return plans
-
-
 # --- the session ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def explained_conn(ledger_db_url: str) -> Iterator[tuple[Conn, PlanRecorder]]:
-    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
-        # The ledger functions read run-time settings, which a server writes at start.
-        runtime_settings.sync_environment_defaults(
-            conn, runtime_settings.environment_defaults(), datetime.now(UTC)
-        )
-        try:
-            conn.execute("LOAD 'auto_explain'")
-        except psycopg.errors.InsufficientPrivilege as exc:
-            # Not skipped: the check would silently vanish. The embedded server and the
-            # documented local setup both connect as a superuser.
-            raise RuntimeError(
-                "this test loads auto_explain, which needs a superuser: point DATABASE_URL "
-                "at the server as one (the embedded server's postgres user is)"
-            ) from exc
-        for setting, value in (
-            ("auto_explain.log_min_duration", "0"),
-            ("auto_explain.log_nested_statements", "on"),
-            ("auto_explain.log_format", "json"),
-            ("auto_explain.log_level", "log"),
-            ("client_min_messages", "log"),
-            ("enable_seqscan", "off"),
-        ):
-            conn.execute(f"SET {setting} = {value}")
-        yield conn, PlanRecorder(conn)
+    with explained_connection(ledger_db_url) as explained:
+        yield explained
 
 
 class Flow:
