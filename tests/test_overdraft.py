@@ -426,6 +426,27 @@ def test_the_report_shows_the_overdraft_as_minus_the_debt(
         )
 
 
+def test_the_report_counts_an_overdraft_used_to_its_limit(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    reports: report_service_pb2_grpc.ReportServiceStub,
+    clock: OffsetClock,
+) -> None:
+    """The whole limit drawn leaves the overdraft lot with no credits: the report still
+    counts its debt, in a later period with no movement at all."""
+    account = _account_with_limit(ledger, admin, 2, 10)
+    ledger.consume(account, 12 * CREDIT)
+    assert _shown(ledger, account) == (-10, 0, 10, 10)
+    period = report_pb.TimeRange()
+    period.start_time.FromDatetime(clock.now() + timedelta(minutes=1))
+    period.end_time.FromDatetime(clock.now() + timedelta(minutes=2))
+    summary = reports.GetSummary(report_pb.GetSummaryRequest(account_id=account, range=period))
+    by_source = {s.source: s.amounts for s in summary.sources}
+    assert by_source[OVERDRAFT].opening_micros == by_source[OVERDRAFT].remaining_micros
+    assert by_source[OVERDRAFT].remaining_micros == -10 * CREDIT
+    assert summary.total.remaining_micros == ledger.balance(account).balance_micros
+
+
 def test_the_database_grants_no_overdraft_credits_by_itself(
     ledger: Ledger, ledger_db_url: str
 ) -> None:

@@ -32,6 +32,11 @@ SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(account_id)s::text)
 --
 -- The overdraft source's balance is minus the debt (its lot's remaining credits less its
 -- amount, the limit): changes of the limit move no credits, so they are not movements.
+--
+-- Only lots with credits left, and overdraft lots, count now: a lot that ran out adds
+-- nothing (its remaining credits are zero, so are its held ones, lots_held_within_remaining,
+-- and only the overdraft source subtracts an amount). So every account's summary need
+-- not read every lot ever granted: the partial indexes hold the live ones.
 WITH current_lots AS (
     SELECT l.source,
            sum(l.remaining_micros
@@ -41,16 +46,28 @@ WITH current_lots AS (
                FILTER (WHERE l.expires_at <= %(now)s::timestamptz) AS due_expiry
       FROM lots l
      WHERE (%(account_id)s::text IS NULL OR l.account_id = %(account_id)s::text)
+       AND (NOT l.depleted OR l.source = 'overdraft')
      GROUP BY l.source
+), since_start AS (
+    -- The oldest transaction of the read: postings reached by their id (a bound the
+    -- join implies, which lets every account's read take the postings' BRIN index).
+    SELECT min(t.transaction_id) AS first_id
+      FROM journal_transactions t
+     WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+       AND t.created_at >= %(start)s::timestamptz
 ), moves AS (
     SELECT p.source, t.kind, p.amount_micros AS amount,
-           CASE WHEN t.kind = 'expiry' THEN l.expires_at - interval '1 microsecond'
+           -- A sub-select, run for expiries alone: a join would read every lot.
+           CASE WHEN t.kind = 'expiry'
+                THEN (SELECT l.expires_at FROM lots l
+                       WHERE l.account_id = p.account_id AND l.lot_id = p.lot_id)
+                     - interval '1 microsecond'
                 ELSE t.created_at END AS at
       FROM journal_transactions t
       JOIN postings p ON p.account_id = t.account_id AND p.transaction_id = t.transaction_id
-      LEFT JOIN lots l ON t.kind = 'expiry' AND l.account_id = p.account_id AND l.lot_id = p.lot_id
      WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
        AND t.created_at >= %(start)s::timestamptz
+       AND p.transaction_id >= (SELECT first_id FROM since_start)
        AND p.lot_id IS NOT NULL  -- the account's side only
        AND t.kind <> 'overdraft'
     UNION ALL
@@ -58,6 +75,7 @@ WITH current_lots AS (
            l.expires_at - interval '1 microsecond'
       FROM lots l
      WHERE (%(account_id)s::text IS NULL OR l.account_id = %(account_id)s::text)
+       AND NOT l.depleted  -- implied by what follows; lets the plan take a partial index
        AND l.remaining_micros > l.held_micros
        AND l.expires_at <= %(now)s::timestamptz
        AND l.expires_at > %(start)s::timestamptz
@@ -98,27 +116,38 @@ SELECT s.source,
 -- name: report_usage
 -- Charges in [start, end) by feature and model, and the refunds made in the period
 -- of charges of each (a refund carries its reservation's feature; its model is the
--- charge's).
-SELECT coalesce(t.feature, ''),
-       coalesce(t.model, c.model, ''),
-       count(*) FILTER (WHERE t.kind = 'charge'),
-       coalesce(-sum(t.amount_micros) FILTER (WHERE t.kind = 'charge'), 0)::bigint,
-       coalesce(sum(refunded.gross) FILTER (WHERE t.kind = 'refund'), 0)::bigint
-  FROM journal_transactions t
-  LEFT JOIN reservations r
-         ON t.kind = 'refund' AND r.account_id = t.account_id AND r.reservation_id = t.reservation_id
-  LEFT JOIN journal_transactions c
-         ON c.account_id = r.account_id AND c.transaction_id = r.charge_transaction_id
-  LEFT JOIN LATERAL (
-        SELECT sum(p.amount_micros) AS gross
-          FROM postings p
-         WHERE t.kind = 'refund' AND p.account_id = t.account_id
-           AND p.transaction_id = t.transaction_id AND p.lot_id IS NOT NULL
-           AND p.amount_micros > 0) refunded ON true
- WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
-   AND t.kind IN ('charge', 'refund')
-   AND t.created_at >= %(start)s::timestamptz
-   AND t.created_at < %(end)s::timestamptz
+-- charge's). Only the refunds look up their reservation, charge and postings: joined
+-- for every entry, the lookups made the plan read every reservation and entry ever made.
+SELECT feature, model,
+       count(*) FILTER (WHERE kind = 'charge'),
+       coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0)::bigint,
+       coalesce(sum(refunded) FILTER (WHERE kind = 'refund'), 0)::bigint
+  FROM (
+    SELECT t.kind, coalesce(t.feature, '') AS feature, coalesce(t.model, '') AS model,
+           t.amount_micros AS amount, NULL::bigint AS refunded
+      FROM journal_transactions t
+     WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+       AND t.kind = 'charge'
+       AND t.created_at >= %(start)s::timestamptz
+       AND t.created_at < %(end)s::timestamptz
+    UNION ALL
+    SELECT t.kind, coalesce(t.feature, ''), coalesce(t.model, c.model, ''),
+           t.amount_micros, refunded.gross
+      FROM journal_transactions t
+      LEFT JOIN reservations r
+             ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
+      LEFT JOIN journal_transactions c
+             ON c.account_id = r.account_id AND c.transaction_id = r.charge_transaction_id
+      LEFT JOIN LATERAL (
+            SELECT sum(p.amount_micros) AS gross
+              FROM postings p
+             WHERE p.account_id = t.account_id AND p.transaction_id = t.transaction_id
+               AND p.lot_id IS NOT NULL AND p.amount_micros > 0) refunded ON true
+     WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+       AND t.kind = 'refund'
+       AND t.created_at >= %(start)s::timestamptz
+       AND t.created_at < %(end)s::timestamptz
+  ) entries
  GROUP BY 1, 2
  ORDER BY 4 DESC, 1, 2
 
