@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -14,14 +13,10 @@ import psycopg
 import pytest
 
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc
 from ledger.v1 import report_service_pb2 as report_pb
-from ledger_server.clock import OffsetClock
-from ledger_server.config import Settings
-from ledger_server.db.migrate import migrate
+from ledger.v1 import report_service_pb2_grpc
 from ledger_server.server import journal_pages
 from support.ledger import CREDIT, Ledger, expect_error, new_account
-from support.server import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -124,44 +119,6 @@ def test_a_page_of_every_accounts_log_reads_a_bounded_stretch_and_goes_on_from_t
         token = page.next_page_token
     assert [t.transaction_id for t in page.transactions] == [older]
     assert empty_pages >= 1  # twelve entries lay between them: a stretch of five held none of ours
-
-
-def test_a_walk_from_a_time_on_ends_where_nothing_older_is_as_recent(
-    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every account's log from start_time on: the pages stop once nothing below them was
-    made since then, instead of reading the rest of the journal, stretch by stretch, down
-    to its oldest entry. A database of its own, so the journal holds only these entries."""
-    migrate(fresh_database_url)
-    clock = OffsetClock()
-    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 2)
-    server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            ledger = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
-            reports = report_service_pb2_grpc.ReportServiceStub(channel)
-            for account in ("journal-old", "journal-new"):  # opened (any sign-up bonus) now
-                for _ in range(6):
-                    ledger.grant(account, 1)
-            clock.advance(timedelta(days=1))
-            since = clock.now()
-            recent = [ledger.grant("journal-new", 1).transaction_id for _ in range(3)]
-
-            request = report_pb.ListJournalRequest(page_size=10)
-            request.start_time.FromDatetime(since)
-            pages, listed, token = 0, [], ""
-            while True:
-                request.page_token = token
-                page = reports.ListJournal(request)
-                pages, token = pages + 1, page.next_page_token
-                listed += page.transactions
-                if not token:
-                    break
-    finally:
-        server.stop()
-    assert [t.transaction_id for t in listed] == recent[::-1]
-    # Two stretches of two reach below the recent entries; six more would read the old.
-    assert pages == 2, pages
 
 
 def test_journal_requests_are_checked(reports: Any, ledger: Ledger) -> None:

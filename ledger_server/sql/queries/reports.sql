@@ -170,12 +170,3 @@ SELECT transaction_id FROM journal_transactions
  WHERE -transaction_id > -coalesce(%(before)s::bigint, 9223372036854775807)
  ORDER BY -transaction_id
 OFFSET %(scan)s::int - 1 LIMIT 1
-
--- name: journal_reaches_back
--- Whether any entry below %(below)s was made at or after %(start_time)s. If none was, no
--- page further down can match a walk of every account's log from that time on, however
--- long the journal below: its last page ends there. Through the BRIN index on created_at
--- (migration 0018); ids and times need not follow each other.
-SELECT EXISTS (SELECT 1 FROM journal_transactions
-                WHERE created_at >= %(start_time)s::timestamptz
-                  AND transaction_id < %(below)s::bigint)
