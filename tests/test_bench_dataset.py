@@ -1,0 +1,40 @@
+"""The bench's dataset writes what the ledger writes (bench/dataset.py): the audit finds it
+clean, and each charge of the long journal has the idempotency key a Consume stores with
+it, whose stored answer names that charge and the balance after it. Loaded small, into a
+database of its own (the load empties the ledger tables)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from bench import dataset
+from ledger_server.audit import audit_database
+from ledger_server.db.migrate import migrate
+
+
+def test_a_small_dataset_is_clean_and_each_charge_has_its_key(fresh_database_url: str) -> None:
+    migrate(fresh_database_url)
+    sizes = dataset.Sizes(accounts=20, journal_entries=50, many_lots=30)
+    dataset.load(fresh_database_url, sizes, fresh=False, may_wipe=True)
+    assert audit_database(fresh_database_url) == []
+
+    with psycopg.connect(fresh_database_url) as conn:
+        charges = conn.execute(
+            """
+            SELECT t.transaction_id, k.operation, k.response ->> 'transaction_id',
+                   (k.response -> 'balance' ->> 'balance_micros')::bigint
+              FROM journal_transactions t
+              LEFT JOIN idempotency_keys k
+                     ON k.account_id = t.account_id
+                    AND k.idempotency_key = t.reservation_id::text
+             WHERE t.account_id = %s AND t.kind = 'charge'
+             ORDER BY t.transaction_id
+            """,
+            (dataset.JOURNAL,),
+        ).fetchall()
+        balance = conn.execute(
+            "SELECT balance_micros FROM accounts WHERE account_id = %s", (dataset.JOURNAL,)
+        ).fetchone()
+    assert len(charges) == sizes.journal_entries - 1
+    assert all(op == "consume" and answered == str(txn) for txn, op, answered, _ in charges)
+    assert balance is not None and charges[-1][3] == balance[0]
