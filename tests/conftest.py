@@ -28,6 +28,7 @@ from ledger_server.devstack import embedded
 from ledger_server.server.identity import ACTOR_METADATA_KEY
 from support.client import FAST_RETRY
 from support.ledger import Ledger
+from support.plans import Conn, PlanRecorder, explained_connection
 from support.proxy import DropProxy
 from support.server import ServerThread
 from support.settings import ActorMetadata, SettingsChanger
@@ -217,3 +218,10 @@ def assert_audit_clean(ledger_db_url: str) -> Callable[[], None]:
         assert violations == [], "\n".join(str(v) for v in violations)
 
     return check
+
+
+@pytest.fixture(scope="module")
+def explained_conn(ledger_db_url: str) -> Iterator[tuple[Conn, PlanRecorder]]:
+    """A session that explains every statement it runs (support/plans.py)."""
+    with explained_connection(ledger_db_url) as explained:
+        yield explained

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,7 +31,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from ledger_server.db.queries import load_queries, query
-from support.plans import Conn, Plan, PlanRecorder, explained_connection, scans
+from support.plans import Conn, Plan, PlanRecorder, scans
 
 ACCOUNT_TABLES = frozenset(
     {
@@ -91,12 +90,6 @@ def violations(statement: str, plan: Plan) -> list[str]:
 
 
 # --- the session ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def explained_conn(ledger_db_url: str) -> Iterator[tuple[Conn, PlanRecorder]]:
-    with explained_connection(ledger_db_url) as explained:
-        yield explained
 
 
 class Flow:

@@ -10,16 +10,15 @@ takes an index wherever one fits) and checks where the rows come from.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import pytest
 
 from ledger_server.db.queries import query
-from support.plans import Conn, Plan, PlanRecorder, explained_connection, scans
+from support.ledger import CREDIT
+from support.plans import Conn, Plan, PlanRecorder, scans
 
-CREDIT = 1_000_000
 # Partial indexes that hold only lots with credits left, or the overdraft lots.
 LIVE_LOT_INDEXES = frozenset(
     {"lots_consumption_order", "lots_account_expiry", "lots_one_overdraft_per_account"}
@@ -38,12 +37,6 @@ def index_condition(node: Plan) -> str:
     found = [node.get("Index Cond", ""), node.get("Recheck Cond", "")]
     found += [index_condition(child) for child in node.get("Plans", [])]
     return " ".join(part for part in found if part)
-
-
-@pytest.fixture(scope="module")
-def explained_conn(ledger_db_url: str) -> Iterator[tuple[Conn, PlanRecorder]]:
-    with explained_connection(ledger_db_url) as explained:
-        yield explained
 
 
 class ReportPlans(NamedTuple):
