@@ -175,7 +175,7 @@ def test_the_time_and_id_indexes_serve_the_read_alone(
     account by account (PostgreSQL 18's skip scan), or all of one, which on a real ledger
     costs a descent per account or every row. With those out of the way (dropped in a
     transaction rolled back), the read still finds the period through an index: the BRIN
-    indexes of migration 0018."""
+    indexes of migrations 0018 and 0019."""
     conn, recorder = explained_conn
     now = datetime.now(UTC)
     params = {"account_id": None, "start": now - timedelta(days=1), "end": now, "now": now}
@@ -195,4 +195,4 @@ def test_the_time_and_id_indexes_serve_the_read_alone(
         if node["Relation Name"] in ("journal_transactions", "postings")
         for name in index_names(node)
     }
-    assert {"journal_transactions_created", "postings_transaction"} <= used, used
+    assert {"journal_transactions_id_created", "postings_transaction"} <= used, used

@@ -170,6 +170,20 @@ EXPECTED_FUNCTIONS = {
 }
 
 
+# Every index on the two tables each charge appends to, with its access method: an index
+# there costs every Consume (the BRIN ones nearly nothing, migrations 0018 and 0019).
+EXPECTED_JOURNAL_INDEXES = {
+    ("journal_transactions", "journal_transactions_account_time", "btree"),
+    ("journal_transactions", "journal_transactions_id_created", "brin"),
+    ("journal_transactions", "journal_transactions_newest_first", "btree"),
+    ("journal_transactions", "journal_transactions_pkey", "btree"),
+    ("journal_transactions", "journal_transactions_reservation", "btree"),
+    ("postings", "postings_lot", "btree"),
+    ("postings", "postings_pkey", "btree"),
+    ("postings", "postings_transaction", "brin"),
+}
+
+
 def test_fresh_migrate_gives_the_expected_schema(fresh_database_url: str) -> None:
     applied = migrations.migrate(fresh_database_url)
     assert applied == [m.name for m in migrations.migrations()] + [
@@ -202,6 +216,16 @@ def test_fresh_migrate_gives_the_expected_schema(fresh_database_url: str) -> Non
             ).fetchall()
         }
         assert functions >= EXPECTED_FUNCTIONS
+        journal_indexes = set(
+            conn.execute(
+                """SELECT t.relname::text, i.relname::text, am.amname::text FROM pg_index x
+                     JOIN pg_class i ON i.oid = x.indexrelid
+                     JOIN pg_class t ON t.oid = x.indrelid
+                     JOIN pg_am am ON am.oid = i.relam
+                    WHERE t.relname IN ('journal_transactions', 'postings')"""
+            ).fetchall()
+        )
+        assert journal_indexes == EXPECTED_JOURNAL_INDEXES
         sources = {r[0] for r in conn.execute("SELECT source FROM credit_sources").fetchall()}
         assert "daily" in sources and "purchase" in sources
     assert migrations.migrate(fresh_database_url) == []

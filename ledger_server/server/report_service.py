@@ -111,8 +111,8 @@ async def _every_accounts_page(
 ) -> tuple[list[TupleRow], int | None]:
     """A page of every account's log, which reads a bounded stretch of the journal
     (journal_pages.SCAN_ENTRIES), and, for a page that did not fill, the last entry it read
-    (None: it read to the oldest). One snapshot: an entry committed between the two reads
-    would shift the stretch."""
+    (None: it read to the oldest, or nothing below it is as recent as the start_time asked
+    for). One snapshot: an entry committed between the reads would shift the stretch."""
     scan = journal_pages.SCAN_ENTRIES
     async with conn.transaction():
         await _rows(conn, "report_snapshot", {})
@@ -120,7 +120,13 @@ async def _every_accounts_page(
         if len(rows) > page_size:
             return rows, None
         end = await _rows(conn, "journal_scan_end", {"before": query["before"], "scan": scan})
-    return rows, (end[0][0] if end else None)
+        if not end:
+            return rows, None
+        if query["start_time"] is not None:
+            below = {"below": end[0][0], "start_time": query["start_time"]}
+            if not (await _rows(conn, "journal_reaches_back", below))[0][0]:
+                return rows, None
+    return rows, end[0][0]
 
 
 async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:

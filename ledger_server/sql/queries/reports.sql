@@ -170,3 +170,8 @@ SELECT transaction_id FROM journal_transactions
  WHERE -transaction_id > -coalesce(%(before)s::bigint, 9223372036854775807)
  ORDER BY -transaction_id
 OFFSET %(scan)s::int - 1 LIMIT 1
+
+-- name: journal_reaches_back
+-- Whether any entry below %(below)s was made at or after %(start_time)s; if none was, no
+-- page further down can match a walk of every account's log from that time on.
+SELECT ledger_journal_reaches_back(%(below)s::bigint, %(start_time)s::timestamptz)

@@ -45,7 +45,8 @@ class ReportServiceStub:
     the filters are applied while walking the journal from the newest entry (or the page
     token), and one page walks at most 20,000 entries: a filter that matches little of a
     long journal gives pages with fewer entries than page_size, even none, that still
-    carry a next_page_token. Page until the token is empty.
+    carry a next_page_token. Page until the token is empty. With a start_time the token is
+    empty once no older entry was made since then, so the walk ends there.
     """
 
 @_typing.type_check_only
@@ -65,7 +66,8 @@ class ReportServiceAsyncStub(ReportServiceStub):
     the filters are applied while walking the journal from the newest entry (or the page
     token), and one page walks at most 20,000 entries: a filter that matches little of a
     long journal gives pages with fewer entries than page_size, even none, that still
-    carry a next_page_token. Page until the token is empty.
+    carry a next_page_token. Page until the token is empty. With a start_time the token is
+    empty once no older entry was made since then, so the walk ends there.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -94,7 +96,8 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         the filters are applied while walking the journal from the newest entry (or the page
         token), and one page walks at most 20,000 entries: a filter that matches little of a
         long journal gives pages with fewer entries than page_size, even none, that still
-        carry a next_page_token. Page until the token is empty.
+        carry a next_page_token. Page until the token is empty. With a start_time the token is
+        empty once no older entry was made since then, so the walk ends there.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
