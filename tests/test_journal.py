@@ -182,15 +182,65 @@ def test_a_walk_from_a_time_on_ends_where_nothing_below_is_as_recent(
     assert pages == 4, pages
 
 
-def test_the_walks_end_is_found_through_the_index_over_ids_and_times(
+def test_a_walk_up_to_a_time_starts_below_what_was_made_since(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every account's log up to end_time: the first page starts below the entries made
+    since then instead of reading down through them, stretch by stretch. Two servers
+    whose clocks are a day apart write to one ledger; an entry made before end_time lies
+    among those made after it, and is the first page's first entry. A database of its own:
+    the journal holds only these entries."""
+    migrate(fresh_database_url)
+    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 2)
+    behind, ahead = OffsetClock(), OffsetClock()
+    ahead.advance(timedelta(days=1))
+    with ExitStack() as stack:
+        ledgers, reports = [], None
+        for clock in (behind, ahead):
+            server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
+            stack.callback(server.stop)
+            channel = stack.enter_context(grpc.insecure_channel(server.address))
+            ledgers.append(Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel)))
+            reports = report_service_pb2_grpc.ReportServiceStub(channel)
+        old, new = ledgers
+        for _ in range(4):
+            old.grant("journal-old", 1)
+        until = behind.now() + timedelta(hours=12)
+        for _ in range(6):
+            new.grant("journal-new", 1)
+        late = old.grant("journal-old", 1).transaction_id  # above six made after `until`
+        for _ in range(6):
+            new.grant("journal-new", 1)
+
+        request = report_pb.ListJournalRequest(page_size=10)
+        request.end_time.FromDatetime(until)
+        first = reports.ListJournal(request)
+        listed, token = [t.transaction_id for t in first.transactions], first.next_page_token
+        while token:
+            request.page_token = token
+            page = reports.ListJournal(request)
+            listed += [t.transaction_id for t in page.transactions]
+            token = page.next_page_token
+    with psycopg.connect(fresh_database_url) as conn:
+        made_before = conn.execute(
+            "SELECT transaction_id FROM journal_transactions WHERE created_at < %s"
+            " ORDER BY transaction_id DESC",
+            (until,),
+        ).fetchall()
+    assert first.transactions and first.transactions[0].transaction_id == late
+    assert listed == [str(row[0]) for row in made_before]
+
+
+def test_the_walks_ends_are_found_through_the_index_over_ids_and_times(
     fresh_database_url: str,
 ) -> None:
-    """The end check of a walk from a start_time reads the BRIN index over ids and times
-    (migration 0019), whatever the session's settings. Left to itself, the planner reckons
-    ids and times independent, takes a sequential scan to find a row at once, and reads the
-    whole journal to find that none matches (76 ms on the bench's million entries, where
-    this check takes 0.05 ms). A journal of its own, long enough for the planner to weigh
-    its indexes as it would a real one's."""
+    """Where a walk from a start_time ends and where one up to an end_time starts are read
+    from the BRIN index over ids and times (migration 0019), whatever the session's
+    settings. Left to itself, the planner reckons ids and times independent and takes a
+    sequential scan to find a row at once: where none matches that reads the whole
+    journal (76 ms on the bench's million entries, where the end check takes 0.05 ms). A
+    journal of its own, long enough for the planner to weigh its indexes as it would a
+    real one's."""
     migrate(fresh_database_url)
     with explained_connection(fresh_database_url) as (conn, recorder):
         conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
@@ -219,17 +269,21 @@ def test_the_walks_end_is_found_through_the_index_over_ids_and_times(
             "SELECT ledger_journal_reaches_back(%s, %s)", (middle, since)
         ).fetchone()
         conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
+        end_check = recorder.take()
+        top = conn.execute("SELECT ledger_journal_walk_top(%s)", (since,)).fetchone()
+        conn.execute("SELECT 1")
+        start_search = recorder.take()
     assert below == (False,)
-    reads = [
-        node
-        for text, plan in recorder.take()
-        if "FROM journal_transactions" in text
-        for node in scans(plan)
-    ]
-    assert reads, "no plan of the end check was recorded"
-    assert [node["Node Type"] for node in reads] == ["Bitmap Heap Scan"], reads
-    indexes = {child.get("Index Name") for child in reads[0].get("Plans", [])}
-    assert indexes == {"journal_transactions_id_created"}, reads
+    assert top == (middle,)  # the middle entry is the first made at or after `since`
+    for what, plans in (("end check", end_check), ("start search", start_search)):
+        reads = [
+            node for _, plan in plans for node in scans(plan)
+            if node["Relation Name"] == "journal_transactions"
+        ]  # fmt: skip
+        assert reads, f"no plan of the {what} was recorded"
+        assert {node["Node Type"] for node in reads} == {"Bitmap Heap Scan"}, (what, reads)
+        indexes = {child.get("Index Name") for node in reads for child in node.get("Plans", [])}
+        assert indexes == {"journal_transactions_id_created"}, (what, reads)
 
 
 def test_journal_requests_are_checked(reports: Any, ledger: Ledger) -> None:

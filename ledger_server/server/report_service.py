@@ -112,10 +112,14 @@ async def _every_accounts_page(
     """A page of every account's log, which reads a bounded stretch of the journal
     (journal_pages.SCAN_ENTRIES), and, for a page that did not fill, the last entry it read
     (None: it read to the oldest, or nothing below it is as recent as the start_time asked
-    for). One snapshot: an entry committed between the reads would shift the stretch."""
+    for). The first page of a walk up to an end_time starts below every entry made since
+    then. One snapshot: an entry committed between the reads would shift the stretch."""
     scan = journal_pages.SCAN_ENTRIES
     async with conn.transaction():
         await _rows(conn, "report_snapshot", {})
+        if query["end_time"] is not None and query["before"] is None:
+            top = await _rows(conn, "journal_walk_top", {"end_time": query["end_time"]})
+            query = {**query, "before": top[0][0]}
         rows = await _rows(conn, "list_journal", {**query, "scan": scan})
         if len(rows) > page_size:
             return rows, None

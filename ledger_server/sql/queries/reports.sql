@@ -175,3 +175,8 @@ OFFSET %(scan)s::int - 1 LIMIT 1
 -- Whether any entry below %(below)s was made at or after %(start_time)s; if none was, no
 -- page further down can match a walk of every account's log from that time on.
 SELECT ledger_journal_reaches_back(%(below)s::bigint, %(start_time)s::timestamptz)
+
+-- name: journal_walk_top
+-- Where the first page of a walk of every account's log up to %(end_time)s starts: below
+-- the lowest id at and above which nothing was made before then.
+SELECT ledger_journal_walk_top(%(end_time)s::timestamptz)
