@@ -1196,6 +1196,18 @@ BEGIN
     -- the values, "$1 IS NULL" folds away. Every account's page walks the journal by
     -- -transaction_id (journal_transactions_newest_first, migration 0016), one account's
     -- by its primary key.
+    --
+    -- One account's first page up to an end_time would read down through every entry the
+    -- account made since then (741 ms for the bench's account of 1,000,000 entries, a
+    -- statement time-out at ten times that). Where it made that many (counted up to a
+    -- bound, on its own index by time), the page starts where every account's walk does
+    -- (ledger_journal_walk_top, 7-16 ms); most accounts are spared the search.
+    IF p_account IS NOT NULL AND p_end IS NOT NULL AND p_before IS NULL
+       AND (SELECT count(*) FROM (SELECT FROM journal_transactions j
+                                   WHERE j.account_id = p_account AND j.created_at >= p_end
+                                   LIMIT 20000) since_end) = 20000 THEN
+        p_before := ledger_journal_walk_top(p_end);
+    END IF;
     RETURN QUERY EXECUTE format($query$
         SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
                t.feature, t.model, t.usage, t.comment, t.actor, t.external_ref,
