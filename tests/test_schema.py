@@ -231,6 +231,36 @@ def test_fresh_migrate_gives_the_expected_schema(fresh_database_url: str) -> Non
     assert migrations.migrate(fresh_database_url) == []
 
 
+def test_migration_0019_builds_again_an_index_a_failed_concurrent_build_left(
+    fresh_database_url: str,
+) -> None:
+    """README: build 0019's index with CREATE INDEX CONCURRENTLY before migrating a large
+    ledger. A build that failed leaves an invalid index of that name, which IF NOT EXISTS
+    would take for the index while the migration drops 0018's: the journal would keep no
+    usable BRIN index. Here the database is put back as it was before 0019, with such an
+    invalid index, and migrated again."""
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE INDEX journal_transactions_created ON journal_transactions"
+            " USING brin (created_at) WITH (autosummarize = on)"
+        )
+        conn.execute(
+            "UPDATE pg_index SET indisvalid = false"
+            " WHERE indexrelid = 'journal_transactions_id_created'::regclass"
+        )
+        conn.execute("DELETE FROM schema_migrations WHERE version = 19")
+    assert migrations.migrate(fresh_database_url) == ["0019_journal_walk_end.sql"]
+    with psycopg.connect(fresh_database_url) as conn:
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index"
+            " WHERE indexrelid = 'journal_transactions_id_created'::regclass"
+        ).fetchone()
+        replaced = conn.execute("SELECT to_regclass('journal_transactions_created')").fetchone()
+    assert valid == (True,)
+    assert replaced == (None,)
+
+
 def test_account_ids_and_idempotency_keys_compare_by_their_bytes(
     fresh_database_url: str,
 ) -> None:

@@ -1275,25 +1275,44 @@ AS $$
 $$;
 
 -- Where a walk of every account's log up to p_end (ListJournal's end_time) starts: the
--- lowest id at and above which no entry was made before p_end. Nothing there can match,
--- however much the platform wrote since p_end, so the first page starts below it instead
--- of reading down through all of that, stretch by stretch. A binary search over the ids,
--- each step one probe of the BRIN index over ids and times (migration 0019) as in
--- ledger_journal_reaches_back, settings and all: 7-16 ms for the whole search on the
--- bench's journal of a million entries. Ids and times need not follow each other; the
--- search assumes nothing of it, since "some entry at or above this id was made before
--- p_end" only turns false as the id grows.
+-- lowest id at and above which no entry was made before p_end (0 for none). Nothing there
+-- can match, however much the platform wrote since p_end, so the first page starts below
+-- it instead of reading down through all of that, stretch by stretch. When the newest
+-- entry was made before p_end (a walk up to now), that is the id above it, read from
+-- journal_transactions_newest_first (0016); otherwise ledger_journal_search_top looks for it.
+-- The newest id is the snapshot's own, so the bound holds however ids are drawn.
 CREATE OR REPLACE FUNCTION ledger_journal_walk_top(p_end timestamptz) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    newest journal_transactions;
+BEGIN
+    SELECT * INTO newest FROM journal_transactions ORDER BY -transaction_id LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN 0;
+    ELSIF newest.created_at < p_end THEN
+        RETURN newest.transaction_id + 1;
+    END IF;
+    RETURN ledger_journal_search_top(p_end, newest.transaction_id);
+END $$;
+
+-- The lowest id at and above which no entry was made before p_end, given p_hi, an id at
+-- and above which none was: a binary search over the ids, each step one probe of the
+-- BRIN index over ids and times (migration 0019) under ledger_journal_reaches_back's
+-- settings, 7-16 ms for the whole search on the bench's journal of a million entries. Ids
+-- and times need not follow each other; the search assumes nothing of it, since "some
+-- entry at or above this id was made before p_end" only turns false as the id grows.
+CREATE OR REPLACE FUNCTION ledger_journal_search_top(p_end timestamptz, p_hi bigint)
+    RETURNS bigint
 LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
 SET enable_indexscan = off
 SET enable_indexonlyscan = off
 AS $$
 DECLARE
-    -- The answer lies in [lo, hi]: no entry at or above hi was made before p_end (at
-    -- first, none is above every id drawn yet), and one at lo - 1 or above was (or lo = 0).
+    -- The answer lies in [lo, hi]: no entry at or above hi was made before p_end, and
+    -- one at lo - 1 or above was (or lo = 0).
     lo bigint := 0;
-    hi bigint := (SELECT last_value + 1 FROM journal_transactions_transaction_id_seq);
+    hi bigint := p_hi;
     mid bigint;
 BEGIN
     WHILE lo < hi LOOP

@@ -18,7 +18,18 @@
 -- inserts until its range is summarized.
 --
 -- On a large ledger, build it beforehand with CREATE INDEX CONCURRENTLY and the same
--- definition: IF NOT EXISTS then makes this migration a no-op but for the drop.
+-- definition: IF NOT EXISTS then makes this migration a no-op but for the drop. A
+-- concurrent build that failed leaves an invalid index of that name, which IF NOT EXISTS
+-- would take for the index and the drop would leave the journal without either: such an
+-- index is dropped and built again here.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_index
+                WHERE indexrelid = to_regclass('journal_transactions_id_created')
+                  AND NOT indisvalid) THEN
+        DROP INDEX journal_transactions_id_created;
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS journal_transactions_id_created ON journal_transactions
     USING brin (transaction_id, created_at) WITH (autosummarize = on);
 DROP INDEX IF EXISTS journal_transactions_created;

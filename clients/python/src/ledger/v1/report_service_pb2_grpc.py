@@ -68,7 +68,8 @@ class ReportServiceServicer:
         token), and one page walks at most 20,000 entries: a filter that matches little of a
         long journal gives pages with fewer entries than page_size, even none, that still
         carry a next_page_token. Page until the token is empty. With a start_time the token is
-        empty once no older entry was made since then, so the walk ends there.
+        empty once no older entry was made since then, so the walk ends there; with an
+        end_time the first page starts at the newest entry made before it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,8 @@ class ReportServiceStub:
     token), and one page walks at most 20,000 entries: a filter that matches little of a
     long journal gives pages with fewer entries than page_size, even none, that still
     carry a next_page_token. Page until the token is empty. With a start_time the token is
-    empty once no older entry was made since then, so the walk ends there.
+    empty once no older entry was made since then, so the walk ends there; with an
+    end_time the first page starts at the newest entry made before it.
     """
 
 @_typing.type_check_only
@@ -67,7 +68,8 @@ class ReportServiceAsyncStub(ReportServiceStub):
     token), and one page walks at most 20,000 entries: a filter that matches little of a
     long journal gives pages with fewer entries than page_size, even none, that still
     carry a next_page_token. Page until the token is empty. With a start_time the token is
-    empty once no older entry was made since then, so the walk ends there.
+    empty once no older entry was made since then, so the walk ends there; with an
+    end_time the first page starts at the newest entry made before it.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -97,7 +99,8 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         token), and one page walks at most 20,000 entries: a filter that matches little of a
         long journal gives pages with fewer entries than page_size, even none, that still
         carry a next_page_token. Page until the token is empty. With a start_time the token is
-        empty once no older entry was made since then, so the walk ends there.
+        empty once no older entry was made since then, so the walk ends there; with an
+        end_time the first page starts at the newest entry made before it.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
