@@ -112,7 +112,7 @@ async def _every_accounts_page(
     """A page of every account's log, which reads a bounded stretch of the journal
     (journal_pages.SCAN_ENTRIES), and, for a page that did not fill, the last entry it read
     (None: it read to the oldest, or nothing below it is as recent as the start_time asked
-    for). The first page of a walk up to an end_time starts below every entry made since
+    for). The first page of a walk up to an end_time starts at the newest entry made before
     then. One snapshot: an entry committed between the reads would shift the stretch."""
     scan = journal_pages.SCAN_ENTRIES
     async with conn.transaction():
