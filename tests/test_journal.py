@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import psycopg
@@ -129,6 +129,34 @@ def test_a_page_of_every_accounts_log_reads_a_bounded_stretch_and_goes_on_from_t
     assert empty_pages >= 1  # twelve entries lay between them: a stretch of five held none of ours
 
 
+class DayApart(NamedTuple):
+    """Two servers on one ledger, their clocks a day apart, and the reports of one."""
+
+    old: Ledger
+    new: Ledger
+    reports: Any
+    old_clock: OffsetClock
+    new_clock: OffsetClock
+
+
+@contextmanager
+def servers_a_day_apart(database_url: str) -> Iterator[DayApart]:
+    """A migrated ledger written by two servers whose clocks are a day apart: ids and
+    times need not follow each other."""
+    migrate(database_url)
+    clocks = OffsetClock(), OffsetClock()
+    clocks[1].advance(timedelta(days=1))
+    with ExitStack() as stack:
+        ledgers = []
+        for clock in clocks:
+            server = ServerThread(Settings(database_url=database_url), clock).start()
+            stack.callback(server.stop)
+            channel = stack.enter_context(grpc.insecure_channel(server.address))
+            ledgers.append(Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel)))
+        reports = report_service_pb2_grpc.ReportServiceStub(channel)
+        yield DayApart(*ledgers, reports, *clocks)
+
+
 def _walk_from(reports: Any, since: datetime) -> tuple[list[int], int]:
     """Every account's log from ``since`` on, page by page: the ids listed, and the pages."""
     request = report_pb.ListJournalRequest(page_size=10)
@@ -153,19 +181,8 @@ def test_a_walk_from_a_time_on_ends_where_nothing_below_is_as_recent(
     write to one ledger, and an entry made since start_time lies below four that were not,
     so the walk goes on past them to it. A database of its own: the journal holds only
     these entries."""
-    migrate(fresh_database_url)
     monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 2)
-    behind, ahead = OffsetClock(), OffsetClock()
-    ahead.advance(timedelta(days=1))
-    with ExitStack() as stack:
-        ledgers, reports = [], None
-        for clock in (behind, ahead):
-            server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
-            stack.callback(server.stop)
-            channel = stack.enter_context(grpc.insecure_channel(server.address))
-            ledgers.append(Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel)))
-            reports = report_service_pb2_grpc.ReportServiceStub(channel)
-        old, new = ledgers
+    with servers_a_day_apart(fresh_database_url) as (old, new, reports, _, ahead):
         for account in ("journal-old", "journal-new"):  # opened (any sign-up bonus) behind
             for _ in range(6):
                 old.grant(account, 1)
@@ -190,19 +207,8 @@ def test_a_walk_up_to_a_time_starts_below_what_was_made_since(
     whose clocks are a day apart write to one ledger; an entry made before end_time lies
     among those made after it, and is the first page's first entry. A database of its own:
     the journal holds only these entries."""
-    migrate(fresh_database_url)
     monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 2)
-    behind, ahead = OffsetClock(), OffsetClock()
-    ahead.advance(timedelta(days=1))
-    with ExitStack() as stack:
-        ledgers, reports = [], None
-        for clock in (behind, ahead):
-            server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
-            stack.callback(server.stop)
-            channel = stack.enter_context(grpc.insecure_channel(server.address))
-            ledgers.append(Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel)))
-            reports = report_service_pb2_grpc.ReportServiceStub(channel)
-        old, new = ledgers
+    with servers_a_day_apart(fresh_database_url) as (old, new, reports, behind, _):
         for _ in range(4):
             old.grant("journal-old", 1)
         until = behind.now() + timedelta(hours=12)
