@@ -1,7 +1,7 @@
 """The operator CLI `ledger` (issue 6, must-show 5), run as a subprocess the way an
 operator runs it: `audit` exits non-zero when an invariant is broken and zero when
-clean; balance, grant, adjust, transactions, reservations, codes, summary and config
-against the session's server, human tables and --json; errors and exit codes."""
+clean; balance, grant, adjust, transactions, journal, reservations, codes, summary and
+config against the session's server, human tables and --json; errors and exit codes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from ledger.v1 import ledger_service_pb2 as ledger_pb
 from ledger_server.cli.output import enum_name
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
+from ledger_server.server import journal_pages
 from support.ledger import CREDIT, Ledger, new_account
 
 ACTOR = "ops-alice"
@@ -113,6 +115,38 @@ def test_audit_without_a_database_is_a_usage_error_and_an_unreachable_one_is_3(
 
 
 # --- against the server ---------------------------------------------------------------------------
+
+
+def test_journal_reads_on_across_short_pages_to_its_limit(
+    cli: Cli, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`journal` lists every account's entries: a page of that log reads a bounded stretch
+    and may come back empty with a token where a filter matches little, so the command
+    reads on until it holds --limit entries or the walk ends."""
+    feature = f"cli-journal-{uuid.uuid4().hex[:8]}"
+    account, busy = new_account("cli-journal"), new_account("cli-journal-busy")
+    ledger.grant(account, 10)
+    older = ledger.consume(account, CREDIT, feature=feature).transaction_id
+    for _ in range(12):
+        ledger.grant(busy, 1)  # entries the filter does not match, between the two
+    newer = ledger.consume(account, CREDIT, feature=feature).transaction_id
+    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 5)  # the suite's server is in-process
+
+    listed = ok_json(cli("journal", "--feature", feature, "--json"))
+    assert [t["transaction_id"] for t in listed["transactions"]] == [newer, older]
+    assert "next_page_token" not in listed
+
+    first = cli("journal", "--feature", feature, "--limit", "1")
+    assert first.returncode == 0, first.stderr
+    *table, more = first.stdout.splitlines()
+    assert [row.split()[:2] for row in table[1:]] == [[newer, account]]
+    token = more.removeprefix("more: --page-token ")
+    rest = ok_json(cli("journal", "--feature", feature, "--page-token", token, "--json"))
+    assert [t["transaction_id"] for t in rest["transactions"]] == [older]
+
+    one = ok_json(cli("journal", "--account", busy, "--kind", "grant", "--json"))
+    assert [t["account_id"] for t in one["transactions"]] == [busy] * 12
+    assert cli("journal", "--limit", "0").returncode == 2
 
 
 def test_grant_balance_adjust_and_transactions(cli: Cli) -> None:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -189,13 +189,12 @@ def lots(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
-def transactions(args: argparse.Namespace, session: Session) -> int:
-    request = ledger_pb.ListTransactionsRequest(
-        account_id=args.account,
-        page_size=args.limit,
-        page_token=args.page_token,
-        feature=args.feature,
-    )
+def _journal_filters(
+    args: argparse.Namespace,
+    request: ledger_pb.ListTransactionsRequest | report_pb.ListJournalRequest,
+) -> None:
+    """The filters `transactions` and `journal` share: kinds, feature and time range."""
+    request.feature = args.feature
     for kind in args.kind:
         try:
             request.kinds.append(
@@ -207,15 +206,21 @@ def transactions(args: argparse.Namespace, session: Session) -> int:
         request.start_time.FromDatetime(_timestamp_arg(args.since, "--since"))
     if args.until:
         request.end_time.FromDatetime(_timestamp_arg(args.until, "--until"))
-    response = session.call(session.ledger.ListTransactions, request)
-    if session.json:
-        output.print_json(response, session.out)
-        return 0
+
+
+def _print_entries(
+    session: Session,
+    entries: Sequence[ledger_pb.Transaction],
+    next_page_token: str,
+    with_account: bool,
+) -> None:
+    account = ["account"] if with_account else []
     output.table(
-        ["id", "time", "kind", "status", ">credits", "feature", "paid from", "comment"],
+        ["id", *account, "time", "kind", "status", ">credits", "feature", "paid from", "comment"],
         [
             [
                 t.transaction_id,
+                *([t.account_id] if with_account else []),
                 when(t.create_time),
                 enum_name(ledger_pb.TransactionKind.Name, t.kind, "TRANSACTION_KIND_"),
                 enum_name(ledger_pb.TransactionStatus.Name, t.status, "TRANSACTION_STATUS_"),
@@ -228,12 +233,48 @@ def transactions(args: argparse.Namespace, session: Session) -> int:
                 ),
                 t.comment,
             ]
-            for t in response.transactions
+            for t in entries
         ],
         session.out,
     )
-    if response.next_page_token:
-        print(f"more: --page-token {response.next_page_token}", file=session.out)
+    if next_page_token:
+        print(f"more: --page-token {next_page_token}", file=session.out)
+
+
+def transactions(args: argparse.Namespace, session: Session) -> int:
+    request = ledger_pb.ListTransactionsRequest(
+        account_id=args.account, page_size=args.limit, page_token=args.page_token
+    )
+    _journal_filters(args, request)
+    response = session.call(session.ledger.ListTransactions, request)
+    if session.json:
+        output.print_json(response, session.out)
+        return 0
+    _print_entries(session, response.transactions, response.next_page_token, False)
+    return 0
+
+
+def journal(args: argparse.Namespace, session: Session) -> int:
+    """Every account's journal (or one account's), newest first. A page of every
+    account's log reads a bounded stretch of the journal and may come back short, even
+    empty, with a token: this reads on until it holds --limit entries or the walk ends."""
+    if args.limit < 1:
+        raise UsageError("--limit: must be at least 1")
+    request = report_pb.ListJournalRequest(account_id=args.account or "")
+    _journal_filters(args, request)
+    listed = report_pb.ListJournalResponse(next_page_token=args.page_token)
+    while True:
+        request.page_size = args.limit - len(listed.transactions)
+        request.page_token = listed.next_page_token
+        response = session.call(session.reports.ListJournal, request)
+        listed.transactions.extend(response.transactions)
+        listed.next_page_token = response.next_page_token
+        if len(listed.transactions) >= args.limit or not listed.next_page_token:
+            break
+    if session.json:
+        output.print_json(listed, session.out)
+        return 0
+    _print_entries(session, listed.transactions, listed.next_page_token, True)
     return 0
 
 
