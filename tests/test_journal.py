@@ -287,8 +287,9 @@ def test_a_walk_up_to_a_time_starts_at_the_newest_entry_made_before_it(
     fresh_database_url: str,
 ) -> None:
     """ledger_journal_walk_top against its definition, the id above the newest entry made
-    before end_time (0 for none), over an empty journal, ids with a gap, times out of id
-    order, and end times before, between, at and after the entries."""
+    before end_time (0 for none), and ledger_journal_first_since (the summary's bound)
+    against min() over the entries since a time, over an empty journal, ids with a gap,
+    times out of id order, and times before, between, at and after the entries."""
     migrate(fresh_database_url)
     with explained_connection(fresh_database_url) as (conn, _):
         conn.execute("SET enable_seqscan = on")
@@ -307,8 +308,19 @@ def test_a_walk_up_to_a_time_starts_at_the_newest_entry_made_before_it(
             assert row is not None
             return int(row[0])
 
+        def first_since(start: datetime) -> tuple[object, object]:
+            """ledger_journal_first_since, and min() over the entries since then."""
+            row = conn.execute(
+                "SELECT ledger_journal_first_since(%(t)s),"
+                " (SELECT min(transaction_id) FROM journal_transactions WHERE created_at >= %(t)s)",
+                {"t": start},
+            ).fetchone()
+            assert row is not None
+            return row[0], row[1]
+
         base = datetime(2026, 1, 1, tzinfo=UTC)
         assert walk_top(base) == 0  # an empty journal
+        assert first_since(base) == (None, None)
         conn.execute("SELECT ledger_open_account('journal-top', '', %s)", (base,))
         offsets = [0, 5, 3, 9, 1, 12, 7, 7, 20, 2]  # minutes after base, out of id order
         for i, minutes in enumerate(offsets):
@@ -327,6 +339,8 @@ def test_a_walk_up_to_a_time_starts_at_the_newest_entry_made_before_it(
         ]
         for end in ends:
             assert walk_top(end) == expected(end), end
+            found, least = first_since(end)
+            assert found == least, end
 
 
 def test_the_walks_ends_are_found_through_the_index_over_ids_and_times(
@@ -374,9 +388,23 @@ def test_the_walks_ends_are_found_through_the_index_over_ids_and_times(
         top = conn.execute("SELECT ledger_journal_walk_top(%s)", (since,)).fetchone()
         conn.execute("SELECT 1")
         start_search = recorder.take()
+        first = conn.execute("SELECT ledger_journal_first_since(%s)", (since,)).fetchone()
+        conn.execute("SELECT 1")
+        first_search = recorder.take()
+        # The summary of every account calls it: marked unsafe (the default), it would keep
+        # that whole statement from parallel workers (10-15% slower on the bench's journal).
+        parallel = conn.execute(
+            "SELECT proparallel FROM pg_proc WHERE proname = 'ledger_journal_first_since'"
+        ).fetchone()
+    assert parallel == ("r",)
     assert below == (False,)
     assert top == (middle,)  # the middle entry is the first made at or after `since`
-    for what, plans in (("end check", end_check), ("start search", start_search)):
+    assert first == (middle,)
+    for what, plans in (
+        ("end check", end_check),
+        ("start search", start_search),
+        ("summary's first id", first_search),
+    ):
         reads = [
             node for text, plan in plans if "FROM journal_transactions WHERE" in text
             for node in scans(plan) if node["Relation Name"] == "journal_transactions"
