@@ -85,23 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("--all", action="store_true", help="include exhausted and expired lots")
 
+    def journal_options(p: argparse.ArgumentParser, limit_help: str) -> None:
+        """The filters and paging `transactions` and `journal` share."""
+        p.add_argument("--kind", action="append", default=[], help="grant, charge, refund, ...")
+        p.add_argument("--feature", default="")
+        p.add_argument("--since", help="ISO time, included (UTC unless it says otherwise)")
+        p.add_argument("--until", help="ISO time, excluded")
+        p.add_argument("--limit", type=int, default=50, help=limit_help)
+        p.add_argument("--page-token", default="", help="continue where a listing stopped")
+
     p = add("transactions", commands.transactions, "an account's journal, newest first")
     p.add_argument("account")
-    p.add_argument("--kind", action="append", default=[], help="grant, charge, refund, ...")
-    p.add_argument("--feature", default="")
-    p.add_argument("--since", help="ISO time, included (UTC unless it says otherwise)")
-    p.add_argument("--until", help="ISO time, excluded")
-    p.add_argument("--limit", type=int, default=50, help="entries per page (50)")
-    p.add_argument("--page-token", default="", help="continue where a listing stopped")
+    journal_options(p, "entries per page (50)")
 
     p = add("journal", commands.journal, "every account's journal (or one's), newest first")
     p.add_argument("--account", help="one account's entries only")
-    p.add_argument("--kind", action="append", default=[], help="grant, charge, refund, ...")
-    p.add_argument("--feature", default="")
-    p.add_argument("--since", help="ISO time, included (UTC unless it says otherwise)")
-    p.add_argument("--until", help="ISO time, excluded")
-    p.add_argument("--limit", type=int, default=50, help="entries to list (50)")
-    p.add_argument("--page-token", default="", help="continue where a listing stopped")
+    journal_options(p, "entries to list (50)")
 
     p = add("grant", commands.grant, "grant credits by hand (source admin)")
     p.add_argument("account")
