@@ -1,10 +1,12 @@
 """The embedded servers (ledger_server/devstack/embedded.py): PostgreSQL's stop survives a
-pg_ctl child that died by a signal before it could run (subprocess is replaced), and the
-embedded Redis keeps off the ports make run's own servers will listen on."""
+pg_ctl child that died by a signal before it could run (subprocess is replaced), the
+embedded Redis keeps off the ports make run's own servers will listen on, and a Redis that
+did not start says why."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,20 @@ def test_a_pg_ctl_that_keeps_dying_gives_up(
 ) -> None:
     with pytest.raises(RuntimeError, match=r"exit -11"):
         _stop_with(monkeypatch, tmp_path, [-signal.SIGSEGV] * 3 + [0])
+
+
+def test_a_redis_that_did_not_start_says_whether_it_exited_or_hung(tmp_path: Path) -> None:
+    """A launch that failed names what happened, its exit status or no answer in time, as
+    well as the end of its log: a CI run once failed with an empty log and nothing else
+    (session 21)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError) as failed:
+            embedded.start_redis(tmp_path / "redis", port, persist=False)
+    assert f"did not start on port {port} (it exited with status 1)" in str(failed.value)
+    assert "Address already in use" in str(failed.value)
 
 
 def test_the_embedded_redis_never_takes_a_port_its_stack_will_listen_on(

@@ -424,8 +424,9 @@ def _running_redis(data_dir: Path) -> EmbeddedRedis | None:
 
 def _launch_redis(
     argv: list[str], data_dir: Path, port: int, *, daemonize: bool, timeout: float
-) -> EmbeddedRedis | None:
-    """Runs ``argv`` and waits for PONG on ``port``; None (nothing left running) on failure."""
+) -> EmbeddedRedis | str:
+    """Runs ``argv`` and waits for PONG on ``port``; on failure (nothing left running),
+    what happened: its exit status, or no answer within the time-out."""
     process = subprocess.Popen(
         argv,
         cwd=data_dir,
@@ -439,15 +440,15 @@ def _launch_redis(
     if daemonize:
         # The launcher exits once the daemon has forked; the daemon writes its pid file.
         try:
-            if process.wait(timeout) != 0:
-                return None
+            if (launcher_status := process.wait(timeout)) != 0:
+                return f"the launcher exited with status {launcher_status}"
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            return None
+            return f"the launcher did not return within {timeout:g} s"
     while time.monotonic() < deadline:
-        if not daemonize and process.poll() is not None:
-            return None
+        if not daemonize and (exit_status := process.poll()) is not None:
+            return f"it exited with status {exit_status}"
         pid = _read_int(data_dir / "redis.pid") if daemonize else process.pid
         if pid is not None and _redis_ping(port):
             return EmbeddedRedis(
@@ -466,7 +467,7 @@ def _launch_redis(
     else:
         process.kill()
         process.wait()
-    return None
+    return f"it did not answer PING within {timeout:g} s"
 
 
 def start_redis(
@@ -516,7 +517,7 @@ def start_redis(
         if not persist:
             argv += ["--save", ""]
         server = _launch_redis(argv, data_dir, chosen, daemonize=daemonize, timeout=timeout)
-        if server is not None:
+        if isinstance(server, EmbeddedRedis):
             port_file.write_text(f"{chosen}\n")
             return server
         log_tail = ""
@@ -525,7 +526,9 @@ def start_redis(
             log_tail = fh.read().decode(errors="replace")[-2000:]
         if "Address already in use" in log_tail and attempt + 1 < attempts:
             continue  # lost the race for the free port; try another one
-        raise RuntimeError(f"redis-server did not start on port {chosen}; log:\n{log_tail}")
+        raise RuntimeError(
+            f"redis-server did not start on port {chosen} ({server}); log:\n{log_tail}"
+        )
     raise AssertionError("unreachable")
 
 
