@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 
 from bench import health
 from ledger_server.devstack import embedded
+from ledger_server.devstack.parent_death import dying_with_parent
 
 BENCH_DB = "ledger_bench"
 REPO = embedded.repo_root()
@@ -192,14 +193,13 @@ def server(
     log = log_path.open("ab")
     offset = log.tell()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ledger_server", "serve"],
+        dying_with_parent([sys.executable, "-m", "ledger_server", "serve"]),
         env=env,
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=embedded.die_with_parent(),
     )
     try:
         ports = wait_for_ports(log_path, offset, 90, process)

@@ -33,6 +33,7 @@ from typing import IO, NoReturn
 
 from ledger_server.config import DEFAULT_METRICS_ADDR, StripeSettings
 from ledger_server.devstack import embedded
+from ledger_server.devstack.parent_death import dying_with_parent
 
 DEFAULT_GRPC_ADDR = "localhost:50051"
 DEV_WEBHOOK_SECRET = "whsec_dev_credit_ledger"
@@ -113,7 +114,7 @@ class _Child:
 
 def _spawn(spec: ProcessSpec, env: Mapping[str, str], out: _Prefixer) -> _Child:
     process = subprocess.Popen(
-        list(spec.argv),
+        dying_with_parent(spec.argv),
         env={**env, **spec.env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -121,7 +122,6 @@ def _spawn(spec: ProcessSpec, env: Mapping[str, str], out: _Prefixer) -> _Child:
         # Own process group: a terminal Ctrl-C reaches only the supervisor, which then
         # stops the children in order. PDEATHSIG covers the supervisor being killed.
         start_new_session=True,
-        preexec_fn=embedded.die_with_parent(),
     )
     assert process.stdout is not None
     return _Child(spec, process, out.pump(spec.name, process.stdout))

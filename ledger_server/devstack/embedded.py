@@ -15,8 +15,6 @@ Production never uses any of this: it points ``DATABASE_URL`` / ``REDIS_URL`` at
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import importlib.util
 import os
@@ -27,7 +25,7 @@ import sys
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +34,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from ledger_server.devstack.parent_death import dying_with_parent
+
 __all__ = [
     "EmbeddedPostgres",
     "EmbeddedRedis",
@@ -43,7 +43,6 @@ __all__ = [
     "bin_path",
     "create_database",
     "default_data_dir",
-    "die_with_parent",
     "drop_database",
     "redis_server_path",
     "resolve_urls",
@@ -346,26 +345,6 @@ def _redis_ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when this process dies (best effort:
-    strictly, when the thread that forked it exits, so start children from the main thread)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)  # loaded before fork, not in the child
-    parent = os.getpid()
-
-    def preexec() -> None:
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 @dataclass
 class EmbeddedRedis:
     """A redis-server on 127.0.0.1:``port``; ``started`` is True when this process launched it."""
@@ -428,13 +407,12 @@ def _launch_redis(
     """Runs ``argv`` and waits for PONG on ``port``; on failure (nothing left running),
     what happened: its exit status, or no answer within the time-out."""
     process = subprocess.Popen(
-        argv,
+        argv if daemonize else dying_with_parent(argv),
         cwd=data_dir,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # a terminal Ctrl-C goes to our process, not to redis
-        preexec_fn=None if daemonize else die_with_parent(),
     )
     deadline = time.monotonic() + timeout
     if daemonize:
