@@ -4,15 +4,12 @@ grant and never double-apply (DESIGN.md section 4)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
-from typing import Any
 
 import grpc
 import psycopg
@@ -24,6 +21,7 @@ from psycopg.types.json import Jsonb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from ledger_server.config import Settings
+from support.group_commit import Conn, fill_every_slot, held, transactions_with_more_calls_than
 from support.ledger import (
     CREDIT,
     Ledger,
@@ -151,14 +149,6 @@ def test_mixed_reserve_commit_release_from_many_clients(
     assert_audit_clean()  # type: ignore[operator]
 
 
-def _transactions_with_more_calls_than(calls: int) -> float:
-    """Group-commit transactions so far (in this process's server) with more than ``calls``
-    calls (a bucket bound of the histogram)."""
-    name = "ledger_group_commit_calls_per_transaction"
-    every = REGISTRY.get_sample_value(f"{name}_count") or 0.0
-    return every - (REGISTRY.get_sample_value(f"{name}_bucket", {"le": f"{calls}.0"}) or 0.0)
-
-
 def test_concurrent_consumes_on_one_account_share_transactions(
     ledger: Ledger, server_address: str, ledger_db_url: str, assert_audit_clean: object
 ) -> None:
@@ -167,7 +157,7 @@ def test_concurrent_consumes_on_one_account_share_transactions(
     response. The server's count of transactions of several calls shows the batching."""
     account = new_account("hot")
     ledger.grant(account, 1000)
-    batched = _transactions_with_more_calls_than(1)
+    batched = transactions_with_more_calls_than(1)
 
     async def consume_all() -> list[pb.ConsumeResponse]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -194,44 +184,9 @@ def test_concurrent_consumes_on_one_account_share_transactions(
             (account,),
         ).fetchone()
     assert row == (60,)
-    assert _transactions_with_more_calls_than(1) > batched
+    assert transactions_with_more_calls_than(1) > batched
     assert ledger.balance(account).balance_micros == 940 * CREDIT
     assert_audit_clean()  # type: ignore[operator]
-
-
-Conn = psycopg.Connection[Any]
-
-
-@contextlib.contextmanager
-def held(database_url: str, accounts: list[str]) -> Iterator[tuple[Conn, Conn]]:
-    """A transaction holding the accounts' row locks, and a connection to watch it from
-    (not the holder: a transaction sees one snapshot of pg_stat_activity)."""
-    with (
-        psycopg.connect(database_url) as holder,
-        psycopg.connect(database_url, autocommit=True) as prober,
-    ):
-        holder.execute("SELECT 1 FROM accounts WHERE account_id = ANY(%s) FOR UPDATE", (accounts,))
-        yield holder, prober
-
-
-async def fill_every_slot(
-    stub: ledger_service_pb2_grpc.LedgerServiceStub, holder: Conn, prober: Conn, blocked: list[str]
-) -> list[asyncio.Future[object]]:
-    """One Consume per held account (as many as the server's group-commit slots), returned
-    once each waits for the holder's lock: every later charging call then has to queue."""
-    first: list[asyncio.Future[object]] = [
-        asyncio.ensure_future(consume_or_error(stub, account, new_key(), CREDIT))
-        for account in blocked
-    ]
-    for _ in range(1000):
-        row = prober.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
-            (holder.info.backend_pid,),
-        ).fetchone()
-        if row and row[0] >= len(blocked):
-            return first
-        await asyncio.sleep(0.01)
-    raise AssertionError("the first calls never waited for the held accounts")
 
 
 def test_a_transaction_stuck_on_a_lock_lets_other_accounts_charge_in_another_lane(
@@ -284,7 +239,7 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
         ledger.grant(account, 1)
     later = [(account, i) for account in rich + poor for i in range(2)]
     random.Random(7).shuffle(later)
-    spanning = _transactions_with_more_calls_than(2)
+    spanning = transactions_with_more_calls_than(2)
 
     async def consume_all(holder: Conn, prober: Conn) -> list[object]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -317,7 +272,7 @@ def test_consumes_on_many_accounts_share_transactions_and_a_refusal_stays_alone(
             (rich + poor,),
         ).fetchone()
     assert row == (len(later) - len(poor),)
-    assert _transactions_with_more_calls_than(2) > spanning  # a batch spanning accounts
+    assert transactions_with_more_calls_than(2) > spanning  # a batch spanning accounts
     assert_audit_clean()  # type: ignore[operator]
 
 
@@ -563,7 +518,7 @@ def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
     accounts = [new_account("pairs") for _ in range(20)]
     for account in blocked + accounts:
         ledger.grant(account, 10)
-    batched = _transactions_with_more_calls_than(1)
+    batched = transactions_with_more_calls_than(1)
 
     async def pairs(holder: Conn, prober: Conn) -> list[object]:
         async with grpc.aio.insecure_channel(server_address) as channel:
@@ -596,5 +551,5 @@ def test_reserve_and_commit_pairs_on_many_accounts_share_transactions(
         balance = ledger.balance(account)
         assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
     # Each account has one call at a time: a transaction of two calls or more spans accounts.
-    assert _transactions_with_more_calls_than(1) > batched
+    assert transactions_with_more_calls_than(1) > batched
     assert_audit_clean()  # type: ignore[operator]

@@ -72,7 +72,8 @@ CREDITS_CONSUMED = Counter(
 )
 GROUP_COMMIT_CALLS = Histogram(
     "ledger_group_commit_calls_per_transaction",
-    "Charging calls (Consume, Reserve, Commit) per group-commit transaction; 1: a call alone",
+    "Consume, Reserve, Commit, Release and Refund calls per group-commit transaction; "
+    "1: a call alone",
     buckets=(1, 2, 4, 8, 16, 32),
 )
 GROUP_COMMIT_EXTRA_LANES = Counter(

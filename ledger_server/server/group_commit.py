@@ -1,4 +1,5 @@
-"""Group commit for the charging calls (Consume, Reserve, Commit): calls that queue up in
+"""Group commit for the calls that move an account's credits on a job's path (Consume,
+Reserve, Commit, and Release and Refund, which give credits back): calls that queue up in
 the server share one transaction.
 
 Such a call's fixed costs (a round trip, a statement start, a commit and its WAL flush, the
@@ -27,6 +28,7 @@ import asyncio
 import contextvars
 import functools
 import itertools
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,11 +60,14 @@ class BatchElementError(RuntimeError):
     """A call in a batch failed in a way the ledger does not name (a bug: INTERNAL)."""
 
 
-# What a batch can run (ledger_batch_call), and each one's fields besides the common ones.
+# What a batch can run (ledger_batch_call), and each one's fields besides the common ones
+# (key, hash, now).
 BATCHED = {
-    "consume": ("feature",),
-    "reserve": ("feature", "expires_at"),
-    "commit": ("reservation_id",),
+    "consume": ("amount", "usage", "feature", "comment"),
+    "reserve": ("amount", "usage", "feature", "expires_at", "comment"),
+    "commit": ("reservation_id", "amount", "usage", "comment"),
+    "release": ("reservation_id", "reason", "job_failed"),
+    "refund": ("reservation_id", "amount", "reason"),
 }
 
 
@@ -79,7 +84,6 @@ class _Waiter:
 
 def _request(waiter: _Waiter) -> dict[str, object]:
     params = waiter.params
-    usage = params["usage"]
     hash_ = params["hash"]
     assert isinstance(hash_, bytes)
     request: dict[str, object] = {
@@ -87,21 +91,22 @@ def _request(waiter: _Waiter) -> dict[str, object]:
         "account": waiter.account_id,
         "key": params["key"],
         "hash": hash_.hex(),
-        "amount": params["amount"],
-        "usage": usage.obj if isinstance(usage, Jsonb) else None,
-        "comment": params["comment"],
         # The call-by-call path runs each call at its own time (ledger_batch_call).
-        "now": _iso(params["now"]),
+        "now": _json(params["now"]),
     }
     for name in BATCHED[waiter.operation]:
-        value = params[name]
-        request[name] = value.isoformat() if isinstance(value, datetime) else str(value)
+        request[name] = _json(params[name])
     return request
 
 
-def _iso(value: object) -> str:
-    assert isinstance(value, datetime)
-    return value.isoformat()
+def _json(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Jsonb):
+        return value.obj
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value  # str, int, bool or None
 
 
 def latest_deadline(deadlines_: list[float | None]) -> float | None:

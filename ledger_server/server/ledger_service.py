@@ -171,7 +171,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("release", request),
             "now": self._clock.now(),
         }
-        data = await self._call("release", params)
+        data = await self._group_commit.call("release", request.account_id, params)
         mark_replay(context, data)
         return pb.ReleaseResponse(
             reservation=mapping.reservation(data["reservation"]),
@@ -193,7 +193,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("refund", request),
             "now": self._clock.now(),
         }
-        data = await self._call("refund", params)
+        data = await self._group_commit.call("refund", request.account_id, params)
         mark_replay(context, data)
         return pb.RefundResponse(
             reservation=mapping.reservation(data["reservation"]),

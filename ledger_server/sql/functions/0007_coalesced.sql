@@ -1,10 +1,11 @@
--- Group commit for the charging calls (issue 7): Consume, Reserve and Commit. Each is a
--- small transaction whose fixed costs (the round trip, the statement start, the commit and
--- its WAL flush) are as large as its work, and every write to one account holds that
--- account's row lock until it commits. When such calls queue up in the server
--- (server/group_commit.py), they come here as one batch: one round trip, one transaction,
--- one commit. The Consumes and Reserves sure to succeed are written together first
--- (0008_take_set.sql); every other call runs in a savepoint of its own, so a refused one
+-- Group commit for the charging calls (issue 7): Consume, Reserve and Commit, and the calls
+-- that give credits back, Release and Refund. Each is a small transaction whose fixed costs
+-- (the round trip, the statement start, the commit and its WAL flush) are as large as its
+-- work, and every write to one account holds that account's row lock until it commits.
+-- When such calls queue up in the server (server/group_commit.py), they come here as one
+-- batch: one round trip, one transaction, one commit. The Consumes and Reserves sure to
+-- succeed are written together first (0008_take_set.sql), and so are the Commits
+-- (0009_commit_set.sql); every other call runs in a savepoint of its own, so a refused one
 -- (insufficient credits, a reused key, an unknown reservation) changes nothing and the
 -- others go on. A batch may hold calls for many accounts and several calls for one account.
 --
@@ -13,14 +14,16 @@
 -- batches lock the accounts they share in the same order and cannot deadlock. Within each
 -- call the one order of 0001_ledger.sql holds (account, then lots, then reservations).
 --
--- p_requests: [{op, account, key, hash (hex), amount, usage, comment, now, and per op:
--- feature (consume, reserve), expires_at (reserve), reservation_id (commit)}] in arrival
--- order; op defaults to consume. A call run by itself runs at its own "now" (when the
--- server received it; p_now, the batch's latest, when absent). The set paths judge at
--- p_now: an account with anything due by then (a hold or lot expiring, a time-out) is
--- left to the call-by-call path, so what they take is sure at each call's own time too. Returns one element per request, in that order:
--- {"ok": <response>} or {"error": {"sqlstate", "message", "detail", "constraint"}} for
--- the server's one error boundary to translate as if the call had run alone.
+-- p_requests: [{op, account, key, hash (hex), now, and per op: amount (consume, reserve,
+-- commit, refund), usage and comment (consume, reserve, commit), feature (consume,
+-- reserve), expires_at (reserve), reservation_id (commit, release, refund), reason
+-- (release, refund), job_failed (release)}] in arrival order; op defaults to consume. A
+-- call run by itself runs at its own "now" (when the server received it; p_now, the
+-- batch's latest, when absent). The set paths judge at p_now: an account with anything due
+-- by then (a hold or lot expiring, a time-out) is left to the call-by-call path, so what
+-- they take is sure at each call's own time too. Returns one element per request, in that
+-- order: {"ok": <response>} or {"error": {"sqlstate", "message", "detail", "constraint"}}
+-- for the server's one error boundary to translate as if the call had run alone.
 -- (ledger_consume_batch keeps the name of its first use, Consume alone.)
 
 CREATE OR REPLACE FUNCTION ledger_batch_call(r jsonb, p_now timestamptz) RETURNS jsonb
@@ -44,6 +47,14 @@ BEGIN
         RETURN ledger_commit(r ->> 'account', (r ->> 'reservation_id')::uuid, r ->> 'key',
                              decode(r ->> 'hash', 'hex'), (r ->> 'amount')::bigint, usage,
                              r ->> 'comment', call_now);
+    ELSIF op = 'release' THEN
+        RETURN ledger_release(r ->> 'account', (r ->> 'reservation_id')::uuid, r ->> 'key',
+                              decode(r ->> 'hash', 'hex'), r ->> 'reason', call_now,
+                              coalesce((r ->> 'job_failed')::boolean, false));
+    ELSIF op = 'refund' THEN
+        RETURN ledger_refund(r ->> 'account', (r ->> 'reservation_id')::uuid, r ->> 'key',
+                             decode(r ->> 'hash', 'hex'), (r ->> 'amount')::bigint,
+                             r ->> 'reason', call_now);
     END IF;
     RAISE EXCEPTION 'no such operation in a batch: %', op USING ERRCODE = 'LE101';
 END $$;

@@ -10,8 +10,8 @@
 -- them all, its Consumes raise no low-balance alert, it has no overdraft limit, and its
 -- first 64 lots with credits cover them. The plain Commits are taken by ledger_commit_set
 -- (0009_commit_set.sql) on the same terms. Anything else (a refusal, a replay, a first
--- alert, an account with Commits beside its Consumes) is left to ledger_consume_batch's
--- call-by-call path, which gives it the answer it gets alone.
+-- alert, an account with a Commit, Release or Refund beside its Consumes) is left to
+-- ledger_consume_batch's call-by-call path, which gives it the answer it gets alone.
 --
 -- Each call ends exactly as ledger_consume or ledger_reserve would have left it, the
 -- account's calls one after the other in arrival order: the account's lots, in consumption
@@ -64,8 +64,8 @@ DECLARE
     txn_ids bigint[];
     -- jsonb_path_exists: no row per call built to find out.
     any_commit boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "commit")');
-    any_charge boolean := jsonb_path_exists(p_requests,
-                                            '$[*] ? (!exists(@.op) || @.op != "commit")');
+    any_charge boolean := jsonb_path_exists(
+        p_requests, '$[*] ? (!exists(@.op) || @.op == "consume" || @.op == "reserve")');
 BEGIN
     PERFORM FROM accounts WHERE account_id = ANY (batch_accounts)
       ORDER BY account_id COLLATE "C"

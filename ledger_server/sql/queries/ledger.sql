@@ -42,7 +42,7 @@ SELECT ledger_consume(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(am
                       %(usage)s::jsonb, %(feature)s::text, %(comment)s::text, %(now)s::timestamptz)
 
 -- name: consume_batch
--- Consume, Reserve and Commit calls queued in the server, committed together
+-- Consume, Reserve, Commit, Release and Refund calls queued in the server, committed together
 -- (server/group_commit.py).
 SELECT ledger_consume_batch(%(requests)s::jsonb, %(now)s::timestamptz)
 
