@@ -15,8 +15,10 @@ Operations, on accounts holding 5 lots (daily, sign-up, promotion, subscription,
 in a batch` (per Consume, 25 calls on 25 accounts committed together, the server's group
 commit; a tree without group commit runs them as 25 transactions, as its server did),
 `reserve+commit` (one pair), `reserve+commit, 25 accounts in a batch` (per pair: a batch of
-25 Reserves on 25 accounts, then a batch of their 25 Commits), `balance`. Needs `valgrind`
-on PATH; writes bench/sql_cost.json and a section of BENCHMARKS.md."""
+25 Reserves on 25 accounts, then a batch of their 25 Commits), `reserve+release, 25 accounts
+in a batch` (the same with Releases of failed jobs; a tree whose batches take no Release
+answers each with an error), `balance`. Needs `valgrind` on PATH; writes
+bench/sql_cost.json and a section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ OPERATIONS = (
     "consume, 25 accounts in a batch",
     "reserve+commit",
     "reserve+commit, 25 accounts in a batch",
+    "reserve+release, 25 accounts in a batch",
     "balance",
 )
 BATCH = 25  # the hot-account path: Consumes coalesced into one ledger_consume_batch
@@ -111,21 +114,27 @@ def _batch(tag: str, start: int, one_account: bool, group_commit: bool) -> list[
     return [f"SELECT ledger_consume_batch('[{requests}]'::jsonb, now());"]
 
 
-def _pairs_batch(tag: str, start: int) -> str:
-    """BATCH Reserves on as many accounts in one ledger_consume_batch, then their Commits in
-    another, one statement (the Commits need the Reserves' reservation ids)."""
+def _pairs_batch(tag: str, start: int, second: str = "commit") -> str:
+    """BATCH Reserves on as many accounts in one ledger_consume_batch, then their Commits
+    (or Releases of failed jobs) in another, one statement (the second calls need the
+    Reserves' reservation ids)."""
     reserves = ", ".join(
         f'{{"op": "reserve", "account": "{_account(j)}", "key": "r-{tag}-{j}", "hash": "00",'
         f' "amount": 50000, "usage": null, "feature": "bench", "comment": "",'
         f' "expires_at": "2999-01-01T00:00:00Z"}}'
         for j in range(start, start + BATCH)
     )
+    fields = (
+        "'amount', 1000 + n * 7, 'usage', NULL, 'comment', ''"
+        if second == "commit"
+        else "'reason', '', 'job_failed', true"
+    )
     return (
         f"WITH held AS (SELECT ledger_consume_batch('[{reserves}]'::jsonb, now()) AS answers)"
         " SELECT ledger_consume_batch((SELECT jsonb_agg(jsonb_build_object("
-        "'op', 'commit', 'account', a -> 'ok' -> 'reservation' ->> 'account_id',"
-        f" 'key', 'm-{tag}-' || n, 'hash', '00', 'amount', 1000 + n * 7, 'usage', NULL,"
-        " 'comment', '', 'reservation_id', a -> 'ok' -> 'reservation' ->> 'reservation_id')"
+        f"'op', '{second}', 'account', a -> 'ok' -> 'reservation' ->> 'account_id',"
+        f" 'key', 'm-{tag}-' || n, 'hash', '00', {fields},"
+        " 'reservation_id', a -> 'ok' -> 'reservation' ->> 'reservation_id')"
         " ORDER BY n) FROM held, jsonb_array_elements(held.answers) WITH ORDINALITY AS t(a, n)),"
         " now());"
     )
@@ -156,6 +165,9 @@ def statements(operation: str, count: int, tag: str, group_commit: bool) -> str:
         elif operation == "reserve+commit, 25 accounts in a batch":
             if i % BATCH == 0:
                 lines.append(_pairs_batch(tag, i))
+        elif operation == "reserve+release, 25 accounts in a batch":
+            if i % BATCH == 0:
+                lines.append(_pairs_batch(tag, i, "release"))
         else:
             lines.append(f"SELECT ledger_balance('{account}', now());")
     return "\n".join(lines) + "\n"

@@ -169,6 +169,18 @@ class Flow:
                  "reservation_id": pending}
             ]  # fmt: skip
             self.call("consume_batch", "commit", requests=Jsonb(commits))
+            # Releases (the set path) and a Refund of that Commit (call by call) together.
+            releases = [
+                {"op": "release", "account": self.account, "key": f"batch-release-{i}",
+                 "hash": "00" * 32, "reservation_id": self.reserve(credit), "reason": "",
+                 "job_failed": i == 0}
+                for i in range(2)
+            ]  # fmt: skip
+            self.call("consume_batch", "release", requests=Jsonb(releases))
+            refund = {"op": "refund", "account": self.account, "key": "batch-refund",
+                      "hash": "00" * 32, "reservation_id": pending, "amount": None,
+                      "reason": ""}  # fmt: skip
+            self.call("consume_batch", "refund", requests=Jsonb([refund]))
         self.call(
             "list_lots", include_inactive=False, after_priority=None, after_expires=None,
             after_lot=None, limit=101,

@@ -1,7 +1,7 @@
-"""The set-based Consume, Reserve and Commit of a batch (sql/functions/0008_take_set.sql,
-0009_commit_set.sql) leave every account exactly as ledger_consume, ledger_reserve and
-ledger_commit, call by call, would have left it, and take only the calls that are sure to
-succeed."""
+"""The set-based Consume, Reserve, Commit and Release of a batch
+(sql/functions/0008_take_set.sql, 0009_commit_set.sql, 0010_release_set.sql) leave every
+account exactly as ledger_consume, ledger_reserve, ledger_commit and ledger_release, call by
+call, would have left it, and take only the calls that are sure to succeed."""
 
 from __future__ import annotations
 
@@ -76,11 +76,21 @@ def _fund(ledger: Ledger, account: str, rng: random.Random, feature: str) -> lis
 def _requests(
     ledger: Ledger, accounts: list[str], held: dict[str, list[str]], rng: random.Random
 ) -> list[dict[str, object]]:
-    """Consumes and Reserves, or Commits of the account's holds, for the accounts in an
-    interleaved arrival order, each account's within its available credits."""
+    """Consumes and Reserves, or Commits or Releases of the account's holds, for the
+    accounts in an interleaved arrival order, each account's within its available credits."""
     calls: list[dict[str, object]] = []
     for number, account in enumerate(accounts):
-        if rng.random() < 0.5:
+        roll = rng.random()
+        if roll < 0.25:
+            holds = held[account]
+            for call, place in enumerate(rng.sample(range(len(holds)), rng.randint(1, len(holds)))):
+                calls.append(
+                    {"op": "release", "account": account, "key": f"k{number}-{call}",
+                     "hash": "ab", "reservation_id": holds[place],
+                     "reason": rng.choice(["", "a reason"]), "job_failed": rng.random() < 0.5}
+                )  # fmt: skip
+            continue
+        if roll < 0.55:
             holds = held[account]
             for call, place in enumerate(rng.sample(range(len(holds)), rng.randint(1, len(holds)))):
                 reservation = ledger.stub.GetReservation(
@@ -275,16 +285,20 @@ def test_the_set_records_each_call_at_the_time_it_was_received(
     call alone would: the journal entry, the reservation, the stored answer and its
     balance's as_of."""
     spender, committer = new_account("at-spender"), new_account("at-committer")
-    ledger.grant(spender, 10)
-    ledger.grant(committer, 10)
-    hold = ledger.reserve(committer, 3 * CREDIT, ttl=Duration(seconds=86400)).reservation
+    releaser = new_account("at-releaser")
+    accounts = [spender, committer, releaser]
+    for account in accounts:
+        ledger.grant(account, 10)
+    day = Duration(seconds=86400)
+    hold = ledger.reserve(committer, 3 * CREDIT, ttl=day).reservation
+    failed_job = ledger.reserve(releaser, 2 * CREDIT, ttl=day).reservation
     with psycopg.connect(ledger_db_url, autocommit=True) as conn:
         conn.execute(
             "UPDATE accounts SET low_balance_threshold_micros = 0 WHERE account_id = ANY (%s)",
-            ([spender, committer],),
+            (accounts,),
         )
-        start = _moment_after(conn, [spender, committer])
-        at = [start + timedelta(milliseconds=ms) for ms in (0, 40, 70)]
+        start = _moment_after(conn, accounts)
+        at = [start + timedelta(milliseconds=ms) for ms in (0, 40, 70, 90)]
         calls = [
             {"op": "consume", "account": spender, "key": "k0-0", "hash": "ab",
              "amount": CREDIT, "usage": None, "feature": "", "comment": "",
@@ -295,16 +309,19 @@ def test_the_set_records_each_call_at_the_time_it_was_received(
             {"op": "commit", "account": committer, "key": "k1-0", "hash": "ab",
              "amount": CREDIT, "usage": None, "comment": "",
              "reservation_id": hold.reservation_id, "now": at[2].isoformat()},
+            {"op": "release", "account": releaser, "key": "k2-0", "hash": "ab",
+             "reservation_id": failed_job.reservation_id, "reason": "", "job_failed": True,
+             "now": at[3].isoformat()},
         ]  # fmt: skip
-        latest = at[2] + timedelta(milliseconds=5)
+        latest = at[3] + timedelta(milliseconds=5)
         row = conn.execute("SELECT ledger_take_set(%s, %s)", (Jsonb(calls), latest)).fetchone()
         assert row is not None and all("ok" in result for result in row[0]), row
         answers = [result["ok"] for result in row[0]]
-        consumed, reserved, _ = answers
+        consumed, reserved, _, _ = answers
         entries = conn.execute(
             "SELECT kind, reservation_id::text, created_at FROM journal_transactions"
             " WHERE account_id = ANY (%s) AND created_at >= %s",
-            ([spender, committer], start),
+            (accounts, start),
         ).fetchall()
         reservations = conn.execute(
             "SELECT reservation_id::text, created_at, finalized_at FROM reservations"
@@ -315,19 +332,21 @@ def test_the_set_records_each_call_at_the_time_it_was_received(
             conn.execute(
                 "SELECT idempotency_key, created_at FROM idempotency_keys"
                 " WHERE account_id = ANY (%s) AND idempotency_key LIKE 'k%%'",
-                ([spender, committer],),
+                (accounts,),
             ).fetchall()
         )
     assert sorted(entries, key=lambda entry: entry[2]) == [
         ("charge", consumed["reservation"]["reservation_id"], at[0]),
         ("hold", reserved["reservation"]["reservation_id"], at[1]),
         ("charge", hold.reservation_id, at[2]),
+        ("release", failed_job.reservation_id, at[3]),
     ]
     by_id = {r[0]: r[1:] for r in reservations}
     assert by_id[consumed["reservation"]["reservation_id"]] == (at[0], at[0])
     assert by_id[reserved["reservation"]["reservation_id"]] == (at[1], None)
     assert by_id[hold.reservation_id][1] == at[2]  # finalized by the Commit
-    assert stored == {"k0-0": at[0], "k0-1": at[1], "k1-0": at[2]}
+    assert by_id[failed_job.reservation_id][1] == at[3]  # and by the Release
+    assert stored == {"k0-0": at[0], "k0-1": at[1], "k1-0": at[2], "k2-0": at[3]}
     assert [answer["balance"]["as_of"] for answer in answers] == [
         round(moment.timestamp() * 1_000_000) for moment in at
     ]
@@ -439,6 +458,88 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
             5.5 * CREDIT,
             0,
         )
+
+
+def test_the_release_set_takes_only_calls_sure_to_succeed(
+    ledger: Ledger, admin: Any, ledger_db_url: str
+) -> None:
+    """As above for Releases: each account but the last has one reason for its calls to go
+    one by one, and those changed nothing."""
+    reasons = ("replayed", "twice", "not-pending", "no-such-hold", "held-lot-expired", "due",
+               "timed-out", "beside-consume", "overdraft", "taken")  # fmt: skip
+    accounts = {reason: new_account(f"release-{reason}") for reason in reasons}
+    day = Duration(seconds=86400)
+    holds: dict[str, str] = {}
+    for reason, account in accounts.items():
+        if reason == "held-lot-expired":  # held first (nearest expiry), expired by the batch
+            ledger.grant(account, 1, expires_in=Duration(seconds=3600))
+        ledger.grant(account, 10)
+        ttl = Duration(seconds=60) if reason == "timed-out" else day
+        holds[reason] = ledger.reserve(account, CREDIT, ttl=ttl).reservation.reservation_id
+    # Not held, expired by the batch: the account has maintenance due.
+    ledger.grant(accounts["due"], 1, expires_in=Duration(seconds=3600))
+    second_hold = ledger.reserve(accounts["taken"], 2 * CREDIT, ttl=day).reservation
+    ledger.commit(accounts["not-pending"], holds["not-pending"], CREDIT)
+    admin.SetOverdraftLimit(
+        admin_pb.SetOverdraftLimitRequest(
+            account_id=accounts["overdraft"], overdraft_limit_micros=CREDIT, reason="test",
+            idempotency_key=new_key(),
+        )
+    )  # fmt: skip
+    used = new_key()
+    ledger.consume(accounts["replayed"], CREDIT, key=used)
+
+    def release(why: str, **fields: object) -> dict[str, object]:
+        return {"op": "release", "account": accounts[why], "key": new_key(), "hash": "ab",
+                "reservation_id": holds[why], "reason": "", "job_failed": False,
+                **fields}  # fmt: skip
+
+    requests = [
+        release("replayed", key=used),
+        release("twice"), release("twice"),
+        release("not-pending"),
+        release("no-such-hold", reservation_id=str(uuid.uuid4())),
+        release("held-lot-expired"),
+        release("due"),
+        release("timed-out"),
+        release("overdraft"),
+        release("beside-consume"),
+        {"account": accounts["beside-consume"], "key": new_key(), "hash": "ab",
+         "amount": CREDIT, "usage": None, "feature": "", "comment": ""},
+        release("taken", job_failed=True),
+        release("taken", reservation_id=second_hold.reservation_id, reason="cancelled"),
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        now = _moment_after(conn, list(accounts.values())) + timedelta(hours=2)
+        conn.execute("SELECT ledger_lock_account(%s, %s)", (accounts["held-lot-expired"], now))
+        before = {
+            reason: _snapshot(conn, account, now)
+            for reason, account in accounts.items()
+            if reason != "taken"
+        }
+        row = conn.execute("SELECT ledger_take_set(%s, %s)", (Jsonb(requests), now)).fetchone()
+        assert row is not None
+        taken = [n for n, result in enumerate(row[0]) if result is not None]
+        assert taken == [len(requests) - 2, len(requests) - 1]
+        for reason, snapshot in before.items():
+            assert _snapshot(conn, accounts[reason], now) == snapshot, reason
+        failed, released = (result["ok"] for result in row[0][-2:])
+        comments = conn.execute(
+            "SELECT comment FROM journal_transactions WHERE account_id = %s AND kind = 'release'"
+            " ORDER BY transaction_id",
+            (accounts["taken"],),
+        ).fetchall()
+    assert (failed["reservation"]["status"], released["reservation"]["status"]) == (
+        "failed",
+        "released",
+    )
+    assert (failed["balance"]["held_micros"], released["balance"]["held_micros"]) == (
+        2 * CREDIT,
+        0,
+    )
+    assert comments == [("job failed",), ("cancelled",)]
+    balance = ledger.balance(accounts["taken"])
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
 
 
 def test_a_batch_draws_its_journal_ids_once_it_holds_the_accounts(

@@ -9,9 +9,10 @@
 -- is due on the account (expiry, timed-out holds, allowance), its available credits cover
 -- them all, its Consumes raise no low-balance alert, it has no overdraft limit, and its
 -- first 64 lots with credits cover them. The plain Commits are taken by ledger_commit_set
--- (0009_commit_set.sql) on the same terms. Anything else (a refusal, a replay, a first
--- alert, an account with a Commit, Release or Refund beside its Consumes) is left to
--- ledger_consume_batch's call-by-call path, which gives it the answer it gets alone.
+-- (0009_commit_set.sql) and the plain Releases by ledger_release_set (0010_release_set.sql)
+-- on the same terms. Anything else (a refusal, a replay, a first alert, an account with a
+-- Commit, Release or Refund beside its Consumes) is left to ledger_consume_batch's
+-- call-by-call path, which gives it the answer it gets alone.
 --
 -- Each call ends exactly as ledger_consume or ledger_reserve would have left it, the
 -- account's calls one after the other in arrival order: the account's lots, in consumption
@@ -64,6 +65,7 @@ DECLARE
     txn_ids bigint[];
     -- jsonb_path_exists: no row per call built to find out.
     any_commit boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "commit")');
+    any_release boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "release")');
     any_charge boolean := jsonb_path_exists(
         p_requests, '$[*] ? (!exists(@.op) || @.op == "consume" || @.op == "reserve")');
 BEGIN
@@ -75,6 +77,9 @@ BEGIN
     IF any_commit THEN
         results := ledger_commit_set(p_requests, p_now, batch_accounts, default_threshold,
                                      txn_ids, results);
+    END IF;
+    IF any_release THEN
+        results := ledger_release_set(p_requests, p_now, batch_accounts, txn_ids, results);
     END IF;
     IF NOT any_charge THEN
         RETURN results;
