@@ -68,6 +68,15 @@ def make_op(client: AsyncLedgerClient, spec: dict[str, Any]) -> Op:
             return 60_000
 
         return reserve_commit
+    if scenario == "reserve_release":
+
+        async def reserve_release() -> int:  # a job that failed: nothing is charged
+            account = random_account()
+            held = await client.reserve(account, 100_000, feature="bench")
+            await client.release(account, held.reservation.reservation_id, job_failed=True)
+            return 0
+
+        return reserve_release
     if scenario == "hot_account":
 
         async def hot() -> int:

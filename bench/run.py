@@ -46,6 +46,7 @@ RESULTS = BENCH_DIR / "results.json"
 SCENARIOS = {
     "consume": "Consume on random accounts (5 lots each, mixed sources and expiries)",
     "reserve_commit": "Reserve then Commit on random accounts; one op = one pair",
+    "reserve_release": "Reserve then Release as a failed job on random accounts; one op = one pair",
     "hot_account": "Consume on one account under all the load",
     "balance": "Balance on random accounts",
     "list_transactions_far": "ListTransactions, page of 100 at the far end of 1,000,000 entries",
@@ -413,6 +414,10 @@ def main() -> int:
                     "accounts": cfg.sizes.accounts,
                 },
                 "reserve_commit": {
+                    "account_prefix": dataset.ACCOUNT_PREFIX,
+                    "accounts": cfg.sizes.accounts,
+                },
+                "reserve_release": {
                     "account_prefix": dataset.ACCOUNT_PREFIX,
                     "accounts": cfg.sizes.accounts,
                 },
