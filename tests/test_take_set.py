@@ -542,6 +542,27 @@ def test_the_release_set_takes_only_calls_sure_to_succeed(
     assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
 
 
+def test_the_sets_judge_at_the_latest_time_a_call_was_received(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """A call received after another hold of its account timed out is not taken, even
+    when the batch's own time is earlier: alone, it would first release that hold."""
+    account = new_account("late-call")
+    ledger.grant(account, 10)
+    ledger.reserve(account, CREDIT, ttl=Duration(seconds=60))  # times out within a minute
+    later = ledger.reserve(account, CREDIT, ttl=Duration(seconds=86400)).reservation
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        batch_time = _moment_after(conn, [account])
+        release = {"op": "release", "account": account, "key": new_key(), "hash": "ab",
+                   "reservation_id": later.reservation_id, "reason": "", "job_failed": False,
+                   "now": (batch_time + timedelta(minutes=2)).isoformat()}  # fmt: skip
+        row = conn.execute(
+            "SELECT ledger_take_set(%s, %s)", (Jsonb([release]), batch_time)
+        ).fetchone()
+    assert row is not None and row[0] == [None]
+    assert ledger.balance(account).held_micros == 2 * CREDIT
+
+
 def test_a_batch_draws_its_journal_ids_once_it_holds_the_accounts(
     ledger: Ledger, ledger_db_url: str
 ) -> None:

@@ -69,6 +69,11 @@ DECLARE
     any_charge boolean := jsonb_path_exists(
         p_requests, '$[*] ? (!exists(@.op) || @.op == "consume" || @.op == "reserve")');
 BEGIN
+    -- The sets judge at p_now, which is sure for each call at its own time only when no
+    -- call came later: the server passes the latest, and a caller that did not is held
+    -- to the same (helper-45's review).
+    p_now := greatest(p_now, (SELECT max((r ->> 'now')::timestamptz)
+                                FROM jsonb_array_elements(p_requests) r));
     PERFORM FROM accounts WHERE account_id = ANY (batch_accounts)
       ORDER BY account_id COLLATE "C"
         FOR UPDATE;
