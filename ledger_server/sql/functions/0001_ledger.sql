@@ -914,6 +914,20 @@ BEGIN
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
+-- What a Release leaves: the reservation's status, and the journal's comment (the caller's
+-- reason, else why). One place for ledger_release and the set of 0010_release_set.sql.
+CREATE OR REPLACE FUNCTION ledger_release_status(p_job_failed boolean) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_job_failed THEN 'failed' ELSE 'released' END
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_release_comment(p_job_failed boolean, p_reason text)
+    RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(nullif(p_reason, ''),
+                    CASE WHEN p_job_failed THEN 'job failed' ELSE 'released by caller' END)
+$$;
+
 CREATE OR REPLACE FUNCTION ledger_release(
     p_account text, p_reservation uuid, p_key text, p_hash bytea, p_reason text,
     p_now timestamptz, p_job_failed boolean DEFAULT false) RETURNS jsonb
@@ -934,9 +948,8 @@ BEGIN
         PERFORM ledger_pending_reservation(p_account, p_reservation);
         PERFORM ledger_release_holds(
             p_account, ARRAY[p_reservation],
-            CASE WHEN p_job_failed THEN 'failed' ELSE 'released' END, p_now,
-            coalesce(nullif(p_reason, ''),
-                     CASE WHEN p_job_failed THEN 'job failed' ELSE 'released by caller' END));
+            ledger_release_status(p_job_failed), p_now,
+            ledger_release_comment(p_job_failed, p_reason));
     END IF;
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'release', p_hash, jsonb_build_object(

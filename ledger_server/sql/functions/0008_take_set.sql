@@ -50,8 +50,7 @@ AS $$
 DECLARE
     results jsonb[] := array_fill(NULL::jsonb, ARRAY[jsonb_array_length(p_requests)]);
     default_threshold bigint := (ledger_setting('alerts.low_balance_threshold_micros'))::bigint;
-    batch_accounts text[] := ARRAY(SELECT DISTINCT r ->> 'account'
-                                     FROM jsonb_array_elements(p_requests) r);
+    batch_accounts text[];
     positions int[];
     responses jsonb[];
     -- A journal entry's id for each call, drawn before anything is written, so each write
@@ -63,17 +62,20 @@ DECLARE
     -- batch waited for a lock got a higher id than the batch's, and a reader who had paged
     -- past it never saw the batch's entries).
     txn_ids bigint[];
-    -- jsonb_path_exists: no row per call built to find out.
-    any_commit boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "commit")');
-    any_release boolean := jsonb_path_exists(p_requests, '$[*] ? (@.op == "release")');
-    any_charge boolean := jsonb_path_exists(
-        p_requests, '$[*] ? (!exists(@.op) || @.op == "consume" || @.op == "reserve")');
+    any_commit boolean;
+    any_release boolean;
+    any_charge boolean;
 BEGIN
-    -- The sets judge at p_now, which is sure for each call at its own time only when no
-    -- call came later: the server passes the latest, and a caller that did not is held
-    -- to the same (helper-45's review).
-    p_now := greatest(p_now, (SELECT max((r ->> 'now')::timestamptz)
-                                FROM jsonb_array_elements(p_requests) r));
+    -- One pass over the calls for what the batch holds. The sets judge at p_now, which is
+    -- sure for each call at its own time only when no call came later: the server passes
+    -- the latest, and a caller that did not is held to the same (helper-45's review).
+    SELECT coalesce(array_agg(DISTINCT r ->> 'account'), '{}'),
+           coalesce(bool_or(r ->> 'op' = 'commit'), false),
+           coalesce(bool_or(r ->> 'op' = 'release'), false),
+           coalesce(bool_or(coalesce(r ->> 'op', 'consume') IN ('consume', 'reserve')), false),
+           greatest(p_now, max((r ->> 'now')::timestamptz))
+      INTO batch_accounts, any_commit, any_release, any_charge, p_now
+      FROM jsonb_array_elements(p_requests) r;
     PERFORM FROM accounts WHERE account_id = ANY (batch_accounts)
       ORDER BY account_id COLLATE "C"
         FOR UPDATE;

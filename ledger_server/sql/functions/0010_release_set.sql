@@ -43,10 +43,8 @@ BEGIN
     ), give_back AS (
         -- Each call with the pending reservation it releases (none for other calls).
         SELECT q.n, q.account_id, q.key, q.hash, q.reservation_id, q.txn, q.call_at,
-               CASE WHEN q.job_failed THEN 'failed' ELSE 'released' END AS status,
-               coalesce(nullif(q.reason, ''),
-                        CASE WHEN q.job_failed THEN 'job failed' ELSE 'released by caller' END)
-                   AS comment,
+               ledger_release_status(q.job_failed) AS status,
+               ledger_release_comment(q.job_failed, q.reason) AS comment,
                v.held_micros AS held, v.feature
           FROM request q
           -- LATERAL ... OFFSET 0 (not merged into the join): each call's rows looked up by
