@@ -149,6 +149,33 @@ def test_journal_reads_on_across_short_pages_to_its_limit(
     assert cli("journal", "--limit", "0").returncode == 2
 
 
+def test_transactions_reads_on_across_short_pages_to_its_limit(
+    cli: Cli, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`transactions` filtered by feature: a page reads a bounded stretch of the account's
+    journal and may come back short or empty with a token, so the command reads on until
+    it holds --limit entries or the walk ends."""
+    feature = f"cli-rare-{uuid.uuid4().hex[:8]}"
+    account = new_account("cli-rare")
+    ledger.grant(account, 10)
+    older = ledger.consume(account, CREDIT, feature=feature).transaction_id
+    for _ in range(12):
+        ledger.grant(account, 1)  # entries the filter does not match, between the two
+    newer = ledger.consume(account, CREDIT, feature=feature).transaction_id
+    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 5)  # the suite's server is in-process
+
+    listed = ok_json(cli("transactions", account, "--feature", feature, "--json"))
+    assert [t["transaction_id"] for t in listed["transactions"]] == [newer, older]
+    first = ok_json(cli("transactions", account, "--feature", feature, "--limit", "1", "--json"))
+    assert [t["transaction_id"] for t in first["transactions"]] == [newer]
+    rest = ok_json(
+        cli("transactions", account, "--feature", feature, "--page-token",
+            first["next_page_token"], "--json")
+    )  # fmt: skip
+    assert [t["transaction_id"] for t in rest["transactions"]] == [older]
+    assert cli("transactions", account, "--limit", "0").returncode == 2
+
+
 def test_grant_balance_adjust_and_transactions(cli: Cli) -> None:
     account = new_account("cli")
     granted = ok_json(cli("grant", account, "12.5", "--reason", "goodwill", "--json"))

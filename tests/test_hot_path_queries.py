@@ -187,7 +187,13 @@ class Flow:
         )  # fmt: skip
         self.call(
             "list_transactions", before=None, kinds=None, start_time=None, end_time=None,
-            feature=None, model=None, statuses=None, limit=101,
+            feature=None, model=None, statuses=None, limit=101, scan=None,
+        )  # fmt: skip
+        # A filter no index serves: a stretch of two entries, where it ended, and whether
+        # anything below it was made since start_time (each, so far, of the account).
+        self.call(
+            "list_transactions", before=None, kinds=None, start_time=self.now - timedelta(days=1),
+            end_time=None, feature="none-such", model=None, statuses=None, limit=101, scan=2,
         )  # fmt: skip
 
         # Two days on: the promotion lot has expired and a reservation timed out, so the

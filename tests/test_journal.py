@@ -199,6 +199,45 @@ def test_a_walk_from_a_time_on_ends_where_nothing_below_is_as_recent(
     assert pages == 4, pages
 
 
+def test_one_accounts_filtered_walk_from_a_time_on_ends_where_nothing_below_is_as_recent(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One account's log filtered by kind (a bounded stretch a page, as every account's)
+    from start_time on stops once nothing of the account's below a page was made since
+    then, instead of reading on to its oldest entry. Two servers whose clocks are a day
+    apart write to the account, so an entry made since start_time lies below four that
+    were not, and the walk goes on past them to it."""
+    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 2)
+    with servers_a_day_apart(fresh_database_url) as (old, new, reports, _, ahead):
+        for _ in range(6):
+            old.grant("journal-one", 1)
+        since = ahead.now()
+        early = new.grant("journal-one", 1).transaction_id
+        for _ in range(4):
+            old.grant("journal-one", 1)  # above it in ids, a day before it in time
+        recent = [new.grant("journal-one", 1).transaction_id for _ in range(2)]
+        new.consume("journal-one", CREDIT)  # since then, of another kind
+
+        request = report_pb.ListJournalRequest(
+            account_id="journal-one", kinds=[pb.TRANSACTION_KIND_GRANT], page_size=10
+        )
+        request.start_time.FromDatetime(since)
+        listed: list[str] = []
+        pages, token = 0, ""
+        while pages <= 20:
+            request.page_token = token
+            page = reports.ListJournal(request)
+            pages, token = pages + 1, page.next_page_token
+            listed += [t.transaction_id for t in page.transactions]
+            if not token:
+                break
+    assert listed == [*recent[::-1], early]
+    # Stretches of two: the charge and a recent grant, the other recent grant and one
+    # made behind, two more made behind, then the last of those with the early entry; the
+    # six old entries below are not read.
+    assert pages == 4, pages
+
+
 def test_a_walk_up_to_a_time_starts_below_what_was_made_since(
     fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,6 +320,45 @@ def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
         for node in scans(plan) if node["Relation Name"] == "journal_transactions"
     ]  # fmt: skip
     assert read and sum(read) < 1_000, read
+
+
+def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_below(
+    fresh_database_url: str,
+) -> None:
+    """One account's page filtered by kind from start_time on, where nothing matches: it
+    reads its stretch (1,000 here), finds where that ended, and asks whether anything of
+    the account's below was made since start_time, reading only what was: 900 entries since
+    then above 20,000 older ones, none of which is read. Unbounded, the page read all
+    20,900; asked down the primary key, the question read the 20,000 older ones (and the
+    planner takes that path without the "+ 0"). A database of its own, with the plans'
+    actual rows."""
+    migrate(fresh_database_url)
+    with explained_connection(fresh_database_url) as (conn, recorder):
+        conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
+        conn.execute("SET auto_explain.log_analyze = on")
+        conn.execute("SELECT ledger_open_account('journal-long', '', now() - interval '1 day')")
+        for since, entries in (("now() - interval '1 day'", 20_000), ("now()", 900)):
+            conn.execute(
+                "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
+                f" SELECT 'journal-long', 'grant', 1, {since} + n * interval '1 ms'"
+                "   FROM generate_series(1, %s) n",
+                (entries,),
+            )
+        conn.execute("ANALYZE journal_transactions")
+        recorder.take()
+        page = conn.execute(
+            "SELECT transaction_id, kind FROM ledger_journal_page('journal-long', NULL,"
+            " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 1000)"
+        ).fetchall()
+        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
+        plans = recorder.take()
+    assert page == []  # nothing listed, and no marker: the walk ends here
+    read = [
+        node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+        for _, plan in plans
+        for node in scans(plan) if node["Relation Name"] == "journal_transactions"
+    ]  # fmt: skip
+    assert read and sum(read) < 5_000, read
 
 
 def test_a_walk_up_to_a_time_starts_at_the_newest_entry_made_before_it(

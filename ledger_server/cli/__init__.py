@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("transactions", commands.transactions, "an account's journal, newest first")
     p.add_argument("account")
-    journal_options(p, "entries per page (50)")
+    journal_options(p, "entries to list (50)")
 
     p = add("journal", commands.journal, "every account's journal (or one's), newest first")
     p.add_argument("--account", help="one account's entries only")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -242,15 +242,18 @@ def _print_entries(
 
 
 def transactions(args: argparse.Namespace, session: Session) -> int:
-    request = ledger_pb.ListTransactionsRequest(
-        account_id=args.account, page_size=args.limit, page_token=args.page_token
-    )
+    """An account's journal, newest first. Filtered by kind or feature, a page reads a
+    bounded stretch of a long journal and may come back short, even empty, with a token:
+    this reads on until it holds --limit entries or the walk ends."""
+    request = ledger_pb.ListTransactionsRequest(account_id=args.account)
     _journal_filters(args, request)
-    response = session.call(session.ledger.ListTransactions, request)
+    listed = _read_on(
+        session, session.ledger.ListTransactions, request, ledger_pb.ListTransactionsResponse, args
+    )
     if session.json:
-        output.print_json(response, session.out)
+        output.print_json(listed, session.out)
         return 0
-    _print_entries(session, response.transactions, response.next_page_token, False)
+    _print_entries(session, listed.transactions, listed.next_page_token, False)
     return 0
 
 
@@ -258,24 +261,43 @@ def journal(args: argparse.Namespace, session: Session) -> int:
     """Every account's journal (or one account's), newest first. A page of every
     account's log reads a bounded stretch of the journal and may come back short, even
     empty, with a token: this reads on until it holds --limit entries or the walk ends."""
-    if args.limit < 1:
-        raise UsageError("--limit: must be at least 1")
     request = report_pb.ListJournalRequest(account_id=args.account or "")
     _journal_filters(args, request)
-    listed = report_pb.ListJournalResponse(next_page_token=args.page_token)
-    while True:
-        request.page_size = args.limit - len(listed.transactions)
-        request.page_token = listed.next_page_token
-        response = session.call(session.reports.ListJournal, request)
-        listed.transactions.extend(response.transactions)
-        listed.next_page_token = response.next_page_token
-        if len(listed.transactions) >= args.limit or not listed.next_page_token:
-            break
+    listed = _read_on(
+        session, session.reports.ListJournal, request, report_pb.ListJournalResponse, args
+    )
     if session.json:
         output.print_json(listed, session.out)
         return 0
     _print_entries(session, listed.transactions, listed.next_page_token, True)
     return 0
+
+
+JournalPage = TypeVar(
+    "JournalPage", ledger_pb.ListTransactionsResponse, report_pb.ListJournalResponse
+)
+
+
+def _read_on(
+    session: Session,
+    rpc: Callable[..., JournalPage],
+    request: ledger_pb.ListTransactionsRequest | report_pb.ListJournalRequest,
+    page_type: type[JournalPage],
+    args: argparse.Namespace,
+) -> JournalPage:
+    """Pages from --page-token on until they hold --limit entries or the walk ends: the
+    entries and the token to continue from."""
+    if args.limit < 1:
+        raise UsageError("--limit: must be at least 1")
+    listed = page_type(next_page_token=args.page_token)
+    while True:
+        request.page_size = args.limit - len(listed.transactions)
+        request.page_token = listed.next_page_token
+        response = session.call(rpc, request)
+        listed.transactions.extend(response.transactions)
+        listed.next_page_token = response.next_page_token
+        if len(listed.transactions) >= args.limit or not listed.next_page_token:
+            return listed
 
 
 def reservation(args: argparse.Namespace, session: Session) -> int:

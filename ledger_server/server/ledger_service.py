@@ -280,6 +280,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
                 "account_id": account_id,
                 "before": position[0] if position else None,
                 "limit": page_size + 1,
+                "scan": journal_pages.scan_bound(account_id, params),
                 "now": self._clock.now(),
             },
         )

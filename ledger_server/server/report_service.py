@@ -106,33 +106,6 @@ async def _rows(
     return await cursor.fetchall() if cursor.description is not None else []
 
 
-async def _every_accounts_page(
-    conn: AsyncConnection[TupleRow], query: dict[str, object], page_size: int
-) -> tuple[list[TupleRow], int | None]:
-    """A page of every account's log, which reads a bounded stretch of the journal
-    (journal_pages.SCAN_ENTRIES), and, for a page that did not fill, the last entry it read
-    (None: it read to the oldest, or nothing below it is as recent as the start_time asked
-    for). The first page of a walk up to an end_time starts at the newest entry made before
-    then. One snapshot: an entry committed between the reads would shift the stretch."""
-    scan = journal_pages.SCAN_ENTRIES
-    async with conn.transaction():
-        await _rows(conn, "report_snapshot", {})
-        if query["end_time"] is not None and query["before"] is None:
-            top = await _rows(conn, "journal_walk_top", {"end_time": query["end_time"]})
-            query = {**query, "before": top[0][0]}
-        rows = await _rows(conn, "list_journal", {**query, "scan": scan})
-        if len(rows) > page_size:
-            return rows, None
-        end = await _rows(conn, "journal_scan_end", {"before": query["before"], "scan": scan})
-        if not end:
-            return rows, None
-        if query["start_time"] is not None:
-            below = {"below": end[0][0], "start_time": query["start_time"]}
-            if not (await _rows(conn, "journal_reaches_back", below))[0][0]:
-                return rows, None
-    return rows, end[0][0]
-
-
 async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:
     exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
     if not exists[0][0]:
@@ -161,19 +134,16 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
             **params,
             "account_id": account_id,
             "before": position[0] if position else None,
-            "scan": None,
+            "scan": journal_pages.scan_bound(account_id, params),
             "limit": page_size + 1,
         }
-        resume_below = None
         async with self._pool.connection() as conn:
             if account_id is not None:
                 await _require_account(conn, account_id)
-                rows = await _rows(conn, "list_journal", query)
-            else:
-                rows, resume_below = await _every_accounts_page(conn, query, page_size)
+            rows = await _rows(conn, "list_journal", query)
         response = pb.ListJournalResponse()
         response.next_page_token = journal_pages.fill(
-            response.transactions, rows, page_size, bound_to, resume_below
+            response.transactions, rows, page_size, bound_to
         )
         return response
 

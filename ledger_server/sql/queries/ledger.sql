@@ -57,14 +57,15 @@ SELECT lot, priority, expires_micros, lot_id
                         %(after_lot)s::bigint, %(limit)s::int, %(now)s::timestamptz)
 
 -- name: list_transactions
--- One round trip: the account's due maintenance, then the page (sql/functions/0001_ledger.sql).
+-- One round trip: the account's due maintenance, then the page, and the marker row of
+-- a page that read its stretch (scan entries) without filling (sql/functions/0001_ledger.sql).
 SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
        comment, actor, external_ref, created_micros, status, posting_accounts, posting_lots,
        posting_sources, posting_amounts, posting_memos
   FROM ledger_list_transactions(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
                                 %(start_time)s::timestamptz, %(end_time)s::timestamptz,
                                 %(feature)s::text, %(model)s::text, %(statuses)s::text[],
-                                %(limit)s::int, %(now)s::timestamptz)
+                                %(limit)s::int, %(scan)s::int, %(now)s::timestamptz)
 
 -- name: estimate
 SELECT ledger_price_usage(%(feature)s::text, %(model)s::text, %(quantities)s::jsonb, NULL)

@@ -157,7 +157,8 @@ SELECT feature, model,
 
 -- name: list_journal
 -- The platform-wide transaction log: every account's entries (or one account's), newest
--- first (sql/functions/0001_ledger.sql). Reads only: no account's maintenance is applied.
+-- first (sql/functions/0001_ledger.sql), and the marker row of a page that read its
+-- stretch (scan entries) without filling. Reads only: no account's maintenance is applied.
 SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
        comment, actor, external_ref, created_micros, status, posting_accounts, posting_lots,
        posting_sources, posting_amounts, posting_memos
@@ -166,21 +167,3 @@ SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature,
                            %(feature)s::text, %(model)s::text, %(statuses)s::text[],
                            %(limit)s::int, %(scan)s::int)
 
--- name: journal_scan_end
--- Where a page of every account's log that read %(scan)s entries below %(before)s stopped:
--- the id of the last entry it read (NULL: it read to the oldest), on
--- journal_transactions_newest_first (migration 0016). The next page reads below it.
-SELECT transaction_id FROM journal_transactions
- WHERE -transaction_id > -coalesce(%(before)s::bigint, 9223372036854775807)
- ORDER BY -transaction_id
-OFFSET %(scan)s::int - 1 LIMIT 1
-
--- name: journal_reaches_back
--- Whether any entry below %(below)s was made at or after %(start_time)s; if none was, no
--- page further down can match a walk of every account's log from that time on.
-SELECT ledger_journal_reaches_back(%(below)s::bigint, %(start_time)s::timestamptz)
-
--- name: journal_walk_top
--- Where the first page of a walk of every account's log up to %(end_time)s starts: below
--- the lowest id at and above which nothing was made before then.
-SELECT ledger_journal_walk_top(%(end_time)s::timestamptz)

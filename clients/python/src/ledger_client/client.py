@@ -314,7 +314,9 @@ class LedgerClient:
         """One page of the account's journal, newest first. Filters combine: ``kinds``
         and ``statuses`` (values or short names, ``["charge"]``, ``["pending"]``; all when
         empty), ``start_time`` (included) to ``end_time`` (excluded), ``feature`` and
-        ``model``."""
+        ``model``. Filtered by kind, status, feature or model, a page may hold fewer
+        entries than ``page_size``, even none, before the last: :meth:`iter_transactions`
+        pages on."""
         request = c.list_transactions_request(
             account_id,
             page_size=page_size,
@@ -438,8 +440,8 @@ class LedgerClient:
         page_size: int = 0,
         timeout: float | None = None,
     ) -> Iterator[pb.Transaction]:
-        """Every matching transaction, newest first, walking all pages (the filters of
-        :meth:`list_transactions`)."""
+        """Every matching transaction, newest first, walking all pages, short and empty
+        ones included, until the last (the filters of :meth:`list_transactions`)."""
         kinds = list(kinds)
         statuses = list(statuses)
         token = ""
@@ -500,8 +502,9 @@ class LedgerClient:
     ) -> report_pb.ListJournalResponse:
         """One page of the platform-wide log (ReportService.ListJournal): every account's
         entries, or one account's, newest first, with the filters of
-        :meth:`list_transactions`. Across every account a page may hold fewer entries than
-        ``page_size``, even none, before the last: :meth:`iter_journal` pages on."""
+        :meth:`list_transactions`. Across every account, or filtered by kind, status,
+        feature or model, a page may hold fewer entries than ``page_size``, even none,
+        before the last: :meth:`iter_journal` pages on."""
         filters = c.JournalFilters.of(kinds, start_time, end_time, feature, model, statuses)
         return self._journal_page(account_id, filters, page_size, page_token, timeout)
 

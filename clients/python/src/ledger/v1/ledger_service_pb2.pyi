@@ -1014,9 +1014,10 @@ class ListTransactionsResponse(_message.Message):
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]:
-        """Newest first."""
+        """Newest first; at most page_size, and possibly fewer, even none, before the last page."""
 
     def __init__(
         self,

@@ -195,7 +195,12 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTransactions(self, request, context):
-        """Lists an account's journal, newest first.
+        """Lists an account's journal, newest first. Filtered by kinds, feature, model or
+        statuses, a page walks at most 20,000 of the account's entries (from the newest, or
+        the page token): where the filter matches little of a long journal, a page has fewer
+        entries than page_size, even none, and still carries a next_page_token. Page until
+        the token is empty; with a start_time it is empty once none of the account's older
+        entries was made since then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,7 +58,13 @@ class LedgerServiceStub:
     ListLots: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.ListLotsRequest, _ledger_service_pb2.ListLotsResponse]
     """Lists an account's lots in consumption order."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.ListTransactionsRequest, _ledger_service_pb2.ListTransactionsResponse]
-    """Lists an account's journal, newest first."""
+    """Lists an account's journal, newest first. Filtered by kinds, feature, model or
+    statuses, a page walks at most 20,000 of the account's entries (from the newest, or
+    the page token): where the filter matches little of a long journal, a page has fewer
+    entries than page_size, even none, and still carries a next_page_token. Page until
+    the token is empty; with a start_time it is empty once none of the account's older
+    entries was made since then.
+    """
     CreateAccount: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateAccountRequest, _ledger_service_pb2.CreateAccountResponse]
     """Opens an account: applies the sign-up bonus, issues its referral code and, when
     it signs up with someone's referral code, rewards the inviter. Crediting calls
@@ -106,7 +112,13 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ListLots: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.ListLotsRequest, _ledger_service_pb2.ListLotsResponse]  # type: ignore[assignment]
     """Lists an account's lots in consumption order."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.ListTransactionsRequest, _ledger_service_pb2.ListTransactionsResponse]  # type: ignore[assignment]
-    """Lists an account's journal, newest first."""
+    """Lists an account's journal, newest first. Filtered by kinds, feature, model or
+    statuses, a page walks at most 20,000 of the account's entries (from the newest, or
+    the page token): where the filter matches little of a long journal, a page has fewer
+    entries than page_size, even none, and still carries a next_page_token. Page until
+    the token is empty; with a start_time it is empty once none of the account's older
+    entries was made since then.
+    """
     CreateAccount: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateAccountRequest, _ledger_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
     """Opens an account: applies the sign-up bonus, issues its referral code and, when
     it signs up with someone's referral code, rewards the inviter. Crediting calls
@@ -211,7 +223,13 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_service_pb2.ListTransactionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_service_pb2.ListTransactionsResponse, _abc.Awaitable[_ledger_service_pb2.ListTransactionsResponse]]:
-        """Lists an account's journal, newest first."""
+        """Lists an account's journal, newest first. Filtered by kinds, feature, model or
+        statuses, a page walks at most 20,000 of the account's entries (from the newest, or
+        the page token): where the filter matches little of a long journal, a page has fewer
+        entries than page_size, even none, and still carries a next_page_token. Page until
+        the token is empty; with a start_time it is empty once none of the account's older
+        entries was made since then.
+        """
 
     @_abc_1.abstractmethod
     def CreateAccount(

@@ -84,7 +84,7 @@ class ListJournalResponse(_message.Message):
     """Empty on the last page."""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_ledger_service_pb2.Transaction]:
-        """At most page_size; across all accounts possibly fewer, even none, before the last page."""
+        """At most page_size; possibly fewer, even none, before the last page (see ListJournal)."""
 
     def __init__(
         self,

@@ -41,13 +41,14 @@ class ReportServiceStub:
     ListJournal: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]
     """The platform-wide transaction log: every account's journal entries (or one account's),
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-    transaction id: entries written while paging never shift a page. Across all accounts
-    the filters are applied while walking the journal from the newest entry (or the page
-    token), and one page walks at most 20,000 entries: a filter that matches little of a
-    long journal gives pages with fewer entries than page_size, even none, that still
-    carry a next_page_token. Page until the token is empty. With a start_time the token is
-    empty once no older entry was made since then, so the walk ends there; with an
-    end_time the first page starts at the newest entry made before it.
+    transaction id: entries written while paging never shift a page. Across all accounts,
+    and for one account filtered by kinds, feature, model or statuses, the filters are
+    applied while walking the journal from the newest entry (or the page token), and one
+    page walks at most 20,000 entries: a filter that matches little of a long journal
+    gives pages with fewer entries than page_size, even none, that still carry a
+    next_page_token. Page until the token is empty. With a start_time the token is empty
+    once no older entry (of the account, for one) was made since then, so the walk ends
+    there; with an end_time the first page starts at the newest entry made before it.
     """
 
 @_typing.type_check_only
@@ -63,13 +64,14 @@ class ReportServiceAsyncStub(ReportServiceStub):
     ListJournal: _aio.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]  # type: ignore[assignment]
     """The platform-wide transaction log: every account's journal entries (or one account's),
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-    transaction id: entries written while paging never shift a page. Across all accounts
-    the filters are applied while walking the journal from the newest entry (or the page
-    token), and one page walks at most 20,000 entries: a filter that matches little of a
-    long journal gives pages with fewer entries than page_size, even none, that still
-    carry a next_page_token. Page until the token is empty. With a start_time the token is
-    empty once no older entry was made since then, so the walk ends there; with an
-    end_time the first page starts at the newest entry made before it.
+    transaction id: entries written while paging never shift a page. Across all accounts,
+    and for one account filtered by kinds, feature, model or statuses, the filters are
+    applied while walking the journal from the newest entry (or the page token), and one
+    page walks at most 20,000 entries: a filter that matches little of a long journal
+    gives pages with fewer entries than page_size, even none, that still carry a
+    next_page_token. Page until the token is empty. With a start_time the token is empty
+    once no older entry (of the account, for one) was made since then, so the walk ends
+    there; with an end_time the first page starts at the newest entry made before it.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -94,13 +96,14 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_report_service_pb2.ListJournalResponse, _abc.Awaitable[_report_service_pb2.ListJournalResponse]]:
         """The platform-wide transaction log: every account's journal entries (or one account's),
         newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-        transaction id: entries written while paging never shift a page. Across all accounts
-        the filters are applied while walking the journal from the newest entry (or the page
-        token), and one page walks at most 20,000 entries: a filter that matches little of a
-        long journal gives pages with fewer entries than page_size, even none, that still
-        carry a next_page_token. Page until the token is empty. With a start_time the token is
-        empty once no older entry was made since then, so the walk ends there; with an
-        end_time the first page starts at the newest entry made before it.
+        transaction id: entries written while paging never shift a page. Across all accounts,
+        and for one account filtered by kinds, feature, model or statuses, the filters are
+        applied while walking the journal from the newest entry (or the page token), and one
+        page walks at most 20,000 entries: a filter that matches little of a long journal
+        gives pages with fewer entries than page_size, even none, that still carry a
+        next_page_token. Page until the token is empty. With a start_time the token is empty
+        once no older entry (of the account, for one) was made since then, so the walk ends
+        there; with an end_time the first page starts at the newest entry made before it.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
