@@ -206,8 +206,9 @@ def test_one_accounts_filtered_walk_from_a_time_on_ends_where_nothing_below_is_a
     from start_time on stops once nothing of the account's below a page was made since
     then, instead of reading on to its oldest entry. Two servers whose clocks are a day
     apart write to the account, so an entry made since start_time lies below four that
-    were not, and the walk goes on past them to it."""
-    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 2)
+    were not, and the walk goes on past them to it. Stretches of five: with more than that
+    made since start_time the question would not tell, and the walk would go on."""
+    monkeypatch.setattr(journal_pages, "SCAN_ENTRIES", 5)
     with servers_a_day_apart(fresh_database_url) as (old, new, reports, _, ahead):
         for _ in range(6):
             old.grant("journal-one", 1)
@@ -232,10 +233,10 @@ def test_one_accounts_filtered_walk_from_a_time_on_ends_where_nothing_below_is_a
             if not token:
                 break
     assert listed == [*recent[::-1], early]
-    # Stretches of two: the charge and a recent grant, the other recent grant and one
-    # made behind, two more made behind, then the last of those with the early entry; the
-    # six old entries below are not read.
-    assert pages == 4, pages
+    # Stretches of five: the charge, the recent grants and two made behind, then the other
+    # two made behind, the early entry and two old ones; the four old entries below are
+    # not read.
+    assert pages == 2, pages
 
 
 def test_a_walk_up_to_a_time_starts_below_what_was_made_since(
@@ -279,7 +280,7 @@ def test_a_walk_up_to_a_time_starts_below_what_was_made_since(
 def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
     fresh_database_url: str,
 ) -> None:
-    """One account's page up to end_time (ledger_journal_page, which ListTransactions and
+    """One account's page up to end_time (ledger_journal_read, which ListTransactions and
     ListJournal with an account call): an account that made 20,000 entries or more since
     then has its first page start below them (where a walk of every account's would),
     instead of reading down through them all to its first match. A database of its own,
@@ -307,7 +308,7 @@ def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
         ).fetchall()
         recorder.take()
         page = conn.execute(
-            "SELECT transaction_id FROM ledger_journal_page('journal-big', NULL, NULL, NULL,"
+            "SELECT transaction_id FROM ledger_journal_read('journal-big', NULL, NULL, NULL,"
             " %s, NULL, NULL, NULL, 100)",
             until,
         ).fetchall()
@@ -347,7 +348,7 @@ def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_b
         conn.execute("ANALYZE journal_transactions")
         recorder.take()
         page = conn.execute(
-            "SELECT transaction_id, kind FROM ledger_journal_page('journal-long', NULL,"
+            "SELECT transaction_id, kind FROM ledger_journal_read('journal-long', NULL,"
             " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 1000)"
         ).fetchall()
         conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
@@ -359,6 +360,76 @@ def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_b
         for node in scans(plan) if node["Relation Name"] == "journal_transactions"
     ]  # fmt: skip
     assert read and sum(read) < 5_000, read
+
+
+def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_too(
+    fresh_database_url: str,
+) -> None:
+    """Below 3,000 entries made since start_time (a page token deep in a walk of them), a
+    page of older entries that match nothing asks whether anything of the account's below
+    it was made since then. It reads at most its stretch (100) of the entries since then
+    and counts at most as many in the index; unable to tell, it lets the walk go on (a
+    marker row) instead of reading all 3,000 on this one page."""
+    migrate(fresh_database_url)
+    with explained_connection(fresh_database_url) as (conn, recorder):
+        conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
+        conn.execute("SET auto_explain.log_analyze = on")
+        conn.execute("SELECT ledger_open_account('journal-deep', '', now() - interval '1 day')")
+        for since, entries in (("now() - interval '1 day'", 1_000), ("now()", 3_000)):
+            conn.execute(
+                "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
+                f" SELECT 'journal-deep', 'grant', 1, {since} + n * interval '1 ms'"
+                "   FROM generate_series(1, %s) n",
+                (entries,),
+            )
+        conn.execute("ANALYZE journal_transactions")
+        row = conn.execute(
+            "SELECT min(transaction_id) FROM journal_transactions"
+            " WHERE account_id = 'journal-deep' AND created_at >= now() - interval '1 hour'"
+        ).fetchone()
+        assert row is not None
+        recorder.take()
+        page = conn.execute(
+            "SELECT transaction_id, kind FROM ledger_journal_read('journal-deep', %s,"
+            " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 100)",
+            row,
+        ).fetchone()
+        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
+        plans = recorder.take()
+    assert page is not None and page[1] is None  # the marker: the walk goes on
+    read = [
+        node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+        for _, plan in plans
+        for node in scans(plan) if node["Relation Name"] == "journal_transactions"
+    ]  # fmt: skip
+    assert read and sum(read) <= 400, read
+
+
+def test_the_previous_releases_page_forms_still_answer(ledger: Ledger, ledger_db_url: str) -> None:
+    """Servers of the previous release call ledger_list_transactions without p_scan, and
+    ledger_journal_page for every account's pages, which they map row by row, having found
+    where a stretch ended themselves: no marker row for them, until a rolling deploy
+    replaces them."""
+    account = new_account("journal-previous")
+    for _ in range(3):
+        ledger.grant(account, 1)
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        listed = conn.execute(
+            "SELECT transaction_id FROM ledger_list_transactions(%s, NULL, NULL, NULL, NULL,"
+            " NULL, NULL, NULL, 11, now())",
+            (account,),
+        ).fetchall()
+        pages = [
+            conn.execute(
+                f"SELECT kind FROM {function}(NULL, NULL, NULL, NULL, NULL, 'none-such', NULL,"
+                " NULL, 11, 2)"
+            ).fetchall()
+            for function in ("ledger_journal_page", "ledger_journal_read")
+        ]
+    assert [str(row[0]) for row in listed] == [
+        t.transaction_id for t in ledger.transactions(account)
+    ]
+    assert pages == [[], [(None,)]]  # the marker only for this release's servers
 
 
 def test_a_walk_up_to_a_time_starts_at_the_newest_entry_made_before_it(

@@ -87,7 +87,7 @@ def position(request: JournalQuery, bound_to: list[object]) -> Position | None:
 def fill(
     transactions: Any, rows: list[tuple[Any, ...]], page_size: int, bound_to: list[object]
 ) -> str:
-    """Adds the page's entries (rows of ledger_journal_page, at most page_size + 1) to
+    """Adds the page's entries (rows of ledger_journal_read, at most page_size + 1) to
     ``transactions``; returns the next page's token ("": none). A page that read its
     stretch without filling ends with a marker row (no kind): the last entry it read, below
     which the next page reads on."""

@@ -22,8 +22,10 @@ DROP FUNCTION IF EXISTS ledger_release(text, uuid, text, bytea, text, timestampt
 DROP FUNCTION IF EXISTS ledger_journal_page(text, bigint, text[], timestamptz, timestamptz, text, text, text[], int);
 DROP FUNCTION IF EXISTS ledger_journal_page(text, bigint, text[], timestamptz, timestamptz, text, text, text[], int, bigint);
 DROP FUNCTION IF EXISTS ledger_consume(text, text, bytea, bigint, text, text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_account_journal_reaches_back(text, bigint, timestamptz);
 DROP FUNCTION IF EXISTS ledger_release_holds(text, uuid, text, timestamptz, text);
--- Its result columns changed, then it gained p_scan; recreated below.
+-- Its result columns changed (CREATE OR REPLACE cannot change them); recreated below, as
+-- the previous release's form beside the one with p_scan.
 DROP FUNCTION IF EXISTS ledger_list_transactions(text, bigint, text[], timestamptz, timestamptz, text, text, text[], int, timestamptz);
 
 -- The small SQL helpers below are STABLE, not IMMUTABLE: their bodies call stable functions
@@ -1196,7 +1198,7 @@ END $$;
 -- with a marker row, all NULL but transaction_id: the last entry read, below which the next
 -- page reads on. There is none when nothing is left below, or, with p_start, nothing below
 -- was made since then. One snapshot (STABLE), so the stretch and where it ended agree.
-CREATE OR REPLACE FUNCTION ledger_journal_page(
+CREATE OR REPLACE FUNCTION ledger_journal_read(
     p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
     p_feature text, p_model text, p_statuses text[], p_limit int, p_scan int DEFAULT NULL)
     RETURNS TABLE (transaction_id bigint, account_id text, kind text, amount_micros bigint,
@@ -1284,12 +1286,29 @@ BEGIN
     END IF;
     IF read_down_to IS NULL OR (p_start IS NOT NULL AND NOT CASE
             WHEN p_account IS NULL THEN ledger_journal_reaches_back(read_down_to, p_start)
-            ELSE ledger_account_journal_reaches_back(p_account, read_down_to, p_start) END) THEN
+            ELSE ledger_account_journal_reaches_back(p_account, read_down_to, p_start, p_scan) END) THEN
         RETURN;
     END IF;
     transaction_id := read_down_to;
     RETURN NEXT;
 END $$;
+
+-- The form of the previous release (no marker row: its servers found where a stretch
+-- ended themselves, and map every row), kept so that they keep working during a rolling
+-- deploy; drop it in the release after.
+CREATE OR REPLACE FUNCTION ledger_journal_page(
+    p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
+    p_feature text, p_model text, p_statuses text[], p_limit int, p_scan int DEFAULT NULL)
+    RETURNS TABLE (transaction_id bigint, account_id text, kind text, amount_micros bigint,
+                   reservation_id text, feature text, model text, usage jsonb, comment text,
+                   actor text, external_ref text, created_micros bigint, status text,
+                   posting_accounts text[], posting_lots bigint[], posting_sources text[],
+                   posting_amounts bigint[], posting_memos text[])
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM ledger_journal_read(p_account, p_before, p_kinds, p_start, p_end, p_feature,
+                                      p_model, p_statuses, p_limit, p_scan) page
+     WHERE page.kind IS NOT NULL
+$$;
 
 -- Where one account's first page up to p_end starts (NULL: at its newest entry). Reading
 -- down through every entry the account made since p_end would take 741 ms for the bench's
@@ -1309,23 +1328,31 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Whether any of the account's entries below p_below was made at or after p_start: where a
--- walk of one account's log from p_start on can end. Read on
--- journal_transactions_account_time from p_start up, it stops at the first such entry, and
--- when there is none it has read only the account's entries since p_start, which the walk
--- has listed or passed. Down the primary key instead ("+ 0" keeps it off that index), none
--- found would read all of the account's history below the page. Sequential scans off: the
--- planner reckons a few matches among many rows and that a scan finds one at once, where
--- none matches and the scan reads the whole journal (104 ms on the bench's, 1.5 million
--- entries, for an hour's start_time).
+-- Whether a walk of one account's log from p_start on may go on below p_below: true when
+-- one of the account's entries below it was made at or after p_start, or when the first
+-- p_cap of the account's entries since p_start (by time) do not tell. Read on
+-- journal_transactions_account_time from p_start up, the first part stops at the first such
+-- entry, which in a walk not yet at its end is among the oldest since then. Where none is,
+-- it reads at most p_cap entries and then counts at most p_cap in the index alone: a page
+-- past the end costs a bounded read (an account with more than p_cap entries since p_start
+-- or a clock that ran far behind is walked on to its oldest entry, stretch by stretch,
+-- instead of reading all of them on one page). Down the primary key instead ("+ 0" keeps
+-- it off that index), none found would read all of the account's history below the page.
+-- Sequential scans off: the planner reckons a few matches among many rows and that a scan
+-- finds one at once, where none matches and the scan reads the whole journal (104 ms on
+-- the bench's, 1.5 million entries, for an hour's start_time).
 CREATE OR REPLACE FUNCTION ledger_account_journal_reaches_back(
-    p_account text, p_below bigint, p_start timestamptz) RETURNS boolean
+    p_account text, p_below bigint, p_start timestamptz, p_cap int) RETURNS boolean
 LANGUAGE sql STABLE
 SET enable_seqscan = off
 AS $$
-    SELECT EXISTS (SELECT 1 FROM journal_transactions j
-                    WHERE j.account_id = p_account AND j.created_at >= p_start
-                      AND j.transaction_id + 0 < p_below)
+    SELECT EXISTS (SELECT 1 FROM (SELECT j.transaction_id FROM journal_transactions j
+                                   WHERE j.account_id = p_account AND j.created_at >= p_start
+                                   ORDER BY j.created_at LIMIT p_cap) since
+                    WHERE since.transaction_id + 0 < p_below)
+        OR (SELECT count(*) FROM (SELECT FROM journal_transactions j
+                                   WHERE j.account_id = p_account AND j.created_at >= p_start
+                                   LIMIT p_cap) since) = p_cap
 $$;
 
 -- Whether any entry below p_below was made at or after p_start: where a walk of every
@@ -1465,6 +1492,21 @@ CREATE OR REPLACE FUNCTION ledger_list_transactions(
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM ledger_read_existing_account(p_account, p_now);
-    RETURN QUERY SELECT * FROM ledger_journal_page(p_account, p_before, p_kinds, p_start, p_end,
+    RETURN QUERY SELECT * FROM ledger_journal_read(p_account, p_before, p_kinds, p_start, p_end,
                                                    p_feature, p_model, p_statuses, p_limit, p_scan);
 END $$;
+
+-- The form of the previous release (no p_scan: pages read until they fill, no marker row),
+-- kept so that its servers keep working during a rolling deploy; drop it in the release after.
+CREATE OR REPLACE FUNCTION ledger_list_transactions(
+    p_account text, p_before bigint, p_kinds text[], p_start timestamptz, p_end timestamptz,
+    p_feature text, p_model text, p_statuses text[], p_limit int, p_now timestamptz)
+    RETURNS TABLE (transaction_id bigint, account_id text, kind text, amount_micros bigint,
+                   reservation_id text, feature text, model text, usage jsonb, comment text,
+                   actor text, external_ref text, created_micros bigint, status text,
+                   posting_accounts text[], posting_lots bigint[], posting_sources text[],
+                   posting_amounts bigint[], posting_memos text[])
+LANGUAGE sql AS $$
+    SELECT * FROM ledger_list_transactions(p_account, p_before, p_kinds, p_start, p_end,
+                                           p_feature, p_model, p_statuses, p_limit, NULL, p_now)
+$$;

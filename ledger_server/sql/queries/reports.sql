@@ -162,7 +162,7 @@ SELECT feature, model,
 SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature, model, usage,
        comment, actor, external_ref, created_micros, status, posting_accounts, posting_lots,
        posting_sources, posting_amounts, posting_memos
-  FROM ledger_journal_page(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
+  FROM ledger_journal_read(%(account_id)s::text, %(before)s::bigint, %(kinds)s::text[],
                            %(start_time)s::timestamptz, %(end_time)s::timestamptz,
                            %(feature)s::text, %(model)s::text, %(statuses)s::text[],
                            %(limit)s::int, %(scan)s::int)

@@ -200,7 +200,8 @@ class LedgerServiceServicer:
         the page token): where the filter matches little of a long journal, a page has fewer
         entries than page_size, even none, and still carries a next_page_token. Page until
         the token is empty; with a start_time it is empty once none of the account's older
-        entries was made since then.
+        entries was made since then (with more than 20,000 made since then, the walk may go
+        on to the account's oldest entry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,8 @@ class LedgerServiceStub:
     the page token): where the filter matches little of a long journal, a page has fewer
     entries than page_size, even none, and still carries a next_page_token. Page until
     the token is empty; with a start_time it is empty once none of the account's older
-    entries was made since then.
+    entries was made since then (with more than 20,000 made since then, the walk may go
+    on to the account's oldest entry).
     """
     CreateAccount: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateAccountRequest, _ledger_service_pb2.CreateAccountResponse]
     """Opens an account: applies the sign-up bonus, issues its referral code and, when
@@ -117,7 +118,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     the page token): where the filter matches little of a long journal, a page has fewer
     entries than page_size, even none, and still carries a next_page_token. Page until
     the token is empty; with a start_time it is empty once none of the account's older
-    entries was made since then.
+    entries was made since then (with more than 20,000 made since then, the walk may go
+    on to the account's oldest entry).
     """
     CreateAccount: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateAccountRequest, _ledger_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
     """Opens an account: applies the sign-up bonus, issues its referral code and, when
@@ -228,7 +230,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         the page token): where the filter matches little of a long journal, a page has fewer
         entries than page_size, even none, and still carries a next_page_token. Page until
         the token is empty; with a start_time it is empty once none of the account's older
-        entries was made since then.
+        entries was made since then (with more than 20,000 made since then, the walk may go
+        on to the account's oldest entry).
         """
 
     @_abc_1.abstractmethod
