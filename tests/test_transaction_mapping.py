@@ -126,3 +126,16 @@ def test_every_credit_source_reads_back_from_its_database_name(
 def test_no_source_is_unspecified() -> None:
     assert mapping.source_from_db(None) == types_pb2.CREDIT_SOURCE_UNSPECIFIED
     assert mapping.source_from_db("") == types_pb2.CREDIT_SOURCE_UNSPECIFIED
+
+
+@pytest.mark.parametrize(
+    "micros", [1_763_700_000_123_456, 0, 1, -1, -999_999, -1_000_000, -1_500_000, 10**15 + 7]
+)
+def test_a_timestamp_is_set_as_from_microseconds_sets_it(micros: int) -> None:
+    """Times before 1970 too: whole seconds rounded down, nanos in [0, 1e9)."""
+    expected = Timestamp()
+    expected.FromMicroseconds(micros)
+    filled = Timestamp()
+    mapping.set_timestamp(filled, micros)
+    assert filled == expected
+    assert 0 <= filled.nanos < 1_000_000_000

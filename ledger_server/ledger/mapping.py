@@ -48,8 +48,12 @@ def _balance_kind(kind: str) -> types_pb2.BalanceKind.ValueType:
 
 
 def set_timestamp(target: Timestamp, micros: int | None) -> None:
+    # What Timestamp.FromMicroseconds does (floor division, so times before 1970 keep
+    # nanos in [0, 1e9)), without its pure-Python method: 6% of filling a page of 100.
     if micros is not None:
-        target.FromMicroseconds(int(micros))
+        seconds, rest = divmod(int(micros), 1_000_000)
+        target.seconds = seconds
+        target.nanos = rest * 1000
 
 
 _RESERVATION_STATUS = {
