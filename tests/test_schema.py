@@ -292,6 +292,26 @@ def test_an_edited_migration_is_refused(fresh_database_url: str) -> None:
         migrations.migrate(fresh_database_url)
 
 
+def test_a_release_older_than_the_database_leaves_its_functions_alone(
+    fresh_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a rolling deploy a server of the old release that restarts migrates too. The
+    database holds a migration it does not know, so its functions are the newer release's
+    (which keeps the forms old servers call): it must not put its own back."""
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum)"
+            " VALUES (9999, '9999_from_a_newer_release.sql', 'newer')"
+        )
+        conn.execute("UPDATE schema_functions SET checksum = 'newer'")
+    assert migrations.migrate(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url) as conn:
+        checksums = conn.execute("SELECT DISTINCT checksum FROM schema_functions").fetchall()
+    assert checksums == [("newer",)]
+    assert "9999_from_a_newer_release.sql" in caplog.text
+
+
 def test_the_journal_is_append_only(ledger_db_url: str, ledger: Ledger) -> None:
     ledger.grant(new_account(), 1)  # at least one transaction with postings to try to change
     with psycopg.connect(ledger_db_url) as conn:

@@ -1,8 +1,8 @@
 """Schema migrations: numbered files in sql/migrations/ applied once each, in
 order; then the function files in sql/functions/, re-applied whenever their
-content changes (they are all CREATE OR REPLACE). Everything runs in one
-transaction under an advisory lock, so servers and workers starting together
-migrate once."""
+content changes (they are all CREATE OR REPLACE), unless a newer release has
+migrated the database. Everything runs in one transaction under an advisory lock,
+so servers and workers starting together migrate once."""
 
 from __future__ import annotations
 
@@ -102,6 +102,17 @@ def migrate_connection(conn: psycopg.Connection[TupleRow]) -> list[str]:
                 (migration.version, migration.name, migration.checksum),
             )
             applied_now.append(migration.name)
+        newer = sorted(set(done) - {migration.version for migration in migrations()})
+        if newer:
+            # A newer release has migrated this database: this server is one of the old ones
+            # of a rolling deploy. The functions are that release's (which keeps the forms
+            # the old servers call); putting this release's back would undo them.
+            log.warning(
+                "the database has migrations this release does not know (%s); "
+                "its ledger functions are a newer release's and are left as they are",
+                ", ".join(done[version][0] for version in newer),
+            )
+            return applied_now
         rows = conn.execute(b"SELECT name, checksum FROM schema_functions").fetchall()
         current = {str(r[0]): str(r[1]) for r in rows}
         for functions in function_files():
