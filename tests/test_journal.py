@@ -22,7 +22,7 @@ from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.server import journal_pages
 from support.ledger import CREDIT, Ledger, expect_error, new_account
-from support.plans import explained_connection, scans
+from support.plans import Conn, Plan, PlanRecorder, explained_connection, scans
 from support.server import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -277,6 +277,39 @@ def test_a_walk_up_to_a_time_starts_below_what_was_made_since(
     assert listed == [str(row[0]) for row in made_before]
 
 
+@contextmanager
+def _account_journal(
+    database_url: str, account: str, batches: tuple[tuple[str, int], ...]
+) -> Iterator[tuple[Conn, PlanRecorder]]:
+    """A migrated database of its own whose journal holds the account's entries, made in
+    batches of (time as SQL, how many) a millisecond apart, analysed; its connection
+    logs the plans of everything it runs, with their actual rows."""
+    migrate(database_url)
+    with explained_connection(database_url) as (conn, recorder):
+        conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
+        conn.execute("SET auto_explain.log_analyze = on")
+        conn.execute("SELECT ledger_open_account(%s, '', now() - interval '1 day')", (account,))
+        for since, entries in batches:
+            conn.execute(
+                "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
+                f" SELECT %s, 'grant', 1, {since} + n * interval '1 ms'"
+                "   FROM generate_series(1, %s) n",
+                (account, entries),
+            )
+        conn.execute("ANALYZE journal_transactions")
+        recorder.take()
+        yield conn, recorder
+
+
+def _journal_rows_read(plans: list[tuple[str, Plan]], statement_prefix: str = "") -> float:
+    """The journal rows the plans' scans read, matching or not."""
+    return sum(
+        node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+        for text, plan in plans if text.startswith(statement_prefix)
+        for node in scans(plan) if node["Relation Name"] == "journal_transactions"
+    )  # fmt: skip
+
+
 def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
     fresh_database_url: str,
 ) -> None:
@@ -285,20 +318,9 @@ def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
     then has its first page start below them (where a walk of every account's would),
     instead of reading down through them all to its first match. A database of its own,
     with the plans' actual rows."""
-    migrate(fresh_database_url)
-    with explained_connection(fresh_database_url) as (conn, recorder):
-        conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
-        conn.execute("SET auto_explain.log_analyze = on")
-        conn.execute("SELECT ledger_open_account('journal-big', '', now() - interval '1 day')")
-        # Five entries a day back, then more than 20,000 since end_time.
-        for since, entries in (("now() - interval '1 day'", 5), ("now()", 20_001)):
-            conn.execute(
-                "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
-                f" SELECT 'journal-big', 'grant', 1, {since} + n * interval '1 ms'"
-                "   FROM generate_series(1, %s) n",
-                (entries,),
-            )
-        conn.execute("ANALYZE journal_transactions")
+    # Five entries a day back, then more than 20,000 since end_time.
+    batches = (("now() - interval '1 day'", 5), ("now()", 20_001))
+    with _account_journal(fresh_database_url, "journal-big", batches) as (conn, recorder):
         until = conn.execute("SELECT now() - interval '1 hour'").fetchone()
         assert until is not None
         made_before = conn.execute(
@@ -315,12 +337,8 @@ def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
         conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
         plans = recorder.take()
     assert page == made_before and len(page) >= 5
-    read = [
-        node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
-        for text, plan in plans if text.startswith("SELECT t.transaction_id, t.account_id")
-        for node in scans(plan) if node["Relation Name"] == "journal_transactions"
-    ]  # fmt: skip
-    assert read and sum(read) < 1_000, read
+    read = _journal_rows_read(plans, "SELECT t.transaction_id, t.account_id")
+    assert 0 < read < 1_000, read
 
 
 def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_below(
@@ -333,20 +351,8 @@ def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_b
     20,900; asked down the primary key, the question read the 20,000 older ones (and the
     planner takes that path without the "+ 0"). A database of its own, with the plans'
     actual rows."""
-    migrate(fresh_database_url)
-    with explained_connection(fresh_database_url) as (conn, recorder):
-        conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
-        conn.execute("SET auto_explain.log_analyze = on")
-        conn.execute("SELECT ledger_open_account('journal-long', '', now() - interval '1 day')")
-        for since, entries in (("now() - interval '1 day'", 20_000), ("now()", 900)):
-            conn.execute(
-                "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
-                f" SELECT 'journal-long', 'grant', 1, {since} + n * interval '1 ms'"
-                "   FROM generate_series(1, %s) n",
-                (entries,),
-            )
-        conn.execute("ANALYZE journal_transactions")
-        recorder.take()
+    batches = (("now() - interval '1 day'", 20_000), ("now()", 900))
+    with _account_journal(fresh_database_url, "journal-long", batches) as (conn, recorder):
         page = conn.execute(
             "SELECT transaction_id, kind FROM ledger_journal_read('journal-long', NULL,"
             " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 1000)"
@@ -354,12 +360,8 @@ def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_b
         conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
         plans = recorder.take()
     assert page == []  # nothing listed, and no marker: the walk ends here
-    read = [
-        node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
-        for _, plan in plans
-        for node in scans(plan) if node["Relation Name"] == "journal_transactions"
-    ]  # fmt: skip
-    assert read and sum(read) < 5_000, read
+    read = _journal_rows_read(plans)
+    assert 0 < read < 5_000, read
 
 
 def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_too(
@@ -370,19 +372,8 @@ def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_t
     it was made since then. It reads at most its stretch (100) of the entries since then
     and counts at most as many in the index; unable to tell, it lets the walk go on (a
     marker row) instead of reading all 3,000 on this one page."""
-    migrate(fresh_database_url)
-    with explained_connection(fresh_database_url) as (conn, recorder):
-        conn.execute("SET enable_seqscan = on")  # the session's default, not the test's
-        conn.execute("SET auto_explain.log_analyze = on")
-        conn.execute("SELECT ledger_open_account('journal-deep', '', now() - interval '1 day')")
-        for since, entries in (("now() - interval '1 day'", 1_000), ("now()", 3_000)):
-            conn.execute(
-                "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
-                f" SELECT 'journal-deep', 'grant', 1, {since} + n * interval '1 ms'"
-                "   FROM generate_series(1, %s) n",
-                (entries,),
-            )
-        conn.execute("ANALYZE journal_transactions")
+    batches = (("now() - interval '1 day'", 1_000), ("now()", 3_000))
+    with _account_journal(fresh_database_url, "journal-deep", batches) as (conn, recorder):
         row = conn.execute(
             "SELECT min(transaction_id) FROM journal_transactions"
             " WHERE account_id = 'journal-deep' AND created_at >= now() - interval '1 hour'"
@@ -397,12 +388,8 @@ def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_t
         conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
         plans = recorder.take()
     assert page is not None and page[1] is None  # the marker: the walk goes on
-    read = [
-        node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
-        for _, plan in plans
-        for node in scans(plan) if node["Relation Name"] == "journal_transactions"
-    ]  # fmt: skip
-    assert read and sum(read) <= 400, read
+    read = _journal_rows_read(plans)
+    assert 0 < read <= 400, read
 
 
 def test_the_previous_releases_page_forms_still_answer(ledger: Ledger, ledger_db_url: str) -> None:
