@@ -1338,9 +1338,11 @@ END $$;
 -- or a clock that ran far behind is walked on to its oldest entry, stretch by stretch,
 -- instead of reading all of them on one page). Down the primary key instead ("+ 0" keeps
 -- it off that index), none found would read all of the account's history below the page.
--- Sequential scans off: the planner reckons a few matches among many rows and that a scan
--- finds one at once, where none matches and the scan reads the whole journal (104 ms on
--- the bench's, 1.5 million entries, for an hour's start_time).
+-- Sequential scans off: asked as a plain EXISTS, the planner reckoned a few matches among
+-- many rows and that a scan finds one at once, where none matched and the scan read the
+-- whole journal (104 ms on the bench's, 1.5 million entries, for an hour's start_time).
+-- Ordered by time and limited, as here, it takes the index by itself; the setting keeps
+-- it so.
 CREATE OR REPLACE FUNCTION ledger_account_journal_reaches_back(
     p_account text, p_below bigint, p_start timestamptz, p_cap int) RETURNS boolean
 LANGUAGE sql STABLE
