@@ -243,34 +243,19 @@ def _print_entries(
 
 def transactions(args: argparse.Namespace, session: Session) -> int:
     """An account's journal, newest first. Filtered by kind or feature, a page reads a
-    bounded stretch of a long journal and may come back short, even empty, with a token:
-    this reads on until it holds --limit entries or the walk ends."""
+    bounded stretch of a long journal and may come back short, even empty, with a token."""
     request = ledger_pb.ListTransactionsRequest(account_id=args.account)
-    _journal_filters(args, request)
-    listed = _read_on(
-        session, session.ledger.ListTransactions, request, ledger_pb.ListTransactionsResponse, args
-    )
-    if session.json:
-        output.print_json(listed, session.out)
-        return 0
-    _print_entries(session, listed.transactions, listed.next_page_token, False)
-    return 0
+    rpc = session.ledger.ListTransactions
+    return _list_entries(args, session, rpc, request, ledger_pb.ListTransactionsResponse, False)
 
 
 def journal(args: argparse.Namespace, session: Session) -> int:
     """Every account's journal (or one account's), newest first. A page of every
     account's log reads a bounded stretch of the journal and may come back short, even
-    empty, with a token: this reads on until it holds --limit entries or the walk ends."""
+    empty, with a token."""
     request = report_pb.ListJournalRequest(account_id=args.account or "")
-    _journal_filters(args, request)
-    listed = _read_on(
-        session, session.reports.ListJournal, request, report_pb.ListJournalResponse, args
-    )
-    if session.json:
-        output.print_json(listed, session.out)
-        return 0
-    _print_entries(session, listed.transactions, listed.next_page_token, True)
-    return 0
+    rpc = session.reports.ListJournal
+    return _list_entries(args, session, rpc, request, report_pb.ListJournalResponse, True)
 
 
 JournalPage = TypeVar(
@@ -278,26 +263,33 @@ JournalPage = TypeVar(
 )
 
 
-def _read_on(
+def _list_entries(
+    args: argparse.Namespace,
     session: Session,
     rpc: Callable[..., JournalPage],
     request: ledger_pb.ListTransactionsRequest | report_pb.ListJournalRequest,
     page_type: type[JournalPage],
-    args: argparse.Namespace,
-) -> JournalPage:
-    """Pages from --page-token on until they hold --limit entries or the walk ends: the
-    entries and the token to continue from."""
+    with_account: bool,
+) -> int:
+    """The filters of `transactions` and `journal`, then pages from --page-token on until
+    they hold --limit entries or the walk ends, printed with the token to continue from."""
     if args.limit < 1:
         raise UsageError("--limit: must be at least 1")
+    _journal_filters(args, request)
     listed = page_type(next_page_token=args.page_token)
-    while True:
+    while len(listed.transactions) < args.limit:
         request.page_size = args.limit - len(listed.transactions)
         request.page_token = listed.next_page_token
         response = session.call(rpc, request)
         listed.transactions.extend(response.transactions)
         listed.next_page_token = response.next_page_token
-        if len(listed.transactions) >= args.limit or not listed.next_page_token:
-            return listed
+        if not listed.next_page_token:
+            break
+    if session.json:
+        output.print_json(listed, session.out)
+    else:
+        _print_entries(session, listed.transactions, listed.next_page_token, with_account)
+    return 0
 
 
 def reservation(args: argparse.Namespace, session: Session) -> int:
