@@ -392,6 +392,58 @@ def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_t
     assert 0 < read <= 400, read
 
 
+def test_one_accounts_unfiltered_pages_are_planned_once_and_list_as_filtered_ones(
+    ledger: Ledger, ledger_db_url: str
+) -> None:
+    """One account's pages with no filter run a static statement (ledger_journal_read),
+    planned once per connection: after a few pages its generic plan stays cached, and it
+    still reads the account's primary key from each page's position, no further than the
+    page. Its columns and joins repeat the statement run for filtered pages: every page
+    lists what the same page filtered by a start_time that keeps everything lists."""
+    account = new_account("journal-static")
+    ledger.grant(account, 10)
+    held = ledger.reserve(account, 2 * CREDIT, feature="chat").reservation.reservation_id
+    ledger.commit(account, held, CREDIT)
+    dropped = ledger.reserve(account, CREDIT).reservation.reservation_id
+    ledger.release(account, dropped)
+    for _ in range(10):
+        charged = ledger.consume(account, CREDIT // 10, feature="image")
+    ledger.refund(account, charged.reservation.reservation_id, CREDIT // 20)
+    page = "ledger_journal_read(%s, %s, NULL, {start}, NULL, NULL, NULL, NULL, 4)"
+    pages: list[list[tuple[Any, ...]]] = []
+    with explained_connection(ledger_db_url) as (conn, recorder):
+        conn.execute("SET auto_explain.log_analyze = on")
+        before = None
+        while True:
+            recorder.take()
+            rows = conn.execute(f"SELECT * FROM {page.format(start='NULL')}", (account, before))
+            listed = rows.fetchall()
+            conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
+            read = _journal_rows_read(recorder.take(), "SELECT t.transaction_id, t.account_id")
+            assert 0 < read <= 4, read
+            everything = page.format(start="'-infinity'")
+            filtered = conn.execute(f"SELECT * FROM {everything}", (account, before)).fetchall()
+            assert listed == filtered
+            pages.append(listed)
+            if len(listed) < 4:
+                break
+            before = listed[2][0]
+        entries = conn.execute(
+            "SELECT transaction_id FROM journal_transactions WHERE account_id = %s"
+            " ORDER BY transaction_id DESC",
+            (account,),
+        ).fetchall()
+        cached = conn.execute(
+            "SELECT count(*) FROM pg_backend_memory_contexts"
+            " WHERE name = 'CachedPlan' AND ident LIKE 'SELECT t.transaction_id%%'"
+        ).fetchone()
+    assert len(pages) >= 6  # the plan cache tries five custom plans first
+    assert cached == (1,)
+    walked = [row[0] for listed in pages[:-1] for row in listed[:3]] + [r[0] for r in pages[-1]]
+    assert walked == [row[0] for row in entries]
+    assert {row[2] for listed in pages for row in listed} >= {"grant", "hold", "charge", "refund"}
+
+
 def test_the_previous_releases_page_forms_still_answer(ledger: Ledger, ledger_db_url: str) -> None:
     """Servers of the previous release call ledger_list_transactions without p_scan, and
     ledger_journal_page for every account's pages, which they map row by row, having found

@@ -1211,6 +1211,35 @@ DECLARE
     listed bigint;
     read_down_to bigint;
 BEGIN
+    -- One account's page with no filter (ListTransactions' usual call): a static statement,
+    -- planned once per connection. Its one plan, the account's primary key read backwards
+    -- from the position, is right wherever the page starts, and planning the statement
+    -- anew took 0.4-0.5 ms of a 1.9 ms page (the bench's far page). The same columns and
+    -- joins as the EXECUTE below (tests/test_journal.py checks that both list alike).
+    IF p_account IS NOT NULL AND p_scan IS NULL AND p_kinds IS NULL AND p_start IS NULL
+       AND p_end IS NULL AND p_feature IS NULL AND p_model IS NULL AND p_statuses IS NULL THEN
+        RETURN QUERY
+        SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
+               t.feature, t.model, t.usage, t.comment, t.actor, t.external_ref,
+               ledger_micros(t.created_at),
+               ledger_transaction_status(t.kind, r.status, r.committed_micros, r.refunded_micros),
+               p.accounts, p.lots, p.sources, p.amounts, p.memos
+          FROM journal_transactions t
+          LEFT JOIN reservations r ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
+          CROSS JOIN LATERAL (
+              SELECT array_agg(pp.ledger_account ORDER BY pp.posting_no) AS accounts,
+                     array_agg(pp.lot_id ORDER BY pp.posting_no) AS lots,
+                     array_agg(pp.source ORDER BY pp.posting_no) AS sources,
+                     array_agg(pp.amount_micros ORDER BY pp.posting_no) AS amounts,
+                     array_agg(pp.memo ORDER BY pp.posting_no) AS memos
+                FROM postings pp
+               WHERE pp.account_id = t.account_id AND pp.transaction_id = t.transaction_id) p
+         WHERE t.account_id = p_account
+           AND t.transaction_id < coalesce(p_before, 9223372036854775807)
+         ORDER BY t.transaction_id DESC
+         LIMIT p_limit;
+        RETURN;
+    END IF;
     -- EXECUTE: planned for the values of this call. A cached generic plan cannot know
     -- whether a page starts at the newest entry or deep in the journal; the one PostgreSQL
     -- picked read all of a 1,000,000-entry account for its first page (5 s). Planned with
