@@ -36,6 +36,7 @@ from support.webhooks import (
     invoice_line,
     invoice_paid,
     invoice_payment_paid,
+    subscription_deleted,
     subscription_updated,
 )
 from workers import payments
@@ -626,6 +627,90 @@ def test_a_plan_change_of_an_unpaid_subscription_grants_nothing(
     assert event_row is not None and event_row["status"] == "ignored"
     assert "past_due" in event_row["last_error"]
     assert ledger.balance(account).balance_micros == 60 * CREDIT
+
+
+def test_a_subscription_that_ends_early_ends_the_subscriber_and_keeps_its_credits(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Cancelled at once (customer.subscription.deleted) 29 days before its paid period
+    ends: the account is no longer a subscriber (no subscription shown, no pack for a free
+    user), and the 60 credits left of the period it paid for stay."""
+    configure("purchase.allow_free_users", False)
+    account, sub, basic, _pro, _start, _end = _subscriber(apply_events, sources, ledger)
+    pack = sources.create_pack(50 * CREDIT)
+    assert sources.get_account(account).subscription.plan_id == basic.plan_id
+    [ended] = apply_events(subscription_deleted(account, sub, int(time.time()) - 1))
+    event_row = payments_db.event(ended)
+    assert event_row is not None and event_row["status"] == "processed"
+    assert not sources.get_account(account).HasField("subscription")
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
+    expect_error(
+        lambda: sources.purchase(account, pack.pack_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PURCHASE_REQUIRES_SUBSCRIPTION",
+    )
+    assert_audit_clean()
+
+
+def test_a_paid_invoice_applied_after_its_subscription_ended_grants_and_keeps_the_end(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    """Stripe delivered the end before the invoice paid a minute earlier: the end finds no
+    period yet (ignored), the invoice grants its period's credits, and the account stays
+    a former subscriber."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account, sub = new_account("ended-first"), f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    ended, paid = apply_events(
+        subscription_deleted(account, sub, start + 30),
+        invoice_paid(account, sub, plan.provider_price_id, start, start + 30 * 86400),
+    )
+    assert payments_db.event(ended)["status"] == "ignored"  # type: ignore[index]
+    assert payments_db.event(paid)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+    assert not sources.get_account(account).HasField("subscription")
+
+
+def test_a_plan_change_applied_after_its_subscription_ended_is_not_applied(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    account, sub, _basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    now = int(time.time())
+    upgrade = subscription_updated(account, sub, pro.provider_price_id, start, end, created=now - 5)
+    ended, changed = apply_events(subscription_deleted(account, sub, now - 1), upgrade)
+    assert payments_db.event(ended)["status"] == "processed"  # type: ignore[index]
+    change_row = payments_db.event(changed)
+    assert change_row is not None and change_row["status"] == "ignored"
+    assert "ended" in change_row["last_error"]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
+    assert not sources.get_account(account).HasField("subscription")
+
+
+def test_the_late_end_of_an_old_subscription_leaves_the_new_one(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    """The account subscribed again (another subscription) before the end of its first one
+    was delivered: that end changes nothing."""
+    account, old_sub, basic, _pro, _start, _end = _subscriber(apply_events, sources, ledger)
+    new_sub, start = f"sub_{uuid.uuid4().hex}", int(time.time()) - 30
+    apply_events(invoice_paid(account, new_sub, basic.provider_price_id, start, start + 86400))
+    [ended] = apply_events(subscription_deleted(account, old_sub, start - 1))
+    assert payments_db.event(ended)["status"] == "ignored"  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == basic.plan_id
 
 
 # --- the payment log -----------------------------------------------------------------------

@@ -28,6 +28,11 @@ Event types:
   billing cycle) is granted by that period's paid invoice instead (applied here too, the
   period's credits would be granted twice, and before anyone paid): the event waits for
   that invoice (EventNotReady), then is decided again.
+- customer.subscription.deleted: the subscription ended (cancelled at once, at its
+  period's end, or unpaid): the account is a subscriber no longer from its ended_at
+  (ledger_end_subscription), not from the end of the period it paid for; that period's
+  credits stay. A paid invoice of the subscription applied later grants its credits and
+  keeps the end; a plan change applied later is not applied.
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
   refunds is stored but not yet applied.
@@ -311,6 +316,8 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
         return _invoice_paid(conn, event_id, obj, now)
     if event_type == "customer.subscription.updated":
         return _subscription_updated(conn, event_id, int(payload.get("created") or 0), obj, now)
+    if event_type == "customer.subscription.deleted":
+        return _subscription_deleted(conn, obj, int(payload.get("created") or 0), now)
     if event_type == "charge.refunded":
         return _charge_refunded(conn, event_id, obj, now)
     if event_type == "charge.dispute.closed":
@@ -438,6 +445,9 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
             data = _ledger_call(conn, "start_subscription_period", params)
         if isinstance(data, str):
             return _already(account_id, f"invoice {_id(invoice)}")
+        # Paid before its subscription ended, applied after: the credits are granted, and
+        # the end stays.
+        _keep_stored_end(conn, account_id, subscription_ref, now)
         conn.execute(query("wake_subscription_updates"), {"subscription_ref": subscription_ref})
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
@@ -455,6 +465,9 @@ def _subscription_updated(
     conn: Conn, event_id: str, created: int, sub: Any, now: datetime
 ) -> Outcome:
     subscription_ref = _id(sub)
+    if _stored_end(conn, subscription_ref) is not None:
+        account = str(_metadata(sub).get("account_id") or "") or None
+        return Outcome("ignored", account, note="the subscription has ended")
     newer = conn.execute(
         query("newer_subscription_update"),
         {
@@ -518,6 +531,61 @@ def _subscription_updated(
         return _already(account_id, "the plan change")
     lot = data.get("lot") or {}
     return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
+
+
+def _ended_at(sub: Any, created: int) -> datetime:
+    """When a deleted subscription ended: its ended_at, else when it was cancelled, else
+    when the event was made."""
+    for value in (sub.get("ended_at"), sub.get("canceled_at")):
+        moment = _timestamp(value)
+        if moment is not None:
+            return moment
+    return datetime.fromtimestamp(created, UTC)
+
+
+def _stored_end(conn: Conn, subscription_ref: str) -> datetime | None:
+    """When the subscription ended, if its customer.subscription.deleted event is stored
+    (applied or not yet): events of one subscription arrive in any order."""
+    if not subscription_ref:
+        return None
+    row = conn.execute(query("subscription_end"), {"subscription_ref": subscription_ref}).fetchone()
+    return _ended_at(row[0], int(row[1] or 0)) if row else None
+
+
+def _keep_stored_end(conn: Conn, account_id: str, subscription_ref: str, now: datetime) -> None:
+    ended_at = _stored_end(conn, subscription_ref)
+    if ended_at is not None:
+        _end_subscription(conn, account_id, subscription_ref, ended_at, now)
+
+
+def _end_subscription(
+    conn: Conn, account_id: str, subscription_ref: str, ended_at: datetime, now: datetime
+) -> bool:
+    params = {
+        "account_id": account_id,
+        "subscription_ref": subscription_ref,
+        "ended_at": ended_at,
+        "now": now,
+    }
+    row = conn.execute(query("end_subscription"), params).fetchone()
+    return bool(row and row[0])
+
+
+def _subscription_deleted(conn: Conn, sub: Any, created: int, now: datetime) -> Outcome:
+    """The subscription ended: the account is no longer a subscriber from then on; the
+    credits of the periods it paid for stay."""
+    subscription_ref = _id(sub)
+    ended_at = _ended_at(sub, created)
+    try:
+        account_id = _subscription_account(conn, subscription_ref, _metadata(sub))
+    except EventNotReady:
+        # Not an error to retry: an invoice of the subscription applied later ends it too.
+        return Outcome("ignored", note="no account is linked to the subscription")
+    if _end_subscription(conn, account_id, subscription_ref, ended_at, now):
+        return Outcome(
+            "processed", account_id, note=f"subscription ended at {ended_at.isoformat()}"
+        )
+    return Outcome("ignored", account_id, note="no period of the subscription lasts beyond its end")
 
 
 def _invoice_payment_paid(conn: Conn, payment: Any, now: datetime) -> Outcome:

@@ -237,6 +237,24 @@ def subscription_updated(
     )
 
 
+def subscription_deleted(
+    account_id: str, subscription: str, ended_at: int, created: int | None = None
+) -> bytes:
+    """customer.subscription.deleted: the subscription ended at `ended_at`."""
+    return event(
+        "customer.subscription.deleted",
+        {
+            "id": subscription,
+            "object": "subscription",
+            "status": "canceled",
+            "canceled_at": ended_at,
+            "ended_at": ended_at,
+            "metadata": {"account_id": account_id},
+        },
+        created=created,
+    )
+
+
 def post(url: str, body: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:
     """POSTs to the receiver (base URL) and returns (status, JSON body)."""
     parts = urllib.parse.urlsplit(url)

@@ -753,6 +753,32 @@ BEGIN
      WHERE account_id = p_account AND current_period_start = p_start;
 END $$;
 
+-- A subscription ended (customer.subscription.deleted: cancelled at once, at the end of its
+-- period, or for want of payment): the account is a subscriber no longer from p_ended_at,
+-- whatever period it had paid for. The credits that period granted stay: they were paid
+-- for, and a refund of the payment takes back what is unspent. Only the subscription that
+-- ended: a newer one of the account (another subscription id) is left alone. Returns
+-- whether it ended a period early.
+CREATE OR REPLACE FUNCTION ledger_end_subscription(
+    p_account text, p_subscription_ref text, p_ended_at timestamptz, p_now timestamptz)
+    RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM subscriptions
+                    WHERE account_id = p_account AND external_ref = p_subscription_ref) THEN
+        RETURN false;
+    END IF;
+    PERFORM ledger_lock_account(p_account, p_now);
+    UPDATE subscriptions
+       -- A period ends after it starts (subscriptions_period_ordered): one that ended as it
+       -- began lasts a microsecond.
+       SET current_period_end = greatest(p_ended_at, current_period_start + interval '1 microsecond'),
+           updated_at = p_now
+     WHERE account_id = p_account AND external_ref = p_subscription_ref
+       AND current_period_end > greatest(p_ended_at, current_period_start + interval '1 microsecond');
+    RETURN FOUND;
+END $$;
+
 -- Seed 001: on an upgrade, the unused credits of the current subscription lots
 -- move (one TRANSFER) into a carry-over lot that lasts the new period; then the new
 -- plan's credits are granted. A downgrade or a move to an equal rank carries nothing; made

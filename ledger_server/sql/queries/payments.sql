@@ -95,6 +95,20 @@ SELECT plan_id, current_period_start FROM subscriptions WHERE account_id = %(acc
 SELECT ledger_record_subscription_plan(%(account_id)s::text, %(plan_id)s::text,
                                        %(period_start)s::timestamptz, %(now)s::timestamptz)
 
+-- name: end_subscription
+SELECT ledger_end_subscription(%(account_id)s::text, %(subscription_ref)s::text,
+                               %(ended_at)s::timestamptz, %(now)s::timestamptz)
+
+-- name: subscription_end
+-- The stored customer.subscription.deleted event of the subscription, applied or not yet
+-- (payment_events_subscription_ends): its subscription object and when it was created.
+SELECT payload #> '{data,object}', (payload ->> 'created')::bigint
+  FROM payment_events
+ WHERE type = 'customer.subscription.deleted'
+   AND payload #>> '{data,object,id}' = %(subscription_ref)s
+ ORDER BY (payload ->> 'created')::bigint
+ LIMIT 1
+
 -- name: account_for_subscription
 SELECT account_id FROM checkout_sessions
  WHERE subscription_ref = %(subscription_ref)s
