@@ -341,7 +341,11 @@ class Transaction(_message.Message):
     feature: _builtins.str
     comment: _builtins.str
     actor: _builtins.str
-    """Who caused it: the calling service or the acting administrator."""
+    """Who decided on it: the calling service of a Grant, or the administrator of an
+    AdminService grant, adjustment or overdraft change. Empty for the account's own
+    use of its credits (holds, charges, releases, refunds), for rewards and payments,
+    and for what the ledger does by itself (expiries).
+    """
     external_ref: _builtins.str
     model: _builtins.str
     @_builtins.property
