@@ -156,6 +156,33 @@ def test_a_service_token_on_an_admin_rpc_is_permission_denied(channel: grpc.Chan
     )
 
 
+def test_services_and_workers_read_the_rate_card_but_do_not_change_it(
+    channel: grpc.Channel,
+) -> None:
+    """A product shows its users what each action costs: the prices and model multipliers
+    are readable by services (scoped ones too) and workers; setting them is for
+    administrators."""
+    admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+    for caller in ("image-studio", "any-service", "billing-worker"):
+        admin.ListPrices(admin_service_pb2.ListPricesRequest(), metadata=_as(caller))
+        admin.ListModelMultipliers(
+            admin_service_pb2.ListModelMultipliersRequest(), metadata=_as(caller)
+        )
+        expect_error(
+            lambda caller=caller: admin.SetModelMultiplier(
+                admin_service_pb2.SetModelMultiplierRequest(
+                    multiplier=admin_service_pb2.ModelMultiplier(
+                        model="gpt-test", multiplier_ppm=2_000_000
+                    ),
+                    idempotency_key=new_key(),
+                ),
+                metadata=_as(caller),
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+        )
+
+
 def test_a_service_outside_its_account_scope_is_permission_denied(channel: grpc.Channel) -> None:
     ledger = ledger_service_pb2_grpc.LedgerServiceStub(channel)
     reports = report_service_pb2_grpc.ReportServiceStub(channel)

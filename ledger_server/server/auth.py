@@ -93,8 +93,11 @@ RULES: dict[str, Rule] = {
     # Reports: services for their accounts (a scoped service must name one).
     _REPORT["GetSummary"]: Rule(frozenset({_S}), scoped=True),
     _REPORT["ListJournal"]: Rule(frozenset({_S}), scoped=True),
-    # AdminService: administrators only.
+    # AdminService: administrators only, but for the rate card, which products show their
+    # users (what each action costs, seeds 002 and 004) and Estimate prices call by call.
     **{_ADMIN[m]: Rule(frozenset(), scoped=False) for m in _ADMIN},
+    _ADMIN["ListPrices"]: Rule(frozenset({_S, _W}), scoped=False),
+    _ADMIN["ListModelMultipliers"]: Rule(frozenset({_S, _W}), scoped=False),
 }
 _ADMIN_ONLY = Rule(frozenset(), scoped=False)  # any method not listed
 

@@ -29,6 +29,8 @@ class AdminServiceStub:
     """Operations for administrators, kept in their own service so they can be
     authorised separately. Every change records the acting administrator (the
     caller's identity) and, where it moves credits or changes a rule, a reason.
+    ListPrices and ListModelMultipliers (the rate card) are open to services and
+    workers too: a product shows its users what each action costs.
     """
 
     def __init__(self, channel):
@@ -148,6 +150,8 @@ class AdminServiceServicer:
     """Operations for administrators, kept in their own service so they can be
     authorised separately. Every change records the acting administrator (the
     caller's identity) and, where it moves credits or changes a rule, a reason.
+    ListPrices and ListModelMultipliers (the rate card) are open to services and
+    workers too: a product shows its users what each action costs.
     """
 
     def GrantCredits(self, request, context):
@@ -417,6 +421,8 @@ class AdminService:
     """Operations for administrators, kept in their own service so they can be
     authorised separately. Every change records the acting administrator (the
     caller's identity) and, where it moves credits or changes a rule, a reason.
+    ListPrices and ListModelMultipliers (the rate card) are open to services and
+    workers too: a product shows its users what each action costs.
     """
 
     @staticmethod

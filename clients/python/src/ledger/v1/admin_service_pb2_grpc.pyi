@@ -30,6 +30,8 @@ class AdminServiceStub:
     """Operations for administrators, kept in their own service so they can be
     authorised separately. Every change records the acting administrator (the
     caller's identity) and, where it moves credits or changes a rule, a reason.
+    ListPrices and ListModelMultipliers (the rate card) are open to services and
+    workers too: a product shows its users what each action costs.
     """
 
     @_typing.overload
@@ -88,6 +90,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Operations for administrators, kept in their own service so they can be
     authorised separately. Every change records the acting administrator (the
     caller's identity) and, where it moves credits or changes a rule, a reason.
+    ListPrices and ListModelMultipliers (the rate card) are open to services and
+    workers too: a product shows its users what each action costs.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -142,6 +146,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operations for administrators, kept in their own service so they can be
     authorised separately. Every change records the acting administrator (the
     caller's identity) and, where it moves credits or changes a rule, a reason.
+    ListPrices and ListModelMultipliers (the rate card) are open to services and
+    workers too: a product shows its users what each action costs.
     """
 
     @_abc_1.abstractmethod
