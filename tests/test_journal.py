@@ -392,6 +392,43 @@ def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_t
     assert 0 < read <= 400, read
 
 
+@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
+def test_one_accounts_unfiltered_page_reads_a_large_account_by_its_key_whatever_the_estimate(
+    fresh_database_url: str, plan: str
+) -> None:
+    """One account's unfiltered page is planned once per connection, so its plan has to
+    suit every account: planned for a typical account of a platform of small ones (a
+    generic plan), or on statistics taken before the account grew, it still reads the
+    account's primary key from the position, not all of the account's entries to sort
+    them."""
+    with _account_journal(fresh_database_url, "journal-large", ()) as (conn, recorder):
+        conn.execute("ALTER TABLE journal_transactions SET (autovacuum_enabled = false)")
+        conn.execute(
+            "INSERT INTO accounts (account_id, created_at)"
+            " SELECT 'journal-small-' || n, now() FROM generate_series(0, 1999) n"
+        )
+        conn.execute(
+            "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
+            " SELECT 'journal-small-' || (n % 2000), 'grant', 1, now()"
+            "   FROM generate_series(0, 5999) n"
+        )
+        conn.execute("ANALYZE journal_transactions")
+        conn.execute(
+            "INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)"
+            " SELECT 'journal-large', 'grant', 1, now() FROM generate_series(1, 5000)"
+        )
+        conn.execute(f"SET plan_cache_mode = {plan}")
+        recorder.take()
+        page = conn.execute(
+            "SELECT transaction_id FROM ledger_account_journal_page('journal-large', NULL, 11)"
+        ).fetchall()
+        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
+        plans = recorder.take()
+    assert len(page) == 11
+    read = _journal_rows_read(plans, "SELECT t.transaction_id, t.account_id")
+    assert 0 < read <= 11, read
+
+
 def test_one_accounts_unfiltered_pages_are_planned_once_and_list_as_filtered_ones(
     ledger: Ledger, ledger_db_url: str
 ) -> None:
