@@ -8,6 +8,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -441,3 +443,36 @@ def test_a_refund_handled_before_its_payment_waits_for_it(
     assert ledger.balance(account).balance_micros == 0
     assert payments_db.event(_event_id(refunded))["credits_micros"] == -9 * CREDIT  # type: ignore[index]
     assert_audit_clean()
+
+
+def test_the_receiver_process_logs_json_lines_and_refuses_a_bad_log_format(
+    ledger_db_url: str, payments_redis_url: str
+) -> None:
+    """`python -m workers.webhook` logs as the server and the workers do: one JSON object a
+    line on stderr (LEDGER_LOG_FORMAT, LEDGER_LOG_LEVEL); an unknown format is a
+    configuration error (exit 2)."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": ledger_db_url,
+        "REDIS_URL": payments_redis_url,
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "LEDGER_WEBHOOK_ADDR": "127.0.0.1:0",
+    }
+    command = [sys.executable, "-m", "workers.webhook"]
+    receiver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stderr is not None
+        lines = []
+        for line in receiver.stderr:
+            lines.append(json.loads(line))
+            if "Stripe webhooks" in lines[-1]["message"]:
+                break
+        assert lines[-1]["level"] == "INFO" and {"time", "logger"} <= set(lines[-1])
+    finally:
+        receiver.send_signal(signal.SIGINT)
+        receiver.wait(timeout=30)
+    refused = subprocess.run(
+        command, env={**env, "LEDGER_LOG_FORMAT": "yaml"}, capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert "LEDGER_LOG_FORMAT" in refused.stderr

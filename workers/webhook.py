@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from ledger_server.config import ConfigError, StripeSettings
 from ledger_server.db.queries import query
+from ledger_server.observability.logging import setup_logging
 from workers import db
 from workers.payments import account_hint, process_event
 from workers.queues import PAYMENTS_QUEUE, enqueue, redis_connection
@@ -234,10 +235,8 @@ class WebhookServer:
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
+        setup_logging()  # JSON lines on stderr (LEDGER_LOG_FORMAT, LEDGER_LOG_LEVEL)
         settings = StripeSettings.from_env()
         db.database_url()
         redis_connection()
@@ -245,7 +244,7 @@ def main() -> int:
         server = WebhookServer(
             WebhookReceiver(settings.webhook_secret, tolerance), settings.webhook_addr
         )
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     if not settings.webhook_secret:
