@@ -310,6 +310,16 @@ def _journal_rows_read(plans: list[tuple[str, Plan]], statement_prefix: str = ""
     )  # fmt: skip
 
 
+def _explained(
+    conn: Conn, recorder: PlanRecorder, sql: str, params: Any = ()
+) -> tuple[list[tuple[Any, ...]], list[tuple[str, Plan]]]:
+    """Runs one statement: its rows, and the plans of everything it ran."""
+    recorder.take()
+    rows = conn.execute(sql, params).fetchall()
+    conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
+    return rows, recorder.take()
+
+
 def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
     fresh_database_url: str,
 ) -> None:
@@ -328,14 +338,13 @@ def test_one_accounts_first_page_up_to_a_time_skips_what_it_made_since(
             " WHERE account_id = 'journal-big' AND created_at < %s ORDER BY transaction_id DESC",
             until,
         ).fetchall()
-        recorder.take()
-        page = conn.execute(
+        page, plans = _explained(
+            conn,
+            recorder,
             "SELECT transaction_id FROM ledger_journal_read('journal-big', NULL, NULL, NULL,"
             " %s, NULL, NULL, NULL, 100)",
             until,
-        ).fetchall()
-        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
-        plans = recorder.take()
+        )
     assert page == made_before and len(page) >= 5
     read = _journal_rows_read(plans, "SELECT t.transaction_id, t.account_id")
     assert 0 < read < 1_000, read
@@ -353,12 +362,12 @@ def test_one_accounts_filtered_page_reads_its_stretch_and_ends_without_reading_b
     actual rows."""
     batches = (("now() - interval '1 day'", 20_000), ("now()", 900))
     with _account_journal(fresh_database_url, "journal-long", batches) as (conn, recorder):
-        page = conn.execute(
+        page, plans = _explained(
+            conn,
+            recorder,
             "SELECT transaction_id, kind FROM ledger_journal_read('journal-long', NULL,"
-            " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 1000)"
-        ).fetchall()
-        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
-        plans = recorder.take()
+            " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 1000)",
+        )
     assert page == []  # nothing listed, and no marker: the walk ends here
     read = _journal_rows_read(plans)
     assert 0 < read < 5_000, read
@@ -379,15 +388,14 @@ def test_the_question_where_a_walk_from_a_time_on_ends_reads_a_bounded_stretch_t
             " WHERE account_id = 'journal-deep' AND created_at >= now() - interval '1 hour'"
         ).fetchone()
         assert row is not None
-        recorder.take()
-        page = conn.execute(
+        page, plans = _explained(
+            conn,
+            recorder,
             "SELECT transaction_id, kind FROM ledger_journal_read('journal-deep', %s,"
             " ARRAY['refund'], now() - interval '1 hour', NULL, NULL, NULL, NULL, 11, 100)",
             row,
-        ).fetchone()
-        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
-        plans = recorder.take()
-    assert page is not None and page[1] is None  # the marker: the walk goes on
+        )
+    assert page and page[0][1] is None  # the marker: the walk goes on
     read = _journal_rows_read(plans)
     assert 0 < read <= 400, read
 
@@ -418,12 +426,11 @@ def test_one_accounts_unfiltered_page_reads_a_large_account_by_its_key_whatever_
             " SELECT 'journal-large', 'grant', 1, now() FROM generate_series(1, 5000)"
         )
         conn.execute(f"SET plan_cache_mode = {plan}")
-        recorder.take()
-        page = conn.execute(
-            "SELECT transaction_id FROM ledger_account_journal_page('journal-large', NULL, 11)"
-        ).fetchall()
-        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
-        plans = recorder.take()
+        page, plans = _explained(
+            conn,
+            recorder,
+            "SELECT transaction_id FROM ledger_account_journal_page('journal-large', NULL, 11)",
+        )
     assert len(page) == 11
     read = _journal_rows_read(plans, "SELECT t.transaction_id, t.account_id")
     assert 0 < read <= 11, read
@@ -452,11 +459,9 @@ def test_one_accounts_unfiltered_pages_are_planned_once_and_list_as_filtered_one
         conn.execute("SET auto_explain.log_analyze = on")
         before = None
         while True:
-            recorder.take()
-            rows = conn.execute(f"SELECT * FROM {page.format(start='NULL')}", (account, before))
-            listed = rows.fetchall()
-            conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
-            read = _journal_rows_read(recorder.take(), "SELECT t.transaction_id, t.account_id")
+            sql = f"SELECT * FROM {page.format(start='NULL')}"
+            listed, plans = _explained(conn, recorder, sql, (account, before))
+            read = _journal_rows_read(plans, "SELECT t.transaction_id, t.account_id")
             assert 0 < read <= 4, read
             everything = page.format(start="'-infinity'")
             filtered = conn.execute(f"SELECT * FROM {everything}", (account, before)).fetchall()
@@ -604,18 +609,15 @@ def test_the_walks_ends_are_found_through_the_index_over_ids_and_times(
             " ORDER BY transaction_id OFFSET %s LIMIT 1",
             (JOURNAL_ENTRIES // 2,),
         ).fetchone() or (None, None)
-        recorder.take()
-        below = conn.execute(
-            "SELECT ledger_journal_reaches_back(%s, %s)", (middle, since)
-        ).fetchone()
-        conn.execute("SELECT 1")  # auto_explain logs a plan when its portal closes
-        end_check = recorder.take()
-        top = conn.execute("SELECT ledger_journal_walk_top(%s)", (since,)).fetchone()
-        conn.execute("SELECT 1")
-        start_search = recorder.take()
-        first = conn.execute("SELECT ledger_journal_first_since(%s)", (since,)).fetchone()
-        conn.execute("SELECT 1")
-        first_search = recorder.take()
+        [below], end_check = _explained(
+            conn, recorder, "SELECT ledger_journal_reaches_back(%s, %s)", (middle, since)
+        )
+        [top], start_search = _explained(
+            conn, recorder, "SELECT ledger_journal_walk_top(%s)", (since,)
+        )
+        [first], first_search = _explained(
+            conn, recorder, "SELECT ledger_journal_first_since(%s)", (since,)
+        )
         # The summary of every account calls it: marked unsafe (the default), it would keep
         # that whole statement from parallel workers (10-15% slower on the bench's journal).
         parallel = conn.execute(
