@@ -4,12 +4,14 @@ invoices, Checkout Sessions against a local Stripe double, and the payment log R
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 
 from ledger.v1 import admin_service_pb2 as admin_pb
@@ -18,6 +20,7 @@ from ledger.v1 import billing_service_pb2_grpc, types_pb2
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
+from ledger_server.db import migrate
 from ledger_server.ledger import page_tokens
 from support import payments as payment_fixtures
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
@@ -863,6 +866,166 @@ def test_checkout_for_a_pack_creates_one_stripe_session_per_idempotency_key(
         grpc.StatusCode.ALREADY_EXISTS,
         "IDEMPOTENCY_KEY_REUSED",
     )
+
+
+def test_an_accounts_checkouts_and_ledger_calls_share_one_idempotency_key_namespace(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+) -> None:
+    """A key a Consume took is refused to a checkout before Stripe is called; a checkout's
+    key is refused to a Consume, Reserve or Grant, which change nothing."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(50 * CREDIT, price_minor=990, currency="USD")
+    account = new_account("one-namespace")
+    ledger.grant(account, 10)
+    spent = new_key("spent")
+    ledger.consume(account, CREDIT, key=spent)
+
+    def checkout_with(key: str) -> billing_pb.CreateCheckoutSessionRequest:
+        return billing_pb.CreateCheckoutSessionRequest(
+            account_id=account, idempotency_key=key, pack_id=pack.pack_id
+        )
+
+    before = len(stripe_double.checkout_requests())
+    info = expect_error(
+        lambda: checkout.CreateCheckoutSession(checkout_with(spent)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert info.metadata["original_operation"] == "consume"
+    assert len(stripe_double.checkout_requests()) == before
+
+    key = new_key("checkout")
+    session = checkout.CreateCheckoutSession(checkout_with(key)).session
+    balance = ledger.balance(account)
+    for call in (
+        lambda: ledger.consume(account, CREDIT, key=key),
+        lambda: ledger.reserve(account, CREDIT, key=key),
+        lambda: ledger.grant(account, 5, key=key),
+    ):
+        info = expect_error(call, grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+        assert info.metadata["original_operation"] == "create_checkout_session"
+    after = ledger.balance(account)
+    assert (after.balance_micros, after.held_micros) == (
+        balance.balance_micros,
+        balance.held_micros,
+    )
+    # The checkout's own retry still returns its session, without calling Stripe again.
+    assert checkout.CreateCheckoutSession(checkout_with(key)).session == session
+    assert len(stripe_double.checkout_requests()) == before + 1
+
+
+def test_a_ledger_call_that_takes_the_key_while_stripe_answers_leaves_the_session_unrecorded(
+    ledger_db_url: str,
+) -> None:
+    """Between ledger_checkout_prepare and ledger_record_checkout_session (Stripe's round
+    trip) a Consume took the key: the session is not recorded and the checkout is refused."""
+    account, key, session_id = new_account("raced"), new_key(), f"cs_test_{uuid.uuid4().hex}"
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash,"
+            " response, created_at) VALUES (%s, %s, 'consume', '\\x00', '{}', now())",
+            (account, key),
+        )
+        with pytest.raises(psycopg.Error) as raised:
+            conn.execute(
+                "SELECT ledger_record_checkout_session(%s, %s, %s, '\\x01', 'recharge', '', '',"
+                " 5000, 'CNY', 50000000, 0, 'https://checkout.example/x', now())",
+                (session_id, account, key),
+            )
+        assert raised.value.sqlstate == "LE002"
+        assert raised.value.diag.message_detail is not None
+        assert json.loads(raised.value.diag.message_detail)["original_operation"] == "consume"
+        stored = conn.execute(
+            "SELECT count(*) FROM checkout_sessions WHERE session_id = %s", (session_id,)
+        ).fetchone()
+        assert stored == (0,)
+
+
+def test_a_ledger_call_racing_a_checkout_for_its_key_is_told_to_retry_and_then_refused(
+    ledger_db_url: str, ledger: Ledger
+) -> None:
+    """The checkout locks no account, so a Consume that looked the key up before the
+    checkout's row committed meets it at its insert: ABORTED (retry), and the retry finds
+    the checkout's key. Nothing is charged."""
+    account, key = new_account("race-key"), new_key()
+    ledger.grant(account, 10)
+    outcome: list[grpc.RpcError | pb.ConsumeResponse] = []
+    with psycopg.connect(ledger_db_url) as checkout_tx:
+        checkout_tx.execute(
+            "SELECT ledger_record_checkout_session(%s, %s, %s, '\\x01', 'recharge', '', '',"
+            " 5000, 'CNY', 50000000, 0, 'https://checkout.example/x', now())",
+            (f"cs_test_{uuid.uuid4().hex}", account, key),
+        )
+
+        def consume() -> None:
+            try:
+                outcome.append(ledger.consume(account, CREDIT, key=key))
+            except grpc.RpcError as error:
+                outcome.append(error)
+
+        racer = threading.Thread(target=consume)
+        racer.start()
+        with psycopg.connect(ledger_db_url, autocommit=True) as watcher:
+            for _ in range(200):  # the Consume waits on the checkout's uncommitted key
+                waiting = watcher.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+                ).fetchone()
+                if waiting and waiting[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the Consume never waited on the checkout's key")
+        checkout_tx.commit()
+        racer.join(30)
+    [raced] = outcome
+    assert isinstance(raced, grpc.RpcError)
+    assert raced.code() == grpc.StatusCode.ABORTED, raced.details()
+    info = expect_error(
+        lambda: ledger.consume(account, CREDIT, key=key),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert info.metadata["original_operation"] == "create_checkout_session"
+    assert ledger.balance(account).balance_micros == 10 * CREDIT
+
+
+def test_the_checkouts_made_before_the_namespace_was_shared_join_it_when_migrated(
+    ledger_db_url: str,
+) -> None:
+    """Migration 0021: every stored checkout's key becomes a ledger key of its account,
+    except one a ledger operation took too (each succeeded before), which stays the
+    operation's."""
+    [migration] = [m for m in migrate.migrations() if m.version == 21]
+    account = new_account("old-checkouts")
+    alone, shared = new_key("alone"), new_key("shared")
+    with psycopg.connect(ledger_db_url) as conn:  # rolled back: leaves nothing behind
+        for n, key in enumerate((alone, shared)):
+            conn.execute(
+                "INSERT INTO checkout_sessions (session_id, account_id, idempotency_key,"
+                " request_hash, kind, amount_minor, currency, url, created_at)"
+                " VALUES (%s, %s, %s, %s, 'recharge', 5000, 'CNY', 'https://x.example/', now())",
+                (f"cs_old_{uuid.uuid4().hex}", account, key, bytes([n])),
+            )
+        conn.execute(
+            "DELETE FROM idempotency_keys WHERE account_id = %s", (account,)
+        )  # as before this release
+        conn.execute(
+            "INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash,"
+            " response, created_at) VALUES (%s, %s, 'consume', '\\x07', '{}', now())",
+            (account, shared),
+        )
+        conn.execute(migration.sql.encode())
+        rows = conn.execute(
+            "SELECT idempotency_key, operation, request_hash FROM idempotency_keys"
+            " WHERE account_id = %s ORDER BY operation",
+            (account,),
+        ).fetchall()
+        conn.rollback()
+    assert rows == [(shared, "consume", b"\x07"), (alone, "create_checkout_session", b"\x00")]
 
 
 def test_checkout_checks_the_ledger_rules_before_calling_stripe(

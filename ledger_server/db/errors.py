@@ -65,6 +65,8 @@ _RETRYABLE_UNIQUE = {
     "purchases_one_per_external_ref",
     "checkout_sessions_pkey",
     "checkout_sessions_one_per_key",
+    # A ledger call and a checkout taking one key at once: the checkout locks no account.
+    "idempotency_keys_one_per_account",
 }
 
 

@@ -29,6 +29,7 @@ CREATE OR REPLACE FUNCTION ledger_checkout_prepare(
 LANGUAGE plpgsql AS $$
 DECLARE
     existing checkout_sessions;
+    used_by text;
     p credit_packs;
     plan subscription_plans;
     quote jsonb;
@@ -42,6 +43,13 @@ BEGIN
                                    'original_operation', 'create_checkout_session'));
         END IF;
         RETURN jsonb_build_object('replay', ledger_checkout_session_json(existing));
+    END IF;
+    -- One key namespace per account: a key a ledger operation took is not a checkout's.
+    SELECT k.operation INTO used_by FROM idempotency_keys k
+     WHERE k.account_id = p_account AND k.idempotency_key = p_key;
+    IF FOUND THEN
+        PERFORM ledger_fail('LE002', 'idempotency key was used for a different request',
+            jsonb_build_object('idempotency_key', p_key, 'original_operation', used_by));
     END IF;
     IF p_kind = 'pack' THEN
         SELECT * INTO p FROM credit_packs WHERE pack_id = p_pack;
@@ -105,6 +113,7 @@ CREATE OR REPLACE FUNCTION ledger_record_checkout_session(
 LANGUAGE plpgsql AS $$
 DECLARE
     c checkout_sessions;
+    used_by text;
 BEGIN
     INSERT INTO checkout_sessions (session_id, account_id, idempotency_key, request_hash, kind,
                                    pack_id, plan_id, amount_minor, currency, credits_micros,
@@ -117,6 +126,22 @@ BEGIN
         -- The provider returned a session stored under another key: its idempotency key
         -- is derived from (account, key), so this is a bug, not a race.
         RAISE EXCEPTION 'checkout session % is stored under another idempotency key', p_session;
+    END IF;
+    -- The key joins the account's ledger keys, so a Consume, Grant, ... sent with it later
+    -- is refused as a different request (their lookup compares the operation); the row
+    -- names the session, and a checkout's retry reads checkout_sessions. A ledger
+    -- operation that took the key since ledger_checkout_prepare wins: this session is not
+    -- recorded, and Stripe lets the unrecorded one expire unpaid.
+    INSERT INTO idempotency_keys (account_id, idempotency_key, operation, request_hash, response,
+                                  created_at)
+    VALUES (p_account, p_key, 'create_checkout_session', p_hash,
+            jsonb_build_object('session_id', c.session_id), p_now)
+    ON CONFLICT ON CONSTRAINT idempotency_keys_one_per_account DO NOTHING;
+    SELECT k.operation INTO used_by FROM idempotency_keys k
+     WHERE k.account_id = p_account AND k.idempotency_key = p_key;
+    IF used_by <> 'create_checkout_session' THEN
+        PERFORM ledger_fail('LE002', 'idempotency key was used for a different request',
+            jsonb_build_object('idempotency_key', p_key, 'original_operation', used_by));
     END IF;
     RETURN ledger_checkout_session_json(c);
 END $$;

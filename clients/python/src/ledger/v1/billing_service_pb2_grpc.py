@@ -156,7 +156,9 @@ class BillingServiceServicer:
         to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
         plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
         when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
-        with the same idempotency_key returns the same session.
+        with the same idempotency_key returns the same session. The key is one of the
+        account's ledger keys: one a ledger call took is refused here, and this one is refused
+        to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
         Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
         PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
         UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).

@@ -69,7 +69,9 @@ class BillingServiceStub:
     to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
     plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
     when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
-    with the same idempotency_key returns the same session.
+    with the same idempotency_key returns the same session. The key is one of the
+    account's ledger keys: one a ledger call took is refused here, and this one is refused
+    to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
     Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
     PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
     UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
@@ -120,7 +122,9 @@ class BillingServiceAsyncStub(BillingServiceStub):
     to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
     plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
     when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
-    with the same idempotency_key returns the same session.
+    with the same idempotency_key returns the same session. The key is one of the
+    account's ledger keys: one a ledger call took is refused here, and this one is refused
+    to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
     Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
     PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
     UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
@@ -216,7 +220,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         to are checked first (pack on sale, free-user purchases, recharge minimum and currency,
         plan on sale), so nobody pays for credits the ledger would refuse. The credits arrive
         when Stripe reports the payment (the webhook receiver and the payment jobs). A retry
-        with the same idempotency_key returns the same session.
+        with the same idempotency_key returns the same session. The key is one of the
+        account's ledger keys: one a ledger call took is refused here, and this one is refused
+        to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
         Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
         PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
         UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
