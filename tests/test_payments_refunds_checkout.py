@@ -719,6 +719,59 @@ def test_the_late_end_of_an_old_subscription_leaves_the_new_one(
 # --- the payment log -----------------------------------------------------------------------
 
 
+def _wait_for_a_lock_waiter(ledger_db_url: str, running: threading.Thread) -> None:
+    """Until some transaction waits for another's lock (or the thread has finished)."""
+    with psycopg.connect(ledger_db_url, autocommit=True) as watcher:
+        for _ in range(400):
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+            ).fetchone()
+            if (waiting and waiting[0]) or not running.is_alive():
+                return
+            time.sleep(0.025)
+    pytest.fail("no transaction waited for a lock")
+
+
+def test_an_end_processed_while_the_first_period_is_granted_waits_for_it_and_ends_it(
+    ledger_db_url: str, sources: Sources, ledger: Ledger
+) -> None:
+    """The end looked for the subscription before it locked the account (helper-49): an end
+    processed while an invoice's job was granting the subscription's period, not committed
+    yet, found no subscription and was ignored, and the period lasted."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account, subscription = new_account("end-races-grant"), f"sub_{uuid.uuid4().hex}"
+    ledger.grant(account, 1)
+    ended: list[bool] = []
+    with psycopg.connect(ledger_db_url) as granting:  # the invoice's job, not committed
+        granting.execute(
+            "SELECT ledger_start_subscription_period(%s, %s, '\\x00', %s, now(),"
+            " now() + interval '30 days', %s, %s, now())",
+            (account, new_key(), plan.plan_id, f"in_{uuid.uuid4().hex}", subscription),
+        )
+
+        def end() -> None:
+            with psycopg.connect(ledger_db_url, autocommit=True) as ending:
+                row = ending.execute(
+                    "SELECT ledger_end_subscription(%s, %s, now(), now())",
+                    (account, subscription),
+                ).fetchone()
+                ended.append(bool(row and row[0]))
+
+        ender = threading.Thread(target=end)
+        ender.start()
+        _wait_for_a_lock_waiter(ledger_db_url, ender)
+        granting.commit()
+        ender.join(30)
+    assert ended == [True]
+    with psycopg.connect(ledger_db_url) as conn:
+        lasts = conn.execute(
+            "SELECT current_period_end > now() FROM subscriptions WHERE account_id = %s",
+            (account,),
+        ).fetchone()
+    assert lasts == (False,)
+    assert not sources.get_account(account).HasField("subscription")
+
+
 def test_the_payment_log_lists_every_event_with_status_error_and_credits(
     apply_events: Callable[..., list[str]],
     billing: billing_service_pb2_grpc.BillingServiceStub,
@@ -943,6 +996,27 @@ def test_a_ledger_call_that_takes_the_key_while_stripe_answers_leaves_the_sessio
             "SELECT count(*) FROM checkout_sessions WHERE session_id = %s", (session_id,)
         ).fetchone()
         assert stored == (0,)
+
+
+def test_two_checkouts_of_one_key_prepared_at_once_record_only_the_same_request(
+    ledger_db_url: str,
+) -> None:
+    """Both passed ledger_checkout_prepare; the second to record finds the first's session
+    under the key: the same request gets it, a different one is refused."""
+    account, key = new_account("twice"), new_key()
+    record = (
+        "SELECT ledger_record_checkout_session(%s, %s, %s, %s, 'recharge', '', '', 5000, 'CNY',"
+        " 50000000, 0, 'https://checkout.example/x', now())"
+    )
+    first = f"cs_test_{uuid.uuid4().hex}"
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        row = conn.execute(record, (first, account, key, b"\x01")).fetchone()
+        assert row is not None and row[0]["session_id"] == first
+        again = conn.execute(record, (f"cs_test_{uuid.uuid4().hex}", account, key, b"\x01"))
+        assert again.fetchone()[0]["session_id"] == first  # type: ignore[index]
+        with pytest.raises(psycopg.Error) as raised:
+            conn.execute(record, (f"cs_test_{uuid.uuid4().hex}", account, key, b"\x02"))
+        assert raised.value.sqlstate == "LE002"
 
 
 def test_a_ledger_call_racing_a_checkout_for_its_key_is_told_to_retry_and_then_refused(

@@ -764,10 +764,11 @@ CREATE OR REPLACE FUNCTION ledger_end_subscription(
     RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF NOT EXISTS (SELECT FROM subscriptions
-                    WHERE account_id = p_account AND external_ref = p_subscription_ref) THEN
+    IF NOT EXISTS (SELECT FROM accounts WHERE account_id = p_account) THEN
         RETURN false;
     END IF;
+    -- The account first, then its subscription: a period an invoice's job is granting (its
+    -- row not committed yet) is waited for and then ended, not missed (helper-49's review).
     PERFORM ledger_lock_account(p_account, p_now);
     UPDATE subscriptions
        -- A period ends after it starts (subscriptions_period_ordered): one that ended as it

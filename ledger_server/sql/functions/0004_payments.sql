@@ -127,6 +127,11 @@ BEGIN
         -- is derived from (account, key), so this is a bug, not a race.
         RAISE EXCEPTION 'checkout session % is stored under another idempotency key', p_session;
     END IF;
+    IF c.request_hash <> p_hash THEN  -- two checkouts of one key, prepared at once
+        PERFORM ledger_fail('LE002', 'idempotency key was used for a different request',
+            jsonb_build_object('idempotency_key', p_key,
+                               'original_operation', 'create_checkout_session'));
+    END IF;
     -- The key joins the account's ledger keys, so a Consume, Grant, ... sent with it later
     -- is refused as a different request (their lookup compares the operation); the row
     -- names the session, and a checkout's retry reads checkout_sessions. A ledger
