@@ -772,6 +772,45 @@ def test_an_end_processed_while_the_first_period_is_granted_waits_for_it_and_end
     assert not sources.get_account(account).HasField("subscription")
 
 
+def test_an_invoice_wakes_a_waiting_plan_change_before_it_locks_the_account(
+    apply_events: Callable[..., list[str]],
+    webhook_url: str,
+    rerun: Callable[[str], str],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    ledger_db_url: str,
+) -> None:
+    """A renewal's plan change waits (failed) for its period's invoice, which puts it back
+    to 'received'. The invoice's job did so holding the account, so a run of the plan
+    change's job, holding its event and asking for the account, deadlocked with it
+    (helper-49). Now the job wakes the event before its ledger call locks the account."""
+    account, sub, _basic, pro, _start, end = _subscriber(apply_events, sources, ledger)
+    renewal = (end, end + 30 * 86400)
+    [waiting] = apply_events(subscription_updated(account, sub, pro.provider_price_id, *renewal))
+    assert payments_db.event(waiting)["status"] == "failed"  # type: ignore[index]
+    body = invoice_paid(
+        account, sub, pro.provider_price_id, *renewal, billing_reason="subscription_cycle"
+    )
+    assert deliver(webhook_url, body) == 200  # stored and queued; run here instead
+    invoice = str(json.loads(body)["id"])
+    statuses: list[str] = []
+    with psycopg.connect(ledger_db_url) as plan_change_job:  # holds its event, as a run does
+        plan_change_job.execute(
+            "SELECT FROM payment_events WHERE event_id = %s FOR UPDATE", (waiting,)
+        )
+        invoice_job = threading.Thread(target=lambda: statuses.append(rerun(invoice)))
+        invoice_job.start()
+        _wait_for_a_lock_waiter(ledger_db_url, invoice_job)
+        # What the plan change's ledger call takes next; a deadlock fails one of the two.
+        plan_change_job.execute("SELECT FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
+        plan_change_job.commit()
+        invoice_job.join(30)
+    assert statuses == ["processed"]
+    assert payments_db.event(waiting)["status"] == "received"  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+
+
 def test_the_payment_log_lists_every_event_with_status_error_and_credits(
     apply_events: Callable[..., list[str]],
     billing: billing_service_pb2_grpc.BillingServiceStub,

@@ -436,9 +436,13 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
             external_ref=_id(invoice),
             subscription_ref=subscription_ref,
         )
+        if plan_change and _current_subscription(conn, account_id) == (plan_id, start):
+            return Outcome("ignored", account_id, note="the plan change was applied already")
+        # Before the ledger call locks the account: an event row is never locked after an
+        # account (lock_payment_event), or this job and the waiting event's, holding its
+        # row and asking for the account, deadlock. Rolled back with the job if it fails.
+        conn.execute(query("wake_subscription_updates"), {"subscription_ref": subscription_ref})
         if plan_change:
-            if _current_subscription(conn, account_id) == (plan_id, start):
-                return Outcome("ignored", account_id, note="the plan change was applied already")
             # Under the invoice, as every paid period: its refund finds it there.
             data = _ledger_call(conn, "change_subscription_plan", params)
         else:
@@ -448,7 +452,6 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         # Paid before its subscription ended, applied after: the credits are granted, and
         # the end stays.
         _keep_stored_end(conn, account_id, subscription_ref, now)
-        conn.execute(query("wake_subscription_updates"), {"subscription_ref": subscription_ref})
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
     if plan_change:
