@@ -5,13 +5,19 @@ run any number of times at once, and never racing a charge into expired credits.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
 import redis
+from rq import Queue
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc
@@ -19,12 +25,13 @@ from ledger.v1 import types_pb2 as t
 from ledger_server.audit import audit_database
 from ledger_server.clock import OffsetClock
 from ledger_server.db.migrate import migrate
+from ledger_server.devstack import embedded
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, consume_or_error, new_account, new_key
 from support.workers import assert_finished, run_burst_workers, start_burst_worker
 from workers import db as worker_db
 from workers import sweepers
-from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
+from workers.queues import DEFAULT_QUEUE, PAYMENTS_QUEUE, enqueue, redis_connection
 
 
 def _expiring_account(ledger: Ledger, clock: OffsetClock) -> tuple[str, str, str]:
@@ -235,6 +242,54 @@ def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
         "workers.sweepers.grant_daily_rewards",
         "workers.payments.requeue_stalled_payment_events",
     }
+
+
+def test_the_scheduler_outlives_a_redis_outage_and_schedules_again(
+    tmp_path: Path, ledger_db_url: str
+) -> None:
+    """RQ's cron loop stops at the first Redis error, and the scheduler process exited with
+    it: one Redis restart stopped every sweeper, the re-queueing of stored payment events
+    too, until someone restarted it (helper-50). It now starts the loop again."""
+    server = embedded.start_redis(tmp_path / "redis", persist=False)
+    env = {
+        **os.environ,
+        "REDIS_URL": server.url,
+        "DATABASE_URL": ledger_db_url,
+        "LEDGER_SWEEP_INTERVAL_SECONDS": "1",
+    }
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "workers", "scheduler"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_payment_sweeps(server.url)
+        server.stop()
+        time.sleep(4)  # ticks every second, each one refused
+        assert scheduler.poll() is None, "the scheduler exited when Redis went away"
+        server = embedded.start_redis(tmp_path / "redis", port=server.port, persist=False)
+        _wait_for_payment_sweeps(server.url)  # the empty Redis gets its jobs again
+        assert scheduler.poll() is None
+        scheduler.terminate()
+        assert scheduler.wait(30) == 0
+        stderr = scheduler.stderr.read().decode() if scheduler.stderr else ""
+        assert "the scheduler lost Redis" in stderr
+    finally:
+        if scheduler.poll() is None:
+            scheduler.kill()
+            scheduler.wait()
+        server.stop()
+
+
+def _wait_for_payment_sweeps(url: str) -> None:
+    connection = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if Queue(PAYMENTS_QUEUE, connection=connection).count:
+            return
+        time.sleep(0.1)
+    pytest.fail("the scheduler queued no payment sweep")
 
 
 CLAIM_NAME = "ledger_claim_daily_reward"

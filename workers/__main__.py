@@ -5,18 +5,29 @@ Both read REDIS_URL and DATABASE_URL; `make run` starts one of each."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.cron import CronScheduler
+from rq.exceptions import StopRequested
 
 from ledger_server.config import ConfigError
 from ledger_server.observability.logging import setup_logging
 from workers import db
 from workers.observability import LedgerWorker
 from workers.queues import DEFAULT_QUEUE, PAYMENTS_QUEUE
+
+log = logging.getLogger("workers.scheduler")
+
+# Waits between starts of a scheduler that lost Redis: doubling, at most this long.
+RESTART_DELAY_MAX_SECONDS = 30.0
+# A scheduler that ran this long before it lost Redis starts again at once.
+HEALTHY_RUN_SECONDS = 60.0
 
 
 def _redis() -> Redis:
@@ -46,12 +57,36 @@ def main(argv: list[str] | None = None) -> int:
         # a failed job would never run again.
         LedgerWorker(queues, connection=connection).work(burst=args.burst, with_scheduler=True)
         return 0
+    return run_scheduler(connection)
+
+
+def run_scheduler(connection: Redis) -> int:
+    """RQ's cron scheduler, started again whenever it loses Redis (RQ's own loop stops at
+    the first Redis error). The sweepers find their work in PostgreSQL, so an outage costs
+    the ticks it lasted; exiting would stop every sweeper, and the stored payment events
+    with them, until someone restarted the process (helper-50's review). Returns 0 once
+    stopped by a signal."""
     from workers.schedule import register_jobs  # the scheduler alone needs every job module
 
-    scheduler = CronScheduler(connection=connection)
-    register_jobs(scheduler)
-    scheduler.start()  # type: ignore[no-untyped-call]
-    return 0
+    delay = 1.0
+    while True:
+        scheduler = CronScheduler(connection=connection)
+        register_jobs(scheduler)
+        started = time.monotonic()
+        try:
+            scheduler.start()  # type: ignore[no-untyped-call]
+            return 0  # RQ caught the stop signal
+        except RedisError as exc:
+            if time.monotonic() - started > HEALTHY_RUN_SECONDS:
+                delay = 1.0
+            log.warning("the scheduler lost Redis (%s); starting it again in %.0f s", exc, delay)
+        except (KeyboardInterrupt, StopRequested):
+            return 0  # a signal while RQ was registering or leaving
+        try:
+            time.sleep(delay)  # RQ's signal handlers stay installed: a stop raises here
+        except (KeyboardInterrupt, StopRequested):
+            return 0
+        delay = min(delay * 2, RESTART_DELAY_MAX_SECONDS)
 
 
 if __name__ == "__main__":
