@@ -32,7 +32,15 @@ from support.ledger import CREDIT, Ledger, new_account
 from support.payments import TOLERANCE_SECONDS, PaymentsDb
 from support.rq_workers import run_burst_workers, run_sweeper, start_worker
 from support.sources import Sources
-from support.webhooks import SECRET, charge_refunded, checkout_pack, deliver, post, sign
+from support.webhooks import (
+    SECRET,
+    charge_refunded,
+    checkout_pack,
+    deliver,
+    invoice_paid,
+    post,
+    sign,
+)
 from workers import payments
 from workers.db import connection as payment_db_connection
 from workers.webhook import WebhookReceiver
@@ -443,6 +451,80 @@ def test_a_refund_handled_before_its_payment_waits_for_it(
     assert ledger.balance(account).balance_micros == 0
     assert payments_db.event(_event_id(refunded))["credits_micros"] == -9 * CREDIT  # type: ignore[index]
     assert_audit_clean()
+
+
+def test_an_event_whose_attempts_are_spent_is_retried_from_postgres_until_it_applies(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Six failed attempts parked an event for good: the one way to retry it was RQ's failed
+    registry, in Redis (helper-50). The sweeper now retries it once its last attempt is an
+    hour old, so a paid invoice whose plan was missing is applied once the plan exists."""
+    plan_id = f"plan_{uuid.uuid4().hex[:12]}"
+    account, subscription = new_account("parked"), f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    # Sources.create_plan gives a plan the provider price price_<plan id>.
+    body = invoice_paid(account, subscription, f"price_{plan_id}", start, start + 30 * 86400)
+    event_id = _event_id(body)
+    assert deliver(webhook_url, body) == 200
+    Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, event_id)
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+    with pytest.raises(LookupError):  # no plan has the invoice's price
+        payments.process_event(event_id)
+
+    def last_attempt(minutes_ago: int) -> None:
+        """As after RQ's last retry: every attempt spent, the last one minutes_ago."""
+        payments_db.rows(
+            "UPDATE payment_events SET attempts = %s,"
+            " last_attempt_at = now() - make_interval(mins => %s)"
+            " WHERE event_id = %s RETURNING event_id",
+            (payments.MAX_ATTEMPTS, minutes_ago, event_id),
+        )
+
+    last_attempt(minutes_ago=5)
+    run_sweeper(ledger_db_url, payments_redis_url)
+    assert event_id not in _queued(payments_redis_url)  # parked for the hour
+    sources.create_plan(100 * CREDIT, rank=1, plan_id=plan_id)  # the cause, fixed
+    last_attempt(minutes_ago=61)
+    run_sweeper(ledger_db_url, payments_redis_url)
+    assert event_id in _queued(payments_redis_url)
+    run_burst_workers(ledger_db_url, payments_redis_url)
+    event = payments_db.event(event_id)
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("processed", 100 * CREDIT)
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+    assert_audit_clean()
+
+
+def test_a_stored_event_attempt_records_its_time(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = charge_refunded(f"pi_{uuid.uuid4().hex}", amount=100, amount_refunded=100)
+    assert deliver(webhook_url, body) == 200
+    Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, _event_id(body))
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+    [(before,)] = payments_db.rows(
+        "SELECT last_attempt_at FROM payment_events WHERE event_id = %s", (_event_id(body),)
+    )
+    payments.process_event(_event_id(body))
+    [(after, recent)] = payments_db.rows(
+        "SELECT last_attempt_at, last_attempt_at > now() - interval '1 minute'"
+        " FROM payment_events WHERE event_id = %s",
+        (_event_id(body),),
+    )
+    assert before is None and after is not None and recent
 
 
 def test_the_receiver_process_logs_json_lines_and_refuses_a_bad_log_format(

@@ -63,10 +63,12 @@ from workers.queues import PAYMENTS_QUEUE, RETRY_MAX, redis_connection, requeue
 
 log = logging.getLogger(__name__)
 
-# An event is tried at most this often by RQ (the first run and its retries); the sweeper
-# re-queues failed events only below it. Past it, an operator requeues from RQ's failed
-# registry after fixing the cause (the payment log shows the error).
+# An event is tried this often by RQ (the first run and its retries); the sweeper re-queues
+# failed events below it at once, and past it once their last attempt is PARKED_RETRY_SECONDS
+# old: a paid event is never given up, and once its cause is fixed (the payment log shows
+# the error) it is applied without an operator, whatever Redis kept of its failed job.
 MAX_ATTEMPTS = 1 + RETRY_MAX
+PARKED_RETRY_SECONDS = 3600
 SWEEP_BATCH = 1000
 
 # SQLSTATEs that end an event without an effect instead of failing it.
@@ -693,17 +695,23 @@ def _claw_back(
 
 def requeue_stalled_payment_events(older_than_seconds: int = 60, as_of: str | None = None) -> int:
     """Re-queues stored events whose job never finished: status received, processing, or
-    failed below MAX_ATTEMPTS, received more than older_than_seconds before as_of (ISO time,
-    default now), not being processed right now (row locked), and whose RQ job is gone (Redis
-    lost it), dead (started by a worker that died) or finished without finishing the event.
-    A job still waiting in the queue or for a retry is left alone. Safe to run at any time and
-    concurrently: a duplicate run of an event does nothing. Returns the events re-queued."""
+    failed (below MAX_ATTEMPTS, or past it with a last attempt PARKED_RETRY_SECONDS old),
+    received more than older_than_seconds before as_of (ISO time, default now), not being
+    processed right now (row locked), and whose RQ job is gone (Redis lost it), dead (started
+    by a worker that died) or finished without finishing the event. A job still waiting in
+    the queue or for a retry is left alone. Safe to run at any time and concurrently: a
+    duplicate run of an event does nothing. Returns the events re-queued."""
     now = datetime.fromisoformat(as_of) if as_of else datetime.now(UTC)
     before = now - timedelta(seconds=older_than_seconds)
     with connection() as conn, conn.transaction():
         rows = conn.execute(
             query("stalled_payment_events"),
-            {"before": before, "max_attempts": MAX_ATTEMPTS, "limit": SWEEP_BATCH},
+            {
+                "before": before,
+                "max_attempts": MAX_ATTEMPTS,
+                "parked_before": now - timedelta(seconds=PARKED_RETRY_SECONDS),
+                "limit": SWEEP_BATCH,
+            },
         ).fetchall()
     requeued = 0
     for event_id, _status, _attempts in rows:

@@ -35,7 +35,7 @@ RETURNING event_id
 -- A job run begins: counts the attempt and shows it in the payment log. Waits for a
 -- run holding the row (its transaction) to finish; then finds it processed: no row.
 UPDATE payment_events
-   SET status = 'processing', attempts = attempts + 1
+   SET status = 'processing', attempts = attempts + 1, last_attempt_at = now()
  WHERE event_id = %(event_id)s AND status IN ('received', 'processing', 'failed')
 RETURNING attempts
 
@@ -68,13 +68,15 @@ UPDATE payment_events
 
 -- name: stalled_payment_events
 -- The sweeper: unfinished events older than the threshold, skipping those a job is
--- processing right now (its transaction holds the row). Failed events only while
--- their attempts are below the limit: past it they wait for an operator.
+-- processing right now (its transaction holds the row). Failed events while their
+-- attempts are below the limit, and past it once their last attempt is older than
+-- parked_before (retried slowly, never given up). Events not yet failed come first.
 SELECT event_id, status, attempts FROM payment_events
  WHERE status IN ('received', 'processing', 'failed')
    AND received_at < %(before)s
-   AND (status <> 'failed' OR attempts < %(max_attempts)s)
- ORDER BY status, received_at
+   AND (status <> 'failed' OR attempts < %(max_attempts)s
+        OR coalesce(last_attempt_at, received_at) < %(parked_before)s)
+ ORDER BY status = 'failed', received_at
  LIMIT %(limit)s
    FOR UPDATE SKIP LOCKED
 
