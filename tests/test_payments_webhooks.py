@@ -503,6 +503,45 @@ def test_an_event_whose_attempts_are_spent_is_retried_from_postgres_until_it_app
     assert_audit_clean()
 
 
+def test_an_event_whose_job_dies_every_time_is_retried_hourly_not_every_sweep(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+) -> None:
+    """An event left processing by work horses that died (out of memory, say) was re-queued
+    at every sweep, however often it had killed one (helper-50). Past its attempts it now
+    waits an hour between runs, as a failed one does."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(4 * CREDIT)
+    account = new_account("dies")
+    body = checkout_pack(account, pack.pack_id)
+    event_id = _event_id(body)
+    assert deliver(webhook_url, body) == 200
+    Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, event_id)
+
+    def died(minutes_ago: int) -> None:
+        payments_db.rows(
+            "UPDATE payment_events SET status = 'processing', attempts = %s,"
+            " last_attempt_at = now() - make_interval(mins => %s)"
+            " WHERE event_id = %s RETURNING event_id",
+            (payments.MAX_ATTEMPTS, minutes_ago, event_id),
+        )
+
+    died(minutes_ago=5)
+    run_sweeper(ledger_db_url, payments_redis_url)
+    assert event_id not in _queued(payments_redis_url)
+    died(minutes_ago=61)
+    run_sweeper(ledger_db_url, payments_redis_url)
+    assert event_id in _queued(payments_redis_url)
+    run_burst_workers(ledger_db_url, payments_redis_url)
+    assert payments_db.event(event_id)["status"] == "processed"  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 4 * CREDIT
+
+
 def test_a_stored_event_attempt_records_its_time(
     webhook_url: str,
     payments_redis_url: str,

@@ -694,7 +694,7 @@ def _claw_back(
 
 
 def requeue_stalled_payment_events(older_than_seconds: int = 60, as_of: str | None = None) -> int:
-    """Re-queues stored events whose job never finished: status received, processing, or
+    """Re-queues stored events whose job never finished: status received, or processing or
     failed (below MAX_ATTEMPTS, or past it with a last attempt PARKED_RETRY_SECONDS old),
     received more than older_than_seconds before as_of (ISO time, default now), not being
     processed right now (row locked), and whose RQ job is gone (Redis lost it), dead (started

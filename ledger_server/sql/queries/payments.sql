@@ -68,13 +68,15 @@ UPDATE payment_events
 
 -- name: stalled_payment_events
 -- The sweeper: unfinished events older than the threshold, skipping those a job is
--- processing right now (its transaction holds the row). Failed events while their
--- attempts are below the limit, and past it once their last attempt is older than
--- parked_before (retried slowly, never given up). Events not yet failed come first.
+-- processing right now (its transaction holds the row). An event tried before (failed, or
+-- left processing by a job that died) while its attempts are below the limit, and past
+-- it once its last attempt is older than parked_before: retried slowly, never given up,
+-- and one that kills its worker each time runs hourly, not every sweep. Events not yet
+-- failed come first.
 SELECT event_id, status, attempts FROM payment_events
  WHERE status IN ('received', 'processing', 'failed')
    AND received_at < %(before)s
-   AND (status <> 'failed' OR attempts < %(max_attempts)s
+   AND (status = 'received' OR attempts < %(max_attempts)s
         OR coalesce(last_attempt_at, received_at) < %(parked_before)s)
  ORDER BY status = 'failed', received_at
  LIMIT %(limit)s
