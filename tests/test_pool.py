@@ -10,6 +10,7 @@ import pytest
 from psycopg_pool import PoolTimeout
 
 from ledger_server.db.pool import open_pool
+from workers import db as worker_db
 
 
 async def _backend(pool: Any) -> int:
@@ -84,3 +85,32 @@ def test_a_loan_refused_for_lack_of_time_leaves_the_order_alone(ledger_db_url: s
 
     returned, used = asyncio.run(scenario())
     assert used == returned[-1]
+
+
+def test_the_server_and_worker_sessions_end_a_transaction_left_idle_for_a_minute(
+    ledger_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction whose client vanished keeps its locks (an account, an event row) until
+    TCP keepalive gives up, two hours by default; every pooled session ends one idle for a
+    minute (ledger_server/db/session_limits.py)."""
+
+    async def server_setting() -> str:
+        pool = await open_pool(ledger_db_url, 1, 1)
+        try:
+            async with pool.connection() as conn:
+                row = await (
+                    await conn.execute("SHOW idle_in_transaction_session_timeout")
+                ).fetchone()
+                return str(row[0]) if row else ""
+        finally:
+            await pool.close()
+
+    assert asyncio.run(server_setting()) == "1min"
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    worker_db.close()
+    try:
+        with worker_db.connection() as conn:
+            row = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+    finally:
+        worker_db.close()
+    assert row == ("1min",)

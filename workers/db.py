@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 from ledger_server import runtime_settings
 from ledger_server.clock import SystemClock
 from ledger_server.config import ConfigError
+from ledger_server.db.session_limits import SET_SESSION_LIMITS
 
 _lock = threading.Lock()
 _pool: ConnectionPool[psycopg.Connection[TupleRow]] | None = None
@@ -40,6 +41,7 @@ POOL_MAX_SIZE_DEFAULT = 8
 
 def _configure(conn: psycopg.Connection[TupleRow]) -> None:
     conn.autocommit = True
+    conn.execute(SET_SESSION_LIMITS)
 
 
 def database_url() -> str:

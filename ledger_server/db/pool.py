@@ -23,6 +23,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from ledger_server.db.deadlines import DEFAULT_STATEMENT_TIMEOUT_MS, DeadlinePool
+from ledger_server.db.session_limits import SET_SESSION_LIMITS
 
 
 async def _configure(conn: AsyncConnection[TupleRow]) -> None:
@@ -30,6 +31,7 @@ async def _configure(conn: AsyncConnection[TupleRow]) -> None:
     # its own transaction, one round trip; handlers that need several statements
     # open conn.transaction() explicitly.
     await conn.set_autocommit(True)
+    await conn.execute(SET_SESSION_LIMITS)
 
 
 class LedgerPool(DeadlinePool):
