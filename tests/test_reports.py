@@ -391,3 +391,62 @@ def test_all_accounts_summary_of_a_fresh_database(fresh_database_url: str) -> No
         assert everyone.total.remaining_micros == held[0] - 5 * CREDIT
     finally:
         server.stop()
+
+
+def test_held_credits_of_an_expired_lot_expire_when_their_hold_settles_not_before(
+    ledger: Ledger,
+    reports: report_service_pb2_grpc.ReportServiceStub,
+    configure: object,
+    clock: OffsetClock,
+) -> None:
+    """A lot expiring with credits held keeps them until the hold settles; a report of the
+    day the lot expired counts them as remaining. The reports dated their later expiry back
+    to the lot's expiry, so that closed day changed after the fact (helper-51): expired 90
+    and remaining 10 on a day that ended with 30 held. They now count on the settle's day,
+    committed or timed out."""
+    configure("ledger.timezone", "UTC")  # type: ignore[operator]
+    day = _month_start(clock.now(), 1)  # a month no other test has reached yet
+    committed, timed_out = new_account("held-expiry-commit"), new_account("held-expiry-ttl")
+    _advance_to(clock, day + timedelta(hours=8))
+    for account in (committed, timed_out):  # 100 promotional credits expiring at noon
+        ledger.grant(
+            account,
+            100,
+            source=SOURCE.CREDIT_SOURCE_PROMOTION,
+            expires_in=Duration(seconds=4 * 3600),
+        )
+    _advance_to(clock, day + timedelta(hours=11))
+    hold = ledger.reserve(committed, 30 * CREDIT, ttl=Duration(seconds=2 * 86400))
+    ledger.reserve(timed_out, 50 * CREDIT, ttl=Duration(seconds=86400))  # until day 2, 11:00
+    _advance_to(clock, day + timedelta(hours=20))
+    ledger.balance(committed)  # journals the 70 that expired unheld at noon
+    # The other account's 50 that expired unheld are due, not journaled: counted all the same.
+
+    def days(account: str, count: int) -> list[Amounts]:
+        return [
+            Amounts.of(
+                _summary(reports, account, day=(day + timedelta(days=n)).strftime("%Y-%m-%d")).total
+            )
+            for n in range(count)
+        ]
+
+    assert days(committed, 1) == [Amounts(allocated=100, expired=70, remaining=30)]
+    assert days(timed_out, 1) == [Amounts(allocated=100, expired=50, remaining=50)]
+
+    # Day 2, 10:00: 10 of the 30 charged, 20 expire. Day 3, 09:00: the other account's
+    # next call journals its 50 that expired unheld at noon on day 1, then releases its hold
+    # (timed out at day 2, 11:00), the 50 it frees expiring then.
+    _advance_to(clock, day + timedelta(days=1, hours=10))
+    ledger.commit(committed, hold.reservation.reservation_id, 10 * CREDIT)
+    _advance_to(clock, day + timedelta(days=2, hours=9))
+    assert ledger.balance(timed_out).balance_micros == 0
+
+    assert days(committed, 2) == [
+        Amounts(allocated=100, expired=70, remaining=30),
+        Amounts(opening=30, consumed=10, expired=20),
+    ]
+    assert days(timed_out, 3) == [
+        Amounts(allocated=100, expired=50, remaining=50),
+        Amounts(opening=50, remaining=50),
+        Amounts(opening=50, expired=50),
+    ]

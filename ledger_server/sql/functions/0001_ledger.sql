@@ -378,12 +378,20 @@ END $$;
 -- breakage, in one EXPIRY transaction. Held credits of an expired lot stay until
 -- their reservation settles (they were held while the lot was valid); settling
 -- calls this again. Returns the credits expired.
--- Its first form, without p_alert: CREATE OR REPLACE would leave it beside this one.
+-- Its earlier forms (without p_alert, without p_released): CREATE OR REPLACE would leave
+-- them beside this one.
 DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz, boolean);
 -- p_alert: check the low-balance threshold for the expiry; false when the caller checks the
 -- whole of what it did once (a commit, maintenance that grants a month's allowance next).
+-- p_released: the credits expiring are the ones a settled hold just freed: they were held,
+-- not expired, when their lot expired, so they expire now. Their postings say so ('released
+-- after its lot expired'), and the reports date them at the transaction, not back at the
+-- lot's expiry as other expiries (a closed day's figures would change after the fact).
+-- The caller journals what had expired unheld before, apart (ledger_maintain).
 CREATE OR REPLACE FUNCTION ledger_expire_due_lots(
-    p_account text, p_now timestamptz, p_alert boolean DEFAULT true) RETURNS bigint
+    p_account text, p_now timestamptz, p_alert boolean DEFAULT true,
+    p_released boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
@@ -420,7 +428,9 @@ BEGIN
                expired_micros = expired_micros + (l.remaining_micros - l.held_micros)
          WHERE account_id = p_account AND lot_id = l.lot_id;
         PERFORM ledger_post(p_account, txn, n, 'account:' || l.balance_kind, l.lot_id, l.source,
-                            -(l.remaining_micros - l.held_micros), 'lot expired');
+                            -(l.remaining_micros - l.held_micros),
+                            CASE WHEN p_released THEN 'released after its lot expired'
+                                 ELSE 'lot expired' END);
         PERFORM ledger_post(p_account, txn, n + 1, 'breakage', NULL, l.source,
                             l.remaining_micros - l.held_micros);
         n := n + 2;
@@ -497,7 +507,7 @@ BEGIN
     UPDATE accounts SET held_micros = held_micros - total WHERE account_id = p_account
     RETURNING overdraft_limit_micros INTO overdraft_limit;
     IF any_lot_expired THEN
-        PERFORM ledger_expire_due_lots(p_account, p_now);
+        PERFORM ledger_expire_due_lots(p_account, p_now, p_released => true);
     END IF;
     IF overdraft_limit > 0 THEN
         PERFORM ledger_settle_overdraft(p_account, p_now);
@@ -519,6 +529,9 @@ DECLARE
     a accounts;
 BEGIN
     IF cardinality(timed_out) > 0 THEN
+        -- What expired unheld is journaled first, dated back to its lots' expiry by the
+        -- reports; what the releases free on expired lots expires after it, dated now.
+        PERFORM ledger_expire_due_lots(p_account, p_now);
         PERFORM ledger_release_holds(p_account, timed_out, 'expired', p_now,
                                      'time-to-live passed');
     END IF;
@@ -902,7 +915,7 @@ BEGIN
     IF any_lot_expired THEN
         -- The unused part of a hold on a lot that expired meanwhile expires now (the
         -- commit's own check below covers it).
-        PERFORM ledger_expire_due_lots(p_account, p_now, false);
+        PERFORM ledger_expire_due_lots(p_account, p_now, false, p_released => true);
         SELECT * INTO a FROM accounts WHERE account_id = p_account;
     END IF;
     IF a.overdraft_limit_micros > 0 THEN

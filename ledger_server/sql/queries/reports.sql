@@ -29,6 +29,9 @@ SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(account_id)s::text)
 -- expiring at midnight expires in the day that ends then), even when the expiry was
 -- journaled later by the first operation that touched the account. Expiries that
 -- are due but not journaled yet count too (the lazy sweep has not reached them).
+-- Credits held when their lot expired are not expired then (a report of that day counts
+-- them as remaining): they expire when their hold settles, and their postings say so
+-- (ledger_expire_due_lots' p_released), so they keep their transaction's time.
 --
 -- The overdraft source's balance is minus the debt (its lot's remaining credits less its
 -- amount, the limit): changes of the limit move no credits, so they are not movements.
@@ -63,6 +66,7 @@ WITH current_lots AS (
     SELECT p.source, t.kind, p.amount_micros AS amount,
            -- A sub-select, run for expiries alone: a join would read every lot.
            CASE WHEN t.kind = 'expiry'
+                     AND p.memo IS DISTINCT FROM 'released after its lot expired'
                 THEN (SELECT l.expires_at FROM lots l
                        WHERE l.account_id = p.account_id AND l.lot_id = p.lot_id)
                      - interval '1 microsecond'
