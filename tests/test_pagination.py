@@ -376,3 +376,18 @@ def test_list_lots_applies_due_expiries_first_and_refuses_an_unknown_account(
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
     )
+
+
+def test_a_time_filter_within_a_microsecond_splits_the_journal_where_it_says(
+    ledger: Ledger,
+) -> None:
+    """The journal's times are whole microseconds; the filters' nanoseconds were cut off,
+    so start_time 500 ns after an entry listed it, and end_time 500 ns after one left it
+    out (helper-51)."""
+    account = new_account("nanos")
+    entry = ledger.grant(account, 1).lot.created_at
+    later = pb.ListTransactionsRequest().start_time  # a Timestamp, 500 ns after the entry
+    later.seconds, later.nanos = entry.seconds, entry.nanos + 500
+    assert ledger.transactions(account, start_time=later) == []
+    listed = ledger.transactions(account, end_time=later)
+    assert [t.kind for t in listed] == [pb.TRANSACTION_KIND_GRANT]

@@ -450,3 +450,26 @@ def test_held_credits_of_an_expired_lot_expire_when_their_hold_settles_not_befor
         Amounts(opening=50, remaining=50),
         Amounts(opening=50, expired=50),
     ]
+
+
+def test_a_range_starting_within_a_microsecond_leaves_out_what_came_before_it(
+    ledger: Ledger, reports: report_service_pb2_grpc.ReportServiceStub
+) -> None:
+    """The ledger's times are whole microseconds; a range's nanoseconds were cut off, so a
+    range starting 500 ns after a grant counted the grant in it (helper-51)."""
+    account = new_account("report-nanos")
+    granted = ledger.grant(account, 7).lot.created_at
+    request = report_pb.GetSummaryRequest(account_id=account)
+    request.range.start_time.seconds = granted.seconds
+    request.range.start_time.nanos = granted.nanos + 500
+    request.range.end_time.seconds = granted.seconds + 3600
+    assert Amounts.of(reports.GetSummary(request).total) == Amounts(opening=7, remaining=7)
+    request.range.start_time.nanos = granted.nanos  # the grant's own instant: in the range
+    assert Amounts.of(reports.GetSummary(request).total) == Amounts(allocated=7, remaining=7)
+    # Within one microsecond a range is empty, not reversed (as rounded, its ends meet).
+    request.range.start_time.nanos = granted.nanos + 100
+    request.range.end_time.seconds, request.range.end_time.nanos = (
+        granted.seconds,
+        granted.nanos + 900,
+    )
+    assert Amounts.of(reports.GetSummary(request).total) == Amounts(opening=7, remaining=7)

@@ -124,6 +124,18 @@ def timestamp(value: Timestamp, field: str) -> datetime:
         raise invalid_field(field, "is not a valid timestamp") from None
 
 
+def range_bound(value: Timestamp, field: str) -> datetime:
+    """A bound of a time range (start included, end excluded) in PostgreSQL's microseconds,
+    rounded up: the ledger's times are whole microseconds, so one is in the range asked for
+    exactly when it is in the rounded one (truncated, a range starting at 10:00:00.0000005
+    took in an entry of 10:00:00.000000)."""
+    moment = timestamp(value, field)
+    # Past the last microsecond datetime holds no time of the ledger is later anyway.
+    if value.nanos % 1000 and moment < datetime.max.replace(tzinfo=UTC):
+        moment += timedelta(microseconds=1)
+    return moment
+
+
 def duration_value(value: Duration, field: str) -> timedelta:
     try:
         return value.ToTimedelta()

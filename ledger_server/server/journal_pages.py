@@ -55,12 +55,12 @@ def filters(request: JournalQuery) -> dict[str, object]:
     return {
         "kinds": _names(request.kinds, mapping.TRANSACTION_KIND_TO_DB, "kinds", "transaction kind"),
         "start_time": (
-            validation.timestamp(request.start_time, "start_time")
+            validation.range_bound(request.start_time, "start_time")
             if request.HasField("start_time")
             else None
         ),
         "end_time": (
-            validation.timestamp(request.end_time, "end_time")
+            validation.range_bound(request.end_time, "end_time")
             if request.HasField("end_time")
             else None
         ),
