@@ -79,11 +79,11 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
             raise invalid_field("range.start_time", "is required")
         if not request.range.HasField("end_time"):
             raise invalid_field("range.end_time", "is required")
-        start, end = request.range.start_time, request.range.end_time
-        start_time = validation.range_bound(start, "range.start_time")
-        end_time = validation.range_bound(end, "range.end_time")
+        asked_start, asked_end = request.range.start_time, request.range.end_time
+        start_time = validation.range_bound(asked_start, "range.start_time")
+        end_time = validation.range_bound(asked_end, "range.end_time")
         # As asked, not as rounded: a range within one microsecond is empty, not reversed.
-        if (end.seconds, end.nanos) <= (start.seconds, start.nanos):
+        if (asked_end.seconds, asked_end.nanos) <= (asked_start.seconds, asked_start.nanos):
             raise invalid_field("range.end_time", "must be after range.start_time")
         return None, None, start_time, end_time
     raise invalid_field("period", "set one of day, month or range")
