@@ -94,7 +94,17 @@ def test_sweepers_run_concurrently_twice_apply_each_expiry_and_time_out_once(
     # sweeps cover at least these; the journal below shows each was swept once.
     assert sum(job.return_value() for job in jobs) >= len(accounts)
 
-    assert _journal_counts(ledger_db_url, names) == {name: (1, 1) for name in names}
+    # Two expiries each: the 7 credits that expired unheld, then the 3 the time-out freed
+    # (held when their lot expired, they expire when released; the reports date them so).
+    assert _journal_counts(ledger_db_url, names) == {name: (2, 1) for name in names}
+    with psycopg.connect(ledger_db_url) as conn:
+        expiries = conn.execute(
+            "SELECT DISTINCT array_agg(amount_micros ORDER BY transaction_id)"
+            " FROM journal_transactions WHERE account_id = ANY(%s) AND kind = 'expiry'"
+            " GROUP BY account_id",
+            (names,),
+        ).fetchall()
+    assert expiries == [([-7 * CREDIT, -3 * CREDIT],)]
     for account, expiring, held in accounts:
         lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
         assert lots[expiring].remaining_micros == 0
