@@ -190,7 +190,8 @@ class SummaryAmounts(_message.Message):
     """Charged credits given back (Refund), including any part that expired at once."""
     expired_micros: _builtins.int
     """Credits moved to breakage: lots that expired in the period (counted when the lot
-    expired, even if the journal recorded it later), and refunds into expired lots.
+    expired, even if the journal recorded it later; credits held then, when their hold
+    settles), and refunds into expired lots.
     """
     transferred_micros: _builtins.int
     """Net credits moved in by transfers between an account's own lots (reward to main,
