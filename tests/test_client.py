@@ -41,6 +41,7 @@ from ledger_client import (
     LedgerClient,
     LedgerError,
     NotFound,
+    RateLimited,
     ReservationExpired,
     ReservationNotCommitted,
     ReservationNotFound,
@@ -758,3 +759,87 @@ def test_package_installs_into_an_empty_virtualenv_and_quickstart_runs(
     ]
     assert [t.amount_micros for t in charges(ledger, account)] == [-1_500_000]
     assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])) == 1
+
+
+# --- what a caller is told when it gives up (helper-52's review) ----------------------------
+
+
+RATE_LIMITED = failure(
+    grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", metadata={"retry_after_ms": "250"}
+)
+
+
+def test_an_error_that_ends_retries_after_a_dropped_attempt_says_the_outcome_is_unknown() -> None:
+    """The raised error is the last attempt's; an earlier one that lost its connection may
+    have charged. The error says so, whatever the last one was (here a rate limit)."""
+    fake = FakeLedger(failures=[failure(UNAVAILABLE), RATE_LIMITED])
+    with (
+        serve_fake(fake) as address,
+        LedgerClient(address, retry=FAST_RETRY) as client,
+        pytest.raises(RateLimited) as caught,
+    ):
+        client.consume("acct-1", CREDIT)
+    keys = {r.request.idempotency_key for r in fake.received}
+    assert caught.value.outcome_unknown and caught.value.retry_after_ms == 250
+    assert keys == {caught.value.idempotency_key}
+    for first, unknown in (([RATE_LIMITED], False), ([failure(grpc.StatusCode.INTERNAL)], True)):
+        fake = FakeLedger(failures=list(first))
+        with (
+            serve_fake(fake) as address,
+            LedgerClient(address, retry=FAST_RETRY) as client,
+            pytest.raises(LedgerError) as caught_alone,
+        ):
+            client.consume("acct-1", CREDIT)
+        assert caught_alone.value.outcome_unknown is unknown
+
+
+def test_the_async_client_says_the_outcome_is_unknown_too() -> None:
+    fake = FakeLedger(failures=[failure(UNAVAILABLE), RATE_LIMITED])
+
+    async def call(address: str) -> LedgerError:
+        async with AsyncLedgerClient(address, retry=FAST_RETRY) as client:
+            try:
+                await client.consume("acct-1", CREDIT)
+            except LedgerError as error:
+                return error
+        raise AssertionError("the call succeeded")
+
+    with serve_fake(fake) as address:
+        error = asyncio.run(call(address))
+    assert isinstance(error, RateLimited) and error.outcome_unknown
+
+
+@pytest.mark.parametrize(
+    ("commit_failure", "released"),
+    [
+        (RATE_LIMITED, False),
+        (failure(grpc.StatusCode.INTERNAL), False),
+        (failure(grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED"), True),
+    ],
+)
+def test_the_block_releases_its_hold_only_when_the_commit_was_refused_for_good(
+    commit_failure: Failure, released: bool
+) -> None:
+    """A rate-limited or failed commit at the end of the block may succeed later (or may
+    have been applied): releasing the hold gave the finished work away unbilled. Only a
+    refusal (an expired reservation, say) releases it."""
+    fake = FakeLedger(method_failures={"Commit": [commit_failure]})
+    with (
+        serve_fake(fake) as address,
+        LedgerClient(address, retry=RetryPolicy(max_attempts=1)) as client,
+        pytest.raises(LedgerError),
+        client.reservation("acct-1", 5 * CREDIT) as hold,
+    ):
+        hold.set_actual(2 * CREDIT)
+    methods = [r.method for r in fake.received]
+    assert methods == ["Reserve", "Commit"] + (["Release"] if released else [])
+
+
+def test_printing_the_credentials_shows_no_secret() -> None:
+    key = b"-----BEGIN PRIVATE KEY-----KEYMATERIAL-----END PRIVATE KEY-----"
+    credentials = Credentials(
+        token="bearer-value", tls=TLS(client_certificate=b"C", client_private_key=key)
+    )
+    shown = repr(credentials)
+    assert "KEYMATERIAL" not in shown and "bearer-value" not in shown
+    assert "client_private_key='***'" in shown and "client_certificate=<1 bytes>" in shown

@@ -1,7 +1,7 @@
 """A scripted stand-in for LedgerService, for client behaviour the real server cannot be
 made to show on demand: a CONFLICT on the first attempts, a call that outlives its
 deadline, odd error details, what metadata and which client certificate reached the server.
-It answers Balance and Consume only."""
+It answers Balance, Consume, Reserve, Commit and Release."""
 
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ class FakeLedger:
     failures: list[Failure] = field(default_factory=list)
     block: threading.Event | None = None
     received: list[Received] = field(default_factory=list)
+    # Failures of one method only (by name, "Commit"), answered before ``failures``.
+    method_failures: dict[str, list[Failure]] = field(default_factory=dict)
 
     def _record(self, method: str, request: Message, context: grpc.ServicerContext) -> None:
         raw: bytes | Iterable[bytes] = context.auth_context().get("x509_common_name", [])
@@ -83,6 +85,8 @@ class FakeLedger:
         )
         if self.block is not None:
             self.block.wait(timeout=30)
+        if self.method_failures.get(method):
+            context.abort_with_status(self.method_failures[method].pop(0))
         if self.failures:
             context.abort_with_status(self.failures.pop(0))
 
@@ -98,10 +102,48 @@ class FakeLedger:
         self._record("Consume", request, context)
         return pb.ConsumeResponse(transaction_id="tx-" + request.idempotency_key)
 
+    def reserve(
+        self, request: pb.ReserveRequest, context: grpc.ServicerContext
+    ) -> pb.ReserveResponse:
+        self._record("Reserve", request, context)
+        reservation = pb.Reservation(
+            reservation_id="res-" + request.idempotency_key,
+            account_id=request.account_id,
+            held_micros=request.amount_micros,
+            status=pb.RESERVATION_STATUS_PENDING,
+        )
+        return pb.ReserveResponse(reservation=reservation)
+
+    def commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
+        self._record("Commit", request, context)
+        return pb.CommitResponse(transaction_id="tx-" + request.idempotency_key)
+
+    def release(
+        self, request: pb.ReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseResponse:
+        self._record("Release", request, context)
+        return pb.ReleaseResponse()
+
     def handler(self) -> grpc.GenericRpcHandler:
+        unary = grpc.unary_unary_rpc_method_handler
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
+                "Reserve": unary(
+                    self.reserve,
+                    request_deserializer=pb.ReserveRequest.FromString,
+                    response_serializer=pb.ReserveResponse.SerializeToString,
+                ),
+                "Commit": unary(
+                    self.commit,
+                    request_deserializer=pb.CommitRequest.FromString,
+                    response_serializer=pb.CommitResponse.SerializeToString,
+                ),
+                "Release": unary(
+                    self.release,
+                    request_deserializer=pb.ReleaseRequest.FromString,
+                    response_serializer=pb.ReleaseResponse.SerializeToString,
+                ),
                 "Balance": grpc.unary_unary_rpc_method_handler(
                     self.balance,
                     request_deserializer=pb.BalanceRequest.FromString,

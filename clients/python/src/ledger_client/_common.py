@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger.v1 import types_pb2
-from ledger_client.errors import LedgerError
+from ledger_client.errors import SERVER_TIMEOUT_REASON, LedgerError
 
 __all__ = [
     "MICROS_PER_CREDIT",
@@ -37,8 +37,6 @@ __all__ = [
 
 MICROS_PER_CREDIT = 1_000_000
 USER_AGENT = "credit-ledger-client/0.1.0"
-# The reason the server gives a DEADLINE_EXCEEDED of its own (ledger.v1.ErrorReason 45).
-SERVER_TIMEOUT_REASON = "DEADLINE_EXCEEDED"
 
 SourceLike: TypeAlias = types_pb2.CreditSource.ValueType | str
 """A credit source: ``types_pb2.CREDIT_SOURCE_PURCHASE`` or ``"purchase"``."""
@@ -69,6 +67,16 @@ class TLS:
     def __post_init__(self) -> None:
         if (self.client_certificate is None) != (self.client_private_key is None):
             raise ValueError("mutual TLS needs both client_certificate and client_private_key")
+
+    def __repr__(self) -> str:  # never print the private key (nor certificates in full)
+        def size(pem: bytes | None) -> str:
+            return "None" if pem is None else f"<{len(pem)} bytes>"
+
+        key = "None" if self.client_private_key is None else "'***'"
+        return (
+            f"TLS(root_certificates={size(self.root_certificates)}, "
+            f"client_certificate={size(self.client_certificate)}, client_private_key={key})"
+        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(

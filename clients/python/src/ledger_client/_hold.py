@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import grpc
+
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 from ledger_client._common import UsageLike, new_idempotency_key, to_usage
-from ledger_client.errors import Conflict, DeadlineExceeded, Unavailable
+from ledger_client.errors import LedgerError
 
 
 class HoldState:
@@ -187,9 +189,26 @@ class HoldState:
             raise RuntimeError("a reservation context manager can be entered only once")
 
 
-# A commit that failed with one of these may have been applied: the hold is left as it is,
-# for the caller to call commit() again (the same key replays it).
-OUTCOME_UNKNOWN = (DeadlineExceeded, Unavailable, Conflict)
+# The only commit failures after which the block's hold is released: the request can never
+# succeed (bad input, the reservation's state, a key reused) and no attempt of it may have
+# been applied. Any other failure (a dropped connection, a time-out, a conflict, a rate limit,
+# a server error) leaves the hold as it is, for the caller to call commit() again (the same
+# key replays it if it was applied); releasing it would give the finished work away unbilled.
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+def refused_for_good(error: LedgerError) -> bool:
+    return error.code in _REFUSALS and not error.outcome_unknown
+
+
 # A commit refused for good (not an unknown outcome): nothing was charged, and the hold goes
 # back now rather than when its time-to-live passes.
 REFUSED_COMMIT_REASON = "released by the client: the commit at the end of the block was refused"

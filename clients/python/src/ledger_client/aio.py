@@ -22,8 +22,8 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc, types_pb2
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger_client import _common as c
-from ledger_client._hold import OUTCOME_UNKNOWN, REFUSED_COMMIT_REASON, HoldState
-from ledger_client.errors import LedgerError, from_rpc_error
+from ledger_client._hold import REFUSED_COMMIT_REASON, HoldState, refused_for_good
+from ledger_client.errors import LedgerError, from_rpc_error, may_have_been_applied
 
 __all__ = ["AsyncHold", "AsyncLedgerClient"]
 
@@ -108,6 +108,7 @@ class AsyncLedgerClient:
         budget = self.config.timeout if timeout is None else timeout
         deadline = None if budget is None else time.monotonic() + budget
         attempt = 0
+        applied_maybe = False  # by an attempt so far
         while True:
             attempt += 1
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -115,10 +116,12 @@ class AsyncLedgerClient:
                 return await method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
+                applied_maybe = applied_maybe or may_have_been_applied(error)
                 left = None if deadline is None else deadline - time.monotonic()
                 delay = self.config.retry.delay_before_retry(error, attempt, left)
                 if delay is None:
                     error.idempotency_key = getattr(request, "idempotency_key", "")
+                    error.outcome_unknown = applied_maybe
                     raise error from rpc_error
             log.info("ledger call failed with %s; retry %d in %.3f s", error, attempt, delay)
             await asyncio.sleep(delay)
@@ -675,9 +678,9 @@ class AsyncHold(HoldState):
         if action == "commit":
             try:
                 await self.commit()
-            except OUTCOME_UNKNOWN:
-                raise
-            except LedgerError:
+            except LedgerError as error:
+                if not refused_for_good(error):
+                    raise  # may have been applied, or may succeed later: the hold stays
                 # Refused for good (nothing charged): give the hold back now.
                 try:
                     await self.release(reason=REFUSED_COMMIT_REASON)

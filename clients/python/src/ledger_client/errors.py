@@ -50,6 +50,10 @@ STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
 ERROR_INFO_TYPE_URL = "type.googleapis.com/google.rpc.ErrorInfo"
 
 
+# The reason the server gives a DEADLINE_EXCEEDED of its own (ledger.v1.ErrorReason 45).
+SERVER_TIMEOUT_REASON = "DEADLINE_EXCEEDED"
+
+
 class LedgerError(Exception):
     """A failed ledger call: gRPC status code, ErrorInfo reason (may be empty), message and
     ErrorInfo metadata. Subclasses add typed accessors for the metadata they carry."""
@@ -74,6 +78,12 @@ class LedgerError(Exception):
         # client made itself when the caller passed none. Until the client sets it, the one
         # the server named (IdempotencyKeyReused).
         self.idempotency_key: str = self.metadata.get("idempotency_key", "")
+        # Set by the client when it gives up: True when this call may have been applied by
+        # one of its attempts (this one or an earlier one), so its outcome is unknown; retry
+        # it with idempotency_key, which replays it if it was. A rate limit or an
+        # authentication error that ends the retries after a dropped connection is such a
+        # case: the error is this attempt's, the charge may be an earlier one's.
+        self.outcome_unknown: bool = False
 
     def __str__(self) -> str:
         label = f"{self.code.name} {self.reason}" if self.reason else self.code.name
@@ -231,6 +241,18 @@ class PermissionDenied(LedgerError):
     default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class RateLimited(LedgerError):
+    """The caller's rate limit was reached (RESOURCE_EXHAUSTED, reason RATE_LIMITED); this
+    attempt changed nothing. Not retried by the client: wait ``retry_after_ms``."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    @property
+    def retry_after_ms(self) -> int:
+        """How long the server asks to wait before the next call (0: not said)."""
+        return self._int("retry_after_ms")
+
+
 class Unauthenticated(LedgerError):
     default_code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -248,6 +270,7 @@ _BY_REASON: dict[str, type[LedgerError]] = {
     "RESERVATION_NOT_COMMITTED": ReservationNotCommitted,
     "STORAGE_UNAVAILABLE": Unavailable,
     "CONFLICT": Conflict,
+    "RATE_LIMITED": RateLimited,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
@@ -260,7 +283,29 @@ _BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
 }
+
+# Codes after which a call may have been applied: the connection dropped or the deadline
+# passed on the way (no answer from the server's error boundary), or the server failed in
+# a way that says nothing of its transaction.
+_UNKNOWN_OUTCOME_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def may_have_been_applied(error: LedgerError) -> bool:
+    """Whether the attempt that failed with ``error`` may have changed the ledger. A
+    DEADLINE_EXCEEDED the server answered itself (reason DEADLINE_EXCEEDED) rolled back;
+    one without that reason passed on the client's side."""
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return error.reason != SERVER_TIMEOUT_REASON
+    return error.code in _UNKNOWN_OUTCOME_CODES
 
 
 # --- google.rpc.Status / ErrorInfo without googleapis-common-protos ------------------------
