@@ -17,11 +17,14 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 from ledger_client import (
@@ -56,6 +59,7 @@ from support.fake_ledger import Failure, FakeLedger, failure, serve_fake
 from support.ledger import CREDIT, Ledger, new_account
 from support.proxy import DropProxy
 from support.server_process import REPO, ServerProcess
+from support.sources import Sources
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -843,3 +847,40 @@ def test_printing_the_credentials_shows_no_secret() -> None:
     shown = repr(credentials)
     assert "KEYMATERIAL" not in shown and "bearer-value" not in shown
     assert "client_private_key='***'" in shown and "client_certificate=<1 bytes>" in shown
+
+
+# --- the catalogue, checkout and rate card a product shows and sells (helper-52) -------------
+
+
+def test_the_catalogue_and_the_rate_card_through_the_client(
+    client: LedgerClient,
+    stub: Any,
+    admin: Any,
+    billing: Any,
+    server_address: str,
+) -> None:
+    """The calls a product service may make to show and sell credits, each the server's
+    own answer (the raw stubs as the reference)."""
+    sources = Sources(stub, admin, billing)
+    pack = sources.create_pack(5 * CREDIT)
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    assert pack.pack_id in {p.pack_id for p in client.list_credit_packs().packs}
+    assert plan.plan_id in {p.plan_id for p in client.list_subscription_plans().plans}
+    assert client.quote_recharge(5000, "CNY") == billing.QuoteRecharge(
+        billing_pb.QuoteRechargeRequest(amount_minor=5000, currency="CNY")
+    )
+    assert client.list_prices() == admin.ListPrices(admin_pb.ListPricesRequest())
+    assert client.list_model_multipliers() == admin.ListModelMultipliers(
+        admin_pb.ListModelMultipliersRequest()
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        client.quote_recharge(5000, "a\n")
+    assert caught.value.field == "currency"
+    with pytest.raises(ValueError, match="exactly one"):
+        client.create_checkout_session("acct-1", pack_id=pack.pack_id, plan_id=plan.plan_id)
+
+    async def asynchronously() -> list[str]:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aio:
+            return [p.pack_id for p in (await aio.list_credit_packs()).packs]
+
+    assert pack.pack_id in asyncio.run(asynchronously())

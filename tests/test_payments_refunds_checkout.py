@@ -18,11 +18,13 @@ from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import billing_service_pb2_grpc, types_pb2
 from ledger.v1 import ledger_service_pb2 as pb
+from ledger_client import LedgerClient
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
 from ledger_server.db import migrate
 from ledger_server.ledger import page_tokens
 from support import payments as payment_fixtures
+from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.payments import PaymentsDb
 from support.rq_workers import run_burst_workers
@@ -889,9 +891,9 @@ def stripe_double() -> Iterator[StripeDouble]:
 
 
 @pytest.fixture(scope="module")
-def checkout(
+def checkout_address(
     stripe_double: StripeDouble, ledger_db_url: str, server_address: str
-) -> Iterator[billing_service_pb2_grpc.BillingServiceStub]:
+) -> Iterator[str]:
     """A second gRPC server whose BillingService talks to the Stripe double."""
     stripe_settings = StripeSettings(api_key="sk_test_double", api_base=stripe_double.url)
     with pytest.MonkeyPatch.context() as env:
@@ -901,10 +903,15 @@ def checkout(
         settings = Settings(database_url=ledger_db_url, stripe=stripe_settings)
         server = ServerThread(settings, OffsetClock()).start()
     try:
-        with grpc.insecure_channel(server.address) as channel:
-            yield billing_service_pb2_grpc.BillingServiceStub(channel)
+        yield server.address
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def checkout(checkout_address: str) -> Iterator[billing_service_pb2_grpc.BillingServiceStub]:
+    with grpc.insecure_channel(checkout_address) as channel:
+        yield billing_service_pb2_grpc.BillingServiceStub(channel)
 
 
 def test_checkout_for_a_pack_creates_one_stripe_session_per_idempotency_key(
@@ -1139,6 +1146,26 @@ def test_the_checkouts_made_before_the_namespace_was_shared_join_it_when_migrate
         ).fetchall()
         conn.rollback()
     assert rows == [(shared, "consume", b"\x07"), (alone, "create_checkout_session", b"\x00")]
+
+
+def test_the_python_client_creates_checkout_sessions_once_per_key(
+    checkout_address: str, stripe_double: StripeDouble, sources: Sources, configure: Any
+) -> None:
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(50 * CREDIT, price_minor=990, currency="USD")
+    account, key = new_account("client-checkout"), new_key("checkout")
+    before = len(stripe_double.checkout_requests())
+    with LedgerClient(checkout_address, retry=FAST_RETRY) as client:
+        first = client.create_checkout_session(account, pack_id=pack.pack_id, idempotency_key=key)
+        again = client.create_checkout_session(account, pack_id=pack.pack_id, idempotency_key=key)
+        recharge = client.create_checkout_session(account, recharge=(5000, "cny")).session
+    assert again.session == first.session and first.session.pack_id == pack.pack_id
+    assert (recharge.kind, recharge.amount_minor, recharge.currency) == (
+        billing_pb.CHECKOUT_KIND_RECHARGE,
+        5000,
+        "CNY",
+    )
+    assert len(stripe_double.checkout_requests()) == before + 2
 
 
 def test_checkout_checks_the_ledger_rules_before_calling_stripe(

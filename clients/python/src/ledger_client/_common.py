@@ -14,6 +14,7 @@ from typing import TypeAlias
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger.v1 import types_pb2
@@ -555,3 +556,33 @@ def transfer_reward_request(
 
 def estimate_request(feature: str, quantities: QuantitiesLike, *, model: str) -> pb.EstimateRequest:
     return pb.EstimateRequest(usage=to_usage(quantities, feature=feature, model=model))
+
+
+def checkout_request(
+    account_id: str,
+    *,
+    pack_id: str,
+    recharge: tuple[int, str] | None,
+    plan_id: str,
+    success_url: str,
+    cancel_url: str,
+    idempotency_key: str | None,
+) -> billing_pb.CreateCheckoutSessionRequest:
+    chosen = [name for name, given in (("pack_id", pack_id), ("plan_id", plan_id)) if given]
+    if recharge is not None:
+        chosen.append("recharge")
+    if len(chosen) != 1:
+        raise ValueError("give exactly one of pack_id, recharge=(amount_minor, currency), plan_id")
+    request = billing_pb.CreateCheckoutSessionRequest(
+        account_id=account_id,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        success_url=success_url,
+        cancel_url=cancel_url,
+    )
+    if pack_id:
+        request.pack_id = pack_id
+    elif plan_id:
+        request.plan_id = plan_id
+    elif recharge is not None:
+        request.recharge.amount_minor, request.recharge.currency = recharge
+    return request

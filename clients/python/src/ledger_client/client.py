@@ -11,8 +11,16 @@ from typing import TypeVar
 
 import grpc
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import (
+    admin_service_pb2_grpc,
+    billing_service_pb2_grpc,
+    ledger_service_pb2_grpc,
+    report_service_pb2_grpc,
+    types_pb2,
+)
+from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc, types_pb2
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger_client import _common as c
 from ledger_client._hold import REFUSED_COMMIT_REASON, HoldState, refused_for_good
@@ -65,6 +73,8 @@ class LedgerClient:
         self._channel = open_channel(self.config)
         self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
         self._reports = report_service_pb2_grpc.ReportServiceStub(self._channel)
+        self._billing = billing_service_pb2_grpc.BillingServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
 
     @classmethod
     def from_config(cls, config: c.ClientConfig) -> LedgerClient:
@@ -404,6 +414,72 @@ class LedgerClient:
         nothing. ``quantities`` by unit: ``{"input_tokens": 1200, "output_tokens": 300}``."""
         request = c.estimate_request(feature, quantities, model=model)
         return self._invoke(self._stub.Estimate, request, timeout)
+
+    # --- the catalogue, checkout and the rate card (what a product shows and sells) ---------
+
+    def list_credit_packs(
+        self, *, timeout: float | None = None
+    ) -> billing_pb.ListCreditPacksResponse:
+        """The credit packs on sale (BillingService.ListCreditPacks)."""
+        request = billing_pb.ListCreditPacksRequest()
+        return self._invoke(self._billing.ListCreditPacks, request, timeout)
+
+    def list_subscription_plans(
+        self, *, timeout: float | None = None
+    ) -> billing_pb.ListSubscriptionPlansResponse:
+        """The subscription plans on sale (BillingService.ListSubscriptionPlans)."""
+        request = billing_pb.ListSubscriptionPlansRequest()
+        return self._invoke(self._billing.ListSubscriptionPlans, request, timeout)
+
+    def quote_recharge(
+        self, amount_minor: int, currency: str, *, timeout: float | None = None
+    ) -> billing_pb.QuoteRechargeResponse:
+        """The credits and bonus a recharge of ``amount_minor`` (3000 = 30.00) in
+        ``currency`` would give; changes nothing."""
+        request = billing_pb.QuoteRechargeRequest(amount_minor=amount_minor, currency=currency)
+        return self._invoke(self._billing.QuoteRecharge, request, timeout)
+
+    def create_checkout_session(
+        self,
+        account_id: str,
+        *,
+        pack_id: str = "",
+        recharge: tuple[int, str] | None = None,
+        plan_id: str = "",
+        success_url: str = "",
+        cancel_url: str = "",
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> billing_pb.CreateCheckoutSessionResponse:
+        """A Stripe Checkout Session for exactly one of a pack, a recharge
+        (``(amount_minor, currency)``) or a subscription plan; send the customer to its
+        ``session.url``. The credits arrive when Stripe reports the payment. The key is one
+        of the account's ledger keys: a retry with it returns the same session."""
+        request = c.checkout_request(
+            account_id,
+            pack_id=pack_id,
+            recharge=recharge,
+            plan_id=plan_id,
+            success_url=success_url,
+            cancel_url=cancel_url,
+            idempotency_key=idempotency_key,
+        )
+        return self._invoke(self._billing.CreateCheckoutSession, request, timeout)
+
+    def list_prices(
+        self, feature: str = "", *, timeout: float | None = None
+    ) -> admin_pb.ListPricesResponse:
+        """The rate card's prices, of one feature or all (AdminService.ListPrices, open to
+        services): what each action costs, for a product to show."""
+        request = admin_pb.ListPricesRequest(feature=feature)
+        return self._invoke(self._admin.ListPrices, request, timeout)
+
+    def list_model_multipliers(
+        self, *, timeout: float | None = None
+    ) -> admin_pb.ListModelMultipliersResponse:
+        """The rate card's model multipliers (AdminService.ListModelMultipliers)."""
+        request = admin_pb.ListModelMultipliersRequest()
+        return self._invoke(self._admin.ListModelMultipliers, request, timeout)
 
     # --- pagination helpers ------------------------------------------------------------------
 
