@@ -884,3 +884,21 @@ def test_the_catalogue_and_the_rate_card_through_the_client(
             return [p.pack_id for p in (await aio.list_credit_packs()).packs]
 
     assert pack.pack_id in asyncio.run(asynchronously())
+
+
+def test_an_empty_idempotency_key_is_refused_before_any_call() -> None:
+    """An empty key (an unset variable, say) was replaced by a new key on each call, so every
+    retry of the caller's became a new request (helper-52). None still means "make one"."""
+    fake = FakeLedger()
+    with serve_fake(fake) as address, LedgerClient(address, retry=FAST_RETRY) as client:
+        with pytest.raises(ValueError, match="idempotency_key is empty"):
+            client.consume("acct-1", CREDIT, idempotency_key="")
+        with pytest.raises(ValueError, match="idempotency_key is empty"):
+            client.create_checkout_session("acct-1", pack_id="p", idempotency_key="")
+        assert fake.received == []
+        with client.reservation("acct-1", 5 * CREDIT) as hold:
+            with pytest.raises(ValueError, match="idempotency_key is empty"):
+                hold.commit(idempotency_key="")
+            hold.commit(2 * CREDIT)
+    assert [r.method for r in fake.received] == ["Reserve", "Commit"]
+    assert all(r.request.idempotency_key for r in fake.received)

@@ -294,7 +294,7 @@ def grant_request(
         raise ValueError("give expires_at or expires_in, not both")
     request = pb.GrantRequest(
         account_id=account_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         amount_micros=amount_micros,
         source=to_credit_source(source),
         external_ref=external_ref,
@@ -343,7 +343,7 @@ def reserve_request(
 ) -> pb.ReserveRequest:
     request = pb.ReserveRequest(
         account_id=account_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         feature=feature,
         comment=comment,
     )
@@ -367,7 +367,7 @@ def commit_request(
     request = pb.CommitRequest(
         account_id=account_id,
         reservation_id=reservation_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         comment=comment,
     )
     if amount_micros is not None:
@@ -389,7 +389,7 @@ def release_request(
     return pb.ReleaseRequest(
         account_id=account_id,
         reservation_id=reservation_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         reason=reason,
         job_failed=job_failed,
     )
@@ -406,7 +406,7 @@ def refund_request(
     request = pb.RefundRequest(
         account_id=account_id,
         reservation_id=reservation_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         reason=reason,
     )
     if amount_micros is not None:
@@ -426,7 +426,7 @@ def consume_request(
 ) -> pb.ConsumeRequest:
     request = pb.ConsumeRequest(
         account_id=account_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         feature=feature,
         comment=comment,
     )
@@ -522,7 +522,7 @@ def create_account_request(
 ) -> pb.CreateAccountRequest:
     return pb.CreateAccountRequest(
         account_id=account_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         referral_code=referral_code,
     )
 
@@ -531,14 +531,14 @@ def claim_daily_reward_request(
     account_id: str, *, idempotency_key: str | None
 ) -> pb.ClaimDailyRewardRequest:
     return pb.ClaimDailyRewardRequest(
-        account_id=account_id, idempotency_key=idempotency_key or new_idempotency_key()
+        account_id=account_id, idempotency_key=key_or_new(idempotency_key)
     )
 
 
 def redeem_request(account_id: str, code: str, *, idempotency_key: str | None) -> pb.RedeemRequest:
     return pb.RedeemRequest(
         account_id=account_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         code=code,
     )
 
@@ -547,7 +547,7 @@ def transfer_reward_request(
     account_id: str, amount_micros: int | None, *, idempotency_key: str | None
 ) -> pb.TransferRewardRequest:
     request = pb.TransferRewardRequest(
-        account_id=account_id, idempotency_key=idempotency_key or new_idempotency_key()
+        account_id=account_id, idempotency_key=key_or_new(idempotency_key)
     )
     if amount_micros is not None:
         request.amount_micros = amount_micros
@@ -556,6 +556,17 @@ def transfer_reward_request(
 
 def estimate_request(feature: str, quantities: QuantitiesLike, *, model: str) -> pb.EstimateRequest:
     return pb.EstimateRequest(usage=to_usage(quantities, feature=feature, model=model))
+
+
+def key_or_new(idempotency_key: str | None) -> str:
+    """The caller's key, or a new one when it passed None. An empty key is refused here:
+    it is a caller's bug (an unset variable, say), and replacing it with a new key each
+    call would make every retry a new request."""
+    if idempotency_key is None:
+        return new_idempotency_key()
+    if not idempotency_key:
+        raise ValueError("idempotency_key is empty: pass None to let the client make one")
+    return idempotency_key
 
 
 def checkout_request(
@@ -575,7 +586,7 @@ def checkout_request(
         raise ValueError("give exactly one of pack_id, recharge=(amount_minor, currency), plan_id")
     request = billing_pb.CreateCheckoutSessionRequest(
         account_id=account_id,
-        idempotency_key=idempotency_key or new_idempotency_key(),
+        idempotency_key=key_or_new(idempotency_key),
         success_url=success_url,
         cancel_url=cancel_url,
     )

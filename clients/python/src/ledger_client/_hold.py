@@ -6,7 +6,7 @@ import grpc
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
-from ledger_client._common import UsageLike, new_idempotency_key, to_usage
+from ledger_client._common import UsageLike, key_or_new, to_usage
 from ledger_client.errors import LedgerError
 
 
@@ -129,10 +129,8 @@ class HoldState:
             self.set_actual(amount_micros)
         elif usage is not None:
             self.set_actual_usage(usage)
-        if idempotency_key is not None:
-            self._commit_key = idempotency_key
-        elif self._commit_key is None:
-            self._commit_key = new_idempotency_key()
+        if idempotency_key is not None or self._commit_key is None:
+            self._commit_key = key_or_new(idempotency_key)
         if comment is not None:
             self._commit_comment = comment
         if self._actual_usage is not None:
@@ -146,10 +144,8 @@ class HoldState:
         """The reason, job_failed and key of a release attempt: the first attempt's unless
         given."""
         self._check_pending("release")
-        if idempotency_key is not None:
-            self._release_key = idempotency_key
-        elif self._release_key is None:
-            self._release_key = new_idempotency_key()
+        if idempotency_key is not None or self._release_key is None:
+            self._release_key = key_or_new(idempotency_key)
         if reason is not None:
             self._release_reason = reason
         if job_failed is not None:
