@@ -67,6 +67,25 @@ def _queued(redis_url: str) -> list[str]:
     return [i.decode() for i in Redis.from_url(redis_url).lrange("rq:queue:payments", 0, -1)]
 
 
+def _stored_not_queued(webhook_url: str, redis_url: str, body: bytes) -> str:
+    """Delivers the event (stored) and takes its job off the queue: a test runs it."""
+    assert deliver(webhook_url, body) == 200
+    Redis.from_url(redis_url).lrem("rq:queue:payments", 0, _event_id(body))
+    return _event_id(body)
+
+
+def _attempts_spent(
+    payments_db: PaymentsDb, event_id: str, minutes_ago: int, status: str = "failed"
+) -> None:
+    """As after RQ's last attempt of the event: all spent, the last one minutes_ago."""
+    payments_db.rows(
+        "UPDATE payment_events SET status = %s, attempts = %s,"
+        " last_attempt_at = now() - make_interval(mins => %s)"
+        " WHERE event_id = %s RETURNING event_id",
+        (status, payments.MAX_ATTEMPTS, minutes_ago, event_id),
+    )
+
+
 def _wait_for(condition: Callable[[], Any], what: str, limit: float = 60.0) -> Any:
     """Polls until condition() is truthy (a readiness wait, not a timing assertion)."""
     deadline = time.monotonic() + limit
@@ -471,28 +490,17 @@ def test_an_event_whose_attempts_are_spent_is_retried_from_postgres_until_it_app
     start = int(time.time()) - 60
     # Sources.create_plan gives a plan the provider price price_<plan id>.
     body = invoice_paid(account, subscription, f"price_{plan_id}", start, start + 30 * 86400)
-    event_id = _event_id(body)
-    assert deliver(webhook_url, body) == 200
-    Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, event_id)
+    event_id = _stored_not_queued(webhook_url, payments_redis_url, body)
     monkeypatch.setenv("DATABASE_URL", ledger_db_url)
     monkeypatch.setenv("REDIS_URL", payments_redis_url)
     with pytest.raises(LookupError):  # no plan has the invoice's price
         payments.process_event(event_id)
 
-    def last_attempt(minutes_ago: int) -> None:
-        """As after RQ's last retry: every attempt spent, the last one minutes_ago."""
-        payments_db.rows(
-            "UPDATE payment_events SET attempts = %s,"
-            " last_attempt_at = now() - make_interval(mins => %s)"
-            " WHERE event_id = %s RETURNING event_id",
-            (payments.MAX_ATTEMPTS, minutes_ago, event_id),
-        )
-
-    last_attempt(minutes_ago=5)
+    _attempts_spent(payments_db, event_id, minutes_ago=5)
     run_sweeper(ledger_db_url, payments_redis_url)
     assert event_id not in _queued(payments_redis_url)  # parked for the hour
     sources.create_plan(100 * CREDIT, rank=1, plan_id=plan_id)  # the cause, fixed
-    last_attempt(minutes_ago=61)
+    _attempts_spent(payments_db, event_id, minutes_ago=61)
     run_sweeper(ledger_db_url, payments_redis_url)
     assert event_id in _queued(payments_redis_url)
     run_burst_workers(ledger_db_url, payments_redis_url)
@@ -518,23 +526,13 @@ def test_an_event_whose_job_dies_every_time_is_retried_hourly_not_every_sweep(
     configure("purchase.allow_free_users", True)
     pack = sources.create_pack(4 * CREDIT)
     account = new_account("dies")
-    body = checkout_pack(account, pack.pack_id)
-    event_id = _event_id(body)
-    assert deliver(webhook_url, body) == 200
-    Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, event_id)
-
-    def died(minutes_ago: int) -> None:
-        payments_db.rows(
-            "UPDATE payment_events SET status = 'processing', attempts = %s,"
-            " last_attempt_at = now() - make_interval(mins => %s)"
-            " WHERE event_id = %s RETURNING event_id",
-            (payments.MAX_ATTEMPTS, minutes_ago, event_id),
-        )
-
-    died(minutes_ago=5)
+    event_id = _stored_not_queued(
+        webhook_url, payments_redis_url, checkout_pack(account, pack.pack_id)
+    )
+    _attempts_spent(payments_db, event_id, minutes_ago=5, status="processing")
     run_sweeper(ledger_db_url, payments_redis_url)
     assert event_id not in _queued(payments_redis_url)
-    died(minutes_ago=61)
+    _attempts_spent(payments_db, event_id, minutes_ago=61, status="processing")
     run_sweeper(ledger_db_url, payments_redis_url)
     assert event_id in _queued(payments_redis_url)
     run_burst_workers(ledger_db_url, payments_redis_url)
@@ -550,18 +548,17 @@ def test_a_stored_event_attempt_records_its_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     body = charge_refunded(f"pi_{uuid.uuid4().hex}", amount=100, amount_refunded=100)
-    assert deliver(webhook_url, body) == 200
-    Redis.from_url(payments_redis_url).lrem("rq:queue:payments", 0, _event_id(body))
+    event_id = _stored_not_queued(webhook_url, payments_redis_url, body)
     monkeypatch.setenv("DATABASE_URL", ledger_db_url)
     monkeypatch.setenv("REDIS_URL", payments_redis_url)
     [(before,)] = payments_db.rows(
-        "SELECT last_attempt_at FROM payment_events WHERE event_id = %s", (_event_id(body),)
+        "SELECT last_attempt_at FROM payment_events WHERE event_id = %s", (event_id,)
     )
-    payments.process_event(_event_id(body))
+    payments.process_event(event_id)
     [(after, recent)] = payments_db.rows(
         "SELECT last_attempt_at, last_attempt_at > now() - interval '1 minute'"
         " FROM payment_events WHERE event_id = %s",
-        (_event_id(body),),
+        (event_id,),
     )
     assert before is None and after is not None and recent
 
