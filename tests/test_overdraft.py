@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import (
@@ -168,7 +169,7 @@ def test_a_commit_drawn_on_the_overdraft_is_paid_from_credits_granted_since(
     assert_audit_clean()
 
 
-def test_a_refund_pays_the_debt_back_and_what_has_no_room_becomes_a_refund_lot(
+def test_a_refund_pays_the_debt_back_and_what_has_no_room_goes_to_what_repaid_it(
     ledger: Ledger, admin: admin_service_pb2_grpc.AdminServiceStub, assert_audit_clean: Any
 ) -> None:
     account = _account_with_limit(ledger, admin, 2, 10)
@@ -177,16 +178,18 @@ def test_a_refund_pays_the_debt_back_and_what_has_no_room_becomes_a_refund_lot(
     assert _shown(ledger, account) == (-1, 9, 10, 1)
 
     second = ledger.consume(account, 3 * CREDIT).reservation  # all from the overdraft
-    ledger.grant(account, 10)  # repays the 4 owed
+    repaying = ledger.grant(account, 10).lot.lot_id  # repays the 4 owed
     assert _shown(ledger, account) == (6, 16, 10, 0)
     refund = ledger.refund(account, second.reservation_id)
     assert refund.refunded_micros == 3 * CREDIT
     assert refund.balance.balance_micros == 9 * CREDIT
     assert refund.balance.available_micros == 19 * CREDIT
-    refund_lot = _lot_by_source(ledger, account, types_pb2.CREDIT_SOURCE_REFUND)
+    # The debt the charge ran up was repaid by the grant: the 3 go back to it, not to a new
+    # (free, permanent) refund lot (helper-51).
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert lots[repaying].remaining_micros == (10 - 4 + 3) * CREDIT
+    assert types_pb2.CREDIT_SOURCE_REFUND not in {lot.source for lot in lots.values()}
     overdraft_lot = _lot_by_source(ledger, account, OVERDRAFT)
-    assert refund_lot.remaining_micros == 3 * CREDIT
-    assert refund_lot.parent_lot_id == overdraft_lot.lot_id
     assert overdraft_lot.remaining_micros == overdraft_lot.amount_micros == 10 * CREDIT
     assert _shown(ledger, account) == (9, 19, 10, 0)
     assert_audit_clean()
@@ -462,3 +465,71 @@ def test_the_database_grants_no_overdraft_credits_by_itself(
         )
     assert refused.value.sqlstate == "LE010"
     assert _shown(ledger, account) == (1, 1, 0, 0)
+
+
+def test_a_refund_of_what_the_overdraft_paid_gives_the_repaying_credits_back_in_their_class(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    reports: report_service_pb2_grpc.ReportServiceStub,
+    clock: OffsetClock,
+    assert_audit_clean: Any,
+) -> None:
+    """helper-51: 100 free credits and a limit of 50; a charge of 120 (20 on the overdraft);
+    200 purchased repay the 20; the charge refunded. The 20 the overdraft could not take
+    back became a free, permanent refund lot: purchased remaining read 180 and free 120.
+    They now go back to the purchase that repaid the debt, in two partial refunds as in one,
+    never more than the repayment took; a lot that repaid and has expired since expires
+    them at once."""
+    period = report_pb.TimeRange()
+    period.start_time.FromDatetime(clock.now() - timedelta(minutes=1))
+    period.end_time.FromDatetime(clock.now() + timedelta(days=1))
+    account = new_account("overdraft-refund")
+    ledger.grant(account, 100, source=types_pb2.CREDIT_SOURCE_ADMIN)
+    _set_limit(admin, account, 50)
+    charge = ledger.consume(account, 120 * CREDIT).reservation
+    purchase = ledger.grant(account, 200).lot.lot_id  # repays the 20
+    ledger.refund(account, charge.reservation_id, 10 * CREDIT)  # from the overdraft's part
+    ledger.refund(account, charge.reservation_id, 15 * CREDIT)  # 10 more from it, 5 admin
+    ledger.refund(account, charge.reservation_id)  # the admin lot's other 95
+    lots = {lot.lot_id: lot for lot in ledger.lots(account, include_inactive=True)}
+    assert lots[purchase].remaining_micros == 200 * CREDIT
+    assert types_pb2.CREDIT_SOURCE_REFUND not in {lot.source for lot in lots.values()}
+    summary = reports.GetSummary(report_pb.GetSummaryRequest(account_id=account, range=period))
+    assert (summary.free.remaining_micros, summary.purchased.remaining_micros) == (
+        100 * CREDIT,
+        200 * CREDIT,
+    )
+    assert ledger.balance(account).balance_micros == 300 * CREDIT
+    assert_audit_clean()
+
+    # A repaying lot that has expired since takes its credits back and expires them.
+    other = new_account("overdraft-refund-expired")
+    ledger.stub.CreateAccount(pb.CreateAccountRequest(account_id=other, idempotency_key=new_key()))
+    _set_limit(admin, other, 50)
+    drawn = ledger.consume(other, 20 * CREDIT).reservation  # all on the overdraft
+    promotion = ledger.grant(
+        other, 30, source=types_pb2.CREDIT_SOURCE_PROMOTION, expires_in=Duration(seconds=60)
+    ).lot.lot_id  # repays the 20
+    clock.advance(timedelta(minutes=2))
+    refund = ledger.refund(other, drawn.reservation_id)
+    assert (refund.refunded_micros, refund.expired_micros) == (20 * CREDIT, 20 * CREDIT)
+    lots = {lot.lot_id: lot for lot in ledger.lots(other, include_inactive=True)}
+    assert lots[promotion].expired_micros == 30 * CREDIT  # its 10 left, then the 20
+    assert ledger.balance(other).balance_micros == 0
+
+    # Two debts repaid by two grants: each gets back what it repaid, the latest first, and
+    # no more (a lot given back twice the same repayment would hold more than it was granted).
+    third = new_account("overdraft-refund-twice")
+    ledger.stub.CreateAccount(pb.CreateAccountRequest(account_id=third, idempotency_key=new_key()))
+    _set_limit(admin, third, 50)
+    charges = []
+    repayers = []
+    for _ in range(2):
+        charges.append(ledger.consume(third, 20 * CREDIT).reservation.reservation_id)
+        repayers.append(ledger.grant(third, 20).lot.lot_id)  # repays those 20
+    for reservation_id in charges:
+        ledger.refund(third, reservation_id)
+    lots = {lot.lot_id: lot for lot in ledger.lots(third, include_inactive=True)}
+    assert [lots[lot_id].remaining_micros for lot_id in repayers] == [20 * CREDIT] * 2
+    assert ledger.balance(third).balance_micros == 40 * CREDIT
+    assert_audit_clean()

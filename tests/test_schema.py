@@ -164,6 +164,7 @@ EXPECTED_FUNCTIONS = {
     "ledger_start_subscription_period",
     "ledger_change_subscription_plan",
     "ledger_end_subscription",
+    "ledger_overdraft_refund_returns",
     "ledger_adjust_balance",
     "ledger_set_overdraft_limit",
     "ledger_settle_overdraft",

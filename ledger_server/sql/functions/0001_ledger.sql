@@ -992,6 +992,50 @@ LANGUAGE sql STABLE AS $$
      ORDER BY seq DESC
 $$;
 
+-- Where a refund's credits go that the overdraft lot has no room for: its debt was repaid
+-- since the charge, by transfers (ledger_settle_overdraft, postings 'overdraft repayment')
+-- out of the account's main lots, so those lots paid for the charge in the end. They get
+-- back what their repayments took and no refund has given back yet ('overdraft repayment
+-- refunded'), the latest repayment's lot first, up to p_overflow. Without this the credits
+-- became a free, permanent refund lot: purchased credits came back as free ones
+-- (helper-51's review). What no repayment accounts for is the caller's to place.
+CREATE OR REPLACE FUNCTION ledger_overdraft_refund_returns(
+    p_account text, p_overflow bigint, p_now timestamptz)
+    RETURNS TABLE (lot_id bigint, source text, expires_at timestamptz, give bigint,
+                   expired boolean)
+LANGUAGE sql STABLE AS $$
+    WITH moved AS (
+        SELECT p.lot_id,
+               coalesce(sum(-p.amount_micros)
+                   FILTER (WHERE t.kind = 'transfer' AND p.memo = 'overdraft repayment'), 0)
+               - coalesce(sum(p.amount_micros)
+                   FILTER (WHERE t.kind = 'refund' AND p.memo = 'overdraft repayment refunded'),
+                   0) AS open,
+               max(p.transaction_id)
+                   FILTER (WHERE t.kind = 'transfer' AND p.memo = 'overdraft repayment') AS latest
+          FROM postings p
+          JOIN journal_transactions t
+            ON t.account_id = p.account_id AND t.transaction_id = p.transaction_id
+         WHERE p.account_id = p_account AND p.lot_id IS NOT NULL
+           AND p.memo IN ('overdraft repayment', 'overdraft repayment refunded')
+           AND ((t.kind = 'transfer' AND p.amount_micros < 0)
+                OR (t.kind = 'refund' AND p.amount_micros > 0))
+         GROUP BY p.lot_id
+    ), ordered AS (
+        SELECT m.lot_id, m.open, m.latest,
+               sum(m.open) OVER (ORDER BY m.latest DESC, m.lot_id DESC) AS running
+          FROM moved m
+         WHERE m.open > 0
+    )
+    SELECT o.lot_id, l.source, l.expires_at,
+           least(o.open, p_overflow - (o.running - o.open))::bigint,
+           l.expires_at IS NOT NULL AND l.expires_at <= p_now
+      FROM ordered o
+      JOIN lots l ON l.account_id = p_account AND l.lot_id = o.lot_id
+     WHERE o.running - o.open < p_overflow
+     ORDER BY o.latest DESC, o.lot_id DESC
+$$;
+
 -- Gives committed credits back to the lots they came from, last-charged lot first.
 -- The part that returns to a lot which expired meanwhile expires at once.
 CREATE OR REPLACE FUNCTION ledger_refund(
@@ -1010,6 +1054,9 @@ DECLARE
     next_expiry timestamptz;
     overflow bigint;
     overflow_total bigint := 0;
+    overdraft_give bigint;
+    untraced bigint;
+    back record;
     n int := 0;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
@@ -1036,14 +1083,27 @@ BEGIN
             'requested_micros', amount));
     END IF;
 
-    SELECT coalesce(sum(give) FILTER (WHERE expired), 0) INTO expired_part
+    SELECT coalesce(sum(give) FILTER (WHERE expired), 0),
+           coalesce(sum(give) FILTER (WHERE source = 'overdraft'), 0)
+      INTO expired_part, overdraft_give
       FROM ledger_refund_plan(p_account, p_reservation, amount, p_now);
+    -- The overdraft lot takes back only what its debt still is; the rest goes to the lots
+    -- that repaid the debt, and what goes to an expired one expires at once too.
+    IF overdraft_give > 0 THEN
+        SELECT greatest(overdraft_give - (o.amount_micros - o.remaining_micros), 0)
+          INTO overflow
+          FROM lots o WHERE o.account_id = p_account AND o.source = 'overdraft' FOR UPDATE;
+        expired_part := expired_part + coalesce(
+            (SELECT sum(b.give) FROM ledger_overdraft_refund_returns(p_account, overflow, p_now) b
+              WHERE b.expired), 0);
+    END IF;
 
     txn := ledger_new_transaction(p_account, 'refund', amount - expired_part, p_now, p_reservation,
                                   r.feature, coalesce(nullif(p_reason, ''), 'refund'));
     FOR step IN SELECT * FROM ledger_refund_plan(p_account, p_reservation, amount, p_now) LOOP
         -- Credits charged from the overdraft lot go back into it as far as its debt
-        -- goes; a debt repaid since leaves no room, and the rest becomes a refund lot.
+        -- goes; a debt repaid since leaves no room, and the rest goes back to the lots
+        -- that repaid it (ledger_overdraft_refund_returns).
         overflow := 0;
         IF step.source = 'overdraft' THEN
             SELECT greatest(step.give - (amount_micros - remaining_micros), 0) INTO overflow
@@ -1063,10 +1123,38 @@ BEGIN
                             step.give - overflow, 'refund');
         n := n + 1;
         IF overflow > 0 THEN
-            PERFORM ledger_add_lot(p_account, txn, n, overflow, 'refund', 'main', NULL, NULL,
-                                   step.lot_id, p_now);
-            n := n + 1;
-            overflow_total := overflow_total + overflow;
+            untraced := overflow;
+            FOR back IN SELECT * FROM ledger_overdraft_refund_returns(p_account, overflow, p_now)
+            LOOP
+                UPDATE lots
+                   SET remaining_micros = remaining_micros
+                                          + CASE WHEN back.expired THEN 0 ELSE back.give END,
+                       expired_micros = expired_micros
+                                        + CASE WHEN back.expired THEN back.give ELSE 0 END
+                 WHERE account_id = p_account AND lot_id = back.lot_id;
+                PERFORM ledger_post(p_account, txn, n, 'account:main', back.lot_id, back.source,
+                                    back.give, 'overdraft repayment refunded');
+                n := n + 1;
+                IF back.expired THEN
+                    PERFORM ledger_post(p_account, txn, n, 'account:main', back.lot_id,
+                                        back.source, -back.give,
+                                        'refunded into an expired lot: expired at once');
+                    PERFORM ledger_post(p_account, txn, n + 1, 'breakage', NULL, back.source,
+                                        back.give,
+                                        'refunded into an expired lot: expired at once');
+                    n := n + 2;
+                ELSE
+                    next_expiry := least(next_expiry, back.expires_at);
+                END IF;
+                untraced := untraced - back.give;
+            END LOOP;
+            -- What no recorded repayment accounts for: a refund lot, as before.
+            IF untraced > 0 THEN
+                PERFORM ledger_add_lot(p_account, txn, n, untraced, 'refund', 'main', NULL, NULL,
+                                       step.lot_id, p_now);
+                n := n + 1;
+                overflow_total := overflow_total + untraced;
+            END IF;
         END IF;
         IF NOT step.expired THEN
             next_expiry := least(next_expiry, step.expires_at);

@@ -58,7 +58,9 @@ class _CreditSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditSo
     (AdminService.SetOverdraftLimit).
     """
     CREDIT_SOURCE_REFUND: _CreditSource.ValueType  # 15
-    """Credits refunded after the overdraft debt they were charged from was repaid."""
+    """Credits refunded after the overdraft debt they were charged from was repaid, where no
+    recorded repayment accounts for them (those go back to the lots that repaid the debt).
+    """
 
 class CreditSource(_CreditSource, metaclass=_CreditSourceEnumTypeWrapper):
     """Where a lot of credits came from. The source decides the lot's consumption
@@ -97,7 +99,9 @@ CREDIT_SOURCE_OVERDRAFT: CreditSource.ValueType  # 14
 (AdminService.SetOverdraftLimit).
 """
 CREDIT_SOURCE_REFUND: CreditSource.ValueType  # 15
-"""Credits refunded after the overdraft debt they were charged from was repaid."""
+"""Credits refunded after the overdraft debt they were charged from was repaid, where no
+recorded repayment accounts for them (those go back to the lots that repaid the debt).
+"""
 Global___CreditSource: _TypeAlias = CreditSource  # noqa: Y015
 
 class _BalanceKind:
