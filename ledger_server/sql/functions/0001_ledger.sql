@@ -1055,6 +1055,7 @@ DECLARE
     overflow bigint;
     overflow_total bigint := 0;
     overdraft_give bigint;
+    overdraft_overflow bigint := 0;
     untraced bigint;
     back record;
     n int := 0;
@@ -1091,10 +1092,11 @@ BEGIN
     -- that repaid the debt, and what goes to an expired one expires at once too.
     IF overdraft_give > 0 THEN
         SELECT greatest(overdraft_give - (o.amount_micros - o.remaining_micros), 0)
-          INTO overflow
+          INTO overdraft_overflow
           FROM lots o WHERE o.account_id = p_account AND o.source = 'overdraft' FOR UPDATE;
         expired_part := expired_part + coalesce(
-            (SELECT sum(b.give) FROM ledger_overdraft_refund_returns(p_account, overflow, p_now) b
+            (SELECT sum(b.give)
+               FROM ledger_overdraft_refund_returns(p_account, overdraft_overflow, p_now) b
               WHERE b.expired), 0);
     END IF;
 
@@ -1104,11 +1106,8 @@ BEGIN
         -- Credits charged from the overdraft lot go back into it as far as its debt
         -- goes; a debt repaid since leaves no room, and the rest goes back to the lots
         -- that repaid it (ledger_overdraft_refund_returns).
-        overflow := 0;
-        IF step.source = 'overdraft' THEN
-            SELECT greatest(step.give - (amount_micros - remaining_micros), 0) INTO overflow
-              FROM lots WHERE account_id = p_account AND lot_id = step.lot_id FOR UPDATE;
-        END IF;
+        -- An account has one overdraft lot: its step is the overdraft_give found above.
+        overflow := CASE WHEN step.source = 'overdraft' THEN overdraft_overflow ELSE 0 END;
         UPDATE lots
            SET remaining_micros = remaining_micros
                                   + CASE WHEN step.expired THEN 0 ELSE step.give - overflow END,
