@@ -157,6 +157,7 @@ EXPECTED_FUNCTIONS = {
     "ledger_reserve",
     "ledger_create_account",
     "ledger_claim_daily_reward",
+    "ledger_claim_daily_reward_of_day",
     "ledger_redeem",
     "ledger_transfer_reward",
     "ledger_purchase_pack",

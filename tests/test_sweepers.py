@@ -302,8 +302,8 @@ def _wait_for_payment_sweeps(url: str) -> None:
     pytest.fail("the scheduler queued no payment sweep")
 
 
-CLAIM_NAME = "ledger_claim_daily_reward"
-CLAIM = f"{CLAIM_NAME}(text, text, bytea, timestamptz)"
+CLAIM_NAME = "ledger_claim_daily_reward_of_day"
+CLAIM = f"{CLAIM_NAME}(text, text, bytea, date, timestamptz)"
 
 
 def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_account(
@@ -398,6 +398,60 @@ def test_daily_rewards_past_their_time_budget_queue_the_rest_as_a_job(
             "GROUP BY account_id ORDER BY account_id"
         ).fetchall()
     assert lots == [(account, 1) for account in accounts], logs
+    assert audit_database(fresh_database_url) == []
+
+
+def test_the_rest_of_the_daily_rewards_grants_the_day_it_set_out_to(
+    fresh_database_url: str, redis_url: str, monkeypatch: Any
+) -> None:
+    """The scheduled run (no as_of) queues its rest with its day: a rest that runs after
+    midnight grants the accounts it reaches the day the run set out to. Before, it took the
+    new day, and those accounts never got the old one (the new day's runs grant the new)."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    opened = datetime.now(UTC) - timedelta(minutes=1)
+    prefix = new_account("late")
+    accounts = [f"{prefix}-{n}" for n in range(4)]
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), opened)
+        conn.execute(
+            "SELECT ledger_put_setting('daily.automatic', 'true', 'admin', 'test', "
+            "'the job under test', %s, true)",
+            (opened,),
+        )
+        for account in accounts:
+            conn.execute("SELECT ledger_open_account(%s, '', %s)", (account, opened))
+    queue = Queue(DEFAULT_QUEUE, connection=redis_connection())
+    queue.empty()
+    try:
+        assert sweepers.grant_daily_rewards(None, 2, "", 0) == 2
+        (rest,) = queue.get_jobs()
+        with psycopg.connect(fresh_database_url) as conn:
+            row = conn.execute("SELECT min(claim_date) FROM daily_claims").fetchone()
+        assert row is not None
+        first_day = row[0]
+        after_midnight = datetime.combine(first_day + timedelta(days=1), datetime.min.time(), UTC)
+        # The rest as the worker would run it, but after midnight (UTC is the ledger's day).
+        as_of, *rest_args = rest.args
+        assert as_of is None
+        late = (after_midnight + timedelta(minutes=5)).isoformat()
+        assert sweepers.grant_daily_rewards(late, *rest_args) == 2
+    finally:
+        queue.empty()
+        worker_db.close()
+    with psycopg.connect(fresh_database_url) as conn:
+        claims = conn.execute(
+            "SELECT account_id, claim_date FROM daily_claims ORDER BY account_id"
+        ).fetchall()
+        assert claims == [(account, first_day) for account in accounts]
+        # A day that has not begun cannot be claimed.
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(
+                "SELECT ledger_claim_daily_reward_of_day(%s, 'early', '\\x01', %s, %s)",
+                (accounts[0], first_day + timedelta(days=2), after_midnight),
+            )
+        assert refused.value.sqlstate == "LE010"
     assert audit_database(fresh_database_url) == []
 
 

@@ -130,13 +130,16 @@ def grant_daily_rewards(
     batch: int = SWEEP_BATCH,
     after: str = "",
     budget_seconds: float = DAILY_BUDGET_SECONDS,
+    day: str | None = None,
 ) -> int:
     """When daily.automatic is on: claims today's daily reward for every account (after
     `after`) that lacks it, one idempotency key per account and day of ledger.timezone (the
     day the claim counts in), so a re-run grants nothing twice. Past `budget_seconds` it
     queues the rest as a job of its own, so one run never holds a worker for long nor
-    meets RQ's job time-out on a large ledger. An account whose claim fails is logged and
-    passed over; the job then fails at the end, after every other account of its part.
+    meets RQ's job time-out on a large ledger. The rest names its `day` (an ISO date): run
+    after midnight, it still grants the day its first part set out to. An account whose
+    claim fails is logged and passed over; the job then fails at the end, after every other
+    account of its part.
     Returns how many rewards this part granted."""
     started = time.monotonic()
     now = _now(as_of)
@@ -147,23 +150,31 @@ def grant_daily_rewards(
             row = conn.execute(query("setting_value"), {"key": switch}).fetchone()
             if not row or row[0] is not True:
                 return 0
-        day = conn.execute(query("ledger_day"), {"now": now}).fetchone()
-        assert day is not None
-        key = f"auto-daily:{day[0].isoformat()}"
+        if day is None:
+            row = conn.execute(query("ledger_day"), {"now": now}).fetchone()
+            assert row is not None
+            day = row[0].isoformat()
+        key = f"auto-daily:{day}"
         key_hash = hashlib.sha256(key.encode()).digest()
         while True:
             accounts = [
                 r[0]
                 for r in conn.execute(
                     query("accounts_without_daily_claim"),
-                    {"after": after, "day": day[0], "limit": batch},
+                    {"after": after, "day": day, "limit": batch},
                 ).fetchall()
             ]
             for account_id in accounts:
                 try:
                     result = conn.execute(
-                        query("claim_daily_reward"),
-                        {"account_id": account_id, "key": key, "hash": key_hash, "now": now},
+                        query("claim_daily_reward_of_day"),
+                        {
+                            "account_id": account_id,
+                            "key": key,
+                            "hash": key_hash,
+                            "day": day,
+                            "now": now,
+                        },
                     ).fetchone()
                 except psycopg.Error as exc:
                     error = translate(exc)
@@ -189,7 +200,8 @@ def grant_daily_rewards(
                     batch,
                     after,
                     budget_seconds,
-                    job_id=f"daily-rewards-{day[0].isoformat()}-{_digest(after)}",
+                    day,
+                    job_id=f"daily-rewards-{day}-{_digest(after)}",
                 )
                 break
     if failed:

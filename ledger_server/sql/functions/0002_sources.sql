@@ -261,8 +261,11 @@ END $$;
 
 -- Daily reward (seed 000) -----------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION ledger_claim_daily_reward(
-    p_account text, p_key text, p_hash bytea, p_now timestamptz) RETURNS jsonb
+-- The reward of p_day (today when NULL) in ledger.timezone, granted at p_now. The automatic
+-- rewards name their day: a run that started before midnight and reaches an account after
+-- it still grants the day it set out to, not the next one (which the next run grants).
+CREATE OR REPLACE FUNCTION ledger_claim_daily_reward_of_day(
+    p_account text, p_key text, p_hash bytea, p_day date, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
@@ -287,6 +290,11 @@ BEGIN
     END IF;
     tz := ledger_timezone();
     today := (p_now AT TIME ZONE tz)::date;
+    IF p_day > today THEN
+        PERFORM ledger_fail('LE010', 'a daily reward cannot be claimed before its day',
+            jsonb_build_object('field', 'day'));
+    END IF;
+    today := coalesce(p_day, today);
     next_claim := (today + 1)::timestamp AT TIME ZONE tz;
     IF EXISTS (SELECT 1 FROM daily_claims WHERE account_id = p_account AND claim_date = today) THEN
         PERFORM ledger_fail('LE011', 'today''s daily reward was claimed already',
@@ -306,6 +314,12 @@ BEGIN
         'balance', ledger_balance_json(a, p_now),
         'next_claim_time', ledger_micros(next_claim)), p_now);
 END $$;
+
+CREATE OR REPLACE FUNCTION ledger_claim_daily_reward(
+    p_account text, p_key text, p_hash bytea, p_now timestamptz) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT ledger_claim_daily_reward_of_day(p_account, p_key, p_hash, NULL::date, p_now)
+$$;
 
 -- Referral rewards -------------------------------------------------------------------
 

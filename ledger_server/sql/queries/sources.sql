@@ -13,6 +13,10 @@ SELECT ledger_get_account(%(account_id)s::text, %(now)s::timestamptz)
 SELECT ledger_claim_daily_reward(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
                                  %(now)s::timestamptz)
 
+-- name: claim_daily_reward_of_day
+SELECT ledger_claim_daily_reward_of_day(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                        %(day)s::date, %(now)s::timestamptz)
+
 -- name: redeem
 SELECT ledger_redeem(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(code)s::text,
                      %(now)s::timestamptz)
@@ -168,7 +172,7 @@ SELECT (%(now)s::timestamptz AT TIME ZONE ledger_timezone())::date
 SELECT a.account_id FROM accounts a
  WHERE a.account_id > %(after)s
    AND NOT EXISTS (SELECT 1 FROM daily_claims c
-                    WHERE c.account_id = a.account_id AND c.claim_date = %(day)s)
+                    WHERE c.account_id = a.account_id AND c.claim_date = %(day)s::date)
  ORDER BY a.account_id
  LIMIT %(limit)s
 
