@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
@@ -384,6 +385,46 @@ def test_a_partial_transfer_takes_reward_lots_in_order(
         if lot.balance_kind == types_pb2.BALANCE_KIND_REWARD
     ]
     assert reward_left == [5 * CREDIT]
+    assert_audit_clean()
+
+
+def test_a_transfer_keeps_the_expiry_of_the_reward_credits_it_moves(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    """Reward credits that lapse still lapse once on the main balance: one main lot per
+    expiry among the credits taken (before, one lot that never expired)."""
+    inviter = _rewarded_inviter(sources, 1)  # 10 credits that never expire
+    reward = types_pb2.BALANCE_KIND_REWARD
+    promotion = types_pb2.CREDIT_SOURCE_PROMOTION
+    soon = ledger.grant(
+        inviter, 5, source=promotion, balance_kind=reward, expires_in=Duration(seconds=86400)
+    ).lot
+    later = ledger.grant(
+        inviter, 3, source=promotion, balance_kind=reward, expires_in=Duration(seconds=2 * 86400)
+    ).lot
+
+    moved = sources.transfer_reward(inviter)
+    assert moved.transferred_micros == 18 * CREDIT
+    main = [
+        (lot.amount_micros, lot.expires_at if lot.HasField("expires_at") else None)
+        for lot in moved.lots
+    ]
+    assert main == [
+        (5 * CREDIT, soon.expires_at),
+        (3 * CREDIT, later.expires_at),
+        (10 * CREDIT, None),
+    ]
+    assert moved.lot == moved.lots[0]
+    assert all(lot.balance_kind == types_pb2.BALANCE_KIND_MAIN for lot in moved.lots)
+    listed = {lot.lot_id: lot for lot in ledger.lots(inviter)}
+    assert [listed[lot.lot_id] for lot in moved.lots] == list(moved.lots)
+    (transfer,) = ledger.transactions(inviter, kinds=[pb.TRANSACTION_KIND_TRANSFER])
+    assert sum(p.amount_micros for p in transfer.postings) == 0
+    assert sorted(p.amount_micros for p in transfer.postings if p.amount_micros > 0) == [
+        3 * CREDIT,
+        5 * CREDIT,
+        10 * CREDIT,
+    ]
     assert_audit_clean()
 
 

@@ -375,6 +375,8 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         return pb.TransferRewardResponse(
             transferred_micros=data["transferred_micros"],
             lot=mapping.lot(data["lot"]),
+            # Answers stored before transfers kept expiries hold one lot.
+            lots=[mapping.lot(lot) for lot in data.get("lots", [data["lot"]])],
             transaction_id=data["transaction_id"],
             balance=mapping.account_balance(data["balance"]),
         )

@@ -323,7 +323,9 @@ $$;
 
 -- Referral rewards -------------------------------------------------------------------
 
--- Moves reward credits into a new main lot, taking reward lots in consumption order.
+-- Moves reward credits into main lots, taking reward lots in consumption order: one new
+-- lot per expiry among the credits taken, so a reward that lapses still lapses on the main
+-- balance (one lot of no expiry made lapsing rewards permanent, helper-54).
 CREATE OR REPLACE FUNCTION ledger_transfer_reward(
     p_account text, p_key text, p_hash bytea, p_amount bigint, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -332,7 +334,10 @@ DECLARE
     replay jsonb;
     amount bigint;
     txn bigint;
+    n int := 0;
+    part record;
     l lots;
+    made jsonb := '[]';
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'transfer_reward', p_hash);
@@ -346,15 +351,36 @@ BEGIN
     END IF;
     txn := ledger_new_transaction(p_account, 'transfer', amount, p_now,
                                   p_comment => 'reward balance transferred to main');
-    l := ledger_add_lot(p_account, txn, 0, amount, 'reward_transfer', 'main', NULL, NULL, NULL, p_now);
-    PERFORM ledger_move_out_of_lots(p_account, 'reward', amount, txn, 1, 'transferred to main',
+    -- What ledger_move_out_of_lots takes below (its lots, its order), summed by expiry.
+    FOR part IN
+        SELECT expires_at, sum(take)::bigint AS micros
+          FROM (SELECT expires_at,
+                       least(unheld, amount - coalesce(sum(unheld) OVER (
+                           ORDER BY priority, expires_at, lot_id
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)) AS take
+                  FROM (SELECT lot_id, priority, expires_at, remaining_micros - held_micros AS unheld
+                          FROM lots
+                         WHERE account_id = p_account AND balance_kind = 'reward' AND NOT depleted
+                           AND source <> 'overdraft' AND (expires_at IS NULL OR expires_at > p_now)
+                           AND remaining_micros > held_micros) reward_lots) taken
+         WHERE take > 0
+         GROUP BY expires_at
+         ORDER BY expires_at NULLS LAST
+    LOOP
+        l := ledger_add_lot(p_account, txn, n, part.micros, 'reward_transfer', 'main',
+                            part.expires_at, NULL, NULL, p_now);
+        made := made || jsonb_build_array(ledger_lot_json(l));
+        n := n + 1;
+    END LOOP;
+    PERFORM ledger_move_out_of_lots(p_account, 'reward', amount, txn, n, 'transferred to main',
                                     p_now);
     UPDATE accounts SET reward_balance_micros = reward_balance_micros - amount
      WHERE account_id = p_account
     RETURNING * INTO a;
     RETURN ledger_idempotent_store(p_account, p_key, 'transfer_reward', p_hash, jsonb_build_object(
         'transferred_micros', amount,
-        'lot', ledger_lot_json(l),
+        'lot', made -> 0,
+        'lots', made,
         'transaction_id', txn::text,
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;

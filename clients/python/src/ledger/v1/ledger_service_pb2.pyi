@@ -1270,14 +1270,21 @@ class TransferRewardResponse(_message.Message):
     LOT_FIELD_NUMBER: _builtins.int
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    LOTS_FIELD_NUMBER: _builtins.int
     transferred_micros: _builtins.int
     transaction_id: _builtins.str
     @_builtins.property
     def lot(self) -> _types_pb2.Lot:
-        """The main-balance lot the credits moved into."""
+        """The first of `lots` (the one that expires first)."""
 
     @_builtins.property
     def balance(self) -> _types_pb2.AccountBalance: ...
+    @_builtins.property
+    def lots(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Lot]:
+        """The main-balance lots the credits moved into: one per expiry among the reward credits
+        taken, each expiring when they would have, soonest first (no expiry last).
+        """
+
     def __init__(
         self,
         *,
@@ -1285,10 +1292,11 @@ class TransferRewardResponse(_message.Message):
         lot: _types_pb2.Lot | None = ...,
         transaction_id: _builtins.str = ...,
         balance: _types_pb2.AccountBalance | None = ...,
+        lots: _abc.Iterable[_types_pb2.Lot] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot", "transaction_id", b"transaction_id", "transferred_micros", b"transferred_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot", "lots", b"lots", "transaction_id", b"transaction_id", "transferred_micros", b"transferred_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
