@@ -360,7 +360,7 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
         for reason in ("short", "replayed", "twice", "priced", "commit", "due", "alert",
                        "many-lots", "unknown", "over-held", "settled-twice", "priced-commit",
                        "not-pending", "no-such-hold", "held-lot-expired", "commit-alert",
-                       "taken", "commits-taken")
+                       "short-hold", "taken", "commits-taken")
     }  # fmt: skip
     for reason, account in accounts.items():
         if reason == "unknown":
@@ -425,6 +425,13 @@ def test_the_set_takes_only_calls_sure_to_succeed(ledger: Ledger, ledger_db_url:
             ([accounts["alert"], accounts["commit-alert"]], CREDIT, list(accounts.values())),
         )
         now = _moment_after(conn, list(accounts.values())) + timedelta(hours=2)
+        # A hold of the batch times out before a later call on its account: alone, that
+        # call would first release it (helper-53).
+        requests[:0] = [
+            call("short-hold", op="reserve", now=(now - timedelta(milliseconds=20)).isoformat(),
+                 expires_at=(now - timedelta(milliseconds=15)).isoformat()),
+            call("short-hold"),
+        ]  # fmt: skip
         # What a call at `now` does first: the expired lot's unheld credits expire, and
         # nothing is due on the account until its hold times out.
         conn.execute("SELECT ledger_lock_account(%s, %s)", (accounts["held-lot-expired"], now))

@@ -128,6 +128,8 @@ BEGIN
           JOIN accounts a ON a.account_id = ANY (batch_accounts) AND a.account_id = n.account_id
          WHERE n.plain
            AND (a.next_maintenance_at IS NULL OR a.next_maintenance_at > p_now)
+           -- nor due through a hold of the batch: a later call would release it first
+           AND (n.hold_until IS NULL OR n.hold_until > p_now)
            -- The balances the set answers with have no overdraft (ledger_balance_json)
            AND a.overdraft_limit_micros = 0
            AND a.balance_micros - a.held_micros >= n.total
