@@ -229,6 +229,72 @@ def test_a_service_outside_its_account_scope_is_permission_denied(channel: grpc.
     ledger.Consume(spend, metadata=_as("any-service"))
 
 
+def test_a_scoped_service_cannot_reward_an_inviter_outside_its_scope(
+    channel: grpc.Channel,
+) -> None:
+    """A referral code names its inviter: a scoped service opening its own accounts with
+    another tenant's code would credit that tenant's account (helper-54, helper-55). To it
+    the code is unknown, and an account it may see does not name a referrer it may not."""
+    ledger = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+    theirs, ours = new_account("other:"), new_account("studio:")
+    admin = _as("ops-admin")
+    their_code = ledger.CreateAccount(
+        pb.CreateAccountRequest(account_id=theirs, idempotency_key=new_key()), metadata=admin
+    ).account.referral_code
+    our_code = ledger.CreateAccount(
+        pb.CreateAccountRequest(account_id=ours, idempotency_key=new_key()), metadata=admin
+    ).account.referral_code
+
+    invitee = new_account("studio:")
+    opening = pb.CreateAccountRequest(
+        account_id=invitee, idempotency_key=new_key(), referral_code=their_code
+    )
+    info = expect_error(
+        lambda: ledger.CreateAccount(opening, metadata=_as("image-studio")),
+        grpc.StatusCode.NOT_FOUND,
+        "REFERRAL_CODE_NOT_FOUND",
+    )
+    assert info.metadata["referral_code"] == their_code
+    assert (
+        ledger.Balance(pb.BalanceRequest(account_id=theirs), metadata=admin)
+    ).reward_balance_micros == 0
+    expect_error(
+        lambda: ledger.GetAccount(pb.GetAccountRequest(account_id=invitee), metadata=admin),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
+
+    # Its own tenant's code works.
+    opened = ledger.CreateAccount(
+        pb.CreateAccountRequest(
+            account_id=invitee, idempotency_key=new_key(), referral_code=our_code
+        ),
+        metadata=_as("image-studio"),
+    )
+    assert opened.account.referred_by_account_id == ours
+    assert (
+        ledger.Balance(pb.BalanceRequest(account_id=ours), metadata=admin)
+    ).reward_balance_micros > 0
+
+    # An account the administrator referred across tenants names its referrer only to
+    # callers that may see it.
+    crossed = new_account("studio:")
+    ledger.CreateAccount(
+        pb.CreateAccountRequest(
+            account_id=crossed, idempotency_key=new_key(), referral_code=their_code
+        ),
+        metadata=admin,
+    )
+    seen = pb.GetAccountRequest(account_id=crossed)
+    assert ledger.GetAccount(seen, metadata=admin).account.referred_by_account_id == theirs
+    assert (
+        ledger.GetAccount(seen, metadata=_as("image-studio")).account.referred_by_account_id == ""
+    )
+    assert ledger.GetAccount(seen, metadata=_as("any-service")).account.referred_by_account_id == (
+        theirs
+    )
+
+
 def test_an_admin_token_works_and_names_the_actor(channel: grpc.Channel) -> None:
     admin = admin_service_pb2_grpc.AdminServiceStub(channel)
     assert admin.ListSettings(admin_service_pb2.ListSettingsRequest(), metadata=_as("ops-admin"))

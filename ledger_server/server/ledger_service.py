@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import grpc
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -14,9 +15,10 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from ledger_server.clock import Clock
 from ledger_server.config import Settings
-from ledger_server.errors import invalid_field
+from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.security import current_principal
 from ledger_server.server import journal_pages
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.balance_reads import BalanceReads
@@ -300,10 +302,12 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "hash": request_fingerprint("create_account", request),
             "now": self._clock.now(),
         }
+        if params["referral_code"]:
+            await self._inviter_in_scope(str(params["referral_code"]))
         data = await self._call("create_account", params)
         mark_replay(context, data)
         return pb.CreateAccountResponse(
-            account=mapping.account(data["account"]),
+            account=_scoped(mapping.account(data["account"])),
             signup_lot=mapping.optional_lot(data["signup_lot"]),
             balance=mapping.account_balance(data["balance"]),
         )
@@ -316,8 +320,24 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         return pb.GetAccountResponse(
-            account=mapping.account(await self._call("get_account", params))
+            account=_scoped(mapping.account(await self._call("get_account", params)))
         )
+
+    async def _inviter_in_scope(self, referral_code: str) -> None:
+        """A service scoped to a prefix may only name an inviter inside it: the referral
+        reward would otherwise credit an account it may not touch (helper-54, helper-55).
+        Outside, the code is unknown to it, as it is to a caller with a wrong code."""
+        caller = current_principal()
+        if caller is None or caller.account_prefix is None:
+            return
+        rows = await fetch_all(self._pool, "referral_code_owner", {"code": referral_code})
+        if not rows or not caller.may_touch(rows[0][0]):
+            raise LedgerError(
+                grpc.StatusCode.NOT_FOUND,
+                "REFERRAL_CODE_NOT_FOUND",
+                "no account has this referral code",
+                {"referral_code": referral_code},
+            )
 
     async def ClaimDailyReward(
         self, request: pb.ClaimDailyRewardRequest, context: Context
@@ -391,3 +411,12 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "quantities": Jsonb(usage["quantities"]),
         }
         return pb.EstimateResponse(usage=mapping.priced_usage(await self._call("estimate", params)))
+
+
+def _scoped(account: types_pb2.Account) -> types_pb2.Account:
+    """The account as the caller may see it: a scoped service is not told who referred it
+    when that account is outside its scope."""
+    caller = current_principal()
+    if caller is not None and not caller.may_touch(account.referred_by_account_id):
+        account.referred_by_account_id = ""
+    return account

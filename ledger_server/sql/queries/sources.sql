@@ -9,6 +9,9 @@ SELECT ledger_create_account(%(account_id)s::text, %(key)s::text, %(hash)s::byte
 -- name: get_account
 SELECT ledger_get_account(%(account_id)s::text, %(now)s::timestamptz)
 
+-- name: referral_code_owner
+SELECT account_id FROM accounts WHERE referral_code = %(code)s
+
 -- name: claim_daily_reward
 SELECT ledger_claim_daily_reward(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
                                  %(now)s::timestamptz)
