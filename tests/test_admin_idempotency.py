@@ -155,6 +155,52 @@ def test_one_key_serves_one_kind_of_change(admin: AdminStub, ledger: Ledger) -> 
     assert info.metadata["original_operation"] == "set_low_balance_alert"
 
 
+def _batch(key: str) -> admin_pb.CreateRedemptionBatchRequest:
+    return admin_pb.CreateRedemptionBatchRequest(
+        amount_micros=CREDIT, code_count=2, idempotency_key=key
+    )
+
+
+def test_a_redemption_batch_shares_the_key_namespace_of_the_other_changes(
+    admin: AdminStub, ledger_db_url: str
+) -> None:
+    """Its keys were kept apart (idempotency_keys, under a pseudo-account) until this
+    release: a SetPrice and a batch under one key both succeeded, either way round."""
+
+    def batches() -> int:
+        with psycopg.connect(ledger_db_url) as conn:
+            row = conn.execute("SELECT count(*) FROM redemption_batches").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    price_key = new_key()
+    admin.SetPrice(
+        admin_pb.SetPriceRequest(price=_price("batch-keys", 1), idempotency_key=price_key)
+    )
+    before = batches()
+    info = expect_error(
+        lambda: admin.CreateRedemptionBatch(_batch(price_key)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert info.metadata["original_operation"] == "set_price"
+    assert batches() == before
+
+    batch_key = new_key()
+    admin.CreateRedemptionBatch(_batch(batch_key))
+    info = expect_error(
+        lambda: admin.SetPrice(
+            admin_pb.SetPriceRequest(price=_price("batch-keys", 2), idempotency_key=batch_key)
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert info.metadata["original_operation"] == "create_redemption_batch"
+    [price] = admin.ListPrices(admin_pb.ListPricesRequest(feature="batch-keys")).prices
+    assert price.unit_price_micros == 1
+    assert batches() == before + 1
+
+
 @pytest.mark.parametrize(
     ("method", "request_"),
     [

@@ -170,6 +170,9 @@ EXPECTED_FUNCTIONS = {
     "ledger_set_overdraft_limit",
     "ledger_settle_overdraft",
     "ledger_fulfil_checkout",
+    "ledger_create_redemption_batch_for_admin_request",
+    "ledger_make_redemption_batch",
+    "ledger_create_redemption_batch",  # the previous release's form, for a rolling deploy
 }
 
 

@@ -301,7 +301,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             )
         code_expires_at = None
         if request.HasField("code_expire_time"):
-            # That it is still in the future is checked after the idempotency lookup (SQL).
+            # That it is still in the future is checked in the change (SQL), after the key's
+            # lookups: a retry sent after the codes' expiry still gets its first answer.
             code_expires_at = validation.timestamp(request.code_expire_time, "code_expire_time")
             if code_expires_at.year > 9000:
                 raise invalid_field("code_expire_time", "is too far in the future")
@@ -324,11 +325,18 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "actor": caller_identity(context),
             "now": now,
         }
-        data = await call_json(self._pool, "create_redemption_batch", params)
-        mark_replay(context, data)
-        return pb.CreateRedemptionBatchResponse(
-            batch=mapping.redemption_batch(data["batch"]),
-            codes=[mapping.format_code(code) for code in data["codes"]],
+
+        async def change(conn: Conn) -> pb.CreateRedemptionBatchResponse:
+            # A batch made before its key moved to admin_requests comes back as a replay.
+            data = await store.call_json(conn, "create_redemption_batch", params)
+            mark_replay(context, data)
+            return pb.CreateRedemptionBatchResponse(
+                batch=mapping.redemption_batch(data["batch"]),
+                codes=[mapping.format_code(code) for code in data["codes"]],
+            )
+
+        return await self._once(
+            context, "create_redemption_batch", request, pb.CreateRedemptionBatchResponse, change
         )
 
     @staticmethod

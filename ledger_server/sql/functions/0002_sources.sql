@@ -405,26 +405,17 @@ LANGUAGE sql STABLE AS $$
       FROM redemption_batches b WHERE b.batch_id = p_batch
 $$;
 
--- Idempotent under the admin scope of idempotency keys: batches belong to no
--- account, so an advisory lock on the key stands in for the account row lock.
-CREATE OR REPLACE FUNCTION ledger_create_redemption_batch(
-    p_key text, p_hash bytea, p_amount bigint, p_count int, p_max_redemptions int,
-    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text, p_actor text,
-    p_now timestamptz) RETURNS jsonb
+-- Makes a batch and its codes: {batch, codes}. Idempotency is the caller's.
+CREATE OR REPLACE FUNCTION ledger_make_redemption_batch(
+    p_amount bigint, p_count int, p_max_redemptions int, p_code_expires_at timestamptz,
+    p_credit_lifetime interval, p_note text, p_actor text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    scope constant text := '@admin';
     batch uuid := gen_random_uuid();
     made int := 0;
-    replay jsonb;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(scope || ':' || p_key, 0));
-    replay := ledger_idempotent_replay(scope, p_key, 'create_redemption_batch', p_hash);
-    IF replay IS NOT NULL THEN
-        RETURN replay;
-    END IF;
-    -- Checked here, after the replay lookup: a retry sent after the codes' expiry still
-    -- gets the original response (the codes it would otherwise never learn).
+    -- Checked here, after the callers' replay lookups: a retry sent after the codes' expiry
+    -- still gets the original response (the codes it would otherwise never learn).
     IF p_code_expires_at <= p_now THEN
         PERFORM ledger_fail('LE010', 'code_expire_time is not in the future', jsonb_build_object(
             'field', 'code_expire_time', 'violation', 'must be in the future'));
@@ -440,9 +431,72 @@ BEGIN
         ON CONFLICT (code) DO NOTHING;  -- a collision just draws again
         SELECT count(*) INTO made FROM redemption_codes WHERE batch_id = batch;
     END LOOP;
-    RETURN ledger_idempotent_store(scope, p_key, 'create_redemption_batch', p_hash, jsonb_build_object(
+    RETURN jsonb_build_object(
         'batch', ledger_redemption_batch_json(batch),
-        'codes', (SELECT jsonb_agg(code ORDER BY code) FROM redemption_codes WHERE batch_id = batch)),
+        'codes', (SELECT jsonb_agg(code ORDER BY code) FROM redemption_codes WHERE batch_id = batch));
+END $$;
+
+-- CreateRedemptionBatch, run by admin_requests.once in the transaction that claimed the key
+-- in admin_requests (one key namespace for every administrator's change). Releases before
+-- it kept a batch's key in idempotency_keys under the pseudo-account '@admin' (the previous
+-- release's servers still do, in ledger_create_redemption_batch below): such a record of
+-- the key is answered (replayed: true) or refused as a different request, so the retry of a
+-- batch made there makes no second one. Only batch records count: an account named '@admin'
+-- keeps its own keys. The advisory lock is the one ledger_create_redemption_batch takes, so
+-- a batch an old server is making under this key commits before the lookup, and one made
+-- here commits before that server looks in admin_requests.
+CREATE OR REPLACE FUNCTION ledger_create_redemption_batch_for_admin_request(
+    p_key text, p_hash bytea, p_amount bigint, p_count int, p_max_redemptions int,
+    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    legacy idempotency_keys;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('@admin:' || p_key, 0));
+    SELECT * INTO legacy FROM idempotency_keys
+     WHERE account_id = '@admin' AND idempotency_key = p_key
+       AND operation = 'create_redemption_batch';
+    IF FOUND THEN
+        IF legacy.request_hash <> p_hash THEN
+            PERFORM ledger_fail('LE002', 'idempotency key was used for a different request',
+                jsonb_build_object('idempotency_key', p_key, 'original_operation', legacy.operation));
+        END IF;
+        RETURN legacy.response || jsonb_build_object('replayed', true);
+    END IF;
+    RETURN ledger_make_redemption_batch(p_amount, p_count, p_max_redemptions, p_code_expires_at,
+                                        p_credit_lifetime, p_note, p_actor, p_now)
+           || jsonb_build_object('replayed', false);
+END $$;
+
+-- The form of the previous release (its key in idempotency_keys under '@admin', an advisory
+-- lock on the key standing in for an account row lock), kept so that its servers keep
+-- working during a rolling deploy; drop it in the release after. A key admin_requests holds
+-- is refused: it is this release's (a batch or another change), and a retry of its batch
+-- made here would make a second one.
+CREATE OR REPLACE FUNCTION ledger_create_redemption_batch(
+    p_key text, p_hash bytea, p_amount bigint, p_count int, p_max_redemptions int,
+    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    scope constant text := '@admin';
+    replay jsonb;
+    holder text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(scope || ':' || p_key, 0));
+    replay := ledger_idempotent_replay(scope, p_key, 'create_redemption_batch', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    SELECT operation INTO holder FROM admin_requests WHERE idempotency_key = p_key;
+    IF FOUND THEN
+        PERFORM ledger_fail('LE002', 'idempotency key was used by a request to a newer server',
+            jsonb_build_object('idempotency_key', p_key, 'original_operation', holder));
+    END IF;
+    RETURN ledger_idempotent_store(scope, p_key, 'create_redemption_batch', p_hash,
+        ledger_make_redemption_batch(p_amount, p_count, p_max_redemptions, p_code_expires_at,
+                                     p_credit_lifetime, p_note, p_actor, p_now),
         p_now);
 END $$;
 
