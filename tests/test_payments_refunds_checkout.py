@@ -377,6 +377,160 @@ def test_a_refund_of_an_unknown_payment_is_recorded_and_ignored(
     assert "no purchase" in event["last_error"]
 
 
+@pytest.fixture
+def sweep_and_apply(
+    ledger_db_url: str, payments_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], int]:
+    """Runs the payment sweeper (as the scheduler would), then a burst worker: what a
+    wake put back to 'received' is applied. Returns how many events were re-queued."""
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+
+    def sweep() -> int:
+        requeued = payments.requeue_stalled_payment_events(older_than_seconds=0)
+        run_burst_workers(ledger_db_url, payments_redis_url)
+        return requeued
+
+    return sweep
+
+
+def test_a_refund_delivered_before_its_payment_is_applied_once_the_purchase_is(
+    apply_events: Callable[..., list[str]],
+    sweep_and_apply: Callable[[], int],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Stripe delivers in any order: a refund handled before its payment's event found no
+    purchase and was ignored, and the credits granted later stayed (helper-57). Recording
+    the purchase now wakes it."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
+    account, intent = new_account("refund-first"), f"pi_{uuid.uuid4().hex}"
+    [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
+    assert payments_db.event(refund)["status"] == "ignored"  # type: ignore[index]
+    [bought] = apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    assert payments_db.event(bought)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
+    assert sweep_and_apply() >= 1
+    event = payments_db.event(refund)
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("processed", -100 * CREDIT)
+    assert ledger.balance(account).balance_micros == 0
+    assert sweep_and_apply() == 0  # applied once: nothing is woken again
+    assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_subscription_refund_delivered_before_its_invoice_payment_is_applied_after_it(
+    apply_events: Callable[..., list[str]],
+    sweep_and_apply: Callable[[], int],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Since API version 2025-03-31 only invoice_payment.paid joins a refund's payment
+    intent to the invoice: a refund handled before it is woken by it (helper-57)."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account, sub = new_account("sub-refund-first"), f"sub_{uuid.uuid4().hex}"
+    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    apply_events(invoice_paid(account, sub, plan.provider_price_id, start, start + 86400, invoice))
+    [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert payments_db.event(refund)["status"] == "ignored"  # type: ignore[index]
+    apply_events(invoice_payment_paid(invoice, intent))
+    sweep_and_apply()
+    assert payments_db.event(refund)["credits_micros"] == -100 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_refunded_upgrade_payment_takes_the_upgrades_credits_back(
+    apply_events: Callable[..., list[str]],
+    sweep_and_apply: Callable[[], int],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """An upgrade within the period is granted by customer.subscription.updated under a
+    reference of its own; the invoice of its prorations paid for it. Before, that invoice
+    was passed over and a refund of its payment found no purchase: the customer kept the
+    pro plan's credits (helper-57). The invoice is now recorded as paying the change, its
+    refund is woken if it came first, and it takes the change's credits back."""
+    account, _, _ = _upgraded_subscriber(apply_events, sources, ledger, "upgrade-refund")
+    (row,) = payments_db.rows(
+        "SELECT plan_id, external_ref FROM subscriptions WHERE account_id = %s", (account,)
+    )
+    sub = str(row[1])
+    prices = payments_db.rows(
+        "SELECT provider_price_id FROM subscription_plans WHERE plan_id = %s", (row[0],)
+    )
+    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    now = int(time.time())
+    proration = invoice_paid(
+        account,
+        sub,
+        str(prices[0][0]),
+        now,
+        now + 86400,
+        invoice,
+        billing_reason="subscription_update",
+        lines=[invoice_line(str(prices[0][0]), now, now + 86400, proration=True)],
+    )
+    # The refund first: nothing yet says what its payment paid.
+    [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
+    assert payments_db.event(refund)["status"] == "ignored"  # type: ignore[index]
+    [prorated, _] = apply_events(proration, invoice_payment_paid(invoice, intent, 2000))
+    assert payments_db.event(prorated)["status"] == "processed"  # type: ignore[index]
+    sweep_and_apply()
+    assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT  # what basic carried over
+    assert_audit_clean()
+
+
+def test_a_partly_lost_dispute_takes_back_its_share(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """A dispute may be for part of a charge (helper-57): its share of the purchase, not
+    the whole. After a partial refund, a dispute of the rest takes what is left."""
+    account, intent = _bought_pack(apply_events, sources, configure, "part-disputed", 2000)
+    [lost] = apply_events(charge_dispute_closed(intent, 500, "lost"))
+    assert payments_db.event(lost)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 75 * CREDIT
+
+    other, other_intent = _bought_pack(apply_events, sources, configure, "refund-dispute", 2000)
+    [refunded, disputed] = apply_events(
+        charge_refunded(other_intent, amount=2000, amount_refunded=500),
+        charge_dispute_closed(other_intent, 1500, "lost"),
+    )
+    assert payments_db.event(refunded)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
+    assert payments_db.event(disputed)["credits_micros"] == -75 * CREDIT  # type: ignore[index]
+    assert ledger.balance(other).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_refund_naming_an_account_the_ledger_lacks_is_ignored(
+    apply_events: Callable[..., list[str]], payments_db: PaymentsDb
+) -> None:
+    """Not failed and retried for ever (helper-57): nothing of the ledger was paid by it."""
+    body = charge_refunded(
+        f"pi_{uuid.uuid4().hex}", 1000, 1000, account_id=new_account("never-opened")
+    )
+    [refund] = apply_events(body)
+    event = payments_db.event(refund)
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("ignored", 0)
+    assert "does not exist" in event["last_error"]
+
+
 # --- subscriptions -------------------------------------------------------------------------
 
 
@@ -435,7 +589,15 @@ def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
     # 60 unused basic credits carried over, plus the pro plan's 300.
     assert ledger.balance(account).balance_micros == 360 * CREDIT
     assert payments_db.event(change)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
-    assert payments_db.event(prorated)["status"] == "ignored"  # type: ignore[index]
+    # The prorations grant nothing more: they are recorded as paying for the change.
+    assert (
+        payments_db.event(prorated)["status"],
+        payments_db.event(prorated)["credits_micros"],
+    ) == (  # type: ignore[index]
+        "processed",
+        0,
+    )
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
     assert_audit_clean()
 
 
@@ -700,6 +862,34 @@ def test_a_plan_change_applied_after_its_subscription_ended_is_not_applied(
     assert "ended" in change_row["last_error"]
     assert ledger.balance(account).balance_micros == 60 * CREDIT
     assert not sources.get_account(account).HasField("subscription")
+
+
+def test_a_late_paid_invoice_of_an_ended_subscription_leaves_the_new_one(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """An invoice of the old subscription paid before it ended, delivered after the new
+    one's: its credits are granted, and the account stays on its new subscription
+    (helper-57: the old period replaced it, and the account had no subscription)."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    account = new_account("resubscribed")
+    old_sub, new_sub = f"sub_{uuid.uuid4().hex}", f"sub_{uuid.uuid4().hex}"
+    now = int(time.time())
+    late = invoice_paid(account, old_sub, basic.provider_price_id, now - 3600, now + 86400)
+    apply_events(
+        invoice_paid(account, old_sub, basic.provider_price_id, now - 7200, now - 3600),
+        subscription_deleted(account, old_sub, now - 600),
+        invoice_paid(account, new_sub, pro.provider_price_id, now - 60, now + 30 * 86400),
+    )
+    [granted] = apply_events(late)
+    assert payments_db.event(granted)["status"] == "processed"  # type: ignore[index]
+    subscription = sources.get_account(account).subscription
+    assert (subscription.plan_id, subscription.external_ref) == (pro.plan_id, new_sub)
+    assert_audit_clean()
 
 
 def test_the_late_end_of_an_old_subscription_leaves_the_new_one(

@@ -20,7 +20,10 @@ Event types:
   of the invoice's first line that is not a proration (ledger_start_subscription_period),
   once per invoice. An invoice for a plan change (billing_reason subscription_update) that
   starts a new period (the billing cycle was reset) changes the plan
-  (ledger_change_subscription_plan); one with prorations only is left to the event below.
+  (ledger_change_subscription_plan); one with prorations only grants nothing (the event
+  below granted the change) and is recorded as paying the change (invoice_payments), so
+  its refund finds it; it waits until the change is applied. A late invoice of an older
+  period (a subscription that ended) leaves the account's newer subscription as it is.
 - customer.subscription.updated to another plan within the current period, the
   subscription active or trialing, unless a newer such event of the subscription for the
   same period is stored: ledger_change_subscription_plan (upgrade carry-over, seed 001). A
@@ -35,10 +38,16 @@ Event types:
   keeps the end; a plan change applied later is not applied.
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
-  refunds is stored but not yet applied.
-- charge.dispute.closed, lost: a chargeback, clawed back as a full refund would be.
+  refunds is stored but not yet applied. One handled before that event was delivered finds
+  no purchase and is ignored; recording the purchase, or the invoice payment that joins it
+  to its payment, wakes it (wake_claw_backs: back to 'received', the sweeper re-queues it).
+  A charge naming an account the ledger lacks is ignored.
+- charge.dispute.closed, lost: a chargeback, clawed back as a refund of the disputed share
+  would be (the charge's applied refunds plus the dispute, of the charge's amount; of the
+  purchase's price when none came before).
 - invoice_payment.paid: which payment intent paid an invoice, for the refunds of a
-  subscription's payments (since API version 2025-03-31 a charge no longer names its invoice).
+  subscription's payments (since API version 2025-03-31 a charge no longer names its
+  invoice); wakes the refunds of that payment handled before it.
 - anything else: recorded as 'ignored'.
 """
 
@@ -74,6 +83,7 @@ SWEEP_BATCH = 1000
 # SQLSTATEs that end an event without an effect instead of failing it.
 _ALREADY_FULFILLED = "LE025"
 _PURCHASE_NOT_FOUND = "LE040"
+_ACCOUNT_NOT_FOUND = "LE003"
 
 Json = dict[str, Any]
 Conn = psycopg.Connection[TupleRow]
@@ -278,21 +288,25 @@ def _mark_failed(event_id: str, exc: BaseException) -> None:
         log.exception("could not record the failure of payment event %s", event_id)
 
 
-def _ledger_call(conn: Conn, name: str, params: dict[str, object]) -> Json | str:
+def _ledger_call(
+    conn: Conn, name: str, params: dict[str, object], ends: tuple[str, ...] = ()
+) -> Json | str:
     """Runs a ledger function in a savepoint. Returns its JSON, or the SQLSTATE of an error
-    that ends the event without effect (already fulfilled, purchase not found)."""
-    result = _ledger_call_or_none(conn, name, params)
+    that ends the event without effect (already fulfilled, purchase not found, `ends`)."""
+    result = _ledger_call_or_none(conn, name, params, ends)
     assert result is not None
     return result
 
 
-def _ledger_call_or_none(conn: Conn, name: str, params: dict[str, object]) -> Json | str | None:
+def _ledger_call_or_none(
+    conn: Conn, name: str, params: dict[str, object], ends: tuple[str, ...] = ()
+) -> Json | str | None:
     """_ledger_call of a function that may answer NULL (None)."""
     try:
         with conn.transaction():
             row = conn.execute(query(name), params).fetchone()
     except psycopg.Error as exc:
-        if exc.sqlstate in (_ALREADY_FULFILLED, _PURCHASE_NOT_FOUND):
+        if exc.sqlstate in (_ALREADY_FULFILLED, _PURCHASE_NOT_FOUND, *ends):
             return str(exc.sqlstate)
         raise
     assert row is not None and (row[0] is None or isinstance(row[0], dict))
@@ -352,6 +366,7 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
             "ignored", account_id, note=f"payment_status {session.get('payment_status')}: not paid"
         )
     external_ref = _id(session.get("payment_intent")) or _id(session)
+    _wake_claw_backs(conn, [external_ref, _id(session)])
     params = _base_params(event_id, account_id, now)
     params["external_ref"] = external_ref
     sold = _ledger_call_or_none(conn, "fulfil_checkout", {**params, "session_id": _id(session)})
@@ -444,6 +459,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         # account (lock_payment_event), or this job and the waiting event's, holding its
         # row and asking for the account, deadlock. Rolled back with the job if it fails.
         conn.execute(query("wake_subscription_updates"), {"subscription_ref": subscription_ref})
+        _wake_claw_backs(conn, [_id(invoice), _id(invoice.get("payment_intent"))])
         if plan_change:
             # Under the invoice, as every paid period: its refund finds it there.
             data = _ledger_call(conn, "change_subscription_plan", params)
@@ -457,13 +473,55 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
     if plan_change:
-        return Outcome(
-            "ignored",
-            account_id,
-            note="prorations only: the plan change is applied by customer.subscription.updated",
-        )
+        return _link_proration_invoice(conn, invoice, subscription_ref, account_id, lines, now)
     prices = [_line_price(line) for line in lines]
     raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
+
+
+def _link_proration_invoice(
+    conn: Conn,
+    invoice: Any,
+    subscription_ref: str,
+    account_id: str,
+    lines: list[Any],
+    now: datetime,
+) -> Outcome:
+    """An invoice of prorations only paid for a plan change within the period, which
+    customer.subscription.updated granted under a reference of its own: the invoice is
+    recorded as paying that change, so a refund or a lost dispute of its payment takes the
+    change's credits back. It waits (EventNotReady) until the change is applied."""
+    current = _current_subscription(conn, account_id)
+    plans = {_plan_for_price(conn, _line_price(line)) for line in lines if _is_proration(line)}
+    if current is None or current[0] not in plans:
+        raise EventNotReady("the plan change these prorations pay for is not applied yet")
+    plan_id, start = current
+    invoice_ref = _id(invoice)
+    conn.execute(
+        query("record_invoice_payment"),
+        {
+            "payment_ref": invoice_ref,
+            "invoice_ref": _plan_change_ref(subscription_ref, plan_id, start),
+            "now": now,
+        },
+    )
+    paid_by = [str(row[0]) for row in conn.execute(
+        query("payments_of_invoice"), {"invoice_ref": invoice_ref}
+    ).fetchall()]  # fmt: skip
+    _wake_claw_backs(conn, [invoice_ref, _id(invoice.get("payment_intent")), *paid_by])
+    return Outcome(
+        "processed",
+        account_id,
+        note=f"prorations for the change to {plan_id}: its refunds take that change back",
+    )
+
+
+def _wake_claw_backs(conn: Conn, refs: list[str]) -> None:
+    """Refunds and lost disputes of these payments handled before the purchase (or the
+    link) was recorded found nothing to take back: they run again. Called before any
+    account is locked (lock order: event rows, then the account)."""
+    refs = [ref for ref in refs if ref]
+    if refs:
+        conn.execute(query("wake_claw_backs"), {"external_refs": refs})
 
 
 def _subscription_updated(
@@ -604,6 +662,7 @@ def _invoice_payment_paid(conn: Conn, payment: Any, now: datetime) -> Outcome:
         query("record_invoice_payment"),
         {"payment_ref": payment_ref, "invoice_ref": invoice_ref, "now": now},
     )
+    _wake_claw_backs(conn, [payment_ref, invoice_ref])
     return Outcome("processed", note=f"invoice {invoice_ref} paid by {payment_ref}")
 
 
@@ -651,9 +710,30 @@ def _dispute_closed(conn: Conn, event_id: str, dispute: Any, now: datetime) -> O
         refs,
         _metadata(dispute),
         amount,
-        amount,
+        None,
         f"payment {refs[0] if refs else _id(dispute)} disputed and lost: {amount} {currency}",
+        currency,
     )
+
+
+def _disputed_share(
+    conn: Conn, account_id: str, refs: list[str], disputed_minor: int, currency: str
+) -> tuple[int, int]:
+    """A lost dispute as a refund: (refunded, paid) in the charge's minor units. A dispute
+    can be for part of a charge, and is for what its refunds left: what they refunded plus
+    the dispute, of the charge's amount (from its applied refunds, else the purchase's
+    price). Without either, the whole of the purchase, as before."""
+    row = conn.execute(
+        query("refunded_before_dispute"), {"external_refs": refs, "currency": currency}
+    ).fetchone()
+    if row is not None and row[1]:
+        return int(row[0] or 0) + disputed_minor, int(row[1])
+    price = conn.execute(
+        query("purchase_price"), {"account_id": account_id, "external_refs": refs}
+    ).fetchone()
+    if price is not None and price[0] and price[1] == currency:
+        return disputed_minor, int(price[0])
+    return disputed_minor, disputed_minor
 
 
 def _claw_back(
@@ -663,11 +743,13 @@ def _claw_back(
     refs: list[str],
     metadata: Mapping[str, Any],
     refunded_minor: int,
-    paid_minor: int,
+    paid_minor: int | None,
     comment: str,
+    currency: str = "",
 ) -> Outcome:
     """Takes back the refunded share of the purchase paid by one of `refs`, or by an
-    invoice one of them paid (a subscription period's purchase is under the invoice)."""
+    invoice one of them paid (a subscription period's purchase is under the invoice).
+    `paid_minor` None: a lost dispute of `refunded_minor` (_disputed_share)."""
     invoices = conn.execute(query("invoices_paid_by"), {"external_refs": refs}).fetchall()
     refs = refs + [str(row[0]) for row in invoices if row[0] not in refs]
     _require_no_unfinished_payment(conn, event_id, refs)
@@ -676,14 +758,21 @@ def _claw_back(
         row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
         account_id = str(row[0]) if row else ""
     if not account_id:
+        # Woken (wake_claw_backs) if the purchase is recorded later: Stripe's order is any.
         return Outcome("ignored", note="no purchase was paid by this charge")
+    if paid_minor is None:
+        refunded_minor, paid_minor = _disputed_share(
+            conn, account_id, refs, refunded_minor, currency
+        )
     if paid_minor <= 0:
         return Outcome("ignored", account_id, note="the event names no amount paid")
     params = _base_params(event_id, account_id, now)
     params.update(
         external_refs=refs, refunded_minor=refunded_minor, paid_minor=paid_minor, comment=comment
     )
-    data = _ledger_call(conn, "claw_back_purchase", params)
+    data = _ledger_call(conn, "claw_back_purchase", params, ends=(_ACCOUNT_NOT_FOUND,))
+    if data == _ACCOUNT_NOT_FOUND:  # the charge's metadata names an account the ledger lacks
+        return Outcome("ignored", account_id, note="the account the charge names does not exist")
     if isinstance(data, str):
         return Outcome("ignored", account_id, note="no purchase of the account was paid by it")
     taken = int(data["clawed_back_micros"]) + int(data["bonus_clawed_back_micros"])

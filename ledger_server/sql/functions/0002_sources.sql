@@ -774,6 +774,8 @@ BEGIN
             'field', 'period_end', 'violation', 'must be in the future'));
     END IF;
     PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
+    -- The account's subscription is its latest period's: a late paid invoice of an older
+    -- period (of an ended subscription, say) grants its credits and leaves the row alone.
     INSERT INTO subscriptions (account_id, plan_id, current_period_start, current_period_end,
                                external_ref, updated_at)
     VALUES (p_account, p_plan.plan_id, p_start, p_end, nullif(p_subscription_ref, ''), p_now)
@@ -781,7 +783,8 @@ BEGIN
         SET plan_id = excluded.plan_id, current_period_start = excluded.current_period_start,
             current_period_end = excluded.current_period_end,
             external_ref = coalesce(excluded.external_ref, subscriptions.external_ref),
-            updated_at = excluded.updated_at;
+            updated_at = excluded.updated_at
+        WHERE excluded.current_period_start >= subscriptions.current_period_start;
     IF p_plan.credits_micros > 0 THEN
         l := ledger_grant_lot(p_account, p_plan.credits_micros, 'subscription', 'main', p_end,
                               p_external_ref, 'subscription ' || p_plan.plan_id, NULL, p_now);

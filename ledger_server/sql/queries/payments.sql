@@ -155,15 +155,57 @@ UPDATE payment_events SET status = 'received'
  WHERE type = 'customer.subscription.updated' AND status = 'failed'
    AND payload #>> '{data,object,id}' = %(subscription_ref)s
 
+-- name: wake_claw_backs
+-- A purchase, or the link of an invoice to the payment that paid it, was recorded: the
+-- refunds and lost chargebacks of those payments that were handled before it, and found
+-- nothing to take back, run again (the sweeper re-queues them).
+-- payment_events_claw_backs (migration 0023); its expression, word for word.
+UPDATE payment_events SET status = 'received', processed_at = NULL
+ WHERE type IN ('charge.refunded', 'charge.dispute.closed') AND status = 'ignored'
+   AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
+             payload #>> '{data,object,charge}', payload #>> '{data,object,id}']
+       && %(external_refs)s::text[]
+
+-- name: refunded_before_dispute
+-- What the applied refunds of a disputed charge refunded (cumulative), of how much.
+-- payment_events_claw_backs (migration 0023); its expression, word for word.
+SELECT max((payload #>> '{data,object,amount_refunded}')::bigint),
+       max((payload #>> '{data,object,amount}')::bigint)
+  FROM payment_events
+ WHERE type IN ('charge.refunded', 'charge.dispute.closed') AND type = 'charge.refunded'
+   AND status = 'processed'
+   AND upper(payload #>> '{data,object,currency}') = %(currency)s
+   AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
+             payload #>> '{data,object,charge}', payload #>> '{data,object,id}']
+       && %(external_refs)s::text[]
+
+-- name: purchase_price
+-- What the account paid for the purchase one of these references paid.
+SELECT amount_minor, upper(currency) FROM purchases
+ WHERE account_id = %(account_id)s AND external_ref = ANY (%(external_refs)s::text[])
+ ORDER BY array_position(%(external_refs)s::text[], external_ref)
+ LIMIT 1
+
 -- name: record_invoice_payment
 INSERT INTO invoice_payments (payment_ref, invoice_ref, created_at)
 VALUES (%(payment_ref)s, %(invoice_ref)s, %(now)s)
 ON CONFLICT DO NOTHING
 
 -- name: invoices_paid_by
-SELECT invoice_ref FROM invoice_payments
- WHERE payment_ref = ANY (%(external_refs)s::text[])
- ORDER BY created_at, invoice_ref
+-- What these payments paid: invoices, and what an invoice paid in turn (an upgrade's
+-- proration invoice pays the plan change, recorded under a reference of its own).
+WITH RECURSIVE paid (ref, depth, created_at) AS (
+    SELECT invoice_ref, 1, created_at FROM invoice_payments
+     WHERE payment_ref = ANY (%(external_refs)s::text[])
+    UNION
+    SELECT i.invoice_ref, p.depth + 1, i.created_at
+      FROM paid p JOIN invoice_payments i ON i.payment_ref = p.ref
+     WHERE p.depth < 3
+)
+SELECT ref FROM paid GROUP BY ref ORDER BY min(depth), min(created_at), ref
+
+-- name: payments_of_invoice
+SELECT payment_ref FROM invoice_payments WHERE invoice_ref = %(invoice_ref)s
 
 -- name: account_for_payment
 SELECT account_id FROM purchases
