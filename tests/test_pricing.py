@@ -10,13 +10,18 @@ from fractions import Fraction
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2 as t
 from ledger_server.demo.__main__ import load as load_demo
+from ledger_server.ledger.validation import MAX_QUANTITY
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -321,6 +326,105 @@ def test_estimate_equals_what_consume_charges(ledger: Ledger, admin: Any) -> Non
         charged = _consume(ledger, account, usage).reservation
         assert charged.committed_micros == estimate.cost_micros
         assert charged.usage == estimate
+
+
+@pytest.mark.parametrize(
+    ("unit_price", "unit_size", "quantity", "exact"),
+    [
+        (2, 3, 1, 2),  # 2/3 micro a line: three make exactly 2
+        (CREDIT, 60, 40, 2 * CREDIT),  # 666 666.67 micros a line: three make exactly 2 credits
+    ],
+)
+def test_lines_that_each_leave_a_fraction_add_up_exactly_before_the_one_rounding(
+    ledger: Ledger, admin: Any, unit_price: int, unit_size: int, quantity: int, exact: int
+) -> None:
+    chat = _feature("chat")
+    units = ("input_tokens", "output_tokens", "tokens")
+    for unit in units:
+        _set_price(admin, chat, unit, unit_price, unit_size=unit_size)
+    usage = _usage(chat, **dict.fromkeys(units, quantity))
+    assert ledger.stub.Estimate(pb.EstimateRequest(usage=usage)).usage.cost_micros == exact
+    account = new_account()
+    ledger.grant(account, 10)
+    charged = _consume(ledger, account, usage)
+    assert charged.reservation.committed_micros == exact
+    assert charged.balance.balance_micros == 10 * CREDIT - exact
+
+
+_UNITS = ("tokens", "input_tokens", "output_tokens", "images", "generations", "video_seconds")
+_BIGINT_MAX = 2**63 - 1
+
+
+def _snapshot_line(unit: str, price: int, size: int, multiplier: int) -> dict[str, object]:
+    return {
+        "unit": unit,
+        "unit_price_micros": price,
+        "unit_size": size,
+        "multiplier_ppm": multiplier,
+        "price_version": "1",
+        "multiplier_version": None,
+    }
+
+
+def test_the_cost_is_the_exact_sum_rounded_up_once(ledger_db_url: str) -> None:
+    """ledger_price_usage against fractions.Fraction, with the prices given as a snapshot
+    (the path a Commit of a usage-priced hold takes; the rate card's differs only in where
+    the prices come from)."""
+    sizes = st.one_of(st.sampled_from([1, 3, 7, 60, 1000, 999_983]), st.integers(1, 10**9))
+    prices = st.one_of(st.integers(0, 1000), st.integers(0, 10**15))
+    multipliers = st.one_of(
+        st.sampled_from([0, 1_000_000, 333_333, 2_500_000]), st.integers(0, 10**8)
+    )
+    quantities = st.one_of(st.integers(0, 100), st.integers(0, MAX_QUANTITY))
+    lines = st.lists(
+        st.tuples(prices, sizes, multipliers, quantities), min_size=1, max_size=len(_UNITS)
+    )
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+
+        def priced(lines: list[tuple[int, int, int, int]]) -> int:
+            snapshot = {
+                "lines": [
+                    _snapshot_line(_UNITS[i], price, size, multiplier)
+                    for i, (price, size, multiplier, _) in enumerate(lines)
+                ]
+            }
+            quantities = [{"unit": _UNITS[i], "quantity": line[3]} for i, line in enumerate(lines)]
+            row = conn.execute(
+                "SELECT ledger_price_usage('chat', '', %s::jsonb, %s::jsonb) ->> 'cost_micros'",
+                (Jsonb(quantities), Jsonb(snapshot)),
+            ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        @settings(
+            max_examples=1000,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(lines=lines)
+        def check(lines: list[tuple[int, int, int, int]]) -> None:
+            exact = sum(
+                (Fraction(quantity * price * multiplier, size * 1_000_000))
+                for price, size, multiplier, quantity in lines
+            )
+            if math.ceil(exact) > _BIGINT_MAX:
+                with pytest.raises(psycopg.Error) as raised:
+                    priced(lines)
+                assert raised.value.sqlstate == "LE010"
+            else:
+                assert priced(lines) == math.ceil(exact), lines
+
+        check()
+        # At the edge of an amount: exactly the largest bigint is a cost, one more is not.
+        assert priced([(1, 1, 1_000_000, _BIGINT_MAX)]) == _BIGINT_MAX
+        assert priced([(1, 3, 1_000_000, 1), (1, 3, 1_000_000, 2), (1, 1, 1_000_000, 2**62)]) == (
+            2**62 + 1
+        )
+        with pytest.raises(psycopg.Error) as raised:
+            priced([(1, 1, 1_000_000, _BIGINT_MAX), (1, 3, 1_000_000, 1)])
+        assert raised.value.sqlstate == "LE010"
 
 
 def test_unknown_feature_or_model_is_not_found_and_charges_nothing(

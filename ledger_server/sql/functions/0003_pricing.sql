@@ -30,7 +30,10 @@ $$;
 -- usage a reservation was made with) each unit is priced as in the snapshot;
 -- otherwise by the current rate card: a model-specific price as it is, else the
 -- feature-wide price times the model's multiplier. The cost is the exact sum of
--- quantity x unit price x multiplier / unit size over the lines, rounded up once.
+-- quantity x unit price x multiplier / unit size over the lines, rounded up once. The sum
+-- is kept as an integer fraction (total_num / total_den): a numeric quotient per line
+-- would be cut to a finite scale, and those cuts, added up, can cross a whole micro-credit
+-- before the one rounding (three lines of 2/3 each must cost 2, not 3).
 CREATE OR REPLACE FUNCTION ledger_price_usage(
     p_feature text, p_model text, p_quantities jsonb, p_snapshot jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
@@ -45,7 +48,11 @@ DECLARE
     price_version text;
     multiplier_version text;
     lines jsonb := '[]'::jsonb;
-    total numeric := 0;
+    total_num numeric := 0;
+    total_den numeric := 1;
+    line_den numeric;
+    common_den numeric;
+    cost numeric;
 BEGIN
     IF p_snapshot IS NULL AND NOT EXISTS (SELECT 1 FROM ledger_rate_card() WHERE feature = p_feature) THEN
         PERFORM ledger_fail('LE029', 'the rate card has no price for this feature',
@@ -97,19 +104,26 @@ BEGIN
             unit_size := p.unit_size;
             price_version := p.price_version::text;
         END IF;
-        total := total + q.quantity::numeric * unit_price * multiplier / (unit_size * 1000000::numeric);
+        line_den := unit_size * 1000000::numeric;
+        common_den := lcm(total_den, line_den);
+        total_num := total_num * div(common_den, total_den)
+                     + q.quantity::numeric * unit_price * multiplier * div(common_den, line_den);
+        total_den := common_den;
         lines := lines || jsonb_build_object(
             'unit', q.unit, 'quantity', q.quantity, 'unit_price_micros', unit_price,
             'unit_size', unit_size, 'multiplier_ppm', multiplier, 'price_version', price_version,
             'multiplier_version', multiplier_version);
     END LOOP;
-    IF ceil(total) > 9223372036854775807 THEN  -- past bigint: bad input, not a balance limit
+    -- The ceiling of total_num / total_den in integers (div truncates toward zero).
+    cost := div(total_num, total_den)
+            + CASE WHEN mod(total_num, total_den) > 0 THEN 1 ELSE 0 END;
+    IF cost > 9223372036854775807 THEN  -- past bigint: bad input, not a balance limit
         PERFORM ledger_fail('LE010', 'the usage costs more than an amount can be',
             jsonb_build_object('field', 'usage.quantities',
                                'violation', 'cost more than an amount can be'));
     END IF;
     RETURN jsonb_build_object('feature', p_feature, 'model', p_model, 'lines', lines,
-                              'cost_micros', ceil(total)::bigint);
+                              'cost_micros', cost::bigint);
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger_price_json(p prices) RETURNS jsonb
