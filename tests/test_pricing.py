@@ -271,6 +271,66 @@ def test_a_hold_of_an_amount_settled_by_usage_is_priced_as_the_holds_feature(
     assert_audit_clean()
 
 
+def test_a_charge_records_the_usage_it_was_priced_from_and_none_when_of_an_amount(
+    ledger: Ledger, admin: Any, assert_audit_clean: Any
+) -> None:
+    """Transaction.usage is for a charge priced by the rate card: a usage-priced hold
+    settled by an amount was not, so its charge shows no usage (helper-55: it showed the
+    hold's estimate, 4000 tokens costing 8 credits, on a charge of 1 credit)."""
+    chat = _feature("chat")
+    _set_price(admin, chat, "output_tokens", 2 * CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+
+    def reserve() -> pb.Reservation:
+        return ledger.stub.Reserve(
+            pb.ReserveRequest(
+                account_id=account,
+                idempotency_key=new_key(),
+                usage=_usage(chat, output_tokens=4000),  # 8 credits held
+            )
+        ).reservation
+
+    by_amount, by_usage = reserve(), reserve()
+    ledger.stub.Commit(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=by_amount.reservation_id,
+            idempotency_key=new_key(),
+            amount_micros=CREDIT,
+        )
+    )
+    ledger.stub.Commit(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=by_usage.reservation_id,
+            idempotency_key=new_key(),
+            usage=_usage("", output_tokens=2500),
+        )
+    )
+    charges = {
+        entry.reservation_id: entry
+        for entry in ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    }
+    of_amount, of_usage = charges[by_amount.reservation_id], charges[by_usage.reservation_id]
+    assert (of_amount.amount_micros, of_amount.feature) == (-CREDIT, chat)
+    assert not of_amount.HasField("usage")
+    assert of_usage.amount_micros == -5 * CREDIT
+    assert of_usage.usage.cost_micros == 5 * CREDIT
+    assert [
+        (line.unit, line.quantity, line.unit_price_micros) for line in of_usage.usage.lines
+    ] == [(t.USAGE_UNIT_OUTPUT_TOKENS, 2500, 2 * CREDIT)]
+    # The hold's entry and the reservation keep the estimate the hold was priced from.
+    holds = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_HOLD])
+    [hold] = [entry for entry in holds if entry.reservation_id == by_amount.reservation_id]
+    assert hold.usage.cost_micros == 8 * CREDIT
+    settled = ledger.stub.GetReservation(
+        pb.GetReservationRequest(account_id=account, reservation_id=by_amount.reservation_id)
+    ).reservation
+    assert (settled.committed_micros, settled.usage.cost_micros) == (CREDIT, 8 * CREDIT)
+    assert_audit_clean()
+
+
 def test_usage_that_prices_past_any_amount_is_refused_by_field(ledger: Ledger, admin: Any) -> None:
     dear = _feature("dear")
     _set_price(admin, dear, "tokens", 10**15)  # the most a unit may cost

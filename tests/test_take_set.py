@@ -278,6 +278,60 @@ def test_the_set_leaves_every_account_as_the_calls_one_by_one_would(
             assert _snapshot(conn, mine, now) == _snapshot(conn, theirs, now)
 
 
+def test_a_usage_priced_hold_committed_by_an_amount_journals_no_usage_by_set_or_alone(
+    ledger: Ledger, admin: Any, ledger_db_url: str
+) -> None:
+    """The charge of an amount was not priced by the rate card: neither path copies the
+    hold's estimate onto it (helper-55); the reservation keeps the estimate."""
+    feature = f"priced-{uuid.uuid4().hex[:8]}"
+    admin.SetPrice(
+        admin_pb.SetPriceRequest(
+            price=admin_pb.Price(feature=feature, unit=types_pb2.USAGE_UNIT_TOKENS,
+                                 unit_size=1, unit_price_micros=CREDIT // 1000),
+            idempotency_key=new_key(),
+        )
+    )  # fmt: skip
+    by_set, alone = new_account("usage-by-set"), new_account("usage-alone")
+    held = {}
+    for account in (by_set, alone):
+        ledger.grant(account, 10)
+        usage = types_pb2.Usage(
+            feature=feature,
+            quantities=[types_pb2.UsageQuantity(unit=types_pb2.USAGE_UNIT_TOKENS, quantity=4000)],
+        )
+        held[account] = ledger.stub.Reserve(
+            pb.ReserveRequest(account_id=account, idempotency_key=new_key(), usage=usage,
+                              ttl=Duration(seconds=86400))
+        ).reservation.reservation_id  # fmt: skip
+
+    def commit(account: str) -> dict[str, object]:
+        return {"op": "commit", "account": account, "key": "k0-0", "hash": "ab",
+                "amount": CREDIT, "usage": None, "comment": "",
+                "reservation_id": held[account]}  # fmt: skip
+
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE accounts SET low_balance_threshold_micros = 0 WHERE account_id = ANY (%s)",
+            ([by_set, alone],),
+        )
+        now = _moment_after(conn, [by_set, alone])
+        row = conn.execute(
+            "SELECT ledger_take_set(%s, %s)", (Jsonb([commit(by_set)]), now)
+        ).fetchone()
+        assert row is not None and row[0][0] is not None and "ok" in row[0][0], row  # taken
+        conn.execute("SELECT ledger_batch_call(%s, %s)", (Jsonb(commit(alone)), now))
+        assert _snapshot(conn, by_set, now) == _snapshot(conn, alone, now)
+        for account in (by_set, alone):
+            charged = conn.execute(
+                "SELECT j.amount_micros, j.usage, v.usage ->> 'cost_micros'"
+                " FROM journal_transactions j JOIN reservations v USING (account_id)"
+                " WHERE j.account_id = %s AND j.kind = 'charge'"
+                " AND v.reservation_id = j.reservation_id",
+                (account,),
+            ).fetchall()
+            assert charged == [(-CREDIT, None, str(4 * CREDIT))], account
+
+
 def test_the_set_records_each_call_at_the_time_it_was_received(
     ledger: Ledger, ledger_db_url: str
 ) -> None:

@@ -859,7 +859,9 @@ BEGIN
                                   coalesce(actual ->> 'feature', r.feature),
                                   coalesce(nullif(p_comment, ''), r.comment), NULL, NULL,
                                   coalesce(actual ->> 'model', r.model),
-                                  CASE WHEN actual IS NULL THEN r.usage ELSE priced END);
+                                  -- A charge of an amount was not priced by the rate card:
+                                  -- the hold's estimate stays the hold's, not the charge's.
+                                  CASE WHEN actual IS NULL THEN NULL ELSE priced END);
     SELECT array_agg(lot_id ORDER BY seq) INTO lot_ids
       FROM reservation_lots WHERE account_id = p_account AND reservation_id = p_reservation;
     -- One statement: the charge is taken from the held lots in their order (what is not

@@ -49,12 +49,12 @@ BEGIN
         -- Each call with the pending reservation it settles (none for other calls).
         SELECT q.n, q.account_id, q.key, q.hash, q.amount, q.reservation_id, q.txn, q.call_at,
                coalesce(q.comment, v.comment) AS comment, v.held_micros AS held, v.feature,
-               v.model, v.usage
+               v.model
           FROM request q
           -- LATERAL ... OFFSET 0 (not merged into the join): each call's rows looked up by
           -- their key, whatever the plan estimates of the batch and the tables
           LEFT JOIN LATERAL (
-              SELECT v.held_micros, v.feature, v.model, v.usage, v.comment
+              SELECT v.held_micros, v.feature, v.model, v.comment
                 FROM reservations v
                WHERE v.account_id = q.account_id AND v.reservation_id = q.reservation_id
                  AND v.status = 'pending' OFFSET 0) v ON true
@@ -104,7 +104,7 @@ BEGIN
     ), charge AS (
         -- Each Commit and the account's balances once it is made.
         SELECT s.n, s.account_id, s.key, s.hash, s.amount, s.reservation_id, s.txn, s.comment,
-               s.feature, s.model, s.usage, s.call_at,
+               s.feature, s.model, s.call_at,
                r.balance_micros - (sum(s.amount) OVER w)::bigint AS balance_after,
                r.held_micros - (sum(s.held) OVER w)::bigint AS held_after,
                r.reward_balance_micros
@@ -119,8 +119,9 @@ BEGIN
                                           reservation_id, feature, comment, created_at, model,
                                           usage)
         OVERRIDING SYSTEM VALUE
+        -- No usage: a Commit of an amount was not priced by the rate card (as ledger_commit)
         SELECT account_id, txn, 'charge', -amount, reservation_id, nullif(feature, ''),
-               comment, call_at, nullif(model, ''), usage
+               comment, call_at, nullif(model, ''), NULL::jsonb
           FROM charge ORDER BY account_id COLLATE "C", n
     ), lots_charged AS (
         UPDATE lots l SET held_micros = l.held_micros - t.held,
