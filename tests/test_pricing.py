@@ -271,6 +271,32 @@ def test_a_hold_of_an_amount_settled_by_usage_is_priced_as_the_holds_feature(
     assert_audit_clean()
 
 
+def test_usage_naming_no_feature_on_a_hold_naming_none_is_refused_by_field(
+    ledger: Ledger, assert_audit_clean: Any
+) -> None:
+    """Bad input, not a rate card lacking a feature named '' (helper-55: it answered
+    NOT_FOUND FEATURE_NOT_FOUND); the hold stays as it was."""
+    account = new_account()
+    ledger.grant(account, 100)
+    held = ledger.reserve(account, 10 * CREDIT).reservation  # no feature
+    info = expect_error(
+        lambda: ledger.stub.Commit(
+            pb.CommitRequest(
+                account_id=account,
+                reservation_id=held.reservation_id,
+                idempotency_key=new_key(),
+                usage=_usage("", tokens=1500),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+    )
+    assert info.metadata["field"] == "usage.feature"
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (100 * CREDIT, 10 * CREDIT)
+    assert_audit_clean()
+
+
 def test_a_charge_records_the_usage_it_was_priced_from_and_none_when_of_an_amount(
     ledger: Ledger, admin: Any, assert_audit_clean: Any
 ) -> None:

@@ -847,6 +847,11 @@ BEGIN
         actual := actual || jsonb_build_object(
             'feature', coalesce(nullif(actual ->> 'feature', ''), r.feature, ''),
             'model', coalesce(nullif(actual ->> 'model', ''), r.model, ''));
+        IF actual ->> 'feature' = '' THEN  -- bad input, not a rate card without the feature
+            PERFORM ledger_fail('LE010', 'the usage names no feature, nor does the hold',
+                jsonb_build_object('field', 'usage.feature', 'violation',
+                                   'is required when the hold names no feature'));
+        END IF;
     END IF;
     priced := ledger_priced(p_amount, actual, r.usage);
     amount := (priced ->> 'cost_micros')::bigint;
