@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
+import time
 import uuid
 from fractions import Fraction
 from typing import Any
@@ -269,6 +271,44 @@ def test_a_hold_of_an_amount_settled_by_usage_is_priced_as_the_holds_feature(
     [charge] = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
     assert charge.feature == chat
     assert_audit_clean()
+
+
+def test_a_price_change_waits_for_one_in_flight_so_the_last_committed_is_in_force(
+    ledger_db_url: str, admin: Any
+) -> None:
+    """Versions were drawn at insert: a change that drew its version first but committed
+    last was not in force (helper-55). A change now waits for one in flight of the same
+    price (lock_rate_card_entry), and so draws its version after that one's commit."""
+    chat = _feature("chat")
+    _set_price(admin, chat, "tokens", 1 * CREDIT)
+    with psycopg.connect(ledger_db_url) as in_flight:
+        in_flight.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"rate-card:price:{chat}//tokens",),
+        )
+        in_flight.execute(
+            "INSERT INTO prices (feature, model, unit, unit_size, unit_price_micros, active,"
+            " created_by, created_at) VALUES (%s, '', 'tokens', 1, %s, true, 'other', now())",
+            (chat, 2 * CREDIT),
+        )
+        later = threading.Thread(target=lambda: _set_price(admin, chat, "tokens", 3 * CREDIT))
+        later.start()
+        try:
+            with psycopg.connect(ledger_db_url, autocommit=True) as watcher:
+                for _ in range(400):
+                    row = watcher.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    ).fetchone()
+                    if row and row[0]:
+                        break
+                    time.sleep(0.025)
+                else:
+                    pytest.fail("the change did not wait for the one in flight")
+            in_flight.commit()
+        finally:
+            later.join(30)
+    prices = admin.ListPrices(admin_pb.ListPricesRequest(feature=chat)).prices
+    assert [p.unit_price_micros for p in prices] == [3 * CREDIT]
 
 
 def test_usage_naming_no_feature_on_a_hold_naming_none_is_refused_by_field(

@@ -472,6 +472,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         }
 
         async def change(conn: Conn) -> pb.SetPriceResponse:
+            await _lock_price(conn, key)
             rows = await store.fetch_all(conn, "insert_price", params)
             return pb.SetPriceResponse(price=mapping.price(rows[0][0]))
 
@@ -483,6 +484,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         key = _price_key(request.feature, request.model, request.unit, "")
 
         async def change(conn: Conn) -> pb.RemovePriceResponse:
+            await _lock_price(conn, key)
             current = await store.fetch_all(conn, "current_price", key)
             if not current:
                 raise LedgerError(
@@ -531,6 +533,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         }
 
         async def change(conn: Conn) -> pb.SetModelMultiplierResponse:
+            entry = f"multiplier:{params['model']}"
+            await store.fetch_all(conn, "lock_rate_card_entry", {"entry": entry})
             rows = await store.fetch_all(conn, "insert_multiplier", params)
             return pb.SetModelMultiplierResponse(multiplier=mapping.model_multiplier(rows[0][0]))
 
@@ -601,3 +605,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         if len(rows) > page_size:
             response.next_page_token = page_tokens.encode([rows[page_size - 1][1]], filters)
         return response
+
+
+async def _lock_price(conn: Conn, key: dict[str, object]) -> None:
+    """Until the change commits, no other change of this price (lock_rate_card_entry)."""
+    entry = f"price:{key['feature']}/{key['model']}/{key['unit']}"
+    await store.fetch_all(conn, "lock_rate_card_entry", {"entry": entry})

@@ -1,6 +1,12 @@
 -- Named queries of the rate card (AdminService). A change is a new row: prices and
 -- multipliers are versioned, never updated.
 
+-- name: lock_rate_card_entry
+-- One change of a rate card entry at a time, until it commits: its versions are drawn in
+-- the order the changes commit in, so of two changes at once the one committed last is in
+-- force (helper-55: the one that drew the later version, though committed first, was).
+SELECT pg_advisory_xact_lock(hashtextextended('rate-card:' || %(entry)s::text, 0))
+
 -- name: insert_price
 INSERT INTO prices (feature, model, unit, unit_size, unit_price_micros, active, created_by, created_at)
 VALUES (%(feature)s, %(model)s, %(unit)s, %(unit_size)s, %(unit_price_micros)s, %(active)s,
