@@ -4,13 +4,31 @@ last, and still closes the one idle longest when it shrinks."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
+import psycopg
 import pytest
+from google.protobuf.duration_pb2 import Duration
+from psycopg import sql
 from psycopg_pool import PoolTimeout
 
+from ledger.v1 import admin_service_pb2_grpc, billing_service_pb2_grpc, ledger_service_pb2_grpc
+from ledger_server.clock import OffsetClock
+from ledger_server.config import Settings
+from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
+from support.ledger import CREDIT, new_account
+from support.server import ServerThread
+from support.settings import ActorMetadata
+from support.sources import DAY, Sources, dt
 from workers import db as worker_db
+
+# A zone whose clocks go forward on 14 March 2027: 30 calendar days there from 1 March are
+# 29 days 23 hours.
+NEW_YORK = "America/New_York"
 
 
 async def _backend(pool: Any) -> int:
@@ -114,3 +132,90 @@ def test_the_server_and_worker_sessions_end_a_transaction_left_idle_for_a_minute
     finally:
         worker_db.close()
     assert row == ("1min",)
+
+
+@pytest.fixture
+def new_york_database_url(fresh_database_url: str) -> str:
+    """A migrated database whose sessions start in New York time unless they set their own."""
+    migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET TimeZone = {}").format(
+                sql.Identifier(conn.info.dbname), sql.Literal(NEW_YORK)
+            )
+        )
+    with psycopg.connect(fresh_database_url) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == (NEW_YORK,)
+    return fresh_database_url
+
+
+def test_the_server_and_worker_sessions_run_in_utc_whatever_the_database_default(
+    new_york_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def server_setting() -> str:
+        pool = await open_pool(new_york_database_url, 1, 1)
+        try:
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SHOW TimeZone")).fetchone()
+                return str(row[0]) if row else ""
+        finally:
+            await pool.close()
+
+    assert asyncio.run(server_setting()) == "UTC"
+    monkeypatch.setenv("DATABASE_URL", new_york_database_url)
+    worker_db.close()
+    try:
+        with worker_db.connection() as conn:
+            row = conn.execute("SHOW TimeZone").fetchone()
+    finally:
+        worker_db.close()
+    assert row == ("UTC",)
+
+
+@pytest.fixture
+def new_york_sources(new_york_database_url: str) -> Iterator[tuple[Sources, OffsetClock]]:
+    """A server on the New York database, its clock on 1 March (UTC noon) of the coming
+    year, so a 30-day expiry spans New York's change to summer time."""
+    clock = OffsetClock()
+    now = clock.now()
+    first_of_march = datetime(now.year, 3, 1, 12, tzinfo=UTC)
+    if first_of_march <= now + timedelta(minutes=1):
+        first_of_march = first_of_march.replace(year=now.year + 1)
+    clock.advance(first_of_march - now)
+    server = ServerThread(Settings(database_url=new_york_database_url), clock).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            admin_channel = grpc.intercept_channel(channel, ActorMetadata("test-admin"))
+            yield (
+                Sources(
+                    ledger_service_pb2_grpc.LedgerServiceStub(channel),
+                    admin_service_pb2_grpc.AdminServiceStub(admin_channel),
+                    billing_service_pb2_grpc.BillingServiceStub(admin_channel),
+                ),
+                clock,
+            )
+    finally:
+        server.stop()
+
+
+def test_day_based_expiries_are_whole_24_hour_days_whatever_the_database_zone(
+    new_york_sources: tuple[Sources, OffsetClock],
+) -> None:
+    """PostgreSQL adds an interval's days in the session's zone: on a database defaulting to
+    New York a 30-day expiry from 1 March was 29 days 23 hours."""
+    sources, _ = new_york_sources
+    sources.update_setting("signup.expire_days", 30, "a month")
+    sources.update_setting("daily.expire_days", 30, "a month")
+    account = new_account("tz")
+
+    signup = sources.create_account(account).signup_lot
+    assert dt(signup.expires_at) - dt(signup.created_at) == 30 * DAY
+
+    daily = sources.claim_daily(account).lot
+    assert dt(daily.expires_at) - dt(daily.created_at) == 30 * DAY
+
+    (code,) = sources.create_batch(
+        5 * CREDIT, credit_lifetime=Duration(seconds=int((30 * DAY).total_seconds()))
+    ).codes
+    redeemed = sources.redeem(account, code).lot
+    assert dt(redeemed.expires_at) - dt(redeemed.created_at) == 30 * DAY

@@ -75,6 +75,7 @@ def init() -> None:
     environment defaults over a connection of its own (no pool is left for the horses to
     inherit), so each horse's first job does not repeat it."""
     with psycopg.connect(database_url(), autocommit=True) as conn:
+        conn.execute(SET_SESSION_LIMITS)
         sync_settings(conn)
 
 

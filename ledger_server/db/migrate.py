@@ -15,6 +15,8 @@ from importlib import resources
 import psycopg
 from psycopg.rows import TupleRow
 
+from ledger_server.db.session_limits import SET_SESSION_LIMITS
+
 log = logging.getLogger(__name__)
 
 # An arbitrary constant that identifies "credit-ledger migration" among advisory locks.
@@ -132,4 +134,5 @@ def migrate_connection(conn: psycopg.Connection[TupleRow]) -> list[str]:
 
 def migrate(database_url: str) -> list[str]:
     with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(SET_SESSION_LIMITS)  # a migration's backfill computes as the ledger does
         return migrate_connection(conn)

@@ -1,17 +1,27 @@
-"""What every pooled connection of the server and the workers sets for its session.
+"""What every connection of the server and the workers sets for its session.
 
 A transaction whose client stopped talking (its host vanished, its process hung between
 two statements) keeps its locks: an event row, an account, so every call on that account
 waits and times out. PostgreSQL notices a vanished host only when TCP keepalive gives up,
 two hours by default. No transaction of the ledger waits for anything but PostgreSQL between
 its statements (the workers send email and call Stripe outside any transaction), so one idle
-for a minute has lost its client: PostgreSQL ends that session and its locks go."""
+for a minute has lost its client: PostgreSQL ends that session and its locks go.
+
+The session's TimeZone is UTC whatever the server's or the database's default: PostgreSQL
+adds the days of an interval to a timestamptz as calendar days of the session's zone, so a
+30-day expiry (sign-up bonus, daily reward, a redemption code's credit lifetime) that spans
+a daylight-saving change elsewhere would be 29 days 23 hours or 30 days 1 hour. In UTC a
+day is always 24 hours. What must follow a local calendar (the day of a daily reward, the
+month of an allowance or a report) names ledger.timezone explicitly (AT TIME ZONE
+ledger_timezone()), never the session's zone."""
 
 from __future__ import annotations
 
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+SESSION_TIMEZONE = "UTC"
 
 SET_SESSION_LIMITS = (
     "SELECT set_config('idle_in_transaction_session_timeout', "
-    f"'{IDLE_IN_TRANSACTION_TIMEOUT}', false)"
+    f"'{IDLE_IN_TRANSACTION_TIMEOUT}', false), "
+    f"set_config('TimeZone', '{SESSION_TIMEZONE}', false)"
 ).encode()

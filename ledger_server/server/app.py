@@ -33,6 +33,7 @@ from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
+from ledger_server.db.session_limits import SET_SESSION_LIMITS
 from ledger_server.observability.runtime import start_observability
 from ledger_server.server import hardening
 from ledger_server.server.admin_service import AdminService
@@ -55,6 +56,7 @@ SERVICES = (
 
 def _sync_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(SET_SESSION_LIMITS)
         runtime_settings.sync_environment_defaults(conn, defaults, clock.now())
 
 
