@@ -1157,6 +1157,33 @@ def test_checkout_for_a_pack_creates_one_stripe_session_per_idempotency_key(
     )
 
 
+def test_a_recharge_checkout_retried_with_the_currency_in_another_case_is_a_replay(
+    checkout: billing_service_pb2_grpc.BillingServiceStub, stripe_double: StripeDouble
+) -> None:
+    """The ledger compares currencies upper-cased, so the request it answered is the same
+    (helper-56); another amount under the key is another request."""
+    account, key = new_account("payer"), new_key("checkout")
+
+    def request(amount_minor: int, currency: str) -> billing_pb.CreateCheckoutSessionRequest:
+        return billing_pb.CreateCheckoutSessionRequest(
+            account_id=account,
+            idempotency_key=key,
+            recharge=billing_pb.RechargeAmount(amount_minor=amount_minor, currency=currency),
+        )
+
+    before = len(stripe_double.checkout_requests())
+    session = checkout.CreateCheckoutSession(request(5000, "cny")).session
+    again, call = checkout.CreateCheckoutSession.with_call(request(5000, "CNY"))
+    assert again.session == session
+    assert ("ledger-idempotent-replay", "true") in call.trailing_metadata()
+    expect_error(
+        lambda: checkout.CreateCheckoutSession(request(5001, "CNY")),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert len(stripe_double.checkout_requests()) == before + 1
+
+
 def test_an_accounts_checkouts_and_ledger_calls_share_one_idempotency_key_namespace(
     checkout: billing_service_pb2_grpc.BillingServiceStub,
     stripe_double: StripeDouble,

@@ -236,6 +236,37 @@ def test_signup_with_a_referral_code_rewards_the_inviter_once(
     assert_audit_clean()
 
 
+def test_a_retry_typing_the_referral_code_another_way_is_the_same_sign_up(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    """The ledger looks the code up trimmed and upper-cased, so the request it answered is
+    the same whatever the case or spaces (helper-56): the retry of a lost answer typed
+    as printed used to be refused as another request."""
+    inviter = new_account("inviter")
+    code = sources.create_account(inviter).account.referral_code
+    invitee, key = new_account("invitee"), new_key("create")
+    created = sources.create_account(invitee, key=key, referral_code=code.lower())
+    assert created.account.referred_by_account_id == inviter
+
+    for typed in (code, f" {code} ", code.lower() + " "):
+        replay, call = sources.stub.CreateAccount.with_call(
+            pb.CreateAccountRequest(account_id=invitee, idempotency_key=key, referral_code=typed)
+        )
+        assert ("ledger-idempotent-replay", "true") in call.trailing_metadata()
+        assert replay.account == created.account
+
+    # Another inviter's code under that key is another request.
+    other = sources.create_account(new_account("inviter")).account.referral_code
+    expect_error(
+        lambda: sources.create_account(invitee, key=key, referral_code=other),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert ledger.balance(inviter).reward_balance_micros == 10 * CREDIT
+    assert sources.get_account(invitee).referred_by_account_id == inviter
+    assert_audit_clean()
+
+
 def test_referral_reward_amount_is_configurable(
     sources: Sources, ledger: Ledger, configure: Any, assert_audit_clean: AuditCheck
 ) -> None:

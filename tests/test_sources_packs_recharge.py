@@ -363,6 +363,34 @@ def test_a_recharge_key_reused_for_another_amount_is_refused(
     assert ledger.balance(account).balance_micros == 30 * CREDIT
 
 
+def test_a_recharge_retried_with_the_currency_in_another_case_is_the_same_recharge(
+    sources: Sources, ledger: Ledger
+) -> None:
+    """The ledger compares currencies upper-cased, so the request it answered is the same
+    (helper-56): the retry used to be refused as another request."""
+    account = sources.create_account().account.account_id
+    key = new_key("recharge")
+    first = sources.recharge(account, 3000, currency="cny", key=key, external_ref="wx-2")
+    for currency in ("CNY", "Cny"):
+        replay, call = sources.billing.Recharge.with_call(
+            billing_pb.RechargeRequest(
+                account_id=account,
+                idempotency_key=key,
+                amount_minor=3000,
+                currency=currency,
+                external_ref="wx-2",
+            )
+        )
+        assert ("ledger-idempotent-replay", "true") in call.trailing_metadata()
+        assert replay.lot.lot_id == first.lot.lot_id
+    expect_error(
+        lambda: sources.recharge(account, 3001, currency="CNY", key=key, external_ref="wx-2"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert ledger.balance(account).balance_micros == 30 * CREDIT
+
+
 @pytest.mark.parametrize(
     ("pack_id", "currency", "field"),
     [

@@ -178,8 +178,9 @@ def redemption_code(value: str) -> str:
 
 
 def referral_code(value: str) -> str:
-    """Looked up as given (upper-cased); an unknown code is NOT_FOUND, not malformed."""
-    return text(value.strip(), "referral_code", 64)
+    """Looked up as given, trimmed and upper-cased (codes are printed in capitals); an
+    unknown code is NOT_FOUND, not malformed."""
+    return text(value.strip(), "referral_code", 64).upper()
 
 
 def required_text(value: str, field: str, max_length: int = 1024) -> str:

@@ -190,11 +190,16 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
     async def Recharge(self, request: pb.RechargeRequest, context: Context) -> pb.RechargeResponse:
+        currency = _currency(request.currency, "currency")
+        # A retry may write the currency in another case: it is the same request.
+        as_charged = pb.RechargeRequest()
+        as_charged.CopyFrom(request)
+        as_charged.currency = currency
         params: dict[str, object] = {
             "amount_minor": validation.positive_amount(request.amount_minor, "amount_minor"),
-            "currency": _currency(request.currency, "currency"),
+            "currency": currency,
         }
-        data = await self._grant("recharge", request, context, params)
+        data = await self._grant("recharge", as_charged, context, params)
         return pb.RechargeResponse(
             lot=mapping.lot(data["lot"]),
             bonus_lot=mapping.optional_lot(data["bonus_lot"]),
@@ -249,25 +254,29 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         params: dict[str, object] = {
             "account_id": account_id,
             "key": key,
-            "hash": request_fingerprint("create_checkout_session", request),
             "pack_id": None,
             "amount_minor": None,
             "currency": None,
             "plan_id": None,
             "now": self._clock.now(),
         }
+        # A retry may write the currency in another case: it is the same request.
+        as_requested = pb.CreateCheckoutSessionRequest()
+        as_requested.CopyFrom(request)
         which = request.WhichOneof("purchase")
         if which == "pack_id":
             if not request.pack_id:
                 raise invalid_field("pack_id", "must not be empty")
             params.update(kind="pack", pack_id=validation.code(request.pack_id, "pack_id"))
         elif which == "recharge":
+            currency = _currency(request.recharge.currency, "recharge.currency")
+            as_requested.recharge.currency = currency
             params.update(
                 kind="recharge",
                 amount_minor=validation.positive_amount(
                     request.recharge.amount_minor, "recharge.amount_minor"
                 ),
-                currency=_currency(request.recharge.currency, "recharge.currency"),
+                currency=currency,
             )
         elif which == "plan_id":
             if not request.plan_id:
@@ -275,6 +284,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             params.update(kind="subscription", plan_id=validation.code(request.plan_id, "plan_id"))
         else:
             raise invalid_field("purchase", "set one of pack_id, recharge or plan_id")
+        params["hash"] = request_fingerprint("create_checkout_session", as_requested)
         settings = self._stripe_settings
         success_url = _redirect_url(
             request.success_url, "success_url", settings.checkout_success_url

@@ -295,11 +295,16 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
     async def CreateAccount(
         self, request: pb.CreateAccountRequest, context: Context
     ) -> pb.CreateAccountResponse:
+        referral_code = validation.referral_code(request.referral_code)
+        # A retry may type the code another way (case, spaces): it is the same request.
+        as_created = pb.CreateAccountRequest()
+        as_created.CopyFrom(request)
+        as_created.referral_code = referral_code
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
-            "referral_code": validation.referral_code(request.referral_code),
-            "hash": request_fingerprint("create_account", request),
+            "referral_code": referral_code,
+            "hash": request_fingerprint("create_account", as_created),
             "now": self._clock.now(),
         }
         if params["referral_code"]:
