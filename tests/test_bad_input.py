@@ -9,12 +9,17 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
+from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_server.ledger.reserved_keys import RESERVED_KEY_PREFIXES
 from support.ledger import CREDIT, Ledger, error_details, expect_error, new_account, new_key
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -291,3 +296,152 @@ def test_a_request_that_does_not_parse_is_refused_by_field(
     assert error.code() == INVALID, error.details()  # type: ignore[attr-defined]
     info, _ = error_details(error)
     assert (info.reason, info.metadata["field"]) == ("INVALID_FIELD", "request")
+
+
+# --- keys the ledger keeps for itself ----------------------------------------------------------
+
+_PERIOD = {
+    "period_start": Timestamp(seconds=2_000_000_000),
+    "period_end": Timestamp(seconds=2_002_592_000),
+}
+_PACK = billing_pb.CreditPack(
+    pack_id="pack-reserved-key",
+    translation_key="pack_reserved_key",
+    credits_micros=CREDIT,
+    price_minor=100,
+    currency="USD",
+    active=True,
+)
+_PLAN = billing_pb.SubscriptionPlan(
+    plan_id="plan-reserved-key",
+    translation_key="plan_reserved_key",
+    credits_micros=CREDIT,
+    period_unit=billing_pb.BILLING_PERIOD_UNIT_MONTH,
+    period_count=1,
+    rank=1,
+    price_minor=100,
+    currency="USD",
+)
+_PRICE = admin_pb.Price(
+    feature="reserved-key", unit=types_pb2.USAGE_UNIT_IMAGES, unit_size=1, unit_price_micros=1
+)
+
+# (service, method, the request's other fields, valid, given the account, a held
+# reservation and a committed one)
+KeyCase = tuple[str, str, Callable[[str, str, str], Any]]
+RESERVED_KEY_CASES: list[KeyCase] = [
+    ("ledger", "Grant", lambda a, held, done: pb.GrantRequest(
+        account_id=a, amount_micros=CREDIT, source=types_pb2.CREDIT_SOURCE_ADMIN)),
+    ("ledger", "Reserve", lambda a, held, done: pb.ReserveRequest(
+        account_id=a, amount_micros=CREDIT)),
+    ("ledger", "Commit", lambda a, held, done: pb.CommitRequest(
+        account_id=a, reservation_id=held, amount_micros=CREDIT)),
+    ("ledger", "Release", lambda a, held, done: pb.ReleaseRequest(
+        account_id=a, reservation_id=held)),
+    ("ledger", "Refund", lambda a, held, done: pb.RefundRequest(
+        account_id=a, reservation_id=done)),
+    ("ledger", "Consume", lambda a, held, done: pb.ConsumeRequest(
+        account_id=a, amount_micros=CREDIT)),
+    ("ledger", "CreateAccount", lambda a, held, done: pb.CreateAccountRequest(
+        account_id=a + "-new")),
+    ("ledger", "ClaimDailyReward", lambda a, held, done: pb.ClaimDailyRewardRequest(
+        account_id=a)),
+    ("ledger", "Redeem", lambda a, held, done: pb.RedeemRequest(
+        account_id=a, code="AAAA-BBBB-CCCC-DDDD")),
+    ("ledger", "TransferReward", lambda a, held, done: pb.TransferRewardRequest(account_id=a)),
+    ("billing", "PurchasePack", lambda a, held, done: billing_pb.PurchasePackRequest(
+        account_id=a, pack_id=_PACK.pack_id)),
+    ("billing", "Recharge", lambda a, held, done: billing_pb.RechargeRequest(
+        account_id=a, amount_minor=30000, currency="CNY")),
+    ("billing", "StartSubscriptionPeriod", lambda a, held, done: (
+        billing_pb.StartSubscriptionPeriodRequest(account_id=a, plan_id=_PLAN.plan_id, **_PERIOD))),
+    ("billing", "ChangeSubscriptionPlan", lambda a, held, done: (
+        billing_pb.ChangeSubscriptionPlanRequest(account_id=a, plan_id=_PLAN.plan_id, **_PERIOD))),
+    ("billing", "CreateCheckoutSession", lambda a, held, done: (
+        billing_pb.CreateCheckoutSessionRequest(account_id=a, pack_id=_PACK.pack_id))),
+    ("admin", "GrantCredits", lambda a, held, done: admin_pb.GrantCreditsRequest(
+        account_id=a, amount_micros=CREDIT, reason="goodwill")),
+    ("admin", "AdjustBalance", lambda a, held, done: admin_pb.AdjustBalanceRequest(
+        account_id=a, amount_micros=CREDIT, reason="correction")),
+    ("admin", "SetOverdraftLimit", lambda a, held, done: admin_pb.SetOverdraftLimitRequest(
+        account_id=a, overdraft_limit_micros=CREDIT, reason="trial")),
+    ("admin", "SetLowBalanceAlert", lambda a, held, done: admin_pb.SetLowBalanceAlertRequest(
+        account_id=a, threshold_micros=CREDIT)),
+    ("admin", "CreateCreditPack", lambda a, held, done: admin_pb.CreateCreditPackRequest(
+        pack=_PACK)),
+    ("admin", "UpdateCreditPack", lambda a, held, done: admin_pb.UpdateCreditPackRequest(
+        pack=_PACK)),
+    ("admin", "CreateSubscriptionPlan", lambda a, held, done: (
+        admin_pb.CreateSubscriptionPlanRequest(plan=_PLAN))),
+    ("admin", "UpdateSubscriptionPlan", lambda a, held, done: (
+        admin_pb.UpdateSubscriptionPlanRequest(plan=_PLAN))),
+    ("admin", "CreateRedemptionBatch", lambda a, held, done: (
+        admin_pb.CreateRedemptionBatchRequest(amount_micros=CREDIT, code_count=1))),
+    ("admin", "DisableRedemptionBatch", lambda a, held, done: (
+        admin_pb.DisableRedemptionBatchRequest(batch_id=str(uuid.uuid4()), reason="leaked"))),
+    ("admin", "UpdateSetting", lambda a, held, done: admin_pb.UpdateSettingRequest(
+        key="daily.amount_micros", value=struct_pb2.Value(number_value=CREDIT), reason="r")),
+    ("admin", "SetPrice", lambda a, held, done: admin_pb.SetPriceRequest(price=_PRICE)),
+    ("admin", "RemovePrice", lambda a, held, done: admin_pb.RemovePriceRequest(
+        feature=_PRICE.feature, unit=_PRICE.unit)),
+    ("admin", "SetModelMultiplier", lambda a, held, done: admin_pb.SetModelMultiplierRequest(
+        multiplier=admin_pb.ModelMultiplier(model="reserved-key", multiplier_ppm=1))),
+]  # fmt: skip
+
+
+def test_every_mutating_rpc_is_in_the_reserved_key_table() -> None:
+    """A new mutating RPC joins the table below, so its keys are checked too."""
+    from ledger.v1 import admin_service_pb2, billing_service_pb2, ledger_service_pb2
+
+    mutating = {
+        method.name
+        for module in (ledger_service_pb2, billing_service_pb2, admin_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+        if "idempotency_key" in method.input_type.fields_by_name
+    }
+    assert mutating == {method for _, method, _ in RESERVED_KEY_CASES}
+
+
+@pytest.mark.parametrize("prefix", RESERVED_KEY_PREFIXES)
+@pytest.mark.parametrize(
+    ("service", "method", "make"), RESERVED_KEY_CASES, ids=[c[1] for c in RESERVED_KEY_CASES]
+)
+def test_a_key_with_a_prefix_the_ledger_keeps_for_itself_is_refused_and_changes_nothing(
+    ledger: Ledger,
+    admin: Any,
+    billing: Any,
+    ledger_db_url: str,
+    prefix: str,
+    service: str,
+    method: str,
+    make: Callable[[str, str, str], Any],
+) -> None:
+    """The daily reward job claims with auto-daily:<day> and the payment worker with
+    stripe:<event id>, in the account's own key namespace: a client's call that took the
+    key first made the account miss the day's reward for good (helper-56)."""
+    account = new_account()
+    ledger.grant(account, 20)
+    held = ledger.reserve(account, 5 * CREDIT).reservation.reservation_id
+    done = ledger.consume(account, 2 * CREDIT).reservation.reservation_id
+    before = _state(ledger, account)
+    key = f"{prefix}{account}"
+    request = make(account, held, done)
+    request.idempotency_key = key
+    stub = {"ledger": ledger.stub, "billing": billing, "admin": admin}[service]
+    expect_error(
+        lambda: getattr(stub, method)(request), INVALID, "INVALID_FIELD", "idempotency_key"
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        getattr(stub, method)(request)
+    assert f"must not start with '{prefix}'" in refused.value.details()  # type: ignore[attr-defined]
+    assert "reserved" in refused.value.details()  # type: ignore[attr-defined]
+    assert _state(ledger, account) == before
+    with psycopg.connect(ledger_db_url) as conn:
+        stored = conn.execute(
+            "SELECT (SELECT count(*) FROM idempotency_keys WHERE idempotency_key = %(k)s)"
+            " + (SELECT count(*) FROM admin_requests WHERE idempotency_key = %(k)s)"
+            " + (SELECT count(*) FROM accounts WHERE account_id = %(new)s)",
+            {"k": key, "new": account + "-new"},
+        ).fetchone()
+    assert stored == (0,)

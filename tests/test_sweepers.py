@@ -17,17 +17,22 @@ import grpc
 import psycopg
 import pytest
 import redis
+from google.protobuf import struct_pb2
 from rq import Queue
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc
 from ledger.v1 import types_pb2 as t
 from ledger_server.audit import audit_database
 from ledger_server.clock import OffsetClock
+from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.devstack import embedded
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
-from support.ledger import CREDIT, Ledger, consume_or_error, new_account, new_key
+from support.ledger import CREDIT, Ledger, consume_or_error, expect_error, new_account, new_key
+from support.server import ServerThread
+from support.settings import ActorMetadata
 from support.workers import assert_finished, run_burst_workers, start_burst_worker
 from workers import db as worker_db
 from workers import sweepers
@@ -326,7 +331,8 @@ def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_a
             )
         for account in accounts:
             conn.execute("SELECT ledger_open_account(%s, '', %s)", (account, start))
-        # A client took the key the job will use on 7 December for a grant of its own.
+        # A client took the key the job will use on 7 December for a grant of its own (as
+        # one could before such keys were refused, tested below).
         conn.execute(
             "SELECT ledger_grant(%s, 'auto-daily:2026-12-07', '\\x01', 1000000, 'purchase', "
             "NULL, 'main', '', '', NULL, %s)",
@@ -363,6 +369,51 @@ def test_automatic_daily_rewards_follow_the_ledger_day_and_pass_over_a_failing_a
         assert daily_lots() == [(accounts[0], 3), (accounts[1], 2), (accounts[2], 3)]
     finally:
         worker_db.close()
+    assert audit_database(fresh_database_url) == []
+
+
+def test_a_client_cannot_take_the_daily_jobs_key_and_the_job_still_grants(
+    fresh_database_url: str, monkeypatch: Any
+) -> None:
+    """A Consume under auto-daily:<the day> made the account miss that day's automatic
+    reward for good and failed every run of the job that day (helper-56): the key is
+    refused, and the job, which calls SQL directly, grants as before."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    clock = OffsetClock()
+    server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
+    account = new_account("auto")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            admin = admin_service_pb2_grpc.AdminServiceStub(
+                grpc.intercept_channel(channel, ActorMetadata("test-admin"))
+            )
+            admin.UpdateSetting(
+                admin_pb.UpdateSettingRequest(
+                    key="daily.automatic",
+                    value=struct_pb2.Value(bool_value=True),
+                    reason="the job under test",
+                    idempotency_key=new_key(),
+                )
+            )
+            ledger = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
+            ledger.grant(account, 5)
+            now = clock.now()
+            for day in (now.date(), now.date() + timedelta(days=1)):
+                expect_error(
+                    lambda day=day: ledger.consume(account, CREDIT, key=f"auto-daily:{day}"),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "INVALID_FIELD",
+                    "idempotency_key",
+                )
+            before = ledger.balance(account).balance_micros
+            assert sweepers.grant_daily_rewards(now.isoformat()) == 1
+            daily = [lot for lot in ledger.lots(account) if lot.source == t.CREDIT_SOURCE_DAILY]
+            assert len(daily) == 1
+            assert ledger.balance(account).balance_micros == before + daily[0].amount_micros
+    finally:
+        worker_db.close()
+        server.stop()
     assert audit_database(fresh_database_url) == []
 
 

@@ -66,6 +66,7 @@ from rq import get_current_job
 
 from ledger_server.db.errors import translate
 from ledger_server.db.queries import query
+from ledger_server.ledger.reserved_keys import STRIPE_EVENT_KEY_PREFIX
 from ledger_server.observability.metrics import WORKER_CREDITS_KEY, Credits, credits_in_result
 from workers.db import connection
 from workers.queues import PAYMENTS_QUEUE, RETRY_MAX, redis_connection, requeue
@@ -103,7 +104,7 @@ class Outcome:
 
 
 def idempotency_key(event_id: str) -> str:
-    return f"stripe:{event_id}"
+    return f"{STRIPE_EVENT_KEY_PREFIX}{event_id}"
 
 
 def request_hash(event_id: str) -> bytes:

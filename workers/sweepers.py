@@ -17,6 +17,7 @@ import psycopg
 
 from ledger_server.db.errors import translate
 from ledger_server.db.queries import query
+from ledger_server.ledger.reserved_keys import AUTO_DAILY_KEY_PREFIX
 from workers.db import connection
 from workers.queues import DEFAULT_QUEUE, enqueue, requeue
 
@@ -154,7 +155,7 @@ def grant_daily_rewards(
             row = conn.execute(query("ledger_day"), {"now": now}).fetchone()
             assert row is not None
             day = row[0].isoformat()
-        key = f"auto-daily:{day}"
+        key = f"{AUTO_DAILY_KEY_PREFIX}{day}"
         key_hash = hashlib.sha256(key.encode()).digest()
         while True:
             accounts = [

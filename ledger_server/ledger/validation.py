@@ -14,6 +14,7 @@ from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as ledger_pb
 from ledger.v1 import types_pb2 as types_pb
 from ledger_server.errors import invalid_field
+from ledger_server.ledger.reserved_keys import RESERVED_KEY_PREFIXES
 
 MAX_AMOUNT_MICROS = 10**15  # one billion credits in one request
 MAX_PAGE_SIZE = 1000
@@ -40,6 +41,12 @@ def idempotency_key(value: str) -> str:
         raise invalid_field("idempotency_key", "is required on every mutating request")
     if not _IDEMPOTENCY_KEY.fullmatch(value):
         raise invalid_field("idempotency_key", "must be 1 to 128 printable ASCII characters")
+    for prefix in RESERVED_KEY_PREFIXES:
+        if value.startswith(prefix):
+            raise invalid_field(
+                "idempotency_key",
+                f"must not start with {prefix!r}: the prefix is reserved for the ledger's own keys",
+            )
     return value
 
 
