@@ -437,7 +437,9 @@ def test_a_subscription_refund_delivered_before_its_invoice_payment_is_applied_a
     account, sub = new_account("sub-refund-first"), f"sub_{uuid.uuid4().hex}"
     invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
     start = int(time.time()) - 60
-    apply_events(invoice_paid(account, sub, plan.provider_price_id, start, start + 86400, invoice))
+    apply_events(
+        invoice_paid(account, sub, plan.provider_price_id, start, start + 30 * 86400, invoice)
+    )
     [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
     assert payments_db.event(refund)["status"] == "ignored"  # type: ignore[index]
     apply_events(invoice_payment_paid(invoice, intent))
