@@ -96,7 +96,9 @@ def _bought_pack(
     configure("purchase.allow_free_users", True)
     pack = sources.create_pack(100 * CREDIT, price_minor=price_minor)
     account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent))
+    apply_events(
+        checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=price_minor)
+    )
     return account, intent
 
 
@@ -449,6 +451,20 @@ def test_a_subscription_refund_delivered_before_its_invoice_payment_is_applied_a
     assert_audit_clean()
 
 
+def _proration_invoice(
+    account: str, sub: str, old_price: str, new_price: str, changed: int, end: int
+) -> tuple[bytes, str]:
+    """The invoice of an upgrade's prorations, as Stripe makes it: the old plan's unused
+    time (negative), the new plan's remaining time (positive). Returns it and its id."""
+    invoice = f"in_{uuid.uuid4().hex}"
+    body = invoice_paid(
+        account, sub, new_price, changed, end, invoice, billing_reason="subscription_update",
+        lines=[invoice_line(old_price, changed, end, proration=True, amount=-300),
+               invoice_line(new_price, changed, end, proration=True, amount=1000)],
+    )  # fmt: skip
+    return body, invoice
+
+
 def test_a_refunded_upgrade_payment_takes_the_upgrades_credits_back(
     apply_events: Callable[..., list[str]],
     sweep_and_apply: Callable[[], int],
@@ -460,36 +476,60 @@ def test_a_refunded_upgrade_payment_takes_the_upgrades_credits_back(
     """An upgrade within the period is granted by customer.subscription.updated under a
     reference of its own; the invoice of its prorations paid for it. Before, that invoice
     was passed over and a refund of its payment found no purchase: the customer kept the
-    pro plan's credits (helper-57). The invoice is now recorded as paying the change, its
-    refund is woken if it came first, and it takes the change's credits back."""
-    account, _, _ = _upgraded_subscriber(apply_events, sources, ledger, "upgrade-refund")
-    (row,) = payments_db.rows(
-        "SELECT plan_id, external_ref FROM subscriptions WHERE account_id = %s", (account,)
+    pro plan's credits (helper-57). Stripe sends the invoice and the update at once, in
+    any order: here the invoice and its refund come first (helper-61: linked then to the
+    plan of the old line), and the refund is woken once the payment is joined."""
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    changed = int(time.time()) - 10
+    proration, invoice = _proration_invoice(
+        account, sub, basic.provider_price_id, pro.provider_price_id, changed, end
     )
-    sub = str(row[1])
-    prices = payments_db.rows(
-        "SELECT provider_price_id FROM subscription_plans WHERE plan_id = %s", (row[0],)
-    )
-    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
-    now = int(time.time())
-    proration = invoice_paid(
-        account,
-        sub,
-        str(prices[0][0]),
-        now,
-        now + 86400,
-        invoice,
-        billing_reason="subscription_update",
-        lines=[invoice_line(str(prices[0][0]), now, now + 86400, proration=True)],
-    )
-    # The refund first: nothing yet says what its payment paid.
-    [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
+    intent = f"pi_{uuid.uuid4().hex}"
+    [refund] = apply_events(charge_refunded(intent, amount=700, amount_refunded=700))
     assert payments_db.event(refund)["status"] == "ignored"  # type: ignore[index]
-    [prorated, _] = apply_events(proration, invoice_payment_paid(invoice, intent, 2000))
+    [prorated, _] = apply_events(proration, invoice_payment_paid(invoice, intent, 700))
     assert payments_db.event(prorated)["status"] == "processed"  # type: ignore[index]
+    apply_events(
+        subscription_updated(
+            account, sub, pro.provider_price_id, start, end,
+            previous_price_id=basic.provider_price_id,
+        )
+    )  # fmt: skip
+    assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
     sweep_and_apply()
     assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 60 * CREDIT  # what basic carried over
+    assert_audit_clean()
+
+
+def test_the_refund_of_an_upgrade_undone_since_takes_that_upgrades_credits_back(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Basic to pro, then back to basic, the pro invoice handled last: it paid for pro,
+    whatever the plan is now (helper-61: linked to basic, its refund took nothing)."""
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    now = int(time.time())
+    apply_events(
+        subscription_updated(account, sub, pro.provider_price_id, start, end,
+                             previous_price_id=basic.provider_price_id, created=now - 5),
+    )  # fmt: skip
+    apply_events(
+        subscription_updated(account, sub, basic.provider_price_id, start, end,
+                             previous_price_id=pro.provider_price_id, created=now - 2),
+    )  # fmt: skip
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    proration, invoice = _proration_invoice(
+        account, sub, basic.provider_price_id, pro.provider_price_id, now - 5, end
+    )
+    intent = f"pi_{uuid.uuid4().hex}"
+    apply_events(proration, invoice_payment_paid(invoice, intent, 700))
+    [refund] = apply_events(charge_refunded(intent, amount=700, amount_refunded=700))
+    assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
     assert_audit_clean()
 
 
@@ -516,6 +556,82 @@ def test_a_partly_lost_dispute_takes_back_its_share(
     assert payments_db.event(refunded)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
     assert payments_db.event(disputed)["credits_micros"] == -75 * CREDIT  # type: ignore[index]
     assert ledger.balance(other).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_dispute_and_a_refund_of_one_charge_take_the_whole_in_either_order(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The dispute of what a refund left, handled before that refund: the refund then
+    still takes its part (helper-61: it took nothing, the dispute having taken 75%)."""
+    account, intent = _bought_pack(apply_events, sources, configure, "dispute-first", 2000)
+    [disputed, refunded] = apply_events(
+        charge_dispute_closed(intent, 1500, "lost"),
+        charge_refunded(intent, amount=2000, amount_refunded=500),
+    )
+    assert payments_db.event(disputed)["credits_micros"] == -75 * CREDIT  # type: ignore[index]
+    assert payments_db.event(refunded)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_whole_dispute_of_a_discounted_payment_takes_the_whole_purchase(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The share is of what was paid (the checkout's amount_total), not of the pack's list
+    price (helper-61: a coupon halved what a lost dispute took back)."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
+    account, intent = new_account("discounted"), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=1000))
+    [lost] = apply_events(charge_dispute_closed(intent, 1000, "lost"))
+    assert payments_db.event(lost)["credits_micros"] == -100 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_lost_dispute_of_an_invoice_paid_before_api_2025_03_31_finds_its_period(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Such an invoice names its payment intent and no invoice_payment.paid comes; a
+    dispute names only the payment intent and the charge (helper-61: found nothing)."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account, sub = new_account("old-api"), f"sub_{uuid.uuid4().hex}"
+    intent, start = f"pi_{uuid.uuid4().hex}", int(time.time()) - 60
+    old_invoice = event(
+        "invoice.paid",
+        {
+            "id": f"in_{uuid.uuid4().hex}",
+            "object": "invoice",
+            "billing_reason": "subscription_create",
+            "subscription": sub,
+            "subscription_details": {"metadata": {"account_id": account}},
+            "payment_intent": intent,
+            "amount_paid": 1000,
+            "currency": "usd",
+            "lines": {"data": [{"price": {"id": plan.provider_price_id}, "proration": False,
+                                "period": {"start": start, "end": start + 30 * 86400}}]},
+        },
+    )  # fmt: skip
+    [paid] = apply_events(old_invoice)
+    assert payments_db.event(paid)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
+    [lost] = apply_events(charge_dispute_closed(intent, 1000, "lost"))
+    assert payments_db.event(lost)["credits_micros"] == -100 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
     assert_audit_clean()
 
 
@@ -583,8 +699,8 @@ def test_a_paid_invoice_grants_the_plan_period_once_and_an_upgrade_carries_over(
         end,
         billing_reason="subscription_update",
         lines=[
-            invoice_line(basic.provider_price_id, now, end, proration=True),
-            invoice_line(pro.provider_price_id, now, end, proration=True),
+            invoice_line(basic.provider_price_id, now, end, proration=True, amount=-600),
+            invoice_line(pro.provider_price_id, now, end, proration=True, amount=1800),
         ],
     )
     [change, prorated] = apply_events(upgraded, proration)

@@ -21,8 +21,10 @@ Event types:
   once per invoice. An invoice for a plan change (billing_reason subscription_update) that
   starts a new period (the billing cycle was reset) changes the plan
   (ledger_change_subscription_plan); one with prorations only grants nothing (the event
-  below granted the change) and is recorded as paying the change (invoice_payments), so
-  its refund finds it; it waits until the change is applied. A late invoice of an older
+  below granted the change) and is recorded as paying the change to its positive line's
+  plan (invoice_payments), so its refund finds it; it waits while its period is not
+  applied. An invoice naming its payment intent (before 2025-03-31) is recorded as paid by
+  it. A late invoice of an older
   period (a subscription that ended) leaves the account's newer subscription as it is.
 - customer.subscription.updated to another plan within the current period, the
   subscription active or trialing, unless a newer such event of the subscription for the
@@ -42,9 +44,10 @@ Event types:
   no purchase and is ignored; recording the purchase, or the invoice payment that joins it
   to its payment, wakes it (wake_claw_backs: back to 'received', the sweeper re-queues it).
   A charge naming an account the ledger lacks is ignored.
-- charge.dispute.closed, lost: a chargeback, clawed back as a refund of the disputed share
-  would be (the charge's applied refunds plus the dispute, of the charge's amount; of the
-  purchase's price when none came before).
+- charge.dispute.closed, lost: a chargeback, clawed back as a refund of the disputed
+  amount would be. A refund's or a dispute's share is of all the charge's applied returns
+  (largest cumulative refund plus lost disputes) over what was paid, read under the
+  account's lock: they compose in any order.
 - invoice_payment.paid: which payment intent paid an invoice, for the refunds of a
   subscription's payments (since API version 2025-03-31 a charge no longer names its
   invoice); wakes the refunds of that payment handled before it.
@@ -460,6 +463,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         # account (lock_payment_event), or this job and the waiting event's, holding its
         # row and asking for the account, deadlock. Rolled back with the job if it fails.
         conn.execute(query("wake_subscription_updates"), {"subscription_ref": subscription_ref})
+        _record_invoice_intent(conn, invoice, now)
         _wake_claw_backs(conn, [_id(invoice), _id(invoice.get("payment_intent"))])
         if plan_change:
             # Under the invoice, as every paid period: its refund finds it there.
@@ -474,6 +478,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
     if plan_change:
+        _record_invoice_intent(conn, invoice, now)
         return _link_proration_invoice(conn, invoice, subscription_ref, account_id, lines, now)
     prices = [_line_price(line) for line in lines]
     raise LookupError(f"no subscription plan has the provider price of the invoice lines {prices}")
@@ -488,32 +493,58 @@ def _link_proration_invoice(
     now: datetime,
 ) -> Outcome:
     """An invoice of prorations only paid for a plan change within the period, which
-    customer.subscription.updated granted under a reference of its own: the invoice is
-    recorded as paying that change, so a refund or a lost dispute of its payment takes the
-    change's credits back. It waits (EventNotReady) until the change is applied."""
-    current = _current_subscription(conn, account_id)
-    plans = {_plan_for_price(conn, _line_price(line)) for line in lines if _is_proration(line)}
-    if current is None or current[0] not in plans:
-        raise EventNotReady("the plan change these prorations pay for is not applied yet")
-    plan_id, start = current
+    customer.subscription.updated granted under a reference of its own
+    (_plan_change_ref): the invoice is recorded as paying that change, so a refund or a
+    lost dispute of its payment takes the change's credits back. The plan it paid for is
+    its positive line's (the new plan's remaining time; the negative one is the old plan's
+    unused time), whatever the plan is now; the period is the account's subscription
+    period the change fell in. It waits (EventNotReady) while that period is not applied."""
+    prorations = [line for line in lines if _is_proration(line)]
+    bought = [line for line in prorations if int(line.get("amount") or 0) > 0]
+    if not bought and len(prorations) == 1:  # a line without its amount: the one there is
+        bought = prorations
+    period = conn.execute(query("plan_change_period"), {"account_id": account_id}).fetchone()
+    refs: list[str] = []
+    for line in bought:
+        plan_id = _plan_for_price(conn, _line_price(line))
+        changed_at = _timestamp(_dig(line, "period", "start"))
+        if plan_id is None or changed_at is None:
+            continue
+        if period is not None and period[2] == subscription_ref and period[0] > changed_at:
+            return Outcome(
+                "ignored", account_id, note="prorations of a period that has been renewed since"
+            )
+        if period is None or period[2] != subscription_ref or changed_at >= period[1]:
+            raise EventNotReady("the subscription period of these prorations is not applied yet")
+        refs.append(_plan_change_ref(subscription_ref, plan_id, period[0]))
     invoice_ref = _id(invoice)
-    conn.execute(
-        query("record_invoice_payment"),
-        {
-            "payment_ref": invoice_ref,
-            "invoice_ref": _plan_change_ref(subscription_ref, plan_id, start),
-            "now": now,
-        },
-    )
+    for ref in refs:
+        conn.execute(
+            query("record_invoice_payment"),
+            {"payment_ref": invoice_ref, "invoice_ref": ref, "now": now},
+        )
     paid_by = [str(row[0]) for row in conn.execute(
         query("payments_of_invoice"), {"invoice_ref": invoice_ref}
     ).fetchall()]  # fmt: skip
     _wake_claw_backs(conn, [invoice_ref, _id(invoice.get("payment_intent")), *paid_by])
     return Outcome(
-        "processed",
+        "processed" if refs else "ignored",
         account_id,
-        note=f"prorations for the change to {plan_id}: its refunds take that change back",
+        note=f"prorations paying for {', '.join(refs) or 'no plan of the rate card'}:"
+        " their refunds take it back",
     )
+
+
+def _record_invoice_intent(conn: Conn, invoice: Any, now: datetime) -> None:
+    """Before API version 2025-03-31 an invoice names the payment intent that paid it (no
+    invoice_payment.paid comes): recorded as its invoice_payment would be, for a dispute,
+    which names the payment intent and the charge only."""
+    payment_intent = _id(invoice.get("payment_intent"))
+    if payment_intent:
+        conn.execute(
+            query("record_invoice_payment"),
+            {"payment_ref": payment_intent, "invoice_ref": _id(invoice), "now": now},
+        )
 
 
 def _wake_claw_backs(conn: Conn, refs: list[str]) -> None:
@@ -677,6 +708,16 @@ def _require_no_unfinished_payment(conn: Conn, event_id: str, refs: list[str]) -
         raise EventNotReady(f"the payment's own event {row[0]} is not applied yet")
 
 
+@dataclass(frozen=True)
+class _Return:
+    """What one refund or lost dispute says of its charge, in the charge's minor units."""
+
+    refunded_minor: int  # a refund's cumulative amount refunded; 0 for a dispute
+    disputed_minor: int  # a lost dispute's amount; 0 for a refund
+    charge_minor: int | None  # the charge's amount, when the event gives it
+    currency: str
+
+
 def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:
     payment_intent = _id(charge.get("payment_intent"))
     refs = [r for r in (payment_intent, _id(charge.get("invoice")), _id(charge)) if r]
@@ -688,16 +729,15 @@ def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> O
         now,
         refs,
         _metadata(charge),
-        refunded,
-        paid,
+        _Return(refunded, 0, paid, currency),
         f"payment {payment_intent or _id(charge)} refunded: {refunded} of {paid} {currency}",
     )
 
 
 def _dispute_closed(conn: Conn, event_id: str, dispute: Any, now: datetime) -> Outcome:
-    """A chargeback the merchant lost: the bank took the payment back, as a full refund
-    would (a dispute is for what of the charge was not refunded, so the whole of what is
-    left of the purchase goes). Won or accepted-and-reinstated disputes change nothing."""
+    """A chargeback the merchant lost: the bank took the disputed amount back, as a refund
+    of it would (a dispute may be for part of a charge, and is for what its refunds left).
+    Won or accepted-and-reinstated disputes change nothing."""
     if dispute.get("status") != "lost":
         return Outcome("ignored", note=f"dispute {dispute.get('status')}: the payment stands")
     payment_intent = _id(dispute.get("payment_intent"))
@@ -710,31 +750,34 @@ def _dispute_closed(conn: Conn, event_id: str, dispute: Any, now: datetime) -> O
         now,
         refs,
         _metadata(dispute),
-        amount,
-        None,
+        _Return(0, amount, None, currency),
         f"payment {refs[0] if refs else _id(dispute)} disputed and lost: {amount} {currency}",
-        currency,
     )
 
 
-def _disputed_share(
-    conn: Conn, account_id: str, refs: list[str], disputed_minor: int, currency: str
-) -> tuple[int, int]:
-    """A lost dispute as a refund: (refunded, paid) in the charge's minor units. A dispute
-    can be for part of a charge, and is for what its refunds left: what they refunded plus
-    the dispute, of the charge's amount (from its applied refunds, else the purchase's
-    price). Without either, the whole of the purchase, as before."""
+def _returned_share(
+    conn: Conn, event_id: str, refs: list[str], this: _Return
+) -> tuple[int, int] | None:
+    """(returned, paid) of the charge, in its minor units, for ledger_claw_back_purchase's
+    cumulative share: the largest cumulative refund and every lost dispute of the charge
+    applied so far, this event's included, of the charge's amount (from a refund of it,
+    else from its payment's applied event). Refunds and disputes then compose in any
+    order. None: a dispute of a charge whose amount is unknown (taken as the whole)."""
     row = conn.execute(
-        query("refunded_before_dispute"), {"external_refs": refs, "currency": currency}
+        query("charge_returns"),
+        {"event_id": event_id, "external_refs": refs, "currency": this.currency},
     ).fetchone()
-    if row is not None and row[1]:
-        return int(row[0] or 0) + disputed_minor, int(row[1])
-    price = conn.execute(
-        query("purchase_price"), {"account_id": account_id, "external_refs": refs}
-    ).fetchone()
-    if price is not None and price[0] and price[1] == currency:
-        return disputed_minor, int(price[0])
-    return disputed_minor, disputed_minor
+    refunded, disputed, charged = (row[0], row[1], row[2]) if row else (None, 0, None)
+    charge = this.charge_minor or charged
+    if charge is None:
+        paid = conn.execute(
+            query("amount_paid"), {"external_refs": refs, "currency": this.currency}
+        ).fetchone()
+        charge = int(paid[0]) if paid else None
+    if not charge:
+        return None
+    returned = max(this.refunded_minor, int(refunded or 0)) + int(disputed) + this.disputed_minor
+    return returned, int(charge)
 
 
 def _claw_back(
@@ -743,14 +786,11 @@ def _claw_back(
     now: datetime,
     refs: list[str],
     metadata: Mapping[str, Any],
-    refunded_minor: int,
-    paid_minor: int | None,
+    this: _Return,
     comment: str,
-    currency: str = "",
 ) -> Outcome:
-    """Takes back the refunded share of the purchase paid by one of `refs`, or by an
-    invoice one of them paid (a subscription period's purchase is under the invoice).
-    `paid_minor` None: a lost dispute of `refunded_minor` (_disputed_share)."""
+    """Takes back the returned share of the purchase paid by one of `refs`, or by an
+    invoice one of them paid (a subscription period's purchase is under the invoice)."""
     invoices = conn.execute(query("invoices_paid_by"), {"external_refs": refs}).fetchall()
     refs = refs + [str(row[0]) for row in invoices if row[0] not in refs]
     _require_no_unfinished_payment(conn, event_id, refs)
@@ -761,16 +801,15 @@ def _claw_back(
     if not account_id:
         # Woken (wake_claw_backs) if the purchase is recorded later: Stripe's order is any.
         return Outcome("ignored", note="no purchase was paid by this charge")
-    if paid_minor is None:
-        refunded_minor, paid_minor = _disputed_share(
-            conn, account_id, refs, refunded_minor, currency
-        )
-    if paid_minor <= 0:
+    conn.execute(query("lock_claw_back_account"), {"account_id": account_id})
+    share = _returned_share(conn, event_id, refs, this)
+    if share is None:
+        share = (this.disputed_minor, this.disputed_minor)  # the whole purchase
+    returned, paid = share
+    if paid <= 0:
         return Outcome("ignored", account_id, note="the event names no amount paid")
     params = _base_params(event_id, account_id, now)
-    params.update(
-        external_refs=refs, refunded_minor=refunded_minor, paid_minor=paid_minor, comment=comment
-    )
+    params.update(external_refs=refs, refunded_minor=returned, paid_minor=paid, comment=comment)
     data = _ledger_call(conn, "claw_back_purchase", params, ends=(_ACCOUNT_NOT_FOUND,))
     if data == _ACCOUNT_NOT_FOUND:  # the charge's metadata names an account the ledger lacks
         return Outcome("ignored", account_id, note="the account the charge names does not exist")

@@ -159,10 +159,13 @@ def invoice_payment_paid(invoice_id: str, payment_intent: str, amount: int = 100
     )
 
 
-def invoice_line(price_id: str, start: int, end: int, proration: bool = False) -> dict[str, Any]:
+def invoice_line(
+    price_id: str, start: int, end: int, proration: bool = False, amount: int | None = None
+) -> dict[str, Any]:
     """A line in the shape of API version 2025-03-31 and later (parent, pricing)."""
     return {
         "object": "line_item",
+        **({} if amount is None else {"amount": amount}),
         "period": {"start": start, "end": end},
         "pricing": {"type": "price_details", "price_details": {"price": price_id}},
         "parent": {

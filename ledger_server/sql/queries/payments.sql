@@ -159,32 +159,64 @@ UPDATE payment_events SET status = 'received'
 -- A purchase, or the link of an invoice to the payment that paid it, was recorded: the
 -- refunds and lost chargebacks of those payments that were handled before it, and found
 -- nothing to take back, run again (the sweeper re-queues them).
--- payment_events_claw_backs (migration 0023); its expression, word for word.
+-- payment_events_by_payment (migration 0023): its expression word for word.
 UPDATE payment_events SET status = 'received', processed_at = NULL
  WHERE type IN ('charge.refunded', 'charge.dispute.closed') AND status = 'ignored'
    AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
-             payload #>> '{data,object,charge}', payload #>> '{data,object,id}']
+             payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
+             payload #>> '{data,object,payment,payment_intent}']
        && %(external_refs)s::text[]
 
--- name: refunded_before_dispute
--- What the applied refunds of a disputed charge refunded (cumulative), of how much.
--- payment_events_claw_backs (migration 0023); its expression, word for word.
-SELECT max((payload #>> '{data,object,amount_refunded}')::bigint),
-       max((payload #>> '{data,object,amount}')::bigint)
+-- name: charge_returns
+-- What the other applied refunds and lost disputes of a charge returned: the refunds'
+-- cumulative amount refunded (the largest), the disputes' amounts (added up), and the
+-- charge's amount as its refunds give it. Run under the account's lock: two claw-backs of
+-- one account see each other's outcome.
+-- payment_events_by_payment (migration 0023): its expression word for word.
+SELECT max((payload #>> '{data,object,amount_refunded}')::bigint)
+           FILTER (WHERE type = 'charge.refunded'),
+       coalesce(sum((payload #>> '{data,object,amount}')::bigint)
+           FILTER (WHERE type = 'charge.dispute.closed'), 0)::bigint,
+       max((payload #>> '{data,object,amount}')::bigint) FILTER (WHERE type = 'charge.refunded')
   FROM payment_events
- WHERE type IN ('charge.refunded', 'charge.dispute.closed') AND type = 'charge.refunded'
-   AND status = 'processed'
+ WHERE type IN ('charge.refunded', 'charge.dispute.closed')
+   AND status = 'processed' AND event_id <> %(event_id)s
    AND upper(payload #>> '{data,object,currency}') = %(currency)s
    AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
-             payload #>> '{data,object,charge}', payload #>> '{data,object,id}']
+             payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
+             payload #>> '{data,object,payment,payment_intent}']
        && %(external_refs)s::text[]
 
--- name: purchase_price
--- What the account paid for the purchase one of these references paid.
-SELECT amount_minor, upper(currency) FROM purchases
- WHERE account_id = %(account_id)s AND external_ref = ANY (%(external_refs)s::text[])
- ORDER BY array_position(%(external_refs)s::text[], external_ref)
+-- name: amount_paid
+-- What the applied event of the payment says was paid (a checkout's amount_total, an
+-- invoice's or an invoice payment's amount_paid), in the currency asked; none when unknown.
+-- payment_events_by_payment (migration 0023): its expression word for word.
+SELECT coalesce(payload #>> '{data,object,amount_total}',
+                payload #>> '{data,object,amount_paid}')::bigint
+  FROM payment_events
+ WHERE type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded',
+                'invoice.paid', 'invoice_payment.paid')
+   AND status = 'processed'
+   AND coalesce(upper(payload #>> '{data,object,currency}'), %(currency)s) = %(currency)s
+   AND coalesce(payload #>> '{data,object,amount_total}',
+                payload #>> '{data,object,amount_paid}') IS NOT NULL
+   AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
+             payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
+             payload #>> '{data,object,payment,payment_intent}']
+       && %(external_refs)s::text[]
+ ORDER BY received_at
  LIMIT 1
+
+-- name: lock_claw_back_account
+-- Claw-backs of one account one at a time from their reading of the charge's other
+-- refunds and disputes (charge_returns) to their commit. The account row, as every
+-- ledger call of the account takes it first.
+SELECT 1 FROM accounts WHERE account_id = %(account_id)s FOR UPDATE
+
+-- name: plan_change_period
+-- The account's subscription period (its end: the period's, or when it ended early).
+SELECT current_period_start, current_period_end, external_ref FROM subscriptions
+ WHERE account_id = %(account_id)s
 
 -- name: record_invoice_payment
 INSERT INTO invoice_payments (payment_ref, invoice_ref, created_at)
