@@ -483,11 +483,19 @@ def test_the_rest_of_the_daily_rewards_grants_the_day_it_set_out_to(
         assert row is not None
         first_day = row[0]
         after_midnight = datetime.combine(first_day + timedelta(days=1), datetime.min.time(), UTC)
-        # The rest as the worker would run it, but after midnight (UTC is the ledger's day).
-        as_of, *rest_args = rest.args
+        # An account opened after midnight, its id after the run's: the old day is not its.
+        newcomer = f"{prefix}-9"
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT ledger_open_account(%s, '', %s)",
+                (newcomer, after_midnight + timedelta(minutes=1)),
+            )
+        # The rest as the worker would run it, but after midnight (UTC is the ledger's day)
+        # and with the time to reach every account.
+        as_of, batch, after, _budget, day = rest.args
         assert as_of is None
         late = (after_midnight + timedelta(minutes=5)).isoformat()
-        assert sweepers.grant_daily_rewards(late, *rest_args) == 2
+        assert sweepers.grant_daily_rewards(late, batch, after, 120, day) == 2
     finally:
         queue.empty()
         worker_db.close()
@@ -496,6 +504,14 @@ def test_the_rest_of_the_daily_rewards_grants_the_day_it_set_out_to(
             "SELECT account_id, claim_date FROM daily_claims ORDER BY account_id"
         ).fetchall()
         assert claims == [(account, first_day) for account in accounts]
+        # Nor can a day that ended before the account was opened (helper-63).
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(
+                "SELECT ledger_claim_daily_reward_of_day(%s, 'old', '\\x01', %s, %s)",
+                (newcomer, first_day, after_midnight + timedelta(minutes=6)),
+            )
+        assert refused.value.sqlstate == "LE010"
+        conn.rollback()
         # A day that has not begun cannot be claimed.
         with pytest.raises(psycopg.Error) as refused:
             conn.execute(

@@ -295,6 +295,10 @@ BEGIN
             jsonb_build_object('field', 'day'));
     END IF;
     today := coalesce(p_day, today);
+    IF a.created_at >= (today + 1)::timestamp AT TIME ZONE tz THEN  -- a named day, before it
+        PERFORM ledger_fail('LE010', 'the account did not exist on that day',
+            jsonb_build_object('field', 'day', 'violation', 'before the account was opened'));
+    END IF;
     next_claim := (today + 1)::timestamp AT TIME ZONE tz;
     IF EXISTS (SELECT 1 FROM daily_claims WHERE account_id = p_account AND claim_date = today) THEN
         PERFORM ledger_fail('LE011', 'today''s daily reward was claimed already',

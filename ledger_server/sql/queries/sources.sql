@@ -174,6 +174,8 @@ SELECT (%(now)s::timestamptz AT TIME ZONE ledger_timezone())::date
 -- straight to those the last run did not reach.
 SELECT a.account_id FROM accounts a
  WHERE a.account_id > %(after)s
+   -- the rest of a run after midnight passes over accounts opened since the day ended
+   AND a.created_at < (%(day)s::date + 1)::timestamp AT TIME ZONE ledger_timezone()
    AND NOT EXISTS (SELECT 1 FROM daily_claims c
                     WHERE c.account_id = a.account_id AND c.claim_date = %(day)s::date)
  ORDER BY a.account_id
