@@ -155,6 +155,32 @@ def test_one_key_serves_one_kind_of_change(admin: AdminStub, ledger: Ledger) -> 
     assert info.metadata["original_operation"] == "set_low_balance_alert"
 
 
+def test_an_alert_retried_with_its_address_typed_with_spaces_is_a_replay(
+    admin: AdminStub, ledger: Ledger
+) -> None:
+    """The address is used trimmed, so it is fingerprinted trimmed (helper-63: the retry
+    was refused as another request)."""
+    key, account = new_key(), new_account()
+    ledger.grant(account, 1)
+
+    def alert(email: str) -> Any:
+        return admin.SetLowBalanceAlert.with_call(
+            admin_pb.SetLowBalanceAlertRequest(
+                account_id=account, threshold_micros=CREDIT, email=email, idempotency_key=key
+            )
+        )
+
+    first, _ = alert("ops@example.com")
+    again, call = alert(" ops@example.com ")
+    assert again == first
+    assert REPLAYED in (call.trailing_metadata() or ())
+    expect_error(
+        lambda: alert("other@example.com"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+
+
 def _batch(key: str) -> admin_pb.CreateRedemptionBatchRequest:
     return admin_pb.CreateRedemptionBatchRequest(
         amount_micros=CREDIT, code_count=2, idempotency_key=key

@@ -36,12 +36,15 @@ def account_id(value: str, field: str = "account_id") -> str:
     return value
 
 
-def idempotency_key(value: str) -> str:
+def idempotency_key(value: str, *, account_namespace: bool = True) -> str:
+    """A request's key. One of an account's key namespace (account_namespace, where the
+    ledger's own jobs claim keys too) may not take their prefixes; the administrators'
+    ledger-wide keys (admin_requests) may."""
     if not value:
         raise invalid_field("idempotency_key", "is required on every mutating request")
     if not _IDEMPOTENCY_KEY.fullmatch(value):
         raise invalid_field("idempotency_key", "must be 1 to 128 printable ASCII characters")
-    for prefix in RESERVED_KEY_PREFIXES:
+    for prefix in RESERVED_KEY_PREFIXES if account_namespace else ():
         if value.startswith(prefix):
             raise invalid_field(
                 "idempotency_key",

@@ -37,7 +37,10 @@ async def once(
     change: Change[Response],
 ) -> Response:
     """Runs change(conn) once per idempotency key of `request`, in one transaction."""
-    key = validation.idempotency_key(getattr(request, "idempotency_key"))  # noqa: B009
+    key = validation.idempotency_key(
+        getattr(request, "idempotency_key"),  # noqa: B009
+        account_namespace=False,
+    )
     fingerprint = request_fingerprint(operation, request)
     async with pool.connection() as conn, conn.transaction():
         claimed = await store.fetch_all(

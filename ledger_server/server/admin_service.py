@@ -314,7 +314,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 validation.MAX_LOT_LIFETIME,
             )
         params: dict[str, object] = {
-            "key": validation.idempotency_key(request.idempotency_key),
+            "key": validation.idempotency_key(request.idempotency_key, account_namespace=False),
             "hash": request_fingerprint("create_redemption_batch", request),
             "amount": validation.positive_amount(request.amount_micros),
             "count": request.code_count,
@@ -579,8 +579,12 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 response.threshold_micros = stored_threshold
             return response
 
+        # Fingerprinted as used: a retry that types the address with spaces is the same.
+        normalized = pb.SetLowBalanceAlertRequest()
+        normalized.CopyFrom(request)
+        normalized.email = email
         return await self._once(
-            context, "set_low_balance_alert", request, pb.SetLowBalanceAlertResponse, change
+            context, "set_low_balance_alert", normalized, pb.SetLowBalanceAlertResponse, change
         )
 
     async def ListLowBalanceAlerts(
