@@ -297,7 +297,9 @@ def test_a_price_change_waits_for_one_in_flight_so_the_last_committed_is_in_forc
             with psycopg.connect(ledger_db_url, autocommit=True) as watcher:
                 for _ in range(400):
                     row = watcher.execute(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                        " WHERE l.locktype = 'advisory' AND NOT l.granted"
+                        " AND a.query LIKE '%rate-card%'"
                     ).fetchone()
                     if row and row[0]:
                         break
