@@ -105,33 +105,41 @@ def test_a_loan_refused_for_lack_of_time_leaves_the_order_alone(ledger_db_url: s
     assert used == returned[-1]
 
 
+def _session_setting(
+    database_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str]:
+    """A setting as a pooled session of the server and one of the workers see it."""
+
+    async def server_setting() -> str:
+        pool = await open_pool(database_url, 1, 1)
+        try:
+            async with pool.connection() as conn:
+                row = await (await conn.execute(f"SHOW {name}")).fetchone()
+                return str(row[0]) if row else ""
+        finally:
+            await pool.close()
+
+    served = asyncio.run(server_setting())
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    worker_db.close()
+    try:
+        with worker_db.connection() as conn:
+            row = conn.execute(f"SHOW {name}").fetchone()
+    finally:
+        worker_db.close()
+    return served, str(row[0]) if row else ""
+
+
 def test_the_server_and_worker_sessions_end_a_transaction_left_idle_for_a_minute(
     ledger_db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A transaction whose client vanished keeps its locks (an account, an event row) until
     TCP keepalive gives up, two hours by default; every pooled session ends one idle for a
     minute (ledger_server/db/session_limits.py)."""
-
-    async def server_setting() -> str:
-        pool = await open_pool(ledger_db_url, 1, 1)
-        try:
-            async with pool.connection() as conn:
-                row = await (
-                    await conn.execute("SHOW idle_in_transaction_session_timeout")
-                ).fetchone()
-                return str(row[0]) if row else ""
-        finally:
-            await pool.close()
-
-    assert asyncio.run(server_setting()) == "1min"
-    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
-    worker_db.close()
-    try:
-        with worker_db.connection() as conn:
-            row = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
-    finally:
-        worker_db.close()
-    assert row == ("1min",)
+    assert _session_setting(ledger_db_url, "idle_in_transaction_session_timeout", monkeypatch) == (
+        "1min",
+        "1min",
+    )
 
 
 @pytest.fixture
@@ -152,24 +160,7 @@ def new_york_database_url(fresh_database_url: str) -> str:
 def test_the_server_and_worker_sessions_run_in_utc_whatever_the_database_default(
     new_york_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def server_setting() -> str:
-        pool = await open_pool(new_york_database_url, 1, 1)
-        try:
-            async with pool.connection() as conn:
-                row = await (await conn.execute("SHOW TimeZone")).fetchone()
-                return str(row[0]) if row else ""
-        finally:
-            await pool.close()
-
-    assert asyncio.run(server_setting()) == "UTC"
-    monkeypatch.setenv("DATABASE_URL", new_york_database_url)
-    worker_db.close()
-    try:
-        with worker_db.connection() as conn:
-            row = conn.execute("SHOW TimeZone").fetchone()
-    finally:
-        worker_db.close()
-    assert row == ("UTC",)
+    assert _session_setting(new_york_database_url, "TimeZone", monkeypatch) == ("UTC", "UTC")
 
 
 @pytest.fixture
