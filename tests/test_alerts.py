@@ -319,3 +319,37 @@ def test_a_months_allowance_ending_as_the_next_begins_is_no_crossing(
         ).fetchone()
     assert lots == (2,)  # January's (expired) and February's
     assert alerts == (0,)
+
+
+def test_a_hold_timed_out_at_the_months_end_raises_no_alert_as_the_allowance_renews(
+    fresh_database_url: str,
+) -> None:
+    """The month's allowance ends as the next begins: no crossing. With a hold that timed
+    out before the month's end, maintenance expired the old allowance and checked the low
+    balance on its own, before the new one came: a false alert, and its email, every month
+    for anyone with a hold left over (helper-62)."""
+    migrate(fresh_database_url)
+    opened = datetime(2030, 3, 10, tzinfo=UTC)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), opened)
+        for key, value in (("monthly_free.enabled", "true"), ("signup.enabled", "false")):
+            conn.execute(
+                "SELECT ledger_put_setting(%s, %s, 'admin', 'test', 'month end', %s, true)",
+                (key, value, opened),
+            )
+        held, plain = new_account("month-held"), new_account("month-plain")
+        for account in (held, plain):
+            conn.execute("SELECT ledger_open_account(%s, '', %s)", (account, opened))
+        conn.execute(
+            "SELECT ledger_reserve(%s, 'hold', '\\x01', %s, NULL::jsonb, %s, '', '', %s)",
+            (held, 50 * CREDIT, datetime(2030, 3, 31, 23, tzinfo=UTC), opened),
+        )
+        renewed = datetime(2030, 4, 1, 0, 0, 1, tzinfo=UTC)
+        for account in (held, plain):
+            balance = conn.execute("SELECT ledger_balance(%s, %s)", (account, renewed)).fetchone()
+            assert balance is not None and balance[0]["balance_micros"] == 1500 * CREDIT
+        alerts_raised = conn.execute(
+            "SELECT account_id FROM low_balance_alerts WHERE account_id = ANY (%s)",
+            ([held, plain],),
+        ).fetchall()
+    assert alerts_raised == []

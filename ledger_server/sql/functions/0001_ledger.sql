@@ -24,6 +24,7 @@ DROP FUNCTION IF EXISTS ledger_journal_page(text, bigint, text[], timestamptz, t
 DROP FUNCTION IF EXISTS ledger_consume(text, text, bytea, bigint, text, text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_account_journal_reaches_back(text, bigint, timestamptz);
 DROP FUNCTION IF EXISTS ledger_release_holds(text, uuid, text, timestamptz, text);
+DROP FUNCTION IF EXISTS ledger_release_holds(text, uuid[], text, timestamptz, text);
 -- Its result columns changed (CREATE OR REPLACE cannot change them); recreated below, as
 -- the previous release's form beside the one with p_scan.
 DROP FUNCTION IF EXISTS ledger_list_transactions(text, bigint, text[], timestamptz, timestamptz, text, text, text[], int, timestamptz);
@@ -468,8 +469,11 @@ $$;
 -- rows once per hold, and PostgreSQL walks every version its own transaction made of a
 -- row, so the loop was quadratic (4,000 holds on one lot took 1.1 s and a large enough
 -- backlog outlasted every call's statement time-out).
+-- p_alert false: the caller checks the low balance itself (ledger_maintain, once over
+-- every expiry and the month's new allowance).
 CREATE OR REPLACE FUNCTION ledger_release_holds(
-    p_account text, p_reservations uuid[], p_status text, p_now timestamptz, p_comment text)
+    p_account text, p_reservations uuid[], p_status text, p_now timestamptz, p_comment text,
+    p_alert boolean DEFAULT true)
     RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -507,7 +511,7 @@ BEGIN
     UPDATE accounts SET held_micros = held_micros - total WHERE account_id = p_account
     RETURNING overdraft_limit_micros INTO overdraft_limit;
     IF any_lot_expired THEN
-        PERFORM ledger_expire_due_lots(p_account, p_now, p_released => true);
+        PERFORM ledger_expire_due_lots(p_account, p_now, p_alert, p_released => true);
     END IF;
     IF overdraft_limit > 0 THEN
         PERFORM ledger_settle_overdraft(p_account, p_now);
@@ -528,19 +532,21 @@ DECLARE
     expired bigint;
     a accounts;
 BEGIN
+    -- One low-balance check over every expiry (those of timed-out holds' credits too) and
+    -- the month's allowance together: the allowance that ends and the one that begins at
+    -- the same moment are no crossing (helper-62: with a hold timed out at the month's end,
+    -- the old allowance's expiry alerted on its own before the new one came).
+    SELECT balance_micros INTO balance_before FROM accounts WHERE account_id = p_account;
     IF cardinality(timed_out) > 0 THEN
         -- What expired unheld is journaled first, dated back to its lots' expiry by the
         -- reports; what the releases free on expired lots expires after it, dated now.
-        PERFORM ledger_expire_due_lots(p_account, p_now);
+        PERFORM ledger_expire_due_lots(p_account, p_now, false);
         PERFORM ledger_release_holds(p_account, timed_out, 'expired', p_now,
-                                     'time-to-live passed');
+                                     'time-to-live passed', false);
     END IF;
-    -- One low-balance check over the expiries and the month's allowance together: the
-    -- allowance that ends and the one that begins at the same moment are no crossing.
-    SELECT balance_micros INTO balance_before FROM accounts WHERE account_id = p_account;
     expired := ledger_expire_due_lots(p_account, p_now, false);
     PERFORM ledger_monthly_allowance(p_account, p_now);  -- sql/functions/0002_sources.sql
-    IF expired > 0 THEN
+    IF expired > 0 OR cardinality(timed_out) > 0 THEN
         SELECT * INTO a FROM accounts WHERE account_id = p_account;
         IF a.balance_micros < balance_before THEN
             PERFORM ledger_low_balance_check(
