@@ -54,7 +54,9 @@ class Stack:
 
 
 @contextmanager
-def make_run(data_dir: Path, port: int, webhook_port: int) -> Iterator[Stack]:
+def make_run(
+    data_dir: Path, port: int, webhook_port: int, stop_with: int = signal.SIGINT
+) -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(
         LEDGER_DATA_DIR=str(data_dir),
@@ -76,7 +78,8 @@ def make_run(data_dir: Path, port: int, webhook_port: int) -> Iterator[Stack]:
         yield stack
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
+            # SIGINT: what Ctrl-C sends to the foreground group; SIGHUP: its terminal closed.
+            os.killpg(process.pid, stop_with)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -186,14 +189,16 @@ def test_make_run_serves_the_readme_walkthrough_and_stops_cleanly(tmp_path: Path
     assert not _port_open(redis_port)
     assert not (data_dir / "pg" / "postmaster.pid").exists(), "PostgreSQL still running"
 
-    with make_run(data_dir, port, webhook_port) as again:
+    # Its terminal closed (helper-64: SIGHUP left the embedded PostgreSQL running).
+    with make_run(data_dir, port, webhook_port, stop_with=signal.SIGHUP) as again:
         assert "credit-ledger is up" in again.text()
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             balance = ledger_service_pb2_grpc.LedgerServiceStub(channel).Balance(
                 pb.BalanceRequest(account_id="alice")
             )
         assert balance.balance_micros == 96_500_000
-    assert again.process.returncode == 0
+    assert again.process.returncode == 0, again.text()
+    assert not (data_dir / "pg" / "postmaster.pid").exists(), "PostgreSQL still running"
 
 
 def test_readme_configuration_table_names_every_setting() -> None:
@@ -210,3 +215,17 @@ def test_readme_configuration_table_names_every_setting() -> None:
     read |= {definition.env_var for definition in runtime_settings.DEFINITIONS}
     assert read, "found no settings in the code"
     assert read - documented == set(), f"settings missing from README: {read - documented}"
+
+
+def test_the_banner_says_how_to_get_buf_where_there_is_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a fresh machine `buf` is neither on PATH nor in node_modules yet: the first call
+    the banner prints would fail as pasted (helper-64)."""
+    from ledger_server.devstack import __main__ as devstack
+
+    env = {"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x"}
+    monkeypatch.setattr(devstack, "_buf_command", lambda: None)
+    assert "`make node_modules` installs it" in devstack.ready_banner("localhost", 50051, env)
+    monkeypatch.setattr(devstack, "_buf_command", lambda: "buf")
+    assert "make node_modules" not in devstack.ready_banner("localhost", 50051, env)

@@ -3,8 +3,9 @@
 ``run``
     Resolves DATABASE_URL / REDIS_URL (embedded servers under ``.data/`` when unset), applies
     migrations, starts every process in :data:`PROCESSES` with its output prefixed by its
-    name, waits for the gRPC port and prints how to reach it. Ctrl-C / SIGTERM (or any child
-    exiting) stops the children (SIGTERM, then SIGKILL), then the servers it started.
+    name, waits for the gRPC port and prints how to reach it. Ctrl-C / SIGTERM / SIGHUP (its
+    terminal closed), or any child exiting, stops the children (SIGTERM, then SIGKILL), then
+    the servers it started.
 ``env``
     Starts the embedded servers if needed (left running) and prints ``export`` lines:
     ``eval "$(python -m ledger_server.devstack env)"``.
@@ -213,21 +214,23 @@ def _hurry_on_signals() -> None:
     """While shutting down, another Ctrl-C/SIGTERM only cuts the grace period short."""
     signal.signal(signal.SIGINT, _hurry)
     signal.signal(signal.SIGTERM, _hurry)
+    signal.signal(signal.SIGHUP, _hurry)
 
 
-def _buf_command() -> str:
+def _buf_command() -> str | None:
     if shutil.which("buf"):
         return "buf"
     local = embedded.repo_root() / "node_modules" / ".bin" / "buf"
     if local.exists():
         return os.path.relpath(local) if Path.cwd() == embedded.repo_root() else str(local)
-    return "buf"
+    return None
 
 
 def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
     """What a newcomer sees once the stack is up: where it listens and a first call to paste
     (a grant with a fixed idempotency key, so pasting it twice grants once)."""
-    base = f"{_buf_command()} curl --protocol grpc --http2-prior-knowledge"
+    buf = _buf_command()
+    base = f"{buf or 'buf'} curl --protocol grpc --http2-prior-knowledge"
     webhook_addr = StripeSettings.from_env(env).webhook_addr
     url = f"http://{_url_host(host)}:{port}/ledger.v1.LedgerService"
     grant = (
@@ -242,7 +245,8 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
         f"  REDIS_URL={env['REDIS_URL']}\n"
         f"  try:  {base} -d {grant} {url}/Grant\n"
         f'  then: {base} -d \'{{"account_id":"demo"}}\' {url}/Balance\n'
-        "  Ctrl-C stops everything.\n"
+        + ("" if buf else "  (no buf here yet: `make node_modules` installs it)\n")
+        + "  Ctrl-C stops everything.\n"
     )
 
 
@@ -262,6 +266,7 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
     out = _Prefixer(["devstack", migrate_spec().name, *(s.name for s in specs)])
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)  # its terminal closed
     started: list[embedded.Stoppable] = []
     children: list[_Child] = []
     try:
