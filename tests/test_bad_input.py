@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -383,8 +382,10 @@ ADMIN_WIDE_KEY_CASES: list[KeyCase] = [
         admin_pb.CreateRedemptionBatchRequest(amount_micros=CREDIT, code_count=1))),
     ("admin", "DisableRedemptionBatch", lambda a, held, done: (
         admin_pb.DisableRedemptionBatchRequest(batch_id=str(uuid.uuid4()), reason="leaked"))),
+    # A reset: the change is made (the key is not what refuses it), and leaves the shared
+    # database's setting at its default for the other tests.
     ("admin", "UpdateSetting", lambda a, held, done: admin_pb.UpdateSettingRequest(
-        key="daily.amount_micros", value=struct_pb2.Value(number_value=CREDIT), reason="r")),
+        key="daily.amount_micros", reset=True, reason="r")),
     ("admin", "SetPrice", lambda a, held, done: admin_pb.SetPriceRequest(price=_PRICE)),
     ("admin", "RemovePrice", lambda a, held, done: admin_pb.RemovePriceRequest(
         feature=_PRICE.feature, unit=_PRICE.unit)),
