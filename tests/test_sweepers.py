@@ -589,3 +589,44 @@ def test_an_account_whose_maintenance_fails_does_not_stall_the_sweep(
     finally:
         worker_db.close()
     assert audit_database(fresh_database_url) == []
+
+
+def test_many_lots_expiring_at_once_are_journaled_in_entries_of_bounded_size(
+    fresh_database_url: str,
+) -> None:
+    """Each expired lot posts twice and posting numbers are smallint: one entry for 16,384
+    lots or more overflowed, and every call on the account (each expires what is due
+    first) failed for good (helper-65). One entry per p_lots_per_entry lots, here 3."""
+    migrate(fresh_database_url)
+    start = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    account = new_account("many-lots")
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+        for n in range(7):
+            conn.execute(
+                "SELECT ledger_grant(%s, %s, '\\x01', %s, 'promotion', %s, 'main', '', '',"
+                " NULL, %s)",
+                (account, f"g{n}", (n + 1) * CREDIT, start + timedelta(hours=1), start),
+            )
+        expired = conn.execute(
+            "SELECT ledger_expire_due_lots(%s, %s, p_lots_per_entry => 3)",
+            (account, start + timedelta(hours=2)),
+        ).fetchone()
+        assert expired == (28 * CREDIT,)
+        entries = conn.execute(
+            "SELECT t.amount_micros, count(p.*)::int, sum(p.amount_micros)::bigint"
+            "  FROM journal_transactions t JOIN postings p USING (account_id, transaction_id)"
+            " WHERE t.account_id = %s AND t.kind = 'expiry'"
+            " GROUP BY t.transaction_id, t.amount_micros ORDER BY t.transaction_id",
+            (account,),
+        ).fetchall()
+        assert entries == [(-6 * CREDIT, 6, 0), (-15 * CREDIT, 6, 0), (-7 * CREDIT, 2, 0)]
+        balance = conn.execute("SELECT balance_micros FROM accounts WHERE account_id = %s",
+                               (account,)).fetchone()  # fmt: skip
+        assert balance == (100 * CREDIT,)  # the sign-up bonus, not due
+        # The default bound keeps an entry's posting numbers (two a lot) within smallint.
+        default = conn.execute(
+            "SELECT pg_get_function_arguments('ledger_expire_due_lots'::regproc)"
+        ).fetchone()
+        assert default is not None and "p_lots_per_entry integer DEFAULT 16000" in default[0]
+    assert audit_database(fresh_database_url) == []

@@ -383,6 +383,7 @@ END $$;
 -- them beside this one.
 DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz);
 DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz, boolean);
+DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz, boolean, boolean);
 -- p_alert: check the low-balance threshold for the expiry; false when the caller checks the
 -- whole of what it did once (a commit, maintenance that grants a month's allowance next).
 -- p_released: the credits expiring are the ones a settled hold just freed: they were held,
@@ -390,52 +391,70 @@ DROP FUNCTION IF EXISTS ledger_expire_due_lots(text, timestamptz, boolean);
 -- after its lot expired'), and the reports date them at the transaction, not back at the
 -- lot's expiry as other expiries (a closed day's figures would change after the fact).
 -- The caller journals what had expired unheld before, apart (ledger_maintain).
+-- One EXPIRY transaction per p_lots_per_entry lots, in lot order: each lot posts twice and
+-- posting numbers are smallint, so one entry for 16,384 lots or more failed, and with it
+-- every call on the account, which expires what is due first (helper-65).
 CREATE OR REPLACE FUNCTION ledger_expire_due_lots(
     p_account text, p_now timestamptz, p_alert boolean DEFAULT true,
-    p_released boolean DEFAULT false) RETURNS bigint
+    p_released boolean DEFAULT false, p_lots_per_entry int DEFAULT 16000) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     l lots;
     txn bigint;
-    n int := 0;
-    total bigint;
-    main_total bigint;
+    n int;
+    total bigint := 0;
+    main_total bigint := 0;
+    part bigint;
+    part_main bigint;
+    after_lot bigint := 0;
+    last_lot bigint;
 BEGIN
     PERFORM 1 FROM lots
      WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
        AND expires_at IS NOT NULL AND expires_at <= p_now
      ORDER BY lot_id
        FOR UPDATE;
-    SELECT coalesce(sum(remaining_micros - held_micros), 0),
-           coalesce(sum(remaining_micros - held_micros) FILTER (WHERE balance_kind = 'main'), 0)
-      INTO total, main_total
-      FROM lots
-     WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
-       AND expires_at IS NOT NULL AND expires_at <= p_now;
+    LOOP
+        SELECT coalesce(sum(unheld), 0),
+               coalesce(sum(unheld) FILTER (WHERE balance_kind = 'main'), 0), max(lot_id)
+          INTO part, part_main, last_lot
+          FROM (SELECT lot_id, balance_kind, remaining_micros - held_micros AS unheld
+                  FROM lots
+                 WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
+                   AND expires_at IS NOT NULL AND expires_at <= p_now AND lot_id > after_lot
+                 ORDER BY lot_id
+                 LIMIT p_lots_per_entry) due;
+        EXIT WHEN last_lot IS NULL;
+        txn := ledger_new_transaction(p_account, 'expiry', -part, p_now,
+                                      p_comment => 'expired credits moved to breakage');
+        n := 0;
+        FOR l IN
+            SELECT * FROM lots
+             WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
+               AND expires_at IS NOT NULL AND expires_at <= p_now
+               AND lot_id > after_lot AND lot_id <= last_lot
+             ORDER BY lot_id
+        LOOP
+            UPDATE lots
+               SET remaining_micros = held_micros,
+                   expired_micros = expired_micros + (l.remaining_micros - l.held_micros)
+             WHERE account_id = p_account AND lot_id = l.lot_id;
+            PERFORM ledger_post(p_account, txn, n, 'account:' || l.balance_kind, l.lot_id,
+                                l.source, -(l.remaining_micros - l.held_micros),
+                                CASE WHEN p_released THEN 'released after its lot expired'
+                                     ELSE 'lot expired' END);
+            PERFORM ledger_post(p_account, txn, n + 1, 'breakage', NULL, l.source,
+                                l.remaining_micros - l.held_micros);
+            n := n + 2;
+        END LOOP;
+        total := total + part;
+        main_total := main_total + part_main;
+        after_lot := last_lot;
+    END LOOP;
     IF total = 0 THEN
         RETURN 0;
     END IF;
-    txn := ledger_new_transaction(p_account, 'expiry', -total, p_now,
-                                  p_comment => 'expired credits moved to breakage');
-    FOR l IN
-        SELECT * FROM lots
-         WHERE account_id = p_account AND NOT depleted AND remaining_micros > held_micros
-           AND expires_at IS NOT NULL AND expires_at <= p_now
-         ORDER BY lot_id
-    LOOP
-        UPDATE lots
-           SET remaining_micros = held_micros,
-               expired_micros = expired_micros + (l.remaining_micros - l.held_micros)
-         WHERE account_id = p_account AND lot_id = l.lot_id;
-        PERFORM ledger_post(p_account, txn, n, 'account:' || l.balance_kind, l.lot_id, l.source,
-                            -(l.remaining_micros - l.held_micros),
-                            CASE WHEN p_released THEN 'released after its lot expired'
-                                 ELSE 'lot expired' END);
-        PERFORM ledger_post(p_account, txn, n + 1, 'breakage', NULL, l.source,
-                            l.remaining_micros - l.held_micros);
-        n := n + 2;
-    END LOOP;
     UPDATE accounts
        SET balance_micros = balance_micros - main_total,
            reward_balance_micros = reward_balance_micros - (total - main_total)
