@@ -797,6 +797,22 @@ def test_an_error_that_ends_retries_after_a_dropped_attempt_says_the_outcome_is_
         assert caught_alone.value.outcome_unknown is unknown
 
 
+def test_resource_exhausted_without_the_rate_limits_reason_is_no_rate_limit() -> None:
+    """gRPC answers RESOURCE_EXHAUSTED for a message too large too, where waiting
+    retry_after_ms helps nothing (helper-65): only the reason RATE_LIMITED is RateLimited."""
+    fake = FakeLedger(
+        failures=[failure(grpc.StatusCode.RESOURCE_EXHAUSTED, message="larger than max")]
+    )
+    with (
+        serve_fake(fake) as address,
+        LedgerClient(address, retry=FAST_RETRY) as client,
+        pytest.raises(LedgerError) as caught,
+    ):
+        client.consume("acct-1", CREDIT)
+    assert not isinstance(caught.value, RateLimited)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_the_async_client_says_the_outcome_is_unknown_too() -> None:
     fake = FakeLedger(failures=[failure(UNAVAILABLE), RATE_LIMITED])
 

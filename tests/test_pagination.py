@@ -391,3 +391,22 @@ def test_a_time_filter_within_a_microsecond_splits_the_journal_where_it_says(
     assert ledger.transactions(account, start_time=later) == []
     listed = ledger.transactions(account, end_time=later)
     assert [t.kind for t in listed] == [pb.TRANSACTION_KIND_GRANT]
+
+
+def test_a_page_of_long_entries_ends_early_where_it_would_outgrow_a_message(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 entries with long comments made a page larger than gRPC's 4 MiB message limit:
+    the call failed (RESOURCE_EXHAUSTED) and the history could not be read at that size
+    (helper-65). A page now ends, with a token, past journal_pages.PAGE_BYTES (small here:
+    the suite's server is in-process); walking on sees every entry once."""
+    account = new_account("long-pages")
+    for n in range(6):
+        ledger.grant(account, 1, comment=f"{n} " + "é" * 500)
+    monkeypatch.setattr(journal_pages, "PAGE_BYTES", 2500)
+    first = ledger.stub.ListTransactions(
+        pb.ListTransactionsRequest(account_id=account, page_size=6)
+    )
+    assert 1 <= len(first.transactions) < 6 and first.next_page_token
+    walked = [t.transaction_id for t in ledger.transactions(account)]
+    assert len(walked) == len(set(walked)) == 6

@@ -84,19 +84,30 @@ def position(request: JournalQuery, bound_to: list[object]) -> Position | None:
     return page_tokens.decode(request.page_token, bound_to, (page_tokens.ID,))
 
 
+# A page's entries stop short of page_size past this many bytes, well under gRPC's default
+# message limit of 4 MiB (LEDGER_MAX_MESSAGE_BYTES, and a client's own limit): 1,000 entries
+# with long comments and references made a response too large to send (helper-65).
+PAGE_BYTES = 3 * 1024 * 1024
+
+
 def fill(
     transactions: Any, rows: list[tuple[Any, ...]], page_size: int, bound_to: list[object]
 ) -> str:
     """Adds the page's entries (rows of ledger_journal_read, at most page_size + 1) to
     ``transactions``; returns the next page's token ("": none). A page that read its
     stretch without filling ends with a marker row (no kind): the last entry it read, below
-    which the next page reads on."""
+    which the next page reads on. A page ends early, with a token, past PAGE_BYTES."""
     resume_below = None
     if rows and rows[-1][2] is None:
         resume_below = rows.pop()[0]
     add = transactions.add
-    for row in rows[:page_size]:
-        mapping.fill_transaction(add(), row)
+    size = 0
+    for number, row in enumerate(rows[:page_size]):
+        entry = add()
+        mapping.fill_transaction(entry, row)
+        size += entry.ByteSize()
+        if size > PAGE_BYTES and (number + 1 < len(rows) or resume_below is not None):
+            return page_tokens.encode([row[0]], bound_to)
     if len(rows) > page_size:
         # The keyset: the last entry's transaction_id (the row's first column).
         return page_tokens.encode([rows[page_size - 1][0]], bound_to)

@@ -283,7 +283,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
+    # RESOURCE_EXHAUSTED is RateLimited by its reason only: gRPC also answers it for a
+    # message too large, where waiting helps nothing.
 }
 
 # Codes after which a call may have been applied: the connection dropped or the deadline
