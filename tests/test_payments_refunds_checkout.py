@@ -188,6 +188,38 @@ def test_partial_refunds_take_their_share_and_never_drive_the_balance_negative(
     assert_audit_clean()
 
 
+def test_credits_refunded_into_a_refunded_purchase_go_where_its_refund_sent_the_rest(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Pay 100, spend 60, the payment refunded: 40 were unspent and taken back. A Refund of
+    the 60's charge then put them back into the pack's lot, and the customer kept credits
+    of a payment refunded in full (helper-62). What the refund still owed is taken as the
+    credits come back."""
+    account, intent = _bought_pack(apply_events, sources, configure, "refunded-twice", 2000)
+    spent = ledger.consume(account, 60 * CREDIT).reservation.reservation_id
+    [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
+    assert payments_db.event(refund)["credits_micros"] == -40 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
+    answered = ledger.refund(account, spent)
+    assert answered.refunded_micros == 60 * CREDIT
+    assert answered.balance.balance_micros == 0
+    assert ledger.balance(account).balance_micros == 0
+    clawbacks = _clawbacks(ledger, account)
+    assert sorted(-t.amount_micros for t in clawbacks) == [40 * CREDIT, 60 * CREDIT]
+    assert all(t.external_ref == intent for t in clawbacks)
+    [(clawed, owed)] = payments_db.rows(
+        "SELECT clawed_back_micros, claw_back_owed_micros FROM purchases WHERE account_id = %s",
+        (account,),
+    )
+    assert (clawed, owed) == (100 * CREDIT, 0)
+    assert_audit_clean()
+
+
 def test_refund_of_a_recharge_takes_the_same_share_of_its_bonus(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

@@ -48,6 +48,7 @@ EXPECTED_TABLES = {
 EXPECTED_CONSTRAINTS = {
     "purchases_bonus_clawed_back_within_bonus",
     "purchases_clawed_back_within_credits",
+    "purchases_claw_back_owed_nonnegative",
     "checkout_sessions_one_per_key",
     "checkout_sessions_sold_amounts",
     "checkout_sessions_amount_nonnegative",
@@ -158,6 +159,7 @@ EXPECTED_FUNCTIONS = {
     "ledger_create_account",
     "ledger_claim_daily_reward",
     "ledger_claim_daily_reward_of_day",
+    "ledger_settle_claw_backs",
     "ledger_redeem",
     "ledger_transfer_reward",
     "ledger_purchase_pack",

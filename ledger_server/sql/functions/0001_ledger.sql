@@ -1214,6 +1214,11 @@ BEGIN
            next_maintenance_at = least(next_maintenance_at, next_expiry)
      WHERE account_id = p_account
     RETURNING * INTO a;
+    -- Credits back in the lots of a payment refunded since go where its refund sent the
+    -- rest (0004_payments.sql), before they could repay an overdraft.
+    IF ledger_settle_claw_backs(p_account, p_now) > 0 THEN
+        SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    END IF;
     IF a.overdraft_limit_micros > 0 THEN
         PERFORM ledger_settle_overdraft(p_account, p_now);
     END IF;

@@ -298,6 +298,11 @@ BEGIN
                bonus_clawed_back_micros = bonus_clawed_back_micros + take_bonus
          WHERE account_id = p_account AND purchase_id = pu.purchase_id;
     END IF;
+    -- What the share asks beyond what was unspent stays owed (ledger_settle_claw_backs).
+    UPDATE purchases
+       SET claw_back_owed_micros = greatest(share_credits - clawed_back_micros, 0),
+           bonus_claw_back_owed_micros = greatest(share_bonus - bonus_clawed_back_micros, 0)
+     WHERE account_id = p_account AND purchase_id = pu.purchase_id;
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
     IF take + take_bonus + carry_take > 0 THEN
         -- A claw-back lowers the balance like a charge: a crossing is alerted (0006).
@@ -312,6 +317,78 @@ BEGIN
         'refunded_share_micros', share_credits + share_bonus,
         'transaction_id', coalesce(txn::text, ''),
         'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- Takes what refunded payments still owe (purchases.claw_back_owed_micros: their share
+-- beyond what was unspent when the refund came) from their lots' unheld credits, which can
+-- only have come back since (a Refund of a charge they paid): an ADJUSTMENT per purchase,
+-- as the claw-back itself. Call with the account row locked. The held credits a refund
+-- found stay the customer's when released, as README says.
+CREATE OR REPLACE FUNCTION ledger_settle_claw_backs(p_account text, p_now timestamptz)
+    RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    pu purchases;
+    l lots;
+    bl lots;
+    take bigint;
+    take_bonus bigint;
+    txn bigint;
+    taken bigint := 0;
+BEGIN
+    FOR pu IN
+        SELECT * FROM purchases
+         WHERE account_id = p_account
+           AND (claw_back_owed_micros > 0 OR bonus_claw_back_owed_micros > 0)
+         ORDER BY purchase_id
+           FOR UPDATE
+    LOOP
+        SELECT * INTO l FROM lots WHERE account_id = p_account AND lot_id = pu.lot_id FOR UPDATE;
+        take := CASE WHEN l.expires_at IS NOT NULL AND l.expires_at <= p_now THEN 0
+                     ELSE greatest(least(pu.claw_back_owed_micros,
+                                         l.remaining_micros - l.held_micros), 0) END;
+        take_bonus := 0;
+        IF pu.bonus_lot_id IS NOT NULL THEN
+            SELECT * INTO bl FROM lots
+             WHERE account_id = p_account AND lot_id = pu.bonus_lot_id FOR UPDATE;
+            take_bonus := CASE WHEN bl.expires_at IS NOT NULL AND bl.expires_at <= p_now THEN 0
+                               ELSE greatest(least(pu.bonus_claw_back_owed_micros,
+                                                   bl.remaining_micros - bl.held_micros), 0) END;
+        END IF;
+        CONTINUE WHEN take + take_bonus = 0;
+        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus), p_now,
+                                      p_comment => 'refunded payment: credits clawed back as they came back',
+                                      p_external_ref => pu.external_ref);
+        IF take > 0 THEN
+            UPDATE lots SET remaining_micros = remaining_micros - take
+             WHERE account_id = p_account AND lot_id = l.lot_id;
+            PERFORM ledger_post(p_account, txn, 0, 'account:' || l.balance_kind, l.lot_id,
+                                l.source, -take, 'refund: unspent credits clawed back');
+            PERFORM ledger_post(p_account, txn, 1, 'issuance:' || l.source, NULL, l.source, take);
+        END IF;
+        IF take_bonus > 0 THEN
+            UPDATE lots SET remaining_micros = remaining_micros - take_bonus
+             WHERE account_id = p_account AND lot_id = bl.lot_id;
+            PERFORM ledger_post(p_account, txn, 2, 'account:' || bl.balance_kind, bl.lot_id,
+                                bl.source, -take_bonus, 'refund: bonus share clawed back');
+            PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
+                                take_bonus);
+        END IF;
+        UPDATE accounts
+           SET balance_micros = balance_micros
+                                - CASE WHEN l.balance_kind = 'main' THEN take ELSE 0 END
+                                - CASE WHEN take_bonus > 0 AND bl.balance_kind = 'main'
+                                       THEN take_bonus ELSE 0 END
+         WHERE account_id = p_account;
+        UPDATE purchases
+           SET clawed_back_micros = clawed_back_micros + take,
+               bonus_clawed_back_micros = bonus_clawed_back_micros + take_bonus,
+               claw_back_owed_micros = claw_back_owed_micros - take,
+               bonus_claw_back_owed_micros = bonus_claw_back_owed_micros - take_bonus
+         WHERE account_id = p_account AND purchase_id = pu.purchase_id;
+        taken := taken + take + take_bonus;
+    END LOOP;
+    RETURN taken;
 END $$;
 
 -- The payment of a one-time checkout this ledger prepared (checkout.session.completed):
