@@ -408,5 +408,7 @@ def test_a_page_of_long_entries_ends_early_where_it_would_outgrow_a_message(
         pb.ListTransactionsRequest(account_id=account, page_size=6)
     )
     assert 1 <= len(first.transactions) < 6 and first.next_page_token
+    # Measured before it is kept: the page stays within the budget (helper-66).
+    assert first.ByteSize() <= journal_pages.PAGE_BYTES
     walked = [t.transaction_id for t in ledger.transactions(account)]
     assert len(walked) == len(set(walked)) == 6

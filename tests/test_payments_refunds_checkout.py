@@ -220,6 +220,34 @@ def test_credits_refunded_into_a_refunded_purchase_go_where_its_refund_sent_the_
     assert_audit_clean()
 
 
+def test_only_what_a_refund_returns_is_taken_for_a_refunded_payment(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Held when the payment was refunded, 60 credits stay the customer's once released;
+    a later Refund of a 5-credit charge gives back 5, and only those 5 are taken for the
+    payment (helper-66: the settle took all 60 then)."""
+    account, intent = _bought_pack(apply_events, sources, configure, "held-at-refund", 2000)
+    held = ledger.reserve(account, 60 * CREDIT).reservation.reservation_id
+    [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
+    assert payments_db.event(refund)["credits_micros"] == -40 * CREDIT  # type: ignore[index]
+    ledger.release(account, held)
+    charged = ledger.consume(account, 5 * CREDIT).reservation.reservation_id
+    assert ledger.balance(account).balance_micros == 55 * CREDIT
+    answered = ledger.refund(account, charged)
+    assert answered.balance.balance_micros == 55 * CREDIT
+    [(clawed, owed)] = payments_db.rows(
+        "SELECT clawed_back_micros, claw_back_owed_micros FROM purchases WHERE account_id = %s",
+        (account,),
+    )
+    assert (clawed, owed) == (45 * CREDIT, 55 * CREDIT)
+    assert_audit_clean()
+
+
 def test_refund_of_a_recharge_takes_the_same_share_of_its_bonus(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

@@ -106,8 +106,10 @@ def fill(
         entry = add()
         mapping.fill_transaction(entry, row)
         size += entry.ByteSize()
-        if size > PAGE_BYTES and (number + 1 < len(rows) or resume_below is not None):
-            return page_tokens.encode([row[0]], bound_to)
+        if size > PAGE_BYTES and number > 0:
+            # Measured before it is kept: one entry is at most 32,767 postings (~2.3 MB).
+            del transactions[-1]
+            return page_tokens.encode([rows[number - 1][0]], bound_to)
     if len(rows) > page_size:
         # The keyset: the last entry's transaction_id (the row's first column).
         return page_tokens.encode([rows[page_size - 1][0]], bound_to)

@@ -1091,6 +1091,9 @@ DECLARE
     untraced bigint;
     back record;
     n int := 0;
+    -- What this refund put back into live lots, lot by lot (ledger_settle_claw_backs).
+    returned_lots bigint[] := '{}';
+    returned_micros bigint[] := '{}';
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'refund', p_hash);
@@ -1153,6 +1156,10 @@ BEGIN
         PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id, step.source,
                             step.give - overflow, 'refund');
         n := n + 1;
+        IF NOT step.expired AND step.give > overflow THEN
+            returned_lots := returned_lots || step.lot_id;
+            returned_micros := returned_micros || (step.give - overflow);
+        END IF;
         IF overflow > 0 THEN
             untraced := overflow;
             FOR back IN SELECT * FROM ledger_overdraft_refund_returns(p_account, overflow, p_now)
@@ -1176,6 +1183,8 @@ BEGIN
                     n := n + 2;
                 ELSE
                     next_expiry := least(next_expiry, back.expires_at);
+                    returned_lots := returned_lots || back.lot_id;
+                    returned_micros := returned_micros || back.give;
                 END IF;
                 untraced := untraced - back.give;
             END LOOP;
@@ -1216,7 +1225,7 @@ BEGIN
     RETURNING * INTO a;
     -- Credits back in the lots of a payment refunded since go where its refund sent the
     -- rest (0004_payments.sql), before they could repay an overdraft.
-    IF ledger_settle_claw_backs(p_account, p_now) > 0 THEN
+    IF ledger_settle_claw_backs(p_account, returned_lots, returned_micros, p_now) > 0 THEN
         SELECT * INTO a FROM accounts WHERE account_id = p_account;
     END IF;
     IF a.overdraft_limit_micros > 0 THEN

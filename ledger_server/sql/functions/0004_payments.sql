@@ -320,12 +320,14 @@ BEGIN
 END $$;
 
 -- Takes what refunded payments still owe (purchases.claw_back_owed_micros: their share
--- beyond what was unspent when the refund came) from their lots' unheld credits, which can
--- only have come back since (a Refund of a charge they paid): an ADJUSTMENT per purchase,
--- as the claw-back itself. Call with the account row locked. The held credits a refund
--- found stay the customer's when released, as README says.
-CREATE OR REPLACE FUNCTION ledger_settle_claw_backs(p_account text, p_now timestamptz)
-    RETURNS bigint
+-- beyond what was unspent when the refund came) out of what a Refund just returned to
+-- their lots (p_lots, p_micros: live lots and the credits each got back): an ADJUSTMENT per
+-- purchase, as the claw-back itself. Only what came back by a Refund: the credits a
+-- payment's refund found held stay the customer's when released, as README says. Call with
+-- the account row locked.
+DROP FUNCTION IF EXISTS ledger_settle_claw_backs(text, timestamptz);  -- never released
+CREATE OR REPLACE FUNCTION ledger_settle_claw_backs(
+    p_account text, p_lots bigint[], p_micros bigint[], p_now timestamptz) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     pu purchases;
@@ -336,24 +338,33 @@ DECLARE
     txn bigint;
     taken bigint := 0;
 BEGIN
+    IF cardinality(p_lots) = 0 THEN
+        RETURN 0;
+    END IF;
     FOR pu IN
         SELECT * FROM purchases
          WHERE account_id = p_account
            AND (claw_back_owed_micros > 0 OR bonus_claw_back_owed_micros > 0)
+           AND (lot_id = ANY (p_lots) OR bonus_lot_id = ANY (p_lots))
          ORDER BY purchase_id
            FOR UPDATE
     LOOP
         SELECT * INTO l FROM lots WHERE account_id = p_account AND lot_id = pu.lot_id FOR UPDATE;
-        take := CASE WHEN l.expires_at IS NOT NULL AND l.expires_at <= p_now THEN 0
-                     ELSE greatest(least(pu.claw_back_owed_micros,
-                                         l.remaining_micros - l.held_micros), 0) END;
+        take := greatest(least(
+            pu.claw_back_owed_micros,
+            (SELECT coalesce(sum(r.micros), 0) FROM unnest(p_lots, p_micros) AS r(lot_id, micros)
+              WHERE r.lot_id = pu.lot_id),
+            l.remaining_micros - l.held_micros), 0);
         take_bonus := 0;
         IF pu.bonus_lot_id IS NOT NULL THEN
             SELECT * INTO bl FROM lots
              WHERE account_id = p_account AND lot_id = pu.bonus_lot_id FOR UPDATE;
-            take_bonus := CASE WHEN bl.expires_at IS NOT NULL AND bl.expires_at <= p_now THEN 0
-                               ELSE greatest(least(pu.bonus_claw_back_owed_micros,
-                                                   bl.remaining_micros - bl.held_micros), 0) END;
+            take_bonus := greatest(least(
+                pu.bonus_claw_back_owed_micros,
+                (SELECT coalesce(sum(r.micros), 0)
+                   FROM unnest(p_lots, p_micros) AS r(lot_id, micros)
+                  WHERE r.lot_id = pu.bonus_lot_id),
+                bl.remaining_micros - bl.held_micros), 0);
         END IF;
         CONTINUE WHEN take + take_bonus = 0;
         txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus), p_now,
