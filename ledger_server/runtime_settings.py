@@ -12,6 +12,8 @@ import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from email import errors
+from email.message import EmailMessage
 from typing import Any
 
 import psycopg
@@ -42,6 +44,14 @@ def _amount_micros(value: Json) -> str | None:
     (a bigint) fails, or a second grant overflows the balance, on every later call."""
     if not 0 <= value <= MAX_AMOUNT_MICROS:
         return f"must be 0 to {MAX_AMOUNT_MICROS} micros"
+    return None
+
+
+def _rate_micros(value: Json) -> str | None:
+    """A rate every recharge multiplies by: at 0 a recharge would buy nothing, a lot of 0
+    credits the ledger refuses (every Recharge and recharge checkout would fail)."""
+    if not 1 <= value <= MAX_AMOUNT_MICROS:
+        return f"must be 1 to {MAX_AMOUNT_MICROS} micros"
     return None
 
 
@@ -77,9 +87,25 @@ _EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f\ud800-\udfff]+@[^@\s\x00-\x1f\x7f\ud800
 
 
 def _email_or_empty(value: Json) -> str | None:
-    if value == "" or (len(value) <= 254 and _EMAIL.fullmatch(value)):
+    if value == "" or (len(value) <= 254 and _EMAIL.fullmatch(value) and _writable(value)):
         return None
     return "must be an email address, or empty"
+
+
+def _writable(address: str) -> bool:
+    """Whether the alert email job can write the address as its To header: one address,
+    the one given. Python's email library accepts many strings the pattern lets through
+    ('ops@[', 'b@,"') and then fails building the header, on every attempt to send."""
+    message = EmailMessage()
+    try:
+        message["To"] = address
+        header = message["To"]
+        written = [each.addr_spec for each in header.addresses]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return False
+    # A non-ASCII local part needs a server with SMTPUTF8, which the job reports if absent.
+    defects = [d for d in header.defects if not isinstance(d, errors.NonASCIILocalPartDefect)]
+    return written == [address] and not defects
 
 
 # Every credit source but the overdraft, whose lot must stay the last one used.
@@ -123,6 +149,9 @@ def _bonus_tiers(value: Json) -> str | None:
                 "each tier must be {min_minor, bonus_micros} with integers"
                 f" from 0 to {MAX_AMOUNT_MICROS}"
             )
+    # Two tiers from one amount: which bonus applies would be the database's choice.
+    if len({tier["min_minor"] for tier in value}) != len(value):
+        return "each tier's min_minor must differ from the others'"
     return None
 
 
@@ -279,7 +308,7 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         int,
         10_000,
         "micro-credits per minor currency unit (10000: 1 credit per 1.00)",
-        _amount_micros,
+        _rate_micros,
     ),
     SettingDefinition(
         "recharge.minimum_minor",

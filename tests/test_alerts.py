@@ -43,6 +43,13 @@ class Inbox:
         return [m for m in self.messages if account in str(m["Subject"])]
 
 
+class ClosingInbox(Inbox):
+    """Takes every message, then answers QUIT 421: a server shutting down."""
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return "421 closing"
+
+
 class HoldingInbox(Inbox):
     """Holds every message at DATA until released: a slow SMTP server."""
 
@@ -105,7 +112,16 @@ def _crossed_account(ledger: Ledger, admin: Any, configure: Any, name: str) -> s
 
 
 @pytest.mark.parametrize(
-    "email", ["owner\x00@example.com", "owner@example.com\r\nBcc: all@example.com", "no-at-sign"]
+    "email",
+    [
+        "owner\x00@example.com",
+        "owner@example.com\r\nBcc: all@example.com",
+        "no-at-sign",
+        # Python's email library cannot write these as a To header: every send would fail.
+        "ops@[",
+        'b@,"',
+        "ops@example.com,other@example.com",
+    ],
 )
 def test_an_alert_address_that_is_not_one_is_refused_by_field(admin: Any, email: str) -> None:
     account = new_account("bad-email")
@@ -242,6 +258,85 @@ def test_an_email_whose_job_was_lost_is_queued_again_by_the_sweeper(
             (account,),
         ).fetchone()
     assert pending == (0,)
+
+
+@pytest.fixture
+def closing_smtp() -> Iterator[tuple[Inbox, int]]:
+    yield from _serve(ClosingInbox())
+
+
+def _send_attempts(account: str, alert_id: int, attempts: int) -> list[str]:
+    """Runs the email job as RQ's retries would, each failure's error type."""
+    failures = []
+    for _ in range(attempts):
+        try:
+            alerts.send_low_balance_email(account, alert_id)
+        except Exception as error:
+            failures.append(type(error).__name__)
+    return failures
+
+
+def _email_outcome(ledger_db_url: str, account: str) -> tuple[str, int, str | None]:
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(
+            "SELECT email_status, email_attempts, email_error FROM low_balance_alerts"
+            " WHERE account_id = %s",
+            (account,),
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+def test_an_email_the_server_took_is_sent_once_though_its_quit_fails(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    closing_smtp: tuple[Inbox, int],
+    ledger_db_url: str,
+    monkeypatch: Any,
+) -> None:
+    inbox, port = closing_smtp
+    account = _crossed_account(ledger, admin, configure, "quit")
+    [alert] = _alerts(admin, account)
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("LEDGER_SMTP_PORT", str(port))
+    try:
+        assert _send_attempts(account, alert.alert_id, 5) == []
+    finally:
+        worker_db.close()
+    assert len(inbox.to(account)) == 1
+    assert _email_outcome(ledger_db_url, account) == ("sent", 1, None)
+
+
+def test_an_address_the_email_library_cannot_write_fails_after_five_attempts(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    smtp: tuple[Inbox, int],
+    ledger_db_url: str,
+    monkeypatch: Any,
+) -> None:
+    """An address stored before the server refused such ones: each attempt is recorded,
+    and the fifth fails the email for good (else RQ and the sweeper retry it for ever)."""
+    inbox, port = smtp
+    account = _crossed_account(ledger, admin, configure, "unwritable")
+    [alert] = _alerts(admin, account)
+    with psycopg.connect(ledger_db_url) as conn:
+        conn.execute(
+            "UPDATE low_balance_alerts SET email_to = 'ops@[' WHERE account_id = %s", (account,)
+        )
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("LEDGER_SMTP_PORT", str(port))
+    try:
+        assert _send_attempts(account, alert.alert_id, 6) == ["AttributeError"] * 5
+    finally:
+        worker_db.close()
+    status, attempts, error = _email_outcome(ledger_db_url, account)
+    assert (status, attempts) == ("failed", 5)
+    assert error is not None and error.startswith("AttributeError")
+    assert inbox.to(account) == []
 
 
 def test_a_second_job_of_an_alert_being_sent_passes_it_over(

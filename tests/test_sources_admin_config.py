@@ -156,6 +156,13 @@ def _json(value: object) -> struct_pb2.Value:
         ("recharge.bonus_tiers", _json([{"min_minor": 1e19, "bonus_micros": 0}])),
         ("recharge.bonus_tiers", _json([{"min_minor": 0, "bonus_micros": 1e19}])),
         ("recharge.bonus_tiers", _json([{"min_minor": True, "bonus_micros": 0}])),
+        # Which bonus applies would be the database's choice.
+        (
+            "recharge.bonus_tiers",
+            _json([{"min_minor": 500, "bonus_micros": 1}, {"min_minor": 500, "bonus_micros": 2}]),
+        ),
+        # A recharge would buy a lot of 0 credits, which the ledger refuses: every one fails.
+        ("recharge.micros_per_minor_unit", struct_pb2.Value(number_value=0)),
         # Control characters cannot be stored (NUL) or sent (the rest).
         ("alerts.email_to", struct_pb2.Value(string_value="ops\x00@example.com")),
         ("alerts.email_to", struct_pb2.Value(string_value="ops@example.com\r\nBcc: x@y.z")),

@@ -7,6 +7,7 @@ recording can send it twice."""
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -43,12 +44,19 @@ def _message(
 
 def _send(message: EmailMessage) -> None:
     smtp = SmtpSettings.from_env()
-    with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
+    client = smtplib.SMTP(smtp.host, smtp.port, timeout=30)
+    try:
         if smtp.starttls:
             client.starttls()
         if smtp.username:
             client.login(smtp.username, smtp.password)
         client.send_message(message)
+        # The server has taken the email: a refused or lost QUIT (a server shutting down
+        # answers 421) is no failure to send it, and a retry would send it again.
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            client.quit()
+    finally:
+        client.close()
 
 
 def send_low_balance_email(account_id: str, alert_id: int) -> str:
@@ -70,10 +78,13 @@ def _send_claimed(conn: psycopg.Connection[Any], ids: dict[str, Any]) -> str:
     email_to, status, threshold, balance, created_at = row
     if status != "pending":
         return f"already {status}"
-    failure: OSError | smtplib.SMTPException | None = None
+    failure: Exception | None = None
     try:
         _send(_message(ids["account_id"], email_to, threshold, balance, created_at))
-    except (OSError, smtplib.SMTPException) as error:
+    # Any error, not only the network's and SMTP's: the email library raises assorted ones
+    # on an address it cannot write (one stored before the server checked for them), and
+    # an attempt not recorded would be retried for ever instead of failing after five.
+    except Exception as error:
         failure = error
     conn.execute(
         query("record_alert_email"),
