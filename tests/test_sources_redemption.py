@@ -18,6 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_server.server.identity import ACTOR_METADATA_KEY
 from support.ledger import CREDIT, Ledger, error_details, expect_error, new_account, new_key
 from support.sources import ACTOR, CODE_PATTERN, DAY, Sources, dt, ts
 
@@ -224,6 +225,36 @@ def test_a_disabled_batch_is_refused_and_past_redemptions_stand(
     assert ledger.lots(late, include_inactive=True) == []
     assert sources.get_batch(created.batch.batch_id).redemption_count == 1
     assert_audit_clean()
+
+
+def test_disabling_a_disabled_batch_keeps_who_disabled_it_and_why(
+    sources: Sources, clock: Any
+) -> None:
+    created = sources.create_batch(10 * CREDIT, 2)
+    batch_id = created.batch.batch_id
+    assert (created.batch.disabled_by, created.batch.disabled_reason) == ("", "")
+    assert not created.batch.HasField("disable_time")
+
+    def disable(actor: str, reason: str) -> admin_pb.RedemptionBatch:
+        return sources.admin.DisableRedemptionBatch(
+            admin_pb.DisableRedemptionBatchRequest(
+                batch_id=batch_id, reason=reason, idempotency_key=new_key()
+            ),
+            metadata=((ACTOR_METADATA_KEY, actor),),
+        ).batch
+
+    first = disable("alice", "fraud ticket 1")
+    first_time = dt(first.disable_time)
+    assert (first.disabled, first.disabled_by, first.disabled_reason) == (
+        True,
+        "alice",
+        "fraud ticket 1",
+    )
+    clock.advance(timedelta(hours=1))
+    again = disable("bob", "cleanup")
+    for batch in (again, sources.get_batch(batch_id)):
+        assert (batch.disabled_by, batch.disabled_reason) == ("alice", "fraud ticket 1")
+        assert dt(batch.disable_time) == first_time
 
 
 def test_an_expired_code_is_refused(

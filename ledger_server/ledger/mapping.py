@@ -294,9 +294,13 @@ def redemption_batch(data: Json) -> admin_pb2.RedemptionBatch:
         note=data["note"],
         created_by=data["created_by"],
         redemption_count=data["redemption_count"],
+        # Absent from a stored response made before these fields existed (a replay).
+        disabled_by=data.get("disabled_by", ""),
+        disabled_reason=data.get("disabled_reason", ""),
     )
     set_timestamp(out.code_expire_time, data["code_expire_time"])
     set_timestamp(out.create_time, data["create_time"])
+    set_timestamp(out.disable_time, data.get("disable_time"))
     if data["credit_lifetime_seconds"] is not None:
         out.credit_lifetime.FromSeconds(int(data["credit_lifetime_seconds"]))
     return out

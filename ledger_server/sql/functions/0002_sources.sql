@@ -405,7 +405,10 @@ LANGUAGE sql STABLE AS $$
         'created_by', b.created_by,
         'create_time', ledger_micros(b.created_at),
         'redemption_count', (SELECT coalesce(sum(redemption_count), 0)::bigint
-                               FROM redemption_codes WHERE batch_id = b.batch_id))
+                               FROM redemption_codes WHERE batch_id = b.batch_id),
+        'disabled_by', coalesce(b.disabled_by, ''),
+        'disabled_reason', coalesce(b.disabled_reason, ''),
+        'disable_time', ledger_micros(b.disabled_at))
       FROM redemption_batches b WHERE b.batch_id = p_batch
 $$;
 
@@ -504,14 +507,16 @@ BEGIN
         p_now);
 END $$;
 
--- NULL when there is no such batch. Redemptions already made stand.
+-- NULL when there is no such batch. Redemptions already made stand. A batch disabled
+-- already keeps who disabled it, why and when: the record of the first disable is the one
+-- that stopped the codes, and nothing else keeps it.
 CREATE OR REPLACE FUNCTION ledger_disable_redemption_batch(
     p_batch uuid, p_actor text, p_reason text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE redemption_batches
        SET disabled = true, disabled_by = p_actor, disabled_reason = p_reason, disabled_at = p_now
-     WHERE batch_id = p_batch;
+     WHERE batch_id = p_batch AND NOT disabled;
     RETURN ledger_redemption_batch_json(p_batch);
 END $$;
 

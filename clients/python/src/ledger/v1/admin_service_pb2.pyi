@@ -476,6 +476,9 @@ class RedemptionBatch(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REDEMPTION_COUNT_FIELD_NUMBER: _builtins.int
+    DISABLED_BY_FIELD_NUMBER: _builtins.int
+    DISABLED_REASON_FIELD_NUMBER: _builtins.int
+    DISABLE_TIME_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     amount_micros: _builtins.int
     """Credits each redemption grants."""
@@ -487,6 +490,11 @@ class RedemptionBatch(_message.Message):
     created_by: _builtins.str
     redemption_count: _builtins.int
     """Redemptions made across all codes of the batch."""
+    disabled_by: _builtins.str
+    """Who disabled the batch, why and when: the first DisableRedemptionBatch (a later one
+    changes nothing). Empty and unset while the batch is enabled.
+    """
+    disabled_reason: _builtins.str
     @_builtins.property
     def code_expire_time(self) -> _timestamp_pb2.Timestamp:
         """After this a code is refused; unset means codes do not expire."""
@@ -497,6 +505,8 @@ class RedemptionBatch(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def disable_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -511,10 +521,13 @@ class RedemptionBatch(_message.Message):
         created_by: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         redemption_count: _builtins.int = ...,
+        disabled_by: _builtins.str = ...,
+        disabled_reason: _builtins.str = ...,
+        disable_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_expire_time", b"code_expire_time", "create_time", b"create_time", "credit_lifetime", b"credit_lifetime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_expire_time", b"code_expire_time", "create_time", b"create_time", "credit_lifetime", b"credit_lifetime", "disable_time", b"disable_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "batch_id", b"batch_id", "code_count", b"code_count", "code_expire_time", b"code_expire_time", "create_time", b"create_time", "created_by", b"created_by", "credit_lifetime", b"credit_lifetime", "disabled", b"disabled", "max_redemptions_per_code", b"max_redemptions_per_code", "note", b"note", "redemption_count", b"redemption_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "batch_id", b"batch_id", "code_count", b"code_count", "code_expire_time", b"code_expire_time", "create_time", b"create_time", "created_by", b"created_by", "credit_lifetime", b"credit_lifetime", "disable_time", b"disable_time", "disabled", b"disabled", "disabled_by", b"disabled_by", "disabled_reason", b"disabled_reason", "max_redemptions_per_code", b"max_redemptions_per_code", "note", b"note", "redemption_count", b"redemption_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -217,7 +217,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DisableRedemptionBatch(self, request, context):
-        """Disables every code of a batch; redemptions already made stand.
+        """Disables every code of a batch; redemptions already made stand. Disabling a disabled
+        batch keeps the first disable's actor, reason and time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

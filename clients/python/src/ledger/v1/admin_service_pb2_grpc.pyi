@@ -57,7 +57,9 @@ class AdminServiceStub:
     CreateRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]
     """Generates a batch of redemption codes (seed 003)."""
     DisableRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DisableRedemptionBatchRequest, _admin_service_pb2.DisableRedemptionBatchResponse]
-    """Disables every code of a batch; redemptions already made stand."""
+    """Disables every code of a batch; redemptions already made stand. Disabling a disabled
+    batch keeps the first disable's actor, reason and time.
+    """
     GetRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetRedemptionBatchRequest, _admin_service_pb2.GetRedemptionBatchResponse]
     ListSettings: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSettingsRequest, _admin_service_pb2.ListSettingsResponse]
     """Every run-time setting: its value, its environment default and who last changed it."""
@@ -114,7 +116,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]  # type: ignore[assignment]
     """Generates a batch of redemption codes (seed 003)."""
     DisableRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DisableRedemptionBatchRequest, _admin_service_pb2.DisableRedemptionBatchResponse]  # type: ignore[assignment]
-    """Disables every code of a batch; redemptions already made stand."""
+    """Disables every code of a batch; redemptions already made stand. Disabling a disabled
+    batch keeps the first disable's actor, reason and time.
+    """
     GetRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetRedemptionBatchRequest, _admin_service_pb2.GetRedemptionBatchResponse]  # type: ignore[assignment]
     ListSettings: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSettingsRequest, _admin_service_pb2.ListSettingsResponse]  # type: ignore[assignment]
     """Every run-time setting: its value, its environment default and who last changed it."""
@@ -228,7 +232,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.DisableRedemptionBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.DisableRedemptionBatchResponse, _abc.Awaitable[_admin_service_pb2.DisableRedemptionBatchResponse]]:
-        """Disables every code of a batch; redemptions already made stand."""
+        """Disables every code of a batch; redemptions already made stand. Disabling a disabled
+        batch keeps the first disable's actor, reason and time.
+        """
 
     @_abc_1.abstractmethod
     def GetRedemptionBatch(
