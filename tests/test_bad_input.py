@@ -35,6 +35,7 @@ def _cases() -> list[Case]:
                 "idempotency_key": new_key(),
                 "amount_micros": CREDIT,
                 "source": types_pb2.CREDIT_SOURCE_ADMIN,
+                "comment": "an admin grant names its reason",
             }
             fields.update(overrides)
             return pb.GrantRequest(**fields)

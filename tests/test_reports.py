@@ -317,7 +317,7 @@ def test_all_accounts_summary_of_a_fresh_database(fresh_database_url: str) -> No
 
             # a: gets 20 from an admin (free), buys 50; spends 30: permanent lots go in
             # the order they came, so the free 20, then 10 purchased.
-            ledger.grant("a", 20, source=SOURCE.CREDIT_SOURCE_ADMIN)
+            ledger.grant("a", 20, source=SOURCE.CREDIT_SOURCE_ADMIN, comment="welcome back")
             ledger.grant("a", 50, source=SOURCE.CREDIT_SOURCE_PURCHASE)
             ledger.consume("a", 30 * CREDIT, feature="image")
             # b: a redemption code's 5 credits expiring in an hour; a 12-credit recharge

@@ -277,6 +277,20 @@ def test_admin_grant_needs_a_reason(sources: Sources, ledger: Ledger) -> None:
         field="reason",
     )
     assert ledger.lots(account, include_inactive=True) == []
+    # The same grant through LedgerService.Grant names its reason in the comment.
+    for blank in ("", "  "):
+        expect_error(
+            lambda blank=blank: ledger.grant(
+                account, 15, source=types_pb2.CREDIT_SOURCE_ADMIN, comment=blank
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+            field="comment",
+        )
+    assert ledger.lots(account, include_inactive=True) == []
+    granted = ledger.grant(account, 15, source=types_pb2.CREDIT_SOURCE_ADMIN, comment="goodwill")
+    (txn,) = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_GRANT])
+    assert (txn.transaction_id, txn.comment) == (granted.transaction_id, "goodwill")
 
 
 def test_adjustment_debits_in_consumption_order_and_records_the_admin(

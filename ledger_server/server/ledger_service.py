@@ -37,6 +37,14 @@ def _source(value: types_pb2.CreditSource.ValueType) -> str:
     return mapping.source_to_db(value)
 
 
+def _grant_comment(request: pb.GrantRequest) -> str:
+    """DESIGN.md 5: an admin grant comes with a reason (AdminService.GrantCredits requires
+    one); a grant of the admin source through this service names it in its comment."""
+    if request.source == types_pb2.CREDIT_SOURCE_ADMIN and not request.comment.strip():
+        raise invalid_field("comment", "is required for a CREDIT_SOURCE_ADMIN grant: its reason")
+    return validation.text(request.comment, "comment")
+
+
 def _balance_kind(value: types_pb2.BalanceKind.ValueType) -> str:
     if value not in types_pb2.BalanceKind.values():
         raise invalid_field("balance_kind", f"unknown balance kind {value}")
@@ -87,7 +95,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "expires_at": validation.lot_expiry(request, now),
             "balance_kind": _balance_kind(request.balance_kind),
             "external_ref": validation.reference(request.external_ref, "external_ref"),
-            "comment": validation.text(request.comment, "comment"),
+            "comment": _grant_comment(request),
             "actor": caller_identity(context),  # DESIGN.md 5: grants name who made them
             "hash": request_fingerprint("grant", request),
             "now": now,

@@ -403,6 +403,7 @@ class GrantRequest(_message.Message):
     external_ref: _builtins.str
     """The caller's reference, such as an order or invoice id."""
     comment: _builtins.str
+    """Required for CREDIT_SOURCE_ADMIN: an admin grant names its reason."""
     balance_kind: _types_pb2.BalanceKind.ValueType
     """Defaults to BALANCE_KIND_MAIN."""
     @_builtins.property
