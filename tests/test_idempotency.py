@@ -30,6 +30,7 @@ def _operations(
             idempotency_key=new_key(),
             amount_micros=7 * CREDIT,
             source=types_pb2.CREDIT_SOURCE_ADMIN,
+            comment="goodwill",
         )
         other = pb.GrantRequest()
         other.CopyFrom(request)
@@ -195,6 +196,7 @@ def test_a_replay_is_marked_in_trailing_metadata(ledger: Ledger) -> None:
         idempotency_key=new_key(),
         amount_micros=CREDIT,
         source=types_pb2.CREDIT_SOURCE_ADMIN,
+        comment="goodwill",
     )
     _, first = ledger.stub.Grant.with_call(request)
     _, second = ledger.stub.Grant.with_call(request)

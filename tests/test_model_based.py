@@ -310,6 +310,8 @@ class LedgerMachine(RuleBasedStateMachine):
             idempotency_key=key,
             amount_micros=data.draw(grant_amounts, label="amount"),
             source=source,
+            # An admin grant names its reason (LedgerService.Grant refuses one without).
+            comment="model grant" if source == types_pb2.CREDIT_SOURCE_ADMIN else "",
         )
         if source == types_pb2.CREDIT_SOURCE_REFERRAL and data.draw(st.booleans(), label="reward"):
             request.balance_kind = REWARD
