@@ -500,6 +500,7 @@ DECLARE
     unholds bigint[];
     total bigint;
     any_lot_expired boolean;
+    returned_expiry timestamptz;
     overdraft_limit bigint;
 BEGIN
     SELECT array_agg(lot_id), array_agg(held) INTO lot_ids, unholds
@@ -512,7 +513,10 @@ BEGIN
           FROM unnest(lot_ids, unholds) AS u(lot_id, held)
          WHERE l.account_id = p_account AND l.lot_id = ANY (lot_ids) AND l.lot_id = u.lot_id
         RETURNING l.expires_at)
-    SELECT coalesce(bool_or(expires_at <= p_now), false) INTO any_lot_expired FROM unheld;
+    SELECT coalesce(bool_or(expires_at <= p_now), false),
+           min(expires_at) FILTER (WHERE expires_at > p_now)
+      INTO any_lot_expired, returned_expiry
+      FROM unheld;
     WITH released AS (
         UPDATE reservations SET status = p_status, finalized_at = p_now
          WHERE account_id = p_account AND reservation_id = ANY (p_reservations)
@@ -527,7 +531,10 @@ BEGIN
             ON wanted.reservation_id = r.reservation_id
          ORDER BY wanted.position)
     SELECT coalesce(sum(held_micros), 0) INTO total FROM released;
-    UPDATE accounts SET held_micros = held_micros - total WHERE account_id = p_account
+    UPDATE accounts
+       SET held_micros = held_micros - total,
+           next_maintenance_at = least(next_maintenance_at, returned_expiry)
+     WHERE account_id = p_account
     RETURNING overdraft_limit_micros INTO overdraft_limit;
     IF any_lot_expired THEN
         PERFORM ledger_expire_due_lots(p_account, p_now, p_alert, p_released => true);
@@ -852,6 +859,7 @@ DECLARE
     actual jsonb := p_usage;
     alert bigint;
     any_lot_expired boolean;
+    returned_expiry timestamptz;
     lots_json jsonb;
     lot_ids bigint[];
     balance_before bigint;
@@ -929,8 +937,9 @@ BEGIN
          WHERE amount <> 0
     )
     SELECT coalesce(bool_or(expires_at <= p_now), false),
+           min(expires_at) FILTER (WHERE held_micros > used AND expires_at > p_now),
            jsonb_agg(ledger_reservation_lot_json(lot_id, source, held_micros, used) ORDER BY seq)
-      INTO any_lot_expired, lots_json
+      INTO any_lot_expired, returned_expiry, lots_json
       FROM held;
     UPDATE reservations
        SET status = 'committed', committed_micros = amount, finalized_at = p_now,
@@ -940,8 +949,12 @@ BEGIN
            model = coalesce(nullif(actual ->> 'model', ''), model)
      WHERE account_id = p_account AND reservation_id = p_reservation
     RETURNING * INTO r;
+    -- What goes back to a lot expiring later is expired in time even when a call of a
+    -- later time applied the lot's expiry before this one ran (it left the held part, and
+    -- the account's next maintenance moved past the lot); as ledger_release_holds.
     UPDATE accounts
-       SET held_micros = held_micros - r.held_micros, balance_micros = balance_micros - amount
+       SET held_micros = held_micros - r.held_micros, balance_micros = balance_micros - amount,
+           next_maintenance_at = least(next_maintenance_at, returned_expiry)
      WHERE account_id = p_account
     RETURNING * INTO a;
     IF any_lot_expired THEN

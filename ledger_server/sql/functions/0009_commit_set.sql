@@ -158,7 +158,12 @@ BEGIN
     ), charged AS (
         UPDATE accounts a
            SET balance_micros = a.balance_micros - n.spent,
-               held_micros = a.held_micros - n.unheld
+               held_micros = a.held_micros - n.unheld,
+               -- as ledger_commit: what goes back to a lot is expired in time, though the
+               -- lot's expiry was applied by a call of a later time
+               next_maintenance_at = least(a.next_maintenance_at, (
+                   SELECT min(h.expires_at) FROM held h
+                    WHERE h.account_id = a.account_id AND h.held_micros > h.used))
           FROM account_need n
          WHERE a.account_id = ANY (p_batch_accounts) AND a.account_id = n.account_id
            AND n.account_id IN (SELECT account_id FROM ready)

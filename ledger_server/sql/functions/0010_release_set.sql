@@ -117,7 +117,13 @@ BEGIN
          WHERE v.account_id = r.account_id AND v.reservation_id = r.reservation_id
         RETURNING v.account_id, v.reservation_id, v AS row
     ), accounts_unheld AS (
-        UPDATE accounts a SET held_micros = a.held_micros - n.unheld
+        UPDATE accounts a
+           SET held_micros = a.held_micros - n.unheld,
+               -- as ledger_release_holds: what goes back to a lot is expired in time,
+               -- though the lot's expiry was applied by a call of a later time
+               next_maintenance_at = least(a.next_maintenance_at, (
+                   SELECT min(h.expires_at) FROM held h
+                    WHERE h.account_id = a.account_id AND h.held_micros > 0))
           FROM account_need n
          WHERE a.account_id = ANY (p_batch_accounts) AND a.account_id = n.account_id
            AND n.account_id IN (SELECT account_id FROM ready)
