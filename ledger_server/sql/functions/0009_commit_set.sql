@@ -101,6 +101,10 @@ BEGIN
                    a.balance_micros, a.balance_micros - n.spent), true)
            AND NOT EXISTS (SELECT FROM held h
                             WHERE h.account_id = a.account_id AND h.expires_at <= p_now)
+    ), returned_expiry AS (
+        -- The nearest expiry of a lot each account's Commits give credits back to.
+        SELECT h.account_id, min(h.expires_at) AS expiry
+          FROM held h WHERE h.held_micros > h.used GROUP BY h.account_id
     ), charge AS (
         -- Each Commit and the account's balances once it is made.
         SELECT s.n, s.account_id, s.key, s.hash, s.amount, s.reservation_id, s.txn, s.comment,
@@ -161,10 +165,9 @@ BEGIN
                held_micros = a.held_micros - n.unheld,
                -- as ledger_commit: what goes back to a lot is expired in time, though the
                -- lot's expiry was applied by a call of a later time
-               next_maintenance_at = least(a.next_maintenance_at, (
-                   SELECT min(h.expires_at) FROM held h
-                    WHERE h.account_id = a.account_id AND h.held_micros > h.used))
+               next_maintenance_at = least(a.next_maintenance_at, e.expiry)
           FROM account_need n
+          LEFT JOIN returned_expiry e ON e.account_id = n.account_id
          WHERE a.account_id = ANY (p_batch_accounts) AND a.account_id = n.account_id
            AND n.account_id IN (SELECT account_id FROM ready)
     ), stored AS (

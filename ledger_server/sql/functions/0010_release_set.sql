@@ -91,6 +91,10 @@ BEGIN
            AND a.overdraft_limit_micros = 0
            AND NOT EXISTS (SELECT FROM held h
                             WHERE h.account_id = a.account_id AND h.expires_at <= p_now)
+    ), returned_expiry AS (
+        -- The nearest expiry of a lot each account's Releases give credits back to.
+        SELECT h.account_id, min(h.expires_at) AS expiry
+          FROM held h WHERE h.held_micros > 0 GROUP BY h.account_id
     ), release AS (
         -- Each Release and the account's hold once it is made.
         SELECT g.n, g.account_id, g.key, g.hash, g.reservation_id, g.txn, g.status, g.comment,
@@ -121,10 +125,9 @@ BEGIN
            SET held_micros = a.held_micros - n.unheld,
                -- as ledger_release_holds: what goes back to a lot is expired in time,
                -- though the lot's expiry was applied by a call of a later time
-               next_maintenance_at = least(a.next_maintenance_at, (
-                   SELECT min(h.expires_at) FROM held h
-                    WHERE h.account_id = a.account_id AND h.held_micros > 0))
+               next_maintenance_at = least(a.next_maintenance_at, e.expiry)
           FROM account_need n
+          LEFT JOIN returned_expiry e ON e.account_id = n.account_id
          WHERE a.account_id = ANY (p_batch_accounts) AND a.account_id = n.account_id
            AND n.account_id IN (SELECT account_id FROM ready)
     ), stored AS (
