@@ -25,6 +25,9 @@ SWEEP_BATCH = 500
 # How long one part of the daily rewards runs before it queues the rest (RQ's default job
 # time-out is 180 s).
 DAILY_BUDGET_SECONDS = 120.0
+# How many days before today a scheduled run still finishes (daily_reward_runs): an older
+# unfinished day is left as it is, so an old record never grants a stale day.
+DAILY_CATCH_UP_DAYS = 7
 
 log = logging.getLogger(__name__)
 
@@ -133,83 +136,152 @@ def grant_daily_rewards(
     budget_seconds: float = DAILY_BUDGET_SECONDS,
     day: str | None = None,
 ) -> int:
-    """When daily.automatic is on: claims today's daily reward for every account (after
+    """When daily.automatic is on: claims the day's daily reward for every account (after
     `after`) that lacks it, one idempotency key per account and day of ledger.timezone (the
-    day the claim counts in), so a re-run grants nothing twice. Past `budget_seconds` it
-    queues the rest as a job of its own, so one run never holds a worker for long nor
-    meets RQ's job time-out on a large ledger. The rest names its `day` (an ISO date): run
-    after midnight, it still grants the day its first part set out to. An account whose
-    claim fails is logged and passed over; the job then fails at the end, after every other
-    account of its part.
+    day the claim counts in), so a re-run, or two runs at once, grant nothing twice.
+
+    A scheduled run (no `day`) records in daily_reward_runs that it set out to grant today,
+    and first finishes the days of the last DAILY_CATCH_UP_DAYS that a run set out to grant
+    but none finished (one died part-way, its rest was lost with Redis, an account's claim
+    failed), oldest first, then grants today. A day is finished once a run found no account
+    left without its reward and none failed. A day no run set out to grant (daily.automatic
+    was off, or no scheduler ran all day) is never granted later: the operator did not mean
+    it to be; nor is a day older than the catch-up window.
+
+    Past `budget_seconds` it queues the rest as a job of its own (and each day it has not
+    begun as one more), so one run never holds a worker for long nor meets RQ's job
+    time-out on a large ledger. The rest names its `day` (an ISO date): run after midnight,
+    it still grants the day its first part set out to. An account whose claim fails is
+    logged and passed over; the job then fails at the end, after every other account.
     Returns how many rewards this part granted."""
     started = time.monotonic()
     now = _now(as_of)
-    granted = 0
-    failed: list[str] = []
     with connection() as conn:
         for switch in ("daily.automatic", "daily.enabled"):  # off: every claim would fail
             row = conn.execute(query("setting_value"), {"key": switch}).fetchone()
             if not row or row[0] is not True:
                 return 0
-        if day is None:
-            row = conn.execute(query("ledger_day"), {"now": now}).fetchone()
-            assert row is not None
-            day = row[0].isoformat()
+        days = [day] if day is not None else _days_to_grant(conn, now)
+        run = _DailyRewardsRun(conn, as_of, now, batch, budget_seconds, started)
+        for index, run_day in enumerate(days):
+            start_after = after if run_day == days[-1] else ""
+            if index and run.out_of_time():
+                run.queue_rest(run_day, start_after)
+            else:
+                run.grant_day(run_day, start_after)
+    if run.failed:
+        raise DailyRewardsIncomplete(
+            f"{len(run.failed)} accounts got no daily reward ({run.granted} did), "
+            f"first {run.failed[0]!r}"
+        )
+    return run.granted
+
+
+def _days_to_grant(conn: psycopg.Connection[Any], now: datetime) -> list[str]:
+    """Records that a run set out to grant today; returns the unfinished days of the
+    catch-up window, oldest first, then today (ISO dates)."""
+    row = conn.execute(query("ledger_day"), {"now": now}).fetchone()
+    assert row is not None
+    today = row[0]
+    unfinished = conn.execute(
+        query("start_daily_reward_run"),
+        {"day": today, "now": now, "catch_up_days": DAILY_CATCH_UP_DAYS},
+    ).fetchall()
+    return [d.isoformat() for d in (*(r[0] for r in unfinished), today)]
+
+
+class _DailyRewardsRun:
+    """One part of grant_daily_rewards: what it granted, which accounts failed, its time."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        as_of: str | None,
+        now: datetime,
+        batch: int,
+        budget_seconds: float,
+        started: float,
+    ) -> None:
+        self.conn, self.as_of, self.now = conn, as_of, now
+        self.batch, self.budget_seconds, self.started = batch, budget_seconds, started
+        self.granted = 0
+        self.failed: list[str] = []
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() - self.started >= self.budget_seconds
+
+    def queue_rest(self, day: str, after: str) -> None:
+        # The rest queues behind the payments and sweeps that came meanwhile.
+        enqueue(
+            DEFAULT_QUEUE,
+            "workers.sweepers.grant_daily_rewards",
+            self.as_of,
+            self.batch,
+            after,
+            self.budget_seconds,
+            day,
+            job_id=f"daily-rewards-{day}-{_digest(after)}",
+        )
+
+    def grant_day(self, day: str, after: str) -> None:
+        """Claims `day` for the accounts after `after` that lack it; marks the day finished
+        when none is left, or queues the rest when out of time."""
         key = f"{AUTO_DAILY_KEY_PREFIX}{day}"
         key_hash = hashlib.sha256(key.encode()).digest()
+        walked_from_start = after == ""
+        every_claim_made = True
         while True:
             accounts = [
                 r[0]
-                for r in conn.execute(
+                for r in self.conn.execute(
                     query("accounts_without_daily_claim"),
-                    {"after": after, "day": day, "limit": batch},
+                    {"after": after, "day": day, "limit": self.batch},
                 ).fetchall()
             ]
             for account_id in accounts:
-                try:
-                    result = conn.execute(
-                        query("claim_daily_reward_of_day"),
-                        {
-                            "account_id": account_id,
-                            "key": key,
-                            "hash": key_hash,
-                            "day": day,
-                            "now": now,
-                        },
-                    ).fetchone()
-                except psycopg.Error as exc:
-                    error = translate(exc)
-                    if error is not None and error.reason in (
-                        "DAILY_REWARD_ALREADY_CLAIMED",
-                        "SOURCE_DISABLED",
-                    ):
-                        continue
-                    log.error("daily reward of account %s failed: %s", account_id, exc)
-                    failed.append(account_id)
-                    continue
-                if result and not result[0].get("replayed"):
-                    granted += 1
-            if len(accounts) < batch:
+                every_claim_made &= self._claim(account_id, day, key, key_hash)
+            if len(accounts) < self.batch:
                 break
             after = accounts[-1]
-            if time.monotonic() - started >= budget_seconds:
-                # The rest queues behind the payments and sweeps that came meanwhile.
-                enqueue(
-                    DEFAULT_QUEUE,
-                    "workers.sweepers.grant_daily_rewards",
-                    as_of,
-                    batch,
-                    after,
-                    budget_seconds,
-                    day,
-                    job_id=f"daily-rewards-{day}-{_digest(after)}",
-                )
-                break
-    if failed:
-        raise DailyRewardsIncomplete(
-            f"{len(failed)} accounts got no daily reward ({granted} did), first {failed[0]!r}"
-        )
-    return granted
+            if self.out_of_time():
+                self.queue_rest(day, after)
+                return
+        # A walk that began part-way did not see the accounts before it: an earlier part
+        # may have failed on some.
+        if every_claim_made and (walked_from_start or not self._anyone_left(day)):
+            self.conn.execute(query("finish_daily_reward_run"), {"day": day, "now": self.now})
+
+    def _claim(self, account_id: str, day: str, key: str, key_hash: bytes) -> bool:
+        """Claims the day for one account; False when the account is left without it."""
+        try:
+            result = self.conn.execute(
+                query("claim_daily_reward_of_day"),
+                {
+                    "account_id": account_id,
+                    "key": key,
+                    "hash": key_hash,
+                    "day": day,
+                    "now": self.now,
+                },
+            ).fetchone()
+        except psycopg.Error as exc:
+            error = translate(exc)
+            reason = error.reason if error is not None else None
+            if reason == "DAILY_REWARD_ALREADY_CLAIMED":
+                return True
+            if reason != "SOURCE_DISABLED":  # switched off meanwhile: no failure, not done
+                log.error("daily reward of account %s failed: %s", account_id, exc)
+                self.failed.append(account_id)
+            return False
+        if result and not result[0].get("replayed"):
+            self.granted += 1
+        return True
+
+    def _anyone_left(self, day: str) -> bool:
+        row = self.conn.execute(
+            query("accounts_without_daily_claim"), {"after": "", "day": day, "limit": 1}
+        ).fetchone()
+        return row is not None
 
 
 def requeue_pending_alert_emails(older_than_seconds: int = 60, as_of: str | None = None) -> int:

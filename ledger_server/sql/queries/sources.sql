@@ -169,6 +169,25 @@ SELECT value FROM settings WHERE key = %(key)s
 -- The day of ledger.timezone a time falls on: the day a daily reward counts in.
 SELECT (%(now)s::timestamptz AT TIME ZONE ledger_timezone())::date
 
+-- name: start_daily_reward_run
+-- Records that an automatic run set out to grant the day (a run of a finished day opens it
+-- again: it may stop part-way on accounts opened since) and returns the unfinished days of
+-- the few days before it, oldest first: a short range of the primary key, so a run with
+-- nothing to finish reads next to nothing.
+WITH started AS (
+    INSERT INTO daily_reward_runs AS r (day, started_at) VALUES (%(day)s::date, %(now)s::timestamptz)
+    ON CONFLICT ON CONSTRAINT daily_reward_runs_one_per_day
+    DO UPDATE SET finished_at = NULL WHERE r.finished_at IS NOT NULL
+)
+SELECT day FROM daily_reward_runs
+ WHERE day >= %(day)s::date - %(catch_up_days)s::int AND day < %(day)s::date
+   AND finished_at IS NULL
+ ORDER BY day
+
+-- name: finish_daily_reward_run
+UPDATE daily_reward_runs SET finished_at = %(now)s::timestamptz
+ WHERE day = %(day)s::date AND finished_at IS NULL
+
 -- name: accounts_without_daily_claim
 -- The next accounts that lack the day's reward: a re-run (after a time-out, say) goes
 -- straight to those the last run did not reach.
