@@ -414,6 +414,6 @@ def wipe(conn: Conn) -> None:
     """Empties the ledger tables of the bench database (only ever the bench's own)."""
     conn.execute(
         "TRUNCATE accounts, lots, journal_transactions, postings, reservations,"
-        " reservation_lots, idempotency_keys, low_balance_alerts, daily_claims,"
+        " reservation_lots, idempotency_keys, low_balance_alerts, daily_claims, daily_reward_runs,"
         " monthly_allowances, purchases, redemptions, subscriptions CASCADE"
     )
