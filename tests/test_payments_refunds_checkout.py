@@ -485,6 +485,73 @@ def test_a_refund_delivered_before_its_payment_is_applied_once_the_purchase_is(
     assert_audit_clean()
 
 
+def _lock_waits(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _await_lock_waits(url: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while _lock_waits(url) < count:
+        assert time.monotonic() < deadline, f"never {count} sessions waiting on a lock"
+        time.sleep(0.02)
+
+
+def test_a_refund_running_as_its_payment_is_recorded_is_woken_when_it_ends(
+    webhook_url: str,
+    ledger_db_url: str,
+    sweep_and_apply: Callable[[], int],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The refund's job checked that no event of its payment was waiting, then waited for
+    the busy account; meanwhile the payment's checkout arrived and woke only refunds already
+    ignored, not this one, which then found no purchase and was ignored for good: the
+    customer kept the refunded pack (helper-75). The wake now waits for the refund's run to
+    end and wakes it if it ended ignored."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2500)
+    account, intent = new_account("refund-racing"), f"pi_{uuid.uuid4().hex}"
+    ledger.grant(account, 1)
+    refund_body = charge_refunded(intent, amount=2500, amount_refunded=2500, account_id=account)
+    checkout_body = checkout_pack(account, pack.pack_id, payment_intent=intent)
+    outcomes: dict[str, str] = {}
+
+    def run(name: str, body: bytes) -> None:
+        outcomes[name] = payments.process_event(str(json.loads(body)["id"]))
+
+    busy = psycopg.connect(ledger_db_url)  # another transaction holds the account
+    try:
+        busy.execute("SELECT FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
+        assert deliver(webhook_url, refund_body) == 200  # stored; its job is run here
+        refund = threading.Thread(target=run, args=("refund", refund_body))
+        refund.start()
+        _await_lock_waits(ledger_db_url, 1)  # the refund waits for the account
+        assert deliver(webhook_url, checkout_body) == 200
+        checkout = threading.Thread(target=run, args=("checkout", checkout_body))
+        checkout.start()
+        _await_lock_waits(ledger_db_url, 2)  # the checkout waits too
+        busy.rollback()
+        refund.join(30)
+        checkout.join(30)
+    finally:
+        busy.close()
+    assert outcomes == {"refund": "ignored", "checkout": "processed"}
+    sweep_and_apply()  # the woken refund runs again, after its purchase
+    event = payments_db.event(str(json.loads(refund_body)["id"]))
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("processed", -100 * CREDIT)
+    assert ledger.balance(account).balance_micros == CREDIT
+    assert_audit_clean()
+
+
 def test_a_subscription_refund_delivered_before_its_invoice_payment_is_applied_after_it(
     apply_events: Callable[..., list[str]],
     sweep_and_apply: Callable[[], int],

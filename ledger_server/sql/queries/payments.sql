@@ -158,10 +158,16 @@ UPDATE payment_events SET status = 'received'
 -- name: wake_claw_backs
 -- A purchase, or the link of an invoice to the payment that paid it, was recorded: the
 -- refunds and lost chargebacks of those payments that were handled before it, and found
--- nothing to take back, run again (the sweeper re-queues them).
+-- nothing to take back, run again (the sweeper re-queues them). Those being run too: one
+-- may have passed its check for the payment's unfinished events before this one was stored
+-- and be waiting for the account, where it will find no purchase. Its run holds its row
+-- (lock_payment_event), so this waits for the run to end and reads its status then: woken
+-- if it ended ignored. (Lock order: event rows, then the account; neither run waits on an
+-- event row while holding an account.)
 -- payment_events_by_payment (migration 0023): its expression word for word.
 UPDATE payment_events SET status = 'received', processed_at = NULL
- WHERE type IN ('charge.refunded', 'charge.dispute.closed') AND status = 'ignored'
+ WHERE type IN ('charge.refunded', 'charge.dispute.closed')
+   AND status IN ('ignored', 'processing')
    AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
              payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
              payload #>> '{data,object,payment,payment_intent}']
