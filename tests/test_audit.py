@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 
@@ -123,3 +124,169 @@ def test_overdraft_invariants_are_audited(fresh_database_url: str) -> None:
         conn.execute("UPDATE accounts SET held_micros = 0")
         conn.execute("UPDATE reservations SET status = 'released', finalized_at = now()")
         assert {v.check for v in audit_database(fresh_database_url)} == {"debt_beside_credits"}
+
+
+# --- stored figures against the journal ---------------------------------------------------
+
+
+def _fill_history(database_url: str) -> str:
+    """_fill, then what writes the figures the journal must account for: a lot expired, a
+    refund into it (expired at once), a paid recharge partly spent and refunded (its unspent
+    credits clawed back, the rest owed and taken when a Refund gave some back), and an
+    overdraft limit. Returns the reservation of the charge that spent the recharge."""
+    _fill(database_url)
+    later = "now() + interval '2 days'"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+
+        def call(sql: str, *args: object) -> Any:
+            return conn.execute(sql, args).fetchone()[0]  # type: ignore[index]
+
+        call(
+            "SELECT ledger_grant('audited', 'p1', '\\x11', 2000000, 'promotion', "
+            "now() + interval '1 day', 'main', '', '', NULL, now())"
+        )
+        promoted = call(
+            "SELECT ledger_consume('audited', 'c2', '\\x12', 1500000, NULL, 'chat', '', now())"
+        )
+        # Two days on: the promotion's 500,000 unspent expire, and the refund into it too.
+        call(
+            f"SELECT ledger_refund('audited', %s::uuid, 'f1', '\\x13', 500000, 'r', {later})",
+            promoted["reservation"]["reservation_id"],
+        )
+        call(
+            f"SELECT ledger_recharge('audited', 'rc1', '\\x14', 30000, 'cny', 'pi_audit', {later})"
+        )
+        # Everything else (96 + 10) and 100 of the recharge's 300.
+        spent = call(
+            f"SELECT ledger_consume('audited', 'c3', '\\x15', 206000000, NULL, 'chat', '', {later})"
+        )
+        call(
+            "SELECT ledger_claw_back_purchase('audited', 'cb1', '\\x16', ARRAY['pi_audit'], "
+            f"30000, 30000, 'refunded', {later})"
+        )
+        reservation: str = spent["reservation"]["reservation_id"]
+        call(
+            f"SELECT ledger_refund('audited', %s::uuid, 'f2', '\\x17', 50000000, 'r', {later})",
+            reservation,
+        )
+        call(
+            "SELECT ledger_set_overdraft_limit('audited', 'o1', '\\x18', 5000000, 'r', 'a', "
+            f"{later})"
+        )
+        clawed = conn.execute(
+            "SELECT clawed_back_micros, claw_back_owed_micros FROM purchases"
+        ).fetchone()
+        assert clawed == (250000000, 50000000)  # 200 unspent, then 50 of the 100 owed
+        expired = conn.execute(
+            "SELECT expired_micros FROM lots WHERE source = 'promotion'"
+        ).fetchone()
+        assert expired == (1000000,)
+    return reservation
+
+
+def _found(database_url: str) -> set[str]:
+    return {v.check for v in audit_database(database_url)}
+
+
+def test_expired_credits_agree_with_the_journal(fresh_database_url: str) -> None:
+    migrate(fresh_database_url)
+    _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE lots SET expired_micros = expired_micros - 1 WHERE source = 'promotion'"
+        )
+    assert _found(fresh_database_url) == {"lot_expired_vs_journal"}
+
+
+def test_expiry_entries_come_after_their_lots_expire(fresh_database_url: str) -> None:
+    migrate(fresh_database_url)
+    _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE lots SET expires_at = expires_at + interval '3 days' WHERE source = 'promotion'"
+        )
+        assert _found(fresh_database_url) == {"expiry_before_lot_expires"}
+        conn.execute("UPDATE lots SET expires_at = NULL WHERE source = 'promotion'")
+        assert _found(fresh_database_url) == {"expiry_before_lot_expires"}
+
+
+def test_overdraft_entries_touch_only_the_overdraft_lot(fresh_database_url: str) -> None:
+    migrate(fresh_database_url)
+    _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        # The journal is append-only: an entry added, balanced and netting to nothing, so
+        # that no other check sees it.
+        conn.execute(
+            """
+            WITH entry AS (
+                INSERT INTO journal_transactions (account_id, kind, amount_micros, created_at)
+                VALUES ('audited', 'overdraft', 0, now()) RETURNING transaction_id)
+            INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account,
+                                  lot_id, source, amount_micros)
+            SELECT 'audited', e.transaction_id, n, 'account:main', l.lot_id, l.source, a
+              FROM entry e, lots l, (VALUES (0, 1), (1, -1)) AS p(n, a)
+             WHERE l.source = 'purchase'
+            """
+        )
+    assert _found(fresh_database_url) == {"overdraft_entry_off_overdraft_lot"}
+
+
+def test_what_a_reservations_lots_committed_agrees_with_its_charge(
+    fresh_database_url: str,
+) -> None:
+    migrate(fresh_database_url)
+    reservation = _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        # The reservation's own figure follows, so only the journal disagrees.
+        conn.execute(
+            "UPDATE reservation_lots SET committed_micros = committed_micros - 1 "
+            "WHERE reservation_id = %s AND seq = 0",
+            (reservation,),
+        )
+        conn.execute(
+            "UPDATE reservations SET committed_micros = committed_micros - 1 "
+            "WHERE reservation_id = %s",
+            (reservation,),
+        )
+        assert _found(fresh_database_url) == {"reservation_lot_vs_charge"}
+        # The reservation's figure alone: its lots' sum, now pinned to the journal, disagrees.
+        conn.execute(
+            "UPDATE reservation_lots SET committed_micros = committed_micros + 1 "
+            "WHERE reservation_id = %s AND seq = 0",
+            (reservation,),
+        )
+        assert _found(fresh_database_url) == {"reservation_lots_vs_reservation"}
+
+
+def test_what_a_reservation_refunded_agrees_with_its_refunds(fresh_database_url: str) -> None:
+    migrate(fresh_database_url)
+    reservation = _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        # Its lots' figures follow, so only the journal disagrees.
+        for table in ("reservations", "reservation_lots"):
+            conn.execute(
+                f"UPDATE {table} SET refunded_micros = refunded_micros + 1 "
+                "WHERE reservation_id = %s AND refunded_micros > 0",
+                (reservation,),
+            )
+    assert _found(fresh_database_url) == {"reservation_refunded_vs_journal"}
+
+
+def test_what_a_payments_refund_clawed_back_agrees_with_its_adjustments(
+    fresh_database_url: str,
+) -> None:
+    migrate(fresh_database_url)
+    _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE purchases SET clawed_back_micros = clawed_back_micros - 1")
+        assert _found(fresh_database_url) == {"purchase_claw_back_vs_journal"}
+        conn.execute("UPDATE purchases SET clawed_back_micros = clawed_back_micros + 1")
+        assert audit_database(fresh_database_url) == []
+        conn.execute("UPDATE purchases SET bonus_clawed_back_micros = bonus_clawed_back_micros - 1")
+        assert _found(fresh_database_url) == {"purchase_claw_back_vs_journal"}

@@ -22,6 +22,7 @@ TABLES = (
     "reservations",
     "reservation_lots",
     "journal_transactions",
+    "purchases",
 )
 
 
