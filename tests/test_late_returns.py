@@ -1,15 +1,17 @@
-"""A Commit or Release is recorded at the time the server received it, but runs when the
-account is free: meanwhile a call of a later time (a Balance read, the sweeper, another
-server's call) may have applied the expiry of a lot the hold is on. That expiry took only
-the lot's unheld credits. What the late call gives back to the lot must expire too, not
-stay in the balance until the account's next maintenance (a day away, the hold's end),
-where no live lot covers it (helper-69). Each path that gives held credits back is run:
-the call alone and the set of a batch (0009_commit_set.sql, 0010_release_set.sql)."""
+"""Calls run after a call of a later time. A Commit or Release is recorded at the time
+the server received it, but runs when the account is free: meanwhile a call of a later time
+(a Balance read, the sweeper, another server's call) may have applied the expiry of a lot
+the hold is on. That expiry took only the lot's unheld credits. What the late call gives
+back to the lot must expire too, not stay in the balance until the account's next
+maintenance (a day away, the hold's end), where no live lot covers it (helper-69). Each path
+that gives held credits back is run: the call alone and the set of a batch
+(0009_commit_set.sql, 0010_release_set.sql). A claim of the daily reward is likewise not
+refused because a later call opened the account."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -98,3 +100,28 @@ def test_credits_given_back_to_a_lot_whose_expiry_was_applied_expire(
     assert lot == (0, (2 + given_back) * CREDIT)
     assert ledger.balance(account).available_micros == 2 * CREDIT
     assert_audit_clean()
+
+
+def test_a_claim_of_its_own_day_stands_though_a_later_call_opened_the_account(
+    ledger: Ledger,  # the server: it writes the settings' defaults
+    ledger_db_url: str,
+) -> None:
+    """The claim was received a second before midnight; a Grant received after midnight
+    opened the account first. The claim is of its own day, which had not ended: granted,
+    not refused as a day before the account was opened (helper-74)."""
+    account = new_account("late-claim")
+    midnight = datetime(2031, 5, 11, tzinfo=UTC)  # the ledger's day is UTC's here
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT ledger_grant(%s, 'g', '\\x01', 1000000, 'purchase', NULL, 'main', '', '',"
+            " NULL, %s)",
+            (account, midnight + timedelta(seconds=1)),
+        )
+        conn.execute(
+            "SELECT ledger_claim_daily_reward(%s, 'claim', '\\x02', %s)",
+            (account, midnight - timedelta(seconds=1)),
+        )
+        claims = conn.execute(
+            "SELECT claim_date FROM daily_claims WHERE account_id = %s", (account,)
+        ).fetchall()
+    assert claims == [((midnight - timedelta(days=1)).date(),)]

@@ -295,7 +295,9 @@ BEGIN
             jsonb_build_object('field', 'day'));
     END IF;
     today := coalesce(p_day, today);
-    IF a.created_at >= (today + 1)::timestamp AT TIME ZONE tz THEN  -- a named day, before it
+    -- A named day only: a claim of its own day may run after a call of a later time opened
+    -- the account (the day had not ended when the claim was received).
+    IF p_day IS NOT NULL AND a.created_at >= (today + 1)::timestamp AT TIME ZONE tz THEN
         PERFORM ledger_fail('LE010', 'the account did not exist on that day',
             jsonb_build_object('field', 'day', 'violation', 'before the account was opened'));
     END IF;
