@@ -89,13 +89,31 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
     raise invalid_field("period", "set one of day, month or range")
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
+def report_amount(value: Any, field: str) -> int:
+    """A report's total as its int64 field carries it. The ledger holds up to int64 micros
+    per balance, not per report: a period's flows over every account can add up past it."""
+    amount = int(value)
+    if amount not in _INT64:
+        raise LedgerError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            "REPORT_OUT_OF_RANGE",
+            f"the report's {field} is beyond what an int64 of micro-credits carries;"
+            " ask for a shorter period or one account",
+            {"field": field},
+        )
+    return amount
+
+
 def summary_amounts(rows: Iterable[tuple[Any, ...]]) -> pb.SummaryAmounts:
     """Adds up rows of report_summary_by_source."""
-    out = pb.SummaryAmounts()
+    totals = dict.fromkeys(AMOUNT_FIELDS, 0)
     for row in rows:
         for name, value in zip(AMOUNT_FIELDS, row[2:], strict=True):
-            setattr(out, name, getattr(out, name) + int(value))
-    return out
+            totals[name] += int(value)
+    return pb.SummaryAmounts(**{name: report_amount(v, name) for name, v in totals.items()})
 
 
 async def _rows(
@@ -189,8 +207,8 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
                     feature=row[0],
                     model=row[1],
                     charges=row[2],
-                    consumed_micros=row[3],
-                    refunded_micros=row[4],
+                    consumed_micros=report_amount(row[3], "consumed_micros"),
+                    refunded_micros=report_amount(row[4], "refunded_micros"),
                 )
                 for row in usage
             ],

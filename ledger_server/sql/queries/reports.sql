@@ -103,17 +103,18 @@ WITH current_lots AS (
               FROM moves m) m
      GROUP BY source
 )
--- sum(bigint) is numeric: each column goes back to bigint (never out of range here).
+-- sum(bigint) is numeric, and stays so: a period's flows over every account can pass a
+-- bigint; the server answers OUT_OF_RANGE for a total the report cannot carry.
 SELECT s.source,
        coalesce(cs.is_paid, false),
-       (now_balance - coalesce(f.since_start, 0))::bigint,
-       coalesce(f.allocated, 0)::bigint,
-       coalesce(f.consumed, 0)::bigint,
-       coalesce(f.adjusted, 0)::bigint,
-       coalesce(f.refunded, 0)::bigint,
-       coalesce(f.expired, 0)::bigint,
-       coalesce(f.transferred, 0)::bigint,
-       (now_balance - coalesce(f.since_end, 0))::bigint
+       now_balance - coalesce(f.since_start, 0),
+       coalesce(f.allocated, 0),
+       coalesce(f.consumed, 0),
+       coalesce(f.adjusted, 0),
+       coalesce(f.refunded, 0),
+       coalesce(f.expired, 0),
+       coalesce(f.transferred, 0),
+       now_balance - coalesce(f.since_end, 0)
   FROM (SELECT coalesce(c.source, f.source) AS source,
                coalesce(c.remaining, 0) - coalesce(c.due_expiry, 0) AS now_balance
           FROM current_lots c FULL JOIN flows f ON f.source = c.source) s
@@ -128,8 +129,8 @@ SELECT s.source,
 -- for every entry, the lookups made the plan read every reservation and entry ever made.
 SELECT feature, model,
        count(*) FILTER (WHERE kind = 'charge'),
-       coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0)::bigint,
-       coalesce(sum(refunded) FILTER (WHERE kind = 'refund'), 0)::bigint
+       coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0),  -- numeric, as above
+       coalesce(sum(refunded) FILTER (WHERE kind = 'refund'), 0)
   FROM (
     SELECT t.kind, coalesce(t.feature, '') AS feature, coalesce(t.model, '') AS model,
            t.amount_micros AS amount, NULL::bigint AS refunded

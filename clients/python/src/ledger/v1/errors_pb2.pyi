@@ -143,6 +143,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the overdraft limit cannot go below the debt and the holds on the
     overdraft. metadata: field, overdraft_limit_micros, in_use_micros, requested_micros.
     """
+    ERROR_REASON_REPORT_OUT_OF_RANGE: _ErrorReason.ValueType  # 48
+    """OUT_OF_RANGE: a report's total does not fit its int64 field (the period's flows over
+    every account add up past 9.2 million million credits). metadata: field.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -270,5 +274,9 @@ ERROR_REASON_BALANCE_LIMIT: ErrorReason.ValueType  # 46
 ERROR_REASON_OVERDRAFT_IN_USE: ErrorReason.ValueType  # 47
 """FAILED_PRECONDITION: the overdraft limit cannot go below the debt and the holds on the
 overdraft. metadata: field, overdraft_limit_micros, in_use_micros, requested_micros.
+"""
+ERROR_REASON_REPORT_OUT_OF_RANGE: ErrorReason.ValueType  # 48
+"""OUT_OF_RANGE: a report's total does not fit its int64 field (the period's flows over
+every account add up past 9.2 million million credits). metadata: field.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
