@@ -855,6 +855,32 @@ def test_the_block_releases_its_hold_only_when_the_commit_was_refused_for_good(
     assert methods == ["Reserve", "Commit"] + (["Release"] if released else [])
 
 
+@pytest.mark.parametrize(
+    ("commit_failure", "calls_at_the_end"),
+    [
+        (RATE_LIMITED, ["Commit"]),
+        (failure(grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED"), []),
+    ],
+)
+def test_a_block_whose_own_commit_failed_never_releases_its_hold(
+    commit_failure: Failure, calls_at_the_end: list[str]
+) -> None:
+    """The block's hold.commit() failed and the error left the block: a failure that may
+    pass is retried with the same key, a refusal leaves the hold to the caller; neither
+    releases it as a failed job."""
+    fake = FakeLedger(method_failures={"Commit": [commit_failure]})
+    with (
+        serve_fake(fake) as address,
+        LedgerClient(address, retry=RetryPolicy(max_attempts=1)) as client,
+        pytest.raises(LedgerError),
+        client.reservation("acct-1", 5 * CREDIT) as hold,
+    ):
+        hold.commit(2 * CREDIT)
+    commits = [r.request for r in fake.received if r.method == "Commit"]
+    assert [r.method for r in fake.received] == ["Reserve", "Commit", *calls_at_the_end]
+    assert {c.idempotency_key for c in commits} == {hold.commit_idempotency_key}
+
+
 def test_printing_the_credentials_shows_no_secret() -> None:
     key = b"-----BEGIN PRIVATE KEY-----KEYMATERIAL-----END PRIVATE KEY-----"
     credentials = Credentials(

@@ -2,7 +2,8 @@
 accounts, the daily reward, redemption codes, reward transfers, estimates, commits by usage,
 the journal's model and status filters, through the sync and the asyncio client against the
 real server; writes retried after a lost response replay instead of granting twice; and a
-reservation's commit or release retried after an unknown outcome replays the first attempt.
+reservation's commit or release retried after an unknown outcome replays the first attempt,
+and a block whose own commit timed out never gives its hold away.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import uuid
 from datetime import date, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 
 from ledger.v1 import admin_service_pb2 as admin_pb
@@ -683,6 +685,99 @@ def test_async_hold_commit_and_release_after_an_unknown_outcome_replay(
     assert released.reservation.status == pb.RESERVATION_STATUS_FAILED
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
+
+
+# --- a commit made inside the block that times out ------------------------------------------
+
+# The commit's time-out: the account row stays locked (FOR UPDATE, another connection) past it.
+SHORT_TIMEOUT = 0.5
+LOCK_THE_ACCOUNT = "SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE"
+
+
+def assert_the_block_gave_nothing_away(
+    ledger: Ledger, account: str, reservation_id: str, settled: bool
+) -> None:
+    """Settled or not, the hold was never released: no FAILED reservation, no release in the
+    journal, and the work is billed once when settled."""
+    request = pb.GetReservationRequest(account_id=account, reservation_id=reservation_id)
+    reservation = ledger.stub.GetReservation(request).reservation
+    assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])
+    if settled:
+        assert reservation.status == pb.RESERVATION_STATUS_COMMITTED
+        assert reservation.committed_micros == 3 * CREDIT
+        assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])) == 1
+        balance = ledger.balance(account)
+        assert (balance.balance_micros, balance.held_micros) == (7 * CREDIT, 0)
+    else:
+        assert reservation.status == pb.RESERVATION_STATUS_PENDING
+        assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+        assert ledger.balance(account).held_micros == 4 * CREDIT
+
+
+@pytest.mark.parametrize("unlocked_before_the_end", [True, False])
+def test_a_commit_in_the_block_that_timed_out_is_retried_never_released(
+    client: LedgerClient, ledger: Ledger, ledger_db_url: str, unlocked_before_the_end: bool
+) -> None:
+    """The job ran, the block's own hold.commit() timed out and the error left the block:
+    the end of the block commits again with the same key (the lock gone, that bills the
+    work) or leaves the hold pending for hold.commit() (the lock still held); releasing it
+    as a failed job gave the work away and made a later hold.commit() raise."""
+    account = new_account("hold-own-commit")
+    ledger.grant(account, 10)
+    with psycopg.connect(ledger_db_url) as locker:
+        with (
+            pytest.raises(DeadlineExceeded),
+            client.reservation(account, 4 * CREDIT, timeout=SHORT_TIMEOUT) as hold,
+        ):
+            locker.execute(LOCK_THE_ACCOUNT, (account,))
+            try:
+                hold.commit(3 * CREDIT)  # the job is done: bill it
+            finally:
+                if unlocked_before_the_end:
+                    locker.rollback()
+        assert hold.release_idempotency_key is None  # no release was even tried
+        assert hold.finished == unlocked_before_the_end
+        locker.rollback()
+    assert_the_block_gave_nothing_away(
+        ledger, account, hold.reservation_id, settled=unlocked_before_the_end
+    )
+    if not unlocked_before_the_end:
+        hold.commit()  # the same request, the same key
+    assert_the_block_gave_nothing_away(ledger, account, hold.reservation_id, settled=True)
+
+
+@pytest.mark.parametrize("unlocked_before_the_end", [True, False])
+def test_async_a_commit_in_the_block_that_timed_out_is_retried_never_released(
+    server_address: str, ledger: Ledger, ledger_db_url: str, unlocked_before_the_end: bool
+) -> None:
+    account = new_account("ahold-own-commit")
+    ledger.grant(account, 10)
+
+    async def scenario() -> str:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aclient:
+            with psycopg.connect(ledger_db_url) as locker:
+                with pytest.raises(DeadlineExceeded):
+                    async with aclient.reservation(
+                        account, 4 * CREDIT, timeout=SHORT_TIMEOUT
+                    ) as hold:
+                        locker.execute(LOCK_THE_ACCOUNT, (account,))
+                        try:
+                            await hold.commit(3 * CREDIT)
+                        finally:
+                            if unlocked_before_the_end:
+                                locker.rollback()
+                assert hold.release_idempotency_key is None
+                assert hold.finished == unlocked_before_the_end
+                locker.rollback()
+            assert_the_block_gave_nothing_away(
+                ledger, account, hold.reservation_id, settled=unlocked_before_the_end
+            )
+            if not unlocked_before_the_end:
+                await hold.commit()
+            return hold.reservation_id
+
+    reservation_id = asyncio.run(scenario())
+    assert_the_block_gave_nothing_away(ledger, account, reservation_id, settled=True)
 
 
 def test_summary_and_the_platform_log(

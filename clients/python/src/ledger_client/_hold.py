@@ -17,7 +17,10 @@ class HoldState:
     The commit and the release each get one idempotency key, made on the first attempt and
     kept on the hold: calling ``commit()`` (or ``release()``) again after an unknown outcome
     (``DeadlineExceeded``, say) sends the same request with the same key, so the server
-    answers the first attempt's result instead of ``ReservationNotPending``."""
+    answers the first attempt's result instead of ``ReservationNotPending``.
+
+    Once a commit was tried, the end of the block never releases the hold, whatever the
+    block raised: that commit may have been applied, or may succeed later."""
 
     def __init__(self, request: pb.ReserveRequest, timeout: float | None) -> None:
         self._request = request
@@ -29,6 +32,7 @@ class HoldState:
         self.release_response: pb.ReleaseResponse | None = None
         self._commit_key: str | None = None
         self._commit_comment = ""
+        self._commit_failure: BaseException | None = None
         self._release_key: str | None = None
         self._release_reason = ""
         self._release_job_failed = False
@@ -154,13 +158,29 @@ class HoldState:
 
     def _exit_action(self, raised: bool) -> str | None:
         """What the end of the block does: nothing once settled; a release tried before
-        (its outcome unknown) is replayed, never followed by a commit; else a commit, or a
-        release when the block raised."""
+        (its outcome unknown) is replayed, never followed by a commit. A commit the block
+        tried is never followed by a release: it is replayed (``"commit again"``, same key)
+        when its failure may pass, else the hold is left pending for the caller or its
+        time-to-live. Otherwise a commit, or a release when the block raised."""
         if self.finished:
             return None
-        if self._release_key is not None or raised:
+        if self._release_key is not None:
             return "release"
-        return "commit"
+        if self._commit_key is not None:
+            return "commit again" if self._commit_may_succeed() else None
+        return "release" if raised else "commit"
+
+    def _commit_failed(self, error: BaseException) -> None:
+        self._commit_failure = error
+
+    def _commit_may_succeed(self) -> bool:
+        """Whether replaying the last commit attempt may settle the hold: not after a
+        refusal for good, nor after an interrupt or a cancellation (no call is made for
+        those; the caller decides)."""
+        failure = self._commit_failure
+        if failure is None:
+            return True
+        return isinstance(failure, LedgerError) and not refused_for_good(failure)
 
     def _exit_release_args(
         self, exc_type: type[BaseException] | None

@@ -692,15 +692,19 @@ class Hold(HoldState):
         amount, actual_usage, comment, key = self._commit_args(
             amount_micros, usage, comment, idempotency_key
         )
-        self.commit_response = self._client.commit(
-            self.account_id,
-            self.reservation_id,
-            amount,
-            usage=actual_usage,
-            comment=comment,
-            idempotency_key=key,
-            timeout=self._timeout,
-        )
+        try:
+            self.commit_response = self._client.commit(
+                self.account_id,
+                self.reservation_id,
+                amount,
+                usage=actual_usage,
+                comment=comment,
+                idempotency_key=key,
+                timeout=self._timeout,
+            )
+        except BaseException as error:
+            self._commit_failed(error)  # the end of the block must know why
+            raise
         return self.commit_response
 
     def release(
@@ -753,6 +757,15 @@ class Hold(HoldState):
                         "could not release reservation %s", self.reservation_id, exc_info=True
                     )
                 raise
+        elif action == "commit again":
+            try:
+                self.commit()
+            except LedgerError:
+                if exc is None:  # the block went on after its commit failed: this error
+                    raise
+                # The block's own exception matters more; the hold stays pending for the
+                # caller's hold.commit() (the same key) or its time-to-live.
+                log.warning("could not commit reservation %s", self.reservation_id, exc_info=True)
         elif action == "release":
             try:
                 reason, job_failed = self._exit_release_args(exc_type)
