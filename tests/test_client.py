@@ -51,6 +51,7 @@ from ledger_client import (
     ReservationNotPending,
     RetryPolicy,
     Unavailable,
+    errors,
 )
 from ledger_server.db.migrate import migrate
 from support.certs import make_certs
@@ -944,3 +945,12 @@ def test_an_empty_idempotency_key_is_refused_before_any_call() -> None:
             hold.commit(2 * CREDIT)
     assert [r.method for r in fake.received] == ["Reserve", "Commit"]
     assert all(r.request.idempotency_key for r in fake.received)
+
+
+def test_every_error_class_is_exported() -> None:
+    classes = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.LedgerError)
+    }
+    assert classes <= set(errors.__all__)

@@ -36,6 +36,7 @@ __all__ = [
     "LedgerError",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
     "ReservationExpired",
     "ReservationNotCommitted",
     "ReservationNotFound",
