@@ -977,6 +977,108 @@ def test_a_reset_billing_cycle_upgrades_from_the_paid_invoice_with_carry_over(
     assert_audit_clean()
 
 
+def test_an_upgrade_to_a_price_no_plan_has_yet_is_applied_once_the_plan_is_created(
+    apply_events: Callable[..., list[str]],
+    rerun: Callable[[str], str],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The customer upgraded (and paid the prorations) to a price the admin had not given
+    any plan yet: both events fail and are retried, not ignored for good, and once the plan
+    is created they apply the upgrade with its carry-over and link its payment."""
+    account, sub, basic, _pro, start, end = _subscriber(apply_events, sources, ledger)
+    late = f"plan-late-{uuid.uuid4().hex[:12]}"
+    price = f"price_{late}"
+    proration, invoice = _proration_invoice(
+        account, sub, basic.provider_price_id, price, int(time.time()) - 10, end
+    )
+    upgraded = subscription_updated(
+        account, sub, price, start, end, previous_price_id=basic.provider_price_id
+    )
+    update, prorated = apply_events(upgraded, proration)
+    for event_id in (update, prorated):
+        row = payments_db.event(event_id)
+        assert row is not None and row["status"] == "failed", row
+        assert price in row["last_error"]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
+
+    assert sources.create_plan(300 * CREDIT, rank=3, plan_id=late).provider_price_id == price
+    assert rerun(update) == "processed"
+    assert rerun(prorated) == "processed"
+    assert sources.get_account(account).subscription.plan_id == late
+    assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
+    assert payments_db.event(update)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    # The prorations were linked to the upgrade: their refund takes its credits back.
+    intent = f"pi_{uuid.uuid4().hex}"
+    [refund] = apply_events(
+        invoice_payment_paid(invoice, intent, 700),
+        charge_refunded(intent, amount=700, amount_refunded=700),
+    )[1:]
+    assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
+    assert_audit_clean()
+
+
+def test_a_reset_billing_cycle_to_a_price_no_plan_has_yet_waits_for_the_plan(
+    apply_events: Callable[..., list[str]],
+    rerun: Callable[[str], str],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The invoice of a reset cycle to an unknown price is not taken for one of prorations
+    only (linked to the old plan's credit line, or ignored): it fails until the plan is
+    created, then grants the new period with the carry-over."""
+    account, sub, basic, _pro, _start, end = _subscriber(apply_events, sources, ledger)
+    late = f"plan-late-{uuid.uuid4().hex[:12]}"
+    price, now = f"price_{late}", int(time.time())
+    invoice = invoice_paid(
+        account, sub, price, now, now + 30 * 86400, billing_reason="subscription_update",
+        lines=[invoice_line(basic.provider_price_id, now, end, proration=True),
+               invoice_line(price, now, now + 30 * 86400)],
+    )  # fmt: skip
+    [paid] = apply_events(invoice)
+    row = payments_db.event(paid)
+    assert row is not None and row["status"] == "failed" and price in row["last_error"], row
+    sources.create_plan(300 * CREDIT, rank=3, plan_id=late)
+    assert rerun(paid) == "processed"
+    assert payments_db.event(paid)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == late
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+    assert_audit_clean()
+
+
+def test_an_update_finds_the_plan_among_all_the_subscriptions_items(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """An add-on item listed before the plan's (or the new plan's item appended after the
+    old one was deleted) is no plan: the upgrade is applied. Two plan items (the new one
+    added before the old one is removed): the higher ranked is the plan."""
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    [with_add_on] = apply_events(
+        subscription_updated(account, sub, pro.provider_price_id, start, end,
+                             prices_before=("price_add_on_seats",))
+    )  # fmt: skip
+    assert payments_db.event(with_add_on)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == pro.plan_id
+    assert ledger.balance(account).balance_micros == 360 * CREDIT
+
+    other, other_sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    [both] = apply_events(
+        subscription_updated(other, other_sub, basic.provider_price_id, start, end,
+                             prices_before=(pro.provider_price_id,))
+    )  # fmt: skip
+    assert payments_db.event(both)["credits_micros"] == 300 * CREDIT  # type: ignore[index]
+    assert sources.get_account(other).subscription.plan_id == pro.plan_id
+    assert_audit_clean()
+
+
 def test_a_plan_change_delivered_after_a_newer_one_is_not_applied(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

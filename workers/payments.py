@@ -23,12 +23,17 @@ Event types:
   (ledger_change_subscription_plan); one with prorations only grants nothing (the event
   below granted the change) and is recorded as paying the change to its positive line's
   plan (invoice_payments), so its refund finds it; it waits while its period is not
-  applied. An invoice naming its payment intent (before 2025-03-31) is recorded as paid by
-  it. A late invoice of an older
-  period (a subscription that ended) leaves the account's newer subscription as it is.
+  applied. A price no plan has (the admin has not created it yet) fails the event, which is
+  retried until the plan exists (an invoice of prorations too, when no positive line is a
+  plan's; one of a plan change charging a subscription item's whole period is of a reset
+  cycle, never of prorations only). An invoice naming its payment intent (before
+  2025-03-31) is recorded as paid by it. A late invoice of an older period (a subscription
+  that ended) leaves the account's newer subscription as it is.
 - customer.subscription.updated to another plan within the current period, the
   subscription active or trialing, unless a newer such event of the subscription for the
-  same period is stored: ledger_change_subscription_plan (upgrade carry-over, seed 001). A
+  same period is stored: ledger_change_subscription_plan (upgrade carry-over, seed 001).
+  The plan is that of any item whose price is a plan's (add-ons are not), the higher
+  ranked of two; a change to a price no plan has fails and is retried, as invoice.paid. A
   change that comes with a new period (a change scheduled for the renewal, or a reset
   billing cycle) is granted by that period's paid invoice instead (applied here too, the
   period's credits would be granted twice, and before anyone paid): the event waits for
@@ -169,6 +174,17 @@ def _is_proration(line: Mapping[str, Any]) -> bool:
         line.get("proration")
         or _dig(line, "parent", "subscription_item_details", "proration")
         or _dig(line, "parent", "invoice_item_details", "proration")
+    )
+
+
+def _charges_a_subscription_item(line: Mapping[str, Any]) -> bool:
+    """A line that charges a subscription item's whole period (not a proration, not a
+    one-off invoice item): `type` before API version 2025-03-31, the parent's since. An
+    invoice of a plan change with one starts a new period (a reset billing cycle)."""
+    if _is_proration(line):
+        return False
+    return line.get("type") == "subscription" or (
+        _dig(line, "parent", "type") == "subscription_item_details"
     )
 
 
@@ -423,6 +439,21 @@ def _plan_for_price(conn: Conn, price_id: str) -> str | None:
     return str(row[0]) if row else None
 
 
+def _item_prices(sub: Mapping[str, Any]) -> list[str]:
+    """The prices of every item of a subscription: add-ons may be listed before the plan,
+    and an integration may upgrade by deleting the old item and appending the new one."""
+    items = _dig(sub, "items", "data") or []
+    prices = [_id(item.get("price")) or _id(item.get("plan")) for item in items]
+    return [price for price in prices if price]
+
+
+def _plan_of_prices(conn: Conn, prices: list[str]) -> str | None:
+    """The plan of the items whose price is a plan's; of two, the higher ranked
+    (subscription_plan_of_prices says why)."""
+    row = conn.execute(query("subscription_plan_of_prices"), {"price_ids": prices}).fetchone()
+    return str(row[0]) if row else None
+
+
 def _current_subscription(conn: Conn, account_id: str) -> tuple[str, datetime] | None:
     """The account's plan and the start of its current period, if it has a subscription."""
     row = conn.execute(query("current_subscription_plan"), {"account_id": account_id}).fetchone()
@@ -477,7 +508,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
         _keep_stored_end(conn, account_id, subscription_ref, now)
         lot = data.get("lot") or {}
         return Outcome("processed", account_id, int(lot.get("amount_micros") or 0))
-    if plan_change:
+    if plan_change and not any(_charges_a_subscription_item(line) for line in lines):
         _record_invoice_intent(conn, invoice, now)
         return _link_proration_invoice(conn, invoice, subscription_ref, account_id, lines, now)
     prices = [_line_price(line) for line in lines]
@@ -505,10 +536,11 @@ def _link_proration_invoice(
         bought = prorations
     period = conn.execute(query("plan_change_period"), {"account_id": account_id}).fetchone()
     refs: list[str] = []
+    unknown: list[str] = []
     for line in bought:
-        plan_id = _plan_for_price(conn, _line_price(line))
+        price = _line_price(line)
         changed_at = _timestamp(_dig(line, "period", "start"))
-        if plan_id is None or changed_at is None:
+        if not price or changed_at is None:
             continue
         if period is not None and period[2] == subscription_ref and period[0] > changed_at:
             return Outcome(
@@ -516,7 +548,17 @@ def _link_proration_invoice(
             )
         if period is None or period[2] != subscription_ref or changed_at >= period[1]:
             raise EventNotReady("the subscription period of these prorations is not applied yet")
-        refs.append(_plan_change_ref(subscription_ref, plan_id, period[0]))
+        plan_id = _plan_for_price(conn, price)
+        if plan_id is None:
+            unknown.append(price)  # an add-on's, or a plan's the admin has not created yet
+        else:
+            refs.append(_plan_change_ref(subscription_ref, plan_id, period[0]))
+    if unknown and not refs:
+        # Paid for no plan the ledger has: retried (as invoice.paid of an unknown price) until
+        # the admin creates it, then linked, so its refund finds the change.
+        raise LookupError(
+            f"no subscription plan has the provider price of the prorations {unknown}"
+        )
     invoice_ref = _id(invoice)
     for ref in refs:
         conn.execute(
@@ -578,11 +620,10 @@ def _subscription_updated(
             note=f"superseded by the newer event {newer[0]}",
         )
     account_id = _subscription_account(conn, subscription_ref, _metadata(sub))
-    items = _dig(sub, "items", "data") or []
-    item = items[0] if items else {}
-    plan_id = _plan_for_price(conn, _id(item.get("price")) or _id(item.get("plan")))
-    if plan_id is None:
-        return Outcome("ignored", account_id, note="no subscription plan has the item's price")
+    prices = _item_prices(sub)
+    if not prices:
+        return Outcome("ignored", account_id, note="the subscription lists no item's price")
+    plan_id = _plan_of_prices(conn, prices)
     current = _current_subscription(conn, account_id)
     if current is None:
         return Outcome("ignored", account_id, note="no subscription yet: invoice.paid starts it")
@@ -605,6 +646,10 @@ def _subscription_updated(
         # (the same plan: nothing to do; another: a change made after the renewal). That
         # invoice puts the event back to 'received' for the sweeper, however long it took.
         raise EventNotReady("the subscription's new period is not started yet (its invoice)")
+    if plan_id is None:
+        # Not final: the customer pays for it, and once the admin creates its plan the
+        # retried event (the sweeper's parked retries) applies it, as invoice.paid does.
+        raise LookupError(f"no subscription plan has the provider price of the items {prices}")
     params = _base_params(event_id, account_id, now)
     params.update(
         plan_id=plan_id,

@@ -220,9 +220,14 @@ def subscription_updated(
     status: str = "active",
     previous_price_id: str | None = None,
     created: int | None = None,
+    prices_before: tuple[str, ...] = (),
 ) -> bytes:
-    """customer.subscription.updated, the period on the item (API 2025-03-31 and later)."""
-    item = {"price": {"id": price_id}, "current_period_start": start, "current_period_end": end}
+    """customer.subscription.updated, the period on the items (API 2025-03-31 and later):
+    the items of `prices_before` (add-ons, an old plan's item), then the one of `price_id`."""
+    items = [
+        {"price": {"id": price}, "current_period_start": start, "current_period_end": end}
+        for price in (*prices_before, price_id)
+    ]
     previous = (
         {"items": {"data": [{"price": {"id": previous_price_id}}]}} if previous_price_id else {}
     )
@@ -233,7 +238,7 @@ def subscription_updated(
             "object": "subscription",
             "status": status,
             "metadata": {"account_id": account_id},
-            "items": {"data": [item]},
+            "items": {"data": items},
         },
         created=created,
         previous_attributes=previous,

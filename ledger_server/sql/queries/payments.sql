@@ -92,6 +92,16 @@ SELECT plan_id FROM subscription_plans
  ORDER BY active DESC, plan_id
  LIMIT 1
 
+-- name: subscription_plan_of_prices
+-- The plan of a subscription's items: of the items whose price is a plan's, the plan of the
+-- highest rank (two plan items are an upgrade or downgrade made in two steps, the new item
+-- added before the old one is removed: the higher is the plan the customer pays for either
+-- way, and the later event, with one plan item left, decides a downgrade).
+SELECT plan_id FROM subscription_plans
+ WHERE provider_price_id = ANY(%(price_ids)s::text[])
+ ORDER BY rank DESC, active DESC, plan_id
+ LIMIT 1
+
 -- name: current_subscription_plan
 SELECT plan_id, current_period_start FROM subscriptions WHERE account_id = %(account_id)s
 
