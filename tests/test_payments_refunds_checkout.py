@@ -1829,6 +1829,32 @@ def test_checkout_for_a_recharge_and_a_subscription(
     assert sent["subscription_data[metadata][account_id]"] == account
 
 
+def test_a_subscriber_cannot_check_out_a_second_subscription_until_the_first_ends(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    apply_events: Callable[..., list[str]],
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    """A second subscription would be charged beside the first, which the ledger follows
+    alone (no carry-over, the wrong one renewing): its plan changes with Stripe instead."""
+    account, sub, basic, pro, _, _ = _subscriber(apply_events, sources, ledger)
+
+    def subscribe() -> billing_pb.CheckoutSession:
+        return checkout.CreateCheckoutSession(
+            billing_pb.CreateCheckoutSessionRequest(
+                account_id=account, idempotency_key=new_key(), plan_id=pro.plan_id
+            )
+        ).session
+
+    sent = len(stripe_double.checkout_requests())
+    info = expect_error(subscribe, grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_SUBSCRIBED")
+    assert info.metadata["plan_id"] == basic.plan_id
+    assert len(stripe_double.checkout_requests()) == sent  # nothing asked of Stripe
+    apply_events(subscription_deleted(account, sub, int(time.time()) - 1))
+    assert subscribe().plan_id == pro.plan_id
+
+
 def test_a_paid_checkout_grants_what_it_sold_whatever_changed_before_the_payment(
     checkout: billing_service_pb2_grpc.BillingServiceStub,
     apply_events: Callable[..., list[str]],

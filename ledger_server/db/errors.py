@@ -50,6 +50,7 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE041": (grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_PRICE_MISSING"),
     "LE042": (grpc.StatusCode.FAILED_PRECONDITION, "PLAN_INACTIVE"),
     "LE043": (grpc.StatusCode.FAILED_PRECONDITION, "OVERDRAFT_IN_USE"),
+    "LE044": (grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_SUBSCRIBED"),
 }
 
 # Constraints a request can run into with input that passed validation.

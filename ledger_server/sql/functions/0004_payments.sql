@@ -32,6 +32,7 @@ DECLARE
     used_by text;
     p credit_packs;
     plan subscription_plans;
+    current_plan text;
     quote jsonb;
 BEGIN
     SELECT * INTO existing FROM checkout_sessions
@@ -80,6 +81,15 @@ BEGIN
                                   'credits_micros', (quote ->> 'credits_micros')::bigint,
                                   'bonus_micros', (quote ->> 'bonus_micros')::bigint);
     ELSIF p_kind = 'subscription' THEN
+        -- One subscription an account (the subscriptions row follows one): a second would be
+        -- charged beside the first, and its upgrade carry-over never made.
+        SELECT s.plan_id INTO current_plan FROM subscriptions s
+         WHERE s.account_id = p_account AND s.current_period_end > p_now;
+        IF FOUND THEN
+            PERFORM ledger_fail('LE044',
+                'the account has a subscription already: change its plan with the payment provider',
+                jsonb_build_object('plan_id', current_plan));
+        END IF;
         plan := ledger_find_plan(p_plan);
         IF NOT plan.active THEN
             PERFORM ledger_fail('LE042', 'the subscription plan is not on sale',

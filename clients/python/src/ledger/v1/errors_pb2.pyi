@@ -147,6 +147,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """OUT_OF_RANGE: a report's total does not fit its int64 field (the period's flows over
     every account add up past 9.2 million million credits). metadata: field.
     """
+    ERROR_REASON_ALREADY_SUBSCRIBED: _ErrorReason.ValueType  # 49
+    """FAILED_PRECONDITION: the account's subscription runs (its current period has not
+    ended): a second one would be charged beside it; its plan changes through the payment
+    provider (customer.subscription.updated). metadata: plan_id.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -278,5 +283,10 @@ overdraft. metadata: field, overdraft_limit_micros, in_use_micros, requested_mic
 ERROR_REASON_REPORT_OUT_OF_RANGE: ErrorReason.ValueType  # 48
 """OUT_OF_RANGE: a report's total does not fit its int64 field (the period's flows over
 every account add up past 9.2 million million credits). metadata: field.
+"""
+ERROR_REASON_ALREADY_SUBSCRIBED: ErrorReason.ValueType  # 49
+"""FAILED_PRECONDITION: the account's subscription runs (its current period has not
+ended): a second one would be charged beside it; its plan changes through the payment
+provider (customer.subscription.updated). metadata: plan_id.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
