@@ -860,15 +860,17 @@ def test_the_block_releases_its_hold_only_when_the_commit_was_refused_for_good(
     ("commit_failure", "calls_at_the_end"),
     [
         (RATE_LIMITED, ["Commit"]),
-        (failure(grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED"), []),
+        # Refused for good: nothing was charged and never will be, the credits go back.
+        (failure(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD"), ["Release"]),
     ],
 )
-def test_a_block_whose_own_commit_failed_never_releases_its_hold(
+def test_a_block_whose_own_commit_may_still_succeed_does_not_release_its_hold(
     commit_failure: Failure, calls_at_the_end: list[str]
 ) -> None:
     """The block's hold.commit() failed and the error left the block: a failure that may
-    pass is retried with the same key, a refusal leaves the hold to the caller; neither
-    releases it as a failed job."""
+    pass is retried with the same key, not released as a failed job (the finished work
+    would go unbilled); a refusal for good releases the hold, as before the commit existed
+    (helper-81: left pending, its credits stayed held for the whole time-to-live)."""
     fake = FakeLedger(method_failures={"Commit": [commit_failure]})
     with (
         serve_fake(fake) as address,

@@ -19,8 +19,8 @@ class HoldState:
     (``DeadlineExceeded``, say) sends the same request with the same key, so the server
     answers the first attempt's result instead of ``ReservationNotPending``.
 
-    Once a commit was tried, the end of the block never releases the hold, whatever the
-    block raised: that commit may have been applied, or may succeed later."""
+    Once a commit was tried, the end of the block releases the hold only when the server
+    refused that commit for good: else it may have been applied, or may succeed later."""
 
     def __init__(self, request: pb.ReserveRequest, timeout: float | None) -> None:
         self._request = request
@@ -159,15 +159,18 @@ class HoldState:
     def _exit_action(self, raised: bool) -> str | None:
         """What the end of the block does: nothing once settled; a release tried before
         (its outcome unknown) is replayed, never followed by a commit. A commit the block
-        tried is never followed by a release: it is replayed (``"commit again"``, same key)
-        when its failure may pass, else the hold is left pending for the caller or its
-        time-to-live. Otherwise a commit, or a release when the block raised."""
+        tried is replayed (``"commit again"``, same key) when its failure may pass; refused
+        for good (nothing was charged, and never will be), the hold is released; cut short
+        (an interrupt, a cancellation: it may have been applied), it is left pending for the
+        caller or its time-to-live. Otherwise a commit, or a release when the block raised."""
         if self.finished:
             return None
         if self._release_key is not None:
             return "release"
         if self._commit_key is not None:
-            return "commit again" if self._commit_may_succeed() else None
+            if self._commit_may_succeed():
+                return "commit again"
+            return "release" if isinstance(self._commit_failure, LedgerError) else None
         return "release" if raised else "commit"
 
     def _commit_failed(self, error: BaseException) -> None:
