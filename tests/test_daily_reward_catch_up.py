@@ -5,6 +5,8 @@ is not granted later; a catch-up run twice, or two at once, grants nobody twice.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -201,6 +203,49 @@ def test_a_day_no_run_set_out_to_grant_is_not_granted_later(ledger_url: str) -> 
     assert _claimed_days(ledger_url) == {a: [oldest_caught_up, today] for a in accounts}
     assert _runs(ledger_url) == [(too_old, False), (oldest_caught_up, True), (today, True)]
     assert sweepers.grant_daily_rewards(_at(today, 10).isoformat()) == 0
+
+
+def _set_setting(url: str, key: str, value: object, at: datetime) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT ledger_put_setting(%s, %s, 'admin', 'test', 'pause', %s, true)",
+            (key, json.dumps(value), at),
+        )
+
+
+def test_days_the_reward_was_paused_or_switched_off_are_not_granted_later(
+    ledger_url: str,
+) -> None:
+    """Paused by an amount of 0, the runs record no day; switched off while a day's run was
+    under way, the day ends there. Resumed, neither is granted at the new amount
+    (helper-81: every paused day of the window was paid once the amount came back)."""
+    prefix = new_account("paused")
+    accounts = [f"{prefix}-{n}" for n in range(3)]
+    _open_accounts(ledger_url, accounts, _at(DAY - timedelta(days=2), 8))
+    _set_setting(ledger_url, "daily.amount_micros", 0, _at(DAY - timedelta(days=1), 12))
+    for day in range(3):  # three days of scheduled runs while paused
+        assert sweepers.grant_daily_rewards(_at(DAY + timedelta(days=day), 0, 2).isoformat()) == 0
+    assert _runs(ledger_url) == []
+    resumed = DAY + timedelta(days=3)
+    _set_setting(ledger_url, "daily.amount_micros", 10_000_000, _at(resumed, 0))
+    assert sweepers.grant_daily_rewards(_at(resumed, 0, 2).isoformat()) == 3
+
+    # The next day's run, past its check of the settings, finds the reward switched off.
+    off_day, next_day = resumed + timedelta(days=1), resumed + timedelta(days=2)
+    with psycopg.connect(ledger_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO daily_reward_runs (day, started_at) VALUES (%s, %s)",
+            (off_day, _at(off_day, 0, 2)),
+        )
+    _set_setting(ledger_url, "daily.enabled", False, _at(off_day, 0, 3))
+    with worker_db.connection() as conn:
+        run = sweepers._DailyRewardsRun(conn, None, _at(off_day, 0, 4), 500, 120, time.monotonic())
+        run.grant_day(off_day.isoformat(), "")
+        assert (run.granted, run.failed) == (0, [])
+    assert _runs(ledger_url)[-1] == (off_day, True)  # ended there: nothing owed for it
+    _set_setting(ledger_url, "daily.enabled", True, _at(next_day, 0))
+    assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 3
+    assert _claimed_days(ledger_url) == {a: [resumed, next_day] for a in accounts}
 
 
 def test_a_catch_up_run_twice_or_two_at_once_grants_nobody_twice(

@@ -145,8 +145,9 @@ def grant_daily_rewards(
     but none finished (one died part-way, its rest was lost with Redis, an account's claim
     failed), oldest first, then grants today. A day is finished once a run found no account
     left without its reward and none failed. A day no run set out to grant (daily.automatic
-    was off, or no scheduler ran all day) is never granted later: the operator did not mean
-    it to be; nor is a day older than the catch-up window.
+    was off, the reward paused by an amount of 0, or no scheduler ran all day) is never
+    granted later: the operator did not mean it to be; nor is a day older than the catch-up
+    window, nor the rest of a day on which the reward was switched off during its run.
 
     Past `budget_seconds` it queues the rest as a job of its own (and each day it has not
     begun as one more), so one run never holds a worker for long nor meets RQ's job
@@ -157,10 +158,8 @@ def grant_daily_rewards(
     started = time.monotonic()
     now = _now(as_of)
     with connection() as conn:
-        for switch in ("daily.automatic", "daily.enabled"):  # off: every claim would fail
-            row = conn.execute(query("setting_value"), {"key": switch}).fetchone()
-            if not row or row[0] is not True:
-                return 0
+        if not _daily_rewards_on(conn):
+            return 0  # a day that is not meant to be granted is not recorded, nor caught up
         days = [day] if day is not None else _days_to_grant(conn, now)
         run = _DailyRewardsRun(conn, as_of, now, batch, budget_seconds, started)
         for index, run_day in enumerate(days):
@@ -175,6 +174,22 @@ def grant_daily_rewards(
             f"first {run.failed[0]!r}"
         )
     return run.granted
+
+
+def _daily_rewards_on(conn: psycopg.Connection[Any]) -> bool:
+    """daily.automatic and daily.enabled on, and an amount to grant (0 pauses the reward:
+    every claim would be refused as switched off)."""
+    values = {}
+    for key in ("daily.automatic", "daily.enabled", "daily.amount_micros"):
+        row = conn.execute(query("setting_value"), {"key": key}).fetchone()
+        values[key] = row[0] if row else None
+    amount = values["daily.amount_micros"]
+    return (
+        values["daily.automatic"] is True
+        and values["daily.enabled"] is True
+        and isinstance(amount, int)
+        and amount > 0
+    )
 
 
 def _days_to_grant(conn: psycopg.Connection[Any], now: datetime) -> list[str]:
@@ -267,11 +282,12 @@ class _DailyRewardsRun:
         except psycopg.Error as exc:
             error = translate(exc)
             reason = error.reason if error is not None else None
-            if reason == "DAILY_REWARD_ALREADY_CLAIMED":
+            # Switched off meanwhile: the day is not meant to be granted any more (done, not
+            # caught up later at whatever amount the reward has then).
+            if reason in ("DAILY_REWARD_ALREADY_CLAIMED", "SOURCE_DISABLED"):
                 return True
-            if reason != "SOURCE_DISABLED":  # switched off meanwhile: no failure, not done
-                log.error("daily reward of account %s failed: %s", account_id, exc)
-                self.failed.append(account_id)
+            log.error("daily reward of account %s failed: %s", account_id, exc)
+            self.failed.append(account_id)
             return False
         if result and not result[0].get("replayed"):
             self.granted += 1
