@@ -1020,6 +1020,23 @@ def test_an_upgrade_to_a_price_no_plan_has_yet_is_applied_once_the_plan_is_creat
     assert_audit_clean()
 
 
+def test_an_update_changing_no_item_of_a_subscription_at_a_price_no_plan_has_is_ignored(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    """The admin moved the plan to another Stripe price; its subscribers stay on the old
+    one. A routine update of theirs (cancel_at_period_end, say: no item changed) waits for
+    no plan: ignored, not failed and retried for ever (helper-81)."""
+    account, sub, _basic, _pro, start, end = _subscriber(apply_events, sources, ledger)
+    routine = subscription_updated(account, sub, f"price_moved_{uuid.uuid4().hex}", start, end)
+    [update] = apply_events(routine)
+    row = payments_db.event(update)
+    assert row is not None and row["status"] == "ignored", row
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
+
+
 def test_a_reset_billing_cycle_to_a_price_no_plan_has_yet_waits_for_the_plan(
     apply_events: Callable[..., list[str]],
     rerun: Callable[[str], str],

@@ -33,7 +33,8 @@ Event types:
   subscription active or trialing, unless a newer such event of the subscription for the
   same period is stored: ledger_change_subscription_plan (upgrade carry-over, seed 001).
   The plan is that of any item whose price is a plan's (add-ons are not), the higher
-  ranked of two; a change to a price no plan has fails and is retried, as invoice.paid. A
+  ranked of two; a change of items to a price no plan has fails and is retried, as
+  invoice.paid (an update that changed no item, of a price no plan has, is ignored). A
   change that comes with a new period (a change scheduled for the renewal, or a reset
   billing cycle) is granted by that period's paid invoice instead (applied here too, the
   period's credits would be granted twice, and before anyone paid): the event waits for
@@ -351,7 +352,10 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
     if event_type == "invoice.paid":
         return _invoice_paid(conn, event_id, obj, now)
     if event_type == "customer.subscription.updated":
-        return _subscription_updated(conn, event_id, int(payload.get("created") or 0), obj, now)
+        items_changed = "items" in (_dig(payload, "data", "previous_attributes") or {})
+        return _subscription_updated(
+            conn, event_id, int(payload.get("created") or 0), obj, items_changed, now
+        )
     if event_type == "customer.subscription.deleted":
         return _subscription_deleted(conn, obj, int(payload.get("created") or 0), now)
     if event_type == "charge.refunded":
@@ -599,7 +603,7 @@ def _wake_claw_backs(conn: Conn, refs: list[str]) -> None:
 
 
 def _subscription_updated(
-    conn: Conn, event_id: str, created: int, sub: Any, now: datetime
+    conn: Conn, event_id: str, created: int, sub: Any, items_changed: bool, now: datetime
 ) -> Outcome:
     subscription_ref = _id(sub)
     if _stored_end(conn, subscription_ref) is not None:
@@ -646,6 +650,10 @@ def _subscription_updated(
         # (the same plan: nothing to do; another: a change made after the renewal). That
         # invoice puts the event back to 'received' for the sweeper, however long it took.
         raise EventNotReady("the subscription's new period is not started yet (its invoice)")
+    if plan_id is None and not items_changed:
+        # Another change (cancel_at_period_end, say) of a subscription whose plan has since
+        # moved to another price: no plan change to wait for (helper-81).
+        return Outcome("ignored", account_id, note="no item's price is a plan's; no item changed")
     if plan_id is None:
         # Not final: the customer pays for it, and once the admin creates its plan the
         # retried event (the sweeper's parked retries) applies it, as invoice.paid does.
