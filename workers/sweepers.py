@@ -244,7 +244,7 @@ class _DailyRewardsRun:
         key = f"{AUTO_DAILY_KEY_PREFIX}{day}"
         key_hash = hashlib.sha256(key.encode()).digest()
         walked_from_start = after == ""
-        every_claim_made = True
+        failed_before = len(self.failed)
         while True:
             accounts = [
                 r[0]
@@ -254,7 +254,7 @@ class _DailyRewardsRun:
                 ).fetchall()
             ]
             for account_id in accounts:
-                every_claim_made &= self._claim(account_id, day, key, key_hash)
+                self._claim(account_id, day, key, key_hash)
             if len(accounts) < self.batch:
                 break
             after = accounts[-1]
@@ -263,11 +263,12 @@ class _DailyRewardsRun:
                 return
         # A walk that began part-way did not see the accounts before it: an earlier part
         # may have failed on some.
+        every_claim_made = len(self.failed) == failed_before
         if every_claim_made and (walked_from_start or not self._anyone_left(day)):
             self.conn.execute(query("finish_daily_reward_run"), {"day": day, "now": self.now})
 
-    def _claim(self, account_id: str, day: str, key: str, key_hash: bytes) -> bool:
-        """Claims the day for one account; False when the account is left without it."""
+    def _claim(self, account_id: str, day: str, key: str, key_hash: bytes) -> None:
+        """Claims the day for one account; one left without it joins `failed`."""
         try:
             result = self.conn.execute(
                 query("claim_daily_reward_of_day"),
@@ -284,14 +285,12 @@ class _DailyRewardsRun:
             reason = error.reason if error is not None else None
             # Switched off meanwhile: the day is not meant to be granted any more (done, not
             # caught up later at whatever amount the reward has then).
-            if reason in ("DAILY_REWARD_ALREADY_CLAIMED", "SOURCE_DISABLED"):
-                return True
-            log.error("daily reward of account %s failed: %s", account_id, exc)
-            self.failed.append(account_id)
-            return False
+            if reason not in ("DAILY_REWARD_ALREADY_CLAIMED", "SOURCE_DISABLED"):
+                log.error("daily reward of account %s failed: %s", account_id, exc)
+                self.failed.append(account_id)
+            return
         if result and not result[0].get("replayed"):
             self.granted += 1
-        return True
 
     def _anyone_left(self, day: str) -> bool:
         row = self.conn.execute(

@@ -168,22 +168,14 @@ class HoldState:
         if self._release_key is not None:
             return "release"
         if self._commit_key is not None:
-            if self._commit_may_succeed():
-                return "commit again"
-            return "release" if isinstance(self._commit_failure, LedgerError) else None
+            failure = self._commit_failure
+            if isinstance(failure, LedgerError):
+                return "release" if refused_for_good(failure) else "commit again"
+            return "commit again" if failure is None else None
         return "release" if raised else "commit"
 
     def _commit_failed(self, error: BaseException) -> None:
         self._commit_failure = error
-
-    def _commit_may_succeed(self) -> bool:
-        """Whether replaying the last commit attempt may settle the hold: not after a
-        refusal for good, nor after an interrupt or a cancellation (no call is made for
-        those; the caller decides)."""
-        failure = self._commit_failure
-        if failure is None:
-            return True
-        return isinstance(failure, LedgerError) and not refused_for_good(failure)
 
     def _exit_release_args(
         self, exc_type: type[BaseException] | None
