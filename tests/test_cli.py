@@ -249,6 +249,8 @@ def test_reservations_summary_and_codes(cli: Cli, ledger: Ledger) -> None:
     assert "launch" in cli("codes", "show", batch).stdout
     disabled = ok_json(cli("codes", "disable", batch, "--reason", "leaked", "--json"))
     assert disabled["batch"]["disabled"] is True
+    tenant = cli("codes", "create", "--credits", "1", "--count", "1", "--account-prefix", "acme:")
+    assert "acme:..." in tenant.stdout
 
 
 def test_an_enum_value_this_build_does_not_know_prints_as_its_number() -> None:

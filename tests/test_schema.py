@@ -115,6 +115,7 @@ EXPECTED_CONSTRAINTS = {
     "purchases_one_per_external_ref",
     "purchases_pack_fk",
     "purchases_plan_fk",
+    "redemption_batches_account_prefix_format",
     "redemption_batches_amount_positive",
     "redemption_batches_code_count_range",
     "redemption_batches_max_redemptions_positive",

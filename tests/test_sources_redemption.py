@@ -396,3 +396,56 @@ def test_a_redemption_in_flight_with_a_disable_is_refused_once_the_disable_commi
         racing.join(timeout=60)
     assert outcome == ["LE017"]
     assert sources.get_batch(batch_id).redemption_count == 0
+
+
+def test_a_batch_for_a_tenant_is_redeemed_by_its_accounts_only(sources: Sources) -> None:
+    """A batch made with an account_prefix grants only to accounts whose id starts with it:
+    to another tenant's account (or a service scoped to another prefix) its codes are as
+    unknown as a wrong code, and nothing is granted."""
+    tenant = f"t{new_key('')[2:10]}:"
+    created = sources.create_batch(
+        10 * CREDIT, 2, account_prefix=tenant, max_redemptions_per_code=5
+    )
+    assert created.batch.account_prefix == tenant
+    assert sources.get_batch(created.batch.batch_id).account_prefix == tenant
+    code = created.codes[0]
+
+    outsider = new_account("other")
+    info = expect_error(
+        lambda: sources.redeem(outsider, code),
+        grpc.StatusCode.NOT_FOUND,
+        "REDEMPTION_CODE_NOT_FOUND",
+    )
+    unknown = expect_error(
+        lambda: sources.redeem(outsider, "ZZZZ-ZZZZ-ZZZZ-ZZZZ"),
+        grpc.StatusCode.NOT_FOUND,
+        "REDEMPTION_CODE_NOT_FOUND",
+    )
+    assert dict(info.metadata).keys() == dict(unknown.metadata).keys()
+    assert sources.get_batch(created.batch.batch_id).redemption_count == 0
+
+    insider = new_account(f"{tenant}user")
+    assert sources.redeem(insider, code).balance.available_micros == 10 * CREDIT
+    assert sources.get_batch(created.batch.batch_id).redemption_count == 1
+
+    anyone = sources.create_batch(CREDIT)
+    assert anyone.batch.account_prefix == ""
+    assert sources.redeem(outsider, anyone.codes[0]).balance.available_micros == CREDIT
+
+
+@pytest.mark.parametrize("prefix", ["tenant a", "x" * 129, "t\x00"])
+def test_a_batch_account_prefix_must_be_the_start_of_an_account_id(
+    sources: Sources, prefix: str
+) -> None:
+    key = new_key("batch")
+    expect_error(
+        lambda: sources.create_batch(CREDIT, key=key, account_prefix=prefix),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "account_prefix",
+    )
+    # Nothing was made under the key: the same key makes a batch once the prefix is right.
+    assert (
+        sources.create_batch(CREDIT, key=key, account_prefix="tenant").batch.account_prefix
+        == "tenant"
+    )

@@ -174,3 +174,34 @@ def test_a_batch_an_old_server_is_making_is_answered_once_it_commits(
     [answer] = answers
     assert answer.batch.batch_id == made["batch"]["batch_id"]
     assert _batches(ledger_db_url) == before + 1
+
+
+def test_the_last_release_s_servers_make_batches_for_any_account(
+    admin: AdminStub, ledger_db_url: str, clock: Any
+) -> None:
+    """During a rolling deploy a server of the release before account prefixes calls the
+    query it knows (no prefix): the batch is made, for every account."""
+    request = _request(new_key("batch"))
+    with psycopg.connect(ledger_db_url) as old_server:
+        row = old_server.execute(
+            """SELECT ledger_create_redemption_batch_for_admin_request(
+                      %s::text, %s::bytea, %s::bigint, %s::int, %s::int, NULL::timestamptz,
+                      NULL::interval, %s::text, 'old-server', %s::timestamptz)""",
+            (
+                request.idempotency_key,
+                request_fingerprint("create_redemption_batch", request),
+                request.amount_micros,
+                request.code_count,
+                1,
+                request.note,
+                clock.now(),
+            ),
+        ).fetchone()
+    assert row is not None
+    made = row[0]
+    assert made["replayed"] is False and made["batch"]["account_prefix"] == ""
+    assert len(made["codes"]) == request.code_count
+    batch = admin.GetRedemptionBatch(
+        admin_pb.GetRedemptionBatchRequest(batch_id=made["batch"]["batch_id"])
+    ).batch
+    assert batch.account_prefix == "" and batch.created_by == "old-server"

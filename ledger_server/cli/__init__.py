@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codes-expire", help="ISO time after which codes are refused")
     p.add_argument("--credit-days", type=float, help="days the granted credits last")
     p.add_argument("--note", default="")
+    p.add_argument(
+        "--account-prefix", default="", help="only accounts whose id starts with this redeem"
+    )
     key_option(p)
     p = codes.add_parser("show", help="show a batch", parents=[common])
     p.set_defaults(run=commands.codes_show)

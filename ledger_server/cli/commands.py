@@ -494,6 +494,7 @@ def _batch(batch: admin_pb.RedemptionBatch, session: Session) -> None:
                 if batch.HasField("credit_lifetime")
                 else "forever",
             ),
+            ("accounts", f"{batch.account_prefix}..." if batch.account_prefix else "any"),
             ("disabled", "yes" if batch.disabled else "no"),
             ("note", batch.note),
             ("created by", batch.created_by),
@@ -510,6 +511,7 @@ def codes_create(args: argparse.Namespace, session: Session) -> int:
         code_count=args.count,
         max_redemptions_per_code=args.max_per_code,
         note=args.note,
+        account_prefix=args.account_prefix,
     )
     if args.codes_expire:
         request.code_expire_time.FromDatetime(_timestamp_arg(args.codes_expire, "--codes-expire"))

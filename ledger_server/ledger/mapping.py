@@ -297,6 +297,7 @@ def redemption_batch(data: Json) -> admin_pb2.RedemptionBatch:
         # Absent from a stored response made before these fields existed (a replay).
         disabled_by=data.get("disabled_by", ""),
         disabled_reason=data.get("disabled_reason", ""),
+        account_prefix=data.get("account_prefix", ""),
     )
     set_timestamp(out.code_expire_time, data["code_expire_time"])
     set_timestamp(out.create_time, data["create_time"])

@@ -410,14 +410,19 @@ LANGUAGE sql STABLE AS $$
                                FROM redemption_codes WHERE batch_id = b.batch_id),
         'disabled_by', coalesce(b.disabled_by, ''),
         'disabled_reason', coalesce(b.disabled_reason, ''),
-        'disable_time', ledger_micros(b.disabled_at))
+        'disable_time', ledger_micros(b.disabled_at),
+        'account_prefix', coalesce(b.account_prefix, ''))
       FROM redemption_batches b WHERE b.batch_id = p_batch
 $$;
 
--- Makes a batch and its codes: {batch, codes}. Idempotency is the caller's.
+-- Makes a batch and its codes: {batch, codes}. Idempotency is the caller's. p_account_prefix
+-- NULL: any account may redeem its codes.
+DROP FUNCTION IF EXISTS ledger_make_redemption_batch(
+    bigint, int, int, timestamptz, interval, text, text, timestamptz);  -- called here only
 CREATE OR REPLACE FUNCTION ledger_make_redemption_batch(
     p_amount bigint, p_count int, p_max_redemptions int, p_code_expires_at timestamptz,
-    p_credit_lifetime interval, p_note text, p_actor text, p_now timestamptz) RETURNS jsonb
+    p_credit_lifetime interval, p_note text, p_account_prefix text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     batch uuid := gen_random_uuid();
@@ -430,9 +435,10 @@ BEGIN
             'field', 'code_expire_time', 'violation', 'must be in the future'));
     END IF;
     INSERT INTO redemption_batches (batch_id, amount_micros, code_count, max_redemptions_per_code,
-                                    code_expires_at, credit_lifetime, note, created_by, created_at)
+                                    code_expires_at, credit_lifetime, note, account_prefix,
+                                    created_by, created_at)
     VALUES (batch, p_amount, p_count, p_max_redemptions, p_code_expires_at, p_credit_lifetime,
-            nullif(p_note, ''), p_actor, p_now);
+            nullif(p_note, ''), nullif(p_account_prefix, ''), p_actor, p_now);
     WHILE made < p_count LOOP
         INSERT INTO redemption_codes (code, batch_id, max_redemptions)
         SELECT ledger_random_code(16), batch, p_max_redemptions
@@ -456,8 +462,8 @@ END $$;
 -- here commits before that server looks in admin_requests.
 CREATE OR REPLACE FUNCTION ledger_create_redemption_batch_for_admin_request(
     p_key text, p_hash bytea, p_amount bigint, p_count int, p_max_redemptions int,
-    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text, p_actor text,
-    p_now timestamptz) RETURNS jsonb
+    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text,
+    p_account_prefix text, p_actor text, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     legacy idempotency_keys;
@@ -474,9 +480,22 @@ BEGIN
         RETURN legacy.response || jsonb_build_object('replayed', true);
     END IF;
     RETURN ledger_make_redemption_batch(p_amount, p_count, p_max_redemptions, p_code_expires_at,
-                                        p_credit_lifetime, p_note, p_actor, p_now)
+                                        p_credit_lifetime, p_note, p_account_prefix, p_actor,
+                                        p_now)
            || jsonb_build_object('replayed', false);
 END $$;
+
+-- The previous release's form, without an account prefix (its servers keep working during a
+-- rolling deploy): a batch for any account.
+CREATE OR REPLACE FUNCTION ledger_create_redemption_batch_for_admin_request(
+    p_key text, p_hash bytea, p_amount bigint, p_count int, p_max_redemptions int,
+    p_code_expires_at timestamptz, p_credit_lifetime interval, p_note text, p_actor text,
+    p_now timestamptz) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT ledger_create_redemption_batch_for_admin_request(
+        p_key, p_hash, p_amount, p_count, p_max_redemptions, p_code_expires_at,
+        p_credit_lifetime, p_note, NULL, p_actor, p_now)
+$$;
 
 -- The form of the previous release (its key in idempotency_keys under '@admin', an advisory
 -- lock on the key standing in for an account row lock), kept so that its servers keep
@@ -505,7 +524,7 @@ BEGIN
     END IF;
     RETURN ledger_idempotent_store(scope, p_key, 'create_redemption_batch', p_hash,
         ledger_make_redemption_batch(p_amount, p_count, p_max_redemptions, p_code_expires_at,
-                                     p_credit_lifetime, p_note, p_actor, p_now),
+                                     p_credit_lifetime, p_note, NULL, p_actor, p_now),
         p_now);
 END $$;
 
@@ -540,12 +559,15 @@ BEGIN
     END IF;
     -- Lock order: the account, the code row every redeemer of the code updates, its batch.
     SELECT * INTO c FROM redemption_codes WHERE code = p_code FOR UPDATE;
-    IF NOT FOUND THEN
+    IF FOUND THEN
+        -- Shared: a disable in flight is waited for and then seen, and a disable waits for
+        -- the redemptions in flight, so none commits after DisableRedemptionBatch has answered.
+        SELECT * INTO b FROM redemption_batches WHERE batch_id = c.batch_id FOR SHARE;
+    END IF;
+    -- A batch made for another tenant's accounts is as unknown as a wrong code.
+    IF NOT FOUND OR NOT starts_with(p_account, coalesce(b.account_prefix, '')) THEN
         PERFORM ledger_fail('LE015', 'no such redemption code', jsonb_build_object('code', p_code));
     END IF;
-    -- Shared: a disable in flight is waited for and then seen, and a disable waits for the
-    -- redemptions in flight, so none commits after DisableRedemptionBatch has answered.
-    SELECT * INTO b FROM redemption_batches WHERE batch_id = c.batch_id FOR SHARE;
     IF b.disabled THEN
         PERFORM ledger_fail('LE017', 'the redemption code is disabled', jsonb_build_object('code', p_code));
     END IF;

@@ -116,7 +116,7 @@ RETURNING plan_id, translation_key, credits_micros, period_unit, period_count, r
 SELECT ledger_create_redemption_batch_for_admin_request(
     %(key)s::text, %(hash)s::bytea, %(amount)s::bigint, %(count)s::int,
     %(max_redemptions)s::int, %(code_expires_at)s::timestamptz, %(credit_lifetime)s::interval,
-    %(note)s::text, %(actor)s::text, %(now)s::timestamptz)
+    %(note)s::text, %(account_prefix)s::text, %(actor)s::text, %(now)s::timestamptz)
 
 -- name: disable_redemption_batch
 SELECT ledger_disable_redemption_batch(%(batch_id)s::uuid, %(actor)s::text, %(reason)s::text,

@@ -479,6 +479,7 @@ class RedemptionBatch(_message.Message):
     DISABLED_BY_FIELD_NUMBER: _builtins.int
     DISABLED_REASON_FIELD_NUMBER: _builtins.int
     DISABLE_TIME_FIELD_NUMBER: _builtins.int
+    ACCOUNT_PREFIX_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     amount_micros: _builtins.int
     """Credits each redemption grants."""
@@ -495,6 +496,10 @@ class RedemptionBatch(_message.Message):
     changes nothing). Empty and unset while the batch is enabled.
     """
     disabled_reason: _builtins.str
+    account_prefix: _builtins.str
+    """Only accounts whose id starts with this may redeem the batch's codes; to any other
+    account a code is unknown (REDEMPTION_CODE_NOT_FOUND). Empty: any account.
+    """
     @_builtins.property
     def code_expire_time(self) -> _timestamp_pb2.Timestamp:
         """After this a code is refused; unset means codes do not expire."""
@@ -524,10 +529,11 @@ class RedemptionBatch(_message.Message):
         disabled_by: _builtins.str = ...,
         disabled_reason: _builtins.str = ...,
         disable_time: _timestamp_pb2.Timestamp | None = ...,
+        account_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code_expire_time", b"code_expire_time", "create_time", b"create_time", "credit_lifetime", b"credit_lifetime", "disable_time", b"disable_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "batch_id", b"batch_id", "code_count", b"code_count", "code_expire_time", b"code_expire_time", "create_time", b"create_time", "created_by", b"created_by", "credit_lifetime", b"credit_lifetime", "disable_time", b"disable_time", "disabled", b"disabled", "disabled_by", b"disabled_by", "disabled_reason", b"disabled_reason", "max_redemptions_per_code", b"max_redemptions_per_code", "note", b"note", "redemption_count", b"redemption_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_prefix", b"account_prefix", "amount_micros", b"amount_micros", "batch_id", b"batch_id", "code_count", b"code_count", "code_expire_time", b"code_expire_time", "create_time", b"create_time", "created_by", b"created_by", "credit_lifetime", b"credit_lifetime", "disable_time", b"disable_time", "disabled", b"disabled", "disabled_by", b"disabled_by", "disabled_reason", b"disabled_reason", "max_redemptions_per_code", b"max_redemptions_per_code", "note", b"note", "redemption_count", b"redemption_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +550,7 @@ class CreateRedemptionBatchRequest(_message.Message):
     CODE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CREDIT_LIFETIME_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_PREFIX_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     amount_micros: _builtins.int
     code_count: _builtins.int
@@ -551,6 +558,10 @@ class CreateRedemptionBatchRequest(_message.Message):
     max_redemptions_per_code: _builtins.int
     """1 to 1,000,000; 1 when unset."""
     note: _builtins.str
+    account_prefix: _builtins.str
+    """The tenant whose accounts may redeem the codes: the start of their account ids (1 to
+    128 characters of an account id). Empty: any account.
+    """
     @_builtins.property
     def code_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -565,10 +576,11 @@ class CreateRedemptionBatchRequest(_message.Message):
         code_expire_time: _timestamp_pb2.Timestamp | None = ...,
         credit_lifetime: _duration_pb2.Duration | None = ...,
         note: _builtins.str = ...,
+        account_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code_expire_time", b"code_expire_time", "credit_lifetime", b"credit_lifetime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "code_count", b"code_count", "code_expire_time", b"code_expire_time", "credit_lifetime", b"credit_lifetime", "idempotency_key", b"idempotency_key", "max_redemptions_per_code", b"max_redemptions_per_code", "note", b"note"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_prefix", b"account_prefix", "amount_micros", b"amount_micros", "code_count", b"code_count", "code_expire_time", b"code_expire_time", "credit_lifetime", b"credit_lifetime", "idempotency_key", b"idempotency_key", "max_redemptions_per_code", b"max_redemptions_per_code", "note", b"note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
