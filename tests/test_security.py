@@ -229,6 +229,21 @@ def test_a_service_outside_its_account_scope_is_permission_denied(channel: grpc.
     ledger.Consume(spend, metadata=_as("any-service"))
 
 
+def test_a_scoped_service_s_unparsable_request_is_invalid_not_out_of_scope(
+    channel: grpc.Channel,
+) -> None:
+    """A body that does not parse names no account: the scoped caller is told the body is
+    wrong (INVALID_ARGUMENT naming request), not that it reached outside its prefix."""
+    balance = channel.unary_unary("/ledger.v1.LedgerService/Balance")
+    info = expect_error(
+        lambda: balance(b"\x0a\xff", metadata=_as("image-studio")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "request",
+    )
+    assert "account_prefix" not in info.metadata
+
+
 def test_a_scoped_service_cannot_reward_an_inviter_outside_its_scope(
     channel: grpc.Channel,
 ) -> None:

@@ -33,6 +33,7 @@ from ledger.v1 import (
 from ledger_server.errors import LedgerError
 from ledger_server.security import Caller, Role, acting_as, is_loopback_peer
 from ledger_server.server.error_boundary import to_status
+from ledger_server.server.request_parsing import Undecodable
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
@@ -144,6 +145,8 @@ class Authenticator:
                 {"caller": caller.name, "role": caller.role.value, "method": method},
             )
         if rule.scoped and caller.account_prefix is not None:
+            if isinstance(request, Undecodable):  # it names no account: say what is wrong
+                raise request.error()
             account_id = getattr(request, "account_id", "")
             if not isinstance(account_id, str) or not caller.may_touch(account_id):
                 raise LedgerError(
