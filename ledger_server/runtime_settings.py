@@ -73,6 +73,15 @@ def _lifetime_days(value: Json) -> str | None:
     return None
 
 
+MAX_GRACE_DAYS = 365
+
+
+def _grace_days(value: Json) -> str | None:
+    if not 0 <= value <= MAX_GRACE_DAYS:
+        return f"must be 0 to {MAX_GRACE_DAYS} days"
+    return None
+
+
 def _timezone(value: Json) -> str | None:
     try:
         zoneinfo.ZoneInfo(value)
@@ -293,6 +302,16 @@ DEFINITIONS: tuple[SettingDefinition, ...] = (
         bool,
         False,
         "let accounts without an active subscription buy credit packs",
+    ),
+    SettingDefinition(
+        "subscription.renewal_grace_days",
+        "LEDGER_SUBSCRIPTION_RENEWAL_GRACE_DAYS",
+        int,
+        14,
+        "days a subscription stays the account's after its period ended while its renewal"
+        " is being paid (set it to the payment provider's retry schedule); a deleted"
+        " subscription ends at once",
+        _grace_days,
     ),
     SettingDefinition(
         "recharge.currency",

@@ -179,14 +179,17 @@ def test_subscribers_may_buy_packs_while_their_period_lasts(
     assert bought.lot.amount_micros == 100 * CREDIT
     assert bought.balance.balance_micros == 130 * CREDIT
 
-    # Once the period is over the account is a free user again.
-    clock.advance(end - clock.now() + timedelta(minutes=1))
+    # Past the period's end, while its renewal is being paid, the account is a subscriber.
+    clock.advance(end - clock.now() + timedelta(hours=2))
+    assert sources.purchase(account, pack.pack_id).lot.amount_micros == 100 * CREDIT
+    # Once the renewal's grace (subscription.renewal_grace_days) is over, a free user again.
+    clock.advance(timedelta(days=14))
     expect_error(
         lambda: sources.purchase(account, pack.pack_id),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PURCHASE_REQUIRES_SUBSCRIPTION",
     )
-    assert ledger.balance(account).balance_micros == 100 * CREDIT  # the pack never expires
+    assert ledger.balance(account).balance_micros == 200 * CREDIT  # the packs never expire
     assert_audit_clean()
 
 

@@ -16,7 +16,7 @@ from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
-from support.sources import DAY, Sources, dt, new_id, whole_seconds
+from support.sources import DAY, Sources, dt, new_id, ts, whole_seconds
 
 AuditCheck = Callable[[], None]
 MINUTE = timedelta(minutes=1)
@@ -108,6 +108,9 @@ def test_a_paid_period_grants_the_plan_credits_expiring_at_the_period_end(
     assert ledger.balance(account).balance_micros == 100 * CREDIT
     clock.advance(2 * MINUTE)
     assert ledger.balance(account).balance_micros == 0
+    # The subscription stays while its renewal may still be paid, then ends.
+    assert sources.get_account(account).subscription.plan_id == plan.plan_id
+    clock.advance(timedelta(days=14))
     assert not sources.get_account(account).HasField("subscription")
     assert_audit_clean()
 
@@ -422,4 +425,89 @@ def test_a_plan_change_retried_with_its_key_carries_over_once(
     )
     assert ledger.balance(account).balance_micros == 400 * CREDIT
     assert len(ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_TRANSFER])) == 1
+    assert_audit_clean()
+
+
+def _subscribe_checkout(ledger_db_url: str, account: str, plan_id: str, now: datetime) -> Any:
+    """What CreateCheckoutSession asks the ledger before it asks Stripe for a plan."""
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(
+            "SELECT ledger_checkout_prepare(%s, %s, '\\x00'::bytea, 'subscription', '', 0, '',"
+            " %s, %s)",
+            (account, new_key("checkout"), plan_id, now),
+        ).fetchone()
+        assert row is not None
+        return row[0]
+
+
+def test_a_subscription_past_its_period_is_kept_while_its_renewal_is_paid(
+    sources: Sources, ledger: Ledger, clock: Any, ledger_db_url: str
+) -> None:
+    """Stripe charges a renewal about an hour after the period ends and retries a failed
+    payment for days: until subscription.renewal_grace_days have passed the account keeps
+    its subscription (a second one would be charged beside it), unless it was deleted."""
+    plan = sources.create_plan(10 * CREDIT, rank=1)
+    other = sources.create_plan(20 * CREDIT, rank=2)
+    renewing, cancelled = new_account(), new_account()
+    start = whole_seconds(clock.now()) - timedelta(minutes=1)
+    end = start + DAY
+    renewing_ref = new_id("sub")
+    sources.start_period(renewing, plan.plan_id, start, end, subscription_ref=renewing_ref)
+    cancelled_ref = new_id("sub")
+    sources.start_period(cancelled, plan.plan_id, start, end, subscription_ref=cancelled_ref)
+
+    clock.advance(end - clock.now() + timedelta(hours=2))
+    assert sources.get_account(renewing).subscription.plan_id == plan.plan_id
+    with pytest.raises(psycopg.DatabaseError) as refused:
+        _subscribe_checkout(ledger_db_url, renewing, other.plan_id, clock.now())
+    assert refused.value.sqlstate == "LE044"
+
+    # Deleted after its period (unpaid after the retries): it ends then, no grace.
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(
+            "SELECT ledger_end_subscription(%s, %s, %s, %s)",
+            (cancelled, cancelled_ref, clock.now(), clock.now()),
+        ).fetchone()
+    assert row == (True,)
+    assert not sources.get_account(cancelled).HasField("subscription")
+    assert _subscribe_checkout(ledger_db_url, cancelled, other.plan_id, clock.now())["kind"] == (
+        "subscription"
+    )
+    # A new subscription of that account has not ended: it gets the grace again.
+    again = whole_seconds(clock.now())
+    sources.start_period(cancelled, other.plan_id, again, again + DAY, subscription_ref="sub_new")
+    clock.advance(DAY + timedelta(hours=2))
+    assert sources.get_account(cancelled).subscription.plan_id == other.plan_id
+
+    # The renewal's paid invoice moves the period on; without one, the grace ends it.
+    sources.start_period(renewing, plan.plan_id, end, end + DAY, subscription_ref=renewing_ref)
+    assert sources.get_account(renewing).subscription.current_period_end == ts(end + DAY)
+    clock.advance(timedelta(days=14))
+    assert not sources.get_account(renewing).HasField("subscription")
+    assert _subscribe_checkout(ledger_db_url, renewing, other.plan_id, clock.now())["kind"] == (
+        "subscription"
+    )
+
+
+def test_a_period_paid_after_it_ended_grants_its_credits_for_its_length(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    """An invoice paid late (on terms, after the provider's retries, or applied after a
+    worker outage) is not refused for good: the period's credits last as long as the
+    period did, from when it is applied."""
+    plan = sources.create_plan(10 * CREDIT, rank=1)
+    account = new_account()
+    end = whole_seconds(clock.now()) - DAY
+    start = end - DAY
+    granted = sources.start_period(account, plan.plan_id, start, end)
+    assert granted.lot.amount_micros == 10 * CREDIT
+    assert dt(granted.lot.expires_at) - dt(granted.lot.created_at) == DAY
+    assert ledger.balance(account).balance_micros == 10 * CREDIT
+    clock.advance(DAY + timedelta(minutes=1))
+    assert ledger.balance(account).balance_micros == 0
+    # Paid after its renewal's grace ended too: granted, and the account has no subscription.
+    late = whole_seconds(clock.now()) - timedelta(days=30)
+    paid = sources.start_period(new_account(), plan.plan_id, late - DAY, late)
+    assert not paid.HasField("subscription")
+    assert paid.balance.balance_micros == 10 * CREDIT
     assert_audit_clean()

@@ -232,6 +232,12 @@ def subscription(data: Json) -> types_pb2.Subscription:
     return out
 
 
+def optional_subscription(data: Json | None) -> types_pb2.Subscription | None:
+    """None where the account has no running subscription (a period applied after it and
+    its renewal grace ended)."""
+    return subscription(data) if data else None
+
+
 def account(data: Json) -> types_pb2.Account:
     out = types_pb2.Account(
         account_id=data["account_id"],

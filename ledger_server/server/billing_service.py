@@ -227,7 +227,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         data = await self._grant("start_subscription_period", request, context, params)
         return pb.StartSubscriptionPeriodResponse(
             lot=mapping.optional_lot(data["lot"]),
-            subscription=mapping.subscription(data["subscription"]),
+            subscription=mapping.optional_subscription(data["subscription"]),
             balance=mapping.account_balance(data["balance"]),
         )
 
@@ -240,7 +240,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             lot=mapping.optional_lot(data["lot"]),
             carry_over_lot=mapping.optional_lot(data["carry_over_lot"]),
             carried_over_micros=data["carried_over_micros"],
-            subscription=mapping.subscription(data["subscription"]),
+            subscription=mapping.optional_subscription(data["subscription"]),
             balance=mapping.account_balance(data["balance"]),
         )
 

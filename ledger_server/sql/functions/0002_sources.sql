@@ -89,6 +89,18 @@ $$;
 
 -- Accounts -------------------------------------------------------------------------
 
+-- Whether the account's subscription is running at p_now: within its period, or past its
+-- end by at most subscription.renewal_grace_days while the renewal is paid (the next
+-- period's invoice.paid moves the period on), unless the subscription ended (deleted).
+CREATE OR REPLACE FUNCTION ledger_subscribed(s subscriptions, p_now timestamptz) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT s.current_period_end > p_now
+           OR (s.ended_at IS NULL
+               AND s.current_period_end
+                   + make_interval(days => (ledger_setting('subscription.renewal_grace_days'))::int)
+                   > p_now)
+$$;
+
 CREATE OR REPLACE FUNCTION ledger_account_json(p_account text, p_now timestamptz) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
@@ -103,7 +115,7 @@ LANGUAGE sql STABLE AS $$
                        'current_period_end', ledger_micros(s.current_period_end),
                        'external_ref', coalesce(s.external_ref, ''))
               FROM subscriptions s
-             WHERE s.account_id = a.account_id AND s.current_period_end > p_now))
+             WHERE s.account_id = a.account_id AND ledger_subscribed(s, p_now)))
       FROM accounts a
      WHERE a.account_id = p_account
 $$;
@@ -655,8 +667,8 @@ BEGIN
         PERFORM ledger_fail('LE022', 'the credit pack is not on sale', jsonb_build_object('pack_id', p_pack));
     END IF;
     IF NOT (ledger_setting('purchase.allow_free_users'))::boolean
-       AND NOT EXISTS (SELECT 1 FROM subscriptions
-                        WHERE account_id = p_account AND current_period_end > p_now) THEN
+       AND NOT EXISTS (SELECT 1 FROM subscriptions s
+                        WHERE s.account_id = p_account AND ledger_subscribed(s, p_now)) THEN
         PERFORM ledger_fail('LE023', 'only subscribers may buy credit packs',
             jsonb_build_object('setting', 'purchase.allow_free_users'));
     END IF;
@@ -794,18 +806,20 @@ LANGUAGE sql STABLE AS $$
     SELECT ledger_account_json(p_account, p_now) -> 'subscription'
 $$;
 
--- Records the period and grants the plan's credits for it, expiring at its end.
+-- Records the period and grants the plan's credits for it, expiring at its end. A period
+-- paid for but applied only after it ended (an invoice paid late, on terms or after the
+-- provider's retries, or a worker outage) grants its credits for as long as the period
+-- lasted, from now: the payment is never refused for good, and the customer gets what was
+-- paid for (helper-85: such an invoice.paid failed and was retried for ever).
 CREATE OR REPLACE FUNCTION ledger_grant_subscription_period(
     p_account text, p_plan subscription_plans, p_start timestamptz, p_end timestamptz,
     p_external_ref text, p_subscription_ref text, p_now timestamptz) RETURNS lots
 LANGUAGE plpgsql AS $$
 DECLARE
     l lots;
+    credits_end timestamptz := CASE WHEN p_end <= p_now THEN p_now + (p_end - p_start)
+                                    ELSE p_end END;
 BEGIN
-    IF p_end <= p_now THEN
-        PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
-            'field', 'period_end', 'violation', 'must be in the future'));
-    END IF;
     PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
     -- The account's subscription is its latest period's: a late paid invoice of an older
     -- period (of an ended subscription, say) grants its credits and leaves the row alone.
@@ -816,10 +830,13 @@ BEGIN
         SET plan_id = excluded.plan_id, current_period_start = excluded.current_period_start,
             current_period_end = excluded.current_period_end,
             external_ref = coalesce(excluded.external_ref, subscriptions.external_ref),
+            -- Another subscription of the account has not ended; the same one stays ended.
+            ended_at = CASE WHEN excluded.external_ref IS DISTINCT FROM subscriptions.external_ref
+                            THEN NULL ELSE subscriptions.ended_at END,
             updated_at = excluded.updated_at
         WHERE excluded.current_period_start >= subscriptions.current_period_start;
     IF p_plan.credits_micros > 0 THEN
-        l := ledger_grant_lot(p_account, p_plan.credits_micros, 'subscription', 'main', p_end,
+        l := ledger_grant_lot(p_account, p_plan.credits_micros, 'subscription', 'main', credits_end,
                               p_external_ref, 'subscription ' || p_plan.plan_id, NULL, p_now);
         INSERT INTO purchases (account_id, kind, plan_id, amount_minor, currency, credits_micros,
                                lot_id, external_ref, created_at)
@@ -893,6 +910,8 @@ CREATE OR REPLACE FUNCTION ledger_end_subscription(
     p_account text, p_subscription_ref text, p_ended_at timestamptz, p_now timestamptz)
     RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    shortened boolean;
 BEGIN
     IF NOT EXISTS (SELECT FROM accounts WHERE account_id = p_account) THEN
         RETURN false;
@@ -907,7 +926,11 @@ BEGIN
            updated_at = p_now
      WHERE account_id = p_account AND external_ref = p_subscription_ref
        AND current_period_end > greatest(p_ended_at, current_period_start + interval '1 microsecond');
-    RETURN FOUND;
+    shortened := FOUND;
+    -- Ended after its period (unpaid after the provider's retries): no grace any more.
+    UPDATE subscriptions SET ended_at = p_ended_at, updated_at = p_now
+     WHERE account_id = p_account AND external_ref = p_subscription_ref AND ended_at IS NULL;
+    RETURN shortened OR FOUND;
 END $$;
 
 -- Seed 001: on an upgrade, the unused credits of the current subscription lots
@@ -966,6 +989,12 @@ BEGIN
         PERFORM ledger_record_subscription_plan(p_account, plan.plan_id, p_start, p_now,
                                                 p_subscription_ref);
     ELSE
+        -- A change's carry-over lasts to the period's end: one applied after it carries
+        -- nothing anywhere (the worker leaves changes of ended periods alone).
+        IF p_end <= p_now THEN
+            PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
+                'field', 'period_end', 'violation', 'must be in the future'));
+        END IF;
         IF old_rank IS NOT NULL AND plan.rank > old_rank THEN
             SELECT coalesce(sum(remaining_micros - held_micros), 0) INTO carried
               FROM lots

@@ -62,8 +62,8 @@ BEGIN
                 jsonb_build_object('pack_id', p_pack));
         END IF;
         IF NOT (ledger_setting('purchase.allow_free_users'))::boolean
-           AND NOT EXISTS (SELECT 1 FROM subscriptions
-                            WHERE account_id = p_account AND current_period_end > p_now) THEN
+           AND NOT EXISTS (SELECT 1 FROM subscriptions s
+                            WHERE s.account_id = p_account AND ledger_subscribed(s, p_now)) THEN
             PERFORM ledger_fail('LE023', 'only subscribers may buy credit packs',
                 jsonb_build_object('setting', 'purchase.allow_free_users'));
         END IF;
@@ -84,7 +84,7 @@ BEGIN
         -- One subscription an account (the subscriptions row follows one): a second would be
         -- charged beside the first, and its upgrade carry-over never made.
         SELECT s.plan_id INTO current_plan FROM subscriptions s
-         WHERE s.account_id = p_account AND s.current_period_end > p_now;
+         WHERE s.account_id = p_account AND ledger_subscribed(s, p_now);
         IF FOUND THEN
             PERFORM ledger_fail('LE044',
                 'the account has a subscription already: change its plan with the payment provider',
