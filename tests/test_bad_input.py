@@ -138,6 +138,17 @@ def _cases() -> list[Case]:
         ("Reserve", reserve(amount_micros=0), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Reserve", reserve(idempotency_key=""), INVALID, "INVALID_FIELD", "idempotency_key"),
         ("Reserve", reserve(ttl=Duration(seconds=0, nanos=-1)), INVALID, "INVALID_FIELD", "ttl"),
+        # Durations outside duration.proto's rules were read as another length (helper-84).
+        ("Reserve", reserve(ttl=Duration(nanos=2 * 10**9)), INVALID, "INVALID_FIELD", "ttl"),
+        ("Reserve", reserve(ttl=Duration(seconds=60, nanos=-5)), INVALID, "INVALID_FIELD", "ttl"),
+        ("Reserve", reserve(ttl=Duration(seconds=-1, nanos=5)), INVALID, "INVALID_FIELD", "ttl"),
+        (
+            "Grant",
+            grant(expires_in=Duration(seconds=3600, nanos=-999_999_999)),
+            INVALID,
+            "INVALID_FIELD",
+            "expires_in",
+        ),
         ("Commit", commit(reservation_id=""), INVALID, "INVALID_FIELD", "reservation_id"),
         ("Commit", commit(reservation_id="not-a-uuid"), INVALID, "INVALID_FIELD", "reservation_id"),
         ("Commit", commit(reservation_id=unknown), NOT_FOUND, "RESERVATION_NOT_FOUND", None),

@@ -1803,6 +1803,19 @@ def test_checkout_checks_the_ledger_rules_before_calling_stripe(
         "INVALID_FIELD",
         "success_url",
     )
+    # URLs urlsplit itself refuses (helper-84: they answered INTERNAL).
+    for field, url in [
+        ("success_url", "http://["),
+        ("success_url", "https://a\uff03b/"),  # a full-width '#' NFKC-normalises to one
+        ("success_url", "http://app.example:99999/ok"),
+        ("cancel_url", "https://x]/cancel"),
+    ]:
+        expect_error(
+            attempt(pack_id=pack.pack_id, **{field: url}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+            field,
+        )
     assert len(stripe_double.checkout_requests()) == before
 
 

@@ -146,7 +146,20 @@ def range_bound(value: Timestamp, field: str) -> datetime:
     return moment
 
 
+# google.protobuf.Duration's own range (duration.proto): ToTimedelta checks none of it.
+_MAX_DURATION_SECONDS = 315_576_000_000
+_MAX_NANOS = 999_999_999
+
+
 def duration_value(value: Duration, field: str) -> timedelta:
+    seconds, nanos = value.seconds, value.nanos
+    if (
+        abs(seconds) > _MAX_DURATION_SECONDS
+        or abs(nanos) > _MAX_NANOS
+        or (seconds > 0 > nanos)
+        or (seconds < 0 < nanos)
+    ):
+        raise invalid_field(field, "is not a valid duration")
     try:
         return value.ToTimedelta()
     except (ValueError, OverflowError):

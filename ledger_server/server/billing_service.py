@@ -63,7 +63,11 @@ def _checkout_session(data: dict[str, Any]) -> pb.CheckoutSession:
 
 def _redirect_url(value: str, field: str, default: str) -> str:
     url = validation.text(value, field, 2048) or default
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port out of range or not a number raises only when read
+    except ValueError:  # 'http://[', a host NFKC-normalising to a separator
+        raise invalid_field(field, "must be an absolute http(s) URL") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise invalid_field(field, "must be an absolute http(s) URL")
     return url
