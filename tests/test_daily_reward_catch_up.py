@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -128,7 +129,7 @@ def test_a_day_a_run_did_not_finish_is_finished_by_the_next_days_run(ledger_url:
     late = [f"{prefix}-b{n}" for n in range(4)]
     _open_accounts(ledger_url, early, _at(DAY - timedelta(days=1), 8))
     assert sweepers.grant_daily_rewards(_at(DAY, 0, 2).isoformat()) == 3
-    assert _runs(ledger_url) == [(DAY, True)]
+    assert _runs(ledger_url) == [(DAY, False)]  # finished only once it has ended
     # Opened during the day; the day's last run reaches only the first of them.
     _open_accounts(ledger_url, late, _at(DAY, 15))
     assert _stop_part_way(ledger_url, _at(DAY, 23, 2)) == 1
@@ -137,7 +138,7 @@ def test_a_day_a_run_did_not_finish_is_finished_by_the_next_days_run(ledger_url:
     next_day = DAY + timedelta(days=1)
     assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 3 + 7
     assert _claimed_days(ledger_url) == {a: [DAY, next_day] for a in early + late}
-    assert _runs(ledger_url) == [(DAY, True), (next_day, True)]
+    assert _runs(ledger_url) == [(DAY, True), (next_day, False)]
 
     # An account whose claim fails: every other account gets the day, the day stays open.
     third_day, fourth_day = DAY + timedelta(days=2), DAY + timedelta(days=3)
@@ -151,7 +152,38 @@ def test_a_day_a_run_did_not_finish_is_finished_by_the_next_days_run(ledger_url:
     assert _claimed_days(ledger_url) == {
         a: [DAY, next_day, third_day, fourth_day] for a in early + late
     }
-    assert _runs(ledger_url)[-2:] == [(third_day, True), (fourth_day, True)]
+    assert _runs(ledger_url) == [
+        (DAY, True),
+        (next_day, True),
+        (third_day, True),
+        (fourth_day, False),
+    ]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Shanghai"])
+def test_an_account_opened_after_the_days_last_run_gets_the_day_at_the_first_run_after_midnight(
+    ledger_url: str, zone: str
+) -> None:
+    """A day is finished only once it has ended in ledger.timezone (helper-85: its 23:02 run
+    finished it, and an account opened at 23:30 never got it): the first run after midnight
+    grants it to the accounts opened late in the day, then finishes it."""
+    _set_setting(ledger_url, "ledger.timezone", zone, _at(DAY - timedelta(days=20), 0))
+    tz = ZoneInfo(zone)
+
+    def local(day: date, hour: int, minute: int = 0) -> datetime:
+        return datetime(day.year, day.month, day.day, hour, minute, tzinfo=tz)
+
+    prefix = new_account("late")
+    early, late = f"{prefix}-a", f"{prefix}-b"
+    _open_accounts(ledger_url, [early], local(DAY, 10))
+    assert sweepers.grant_daily_rewards(local(DAY, 11, 2).isoformat()) == 1
+    assert sweepers.grant_daily_rewards(local(DAY, 23, 2).isoformat()) == 0
+    _open_accounts(ledger_url, [late], local(DAY, 23, 30))
+    next_day = DAY + timedelta(days=1)
+    assert sweepers.grant_daily_rewards(local(next_day, 0, 2).isoformat()) == 1 + 2
+    assert sweepers.grant_daily_rewards(local(next_day, 1, 2).isoformat()) == 0
+    assert _claimed_days(ledger_url) == {early: [DAY, next_day], late: [DAY, next_day]}
+    assert _runs(ledger_url) == [(DAY, True), (next_day, False)]  # the next day has not ended
 
 
 def test_the_rest_of_a_run_leaves_open_a_day_its_first_part_failed_on(
@@ -175,7 +207,7 @@ def test_the_rest_of_a_run_leaves_open_a_day_its_first_part_failed_on(
     next_day = DAY + timedelta(days=1)
     assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 1 + 4
     assert _claimed_days(ledger_url) == {a: [DAY, next_day] for a in accounts}
-    assert _runs(ledger_url) == [(DAY, True), (next_day, True)]
+    assert _runs(ledger_url) == [(DAY, True), (next_day, False)]
 
 
 def test_a_day_no_run_set_out_to_grant_is_not_granted_later(ledger_url: str) -> None:
@@ -201,7 +233,7 @@ def test_a_day_no_run_set_out_to_grant_is_not_granted_later(ledger_url: str) -> 
             )
     assert sweepers.grant_daily_rewards(_at(today, 9).isoformat()) == 3 + 3
     assert _claimed_days(ledger_url) == {a: [oldest_caught_up, today] for a in accounts}
-    assert _runs(ledger_url) == [(too_old, False), (oldest_caught_up, True), (today, True)]
+    assert _runs(ledger_url) == [(too_old, False), (oldest_caught_up, True), (today, False)]
     assert sweepers.grant_daily_rewards(_at(today, 10).isoformat()) == 0
 
 
@@ -217,8 +249,9 @@ def test_days_the_reward_was_paused_or_switched_off_are_not_granted_later(
     ledger_url: str,
 ) -> None:
     """Paused by an amount of 0, the runs record no day; switched off while a day's run was
-    under way, the day ends there. Resumed, neither is granted at the new amount
-    (helper-81: every paused day of the window was paid once the amount came back)."""
+    under way, or between two of its runs, the day ends there. Resumed, neither is granted
+    at the new amount (helper-81: every paused day of the window was paid once the amount
+    came back)."""
     prefix = new_account("paused")
     accounts = [f"{prefix}-{n}" for n in range(3)]
     _open_accounts(ledger_url, accounts, _at(DAY - timedelta(days=2), 8))
@@ -247,6 +280,22 @@ def test_days_the_reward_was_paused_or_switched_off_are_not_granted_later(
     assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 3
     assert _claimed_days(ledger_url) == {a: [resumed, next_day] for a in accounts}
 
+    # Switched off between two runs of a day (not yet ended, so not finished): the run that
+    # finds it off ends the day, and an account opened later that day is not given it once
+    # the reward is back.
+    last_day = next_day + timedelta(days=1)
+    opened_while_off = f"{prefix}-off"
+    _set_setting(ledger_url, "daily.enabled", False, _at(next_day, 12))
+    assert sweepers.grant_daily_rewards(_at(next_day, 12, 2).isoformat()) == 0
+    assert _runs(ledger_url)[-1] == (next_day, True)
+    _open_accounts(ledger_url, [opened_while_off], _at(next_day, 13))
+    _set_setting(ledger_url, "daily.enabled", True, _at(last_day, 0))
+    assert sweepers.grant_daily_rewards(_at(last_day, 0, 2).isoformat()) == 4
+    assert _claimed_days(ledger_url) == {
+        **{a: [resumed, next_day, last_day] for a in accounts},
+        opened_while_off: [last_day],
+    }
+
 
 def test_a_catch_up_run_twice_or_two_at_once_grants_nobody_twice(
     ledger_url: str, redis_url: str
@@ -272,4 +321,4 @@ def test_a_catch_up_run_twice_or_two_at_once_grants_nobody_twice(
     assert sweepers.grant_daily_rewards(as_of, 1, "", 0) == 0
     assert Queue(DEFAULT_QUEUE, connection=redis_connection()).is_empty()
     assert _claimed_days(ledger_url) == {a: [DAY, next_day] for a in accounts}
-    assert _runs(ledger_url) == [(DAY, True), (next_day, True)]
+    assert _runs(ledger_url) == [(DAY, True), (next_day, False)]

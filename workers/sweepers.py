@@ -143,11 +143,14 @@ def grant_daily_rewards(
     A scheduled run (no `day`) records in daily_reward_runs that it set out to grant today,
     and first finishes the days of the last DAILY_CATCH_UP_DAYS that a run set out to grant
     but none finished (one died part-way, its rest was lost with Redis, an account's claim
-    failed), oldest first, then grants today. A day is finished once a run found no account
-    left without its reward and none failed. A day no run set out to grant (daily.automatic
-    was off, the reward paused by an amount of 0, or no scheduler ran all day) is never
-    granted later: the operator did not mean it to be; nor is a day older than the catch-up
-    window, nor the rest of a day on which the reward was switched off during its run.
+    failed, or accounts were opened after its last run), oldest first, then grants today. A
+    day is finished once it has ended in ledger.timezone and a run then found no account
+    left without its reward and none failed: the first run after midnight grants it to the
+    accounts opened late in it. A day no run set out to grant (daily.automatic was off, the
+    reward paused by an amount of 0, or no scheduler ran all day) is never granted later:
+    the operator did not mean it to be; nor is a day older than the catch-up window, nor the
+    rest of a day on which the reward was switched off or paused (a run that finds it so
+    ends the day it is for).
 
     Past `budget_seconds` it queues the rest as a job of its own (and each day it has not
     begun as one more), so one run never holds a worker for long nor meets RQ's job
@@ -159,7 +162,11 @@ def grant_daily_rewards(
     now = _now(as_of)
     with connection() as conn:
         if not _daily_rewards_on(conn):
-            return 0  # a day that is not meant to be granted is not recorded, nor caught up
+            # A day that is not meant to be granted is not recorded, nor caught up; one a run
+            # set out to grant ends here (it would otherwise stay open until it has ended,
+            # and its rest be granted once the reward is back).
+            _end_day(conn, day if day is not None else _ledger_day(conn, now), now)
+            return 0
         days = [day] if day is not None else _days_to_grant(conn, now)
         run = _DailyRewardsRun(conn, as_of, now, batch, budget_seconds, started)
         for index, run_day in enumerate(days):
@@ -192,17 +199,28 @@ def _daily_rewards_on(conn: psycopg.Connection[Any]) -> bool:
     )
 
 
+def _ledger_day(conn: psycopg.Connection[Any], now: datetime) -> str:
+    """The day of ledger.timezone `now` falls on (an ISO date)."""
+    row = conn.execute(query("ledger_day"), {"now": now}).fetchone()
+    assert row is not None
+    return str(row[0].isoformat())
+
+
+def _end_day(conn: psycopg.Connection[Any], day: str, now: datetime) -> None:
+    """Finishes the day's run (if one set out to grant it) before the day has ended: the
+    reward was switched off or paused, and the rest of the day is not meant to be granted."""
+    conn.execute(query("finish_daily_reward_run"), {"day": day, "now": now, "ended": True})
+
+
 def _days_to_grant(conn: psycopg.Connection[Any], now: datetime) -> list[str]:
     """Records that a run set out to grant today; returns the unfinished days of the
     catch-up window, oldest first, then today (ISO dates)."""
-    row = conn.execute(query("ledger_day"), {"now": now}).fetchone()
-    assert row is not None
-    today = row[0]
+    today = _ledger_day(conn, now)
     unfinished = conn.execute(
         query("start_daily_reward_run"),
         {"day": today, "now": now, "catch_up_days": DAILY_CATCH_UP_DAYS},
     ).fetchall()
-    return [d.isoformat() for d in (*(r[0] for r in unfinished), today)]
+    return [*(r[0].isoformat() for r in unfinished), today]
 
 
 class _DailyRewardsRun:
@@ -221,6 +239,7 @@ class _DailyRewardsRun:
         self.batch, self.budget_seconds, self.started = batch, budget_seconds, started
         self.granted = 0
         self.failed: list[str] = []
+        self.refused = 0  # claims refused as the reward was switched off or paused meanwhile
 
     def out_of_time(self) -> bool:
         return time.monotonic() - self.started >= self.budget_seconds
@@ -240,11 +259,12 @@ class _DailyRewardsRun:
 
     def grant_day(self, day: str, after: str) -> None:
         """Claims `day` for the accounts after `after` that lack it; marks the day finished
-        when none is left, or queues the rest when out of time."""
+        when none is left and it has ended (or the reward was switched off meanwhile), or
+        queues the rest when out of time."""
         key = f"{AUTO_DAILY_KEY_PREFIX}{day}"
         key_hash = hashlib.sha256(key.encode()).digest()
         walked_from_start = after == ""
-        failed_before = len(self.failed)
+        failed_before, refused_before = len(self.failed), self.refused
         while True:
             accounts = [
                 r[0]
@@ -261,11 +281,17 @@ class _DailyRewardsRun:
             if self.out_of_time():
                 self.queue_rest(day, after)
                 return
+        if self.refused > refused_before:
+            _end_day(self.conn, day, self.now)  # switched off during the run: it ends here
+            return
         # A walk that began part-way did not see the accounts before it: an earlier part
         # may have failed on some.
         every_claim_made = len(self.failed) == failed_before
         if every_claim_made and (walked_from_start or not self._anyone_left(day)):
-            self.conn.execute(query("finish_daily_reward_run"), {"day": day, "now": self.now})
+            # Marks it only once the day has ended: accounts opened later in it are owed it.
+            self.conn.execute(
+                query("finish_daily_reward_run"), {"day": day, "now": self.now, "ended": False}
+            )
 
     def _claim(self, account_id: str, day: str, key: str, key_hash: bytes) -> None:
         """Claims the day for one account; one left without it joins `failed`."""
@@ -285,7 +311,9 @@ class _DailyRewardsRun:
             reason = error.reason if error is not None else None
             # Switched off meanwhile: the day is not meant to be granted any more (done, not
             # caught up later at whatever amount the reward has then).
-            if reason not in ("DAILY_REWARD_ALREADY_CLAIMED", "SOURCE_DISABLED"):
+            if reason == "SOURCE_DISABLED":
+                self.refused += 1
+            elif reason != "DAILY_REWARD_ALREADY_CLAIMED":
                 log.error("daily reward of account %s failed: %s", account_id, exc)
                 self.failed.append(account_id)
             return

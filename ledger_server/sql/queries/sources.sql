@@ -185,8 +185,14 @@ SELECT day FROM daily_reward_runs
  ORDER BY day
 
 -- name: finish_daily_reward_run
+-- Only once the day has ended in ledger.timezone: until then accounts are still opened in it
+-- and owed it, and the first run after midnight grants them and finishes it (helper-85: a
+-- day finished by its 23:02 run was never granted to an account opened at 23:30). A day the
+-- reward was switched off or paused on ends at once (`ended`): its rest is not caught up.
 UPDATE daily_reward_runs SET finished_at = %(now)s::timestamptz
  WHERE day = %(day)s::date AND finished_at IS NULL
+   AND (%(ended)s::boolean
+        OR %(now)s::timestamptz >= (%(day)s::date + 1)::timestamp AT TIME ZONE ledger_timezone())
 
 -- name: accounts_without_daily_claim
 -- The next accounts that lack the day's reward: a re-run (after a time-out, say) goes
