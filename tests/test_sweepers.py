@@ -242,6 +242,60 @@ def test_the_monthly_allowance_job_run_twice_grants_once(
     assert audit_database(fresh_database_url) == []
 
 
+def test_the_monthly_allowance_job_with_an_amount_of_0_marks_no_account(
+    fresh_database_url: str, monkeypatch: Any
+) -> None:
+    """An amount of 0 pauses the allowance as being off does: the hourly job marks no account
+    (helper-85: each run made every account due again, then the sweep pushed it back to next
+    month, "marked 0, 8, 8 of 8" an hour), and raised again it grants the month's."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    start = datetime(2026, 12, 5, 9, 1, tzinfo=UTC)
+    accounts = sorted(new_account("monthly-0") for _ in range(8))
+
+    def put(key: str, value: str, at: datetime) -> None:
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT ledger_put_setting(%s, %s, 'admin', 'test', 'the job under test', %s, "
+                "true)",
+                (key, value, at),
+            )
+
+    def row_versions() -> list[tuple[str, str]]:
+        """Each account's row version (xmin): a run that writes the row changes it."""
+        with psycopg.connect(fresh_database_url) as conn:
+            rows = conn.execute(
+                "SELECT account_id, xmin::text FROM accounts ORDER BY account_id"
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+    put("monthly_free.enabled", "true", start)
+    put("monthly_free.amount_micros", "0", start)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        for account in accounts:
+            conn.execute("SELECT ledger_open_account(%s, '', %s)", (account, start))
+    versions = row_versions()
+    try:
+        for hour in range(1, 4):  # three hourly runs
+            at = start + timedelta(hours=hour)
+            assert sweepers.grant_monthly_allowances(at.isoformat(), 3) == 0
+        assert row_versions() == versions
+        put("monthly_free.amount_micros", str(5 * CREDIT), start + timedelta(hours=4))
+        at = start + timedelta(hours=5)
+        assert sweepers.grant_monthly_allowances(at.isoformat(), 3) == len(accounts)
+        with psycopg.connect(fresh_database_url) as conn:
+            lots = conn.execute(
+                "SELECT account_id, amount_micros FROM lots WHERE source = 'monthly_free' "
+                "ORDER BY account_id"
+            ).fetchall()
+        assert lots == [(account, 5 * CREDIT) for account in accounts]
+    finally:
+        worker_db.close()
+    assert audit_database(fresh_database_url) == []
+
+
 def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
     from rq.cron import CronScheduler
 

@@ -97,7 +97,11 @@ DECLARE
     tz text := ledger_timezone();
     this_month date := date_trunc('month', p_now AT TIME ZONE tz)::date;
 BEGIN
-    IF NOT (ledger_setting('monthly_free.enabled'))::boolean THEN
+    -- An amount of 0 pauses the allowance as being off does: marked, every account would be
+    -- due now, granted nothing, pushed back to next month, and marked again at the next run
+    -- (helper-85: each hourly run swept the whole ledger).
+    IF NOT (ledger_setting('monthly_free.enabled'))::boolean
+       OR (ledger_setting('monthly_free.amount_micros'))::bigint <= 0 THEN
         RETURN QUERY SELECT 0, NULL::text;
         RETURN;
     END IF;
