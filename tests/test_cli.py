@@ -281,6 +281,41 @@ def test_config_list_set_and_reset(cli: Cli, configure: Any) -> None:
     assert "INVALID_ARGUMENT" in refused.stderr and "INVALID_FIELD" in refused.stderr
 
 
+CODES = ["codes", "create", "--credits", "1", "--count", "2000"]
+
+
+@pytest.mark.parametrize(
+    ("args", "unbuffered"), [(CODES, True), (CODES, False), (["config", "list"], False)]
+)
+def test_output_into_a_closed_pipe_ends_quietly(
+    server_address: str, args: list[str], unbuffered: bool
+) -> None:
+    """`ledger codes create ... | head -8` (helper-83: a BrokenPipeError traceback): the
+    reader is gone before the CLI writes, so a write fails: the first (unbuffered), the one
+    that overflows the buffer mid-listing (2,000 codes), or the last flush (a short output,
+    which Python would otherwise meet at exit). The CLI stops without a traceback and exits
+    141, as a tool killed by SIGPIPE reports in a shell."""
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("LEDGER_ADDRESS", "PYTHONUNBUFFERED")
+    }
+    if unbuffered:
+        environment["PYTHONUNBUFFERED"] = "1"
+    with subprocess.Popen(
+        [sys.executable, "-m", "ledger_server.cli", "--address", server_address, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # before the CLI could have written a byte
+        stderr = process.stderr.read()
+        returncode = process.wait(timeout=120)
+    # Only what the command says on stderr anyway (a grant's idempotency key).
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert returncode == 141
+
+
 def test_errors_are_clear_and_exit_codes_tell_them_apart(cli: Cli, ledger: Ledger) -> None:
     account = new_account("cli")
     ledger.grant(account, 1)

@@ -3,13 +3,15 @@ LEDGER_ADDRESS, default localhost:50051) as the administrator named by --actor o
 LEDGER_ACTOR; `audit` and `migrate` use DATABASE_URL directly.
 
 Exit codes: 0 ok; 1 the server refused the request (a domain error) or the audit
-found violations; 2 bad usage; 3 the server or database is unreachable."""
+found violations; 2 bad usage; 3 the server or database is unreachable; 141 the reader of
+the output went away (`ledger ... | head`), as a tool killed by SIGPIPE reports."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +21,7 @@ import psycopg
 from ledger_server.cli import commands, output
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool SIGPIPE killed
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -182,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        # Here, not at exit, where Python can only print the failure of a closed pipe.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`ledger codes create ... | head -8`; helper-83): stop quietly
+        # instead of with a traceback. Python's own flush at exit would fail again on the
+        # pipe, so stdout goes to /dev/null (the recipe of Python's signal documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("audit", "migrate"):
