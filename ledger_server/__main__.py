@@ -16,7 +16,7 @@ from ledger_server.observability.logging import setup_logging
 from ledger_server.security import SecurityError, hash_token
 from ledger_server.server import event_loop, startup_heap
 from ledger_server.server.app import running_server
-from ledger_server.server.hardening import startup_checks
+from ledger_server.server.hardening import refuse_unsafe
 
 log = logging.getLogger("ledger_server")
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         try:  # secure by default: refuse an unsafe configuration before starting anything
-            startup_checks(settings, settings.grpc_addr)
+            refuse_unsafe(settings, settings.grpc_addr)  # running_server logs the posture
         except SecurityError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             return 2

@@ -48,6 +48,7 @@ from support.certs import make_certs
 from support.ledger import CREDIT, expect_error, new_account, new_key
 from support.secured import Callers, base_settings, make_callers, serving, status_code
 from support.server import ServerThread
+from support.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -542,6 +543,26 @@ def test_without_tokens_the_server_refuses_a_non_loopback_address(ledger_db_url:
     assert result.returncode == 2, result.stderr
     assert f"refusing to listen on 0.0.0.0:{port} without authentication" in result.stderr
     assert "LEDGER_AUTH_TOKENS_FILE" in result.stderr
+
+
+def test_the_server_process_logs_its_security_posture_once(ledger_db_url: str) -> None:
+    """`python -m ledger_server serve` checks the configuration before starting anything and
+    running_server checks it again; the posture is logged once (helper-83: every line twice)."""
+    unsecured = {
+        key: ""
+        for key in (
+            "LEDGER_AUTH_TOKENS_FILE",
+            "LEDGER_AUTH_TOKENS",
+            "LEDGER_TLS_CERT_FILE",
+            "LEDGER_TLS_KEY_FILE",
+            "LEDGER_TLS_CLIENT_CA_FILE",
+        )
+    }
+    server = ServerProcess(ledger_db_url, env=unsecured).start()
+    server.stop()
+    log = "".join(server.log)
+    assert log.count("running UNAUTHENTICATED for local development") == 1, log
+    assert log.count("TLS off (plaintext gRPC)") == 1, log
 
 
 @pytest.mark.parametrize(

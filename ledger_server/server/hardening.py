@@ -17,13 +17,21 @@ from ledger_server.tls import server_credentials
 log = logging.getLogger(__name__)
 
 
-def startup_checks(settings: Settings, address: str) -> grpc.ServerCredentials | None:
-    """Refuses (SecurityError) an unsafe configuration before anything starts; returns the
-    TLS credentials to listen with (None: plaintext)."""
+def refuse_unsafe(settings: Settings, address: str) -> grpc.ServerCredentials | None:
+    """Refuses (SecurityError) an unsafe configuration; returns the TLS credentials to listen
+    with (None: plaintext). Logs nothing: `python -m ledger_server serve` calls it to refuse
+    before starting anything, then running_server's startup_checks logs the posture, once
+    (helper-83: both logged it)."""
     check_listen_address(address, settings.callers)
-    credentials = server_credentials(
+    return server_credentials(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )
+
+
+def startup_checks(settings: Settings, address: str) -> grpc.ServerCredentials | None:
+    """Refuses (SecurityError) an unsafe configuration before anything starts and logs the
+    security posture; returns the TLS credentials to listen with (None: plaintext)."""
+    credentials = refuse_unsafe(settings, address)
     if settings.callers:
         log.info(
             "authentication on: %d caller(s): %s",
