@@ -256,6 +256,7 @@ def test_a_redemption_batch_shares_the_key_namespace_of_the_other_changes(
                 multiplier=admin_pb.ModelMultiplier(model="no-key", multiplier_ppm=1)
             ),
         ),
+        ("RemoveModelMultiplier", admin_pb.RemoveModelMultiplierRequest(model="no-key")),
         (
             "SetLowBalanceAlert",
             admin_pb.SetLowBalanceAlertRequest(account_id="no-key", threshold_micros=1),

@@ -403,6 +403,8 @@ ADMIN_WIDE_KEY_CASES: list[KeyCase] = [
         feature=_PRICE.feature, unit=_PRICE.unit)),
     ("admin", "SetModelMultiplier", lambda a, held, done: admin_pb.SetModelMultiplierRequest(
         multiplier=admin_pb.ModelMultiplier(model="reserved-key", multiplier_ppm=1))),
+    ("admin", "RemoveModelMultiplier", lambda a, held, done: (
+        admin_pb.RemoveModelMultiplierRequest(model="reserved-key"))),
 ]  # fmt: skip
 
 

@@ -706,3 +706,91 @@ def test_transactions_filter_by_model(ledger: Ledger, admin: Any) -> None:
     _consume(ledger, account, _usage(images, "model-b", generations=2))
     only_b = ledger.transactions(account, model="model-b")
     assert [(e.model, e.amount_micros) for e in only_b] == [("model-b", -1_400_000)]
+
+
+def _set_multiplier(admin: Any, model: str, ppm: int) -> admin_pb.ModelMultiplier:
+    return admin.SetModelMultiplier(
+        admin_pb.SetModelMultiplierRequest(
+            multiplier=admin_pb.ModelMultiplier(model=model, multiplier_ppm=ppm),
+            idempotency_key=new_key(),
+        )
+    ).multiplier
+
+
+def test_a_model_multiplier_can_be_withdrawn_and_its_model_then_has_no_price(
+    ledger: Ledger, admin: Any, assert_audit_clean: Any
+) -> None:
+    """A multiplier could only be changed, never withdrawn: after RemovePrice of a model's
+    own price the model was still charged the feature-wide price times its multiplier, for
+    good (helper-88)."""
+    images, premium = _feature("image.generate"), f"premium-{uuid.uuid4().hex[:8]}"
+    _set_price(admin, images, "generations", 100_000)
+    first = _set_multiplier(admin, premium, 1_000_000)
+    _set_price(admin, images, "generations", 5 * CREDIT, model=premium)
+
+    def estimate() -> int:
+        usage = _usage(images, premium, generations=1)
+        return int(ledger.stub.Estimate(pb.EstimateRequest(usage=usage)).usage.cost_micros)
+
+    assert estimate() == 5 * CREDIT
+    admin.RemovePrice(
+        admin_pb.RemovePriceRequest(
+            feature=images, model=premium, unit=t.USAGE_UNIT_GENERATIONS, idempotency_key=new_key()
+        )
+    )
+    assert estimate() == 100_000  # the feature-wide price x its multiplier, as documented
+    account = new_account()
+    ledger.grant(account, 10)
+    held = ledger.stub.Reserve(
+        pb.ReserveRequest(
+            account_id=account,
+            idempotency_key=new_key(),
+            usage=_usage(images, premium, generations=1),
+        )
+    ).reservation
+
+    key = new_key()
+    request = admin_pb.RemoveModelMultiplierRequest(model=premium, idempotency_key=key)
+    assert admin.RemoveModelMultiplier(request) == admin_pb.RemoveModelMultiplierResponse()
+    listed = admin.ListModelMultipliers(admin_pb.ListModelMultipliersRequest()).multipliers
+    assert premium not in [m.model for m in listed]
+    info = expect_error(estimate, NOT_FOUND, "MODEL_NOT_FOUND")
+    assert (info.metadata["feature"], info.metadata["model"]) == (images, premium)
+    # A retry answers the first response; another removal finds nothing to withdraw.
+    assert admin.RemoveModelMultiplier(request) == admin_pb.RemoveModelMultiplierResponse()
+    info = expect_error(
+        lambda: admin.RemoveModelMultiplier(
+            admin_pb.RemoveModelMultiplierRequest(model=premium, idempotency_key=new_key())
+        ),
+        NOT_FOUND,
+        "MULTIPLIER_NOT_FOUND",
+    )
+    assert info.metadata["model"] == premium
+    expect_error(
+        lambda: admin.RemoveModelMultiplier(
+            admin_pb.RemoveModelMultiplierRequest(idempotency_key=new_key())
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "model",
+    )
+
+    # The reservation made with the multiplier settles at the version it was priced with.
+    committed = ledger.stub.Commit(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=held.reservation_id,
+            idempotency_key=new_key(),
+            usage=_usage("", generations=1),
+        )
+    ).reservation
+    assert committed.committed_micros == 100_000
+    assert committed.usage.lines[0].multiplier_version == first.multiplier_version
+
+    # Set again, the multiplier is in force again, as a new version.
+    again = _set_multiplier(admin, premium, 3_000_000)
+    assert again.multiplier_version != first.multiplier_version
+    assert estimate() == 300_000
+    listed = admin.ListModelMultipliers(admin_pb.ListModelMultipliersRequest()).multipliers
+    assert [m.multiplier_ppm for m in listed if m.model == premium] == [3_000_000]
+    assert_audit_clean()

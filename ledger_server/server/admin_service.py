@@ -530,18 +530,49 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "multiplier_ppm": validation.non_negative_amount(
                 multiplier.multiplier_ppm, "multiplier.multiplier_ppm"
             ),
+            "active": True,
             "actor": caller_identity(context),
             "now": self._clock.now(),
         }
 
         async def change(conn: Conn) -> pb.SetModelMultiplierResponse:
-            entry = f"multiplier:{params['model']}"
-            await store.fetch_all(conn, "lock_rate_card_entry", {"entry": entry})
+            await _lock_multiplier(conn, str(params["model"]))
             rows = await store.fetch_all(conn, "insert_multiplier", params)
             return pb.SetModelMultiplierResponse(multiplier=mapping.model_multiplier(rows[0][0]))
 
         return await self._once(
             context, "set_model_multiplier", request, pb.SetModelMultiplierResponse, change
+        )
+
+    async def RemoveModelMultiplier(
+        self, request: pb.RemoveModelMultiplierRequest, context: Context
+    ) -> pb.RemoveModelMultiplierResponse:
+        if not request.model:
+            raise invalid_field("model", "must not be empty")
+        model = validation.code(request.model, "model")
+
+        async def change(conn: Conn) -> pb.RemoveModelMultiplierResponse:
+            await _lock_multiplier(conn, model)
+            current = await store.fetch_all(conn, "current_multiplier", {"model": model})
+            if not current:
+                raise _not_found("MULTIPLIER_NOT_FOUND", "model", model)
+            # A withdrawn version, as RemovePrice writes for a price: the versions stay, so
+            # a reservation priced with this multiplier still settles at it.
+            await store.fetch_all(
+                conn,
+                "insert_multiplier",
+                {
+                    "model": model,
+                    "multiplier_ppm": current[0][0]["multiplier_ppm"],
+                    "active": False,
+                    "actor": caller_identity(context),
+                    "now": self._clock.now(),
+                },
+            )
+            return pb.RemoveModelMultiplierResponse()
+
+        return await self._once(
+            context, "remove_model_multiplier", request, pb.RemoveModelMultiplierResponse, change
         )
 
     async def ListModelMultipliers(
@@ -611,6 +642,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         if len(rows) > page_size:
             response.next_page_token = page_tokens.encode([rows[page_size - 1][1]], filters)
         return response
+
+
+async def _lock_multiplier(conn: Conn, model: str) -> None:
+    """Until the change commits, no other change of this multiplier (lock_rate_card_entry)."""
+    await store.fetch_all(conn, "lock_rate_card_entry", {"entry": f"multiplier:{model}"})
 
 
 async def _lock_price(conn: Conn, key: dict[str, object]) -> None:

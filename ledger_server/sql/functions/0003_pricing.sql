@@ -12,9 +12,14 @@ LANGUAGE sql STABLE AS $$
      WHERE p.active
 $$;
 
+-- The current multiplier of a model: its newest version, unless that version withdrew it
+-- (RemoveModelMultiplier). NULL when there is none.
 CREATE OR REPLACE FUNCTION ledger_current_multiplier(p_model text) RETURNS model_multipliers
 LANGUAGE sql STABLE AS $$
-    SELECT * FROM model_multipliers WHERE model = p_model ORDER BY multiplier_version DESC LIMIT 1
+    SELECT m.* FROM (
+        SELECT * FROM model_multipliers
+         WHERE model = p_model ORDER BY multiplier_version DESC LIMIT 1) m
+     WHERE m.active
 $$;
 
 -- The rate card as it stands: every current, active price.

@@ -23,12 +23,18 @@ SELECT ledger_price_json(p) FROM ledger_rate_card() p
  ORDER BY p.feature, p.model, p.unit
 
 -- name: insert_multiplier
-INSERT INTO model_multipliers (model, multiplier_ppm, created_by, created_at)
-VALUES (%(model)s, %(multiplier_ppm)s, %(actor)s, %(now)s)
+INSERT INTO model_multipliers (model, multiplier_ppm, active, created_by, created_at)
+VALUES (%(model)s, %(multiplier_ppm)s, %(active)s, %(actor)s, %(now)s)
 RETURNING ledger_multiplier_json(model_multipliers)
 
+-- name: current_multiplier
+SELECT ledger_multiplier_json(m) FROM ledger_current_multiplier(%(model)s) m
+ WHERE m.multiplier_version IS NOT NULL
+
 -- name: list_multipliers
+-- The multipliers in force: a model whose newest version withdrew it is not listed.
 SELECT ledger_multiplier_json(m)
   FROM (SELECT DISTINCT ON (model) * FROM model_multipliers
          ORDER BY model, multiplier_version DESC) m
+ WHERE m.active
  ORDER BY m.model

@@ -1182,6 +1182,44 @@ class SetModelMultiplierResponse(_message.Message):
 Global___SetModelMultiplierResponse: _TypeAlias = SetModelMultiplierResponse  # noqa: Y015
 
 @_typing.final
+class RemoveModelMultiplierRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    idempotency_key: _builtins.str
+    """Required, as on every change: a retry with the same key answers the first response."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveModelMultiplierRequest: _TypeAlias = RemoveModelMultiplierRequest  # noqa: Y015
+
+@_typing.final
+class RemoveModelMultiplierResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveModelMultiplierResponse: _TypeAlias = RemoveModelMultiplierResponse  # noqa: Y015
+
+@_typing.final
 class ListModelMultipliersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -129,6 +129,11 @@ class AdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierResponse.FromString,
                 _registered_method=True)
+        self.RemoveModelMultiplier = channel.unary_unary(
+                '/ledger.v1.AdminService/RemoveModelMultiplier',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.RemoveModelMultiplierRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.RemoveModelMultiplierResponse.FromString,
+                _registered_method=True)
         self.ListModelMultipliers = channel.unary_unary(
                 '/ledger.v1.AdminService/ListModelMultipliers',
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListModelMultipliersRequest.SerializeToString,
@@ -261,7 +266,10 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemovePrice(self, request, context):
-        """Withdraws a price (the feature, model and unit then have no price).
+        """Withdraws a price. A model's own price withdrawn, the model falls back to the
+        feature-wide price times its multiplier when it has one (RemoveModelMultiplier
+        withdraws that); without one it has no price for the unit. A feature-wide price
+        withdrawn, no model without its own price has one for the unit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -276,6 +284,15 @@ class AdminServiceServicer:
 
     def SetModelMultiplier(self, request, context):
         """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveModelMultiplier(self, request, context):
+        """Withdraws a model's multiplier: the feature-wide prices no longer apply to the model,
+        which is then priced by its own prices only (MODEL_NOT_FOUND for a feature where it has
+        none). NOT_FOUND MULTIPLIER_NOT_FOUND when the model has no multiplier.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -394,6 +411,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetModelMultiplier,
                     request_deserializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierResponse.SerializeToString,
+            ),
+            'RemoveModelMultiplier': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveModelMultiplier,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.RemoveModelMultiplierRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.RemoveModelMultiplierResponse.SerializeToString,
             ),
             'ListModelMultipliers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModelMultipliers,
@@ -902,6 +924,33 @@ class AdminService:
             '/ledger.v1.AdminService/SetModelMultiplier',
             ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierRequest.SerializeToString,
             ledger_dot_v1_dot_admin__service__pb2.SetModelMultiplierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveModelMultiplier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/RemoveModelMultiplier',
+            ledger_dot_v1_dot_admin__service__pb2.RemoveModelMultiplierRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.RemoveModelMultiplierResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,11 +74,20 @@ class AdminServiceStub:
     the entry; reservations keep the version they were made with.
     """
     RemovePrice: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemovePriceRequest, _admin_service_pb2.RemovePriceResponse]
-    """Withdraws a price (the feature, model and unit then have no price)."""
+    """Withdraws a price. A model's own price withdrawn, the model falls back to the
+    feature-wide price times its multiplier when it has one (RemoveModelMultiplier
+    withdraws that); without one it has no price for the unit. A feature-wide price
+    withdrawn, no model without its own price has one for the unit.
+    """
     ListPrices: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]
     """The current rate card."""
     SetModelMultiplier: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]
     """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
+    RemoveModelMultiplier: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveModelMultiplierRequest, _admin_service_pb2.RemoveModelMultiplierResponse]
+    """Withdraws a model's multiplier: the feature-wide prices no longer apply to the model,
+    which is then priced by its own prices only (MODEL_NOT_FOUND for a feature where it has
+    none). NOT_FOUND MULTIPLIER_NOT_FOUND when the model has no multiplier.
+    """
     ListModelMultipliers: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListModelMultipliersRequest, _admin_service_pb2.ListModelMultipliersResponse]
     SetLowBalanceAlert: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetLowBalanceAlertRequest, _admin_service_pb2.SetLowBalanceAlertResponse]
     """Sets an account's low-balance threshold and alert address (else the defaults of the
@@ -133,11 +142,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     the entry; reservations keep the version they were made with.
     """
     RemovePrice: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemovePriceRequest, _admin_service_pb2.RemovePriceResponse]  # type: ignore[assignment]
-    """Withdraws a price (the feature, model and unit then have no price)."""
+    """Withdraws a price. A model's own price withdrawn, the model falls back to the
+    feature-wide price times its multiplier when it has one (RemoveModelMultiplier
+    withdraws that); without one it has no price for the unit. A feature-wide price
+    withdrawn, no model without its own price has one for the unit.
+    """
     ListPrices: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]  # type: ignore[assignment]
     """The current rate card."""
     SetModelMultiplier: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]  # type: ignore[assignment]
     """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
+    RemoveModelMultiplier: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveModelMultiplierRequest, _admin_service_pb2.RemoveModelMultiplierResponse]  # type: ignore[assignment]
+    """Withdraws a model's multiplier: the feature-wide prices no longer apply to the model,
+    which is then priced by its own prices only (MODEL_NOT_FOUND for a feature where it has
+    none). NOT_FOUND MULTIPLIER_NOT_FOUND when the model has no multiplier.
+    """
     ListModelMultipliers: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListModelMultipliersRequest, _admin_service_pb2.ListModelMultipliersResponse]  # type: ignore[assignment]
     SetLowBalanceAlert: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetLowBalanceAlertRequest, _admin_service_pb2.SetLowBalanceAlertResponse]  # type: ignore[assignment]
     """Sets an account's low-balance threshold and alert address (else the defaults of the
@@ -285,7 +303,11 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.RemovePriceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.RemovePriceResponse, _abc.Awaitable[_admin_service_pb2.RemovePriceResponse]]:
-        """Withdraws a price (the feature, model and unit then have no price)."""
+        """Withdraws a price. A model's own price withdrawn, the model falls back to the
+        feature-wide price times its multiplier when it has one (RemoveModelMultiplier
+        withdraws that); without one it has no price for the unit. A feature-wide price
+        withdrawn, no model without its own price has one for the unit.
+        """
 
     @_abc_1.abstractmethod
     def ListPrices(
@@ -302,6 +324,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.SetModelMultiplierResponse, _abc.Awaitable[_admin_service_pb2.SetModelMultiplierResponse]]:
         """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
+
+    @_abc_1.abstractmethod
+    def RemoveModelMultiplier(
+        self,
+        request: _admin_service_pb2.RemoveModelMultiplierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RemoveModelMultiplierResponse, _abc.Awaitable[_admin_service_pb2.RemoveModelMultiplierResponse]]:
+        """Withdraws a model's multiplier: the feature-wide prices no longer apply to the model,
+        which is then priced by its own prices only (MODEL_NOT_FOUND for a feature where it has
+        none). NOT_FOUND MULTIPLIER_NOT_FOUND when the model has no multiplier.
+        """
 
     @_abc_1.abstractmethod
     def ListModelMultipliers(

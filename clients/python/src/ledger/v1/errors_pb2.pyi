@@ -152,6 +152,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ended): a second one would be charged beside it; its plan changes through the payment
     provider (customer.subscription.updated). metadata: plan_id.
     """
+    ERROR_REASON_MULTIPLIER_NOT_FOUND: _ErrorReason.ValueType  # 50
+    """NOT_FOUND: the model has no multiplier to withdraw (RemoveModelMultiplier).
+    metadata: model.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -288,5 +292,9 @@ ERROR_REASON_ALREADY_SUBSCRIBED: ErrorReason.ValueType  # 49
 """FAILED_PRECONDITION: the account's subscription runs (its current period has not
 ended): a second one would be charged beside it; its plan changes through the payment
 provider (customer.subscription.updated). metadata: plan_id.
+"""
+ERROR_REASON_MULTIPLIER_NOT_FOUND: ErrorReason.ValueType  # 50
+"""NOT_FOUND: the model has no multiplier to withdraw (RemoveModelMultiplier).
+metadata: model.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
