@@ -794,3 +794,27 @@ def test_a_model_multiplier_can_be_withdrawn_and_its_model_then_has_no_price(
     listed = admin.ListModelMultipliers(admin_pb.ListModelMultipliersRequest()).multipliers
     assert [m.multiplier_ppm for m in listed if m.model == premium] == [3_000_000]
     assert_audit_clean()
+
+
+def test_a_model_with_prices_of_the_feature_but_not_per_a_unit_misses_that_price(
+    ledger: Ledger, admin: Any
+) -> None:
+    """It was MODEL_NOT_FOUND when the feature had a feature-wide price per the unit: the
+    model has prices, it misses one, per a unit to name (helper-88)."""
+    chat, vision = _feature("chat"), f"vision-{uuid.uuid4().hex[:8]}"
+    _set_price(admin, chat, "input_tokens", 1000, unit_size=1000)
+    _set_price(admin, chat, "output_tokens", 2000, unit_size=1000)
+    _set_price(admin, chat, "input_tokens", 3000, unit_size=1000, model=vision)
+
+    def estimate(**quantities: int) -> int:
+        usage = _usage(chat, vision, **quantities)
+        return int(ledger.stub.Estimate(pb.EstimateRequest(usage=usage)).usage.cost_micros)
+
+    assert estimate(input_tokens=1000) == 3000
+    info = expect_error(
+        lambda: estimate(input_tokens=1000, output_tokens=1000), NOT_FOUND, "PRICE_NOT_FOUND"
+    )
+    assert dict(info.metadata) == {"feature": chat, "model": vision, "unit": "output_tokens"}
+    # With a multiplier the feature-wide price is the model's too.
+    _set_multiplier(admin, vision, 2_000_000)
+    assert estimate(input_tokens=1000, output_tokens=1000) == 3000 + 4000

@@ -90,12 +90,20 @@ BEGIN
                 p := ledger_current_price(p_feature, '', q.unit);
                 IF p_model <> '' THEN
                     m := ledger_current_multiplier(p_model);
-                    IF m.multiplier_version IS NULL AND (p.price_version IS NOT NULL OR NOT EXISTS (
-                            SELECT 1 FROM ledger_rate_card() WHERE feature = p_feature AND model = p_model)) THEN
-                        PERFORM ledger_fail('LE030', 'the feature has no price for this model',
-                            jsonb_build_object('feature', p_feature, 'model', p_model));
+                    -- Without a multiplier the feature-wide prices are not the model's, only
+                    -- its own are. MODEL_NOT_FOUND is for a model with none of the feature's
+                    -- prices; one that has some, but not per this unit, misses a price
+                    -- (helper-88: it was MODEL_NOT_FOUND when a feature-wide price existed).
+                    IF m.multiplier_version IS NULL THEN
+                        IF NOT EXISTS (SELECT 1 FROM ledger_rate_card()
+                                        WHERE feature = p_feature AND model = p_model) THEN
+                            PERFORM ledger_fail('LE030', 'the feature has no price for this model',
+                                jsonb_build_object('feature', p_feature, 'model', p_model));
+                        END IF;
+                        PERFORM ledger_fail('LE031', 'the feature has no price for this model per this unit',
+                            jsonb_build_object('feature', p_feature, 'model', p_model, 'unit', q.unit));
                     END IF;
-                    multiplier := coalesce(m.multiplier_ppm, 1000000);
+                    multiplier := m.multiplier_ppm;
                     multiplier_version := m.multiplier_version::text;
                 ELSE
                     multiplier := 1000000;
