@@ -673,9 +673,8 @@ def test_rate_card_keys_are_checked_by_field(admin: Any) -> None:
         ),
     ]:
         expect_error(call, invalid, "INVALID_FIELD", field)
-    assert [p.feature for p in admin.ListPrices(admin_pb.ListPricesRequest()).prices].count(
-        feature
-    ) == 1
+    # Of this feature: a page of the whole rate card need not reach it.
+    assert len(admin.ListPrices(admin_pb.ListPricesRequest(feature=feature)).prices) == 1
 
 
 def test_the_demo_catalogue_loads_and_prices_the_seeds(
@@ -818,3 +817,58 @@ def test_a_model_with_prices_of_the_feature_but_not_per_a_unit_misses_that_price
     # With a multiplier the feature-wide price is the model's too.
     _set_multiplier(admin, vision, 2_000_000)
     assert estimate(input_tokens=1000, output_tokens=1000) == 3000 + 4000
+
+
+def test_the_rate_card_is_listed_a_page_at_a_time(admin: Any, ledger_db_url: str) -> None:
+    """All of it in one answer: 40,000 prices outgrew a gRPC message, RESOURCE_EXHAUSTED
+    with no ErrorInfo (helper-88)."""
+    chat = _feature("chat")
+    with psycopg.connect(ledger_db_url) as conn:
+        conn.execute(
+            "INSERT INTO prices (feature, model, unit, unit_size, unit_price_micros, active,"
+            " created_by, created_at)"
+            " SELECT %s, 'model-' || lpad(g::text, 3, '0'), u, 1000, g, true, 'test', now()"
+            "   FROM generate_series(1, 125) g, unnest(ARRAY['input_tokens', 'output_tokens']) u",
+            (chat,),
+        )
+    first = admin.ListPrices(admin_pb.ListPricesRequest(feature=chat))
+    assert len(first.prices) == 100 and first.next_page_token  # the default page size
+    walked, token, pages = [], "", 0
+    while True:
+        page = admin.ListPrices(
+            admin_pb.ListPricesRequest(feature=chat, page_size=60, page_token=token)
+        )
+        walked += [(p.model, p.unit) for p in page.prices]
+        pages += 1
+        if not (token := page.next_page_token):
+            break
+    assert pages == 5
+    units = (t.USAGE_UNIT_INPUT_TOKENS, t.USAGE_UNIT_OUTPUT_TOKENS)
+    assert walked == [(f"model-{g:03}", u) for g in range(1, 126) for u in units]
+    whole = admin.ListPrices(admin_pb.ListPricesRequest(feature=chat, page_size=1000))
+    assert len(whole.prices) == 250 and not whole.next_page_token
+    expect_error(
+        lambda: admin.ListPrices(
+            admin_pb.ListPricesRequest(feature=_feature("other"), page_token=first.next_page_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "page_token",
+    )
+
+    prefix = f"paged-{uuid.uuid4().hex[:8]}"
+    models = [f"{prefix}-{n}" for n in range(3)]
+    for model in models:
+        _set_multiplier(admin, model, 1_000_000)
+    listed, token = [], ""
+    while True:
+        multipliers = admin.ListModelMultipliers(
+            admin_pb.ListModelMultipliersRequest(page_size=2, page_token=token)
+        )
+        assert len(multipliers.multipliers) <= 2
+        listed += [m.model for m in multipliers.multipliers]
+        if not (token := multipliers.next_page_token):
+            break
+    # Every multiplier once (the shared database holds other tests' too), ours in order.
+    assert len(listed) == len(set(listed))
+    assert [m for m in listed if m in models] == models

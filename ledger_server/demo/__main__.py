@@ -44,10 +44,16 @@ def load(channel: grpc.Channel, actor: str = "demo-data") -> dict[str, int]:
     catalogue = load_catalogue()
     written = {"prices": 0, "multipliers": 0, "packs": 0, "plans": 0}
 
-    current = {
-        _price_key(p): p
-        for p in admin.ListPrices(admin_pb.ListPricesRequest(), metadata=metadata).prices
-    }
+    # Every page of the rate card: what is already so is not written again.
+    current: dict[tuple[str, str, int], admin_pb.Price] = {}
+    token = ""
+    while True:
+        prices = admin.ListPrices(
+            admin_pb.ListPricesRequest(page_size=1000, page_token=token), metadata=metadata
+        )
+        current.update((_price_key(p), p) for p in prices.prices)
+        if not (token := prices.next_page_token):
+            break
     for entry in catalogue["prices"]:
         price = json_format.ParseDict({"unit_size": 1, **entry}, admin_pb.Price())
         existing = current.get(_price_key(price))
@@ -61,12 +67,16 @@ def load(channel: grpc.Channel, actor: str = "demo-data") -> dict[str, int]:
         )
         written["prices"] += 1
 
-    multipliers = {
-        m.model: m.multiplier_ppm
-        for m in admin.ListModelMultipliers(
-            admin_pb.ListModelMultipliersRequest(), metadata=metadata
-        ).multipliers
-    }
+    multipliers: dict[str, int] = {}
+    token = ""
+    while True:
+        page = admin.ListModelMultipliers(
+            admin_pb.ListModelMultipliersRequest(page_size=1000, page_token=token),
+            metadata=metadata,
+        )
+        multipliers.update((m.model, m.multiplier_ppm) for m in page.multipliers)
+        if not (token := page.next_page_token):
+            break
     for entry in catalogue["multipliers"]:
         multiplier = json_format.ParseDict(entry, admin_pb.ModelMultiplier())
         if multipliers.get(multiplier.model) == multiplier.multiplier_ppm:

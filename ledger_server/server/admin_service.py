@@ -516,8 +516,26 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: pb.ListPricesRequest, context: Context
     ) -> pb.ListPricesResponse:
         feature = validation.code(request.feature, "feature") or None
-        rows = await fetch_all(self._pool, "list_prices", {"feature": feature})
-        return pb.ListPricesResponse(prices=[mapping.price(row[0]) for row in rows])
+        page_size = validation.page_size(request.page_size)
+        filters: list[object] = ["prices", feature]
+        text = page_tokens.TEXT
+        position = page_tokens.decode(request.page_token, filters, (text, text, text))
+        after_feature, after_model, after_unit = position or (None, None, None)
+        rows = await fetch_all(
+            self._pool,
+            "list_prices",
+            {
+                "feature": feature,
+                "after_feature": after_feature,
+                "after_model": after_model,
+                "after_unit": after_unit,
+                "limit": page_size + 1,
+            },
+        )
+        response = pb.ListPricesResponse(prices=[mapping.price(row[0]) for row in rows[:page_size]])
+        if len(rows) > page_size:
+            response.next_page_token = page_tokens.encode(list(rows[page_size - 1][1:]), filters)
+        return response
 
     async def SetModelMultiplier(
         self, request: pb.SetModelMultiplierRequest, context: Context
@@ -578,10 +596,20 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def ListModelMultipliers(
         self, request: pb.ListModelMultipliersRequest, context: Context
     ) -> pb.ListModelMultipliersResponse:
-        rows = await fetch_all(self._pool, "list_multipliers", {})
-        return pb.ListModelMultipliersResponse(
-            multipliers=[mapping.model_multiplier(row[0]) for row in rows]
+        page_size = validation.page_size(request.page_size)
+        filters: list[object] = ["model_multipliers"]
+        position = page_tokens.decode(request.page_token, filters, (page_tokens.TEXT,))
+        rows = await fetch_all(
+            self._pool,
+            "list_multipliers",
+            {"after_model": position[0] if position else None, "limit": page_size + 1},
         )
+        response = pb.ListModelMultipliersResponse(
+            multipliers=[mapping.model_multiplier(row[0]) for row in rows[:page_size]]
+        )
+        if len(rows) > page_size:
+            response.next_page_token = page_tokens.encode([rows[page_size - 1][1]], filters)
+        return response
 
     # --- low-balance alerts -----------------------------------------------------------------
 

@@ -18,9 +18,15 @@ SELECT ledger_price_json(p) FROM ledger_current_price(%(feature)s, %(model)s, %(
  WHERE p.price_version IS NOT NULL
 
 -- name: list_prices
-SELECT ledger_price_json(p) FROM ledger_rate_card() p
- WHERE %(feature)s::text IS NULL OR p.feature = %(feature)s::text
+-- A page of the rate card, after the (feature, model, unit) of the last row of the page
+-- before: all of it in one answer outgrew a gRPC message (helper-88: 40,000 prices).
+SELECT ledger_price_json(p), p.feature, p.model, p.unit FROM ledger_rate_card() p
+ WHERE (%(feature)s::text IS NULL OR p.feature = %(feature)s::text)
+   AND (%(after_feature)s::text IS NULL
+        OR (p.feature, p.model, p.unit)
+           > (%(after_feature)s::text, %(after_model)s::text, %(after_unit)s::text))
  ORDER BY p.feature, p.model, p.unit
+ LIMIT %(limit)s
 
 -- name: insert_multiplier
 INSERT INTO model_multipliers (model, multiplier_ppm, active, created_by, created_at)
@@ -33,8 +39,10 @@ SELECT ledger_multiplier_json(m) FROM ledger_current_multiplier(%(model)s) m
 
 -- name: list_multipliers
 -- The multipliers in force: a model whose newest version withdrew it is not listed.
-SELECT ledger_multiplier_json(m)
+-- A page of them, after the model of the last row of the page before.
+SELECT ledger_multiplier_json(m), m.model
   FROM (SELECT DISTINCT ON (model) * FROM model_multipliers
          ORDER BY model, multiplier_version DESC) m
- WHERE m.active
+ WHERE m.active AND (%(after_model)s::text IS NULL OR m.model > %(after_model)s::text)
  ORDER BY m.model
+ LIMIT %(limit)s

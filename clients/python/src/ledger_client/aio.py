@@ -476,18 +476,25 @@ class AsyncLedgerClient:
         return await self._invoke(self._billing.CreateCheckoutSession, request, timeout)
 
     async def list_prices(
-        self, feature: str = "", *, timeout: float | None = None
+        self,
+        feature: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
     ) -> admin_pb.ListPricesResponse:
-        """The rate card's prices, of one feature or all (AdminService.ListPrices, open to
-        services): what each action costs, for a product to show."""
-        request = admin_pb.ListPricesRequest(feature=feature)
+        """One page of the rate card's prices, of one feature or all (AdminService.ListPrices,
+        open to services): what each action costs, for a product to show."""
+        request = admin_pb.ListPricesRequest(
+            feature=feature, page_size=page_size, page_token=page_token
+        )
         return await self._invoke(self._admin.ListPrices, request, timeout)
 
     async def list_model_multipliers(
-        self, *, timeout: float | None = None
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> admin_pb.ListModelMultipliersResponse:
-        """The rate card's model multipliers (AdminService.ListModelMultipliers)."""
-        request = admin_pb.ListModelMultipliersRequest()
+        """One page of the rate card's model multipliers (AdminService.ListModelMultipliers)."""
+        request = admin_pb.ListModelMultipliersRequest(page_size=page_size, page_token=page_token)
         return await self._invoke(self._admin.ListModelMultipliers, request, timeout)
 
     # --- pagination helpers ------------------------------------------------------------------

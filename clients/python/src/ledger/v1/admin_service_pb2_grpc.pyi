@@ -80,7 +80,7 @@ class AdminServiceStub:
     withdrawn, no model without its own price has one for the unit.
     """
     ListPrices: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]
-    """The current rate card."""
+    """The current rate card, a page at a time."""
     SetModelMultiplier: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]
     """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
     RemoveModelMultiplier: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveModelMultiplierRequest, _admin_service_pb2.RemoveModelMultiplierResponse]
@@ -148,7 +148,7 @@ class AdminServiceAsyncStub(AdminServiceStub):
     withdrawn, no model without its own price has one for the unit.
     """
     ListPrices: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]  # type: ignore[assignment]
-    """The current rate card."""
+    """The current rate card, a page at a time."""
     SetModelMultiplier: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetModelMultiplierRequest, _admin_service_pb2.SetModelMultiplierResponse]  # type: ignore[assignment]
     """Sets a model's multiplier, applied to feature-wide prices (cost = tokens x multiplier)."""
     RemoveModelMultiplier: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveModelMultiplierRequest, _admin_service_pb2.RemoveModelMultiplierResponse]  # type: ignore[assignment]
@@ -315,7 +315,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.ListPricesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListPricesResponse, _abc.Awaitable[_admin_service_pb2.ListPricesResponse]]:
-        """The current rate card."""
+        """The current rate card, a page at a time."""
 
     @_abc_1.abstractmethod
     def SetModelMultiplier(
