@@ -398,6 +398,43 @@ def test_the_receiver_answers_health_checks_and_only_its_route(webhook_url: str)
     assert missing.value.code == 404
 
 
+def test_a_signed_event_with_a_lone_surrogate_is_stored_and_its_credits_granted(
+    webhook_url: str,
+    payments_redis_url: str,
+    ledger_db_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+) -> None:
+    """A JSON escape of half a surrogate pair (\\ud83d, a customer's name cut in the middle
+    of an emoji) is valid JSON that PostgreSQL's jsonb refuses: the event used to be
+    answered 500 at every delivery and its credits lost after Stripe's retries (helper-86).
+    It is stored with U+FFFD in its place, a pair is kept as the character it encodes."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(3 * CREDIT)
+    account = new_account("surrogate")
+    event = json.loads(checkout_pack(account, pack.pack_id))
+    event["data"]["object"]["customer_details"] = {
+        "name": "A\ud83d B",
+        "\udc00key": "x",
+        "nickname": "A\ud83d\ude00 B",
+    }
+    body = json.dumps(event).encode()  # ensure_ascii: the surrogates as \uXXXX escapes
+    assert b"\\ud83d B" in body
+
+    assert deliver(webhook_url, body) == 200
+    row = payments_db.rows(
+        "SELECT payload #> '{data,object,customer_details}' FROM payment_events"
+        " WHERE event_id = %s",
+        (_event_id(body),),
+    )
+    assert row == [({"name": "A\ufffd B", "\ufffdkey": "x", "nickname": "A\U0001f600 B"},)]
+    run_burst_workers(ledger_db_url, payments_redis_url)
+    assert payments_db.event(_event_id(body))["status"] == "processed"  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 3 * CREDIT
+
+
 def test_a_rerun_counts_the_credits_a_killed_run_applied_but_never_counted(
     webhook_url: str,
     payments_redis_url: str,

@@ -55,13 +55,20 @@ _EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
 
 
-def _without_nul(value: Any) -> Any:
+# What PostgreSQL's jsonb cannot hold: NUL, and UTF-16 surrogates. json.loads pairs a
+# high and a low surrogate escape into one character, so any surrogate left in a str is a
+# lone one, which cannot be encoded as UTF-8 ("Unicode low surrogate must follow a high
+# surrogate").
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [_storable(item) for item in value]
     if isinstance(value, dict):
-        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+        return {_storable(key): _storable(item) for key, item in value.items()}
     return value
 
 
@@ -111,10 +118,11 @@ class WebhookReceiver:
         # deliver it again forever).
         if not isinstance(payload, dict):
             return HTTPStatus.BAD_REQUEST, {"error": "the payload is not a storable event"}
-        # PostgreSQL's jsonb cannot hold NUL characters, which a customer can type into a
-        # name or address of a paid checkout: they are stored as U+FFFD rather than the
-        # event refused (and its credits lost).
-        payload = _without_nul(payload)
+        # PostgreSQL's jsonb cannot hold NUL characters or lone surrogates (a JSON escape
+        # such as \ud83d with no pair), which a customer can type into a name or address of
+        # a paid checkout: they are stored as U+FFFD rather than the event refused with 500
+        # for ever (and its credits lost). The signature was checked on the raw bytes.
+        payload = _storable(payload)
         event_id, event_type = payload.get("id"), payload.get("type")
         if (
             not isinstance(event_id, str)
