@@ -43,7 +43,8 @@ from support.webhooks import (
 )
 from workers import payments
 from workers.db import connection as payment_db_connection
-from workers.webhook import WebhookReceiver
+from workers.settings import WebhookLimits
+from workers.webhook import WebhookReceiver, WebhookServer
 
 AuditCheck = Callable[[], None]
 
@@ -433,6 +434,68 @@ def test_a_signed_event_with_a_lone_surrogate_is_stored_and_its_credits_granted(
     run_burst_workers(ledger_db_url, payments_redis_url)
     assert payments_db.event(_event_id(body))["status"] == "processed"  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 3 * CREDIT
+
+
+def _stalled_client(url: str) -> socket.socket:
+    """A client that sends the headers and part of a body, then nothing, once the receiver
+    holds it (a connection past the cap is answered at once: then it tries again)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+
+    def held() -> socket.socket | None:
+        client = socket.create_connection((host, int(port)))
+        client.sendall(
+            b"POST /stripe/webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"{" * 100
+        )
+        client.settimeout(0.2)
+        try:
+            client.recv(1)
+        except TimeoutError:
+            return client
+        client.close()
+        return None
+
+    return _wait_for(held, "a free connection", 10)  # type: ignore[no-any-return]
+
+
+def test_stalled_clients_are_dropped_after_the_time_out_and_past_the_cap_answered_503(
+    ledger_db_url: str, payments_redis_url: str, payments_db: PaymentsDb
+) -> None:
+    """Stalled clients used to be waited for for ever, each holding a thread: 300 of them
+    took 380 MB, and under a low descriptor limit deliveries were no longer served
+    (helper-86). Now a client is dropped after the time-out, and connections past the cap
+    are answered 503 at once (Stripe retries) rather than given a thread each."""
+    limits = WebhookLimits(timeout_seconds=3, max_connections=4)
+    redis = Redis.from_url(payments_redis_url)
+    receiver = WebhookReceiver(
+        SECRET,
+        TOLERANCE_SECONDS,
+        connect=lambda: psycopg.connect(ledger_db_url, autocommit=True),
+        redis=lambda: redis,
+    )
+    server = WebhookServer(receiver, "127.0.0.1:0", limits).start()
+    try:
+        started = time.monotonic()
+        stalled = [_stalled_client(server.url) for _ in range(3)]
+        first = checkout_pack(new_account("stalled"), "pack-any")
+        assert deliver(server.url, first) == 200  # served beside 3 stalled clients
+        stalled.append(_stalled_client(server.url))  # every connection taken
+        second = checkout_pack(new_account("stalled"), "pack-any")
+        status, answer = post(server.url, second, sign(second))
+        assert time.monotonic() - started < limits.timeout_seconds, "too slow to tell"
+        assert (status, answer) == (503, {"error": "busy; retry shortly"})
+        assert payments_db.count_events([_event_id(second)]) == 0
+
+        for client in stalled:  # dropped after the time-out
+            client.settimeout(30)
+            assert client.recv(1024) == b""
+            client.close()
+        assert time.monotonic() - started < 30
+        # Their connections free again (each is given back just after it is closed).
+        status = _wait_for(lambda: deliver(server.url, second) != 503, "a free connection")
+        assert payments_db.count_events([_event_id(second)]) == 1
+    finally:
+        server.stop()
+        redis.close()
 
 
 def test_a_rerun_counts_the_credits_a_killed_run_applied_but_never_counted(

@@ -45,3 +45,21 @@ class SmtpSettings:
 def sweep_interval_seconds(env: Mapping[str, str] | None = None) -> int:
     """How often the scheduler runs the sweepers (expiry, time-outs, stalled jobs)."""
     return _int(os.environ if env is None else env, "LEDGER_SWEEP_INTERVAL_SECONDS", 60)
+
+
+@dataclass(frozen=True)
+class WebhookLimits:
+    """What the webhook receiver gives a client: how long it waits on it (reading the
+    request, or a whole body), and how many connections it serves at once (a thread each);
+    a connection beyond them is answered 503 and closed, which Stripe retries."""
+
+    timeout_seconds: float = 15
+    max_connections: int = 64
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WebhookLimits:
+        env = os.environ if env is None else env
+        return cls(
+            timeout_seconds=_int(env, "LEDGER_WEBHOOK_TIMEOUT_SECONDS", 15),
+            max_connections=_int(env, "LEDGER_WEBHOOK_MAX_CONNECTIONS", 64),
+        )

@@ -10,8 +10,10 @@ GET /healthz: 200 when the database answers.
 
 Why the standard library's ThreadingHTTPServer and no web framework: the receiver has one
 route that does two short blocking calls (one INSERT, one Redis push) with the synchronous
-pool the jobs use; a thread per request is all it needs, and the process stays a plain
-worker with no extra dependency. It sits behind the deployment's TLS-terminating proxy.
+pool the jobs use; a thread per connection is all it needs (up to
+LEDGER_WEBHOOK_MAX_CONNECTIONS, each dropped when its client stalls), and the process stays
+a plain worker with no extra dependency. It sits behind the deployment's TLS-terminating
+proxy.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import json
 import logging
 import re
 import signal
+import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -44,6 +48,7 @@ from ledger_server.observability.logging import setup_logging
 from workers import db
 from workers.payments import account_hint, process_event
 from workers.queues import PAYMENTS_QUEUE, enqueue, redis_connection
+from workers.settings import WebhookLimits
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +165,13 @@ class WebhookReceiver:
         return True
 
 
-def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
+def _handler(receiver: WebhookReceiver, limits: WebhookLimits) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "credit-ledger-webhook"
+        # The socket time-out of every read and write: a client that stalls (or an idle
+        # keep-alive connection) is dropped after it rather than holding its thread for good.
+        timeout = limits.timeout_seconds
 
         def _answer(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
@@ -194,7 +202,9 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
                 return
-            body = self.rfile.read(length)
+            body = self._read_body(length)
+            if body is None:
+                return
             try:
                 status, answer = receiver.receive(body, self.headers.get("Stripe-Signature"))
             except Exception:
@@ -202,10 +212,36 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "not stored; retry"}
             self._answer(status, answer)
 
+        def _read_body(self, length: int) -> bytes | None:
+            """The body, read within one time-out in all (a client sending a byte now and
+            then gets no longer); None if the client closed the connection before the end."""
+            deadline = time.monotonic() + limits.timeout_seconds
+            chunks: list[bytes] = []
+            while length > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the body took longer than the time-out")
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(length)
+                if not chunk:
+                    self.close_connection = True
+                    return None
+                chunks.append(chunk)
+                length -= len(chunk)
+            self.connection.settimeout(limits.timeout_seconds)
+            return b"".join(chunks)
+
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
     return Handler
+
+
+_BUSY_BODY = json.dumps({"error": "busy; retry shortly"}).encode()
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+) % (len(_BUSY_BODY), _BUSY_BODY)
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -214,15 +250,93 @@ class _HttpServer(ThreadingHTTPServer):
     # an outage arrive together) would see connections reset.
     request_queue_size = 256
 
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+    ) -> None:
+        # A thread per connection, as many as clients connect, would let stalled clients
+        # take the process's memory and file descriptors until deliveries are not served.
+        self._slots = threading.BoundedSemaphore(max_connections)
+        # Refused connections, answered and closed for writing, with when to close them.
+        self._refused: deque[tuple[float, socket.socket]] = deque()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 at once, on the accepting thread and without a thread of its own: the client
+        (Stripe) retries. The socket stays open for reading a moment: closed now, the request
+        the client is still sending would reset the connection before it reads the 503."""
+        try:
+            request.settimeout(1)
+            request.sendall(_BUSY)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            request.close()
+            return
+        self._refused.append((time.monotonic() + _REFUSED_LINGER_SECONDS, request))
+        while len(self._refused) > _REFUSED_LINGER_MAX:  # a flood: no more descriptors held
+            _close_refused(self._refused.popleft()[1])
+
+    def service_actions(self) -> None:
+        """Run by serve_forever at least every half second."""
+        super().service_actions()
+        now = time.monotonic()
+        while self._refused and self._refused[0][0] <= now:
+            _close_refused(self._refused.popleft()[1])
+
+    def server_close(self) -> None:
+        super().server_close()
+        while self._refused:
+            _close_refused(self._refused.popleft()[1])
+
+
+_REFUSED_LINGER_SECONDS = 1.0
+_REFUSED_LINGER_MAX = 64
+
+
+def _close_refused(request: socket.socket) -> None:
+    # What the client sent is read first: closing a socket with unread data resets the
+    # connection, and the client could lose the 503 it has not read yet.
+    try:
+        request.setblocking(False)
+        for _ in range(16):  # a request is far smaller; a client still sending is cut off
+            if not request.recv(65536):
+                break
+    except OSError:
+        pass
+    request.close()
+
 
 class WebhookServer:
     """The HTTP server around a receiver, serving on a background thread."""
 
-    def __init__(self, receiver: WebhookReceiver, address: str) -> None:
+    def __init__(
+        self, receiver: WebhookReceiver, address: str, limits: WebhookLimits | None = None
+    ) -> None:
+        limits = limits or WebhookLimits()
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"LEDGER_WEBHOOK_ADDR must be host:port, got {address!r}")
-        self._http = _HttpServer((host, int(port)), _handler(receiver))
+        self._http = _HttpServer(
+            (host, int(port)), _handler(receiver, limits), limits.max_connections
+        )
         self._thread = threading.Thread(
             target=self._http.serve_forever, name="webhook-http", daemon=True
         )
@@ -250,7 +364,9 @@ def main() -> int:
         redis_connection()
         tolerance = int(settings.webhook_tolerance.total_seconds())
         server = WebhookServer(
-            WebhookReceiver(settings.webhook_secret, tolerance), settings.webhook_addr
+            WebhookReceiver(settings.webhook_secret, tolerance),
+            settings.webhook_addr,
+            WebhookLimits.from_env(),
         )
     except (ConfigError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
