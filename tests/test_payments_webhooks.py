@@ -44,7 +44,7 @@ from support.webhooks import (
 from workers import payments
 from workers.db import connection as payment_db_connection
 from workers.settings import WebhookLimits
-from workers.webhook import WebhookReceiver, WebhookServer
+from workers.webhook import MAX_BODY_BYTES, WebhookReceiver, WebhookServer
 
 AuditCheck = Callable[[], None]
 
@@ -496,6 +496,61 @@ def test_stalled_clients_are_dropped_after_the_time_out_and_past_the_cap_answere
     finally:
         server.stop()
         redis.close()
+
+
+def _raw_exchange(url: str, data: bytes) -> bytes:
+    """Sends raw bytes on one connection and returns all the receiver answers until it
+    closes the connection."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        client.sendall(data)
+        answer = b""
+        while chunk := client.recv(65536):  # a time-out: the connection was left open
+            answer += chunk
+    return answer
+
+
+def _raw_post(body: bytes, *headers: bytes, path: bytes = b"/stripe/webhook") -> bytes:
+    signature = b"Stripe-Signature: " + sign(body).encode()
+    return b"\r\n".join(
+        (b"POST " + path + b" HTTP/1.1", b"Host: x", signature, *headers, b"", body)
+    )
+
+
+def test_a_body_the_receiver_does_not_read_closes_the_connection(
+    webhook_url: str, payments_db: PaymentsDb
+) -> None:
+    """A chunked body was refused (411) and left on the connection, to be read as the next
+    request; with Content-Length beside Transfer-Encoding the receiver framed the body by
+    Content-Length, as a proxy in front might not (helper-86). Any Transfer-Encoding is
+    refused, and whenever a body is not read the connection is closed after the answer."""
+    chunked = checkout_pack(new_account("chunked"), "pack-any")
+    framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunked), chunked)
+    after = checkout_pack(new_account("chunked"), "pack-any")
+    valid = _raw_post(after, b"Content-Length: %d" % len(after))
+    for first in (
+        _raw_post(framed, b"Transfer-Encoding: chunked"),
+        _raw_post(framed, b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(framed)),
+        _raw_post(chunked, b"Content-Length: %d" % len(chunked), path=b"/other"),
+        _raw_post(chunked, b"Content-Length: %d" % (MAX_BODY_BYTES + 1)),
+    ):
+        answer = _raw_exchange(webhook_url, first + valid)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        [length] = [int(h[16:]) for h in head.split(b"\r\n") if h.startswith(b"Content-Length: ")]
+        assert len(rest) == length, answer  # one answer: nothing read after the first request
+        assert answer.split(b"\r\n")[0] in (
+            b"HTTP/1.1 411 Length Required",
+            b"HTTP/1.1 404 Not Found",
+            b"HTTP/1.1 413 Request Entity Too Large",
+        )
+        assert b"\r\nConnection: close\r\n" in answer
+    assert payments_db.count_events([_event_id(chunked), _event_id(after)]) == 0
+
+    # A body read: the connection is kept for the next request (which asks to close it).
+    answer = _raw_exchange(
+        webhook_url, valid + valid.replace(b"Host: x", b"Host: x\r\nConnection: close")
+    )
+    assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
 
 
 def test_a_rerun_counts_the_credits_a_killed_run_applied_but_never_counted(

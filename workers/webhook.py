@@ -172,10 +172,18 @@ def _handler(receiver: WebhookReceiver, limits: WebhookLimits) -> type[BaseHTTPR
         # The socket time-out of every read and write: a client that stalls (or an idle
         # keep-alive connection) is dropped after it rather than holding its thread for good.
         timeout = limits.timeout_seconds
+        _body_read = False  # of the request being answered
 
         def _answer(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            if not self._body_read and (
+                "Transfer-Encoding" in self.headers
+                or (self.headers.get("Content-Length") or "0").strip() != "0"
+            ):
+                # A body left unread would be taken for the next request on the connection.
+                self.send_header("Connection", "close")  # sets close_connection
+            self._body_read = False
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -193,18 +201,24 @@ def _handler(receiver: WebhookReceiver, limits: WebhookLimits) -> type[BaseHTTPR
             if self.path != WEBHOOK_PATH:
                 self._answer(HTTPStatus.NOT_FOUND, {"error": "not found"})
                 return
+            if "Transfer-Encoding" in self.headers:
+                # Not read here (Stripe sends Content-Length). With Content-Length beside it,
+                # a proxy in front may have framed the body by the one and this receiver by
+                # the other (request smuggling): refused either way, the connection closed.
+                self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
+                return
             try:
                 length = int(self.headers.get("Content-Length") or "")
             except ValueError:
                 self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
                 return
             if length < 0 or length > MAX_BODY_BYTES:
-                self.close_connection = True
                 self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
                 return
             body = self._read_body(length)
             if body is None:
                 return
+            self._body_read = True
             try:
                 status, answer = receiver.receive(body, self.headers.get("Stripe-Signature"))
             except Exception:
