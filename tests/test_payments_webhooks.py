@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -749,3 +750,43 @@ def test_the_receiver_process_logs_json_lines_and_refuses_a_bad_log_format(
     )
     assert refused.returncode == 2
     assert "LEDGER_LOG_FORMAT" in refused.stderr
+
+
+def test_a_client_resetting_the_connection_is_logged_as_one_json_line(
+    ledger_db_url: str, payments_redis_url: str
+) -> None:
+    """A client that resets the connection in the middle of a request made socketserver
+    print a plain-text traceback on stderr, where README promises JSON lines (helper-86)."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": ledger_db_url,
+        "REDIS_URL": payments_redis_url,
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "LEDGER_WEBHOOK_ADDR": "127.0.0.1:0",
+        "LEDGER_LOG_FORMAT": "json",
+    }
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "workers.webhook"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert receiver.stderr is not None
+        for line in receiver.stderr:
+            message = json.loads(line)["message"]
+            if "Stripe webhooks" in message:
+                break
+        host, port = message.split("http://")[1].split("/")[0].rsplit(":", 1)
+        for request in (
+            b"POST /stripe/web",  # within the request line
+            b"POST /stripe/webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{",
+        ):
+            with socket.create_connection((host, int(port))) as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.sendall(request)
+                time.sleep(0.2)  # read by the receiver, which waits for more
+            # closed with SO_LINGER 0: a reset
+    finally:
+        receiver.send_signal(signal.SIGINT)
+        _, rest = receiver.communicate(timeout=30)
+    lines = [json.loads(line) for line in rest.splitlines()]  # each line JSON
+    ended = [line for line in lines if "ended: ConnectionResetError" in line["message"]]
+    assert len(ended) == 2, lines

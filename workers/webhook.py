@@ -293,6 +293,15 @@ class _HttpServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver's own prints a traceback on stderr, which is no log line (JSON lines
+        # with LEDGER_LOG_FORMAT=json): one line through the log instead.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the client reset the connection or went away
+            log.info("webhook connection from %s ended: %r", client_address[0], exc)
+        else:
+            log.exception("webhook connection from %s failed", client_address[0])
+
     def _refuse(self, request: socket.socket) -> None:
         """503 at once, on the accepting thread and without a thread of its own: the client
         (Stripe) retries. The socket stays open for reading a moment: closed now, the request
