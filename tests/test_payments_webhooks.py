@@ -326,6 +326,9 @@ def test_bad_signatures_are_refused_with_400_and_store_nothing(
     refused(body, sign(body, secret="whsec_someone_else"))  # wrong secret
     refused(body, sign(body, timestamp=now - TOLERANCE_SECONDS - 60))  # too old
     refused(body, sign(body, timestamp=now + TOLERANCE_SECONDS + 60))  # from the future
+    future = sign(body, timestamp=now + TOLERANCE_SECONDS + 60)
+    for spelled in ("t=+", "t= ", "t=0"):  # int() reads them all, as the library does
+        refused(body, future.replace("t=", spelled, 1))  # (helper-86)
     refused(body, None)  # no signature
     refused(body, "t=123,v0=abc")  # no v1 scheme
     bad_json = b"{not json"

@@ -79,13 +79,13 @@ def _storable(value: Any) -> Any:
 
 def _refuse_future_timestamp(signature: str | None, tolerance: int) -> None:
     """The stripe library only refuses timestamps older than the tolerance; one further in
-    the future than the tolerance is as suspect (a replay window held open), so it is too."""
-    for part in (signature or "").split(","):
-        name, _, value = part.partition("=")
-        if name.strip() == "t" and value.strip().isdigit():
-            if int(value) > time.time() + tolerance:
-                raise ValueError("Timestamp outside the tolerance zone (in the future)")
-            return
+    the future than the tolerance is as suspect (a replay window held open), so it is too.
+    The timestamp is read as the library reads it (the first `t=`, through int(), which
+    takes "+123", " 123" and "1_23" too), so that it is the one the library accepted."""
+    items = [part.split("=", 2) for part in (signature or "").split(",")]
+    stamps = [item[1] for item in items if item[0] == "t" and len(item) > 1]
+    if stamps and int(stamps[0]) > time.time() + tolerance:
+        raise ValueError("Timestamp outside the tolerance zone (in the future)")
 
 
 class WebhookReceiver:
