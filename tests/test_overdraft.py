@@ -6,6 +6,7 @@ all see the balance the API shows."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -533,3 +534,41 @@ def test_a_refund_of_what_the_overdraft_paid_gives_the_repaying_credits_back_in_
     assert [lots[lot_id].remaining_micros for lot_id in repayers] == [20 * CREDIT] * 2
     assert ledger.balance(third).balance_micros == 40 * CREDIT
     assert_audit_clean()
+
+
+def test_a_balance_read_beside_charges_shows_the_debt_of_its_own_balance(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    ledger_db_url: str,
+    clock: OffsetClock,
+) -> None:
+    """Balance reads the account row without its lock: the debt (from the overdraft lot)
+    must come from the same snapshot as the balance, or a charge committed between the two
+    reads shows a balance of 0 beside a debt of 1 credit (helper-87). The account has
+    nothing but its limit and holds nothing, so the balance shown is always minus the debt."""
+    account = _account_with_limit(ledger, admin, 1, 100)
+    ledger.consume(account, CREDIT)
+    stop = threading.Event()
+
+    def charge_and_grant() -> None:
+        while not stop.is_set():
+            ledger.consume(account, CREDIT)
+            ledger.grant(account, 1)
+
+    writer = threading.Thread(target=charge_and_grant)
+    writer.start()
+    mismatched = []
+    try:
+        with psycopg.connect(ledger_db_url, autocommit=True) as reader:
+            for _ in range(4000):
+                row = reader.execute(
+                    "SELECT ledger_balance(%s, %s)", (account, clock.now())
+                ).fetchone()
+                assert row is not None
+                shown = row[0]
+                if shown["balance_micros"] != -shown["debt_micros"]:
+                    mismatched.append(shown)
+    finally:
+        stop.set()
+        writer.join()
+    assert mismatched == []

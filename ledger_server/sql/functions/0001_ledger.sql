@@ -770,7 +770,14 @@ BEGIN
     IF a.account_id IS NULL THEN
         PERFORM ledger_fail('LE003', 'account not found', jsonb_build_object('account_id', p_account));
     END IF;
-    RETURN ledger_balance_json(a, p_now);
+    IF a.overdraft_limit_micros = 0 THEN
+        RETURN ledger_balance_json(a, p_now);
+    END IF;
+    -- The debt is read from the overdraft lot: with the account row, in one statement, so
+    -- both come from one snapshot. Read in the next statement, without the account's lock,
+    -- it could show a charge or grant the row did not (helper-87: a balance of 0 beside a
+    -- debt of 1 credit).
+    RETURN (SELECT ledger_balance_json(x, p_now) FROM accounts x WHERE x.account_id = p_account);
 END $$;
 
 -- With p_usage, the usage is priced by the current rate card, its cost held and the

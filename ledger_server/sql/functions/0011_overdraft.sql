@@ -9,8 +9,8 @@ DROP FUNCTION IF EXISTS ledger_set_overdraft_limit(text, bigint, text, text, tim
 -- use) by the difference; lowering it shrinks the lot by its unused credits only, so a
 -- limit never goes below the debt and the holds on the overdraft (LE043 otherwise). One
 -- OVERDRAFT transaction records the change: the account's side on the overdraft lot, the
--- other side on the 'overdraft' system account. The balance shown moves by the change of
--- the limit's opposite sign; the available credits by the change itself. Setting the limit
+-- other side on the 'overdraft' system account. The balance shown (the lots' sum less the
+-- limit) does not move; the available credits move by the change itself. Setting the limit
 -- it has changes nothing and answers with no transaction. The limit is absolute, but a
 -- retry must still answer the first response: replayed, a late retry would undo a change
 -- made after it.

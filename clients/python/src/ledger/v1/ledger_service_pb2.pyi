@@ -90,7 +90,7 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """
     TRANSACTION_KIND_OVERDRAFT: _TransactionKind.ValueType  # 9
     """The overdraft limit changed (AdminService.SetOverdraftLimit): the amount is the change
-    of the limit, and so of the available credits; the balance moves the other way.
+    of the limit, and so of the available credits; the balance shown does not move.
     """
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper): ...
@@ -116,7 +116,7 @@ an overdraft debt repaid from a new grant.
 """
 TRANSACTION_KIND_OVERDRAFT: TransactionKind.ValueType  # 9
 """The overdraft limit changed (AdminService.SetOverdraftLimit): the amount is the change
-of the limit, and so of the available credits; the balance moves the other way.
+of the limit, and so of the available credits; the balance shown does not move.
 """
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
