@@ -410,6 +410,15 @@ def environment_defaults(env: Mapping[str, str] | None = None) -> dict[str, Json
     return values
 
 
+def add_missing_defaults(
+    conn: psycopg.Connection[TupleRow], defaults: Mapping[str, Json], now: datetime
+) -> None:
+    """Writes the defaults of the settings the database lacks, and only those: run on
+    migrating, before any server of the release starts (the functions read them)."""
+    for key, value in defaults.items():
+        conn.execute(query("add_missing_setting"), {"key": key, "value": Jsonb(value), "now": now})
+
+
 def sync_environment_defaults(
     conn: psycopg.Connection[TupleRow], defaults: Mapping[str, Json], now: datetime
 ) -> None:

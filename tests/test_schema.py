@@ -382,3 +382,32 @@ def test_a_charge_updates_its_lot_without_new_index_entries(fresh_database_url: 
         remaining = conn.execute("SELECT remaining_micros FROM lots").fetchall()
     assert remaining == [(0,)]
     assert row == (4, 3)
+
+
+def test_migrating_writes_the_settings_the_database_lacks_and_no_other(
+    fresh_database_url: str,
+) -> None:
+    """A release's new setting is written when it migrates (`ledger migrate`), before any of
+    its servers starts: the previous release's servers run its functions meanwhile, which
+    read it (helper-93: every former subscriber's GetAccount was INTERNAL). A setting that
+    is there keeps its value, an administrator's or another environment's."""
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM settings WHERE key = 'subscription.renewal_grace_days'")
+        conn.execute(
+            "UPDATE settings SET value = '5'::jsonb, source = 'admin'"
+            " WHERE key = 'signup.expire_days'"
+        )
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url) as conn:
+        values = dict(conn.execute("SELECT key, value FROM settings").fetchall())
+        assert values["subscription.renewal_grace_days"] == 14
+        assert values["signup.expire_days"] == 5
+        assert set(values) == {d.key for d in runtime_settings.DEFINITIONS}
+        # What the functions read (ledger_subscribed), with no server started.
+        setting = conn.execute("SELECT ledger_setting('subscription.renewal_grace_days')")
+        assert setting.fetchone() == (14,)
+        row = conn.execute(
+            "SELECT count(*) FROM setting_changes WHERE key = 'subscription.renewal_grace_days'"
+        ).fetchone()
+        assert row is not None and row[0] == 2  # the first migrate's, and the one put back

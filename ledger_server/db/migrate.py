@@ -10,6 +10,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 
 import psycopg
@@ -129,7 +130,18 @@ def migrate_connection(conn: psycopg.Connection[TupleRow]) -> list[str]:
                 (functions.name, functions.checksum),
             )
             applied_now.append(functions.name)
+        _add_missing_settings(conn)
     return applied_now
+
+
+def _add_missing_settings(conn: psycopg.Connection[TupleRow]) -> None:
+    """The settings this release added, at their defaults (this environment's), before any
+    of its servers starts: the previous release's servers run the new functions meanwhile."""
+    from ledger_server import runtime_settings  # it imports the server's configuration
+
+    runtime_settings.add_missing_defaults(
+        conn, runtime_settings.environment_defaults(), datetime.now(UTC)
+    )
 
 
 def migrate(database_url: str) -> list[str]:

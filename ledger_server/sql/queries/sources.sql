@@ -129,6 +129,20 @@ SELECT ledger_redemption_batch_json(%(batch_id)s::uuid)
 SELECT ledger_put_setting(%(key)s::text, %(value)s::jsonb, %(source)s::text, %(actor)s::text,
                           %(reason)s::text, %(now)s::timestamptz, %(over_admin)s::boolean)
 
+-- name: add_missing_setting
+-- A setting a release added, written when it migrates: the previous release's servers,
+-- still serving during a rolling deploy, call the new functions, which read it (helper-93:
+-- every former subscriber's GetAccount was INTERNAL until a new server started). Never
+-- replaces one that is there: it may be another environment's or an administrator's.
+WITH added AS (
+    INSERT INTO settings (key, value, source, updated_by, updated_at)
+    VALUES (%(key)s, %(value)s, 'environment', 'environment', %(now)s)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key, value)
+INSERT INTO setting_changes (key, old_value, new_value, source, actor, reason, changed_at)
+SELECT key, NULL, value, 'environment', 'environment', 'added by a migration', %(now)s
+  FROM added
+
 -- name: list_settings
 SELECT ledger_setting_json(s) FROM settings s ORDER BY s.key
 
