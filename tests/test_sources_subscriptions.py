@@ -511,3 +511,29 @@ def test_a_period_paid_after_it_ended_grants_its_credits_for_its_length(
     assert not paid.HasField("subscription")
     assert paid.balance.balance_micros == 10 * CREDIT
     assert_audit_clean()
+
+
+def test_a_plan_change_paid_after_its_period_ended_is_granted_not_refused(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    """An upgrade's invoice (a new period) applied after that period ended grants it as any
+    late period, carrying nothing over; a move within an ended period grants nothing. Both
+    failed 'the period is over' for ever (helper-92)."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    account = new_account()
+    now = whole_seconds(clock.now())
+    sources.start_period(account, basic.plan_id, now - 40 * DAY, now - 10 * DAY)
+    assert ledger.balance(account).balance_micros == 100 * CREDIT  # paid late: from now
+
+    changed = sources.change_plan(account, pro.plan_id, now - 35 * DAY, now - 5 * DAY)
+    assert changed.carried_over_micros == 0
+    assert not changed.HasField("carry_over_lot")
+    assert changed.lot.amount_micros == 300 * CREDIT
+    assert dt(changed.lot.expires_at) - dt(changed.lot.created_at) == 30 * DAY
+    assert changed.balance.balance_micros == 400 * CREDIT
+
+    back = sources.change_plan(account, basic.plan_id, now - 35 * DAY, now - 5 * DAY)
+    assert not back.HasField("lot")
+    assert back.balance.balance_micros == 400 * CREDIT
+    assert_audit_clean()

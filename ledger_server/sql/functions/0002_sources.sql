@@ -982,20 +982,14 @@ BEGIN
        AND plan.rank <= greatest(old_rank, granted_rank) THEN
         -- A payment reference used before is refused as anywhere else.
         PERFORM ledger_require_unfulfilled(p_account, p_external_ref);
-        IF p_end <= p_now THEN
-            PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
-                'field', 'period_end', 'violation', 'must be in the future'));
-        END IF;
         PERFORM ledger_record_subscription_plan(p_account, plan.plan_id, p_start, p_now,
                                                 p_subscription_ref);
     ELSE
-        -- A change's carry-over lasts to the period's end: one applied after it carries
-        -- nothing anywhere (the worker leaves changes of ended periods alone).
-        IF p_end <= p_now THEN
-            PERFORM ledger_fail('LE010', 'the period is over', jsonb_build_object(
-                'field', 'period_end', 'violation', 'must be in the future'));
-        END IF;
-        IF old_rank IS NOT NULL AND plan.rank > old_rank THEN
+        -- A change paid for but applied after its period ended (paid late, a worker outage)
+        -- grants the period as any late period (ledger_grant_subscription_period) and carries
+        -- nothing over: the unused credits it would have moved expired with their period
+        -- (helper-92: such an invoice failed and was retried for ever).
+        IF old_rank IS NOT NULL AND plan.rank > old_rank AND p_end > p_now THEN
             SELECT coalesce(sum(remaining_micros - held_micros), 0) INTO carried
               FROM lots
              WHERE account_id = p_account AND balance_kind = 'main'
