@@ -297,6 +297,25 @@ def test_days_the_reward_was_paused_or_switched_off_are_not_granted_later(
     }
 
 
+def test_a_day_paused_after_its_last_run_is_not_granted_once_resumed(ledger_url: str) -> None:
+    """A day stays open until the first run after it; paused before that run, the run
+    that finds the reward paused ends it too, not only its own day (helper-92: the day's
+    rest was granted at the new amount once the reward came back)."""
+    prefix = new_account("offlate")
+    early, late = f"{prefix}-a", f"{prefix}-b"
+    _open_accounts(ledger_url, [early], _at(DAY, 10))
+    assert sweepers.grant_daily_rewards(_at(DAY, 23, 2).isoformat()) == 1
+    _open_accounts(ledger_url, [late], _at(DAY, 23, 20))
+    _set_setting(ledger_url, "daily.amount_micros", 0, _at(DAY, 23, 30))
+    next_day = DAY + timedelta(days=1)
+    assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 0
+    assert _runs(ledger_url) == [(DAY, True)]
+    resumed = DAY + timedelta(days=3)
+    _set_setting(ledger_url, "daily.amount_micros", 50_000_000, _at(resumed, 9))
+    assert sweepers.grant_daily_rewards(_at(resumed, 9, 2).isoformat()) == 2
+    assert _claimed_days(ledger_url) == {early: [DAY, resumed], late: [resumed]}
+
+
 def test_a_catch_up_run_twice_or_two_at_once_grants_nobody_twice(
     ledger_url: str, redis_url: str
 ) -> None:

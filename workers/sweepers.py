@@ -162,10 +162,17 @@ def grant_daily_rewards(
     now = _now(as_of)
     with connection() as conn:
         if not _daily_rewards_on(conn):
-            # A day that is not meant to be granted is not recorded, nor caught up; one a run
-            # set out to grant ends here (it would otherwise stay open until it has ended,
-            # and its rest be granted once the reward is back).
-            _end_day(conn, day if day is not None else _ledger_day(conn, now), now)
+            # A day that is not meant to be granted is not recorded, nor caught up; the days
+            # runs set out to grant and did not finish end here, today's and the ones before
+            # (a day stays open until the first run after it, so yesterday's rest would
+            # otherwise be granted at the amount in force once the reward is back: helper-92).
+            if day is not None:
+                _end_day(conn, day, now)
+            else:
+                conn.execute(
+                    query("end_open_daily_reward_runs"),
+                    {"today": _ledger_day(conn, now), "now": now},
+                )
             return 0
         days = [day] if day is not None else _days_to_grant(conn, now)
         run = _DailyRewardsRun(conn, as_of, now, batch, budget_seconds, started)

@@ -198,6 +198,12 @@ SELECT day FROM daily_reward_runs
    AND finished_at IS NULL
  ORDER BY day
 
+-- name: end_open_daily_reward_runs
+-- The reward is off or paused: every day a run set out to grant and did not finish ends, so
+-- none of their rest is granted once it is back.
+UPDATE daily_reward_runs SET finished_at = %(now)s::timestamptz
+ WHERE finished_at IS NULL AND day <= %(today)s::date
+
 -- name: finish_daily_reward_run
 -- Only once the day has ended in ledger.timezone: until then accounts are still opened in it
 -- and owed it, and the first run after midnight grants them and finishes it (helper-85: a
