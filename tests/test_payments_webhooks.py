@@ -502,6 +502,49 @@ def test_stalled_clients_are_dropped_after_the_time_out_and_past_the_cap_answere
         redis.close()
 
 
+def test_a_client_trickling_its_headers_is_dropped_after_the_time_out(
+    ledger_db_url: str, payments_redis_url: str, payments_db: PaymentsDb
+) -> None:
+    """The socket's time-out bounds each read: a client sending a header byte now and then
+    held its connection for good, and with every connection so taken each delivery got 503
+    (helper-92). The request line and headers must arrive within one time-out in all."""
+    limits = WebhookLimits(timeout_seconds=2, max_connections=2)
+    redis = Redis.from_url(payments_redis_url)
+    receiver = WebhookReceiver(
+        SECRET,
+        TOLERANCE_SECONDS,
+        connect=lambda: psycopg.connect(ledger_db_url, autocommit=True),
+        redis=lambda: redis,
+    )
+    server = WebhookServer(receiver, "127.0.0.1:0", limits).start()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    trickling = [socket.create_connection((host, int(port)), timeout=1) for _ in range(2)]
+    try:
+        request = b"POST /stripe/webhook HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100
+        dropped: set[int] = set()
+        deadline = time.monotonic() + 4 * limits.timeout_seconds
+        for byte in (request[i : i + 1] for i in range(len(request))):
+            if len(dropped) == len(trickling) or time.monotonic() > deadline:
+                break
+            for index, client in enumerate(trickling):
+                if index in dropped:
+                    continue
+                try:
+                    client.sendall(byte)  # each byte well inside the socket's time-out
+                except OSError:
+                    dropped.add(index)
+            time.sleep(0.25)
+        assert len(dropped) == len(trickling), "a trickling client was kept past the time-out"
+        event = checkout_pack(new_account("trickled"), "pack-any")
+        _wait_for(lambda: deliver(server.url, event) == 200, "a free connection")
+        assert payments_db.count_events([_event_id(event)]) == 1
+    finally:
+        for client in trickling:
+            client.close()
+        server.stop()
+        redis.close()
+
+
 def _raw_exchange(url: str, data: bytes) -> bytes:
     """Sends raw bytes on one connection and returns all the receiver answers until it
     closes the connection."""

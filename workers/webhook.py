@@ -18,6 +18,7 @@ proxy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -225,6 +226,28 @@ def _handler(receiver: WebhookReceiver, limits: WebhookLimits) -> type[BaseHTTPR
                 log.exception("webhook not stored")
                 status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "not stored; retry"}
             self._answer(status, answer)
+
+        def handle_one_request(self) -> None:
+            # The request line and headers within one time-out in all, as the body: the
+            # socket's time-out bounds each read only, and a client sending a header byte
+            # now and then held its connection, and with the cap every delivery got 503
+            # (helper-92). Past it the connection is shut, which ends the blocked read.
+            self._headers_deadline = threading.Timer(limits.timeout_seconds, self._cut_off)
+            self._headers_deadline.daemon = True
+            self._headers_deadline.start()
+            try:
+                super().handle_one_request()
+            finally:
+                self._headers_deadline.cancel()
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()
+            self._headers_deadline.cancel()  # the headers are in: the body has its own
+            return parsed
+
+        def _cut_off(self) -> None:
+            with contextlib.suppress(OSError):  # closed already
+                self.connection.shutdown(socket.SHUT_RDWR)
 
         def _read_body(self, length: int) -> bytes | None:
             """The body, read within one time-out in all (a client sending a byte now and
