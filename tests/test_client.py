@@ -931,6 +931,47 @@ def test_the_catalogue_and_the_rate_card_through_the_client(
     assert pack.pack_id in asyncio.run(asynchronously())
 
 
+def test_the_whole_rate_card_is_walked_page_by_page(
+    client: LedgerClient, admin: Any, server_address: str
+) -> None:
+    """list_prices and list_model_multipliers answer one page; iter_prices and
+    iter_model_multipliers walk every page (sync and async)."""
+    feature = f"walk-{uuid.uuid4().hex[:10]}"
+    for model in ("m1", "m2", "m3"):
+        admin.SetPrice(
+            admin_pb.SetPriceRequest(
+                price=admin_pb.Price(
+                    feature=feature,
+                    model=model,
+                    unit=types_pb2.USAGE_UNIT_IMAGES,
+                    unit_size=1,
+                    unit_price_micros=CREDIT,
+                ),
+                idempotency_key=uuid.uuid4().hex,
+            )
+        )
+        admin.SetModelMultiplier(
+            admin_pb.SetModelMultiplierRequest(
+                multiplier=admin_pb.ModelMultiplier(model=f"{feature}-{model}", multiplier_ppm=2),
+                idempotency_key=uuid.uuid4().hex,
+            )
+        )
+    assert len(client.list_prices(feature, page_size=1).prices) == 1
+    walked = [p.model for p in client.iter_prices(feature, page_size=1)]
+    assert walked == ["m1", "m2", "m3"]
+    every = client.list_model_multipliers(page_size=1000).multipliers
+    assert [m.model for m in client.iter_model_multipliers(page_size=1)] == [m.model for m in every]
+    assert {f"{feature}-m1", f"{feature}-m3"} <= {m.model for m in every}
+
+    async def asynchronously() -> tuple[list[str], int]:
+        async with AsyncLedgerClient(server_address, retry=FAST_RETRY) as aio:
+            prices = [p.model async for p in aio.iter_prices(feature, page_size=2)]
+            multipliers = [m async for m in aio.iter_model_multipliers(page_size=2)]
+            return prices, len(multipliers)
+
+    assert asyncio.run(asynchronously()) == (["m1", "m2", "m3"], len(every))
+
+
 def test_an_empty_idempotency_key_is_refused_before_any_call() -> None:
     """An empty key (an unset variable, say) was replaced by a new key on each call, so every
     retry of the caller's became a new request (helper-52). None still means "make one"."""

@@ -499,6 +499,36 @@ class AsyncLedgerClient:
 
     # --- pagination helpers ------------------------------------------------------------------
 
+    async def iter_prices(
+        self, feature: str = "", *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[admin_pb.Price]:
+        """The whole rate card's prices (of one feature or all), walking all pages."""
+        token = ""
+        while True:
+            page = await self.list_prices(
+                feature, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for price in page.prices:
+                yield price
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def iter_model_multipliers(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[admin_pb.ModelMultiplier]:
+        """Every model multiplier in force, walking all pages."""
+        token = ""
+        while True:
+            page = await self.list_model_multipliers(
+                page_size=page_size, page_token=token, timeout=timeout
+            )
+            for multiplier in page.multipliers:
+                yield multiplier
+            token = page.next_page_token
+            if not token:
+                return
+
     async def iter_lots(
         self,
         account_id: str,

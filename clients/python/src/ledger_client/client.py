@@ -490,6 +490,32 @@ class LedgerClient:
 
     # --- pagination helpers ------------------------------------------------------------------
 
+    def iter_prices(
+        self, feature: str = "", *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[admin_pb.Price]:
+        """The whole rate card's prices (of one feature or all), walking all pages."""
+        token = ""
+        while True:
+            page = self.list_prices(feature, page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.prices
+            token = page.next_page_token
+            if not token:
+                return
+
+    def iter_model_multipliers(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[admin_pb.ModelMultiplier]:
+        """Every model multiplier in force, walking all pages."""
+        token = ""
+        while True:
+            page = self.list_model_multipliers(
+                page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.multipliers
+            token = page.next_page_token
+            if not token:
+                return
+
     def iter_lots(
         self,
         account_id: str,
