@@ -87,6 +87,31 @@ LANGUAGE sql STABLE AS $$
     SELECT ledger_setting('ledger.timezone') #>> '{}'
 $$;
 
+-- The first instant at which the wall clock of p_tz shows p_local: where a local day or month
+-- begins. Every local boundary is turned into an instant by this, never by a bare
+-- `p_local AT TIME ZONE p_tz`: where the clocks go back, the local times of the hour (the
+-- half hour at Australia/Lord_Howe) before happen twice and PostgreSQL takes the later
+-- instant, while `(now AT TIME ZONE tz)::date` already says the new day from the earlier one
+-- (helper-85: in America/Havana midnight comes twice on 2026-11-01; October's allowance
+-- expired at the second one, an hour after November's was granted, and the two were live at
+-- once). A local time that does not exist (the clocks jump over it) keeps PostgreSQL's answer,
+-- the instant the clock jumps to. The earlier reading is the local time less the offset in
+-- force a little before the later one (a few hours: before the clocks went back, and after
+-- any change before); it is taken only when the wall clock then really shows p_local.
+CREATE OR REPLACE FUNCTION ledger_local_instant(p_local timestamp, p_tz text) RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    later timestamptz := p_local AT TIME ZONE p_tz;
+    probe timestamptz := later - interval '3 hours';
+    earlier timestamptz;
+BEGIN
+    earlier := (p_local - ((probe AT TIME ZONE p_tz) - (probe AT TIME ZONE 'UTC'))) AT TIME ZONE 'UTC';
+    IF earlier < later AND earlier AT TIME ZONE p_tz = p_local THEN
+        RETURN earlier;
+    END IF;
+    RETURN later;
+END $$;
+
 -- Accounts -------------------------------------------------------------------------
 
 -- Whether the account's subscription is running at p_now: within its period, or past its
@@ -165,7 +190,7 @@ BEGIN
     END IF;
     tz := ledger_timezone();
     month_start := date_trunc('month', p_now AT TIME ZONE tz);
-    next_start := (month_start + interval '1 month') AT TIME ZONE tz;
+    next_start := ledger_local_instant(month_start + interval '1 month', tz);
     amount := (ledger_setting('monthly_free.amount_micros'))::bigint;
     IF (ledger_setting('monthly_free.enabled'))::boolean AND amount > 0
        AND NOT EXISTS (SELECT 1 FROM monthly_allowances
@@ -307,13 +332,13 @@ BEGIN
             jsonb_build_object('field', 'day'));
     END IF;
     today := coalesce(p_day, today);
+    next_claim := ledger_local_instant((today + 1)::timestamp, tz);  -- when the day ends
     -- A named day only: a claim of its own day may run after a call of a later time opened
     -- the account (the day had not ended when the claim was received).
-    IF p_day IS NOT NULL AND a.created_at >= (today + 1)::timestamp AT TIME ZONE tz THEN
+    IF p_day IS NOT NULL AND a.created_at >= next_claim THEN
         PERFORM ledger_fail('LE010', 'the account did not exist on that day',
             jsonb_build_object('field', 'day', 'violation', 'before the account was opened'));
     END IF;
-    next_claim := (today + 1)::timestamp AT TIME ZONE tz;
     IF EXISTS (SELECT 1 FROM daily_claims WHERE account_id = p_account AND claim_date = today) THEN
         PERFORM ledger_fail('LE011', 'today''s daily reward was claimed already',
             jsonb_build_object('next_claim_time',

@@ -10,8 +10,10 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
 
 -- name: report_period
 -- The ledger's time zone and a local period [local_start, local_end) as instants, the
--- way the monthly allowance computes its months (ledger_monthly_allowance).
-SELECT tz, %(local_start)s::timestamp AT TIME ZONE tz, %(local_end)s::timestamp AT TIME ZONE tz
+-- way the monthly allowance computes its months (ledger_monthly_allowance): each bound's
+-- first instant, so a doubled local midnight ends October at the first (helper-85).
+SELECT tz, ledger_local_instant(%(local_start)s::timestamp, tz),
+       ledger_local_instant(%(local_end)s::timestamp, tz)
   FROM (SELECT ledger_timezone() AS tz) zone
 
 -- name: report_account_exists

@@ -212,15 +212,18 @@ UPDATE daily_reward_runs SET finished_at = %(now)s::timestamptz
 UPDATE daily_reward_runs SET finished_at = %(now)s::timestamptz
  WHERE day = %(day)s::date AND finished_at IS NULL
    AND (%(ended)s::boolean
-        OR %(now)s::timestamptz >= (%(day)s::date + 1)::timestamp AT TIME ZONE ledger_timezone())
+        OR %(now)s::timestamptz
+           >= ledger_local_instant((%(day)s::date + 1)::timestamp, ledger_timezone()))
 
 -- name: accounts_without_daily_claim
 -- The next accounts that lack the day's reward: a re-run (after a time-out, say) goes
 -- straight to those the last run did not reach.
 SELECT a.account_id FROM accounts a
  WHERE a.account_id > %(after)s
-   -- the rest of a run after midnight passes over accounts opened since the day ended
-   AND a.created_at < (%(day)s::date + 1)::timestamp AT TIME ZONE ledger_timezone()
+   -- the rest of a run after midnight passes over accounts opened since the day ended (its
+   -- end computed once, as a sub-select, not once per account)
+   AND a.created_at < (SELECT ledger_local_instant((%(day)s::date + 1)::timestamp,
+                                                   ledger_timezone()))
    AND NOT EXISTS (SELECT 1 FROM daily_claims c
                     WHERE c.account_id = a.account_id AND c.claim_date = %(day)s::date)
  ORDER BY a.account_id
