@@ -185,7 +185,9 @@ class SummaryAmounts(_message.Message):
     consumed_micros: _builtins.int
     """Credits charged (Commit, Consume), before refunds."""
     adjusted_micros: _builtins.int
-    """Credits debited by administrators (AdjustBalance)."""
+    """Credits debited by administrators (AdjustBalance), and credits a payment's refund or
+    lost dispute took back (the worker's claw-backs, under the payment's reference).
+    """
     refunded_micros: _builtins.int
     """Charged credits given back (Refund), including any part that expired at once."""
     expired_micros: _builtins.int
