@@ -767,7 +767,6 @@ BEGIN
     -- Not ledger_read_existing_account: one PL/pgSQL call fewer on the busiest read
     -- (bench.sql_cost: 9% of a Balance's database instructions).
     a := ledger_read_account(p_account, p_now);
-    -- One test on the common path (bench.sql_cost: a second IF cost a Balance 1.2%).
     IF a.account_id IS NULL OR a.overdraft_limit_micros <> 0 THEN
         IF a.account_id IS NULL THEN
             PERFORM ledger_fail('LE003', 'account not found',
