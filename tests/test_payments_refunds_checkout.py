@@ -660,6 +660,117 @@ def test_the_refund_of_an_upgrade_undone_since_takes_that_upgrades_credits_back(
     assert_audit_clean()
 
 
+@pytest.mark.parametrize("claw_back", ["refund", "lost-dispute"])
+def test_a_claw_back_handled_between_the_invoice_payment_and_the_paid_invoice_is_applied(
+    claw_back: str,
+    apply_events: Callable[..., list[str]],
+    sweep_and_apply: Callable[[], int],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Since API version 2025-03-31 the invoice names no payment intent and the refund (or
+    dispute) no invoice: only invoice_payment.paid joins them. One handled after it and
+    before the period's invoice.paid found no purchase and was ignored; the paid invoice
+    woke the claw-backs of its id and of the payment intent it no longer names, so nothing,
+    and the period's credits stayed (helper-96). It wakes those of its payments too."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account, sub = new_account("claw-before-period"), f"sub_{uuid.uuid4().hex}"
+    invoice, intent = f"in_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    apply_events(invoice_payment_paid(invoice, intent))
+    returned = (
+        charge_refunded(intent, amount=1000, amount_refunded=1000)
+        if claw_back == "refund"
+        else charge_dispute_closed(intent, 1000, "lost")
+    )
+    [claw] = apply_events(returned)
+    assert payments_db.event(claw)["status"] == "ignored"  # type: ignore[index]
+    [paid] = apply_events(
+        invoice_paid(account, sub, plan.provider_price_id, start, start + 30 * 86400, invoice)
+    )
+    assert payments_db.event(paid)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
+    sweep_and_apply()
+    assert payments_db.event(claw)["credits_micros"] == -100 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 0
+    assert_audit_clean()
+
+
+def test_a_refund_of_an_upgrade_handled_before_the_update_is_applied_once_it_is(
+    apply_events: Callable[..., list[str]],
+    sweep_and_apply: Callable[[], int],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The proration invoice and its payment are joined, then the refund of that payment
+    comes before customer.subscription.updated granted the upgrade: no purchase yet, so it
+    is ignored. Recording the upgrade's purchase woke nothing, and the customer kept the
+    pro plan's credits (helper-96); it wakes the refunds of the payments that paid it."""
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    changed = int(time.time()) - 10
+    proration, invoice = _proration_invoice(
+        account, sub, basic.provider_price_id, pro.provider_price_id, changed, end
+    )
+    intent = f"pi_{uuid.uuid4().hex}"
+    [prorated, _] = apply_events(proration, invoice_payment_paid(invoice, intent, 700))
+    assert payments_db.event(prorated)["status"] == "processed"  # type: ignore[index]
+    [refund] = apply_events(charge_refunded(intent, amount=700, amount_refunded=700))
+    assert payments_db.event(refund)["status"] == "ignored"  # type: ignore[index]
+    apply_events(
+        subscription_updated(
+            account, sub, pro.provider_price_id, start, end,
+            previous_price_id=basic.provider_price_id,
+        )
+    )  # fmt: skip
+    assert ledger.balance(account).balance_micros == 360 * CREDIT  # 60 carried + 300
+    sweep_and_apply()
+    assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT  # what basic carried over
+    assert_audit_clean()
+
+
+def test_a_refund_of_an_upgrade_waits_for_its_stored_update(
+    apply_events: Callable[..., list[str]],
+    rerun: Callable[[str], str],
+    webhook_url: str,
+    ledger_db_url: str,
+    payments_redis_url: str,
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """customer.subscription.updated is stored, not applied yet, when the refund of the
+    proration invoice's payment runs: the refund waits for it, as for any payment's own
+    event, instead of finding no purchase (helper-96)."""
+    account, sub, basic, pro, start, end = _subscriber(apply_events, sources, ledger)
+    changed = int(time.time()) - 10
+    proration, invoice = _proration_invoice(
+        account, sub, basic.provider_price_id, pro.provider_price_id, changed, end
+    )
+    intent = f"pi_{uuid.uuid4().hex}"
+    apply_events(proration, invoice_payment_paid(invoice, intent, 700))
+    update = subscription_updated(
+        account, sub, pro.provider_price_id, start, end, previous_price_id=basic.provider_price_id
+    )
+    refund_body = charge_refunded(intent, amount=700, amount_refunded=700)
+    for body in (update, refund_body):
+        assert deliver(webhook_url, body) == 200  # stored and queued, not run
+    refund = str(json.loads(refund_body)["id"])
+    with pytest.raises(payments.EventNotReady):
+        rerun(refund)
+    waiting = payments_db.event(refund)
+    assert waiting is not None and waiting["status"] == "failed"
+    assert str(json.loads(update)["id"]) in waiting["last_error"]
+    run_burst_workers(ledger_db_url, payments_redis_url)  # the update, then the refund
+    assert payments_db.event(refund)["credits_micros"] == -300 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 60 * CREDIT
+    assert_audit_clean()
+
+
 def test_a_partly_lost_dispute_takes_back_its_share(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

@@ -46,9 +46,11 @@ Event types:
   keeps the end; a plan change applied later is not applied.
 - charge.refunded: the unspent part of the refunded share is clawed back
   (ledger_claw_back_purchase); it waits (EventNotReady) while the event of the payment it
-  refunds is stored but not yet applied. One handled before that event was delivered finds
-  no purchase and is ignored; recording the purchase, or the invoice payment that joins it
-  to its payment, wakes it (wake_claw_backs: back to 'received', the sweeper re-queues it).
+  refunds is stored but not yet applied (for an upgrade's proration invoice, the
+  customer.subscription.updated that grants the upgrade). One handled before that event was
+  delivered finds no purchase and is ignored; recording the purchase, or the invoice
+  payment that joins it to its payment, wakes it, through every payment that reaches the
+  purchase (wake_claw_backs: back to 'received', the sweeper re-queues it).
   A charge naming an account the ledger lacks is ignored.
 - charge.dispute.closed, lost: a chargeback, clawed back as a refund of the disputed
   amount would be. A refund's or a dispute's share is of all the charge's applied returns
@@ -569,10 +571,7 @@ def _link_proration_invoice(
             query("record_invoice_payment"),
             {"payment_ref": invoice_ref, "invoice_ref": ref, "now": now},
         )
-    paid_by = [str(row[0]) for row in conn.execute(
-        query("payments_of_invoice"), {"invoice_ref": invoice_ref}
-    ).fetchall()]  # fmt: skip
-    _wake_claw_backs(conn, [invoice_ref, _id(invoice.get("payment_intent")), *paid_by])
+    _wake_claw_backs(conn, [invoice_ref, _id(invoice.get("payment_intent"))])
     return Outcome(
         "processed" if refs else "ignored",
         account_id,
@@ -595,10 +594,16 @@ def _record_invoice_intent(conn: Conn, invoice: Any, now: datetime) -> None:
 
 def _wake_claw_backs(conn: Conn, refs: list[str]) -> None:
     """Refunds and lost disputes of these payments handled before the purchase (or the
-    link) was recorded found nothing to take back: they run again. Called before any
-    account is locked (lock order: event rows, then the account)."""
+    link) was recorded found nothing to take back: they run again. `refs` are what the
+    purchase is recorded under; the payments that reach it through invoice_payments (an
+    invoice's payment intents since API version 2025-03-31, the proration invoice of a plan
+    change and its payments) are woken too: a refund names only its payment intent
+    (helper-96). Called before any account is locked (lock order: event rows, then the
+    account)."""
     refs = [ref for ref in refs if ref]
     if refs:
+        paying = conn.execute(query("payments_reaching"), {"refs": refs}).fetchall()
+        refs += [str(row[0]) for row in paying if row[0] not in refs]
         conn.execute(query("wake_claw_backs"), {"external_refs": refs})
 
 
@@ -659,13 +664,18 @@ def _subscription_updated(
         # retried event (the sweeper's parked retries) applies it, as invoice.paid does.
         raise LookupError(f"no subscription plan has the provider price of the items {prices}")
     params = _base_params(event_id, account_id, now)
+    external_ref = _plan_change_ref(subscription_ref, plan_id, start)
     params.update(
         plan_id=plan_id,
         period_start=start,
         period_end=end,
-        external_ref=_plan_change_ref(subscription_ref, plan_id, start),
+        external_ref=external_ref,
         subscription_ref=subscription_ref,
     )
+    # The change's purchase is recorded now: a refund or lost dispute of the proration
+    # invoice's payment handled before found nothing and was ignored (helper-96). Before the
+    # ledger call locks the account (lock order: event rows, then the account).
+    _wake_claw_backs(conn, [external_ref])
     data = _ledger_call(conn, "change_subscription_plan", params)
     if data == _ALREADY_FULFILLED:  # this plan's credits for this period: granted before
         conn.execute(query("record_subscription_plan"), params)

@@ -132,16 +132,30 @@ SELECT account_id FROM checkout_sessions
 -- name: unfinished_event_paid_by
 -- Another stored event not yet applied whose object is paid by one of these references (a
 -- checkout by its payment intent, an invoice by its id, an invoice payment by its payment
--- intent): a refund of it waits for it.
+-- intent), or a customer.subscription.updated of the subscription and period of a plan
+-- change these references reach (its purchase is recorded under
+-- '<subscription>:<plan>:<period start>', which an upgrade's proration invoice pays): a
+-- refund of it waits for it (helper-96: handled first, it found no purchase and was ignored).
 -- Only unfinished rows are read (payment_events_sweep).
 SELECT event_id FROM payment_events
  WHERE status IN ('received', 'processing', 'failed') AND event_id <> %(event_id)s
    -- Payments only: two refunds of one payment must not wait for each other.
-   AND type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded',
-                'invoice.paid', 'invoice_payment.paid')
-   AND (payload #>> '{data,object,payment_intent}' = ANY (%(external_refs)s::text[])
-        OR payload #>> '{data,object,id}' = ANY (%(external_refs)s::text[])
-        OR payload #>> '{data,object,payment,payment_intent}' = ANY (%(external_refs)s::text[]))
+   AND ((type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded',
+                  'invoice.paid', 'invoice_payment.paid')
+         AND (payload #>> '{data,object,payment_intent}' = ANY (%(external_refs)s::text[])
+              OR payload #>> '{data,object,id}' = ANY (%(external_refs)s::text[])
+              OR payload #>> '{data,object,payment,payment_intent}'
+                 = ANY (%(external_refs)s::text[])))
+        OR (type = 'customer.subscription.updated'
+            AND EXISTS (
+                SELECT 1 FROM unnest(%(external_refs)s::text[]) AS r(ref)
+                 WHERE starts_with(r.ref, (payload #>> '{data,object,id}') || ':')
+                   AND right(r.ref, length(coalesce(
+                           payload #>> '{data,object,current_period_start}',
+                           payload #>> '{data,object,items,data,0,current_period_start}')) + 1)
+                       = ':' || coalesce(
+                           payload #>> '{data,object,current_period_start}',
+                           payload #>> '{data,object,items,data,0,current_period_start}'))))
  LIMIT 1
 
 -- name: newer_subscription_update
@@ -252,8 +266,18 @@ WITH RECURSIVE paid (ref, depth, created_at) AS (
 )
 SELECT ref FROM paid GROUP BY ref ORDER BY min(depth), min(created_at), ref
 
--- name: payments_of_invoice
-SELECT payment_ref FROM invoice_payments WHERE invoice_ref = %(invoice_ref)s
+-- name: payments_reaching
+-- The payments that paid these references, and what paid those in turn (invoices_paid_by
+-- the other way round): the payment intents of an invoice, and of a plan change the
+-- proration invoice that paid it and its payment intents.
+WITH RECURSIVE paying (ref, depth) AS (
+    SELECT payment_ref, 1 FROM invoice_payments WHERE invoice_ref = ANY (%(refs)s::text[])
+    UNION
+    SELECT i.payment_ref, p.depth + 1
+      FROM paying p JOIN invoice_payments i ON i.invoice_ref = p.ref
+     WHERE p.depth < 3
+)
+SELECT DISTINCT ref FROM paying
 
 -- name: account_for_payment
 SELECT account_id FROM purchases
