@@ -410,6 +410,68 @@ def test_partial_refunds_after_an_upgrade_take_back_no_more_than_was_carried(
     assert_audit_clean()
 
 
+def test_credits_refunded_into_a_carry_over_lot_settle_what_a_refunded_period_owes(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Basic's 60 unspent credits were carried over by the upgrade, then spent from the
+    carry-over lot: the refund of basic's payment finds nothing and owes 100. A Refund of
+    that charge puts 60 back into the carry-over lot: they are basic's, and taken as the
+    claw-back would have taken them (helper-96: only the period's own lot was settled, and
+    the balance was 360)."""
+    account, intent, _ = _upgraded_subscriber(apply_events, sources, ledger, "carry-settle")
+    spent = ledger.consume(account, 60 * CREDIT).reservation.reservation_id
+    [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert payments_db.event(refund)["credits_micros"] == 0  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 300 * CREDIT
+    ledger.refund(account, spent)
+    assert ledger.balance(account).balance_micros == 300 * CREDIT
+    [owed] = payments_db.rows(
+        "SELECT clawed_back_micros, claw_back_owed_micros FROM purchases"
+        " WHERE account_id = %s ORDER BY purchase_id LIMIT 1",
+        (account,),
+    )
+    assert owed == (60 * CREDIT, 40 * CREDIT)  # the 40 spent before the upgrade stay owed
+    [settled] = _clawbacks(ledger, account)
+    assert [(p.source, p.amount_micros, p.memo) for p in settled.postings if p.lot_id] == [
+        (
+            types_pb2.CREDIT_SOURCE_SUBSCRIPTION_CARRY_OVER,
+            -60 * CREDIT,
+            "refund: carried-over credits clawed back",
+        )
+    ]
+    assert_audit_clean()
+
+
+def test_what_a_carry_over_lot_gets_back_settles_no_more_than_the_period_carried(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """A second upgrade carries basic's 60 and pro's 300 into one carry-over lot of 360, all
+    spent; basic's payment refunded in full owes 100. A Refund returns the 360: basic
+    carried over only 60, so 60 are taken, and pro's 300 stay."""
+    account, intent, upgrade = _upgraded_subscriber(apply_events, sources, ledger, "carry-cap")
+    ultra = sources.create_plan(1000 * CREDIT, rank=3)
+    apply_events(upgrade(ultra.provider_price_id))
+    assert ledger.balance(account).balance_micros == 1360 * CREDIT  # 360 carried + 1000
+    carried = [lot for lot in ledger.lots(account) if lot.remaining_micros == 360 * CREDIT]
+    assert len(carried) == 1
+    spent = ledger.consume(account, 360 * CREDIT).reservation.reservation_id
+    left = [lot.remaining_micros for lot in ledger.lots(account) if lot.lot_id == carried[0].lot_id]
+    assert sum(left) == 0  # spent from the carry-over lot
+    [refund] = apply_events(charge_refunded(intent, amount=1000, amount_refunded=1000))
+    assert payments_db.event(refund)["credits_micros"] == 0  # type: ignore[index]
+    ledger.refund(account, spent)
+    assert ledger.balance(account).balance_micros == 1300 * CREDIT
+    assert_audit_clean()
+
+
 def test_two_refunds_of_one_payment_pending_together_are_both_applied(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

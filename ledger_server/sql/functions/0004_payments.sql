@@ -332,7 +332,12 @@ END $$;
 -- Takes what refunded payments still owe (purchases.claw_back_owed_micros: their share
 -- beyond what was unspent when the refund came) out of what a Refund just returned to
 -- their lots (p_lots, p_micros: live lots and the credits each got back): an ADJUSTMENT per
--- purchase, as the claw-back itself. Only what came back by a Refund: the credits a
+-- purchase, as the claw-back itself. A subscription period's credits an upgrade carried
+-- over are its too (ledger_claw_back_purchase follows them into the carry-over chain): what
+-- a Refund returns to a carry-over lot of that chain is taken as well, up to what the
+-- period's lot gave the chain less what its claw-backs took from it, as the claw-back caps
+-- it (helper-96: only the purchase's own lots were settled, and a subscriber kept credits
+-- a refunded payment had carried over). Only what came back by a Refund: the credits a
 -- payment's refund found held stay the customer's when released, as README says. Call with
 -- the account row locked.
 DROP FUNCTION IF EXISTS ledger_settle_claw_backs(text, timestamptz);  -- never released
@@ -343,8 +348,22 @@ DECLARE
     pu purchases;
     l lots;
     bl lots;
+    cl lots;
     take bigint;
     take_bonus bigint;
+    carried_out bigint;
+    carry_clawed bigint;
+    carry_wanted bigint;
+    carry_take bigint;
+    part bigint;
+    carry_takes jsonb;
+    -- What the Refund returned to each lot that no purchase has taken yet: one carry-over
+    -- lot may hold the carried credits of several purchases (a second upgrade carries the
+    -- first's carry-over lot and the first upgrade's own credits into one).
+    left_micros bigint[] := p_micros;
+    used bigint;
+    step record;
+    n int;
     txn bigint;
     taken bigint := 0;
 BEGIN
@@ -355,7 +374,7 @@ BEGIN
         SELECT * FROM purchases
          WHERE account_id = p_account
            AND (claw_back_owed_micros > 0 OR bonus_claw_back_owed_micros > 0)
-           AND (lot_id = ANY (p_lots) OR bonus_lot_id = ANY (p_lots))
+           AND (lot_id = ANY (p_lots) OR bonus_lot_id = ANY (p_lots) OR kind = 'subscription')
          ORDER BY purchase_id
            FOR UPDATE
     LOOP
@@ -376,8 +395,66 @@ BEGIN
                   WHERE r.lot_id = pu.bonus_lot_id),
                 bl.remaining_micros - bl.held_micros), 0);
         END IF;
-        CONTINUE WHEN take + take_bonus = 0;
-        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus), p_now,
+        carry_take := 0;
+        carry_takes := '[]';
+        IF pu.kind = 'subscription' AND pu.claw_back_owed_micros - take > 0 THEN
+            -- As ledger_claw_back_purchase reads them.
+            SELECT coalesce(-sum(p.amount_micros), 0) INTO carried_out
+              FROM postings p
+             WHERE p.account_id = p_account AND p.lot_id = pu.lot_id
+               AND p.memo = 'carried over to the new period';
+            SELECT coalesce(-sum(p.amount_micros), 0) INTO carry_clawed
+              FROM postings p
+              JOIN journal_transactions t ON t.account_id = p.account_id
+                                         AND t.transaction_id = p.transaction_id
+             WHERE p.account_id = p_account AND t.kind = 'adjustment'
+               AND t.external_ref = pu.external_ref
+               AND p.memo = 'refund: carried-over credits clawed back';
+            carry_wanted := least(pu.claw_back_owed_micros - take, carried_out - carry_clawed);
+            IF carry_wanted > 0 THEN
+                FOR cl IN
+                    WITH RECURSIVE chain (lot_id) AS (
+                        SELECT pu.lot_id
+                        UNION
+                        SELECT carry.lot_id
+                          FROM chain c
+                          JOIN postings p ON p.account_id = p_account AND p.lot_id = c.lot_id
+                                         AND p.memo = 'carried over to the new period'
+                          JOIN lots carry ON carry.account_id = p_account
+                                         AND carry.grant_transaction_id = p.transaction_id
+                                         AND carry.source = 'subscription_carry_over')
+                    SELECT l2.* FROM lots l2
+                     WHERE l2.account_id = p_account
+                       AND l2.lot_id IN (SELECT lot_id FROM chain WHERE lot_id <> pu.lot_id)
+                       AND l2.lot_id = ANY (p_lots)
+                       AND l2.remaining_micros > l2.held_micros
+                       AND (l2.expires_at IS NULL OR l2.expires_at > p_now)
+                     ORDER BY l2.lot_id DESC
+                       FOR UPDATE
+                LOOP
+                    EXIT WHEN carry_take >= carry_wanted;
+                    part := least(carry_wanted - carry_take, cl.remaining_micros - cl.held_micros,
+                                  (SELECT coalesce(sum(r.micros), 0)
+                                     FROM unnest(p_lots, left_micros) AS r(lot_id, micros)
+                                    WHERE r.lot_id = cl.lot_id));
+                    CONTINUE WHEN part <= 0;
+                    carry_takes := carry_takes || jsonb_build_object('lot_id', cl.lot_id,
+                                                                     'micros', part);
+                    carry_take := carry_take + part;
+                    -- Used up: what another purchase carried into this lot finds the rest.
+                    FOR i IN 1 .. cardinality(p_lots) LOOP
+                        EXIT WHEN part = 0;
+                        CONTINUE WHEN p_lots[i] <> cl.lot_id;
+                        used := least(part, left_micros[i]);
+                        left_micros[i] := left_micros[i] - used;
+                        part := part - used;
+                    END LOOP;
+                END LOOP;
+            END IF;
+        END IF;
+        CONTINUE WHEN take + take_bonus + carry_take = 0;
+        txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus + carry_take),
+                                      p_now,
                                       p_comment => 'refunded payment: credits clawed back as they came back',
                                       p_external_ref => pu.external_ref);
         IF take > 0 THEN
@@ -395,19 +472,34 @@ BEGIN
             PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
                                 take_bonus);
         END IF;
+        -- Posted as ledger_claw_back_purchase posts them (the audit counts them under the
+        -- purchase, and its later claw-backs subtract them by this memo).
+        n := 4;
+        FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, (e ->> 'micros')::bigint AS micros
+                      FROM jsonb_array_elements(carry_takes) e LOOP
+            UPDATE lots SET remaining_micros = remaining_micros - step.micros
+             WHERE account_id = p_account AND lot_id = step.lot_id;
+            PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id,
+                                'subscription_carry_over', -step.micros,
+                                'refund: carried-over credits clawed back');
+            PERFORM ledger_post(p_account, txn, n + 1, 'issuance:subscription', NULL,
+                                'subscription_carry_over', step.micros);
+            n := n + 2;
+        END LOOP;
         UPDATE accounts
            SET balance_micros = balance_micros
                                 - CASE WHEN l.balance_kind = 'main' THEN take ELSE 0 END
                                 - CASE WHEN take_bonus > 0 AND bl.balance_kind = 'main'
                                        THEN take_bonus ELSE 0 END
+                                - carry_take  -- carry-over lots are main credits
          WHERE account_id = p_account;
         UPDATE purchases
-           SET clawed_back_micros = clawed_back_micros + take,
+           SET clawed_back_micros = clawed_back_micros + take + carry_take,
                bonus_clawed_back_micros = bonus_clawed_back_micros + take_bonus,
-               claw_back_owed_micros = claw_back_owed_micros - take,
+               claw_back_owed_micros = claw_back_owed_micros - take - carry_take,
                bonus_claw_back_owed_micros = bonus_claw_back_owed_micros - take_bonus
          WHERE account_id = p_account AND purchase_id = pu.purchase_id;
-        taken := taken + take + take_bonus;
+        taken := taken + take + take_bonus + carry_take;
     END LOOP;
     RETURN taken;
 END $$;
