@@ -10,6 +10,7 @@ import pytest
 
 from ledger_server import runtime_settings
 from ledger_server.db import migrate as migrations
+from ledger_server.db.queries import query
 from support.ledger import Ledger, new_account
 
 EXPECTED_TABLES = {
@@ -411,3 +412,24 @@ def test_migrating_writes_the_settings_the_database_lacks_and_no_other(
             "SELECT count(*) FROM setting_changes WHERE key = 'subscription.renewal_grace_days'"
         ).fetchone()
         assert row is not None and row[0] == 2  # the first migrate's, and the one put back
+
+
+def test_the_payments_of_an_invoice_are_found_by_an_index(fresh_database_url: str) -> None:
+    """payments_reaching runs for every paid invoice, checkout and plan change (to wake the
+    refunds handled before them): it must not read every invoice payment ever recorded
+    (the primary key starts with the payment, not the invoice)."""
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url) as conn:
+        conn.execute(
+            "INSERT INTO invoice_payments SELECT 'pi_' || g, 'in_' || g, now()"
+            "  FROM generate_series(1, 20000) g"
+        )
+        conn.execute("ANALYZE invoice_payments")
+        plan = "\n".join(
+            str(row[0])
+            for row in conn.execute(
+                b"EXPLAIN " + query("payments_reaching"), {"refs": ["in_5", "pi_1"]}
+            ).fetchall()
+        )
+    assert "invoice_payments_by_invoice" in plan, plan
+    assert "Seq Scan on invoice_payments" not in plan, plan
