@@ -181,6 +181,43 @@ def test_an_alert_retried_with_its_address_typed_with_spaces_is_a_replay(
     )
 
 
+def test_a_retry_that_differs_only_in_what_the_ledger_ignores_is_a_replay(
+    admin: AdminStub,
+) -> None:
+    """A reset ignores a value sent with it, and a price's unit size 1 is the unset one:
+    retries differing only so are the same request (helper-99: refused as another)."""
+    key = new_key()
+
+    def reset(value: struct_pb2.Value | None) -> Any:
+        return admin.UpdateSetting.with_call(
+            admin_pb.UpdateSettingRequest(
+                key="daily.expire_days",
+                reset=True,
+                value=value,
+                reason="back to the default",
+                idempotency_key=key,
+            )
+        )
+
+    first, _ = reset(None)
+    again, call = reset(struct_pb2.Value(number_value=3))
+    assert again == first and REPLAYED in (call.trailing_metadata() or ())
+
+    price_key, feature = new_key(), f"f-{uuid.uuid4().hex[:8]}"
+
+    def set_price(unit_size: int) -> Any:
+        price = _price(feature, CREDIT)
+        price.unit_size = unit_size
+        return admin.SetPrice.with_call(
+            admin_pb.SetPriceRequest(price=price, idempotency_key=price_key)
+        )
+
+    priced, _ = set_price(0)
+    again_priced, call = set_price(1)
+    assert again_priced == priced and REPLAYED in (call.trailing_metadata() or ())
+    expect_error(lambda: set_price(2), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+
+
 def _batch(key: str) -> admin_pb.CreateRedemptionBatchRequest:
     return admin_pb.CreateRedemptionBatchRequest(
         amount_micros=CREDIT, code_count=2, idempotency_key=key

@@ -432,8 +432,15 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             data = await store.call_json(conn, "put_setting", params)
             return pb.UpdateSettingResponse(setting=self._setting(data))
 
+        # Fingerprinted as read: a reset ignores any value sent with it (helper-99: a retry
+        # of a reset with a value was refused as another request). A reset without one, the
+        # usual form, keeps the fingerprint it always had.
+        normalized = pb.UpdateSettingRequest()
+        normalized.CopyFrom(request)
+        if request.reset:
+            normalized.ClearField("value")
         return await self._once(
-            context, "update_setting", request, pb.UpdateSettingResponse, change
+            context, "update_setting", normalized, pb.UpdateSettingResponse, change
         )
 
     async def ListSettingChanges(
@@ -478,7 +485,13 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             rows = await store.fetch_all(conn, "insert_price", params)
             return pb.SetPriceResponse(price=mapping.price(rows[0][0]))
 
-        return await self._once(context, "set_price", request, pb.SetPriceResponse, change)
+        # Fingerprinted as read: a unit size of 1 is the unset one (helper-99: the two were
+        # two requests). Unset, the usual form, keeps the fingerprint it always had.
+        normalized = pb.SetPriceRequest()
+        normalized.CopyFrom(request)
+        if normalized.price.unit_size == 1:
+            normalized.price.unit_size = 0
+        return await self._once(context, "set_price", normalized, pb.SetPriceResponse, change)
 
     async def RemovePrice(
         self, request: pb.RemovePriceRequest, context: Context
