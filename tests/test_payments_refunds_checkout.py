@@ -2128,3 +2128,90 @@ def test_stripe_refusals_and_outages_map_to_grpc_errors(
     stripe_double.failures.extend([(500, "api_error")] * 3)
     expect_error(attempt, grpc.StatusCode.UNAVAILABLE, "PAYMENT_PROVIDER_UNAVAILABLE")
     assert attempt().session.session_id.startswith("cs_test_")
+
+
+# --- plans sharing a provider price (helper-99) --------------------------------------------
+
+
+def _retire_for(sources: Sources, plan: billing_pb.SubscriptionPlan) -> None:
+    """The plan stops being sold (its price may then go to another plan)."""
+    retired = billing_pb.SubscriptionPlan()
+    retired.CopyFrom(plan)
+    retired.active = False
+    sources.admin.UpdateSubscriptionPlan(
+        admin_pb.UpdateSubscriptionPlanRequest(plan=retired, idempotency_key=new_key())
+    )
+
+
+def test_a_renewal_at_a_price_another_plan_now_has_stays_on_the_subscribers_plan(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """A retired plan's price given to a new plan: its subscribers' renewals (and their
+    subscription updates) still name that price, and they stay on their plan, with its
+    credits; the invoice and the update agree."""
+    price = f"price_{uuid.uuid4().hex}"
+    pro = sources.create_plan(1000 * CREDIT, rank=2, provider_price_id=price)
+    account, sub = new_account("renewing"), f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    end = start + 30 * 86400
+    apply_events(invoice_paid(account, sub, price, start, end))
+    _retire_for(sources, pro)
+    sources.create_plan(100 * CREDIT, rank=3, provider_price_id=price)
+
+    [renewal] = apply_events(
+        invoice_paid(
+            account, sub, price, end - 3600, end + 30 * 86400, billing_reason="subscription_cycle"
+        )
+    )
+    assert payments_db.event(renewal)["credits_micros"] == 1000 * CREDIT  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == pro.plan_id
+    [update] = apply_events(
+        subscription_updated(account, sub, price, end - 3600, end + 30 * 86400, created=now_s())
+    )
+    assert payments_db.event(update)["status"] == "ignored"  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == pro.plan_id
+    assert_audit_clean()
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def test_a_first_invoice_at_a_shared_price_starts_the_plan_its_checkout_was_for(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+) -> None:
+    price = f"price_{uuid.uuid4().hex}"
+    basic = sources.create_plan(100 * CREDIT, rank=1, provider_price_id=price)
+    account, sub = new_account("checking-out"), f"sub_{uuid.uuid4().hex}"
+    session = checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=account, idempotency_key=new_key(), plan_id=basic.plan_id
+        )
+    ).session
+    # Retired and its price given to another plan while the customer was paying.
+    _retire_for(sources, basic)
+    sources.create_plan(1000 * CREDIT, rank=2, provider_price_id=price)
+    completed = event(
+        "checkout.session.completed",
+        {
+            "id": session.session_id,
+            "object": "checkout.session",
+            "mode": "subscription",
+            "payment_status": "paid",
+            "status": "complete",
+            "client_reference_id": account,
+            "metadata": {"account_id": account, "kind": "subscription"},
+            "subscription": sub,
+        },
+    )
+    start = now_s() - 60
+    [_, paid] = apply_events(completed, invoice_paid(account, sub, price, start, start + 86400))
+    assert payments_db.event(paid)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == basic.plan_id

@@ -63,6 +63,38 @@ def test_plans_are_managed_by_admins_and_listed_when_active(sources: Sources) ->
     )
 
 
+def _update_plan(sources: Sources, plan: billing_pb.SubscriptionPlan, **changes: Any) -> Any:
+    changed = billing_pb.SubscriptionPlan()
+    changed.CopyFrom(plan)
+    for field, value in changes.items():
+        setattr(changed, field, value)
+    return sources.admin.UpdateSubscriptionPlan(
+        admin_pb.UpdateSubscriptionPlanRequest(plan=changed, idempotency_key=new_key())
+    ).plan
+
+
+def test_no_two_active_plans_share_a_provider_price(sources: Sources) -> None:
+    """A paid invoice names only its price: with two active plans on it, a renewal could
+    grant the other plan's credits and move the subscription to it (helper-99)."""
+    price = f"price_{new_id('shared')}"
+    pro = sources.create_plan(1000 * CREDIT, rank=2, provider_price_id=price)
+
+    def refused(call: Callable[[], Any]) -> None:
+        info = expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+        assert info.metadata["field"] == "plan.provider_price_id"
+
+    refused(lambda: sources.create_plan(100 * CREDIT, rank=1, provider_price_id=price))
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    refused(lambda: _update_plan(sources, basic, provider_price_id=price))
+    # An inactive plan may keep it (a retired plan's subscribers still renew on it), and is
+    # not reactivated while another active plan has it.
+    retired = sources.create_plan(100 * CREDIT, rank=1, provider_price_id=price, active=False)
+    refused(lambda: _update_plan(sources, retired, active=True))
+    assert _update_plan(sources, pro, active=False).active is False
+    assert _update_plan(sources, retired, active=True).provider_price_id == price
+    refused(lambda: _update_plan(sources, pro, active=True))
+
+
 # --- periods ------------------------------------------------------------------------------------
 
 

@@ -438,11 +438,13 @@ def _subscription_account(conn: Conn, subscription_ref: str, metadata: Mapping[s
     return account_id
 
 
-def _plan_for_price(conn: Conn, price_id: str) -> str | None:
+def _plan_for_price(
+    conn: Conn, price_id: str, account_id: str, subscription_ref: str
+) -> str | None:
+    """The plan of an invoice line's price, as _plan_of_prices finds it."""
     if not price_id:
         return None
-    row = conn.execute(query("plan_for_price"), {"price_id": price_id}).fetchone()
-    return str(row[0]) if row else None
+    return _plan_of_prices(conn, [price_id], account_id, subscription_ref)
 
 
 def _item_prices(sub: Mapping[str, Any]) -> list[str]:
@@ -453,10 +455,16 @@ def _item_prices(sub: Mapping[str, Any]) -> list[str]:
     return [price for price in prices if price]
 
 
-def _plan_of_prices(conn: Conn, prices: list[str]) -> str | None:
-    """The plan of the items whose price is a plan's; of two, the higher ranked
-    (subscription_plan_of_prices says why)."""
-    row = conn.execute(query("subscription_plan_of_prices"), {"price_ids": prices}).fetchone()
+def _plan_of_prices(
+    conn: Conn, prices: list[str], account_id: str, subscription_ref: str
+) -> str | None:
+    """The plan of the items whose price is a plan's; of two, the higher ranked; of plans
+    sharing a price, the subscription's own, or its checkout's (subscription_plan_of_prices
+    says why)."""
+    row = conn.execute(
+        query("subscription_plan_of_prices"),
+        {"price_ids": prices, "account_id": account_id, "subscription_ref": subscription_ref},
+    ).fetchone()
     return str(row[0]) if row else None
 
 
@@ -481,7 +489,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
     for line in lines:
         if _is_proration(line):  # the unused time of the old plan, the rest of the new one
             continue
-        plan_id = _plan_for_price(conn, _line_price(line))
+        plan_id = _plan_for_price(conn, _line_price(line), account_id, subscription_ref)
         start = _timestamp(_dig(line, "period", "start"))
         end = _timestamp(_dig(line, "period", "end"))
         if plan_id is None or start is None or end is None:
@@ -554,7 +562,7 @@ def _link_proration_invoice(
             )
         if period is None or period[2] != subscription_ref or changed_at >= period[1]:
             raise EventNotReady("the subscription period of these prorations is not applied yet")
-        plan_id = _plan_for_price(conn, price)
+        plan_id = _plan_for_price(conn, price, account_id, subscription_ref)
         if plan_id is None:
             unknown.append(price)  # an add-on's, or a plan's the admin has not created yet
         else:
@@ -632,7 +640,7 @@ def _subscription_updated(
     prices = _item_prices(sub)
     if not prices:
         return Outcome("ignored", account_id, note="the subscription lists no item's price")
-    plan_id = _plan_of_prices(conn, prices)
+    plan_id = _plan_of_prices(conn, prices, account_id, subscription_ref)
     current = _current_subscription(conn, account_id)
     if current is None:
         return Outcome("ignored", account_id, note="no subscription yet: invoice.paid starts it")

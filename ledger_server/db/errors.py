@@ -59,6 +59,15 @@ _CONSTRAINT_FIELDS: dict[str, str] = {
     "idempotency_keys_key_length": "idempotency_key",
 }
 
+# Unique violations of a value another row holds, answered as the request's field
+# (migration 0030: one active plan per provider price; a paid invoice names only its price).
+_UNIQUE_FIELDS: dict[str, tuple[str, str]] = {
+    "subscription_plans_one_active_per_price": (
+        "plan.provider_price_id",
+        "another active plan has this provider price: a paid invoice names only its price",
+    ),
+}
+
 # Unique violations two racing requests can cause; a retry finds the winner's row.
 _RETRYABLE_UNIQUE = {
     "accounts_referral_code_unique",
@@ -128,6 +137,8 @@ def translate_failure(failure: DatabaseFailure) -> LedgerError | None:
     if sqlstate in _INPUT_OUT_OF_RANGE:
         field = _CONSTRAINT_FIELDS.get(failure.constraint or "")
         return invalid_field(field, "is out of range") if field is not None else None
+    if sqlstate == pg.UniqueViolation.sqlstate and failure.constraint in _UNIQUE_FIELDS:
+        return invalid_field(*_UNIQUE_FIELDS[failure.constraint])
     if sqlstate == pg.NumericValueOutOfRange.sqlstate:
         return LedgerError(
             grpc.StatusCode.FAILED_PRECONDITION,

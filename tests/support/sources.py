@@ -216,6 +216,7 @@ class Sources:
         *,
         plan_id: str | None = None,
         active: bool = True,
+        provider_price_id: str | None = None,
     ) -> billing_pb.SubscriptionPlan:
         plan_id = plan_id or new_id("plan")
         return self.admin.CreateSubscriptionPlan(
@@ -229,7 +230,7 @@ class Sources:
                     rank=rank,
                     price_minor=1000 * rank,
                     currency="USD",
-                    provider_price_id=f"price_{plan_id}",
+                    provider_price_id=provider_price_id or f"price_{plan_id}",
                     active=active,
                 ),
                 idempotency_key=new_key(),

@@ -86,19 +86,33 @@ SELECT event_id, status, attempts FROM payment_events
 SELECT status, attempts, credits_micros, coalesce(last_error, '') FROM payment_events
  WHERE event_id = %(event_id)s
 
--- name: plan_for_price
-SELECT plan_id FROM subscription_plans
- WHERE provider_price_id = %(price_id)s
- ORDER BY active DESC, plan_id
- LIMIT 1
-
 -- name: subscription_plan_of_prices
--- The plan of a subscription's items: of the items whose price is a plan's, the plan of the
--- highest rank (two plan items are an upgrade or downgrade made in two steps, the new item
--- added before the old one is removed: the higher is the plan the customer pays for either
--- way, and the later event, with one plan item left, decides a downgrade).
-SELECT plan_id FROM subscription_plans
- WHERE provider_price_id = ANY(%(price_ids)s::text[])
+-- The plan of a subscription's prices (an invoice's line, or its items), one lookup for
+-- invoice.paid and customer.subscription.updated so the two agree (helper-99: invoice.paid
+-- took the first plan by id, updated the highest ranked). A price is one plan's: one active
+-- plan has it (migration 0030), but an inactive plan may share it, and a database from
+-- before 0030 may have several active ones; of those, the subscription's own plan (its
+-- renewal stays on its plan, active or not), else the plan its checkout session was
+-- prepared for (its first invoice), else the highest ranked. Of the items' plans, the one
+-- of the highest rank (two plan items are an upgrade or downgrade made in two steps, the
+-- new item added before the old one is removed: the higher is the plan the customer pays
+-- for either way, and the later event, with one plan item left, decides a downgrade).
+WITH chosen AS (
+    SELECT (SELECT s.plan_id FROM subscriptions s
+             WHERE s.account_id = %(account_id)s AND s.external_ref = %(subscription_ref)s)
+               AS subscribed,
+           (SELECT c.plan_id FROM checkout_sessions c
+             WHERE c.subscription_ref = %(subscription_ref)s AND c.plan_id IS NOT NULL
+             ORDER BY c.created_at DESC
+             LIMIT 1) AS checked_out
+)
+SELECT plan_id
+  FROM (SELECT DISTINCT ON (p.provider_price_id) p.plan_id, p.rank, p.active
+          FROM subscription_plans p CROSS JOIN chosen
+         WHERE p.provider_price_id = ANY(%(price_ids)s::text[])
+         ORDER BY p.provider_price_id, p.plan_id = chosen.subscribed DESC NULLS LAST,
+                  p.plan_id = chosen.checked_out DESC NULLS LAST, p.rank DESC, p.active DESC,
+                  p.plan_id) plan_of_price
  ORDER BY rank DESC, active DESC, plan_id
  LIMIT 1
 
