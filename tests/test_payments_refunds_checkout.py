@@ -2215,3 +2215,26 @@ def test_a_first_invoice_at_a_shared_price_starts_the_plan_its_checkout_was_for(
     [_, paid] = apply_events(completed, invoice_paid(account, sub, price, start, start + 86400))
     assert payments_db.event(paid)["credits_micros"] == 100 * CREDIT  # type: ignore[index]
     assert sources.get_account(account).subscription.plan_id == basic.plan_id
+
+
+def test_a_plan_keeps_its_provider_price_while_a_checkout_for_it_may_be_paid(
+    checkout: billing_service_pb2_grpc.BillingServiceStub, sources: Sources
+) -> None:
+    """The session's first invoice names the price it was made with (helper-99)."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=new_account("paying"), idempotency_key=new_key(), plan_id=plan.plan_id
+        )
+    )
+    repriced = billing_pb.SubscriptionPlan()
+    repriced.CopyFrom(plan)
+    repriced.provider_price_id = f"price_{uuid.uuid4().hex}"
+    info = expect_error(
+        lambda: sources.admin.UpdateSubscriptionPlan(
+            admin_pb.UpdateSubscriptionPlanRequest(plan=repriced, idempotency_key=new_key())
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PLAN_IN_USE",
+    )
+    assert info.metadata["plan_id"] == plan.plan_id

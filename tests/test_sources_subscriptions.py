@@ -95,6 +95,34 @@ def test_no_two_active_plans_share_a_provider_price(sources: Sources) -> None:
     refused(lambda: _update_plan(sources, pro, active=True))
 
 
+def test_a_plan_keeps_its_provider_price_while_its_subscribers_may_renew_on_it(
+    sources: Sources, clock: Any
+) -> None:
+    """Their renewals name the old price, which no plan would have: invoice.paid failed
+    for ever and the credits paid for were withheld (helper-99). Other fields change."""
+    now = whole_seconds(clock.now())
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    account = sources.create_account().account.account_id
+    # Its period ended two days ago: its renewal is still being paid (renewal grace).
+    sources.start_period(account, plan.plan_id, now - PERIOD, now - 2 * DAY)
+    info = expect_error(
+        lambda: _update_plan(sources, plan, provider_price_id=f"price_{new_id('v2')}"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PLAN_IN_USE",
+    )
+    assert info.metadata["plan_id"] == plan.plan_id
+    changed = _update_plan(sources, plan, credits_micros=120 * CREDIT, active=False)
+    assert (changed.credits_micros, changed.active) == (120 * CREDIT, False)
+    assert changed.provider_price_id == plan.provider_price_id
+
+    # A plan whose subscribers are gone (past the grace), or that never had any, may.
+    lapsed = sources.create_plan(100 * CREDIT, rank=1)
+    gone = sources.create_account().account.account_id
+    sources.start_period(gone, lapsed.plan_id, now - PERIOD - 30 * DAY, now - 30 * DAY)
+    price = f"price_{new_id('v2')}"
+    assert _update_plan(sources, lapsed, provider_price_id=price).provider_price_id == price
+
+
 # --- periods ------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE042": (grpc.StatusCode.FAILED_PRECONDITION, "PLAN_INACTIVE"),
     "LE043": (grpc.StatusCode.FAILED_PRECONDITION, "OVERDRAFT_IN_USE"),
     "LE044": (grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_SUBSCRIBED"),
+    "LE045": (grpc.StatusCode.FAILED_PRECONDITION, "PLAN_IN_USE"),
 }
 
 # Constraints a request can run into with input that passed validation.

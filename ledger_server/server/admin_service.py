@@ -278,6 +278,12 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         params = _plan_params(request.plan)
 
         async def change(conn: Conn) -> pb.UpdateSubscriptionPlanResponse:
+            # Subscribers' renewals name the plan's price: PLAN_IN_USE while any may come.
+            await store.fetch_all(
+                conn,
+                "require_plan_price_change_allowed",
+                {**params, "now": self._clock.now()},
+            )
             row = await self._write_catalogue(conn, "update_subscription_plan", params, context)
             if row is None:
                 raise _not_found("PLAN_NOT_FOUND", "plan_id", request.plan.plan_id)

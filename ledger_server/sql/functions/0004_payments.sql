@@ -3,6 +3,7 @@
 --   LE040 purchase not found (a refund of a payment this ledger never fulfilled)
 --   LE041 the pack or plan has no payment provider price id
 --   LE042 subscription plan inactive
+--   LE045 plan in use (its provider price cannot change)
 
 CREATE OR REPLACE FUNCTION ledger_checkout_session_json(c checkout_sessions) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
@@ -538,4 +539,33 @@ BEGIN
             ELSE ledger_sell_recharge(p_account, c.amount_minor, c.currency, c.credits_micros,
                                       c.bonus_micros, p_external_ref, p_now)
         END, p_now);
+END $$;
+
+-- Before UpdateSubscriptionPlan: a plan's provider price does not change while anyone may
+-- still pay the old one (helper-99). A running subscription's renewals (ledger_subscribed:
+-- its renewal grace included) and a checkout session's first invoice name the old price,
+-- which then no plan has: invoice.paid failed and was retried for ever, the credits paid for
+-- withheld. A checkout session counts for 24 hours, the longest a Stripe Checkout Session
+-- stays open. The admin creates a plan for the new price instead. Locks the plan row, so
+-- two updates of one plan take turns; other fields change freely.
+CREATE OR REPLACE FUNCTION ledger_require_plan_price_change_allowed(
+    p_plan text, p_price text, p_now timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    old_price text;
+BEGIN
+    SELECT coalesce(provider_price_id, '') INTO old_price FROM subscription_plans
+     WHERE plan_id = p_plan FOR UPDATE;
+    IF NOT FOUND OR old_price = '' OR old_price = coalesce(p_price, '') THEN
+        RETURN;  -- no such plan (PLAN_NOT_FOUND follows), no price yet, or the same one
+    END IF;
+    IF EXISTS (SELECT FROM subscriptions s
+                WHERE s.plan_id = p_plan AND ledger_subscribed(s, p_now))
+       OR EXISTS (SELECT FROM checkout_sessions c
+                   WHERE c.plan_id = p_plan AND c.created_at > p_now - interval '24 hours') THEN
+        PERFORM ledger_fail('LE045',
+            'the plan has subscribers or open checkouts paying its provider price: '
+            'create a plan for the new price instead',
+            jsonb_build_object('plan_id', p_plan));
+    END IF;
 END $$;

@@ -101,6 +101,10 @@ ON CONFLICT (plan_id) DO NOTHING
 RETURNING plan_id, translation_key, credits_micros, period_unit, period_count, rank, price_minor,
           currency, coalesce(provider_price_id, ''), active
 
+-- name: require_plan_price_change_allowed
+SELECT ledger_require_plan_price_change_allowed(%(plan_id)s::text, %(provider_price_id)s::text,
+                                                %(now)s::timestamptz)
+
 -- name: update_subscription_plan
 UPDATE subscription_plans
    SET translation_key = %(translation_key)s, credits_micros = %(credits_micros)s,

@@ -203,13 +203,17 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSubscriptionPlan(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One active plan per provider_price_id (a paid invoice names only its price): another
+        active plan's is INVALID_FIELD plan.provider_price_id, on creation and reactivation.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSubscriptionPlan(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The provider_price_id of a plan with running subscribers or recent checkout sessions
+        cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -53,7 +53,13 @@ class AdminServiceStub:
     ListAllCreditPacks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAllCreditPacksRequest, _admin_service_pb2.ListAllCreditPacksResponse]
     """All packs, inactive ones included."""
     CreateSubscriptionPlan: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSubscriptionPlanRequest, _admin_service_pb2.CreateSubscriptionPlanResponse]
+    """One active plan per provider_price_id (a paid invoice names only its price): another
+    active plan's is INVALID_FIELD plan.provider_price_id, on creation and reactivation.
+    """
     UpdateSubscriptionPlan: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateSubscriptionPlanRequest, _admin_service_pb2.UpdateSubscriptionPlanResponse]
+    """The provider_price_id of a plan with running subscribers or recent checkout sessions
+    cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+    """
     CreateRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]
     """Generates a batch of redemption codes (seed 003)."""
     DisableRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DisableRedemptionBatchRequest, _admin_service_pb2.DisableRedemptionBatchResponse]
@@ -121,7 +127,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListAllCreditPacks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAllCreditPacksRequest, _admin_service_pb2.ListAllCreditPacksResponse]  # type: ignore[assignment]
     """All packs, inactive ones included."""
     CreateSubscriptionPlan: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSubscriptionPlanRequest, _admin_service_pb2.CreateSubscriptionPlanResponse]  # type: ignore[assignment]
+    """One active plan per provider_price_id (a paid invoice names only its price): another
+    active plan's is INVALID_FIELD plan.provider_price_id, on creation and reactivation.
+    """
     UpdateSubscriptionPlan: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateSubscriptionPlanRequest, _admin_service_pb2.UpdateSubscriptionPlanResponse]  # type: ignore[assignment]
+    """The provider_price_id of a plan with running subscribers or recent checkout sessions
+    cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+    """
     CreateRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]  # type: ignore[assignment]
     """Generates a batch of redemption codes (seed 003)."""
     DisableRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DisableRedemptionBatchRequest, _admin_service_pb2.DisableRedemptionBatchResponse]  # type: ignore[assignment]
@@ -227,14 +239,20 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_service_pb2.CreateSubscriptionPlanRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.CreateSubscriptionPlanResponse, _abc.Awaitable[_admin_service_pb2.CreateSubscriptionPlanResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.CreateSubscriptionPlanResponse, _abc.Awaitable[_admin_service_pb2.CreateSubscriptionPlanResponse]]:
+        """One active plan per provider_price_id (a paid invoice names only its price): another
+        active plan's is INVALID_FIELD plan.provider_price_id, on creation and reactivation.
+        """
 
     @_abc_1.abstractmethod
     def UpdateSubscriptionPlan(
         self,
         request: _admin_service_pb2.UpdateSubscriptionPlanRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_service_pb2.UpdateSubscriptionPlanResponse, _abc.Awaitable[_admin_service_pb2.UpdateSubscriptionPlanResponse]]: ...
+    ) -> _typing.Union[_admin_service_pb2.UpdateSubscriptionPlanResponse, _abc.Awaitable[_admin_service_pb2.UpdateSubscriptionPlanResponse]]:
+        """The provider_price_id of a plan with running subscribers or recent checkout sessions
+        cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+        """
 
     @_abc_1.abstractmethod
     def CreateRedemptionBatch(

@@ -156,6 +156,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: the model has no multiplier to withdraw (RemoveModelMultiplier).
     metadata: model.
     """
+    ERROR_REASON_PLAN_IN_USE: _ErrorReason.ValueType  # 51
+    """FAILED_PRECONDITION: the plan's provider price cannot change while the plan has
+    subscribers (their subscription runs, renewal grace included) or checkout sessions of
+    the last 24 hours: their invoices name the old price, which no plan would have. Create
+    a plan for the new price instead. metadata: plan_id.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -296,5 +302,11 @@ provider (customer.subscription.updated). metadata: plan_id.
 ERROR_REASON_MULTIPLIER_NOT_FOUND: ErrorReason.ValueType  # 50
 """NOT_FOUND: the model has no multiplier to withdraw (RemoveModelMultiplier).
 metadata: model.
+"""
+ERROR_REASON_PLAN_IN_USE: ErrorReason.ValueType  # 51
+"""FAILED_PRECONDITION: the plan's provider price cannot change while the plan has
+subscribers (their subscription runs, renewal grace included) or checkout sessions of
+the last 24 hours: their invoices name the old price, which no plan would have. Create
+a plan for the new price instead. metadata: plan_id.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
