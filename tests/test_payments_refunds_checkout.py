@@ -2177,6 +2177,26 @@ def test_a_renewal_at_a_price_another_plan_now_has_stays_on_the_subscribers_plan
     assert_audit_clean()
 
 
+def test_a_new_subscriber_at_a_shared_price_starts_the_active_plan(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+) -> None:
+    """An invoice of a subscription the ledger does not know yet (its checkout's event not
+    applied, or made without a checkout) at a price a retired plan shares with the active
+    one starts the active plan, whatever the ranks (helper-102: the retired pro-v1 of rank 3
+    was granted over the active pro-v2)."""
+    price = f"price_{uuid.uuid4().hex}"
+    retired = sources.create_plan(1000 * CREDIT, rank=3, provider_price_id=price)
+    _retire_for(sources, retired)
+    current = sources.create_plan(10 * CREDIT, rank=2, provider_price_id=price)
+    account, sub = new_account("new"), f"sub_{uuid.uuid4().hex}"
+    start = int(time.time()) - 60
+    [paid] = apply_events(invoice_paid(account, sub, price, start, start + 30 * 86400))
+    assert payments_db.event(paid)["credits_micros"] == 10 * CREDIT  # type: ignore[index]
+    assert sources.get_account(account).subscription.plan_id == current.plan_id
+
+
 def now_s() -> int:
     return int(time.time())
 

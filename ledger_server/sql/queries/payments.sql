@@ -93,7 +93,9 @@ SELECT status, attempts, credits_micros, coalesce(last_error, '') FROM payment_e
 -- plan has it (migration 0030), but an inactive plan may share it, and a database from
 -- before 0030 may have several active ones; of those, the subscription's own plan (its
 -- renewal stays on its plan, active or not), else the plan its checkout session was
--- prepared for (its first invoice), else the highest ranked. Of the items' plans, the one
+-- prepared for (its first invoice), else the active one (helper-102: a new subscriber
+-- whose invoice came before its checkout's event got a retired plan of higher rank), else
+-- the highest ranked. Of the items' plans, the one
 -- of the highest rank (two plan items are an upgrade or downgrade made in two steps, the
 -- new item added before the old one is removed: the higher is the plan the customer pays
 -- for either way, and the later event, with one plan item left, decides a downgrade).
@@ -111,7 +113,7 @@ SELECT plan_id
           FROM subscription_plans p CROSS JOIN chosen
          WHERE p.provider_price_id = ANY(%(price_ids)s::text[])
          ORDER BY p.provider_price_id, p.plan_id = chosen.subscribed DESC NULLS LAST,
-                  p.plan_id = chosen.checked_out DESC NULLS LAST, p.rank DESC, p.active DESC,
+                  p.plan_id = chosen.checked_out DESC NULLS LAST, p.active DESC, p.rank DESC,
                   p.plan_id) plan_of_price
  ORDER BY rank DESC, active DESC, plan_id
  LIMIT 1
