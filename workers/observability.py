@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -35,7 +36,32 @@ def count_failure(job: Job, queue_name: str) -> None:
         log.warning("could not count the failure of job %s: %s", job.id, error)
 
 
+# How often an idle worker wakes (RQ waits for a job up to worker_ttl - 15 s) and checks
+# that RQ's scheduler process, which runs the retries of failed jobs, is alive.
+SCHEDULER_CHECK_SECONDS = 30
+
+
 class LedgerWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("worker_ttl", SCHEDULER_CHECK_SECONDS + 15)
+        super().__init__(*args, **kwargs)
+        self._scheduler_checked_at = time.monotonic()
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        """RQ's own rule (every 10 minutes), or RQ's scheduler process has died: a Redis
+        restart kills it, and RQ starts it again only at its next maintenance, so for up to
+        10 minutes no failed job (a payment's included) was retried (helper-100)."""
+        if super().should_run_maintenance_tasks:
+            return True
+        if self.scheduler is None or self.last_cleaned_at is None:
+            return False  # no scheduler wanted, or the first maintenance has not run yet
+        if time.monotonic() - self._scheduler_checked_at < SCHEDULER_CHECK_SECONDS:
+            return False
+        self._scheduler_checked_at = time.monotonic()
+        process = self.scheduler._process  # None where another worker holds the scheduler
+        return process is None or not process.is_alive()
+
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         with request_id.bound(job_request_id(job)):
             fields = {"job_id": job.id, "job": job.func_name, "queue": queue.name}
