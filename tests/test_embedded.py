@@ -172,3 +172,40 @@ def test_a_pid_file_naming_another_live_postgres_is_neither_stopped_nor_attached
     finally:
         embedded.stop_all(data_dir)
         other.stop()
+
+
+def test_the_ready_banner_masks_the_passwords_in_the_urls() -> None:
+    from ledger_server.devstack import __main__ as devstack
+
+    banner = devstack.ready_banner(
+        "localhost",
+        50051,
+        {
+            "DATABASE_URL": "postgresql://postgres:S3cretPW@db.example/ledger",
+            "REDIS_URL": "redis://:R3disPW@cache:6379/0?password=R3disPW",
+            "STRIPE_WEBHOOK_SECRET": "whsec_dev_credit_ledger",
+        },
+    )
+    assert "S3cretPW" not in banner and "R3disPW" not in banner
+    assert "DATABASE_URL=postgresql://postgres:***@db.example/ledger\n" in banner
+    assert "REDIS_URL=redis://:***@cache:6379/0?password=***\n" in banner
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://postgres:@/postgres?host=/x", "postgresql://postgres:@/postgres?host=/x"),
+        ("redis://u:p@ss@h:6379/0", "redis://u:***@h:6379/0"),
+        ("postgresql://u:p/w@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://h/db?sslmode=require&password=pw",
+            "postgresql://h/db?sslmode=require&password=***",
+        ),
+        ("host=h password='p w' dbname=db", "host=h password=*** dbname=db"),
+    ],
+)
+def test_passwords_are_masked_in_every_form_of_url(url: str, shown: str) -> None:
+    from ledger_server.devstack.__main__ import mask_password
+
+    assert mask_password(url) == shown

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -226,6 +227,28 @@ def _buf_command() -> str | None:
     return None
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def mask_password(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for printing: the userinfo of a URL
+    (``scheme://user:pw@host``), a ``password=`` query parameter, or the ``password`` of a
+    libpq ``key=value`` string. A password with unencoded ``@``, ``/`` or ``?`` is masked
+    whole: when in doubt, more is hidden (even the host), never part of a password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _CONNINFO_PASSWORD.sub(lambda m: m.group(1) + "***", url)
+    authority = rest.partition("/")[0]
+    # The userinfo ends at the last "@" before the path; with none there, at the last "@"
+    # before the query (an unencoded "/" in the password).
+    end = authority.rfind("@") if "@" in authority else rest.partition("?")[0].rfind("@")
+    user, colon, password = rest[: max(end, 0)].partition(":")
+    if password:  # an empty one (the embedded server's URL) stays as it is, pasteable
+        rest = f"{user}{colon}***{rest[end:]}"
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + "***", f"{scheme}://{rest}")
+
+
 def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
     """What a newcomer sees once the stack is up: where it listens and a first call to paste
     (a grant with a fixed idempotency key, so pasting it twice grants once)."""
@@ -241,8 +264,10 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
         f"\ncredit-ledger is up: gRPC on {host}:{port} (reflection and health enabled)\n"
         f"  Stripe webhooks: http://{webhook_addr}/stripe/webhook"
         f" (signing secret {env.get('STRIPE_WEBHOOK_SECRET', '')})\n"
-        f"  DATABASE_URL={env['DATABASE_URL']}\n"
-        f"  REDIS_URL={env['REDIS_URL']}\n"
+        # The URLs may come from the environment with real credentials: a terminal's
+        # scrollback, a shared screen or a pasted log must not show the passwords.
+        f"  DATABASE_URL={mask_password(env['DATABASE_URL'])}\n"
+        f"  REDIS_URL={mask_password(env['REDIS_URL'])}\n"
         f"  try:  {base} -d {grant} {url}/Grant\n"
         f'  then: {base} -d \'{{"account_id":"demo"}}\' {url}/Balance\n'
         + ("" if buf else "  (no buf here yet: `make node_modules` installs it)\n")
