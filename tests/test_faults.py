@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -351,6 +352,71 @@ def test_postgres_restarted_under_load_health_follows_and_nothing_is_lost(
     )
     assert "PostgreSQL unreachable: health NOT_SERVING" in log
     assert "PostgreSQL reachable again: health SERVING" in log
+
+
+# A PostgreSQL outage long enough for the pool's reconnection backoff (1, 2, 4, 8, 16 s, ...
+# from the first failed connect) to be waiting its next retry ~10 s away when PostgreSQL is
+# back; READY is how soon after health says SERVING again a call must work.
+OUTAGE = 18.0
+READY = 5.0
+
+
+def _balance(stub: ledger_service_pb2_grpc.LedgerServiceStub, account: str) -> str:
+    """One Balance call, no retry: "OK" or the status code's name."""
+    try:
+        stub.Balance(pb.BalanceRequest(account_id=account), timeout=1.0)
+    except grpc.RpcError as error:
+        return str(error.code().name)
+    return "OK"
+
+
+def test_calls_work_as_soon_as_health_says_serving_after_a_postgres_outage(
+    own_postgres: embedded.EmbeddedPostgres,
+    report: Callable[[str, dict[str, int]], None],
+) -> None:
+    """helper-100: health (its own connection) said SERVING 1.5 s after PostgreSQL was back,
+    while every call failed for 16-43 s more, until the call pool's reconnection backoff ran
+    out; a load balancer would send traffic to a server that cannot serve. Now health, on
+    reaching PostgreSQL, has the pool reconnect at once and says SERVING only once the pool
+    lends a working connection: a call succeeds within READY of SERVING (it did not within
+    15 s before)."""
+    database_url = embedded.with_database(own_postgres.url, "ledger_outage")
+    embedded.create_database(own_postgres.url, "ledger_outage")
+    migrate(database_url)
+    server = ServerProcess(
+        database_url, env={**SERVER_ENV, "LEDGER_HEALTH_CHECK_INTERVAL_SECONDS": "1"}
+    ).start()
+    wait = threading.Event()
+    try:
+        account = _open_accounts(server.address, "outage")[0]
+        with grpc.insecure_channel(server.address) as channel:
+            stub = ledger_service_pb2_grpc.LedgerServiceStub(channel)
+            assert _balance(stub, account) == "OK"
+            own_postgres.stop()
+            # Calls keep coming during the outage: they make the pool find its connections
+            # broken and start reconnecting, on its backoff.
+            stopped = time.monotonic()
+            during: set[str] = set()
+            while time.monotonic() - stopped < OUTAGE:
+                during.add(_balance(stub, account))
+                wait.wait(0.5)
+            assert "OK" not in during
+            assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            _start_again(own_postgres.pgdata)
+            _wait_for_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+            serving = time.monotonic()
+            after: list[str] = []
+            while time.monotonic() - serving < READY:
+                after.append(_balance(stub, account))
+                if after[-1] == "OK":
+                    break
+                wait.wait(0.2)
+    finally:
+        server.stop()
+    report("PostgreSQL outage", {"calls_after_serving_until_ok": len(after)})
+    assert after and after[-1] == "OK", (
+        f"health said SERVING but no Balance call succeeded within {READY} s: {after}"
+    )
 
 
 # --- (e) must-show 6: /metrics, request ids in the logs, no token in them ----------------

@@ -14,13 +14,23 @@ The idle rest stay at the other end, where the pool's shrinking closes one per `
 often (it does so when a connection is returned), so a connection kept idle under
 ``min_size`` through hours of steady load can be older than ``max_lifetime`` when a burst
 borrows it; the server then answers that call UNAVAILABLE if PostgreSQL or the network
-dropped it meanwhile, and the client retries, as after any lost connection."""
+dropped it meanwhile, and the client retries, as after any lost connection.
+
+A connection lost with PostgreSQL is replaced by psycopg_pool's AddConnection task, which
+retries a failed connect on an exponential backoff (1, 2, 4, 8, ... s, up to
+``reconnect_timeout``) kept in that task: nothing in psycopg_pool shortens a wait already
+scheduled (``check()`` only tests idle connections, and grows an empty pool only when no
+AddConnection is already pending). After an outage of half a minute the next retry can be
+half a minute away while PostgreSQL answers again, and every call fails meanwhile.
+``reconnect_now()`` runs the retries waiting out their backoff at once; the database health
+task (observability/health.py) calls it when its own connection reaches PostgreSQL, and
+reports SERVING again only once this pool lends a working connection."""
 
 from __future__ import annotations
 
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 
 from ledger_server.db.deadlines import DEFAULT_STATEMENT_TIMEOUT_MS, DeadlinePool
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
@@ -35,6 +45,41 @@ async def _configure(conn: AsyncConnection[TupleRow]) -> None:
 
 
 class LedgerPool(DeadlinePool):
+    # AddConnection tasks waiting out a reconnection backoff in the pool's scheduler.
+    _backing_off: set[MaintenanceTask]
+
+    async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
+        # psycopg_pool schedules a task in the future only to retry a failed connect (and to
+        # shrink the pool). Each retry is recorded, so that reconnect_now() can run it early;
+        # whichever comes first, the scheduler's tick or reconnect_now(), runs it, once.
+        if not isinstance(task, AddConnection):
+            await super().schedule_task(task, delay)
+            return
+        backing_off = self.__dict__.setdefault("_backing_off", set())
+        backing_off.add(task)
+
+        async def tick() -> None:
+            if task in backing_off:
+                backing_off.discard(task)
+                await task.tick()
+
+        await self._sched.enter(delay, tick)
+
+    def reconnect_now(self) -> int:
+        """Runs now every reconnection attempt waiting out its backoff (for when PostgreSQL
+        is known to answer again); returns how many. Each keeps its attempt's state, so one
+        that fails again waits its next, longer delay, and still gives up after
+        ``reconnect_timeout``: called every few seconds while PostgreSQL is unreachable to
+        the pool only, it retries at that pace, never in a busy loop."""
+        backing_off = self.__dict__.setdefault("_backing_off", set())
+        if self.closed or not backing_off:
+            return 0
+        tasks = list(backing_off)
+        backing_off.clear()
+        for task in tasks:
+            self.run_task(task)
+        return len(tasks)
+
     async def _get_ready_connection(
         self,
         timeout: float | None,  # noqa: ASYNC109 (the pool's own signature)
@@ -53,7 +98,7 @@ async def open_pool(
     min_size: int,
     max_size: int,
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
-) -> AsyncConnectionPool:
+) -> LedgerPool:
     # Each connection runs with the borrowing call's time-outs (db/deadlines.py).
     pool = LedgerPool(
         database_url,

@@ -2,7 +2,14 @@
 time-out) every few seconds on a connection of its own, and sets the standard health
 service, the overall status ("") and each service, to NOT_SERVING while PostgreSQL cannot
 be reached, back to SERVING when it answers again. Its own connection, not one of the
-pool's, so a pool busy with calls is not mistaken for a database that is down."""
+pool's, so a pool busy with calls is not mistaken for a database that is down.
+
+Back to SERVING only once the call pool lends a connection that answers ``SELECT 1`` too:
+PostgreSQL answering this task's connection does not mean the pool has reconnected (its
+reconnection backoff can run half a minute past an outage, db/pool.py), and a load balancer
+sends traffic to a SERVING server at once. So whenever this task reaches PostgreSQL it first
+has the pool run its pending reconnection attempts now (``reconnect_now``), and on the way
+back from NOT_SERVING borrows one connection from the pool (a short wait) before SERVING."""
 
 from __future__ import annotations
 
@@ -13,7 +20,9 @@ from collections.abc import Sequence
 
 import psycopg
 from grpc_health.v1 import health, health_pb2
+from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
+from ledger_server.db.pool import LedgerPool
 from ledger_server.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -30,8 +39,10 @@ class DatabaseHealth:
         services: Sequence[str],
         interval_seconds: float,
         timeout_seconds: float = 2.0,
+        pool: LedgerPool | None = None,
     ) -> None:
         self._url = database_url
+        self._pool = pool
         self._servicer = servicer
         self._services = tuple(services)
         self._interval = interval_seconds
@@ -72,6 +83,27 @@ class DatabaseHealth:
             await self._close()
             return False
 
+    async def pool_lends(self) -> bool:
+        """Whether the call pool lends, within the time-out, a connection that answers
+        ``SELECT 1``. A connection the outage broke, still idle in the pool, fails here and
+        the pool replaces it (at once, no backoff); the next one is tried."""
+        if self._pool is None:
+            return True
+        try:
+            async with asyncio.timeout(self._timeout):
+                while True:
+                    try:
+                        async with self._pool.connection(timeout=self._timeout) as conn:
+                            await conn.execute("SELECT 1")
+                        return True
+                    except (PoolTimeout, PoolClosed, TooManyRequests):
+                        raise  # no connection lent: not a broken one to skip
+                    except psycopg.OperationalError as error:
+                        log.debug("pooled connection failed, trying the next: %s", error)
+        except (psycopg.Error, OSError, TimeoutError) as error:
+            log.debug("the pool lends no working connection yet: %s", error)
+            return False
+
     async def _set(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
         for service in self._services:
@@ -85,9 +117,14 @@ class DatabaseHealth:
 
     async def _run(self) -> None:
         while True:
-            ok = await self.check()
+            reached = await self.check()
+            ok = reached
+            if reached and self._pool is not None:
+                self._pool.reconnect_now()
+                if not self.serving:
+                    ok = await self.pool_lends()
             self.checks += 1
-            metrics.DATABASE_UP.set(1 if ok else 0)
+            metrics.DATABASE_UP.set(1 if reached else 0)  # PostgreSQL itself, as documented
             if ok != self.serving:
                 await self._set(ok)
             await asyncio.sleep(self._interval)

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from grpc_health.v1 import health
-from psycopg_pool import AsyncConnectionPool
 
 from ledger_server.config import Settings
+from ledger_server.db.pool import LedgerPool
 from ledger_server.observability import metrics
 from ledger_server.observability.health import DatabaseHealth
 
@@ -17,7 +17,7 @@ from ledger_server.observability.health import DatabaseHealth
 @dataclass
 class Observability:
     health: DatabaseHealth
-    pool: AsyncConnectionPool
+    pool: LedgerPool
     endpoint: metrics.MetricsEndpoint | None
     redis_attached: bool
 
@@ -36,7 +36,7 @@ class Observability:
 
 def start_observability(
     settings: Settings,
-    pool: AsyncConnectionPool,
+    pool: LedgerPool,
     servicer: health.aio.HealthServicer,
     services: Sequence[str],
 ) -> Observability:
@@ -46,6 +46,7 @@ def start_observability(
         servicer,
         services,
         settings.health_check_interval.total_seconds(),
+        pool=pool,
     )
     database_health.start()
     metrics.POOL.attach(pool)
