@@ -162,6 +162,43 @@ BEGIN
     RETURN ledger_checkout_session_json(c);
 END $$;
 
+-- A subscription period's credits that an upgrade carried over (0002
+-- ledger_change_subscription_plan, its postings' memo 'carried over to the new period')
+-- live on in the carry-over lots that upgrade made, and in those a later upgrade made from
+-- them: the lots a claw-back of the purchase may take them from.
+CREATE OR REPLACE FUNCTION ledger_carry_over_lots(p_account text, p_lot bigint)
+    RETURNS SETOF bigint
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE chain (lot_id) AS (
+        SELECT p_lot
+        UNION
+        SELECT carry.lot_id
+          FROM chain c
+          JOIN postings p ON p.account_id = p_account AND p.lot_id = c.lot_id
+                         AND p.memo = 'carried over to the new period'
+          JOIN lots carry ON carry.account_id = p_account
+                         AND carry.grant_transaction_id = p.transaction_id
+                         AND carry.source = 'subscription_carry_over')
+    SELECT lot_id FROM chain WHERE lot_id <> p_lot
+$$;
+
+-- How much of a purchase's credits its carry-over lots may still give back: what its lot
+-- carried out, less what claw-backs of the purchase took from them.
+CREATE OR REPLACE FUNCTION ledger_carry_over_room(p_account text, pu purchases) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT coalesce(-sum(p.amount_micros), 0)
+              FROM postings p
+             WHERE p.account_id = p_account AND p.lot_id = pu.lot_id
+               AND p.memo = 'carried over to the new period')
+         - (SELECT coalesce(-sum(p.amount_micros), 0)
+              FROM postings p
+              JOIN journal_transactions t ON t.account_id = p.account_id
+                                         AND t.transaction_id = p.transaction_id
+             WHERE p.account_id = p_account AND t.kind = 'adjustment'
+               AND t.external_ref = pu.external_ref
+               AND p.memo = 'refund: carried-over credits clawed back')
+$$;
+
 -- A refunded payment (charge.refunded) takes back the refunded share of what it
 -- bought, limited to what is still there: the purchase lot's unspent, unheld credits
 -- and the same share of its bonus lot's. amount_refunded is cumulative, so the share
@@ -182,9 +219,7 @@ DECLARE
     share_bonus bigint;
     take bigint := 0;
     take_bonus bigint := 0;
-    carried_out bigint := 0;
     carry_wanted bigint := 0;
-    carry_clawed bigint := 0;
     carry_take bigint := 0;
     carry_takes jsonb := '[]';
     cl lots;
@@ -223,41 +258,17 @@ BEGIN
         take_bonus := greatest(least(share_bonus - pu.bonus_clawed_back_micros,
                                      bl.remaining_micros - bl.held_micros), 0);
     END IF;
-    -- A subscription period's credits that an upgrade carried over (0002
-    -- ledger_change_subscription_plan, its postings' memo 'carried over to the new period')
-    -- live on in the carry-over lots that upgrade made, and in those a later upgrade made
-    -- from them: what the share still asks for is taken from those lots only, up to what
-    -- this purchase's lot gave them less what its earlier refunds took from them.
+    -- What the share still asks for beyond the purchase's lot is taken from its carry-over
+    -- lots only, up to what its lot gave them less what its earlier refunds took there.
     IF pu.kind = 'subscription' AND share_credits - pu.clawed_back_micros - take > 0 THEN
-        SELECT coalesce(-sum(p.amount_micros), 0) INTO carried_out
-          FROM postings p
-         WHERE p.account_id = p_account AND p.lot_id = pu.lot_id
-           AND p.memo = 'carried over to the new period';
-        SELECT coalesce(-sum(p.amount_micros), 0) INTO carry_clawed
-          FROM postings p
-          JOIN journal_transactions t ON t.account_id = p.account_id
-                                     AND t.transaction_id = p.transaction_id
-         WHERE p.account_id = p_account AND t.kind = 'adjustment'
-           AND t.external_ref = pu.external_ref
-           AND p.memo = 'refund: carried-over credits clawed back';
         carry_wanted := least(share_credits - pu.clawed_back_micros - take,
-                              carried_out - carry_clawed);
+                              ledger_carry_over_room(p_account, pu));
     END IF;
     IF carry_wanted > 0 THEN
         FOR cl IN
-            WITH RECURSIVE chain (lot_id) AS (
-                SELECT pu.lot_id
-                UNION
-                SELECT carry.lot_id
-                  FROM chain c
-                  JOIN postings p ON p.account_id = p_account AND p.lot_id = c.lot_id
-                                 AND p.memo = 'carried over to the new period'
-                  JOIN lots carry ON carry.account_id = p_account
-                                 AND carry.grant_transaction_id = p.transaction_id
-                                 AND carry.source = 'subscription_carry_over')
             SELECT l2.* FROM lots l2
              WHERE l2.account_id = p_account
-               AND l2.lot_id IN (SELECT lot_id FROM chain WHERE lot_id <> pu.lot_id)
+               AND l2.lot_id IN (SELECT ledger_carry_over_lots(p_account, pu.lot_id))
                AND l2.remaining_micros > l2.held_micros
                AND (l2.expires_at IS NULL OR l2.expires_at > p_now)
              ORDER BY l2.lot_id DESC
@@ -352,8 +363,6 @@ DECLARE
     cl lots;
     take bigint;
     take_bonus bigint;
-    carried_out bigint;
-    carry_clawed bigint;
     carry_wanted bigint;
     carry_take bigint;
     part bigint;
@@ -399,34 +408,14 @@ BEGIN
         carry_take := 0;
         carry_takes := '[]';
         IF pu.kind = 'subscription' AND pu.claw_back_owed_micros - take > 0 THEN
-            -- As ledger_claw_back_purchase reads them.
-            SELECT coalesce(-sum(p.amount_micros), 0) INTO carried_out
-              FROM postings p
-             WHERE p.account_id = p_account AND p.lot_id = pu.lot_id
-               AND p.memo = 'carried over to the new period';
-            SELECT coalesce(-sum(p.amount_micros), 0) INTO carry_clawed
-              FROM postings p
-              JOIN journal_transactions t ON t.account_id = p.account_id
-                                         AND t.transaction_id = p.transaction_id
-             WHERE p.account_id = p_account AND t.kind = 'adjustment'
-               AND t.external_ref = pu.external_ref
-               AND p.memo = 'refund: carried-over credits clawed back';
-            carry_wanted := least(pu.claw_back_owed_micros - take, carried_out - carry_clawed);
+            -- As ledger_claw_back_purchase takes them.
+            carry_wanted := least(pu.claw_back_owed_micros - take,
+                                  ledger_carry_over_room(p_account, pu));
             IF carry_wanted > 0 THEN
                 FOR cl IN
-                    WITH RECURSIVE chain (lot_id) AS (
-                        SELECT pu.lot_id
-                        UNION
-                        SELECT carry.lot_id
-                          FROM chain c
-                          JOIN postings p ON p.account_id = p_account AND p.lot_id = c.lot_id
-                                         AND p.memo = 'carried over to the new period'
-                          JOIN lots carry ON carry.account_id = p_account
-                                         AND carry.grant_transaction_id = p.transaction_id
-                                         AND carry.source = 'subscription_carry_over')
                     SELECT l2.* FROM lots l2
                      WHERE l2.account_id = p_account
-                       AND l2.lot_id IN (SELECT lot_id FROM chain WHERE lot_id <> pu.lot_id)
+                       AND l2.lot_id IN (SELECT ledger_carry_over_lots(p_account, pu.lot_id))
                        AND l2.lot_id = ANY (p_lots)
                        AND l2.remaining_micros > l2.held_micros
                        AND (l2.expires_at IS NULL OR l2.expires_at > p_now)
