@@ -162,6 +162,52 @@ BEGIN
     RETURN ledger_checkout_session_json(c);
 END $$;
 
+-- The lots' side of a claw-back (ledger_claw_back_purchase, ledger_settle_claw_backs), in
+-- its ADJUSTMENT p_txn: the purchase's lot, its bonus lot and the carry-over lots (p_carry:
+-- [{lot_id, micros}]) each lose what is taken, posted against the source's issuance account
+-- (the audit counts the carry-over ones under the purchase by their memo). Returns what the
+-- main balance lost.
+CREATE OR REPLACE FUNCTION ledger_post_claw_back(
+    p_account text, p_txn bigint, l lots, p_take bigint, bl lots, p_take_bonus bigint,
+    p_carry jsonb) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    step record;
+    n int := 4;
+    main_taken bigint := 0;
+BEGIN
+    IF p_take > 0 THEN
+        UPDATE lots SET remaining_micros = remaining_micros - p_take
+         WHERE account_id = p_account AND lot_id = l.lot_id;
+        PERFORM ledger_post(p_account, p_txn, 0, 'account:' || l.balance_kind, l.lot_id,
+                            l.source, -p_take, 'refund: unspent credits clawed back');
+        PERFORM ledger_post(p_account, p_txn, 1, 'issuance:' || l.source, NULL, l.source, p_take);
+        main_taken := main_taken + CASE WHEN l.balance_kind = 'main' THEN p_take ELSE 0 END;
+    END IF;
+    IF p_take_bonus > 0 THEN
+        UPDATE lots SET remaining_micros = remaining_micros - p_take_bonus
+         WHERE account_id = p_account AND lot_id = bl.lot_id;
+        PERFORM ledger_post(p_account, p_txn, 2, 'account:' || bl.balance_kind, bl.lot_id,
+                            bl.source, -p_take_bonus, 'refund: bonus share clawed back');
+        PERFORM ledger_post(p_account, p_txn, 3, 'issuance:' || bl.source, NULL, bl.source,
+                            p_take_bonus);
+        main_taken := main_taken + CASE WHEN bl.balance_kind = 'main' THEN p_take_bonus ELSE 0 END;
+    END IF;
+    FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, (e ->> 'micros')::bigint AS micros
+                  FROM jsonb_array_elements(p_carry) e LOOP
+        UPDATE lots SET remaining_micros = remaining_micros - step.micros
+         WHERE account_id = p_account AND lot_id = step.lot_id;
+        PERFORM ledger_post(p_account, p_txn, n, 'account:main', step.lot_id,
+                            'subscription_carry_over', -step.micros,
+                            'refund: carried-over credits clawed back');
+        PERFORM ledger_post(p_account, p_txn, n + 1, 'issuance:subscription', NULL,
+                            'subscription_carry_over', step.micros);
+        n := n + 2;
+        main_taken := main_taken + step.micros;  -- carry-over lots are main credits
+    END LOOP;
+    RETURN main_taken;
+END $$;
+
 -- A subscription period's credits that an upgrade carried over (0002
 -- ledger_change_subscription_plan, its postings' memo 'carried over to the new period')
 -- live on in the carry-over lots that upgrade made, and in those a later upgrade made from
@@ -223,9 +269,8 @@ DECLARE
     carry_take bigint := 0;
     carry_takes jsonb := '[]';
     cl lots;
-    step record;
-    n int;
     txn bigint;
+    main_taken bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'claw_back_purchase', p_hash);
@@ -286,34 +331,8 @@ BEGIN
         txn := ledger_new_transaction(p_account, 'adjustment', -(take + take_bonus + carry_take),
                                       p_now, p_comment => p_comment,
                                       p_external_ref => pu.external_ref);
-        n := 4;
-        FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, (e ->> 'micros')::bigint AS micros
-                      FROM jsonb_array_elements(carry_takes) e LOOP
-            UPDATE lots SET remaining_micros = remaining_micros - step.micros
-             WHERE account_id = p_account AND lot_id = step.lot_id;
-            PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id,
-                                'subscription_carry_over', -step.micros,
-                                'refund: carried-over credits clawed back');
-            PERFORM ledger_post(p_account, txn, n + 1, 'issuance:subscription', NULL,
-                                'subscription_carry_over', step.micros);
-            n := n + 2;
-        END LOOP;
-        IF take > 0 THEN
-            UPDATE lots SET remaining_micros = remaining_micros - take
-             WHERE account_id = p_account AND lot_id = l.lot_id;
-            PERFORM ledger_post(p_account, txn, 0, 'account:' || l.balance_kind, l.lot_id, l.source,
-                                -take, 'refund: unspent credits clawed back');
-            PERFORM ledger_post(p_account, txn, 1, 'issuance:' || l.source, NULL, l.source, take);
-        END IF;
-        IF take_bonus > 0 THEN
-            UPDATE lots SET remaining_micros = remaining_micros - take_bonus
-             WHERE account_id = p_account AND lot_id = bl.lot_id;
-            PERFORM ledger_post(p_account, txn, 2, 'account:' || bl.balance_kind, bl.lot_id, bl.source,
-                                -take_bonus, 'refund: bonus share clawed back');
-            PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
-                                take_bonus);
-        END IF;
-        UPDATE accounts SET balance_micros = balance_micros - (take + take_bonus + carry_take)
+        main_taken := ledger_post_claw_back(p_account, txn, l, take, bl, take_bonus, carry_takes);
+        UPDATE accounts SET balance_micros = balance_micros - main_taken
          WHERE account_id = p_account;
         UPDATE purchases
            SET clawed_back_micros = clawed_back_micros + take + carry_take,
@@ -372,9 +391,8 @@ DECLARE
     -- first's carry-over lot and the first upgrade's own credits into one).
     left_micros bigint[] := p_micros;
     used bigint;
-    step record;
-    n int;
     txn bigint;
+    main_taken bigint;
     taken bigint := 0;
 BEGIN
     IF cardinality(p_lots) = 0 THEN
@@ -447,41 +465,8 @@ BEGIN
                                       p_now,
                                       p_comment => 'refunded payment: credits clawed back as they came back',
                                       p_external_ref => pu.external_ref);
-        IF take > 0 THEN
-            UPDATE lots SET remaining_micros = remaining_micros - take
-             WHERE account_id = p_account AND lot_id = l.lot_id;
-            PERFORM ledger_post(p_account, txn, 0, 'account:' || l.balance_kind, l.lot_id,
-                                l.source, -take, 'refund: unspent credits clawed back');
-            PERFORM ledger_post(p_account, txn, 1, 'issuance:' || l.source, NULL, l.source, take);
-        END IF;
-        IF take_bonus > 0 THEN
-            UPDATE lots SET remaining_micros = remaining_micros - take_bonus
-             WHERE account_id = p_account AND lot_id = bl.lot_id;
-            PERFORM ledger_post(p_account, txn, 2, 'account:' || bl.balance_kind, bl.lot_id,
-                                bl.source, -take_bonus, 'refund: bonus share clawed back');
-            PERFORM ledger_post(p_account, txn, 3, 'issuance:' || bl.source, NULL, bl.source,
-                                take_bonus);
-        END IF;
-        -- Posted as ledger_claw_back_purchase posts them (the audit counts them under the
-        -- purchase, and its later claw-backs subtract them by this memo).
-        n := 4;
-        FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, (e ->> 'micros')::bigint AS micros
-                      FROM jsonb_array_elements(carry_takes) e LOOP
-            UPDATE lots SET remaining_micros = remaining_micros - step.micros
-             WHERE account_id = p_account AND lot_id = step.lot_id;
-            PERFORM ledger_post(p_account, txn, n, 'account:main', step.lot_id,
-                                'subscription_carry_over', -step.micros,
-                                'refund: carried-over credits clawed back');
-            PERFORM ledger_post(p_account, txn, n + 1, 'issuance:subscription', NULL,
-                                'subscription_carry_over', step.micros);
-            n := n + 2;
-        END LOOP;
-        UPDATE accounts
-           SET balance_micros = balance_micros
-                                - CASE WHEN l.balance_kind = 'main' THEN take ELSE 0 END
-                                - CASE WHEN take_bonus > 0 AND bl.balance_kind = 'main'
-                                       THEN take_bonus ELSE 0 END
-                                - carry_take  -- carry-over lots are main credits
+        main_taken := ledger_post_claw_back(p_account, txn, l, take, bl, take_bonus, carry_takes);
+        UPDATE accounts SET balance_micros = balance_micros - main_taken
          WHERE account_id = p_account;
         UPDATE purchases
            SET clawed_back_micros = clawed_back_micros + take + carry_take,
