@@ -34,6 +34,7 @@ import grpc
 import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from redis import Redis
 
 from ledger.v1 import ledger_service_pb2 as pb
@@ -44,7 +45,7 @@ from ledger_server.audit import audit_database
 from ledger_server.db.migrate import migrate
 from ledger_server.devstack import embedded
 from ledger_server.observability import metrics
-from support.ledger import CREDIT
+from support.ledger import CREDIT, error_details
 from support.rq_workers import redis_db_url
 from support.server_process import REPO, ServerProcess
 from support.workers import worker_env
@@ -356,9 +357,11 @@ def test_postgres_restarted_under_load_health_follows_and_nothing_is_lost(
 
 # A PostgreSQL outage long enough for the pool's reconnection backoff (1, 2, 4, 8, 16 s, ...
 # from the first failed connect) to be waiting its next retry ~10 s away when PostgreSQL is
-# back; READY is how soon after health says SERVING again a call must work.
+# back; READY is how soon after health says SERVING again a call must work. FAIL_FAST bounds
+# how long a call takes to fail during the outage (about 1 s; it took 30 s, or its deadline).
 OUTAGE = 18.0
 READY = 5.0
+FAIL_FAST = 5.0
 
 
 def _balance(stub: ledger_service_pb2_grpc.LedgerServiceStub, account: str) -> str:
@@ -370,7 +373,17 @@ def _balance(stub: ledger_service_pb2_grpc.LedgerServiceStub, account: str) -> s
     return "OK"
 
 
-def test_calls_work_as_soon_as_health_says_serving_after_a_postgres_outage(
+def _timed_failure(call: grpc.Future) -> tuple[str, str, float]:
+    """How a call in flight failed: its code, ErrorInfo reason and seconds taken."""
+    started = time.monotonic()
+    error = call.exception(timeout=WAIT)
+    elapsed = time.monotonic() - started
+    assert isinstance(error, grpc.RpcError), f"the call did not fail: {call.result()}"
+    reason = error_details(error)[0].reason if rpc_status.from_call(error) else ""  # type: ignore[arg-type]
+    return error.code().name, reason, elapsed  # type: ignore[attr-defined]
+
+
+def test_calls_fail_fast_during_a_postgres_outage_and_work_as_soon_as_health_says_serving(
     own_postgres: embedded.EmbeddedPostgres,
     report: Callable[[str, dict[str, int]], None],
 ) -> None:
@@ -379,7 +392,11 @@ def test_calls_work_as_soon_as_health_says_serving_after_a_postgres_outage(
     out; a load balancer would send traffic to a server that cannot serve. Now health, on
     reaching PostgreSQL, has the pool reconnect at once and says SERVING only once the pool
     lends a working connection: a call succeeds within READY of SERVING (it did not within
-    15 s before)."""
+    15 s before).
+
+    helper-outage: during the outage a call waited for a pool connection 30 s (no deadline)
+    or its whole deadline, though the pool knew PostgreSQL unreachable. Now it fails within
+    FAIL_FAST, STORAGE_UNAVAILABLE, and changes nothing."""
     database_url = embedded.with_database(own_postgres.url, "ledger_outage")
     embedded.create_database(own_postgres.url, "ledger_outage")
     migrate(database_url)
@@ -402,6 +419,12 @@ def test_calls_work_as_soon_as_health_says_serving_after_a_postgres_outage(
                 wait.wait(0.5)
             assert "OK" not in during
             assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            charge = pb.ConsumeRequest(
+                account_id=account, idempotency_key="outage-charge", amount_micros=CREDIT
+            )
+            no_deadline = _timed_failure(stub.Consume.future(charge))
+            read = pb.BalanceRequest(account_id=account)
+            with_deadline = _timed_failure(stub.Balance.future(read, timeout=20))
             _start_again(own_postgres.pgdata)
             _wait_for_health(server.address, health_pb2.HealthCheckResponse.SERVING)
             serving = time.monotonic()
@@ -413,10 +436,21 @@ def test_calls_work_as_soon_as_health_says_serving_after_a_postgres_outage(
                 wait.wait(0.2)
     finally:
         server.stop()
-    report("PostgreSQL outage", {"calls_after_serving_until_ok": len(after)})
+    report(
+        "PostgreSQL outage",
+        {
+            "ms_to_fail_without_deadline": int(no_deadline[2] * 1000),
+            "ms_to_fail_with_deadline": int(with_deadline[2] * 1000),
+            "calls_after_serving_until_ok": len(after),
+        },
+    )
+    for code, reason, seconds in (no_deadline, with_deadline):
+        assert (code, reason) == ("UNAVAILABLE", "STORAGE_UNAVAILABLE"), (code, reason, seconds)
+        assert seconds < FAIL_FAST, f"a call took {seconds:.1f} s to fail during the outage"
     assert after and after[-1] == "OK", (
         f"health said SERVING but no Balance call succeeded within {READY} s: {after}"
     )
+    assert _ledger_keys(database_url, [account]) == {}  # the failed charge changed nothing
 
 
 # --- (e) must-show 6: /metrics, request ids in the logs, no token in them ----------------

@@ -4,6 +4,7 @@ last, and still closes the one idle longest when it shrinks."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from ledger.v1 import admin_service_pb2_grpc, billing_service_pb2_grpc, ledger_s
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
-from ledger_server.db.pool import open_pool
+from ledger_server.db.pool import UNREACHABLE_WAIT, DatabaseUnreachable, LedgerPool, open_pool
 from support.ledger import CREDIT, new_account
 from support.server import ServerThread
 from support.settings import ActorMetadata
@@ -103,6 +104,50 @@ def test_a_loan_refused_for_lack_of_time_leaves_the_order_alone(ledger_db_url: s
 
     returned, used = asyncio.run(scenario())
     assert used == returned[-1]
+
+
+def test_calls_wait_for_a_busy_pool_but_fail_fast_when_postgresql_cannot_be_reached(
+    ledger_db_url: str,
+) -> None:
+    """helper-outage: a call waited its whole pool time-out (30 s) for a connection while
+    PostgreSQL was down. Now, once the pool's connection attempt fails and it holds no open
+    connection, the calls waiting fail at once and new ones within UNREACHABLE_WAIT; a busy
+    pool (a connection lent) still makes them wait, even if growing it fails. The outage is
+    the pool's URL turned to a closed port, and a lost connection one closed."""
+    url = {"now": ledger_db_url}
+    down = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=2"
+
+    async def scenario() -> None:
+        pool = LedgerPool(lambda: url["now"], min_size=1, max_size=2, open=False)
+        await pool.open(wait=True, timeout=10)
+        try:
+            held = await pool.getconn()
+            url["now"] = down  # the pool cannot grow, but its lent connection is open
+            waiting = asyncio.create_task(pool.getconn(timeout=30))
+            await asyncio.sleep(UNREACHABLE_WAIT + 0.2)
+            assert not waiting.done()
+            await pool.putconn(held)
+            held = await asyncio.wait_for(waiting, 5)
+
+            waiting = asyncio.create_task(pool.getconn(timeout=30))
+            await asyncio.sleep(0.05)
+            await held.close()  # lost with PostgreSQL: the pool now has no open connection
+            await pool.putconn(held)
+            with pytest.raises(DatabaseUnreachable):
+                await asyncio.wait_for(waiting, 5)
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnreachable):
+                await pool.getconn(timeout=30)
+            assert time.monotonic() - started < 5
+
+            url["now"] = ledger_db_url
+            pool.reconnect_now()  # what the health task does on reaching PostgreSQL
+            async with pool.connection(timeout=5) as conn:
+                await conn.execute("SELECT 1")
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
 
 
 def _session_setting(

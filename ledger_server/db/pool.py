@@ -24,16 +24,38 @@ AddConnection is already pending). After an outage of half a minute the next ret
 half a minute away while PostgreSQL answers again, and every call fails meanwhile.
 ``reconnect_now()`` runs the retries waiting out their backoff at once; the database health
 task (observability/health.py) calls it when its own connection reaches PostgreSQL, and
-reports SERVING again only once this pool lends a working connection."""
+reports SERVING again only once this pool lends a working connection.
+
+While PostgreSQL cannot be reached, a call fails fast instead of waiting for a connection
+(``timeout``, 30 s, or its whole deadline): once the pool's last connection attempt has
+failed and it holds no open connection, no connection can come but from a reconnection,
+so a call waits ``UNREACHABLE_WAIT`` at most (one attempt may be under way) and is answered
+STORAGE_UNAVAILABLE, having changed nothing; those already waiting are answered so as soon
+as an attempt fails. Clients and load balancers can then fail over or back off at once. A
+pool that is merely saturated (every connection lent, PostgreSQL answering) holds open
+connections, so its calls still wait for one."""
 
 from __future__ import annotations
 
+import weakref
+
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
+from psycopg_pool import PoolTimeout
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 
 from ledger_server.db.deadlines import DEFAULT_STATEMENT_TIMEOUT_MS, DeadlinePool
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
+
+# Time enough for a reconnection attempt to a PostgreSQL that answers (a few ms), short
+# enough for a client to fail over at once.
+UNREACHABLE_WAIT = 1.0
+
+
+class DatabaseUnreachable(psycopg.OperationalError):
+    """The pool lends no connection because PostgreSQL cannot be reached. An
+    OperationalError without SQLSTATE: answered STORAGE_UNAVAILABLE (db/errors.py)."""
 
 
 async def _configure(conn: AsyncConnection[TupleRow]) -> None:
@@ -47,6 +69,50 @@ async def _configure(conn: AsyncConnection[TupleRow]) -> None:
 class LedgerPool(DeadlinePool):
     # AddConnection tasks waiting out a reconnection backoff in the pool's scheduler.
     _backing_off: set[MaintenanceTask]
+    # Whether the last attempt to connect failed (none succeeded since).
+    _connect_failed = False
+    # Every connection this pool has opened and not yet dropped (a broken one reads closed).
+    _connections: weakref.WeakSet[AsyncConnection[TupleRow]]
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether only a reconnection could lend a connection now, and the last failed."""
+        if not self._connect_failed:
+            return False
+        conns = self.__dict__.setdefault("_connections", weakref.WeakSet())
+        return all(conn.closed for conn in conns)
+
+    async def _connect(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 (the pool's own signature)
+    ) -> AsyncConnection[TupleRow]:
+        try:
+            conn = await super()._connect(timeout)
+        except psycopg.OperationalError:
+            self._connect_failed = True
+            if self.unreachable:
+                await self._fail_waiting()
+            raise
+        self._connect_failed = False
+        self.__dict__.setdefault("_connections", weakref.WeakSet()).add(conn)
+        return conn
+
+    async def _fail_waiting(self) -> None:
+        async with self._lock:
+            while self._waiting:
+                await self._waiting.popleft().fail(_unreachable())
+
+    async def getconn(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 (the pool's own signature)
+    ) -> AsyncConnection[TupleRow]:
+        if not self.unreachable:
+            return await super().getconn(timeout)
+        wait = UNREACHABLE_WAIT if timeout is None else min(timeout, UNREACHABLE_WAIT)
+        try:
+            return await super().getconn(wait)
+        except PoolTimeout:
+            raise _unreachable() from None
 
     async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
         # psycopg_pool schedules a task in the future only to retry a failed connect (and to
@@ -91,6 +157,10 @@ class LedgerPool(DeadlinePool):
         if timeout is None or timeout > 0:  # else the parent raises PoolTimeout, lends nothing
             self._pool.rotate(1)
         return await super()._get_ready_connection(timeout)
+
+
+def _unreachable() -> DatabaseUnreachable:
+    return DatabaseUnreachable("PostgreSQL cannot be reached: the pool has no connection")
 
 
 async def open_pool(

@@ -22,7 +22,7 @@ import psycopg
 from grpc_health.v1 import health, health_pb2
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
-from ledger_server.db.pool import LedgerPool
+from ledger_server.db.pool import DatabaseUnreachable, LedgerPool
 from ledger_server.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class DatabaseHealth:
                         async with self._pool.connection(timeout=self._timeout) as conn:
                             await conn.execute("SELECT 1")
                         return True
-                    except (PoolTimeout, PoolClosed, TooManyRequests):
+                    except (PoolTimeout, PoolClosed, TooManyRequests, DatabaseUnreachable):
                         raise  # no connection lent: not a broken one to skip
                     except psycopg.OperationalError as error:
                         log.debug("pooled connection failed, trying the next: %s", error)
