@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
 import threading
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +20,8 @@ from ledger.v1 import ledger_service_pb2_grpc
 from ledger_server.observability import request_id
 from ledger_server.observability.logging import JsonFormatter
 from ledger_server.observability.metrics import credits_in_result
+from ledger_server.observability.rpc import observed
+from ledger_server.server.auth import loopback_only
 from support.ledger import CREDIT, Ledger, new_account
 
 
@@ -136,3 +141,76 @@ def test_json_lines_carry_the_request_id_and_mask_tokens() -> None:
     assert (line["code"], line["n"]) == ("OK", 3)
     assert "abc.DEF-123" not in stream.getvalue()
     assert line["authorization"] == "[redacted]"
+
+
+def test_an_answer_to_a_call_that_has_ended_is_counted_cancelled_not_unknown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that finishes its work after its client gave up (as a charge whose database
+    work must complete) then answers an error: grpc cannot send it (ExecuteBatchError). That
+    is the client's cancellation, not a fault of ours to log as UNKNOWN at WARNING."""
+    method = "/test.Observed/LateRefusal"
+    handler_ended = threading.Event()
+
+    async def late_refusal(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        with contextlib.suppress(asyncio.CancelledError):  # its work goes on
+            await asyncio.sleep(10)
+        try:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "too late")
+        finally:
+            handler_ended.set()
+        return b""
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(observed(method, late_refusal))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Observed", {"LateRefusal": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as gone:
+                    await channel.unary_unary(method)(b"", timeout=0.2)
+                assert gone.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(100):
+                if handler_ended.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # the handler's task ends just after its abort
+        finally:
+            await server.stop(None)
+
+    labels = {"service": "test.Observed", "method": "LateRefusal"}
+    with caplog.at_level(logging.INFO, logger="ledger_server.rpc"):
+        asyncio.run(run())
+    assert handler_ended.is_set()
+    assert _value("ledger_rpc_requests_total", **labels, code="UNKNOWN") == 0
+    assert _value("ledger_rpc_requests_total", **labels, code="CANCELLED") == 1
+    lines = [r for r in caplog.records if r.name == "ledger_server.rpc"]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.INFO, "LateRefusal failed: CANCELLED")
+    ]
+
+
+def test_a_call_whose_peer_grpc_no_longer_names_is_not_refused_as_remote() -> None:
+    """grpc names no peer ("") once a call's stream has ended; loopback_only must not
+    answer it UNAUTHENTICATED LOOPBACK_ONLY (a refusal of a caller from elsewhere)."""
+
+    class EndedCall:
+        aborted = False
+
+        def peer(self) -> str:
+            return ""
+
+        async def abort_with_status(self, *args: object) -> None:
+            self.aborted = True
+
+    async def inner(request: object, context: object) -> bytes:
+        raise AssertionError("an ended call is not served")
+
+    context = EndedCall()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(loopback_only(inner)(b"", context))  # type: ignore[arg-type]
+    assert not context.aborted

@@ -77,7 +77,15 @@ class _ObservedContext:
     ) -> None:
         metadata = tuple(trailing_metadata) or self._trailing
         self.reason = self.reason or _reason(metadata)
-        await self._inner.abort(code, details, self._with_id(metadata))
+        try:
+            await self._inner.abort(code, details, self._with_id(metadata))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            # grpc could not send the status (ExecuteBatchError): the call had ended, its
+            # client gone or its deadline passed, so nobody hears this answer. Counted and
+            # logged as the cancellation it is, not as a fault of ours (UNKNOWN).
+            raise asyncio.CancelledError from error
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         await self.abort(status.code, status.details, tuple(status.trailing_metadata or ()))

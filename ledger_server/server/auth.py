@@ -16,6 +16,7 @@ checked again here (loopback_only), as defence in depth."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
@@ -177,7 +178,12 @@ def loopback_only(inner: Handler) -> Handler:
     """``inner`` for loopback peers only (running without callers)."""
 
     async def loopback_call(request: Any, context: Context) -> Any:
-        if not is_loopback_peer(context.peer()):
+        peer = context.peer()
+        if not peer:
+            # grpc names no peer once the call's stream has ended (its client gone): nobody
+            # to refuse, and not a caller from elsewhere.
+            raise asyncio.CancelledError
+        if not is_loopback_peer(peer):
             await context.abort_with_status(
                 to_status(
                     _unauthenticated(
