@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from ledger.v1 import ledger_service_pb2 as ledger_pb
-from ledger_server.cli.output import enum_name
+from ledger_server.cli.output import UsageError, enum_name, parse_credits
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from ledger_server.server import journal_pages
 from support.ledger import CREDIT, Ledger, new_account
@@ -263,6 +263,14 @@ def test_an_enum_value_this_build_does_not_know_prints_as_its_number() -> None:
     assert enum_name(name_of, newer, "RESERVATION_STATUS_") == "99"
 
 
+def test_a_comma_in_credits_separates_thousands_only() -> None:
+    assert parse_credits("1,000,000.5") == 1_000_000_500_000
+    assert parse_credits("12,345") == 12_345 * CREDIT
+    for decimal_comma in ("1,5", "2,50", "1,0000", "1.000,5", "10,000,00", ",100"):
+        with pytest.raises(UsageError, match=r"^--credits: "):
+            parse_credits(decimal_comma, "--credits")
+
+
 def test_config_list_set_and_reset(cli: Cli, configure: Any) -> None:
     key = "recharge.minimum_minor"
     settings = ok_json(cli("config", "list", "--json"))["settings"]
@@ -333,6 +341,11 @@ def test_errors_are_clear_and_exit_codes_tell_them_apart(cli: Cli, ledger: Ledge
 
     assert cli("grant", account, "1.0000001", "--reason", "x").returncode == 2
     assert cli("grant", account, "lots", "--reason", "x").returncode == 2
+    # A decimal comma is refused, never read as 250 credits (only thousands take a comma).
+    comma = cli("grant", account, "2,50", "--reason", "x")
+    assert comma.returncode == 2 and "credits: '2,50'" in comma.stderr
+    assert cli("adjust", account, "0,5", "--reason", "x").returncode == 2
+    assert ok_json(cli("balance", account, "--json"))["balance_micros"] == str(CREDIT)
     assert cli("grant", account, "1").returncode == 2  # --reason is required
     assert cli().returncode == 2
 

@@ -507,7 +507,7 @@ def _batch(batch: admin_pb.RedemptionBatch, session: Session) -> None:
 def codes_create(args: argparse.Namespace, session: Session) -> int:
     request = admin_pb.CreateRedemptionBatchRequest(
         idempotency_key=_key(args, session),
-        amount_micros=output.parse_credits(args.credits),
+        amount_micros=output.parse_credits(args.credits, "--credits"),
         code_count=args.count,
         max_redemptions_per_code=args.max_per_code,
         note=args.note,

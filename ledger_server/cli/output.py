@@ -4,6 +4,7 @@ and gRPC errors with their status code, message and ErrorInfo."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC
@@ -35,15 +36,28 @@ def credits(micros: int) -> str:
     return sign + text
 
 
-def parse_credits(text: str) -> int:
-    """ "96.5" -> 96500000; at most six decimals, never a float on the way."""
+# A comma is read only as a thousands separator: a decimal comma ("2,50") with its commas
+# dropped would be 250, a hundred times the amount the operator meant.
+_THOUSANDS = re.compile(r"\s*[+-]?\d{1,3}(,\d{3})+(\.\d*)?\s*")
+
+
+def parse_credits(text: str, name: str = "credits") -> int:
+    """ "96.5" -> 96500000, "1,000" -> 1000000000; at most six decimals, never a float on the
+    way. ``name``: the argument, named in the usage error."""
+    if "," in text and not _THOUSANDS.fullmatch(text):
+        raise UsageError(
+            f"{name}: {text!r} is not an amount of credits: a comma only separates thousands "
+            "(1,000.5); write decimals with a point (2.5)"
+        )
     try:
         value = Decimal(text.replace(",", "").replace("_", ""))
     except InvalidOperation:
-        raise UsageError(f"{text!r} is not an amount of credits such as 10 or 96.5") from None
+        raise UsageError(
+            f"{name}: {text!r} is not an amount of credits such as 10 or 96.5"
+        ) from None
     micros = value * MICROS_PER_CREDIT
     if not value.is_finite() or micros != micros.to_integral_value():
-        raise UsageError(f"{text!r}: credits have at most 6 decimals")
+        raise UsageError(f"{name}: {text!r}: credits have at most 6 decimals")
     return int(micros)
 
 
