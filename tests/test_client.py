@@ -405,6 +405,17 @@ def test_conflict_surfaces_once_attempts_are_spent() -> None:
     assert len(fake.received) == 3
 
 
+def test_the_backoff_stays_at_its_cap_however_many_attempts() -> None:
+    """multiplier ** (attempt - 1) passes a float's range from the 1025th attempt: the
+    delay must stay capped, not raise OverflowError (which is no LedgerError)."""
+    policy = RetryPolicy(max_attempts=10**6)
+    error = Unavailable("down")
+    for attempt in (1025, 10**6 - 1):
+        delay = policy.delay_before_retry(error, attempt, None)
+        assert delay is not None and 0 <= delay <= policy.max_backoff
+    assert RetryPolicy(initial_backoff=0.0).backoff(10**6) == 0.0
+
+
 def test_the_servers_own_time_out_is_retried_with_the_same_key() -> None:
     """DEADLINE_EXCEEDED with the server's ErrorInfo: its database time-out rolled the call
     back, so the retry (same key) is safe. One without it (the deadline passed on the way,

@@ -148,8 +148,14 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
-        return random.uniform(0, ceiling)
+        try:
+            grown = self.initial_backoff * self.multiplier ** (attempt - 1)
+        except OverflowError:
+            # Past a float's range (2.0 ** 1024, some 1025 attempts at the default multiplier)
+            # the backoff reached its cap long ago, unless it starts at zero. The error must not
+            # escape: it is no LedgerError, and the caller would lose the call's key.
+            grown = self.max_backoff if self.initial_backoff else 0.0
+        return random.uniform(0, min(self.max_backoff, grown))
 
     def delay_before_retry(
         self, error: LedgerError, attempt: int, remaining: float | None
