@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -50,8 +50,19 @@ TransactionStatusLike: TypeAlias = pb.TransactionStatus.ValueType | str
 ``"pending"``."""
 UsageUnitLike: TypeAlias = types_pb2.UsageUnit.ValueType | str
 """A unit of usage: ``types_pb2.USAGE_UNIT_OUTPUT_TOKENS`` or ``"output_tokens"``."""
-QuantitiesLike: TypeAlias = Mapping[UsageUnitLike, int]
-"""Quantities of usage by unit: ``{"input_tokens": 1200, "output_tokens": 300}``."""
+
+
+class QuantitiesLike(Protocol):
+    """Quantities of usage by unit, a mapping: ``{"input_tokens": 1200, "output_tokens": 300}``,
+    its keys unit names or ``types_pb2.UsageUnit`` values (or both).
+
+    A protocol on ``items()`` rather than ``Mapping[UsageUnitLike, int]``: a Mapping is
+    invariant in its key, so mypy refused a ``dict[str, int]`` variable; nor a union of
+    Mappings, under which mypy refuses a literal that mixes names and values."""
+
+    def items(self) -> Iterable[tuple[UsageUnitLike, int]]: ...
+
+
 UsageLike: TypeAlias = QuantitiesLike | types_pb2.Usage
 """A usage: quantities by unit, or a ``types_pb2.Usage`` (to name a feature and model too)."""
 
