@@ -26,9 +26,11 @@ from ledger_client import (
     AsyncLedgerClient,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     LedgerClient,
     LedgerError,
 )
+from ledger_client._hold import REFUSED_RELEASE_REASON
 from ledger_server.server import journal_pages
 from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, new_account, new_key
@@ -569,6 +571,34 @@ def test_a_block_that_tried_a_release_ends_by_replaying_it_not_by_committing(
     assert release.comment == "the user cancelled"
 
 
+def test_a_release_the_block_tried_that_was_refused_is_not_sent_again(
+    client: LedgerClient, ledger: Ledger
+) -> None:
+    """The server refused the block's own release for good (a reason too long: nothing was
+    released). The block's end does not send that refusal again (nor raise it once more
+    when the block caught it), nor commit: it releases the hold with the client's reason,
+    a new key, as a failed job when the block raised."""
+    account = new_account("hold-release-refused")
+    ledger.grant(account, 10)
+    with client.reservation(account, 4 * CREDIT) as caught:
+        with pytest.raises(InvalidArgument) as refused:
+            caught.release(reason="r" * 5000, idempotency_key=new_key("refused"))
+        assert refused.value.field == "reason"
+    with (
+        pytest.raises(InvalidArgument),
+        client.reservation(account, 3 * CREDIT) as raised,
+    ):
+        raised.release(reason="r" * 5000)
+
+    assert caught.reservation.status == pb.RESERVATION_STATUS_RELEASED
+    assert raised.reservation.status == pb.RESERVATION_STATUS_FAILED
+    assert not ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_CHARGE])
+    releases = ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_RELEASE])
+    assert [r.comment for r in releases] == [REFUSED_RELEASE_REASON] * 2
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
+
+
 def test_a_commit_refused_at_the_end_of_the_block_gives_the_hold_back(
     client: LedgerClient, ledger: Ledger
 ) -> None:
@@ -614,6 +644,11 @@ def test_async_block_end_releases_a_refused_commit_and_replays_a_tried_release(
                 released.release_response = None  # as if its answer had been lost
             assert released.release_response is not None  # replayed at the end, not committed
             assert released.commit_response is None
+            async with aclient.reservation(account, 3 * CREDIT) as refused:
+                with pytest.raises(InvalidArgument):  # caught: the block ends normally
+                    await refused.release(reason="r" * 5000)
+            # Not sent again, nor committed: released by the client.
+            assert refused.reservation.status == pb.RESERVATION_STATUS_RELEASED
 
     asyncio.run(scenario())
     balance = ledger.balance(account)

@@ -20,7 +20,9 @@ class HoldState:
     answers the first attempt's result instead of ``ReservationNotPending``.
 
     Once a commit was tried, the end of the block releases the hold only when the server
-    refused that commit for good: else it may have been applied, or may succeed later."""
+    refused that commit for good: else it may have been applied, or may succeed later. A
+    release the block tried is replayed at its end unless the server refused it for good:
+    then a release of the client's own (a new key) gives the hold back instead."""
 
     def __init__(self, request: pb.ReserveRequest, timeout: float | None) -> None:
         self._request = request
@@ -36,6 +38,7 @@ class HoldState:
         self._release_key: str | None = None
         self._release_reason = ""
         self._release_job_failed = False
+        self._release_failure: BaseException | None = None
 
     @property
     def account_id(self) -> str:
@@ -162,20 +165,40 @@ class HoldState:
         tried is replayed (``"commit again"``, same key) when its failure may pass; refused
         for good (nothing was charged, and never will be), the hold is released; cut short
         (an interrupt, a cancellation: it may have been applied), it is left pending for the
-        caller or its time-to-live. Otherwise a commit, or a release when the block raised."""
+        caller or its time-to-live. Otherwise a commit, or a release when the block raised.
+
+        A release the block tried that the server refused for good is never sent again (it
+        would be refused again): a release of the client's own (``"release anew"``) takes
+        its place, still never a commit."""
         if self.finished:
             return None
-        if self._release_key is not None:
+        failure = self._release_failure
+        release_refused = isinstance(failure, LedgerError) and refused_for_good(failure)
+        if self._release_key is not None and not release_refused:
             return "release"
+        release = "release anew" if release_refused else "release"
         if self._commit_key is not None:
             failure = self._commit_failure
             if isinstance(failure, LedgerError):
-                return "release" if refused_for_good(failure) else "commit again"
+                return release if refused_for_good(failure) else "commit again"
             return "commit again" if failure is None else None
+        if release_refused:
+            return release
         return "release" if raised else "commit"
 
     def _commit_failed(self, error: BaseException) -> None:
         self._commit_failure = error
+
+    def _release_failed(self, error: BaseException) -> None:
+        self._release_failure = error
+
+    def _release_anew_args(self, exc_type: type[BaseException] | None) -> tuple[str, bool]:
+        """The reason and job_failed of the release that replaces one refused for good, and a
+        new key for it (the refused key may be the cause: ``AlreadyExists``). ``job_failed``
+        as the block asked, or because it raised."""
+        self._release_key = None
+        raised = exc_type is not None and issubclass(exc_type, Exception)
+        return REFUSED_RELEASE_REASON, self._release_job_failed or raised
 
     def _exit_release_args(
         self, exc_type: type[BaseException] | None
@@ -223,6 +246,11 @@ def refused_for_good(error: LedgerError) -> bool:
 # A commit refused for good (not an unknown outcome): nothing was charged, and the hold goes
 # back now rather than when its time-to-live passes.
 REFUSED_COMMIT_REASON = "released by the client: the commit at the end of the block was refused"
+
+
+# A release the block tried was refused for good (a reason too long, say): nothing was
+# released, so the client sends its own rather than leave the hold until its time-to-live.
+REFUSED_RELEASE_REASON = "released by the client: the release in the block was refused"
 
 
 def release_reason(exc_type: type[BaseException] | None) -> str:

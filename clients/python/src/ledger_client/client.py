@@ -752,14 +752,18 @@ class Hold(HoldState):
         key (:attr:`release_idempotency_key`) and, unless given, the first attempt's reason
         and ``job_failed``: call it again after an unknown outcome to replay it."""
         reason, job_failed, key = self._release_args(reason, job_failed, idempotency_key)
-        self.release_response = self._client.release(
-            self.account_id,
-            self.reservation_id,
-            reason=reason,
-            job_failed=job_failed,
-            idempotency_key=key,
-            timeout=self._timeout,
-        )
+        try:
+            self.release_response = self._client.release(
+                self.account_id,
+                self.reservation_id,
+                reason=reason,
+                job_failed=job_failed,
+                idempotency_key=key,
+                timeout=self._timeout,
+            )
+        except BaseException as error:
+            self._release_failed(error)  # the end of the block must know why
+            raise
         return self.release_response
 
     def __enter__(self) -> Hold:
@@ -808,4 +812,12 @@ class Hold(HoldState):
                     raise
                 # The block's own exception matters more; an unreleased hold is returned by
                 # the server when its time-to-live passes.
+                log.warning("could not release reservation %s", self.reservation_id, exc_info=True)
+        elif action == "release anew":
+            # The block already had the refusal (caught, or propagating): this release is the
+            # client's best effort to give the hold back, and its failure only logged.
+            try:
+                reason, job_failed = self._release_anew_args(exc_type)
+                self.release(reason=reason, job_failed=job_failed)
+            except LedgerError:
                 log.warning("could not release reservation %s", self.reservation_id, exc_info=True)
