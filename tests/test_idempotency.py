@@ -4,16 +4,19 @@ nothing."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf.message import Message
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc, types_pb2
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, types_pb2
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 
 
@@ -202,3 +205,87 @@ def test_a_replay_is_marked_in_trailing_metadata(ledger: Ledger) -> None:
     _, second = ledger.stub.Grant.with_call(request)
     assert ("ledger-idempotent-replay", "true") not in (first.trailing_metadata() or ())
     assert ("ledger-idempotent-replay", "true") in second.trailing_metadata()
+
+
+def _admin_operations(
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+) -> dict[str, Callable[[], tuple[Callable[[Message], Message], Message]]]:
+    """Per administrators' RPC: (call, request), in the form clients usually send."""
+
+    def create_batch() -> tuple[Any, Message]:
+        request = admin_pb.CreateRedemptionBatchRequest(
+            idempotency_key=new_key(), amount_micros=CREDIT, code_count=1
+        )
+        return admin.CreateRedemptionBatch, request
+
+    def disable_batch() -> tuple[Any, Message]:
+        _, batch = create_batch()
+        batch_id = admin.CreateRedemptionBatch(batch).batch.batch_id
+        request = admin_pb.DisableRedemptionBatchRequest(
+            batch_id=batch_id, reason="leaked", idempotency_key=new_key()
+        )
+        return admin.DisableRedemptionBatch, request
+
+    return {"CreateRedemptionBatch": create_batch, "DisableRedemptionBatch": disable_batch}
+
+
+# Per RPC: its operation's name, and a field written another way the ledger reads alike.
+_WRITTEN_ANOTHER_WAY: dict[str, tuple[str, Callable[[Any], None]]] = {
+    "Grant": ("grant", lambda r: setattr(r, "balance_kind", types_pb2.BALANCE_KIND_MAIN)),
+    "Commit": ("commit", lambda r: setattr(r, "reservation_id", r.reservation_id.upper())),
+    "Refund": ("refund", lambda r: setattr(r, "reservation_id", r.reservation_id.upper())),
+    "Release": ("release", lambda r: setattr(r, "reservation_id", r.reservation_id.upper())),
+    "CreateRedemptionBatch": (
+        "create_redemption_batch",
+        lambda r: setattr(r, "max_redemptions_per_code", 1),
+    ),
+    "DisableRedemptionBatch": (
+        "disable_redemption_batch",
+        lambda r: setattr(r, "batch_id", r.batch_id.upper()),
+    ),
+}
+
+
+def _as_sent(operation: str, request: Message) -> bytes:
+    """The fingerprint releases before stored: every field as sent, but the key."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("idempotency_key")  # type: ignore[arg-type]
+    serialized = copy.SerializeToString(deterministic=True)
+    return hashlib.sha256(operation.encode() + b"\x00" + serialized).digest()
+
+
+@pytest.mark.parametrize("operation", list(_WRITTEN_ANOTHER_WAY))
+def test_a_retry_written_another_way_the_ledger_reads_alike_is_a_replay(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    ledger_db_url: str,
+    operation: str,
+) -> None:
+    """An upper-case id, the value an unset field means spelled out: the same request, not
+    IDEMPOTENCY_KEY_REUSED. The usual form keeps the fingerprint releases before stored
+    (a retry during a rolling deploy still matches)."""
+    name, rewrite = _WRITTEN_ANOTHER_WAY[operation]
+    account = new_account()
+    admin_operations = _admin_operations(admin)
+    if operation in admin_operations:
+        call, request = admin_operations[operation]()
+        stored_hash = "SELECT request_hash FROM admin_requests WHERE idempotency_key = %s"
+        where: tuple[str, ...] = (request.idempotency_key,)  # type: ignore[attr-defined]
+    else:
+        call, request, _ = _operations(ledger)[operation](account)
+        stored_hash = """SELECT request_hash FROM idempotency_keys
+                          WHERE account_id = %s AND idempotency_key = %s"""
+        where = (account, request.idempotency_key)  # type: ignore[attr-defined]
+    first = call(request)
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(stored_hash, where).fetchone()
+    assert row is not None and bytes(row[0]) == _as_sent(name, request)
+
+    retry = type(request)()
+    retry.CopyFrom(request)
+    rewrite(retry)
+    assert retry != request
+    again, rpc = call.with_call(retry)  # type: ignore[attr-defined]
+    assert again == first
+    assert ("ledger-idempotent-replay", "true") in (rpc.trailing_metadata() or ())

@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger_server.errors import LedgerError
 from ledger_server.ledger import store, validation
-from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.ledger.fingerprint import AsRead, request_fingerprint
 from ledger_server.server.calls import Context, mark_replay
 from ledger_server.server.identity import caller_identity
 
@@ -35,13 +35,14 @@ async def once(
     response_type: type[Response],
     now: datetime,
     change: Change[Response],
+    as_read: AsRead | None = None,
 ) -> Response:
     """Runs change(conn) once per idempotency key of `request`, in one transaction."""
     key = validation.idempotency_key(
         getattr(request, "idempotency_key"),  # noqa: B009
         account_namespace=False,
     )
-    fingerprint = request_fingerprint(operation, request)
+    fingerprint = request_fingerprint(operation, request, as_read)
     async with pool.connection() as conn, conn.transaction():
         claimed = await store.fetch_all(
             conn,

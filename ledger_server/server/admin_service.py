@@ -22,7 +22,7 @@ from ledger_server import runtime_settings
 from ledger_server.clock import Clock
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, store, validation
-from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.ledger.fingerprint import AsRead, request_fingerprint, unset_if_default
 from ledger_server.server import admin_requests
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
@@ -208,10 +208,18 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         request: Message,
         response_type: type[Response],
         change: admin_requests.Change[Response],
+        as_read: AsRead | None = None,
     ) -> Response:
         """The change, once per idempotency key (a retry answers the first response)."""
         return await admin_requests.once(
-            self._pool, context, operation, request, response_type, self._clock.now(), change
+            self._pool,
+            context,
+            operation,
+            request,
+            response_type,
+            self._clock.now(),
+            change,
+            as_read,
         )
 
     async def _write_catalogue(
@@ -321,6 +329,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             )
         params: dict[str, object] = {
             "key": validation.idempotency_key(request.idempotency_key, account_namespace=False),
+            # Compared only with the keys of releases before admin_requests, which
+            # fingerprinted the request as sent.
             "hash": request_fingerprint("create_redemption_batch", request),
             "amount": validation.positive_amount(request.amount_micros),
             "count": request.code_count,
@@ -343,8 +353,16 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 codes=[mapping.format_code(code) for code in data["codes"]],
             )
 
+        as_read = {
+            "max_redemptions_per_code": unset_if_default(request.max_redemptions_per_code, 1)
+        }
         return await self._once(
-            context, "create_redemption_batch", request, pb.CreateRedemptionBatchResponse, change
+            context,
+            "create_redemption_batch",
+            request,
+            pb.CreateRedemptionBatchResponse,
+            change,
+            as_read,
         )
 
     @staticmethod
@@ -354,8 +372,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def DisableRedemptionBatch(
         self, request: pb.DisableRedemptionBatchRequest, context: Context
     ) -> pb.DisableRedemptionBatchResponse:
+        batch_id = self._batch_id(request.batch_id)
         params: dict[str, object] = {
-            "batch_id": self._batch_id(request.batch_id),
+            "batch_id": batch_id,
             "reason": validation.required_text(request.reason, "reason"),
             "actor": caller_identity(context),
             "now": self._clock.now(),
@@ -368,7 +387,12 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             return pb.DisableRedemptionBatchResponse(batch=mapping.redemption_batch(rows[0][0]))
 
         return await self._once(
-            context, "disable_redemption_batch", request, pb.DisableRedemptionBatchResponse, change
+            context,
+            "disable_redemption_batch",
+            request,
+            pb.DisableRedemptionBatchResponse,
+            change,
+            {"batch_id": batch_id},
         )
 
     async def GetRedemptionBatch(
@@ -438,15 +462,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             data = await store.call_json(conn, "put_setting", params)
             return pb.UpdateSettingResponse(setting=self._setting(data))
 
-        # Fingerprinted as read: a reset ignores any value sent with it (helper-99: a retry
-        # of a reset with a value was refused as another request). A reset without one, the
-        # usual form, keeps the fingerprint it always had.
-        normalized = pb.UpdateSettingRequest()
-        normalized.CopyFrom(request)
-        if request.reset:
-            normalized.ClearField("value")
+        # A reset ignores any value sent with it (helper-99: a retry of a reset with a
+        # value was refused as another request).
+        as_read: AsRead = {"value": None} if request.reset else {}
         return await self._once(
-            context, "update_setting", normalized, pb.UpdateSettingResponse, change
+            context, "update_setting", request, pb.UpdateSettingResponse, change, as_read
         )
 
     async def ListSettingChanges(
@@ -491,13 +511,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             rows = await store.fetch_all(conn, "insert_price", params)
             return pb.SetPriceResponse(price=mapping.price(rows[0][0]))
 
-        # Fingerprinted as read: a unit size of 1 is the unset one (helper-99: the two were
-        # two requests). Unset, the usual form, keeps the fingerprint it always had.
-        normalized = pb.SetPriceRequest()
-        normalized.CopyFrom(request)
-        if normalized.price.unit_size == 1:
-            normalized.price.unit_size = 0
-        return await self._once(context, "set_price", normalized, pb.SetPriceResponse, change)
+        # A unit size of 1 is the unset one (helper-99: the two were two requests).
+        as_read = {"price.unit_size": unset_if_default(price.unit_size, 1)}
+        return await self._once(context, "set_price", request, pb.SetPriceResponse, change, as_read)
 
     async def RemovePrice(
         self, request: pb.RemovePriceRequest, context: Context
@@ -659,12 +675,14 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 response.threshold_micros = stored_threshold
             return response
 
-        # Fingerprinted as used: a retry that types the address with spaces is the same.
-        normalized = pb.SetLowBalanceAlertRequest()
-        normalized.CopyFrom(request)
-        normalized.email = email
+        # A retry that types the address with spaces is the same.
         return await self._once(
-            context, "set_low_balance_alert", normalized, pb.SetLowBalanceAlertResponse, change
+            context,
+            "set_low_balance_alert",
+            request,
+            pb.SetLowBalanceAlertResponse,
+            change,
+            {"email": email},
         )
 
     async def ListLowBalanceAlerts(

@@ -22,7 +22,7 @@ from ledger_server.clock import Clock
 from ledger_server.config import StripeSettings
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
-from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.ledger.fingerprint import AsRead, request_fingerprint
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,18 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
     async def _grant(
-        self, name: str, request: Any, context: Context, params: dict[str, object]
+        self,
+        name: str,
+        request: Any,
+        context: Context,
+        params: dict[str, object],
+        as_read: AsRead | None = None,
     ) -> dict[str, Any]:
         params.update(
             account_id=validation.account_id(request.account_id),
             key=validation.idempotency_key(request.idempotency_key),
             external_ref=validation.reference(request.external_ref, "external_ref"),
-            hash=request_fingerprint(name, request),
+            hash=request_fingerprint(name, request, as_read),
             now=self._clock.now(),
         )
         data = await call_json(self._pool, name, params)
@@ -195,15 +200,12 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
 
     async def Recharge(self, request: pb.RechargeRequest, context: Context) -> pb.RechargeResponse:
         currency = _currency(request.currency, "currency")
-        # A retry may write the currency in another case: it is the same request.
-        as_charged = pb.RechargeRequest()
-        as_charged.CopyFrom(request)
-        as_charged.currency = currency
         params: dict[str, object] = {
             "amount_minor": validation.positive_amount(request.amount_minor, "amount_minor"),
             "currency": currency,
         }
-        data = await self._grant("recharge", as_charged, context, params)
+        # A retry may write the currency in another case: it is the same request.
+        data = await self._grant("recharge", request, context, params, {"currency": currency})
         return pb.RechargeResponse(
             lot=mapping.lot(data["lot"]),
             bonus_lot=mapping.optional_lot(data["bonus_lot"]),
@@ -264,9 +266,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             "plan_id": None,
             "now": self._clock.now(),
         }
-        # A retry may write the currency in another case: it is the same request.
-        as_requested = pb.CreateCheckoutSessionRequest()
-        as_requested.CopyFrom(request)
+        as_read: AsRead = {}
         which = request.WhichOneof("purchase")
         if which == "pack_id":
             if not request.pack_id:
@@ -274,7 +274,8 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             params.update(kind="pack", pack_id=validation.code(request.pack_id, "pack_id"))
         elif which == "recharge":
             currency = _currency(request.recharge.currency, "recharge.currency")
-            as_requested.recharge.currency = currency
+            # A retry may write the currency in another case: it is the same request.
+            as_read = {"recharge.currency": currency}
             params.update(
                 kind="recharge",
                 amount_minor=validation.positive_amount(
@@ -288,7 +289,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             params.update(kind="subscription", plan_id=validation.code(request.plan_id, "plan_id"))
         else:
             raise invalid_field("purchase", "set one of pack_id, recharge or plan_id")
-        params["hash"] = request_fingerprint("create_checkout_session", as_requested)
+        params["hash"] = request_fingerprint("create_checkout_session", request, as_read)
         settings = self._stripe_settings
         success_url = _redirect_url(
             request.success_url, "success_url", settings.checkout_success_url

@@ -17,7 +17,7 @@ from ledger_server.clock import Clock
 from ledger_server.config import Settings
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
-from ledger_server.ledger.fingerprint import request_fingerprint
+from ledger_server.ledger.fingerprint import request_fingerprint, unset_if_default
 from ledger_server.security import current_principal
 from ledger_server.server import journal_pages
 from ledger_server.server.alert_emails import AlertEmails
@@ -49,6 +49,17 @@ def _balance_kind(value: types_pb2.BalanceKind.ValueType) -> str:
     if value not in types_pb2.BalanceKind.values():
         raise invalid_field("balance_kind", f"unknown balance kind {value}")
     return mapping.balance_kind_to_db(value)
+
+
+def _settling_fingerprint(
+    operation: str,
+    request: pb.CommitRequest | pb.ReleaseRequest | pb.RefundRequest,
+    params: dict[str, object],
+) -> bytes:
+    """The reservation id as read: a retry may write it in upper case (or without dashes)."""
+    return request_fingerprint(
+        operation, request, {"reservation_id": str(params["reservation_id"])}
+    )
 
 
 def _amount_or_usage(
@@ -97,7 +108,16 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "external_ref": validation.reference(request.external_ref, "external_ref"),
             "comment": _grant_comment(request),
             "actor": caller_identity(context),  # DESIGN.md 5: grants name who made them
-            "hash": request_fingerprint("grant", request),
+            # Unset is BALANCE_KIND_MAIN: a retry may spell it out.
+            "hash": request_fingerprint(
+                "grant",
+                request,
+                {
+                    "balance_kind": unset_if_default(
+                        request.balance_kind, types_pb2.BALANCE_KIND_MAIN
+                    )
+                },
+            ),
             "now": now,
         }
         data = await self._call("grant", params)
@@ -159,9 +179,9 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             ),
             "usage": usage,
             "comment": validation.text(request.comment, "comment"),
-            "hash": request_fingerprint("commit", request),
             "now": self._clock.now(),
         }
+        params["hash"] = _settling_fingerprint("commit", request, params)
         data = await self._group_commit.call("commit", request.account_id, params)
         mark_replay(context, data)
         await self._alert_emails.queue_for(request.account_id, data)
@@ -178,9 +198,9 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "key": validation.idempotency_key(request.idempotency_key),
             "reason": validation.text(request.reason, "reason"),
             "job_failed": request.job_failed,
-            "hash": request_fingerprint("release", request),
             "now": self._clock.now(),
         }
+        params["hash"] = _settling_fingerprint("release", request, params)
         data = await self._group_commit.call("release", request.account_id, params)
         mark_replay(context, data)
         return pb.ReleaseResponse(
@@ -200,9 +220,9 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "key": validation.idempotency_key(request.idempotency_key),
             "amount": amount,
             "reason": validation.text(request.reason, "reason"),
-            "hash": request_fingerprint("refund", request),
             "now": self._clock.now(),
         }
+        params["hash"] = _settling_fingerprint("refund", request, params)
         data = await self._group_commit.call("refund", request.account_id, params)
         mark_replay(context, data)
         return pb.RefundResponse(
@@ -304,15 +324,14 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CreateAccountRequest, context: Context
     ) -> pb.CreateAccountResponse:
         referral_code = validation.referral_code(request.referral_code)
-        # A retry may type the code another way (case, spaces): it is the same request.
-        as_created = pb.CreateAccountRequest()
-        as_created.CopyFrom(request)
-        as_created.referral_code = referral_code
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
             "referral_code": referral_code,
-            "hash": request_fingerprint("create_account", as_created),
+            # A retry may type the code another way (case, spaces): it is the same request.
+            "hash": request_fingerprint(
+                "create_account", request, {"referral_code": referral_code}
+            ),
             "now": self._clock.now(),
         }
         if params["referral_code"]:
@@ -371,15 +390,12 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
 
     async def Redeem(self, request: pb.RedeemRequest, context: Context) -> pb.RedeemResponse:
         code = validation.redemption_code(request.code)
-        # A retry may type the code another way (case, dashes, spaces): it is the same request.
-        as_redeemed = pb.RedeemRequest()
-        as_redeemed.CopyFrom(request)
-        as_redeemed.code = code
         params: dict[str, object] = {
             "account_id": validation.account_id(request.account_id),
             "key": validation.idempotency_key(request.idempotency_key),
             "code": code,
-            "hash": request_fingerprint("redeem", as_redeemed),
+            # A retry may type the code another way (case, dashes, spaces): the same request.
+            "hash": request_fingerprint("redeem", request, {"code": code}),
             "now": self._clock.now(),
         }
         data = await self._call("redeem", params)

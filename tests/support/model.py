@@ -173,10 +173,13 @@ class Account:
 
 
 def fingerprint(method: str, request: Message) -> bytes:
-    """What makes two requests the same: the operation and every field but the key."""
+    """What makes two requests the same: the operation and every field but the key, as the
+    ledger reads them (a grant's kind spelled out as MAIN is the unset one)."""
     copy = type(request)()
     copy.CopyFrom(request)
     copy.ClearField("idempotency_key")  # type: ignore[arg-type]
+    if isinstance(copy, pb.GrantRequest) and copy.balance_kind == types_pb2.BALANCE_KIND_MAIN:
+        copy.ClearField("balance_kind")
     return method.encode() + b"\x00" + copy.SerializeToString(deterministic=True)
 
 
