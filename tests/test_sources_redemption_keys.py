@@ -78,6 +78,23 @@ def test_a_retried_batch_is_a_replay_with_the_same_codes(
     assert _batches(ledger_db_url) == before + 1
 
 
+def test_a_key_stored_as_sent_still_answers_the_retry_sent_the_same_way(
+    admin: AdminStub, ledger_db_url: str
+) -> None:
+    """Releases before fingerprinted a batch as sent; the CLI spells out one redemption per
+    code, which is now read as unset. Its retry after the upgrade is still a replay."""
+    request = _request(new_key("cli-batch"))
+    request.max_redemptions_per_code = 1
+    first = admin.CreateRedemptionBatch(request)
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:  # as the release before
+        conn.execute(
+            "UPDATE admin_requests SET request_hash = %s WHERE idempotency_key = %s",
+            (request_fingerprint("create_redemption_batch", request), request.idempotency_key),
+        )
+    again, call = admin.CreateRedemptionBatch.with_call(request)
+    assert again == first and REPLAYED in (call.trailing_metadata() or ())
+
+
 def test_a_batch_made_before_its_key_moved_is_replayed_not_made_again(
     admin: AdminStub, ledger_db_url: str, clock: Any
 ) -> None:
