@@ -103,6 +103,11 @@ def _cases() -> list[Case]:
 
         return make
 
+    def padded(make: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
+        """The call's own reservation id padded with dashes, which uuid.UUID drops: it was
+        read as the id however long (helper-116: 1,000,036 characters)."""
+        return lambda account, reservation_id: make(account, "-" * 100 + reservation_id)
+
     unknown = str(uuid.uuid4())
     past = Timestamp(seconds=1_000_000_000)
     return [
@@ -152,6 +157,9 @@ def _cases() -> list[Case]:
         ("Commit", commit(reservation_id=""), INVALID, "INVALID_FIELD", "reservation_id"),
         ("Commit", commit(reservation_id="not-a-uuid"), INVALID, "INVALID_FIELD", "reservation_id"),
         ("Commit", commit(reservation_id=unknown), NOT_FOUND, "RESERVATION_NOT_FOUND", None),
+        ("Commit", padded(commit()), INVALID, "INVALID_FIELD", "reservation_id"),
+        ("Release", padded(release()), INVALID, "INVALID_FIELD", "reservation_id"),
+        ("Refund", padded(refund()), INVALID, "INVALID_FIELD", "reservation_id"),
         ("Commit", commit(amount_micros=None), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Commit", commit(amount_micros=-1), INVALID, "INVALID_FIELD", "amount_micros"),
         ("Commit", commit(idempotency_key=""), INVALID, "INVALID_FIELD", "idempotency_key"),

@@ -69,9 +69,16 @@ def non_negative_amount(value: int, field: str = "amount_micros") -> int:
     return value
 
 
+# The longest way to write a UUID that uuid.UUID reads ("urn:uuid:" and 36 characters):
+# it also drops every dash, so without a limit an id padded with a million dashes was read.
+_MAX_UUID_TEXT = 45
+
+
 def uuid_value(value: str, field: str, returned_by: str) -> uuid.UUID:
     if not value:
         raise invalid_field(field, "must not be empty")
+    if len(value) > _MAX_UUID_TEXT:
+        raise invalid_field(field, f"must be an id returned by {returned_by}")
     try:
         return uuid.UUID(value)
     except ValueError:
