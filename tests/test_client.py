@@ -393,6 +393,17 @@ def test_conflict_is_retried_with_the_same_key() -> None:
     assert response.transaction_id == "tx-" + keys[0]
 
 
+def test_a_call_the_server_side_cancelled_is_retried_with_the_same_key() -> None:
+    """grpc cancels the calls that arrive as a server shuts down (helper-109 saw 5 to 19 of
+    them answered CANCELLED on SIGTERM): the next server answers the retry, same key."""
+    fake = FakeLedger(failures=[failure(grpc.StatusCode.CANCELLED)])
+    with serve_fake(fake) as address, LedgerClient(address, retry=FAST_RETRY) as client:
+        response = client.consume("acct-1", CREDIT)
+    keys = [r.request.idempotency_key for r in fake.received]
+    assert len(keys) == 2 and keys[0] == keys[1]
+    assert response.transaction_id == "tx-" + keys[0]
+
+
 def test_conflict_surfaces_once_attempts_are_spent() -> None:
     fake = FakeLedger(failures=[failure(grpc.StatusCode.ABORTED, "CONFLICT")] * 3)
     policy = RetryPolicy(max_attempts=3, initial_backoff=0.01)

@@ -2,7 +2,7 @@
 
 ``LedgerClient`` (blocking) and ``AsyncLedgerClient`` (asyncio) wrap
 ``ledger.v1.LedgerService`` with plain Python arguments, one idempotency key per logical
-call, retries with backoff on UNAVAILABLE/ABORTED, a deadline per call, typed errors
+call, retries with backoff on UNAVAILABLE/ABORTED/CANCELLED, a deadline per call, typed errors
 (``ledger_client.errors``) and a reservation context manager. The generated messages and
 stubs live in the ``ledger.v1`` package next to this one.
 """

@@ -126,7 +126,9 @@ class RetryPolicy:
     call the server did apply returns the original response instead of applying it twice.
 
     UNAVAILABLE is an outage or a dropped connection; ABORTED is the server's CONFLICT
-    ("lost a race, retry with the same idempotency key"). With ``retry_server_timeouts``, a
+    ("lost a race, retry with the same idempotency key"); CANCELLED that reaches the client
+    is a call the other side cancelled (grpc cancels the calls arriving as a server shuts
+    down; the client's own cancellation raises instead). With ``retry_server_timeouts``, a
     DEADLINE_EXCEEDED that the server itself answered (ErrorInfo reason DEADLINE_EXCEEDED:
     its database time-out cancelled the statement and rolled the transaction back, nothing
     was changed) is retried too while the call's deadline leaves time; one that passed on the
@@ -137,7 +139,7 @@ class RetryPolicy:
     max_backoff: float = 3.0
     multiplier: float = 2.0
     retryable_codes: frozenset[grpc.StatusCode] = frozenset(
-        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
     )
     retry_server_timeouts: bool = True
 

@@ -53,8 +53,8 @@ class AsyncLedgerClient:
     """The asyncio twin of :class:`~ledger_client.LedgerClient` (same methods, awaited).
 
     Every method is one logical call: it makes one idempotency key (or uses the caller's
-    ``idempotency_key=``) and sends it on every retry. UNAVAILABLE and ABORTED are retried
-    with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
+    ``idempotency_key=``) and sends it on every retry. UNAVAILABLE, ABORTED and CANCELLED are
+    retried with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
     retries included, has a deadline of ``timeout`` seconds. Failures raise
     :class:`~ledger_client.errors.LedgerError` subclasses. Use it as an async context
     manager or await :meth:`close`.

@@ -46,8 +46,8 @@ class LedgerClient:
     """A typed, retrying client of ``ledger.v1.LedgerService``.
 
     Every method is one logical call: it makes one idempotency key (or uses the caller's
-    ``idempotency_key=``) and sends it on every retry. UNAVAILABLE and ABORTED are retried
-    with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
+    ``idempotency_key=``) and sends it on every retry. UNAVAILABLE, ABORTED and CANCELLED are
+    retried with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
     retries included, has a deadline of ``timeout`` seconds. Failures raise
     :class:`~ledger_client.errors.LedgerError` subclasses. Use it as a context manager or
     call :meth:`close`.
