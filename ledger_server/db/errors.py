@@ -52,6 +52,8 @@ _LEDGER_SQLSTATES: dict[str, tuple[grpc.StatusCode, str]] = {
     "LE043": (grpc.StatusCode.FAILED_PRECONDITION, "OVERDRAFT_IN_USE"),
     "LE044": (grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_SUBSCRIBED"),
     "LE045": (grpc.StatusCode.FAILED_PRECONDITION, "PLAN_IN_USE"),
+    # A call drawing on more lots than one journal entry can number (0001_ledger.sql).
+    "LE046": (grpc.StatusCode.FAILED_PRECONDITION, "TOO_MANY_LOTS"),
 }
 
 # Constraints a request can run into with input that passed validation.

@@ -11,6 +11,7 @@
 --   LE005 reservation not pending   LE006 reservation expired
 --   LE007 amount exceeds hold       LE008 amount exceeds refundable
 --   LE009 reservation not committed LE010 invalid argument
+--   LE046 too many lots for one call
 
 -- Signatures that changed: CREATE OR REPLACE would leave the old one beside the new.
 DROP FUNCTION IF EXISTS ledger_take_from_lots(text, uuid, bigint, timestamptz, bigint);
@@ -42,6 +43,28 @@ CREATE OR REPLACE FUNCTION ledger_fail(code text, message text, detail jsonb) RE
 LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail::text;
+END $$;
+
+-- Posting numbers (postings.posting_no) and a reservation's lot numbers
+-- (reservation_lots.seq) are smallint (migration 0001), and widening them would rewrite the
+-- largest tables under an exclusive lock. So one journal entry posts at most 32,768 times
+-- (numbers 0 to this): a call that would post more is refused with LE046 (TOO_MANY_LOTS)
+-- and the most it can move at once, for the caller to split it. Overflowing, it failed
+-- with 22003, which reads as BALANCE_LIMIT: untrue, and no hint what to do.
+CREATE OR REPLACE FUNCTION ledger_last_posting_no() RETURNS int
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT 32767
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_fail_too_many_lots(
+    p_most_lots bigint, p_most_micros bigint, p_requested bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM ledger_fail('LE046',
+        'the amount draws on more of the account''s lots than one call can take: '
+        || 'move at most max_amount_micros per call', jsonb_build_object(
+            'max_lots', p_most_lots, 'max_amount_micros', p_most_micros,
+            'requested_micros', p_requested));
 END $$;
 
 -- Balances as the API shows them: the one definition of that shape.
@@ -672,6 +695,8 @@ DECLARE
     lot record;
     need bigint := p_amount;
     take bigint;
+    -- Lots numbered 0 on, and a charge's revenue posted after them.
+    most_lots int := ledger_last_posting_no();
     lot_ids bigint[] := '{}';
     sources text[] := '{}';
     takes bigint[] := '{}';
@@ -685,6 +710,9 @@ BEGIN
     FOR lot IN lots_in_order LOOP
         take := least(lot.remaining_micros - lot.held_micros, need);
         CONTINUE WHEN take <= 0;
+        IF cardinality(lot_ids) = most_lots THEN
+            PERFORM ledger_fail_too_many_lots(most_lots, p_amount - need, p_amount);
+        END IF;
         lot_ids := lot_ids || lot.lot_id;
         sources := sources || lot.source;
         takes := takes || take;
@@ -1046,6 +1074,31 @@ LANGUAGE sql STABLE AS $$
      ORDER BY seq DESC
 $$;
 
+-- What a refund of p_amount posts before the revenue's posting, as ledger_refund posts it
+-- (once for each lot, twice more for a lot expired since; the overdraft lot's step once
+-- more for a refund lot and p_overdraft_postings for the lots that repaid its debt), and
+-- the most a refund can give back with the revenue's posting numbered within smallint
+-- (ledger_last_posting_no): the steps, last-charged lot first, whose postings fit.
+CREATE OR REPLACE FUNCTION ledger_refund_fit(
+    p_account text, p_reservation uuid, p_amount bigint, p_now timestamptz,
+    p_overdraft_postings int,
+    OUT expired_part bigint, OUT overdraft_give bigint, OUT postings bigint,
+    OUT most_lots bigint, OUT most_micros bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(give) FILTER (WHERE expired), 0),
+           coalesce(sum(give) FILTER (WHERE source = 'overdraft'), 0),
+           coalesce(max(posted), 0),
+           count(*) FILTER (WHERE posted <= ledger_last_posting_no()),
+           coalesce(max(upto) FILTER (WHERE posted <= ledger_last_posting_no()), 0)
+      FROM (SELECT source, give, expired, sum(give) OVER w AS upto,
+                   sum(CASE WHEN expired THEN 3 ELSE 1 END
+                       + CASE WHEN source = 'overdraft' THEN 1 + p_overdraft_postings ELSE 0 END)
+                       OVER w AS posted
+              FROM ledger_refund_plan(p_account, p_reservation, p_amount, p_now)
+                   WITH ORDINALITY AS plan(lot_id, source, expires_at, give, expired, k)
+            WINDOW w AS (ORDER BY k)) steps
+$$;
+
 -- Where a refund's credits go that the overdraft lot has no room for: its debt was repaid
 -- since the charge, by transfers (ledger_settle_overdraft, postings 'overdraft repayment')
 -- out of the account's main lots, so those lots paid for the charge in the end. They get
@@ -1113,6 +1166,9 @@ DECLARE
     untraced bigint;
     back record;
     n int := 0;
+    returns_expired bigint;
+    returns_postings int := 0;
+    fit record;
     -- What this refund put back into live lots, lot by lot (ledger_settle_claw_backs).
     returned_lots bigint[] := '{}';
     returned_micros bigint[] := '{}';
@@ -1141,20 +1197,26 @@ BEGIN
             'requested_micros', amount));
     END IF;
 
-    SELECT coalesce(sum(give) FILTER (WHERE expired), 0),
-           coalesce(sum(give) FILTER (WHERE source = 'overdraft'), 0)
-      INTO expired_part, overdraft_give
-      FROM ledger_refund_plan(p_account, p_reservation, amount, p_now);
+    fit := ledger_refund_fit(p_account, p_reservation, amount, p_now, 0);
+    expired_part := fit.expired_part;
+    overdraft_give := fit.overdraft_give;
     -- The overdraft lot takes back only what its debt still is; the rest goes to the lots
     -- that repaid the debt, and what goes to an expired one expires at once too.
     IF overdraft_give > 0 THEN
         SELECT greatest(overdraft_give - (o.amount_micros - o.remaining_micros), 0)
           INTO overdraft_overflow
           FROM lots o WHERE o.account_id = p_account AND o.source = 'overdraft' FOR UPDATE;
-        expired_part := expired_part + coalesce(
-            (SELECT sum(b.give)
-               FROM ledger_overdraft_refund_returns(p_account, overdraft_overflow, p_now) b
-              WHERE b.expired), 0);
+        SELECT coalesce(sum(b.give) FILTER (WHERE b.expired), 0),
+               coalesce(sum(CASE WHEN b.expired THEN 3 ELSE 1 END), 0)
+          INTO returns_expired, returns_postings
+          FROM ledger_overdraft_refund_returns(p_account, overdraft_overflow, p_now) b;
+        expired_part := expired_part + returns_expired;
+        IF returns_postings > 0 THEN
+            fit := ledger_refund_fit(p_account, p_reservation, amount, p_now, returns_postings);
+        END IF;
+    END IF;
+    IF fit.postings > ledger_last_posting_no() THEN
+        PERFORM ledger_fail_too_many_lots(fit.most_lots, fit.most_micros, amount);
     END IF;
 
     txn := ledger_new_transaction(p_account, 'refund', amount - expired_part, p_now, p_reservation,

@@ -381,6 +381,9 @@ DECLARE
     part record;
     l lots;
     made jsonb := '[]';
+    postings_needed bigint;
+    most_lots bigint;
+    most_micros bigint;
 BEGIN
     a := ledger_lock_account(p_account, p_now);
     replay := ledger_idempotent_replay(p_account, p_key, 'transfer_reward', p_hash);
@@ -391,6 +394,26 @@ BEGIN
     IF amount <= 0 OR amount > a.reward_balance_micros THEN
         PERFORM ledger_fail('LE020', 'the reward balance does not cover the transfer', jsonb_build_object(
             'reward_balance_micros', a.reward_balance_micros, 'requested_micros', amount));
+    END IF;
+    -- The entry posts a new lot per expiry and then each reward lot it takes: numbered
+    -- within smallint (ledger_last_posting_no), else refused with the most one call moves.
+    SELECT max(lots + expiries) FILTER (WHERE upto - unheld < amount),
+           max(lots) FILTER (WHERE lots + expiries <= ledger_last_posting_no() + 1),
+           max(upto) FILTER (WHERE lots + expiries <= ledger_last_posting_no() + 1)
+      INTO postings_needed, most_lots, most_micros
+      FROM (SELECT unheld, sum(unheld) OVER w AS upto, row_number() OVER w AS lots,
+                   count(*) FILTER (WHERE first_of_expiry) OVER w AS expiries
+              FROM (SELECT priority, expires_at, lot_id, remaining_micros - held_micros AS unheld,
+                           row_number() OVER (PARTITION BY expires_at
+                                              ORDER BY priority, expires_at, lot_id) = 1
+                               AS first_of_expiry
+                      FROM lots
+                     WHERE account_id = p_account AND balance_kind = 'reward' AND NOT depleted
+                       AND source <> 'overdraft' AND (expires_at IS NULL OR expires_at > p_now)
+                       AND remaining_micros > held_micros) reward_lots
+            WINDOW w AS (ORDER BY priority, expires_at, lot_id ROWS UNBOUNDED PRECEDING)) taken;
+    IF postings_needed > ledger_last_posting_no() + 1 THEN
+        PERFORM ledger_fail_too_many_lots(most_lots, most_micros, amount);
     END IF;
     txn := ledger_new_transaction(p_account, 'transfer', amount, p_now,
                                   p_comment => 'reward balance transferred to main');

@@ -162,6 +162,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the last 24 hours: their invoices name the old price, which no plan would have. Create
     a plan for the new price instead. metadata: plan_id.
     """
+    ERROR_REASON_TOO_MANY_LOTS: _ErrorReason.ValueType  # 52
+    """FAILED_PRECONDITION: the call would draw on more of the account's lots than one call
+    can (a journal entry numbers at most 32,768 postings; a Reserve or Consume takes at
+    most 32,767 lots, a Refund of lots expired since posts three times each). Nothing was
+    changed: split the amount into calls of at most max_amount_micros. metadata:
+    max_lots (the lots that amount covers), max_amount_micros, requested_micros.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -308,5 +315,12 @@ ERROR_REASON_PLAN_IN_USE: ErrorReason.ValueType  # 51
 subscribers (their subscription runs, renewal grace included) or checkout sessions of
 the last 24 hours: their invoices name the old price, which no plan would have. Create
 a plan for the new price instead. metadata: plan_id.
+"""
+ERROR_REASON_TOO_MANY_LOTS: ErrorReason.ValueType  # 52
+"""FAILED_PRECONDITION: the call would draw on more of the account's lots than one call
+can (a journal entry numbers at most 32,768 postings; a Reserve or Consume takes at
+most 32,767 lots, a Refund of lots expired since posts three times each). Nothing was
+changed: split the amount into calls of at most max_amount_micros. metadata:
+max_lots (the lots that amount covers), max_amount_micros, requested_micros.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
