@@ -13,10 +13,12 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import admin_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
 from ledger_server.db.errors import DatabaseFailure, translate_failure
-from support.ledger import Ledger, expect_error, new_account, new_key
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.scoped_audit import ScopedAudit
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
@@ -190,4 +192,44 @@ def test_a_reward_transfer_over_too_many_lots_says_how_much_one_call_moves(
     assert ledger.balance(account).reward_balance_micros == lots * LOT
     # Within the most, a transfer goes through (a small one: each expiry costs a new lot).
     assert transfer(3 * LOT).transferred_micros == 3 * LOT
+    audit([account])
+
+
+def test_a_debt_is_repaid_in_entries_of_bounded_size(
+    ledger: Ledger,
+    admin: admin_service_pb2_grpc.AdminServiceStub,
+    ledger_db_url: str,
+    clock: OffsetClock,
+    audit: Audit,
+) -> None:
+    """Holds timed out together can free more lots than one repayment entry numbers (one
+    posting each, the overdraft lot's after them), and the repayment runs in the
+    maintenance every call on the account runs first: one entry failed them all. One
+    TRANSFER per p_lots_per_entry lots, here 2."""
+    account = _account(ledger)
+    admin.SetOverdraftLimit(
+        admin_pb.SetOverdraftLimitRequest(
+            account_id=account, idempotency_key=new_key(), overdraft_limit_micros=CREDIT,
+            reason="many lots",
+        )
+    )  # fmt: skip
+    ledger.consume(account, ledger.balance(account).available_micros)  # all of it: a debt
+    now = clock.now()
+    _add_lots(ledger_db_url, account, 5, now)  # credits beside the debt, as a release frees
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT ledger_settle_overdraft(%s, %s, p_lots_per_entry => 2)", (account, now)
+        )
+        entries = conn.execute(
+            "SELECT t.amount_micros, count(p.*)::int FROM journal_transactions t"
+            "  JOIN postings p USING (account_id, transaction_id)"
+            " WHERE t.account_id = %s AND t.kind = 'transfer'"
+            " GROUP BY t.transaction_id, t.amount_micros ORDER BY t.transaction_id",
+            (account,),
+        ).fetchall()
+        assert entries == [(2 * LOT, 3), (2 * LOT, 3), (LOT, 2)]
+        default = conn.execute(
+            "SELECT pg_get_function_arguments('ledger_settle_overdraft'::regproc)"
+        ).fetchone()
+        assert default is not None and "p_lots_per_entry integer DEFAULT 32767" in default[0]
     audit([account])

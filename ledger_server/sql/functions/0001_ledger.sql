@@ -341,14 +341,20 @@ END $$;
 -- An overdraft debt never stands beside spendable credits: whatever makes main credits
 -- spendable while the account owes (a grant, a hold given back, a refund, a commit that
 -- drew on the overdraft while other credits were free) pays the debt back from them at
--- once, in consumption order, as one TRANSFER transaction into the overdraft lot. The
+-- once, in consumption order, as TRANSFER transactions into the overdraft lot. The
 -- balance does not move; the debt and those lots' remaining credits fall. Call with the
 -- account row locked, from accounts with an overdraft limit (the callers read it).
-CREATE OR REPLACE FUNCTION ledger_settle_overdraft(p_account text, p_now timestamptz)
-    RETURNS void
+-- One TRANSFER per p_lots_per_entry lots paid from: each posts once and the overdraft lot
+-- after them, numbered within smallint (ledger_last_posting_no). Holds timed out together
+-- can free more lots than one entry numbers, and the repayment runs in the maintenance
+-- every call on the account runs first: one entry failed them all.
+DROP FUNCTION IF EXISTS ledger_settle_overdraft(text, timestamptz);
+CREATE OR REPLACE FUNCTION ledger_settle_overdraft(
+    p_account text, p_now timestamptz, p_lots_per_entry int DEFAULT 32767) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     o lots;
+    debt bigint;
     total bigint;
     txn bigint;
     n int;
@@ -357,23 +363,30 @@ BEGIN
     IF NOT FOUND OR o.amount_micros = o.remaining_micros THEN
         RETURN;
     END IF;
-    SELECT least(o.amount_micros - o.remaining_micros, coalesce(sum(remaining_micros - held_micros), 0))
-      INTO total
-      FROM lots
-     WHERE account_id = p_account AND balance_kind = 'main' AND NOT depleted
-       AND source <> 'overdraft' AND (expires_at IS NULL OR expires_at > p_now)
-       AND remaining_micros > held_micros;
-    IF total = 0 THEN
-        RETURN;
-    END IF;
-    txn := ledger_new_transaction(p_account, 'transfer', total, p_now, NULL, NULL,
-                                  'overdraft repayment');
-    n := ledger_move_out_of_lots(p_account, 'main', total, txn, 0, 'overdraft repayment', p_now);
-    -- The overdraft lot last, after the lots it is paid from (all under the account's lock).
-    UPDATE lots SET remaining_micros = remaining_micros + total
-     WHERE account_id = p_account AND lot_id = o.lot_id;
-    PERFORM ledger_post(p_account, txn, n, 'account:main', o.lot_id, o.source, total,
-                        'overdraft repayment');
+    debt := o.amount_micros - o.remaining_micros;
+    LOOP
+        -- The lots ledger_move_out_of_lots takes next, in its order.
+        SELECT least(debt, coalesce(sum(unheld), 0)) INTO total
+          FROM (SELECT remaining_micros - held_micros AS unheld FROM lots
+                 WHERE account_id = p_account AND balance_kind = 'main' AND NOT depleted
+                   AND source <> 'overdraft' AND (expires_at IS NULL OR expires_at > p_now)
+                   AND remaining_micros > held_micros
+                 ORDER BY priority, expires_at, lot_id
+                 LIMIT p_lots_per_entry) next_lots;
+        EXIT WHEN total = 0;
+        txn := ledger_new_transaction(p_account, 'transfer', total, p_now, NULL, NULL,
+                                      'overdraft repayment');
+        n := ledger_move_out_of_lots(p_account, 'main', total, txn, 0, 'overdraft repayment',
+                                     p_now);
+        -- The overdraft lot last, after the lots it is paid from (all under the account's lock).
+        UPDATE lots SET remaining_micros = remaining_micros + total
+         WHERE account_id = p_account AND lot_id = o.lot_id;
+        PERFORM ledger_post(p_account, txn, n, 'account:main', o.lot_id, o.source, total,
+                            'overdraft repayment');
+        debt := debt - total;
+        -- Fewer lots than an entry takes: the debt is paid or no credits are left.
+        EXIT WHEN n < p_lots_per_entry;
+    END LOOP;
 END $$;
 
 -- Grants p_amount of p_source as one GRANT transaction: a new lot and the issuance
