@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
+from ledger_client import LedgerClient, TooManyLots
 from ledger_server.clock import OffsetClock
 from ledger_server.db.errors import DatabaseFailure, translate_failure
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
@@ -112,7 +113,7 @@ def _too_many(call: Callable[[], object], requested: int) -> tuple[int, int]:
 
 
 def test_a_charge_over_too_many_lots_is_refused_with_the_most_one_call_takes(
-    ledger: Ledger, ledger_db_url: str, clock: OffsetClock, audit: Audit
+    ledger: Ledger, client: LedgerClient, ledger_db_url: str, clock: OffsetClock, audit: Audit
 ) -> None:
     account, other = _account(ledger), _account(ledger)
     _add_lots(ledger_db_url, account, MOST_LOTS + 1, clock.now())
@@ -120,6 +121,9 @@ def test_a_charge_over_too_many_lots_is_refused_with_the_most_one_call_takes(
     most_lots, most = _too_many(lambda: ledger.reserve(account, everything), everything)
     assert most_lots == MOST_LOTS and 0 < most < everything
     assert _too_many(lambda: ledger.consume(account, everything), everything) == (MOST_LOTS, most)
+    with pytest.raises(TooManyLots) as refused:  # the client's type, with what to split by
+        client.consume(account, everything)
+    assert (refused.value.max_lots, refused.value.max_amount_micros) == (MOST_LOTS, most)
     after = ledger.balance(account)  # nothing held, nothing spent
     assert (after.available_micros, after.held_micros) == (everything, 0)
 

@@ -43,6 +43,7 @@ from ledger_client.errors import (
     ReservationNotCommitted,
     ReservationNotFound,
     ReservationNotPending,
+    TooManyLots,
     Unauthenticated,
     Unavailable,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "ReservationNotPending",
     "RetryPolicy",
     "SourceLike",
+    "TooManyLots",
     "TransactionKindLike",
     "TransactionStatusLike",
     "Unauthenticated",

@@ -131,6 +131,23 @@ class InsufficientCredits(FailedPrecondition):
         return self._int("requested_micros")
 
 
+class TooManyLots(FailedPrecondition):
+    """The amount draws on more of the account's lots (grants) than one call can take
+    (``max_lots``); nothing changed. Split it: at most ``max_amount_micros`` per call."""
+
+    @property
+    def max_lots(self) -> int:
+        return self._int("max_lots")
+
+    @property
+    def max_amount_micros(self) -> int:
+        return self._int("max_amount_micros")
+
+    @property
+    def requested_micros(self) -> int:
+        return self._int("requested_micros")
+
+
 class AlreadyExists(LedgerError):
     default_code = grpc.StatusCode.ALREADY_EXISTS
 
@@ -261,6 +278,7 @@ class Unauthenticated(LedgerError):
 _BY_REASON: dict[str, type[LedgerError]] = {
     "INVALID_FIELD": InvalidArgument,
     "INSUFFICIENT_CREDITS": InsufficientCredits,
+    "TOO_MANY_LOTS": TooManyLots,
     "IDEMPOTENCY_KEY_REUSED": IdempotencyKeyReused,
     "ACCOUNT_NOT_FOUND": AccountNotFound,
     "RESERVATION_NOT_FOUND": ReservationNotFound,
