@@ -6,6 +6,7 @@ functions read them in the same transaction as the effect."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import zoneinfo
@@ -26,6 +27,8 @@ from ledger_server.db.queries import query
 from ledger_server.ledger.validation import MAX_AMOUNT_MICROS
 
 Json = Any
+
+log = logging.getLogger(__name__)
 
 
 def _integral(value: Json) -> Json:
@@ -410,31 +413,80 @@ def environment_defaults(env: Mapping[str, str] | None = None) -> dict[str, Json
     return values
 
 
+def set_in_environment(env: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The settings whose environment variable is set (an empty one counts as unset)."""
+    env = os.environ if env is None else env
+    return frozenset(d.key for d in DEFINITIONS if env.get(d.env_var, "") != "")
+
+
 def add_missing_defaults(
-    conn: psycopg.Connection[TupleRow], defaults: Mapping[str, Json], now: datetime
+    conn: psycopg.Connection[TupleRow],
+    defaults: Mapping[str, Json],
+    now: datetime,
+    reason: str = "added by a migration",
 ) -> None:
     """Writes the defaults of the settings the database lacks, and only those: run on
     migrating, before any server of the release starts (the functions read them)."""
     for key, value in defaults.items():
-        conn.execute(query("add_missing_setting"), {"key": key, "value": Jsonb(value), "now": now})
+        conn.execute(
+            query("add_missing_setting"),
+            {"key": key, "value": Jsonb(value), "now": now, "reason": reason},
+        )
+
+
+def write_environment_defaults(
+    conn: psycopg.Connection[TupleRow],
+    defaults: Mapping[str, Json],
+    explicit: frozenset[str],
+    now: datetime,
+) -> None:
+    """A server's start: each setting whose variable is set (explicit) takes the variable's
+    value unless an administrator changed it; every other setting keeps what is stored and
+    gets its built-in default only if none is. Writing the built-in for an unset variable
+    let any process started without the variables (a worker, another server) undo the
+    configured value (the settings review: a burst worker put the sign-up bonus back to
+    100 credits). Only the gRPC server and `migrate` write; workers only read."""
+    with conn.transaction():
+        rows = conn.execute(query("lock_settings"), {"keys": list(defaults)}).fetchall()
+        stored = {str(key): (value, str(source)) for key, value, source in rows}
+        for key, value in defaults.items():
+            if key not in explicit:
+                add_missing_defaults(conn, {key: value}, now, "added at a server's start")
+                continue
+            old_value, old_source = stored.get(key, (value, "environment"))
+            # A stored built-in is most likely a process's without the variable (migrate,
+            # usually): only another value set by a variable means the servers disagree.
+            if old_source == "environment" and old_value not in (value, BY_KEY[key].default):
+                log.warning(
+                    "%s sets %s to %s, replacing %s that another process stored from its"
+                    " environment: servers started with different values overwrite each"
+                    " other's at every start",
+                    BY_KEY[key].env_var,
+                    key,
+                    json.dumps(value),
+                    json.dumps(old_value),
+                )
+            conn.execute(query("put_setting"), _environment_write(key, value, now))
+
+
+def _environment_write(key: str, value: Json, now: datetime) -> dict[str, object]:
+    return {
+        "key": key,
+        "value": Jsonb(value),
+        "source": "environment",
+        "actor": "environment",
+        "reason": None,
+        "now": now,
+        "over_admin": False,
+    }
 
 
 def sync_environment_defaults(
     conn: psycopg.Connection[TupleRow], defaults: Mapping[str, Json], now: datetime
 ) -> None:
-    """Writes this process's defaults into every setting no administrator has changed
-    (recording what changed), so servers, workers and SQL functions share one view."""
+    """Writes these values into every setting no administrator has changed, whatever is
+    stored: a known baseline for tests and benchmarks. No process calls it at start-up
+    (write_environment_defaults: an unset variable must not undo another's value)."""
     with conn.transaction():
         for key, value in defaults.items():
-            conn.execute(
-                query("put_setting"),
-                {
-                    "key": key,
-                    "value": Jsonb(value),
-                    "source": "environment",
-                    "actor": "environment",
-                    "reason": None,
-                    "now": now,
-                    "over_admin": False,
-                },
-            )
+            conn.execute(query("put_setting"), _environment_write(key, value, now))

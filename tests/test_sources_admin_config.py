@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import json_format, struct_pb2
+from redis import Redis
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc, types_pb2
@@ -19,11 +22,16 @@ from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.rq_workers import redis_db_url
 from support.server import ServerThread
 from support.sources import ACTOR, DAY, DEFAULT_SETTINGS, Sources, dt, py, value
+from support.workers import run_burst_workers
+from workers import db as worker_db
 
 AuditCheck = Callable[[], None]
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+SETTINGS_REDIS_DB = 13  # the burst worker's queues: empty, none of the session's jobs
 
 
 @pytest.fixture
@@ -472,3 +480,66 @@ def test_environment_variables_give_the_defaults_and_admin_changes_survive_a_res
     finally:
         server.stop()
     assert audit_database(fresh_database_url) == []
+
+
+def _stored(database_url: str, key: str) -> tuple[Any, str]:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT value, source FROM settings WHERE key = %s", (key,)).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_a_process_without_the_variable_never_undoes_the_configured_default(
+    fresh_database_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a server whose variable is set writes it; a worker, the webhook receiver and a
+    server without it leave the stored value alone (a burst worker once reset the sign-up
+    bonus to the built-in 100 credits)."""
+    migrate(fresh_database_url)
+    key, variable = "signup.amount_micros", "LEDGER_SIGNUP_BONUS_MICROS"
+    monkeypatch.setenv(variable, "7000000")
+    _serve(fresh_database_url).stop()
+    assert _stored(fresh_database_url, key) == (7 * CREDIT, "environment")
+
+    monkeypatch.delenv(variable)
+    redis = redis_db_url(redis_url, SETTINGS_REDIS_DB)
+    Redis.from_url(redis).flushdb()
+    run_burst_workers(fresh_database_url, redis)  # a real worker, without the variable
+    assert _stored(fresh_database_url, key) == (7 * CREDIT, "environment")
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    with worker_db.connection():  # the webhook receiver's first use of the database
+        pass
+    worker_db.close()
+    assert _stored(fresh_database_url, key) == (7 * CREDIT, "environment")
+
+    # A server set to another value takes it, and says the servers disagree.
+    monkeypatch.setenv(variable, "8000000")
+    caplog.set_level(logging.WARNING, logger="ledger_server.runtime_settings")
+    _serve(fresh_database_url).stop()
+    assert _stored(fresh_database_url, key) == (8 * CREDIT, "environment")
+    assert [r.getMessage() for r in caplog.records if variable in r.getMessage()] == [
+        f"{variable} sets {key} to 8000000, replacing 7000000 that another process stored"
+        " from its environment: servers started with different values overwrite each"
+        " other's at every start"
+    ]
+
+    # A server without it keeps the stored value; its reset returns to the built-in one.
+    monkeypatch.delenv(variable)
+    server = _serve(fresh_database_url)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            listed = _listed(admin, (("x-ledger-actor", "ops-admin"),))[key]
+            assert (py(listed.value), py(listed.default_value)) == (8 * CREDIT, 100 * CREDIT)
+            admin.UpdateSetting(
+                admin_pb.UpdateSettingRequest(
+                    key=key, reset=True, reason="back to built-in", idempotency_key=new_key()
+                ),
+                metadata=(("x-ledger-actor", "ops-admin"),),
+            )
+    finally:
+        server.stop()
+    assert _stored(fresh_database_url, key) == (100 * CREDIT, "environment")

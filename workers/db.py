@@ -2,9 +2,10 @@
 
 `connection()` lends an autocommit connection: a job that needs several statements in one
 transaction opens `conn.transaction()` itself. The pool is opened lazily on first use from
-DATABASE_URL; the first use also writes this process's run-time setting defaults into
-PostgreSQL (the same `sync_environment_defaults` the gRPC server runs at start-up), so a
-worker started alone still leaves the settings table complete.
+DATABASE_URL. Run-time settings are only read here, from PostgreSQL: a worker or webhook
+receiver runs without the server's LEDGER_* settings variables, and writing its own
+defaults at start put every setting no administrator changed back to its built-in value
+(`migrate` and the gRPC server write them).
 
 RQ's default worker forks a work horse per job. A pool inherited across fork() must not be
 used (its connections and threads belong to the parent), so the pool is keyed by process id:
@@ -22,8 +23,6 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from ledger_server import runtime_settings
-from ledger_server.clock import SystemClock
 from ledger_server.config import ConfigError
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 
@@ -33,7 +32,6 @@ _pool_pid: int | None = None
 _pool_url: str | None = None
 # Pools inherited from a parent process: kept referenced, never closed or used here.
 _inherited: list[ConnectionPool[psycopg.Connection[TupleRow]]] = []
-_settings_synced = False
 
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE_DEFAULT = 8
@@ -59,24 +57,12 @@ def _max_size() -> int:
         raise ConfigError(f"LEDGER_DB_POOL_MAX must be an integer, got {raw!r}") from exc
 
 
-def sync_settings(conn: psycopg.Connection[TupleRow]) -> None:
-    """Writes the environment defaults of the run-time settings (once per process tree)."""
-    global _settings_synced
-    if _settings_synced:
-        return
-    runtime_settings.sync_environment_defaults(
-        conn, runtime_settings.environment_defaults(), SystemClock().now()
-    )
-    _settings_synced = True
-
-
 def init() -> None:
-    """Call once at a worker's start, before RQ forks work horses: writes the settings'
-    environment defaults over a connection of its own (no pool is left for the horses to
-    inherit), so each horse's first job does not repeat it."""
+    """Call once at a worker's start, before RQ forks work horses: an unreachable database
+    fails the start, not the first job, over a connection of its own (no pool is left for
+    the horses to inherit)."""
     with psycopg.connect(database_url(), autocommit=True) as conn:
-        conn.execute(SET_SESSION_LIMITS)
-        sync_settings(conn)
+        conn.execute(b"SELECT 1")
 
 
 def pool() -> ConnectionPool[psycopg.Connection[TupleRow]]:
@@ -101,8 +87,6 @@ def pool() -> ConnectionPool[psycopg.Connection[TupleRow]]:
                 name="ledger-worker",
             )
             new_pool.open(wait=True, timeout=30)
-            with new_pool.connection() as conn:
-                sync_settings(conn)
             _pool, _pool_pid, _pool_url = new_pool, os.getpid(), url
         return _pool
 

@@ -427,7 +427,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     server.start()
-    db.pool()  # open the pool and sync the settings now, not on the first event
+    db.pool()  # open the pool now: an unreachable database fails the start
     log.info("Stripe webhooks: POST %s%s", server.url, WEBHOOK_PATH)
     stop.wait()
     log.info("stopping the webhook receiver")

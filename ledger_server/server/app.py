@@ -54,10 +54,11 @@ SERVICES = (
 )
 
 
-def _sync_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock) -> None:
+def _write_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock) -> None:
+    explicit = runtime_settings.set_in_environment()
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(SET_SESSION_LIMITS)
-        runtime_settings.sync_environment_defaults(conn, defaults, clock.now())
+        runtime_settings.write_environment_defaults(conn, defaults, explicit, clock.now())
 
 
 @dataclass
@@ -82,7 +83,7 @@ async def running_server(
         applied = await asyncio.to_thread(migrate, settings.database_url)
         for name in applied:
             log.info("migrated: %s", name)
-    await asyncio.to_thread(_sync_settings, settings.database_url, setting_defaults, clock)
+    await asyncio.to_thread(_write_settings, settings.database_url, setting_defaults, clock)
     pool = await open_pool(
         settings.database_url,
         settings.db_pool_min_size,

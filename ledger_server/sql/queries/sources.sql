@@ -144,8 +144,12 @@ WITH added AS (
     ON CONFLICT (key) DO NOTHING
     RETURNING key, value)
 INSERT INTO setting_changes (key, old_value, new_value, source, actor, reason, changed_at)
-SELECT key, NULL, value, 'environment', 'environment', 'added by a migration', %(now)s
+SELECT key, NULL, value, 'environment', 'environment', %(reason)s, %(now)s
   FROM added
+
+-- name: lock_settings
+-- What a server's start replaces, read under the lock its writes take anyway.
+SELECT key, value, source FROM settings WHERE key = ANY (%(keys)s::text[]) ORDER BY key FOR UPDATE
 
 -- name: list_settings
 SELECT ledger_setting_json(s) FROM settings s ORDER BY s.key
