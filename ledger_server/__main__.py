@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import TextIO
 
+from ledger_server import runtime_settings
 from ledger_server.audit import audit_database
 from ledger_server.config import ConfigError, Settings
 from ledger_server.db.migrate import migrate
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging()  # JSON lines on stderr (LEDGER_LOG_FORMAT, LEDGER_LOG_LEVEL)
         settings = Settings.from_env()
+        if args.command in ("serve", "migrate"):  # they write the run-time settings' defaults
+            runtime_settings.environment_defaults()
     except (ConfigError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -67,10 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         except SecurityError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             return 2
-        event_loop.run(_serve(settings), settings.event_loop)
+        try:
+            event_loop.run(_serve(settings), settings.event_loop)
+        except ConfigError as exc:  # one only the database can tell (LEDGER_TIMEZONE)
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "migrate":
-        applied = migrate(settings.database_url)
+        try:
+            applied = migrate(settings.database_url)
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
         print("applied: " + ", ".join(applied) if applied else "schema is up to date")
         return 0
     violations = audit_database(settings.database_url)

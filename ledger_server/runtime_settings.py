@@ -419,6 +419,21 @@ def set_in_environment(env: Mapping[str, str] | None = None) -> frozenset[str]:
     return frozenset(d.key for d in DEFINITIONS if env.get(d.env_var, "") != "")
 
 
+def check_with_database(
+    conn: psycopg.Connection[TupleRow], defaults: Mapping[str, Json], explicit: frozenset[str]
+) -> None:
+    """Raises ConfigError for a variable PostgreSQL refuses. Python's zone database knows
+    names that PostgreSQL's does not (right/UTC, posixrules), and PostgreSQL's computes the
+    days: such a zone failed the server's start with a database error, or was stored by a
+    migration and failed every opening, claim and month start after."""
+    if "ledger.timezone" not in explicit:
+        return  # the built-in UTC: no need to read the whole zone database
+    zone = defaults["ledger.timezone"]
+    row = conn.execute(query("timezone_known"), {"name": zone}).fetchone()
+    if row is None or not row[0]:
+        raise ConfigError(f"LEDGER_TIMEZONE: PostgreSQL does not know the time zone {zone!r}")
+
+
 def add_missing_defaults(
     conn: psycopg.Connection[TupleRow],
     defaults: Mapping[str, Json],

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -543,3 +546,42 @@ def test_a_process_without_the_variable_never_undoes_the_configured_default(
     finally:
         server.stop()
     assert _stored(fresh_database_url, key) == (100 * CREDIT, "environment")
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "wrong", "error"),
+    [
+        ("serve", "LEDGER_SIGNUP_BONUS_MICROS", "abc", "cannot read 'abc' as int"),
+        ("migrate", "LEDGER_RECHARGE_CURRENCY", "cny", "must be ISO 4217"),
+        # Known to Python's zone database, not to PostgreSQL's: only the database can tell.
+        ("serve", "LEDGER_TIMEZONE", "right/UTC", "PostgreSQL does not know the time zone"),
+        ("migrate", "LEDGER_TIMEZONE", "right/UTC", "PostgreSQL does not know the time zone"),
+    ],
+)
+def test_a_bad_settings_variable_is_a_configuration_error(
+    command: str, variable: str, wrong: str, error: str, ledger_db_url: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env.update(
+        DATABASE_URL=ledger_db_url,
+        LEDGER_GRPC_ADDR="127.0.0.1:0",
+        LEDGER_METRICS_ADDR="",
+        LEDGER_MIGRATE_ON_START="false",
+        LEDGER_LOG_FORMAT="text",
+    )
+    env[variable] = wrong
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger_server", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"configuration error: {variable}: {error}"), result.stderr
+    if variable != "LEDGER_TIMEZONE":  # refused with the rest of the configuration
+        assert result.stderr.strip() == last
+    assert _stored(ledger_db_url, "ledger.timezone")[0] == "UTC"

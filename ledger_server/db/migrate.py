@@ -139,9 +139,9 @@ def _add_missing_settings(conn: psycopg.Connection[TupleRow]) -> None:
     of its servers starts: the previous release's servers run the new functions meanwhile."""
     from ledger_server import runtime_settings  # it imports the server's configuration
 
-    runtime_settings.add_missing_defaults(
-        conn, runtime_settings.environment_defaults(), datetime.now(UTC)
-    )
+    defaults = runtime_settings.environment_defaults()
+    runtime_settings.check_with_database(conn, defaults, runtime_settings.set_in_environment())
+    runtime_settings.add_missing_defaults(conn, defaults, datetime.now(UTC))
 
 
 def migrate(database_url: str) -> list[str]:

@@ -58,6 +58,7 @@ def _write_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock
     explicit = runtime_settings.set_in_environment()
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(SET_SESSION_LIMITS)
+        runtime_settings.check_with_database(conn, defaults, explicit)
         runtime_settings.write_environment_defaults(conn, defaults, explicit, clock.now())
 
 

@@ -151,6 +151,9 @@ SELECT key, NULL, value, 'environment', 'environment', %(reason)s, %(now)s
 -- What a server's start replaces, read under the lock its writes take anyway.
 SELECT key, value, source FROM settings WHERE key = ANY (%(keys)s::text[]) ORDER BY key FOR UPDATE
 
+-- name: timezone_known
+SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(name)s::text)
+
 -- name: list_settings
 SELECT ledger_setting_json(s) FROM settings s ORDER BY s.key
 
