@@ -4,10 +4,12 @@ the original response."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger.v1 import admin_service_pb2 as admin_pb2
@@ -269,6 +271,7 @@ def credit_pack(row: tuple[Any, ...]) -> billing_pb2.CreditPack:
         provider_price_id=price_id,
         active=active,
     )
+    out.etag = _etag(out)
     set_timestamp(out.create_time, created)
     set_timestamp(out.update_time, updated)
     return out
@@ -276,7 +279,7 @@ def credit_pack(row: tuple[Any, ...]) -> billing_pb2.CreditPack:
 
 def subscription_plan(row: tuple[Any, ...]) -> billing_pb2.SubscriptionPlan:
     plan_id, key, credits, unit, count, rank, price, currency, price_id, active = row
-    return billing_pb2.SubscriptionPlan(
+    out = billing_pb2.SubscriptionPlan(
         plan_id=plan_id,
         translation_key=key,
         credits_micros=credits,
@@ -288,6 +291,15 @@ def subscription_plan(row: tuple[Any, ...]) -> billing_pb2.SubscriptionPlan:
         provider_price_id=price_id,
         active=active,
     )
+    out.etag = _etag(out)
+    return out
+
+
+def _etag(record: Message) -> str:
+    """A digest of the fields an update may change (the record before its times and etag
+    are set): an update's precondition holds while they are as read. Not the update time:
+    plans have none, and a test clock may not move between two updates."""
+    return hashlib.sha256(record.SerializeToString(deterministic=True)).hexdigest()[:32]
 
 
 def redemption_batch(data: Json) -> admin_pb2.RedemptionBatch:

@@ -3,7 +3,6 @@ batches and run-time settings. Every change records the caller's identity."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -16,14 +15,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger.v1 import admin_service_pb2 as pb
 from ledger.v1 import admin_service_pb2_grpc
-from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import types_pb2 as types_pb
 from ledger_server import runtime_settings
 from ledger_server.clock import Clock
 from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, store, validation
 from ledger_server.ledger.fingerprint import AsRead, request_fingerprint, unset_if_default
-from ledger_server.server import admin_requests
+from ledger_server.server import admin_requests, catalogue
 from ledger_server.server.alert_emails import AlertEmails
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
 from ledger_server.server.identity import caller_identity
@@ -31,24 +29,8 @@ from ledger_server.server.identity import caller_identity
 Conn = AsyncConnection[TupleRow]
 Response = TypeVar("Response", bound=Message)
 
-_CATALOGUE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_CODES_PER_BATCH = 10_000
 MAX_REDEMPTIONS_PER_CODE = 1_000_000
-
-
-def _catalogue_id(value: str, field: str) -> str:
-    if not _CATALOGUE_ID.fullmatch(value):
-        raise invalid_field(field, "must be 1 to 64 lower-case letters, digits, '.', '_' or '-'")
-    return value
-
-
-_CURRENCY = re.compile(r"[A-Z]{3}")  # str.isupper() also takes "ÅÅÅ", which the CHECK refuses
-
-
-def _currency(value: str, field: str) -> str:
-    if not _CURRENCY.fullmatch(value):
-        raise invalid_field(field, "must be an upper-case ISO 4217 code such as USD")
-    return value
 
 
 def _price_key(
@@ -63,43 +45,6 @@ def _price_key(
         "feature": validation.code(feature, f"{prefix}feature"),
         "model": validation.code(model, f"{prefix}model"),
         "unit": validation.unit_to_db(unit),
-    }
-
-
-def _pack_params(pack: billing_pb.CreditPack) -> dict[str, object]:
-    return {
-        "pack_id": _catalogue_id(pack.pack_id, "pack.pack_id"),
-        "translation_key": validation.required_text(
-            pack.translation_key, "pack.translation_key", 128
-        ),
-        "credits_micros": validation.positive_amount(pack.credits_micros, "pack.credits_micros"),
-        "price_minor": validation.non_negative_amount(pack.price_minor, "pack.price_minor"),
-        "currency": _currency(pack.currency, "pack.currency"),
-        "provider_price_id": validation.reference(pack.provider_price_id, "pack.provider_price_id"),
-        "active": pack.active,
-    }
-
-
-def _plan_params(plan: billing_pb.SubscriptionPlan) -> dict[str, object]:
-    if plan.period_unit not in mapping.PERIOD_UNIT_TO_DB:
-        raise invalid_field("plan.period_unit", "must be DAY, MONTH or YEAR")
-    if plan.period_count <= 0:
-        raise invalid_field("plan.period_count", "must be positive")
-    return {
-        "plan_id": _catalogue_id(plan.plan_id, "plan.plan_id"),
-        "translation_key": validation.required_text(
-            plan.translation_key, "plan.translation_key", 128
-        ),
-        "credits_micros": validation.non_negative_amount(
-            plan.credits_micros, "plan.credits_micros"
-        ),
-        "period_unit": mapping.PERIOD_UNIT_TO_DB[plan.period_unit],
-        "period_count": plan.period_count,
-        "rank": plan.rank,
-        "price_minor": validation.non_negative_amount(plan.price_minor, "plan.price_minor"),
-        "currency": _currency(plan.currency, "plan.currency"),
-        "provider_price_id": validation.reference(plan.provider_price_id, "plan.provider_price_id"),
-        "active": plan.active,
     }
 
 
@@ -232,7 +177,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def CreateCreditPack(
         self, request: pb.CreateCreditPackRequest, context: Context
     ) -> pb.CreateCreditPackResponse:
-        params = _pack_params(request.pack)
+        params = catalogue.pack_params(request.pack)
 
         async def change(conn: Conn) -> pb.CreateCreditPackResponse:
             row = await self._write_catalogue(conn, "insert_credit_pack", params, context)
@@ -247,16 +192,22 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def UpdateCreditPack(
         self, request: pb.UpdateCreditPackRequest, context: Context
     ) -> pb.UpdateCreditPackResponse:
-        params = _pack_params(request.pack)
+        update = catalogue.read_update(catalogue.PACKS, request)
 
         async def change(conn: Conn) -> pb.UpdateCreditPackResponse:
+            params = await update.params(conn)
             row = await self._write_catalogue(conn, "update_credit_pack", params, context)
             if row is None:
-                raise _not_found("PACK_NOT_FOUND", "pack_id", request.pack.pack_id)
+                raise _not_found("PACK_NOT_FOUND", "pack_id", update.record_id)
             return pb.UpdateCreditPackResponse(pack=mapping.credit_pack(row))
 
         return await self._once(
-            context, "update_credit_pack", request, pb.UpdateCreditPackResponse, change
+            context,
+            "update_credit_pack",
+            request,
+            pb.UpdateCreditPackResponse,
+            change,
+            update.as_read,
         )
 
     async def ListAllCreditPacks(
@@ -268,7 +219,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def CreateSubscriptionPlan(
         self, request: pb.CreateSubscriptionPlanRequest, context: Context
     ) -> pb.CreateSubscriptionPlanResponse:
-        params = _plan_params(request.plan)
+        params = catalogue.plan_params(request.plan)
 
         async def change(conn: Conn) -> pb.CreateSubscriptionPlanResponse:
             row = await self._write_catalogue(conn, "insert_subscription_plan", params, context)
@@ -283,9 +234,10 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def UpdateSubscriptionPlan(
         self, request: pb.UpdateSubscriptionPlanRequest, context: Context
     ) -> pb.UpdateSubscriptionPlanResponse:
-        params = _plan_params(request.plan)
+        update = catalogue.read_update(catalogue.PLANS, request)
 
         async def change(conn: Conn) -> pb.UpdateSubscriptionPlanResponse:
+            params = await update.params(conn)
             # Subscribers' renewals name the plan's price: PLAN_IN_USE while any may come.
             await store.fetch_all(
                 conn,
@@ -294,11 +246,16 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             )
             row = await self._write_catalogue(conn, "update_subscription_plan", params, context)
             if row is None:
-                raise _not_found("PLAN_NOT_FOUND", "plan_id", request.plan.plan_id)
+                raise _not_found("PLAN_NOT_FOUND", "plan_id", update.record_id)
             return pb.UpdateSubscriptionPlanResponse(plan=mapping.subscription_plan(row))
 
         return await self._once(
-            context, "update_subscription_plan", request, pb.UpdateSubscriptionPlanResponse, change
+            context,
+            "update_subscription_plan",
+            request,
+            pb.UpdateSubscriptionPlanResponse,
+            change,
+            update.as_read,
         )
 
     # --- redemption codes --------------------------------------------------------------------

@@ -73,6 +73,15 @@ ON CONFLICT (pack_id) DO NOTHING
 RETURNING pack_id, translation_key, credits_micros, price_minor, currency,
           coalesce(provider_price_id, ''), active, ledger_micros(created_at), ledger_micros(updated_at)
 
+-- name: lock_credit_pack
+-- Before update_credit_pack: the fields an update does not name keep these values, so no
+-- other update may change them until it commits.
+SELECT pack_id, translation_key, credits_micros, price_minor, currency,
+       coalesce(provider_price_id, ''), active, ledger_micros(created_at), ledger_micros(updated_at)
+  FROM credit_packs
+ WHERE pack_id = %(pack_id)s
+   FOR UPDATE
+
 -- name: update_credit_pack
 UPDATE credit_packs
    SET translation_key = %(translation_key)s, credits_micros = %(credits_micros)s,
@@ -104,6 +113,14 @@ RETURNING plan_id, translation_key, credits_micros, period_unit, period_count, r
 -- name: require_plan_price_change_allowed
 SELECT ledger_require_plan_price_change_allowed(%(plan_id)s::text, %(provider_price_id)s::text,
                                                 %(now)s::timestamptz)
+
+-- name: lock_subscription_plan
+-- Before update_subscription_plan, as lock_credit_pack.
+SELECT plan_id, translation_key, credits_micros, period_unit, period_count, rank, price_minor,
+       currency, coalesce(provider_price_id, ''), active
+  FROM subscription_plans
+ WHERE plan_id = %(plan_id)s
+   FOR UPDATE
 
 -- name: update_subscription_plan
 UPDATE subscription_plans

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -300,19 +301,42 @@ class UpdateCreditPackRequest(_message.Message):
 
     PACK_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Required, as on every change: a retry with the same key answers the first response."""
+    etag: _builtins.str
+    """The pack's etag as read: the update applies only if the pack has not changed since
+    (else FAILED_PRECONDITION ETAG_MISMATCH; read it again and redo the change). Empty: no
+    check. pack.etag (output only) is ignored.
+    """
     @_builtins.property
-    def pack(self) -> _billing_service_pb2.CreditPack: ...
+    def pack(self) -> _billing_service_pb2.CreditPack:
+        """pack_id names the pack; the fields update_mask names are its new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change, named as in CreditPack ("price_minor", "active"): the others keep
+        their current values, so two administrators changing different fields both keep their
+        change. A field named but unset in pack is set to its default. Changeable:
+        translation_key, credits_micros, price_minor, currency, provider_price_id, active; "*"
+        alone names them all. Any other path (pack_id, create_time, update_time, etag, unknown),
+        or a mask naming nothing, is INVALID_FIELD update_mask. Unset: every changeable field is
+        replaced by pack's, as before the mask existed, so a pack sent whole from an older copy
+        undoes the changes made since: a mask (or etag) is recommended.
+        """
+
     def __init__(
         self,
         *,
         pack: _billing_service_pb2.CreditPack | None = ...,
         idempotency_key: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["pack", b"pack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pack", b"pack", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "pack", b"pack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "idempotency_key", b"idempotency_key", "pack", b"pack", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -423,19 +447,35 @@ class UpdateSubscriptionPlanRequest(_message.Message):
 
     PLAN_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Required, as on every change: a retry with the same key answers the first response."""
+    etag: _builtins.str
+    """The plan's etag as read, as UpdateCreditPackRequest's etag. plan.etag is not read."""
     @_builtins.property
-    def plan(self) -> _billing_service_pb2.SubscriptionPlan: ...
+    def plan(self) -> _billing_service_pb2.SubscriptionPlan:
+        """plan_id names the plan; the fields update_mask names are its new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change, named as in SubscriptionPlan, as UpdateCreditPackRequest's mask.
+        Changeable: translation_key, credits_micros, period_unit, period_count, rank,
+        price_minor, currency, provider_price_id, active ("*" alone: all). Unset: every
+        changeable field is replaced by plan's.
+        """
+
     def __init__(
         self,
         *,
         plan: _billing_service_pb2.SubscriptionPlan | None = ...,
         idempotency_key: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "idempotency_key", b"idempotency_key", "plan", b"plan", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

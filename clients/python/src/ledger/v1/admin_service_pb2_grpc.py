@@ -189,7 +189,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateCreditPack(self, request, context):
-        """Replaces a pack's fields; deactivate a pack rather than delete it.
+        """Changes the fields update_mask names (AIP-134), or without a mask replaces them all;
+        deactivate a pack rather than delete it. With etag, only the version of the pack that
+        was read is changed (AIP-154; FAILED_PRECONDITION ETAG_MISMATCH otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,6 +215,7 @@ class AdminServiceServicer:
     def UpdateSubscriptionPlan(self, request, context):
         """The provider_price_id of a plan with running subscribers or recent checkout sessions
         cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+        update_mask and etag work as on UpdateCreditPack.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,7 +49,10 @@ class AdminServiceStub:
     """
     CreateCreditPack: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateCreditPackRequest, _admin_service_pb2.CreateCreditPackResponse]
     UpdateCreditPack: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateCreditPackRequest, _admin_service_pb2.UpdateCreditPackResponse]
-    """Replaces a pack's fields; deactivate a pack rather than delete it."""
+    """Changes the fields update_mask names (AIP-134), or without a mask replaces them all;
+    deactivate a pack rather than delete it. With etag, only the version of the pack that
+    was read is changed (AIP-154; FAILED_PRECONDITION ETAG_MISMATCH otherwise).
+    """
     ListAllCreditPacks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAllCreditPacksRequest, _admin_service_pb2.ListAllCreditPacksResponse]
     """All packs, inactive ones included."""
     CreateSubscriptionPlan: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSubscriptionPlanRequest, _admin_service_pb2.CreateSubscriptionPlanResponse]
@@ -59,6 +62,7 @@ class AdminServiceStub:
     UpdateSubscriptionPlan: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateSubscriptionPlanRequest, _admin_service_pb2.UpdateSubscriptionPlanResponse]
     """The provider_price_id of a plan with running subscribers or recent checkout sessions
     cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+    update_mask and etag work as on UpdateCreditPack.
     """
     CreateRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]
     """Generates a batch of redemption codes (seed 003)."""
@@ -123,7 +127,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     CreateCreditPack: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateCreditPackRequest, _admin_service_pb2.CreateCreditPackResponse]  # type: ignore[assignment]
     UpdateCreditPack: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateCreditPackRequest, _admin_service_pb2.UpdateCreditPackResponse]  # type: ignore[assignment]
-    """Replaces a pack's fields; deactivate a pack rather than delete it."""
+    """Changes the fields update_mask names (AIP-134), or without a mask replaces them all;
+    deactivate a pack rather than delete it. With etag, only the version of the pack that
+    was read is changed (AIP-154; FAILED_PRECONDITION ETAG_MISMATCH otherwise).
+    """
     ListAllCreditPacks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAllCreditPacksRequest, _admin_service_pb2.ListAllCreditPacksResponse]  # type: ignore[assignment]
     """All packs, inactive ones included."""
     CreateSubscriptionPlan: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSubscriptionPlanRequest, _admin_service_pb2.CreateSubscriptionPlanResponse]  # type: ignore[assignment]
@@ -133,6 +140,7 @@ class AdminServiceAsyncStub(AdminServiceStub):
     UpdateSubscriptionPlan: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateSubscriptionPlanRequest, _admin_service_pb2.UpdateSubscriptionPlanResponse]  # type: ignore[assignment]
     """The provider_price_id of a plan with running subscribers or recent checkout sessions
     cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+    update_mask and etag work as on UpdateCreditPack.
     """
     CreateRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]  # type: ignore[assignment]
     """Generates a batch of redemption codes (seed 003)."""
@@ -224,7 +232,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.UpdateCreditPackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.UpdateCreditPackResponse, _abc.Awaitable[_admin_service_pb2.UpdateCreditPackResponse]]:
-        """Replaces a pack's fields; deactivate a pack rather than delete it."""
+        """Changes the fields update_mask names (AIP-134), or without a mask replaces them all;
+        deactivate a pack rather than delete it. With etag, only the version of the pack that
+        was read is changed (AIP-154; FAILED_PRECONDITION ETAG_MISMATCH otherwise).
+        """
 
     @_abc_1.abstractmethod
     def ListAllCreditPacks(
@@ -252,6 +263,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.UpdateSubscriptionPlanResponse, _abc.Awaitable[_admin_service_pb2.UpdateSubscriptionPlanResponse]]:
         """The provider_price_id of a plan with running subscribers or recent checkout sessions
         cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
+        update_mask and etag work as on UpdateCreditPack.
         """
 
     @_abc_1.abstractmethod

@@ -111,6 +111,7 @@ class CreditPack(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     pack_id: _builtins.str
     translation_key: _builtins.str
     """The key of the pack's name and description in the product's translations."""
@@ -122,6 +123,10 @@ class CreditPack(_message.Message):
     provider_price_id: _builtins.str
     """The payment provider's price id (Stripe price)."""
     active: _builtins.bool
+    etag: _builtins.str
+    """Output only: a digest of the fields an update changes, different once any of them
+    changes. Send it as UpdateCreditPackRequest.etag to make an update conditional.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -138,10 +143,11 @@ class CreditPack(_message.Message):
         active: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "credits_micros", b"credits_micros", "currency", b"currency", "pack_id", b"pack_id", "price_minor", b"price_minor", "provider_price_id", b"provider_price_id", "translation_key", b"translation_key", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "credits_micros", b"credits_micros", "currency", b"currency", "etag", b"etag", "pack_id", b"pack_id", "price_minor", b"price_minor", "provider_price_id", b"provider_price_id", "translation_key", b"translation_key", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,6 +169,7 @@ class SubscriptionPlan(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     PROVIDER_PRICE_ID_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     translation_key: _builtins.str
     credits_micros: _builtins.int
@@ -175,6 +182,8 @@ class SubscriptionPlan(_message.Message):
     currency: _builtins.str
     provider_price_id: _builtins.str
     active: _builtins.bool
+    etag: _builtins.str
+    """Output only, as CreditPack.etag (UpdateSubscriptionPlanRequest.etag)."""
     def __init__(
         self,
         *,
@@ -188,10 +197,11 @@ class SubscriptionPlan(_message.Message):
         currency: _builtins.str = ...,
         provider_price_id: _builtins.str = ...,
         active: _builtins.bool = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "credits_micros", b"credits_micros", "currency", b"currency", "period_count", b"period_count", "period_unit", b"period_unit", "plan_id", b"plan_id", "price_minor", b"price_minor", "provider_price_id", b"provider_price_id", "rank", b"rank", "translation_key", b"translation_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "credits_micros", b"credits_micros", "currency", b"currency", "etag", b"etag", "period_count", b"period_count", "period_unit", b"period_unit", "plan_id", b"plan_id", "price_minor", b"price_minor", "provider_price_id", b"provider_price_id", "rank", b"rank", "translation_key", b"translation_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

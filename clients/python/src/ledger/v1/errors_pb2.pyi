@@ -169,6 +169,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     changed: split the amount into calls of at most max_amount_micros. metadata:
     max_lots (the lots that amount covers), max_amount_micros, requested_micros.
     """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 53
+    """FAILED_PRECONDITION: the update's etag is not the pack's or plan's current one: it
+    changed since it was read. Read it again and redo the change. metadata: pack_id or
+    plan_id.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -322,5 +327,10 @@ can (a journal entry numbers at most 32,768 postings; a Reserve or Consume takes
 most 32,767 lots, a Refund of lots expired since posts three times each). Nothing was
 changed: split the amount into calls of at most max_amount_micros. metadata:
 max_lots (the lots that amount covers), max_amount_micros, requested_micros.
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 53
+"""FAILED_PRECONDITION: the update's etag is not the pack's or plan's current one: it
+changed since it was read. Read it again and redo the change. metadata: pack_id or
+plan_id.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
