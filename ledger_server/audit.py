@@ -4,10 +4,10 @@ Postings of every transaction sum to zero; each transaction's amount equals its
 account-side postings; for every account the balance equals the sum of its lots'
 remaining credits and the sum of its postings; holds agree between accounts, lots
 and reservations; no lot is below zero or above its amount. The figures stored beside
-the journal agree with it: lots' expired credits, what reservations and their lots
-committed and refunded, what payments' refunds clawed back; expiries come after their
-lot's expiry and overdraft entries touch the overdraft lot only. Each check is a branch
-of the one query in sql/queries/audit.sql."""
+the journal agree with it: lots' expired credits, what reservations and each of their
+lots committed and refunded (and what of that expired at once), what payments' refunds
+clawed back; expiries come after their lot's expiry and overdraft entries touch the
+overdraft lot only. Each check is a branch of the one query in sql/queries/audit.sql."""
 
 from __future__ import annotations
 

@@ -274,7 +274,43 @@ def test_what_a_reservation_refunded_agrees_with_its_refunds(fresh_database_url:
                 "WHERE reservation_id = %s AND refunded_micros > 0",
                 (reservation,),
             )
-    assert _found(fresh_database_url) == {"reservation_refunded_vs_journal"}
+    # Its lots' too, each against the refunds into it.
+    assert _found(fresh_database_url) == {
+        "reservation_refunded_vs_journal",
+        "reservation_lot_refunds_vs_journal",
+    }
+
+
+def test_what_each_lot_of_a_reservation_got_back_agrees_with_its_refunds(
+    fresh_database_url: str,
+) -> None:
+    """Per lot: a credit of a refund moved to another lot of the reservation leaves every
+    sum right, yet the next refund would give back to the wrong lot."""
+    migrate(fresh_database_url)
+    reservation = _fill_history(fresh_database_url)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        lots = conn.execute(
+            "SELECT lot_id, refunded_micros FROM reservation_lots WHERE reservation_id = %s "
+            "AND committed_micros - refunded_micros >= 1000000 ORDER BY refunded_micros DESC",
+            (reservation,),
+        ).fetchall()
+        assert lots[0][1] >= 1000000 and len(lots) >= 2
+        move = (
+            "UPDATE reservation_lots SET refunded_micros = refunded_micros "
+            "+ CASE lot_id WHEN %s THEN -1000000 ELSE 1000000 END "
+            "WHERE reservation_id = %s AND lot_id IN (%s, %s)"
+        )
+        conn.execute(move, (lots[0][0], reservation, lots[0][0], lots[1][0]))
+        assert _found(fresh_database_url) == {"reservation_lot_refunds_vs_journal"}
+        conn.execute(move, (lots[1][0], reservation, lots[0][0], lots[1][0]))
+        assert audit_database(fresh_database_url) == []
+        # What expired at once, of the refund into the promotion's expired lot.
+        conn.execute(
+            "UPDATE reservation_lots SET refund_expired_micros = refund_expired_micros - 1 "
+            "WHERE refund_expired_micros > 0"
+        )
+        assert _found(fresh_database_url) == {"reservation_lot_refunds_vs_journal"}
 
 
 def test_what_a_payments_refund_clawed_back_agrees_with_its_adjustments(
@@ -290,3 +326,38 @@ def test_what_a_payments_refund_clawed_back_agrees_with_its_adjustments(
         assert audit_database(fresh_database_url) == []
         conn.execute("UPDATE purchases SET bonus_clawed_back_micros = bonus_clawed_back_micros - 1")
         assert _found(fresh_database_url) == {"purchase_claw_back_vs_journal"}
+
+
+def test_a_lot_refunded_into_twice_at_once_after_it_expired(fresh_database_url: str) -> None:
+    """One refund gives an expired lot both its own share of the charge and what the
+    overdraft, repaid by that lot, had no room for: both expire at once, and only the first
+    is what the reservation's lot got back (reservation_lots.refund_expired_micros)."""
+    migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), datetime.now(UTC))
+
+        def call(sql: str, *args: object) -> Any:
+            return conn.execute(sql, args).fetchone()[0]  # type: ignore[index]
+
+        call(
+            "SELECT ledger_grant('od', 'g', '\\x01', 10000000, 'promotion', "
+            "now() + interval '1 day', 'main', '', '', NULL, now())"
+        )
+        call("SELECT ledger_set_overdraft_limit('od', 'o', '\\x02', 50000000, 'r', 'a', now())")
+        first = call("SELECT ledger_consume('od', 'c1', '\\x03', 5000000, NULL, 'chat', '', now())")
+        # The promotion's other 5, the signup's 100 and 20 of the overdraft.
+        drawn = call(
+            "SELECT ledger_consume('od', 'c2', '\\x04', 125000000, NULL, 'chat', '', now())"
+        )
+        # Its 5 back in the promotion repay 5 of the debt.
+        call(
+            "SELECT ledger_refund('od', %s::uuid, 'f1', '\\x05', NULL, 'r', now())",
+            first["reservation"]["reservation_id"],
+        )
+        refund = call(
+            "SELECT ledger_refund('od', %s::uuid, 'f2', '\\x06', NULL, 'r', "
+            "now() + interval '2 days')",
+            drawn["reservation"]["reservation_id"],
+        )
+        assert (refund["refunded_micros"], refund["expired_micros"]) == (125000000, 10000000)
+    assert audit_database(fresh_database_url) == []

@@ -63,6 +63,37 @@ WITH lot_sums AS (
       JOIN postings p ON p.account_id = t.account_id AND p.transaction_id = t.transaction_id
      WHERE t.kind = 'refund' AND t.reservation_id IS NOT NULL AND p.ledger_account LIKE 'revenue%'
      GROUP BY t.account_id, t.reservation_id
+), refund_lot_postings AS (
+    -- Each REFUND entry's lot postings by lot (ledger_refund): given back to a lot the charge
+    -- took from (memo 'refund'); given, of what the overdraft lot had no room for, to the lots
+    -- that repaid its debt ('overdraft repayment refunded') or to a new refund lot (no memo:
+    -- ledger_add_lot); and the legs expiring at once what went to an expired lot, of either.
+    SELECT t.account_id, t.reservation_id, p.lot_id,
+           coalesce(sum(p.amount_micros) FILTER (WHERE p.memo = 'refund'), 0) AS given,
+           coalesce(sum(p.amount_micros)
+                        FILTER (WHERE p.amount_micros > 0 AND p.memo IS DISTINCT FROM 'refund'),
+                    0) AS overflow,
+           -coalesce(sum(p.amount_micros) FILTER (WHERE p.amount_micros < 0), 0) AS expired_legs
+      FROM journal_transactions t
+      JOIN postings p ON p.account_id = t.account_id AND p.transaction_id = t.transaction_id
+     WHERE t.kind = 'refund' AND t.reservation_id IS NOT NULL AND p.lot_id IS NOT NULL
+     GROUP BY t.account_id, t.transaction_id, t.reservation_id, p.lot_id
+), refund_lot_journal AS (
+    -- What each reservation's refunds gave back to each of its lots, and what of it expired
+    -- at once. Only the overdraft lot's credits overflow (ledger_refund): they are its. A lot
+    -- that expired takes everything of the entry's at once, what it got as a repaying lot
+    -- too: the rest of its expiring legs is its own refund's.
+    SELECT account_id, reservation_id, lot_id, sum(refunded) AS refunded,
+           sum(refund_expired) AS refund_expired
+      FROM (SELECT account_id, reservation_id, lot_id, given AS refunded,
+                   greatest(expired_legs - overflow, 0) AS refund_expired
+              FROM refund_lot_postings WHERE given <> 0 OR expired_legs > overflow
+            UNION ALL
+            SELECT f.account_id, f.reservation_id, o.lot_id, f.overflow, 0
+              FROM refund_lot_postings f
+              JOIN lots o ON o.account_id = f.account_id AND o.source = 'overdraft'
+             WHERE f.overflow > 0) given_back
+     GROUP BY account_id, reservation_id, lot_id
 ), claw_back_journal AS (
     -- A payment's claw-backs are ADJUSTMENT entries under its purchase's external_ref
     -- (ledger_claw_back_purchase, ledger_settle_claw_backs): what they took from the bonus
@@ -201,6 +232,18 @@ SELECT 'reservation_refunded_vs_journal', coalesce(r.account_id, j.account_id),
   FROM (SELECT * FROM reservations WHERE refunded_micros <> 0) r
   FULL JOIN refund_journal j ON j.account_id = r.account_id AND j.reservation_id = r.reservation_id
  WHERE coalesce(r.refunded_micros, 0) <> coalesce(j.refunded, 0)
+UNION ALL
+SELECT 'reservation_lot_refunds_vs_journal', coalesce(rl.account_id, j.account_id),
+       format('reservation %s, lot %s: refunded %s (expired %s); its refunds gave %s (expired %s)',
+              coalesce(rl.reservation_id, j.reservation_id), coalesce(rl.lot_id, j.lot_id),
+              coalesce(rl.refunded_micros, 0), coalesce(rl.refund_expired_micros, 0),
+              coalesce(j.refunded, 0), coalesce(j.refund_expired, 0))
+  FROM (SELECT * FROM reservation_lots WHERE refunded_micros <> 0) rl
+  FULL JOIN refund_lot_journal j
+         ON j.account_id = rl.account_id AND j.reservation_id = rl.reservation_id
+        AND j.lot_id = rl.lot_id
+ WHERE coalesce(rl.refunded_micros, 0) <> coalesce(j.refunded, 0)
+    OR coalesce(rl.refund_expired_micros, 0) <> coalesce(j.refund_expired, 0)
 UNION ALL
 -- The amounts still owed (claw_back_owed_micros, migration 0024) are not checked: they
 -- follow from the share of the payment refunded, which Stripe's events hold, not the journal.
