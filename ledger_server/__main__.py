@@ -9,8 +9,10 @@ import signal
 import sys
 from typing import TextIO
 
+import psycopg
+
 from ledger_server import runtime_settings
-from ledger_server.audit import audit_database
+from ledger_server.audit import AuditCannotRun, audit_database
 from ledger_server.config import ConfigError, Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.observability.logging import setup_logging
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the gRPC server (migrates first)")
     sub.add_parser("migrate", help="apply database migrations")
-    sub.add_parser("audit", help="check every ledger invariant; exit 1 on a violation")
+    sub.add_parser(
+        "audit", help="check every ledger invariant; exit 1 on a violation, 3 if it cannot run"
+    )
     sub.add_parser(
         "hash-token", help="print the SHA-256 of the token on stdin, for LEDGER_AUTH_TOKENS_FILE"
     )
@@ -84,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print("applied: " + ", ".join(applied) if applied else "schema is up to date")
         return 0
-    violations = audit_database(settings.database_url)
+    try:
+        violations = audit_database(settings.database_url)
+    except (AuditCannotRun, psycopg.OperationalError) as exc:
+        # One line (psycopg adds a hint on a line of its own), and not 1: that means violations.
+        print(f"audit could not run: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 3
     for violation in violations:
         print(violation)
     if violations:

@@ -83,9 +83,20 @@ def test_held_credits_must_agree(fresh_database_url: str) -> None:
 
 
 def test_the_audit_command_exit_code(fresh_database_url: str) -> None:
+    env = {"DATABASE_URL": fresh_database_url, "PATH": "/usr/bin:/bin"}
+    # Not migrated, or out of reach: 3 and one line, never 1 (violations) with a traceback.
+    for url in (fresh_database_url, "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"):
+        failed = subprocess.run(
+            [sys.executable, "-m", "ledger_server", "audit"],
+            env={**env, "DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+        )
+        assert (failed.returncode, failed.stdout) == (3, ""), failed.stderr
+        assert failed.stderr.startswith("audit could not run: ")
+        assert failed.stderr.count("\n") == 1, failed.stderr
     migrate(fresh_database_url)
     _fill(fresh_database_url)
-    env = {"DATABASE_URL": fresh_database_url, "PATH": "/usr/bin:/bin"}
     clean = subprocess.run(
         [sys.executable, "-m", "ledger_server", "audit"], env=env, capture_output=True, text=True
     )

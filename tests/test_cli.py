@@ -112,6 +112,10 @@ def test_audit_without_a_database_is_a_usage_error_and_an_unreachable_one_is_3(
     )
     assert unreachable.returncode == 3
     assert "UNAVAILABLE" in unreachable.stderr
+    # Reachable but never migrated: it cannot run either (1 would read as violations found).
+    unmigrated = run_cli(["audit"], env={"DATABASE_URL": fresh_database_url})
+    assert (unmigrated.returncode, unmigrated.stdout) == (3, "")
+    assert "not migrated" in unmigrated.stderr and "Traceback" not in unmigrated.stderr
 
 
 # --- against the server ---------------------------------------------------------------------------

@@ -639,9 +639,13 @@ def config_reset(args: argparse.Namespace, session: Session) -> int:
 
 
 def audit(args: argparse.Namespace, session: Session) -> int:
-    from ledger_server.audit import audit_database
+    from ledger_server.audit import AuditCannotRun, audit_database
 
-    violations = audit_database(args.database_url)
+    try:
+        violations = audit_database(args.database_url)
+    except AuditCannotRun as exc:
+        output.print_error({"code": "FAILED_PRECONDITION", "message": str(exc)}, session.json)
+        return 3  # as for a database out of reach (cli/__init__.py): the audit did not run
     if session.json:
         output.print_json(
             {
