@@ -13,15 +13,17 @@ from typing import Any, NamedTuple
 import grpc
 import psycopg
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
+from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc
+from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc, types_pb2
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.server import journal_pages
-from support.ledger import CREDIT, Ledger, expect_error, new_account
+from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.plans import Conn, Plan, PlanRecorder, explained_connection, scans
 from support.server import ServerThread
 
@@ -676,3 +678,79 @@ def test_journal_requests_are_checked(reports: Any, ledger: Ledger) -> None:
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
     )
+
+
+def test_a_models_refunds_and_releases_are_listed_under_it(
+    reports: Any, ledger: Ledger, admin: Any, ledger_db_url: str, clock: OffsetClock
+) -> None:
+    """A refund or a release, of a Release or a time-out, carries its reservation's model
+    as it does its feature. They were written without one, so filtered by model they were
+    left out, though GetSummary counts a refund under its charge's model. Entries written so
+    (before the fix) are listed under the reservation's model too."""
+    feature, model = f"modelled-{uuid.uuid4().hex[:8]}", "model-x"
+    admin.SetPrice(
+        admin_pb.SetPriceRequest(
+            price=admin_pb.Price(feature=feature, model=model, unit_size=1,
+                                 unit=types_pb2.USAGE_UNIT_GENERATIONS, unit_price_micros=CREDIT),
+            idempotency_key=new_key(),
+        )
+    )  # fmt: skip
+    account = new_account("journal-model")
+    ledger.grant(account, 50)
+    usage = types_pb2.Usage(
+        feature=feature,
+        model=model,
+        quantities=[types_pb2.UsageQuantity(unit=types_pb2.USAGE_UNIT_GENERATIONS, quantity=3)],
+    )
+
+    def reserve(**fields: Any) -> str:
+        request = pb.ReserveRequest(
+            account_id=account, idempotency_key=new_key(), usage=usage, **fields
+        )
+        return str(ledger.stub.Reserve(request).reservation.reservation_id)
+
+    charged = ledger.stub.Consume(
+        pb.ConsumeRequest(account_id=account, idempotency_key=new_key(), usage=usage)
+    ).reservation.reservation_id
+    ledger.refund(account, charged, CREDIT)
+    ledger.release(account, reserve())
+    reserve(ttl=Duration(seconds=60))
+    clock.advance(timedelta(minutes=2))
+    ledger.balance(account)  # times the last hold out
+    every = ["RELEASE", "HOLD", "RELEASE", "HOLD", "REFUND", "CHARGE"]
+    period = report_pb.TimeRange()
+    period.start_time.FromDatetime(clock.now() - timedelta(hours=1))
+    period.end_time.FromDatetime(clock.now() + timedelta(hours=1))
+
+    def shown() -> None:
+        for entries in (
+            ledger.transactions(account, model=model),
+            reports.ListJournal(
+                report_pb.ListJournalRequest(account_id=account, model=model)
+            ).transactions,
+        ):
+            assert [pb.TransactionKind.Name(e.kind)[17:] for e in entries] == every
+            assert {e.model for e in entries} == {model}
+        assert {e.model for e in ledger.transactions(account, feature=feature)} == {model}
+        # The usage report counts the refund under the charge's model, once.
+        summary = reports.GetSummary(report_pb.GetSummaryRequest(account_id=account, range=period))
+        assert [
+            (u.feature, u.model, u.charges, u.consumed_micros, u.refunded_micros)
+            for u in summary.usage
+        ] == [(feature, model, 1, 3 * CREDIT, CREDIT)]
+
+    shown()
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        written = conn.execute(
+            "SELECT kind, model FROM journal_transactions "
+            "WHERE account_id = %s AND kind IN ('refund', 'release') ORDER BY transaction_id",
+            (account,),
+        ).fetchall()
+        assert written == [("refund", model), ("release", model), ("release", model)]
+        conn.execute("SET session_replication_role = replica")  # past the append-only trigger
+        conn.execute(
+            "UPDATE journal_transactions SET model = NULL "
+            "WHERE account_id = %s AND kind IN ('refund', 'release')",
+            (account,),
+        )
+    shown()

@@ -539,7 +539,24 @@ def test_the_release_set_takes_only_calls_sure_to_succeed(
         holds[reason] = ledger.reserve(account, CREDIT, ttl=ttl).reservation.reservation_id
     # Not held, expired by the batch: the account has maintenance due.
     ledger.grant(accounts["due"], 1, expires_in=Duration(seconds=3600))
-    second_hold = ledger.reserve(accounts["taken"], 2 * CREDIT, ttl=day).reservation
+    # Priced by a model: its release is listed under that model too, as alone.
+    feature = f"priced-{uuid.uuid4().hex[:8]}"
+    admin.SetPrice(
+        admin_pb.SetPriceRequest(
+            price=admin_pb.Price(feature=feature, model="m1", unit=types_pb2.USAGE_UNIT_TOKENS,
+                                 unit_size=1, unit_price_micros=CREDIT // 1000),
+            idempotency_key=new_key(),
+        )
+    )  # fmt: skip
+    usage = types_pb2.Usage(
+        feature=feature,
+        model="m1",
+        quantities=[types_pb2.UsageQuantity(unit=types_pb2.USAGE_UNIT_TOKENS, quantity=2000)],
+    )
+    second_hold = ledger.stub.Reserve(
+        pb.ReserveRequest(account_id=accounts["taken"], idempotency_key=new_key(), usage=usage,
+                          ttl=day)
+    ).reservation  # fmt: skip
     ledger.commit(accounts["not-pending"], holds["not-pending"], CREDIT)
     admin.SetOverdraftLimit(
         admin_pb.SetOverdraftLimitRequest(
@@ -586,8 +603,8 @@ def test_the_release_set_takes_only_calls_sure_to_succeed(
             assert _snapshot(conn, accounts[reason], now) == snapshot, reason
         failed, released = (result["ok"] for result in row[0][-2:])
         comments = conn.execute(
-            "SELECT comment FROM journal_transactions WHERE account_id = %s AND kind = 'release'"
-            " ORDER BY transaction_id",
+            "SELECT comment, model FROM journal_transactions"
+            " WHERE account_id = %s AND kind = 'release' ORDER BY transaction_id",
             (accounts["taken"],),
         ).fetchall()
     assert (failed["reservation"]["status"], released["reservation"]["status"]) == (
@@ -598,7 +615,7 @@ def test_the_release_set_takes_only_calls_sure_to_succeed(
         2 * CREDIT,
         0,
     )
-    assert comments == [("job failed",), ("cancelled",)]
+    assert comments == [("job failed", None), ("cancelled", "m1")]
     balance = ledger.balance(accounts["taken"])
     assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 0)
 

@@ -556,11 +556,12 @@ BEGIN
     WITH released AS (
         UPDATE reservations SET status = p_status, finalized_at = p_now
          WHERE account_id = p_account AND reservation_id = ANY (p_reservations)
-        RETURNING reservation_id, held_micros, feature),
+        RETURNING reservation_id, held_micros, feature, model),
     journal AS (
+        -- The reservation's feature and model, as its hold's entry: listed by either.
         INSERT INTO journal_transactions (account_id, kind, amount_micros, reservation_id,
-                                          feature, comment, created_at)
-        SELECT p_account, 'release', r.held_micros, r.reservation_id, r.feature,
+                                          feature, model, comment, created_at)
+        SELECT p_account, 'release', r.held_micros, r.reservation_id, r.feature, r.model,
                nullif(p_comment, ''), p_now
           FROM released r
           JOIN unnest(p_reservations) WITH ORDINALITY AS wanted(reservation_id, position)
@@ -1232,8 +1233,10 @@ BEGIN
         PERFORM ledger_fail_too_many_lots(fit.most_lots, fit.most_micros, amount);
     END IF;
 
+    -- The reservation's model too (its charge's, ledger_commit): listed by it as the charge.
     txn := ledger_new_transaction(p_account, 'refund', amount - expired_part, p_now, p_reservation,
-                                  r.feature, coalesce(nullif(p_reason, ''), 'refund'));
+                                  r.feature, coalesce(nullif(p_reason, ''), 'refund'),
+                                  p_model => r.model);
     FOR step IN SELECT * FROM ledger_refund_plan(p_account, p_reservation, amount, p_now) LOOP
         -- Credits charged from the overdraft lot go back into it as far as its debt
         -- goes; a debt repaid since leaves no room, and the rest goes back to the lots
@@ -1445,6 +1448,15 @@ END $$;
 -- entries it reads and sorts them all. No sort allowed, no other plan gives the order. The
 -- same columns and joins as ledger_journal_read's statement (tests/test_journal.py checks
 -- that both list alike).
+-- The model an entry is listed (and filtered) under: its own, or for a refund or release
+-- written before they carried their reservation's model (ledger_refund, ledger_release_holds),
+-- the reservation's: the same entries match a model whenever they were written.
+CREATE OR REPLACE FUNCTION ledger_entry_model(p_kind text, p_model text, p_reservation_model text)
+    RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(p_model, CASE WHEN p_kind IN ('refund', 'release') THEN p_reservation_model END)
+$$;
+
 CREATE OR REPLACE FUNCTION ledger_account_journal_page(
     p_account text, p_before bigint, p_limit int)
     RETURNS TABLE (transaction_id bigint, account_id text, kind text, amount_micros bigint,
@@ -1458,7 +1470,8 @@ AS $$
 BEGIN
     RETURN QUERY
         SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
-               t.feature, t.model, t.usage, t.comment, t.actor, t.external_ref,
+               t.feature, ledger_entry_model(t.kind, t.model, r.model), t.usage, t.comment,
+               t.actor, t.external_ref,
                ledger_micros(t.created_at),
                ledger_transaction_status(t.kind, r.status, r.committed_micros, r.refunded_micros),
                p.accounts, p.lots, p.sources, p.amounts, p.memos
@@ -1517,7 +1530,8 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format($query$
         SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
-               t.feature, t.model, t.usage, t.comment, t.actor, t.external_ref,
+               t.feature, ledger_entry_model(t.kind, t.model, r.model), t.usage, t.comment,
+               t.actor, t.external_ref,
                ledger_micros(t.created_at),
                ledger_transaction_status(t.kind, r.status, r.committed_micros, r.refunded_micros),
                p.accounts, p.lots, p.sources, p.amounts, p.memos
@@ -1538,7 +1552,7 @@ BEGIN
            AND ($4 IS NULL OR t.created_at >= $4)
            AND ($5 IS NULL OR t.created_at < $5)
            AND ($6 IS NULL OR t.feature = $6)
-           AND ($7 IS NULL OR t.model = $7)
+           AND ($7 IS NULL OR ledger_entry_model(t.kind, t.model, r.model) = $7)
            AND ($8 IS NULL OR ledger_transaction_status(t.kind, r.status,
                     r.committed_micros, r.refunded_micros) = ANY ($8))
          ORDER BY %2$s

@@ -45,12 +45,12 @@ BEGIN
         SELECT q.n, q.account_id, q.key, q.hash, q.reservation_id, q.txn, q.call_at,
                ledger_release_status(q.job_failed) AS status,
                ledger_release_comment(q.job_failed, q.reason) AS comment,
-               v.held_micros AS held, v.feature
+               v.held_micros AS held, v.feature, v.model
           FROM request q
           -- LATERAL ... OFFSET 0 (not merged into the join): each call's rows looked up by
           -- their key, whatever the plan estimates of the batch and the tables
           LEFT JOIN LATERAL (
-              SELECT v.held_micros, v.feature
+              SELECT v.held_micros, v.feature, v.model
                 FROM reservations v
                WHERE v.account_id = q.account_id AND v.reservation_id = q.reservation_id
                  AND v.status = 'pending' OFFSET 0) v ON true
@@ -98,16 +98,17 @@ BEGIN
     ), release AS (
         -- Each Release and the account's hold once it is made.
         SELECT g.n, g.account_id, g.key, g.hash, g.reservation_id, g.txn, g.status, g.comment,
-               g.held, g.feature, g.call_at, r.balance_micros,
+               g.held, g.feature, g.model, g.call_at, r.balance_micros,
                r.held_micros - (sum(g.held) OVER w)::bigint AS held_after,
                r.reward_balance_micros
           FROM give_back g JOIN ready r ON r.account_id = g.account_id
         WINDOW w AS (PARTITION BY g.account_id ORDER BY g.n ROWS UNBOUNDED PRECEDING)
     ), journal AS (
         INSERT INTO journal_transactions (account_id, transaction_id, kind, amount_micros,
-                                          reservation_id, feature, comment, created_at)
+                                          reservation_id, feature, model, comment, created_at)
         OVERRIDING SYSTEM VALUE
-        SELECT account_id, txn, 'release', held, reservation_id, feature, comment, call_at
+        SELECT account_id, txn, 'release', held, reservation_id, feature, model, comment,
+               call_at
           FROM release ORDER BY account_id COLLATE "C", n
     ), lots_unheld AS (
         UPDATE lots l SET held_micros = l.held_micros - t.held
