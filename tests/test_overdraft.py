@@ -416,6 +416,11 @@ def test_the_report_shows_the_overdraft_as_minus_the_debt(
     assert overdraft.consumed_micros == 6 * CREDIT
     assert overdraft.transferred_micros == 1 * CREDIT
     assert overdraft.remaining_micros == -5 * CREDIT
+    # The purchased credit that repaid 1 of the debt moved into free's overdraft (README).
+    assert (summary.purchased.transferred_micros, summary.free.transferred_micros) == (
+        -1 * CREDIT,
+        1 * CREDIT,
+    )
     assert summary.total.remaining_micros == ledger.balance(account).balance_micros == -5 * CREDIT
     for amounts in [*by_source.values(), summary.total]:
         assert (
