@@ -138,7 +138,27 @@ def test_an_alert_address_that_is_not_one_is_refused_by_field(admin: Any, email:
         "INVALID_FIELD",
         "email",
     )
-    assert _alerts(admin, account) == []
+    expect_error(lambda: _alerts(admin, account), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+
+
+def test_the_alerts_of_an_account_that_does_not_exist_are_not_found(
+    ledger: Ledger, admin: Any
+) -> None:
+    """As ListLots and ListTransactions answer: not an empty list, which reads as "no
+    alerts yet" for a mistyped id."""
+    missing = new_account("no-such")
+    alerts_error = expect_error(
+        lambda: _alerts(admin, missing), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"
+    )
+    lots_error = expect_error(
+        lambda: ledger.stub.ListLots(pb.ListLotsRequest(account_id=missing)),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
+    assert dict(alerts_error.metadata) == dict(lots_error.metadata)
+    assert alerts_error.metadata["account_id"] == missing
+    ledger.grant(missing, 1)
+    assert _alerts(admin, missing) == []  # an account without alerts: an empty list
 
 
 def test_credits_expiring_below_the_threshold_record_an_alert(ledger: Ledger, admin: Any) -> None:

@@ -658,6 +658,16 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 "limit": page_size + 1,
             },
         )
+        # Only an empty page asks: an account with alerts exists (accounts are never deleted).
+        if account_id is not None and not rows:
+            [(exists,)] = await fetch_all(self._pool, "account_exists", {"account_id": account_id})
+            if not exists:
+                raise LedgerError(
+                    grpc.StatusCode.NOT_FOUND,
+                    "ACCOUNT_NOT_FOUND",
+                    "account not found",
+                    {"account_id": account_id},
+                )
         response = pb.ListLowBalanceAlertsResponse(
             alerts=[mapping.low_balance_alert(row[0]) for row in rows[:page_size]]
         )

@@ -127,7 +127,7 @@ async def _rows(
 
 
 async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> None:
-    exists = await _rows(conn, "report_account_exists", {"account_id": account_id})
+    exists = await _rows(conn, "account_exists", {"account_id": account_id})
     if not exists[0][0]:
         raise LedgerError(
             grpc.StatusCode.NOT_FOUND,

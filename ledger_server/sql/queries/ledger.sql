@@ -69,3 +69,7 @@ SELECT transaction_id, account_id, kind, amount_micros, reservation_id, feature,
 
 -- name: estimate
 SELECT ledger_price_usage(%(feature)s::text, %(model)s::text, %(quantities)s::jsonb, NULL)
+
+-- name: account_exists
+-- For reads that answer ACCOUNT_NOT_FOUND without a ledger function (reports, alerts).
+SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(account_id)s::text)

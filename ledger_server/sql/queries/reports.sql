@@ -16,9 +16,6 @@ SELECT tz, ledger_local_instant(%(local_start)s::timestamp, tz),
        ledger_local_instant(%(local_end)s::timestamp, tz)
   FROM (SELECT ledger_timezone() AS tz) zone
 
--- name: report_account_exists
-SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = %(account_id)s::text)
-
 -- name: report_summary_by_source
 -- Per credit source: opening balance, movements in [start, end) by kind, and the
 -- balance at the end. Balances at an instant T are computed backwards from the lots'

@@ -1442,7 +1442,9 @@ class ListLowBalanceAlertsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """One account's alerts; everyone's when empty."""
+    """One account's alerts (NOT_FOUND ACCOUNT_NOT_FOUND when there is no such account);
+    everyone's when empty.
+    """
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
