@@ -5,11 +5,13 @@ threshold raise nothing more until the balance has gone back above it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import smtplib
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
 from typing import Any
@@ -19,6 +21,7 @@ import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 from google.protobuf.duration_pb2 import Duration
+from rq.job import Job, JobStatus
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as pb
@@ -64,10 +67,28 @@ class HoldingInbox(Inbox):
         return await super().handle_DATA(server, session, envelope)
 
 
-def _serve(inbox: Inbox) -> Iterator[tuple[Inbox, int]]:
+class RefusingInbox(Inbox):
+    """Answers every recipient with `reply`: 451, a server short of resources for now;
+    550, a recipient it rejects."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__()
+        self.reply = reply
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        return self.reply
+
+
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+        return int(sock.getsockname()[1])
+
+
+def _serve(inbox: Inbox) -> Iterator[tuple[Inbox, int]]:
+    port = _free_port()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
     try:
@@ -357,6 +378,136 @@ def test_an_address_the_email_library_cannot_write_fails_after_five_attempts(
     assert (status, attempts) == ("failed", 5)
     assert error is not None and error.startswith("AttributeError")
     assert inbox.to(account) == []
+
+
+def test_an_address_the_smtp_server_rejects_fails_after_five_attempts(
+    ledger: Ledger, admin: Any, configure: Any, ledger_db_url: str, monkeypatch: Any
+) -> None:
+    """A 5xx answer will come again: the email fails, and nothing retries it."""
+    account = _crossed_account(ledger, admin, configure, "rejected")
+    [alert] = _alerts(admin, account)
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    try:
+        with contextlib.contextmanager(_serve)(RefusingInbox("550 5.1.1 no such user")) as (
+            _,
+            port,
+        ):
+            monkeypatch.setenv("LEDGER_SMTP_PORT", str(port))
+            assert _send_attempts(account, alert.alert_id, 6) == ["SMTPRecipientsRefused"] * 5
+    finally:
+        worker_db.close()
+    status, attempts, error = _email_outcome(ledger_db_url, account)
+    assert (status, attempts) == ("failed", 5)
+    assert error is not None and "no such user" in error
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (ConnectionResetError(104, "reset"), True),
+        (TimeoutError("timed out"), True),
+        (smtplib.SMTPServerDisconnected("closed"), True),
+        (smtplib.SMTPConnectError(421, b"busy"), True),
+        (smtplib.SMTPDataError(451, b"try later"), True),
+        (smtplib.SMTPRecipientsRefused({"a@b": (452, b"full")}), True),
+        (smtplib.SMTPDataError(554, b"rejected"), False),
+        (smtplib.SMTPSenderRefused(553, b"not allowed", "a@b"), False),
+        (smtplib.SMTPRecipientsRefused({"a@b": (451, b"later"), "c@d": (550, b"no")}), False),
+        (smtplib.SMTPNotSupportedError("STARTTLS extension not supported"), False),
+        (AttributeError("an address the email library cannot write"), False),
+    ],
+)
+def test_which_failures_are_retried_hourly(error: Exception, transient: bool) -> None:
+    assert alerts.transient(error) is transient
+
+
+def _alert_at(conn: psycopg.Connection[Any], account: str, at: datetime) -> int:
+    """A crossing at `at` (30 credits to 5, under the default threshold of 10), its email
+    job never queued."""
+    conn.execute(
+        "SELECT ledger_grant(%s, 'g', '\\x01', %s, 'purchase', NULL, 'main', '', '', NULL, %s)",
+        (account, 30 * CREDIT, at),
+    )
+    charge = conn.execute(
+        "SELECT ledger_consume(%s, 'c', '\\x02', %s, NULL, '', '', %s)", (account, 25 * CREDIT, at)
+    ).fetchone()
+    assert charge is not None
+    return int(charge[0]["low_balance_alert_id"])
+
+
+def test_an_smtp_outage_longer_than_the_fast_retries_is_retried_hourly_until_sent(
+    fresh_database_url: str, redis_url: str, smtp: tuple[Inbox, int], monkeypatch: Any
+) -> None:
+    """README (alerts.email_to): each alert is emailed at least once. An outage outlasting
+    RQ's retries (~13 minutes) left the alert failed for good; now it stays pending and the
+    sweeper retries it hourly, one attempt each, passing it over until it is due so that
+    the batch goes to newer alerts first. The workers' clock is real time: the sweeper is
+    run with a later `as_of`, and the alerts are made in a database of their own (the
+    session's server clock may have been moved ahead)."""
+    migrate(fresh_database_url)
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+        for key, value in (("signup.enabled", "false"), ("alerts.email_to", '"ops@example.com"')):
+            conn.execute(
+                "SELECT ledger_put_setting(%s, %s, 'admin', 'test', 'outage', %s, true)",
+                (key, value, start),
+            )
+        parked = _alert_at(conn, "outage-old", start + timedelta(minutes=1))
+        fresh = _alert_at(conn, "outage-new", start + timedelta(minutes=2))
+    inbox, up = smtp
+    down = _free_port()  # nothing listens: connection refused
+    redis = redis_connection(redis_url)
+    for key, value in (
+        ("DATABASE_URL", fresh_database_url),
+        ("REDIS_URL", redis_url),
+        ("LEDGER_SMTP_HOST", "127.0.0.1"),
+        ("LEDGER_SMTP_PORT", str(down)),
+    ):
+        monkeypatch.setenv(key, value)
+
+    def sweep(at: datetime, batch: int = 1000) -> set[str]:
+        """The jobs a sweep at `at` queues (Redis flushed first: every job lost)."""
+        redis.flushdb()
+        sweepers.requeue_pending_alert_emails(60, at.isoformat(), batch)
+        return {key.decode().removeprefix("rq:job:") for key in redis.keys("rq:job:*")}
+
+    hour = timedelta(hours=1)
+    try:
+        # RQ's five fast attempts: the server refuses connections, then answers 451.
+        failures = _send_attempts("outage-old", parked, 3)
+        with contextlib.contextmanager(_serve)(RefusingInbox("451 4.3.0 try later")) as (_, port):
+            monkeypatch.setenv("LEDGER_SMTP_PORT", str(port))
+            failures += _send_attempts("outage-old", parked, 2)
+        tried = datetime.now(UTC)
+        assert failures == ["ConnectionRefusedError"] * 3 + ["SMTPRecipientsRefused"] * 2
+        assert _email_outcome(fresh_database_url, "outage-old")[:2] == ("pending", 5)
+        # Parked, not yet due: the newer alert (its job lost) has the batch.
+        assert sweep(tried, batch=2) == {f"alert-email-{fresh}"}
+        # Both due an hour later: the newer one first.
+        assert sweep(tried + hour, batch=1) == {f"alert-email-{fresh}"}
+        # An hourly attempt while SMTP is still down: one run, no fast retries.
+        monkeypatch.setenv("LEDGER_SMTP_PORT", str(down))
+        assert f"alert-email-{parked}" in sweep(tried + hour)
+        run_burst_workers(fresh_database_url, redis_url)
+        tried_again = datetime.now(UTC)
+        assert Job.fetch(f"alert-email-{parked}", connection=redis).get_status() == (
+            JobStatus.FAILED
+        )
+        assert _email_outcome(fresh_database_url, "outage-old")[:2] == ("pending", 6)
+        # SMTP is back: the next hourly retry sends it, once.
+        monkeypatch.setenv("LEDGER_SMTP_PORT", str(up))
+        assert f"alert-email-{parked}" not in sweep(tried + hour)
+        assert f"alert-email-{parked}" in sweep(tried_again + hour)
+        run_burst_workers(fresh_database_url, redis_url)
+    finally:
+        worker_db.close()
+    assert _email_outcome(fresh_database_url, "outage-old") == ("sent", 7, None)
+    assert _email_outcome(fresh_database_url, "outage-new")[0] == "sent"
+    assert [len(inbox.to(account)) for account in ("outage-old", "outage-new")] == [1, 1]
+    assert sweep(tried_again + 3 * hour) == set()
 
 
 def test_a_second_job_of_an_alert_being_sent_passes_it_over(

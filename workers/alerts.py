@@ -3,7 +3,14 @@ sends the email of a pending alert and records the outcome; the sweeper re-queue
 alerts whose email is still pending, so a lost job or Redis loses no alert. A job holds
 a lock on its alert from before sending until the outcome is recorded, so a second job
 of the same alert passes it over. Delivery is at least once: a crash between sending and
-recording can send it twice."""
+recording can send it twice.
+
+A failed attempt is retried by RQ (FAST_ATTEMPTS of them in about 13 minutes). After
+those, an alert whose last failure was transient (the server unreachable, or answering
+4xx) stays pending, parked: the sweeper tries it again once its last attempt is
+PARKED_RETRY_SECONDS old, for as long as the outage lasts. Only a permanent failure (a 5xx
+answer such as a rejected recipient, an address the email library cannot write) fails it
+for good."""
 
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ from workers.db import connection
 from workers.settings import SmtpSettings
 
 CREDIT = 1_000_000
+# RQ's first run and its first four retries (RETRY_INTERVALS: 10 + 30 + 120 + 600 s).
+FAST_ATTEMPTS = 5
+PARKED_RETRY_SECONDS = 3600
 
 
 def _credits(micros: int) -> str:
@@ -83,7 +93,7 @@ def _send_claimed(conn: psycopg.Connection[Any], ids: dict[str, Any]) -> str:
         _send(_message(ids["account_id"], email_to, threshold, balance, created_at))
     # Any error, not only the network's and SMTP's: the email library raises assorted ones
     # on an address it cannot write (one stored before the server checked for them), and
-    # an attempt not recorded would be retried for ever instead of failing after five.
+    # an attempt not recorded would be retried for ever instead of failing.
     except Exception as error:
         failure = error
     conn.execute(
@@ -92,9 +102,26 @@ def _send_claimed(conn: psycopg.Connection[Any], ids: dict[str, Any]) -> str:
             **ids,
             "status": "sent" if failure is None else "pending",
             "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+            "transient": failure is not None and transient(failure),
+            "fast_attempts": FAST_ATTEMPTS,
             "now": datetime.now(UTC),
         },
     )
     if failure is not None:
         raise failure  # RQ retries with backoff, then keeps it in the failed registry
     return f"sent to {email_to}"
+
+
+def transient(error: Exception) -> bool:
+    """Whether a later attempt may succeed: the server could not be reached, dropped the
+    connection or timed out, or answered 4xx (RFC 5321's transient replies). A 5xx answer
+    and SMTP errors of our own making (STARTTLS or AUTH not offered) will recur."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        return all(400 <= code < 500 for code, _ in error.recipients.values())
+    if isinstance(error, smtplib.SMTPResponseException):
+        return 400 <= error.smtp_code < 500
+    if isinstance(error, smtplib.SMTPServerDisconnected):
+        return True
+    if isinstance(error, smtplib.SMTPException):
+        return False
+    return isinstance(error, OSError)  # refused, reset, timed out, name or TLS failures

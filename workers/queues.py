@@ -120,11 +120,13 @@ def requeue(
     *args: Any,
     job_id: str,
     stale_before: datetime,
+    retry: bool = True,
 ) -> bool:
     """Enqueues func(*args) again under job_id unless its job is still on its way: queued,
     waiting for a retry, or started after stale_before (a live run). A job that Redis lost,
     that finished or failed, or whose worker died is replaced. Returns whether it enqueued.
-    For sweepers that re-queue work PostgreSQL still records as pending."""
+    For sweepers that re-queue work PostgreSQL still records as pending; retry=False for
+    work they retry on a slow schedule of their own."""
     redis = redis_connection()
     try:
         job: Job | None = Job.fetch(job_id, connection=redis)
@@ -143,4 +145,4 @@ def requeue(
         if status == JobStatus.STARTED and started_at is not None and started_at > stale_before:
             return False
         job.delete(remove_from_queue=True)
-    return enqueue(queue_name, func, *args, job_id=job_id) is not None
+    return enqueue(queue_name, func, *args, job_id=job_id, retry=retry) is not None

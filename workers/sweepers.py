@@ -18,10 +18,12 @@ import psycopg
 from ledger_server.db.errors import translate
 from ledger_server.db.queries import query
 from ledger_server.ledger.reserved_keys import AUTO_DAILY_KEY_PREFIX
+from workers import alerts
 from workers.db import connection
 from workers.queues import DEFAULT_QUEUE, enqueue, requeue
 
 SWEEP_BATCH = 500
+ALERT_SWEEP_BATCH = 1000
 # How long one part of the daily rewards runs before it queues the rest (RQ's default job
 # time-out is 180 s).
 DAILY_BUDGET_SECONDS = 120.0
@@ -334,12 +336,23 @@ class _DailyRewardsRun:
         return row is not None
 
 
-def requeue_pending_alert_emails(older_than_seconds: int = 60, as_of: str | None = None) -> int:
-    """Re-queues alert emails still pending after a while (their job was lost)."""
+def requeue_pending_alert_emails(
+    older_than_seconds: int = 60, as_of: str | None = None, batch: int = ALERT_SWEEP_BATCH
+) -> int:
+    """Re-queues alert emails still pending after a while (their job was lost), and parked
+    ones (alerts.FAST_ATTEMPTS spent on transient failures) once their last attempt is
+    alerts.PARKED_RETRY_SECONDS old: one attempt each time, without RQ's fast retries."""
     now = _now(as_of)
     with connection() as conn:
         rows = conn.execute(
-            query("pending_alert_emails"), {"now": now, "older_than": older_than_seconds}
+            query("pending_alert_emails"),
+            {
+                "now": now,
+                "older_than": older_than_seconds,
+                "fast_attempts": alerts.FAST_ATTEMPTS,
+                "parked_before": now - timedelta(seconds=alerts.PARKED_RETRY_SECONDS),
+                "limit": batch,
+            },
         ).fetchall()
     stale_before = now - timedelta(seconds=older_than_seconds)
     return sum(
@@ -350,6 +363,7 @@ def requeue_pending_alert_emails(older_than_seconds: int = 60, as_of: str | None
             alert_id,
             job_id=f"alert-email-{alert_id}",
             stale_before=stale_before,
+            retry=attempts < alerts.FAST_ATTEMPTS,
         )
-        for account_id, alert_id in rows
+        for account_id, alert_id, attempts in rows
     )

@@ -273,21 +273,31 @@ SELECT pg_try_advisory_lock(hashtextextended('alert-email:' || %(alert_id)s::tex
 SELECT pg_advisory_unlock(hashtextextended('alert-email:' || %(alert_id)s::text, 0))
 
 -- name: record_alert_email
--- A failure stays pending (the job retries, the sweeper re-queues) until the fifth
--- attempt, then is failed for good.
+-- A failure stays pending: the job's RQ retries and the sweeper try it again. Once
+-- fast_attempts are spent, a permanent failure (workers/alerts.py: SMTP 5xx, an address the
+-- email library cannot write) fails it for good; a transient one leaves it pending, parked
+-- for the sweeper's hourly retries until it is sent.
 UPDATE low_balance_alerts
-   SET email_status = CASE WHEN %(status)s = 'pending' AND email_attempts + 1 >= 5 THEN 'failed'
+   SET email_status = CASE WHEN %(status)s = 'pending' AND NOT %(transient)s
+                                AND email_attempts + 1 >= %(fast_attempts)s::int THEN 'failed'
                            ELSE %(status)s END,
        email_error = %(error)s, email_attempts = email_attempts + 1,
+       email_attempted_at = %(now)s::timestamptz,
        email_sent_at = CASE WHEN %(status)s = 'sent' THEN %(now)s::timestamptz END
  WHERE account_id = %(account_id)s AND alert_id = %(alert_id)s
 
 -- name: pending_alert_emails
-SELECT account_id, alert_id FROM low_balance_alerts
+-- Pending alerts the sweeper may re-queue: those within their fast attempts, and parked
+-- ones (fast attempts spent) once their last attempt is older than parked_before. A parked
+-- alert not yet due is passed over and the fresh ones come first, so however many an SMTP
+-- outage parked, none holds back a newer alert's place in the batch.
+SELECT account_id, alert_id, email_attempts FROM low_balance_alerts
  WHERE email_status = 'pending'
    AND created_at <= %(now)s::timestamptz - make_interval(secs => %(older_than)s)
- ORDER BY created_at
- LIMIT 1000
+   AND (email_attempts < %(fast_attempts)s::int
+        OR coalesce(email_attempted_at, created_at) < %(parked_before)s::timestamptz)
+ ORDER BY email_attempts >= %(fast_attempts)s::int, created_at
+ LIMIT %(limit)s::int
 
 -- name: set_low_balance_alert
 UPDATE accounts

@@ -54,10 +54,14 @@ class _AlertEmailStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aler
     DESCRIPTOR: _descriptor.EnumDescriptor
     ALERT_EMAIL_STATUS_UNSPECIFIED: _AlertEmailStatus.ValueType  # 0
     ALERT_EMAIL_STATUS_PENDING: _AlertEmailStatus.ValueType  # 1
-    """Queued for sending."""
+    """Queued for sending; after an SMTP outage outlasting the fast retries, retried hourly
+    until sent (email_error says why it is not yet).
+    """
     ALERT_EMAIL_STATUS_SENT: _AlertEmailStatus.ValueType  # 2
     ALERT_EMAIL_STATUS_FAILED: _AlertEmailStatus.ValueType  # 3
-    """Given up after retries; see email_error."""
+    """Refused for good (an SMTP 5xx answer, an address that cannot be written) after
+    retries; see email_error.
+    """
     ALERT_EMAIL_STATUS_SKIPPED: _AlertEmailStatus.ValueType  # 4
     """No address: the alert is recorded only."""
 
@@ -65,10 +69,14 @@ class AlertEmailStatus(_AlertEmailStatus, metaclass=_AlertEmailStatusEnumTypeWra
 
 ALERT_EMAIL_STATUS_UNSPECIFIED: AlertEmailStatus.ValueType  # 0
 ALERT_EMAIL_STATUS_PENDING: AlertEmailStatus.ValueType  # 1
-"""Queued for sending."""
+"""Queued for sending; after an SMTP outage outlasting the fast retries, retried hourly
+until sent (email_error says why it is not yet).
+"""
 ALERT_EMAIL_STATUS_SENT: AlertEmailStatus.ValueType  # 2
 ALERT_EMAIL_STATUS_FAILED: AlertEmailStatus.ValueType  # 3
-"""Given up after retries; see email_error."""
+"""Refused for good (an SMTP 5xx answer, an address that cannot be written) after
+retries; see email_error.
+"""
 ALERT_EMAIL_STATUS_SKIPPED: AlertEmailStatus.ValueType  # 4
 """No address: the alert is recorded only."""
 Global___AlertEmailStatus: _TypeAlias = AlertEmailStatus  # noqa: Y015
