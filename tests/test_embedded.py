@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,48 @@ def test_make_run_keeps_its_own_ports_from_the_embedded_redis(
     monkeypatch.setenv("LEDGER_METRICS_ADDR", "localhost:41717")
     assert devstack.cmd_run(tmp_path, ready_timeout=1) == 0
     assert avoided == [{41715, 41716, 41717}]
+
+
+def _in_thread(target: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    return thread
+
+
+def test_make_stop_takes_an_exited_redis_its_parent_has_not_reaped_for_gone(
+    tmp_path: Path,
+) -> None:
+    """`make stop` while `make run` is up: the embedded Redis, a child of make run's
+    supervisor, exits on SIGTERM and stays a zombie until the supervisor reaps it, which
+    it never did; `make stop` waited for it for ever (SIGKILL, then no deadline)."""
+    server = embedded.start_redis(tmp_path / "redis", persist=False)
+    assert server.process is not None  # this process's child, not reaped until the end
+    try:
+        assert not _in_thread(embedded.stop_all, tmp_path).is_alive(), "make stop hangs"
+        assert not embedded._redis_ping(server.port)
+    finally:
+        server.stop()
+
+
+def test_make_run_stops_when_its_embedded_redis_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """make run went on serving without Redis (or PostgreSQL) after `make stop`."""
+    from ledger_server.devstack import __main__ as devstack
+
+    server = embedded.start_redis(tmp_path / "redis", persist=False)
+    codes: list[int] = []
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        watching = _in_thread(
+            lambda: codes.append(devstack._watch([], [server], devstack._Prefixer(["devstack"])))
+        )
+        assert not watching.is_alive(), "make run runs on without its Redis"
+        assert codes == [1]
+        assert "embedded redis stopped" in capsys.readouterr().out
+    finally:
+        server.stop()
 
 
 def _data_directory(url: str) -> str:

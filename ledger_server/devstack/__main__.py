@@ -308,7 +308,7 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
             "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or DEV_WEBHOOK_SECRET,
             "PYTHONUNBUFFERED": "1",
         }
-        code = _supervise(specs, env, host, port, ready_timeout, out, children)
+        code = _supervise(specs, env, host, port, ready_timeout, out, children, started)
     except _Interrupted as exc:
         _hurry_on_signals()
         with _print_lock:
@@ -337,8 +337,10 @@ def _supervise(
     ready_timeout: float,
     out: _Prefixer,
     children: list[_Child],
+    servers: Sequence[embedded.Stoppable] = (),
 ) -> int:
-    """Migrates, starts ``specs`` (appending to ``children``), waits until one exits."""
+    """Migrates, starts ``specs`` (appending to ``children``), waits until one exits or one
+    of the embedded ``servers`` stops."""
     migrate = _spawn(migrate_spec(), env, out)
     children.append(migrate)
     if (code := migrate.process.wait()) != 0:
@@ -362,10 +364,21 @@ def _supervise(
 
     with _print_lock:
         print(ready_banner(host, port, env), flush=True)
+    return _watch(children, servers, out)
 
+
+def _watch(
+    children: Sequence[_Child], servers: Sequence[embedded.Stoppable], out: _Prefixer
+) -> int:
+    """Returns 1 once a child exits or an embedded server stops (`make stop` in another
+    terminal, a crash): the stack does not run on without its database or Redis. Polling
+    the embedded Redis also reaps it, which `make stop` then sees gone."""
     while True:
         if dead := [c for c in children if c.process.poll() is not None]:
             out.write("devstack", f"{dead[0].spec.name} exited ({dead[0].process.returncode})")
+            return 1
+        if gone := [s for s in servers if not s.is_running()]:
+            out.write("devstack", f"embedded {gone[0].name} stopped")
             return 1
         time.sleep(0.2)
 
@@ -386,7 +399,11 @@ def cmd_env(data_dir: Path, with_redis: bool) -> int:
 
 
 def cmd_stop(data_dir: Path) -> int:
-    stopped = embedded.stop_all(data_dir)
+    try:
+        stopped = embedded.stop_all(data_dir)
+    except RuntimeError as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        return 1
     for what in stopped:
         print(f"devstack: stopped {what}", file=sys.stderr)
     if not stopped:

@@ -65,6 +65,8 @@ class Stoppable(Protocol):
     @property
     def name(self) -> str: ...
 
+    def is_running(self) -> bool: ...
+
     def stop(self) -> None: ...
 
 
@@ -89,7 +91,9 @@ def _log(message: str) -> None:
 
 
 def _process_name(pid: int) -> str | None:
-    """The command name of a live process, None if there is none ("" when unknown)."""
+    """The command name of a live process, None if there is none ("" when unknown). A
+    zombie is dead: it has exited and waits only for its parent to reap it (the embedded
+    Redis of a running `make run` that `make stop` stopped), which may be never."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,9 +101,15 @@ def _process_name(pid: int) -> str | None:
     except PermissionError:
         pass  # alive, owned by someone else (e.g. the embedded_postgres user)
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        # Gone since the kill above; or no /proc at all (macOS): alive, its name unknown.
+        return None if Path("/proc/self").exists() else ""
     except OSError:
-        return ""  # no /proc (macOS): alive, name unknown
+        return ""
+    # The state follows the name, which is in parentheses and may itself hold ") ".
+    return None if stat.rpartition(")")[2].split()[:1] == ["Z"] else name
 
 
 def _read_int(path: Path) -> int | None:
@@ -446,28 +456,45 @@ class EmbeddedRedis:
         return _process_name(self.pid) not in (None, "") or _redis_ping(self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (redis saves if persistent, removes its pid file), SIGKILL after ``timeout``."""
+        """SIGTERM (redis saves if persistent, removes its pid file), SIGKILL after ``timeout``.
+        Raises RuntimeError if it outlives even the SIGKILL by ``_KILL_WAIT_S``."""
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.terminate()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
+                if self.process.poll() is None:
                     self.process.kill()
-                    self.process.wait()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(_KILL_WAIT_S)
+                    if self.process.poll() is None:
+                        raise RuntimeError(f"redis-server (pid {self.pid}) survived SIGKILL")
         else:
             name = _process_name(self.pid)
             if name is None or (name and not name.startswith("redis")):
                 return
             os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _process_name(self.pid) is not None:
-                if time.monotonic() > deadline:
+            if not _exited(self.pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
-                    deadline = float("inf")
-                time.sleep(0.05)
+                if not _exited(self.pid, _KILL_WAIT_S):
+                    raise RuntimeError(f"redis-server (pid {self.pid}) survived SIGKILL")
         for leftover in ("redis.pid", "redis.port"):
             (self.data_dir / leftover).unlink(missing_ok=True)
+
+
+# How long a process may take to vanish after SIGKILL (one in uninterruptible sleep, on a
+# hung disk, takes longer); past it the stop gives up rather than hang `make stop`.
+_KILL_WAIT_S = 5.0
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _process_name(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _running_redis(data_dir: Path) -> EmbeddedRedis | None:
