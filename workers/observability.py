@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from rq.job import Job
 
 from ledger_server.observability import request_id
 from ledger_server.observability.metrics import JOB_FAILURES_KEY
+from ledger_server.pdeathsig import signal_when_parent_dies
 
 log = logging.getLogger("workers.jobs")
 
@@ -46,6 +49,7 @@ class LedgerWorker(Worker):
         kwargs.setdefault("worker_ttl", SCHEDULER_CHECK_SECONDS + 15)
         super().__init__(*args, **kwargs)
         self._scheduler_checked_at = time.monotonic()
+        self._worker_pid = os.getpid()  # the parent of the work horses it forks
 
     @property
     def should_run_maintenance_tasks(self) -> bool:
@@ -61,6 +65,15 @@ class LedgerWorker(Worker):
         self._scheduler_checked_at = time.monotonic()
         process = self.scheduler._process  # None where another worker holds the scheduler
         return process is None or not process.is_alive()
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        """The forked horse dies with its worker. RQ gives it its own process group, which
+        a stop aimed at the worker's (make run's SIGKILL after its grace period) misses: the
+        horse ran its job on, unsupervised, and committed it after make run had exited. Its
+        transaction dies with it: the job is done or not applied, as when a worker crashes."""
+        if not signal_when_parent_dies(signal.SIGKILL, self._worker_pid):
+            os._exit(1)  # the worker is already gone
+        super().main_work_horse(job, queue)
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         with request_id.bound(job_request_id(job)):

@@ -4,7 +4,7 @@
     Resolves DATABASE_URL / REDIS_URL (embedded servers under ``.data/`` when unset), applies
     migrations, starts every process in :data:`PROCESSES` with its output prefixed by its
     name, waits for the gRPC port and prints how to reach it. Ctrl-C / SIGTERM / SIGHUP (its
-    terminal closed), or any child exiting, stops the children (SIGTERM, then SIGKILL), then
+    terminal closed), or any child exiting, stops the children (SIGTERM, again, then SIGKILL), then
     the servers it started.
 ``env``
     Starts the embedded servers if needed (left running) and prints ``export`` lines:
@@ -135,26 +135,47 @@ class _Hurry:
     flag = False
 
 
+# A child still running after its grace period gets a second SIGTERM before SIGKILL: RQ's
+# worker takes it as a cold shutdown and SIGKILLs the job's work horse, which RQ puts in a
+# process group of its own, out of reach of the SIGKILL of the worker's group. RQ ignores
+# a second signal within a second of the first.
+_SECOND_SIGTERM_AFTER_S = 1.2
+_SECOND_SIGTERM_GRACE_S = 3.0
+
+
 def _stop_children(children: Sequence[_Child], out: _Prefixer, timeout: float) -> None:
     live = [c for c in reversed(children) if c.process.poll() is None]
     for child in live:
         out.write("devstack", f"stopping {child.spec.name} (pid {child.process.pid})")
         with contextlib.suppress(ProcessLookupError):
             child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(c.process.poll() is None for c in live):
-        if _Hurry.flag or time.monotonic() > deadline:
-            for child in live:
-                if child.process.poll() is None:
-                    out.write("devstack", f"killing {child.spec.name} (pid {child.process.pid})")
-            break
-        time.sleep(0.05)
+    first = time.monotonic()
+    _wait_for(live, first + timeout)
+    if stubborn := [c for c in live if c.process.poll() is None]:
+        time.sleep(max(0.0, first + _SECOND_SIGTERM_AFTER_S - time.monotonic()))
+        for child in stubborn:
+            out.write("devstack", f"stopping {child.spec.name} now (pid {child.process.pid})")
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+        _Hurry.flag = False  # the second Ctrl-C that hurried us must not skip this grace too
+        _wait_for(stubborn, time.monotonic() + _SECOND_SIGTERM_GRACE_S)
+    for child in live:
+        if child.process.poll() is None:
+            out.write("devstack", f"killing {child.spec.name} (pid {child.process.pid})")
     for child in children:
         # SIGKILL the whole group: also whatever the child forked and left behind.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.process.pid, signal.SIGKILL)
         child.process.wait()
         child.pump.join(timeout=2)
+
+
+def _wait_for(children: Sequence[_Child], deadline: float) -> None:
+    """Until every child has exited, the deadline passes or a Ctrl-C hurries the stop."""
+    while any(c.process.poll() is None for c in children):
+        if _Hurry.flag or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 # --- gRPC address -----------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Stopping the workers: make run's stop takes a busy worker's work horse with it (RQ puts
+the horse in a process group of its own), a horse dies with its worker, and a scheduler
+asked to stop exits even when it has lost Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue
+
+from ledger_server.devstack import __main__ as devstack
+from workers.queues import DEFAULT_QUEUE
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _horse_of(worker_pid: int, timeout: float = 30.0) -> int:
+    """The work horse: the worker's child that leads a process group of its own."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except FileNotFoundError:
+                continue
+            if int(fields[1]) == worker_pid and int(fields[2]) == int(entry):
+                return int(entry)
+        time.sleep(0.05)
+    raise AssertionError(f"worker {worker_pid} forked no work horse in {timeout:g} s")
+
+
+@pytest.fixture
+def busy_worker(ledger_db_url: str, redis_url: str) -> Iterator[tuple[devstack._Child, int]]:
+    """A worker started as make run starts it, running a job that takes a minute; yields
+    it and its horse's pid."""
+    out = devstack._Prefixer(["devstack", "worker"])
+    env = {**os.environ, "DATABASE_URL": ledger_db_url, "REDIS_URL": redis_url}
+    spec = devstack.ProcessSpec("worker", [sys.executable, "-m", "workers", "worker"])
+    worker = devstack._spawn(spec, env, out)
+    horse = None
+    try:
+        connection = redis.Redis.from_url(redis_url)
+        Queue(DEFAULT_QUEUE, connection=connection).enqueue("time.sleep", 60)
+        connection.close()
+        horse = _horse_of(worker.process.pid)
+        yield worker, horse
+    finally:
+        for pid in (worker.process.pid, horse):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        worker.process.wait()
+
+
+def test_make_runs_stop_takes_the_work_horse_of_a_busy_worker_with_it(
+    busy_worker: tuple[devstack._Child, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C of make run left a horse running its job (a payment), committed after make
+    had exited: one SIGTERM (RQ's warm shutdown waits for the job), then SIGKILL to the
+    worker's process group, which the horse is not in."""
+    worker, horse = busy_worker
+    devstack._stop_children([worker], devstack._Prefixer(["devstack", "worker"]), timeout=0.3)
+    assert worker.process.returncode is not None
+    assert not _alive(horse), "the work horse outlived make run"
+    assert "cold shut down" in capsys.readouterr().out  # RQ took it down, not SIGKILL
+
+
+def test_a_work_horse_dies_with_its_worker(busy_worker: tuple[devstack._Child, int]) -> None:
+    worker, horse = busy_worker
+    worker.process.kill()  # SIGKILL: nothing of the worker's own runs
+    worker.process.wait()
+    deadline = time.monotonic() + 10
+    while _alive(horse) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(horse), "the work horse outlived its worker"
