@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import redis
 from rq import Queue
 
 from ledger_server.devstack import __main__ as devstack
+from ledger_server.devstack import embedded
 from workers.queues import DEFAULT_QUEUE
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
@@ -89,3 +91,31 @@ def test_a_work_horse_dies_with_its_worker(busy_worker: tuple[devstack._Child, i
     while _alive(horse) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(horse), "the work horse outlived its worker"
+
+
+def test_a_scheduler_that_lost_redis_stops_when_asked(tmp_path: Path) -> None:
+    """SIGTERM reached the scheduler with its Redis gone: RQ's goodbye to Redis failed,
+    the failure was taken for a lost Redis, and the scheduler started again and again."""
+    server = embedded.start_redis(tmp_path / "redis", persist=False)
+    env = {**os.environ, "REDIS_URL": server.url, "LEDGER_LOG_LEVEL": "DEBUG"}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "workers", "scheduler"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert scheduler.stderr is not None
+        for line in scheduler.stderr:
+            if "Sleeping for" in line:  # RQ's loop, waiting for the next tick
+                break
+        server.stop()
+        scheduler.send_signal(signal.SIGTERM)
+        assert scheduler.wait(timeout=10) == 0
+    finally:
+        if scheduler.poll() is None:
+            scheduler.kill()
+            scheduler.wait()
+        server.stop()

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from types import FrameType
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -60,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_scheduler(connection)
 
 
+class _Scheduler(CronScheduler):
+    """RQ's cron scheduler, remembering a stop signal. RQ handles the StopRequested its
+    handler raises, then registers the scheduler's death in Redis: with Redis gone that
+    raises a RedisError, which alone was taken for a lost Redis, and the scheduler started
+    again at every SIGTERM until SIGKILLed."""
+
+    stop_requested = False
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
+        super()._request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+
 def run_scheduler(connection: Redis) -> int:
     """RQ's cron scheduler, started again whenever it loses Redis (RQ's own loop stops at
     the first Redis error). The sweepers find their work in PostgreSQL, so an outage costs
@@ -70,13 +84,15 @@ def run_scheduler(connection: Redis) -> int:
 
     delay = 1.0
     while True:
-        scheduler = CronScheduler(connection=connection)
+        scheduler = _Scheduler(connection=connection)
         register_jobs(scheduler)
         started = time.monotonic()
         try:
             scheduler.start()  # type: ignore[no-untyped-call]
             return 0  # RQ caught the stop signal
         except RedisError as exc:
+            if scheduler.stop_requested:
+                return 0  # RQ's goodbye to the Redis that is gone failed; the stop stands
             if time.monotonic() - started > HEALTHY_RUN_SECONDS:
                 delay = 1.0
             log.warning("the scheduler lost Redis (%s); starting it again in %.0f s", exc, delay)
