@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,6 +216,44 @@ def test_a_pid_file_naming_another_live_postgres_is_neither_stopped_nor_attached
     finally:
         embedded.stop_all(data_dir)
         other.stop()
+
+
+def test_make_run_takes_over_the_postgres_a_killed_make_run_left_running(
+    tmp_path: Path,
+) -> None:
+    """After a kill -9 of make run, the next make run attached to the server it had left
+    up and, not having started it, left it running after Ctrl-C. One that `make migrate`
+    started (to be left running) stays as it is."""
+    pgdata = tmp_path / "pg"
+    killed_make_run = (  # it exits without stopping the server it started
+        "import sys; from pathlib import Path; from ledger_server.devstack import embedded;"
+        "embedded.start_postgres(Path(sys.argv[1]), own=True)"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", killed_make_run, pgdata], check=True, timeout=120)
+        embedded.stop_all(tmp_path)  # make stop
+        assert embedded.start_postgres(pgdata).started  # make migrate
+        embedded._Users(pgdata).remove(os.getpid())  # and it exited
+        assert not embedded.start_postgres(pgdata, own=True).started
+
+        embedded.stop_all(tmp_path)
+        subprocess.run([sys.executable, "-c", killed_make_run, pgdata], check=True, timeout=120)
+        assert embedded.start_postgres(pgdata, own=True).started
+    finally:
+        embedded.stop_all(tmp_path)
+
+
+def test_make_run_says_which_embedded_servers_it_leaves_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ledger_server.devstack import __main__ as devstack
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    redis = embedded.EmbeddedRedis(data_dir=Path("/nowhere"), port=1, pid=1, started=True)
+    assert devstack._left_running([redis]) == ["postgres"]  # make migrate started it
+    monkeypatch.setenv("DATABASE_URL", "postgresql://elsewhere/ledger")
+    assert devstack._left_running([]) == ["redis"]
 
 
 def test_the_ready_banner_masks_the_passwords_in_the_urls() -> None:

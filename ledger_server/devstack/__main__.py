@@ -315,10 +315,12 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupt)  # its terminal closed
     started: list[embedded.Stoppable] = []
     children: list[_Child] = []
+    left_running: list[str] = []
     try:
         database_url, redis_url, started = embedded.resolve_urls(
-            data_dir, avoid_ports=own_ports(os.environ)
+            data_dir, avoid_ports=own_ports(os.environ), own_postgres=True
         )
+        left_running = _left_running(started)
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -346,8 +348,22 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
             except Exception as exc:
                 out.write("devstack", f"could not stop {server.name}: {exc}")
                 code = 1
+    for name in left_running:
+        out.write("devstack", f"embedded {name} was running before: left up (`make stop` stops it)")
     out.write("devstack", "stopped")
     return code
+
+
+def _left_running(started: Sequence[embedded.Stoppable]) -> list[str]:
+    """The embedded servers make run used but did not start (nor take over): started by
+    `make migrate` or `make env`, or used by another live make run."""
+    ours = {server.name for server in started}
+    used = [
+        name
+        for name, url_var in (("postgres", "DATABASE_URL"), ("redis", "REDIS_URL"))
+        if not os.environ.get(url_var)
+    ]
+    return [name for name in used if name not in ours]
 
 
 def _supervise(

@@ -317,10 +317,29 @@ def _pg_ctl_stop(pgdata: Path, timeout: float = 60.0) -> None:
         )
 
 
-def start_postgres(pgdata: Path) -> EmbeddedPostgres:
+def _owner_file(pgdata: Path) -> Path:
+    """Names the process that runs the server on ``pgdata`` for its own lifetime (`make
+    run`) and stops it when done; a server started otherwise (`make migrate`) has none."""
+    return pgdata.with_name(pgdata.name + ".owner")
+
+
+def _left_by_dead_owner(pgdata: Path) -> bool:
+    """The running server on ``pgdata`` was started by an owner that died without stopping
+    it (`make run` killed by SIGKILL) and no live process uses it."""
+    owner = _read_int(_owner_file(pgdata))
+    if owner is None or _process_name(owner) is not None:
+        return False
+    return not _Users(pgdata).remove(os.getpid())
+
+
+def start_postgres(pgdata: Path, *, own: bool = False) -> EmbeddedPostgres:
     """Starts (initialising on first use) PostgreSQL on the data directory ``pgdata``, or
     attaches to the server already running there. The server keeps running after this
-    process exits; stop it with :meth:`EmbeddedPostgres.stop`."""
+    process exits; stop it with :meth:`EmbeddedPostgres.stop`.
+
+    ``own``: the caller stops the server when done, and takes over (``started`` True) a
+    running one whose owner died without stopping it; one started without ``own`` stays
+    another's, as does one a live process still uses."""
     try:
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI)
@@ -356,8 +375,17 @@ def start_postgres(pgdata: Path) -> EmbeddedPostgres:
         raise
     if not was_running:
         _log(f"PostgreSQL ready in {time.monotonic() - began:.1f}s")
+    taken_over = was_running and own and _left_by_dead_owner(pgdata)
+    if taken_over:
+        _log(f"taking over the PostgreSQL a killed make run left running in {pgdata}")
     _Users(pgdata).add(os.getpid())
-    return EmbeddedPostgres(pgdata=pgdata, url=url, started=not was_running)
+    if not was_running or taken_over:
+        owner_file = _owner_file(pgdata)
+        if own:
+            owner_file.write_text(f"{os.getpid()}\n")
+        else:
+            owner_file.unlink(missing_ok=True)
+    return EmbeddedPostgres(pgdata=pgdata, url=url, started=not was_running or taken_over)
 
 
 def with_database(url: str, dbname: str) -> str:
@@ -625,19 +653,20 @@ def resolve_urls(
     *,
     daemonize_redis: bool = False,
     avoid_ports: Collection[int] = (),
+    own_postgres: bool = False,
 ) -> tuple[str, str, list[Stoppable]]:
     """``(database_url, redis_url, started)``: ``DATABASE_URL`` / ``REDIS_URL`` from the
     environment when set, otherwise embedded servers in ``data_dir/pg`` and
     ``data_dir/redis`` (started, or reused when already running); a Redis it starts takes
     none of ``avoid_ports``, the ports the caller's own servers will listen on. ``started``
-    lists what this call launched, in start order; the caller stops them (in reverse) when
-    done."""
+    lists what this call launched (or, with ``own_postgres``, took over: see
+    :func:`start_postgres`), in start order; the caller stops them (in reverse) when done."""
     data_dir = data_dir or default_data_dir()
     started: list[Stoppable] = []
     try:
         database_url = os.environ.get("DATABASE_URL") or ""
         if not database_url:
-            pg = start_postgres(data_dir / "pg")
+            pg = start_postgres(data_dir / "pg", own=own_postgres)
             database_url = pg.url
             if pg.started:
                 started.append(pg)
