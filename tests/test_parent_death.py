@@ -1,11 +1,14 @@
 """Children of make run, the bench and the embedded Redis die with the process that started
-them, and no Python runs between their fork and exec (ledger_server/devstack/parent_death.py)."""
+them, and no Python runs between their fork and exec (ledger_server/devstack/parent_death.py);
+make run's supervisor stops the stack when make dies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,3 +102,60 @@ def test_the_child_keeps_its_environment_and_arguments(tmp_path: Path) -> None:
         timeout=30,
     )
     assert out.read_text() == "the environment and its argument"
+
+
+# make, running make run's supervisor (its resolution of the servers held up for a minute),
+# reporting the supervisor's pid, and waiting.
+MAKE = """
+import subprocess, sys
+supervisor = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=open(sys.argv[2], "w"))
+print(supervisor.pid, flush=True)
+supervisor.wait()
+"""
+SUPERVISOR = """
+import sys, time
+from pathlib import Path
+from ledger_server.devstack import __main__ as devstack, embedded
+def resolve(*_, **__):
+    print("resolving", flush=True)
+    time.sleep(60)
+embedded.resolve_urls = resolve
+sys.exit(devstack.cmd_run(Path("/nonexistent"), ready_timeout=1))
+"""
+
+
+def test_make_runs_supervisor_stops_the_stack_when_make_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill -9 of make alone left the supervisor running the whole stack under init, and
+    the next make run found the port taken."""
+    for name in ("LEDGER_GRPC_ADDR", "LEDGER_WEBHOOK_ADDR"):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            monkeypatch.setenv(name, f"127.0.0.1:{free.getsockname()[1]}")
+    monkeypatch.setenv("LEDGER_METRICS_ADDR", "")
+    out = tmp_path / "out"
+    make = subprocess.Popen(
+        [sys.executable, "-c", MAKE, SUPERVISOR, str(out)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    supervisor = None
+    try:
+        assert make.stdout is not None
+        supervisor = int(make.stdout.readline())
+        deadline = time.monotonic() + 30
+        while "resolving" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        make.kill()
+        make.wait()
+        assert _gone(supervisor, timeout=10), out.read_text()
+        assert "SIGTERM: shutting down" in out.read_text()
+        assert "stopped" in out.read_text()
+    finally:
+        if make.poll() is None:
+            make.kill()
+            make.wait()
+        if supervisor is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGKILL)

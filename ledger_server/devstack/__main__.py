@@ -4,8 +4,9 @@
     Resolves DATABASE_URL / REDIS_URL (embedded servers under ``.data/`` when unset), applies
     migrations, starts every process in :data:`PROCESSES` with its output prefixed by its
     name, waits for the gRPC port and prints how to reach it. Ctrl-C / SIGTERM / SIGHUP (its
-    terminal closed), or any child exiting, stops the children (SIGTERM, again, then SIGKILL), then
-    the servers it started.
+    terminal closed), make dying, any child exiting or an embedded server it started
+    stopping (`make stop`) stops the children (SIGTERM, again, then SIGKILL), then the
+    servers it started.
 ``env``
     Starts the embedded servers if needed (left running) and prints ``export`` lines:
     ``eval "$(python -m ledger_server.devstack env)"``.
@@ -36,6 +37,7 @@ from typing import IO, NoReturn
 from ledger_server.config import DEFAULT_METRICS_ADDR, StripeSettings
 from ledger_server.devstack import embedded
 from ledger_server.devstack.parent_death import dying_with_parent
+from ledger_server.pdeathsig import signal_when_parent_dies
 
 DEFAULT_GRPC_ADDR = "localhost:50051"
 DEV_WEBHOOK_SECRET = "whsec_dev_credit_ledger"
@@ -310,9 +312,15 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
 
     specs = process_specs()
     out = _Prefixer(["devstack", migrate_spec().name, *(s.name for s in specs)])
+    parent = os.getppid()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)  # its terminal closed
+    # make killed alone (kill -9, an OOM kill) left this process running the whole stack
+    # under init, holding its ports: a SIGTERM when it dies stops the stack as Ctrl-C does.
+    if not signal_when_parent_dies(signal.SIGTERM, parent):
+        out.write("devstack", "make exited: not starting")
+        return 1
     started: list[embedded.Stoppable] = []
     children: list[_Child] = []
     left_running: list[str] = []
@@ -348,6 +356,7 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
             except Exception as exc:
                 out.write("devstack", f"could not stop {server.name}: {exc}")
                 code = 1
+        signal_when_parent_dies(0, parent)  # for a caller that goes on (a test)
     for name in left_running:
         out.write("devstack", f"embedded {name} was running before: left up (`make stop` stops it)")
     out.write("devstack", "stopped")
