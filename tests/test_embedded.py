@@ -118,6 +118,33 @@ def test_make_run_keeps_its_own_ports_from_the_embedded_redis(
     assert avoided == [{41715, 41716, 41717}]
 
 
+def test_make_run_names_the_setting_of_each_port_already_taken(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the gRPC port was checked: a taken webhook or metrics port showed after the
+    'is up' banner, as a traceback."""
+    from ledger_server.devstack import __main__ as devstack
+
+    def resolve(*_: Any, **__: Any) -> Any:
+        raise AssertionError("make run started with its webhook port taken")
+
+    monkeypatch.setattr(devstack.signal, "signal", lambda *_: None)
+    monkeypatch.setattr(embedded, "resolve_urls", resolve)
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("LEDGER_GRPC_ADDR", f"127.0.0.1:{free.getsockname()[1]}")
+        monkeypatch.setenv("LEDGER_WEBHOOK_ADDR", f"127.0.0.1:{port}")
+        monkeypatch.setenv("LEDGER_METRICS_ADDR", "")
+        assert devstack.cmd_run(tmp_path, ready_timeout=1) == 1
+    assert capsys.readouterr().err == (
+        f"devstack: something already listens on 127.0.0.1:{port};"
+        " stop it or set LEDGER_WEBHOOK_ADDR\n"
+    )
+
+
 def _in_thread(target: Any, *args: Any) -> threading.Thread:
     thread = threading.Thread(target=target, args=args, daemon=True)
     thread.start()

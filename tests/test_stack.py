@@ -62,6 +62,8 @@ def make_run(
         LEDGER_DATA_DIR=str(data_dir),
         LEDGER_GRPC_ADDR=f"localhost:{port}",
         LEDGER_WEBHOOK_ADDR=f"127.0.0.1:{webhook_port}",
+        # Its own metrics port too: make run refuses to start on a taken one.
+        LEDGER_METRICS_ADDR=f"127.0.0.1:{_free_port()}",
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "ledger_server.devstack", "run"],

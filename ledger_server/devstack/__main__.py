@@ -191,15 +191,36 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listen_addrs(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(setting, host:port)`` of each server of the stack: gRPC, webhooks, metrics (an
+    empty address: not served)."""
+    return [
+        ("LEDGER_GRPC_ADDR", environ.get("LEDGER_GRPC_ADDR") or DEFAULT_GRPC_ADDR),
+        ("LEDGER_WEBHOOK_ADDR", StripeSettings.from_env(environ).webhook_addr),
+        ("LEDGER_METRICS_ADDR", environ.get("LEDGER_METRICS_ADDR", DEFAULT_METRICS_ADDR)),
+    ]
+
+
 def own_ports(environ: Mapping[str, str]) -> set[int]:
     """The ports this stack's servers will listen on (gRPC, webhooks, metrics), which the
     embedded Redis, started first, must not take."""
-    addrs = (
-        environ.get("LEDGER_GRPC_ADDR") or DEFAULT_GRPC_ADDR,
-        StripeSettings.from_env(environ).webhook_addr,
-        environ.get("LEDGER_METRICS_ADDR", DEFAULT_METRICS_ADDR),
-    )
+    addrs = (addr for _, addr in listen_addrs(environ))
     return {int(port) for addr in addrs if (port := addr.rpartition(":")[2]).isdigit()}
+
+
+def taken_ports(environ: Mapping[str, str]) -> list[str]:
+    """One line for each server of the stack whose port something already listens on,
+    naming the setting to change. Checked before anything starts: a taken webhook or
+    metrics port showed only after the banner, as a traceback."""
+    taken = []
+    for setting, addr in listen_addrs(environ):
+        bind_host, _, port = addr.rpartition(":")
+        if not port.isdigit() or int(port) == 0:  # not served, or any free port
+            continue
+        host = _connect_host(bind_host.strip("[]"))
+        if _accepts(host, int(port)):
+            taken.append(f"something already listens on {host}:{port}; stop it or set {setting}")
+    return taken
 
 
 def _connect_host(host: str) -> str:
@@ -302,12 +323,8 @@ def cmd_run(data_dir: Path, ready_timeout: float) -> int:
     grpc_addr = os.environ.get("LEDGER_GRPC_ADDR") or DEFAULT_GRPC_ADDR
     bind_host, port = _split_addr(grpc_addr)
     host = _connect_host(bind_host)
-    if _accepts(host, port):
-        print(
-            f"devstack: something already listens on {host}:{port}; stop it or set "
-            "LEDGER_GRPC_ADDR",
-            file=sys.stderr,
-        )
+    if taken := taken_ports(os.environ):
+        print("\n".join(f"devstack: {line}" for line in taken), file=sys.stderr)
         return 1
 
     specs = process_specs()
