@@ -231,3 +231,22 @@ def test_the_banner_says_how_to_get_buf_where_there_is_none(
     assert "`make node_modules` installs it" in devstack.ready_banner("localhost", 50051, env)
     monkeypatch.setattr(devstack, "_buf_command", lambda: "buf")
     assert "make node_modules" not in devstack.ready_banner("localhost", 50051, env)
+
+
+def test_the_banner_names_the_metrics_endpoint_and_the_clis_address() -> None:
+    """The banner left out /metrics, and on another port than the default the `ledger`
+    CLI (which reads LEDGER_ADDRESS, not LEDGER_GRPC_ADDR) called the wrong server."""
+    from ledger_server.devstack import __main__ as devstack
+
+    env = {"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x"}
+    banner = devstack.ready_banner("localhost", 50051, env)
+    assert "  metrics: http://localhost:9464/metrics\n" in banner
+    assert "LEDGER_ADDRESS" not in banner  # the CLI's default
+
+    env["LEDGER_METRICS_ADDR"] = "127.0.0.1:53464"
+    banner = devstack.ready_banner("localhost", 53051, env)
+    assert "  metrics: http://127.0.0.1:53464/metrics\n" in banner
+    assert "  ledger CLI: export LEDGER_ADDRESS=localhost:53051\n" in banner
+
+    env["LEDGER_METRICS_ADDR"] = ""
+    assert "  metrics: not served" in devstack.ready_banner("localhost", 50051, env)

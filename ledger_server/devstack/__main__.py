@@ -304,10 +304,15 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
         """'{"account_id":"demo","idempotency_key":"demo-welcome","""
         """"amount_micros":"100000000","source":"CREDIT_SOURCE_PROMOTION"}'"""
     )
+    # The `ledger` CLI reads LEDGER_ADDRESS, not the server's LEDGER_GRPC_ADDR.
+    address = f"{_url_host(host)}:{port}"
+    cli = "" if address == DEFAULT_GRPC_ADDR else f"  ledger CLI: export LEDGER_ADDRESS={address}\n"
     return (
         f"\ncredit-ledger is up: gRPC on {host}:{port} (reflection and health enabled)\n"
         f"  Stripe webhooks: http://{webhook_addr}/stripe/webhook"
         f" (signing secret {env.get('STRIPE_WEBHOOK_SECRET', '')})\n"
+        f"  metrics: {_metrics_endpoint(env)}\n"
+        f"{cli}"
         # The URLs may come from the environment with real credentials: a terminal's
         # scrollback, a shared screen or a pasted log must not show the passwords.
         f"  DATABASE_URL={mask_password(env['DATABASE_URL'])}\n"
@@ -317,6 +322,15 @@ def ready_banner(host: str, port: int, env: Mapping[str, str]) -> str:
         + ("" if buf else "  (no buf here yet: `make node_modules` installs it)\n")
         + "  Ctrl-C stops everything.\n"
     )
+
+
+def _metrics_endpoint(env: Mapping[str, str]) -> str:
+    addr = env.get("LEDGER_METRICS_ADDR", DEFAULT_METRICS_ADDR)
+    if not addr:
+        return "not served (LEDGER_METRICS_ADDR is empty)"
+    if addr.endswith(":0"):
+        return f"on a free port of {addr[:-2]}, which the server's log names"
+    return f"http://{addr}/metrics"
 
 
 def cmd_run(data_dir: Path, ready_timeout: float) -> int:
