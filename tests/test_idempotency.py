@@ -289,3 +289,34 @@ def test_a_retry_written_another_way_the_ledger_reads_alike_is_a_replay(
     again, rpc = call.with_call(retry)  # type: ignore[attr-defined]
     assert again == first
     assert ("ledger-idempotent-replay", "true") in (rpc.trailing_metadata() or ())
+
+
+@pytest.mark.parametrize("operation", ["Grant", "Commit", "Refund", "Release"])
+def test_a_key_an_earlier_release_stored_as_sent_answers_its_identical_retry(
+    ledger: Ledger, ledger_db_url: str, operation: str
+) -> None:
+    """A request written another way (MAIN spelled out, an upper-case reservation id) whose
+    key the release before took, storing the request as sent: its identical retry after the
+    upgrade is a replay, not IDEMPOTENCY_KEY_REUSED (helper-126: a caller told the key is
+    another request's may send the grant again under a new one)."""
+    name, rewrite = _WRITTEN_ANOTHER_WAY[operation]
+    account = new_account()
+    call, request, _ = _operations(ledger)[operation](account)
+    rewrite(request)
+    first = call(request)
+    with psycopg.connect(ledger_db_url) as conn:  # as the release before stored it
+        conn.execute(
+            """UPDATE idempotency_keys SET request_hash = %s
+                WHERE account_id = %s AND idempotency_key = %s""",
+            (_as_sent(name, request), account, request.idempotency_key),  # type: ignore[attr-defined]
+        )
+    again, rpc = call.with_call(request)  # type: ignore[attr-defined]
+    assert again == first
+    assert ("ledger-idempotent-replay", "true") in (rpc.trailing_metadata() or ())
+    other = type(request)()
+    other.CopyFrom(request)
+    field = "reason" if operation in ("Refund", "Release") else "comment"
+    setattr(other, field, "another request")
+    with pytest.raises(grpc.RpcError) as refused:  # still another request's key
+        call(other)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]

@@ -4,6 +4,8 @@ the SQL functions (sql/functions/), one round trip per operation."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -60,6 +62,24 @@ def _settling_fingerprint(
     return request_fingerprint(
         operation, request, {"reservation_id": str(params["reservation_id"])}
     )
+
+
+async def _keyed_as_read_or_as_sent(
+    run: Callable[[dict[str, object]], Awaitable[dict[str, Any]]],
+    params: dict[str, object],
+    sent: bytes,
+) -> dict[str, Any]:
+    """Runs the call under its fingerprint as read. The releases before stored a key's
+    request as sent (fingerprint.py), so a key they took for a request written another way
+    (BALANCE_KIND_MAIN spelled out, an upper-case reservation id) is refused as another
+    request's; only then, once, the call runs under the sent form's fingerprint, and the
+    identical retry across the upgrade answers its first response (helper-126)."""
+    try:
+        return await run(params)
+    except LedgerError as error:
+        if error.reason != "IDEMPOTENCY_KEY_REUSED" or params["hash"] == sent:
+            raise
+        return await run({**params, "hash": sent})
 
 
 def _amount_or_usage(
@@ -120,7 +140,9 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             ),
             "now": now,
         }
-        data = await self._call("grant", params)
+        data = await _keyed_as_read_or_as_sent(
+            functools.partial(self._call, "grant"), params, request_fingerprint("grant", request)
+        )
         mark_replay(context, data)
         return pb.GrantResponse(
             lot=mapping.lot(data["lot"]),
@@ -182,7 +204,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         params["hash"] = _settling_fingerprint("commit", request, params)
-        data = await self._group_commit.call("commit", request.account_id, params)
+        data = await _keyed_as_read_or_as_sent(
+            functools.partial(self._group_commit.call, "commit", request.account_id),
+            params,
+            request_fingerprint("commit", request),
+        )
         mark_replay(context, data)
         await self._alert_emails.queue_for(request.account_id, data)
         return pb.CommitResponse(
@@ -201,7 +227,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         params["hash"] = _settling_fingerprint("release", request, params)
-        data = await self._group_commit.call("release", request.account_id, params)
+        data = await _keyed_as_read_or_as_sent(
+            functools.partial(self._group_commit.call, "release", request.account_id),
+            params,
+            request_fingerprint("release", request),
+        )
         mark_replay(context, data)
         return pb.ReleaseResponse(
             reservation=mapping.reservation(data["reservation"]),
@@ -223,7 +253,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "now": self._clock.now(),
         }
         params["hash"] = _settling_fingerprint("refund", request, params)
-        data = await self._group_commit.call("refund", request.account_id, params)
+        data = await _keyed_as_read_or_as_sent(
+            functools.partial(self._group_commit.call, "refund", request.account_id),
+            params,
+            request_fingerprint("refund", request),
+        )
         mark_replay(context, data)
         return pb.RefundResponse(
             reservation=mapping.reservation(data["reservation"]),
