@@ -111,6 +111,22 @@ def test_a_plan_update_keeps_the_fields_its_mask_does_not_name(
     )
     assert info.metadata["plan_id"] == plan.plan_id
 
+    # An inactive plan, which BillingService no longer lists, is read with its etag here:
+    # a conditional reactivation needs it (helper-126).
+    retired = update(["active"], active=False)
+    on_sale = admin.ListAllSubscriptionPlans(admin_pb.ListAllSubscriptionPlansRequest()).plans
+    [listed] = [p for p in on_sale if p.plan_id == plan.plan_id]
+    assert listed == retired and not listed.active
+    reactivated = admin.UpdateSubscriptionPlan(
+        admin_pb.UpdateSubscriptionPlanRequest(
+            plan=billing_pb.SubscriptionPlan(plan_id=plan.plan_id, active=True),
+            update_mask=FieldMask(paths=["active"]),
+            etag=listed.etag,
+            idempotency_key=new_key(),
+        )
+    ).plan
+    assert reactivated.active and reactivated.rank == retired.rank
+
 
 @pytest.mark.parametrize(
     "paths",

@@ -216,6 +216,15 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         rows = await fetch_all(self._pool, "list_credit_packs", {"include_inactive": True})
         return pb.ListAllCreditPacksResponse(packs=[mapping.credit_pack(row) for row in rows])
 
+    async def ListAllSubscriptionPlans(
+        self, request: pb.ListAllSubscriptionPlansRequest, context: Context
+    ) -> pb.ListAllSubscriptionPlansResponse:
+        # An inactive plan's etag is read here: a conditional reactivation needs it.
+        rows = await fetch_all(self._pool, "list_subscription_plans", {"include_inactive": True})
+        return pb.ListAllSubscriptionPlansResponse(
+            plans=[mapping.subscription_plan(row) for row in rows]
+        )
+
     async def CreateSubscriptionPlan(
         self, request: pb.CreateSubscriptionPlanRequest, context: Context
     ) -> pb.CreateSubscriptionPlanResponse:

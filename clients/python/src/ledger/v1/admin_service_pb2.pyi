@@ -406,6 +406,41 @@ class ListAllCreditPacksResponse(_message.Message):
 Global___ListAllCreditPacksResponse: _TypeAlias = ListAllCreditPacksResponse  # noqa: Y015
 
 @_typing.final
+class ListAllSubscriptionPlansRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAllSubscriptionPlansRequest: _TypeAlias = ListAllSubscriptionPlansRequest  # noqa: Y015
+
+@_typing.final
+class ListAllSubscriptionPlansResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[_billing_service_pb2.SubscriptionPlan]: ...
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[_billing_service_pb2.SubscriptionPlan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAllSubscriptionPlansResponse: _TypeAlias = ListAllSubscriptionPlansResponse  # noqa: Y015
+
+@_typing.final
 class CreateSubscriptionPlanRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -79,6 +79,11 @@ class AdminServiceStub:
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.UpdateSubscriptionPlanRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_admin__service__pb2.UpdateSubscriptionPlanResponse.FromString,
                 _registered_method=True)
+        self.ListAllSubscriptionPlans = channel.unary_unary(
+                '/ledger.v1.AdminService/ListAllSubscriptionPlans',
+                request_serializer=ledger_dot_v1_dot_admin__service__pb2.ListAllSubscriptionPlansRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListAllSubscriptionPlansResponse.FromString,
+                _registered_method=True)
         self.CreateRedemptionBatch = channel.unary_unary(
                 '/ledger.v1.AdminService/CreateRedemptionBatch',
                 request_serializer=ledger_dot_v1_dot_admin__service__pb2.CreateRedemptionBatchRequest.SerializeToString,
@@ -216,6 +221,13 @@ class AdminServiceServicer:
         """The provider_price_id of a plan with running subscribers or recent checkout sessions
         cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
         update_mask and etag work as on UpdateCreditPack.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAllSubscriptionPlans(self, request, context):
+        """All plans, inactive ones included, with their etags (BillingService lists those on sale).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -368,6 +380,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.UpdateSubscriptionPlan,
                     request_deserializer=ledger_dot_v1_dot_admin__service__pb2.UpdateSubscriptionPlanRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_admin__service__pb2.UpdateSubscriptionPlanResponse.SerializeToString,
+            ),
+            'ListAllSubscriptionPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAllSubscriptionPlans,
+                    request_deserializer=ledger_dot_v1_dot_admin__service__pb2.ListAllSubscriptionPlansRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_admin__service__pb2.ListAllSubscriptionPlansResponse.SerializeToString,
             ),
             'CreateRedemptionBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRedemptionBatch,
@@ -661,6 +678,33 @@ class AdminService:
             '/ledger.v1.AdminService/UpdateSubscriptionPlan',
             ledger_dot_v1_dot_admin__service__pb2.UpdateSubscriptionPlanRequest.SerializeToString,
             ledger_dot_v1_dot_admin__service__pb2.UpdateSubscriptionPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAllSubscriptionPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.AdminService/ListAllSubscriptionPlans',
+            ledger_dot_v1_dot_admin__service__pb2.ListAllSubscriptionPlansRequest.SerializeToString,
+            ledger_dot_v1_dot_admin__service__pb2.ListAllSubscriptionPlansResponse.FromString,
             options,
             channel_credentials,
             insecure,

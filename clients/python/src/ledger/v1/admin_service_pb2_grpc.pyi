@@ -64,6 +64,8 @@ class AdminServiceStub:
     cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
     update_mask and etag work as on UpdateCreditPack.
     """
+    ListAllSubscriptionPlans: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAllSubscriptionPlansRequest, _admin_service_pb2.ListAllSubscriptionPlansResponse]
+    """All plans, inactive ones included, with their etags (BillingService lists those on sale)."""
     CreateRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]
     """Generates a batch of redemption codes (seed 003)."""
     DisableRedemptionBatch: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DisableRedemptionBatchRequest, _admin_service_pb2.DisableRedemptionBatchResponse]
@@ -142,6 +144,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
     update_mask and etag work as on UpdateCreditPack.
     """
+    ListAllSubscriptionPlans: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAllSubscriptionPlansRequest, _admin_service_pb2.ListAllSubscriptionPlansResponse]  # type: ignore[assignment]
+    """All plans, inactive ones included, with their etags (BillingService lists those on sale)."""
     CreateRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateRedemptionBatchRequest, _admin_service_pb2.CreateRedemptionBatchResponse]  # type: ignore[assignment]
     """Generates a batch of redemption codes (seed 003)."""
     DisableRedemptionBatch: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DisableRedemptionBatchRequest, _admin_service_pb2.DisableRedemptionBatchResponse]  # type: ignore[assignment]
@@ -265,6 +269,14 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         cannot change (PLAN_IN_USE): their renewals name the old price. Create a new plan.
         update_mask and etag work as on UpdateCreditPack.
         """
+
+    @_abc_1.abstractmethod
+    def ListAllSubscriptionPlans(
+        self,
+        request: _admin_service_pb2.ListAllSubscriptionPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListAllSubscriptionPlansResponse, _abc.Awaitable[_admin_service_pb2.ListAllSubscriptionPlansResponse]]:
+        """All plans, inactive ones included, with their etags (BillingService lists those on sale)."""
 
     @_abc_1.abstractmethod
     def CreateRedemptionBatch(
