@@ -82,6 +82,25 @@ def test_held_credits_must_agree(fresh_database_url: str) -> None:
     assert "held_vs_lots" in found
 
 
+def test_an_inviter_must_be_another_account(fresh_database_url: str) -> None:
+    """No foreign key guards referred_by (migration 0034): the audit does."""
+    migrate(fresh_database_url)
+    _fill(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE accounts SET referred_by = 'nobody' WHERE account_id = 'audited'")
+        (found,) = audit_database(fresh_database_url)
+        assert (found.check, found.detail) == (
+            "referred_by_not_another_account",
+            "referred by nobody, which is no account",
+        )
+        conn.execute("ALTER TABLE accounts DROP CONSTRAINT accounts_not_self_referred")
+        conn.execute("UPDATE accounts SET referred_by = account_id")
+        (found,) = audit_database(fresh_database_url)
+        assert found.detail == "referred by audited, itself"
+        conn.execute("UPDATE accounts SET referred_by = NULL")
+    assert audit_database(fresh_database_url) == []
+
+
 def test_the_audit_command_exit_code(fresh_database_url: str) -> None:
     env = {"DATABASE_URL": fresh_database_url, "PATH": "/usr/bin:/bin"}
     # Not migrated, or out of reach: 3 and one line, never 1 (violations) with a traceback.

@@ -70,7 +70,6 @@ EXPECTED_CONSTRAINTS = {
     "accounts_overdraft_limit_nonnegative",
     "accounts_not_self_referred",
     "accounts_referral_code_unique",
-    "accounts_referred_by_fk",
     "accounts_reward_balance_nonnegative",
     "credit_packs_credits_positive",
     "credit_packs_currency_format",

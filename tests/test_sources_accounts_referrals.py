@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -234,6 +235,43 @@ def test_signup_with_a_referral_code_rewards_the_inviter_once(
     assert ledger.balance(inviter).reward_balance_micros == 20 * CREDIT
     assert len(ledger.transactions(inviter, kinds=[pb.TRANSACTION_KIND_GRANT])) == 2
     assert_audit_clean()
+
+
+def test_a_call_on_an_invitee_never_waits_for_its_inviter(
+    sources: Sources, ledger_db_url: str, clock: Any
+) -> None:
+    """A Consume whose maintenance is due writes the invitee's row twice; with a foreign key
+    from referred_by, the second write made PostgreSQL lock the inviter's row too (FOR KEY
+    SHARE), so the call waited for any call on the inviter and deadlocked with a batch
+    holding the inviter and waiting for the invitee (migration 0034)."""
+    inviter = new_account("inviter")
+    code = sources.create_account(inviter).account.referral_code
+    invitee = new_account("invitee")
+    sources.create_account(invitee, referral_code=code)
+    now = clock.now()
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT ledger_grant(%s, 'g', '\\x01', 5000000, 'purchase', %s, 'main', '', '', "
+            "NULL, %s)",
+            (invitee, now - timedelta(minutes=1), now - timedelta(minutes=2)),
+        )
+        conn.execute(
+            "SELECT ledger_grant(%s, 'g2', '\\x02', 5000000, 'purchase', NULL, 'main', '', '', "
+            "NULL, %s)",
+            (invitee, now - timedelta(minutes=2)),
+        )
+    with psycopg.connect(ledger_db_url) as holder, psycopg.connect(ledger_db_url) as caller:
+        holder.execute("SELECT FROM accounts WHERE account_id = %s FOR UPDATE", (inviter,))
+        caller.execute("SET lock_timeout = '2s'")
+        caller.execute(
+            "SELECT ledger_consume(%s, 'c', '\\x03', 1000000, NULL, '', '', %s)", (invitee, now)
+        )
+        caller.commit()
+        holder.rollback()
+        balance = caller.execute(
+            "SELECT balance_micros FROM accounts WHERE account_id = %s", (invitee,)
+        ).fetchone()
+    assert balance == (4 * CREDIT,)  # the expired 5 gone, 1 of the other 5 spent
 
 
 def test_a_retry_typing_the_referral_code_another_way_is_the_same_sign_up(

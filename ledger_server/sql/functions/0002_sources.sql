@@ -244,6 +244,8 @@ BEGIN
             PERFORM ledger_fail('LE013', 'no account has this referral code',
                 jsonb_build_object('referral_code', p_referral_code));
         END IF;
+        -- No foreign key holds this (migration 0034: it locked the inviter's row at every
+        -- later write of the invitee's); the inviter is locked here and never deleted.
         UPDATE accounts SET referred_by = inviter WHERE account_id = p_account;
         reward := (ledger_setting('referral.reward_micros'))::bigint;
         IF (ledger_setting('referral.enabled'))::boolean AND reward > 0 THEN

@@ -256,6 +256,15 @@ SELECT 'purchase_claw_back_vs_journal', pu.account_id,
  WHERE pu.clawed_back_micros <> coalesce(j.clawed, 0)
     OR pu.bonus_clawed_back_micros <> coalesce(j.bonus_clawed, 0)
 UNION ALL
+-- No foreign key guards referred_by (migration 0034: it locked the inviter's row).
+SELECT 'referred_by_not_another_account', a.account_id,
+       format('referred by %s, %s', a.referred_by,
+              CASE WHEN a.referred_by = a.account_id THEN 'itself' ELSE 'which is no account' END)
+  FROM accounts a
+ WHERE a.referred_by IS NOT NULL
+   AND (a.referred_by = a.account_id
+        OR NOT EXISTS (SELECT 1 FROM accounts i WHERE i.account_id = a.referred_by))
+UNION ALL
 SELECT 'debt_beside_credits', o.account_id,
        format('debt %s while main lots hold %s spendable credits',
               o.amount_micros - o.remaining_micros, s.spendable)

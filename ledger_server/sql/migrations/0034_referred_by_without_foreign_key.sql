@@ -1,0 +1,11 @@
+-- accounts.referred_by named its inviter through a foreign key to accounts itself. A
+-- transaction that updates an invitee's row a second time (a call whose maintenance was due,
+-- a batch with two calls on it, a grant, the sweeper) makes PostgreSQL check that key again,
+-- taking FOR KEY SHARE on the inviter's row: the invitee's transaction then waits for any
+-- call holding the inviter (FOR UPDATE), out of the one lock order, and deadlocked with a
+-- batch or sweep holding the inviter and waiting for the invitee. Accounts are never deleted
+-- and referred_by is written once, by ledger_open_account under a lock on the inviter it has
+-- just found, so the key guarded nothing a write could break; the audit checks it instead
+-- (referred_by_unknown_account, sql/queries/audit.sql). accounts_not_self_referred stays: a
+-- CHECK reads only the row itself.
+ALTER TABLE accounts DROP CONSTRAINT accounts_referred_by_fk;
