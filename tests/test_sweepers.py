@@ -645,6 +645,72 @@ def test_an_account_whose_maintenance_fails_does_not_stall_the_sweep(
     assert audit_database(fresh_database_url) == []
 
 
+def test_sweeps_and_the_monthly_job_lock_few_accounts_per_transaction(
+    fresh_database_url: str, monkeypatch: Any
+) -> None:
+    """Every account a sweep maintains, or the monthly job marks, stays locked until its
+    transaction commits, and calls on it wait as long: 500 accounts in one transaction held
+    them 2.6 s. At most SWEEP_CHUNK accounts a transaction, or what SWEEP_CHUNK_MS allows."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    start = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    later = start + timedelta(hours=1)
+    count = 2 * sweepers.SWEEP_CHUNK + 5
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), start)
+        conn.execute(
+            "SELECT ledger_grant('locks-' || lpad(i::text, 3, '0'), 'g', '\\x01', 1000000, "
+            "'purchase', %s, 'main', '', '', NULL, %s) FROM generate_series(1, %s) i",
+            (start + timedelta(minutes=1), start, count),
+        )
+        # Which transaction wrote each account row, each write slowed by `delay` seconds.
+        conn.execute(
+            "CREATE TABLE written (account_id text, txid bigint, PRIMARY KEY (account_id, txid));"
+            "CREATE TABLE delay (seconds float8); INSERT INTO delay VALUES (0);"
+            "CREATE FUNCTION note_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM pg_sleep((SELECT seconds FROM delay)); INSERT INTO written "
+            "VALUES (NEW.account_id, txid_current()) ON CONFLICT DO NOTHING; RETURN NULL; END $$;"
+            "CREATE TRIGGER note_write AFTER UPDATE ON accounts FOR EACH ROW "
+            "EXECUTE FUNCTION note_write()"
+        )
+
+    def most_per_transaction() -> int:
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT max(n)::int FROM (SELECT count(*) AS n FROM written GROUP BY txid) t"
+            ).fetchone()
+            conn.execute("TRUNCATE written")
+        assert row is not None
+        return int(row[0])
+
+    try:
+        assert sweepers.sweep_due_accounts(later.isoformat()) == count
+        assert most_per_transaction() == sweepers.SWEEP_CHUNK
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT ledger_put_setting('monthly_free.enabled', 'true', 'admin', 'test', "
+                "'the job under test', %s, true)",
+                (later,),
+            )
+        # Marked and then swept, both a chunk at a time.
+        assert sweepers.grant_monthly_allowances(later.isoformat()) == count
+        assert most_per_transaction() == sweepers.SWEEP_CHUNK
+
+        # Slow maintenance (40 ms an account): the sweep commits when 100 ms have passed.
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute("UPDATE delay SET seconds = 0.04")
+            conn.execute(
+                "UPDATE accounts SET next_maintenance_at = %s WHERE account_id <= 'locks-008'",
+                (later,),
+            )
+            conn.execute("TRUNCATE written")
+        assert sweepers.sweep_due_accounts(later.isoformat()) == 8
+        assert most_per_transaction() <= 3
+    finally:
+        worker_db.close()
+    assert audit_database(fresh_database_url) == []
+
+
 def test_many_lots_expiring_at_once_are_journaled_in_entries_of_bounded_size(
     fresh_database_url: str,
 ) -> None:

@@ -56,24 +56,31 @@ $$;
 
 -- Applies what is due (timed-out holds, expired lots, monthly allowances) to up to
 -- p_limit accounts, oldest due first, but those in p_skip (whose maintenance failed
--- earlier in the sweeper's run). SKIP LOCKED: an account busy with a charge (or with
--- another sweeper) is left for later; the charge applies what is due itself. Safe to run
--- any number of times at once. Returns how many accounts it swept.
+-- earlier in the sweeper's run), and takes no further account once p_max_ms milliseconds
+-- have passed (NULL: no time limit). Every account it maintains stays locked until the
+-- caller commits, and calls on it wait till then (a batch of calls, for any of its
+-- accounts): the sweeper commits small chunks (workers/sweepers.py). One account locked at
+-- a time, so that none is held that it does not maintain. SKIP LOCKED: an account busy
+-- with a charge (or with another sweeper) is left for later; the charge applies what is
+-- due itself. Safe to run any number of times at once. Returns how many accounts it swept.
 DROP FUNCTION IF EXISTS ledger_sweep(timestamptz, int);
+DROP FUNCTION IF EXISTS ledger_sweep(timestamptz, int, text[]);
 CREATE OR REPLACE FUNCTION ledger_sweep(p_now timestamptz, p_limit int,
-                                        p_skip text[] DEFAULT '{}') RETURNS int
+                                        p_skip text[] DEFAULT '{}', p_max_ms int DEFAULT NULL)
+    RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => p_max_ms / 1000.0);
     acc text;
     n int := 0;
 BEGIN
-    FOR acc IN
-        SELECT account_id FROM accounts
+    WHILE n < p_limit AND (deadline IS NULL OR clock_timestamp() < deadline) LOOP
+        SELECT account_id INTO acc FROM accounts
          WHERE next_maintenance_at <= p_now AND account_id <> ALL (p_skip)
          ORDER BY next_maintenance_at
-         LIMIT p_limit
-           FOR UPDATE SKIP LOCKED
-    LOOP
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        EXIT WHEN NOT FOUND;
         PERFORM ledger_maintain(acc, p_now);
         n := n + 1;
     END LOOP;
@@ -87,15 +94,21 @@ DROP FUNCTION IF EXISTS ledger_schedule_monthly_allowances(timestamptz);
 
 -- The scheduled monthly allowance, one chunk of accounts per call (and per transaction):
 -- makes this month's allowance due now on the accounts after p_after (in account_id order,
--- the one lock order of the batches) that lack it; the sweep then grants it. Granting checks
--- the month's row, so running this twice in a month grants once. Returns how many accounts
--- it marked and the last account of the chunk (NULL: no account after p_after).
+-- the one lock order of the batches) that lack it, of the next p_limit, and of those at most
+-- p_lock_limit (NULL: p_limit); the sweep then grants it. Each one marked stays locked until
+-- the caller commits, and locking the next may wait for a call on it: every call on those
+-- already marked waits as long. Granting checks the month's row, so running this twice in a
+-- month grants once. Returns how many accounts it marked and the last account it is done
+-- with (NULL: no account after p_after).
+DROP FUNCTION IF EXISTS ledger_schedule_monthly_allowances(timestamptz, text, int);
 CREATE OR REPLACE FUNCTION ledger_schedule_monthly_allowances(
-    p_now timestamptz, p_after text, p_limit int) RETURNS TABLE (marked int, last_account text)
+    p_now timestamptz, p_after text, p_limit int, p_lock_limit int DEFAULT NULL)
+    RETURNS TABLE (marked int, last_account text)
 LANGUAGE plpgsql AS $$
 DECLARE
     tz text := ledger_timezone();
     this_month date := date_trunc('month', p_now AT TIME ZONE tz)::date;
+    lock_limit int := coalesce(p_lock_limit, p_limit);
 BEGIN
     -- An amount of 0 pauses the allowance as being off does: marked, every account would be
     -- due now, granted nothing, pushed back to next month, and marked again at the next run
@@ -111,8 +124,17 @@ BEGIN
          WHERE a.account_id > p_after
          ORDER BY a.account_id
          LIMIT p_limit
-    ), due AS (
+    ), candidates AS (
+        -- Read without a lock, so that only the accounts it marks are locked; the next call
+        -- goes on after the last of them when the cap cut the chunk short.
         SELECT a.account_id FROM accounts a JOIN chunk c ON c.account_id = a.account_id
+         WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
+           AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
+                            WHERE m.account_id = a.account_id AND m.month = this_month)
+         ORDER BY a.account_id
+         LIMIT lock_limit
+    ), due AS (
+        SELECT a.account_id FROM accounts a JOIN candidates c ON c.account_id = a.account_id
          WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
            AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
                             WHERE m.account_id = a.account_id AND m.month = this_month)
@@ -125,5 +147,8 @@ BEGIN
           FROM due WHERE a.account_id = due.account_id
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM marked)::int, (SELECT max(c.account_id) FROM chunk c);
+    SELECT (SELECT count(*) FROM marked)::int,
+           CASE WHEN (SELECT count(*) FROM candidates) = lock_limit
+                THEN (SELECT max(c.account_id) FROM candidates c)
+                ELSE (SELECT max(c.account_id) FROM chunk c) END;
 END $$;

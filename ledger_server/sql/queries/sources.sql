@@ -184,7 +184,7 @@ SELECT change_id, key, old_value, new_value, source, actor, coalesce(reason, '')
  LIMIT %(limit)s::int
 
 -- name: sweep
-SELECT ledger_sweep(%(now)s::timestamptz, %(limit)s::int, %(skip)s::text[])
+SELECT ledger_sweep(%(now)s::timestamptz, %(limit)s::int, %(skip)s::text[], %(max_ms)s::int)
 
 -- name: due_accounts
 SELECT account_id FROM accounts
@@ -202,7 +202,8 @@ SELECT ledger_maintain(due.account_id, %(now)s::timestamptz)
 
 -- name: schedule_monthly_allowances
 SELECT marked, last_account
-  FROM ledger_schedule_monthly_allowances(%(now)s::timestamptz, %(after)s::text, %(limit)s::int)
+  FROM ledger_schedule_monthly_allowances(%(now)s::timestamptz, %(after)s::text, %(limit)s::int,
+                                          %(lock_limit)s::int)
 
 -- name: setting_value
 SELECT value FROM settings WHERE key = %(key)s
