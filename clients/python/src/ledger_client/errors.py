@@ -41,6 +41,7 @@ __all__ = [
     "ReservationNotCommitted",
     "ReservationNotFound",
     "ReservationNotPending",
+    "TooManyLots",
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
