@@ -54,8 +54,12 @@ Event types:
   A charge naming an account the ledger lacks is ignored.
 - charge.dispute.closed, lost: a chargeback, clawed back as a refund of the disputed
   amount would be. A refund's or a dispute's share is of all the charge's applied returns
-  (largest cumulative refund plus lost disputes) over what was paid, read under the
-  account's lock: they compose in any order.
+  (the latest cumulative refund, less the refunds that failed since, plus lost disputes)
+  over what was paid, read under the account's lock: they compose in any order.
+- charge.refund.updated, refund.updated, refund.failed (a Refund object) with status failed
+  or canceled: the customer got nothing back, so what the refund's charge.refunded took is
+  given back to the lots it came from (ledger_restore_claw_back), once per refund; a failed
+  refund the ledger never applied gives nothing. Other statuses: ignored.
 - invoice_payment.paid: which payment intent paid an invoice, for the refunds of a
   subscription's payments (since API version 2025-03-31 a charge no longer names its
   invoice); wakes the refunds of that payment handled before it.
@@ -364,6 +368,8 @@ def _dispatch(conn: Conn, event_id: str, event_type: str, payload: Json, now: da
         return _charge_refunded(conn, event_id, obj, now)
     if event_type == "charge.dispute.closed":
         return _dispute_closed(conn, event_id, obj, now)
+    if event_type in _REFUND_UPDATES:
+        return _refund_updated(conn, event_id, obj, now)
     if event_type == "invoice_payment.paid":
         return _invoice_payment_paid(conn, obj, now)
     return Outcome("ignored", account_id=account_hint(payload), note="event type not handled")
@@ -781,12 +787,17 @@ def _require_no_unfinished_payment(conn: Conn, event_id: str, refs: list[str]) -
 
 @dataclass(frozen=True)
 class _Return:
-    """What one refund or lost dispute says of its charge, in the charge's minor units."""
+    """What one refund, failed refund or lost dispute says of its charge, in the charge's
+    minor units (its cumulative amount refunded is read back from the stored events)."""
 
-    refunded_minor: int  # a refund's cumulative amount refunded; 0 for a dispute
     disputed_minor: int  # a lost dispute's amount; 0 for a refund
     charge_minor: int | None  # the charge's amount, when the event gives it
     currency: str
+
+
+# Events of a Refund object: one whose status is failed or canceled gives back what its
+# charge.refunded took (refund.* are sent since API version 2024-10-28 for every refund).
+_REFUND_UPDATES = ("charge.refund.updated", "refund.updated", "refund.failed")
 
 
 def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> Outcome:
@@ -800,7 +811,7 @@ def _charge_refunded(conn: Conn, event_id: str, charge: Any, now: datetime) -> O
         now,
         refs,
         _metadata(charge),
-        _Return(refunded, 0, paid, currency),
+        _Return(0, paid, currency),
         f"payment {payment_intent or _id(charge)} refunded: {refunded} of {paid} {currency}",
     )
 
@@ -821,7 +832,7 @@ def _dispute_closed(conn: Conn, event_id: str, dispute: Any, now: datetime) -> O
         now,
         refs,
         _metadata(dispute),
-        _Return(0, amount, None, currency),
+        _Return(amount, None, currency),
         f"payment {refs[0] if refs else _id(dispute)} disputed and lost: {amount} {currency}",
     )
 
@@ -830,10 +841,11 @@ def _returned_share(
     conn: Conn, event_id: str, refs: list[str], this: _Return
 ) -> tuple[int, int] | None:
     """(returned, paid) of the charge, in its minor units, for ledger_claw_back_purchase's
-    cumulative share: the largest cumulative refund and every lost dispute of the charge
-    applied so far, this event's included, of the charge's amount (from a refund of it,
-    else from its payment's applied event). Refunds and disputes then compose in any
-    order. None: a dispute of a charge whose amount is unknown (taken as the whole)."""
+    cumulative share: the latest cumulative refund, less the refunds that failed since, and
+    every lost dispute of the charge applied so far, this event's included (charge_returns),
+    of the charge's amount (from a refund of it, else from its payment's applied event).
+    Refunds, their failures and disputes then compose in any order. None: a charge whose
+    amount is unknown (a dispute takes the whole)."""
     row = conn.execute(
         query("charge_returns"),
         {"event_id": event_id, "external_refs": refs, "currency": this.currency},
@@ -847,8 +859,7 @@ def _returned_share(
         charge = int(paid[0]) if paid else None
     if not charge:
         return None
-    returned = max(this.refunded_minor, int(refunded or 0)) + int(disputed) + this.disputed_minor
-    return returned, int(charge)
+    return int(refunded or 0) + int(disputed), int(charge)
 
 
 def _claw_back(
@@ -862,13 +873,9 @@ def _claw_back(
 ) -> Outcome:
     """Takes back the returned share of the purchase paid by one of `refs`, or by an
     invoice one of them paid (a subscription period's purchase is under the invoice)."""
-    invoices = conn.execute(query("invoices_paid_by"), {"external_refs": refs}).fetchall()
-    refs = refs + [str(row[0]) for row in invoices if row[0] not in refs]
+    refs = _paid_refs(conn, refs)
     _require_no_unfinished_payment(conn, event_id, refs)
-    account_id = str(metadata.get("account_id") or "")
-    if not account_id:
-        row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
-        account_id = str(row[0]) if row else ""
+    account_id = _payment_account(conn, refs, metadata)
     if not account_id:
         # Woken (wake_claw_backs) if the purchase is recorded later: Stripe's order is any.
         return Outcome("ignored", note="no purchase was paid by this charge")
@@ -888,6 +895,67 @@ def _claw_back(
         return Outcome("ignored", account_id, note="no purchase of the account was paid by it")
     taken = int(data["clawed_back_micros"]) + int(data["bonus_clawed_back_micros"])
     return Outcome("processed", account_id, -taken)
+
+
+def _paid_refs(conn: Conn, refs: list[str]) -> list[str]:
+    """`refs` and what they paid: a subscription period's purchase is under its invoice."""
+    invoices = conn.execute(query("invoices_paid_by"), {"external_refs": refs}).fetchall()
+    return refs + [str(row[0]) for row in invoices if row[0] not in refs]
+
+
+def _payment_account(conn: Conn, refs: list[str], metadata: Mapping[str, Any]) -> str:
+    """The account the event's metadata names, else the one whose purchase a ref paid."""
+    account_id = str(metadata.get("account_id") or "")
+    if not account_id:
+        row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
+        account_id = str(row[0]) if row else ""
+    return account_id
+
+
+def _refund_updated(conn: Conn, event_id: str, refund: Any, now: datetime) -> Outcome:
+    """A refund that failed or was canceled: the money went back to the merchant, not to the
+    customer, so what its charge.refunded took back is given back (ledger_restore_claw_back)
+    down to the share of what the charge's standing refunds and lost disputes return
+    (charge_returns leaves the failed refund out from then on; a later refund of the payment
+    takes its share again). Once per refund, whichever of its events comes. A failed refund
+    the ledger never applied changes nothing: the share never counted it. Other updates of
+    a refund change nothing."""
+    refund_id, status = _id(refund), str(refund.get("status") or "")
+    payment_intent = _id(refund.get("payment_intent"))
+    refs = [r for r in (payment_intent, _id(refund.get("charge"))) if r]
+    if status not in ("failed", "canceled") or not refs:
+        account = str(_metadata(refund).get("account_id") or "") or None
+        return Outcome("ignored", account, note=f"refund {refund_id} {status}: nothing to undo")
+    refs = _paid_refs(conn, refs)
+    account_id = _payment_account(conn, refs, _metadata(refund))
+    if not account_id:
+        return Outcome("ignored", note="no purchase was paid by the refunded charge")
+    conn.execute(query("lock_claw_back_account"), {"account_id": account_id})
+    applied = conn.execute(
+        query("refund_failure_applied"), {"event_id": event_id, "refund_id": refund_id}
+    ).fetchone()
+    if applied is not None:
+        return Outcome(
+            "ignored",
+            account_id,
+            note=f"refund {refund_id}: its failure was applied by {applied[0]}",
+        )
+    currency = str(refund.get("currency") or "").upper()
+    share = _returned_share(conn, event_id, refs, _Return(0, None, currency))
+    if share is None:
+        return Outcome("ignored", account_id, note="no refund of the charge was applied")
+    params = _base_params(event_id, account_id, now)
+    params.update(
+        external_refs=refs,
+        refunded_minor=share[0],
+        paid_minor=share[1],
+        comment=f"refund {refund_id} of payment {refs[0]} {status}: credits given back",
+    )
+    data = _ledger_call(conn, "restore_claw_back", params, ends=(_ACCOUNT_NOT_FOUND,))
+    if isinstance(data, str):
+        return Outcome("ignored", account_id, note="no purchase of the account was paid by it")
+    given = int(data["restored_micros"]) + int(data["bonus_restored_micros"])
+    return Outcome("processed", account_id, given, note=f"refund {refund_id} {status}")
 
 
 # --- the sweeper ----------------------------------------------------------------------------------

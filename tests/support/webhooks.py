@@ -108,11 +108,14 @@ def charge_refunded(
     currency: str = "usd",
     account_id: str | None = None,
     event_id: str | None = None,
+    *,
+    charge_id: str | None = None,
+    created: int | None = None,
 ) -> bytes:
     return event(
         "charge.refunded",
         {
-            "id": f"ch_{uuid.uuid4().hex}",
+            "id": charge_id or f"ch_{uuid.uuid4().hex}",
             "object": "charge",
             "payment_intent": payment_intent,
             "amount": amount,
@@ -122,6 +125,40 @@ def charge_refunded(
             "metadata": {"account_id": account_id} if account_id else {},
         },
         event_id,
+        created=created,
+    )
+
+
+def refund_updated(
+    refund_id: str,
+    charge_id: str,
+    payment_intent: str,
+    amount: int,
+    *,
+    refund_created: int,
+    created: int,
+    status: str = "failed",
+    event_type: str = "charge.refund.updated",
+    currency: str = "usd",
+) -> bytes:
+    """An event of a Refund object (charge.refund.updated; refund.updated and refund.failed
+    since API version 2024-10-28): a refund made at refund_created, now in `status`."""
+    failed = status == "failed"
+    return event(
+        event_type,
+        {
+            "id": refund_id,
+            "object": "refund",
+            "amount": amount,
+            "charge": charge_id,
+            "payment_intent": payment_intent,
+            "created": refund_created,
+            "currency": currency,
+            "status": status,
+            "failure_reason": "expired_or_canceled_card" if failed else None,
+            "metadata": {},
+        },
+        created=created,
     )
 
 

@@ -229,7 +229,8 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- How much of a purchase's credits its carry-over lots may still give back: what its lot
--- carried out, less what claw-backs of the purchase took from them.
+-- carried out, less what claw-backs of the purchase took from them (net of what a failed
+-- refund gave back there, ledger_restore_claw_back).
 CREATE OR REPLACE FUNCTION ledger_carry_over_room(p_account text, pu purchases) RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT (SELECT coalesce(-sum(p.amount_micros), 0)
@@ -242,7 +243,8 @@ LANGUAGE sql STABLE AS $$
                                          AND t.transaction_id = p.transaction_id
              WHERE p.account_id = p_account AND t.kind = 'adjustment'
                AND t.external_ref = pu.external_ref
-               AND p.memo = 'refund: carried-over credits clawed back')
+               AND p.memo IN ('refund: carried-over credits clawed back',
+                              'refund failed: carried-over credits given back'))
 $$;
 
 -- A refunded payment (charge.refunded) takes back the refunded share of what it
@@ -358,6 +360,144 @@ BEGIN
         'refunded_share_micros', share_credits + share_bonus,
         'transaction_id', coalesce(txn::text, ''),
         'balance', ledger_balance_json(a, p_now)), p_now);
+END $$;
+
+-- A refund that failed or was canceled (charge.refund.updated, refund.failed) after
+-- charge.refunded took its share: the share is now that of what the charge's refunds and
+-- lost disputes still return (p_refunded_minor of p_paid_minor), and what the purchase's
+-- claw-backs took beyond it goes back to the lots it was taken from (the purchase's lot,
+-- its bonus lot, a subscription period's carry-over lots), in place: each keeps its kind
+-- and expiry, so a pack's credits come back for good and a period's only until its end,
+-- and a later refund of the payment finds them where a claw-back takes from. A lot that
+-- has expired since gets nothing (its credits would have expired with it), and that part
+-- stays taken. What is owed shrinks to the new share. One ADJUSTMENT under the purchase's
+-- external_ref (the audit nets it with its claw-backs); none when nothing is given back.
+-- Idempotent by key.
+CREATE OR REPLACE FUNCTION ledger_restore_claw_back(
+    p_account text, p_key text, p_hash bytea, p_external_refs text[], p_refunded_minor bigint,
+    p_paid_minor bigint, p_comment text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    pu purchases;
+    share_credits bigint;
+    share_bonus bigint;
+    wanted bigint;
+    bonus_wanted bigint;
+    step record;
+    part bigint;
+    given bigint := 0;
+    bonus_given bigint := 0;
+    plan jsonb := '[]';
+    txn bigint;
+    n int := 0;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'restore_claw_back', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    SELECT * INTO pu FROM purchases
+     WHERE account_id = p_account AND external_ref = ANY (p_external_refs)
+     ORDER BY array_position(p_external_refs, external_ref)
+     LIMIT 1
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM ledger_fail('LE040', 'no purchase of the account was paid by this payment',
+            jsonb_build_object('account_id', p_account,
+                               'external_ref', array_to_string(p_external_refs, ',')));
+    END IF;
+    IF p_paid_minor <= 0 OR p_refunded_minor < 0 THEN
+        PERFORM ledger_fail('LE010', 'refund amounts out of range', jsonb_build_object(
+            'field', 'amount_refunded', 'violation', 'must be between 0 and the amount paid'));
+    END IF;
+    -- As ledger_claw_back_purchase shares it.
+    share_credits := floor(pu.credits_micros::numeric * least(p_refunded_minor, p_paid_minor)
+                           / p_paid_minor)::bigint;
+    share_bonus := floor(pu.bonus_micros::numeric * least(p_refunded_minor, p_paid_minor)
+                         / p_paid_minor)::bigint;
+    wanted := greatest(pu.clawed_back_micros - share_credits, 0);
+    bonus_wanted := greatest(pu.bonus_clawed_back_micros - share_bonus, 0);
+    -- What the claw-backs took from each lot, net of what was given back before; the
+    -- longest-lived lots first (a carry-over lot outlives the period's own).
+    FOR step IN
+        SELECT l.lot_id, l.source, l.balance_kind, -sum(p.amount_micros) AS taken
+          FROM journal_transactions t
+          JOIN postings p ON p.account_id = t.account_id AND p.transaction_id = t.transaction_id
+          JOIN lots l ON l.account_id = p.account_id AND l.lot_id = p.lot_id
+         WHERE t.account_id = p_account AND t.kind = 'adjustment'
+           AND t.external_ref = pu.external_ref
+           AND (l.expires_at IS NULL OR l.expires_at > p_now)
+         GROUP BY l.lot_id, l.source, l.balance_kind, l.expires_at
+        HAVING sum(p.amount_micros) < 0
+         ORDER BY l.expires_at DESC NULLS FIRST, l.lot_id DESC
+    LOOP
+        EXIT WHEN given >= wanted AND bonus_given >= bonus_wanted;
+        IF step.lot_id = pu.bonus_lot_id THEN
+            part := least(step.taken, bonus_wanted - bonus_given);
+            bonus_given := bonus_given + greatest(part, 0);
+        ELSE
+            part := least(step.taken, wanted - given);
+            given := given + greatest(part, 0);
+        END IF;
+        CONTINUE WHEN part <= 0;
+        plan := plan || jsonb_build_object('lot_id', step.lot_id, 'source', step.source,
+                                           'kind', step.balance_kind, 'micros', part);
+    END LOOP;
+    IF given + bonus_given > 0 THEN
+        txn := ledger_new_transaction(p_account, 'adjustment', given + bonus_given, p_now,
+                                      p_comment => p_comment, p_external_ref => pu.external_ref);
+        FOR step IN SELECT (e ->> 'lot_id')::bigint AS lot_id, e ->> 'source' AS source,
+                           e ->> 'kind' AS balance_kind, (e ->> 'micros')::bigint AS micros
+                      FROM jsonb_array_elements(plan) e LOOP
+            UPDATE lots SET remaining_micros = remaining_micros + step.micros
+             WHERE account_id = p_account AND lot_id = step.lot_id;
+            PERFORM ledger_post(p_account, txn, n, 'account:' || step.balance_kind, step.lot_id,
+                                step.source, step.micros,
+                                CASE step.source WHEN 'subscription_carry_over'
+                                    THEN 'refund failed: carried-over credits given back'
+                                    ELSE 'refund failed: credits given back' END);
+            -- The issuance account the claw-back credited (ledger_post_claw_back).
+            PERFORM ledger_post(p_account, txn, n + 1,
+                                CASE step.source WHEN 'subscription_carry_over'
+                                    THEN 'issuance:subscription'
+                                    ELSE 'issuance:' || step.source END,
+                                NULL, step.source, -step.micros);
+            n := n + 2;
+            UPDATE accounts
+               SET balance_micros = balance_micros
+                                    + CASE WHEN step.balance_kind = 'main' THEN step.micros ELSE 0 END,
+                   reward_balance_micros = reward_balance_micros
+                                    + CASE WHEN step.balance_kind = 'reward' THEN step.micros ELSE 0 END,
+                   next_maintenance_at = least(next_maintenance_at,
+                       (SELECT l.expires_at FROM lots l
+                         WHERE l.account_id = p_account AND l.lot_id = step.lot_id))
+             WHERE account_id = p_account;
+        END LOOP;
+    END IF;
+    UPDATE purchases
+       SET clawed_back_micros = clawed_back_micros - given,
+           bonus_clawed_back_micros = bonus_clawed_back_micros - bonus_given,
+           claw_back_owed_micros = greatest(share_credits - (clawed_back_micros - given), 0),
+           bonus_claw_back_owed_micros = greatest(share_bonus - (bonus_clawed_back_micros
+                                                                 - bonus_given), 0)
+     WHERE account_id = p_account AND purchase_id = pu.purchase_id;
+    SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    IF given + bonus_given > 0 AND a.overdraft_limit_micros > 0 THEN
+        -- Credits spendable again repay a debt first, as a grant's would (ledger_add_lot).
+        PERFORM ledger_settle_overdraft(p_account, p_now);
+        SELECT * INTO a FROM accounts WHERE account_id = p_account;
+    END IF;
+    RETURN ledger_idempotent_store(p_account, p_key, 'restore_claw_back', p_hash,
+        jsonb_build_object(
+            'purchase_id', pu.purchase_id::text,
+            'external_ref', pu.external_ref,
+            'restored_micros', given,
+            'bonus_restored_micros', bonus_given,
+            'refunded_share_micros', share_credits + share_bonus,
+            'transaction_id', coalesce(txn::text, ''),
+            'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
 -- Takes what refunded payments still owe (purchases.claw_back_owed_micros: their share

@@ -214,24 +214,73 @@ UPDATE payment_events SET status = 'received', processed_at = NULL
        && %(external_refs)s::text[]
 
 -- name: charge_returns
--- What the other applied refunds and lost disputes of a charge returned: the refunds'
--- cumulative amount refunded (the largest), the disputes' amounts (added up), and the
--- charge's amount as its refunds give it. Run under the account's lock: two claw-backs of
--- one account see each other's outcome.
--- payment_events_by_payment (migration 0023): its expression word for word.
-SELECT max((payload #>> '{data,object,amount_refunded}')::bigint)
-           FILTER (WHERE type = 'charge.refunded'),
+-- What the charge's applied refunds and lost disputes return, this event's included: the
+-- cumulative amount refunded of its latest charge.refunded (by when Stripe made the event;
+-- of two made at once, the larger), less the refunds that failed or were canceled after
+-- that event though made before it (it counted them; Stripe leaves a failed refund out of
+-- the charge's amount refunded from then on, so a later event does not), each refund once;
+-- the lost disputes' amounts, added up; and the charge's amount as its refunds give it.
+-- A failed refund counts once stored, applied or not: whichever of it and the refund's
+-- charge.refunded comes last settles the share. Run under the account's lock: two
+-- claw-backs of one account see each other's outcome.
+-- payment_events_by_payment (migration 0023) and payment_events_refund_updates_by_payment
+-- (0033): their expression word for word.
+WITH returns AS (
+    SELECT type, payload FROM payment_events
+     WHERE type IN ('charge.refunded', 'charge.dispute.closed')
+       AND (status = 'processed' OR event_id = %(event_id)s)
+       AND upper(payload #>> '{data,object,currency}') = %(currency)s
+       AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
+                 payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
+                 payload #>> '{data,object,payment,payment_intent}']
+           && %(external_refs)s::text[]
+), latest AS (
+    SELECT (payload ->> 'created')::bigint AS created,
+           (payload #>> '{data,object,amount_refunded}')::bigint AS refunded
+      FROM returns
+     WHERE type = 'charge.refunded'
+     ORDER BY 1 DESC NULLS LAST, 2 DESC
+     LIMIT 1
+), failed AS (
+    SELECT DISTINCT ON (payload #>> '{data,object,id}')
+           (payload #>> '{data,object,amount}')::bigint AS amount,
+           coalesce((payload #>> '{data,object,created}')::bigint, 0) AS refund_created,
+           (payload ->> 'created')::bigint AS failed_at
+      FROM payment_events
+     WHERE type IN ('charge.refund.updated', 'refund.updated', 'refund.failed')
+       AND payload #>> '{data,object,status}' IN ('failed', 'canceled')
+       AND upper(payload #>> '{data,object,currency}') = %(currency)s
+       AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
+                 payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
+                 payload #>> '{data,object,payment,payment_intent}']
+           && %(external_refs)s::text[]
+     ORDER BY payload #>> '{data,object,id}', (payload ->> 'created')::bigint
+)
+SELECT greatest((SELECT refunded FROM latest)
+                - (SELECT coalesce(sum(f.amount), 0) FROM failed f, latest l
+                    WHERE f.refund_created <= l.created AND f.failed_at > l.created), 0),
        coalesce(sum((payload #>> '{data,object,amount}')::bigint)
            FILTER (WHERE type = 'charge.dispute.closed'), 0)::bigint,
        max((payload #>> '{data,object,amount}')::bigint) FILTER (WHERE type = 'charge.refunded')
-  FROM payment_events
- WHERE type IN ('charge.refunded', 'charge.dispute.closed')
+  FROM returns
+
+-- name: refund_failure_applied
+-- Another applied event saying this refund failed (Stripe sends charge.refund.updated, and
+-- refund.failed to endpoints of API version 2024-10-28 and later, for one failure).
+SELECT event_id FROM payment_events
+ WHERE type IN ('charge.refund.updated', 'refund.updated', 'refund.failed')
    AND status = 'processed' AND event_id <> %(event_id)s
-   AND upper(payload #>> '{data,object,currency}') = %(currency)s
+   AND payload #>> '{data,object,id}' = %(refund_id)s
    AND ARRAY[payload #>> '{data,object,payment_intent}', payload #>> '{data,object,invoice}',
              payload #>> '{data,object,charge}', payload #>> '{data,object,id}',
              payload #>> '{data,object,payment,payment_intent}']
-       && %(external_refs)s::text[]
+       && ARRAY[%(refund_id)s::text]
+ LIMIT 1
+
+-- name: restore_claw_back
+SELECT ledger_restore_claw_back(%(account_id)s::text, %(key)s::text, %(hash)s::bytea,
+                                %(external_refs)s::text[], %(refunded_minor)s::bigint,
+                                %(paid_minor)s::bigint, %(comment)s::text, %(now)s::timestamptz)
 
 -- name: amount_paid
 -- What the applied event of the payment says was paid (a checkout's amount_total, an
