@@ -2109,6 +2109,74 @@ def test_a_paid_checkout_grants_what_it_sold_whatever_changed_before_the_payment
     assert_audit_clean()
 
 
+def _purchases(payments_db: PaymentsDb, *accounts: str) -> list[tuple[Any, ...]]:
+    return payments_db.rows(
+        "SELECT account_id, external_ref FROM purchases WHERE account_id = ANY(%s)",
+        (list(accounts),),
+    )
+
+
+def test_a_paid_session_naming_another_account_than_its_own_grants_nobody(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    configure: Any,
+) -> None:
+    """The session this ledger prepared for one account, completed by an event whose
+    metadata names another: the event fails, saying why, and neither is credited (the
+    metadata was trusted: the other account got the pack)."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(10 * CREDIT, price_minor=1000)
+    owner, other = new_account("session-owner"), new_account("session-other")
+    session = checkout.CreateCheckoutSession(
+        billing_pb.CreateCheckoutSessionRequest(
+            account_id=owner, idempotency_key=new_key(), pack_id=pack.pack_id
+        )
+    ).session
+    [paid] = apply_events(
+        checkout_pack(other, pack.pack_id, session_id=session.session_id, amount_total=1000)
+    )
+    event = payments_db.event(paid)
+    assert event is not None
+    assert (event["status"], event["credits_micros"]) == ("failed", 0)
+    assert f"{session.session_id} was created for another account" in event["last_error"]
+    assert _purchases(payments_db, owner, other) == []
+
+
+def test_one_payment_is_granted_to_one_account_only(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """Two checkout events of one payment intent naming two accounts: the first is granted,
+    the second refused (it was granted too: purchases are unique per account and payment),
+    and the payment's refund takes back from the account that has it."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(10 * CREDIT)
+    first, second = new_account("paid-once"), new_account("paid-once-too")
+    intent = f"pi_{uuid.uuid4().hex}"
+    _, refused = apply_events(
+        checkout_pack(first, pack.pack_id, payment_intent=intent),
+        checkout_pack(second, pack.pack_id, payment_intent=intent),
+    )
+    event = payments_db.event(refused)
+    assert event is not None
+    assert (event["status"], event["credits_micros"], event["account_id"]) == (
+        "ignored",
+        0,
+        second,
+    )
+    assert "fulfilled for another account" in event["last_error"]
+    assert _purchases(payments_db, first, second) == [(first, intent)]
+    apply_events(charge_refunded(intent, 2500, 2500))
+    assert ledger.balance(first).balance_micros == 0
+    assert_audit_clean()
+
+
 def test_stripe_refusals_and_outages_map_to_grpc_errors(
     checkout: billing_service_pb2_grpc.BillingServiceStub,
     stripe_double: StripeDouble,

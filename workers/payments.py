@@ -15,7 +15,10 @@ Event types:
   (ledger_fulfil_checkout: no sale rule is asked again once the customer has paid), else
   the pack (ledger_purchase_pack) or recharge (ledger_recharge) named in the session's
   metadata; fulfilled under the payment intent's id. Mode subscription: the subscription id
-  is linked to the account; the credits come with the invoice.
+  is linked to the account; the credits come with the invoice. A session this ledger
+  prepared for another account than the event names fails the event (its metadata is not
+  trusted over the session); a payment intent another account's purchase has is not
+  granted again (ignored).
 - invoice.paid: the subscription period of the plan whose provider_price_id is the price
   of the invoice's first line that is not a proration (ledger_start_subscription_period),
   once per invoice. An invoice for a plan change (billing_reason subscription_update) that
@@ -384,6 +387,7 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
     account_id = str(metadata.get("account_id") or session.get("client_reference_id") or "")
     if not account_id:
         return Outcome("ignored", note="the session names no account (metadata, client reference)")
+    _require_own_session(conn, _id(session), account_id)
     subscription_ref = _id(session.get("subscription"))
     conn.execute(
         query("complete_checkout_session"),
@@ -399,6 +403,12 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
         )
     external_ref = _id(session.get("payment_intent")) or _id(session)
     _wake_claw_backs(conn, [external_ref, _id(session)])
+    if _paid_for_another_account(conn, external_ref, account_id):
+        return Outcome(
+            "ignored",
+            account_id,
+            note=f"payment {external_ref} was fulfilled for another account: not granted again",
+        )
     params = _base_params(event_id, account_id, now)
     params["external_ref"] = external_ref
     sold = _ledger_call_or_none(conn, "fulfil_checkout", {**params, "session_id": _id(session)})
@@ -421,6 +431,33 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
             return _already(account_id, f"payment {external_ref}")
         return Outcome("processed", account_id, _sold_credits(data))
     return Outcome("ignored", account_id, note=f"unknown checkout kind {kind!r} in metadata")
+
+
+class ForeignCheckoutSession(RuntimeError):
+    """The session the event completes was created for another account than the event names:
+    its metadata is not to be trusted over what the ledger prepared, and the session's own
+    account is not the one the event asks to credit. The event fails (the payment log shows
+    why) and grants nobody."""
+
+
+def _require_own_session(conn: Conn, session_id: str, account_id: str) -> None:
+    row = conn.execute(query("checkout_session_account"), {"session_id": session_id}).fetchone()
+    if row is not None and row[0] != account_id:
+        raise ForeignCheckoutSession(
+            f"checkout session {session_id} was created for another account than {account_id},"
+            " which the event names: nothing granted"
+        )
+
+
+def _paid_for_another_account(conn: Conn, external_ref: str, account_id: str) -> bool:
+    """Whether another account's purchase was paid by this payment: a purchase is unique per
+    account and payment only (BillingService's contract, and a table keyed by account), so
+    a second checkout event naming the payment intent for another account would credit one
+    payment twice. Serialized per payment (an advisory lock, taken before the ledger call
+    locks the account): two such events at once cannot both pass."""
+    conn.execute(query("lock_payment_ref"), {"external_ref": external_ref})
+    row = conn.execute(query("account_for_payment"), {"external_refs": [external_ref]}).fetchone()
+    return row is not None and row[0] != account_id
 
 
 def _sold_credits(sale: Json) -> int:

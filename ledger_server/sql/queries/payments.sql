@@ -350,6 +350,14 @@ SELECT account_id FROM purchases
  ORDER BY created_at
  LIMIT 1
 
+-- name: checkout_session_account
+SELECT account_id FROM checkout_sessions WHERE session_id = %(session_id)s
+
+-- name: lock_payment_ref
+-- One checkout event of a payment at a time decides whether another account has it (the
+-- job's transaction holds it; taken before any account lock).
+SELECT pg_advisory_xact_lock(hashtextextended('payment:' || %(external_ref)s::text, 0))
+
 -- name: complete_checkout_session
 UPDATE checkout_sessions
    SET completed_at = coalesce(completed_at, %(now)s),
