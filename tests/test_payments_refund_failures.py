@@ -78,8 +78,19 @@ def test_a_failed_refund_gives_back_what_it_took_once_and_a_new_refund_takes_it_
     apply_events(charge_refunded(intent, 1000, 1000, charge_id=charge, created=t))
     assert ledger.balance(account).balance_micros == 0
 
-    # Stripe sends charge.refund.updated, and refund.failed since API version 2024-10-28.
+    # Stripe sends charge.refund.updated, and refund.failed since API version 2024-10-28;
+    # an update of another status (refund.updated: succeeded) changes nothing.
     failures = apply_events(
+        refund_updated(
+            refund,
+            charge,
+            intent,
+            1000,
+            refund_created=t,
+            created=t + 1,
+            status="succeeded",
+            event_type="refund.updated",
+        ),
         refund_updated(refund, charge, intent, 1000, refund_created=t, created=t + 100),
         refund_updated(
             refund,
@@ -93,6 +104,7 @@ def test_a_failed_refund_gives_back_what_it_took_once_and_a_new_refund_takes_it_
     )
     rows = [payments_db.event(e) for e in failures]
     assert sorted((r["status"], r["credits_micros"], r["account_id"]) for r in rows) == [  # type: ignore[index]
+        ("ignored", 0, account),
         ("ignored", 0, account),
         ("processed", 70 * CREDIT, account),
     ]

@@ -960,11 +960,11 @@ def _refund_updated(conn: Conn, event_id: str, refund: Any, now: datetime) -> Ou
     refund_id, status = _id(refund), str(refund.get("status") or "")
     payment_intent = _id(refund.get("payment_intent"))
     refs = [r for r in (payment_intent, _id(refund.get("charge"))) if r]
-    if status not in ("failed", "canceled") or not refs:
-        account = str(_metadata(refund).get("account_id") or "") or None
-        return Outcome("ignored", account, note=f"refund {refund_id} {status}: nothing to undo")
-    refs = _paid_refs(conn, refs)
+    refs = _paid_refs(conn, refs) if refs else []
     account_id = _payment_account(conn, refs, _metadata(refund))
+    if status not in ("failed", "canceled"):
+        note = f"refund {refund_id} {status}: nothing to undo"
+        return Outcome("ignored", account_id or None, note=note)
     if not account_id:
         return Outcome("ignored", note="no purchase was paid by the refunded charge")
     conn.execute(query("lock_claw_back_account"), {"account_id": account_id})
