@@ -43,6 +43,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _stripe_timeout(env: Mapping[str, str]) -> float:
+    value = _float(env, "LEDGER_STRIPE_TIMEOUT_SECONDS", 10.0)
+    if value <= 0:  # requests refuses a zero time-out, and "no time-out" is what this bounds
+        raise ConfigError("LEDGER_STRIPE_TIMEOUT_SECONDS must be more than 0")
+    return value
+
+
 @dataclass(frozen=True)
 class StripeSettings:
     """Stripe: the API key for Checkout Sessions, the webhook signing secret and where the
@@ -55,6 +62,9 @@ class StripeSettings:
     webhook_tolerance: timedelta = timedelta(seconds=300)
     # Overrides https://api.stripe.com (a local test double, stripe-mock).
     api_base: str = ""
+    # How long one request to Stripe's API may take (connect, then each read); a call's
+    # deadline shortens it. The library's own default, 80 s, outlasts any caller.
+    timeout_seconds: float = 10.0
     webhook_addr: str = "localhost:8081"
     checkout_success_url: str = (
         "http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"
@@ -72,6 +82,7 @@ class StripeSettings:
                 seconds=_int(env, "STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
             ),
             api_base=env.get("STRIPE_API_BASE", "").rstrip("/"),
+            timeout_seconds=_stripe_timeout(env),
             webhook_addr=env.get("LEDGER_WEBHOOK_ADDR", "") or defaults.webhook_addr,
             checkout_success_url=env.get("LEDGER_CHECKOUT_SUCCESS_URL", "")
             or defaults.checkout_success_url,

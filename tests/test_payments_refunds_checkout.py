@@ -4,6 +4,7 @@ invoices, Checkout Sessions against a local Stripe double, and the payment log R
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -16,13 +17,14 @@ import pytest
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import billing_service_pb2 as billing_pb
-from ledger.v1 import billing_service_pb2_grpc, types_pb2
+from ledger.v1 import billing_service_pb2_grpc, ledger_service_pb2_grpc, types_pb2
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_client import LedgerClient
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
 from ledger_server.db import migrate
 from ledger_server.ledger import page_tokens
+from ledger_server.server.stripe_checkout import STRIPE_THREADS
 from support import payments as payment_fixtures
 from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
@@ -2192,10 +2194,108 @@ def test_stripe_refusals_and_outages_map_to_grpc_errors(
 
     stripe_double.failures.append((400, "invalid_request_error"))
     expect_error(attempt, grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_PROVIDER_REJECTED")
-    # A 5xx is retried by the library (same idempotency key); still failing: UNAVAILABLE.
-    stripe_double.failures.extend([(500, "api_error")] * 3)
+    # A 5xx is not retried (Stripe replays the answer saved under the key): UNAVAILABLE.
+    stripe_double.failures.append((500, "api_error"))
     expect_error(attempt, grpc.StatusCode.UNAVAILABLE, "PAYMENT_PROVIDER_UNAVAILABLE")
     assert attempt().session.session_id.startswith("cs_test_")
+
+
+def test_a_stripe_that_never_answers_is_given_up_on_before_the_calls_deadline(
+    checkout: billing_service_pb2_grpc.BillingServiceStub, stripe_double: StripeDouble
+) -> None:
+    """UNAVAILABLE, as README promises of Stripe down, within the caller's deadline: the
+    requests to Stripe waited out the library's 80 s time-out, three times (helper-stripeio)."""
+    sent = billing_pb.CreateCheckoutSessionRequest(
+        account_id=new_account("hung"),
+        idempotency_key=new_key(),
+        recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="CNY"),
+    )
+    stripe_double.stall = 3.0
+    try:
+        started = time.monotonic()
+        expect_error(
+            lambda: checkout.CreateCheckoutSession(sent, timeout=1.0),
+            grpc.StatusCode.UNAVAILABLE,
+            "PAYMENT_PROVIDER_UNAVAILABLE",
+        )
+        assert time.monotonic() - started < 1.0
+    finally:
+        stripe_double.stall = 0.0
+    # Stripe may have created the session before the time-out: the retry asks under the
+    # same Stripe key, and gets it.
+    hung = stripe_double.checkout_requests()[-1]
+    assert checkout.CreateCheckoutSession(sent).session.session_id.startswith("cs_test_")
+    assert (
+        stripe_double.checkout_requests()[-1].headers["Idempotency-Key"]
+        == (hung.headers["Idempotency-Key"])
+    )
+
+
+def test_checkouts_waiting_on_stripe_hold_up_no_spend_call(
+    stripe_double: StripeDouble,
+    ledger_db_url: str,
+    payments_redis_url: str,
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+) -> None:
+    """While Stripe does not answer, the checkouts get UNAVAILABLE after
+    LEDGER_STRIPE_TIMEOUT_SECONDS (one retry), and they wait on threads of their own: a
+    Consume crossing a low-balance threshold queues its alert email on the event loop's
+    default executor, which a checkout per thread had filled (helper-stripeio)."""
+    stripe_settings = StripeSettings(
+        api_key="sk_test_double", api_base=stripe_double.url, timeout_seconds=1.0
+    )
+    settings = Settings(
+        database_url=ledger_db_url, redis_url=payments_redis_url, stripe=stripe_settings
+    )
+    configure("alerts.email_to", "ops@example.com")
+    account = new_account("spender")
+    ledger.grant(account, 30)
+    admin.SetLowBalanceAlert(
+        admin_pb.SetLowBalanceAlertRequest(
+            account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
+        )
+    )
+    # More checkouts than the default executor has threads (min(32, CPUs + 4)).
+    default_threads = min(32, (os.cpu_count() or 1) + 4)
+    server = ServerThread(settings, OffsetClock()).start()
+    stripe_double.stall = 5.0
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            billing = billing_service_pb2_grpc.BillingServiceStub(channel)
+            before = len(stripe_double.checkout_requests())
+            started = time.monotonic()
+            calls = [
+                billing.CreateCheckoutSession.future(
+                    billing_pb.CreateCheckoutSessionRequest(
+                        account_id=new_account("waiting"),
+                        idempotency_key=new_key(),
+                        recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="CNY"),
+                    ),
+                    timeout=20,
+                )
+                for _ in range(default_threads + 2)
+            ]
+            in_flight = min(default_threads, STRIPE_THREADS)
+            while len(stripe_double.checkout_requests()) < before + in_flight:
+                time.sleep(0.01)
+            spend = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
+            consumed = time.monotonic()
+            assert spend.consume(account, 15 * CREDIT).balance.balance_micros == 15 * CREDIT
+            assert time.monotonic() - consumed < 1.0
+            # The first checkouts: two requests of a second each, half a second between.
+            expect_error(
+                calls[0].result, grpc.StatusCode.UNAVAILABLE, "PAYMENT_PROVIDER_UNAVAILABLE"
+            )
+            assert time.monotonic() - started < 4.0
+            for call in calls:
+                expect_error(
+                    call.result, grpc.StatusCode.UNAVAILABLE, "PAYMENT_PROVIDER_UNAVAILABLE"
+                )
+    finally:
+        stripe_double.stall = 0.0
+        server.stop()
 
 
 # --- plans sharing a provider price (helper-99) --------------------------------------------

@@ -109,9 +109,8 @@ async def running_server(
     ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(
         LedgerService(pool, clock, settings, alert_emails), server
     )
-    billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-        BillingService(pool, clock, settings.stripe), server
-    )
+    billing = BillingService(pool, clock, settings.stripe)
+    billing_service_pb2_grpc.add_BillingServiceServicer_to_server(billing, server)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminService(pool, clock, setting_defaults, alert_emails), server
     )
@@ -137,5 +136,6 @@ async def running_server(
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.shutdown_grace.total_seconds())
+        billing.close()
         await observability.close()
         await pool.close()

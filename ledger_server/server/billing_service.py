@@ -4,8 +4,6 @@ tiers, upgrade carry-over) live there, next to the data they guard."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import re
 from datetime import datetime
@@ -24,6 +22,12 @@ from ledger_server.errors import LedgerError, invalid_field
 from ledger_server.ledger import mapping, page_tokens, validation
 from ledger_server.ledger.fingerprint import AsRead, request_fingerprint
 from ledger_server.server.calls import Context, call_json, fetch_all, mark_replay
+from ledger_server.server.stripe_checkout import (
+    StripeCheckouts,
+    checkout_error,
+    session_params,
+    stripe_idempotency_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,6 @@ _EVENT_STATUSES = {
     "failed": pb.PAYMENT_EVENT_STATUS_FAILED,
 }
 _EVENT_STATUS_NAMES = {value: name for name, value in _EVENT_STATUSES.items()}
-
-# Stripe's errors the customer's request cannot get past by retrying (bad price id, wrong
-# key, ...); the others (network, rate limit, Stripe's own 5xx) are worth a retry.
-_STRIPE_RETRYABLE = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
 
 
 def _checkout_session(data: dict[str, Any]) -> pb.CheckoutSession:
@@ -71,31 +71,6 @@ def _redirect_url(value: str, field: str, default: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise invalid_field(field, "must be an absolute http(s) URL")
     return url
-
-
-def _stripe_error(exc: stripe.StripeError) -> LedgerError:
-    if isinstance(exc, stripe.IdempotencyError):
-        return LedgerError(
-            grpc.StatusCode.ALREADY_EXISTS,
-            "IDEMPOTENCY_KEY_REUSED",
-            "idempotency key was used for a different checkout",
-        )
-    detail = {"provider_error": type(exc).__name__}
-    if exc.code:
-        detail["provider_code"] = str(exc.code)
-    if isinstance(exc, _STRIPE_RETRYABLE):
-        return LedgerError(
-            grpc.StatusCode.UNAVAILABLE,
-            "PAYMENT_PROVIDER_UNAVAILABLE",
-            "the payment provider is unavailable; retry with the same idempotency key",
-            detail,
-        )
-    return LedgerError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "PAYMENT_PROVIDER_REJECTED",
-        f"the payment provider refused the checkout: {exc.user_message or exc.code or exc}",
-        detail,
-    )
 
 
 def _currency(value: str, field: str) -> str:
@@ -129,14 +104,13 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         self._pool = pool
         self._clock = clock
         self._stripe_settings = stripe_settings or StripeSettings.from_env()
-        self._stripe: stripe.StripeClient | None = None
+        self._stripe: StripeCheckouts | None = None
         if self._stripe_settings.api_key:
-            base = self._stripe_settings.api_base
-            self._stripe = stripe.StripeClient(
-                self._stripe_settings.api_key,
-                base_addresses={"api": base} if base else None,
-                max_network_retries=2,
-            )
+            self._stripe = StripeCheckouts(self._stripe_settings)
+
+    def close(self) -> None:
+        if self._stripe is not None:
+            self._stripe.close()
 
     async def ListCreditPacks(
         self, request: pb.ListCreditPacksRequest, context: Context
@@ -306,8 +280,8 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
                 "PAYMENTS_NOT_CONFIGURED",
                 "payments are not configured: STRIPE_API_KEY is not set",
             )
-        session = await asyncio.to_thread(
-            self._create_stripe_session, account_id, key, prepared, success_url, cancel_url
+        session_id, url = await self._create_stripe_session(
+            params, prepared, success_url, cancel_url
         )
         one_time = prepared["kind"] != "subscription"  # a subscription's invoices grant
         stored = await call_json(
@@ -315,7 +289,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
             "record_checkout_session",
             {
                 **params,
-                "session_id": session.id,
+                "session_id": session_id,
                 "kind": prepared["kind"],
                 "pack_id": prepared.get("pack_id") or "",
                 "plan_id": prepared.get("plan_id") or "",
@@ -323,71 +297,30 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
                 "currency": prepared["currency"],
                 "credits_micros": prepared["credits_micros"] if one_time else None,
                 "bonus_micros": prepared.get("bonus_micros", 0) if one_time else None,
-                "url": session.url or "",
+                "url": url,
             },
         )
         return pb.CreateCheckoutSessionResponse(session=_checkout_session(stored))
 
-    def _create_stripe_session(
+    async def _create_stripe_session(
         self,
-        account_id: str,
-        key: str,
+        params: dict[str, object],
         prepared: dict[str, Any],
         success_url: str,
         cancel_url: str,
-    ) -> stripe.checkout.Session:
-        """The Checkout Session at Stripe, under an idempotency key derived from ours, so a
-        retry (ours or the library's) never creates a second session. The metadata names the
-        account and what it buys; Stripe copies it to the payment intent or subscription, so
-        the events about them (refunds, invoices) name the account too."""
+    ) -> tuple[str, str]:
+        """The Checkout Session at Stripe (id, URL), under an idempotency key derived from
+        ours, so a retry never creates a second session."""
         assert self._stripe is not None
-        kind = prepared["kind"]
-        metadata = {"account_id": account_id, "kind": kind}
-        params: dict[str, Any] = {
-            "client_reference_id": account_id,
-            "success_url": success_url,
-            "cancel_url": cancel_url,
-            "metadata": metadata,
-        }
-        if kind == "pack":
-            metadata["pack_id"] = prepared["pack_id"]
-            params.update(
-                mode="payment",
-                line_items=[{"price": prepared["price_id"], "quantity": 1}],
-                payment_intent_data={"metadata": metadata},
-            )
-        elif kind == "recharge":
-            metadata["amount_minor"] = str(prepared["amount_minor"])
-            params.update(
-                mode="payment",
-                line_items=[
-                    {
-                        "price_data": {
-                            "currency": prepared["currency"].lower(),
-                            "unit_amount": prepared["amount_minor"],
-                            "product_data": {"name": "Credits recharge"},
-                        },
-                        "quantity": 1,
-                    }
-                ],
-                payment_intent_data={"metadata": metadata},
-            )
-        else:
-            metadata["plan_id"] = prepared["plan_id"]
-            params.update(
-                mode="subscription",
-                line_items=[{"price": prepared["price_id"], "quantity": 1}],
-                subscription_data={"metadata": metadata},
-            )
-        digest = hashlib.sha256(f"{account_id}\x00{key}".encode()).hexdigest()
+        account_id, key = str(params["account_id"]), str(params["key"])
         try:
-            return self._stripe.v1.checkout.sessions.create(
-                params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": f"ledger-checkout-{digest}"},
+            return await self._stripe.create(
+                session_params(account_id, prepared, success_url, cancel_url),
+                stripe_idempotency_key(account_id, key),
             )
         except stripe.StripeError as exc:
             log.warning("Stripe refused a checkout session for %s: %s", account_id, exc)
-            raise _stripe_error(exc) from exc
+            raise checkout_error(exc) from exc
 
     async def ListPaymentEvents(
         self, request: pb.ListPaymentEventsRequest, context: Context

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ class StripeDouble:
     requests: list[Recorded] = field(default_factory=list)
     # (status, error type) answered to the next checkout requests instead of a session.
     failures: list[tuple[int, str]] = field(default_factory=list)
+    # Seconds a checkout request waits before its answer (a Stripe that never answers).
+    stall: float = 0.0
     _sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -50,15 +53,21 @@ class StripeDouble:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length).decode()
                 form = dict(urllib.parse.parse_qsl(raw, keep_blank_values=True))
-                status, body = double._answer(
-                    Recorded("POST", self.path, dict(self.headers.items()), form)
-                )
+                recorded = Recorded("POST", self.path, dict(self.headers.items()), form)
+                with double._lock:
+                    double.requests.append(recorded)
+                if double.stall and self.path == "/v1/checkout/sessions":
+                    time.sleep(double.stall)
+                status, body = double._answer(recorded)
                 data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except ConnectionError:  # a client that stopped waiting (stall)
+                    pass
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -75,7 +84,6 @@ class StripeDouble:
 
     def _answer(self, request: Recorded) -> tuple[int, dict[str, Any]]:
         with self._lock:
-            self.requests.append(request)
             if request.path != "/v1/checkout/sessions":
                 return 404, {"error": {"type": "invalid_request_error", "message": "unknown"}}
             if self.failures:
