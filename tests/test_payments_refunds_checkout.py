@@ -3,6 +3,7 @@ invoices, Checkout Sessions against a local Stripe double, and the payment log R
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -2183,21 +2184,65 @@ def test_stripe_refusals_and_outages_map_to_grpc_errors(
     checkout: billing_service_pb2_grpc.BillingServiceStub,
     stripe_double: StripeDouble,
 ) -> None:
-    def attempt() -> Any:
-        return checkout.CreateCheckoutSession(
-            billing_pb.CreateCheckoutSessionRequest(
-                account_id=new_account("outage"),
-                idempotency_key=new_key(),
-                recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="CNY"),
-            )
+    """Stripe replays a key's first answer, a 500 included, to every request under it (the
+    double does too): once Stripe has answered with an error, the retry of the same request
+    asks under a fresh Stripe key, and succeeds (helper-stripeio)."""
+
+    def request() -> billing_pb.CreateCheckoutSessionRequest:
+        return billing_pb.CreateCheckoutSessionRequest(
+            account_id=new_account("outage"),
+            idempotency_key=new_key(),
+            recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="CNY"),
         )
 
-    stripe_double.failures.append((400, "invalid_request_error"))
-    expect_error(attempt, grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_PROVIDER_REJECTED")
-    # A 5xx is not retried (Stripe replays the answer saved under the key): UNAVAILABLE.
-    stripe_double.failures.append((500, "api_error"))
-    expect_error(attempt, grpc.StatusCode.UNAVAILABLE, "PAYMENT_PROVIDER_UNAVAILABLE")
-    assert attempt().session.session_id.startswith("cs_test_")
+    for answer, code, reason in (
+        ((400, "invalid_request_error"), "FAILED_PRECONDITION", "PAYMENT_PROVIDER_REJECTED"),
+        ((500, "api_error"), "UNAVAILABLE", "PAYMENT_PROVIDER_UNAVAILABLE"),
+        # Another request under the Stripe key (parameters changed since a time-out).
+        ((400, "idempotency_error"), "ABORTED", "CONFLICT"),
+    ):
+        sent = request()
+        stripe_double.failures.append(answer)
+        expect_error(
+            functools.partial(checkout.CreateCheckoutSession, sent), grpc.StatusCode[code], reason
+        )
+        refused = stripe_double.checkout_requests()[-1]
+        assert checkout.CreateCheckoutSession(sent).session.session_id.startswith("cs_test_")
+        retried = stripe_double.checkout_requests()[-1]
+        assert retried.headers["Idempotency-Key"] != refused.headers["Idempotency-Key"], answer
+
+
+def test_a_checkout_stripe_refused_succeeds_once_the_pack_price_is_fixed(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    sources: Sources,
+    admin: Any,
+    configure: Any,
+) -> None:
+    """The same request after the cause of a refusal is fixed: Stripe saved the refusal and
+    the old price under its key, so asking again under it would be refused again, or as a
+    different request (helper-stripeio)."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(10 * CREDIT)
+    sent = billing_pb.CreateCheckoutSessionRequest(
+        account_id=new_account("fixed"), idempotency_key=new_key(), pack_id=pack.pack_id
+    )
+    stripe_double.failures.append((400, "invalid_request_error"))  # No such price
+    expect_error(
+        lambda: checkout.CreateCheckoutSession(sent),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PAYMENT_PROVIDER_REJECTED",
+    )
+    changed = billing_pb.CreditPack()
+    changed.CopyFrom(pack)
+    changed.provider_price_id = f"price_fixed_{uuid.uuid4().hex[:8]}"
+    admin.UpdateCreditPack(
+        admin_pb.UpdateCreditPackRequest(pack=changed, idempotency_key=new_key())
+    )
+    assert checkout.CreateCheckoutSession(sent).session.session_id.startswith("cs_test_")
+    assert stripe_double.checkout_requests()[-1].form["line_items[0][price]"] == (
+        changed.provider_price_id
+    )
 
 
 def test_a_stripe_that_never_answers_is_given_up_on_before_the_calls_deadline(

@@ -17,6 +17,7 @@ EXPECTED_TABLES = {
     "accounts",
     "admin_requests",
     "checkout_sessions",
+    "checkout_stripe_attempts",
     "credit_packs",
     "credit_sources",
     "daily_claims",
@@ -58,6 +59,7 @@ EXPECTED_CONSTRAINTS = {
     "checkout_sessions_kind_known",
     "checkout_sessions_plan_fk",
     "checkout_sessions_pack_fk",
+    "checkout_stripe_attempts_positive",
     "payment_events_processed_when_done",
     "payment_events_attempts_nonnegative",
     "payment_events_status_known",
@@ -291,7 +293,7 @@ def test_account_ids_and_idempotency_keys_compare_by_their_bytes(
                        OR (c.relname, a.attname) = ('idempotency_keys', 'idempotency_key'))
                   AND NOT a.attisdropped"""
         ).fetchall()
-    assert len(columns) == 17
+    assert len(columns) == 18
     assert [column for column in columns if column[2] != "C"] == []
 
 

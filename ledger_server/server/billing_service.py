@@ -26,6 +26,7 @@ from ledger_server.server.stripe_checkout import (
     StripeCheckouts,
     checkout_error,
     session_params,
+    stripe_answered,
     stripe_idempotency_key,
 )
 
@@ -310,16 +311,23 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
         cancel_url: str,
     ) -> tuple[str, str]:
         """The Checkout Session at Stripe (id, URL), under an idempotency key derived from
-        ours, so a retry never creates a second session."""
+        ours and the attempts Stripe answered with an error (stripe_checkout.py), so a retry
+        never creates a second session a customer could pay."""
         assert self._stripe is not None
         account_id, key = str(params["account_id"]), str(params["key"])
+        rows = await fetch_all(self._pool, "checkout_stripe_attempt", params)
+        attempt = int(rows[0][0]) if rows else 0
         try:
             return await self._stripe.create(
                 session_params(account_id, prepared, success_url, cancel_url),
-                stripe_idempotency_key(account_id, key),
+                stripe_idempotency_key(account_id, key, attempt),
             )
         except stripe.StripeError as exc:
             log.warning("Stripe refused a checkout session for %s: %s", account_id, exc)
+            if stripe_answered(exc):
+                await fetch_all(
+                    self._pool, "checkout_stripe_answered", {**params, "attempt": attempt}
+                )
             raise checkout_error(exc) from exc
 
     async def ListPaymentEvents(

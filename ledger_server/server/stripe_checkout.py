@@ -2,7 +2,21 @@
 LEDGER_STRIPE_TIMEOUT_SECONDS and never past the gRPC call's deadline (less a margin to
 record the session and answer), and runs on this module's own threads: a Stripe that
 accepts connections and never answers must not hold a checkout for minutes, nor take the
-event loop's default executor, which queues the low-balance alert emails of spend calls."""
+event loop's default executor, which queues the low-balance alert emails of spend calls.
+
+Stripe's idempotency (https://docs.stripe.com/api/idempotent_requests): Stripe saves the
+status code and body of the first request under a key once the endpoint begins executing,
+and returns them to every retry with that key, "including 500 errors", until the key is
+pruned (24 hours at the earliest); a retry with other parameters is an idempotency_error.
+A request that fails validation or conflicts with a concurrent one saves nothing. So only
+a request whose answer never arrived (a connection error, a time-out: it may have created
+a session) is asked again under the same Stripe key. Once Stripe has answered with an
+error, no session anyone could pay exists under that key (the ledger records none and never
+shows its URL), and the next attempt of the same checkout takes a fresh Stripe key: else a
+5xx, or a 4xx refusal whose cause is since fixed (a pack's price id, the API key), would be
+replayed to every retry for a day, and a retry whose parameters changed since (a new price
+id) be refused as a different request. A fresh key after an answer Stripe did not save
+costs nothing."""
 
 from __future__ import annotations
 
@@ -28,16 +42,21 @@ STRIPE_THREADS = 8
 _ANSWER_MARGIN_SECONDS = 0.5
 # Shorter than this left for a request: not worth sending.
 _MIN_REQUEST_SECONDS = 0.05
-# One retry, after a connection error only: Stripe's answers (a 5xx too) are saved under
-# the idempotency key and replayed.
+# One retry, after a connection error only (the others are Stripe's answer, replayed).
 _TRIES = 2
 _RETRY_PAUSE_SECONDS = 0.5
 
 
-def stripe_idempotency_key(account_id: str, key: str) -> str:
-    """Derived from the ledger's key, so a retry never creates a second session."""
+def stripe_idempotency_key(account_id: str, key: str, attempt: int) -> str:
+    """Derived from the ledger's key, so a retry never creates a second session; attempt 0
+    keeps the form used before attempts were counted."""
     digest = hashlib.sha256(f"{account_id}\x00{key}".encode()).hexdigest()
-    return f"ledger-checkout-{digest}"
+    return f"ledger-checkout-{digest}" + (f"-{attempt}" if attempt else "")
+
+
+def stripe_answered(exc: stripe.StripeError) -> bool:
+    """Stripe answered (an HTTP status): the Stripe key is spent (module docstring)."""
+    return exc.http_status is not None
 
 
 def session_params(
@@ -160,15 +179,19 @@ def _id_and_url(session: stripe.checkout.Session) -> tuple[str, str]:
 
 
 def checkout_error(exc: stripe.StripeError) -> LedgerError:
-    if isinstance(exc, stripe.IdempotencyError):
-        return LedgerError(
-            grpc.StatusCode.ALREADY_EXISTS,
-            "IDEMPOTENCY_KEY_REUSED",
-            "idempotency key was used for a different checkout",
-        )
     detail = {"provider_error": type(exc).__name__}
     if exc.code:
         detail["provider_code"] = str(exc.code)
+    if isinstance(exc, stripe.IdempotencyError) or exc.http_status == 409:
+        # Another request under the Stripe key: one of the same checkout in flight, or one
+        # whose parameters have changed since. The ledger's own key decides which request
+        # the checkout is; the retry takes a fresh Stripe key.
+        return LedgerError(
+            grpc.StatusCode.ABORTED,
+            "CONFLICT",
+            "the payment provider saw a conflicting request; retry with the same idempotency key",
+            detail,
+        )
     if isinstance(exc, (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)):
         return LedgerError(
             grpc.StatusCode.UNAVAILABLE,

@@ -1,6 +1,8 @@
 """A local stand-in for api.stripe.com: records every request and answers
 POST /v1/checkout/sessions the way Stripe does (a cs_ id and a checkout URL), honouring
-Idempotency-Key. The ledger points the stripe library at it (STRIPE_API_BASE)."""
+Idempotency-Key as Stripe documents it: the first answer under a key, an error included,
+is replayed to every request with that key, and one with other parameters is an
+idempotency_error. The ledger points the stripe library at it (STRIPE_API_BASE)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ class StripeDouble:
     failures: list[tuple[int, str]] = field(default_factory=list)
     # Seconds a checkout request waits before its answer (a Stripe that never answers).
     stall: float = 0.0
-    _sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Idempotency-Key: (the request's form, the answer saved under the key).
+    _saved: dict[str, tuple[dict[str, str], tuple[int, dict[str, Any]]]] = field(
+        default_factory=dict
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -86,22 +91,34 @@ class StripeDouble:
         with self._lock:
             if request.path != "/v1/checkout/sessions":
                 return 404, {"error": {"type": "invalid_request_error", "message": "unknown"}}
-            if self.failures:
-                status, kind = self.failures.pop(0)
-                return status, {"error": {"type": kind, "message": f"double says {kind}"}}
             key = request.headers.get("Idempotency-Key", "")
-            if key and key in self._sessions:
-                return 200, self._sessions[key]
-            session_id = f"cs_test_{uuid.uuid4().hex}"
-            session = {
-                "id": session_id,
-                "object": "checkout.session",
-                "mode": request.form.get("mode"),
-                "client_reference_id": request.form.get("client_reference_id"),
-                "url": f"https://checkout.stripe.test/c/pay/{session_id}",
-                "status": "open",
-                "payment_status": "unpaid",
-            }
+            if key in self._saved:
+                form, answer = self._saved[key]
+                if form != request.form:
+                    return 400, {
+                        "error": {
+                            "type": "idempotency_error",
+                            "message": "Keys for idempotent requests can only be used with the"
+                            " same parameters they were first used with.",
+                        }
+                    }
+                return answer
+            answer = self._new_answer(request)
             if key:
-                self._sessions[key] = session
-            return 200, session
+                self._saved[key] = (request.form, answer)
+            return answer
+
+    def _new_answer(self, request: Recorded) -> tuple[int, dict[str, Any]]:
+        if self.failures:
+            status, kind = self.failures.pop(0)
+            return status, {"error": {"type": kind, "message": f"double says {kind}"}}
+        session_id = f"cs_test_{uuid.uuid4().hex}"
+        return 200, {
+            "id": session_id,
+            "object": "checkout.session",
+            "mode": request.form.get("mode"),
+            "client_reference_id": request.form.get("client_reference_id"),
+            "url": f"https://checkout.stripe.test/c/pay/{session_id}",
+            "status": "open",
+            "payment_status": "unpaid",
+        }

@@ -376,3 +376,18 @@ SELECT event_id, type, status, attempts, coalesce(last_error, ''), credits_micro
                                       %(before_id)s::text))
  ORDER BY received_at DESC, event_id DESC
  LIMIT %(limit)s
+
+-- name: checkout_stripe_attempt
+-- The Stripe key a checkout asks under next (server/stripe_checkout.py).
+SELECT attempt FROM checkout_stripe_attempts
+ WHERE account_id = %(account_id)s::text AND idempotency_key = %(key)s::text
+
+-- name: checkout_stripe_answered
+-- Stripe answered an attempt of the checkout with an error: the next asks under a
+-- fresh key. Two failures of one attempt racing move it on once.
+INSERT INTO checkout_stripe_attempts (account_id, idempotency_key, attempt, answered_at)
+VALUES (%(account_id)s::text, %(key)s::text, %(attempt)s::integer + 1, %(now)s::timestamptz)
+ON CONFLICT ON CONSTRAINT checkout_stripe_attempts_pkey DO UPDATE
+   SET attempt = greatest(checkout_stripe_attempts.attempt, EXCLUDED.attempt),
+       answered_at = EXCLUDED.answered_at
+RETURNING attempt

@@ -161,7 +161,8 @@ class BillingServiceServicer:
         to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
         Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
         PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
-        UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+        UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key), ABORTED (CONFLICT:
+        the payment provider saw a conflicting request; retry with the same key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

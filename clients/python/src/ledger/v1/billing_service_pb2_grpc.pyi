@@ -74,7 +74,8 @@ class BillingServiceStub:
     to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
     Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
     PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
-    UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+    UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key), ABORTED (CONFLICT:
+    the payment provider saw a conflicting request; retry with the same key).
     """
     ListPaymentEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListPaymentEventsRequest, _billing_service_pb2.ListPaymentEventsResponse]
     """The payment log (seed 002's payment callback logs): every Stripe event received,
@@ -127,7 +128,8 @@ class BillingServiceAsyncStub(BillingServiceStub):
     to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
     Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
     PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
-    UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+    UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key), ABORTED (CONFLICT:
+    the payment provider saw a conflicting request; retry with the same key).
     """
     ListPaymentEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListPaymentEventsRequest, _billing_service_pb2.ListPaymentEventsResponse]  # type: ignore[assignment]
     """The payment log (seed 002's payment callback logs): every Stripe event received,
@@ -225,7 +227,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         to ledger calls (ALREADY_EXISTS, IDEMPOTENCY_KEY_REUSED).
         Errors: FAILED_PRECONDITION (PACK_INACTIVE, PURCHASE_REQUIRES_SUBSCRIPTION,
         PROVIDER_PRICE_MISSING, PLAN_INACTIVE, PAYMENT_PROVIDER_REJECTED, PAYMENTS_NOT_CONFIGURED),
-        UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key).
+        UNAVAILABLE (PAYMENT_PROVIDER_UNAVAILABLE: retry with the same key), ABORTED (CONFLICT:
+        the payment provider saw a conflicting request; retry with the same key).
         """
 
     @_abc_1.abstractmethod

@@ -56,8 +56,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 11
     """UNAVAILABLE: the database could not be reached; safe to retry with the same key."""
     ERROR_REASON_CONFLICT: _ErrorReason.ValueType  # 12
-    """ABORTED: the transaction lost a race (serialization or deadlock); safe to retry
-    with the same idempotency key.
+    """ABORTED: the transaction lost a race (serialization or deadlock), or the payment
+    provider saw a conflicting request (CreateCheckoutSession); safe to retry with the same
+    idempotency key.
     """
     ERROR_REASON_DAILY_REWARD_ALREADY_CLAIMED: _ErrorReason.ValueType  # 13
     """FAILED_PRECONDITION: today's daily reward was claimed. metadata: next_claim_time."""
@@ -215,8 +216,9 @@ metadata: reservation_id, status.
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 11
 """UNAVAILABLE: the database could not be reached; safe to retry with the same key."""
 ERROR_REASON_CONFLICT: ErrorReason.ValueType  # 12
-"""ABORTED: the transaction lost a race (serialization or deadlock); safe to retry
-with the same idempotency key.
+"""ABORTED: the transaction lost a race (serialization or deadlock), or the payment
+provider saw a conflicting request (CreateCheckoutSession); safe to retry with the same
+idempotency key.
 """
 ERROR_REASON_DAILY_REWARD_ALREADY_CLAIMED: ErrorReason.ValueType  # 13
 """FAILED_PRECONDITION: today's daily reward was claimed. metadata: next_claim_time."""
