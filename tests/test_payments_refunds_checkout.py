@@ -2198,6 +2198,8 @@ def test_stripe_refusals_and_outages_map_to_grpc_errors(
     for answer, code, reason in (
         ((400, "invalid_request_error"), "FAILED_PRECONDITION", "PAYMENT_PROVIDER_REJECTED"),
         ((500, "api_error"), "UNAVAILABLE", "PAYMENT_PROVIDER_UNAVAILABLE"),
+        # A body that is no session (STRIPE_API_BASE naming another service): not INTERNAL.
+        ((200, "not_a_session"), "UNAVAILABLE", "PAYMENT_PROVIDER_UNAVAILABLE"),
         # Another request under the Stripe key (parameters changed since a time-out).
         ((400, "idempotency_error"), "ABORTED", "CONFLICT"),
     ):

@@ -7,16 +7,16 @@ event loop's default executor, which queues the low-balance alert emails of spen
 Stripe's idempotency (https://docs.stripe.com/api/idempotent_requests): Stripe saves the
 status code and body of the first request under a key once the endpoint begins executing,
 and returns them to every retry with that key, "including 500 errors", until the key is
-pruned (24 hours at the earliest); a retry with other parameters is an idempotency_error.
-A request that fails validation or conflicts with a concurrent one saves nothing. So only
-a request whose answer never arrived (a connection error, a time-out: it may have created
-a session) is asked again under the same Stripe key. Once Stripe has answered with an
-error, no session anyone could pay exists under that key (the ledger records none and never
-shows its URL), and the next attempt of the same checkout takes a fresh Stripe key: else a
-5xx, or a 4xx refusal whose cause is since fixed (a pack's price id, the API key), would be
-replayed to every retry for a day, and a retry whose parameters changed since (a new price
-id) be refused as a different request. A fresh key after an answer Stripe did not save
-costs nothing."""
+pruned (24 hours at the earliest); a retry with other parameters is an idempotency_error. A
+request that fails validation or conflicts with a concurrent one saves nothing. So only a
+request whose answer never arrived (a connection error, a time-out: it may have created a
+session) is asked again under the same Stripe key. Once Stripe has answered with an error
+(or with a body that is no session), no session anyone could pay exists under that key (the
+ledger records none and never shows its URL), and the next attempt of the same checkout
+takes a fresh Stripe key: else a 5xx, or a 4xx refusal whose cause is since fixed (a pack's
+price id, the API key), would be replayed to every retry for a day, and a retry whose
+parameters changed since (a new price id) be refused as a different request. A fresh key
+after an answer Stripe did not save costs nothing."""
 
 from __future__ import annotations
 
@@ -175,7 +175,14 @@ def _time_left(deadline: float | None) -> float | None:
 
 
 def _id_and_url(session: stripe.checkout.Session) -> tuple[str, str]:
-    return session.id, session.url or ""
+    session_id = getattr(session, "id", None)
+    url = getattr(session, "url", None)
+    if isinstance(session_id, str) and session_id and isinstance(url, str) and url:
+        return session_id, url
+    # Not a session (STRIPE_API_BASE pointing at another service, a proxy's page): Stripe's
+    # outage as far as the caller can tell, never the ledger's bug.
+    status = session.last_response.code if session.last_response else 200
+    raise stripe.APIError("Stripe answered without a session id and URL", http_status=status)
 
 
 def checkout_error(exc: stripe.StripeError) -> LedgerError:
