@@ -119,16 +119,21 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH chunk AS (
-        SELECT a.account_id FROM accounts a
-         WHERE a.account_id > p_after
-         ORDER BY a.account_id
-         LIMIT p_limit
+    WITH chunk_end AS (
+        -- The last of the next p_limit accounts (NULL: none after p_after), from the index.
+        SELECT max(c.account_id) AS account_id
+          FROM (SELECT a.account_id FROM accounts a
+                 WHERE a.account_id > p_after
+                 ORDER BY a.account_id
+                 LIMIT p_limit) c
     ), candidates AS (
         -- Read without a lock, so that only the accounts it marks are locked; the next call
-        -- goes on after the last of them when the cap cut the chunk short.
-        SELECT a.account_id FROM accounts a JOIN chunk c ON c.account_id = a.account_id
-         WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
+        -- goes on after the last of them when the cap cut the chunk short. An index scan
+        -- that stops at the cap: reading the whole chunk for each cap's worth read every
+        -- account p_limit / p_lock_limit times (helper-128: 6.7 times as long).
+        SELECT a.account_id FROM accounts a, chunk_end e
+         WHERE a.account_id > p_after AND a.account_id <= e.account_id
+           AND (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
            AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
                             WHERE m.account_id = a.account_id AND m.month = this_month)
          ORDER BY a.account_id
@@ -150,5 +155,5 @@ BEGIN
     SELECT (SELECT count(*) FROM marked)::int,
            CASE WHEN (SELECT count(*) FROM candidates) = lock_limit
                 THEN (SELECT max(c.account_id) FROM candidates c)
-                ELSE (SELECT max(c.account_id) FROM chunk c) END;
+                ELSE (SELECT e.account_id FROM chunk_end e) END;
 END $$;
