@@ -167,15 +167,30 @@ def test_a_refund_over_too_many_lots_expired_since_says_how_much_one_call_refund
     charged = ledger.consume(account, lots * LOT)  # these lots expire first: taken first
     reservation = charged.reservation.reservation_id
     clock.advance(timedelta(hours=2))
-    # Their expiry first, as the sweeper does (no deadline): within the Refund, expiring
-    # 10,932 lots could pass the statement time-out of a loaded machine.
-    with psycopg.connect(ledger_db_url) as conn:
-        conn.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
-        conn.execute("SELECT ledger_maintain(%s, %s)", (account, clock.now()))
-    most_lots, most = _too_many(lambda: ledger.refund(account, reservation), lots * LOT)
-    # Three postings for each of 10,922 lots, the revenue's after them: numbered 0 to 32,766.
-    assert (most_lots, most) == (MOST_LOTS // 3, MOST_LOTS // 3 * LOT)
-    assert ledger.refund(account, reservation, 5 * LOT).expired_micros == 5 * LOT
+    # In SQL, as the server calls it but without its statement time-out: a Refund that plans
+    # over 10,932 lots takes seconds, past the time-out on a loaded machine (what is refused
+    # here is the posting count, not the time).
+    refund = "SELECT ledger_refund(%s, %s, %s, '\\x01', %s, '', %s)"
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(refund, (account, reservation, new_key(), None, clock.now()))
+        error = translate_failure(
+            DatabaseFailure(
+                refused.value.sqlstate or "",
+                refused.value.diag.message_primary or "",
+                refused.value.diag.message_detail,
+            )
+        )
+        assert error is not None and error.reason == "TOO_MANY_LOTS", refused.value
+        assert error.metadata["requested_micros"] == str(lots * LOT)
+        # Three postings for each of 10,922 lots, the revenue's after them: 0 to 32,766.
+        assert (error.metadata["max_lots"], error.metadata["max_amount_micros"]) == (
+            str(MOST_LOTS // 3),
+            str(MOST_LOTS // 3 * LOT),
+        )
+        row = conn.execute(refund, (account, reservation, new_key(), 5 * LOT, clock.now()))
+        answer = row.fetchone()
+    assert answer is not None and answer[0]["expired_micros"] == 5 * LOT
     audit([account])
 
 

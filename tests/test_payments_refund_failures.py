@@ -7,13 +7,15 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 
 from ledger.v1 import types_pb2
 from support import payments as payment_fixtures
-from support.ledger import CREDIT, Ledger, new_account
+from support.ledger import CREDIT, Ledger, new_account, new_key
 from support.payments import PaymentsDb
 from support.rq_workers import run_burst_workers
 from support.sources import Sources
@@ -151,6 +153,7 @@ def test_a_failed_refund_of_a_period_gives_back_only_into_its_live_lot(
     payments_db: PaymentsDb,
     sources: Sources,
     ledger: Ledger,
+    ledger_db_url: str,
     assert_audit_clean: AuditCheck,
 ) -> None:
     """A subscription period's credits come back to the period's lot, which ends with the
@@ -158,7 +161,8 @@ def test_a_failed_refund_of_a_period_gives_back_only_into_its_live_lot(
     plan = sources.create_plan(100 * CREDIT, rank=1)
     now = int(time.time())
     periods, paid = [], []
-    for end in (now + 30 * 86400, now + 5):
+    # A long period that is live at the server's time too, however far the suite moved it.
+    for end in (now + 3650 * 86400, now + 5):
         account, sub = new_account("sub-refund-failed"), f"sub_{uuid.uuid4().hex}"
         invoice, intent, charge = (f"{p}_{uuid.uuid4().hex}" for p in ("in", "pi", "ch"))
         periods.append((account, intent, charge, end))
@@ -167,8 +171,14 @@ def test_a_failed_refund_of_a_period_gives_back_only_into_its_live_lot(
             invoice_payment_paid(invoice, intent),
         ]
     apply_events(*paid)
-    for account, *_ in periods:
-        ledger.consume(account, 25 * CREDIT)
+    # Spent at the worker's time (real time), in SQL: the suite's server clock may be hours
+    # ahead by now (tests move it), and past the short period's end there.
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        for account, *_ in periods:
+            conn.execute(
+                "SELECT ledger_consume(%s, %s, '\\x01', %s, NULL, '', '', %s)",
+                (account, new_key(), 25 * CREDIT, datetime.now(UTC)),
+            )
     apply_events(
         *(charge_refunded(i, 1000, 1000, charge_id=c, created=now) for _, i, c, _ in periods)
     )
