@@ -247,38 +247,16 @@ LANGUAGE sql STABLE AS $$
                               'refund failed: carried-over credits given back'))
 $$;
 
--- A refunded payment (charge.refunded) takes back the refunded share of what it
--- bought, limited to what is still there: the purchase lot's unspent, unheld credits
--- and the same share of its bonus lot's. amount_refunded is cumulative, so the share
--- is computed over the whole purchase and what earlier refunds took is subtracted;
--- the balance never goes below zero and never below what is held. One ADJUSTMENT
--- transaction: each lot -x, its source's issuance account +x. Idempotent by key.
-CREATE OR REPLACE FUNCTION ledger_claw_back_purchase(
-    p_account text, p_key text, p_hash bytea, p_external_refs text[], p_refunded_minor bigint,
-    p_paid_minor bigint, p_comment text, p_now timestamptz) RETURNS jsonb
+-- The purchase the first of p_external_refs that one of the account's purchases has paid,
+-- locked, and the share of its credits and of its bonus that p_refunded_minor of
+-- p_paid_minor returns: what a claw-back takes (ledger_claw_back_purchase) and what the
+-- restore of a failed refund gives back down to (ledger_restore_claw_back). Call with the
+-- account row locked.
+CREATE OR REPLACE FUNCTION ledger_purchase_share(
+    p_account text, p_external_refs text[], p_refunded_minor bigint, p_paid_minor bigint,
+    OUT pu purchases, OUT share_credits bigint, OUT share_bonus bigint)
 LANGUAGE plpgsql AS $$
-DECLARE
-    a accounts;
-    replay jsonb;
-    pu purchases;
-    l lots;
-    bl lots;
-    share_credits bigint;
-    share_bonus bigint;
-    take bigint := 0;
-    take_bonus bigint := 0;
-    carry_wanted bigint := 0;
-    carry_take bigint := 0;
-    carry_takes jsonb := '[]';
-    cl lots;
-    txn bigint;
-    main_taken bigint;
 BEGIN
-    a := ledger_lock_account(p_account, p_now);
-    replay := ledger_idempotent_replay(p_account, p_key, 'claw_back_purchase', p_hash);
-    IF replay IS NOT NULL THEN
-        RETURN replay;
-    END IF;
     SELECT * INTO pu FROM purchases
      WHERE account_id = p_account AND external_ref = ANY (p_external_refs)
      ORDER BY array_position(p_external_refs, external_ref)
@@ -298,6 +276,45 @@ BEGIN
                            / p_paid_minor)::bigint;
     share_bonus := floor(pu.bonus_micros::numeric * least(p_refunded_minor, p_paid_minor)
                          / p_paid_minor)::bigint;
+END $$;
+
+-- A refunded payment (charge.refunded) takes back the refunded share of what it
+-- bought, limited to what is still there: the purchase lot's unspent, unheld credits
+-- and the same share of its bonus lot's. amount_refunded is cumulative, so the share
+-- is computed over the whole purchase and what earlier refunds took is subtracted;
+-- the balance never goes below zero and never below what is held. One ADJUSTMENT
+-- transaction: each lot -x, its source's issuance account +x. Idempotent by key.
+CREATE OR REPLACE FUNCTION ledger_claw_back_purchase(
+    p_account text, p_key text, p_hash bytea, p_external_refs text[], p_refunded_minor bigint,
+    p_paid_minor bigint, p_comment text, p_now timestamptz) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    replay jsonb;
+    share record;
+    pu purchases;
+    l lots;
+    bl lots;
+    share_credits bigint;
+    share_bonus bigint;
+    take bigint := 0;
+    take_bonus bigint := 0;
+    carry_wanted bigint := 0;
+    carry_take bigint := 0;
+    carry_takes jsonb := '[]';
+    cl lots;
+    txn bigint;
+    main_taken bigint;
+BEGIN
+    a := ledger_lock_account(p_account, p_now);
+    replay := ledger_idempotent_replay(p_account, p_key, 'claw_back_purchase', p_hash);
+    IF replay IS NOT NULL THEN
+        RETURN replay;
+    END IF;
+    share := ledger_purchase_share(p_account, p_external_refs, p_refunded_minor, p_paid_minor);
+    pu := share.pu;
+    share_credits := share.share_credits;
+    share_bonus := share.share_bonus;
     SELECT * INTO l FROM lots WHERE account_id = p_account AND lot_id = pu.lot_id FOR UPDATE;
     take := greatest(least(share_credits - pu.clawed_back_micros, l.remaining_micros - l.held_micros), 0);
     IF pu.bonus_lot_id IS NOT NULL THEN
@@ -380,6 +397,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
     replay jsonb;
+    share record;
     pu purchases;
     share_credits bigint;
     share_bonus bigint;
@@ -398,25 +416,10 @@ BEGIN
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
-    SELECT * INTO pu FROM purchases
-     WHERE account_id = p_account AND external_ref = ANY (p_external_refs)
-     ORDER BY array_position(p_external_refs, external_ref)
-     LIMIT 1
-       FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM ledger_fail('LE040', 'no purchase of the account was paid by this payment',
-            jsonb_build_object('account_id', p_account,
-                               'external_ref', array_to_string(p_external_refs, ',')));
-    END IF;
-    IF p_paid_minor <= 0 OR p_refunded_minor < 0 THEN
-        PERFORM ledger_fail('LE010', 'refund amounts out of range', jsonb_build_object(
-            'field', 'amount_refunded', 'violation', 'must be between 0 and the amount paid'));
-    END IF;
-    -- As ledger_claw_back_purchase shares it.
-    share_credits := floor(pu.credits_micros::numeric * least(p_refunded_minor, p_paid_minor)
-                           / p_paid_minor)::bigint;
-    share_bonus := floor(pu.bonus_micros::numeric * least(p_refunded_minor, p_paid_minor)
-                         / p_paid_minor)::bigint;
+    share := ledger_purchase_share(p_account, p_external_refs, p_refunded_minor, p_paid_minor);
+    pu := share.pu;
+    share_credits := share.share_credits;
+    share_bonus := share.share_bonus;
     wanted := greatest(pu.clawed_back_micros - share_credits, 0);
     bonus_wanted := greatest(pu.bonus_clawed_back_micros - share_bonus, 0);
     -- What the claw-backs took from each lot, net of what was given back before; the
