@@ -138,7 +138,7 @@ test: lint typecheck
 	$(PY) -m pytest
 
 # The model-based test (tests/test_model_based.py) with 2,000 examples of 50 steps, explored
-# at random rather than derandomized as in `make test` (120 examples there).
+# at random rather than derandomized as in `make test` (100 examples there).
 soak: $(STAMP)
 	LEDGER_SOAK_EXAMPLES=$${LEDGER_SOAK_EXAMPLES:-2000} $(PY) -m pytest tests/test_model_based.py -k step_by_step -s
 

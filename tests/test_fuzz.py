@@ -14,7 +14,7 @@ valid signature gets 400 and stores nothing; a correctly signed body of garbage 
 answered 5xx.
 
 Everything runs on a database and a server of its own, so what the fuzzer creates (plans,
-packs, prices, settings) touches no other test. Bounded: LEDGER_FUZZ_EXAMPLES (default 60)
+packs, prices, settings) touches no other test. Bounded: LEDGER_FUZZ_EXAMPLES (default 45)
 examples per RPC, derandomized; about 30-60 s in all."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from support.settings import ActorMetadata
 from support.webhooks import post, sign
 from workers.webhook import WebhookReceiver, WebhookServer
 
-EXAMPLES = int(os.environ.get("LEDGER_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("LEDGER_FUZZ_EXAMPLES", "45"))
 WEBHOOK_EXAMPLES = int(os.environ.get("LEDGER_FUZZ_WEBHOOK_EXAMPLES", "150"))
 FUZZ_REDIS_DB = 11
 SECRET = "whsec_fuzz_secret"

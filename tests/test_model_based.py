@@ -18,7 +18,7 @@ moving forward), so its jumps of days never move the time of the rest of the sui
 times are relative to that clock's now; a jump never lands within a minute of an expiry,
 so the real time that passes during a step cannot change what the model predicts.
 
-CI: LEDGER_MODEL_EXAMPLES (default 120; 200 until the suite neared its 10 minutes)
+CI: LEDGER_MODEL_EXAMPLES (default 100; 200 until the suite neared its 10 minutes)
 examples of LEDGER_MODEL_STEPS (default 50) steps, derandomized. `make soak` sets
 LEDGER_SOAK_EXAMPLES=2000 and explores at random (a failure prints the seed and the steps
 to reproduce it)."""
@@ -69,7 +69,7 @@ from support.server import ServerThread
 from support.settings import SettingsChanger
 
 SOAK_EXAMPLES = os.environ.get("LEDGER_SOAK_EXAMPLES")
-EXAMPLES = int(SOAK_EXAMPLES or os.environ.get("LEDGER_MODEL_EXAMPLES", "120"))
+EXAMPLES = int(SOAK_EXAMPLES or os.environ.get("LEDGER_MODEL_EXAMPLES", "100"))
 STEPS = int(os.environ.get("LEDGER_MODEL_STEPS", "50"))
 
 SECOND = 1_000_000  # in microseconds, the model's unit of time
