@@ -25,6 +25,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ledger_server.ledger.account_prefix import account_prefix_problem
+
 
 class SecurityError(ValueError):
     """The security configuration is invalid or unsafe: the server must not start."""
@@ -59,7 +61,6 @@ def hash_token(token: str) -> str:
 
 _NAME = re.compile(r"[\x21-\x7e]{1,128}")  # what caller_identity records as the actor
 _HASH = re.compile(r"[0-9a-f]{64}")
-_PREFIX = re.compile(r"[A-Za-z0-9._:@/+=-]{1,127}")  # a prefix of a valid account id
 _KEYS = {"name", "role", "token_sha256", "account_prefix"}
 
 
@@ -90,8 +91,11 @@ def _caller(entry: object, where: str) -> Caller:
     if prefix is not None:
         if role is not Role.SERVICE:
             raise SecurityError(f"{where}: account_prefix applies to the service role only")
-        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
-            raise SecurityError(f"{where}: account_prefix must be the start of an account id")
+        if not isinstance(prefix, str):
+            raise SecurityError(f"{where}: account_prefix must be a string")
+        problem = account_prefix_problem(prefix)
+        if problem is not None:
+            raise SecurityError(f"{where}: account_prefix {problem}")
     return Caller(name, role, bytes.fromhex(digest), prefix)
 
 

@@ -695,6 +695,15 @@ def test_callers_file_json_and_toml(tmp_path: Path, ledger_db_url: str) -> None:
             {"name": "a", "role": "admin", "token_sha256": "0" * 64, "account_prefix": "x"},
             "service role only",
         ),
+        (
+            # "studio" would admit "studio2:..." and "studiox:...", other tenants' accounts.
+            {"name": "a", "role": "service", "token_sha256": "0" * 64, "account_prefix": "studio"},
+            "must end with a separator",
+        ),
+        (
+            {"name": "a", "role": "service", "token_sha256": "0" * 64, "account_prefix": "s t:"},
+            "must be the start of an account id",
+        ),
         ({"name": "", "role": "admin", "token_sha256": "0" * 64}, "name must be"),
     ],
 )

@@ -433,8 +433,8 @@ def test_a_batch_for_a_tenant_is_redeemed_by_its_accounts_only(sources: Sources)
     assert sources.redeem(outsider, anyone.codes[0]).balance.available_micros == CREDIT
 
 
-@pytest.mark.parametrize("prefix", ["tenant a", "x" * 129, "t\x00"])
-def test_a_batch_account_prefix_must_be_the_start_of_an_account_id(
+@pytest.mark.parametrize("prefix", ["tenant a", "x" * 129, "t\x00", "tenant"])
+def test_a_batch_account_prefix_is_the_start_of_an_account_id_ending_in_a_separator(
     sources: Sources, prefix: str
 ) -> None:
     key = new_key("batch")
@@ -446,6 +446,6 @@ def test_a_batch_account_prefix_must_be_the_start_of_an_account_id(
     )
     # Nothing was made under the key: the same key makes a batch once the prefix is right.
     assert (
-        sources.create_batch(CREDIT, key=key, account_prefix="tenant").batch.account_prefix
-        == "tenant"
+        sources.create_batch(CREDIT, key=key, account_prefix="tenant:").batch.account_prefix
+        == "tenant:"
     )

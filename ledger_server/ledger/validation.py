@@ -14,6 +14,7 @@ from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as ledger_pb
 from ledger.v1 import types_pb2 as types_pb
 from ledger_server.errors import invalid_field
+from ledger_server.ledger.account_prefix import account_prefix_problem
 from ledger_server.ledger.reserved_keys import RESERVED_KEY_PREFIXES
 
 MAX_AMOUNT_MICROS = 10**15  # one billion credits in one request
@@ -33,6 +34,13 @@ def account_id(value: str, field: str = "account_id") -> str:
         raise invalid_field(
             field, "must be 1 to 128 characters of letters, digits and . _ : @ / + = -"
         )
+    return value
+
+
+def account_prefix(value: str, field: str = "account_prefix") -> str:
+    problem = account_prefix_problem(value)
+    if problem is not None:
+        raise invalid_field(field, problem)
     return value
 
 

@@ -305,7 +305,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             "credit_lifetime": credit_lifetime,
             "note": validation.text(request.note, "note"),
             "account_prefix": request.account_prefix
-            and validation.account_id(request.account_prefix, "account_prefix"),
+            and validation.account_prefix(request.account_prefix),
             "actor": caller_identity(context),
             "now": now,
         }

@@ -643,7 +643,8 @@ class CreateRedemptionBatchRequest(_message.Message):
     note: _builtins.str
     account_prefix: _builtins.str
     """The tenant whose accounts may redeem the codes: the start of their account ids (1 to
-    128 characters of an account id). Empty: any account.
+    127 characters of an account id, ending with one of . _ : @ / + = -, since "acme"
+    would also admit "acme2:..."). Empty: any account.
     """
     @_builtins.property
     def code_expire_time(self) -> _timestamp_pb2.Timestamp: ...
