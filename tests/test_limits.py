@@ -21,6 +21,7 @@ from ledger.v1 import (
     billing_service_pb2,
     ledger_service_pb2_grpc,
     report_service_pb2,
+    report_service_pb2_grpc,
     types_pb2,
 )
 from ledger.v1 import ledger_service_pb2 as pb
@@ -68,6 +69,60 @@ def test_an_oversized_message_is_resource_exhausted(settings: Settings, clock: O
             "INVALID_FIELD",
             "comment",
         )
+
+
+def test_a_journal_page_fits_a_smaller_message_limit_of_the_server(
+    settings: Settings, clock: OffsetClock
+) -> None:
+    """A page stopped past a fixed 3 MiB: with LEDGER_MAX_MESSAGE_BYTES below it, a page of
+    long entries could not be sent (RESOURCE_EXHAUSTED, the history unreadable at that page
+    size). It stops within three quarters of the server's own limit, in both journals."""
+    limit = 64 * 1024
+    with (
+        serving(settings, clock, max_message_bytes=limit) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        ledger = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
+        reports = report_service_pb2_grpc.ReportServiceStub(channel)
+        account = new_account("small-limit")
+        for n in range(120):
+            ledger.grant(account, 1, comment=f"{n} " + "x" * 1000)
+        first = ledger.stub.ListTransactions(
+            pb.ListTransactionsRequest(account_id=account, page_size=120)
+        )
+        assert 1 <= len(first.transactions) < 120 and first.next_page_token
+        assert first.ByteSize() <= limit * 3 // 4
+        journal = reports.ListJournal(
+            report_service_pb2.ListJournalRequest(account_id=account, page_size=120)
+        )
+        assert 1 <= len(journal.transactions) < 120 and journal.next_page_token
+        assert journal.ByteSize() <= limit * 3 // 4
+        walked = ledger.transactions(account)
+        assert len({t.transaction_id for t in walked}) == len(walked)
+        assert sum(t.comment.endswith("x" * 1000) for t in walked) == 120
+
+
+@pytest.mark.parametrize("field", ["kinds", "statuses"])
+def test_a_long_list_of_journal_filters_is_refused_before_it_is_read(
+    ledger: Ledger, field: str
+) -> None:
+    """4 million kinds in one 4 MiB request were read one by one on the event loop and held
+    every other tenant's calls for 10 s and more; a filter names each value once, so a list
+    longer than the enum is refused at once, naming the field, as is a value named twice."""
+    value = pb.TRANSACTION_KIND_CHARGE if field == "kinds" else pb.TRANSACTION_STATUS_SUCCEEDED
+    account = new_account("filters")
+    ledger.grant(account, CREDIT)
+    for values in ([value] * 1_000_000, [value, value]):
+        request = pb.ListTransactionsRequest(account_id=account, **{field: values})
+        expect_error(
+            lambda request=request: ledger.stub.ListTransactions(request, timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+            field,
+        )
+    assert ledger.stub.ListTransactions(
+        pb.ListTransactionsRequest(account_id=account, **{field: [value]})
+    )
 
 
 # --- page size --------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ async def running_server(
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminService(pool, clock, setting_defaults, alert_emails), server
     )
-    report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportService(pool, clock), server)
+    report_service_pb2_grpc.add_ReportServiceServicer_to_server(
+        ReportService(pool, clock, settings.max_message_bytes), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -46,6 +46,11 @@ def _names(values: Sequence[int], to_db: dict[Any, str], field: str, what: str) 
     for value in values:
         if value not in to_db:
             raise invalid_field(field, f"unknown {what} {value}")
+        if to_db[value] in names:
+            # Each value once: a 4 MiB request of 4 million kinds, read to its end on the
+            # event loop, held every other tenant's calls for 10 s and more; this stops
+            # within one more value than there are.
+            raise invalid_field(field, f"names {what} {value} twice")
         names.append(to_db[value])
     return names
 
@@ -85,18 +90,28 @@ def position(request: JournalQuery, bound_to: list[object]) -> Position | None:
 
 
 # A page's entries stop short of page_size past this many bytes, well under gRPC's default
-# message limit of 4 MiB (LEDGER_MAX_MESSAGE_BYTES, and a client's own limit): 1,000 entries
-# with long comments and references made a response too large to send (helper-65).
+# message limit of 4 MiB (a client's own limit): 1,000 entries with long comments and
+# references made a response too large to send (helper-65).
 PAGE_BYTES = 3 * 1024 * 1024
 
 
+def page_bytes(max_message_bytes: int) -> int:
+    """Where a page stops: PAGE_BYTES, or three quarters of a server's smaller message
+    limit (LEDGER_MAX_MESSAGE_BYTES), leaving room for the page's token and framing."""
+    return min(PAGE_BYTES, max_message_bytes * 3 // 4)
+
+
 def fill(
-    transactions: Any, rows: list[tuple[Any, ...]], page_size: int, bound_to: list[object]
+    transactions: Any,
+    rows: list[tuple[Any, ...]],
+    page_size: int,
+    bound_to: list[object],
+    max_bytes: int = PAGE_BYTES,
 ) -> str:
     """Adds the page's entries (rows of ledger_journal_read, at most page_size + 1) to
     ``transactions``; returns the next page's token ("": none). A page that read its
     stretch without filling ends with a marker row (no kind): the last entry it read, below
-    which the next page reads on. A page ends early, with a token, past PAGE_BYTES."""
+    which the next page reads on. A page ends early, with a token, past ``max_bytes``."""
     resume_below = None
     if rows and rows[-1][2] is None:
         resume_below = rows.pop()[0]
@@ -106,7 +121,7 @@ def fill(
         entry = add()
         mapping.fill_transaction(entry, row)
         size += entry.ByteSize()
-        if size > PAGE_BYTES and number > 0:
+        if size > max_bytes and number > 0:
             # Measured before it is kept: one entry is at most 32,767 postings (~2.3 MB).
             del transactions[-1]
             return page_tokens.encode([rows[number - 1][0]], bound_to)

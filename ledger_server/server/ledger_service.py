@@ -350,7 +350,11 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         )
         response = pb.ListTransactionsResponse()
         response.next_page_token = journal_pages.fill(
-            response.transactions, rows, page_size, bound_to
+            response.transactions,
+            rows,
+            page_size,
+            bound_to,
+            journal_pages.page_bytes(self._settings.max_message_bytes),
         )
         return response
 

@@ -138,9 +138,15 @@ async def _require_account(conn: AsyncConnection[TupleRow], account_id: str) -> 
 
 
 class ReportService(report_service_pb2_grpc.ReportServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool, clock: Clock) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        clock: Clock,
+        max_message_bytes: int,
+    ) -> None:
         self._pool = pool
         self._clock = clock
+        self._page_bytes = journal_pages.page_bytes(max_message_bytes)
 
     async def ListJournal(
         self, request: pb.ListJournalRequest, context: Context
@@ -163,7 +169,7 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
             rows = await _rows(conn, "list_journal", query)
         response = pb.ListJournalResponse()
         response.next_page_token = journal_pages.fill(
-            response.transactions, rows, page_size, bound_to
+            response.transactions, rows, page_size, bound_to, self._page_bytes
         )
         return response
 
