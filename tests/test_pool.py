@@ -20,7 +20,13 @@ from ledger.v1 import admin_service_pb2_grpc, billing_service_pb2_grpc, ledger_s
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
-from ledger_server.db.pool import UNREACHABLE_WAIT, DatabaseUnreachable, LedgerPool, open_pool
+from ledger_server.db.pool import (
+    CALL_RETRY_INTERVAL,
+    UNREACHABLE_WAIT,
+    DatabaseUnreachable,
+    LedgerPool,
+    open_pool,
+)
 from support.ledger import CREDIT, new_account
 from support.server import ServerThread
 from support.settings import ActorMetadata
@@ -148,6 +154,77 @@ def test_calls_wait_for_a_busy_pool_but_fail_fast_when_postgresql_cannot_be_reac
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_calls_during_an_outage_retry_the_reconnection_once_a_second_and_get_it_once_back(
+    ledger_db_url: str,
+) -> None:
+    """helper-reconnect: after an outage every call failed (each in about a second) until the
+    health task next reached PostgreSQL (every LEDGER_HEALTH_CHECK_INTERVAL_SECONDS, up to a
+    minute) and had the pool reconnect, or the pool's own backoff ran out (up to half a
+    minute). Now a call while the pool is unreachable has a pending reconnection attempt run
+    at once: the first call once PostgreSQL answers gets a connection, and no reconnect_now.
+    Calls ten at a time, over and over through the outage, still fail fast and cost at most
+    about one connection attempt a second (each attempt resolves the pool's URL: counted),
+    and the pool is back to its size at once."""
+    url = {"now": ledger_db_url}
+    down = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=2"
+    attempts: list[float] = []
+
+    def conninfo() -> str:
+        attempts.append(time.monotonic())
+        return url["now"]
+
+    async def scenario() -> tuple[int, float, int, float, float]:
+        pool = LedgerPool(conninfo, min_size=2, max_size=2, open=False)
+        await pool.open(wait=True, timeout=10)
+        try:
+            held = [await pool.getconn() for _ in range(2)]
+            url["now"] = down
+            for conn in held:
+                await conn.close()  # lost with PostgreSQL
+                await pool.putconn(conn)
+            for _ in range(100):
+                if pool.unreachable:
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.unreachable
+
+            before, started, calls, slowest = len(attempts), time.monotonic(), 0, 0.0
+            while time.monotonic() - started < 4.0:
+                sent = time.monotonic()
+                results = await asyncio.gather(
+                    *(pool.getconn(timeout=30) for _ in range(10)), return_exceptions=True
+                )
+                slowest = max(slowest, time.monotonic() - sent)
+                assert all(isinstance(r, DatabaseUnreachable) for r in results), results
+                calls += len(results)
+                await asyncio.sleep(0.02)
+            outage = time.monotonic() - started
+            during = len(attempts) - before
+
+            url["now"] = ledger_db_url  # PostgreSQL answers again; nobody calls reconnect_now
+            back = time.monotonic()
+            async with pool.connection(timeout=30) as conn:
+                await conn.execute("SELECT 1")
+            first_call = time.monotonic() - back
+            both = [await pool.getconn(timeout=2) for _ in range(2)]
+            for conn in both:
+                await conn.execute("SELECT 1")
+                await pool.putconn(conn)
+            return calls, outage, during, slowest, first_call
+        finally:
+            await pool.close()
+
+    calls, outage, during, slowest, first_call = asyncio.run(scenario())
+    assert calls >= 40
+    # About one attempt a second however many calls: one a second that calls run early,
+    # and the pool's own retries (1, 2, 4 s apart).
+    assert during <= outage + 4, (
+        f"{during} connection attempts for {calls} calls in {outage:.1f} s of outage"
+    )
+    assert slowest < CALL_RETRY_INTERVAL + UNREACHABLE_WAIT + 0.5, slowest
+    assert first_call < CALL_RETRY_INTERVAL + UNREACHABLE_WAIT, first_call
 
 
 def _session_setting(

@@ -33,11 +33,27 @@ so a call waits ``UNREACHABLE_WAIT`` at most (one attempt may be under way) and 
 STORAGE_UNAVAILABLE, having changed nothing; those already waiting are answered so as soon
 as an attempt fails. Clients and load balancers can then fail over or back off at once. A
 pool that is merely saturated (every connection lent, PostgreSQL answering) holds open
-connections, so its calls still wait for one."""
+connections, so its calls still wait for one.
+
+Such a call first has one of the retries waiting out their backoff run now, rather than
+failing until the health task next reaches PostgreSQL (every
+``LEDGER_HEALTH_CHECK_INTERVAL_SECONDS``, which operators may set to a minute) or the
+backoff ends: so the first call after PostgreSQL answers again gets a connection. At most
+one attempt per ``CALL_RETRY_INTERVAL`` (1 s) since the pool's last, whoever made it: a
+call arriving sooner has the retry run when that second is up, if it is still waiting then
+(and waits ``UNREACHABLE_WAIT`` from then at most). Calls only run early the attempts the
+pool has pending, each keeping its backoff state and its give-up after
+``reconnect_timeout``; they add none, so a long outage under any load costs PostgreSQL
+about one connection attempt a second, never a busy loop. A connect that succeeds after a
+failed one shows PostgreSQL answers again: the other retries pending run at once too, so
+the pool is back to its size, not one connection, for the calls that follow."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import weakref
+from time import monotonic
 
 import psycopg
 from psycopg import AsyncConnection
@@ -51,6 +67,10 @@ from ledger_server.db.session_limits import SET_SESSION_LIMITS
 # Time enough for a reconnection attempt to a PostgreSQL that answers (a few ms), short
 # enough for a client to fail over at once.
 UNREACHABLE_WAIT = 1.0
+# The least time between two connection attempts that calls have run early while PostgreSQL
+# is unreachable: soon enough that a call just after it answers again finds it, rare enough
+# that calls throughout a long outage cost it about one connection attempt a second.
+CALL_RETRY_INTERVAL = 1.0
 
 
 class DatabaseUnreachable(psycopg.OperationalError):
@@ -73,6 +93,10 @@ class LedgerPool(DeadlinePool):
     _connect_failed = False
     # Every connection this pool has opened and not yet dropped (a broken one reads closed).
     _connections: weakref.WeakSet[AsyncConnection[TupleRow]]
+    # When the last connection attempt started, or was run early for the calls (monotonic).
+    _last_attempt = -math.inf
+    # When a retry that calls asked for inside CALL_RETRY_INTERVAL of the last runs.
+    _retry_timer: asyncio.TimerHandle | None = None
 
     @property
     def unreachable(self) -> bool:
@@ -86,6 +110,7 @@ class LedgerPool(DeadlinePool):
         self,
         timeout: float | None = None,  # noqa: ASYNC109 (the pool's own signature)
     ) -> AsyncConnection[TupleRow]:
+        self._last_attempt = monotonic()
         try:
             conn = await super()._connect(timeout)
         except psycopg.OperationalError:
@@ -93,8 +118,12 @@ class LedgerPool(DeadlinePool):
             if self.unreachable:
                 await self._fail_waiting()
             raise
-        self._connect_failed = False
+        recovered, self._connect_failed = self._connect_failed, False
         self.__dict__.setdefault("_connections", weakref.WeakSet()).add(conn)
+        if recovered:
+            # PostgreSQL answers again: the other lost connections need not wait out
+            # their backoff (a call ran this attempt early, or the backoff ended).
+            self.reconnect_now()
         return conn
 
     async def _fail_waiting(self) -> None:
@@ -108,11 +137,38 @@ class LedgerPool(DeadlinePool):
     ) -> AsyncConnection[TupleRow]:
         if not self.unreachable:
             return await super().getconn(timeout)
-        wait = UNREACHABLE_WAIT if timeout is None else min(timeout, UNREACHABLE_WAIT)
+        wait = self._retry_for_calls() + UNREACHABLE_WAIT
+        if timeout is not None:
+            wait = min(timeout, wait)
         try:
             return await super().getconn(wait)
         except PoolTimeout:
             raise _unreachable() from None
+
+    def _retry_for_calls(self) -> float:
+        """Has one reconnection attempt waiting out its backoff run now for the calls, or
+        as soon as CALL_RETRY_INTERVAL has passed since the last attempt; returns the
+        seconds until it runs (0 if now, or if none is pending)."""
+        backing_off = self.__dict__.setdefault("_backing_off", set())
+        if self.closed or not backing_off:
+            return 0.0
+        now = monotonic()
+        due = self._last_attempt + CALL_RETRY_INTERVAL
+        if due <= now:
+            self._last_attempt = now  # before the attempt starts: the next call waits
+            task = backing_off.pop()
+            self.run_task(task)
+            return 0.0
+        if self._retry_timer is None:
+            self._retry_timer = asyncio.get_running_loop().call_later(due - now, self._retry_due)
+        return due - now
+
+    def _retry_due(self) -> None:
+        self._retry_timer = None
+        # Only for calls still waiting: one failed by another failed attempt meanwhile has
+        # had its answer, and no call, no attempt.
+        if self._waiting and self.unreachable:
+            self._retry_for_calls()
 
     async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
         # psycopg_pool schedules a task in the future only to retry a failed connect (and to
@@ -136,7 +192,8 @@ class LedgerPool(DeadlinePool):
         is known to answer again); returns how many. Each keeps its attempt's state, so one
         that fails again waits its next, longer delay, and still gives up after
         ``reconnect_timeout``: called every few seconds while PostgreSQL is unreachable to
-        the pool only, it retries at that pace, never in a busy loop."""
+        the pool only, it retries at that pace, never in a busy loop. (Calls run one early
+        themselves, at most one a second: ``getconn``.)"""
         backing_off = self.__dict__.setdefault("_backing_off", set())
         if self.closed or not backing_off:
             return 0

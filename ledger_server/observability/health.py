@@ -9,7 +9,9 @@ PostgreSQL answering this task's connection does not mean the pool has reconnect
 reconnection backoff can run half a minute past an outage, db/pool.py), and a load balancer
 sends traffic to a SERVING server at once. So whenever this task reaches PostgreSQL it first
 has the pool run its pending reconnection attempts now (``reconnect_now``), and on the way
-back from NOT_SERVING borrows one connection from the pool (a short wait) before SERVING."""
+back from NOT_SERVING borrows one connection from the pool (a short wait) before SERVING.
+(Calls that find the pool unreachable run one of those attempts themselves, at most one a
+second, so they need not wait for this task's next check either.)"""
 
 from __future__ import annotations
 
