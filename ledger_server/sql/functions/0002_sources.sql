@@ -171,9 +171,38 @@ BEGIN
     RETURN code;
 END $$;
 
+-- Ends, at p_now, the account's monthly allowances of months before p_month that are still
+-- live, before p_month's is granted: two months' allowances are never spendable together.
+-- Only after ledger.timezone moved east: an allowance expires at its month's end in the zone
+-- it was granted in, so the old zone's month can end hours after the new zone's next month
+-- began (UTC -> Asia/Shanghai: March's lived till 00:00Z while April's came at 16:00Z, and
+-- for those hours an account could spend 3,000 credits of a 1,500 allowance). The lot's
+-- expiry is moved to p_now and its unheld credits expire as any expired lot's do, in an
+-- EXPIRY entry dated p_now, which the reports and the audit date at the lot's (new) expiry;
+-- its held credits expire when their hold settles ('released after its lot expired'). The
+-- journal is untouched: a lot's expires_at is state, not journal. Call with the account
+-- locked, after what was due already expired (ledger_maintain), so that nothing else
+-- expires here; no low-balance check: the allowance granted next replaces these credits.
+CREATE OR REPLACE FUNCTION ledger_end_earlier_allowances(
+    p_account text, p_month date, p_now timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE lots l
+       SET expires_at = p_now
+      FROM monthly_allowances m
+     WHERE m.account_id = p_account AND m.month < p_month
+       AND l.account_id = p_account AND l.lot_id = m.lot_id
+       AND NOT l.depleted AND l.expires_at > p_now;
+    IF FOUND THEN
+        PERFORM ledger_expire_due_lots(p_account, p_now, false);
+    END IF;
+END $$;
+
 -- Grants the monthly free allowance when it is due (seed 004): a lot for the
 -- calendar month in the configured zone, expiring when the month ends, at most one
 -- per account and month. Then schedules the next one. Call with the account locked.
+-- An allowance is never carried forward: granting one ends any earlier month's still live
+-- (ledger_end_earlier_allowances).
 CREATE OR REPLACE FUNCTION ledger_monthly_allowance(p_account text, p_now timestamptz) RETURNS lots
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -195,6 +224,7 @@ BEGIN
     IF (ledger_setting('monthly_free.enabled'))::boolean AND amount > 0
        AND NOT EXISTS (SELECT 1 FROM monthly_allowances
                         WHERE account_id = p_account AND month = month_start::date) THEN
+        PERFORM ledger_end_earlier_allowances(p_account, month_start::date, p_now);
         l := ledger_grant_lot(p_account, amount, 'monthly_free', 'main', next_start, NULL,
                               'monthly free allowance ' || to_char(month_start, 'YYYY-MM'), NULL, p_now);
         INSERT INTO monthly_allowances (account_id, month, lot_id, granted_at)

@@ -1,0 +1,178 @@
+"""`ledger.timezone` changed at run time while monthly allowances are live. An allowance
+keeps the expiry of the zone it was granted in (its month's end there); moved east, the new
+zone's next month begins before the old zone's ends, and that month's grant ends the old
+allowance at once (reviewers' tz_change_monthly.py: UTC -> Asia/Shanghai, April's came at
+16:01Z on March 31 while March's lived till 00:00Z, and for 8 hours an account spent 3,000
+credits of a 1,500 allowance). The ledger runs on a fresh database and its own clock, set
+back to those days; the past is written through the real server, SQL functions and the
+scheduler's job; the audit is clean after each test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from rq import Queue
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger_server.audit import audit_database
+from ledger_server.config import Settings
+from ledger_server.db.migrate import migrate
+from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
+from support.ledger import CREDIT, Ledger, expect_error
+from support.server import ServerThread
+from support.sources import dt
+from workers import db as worker_db
+from workers import sweepers
+from workers.queues import DEFAULT_QUEUE, redis_connection
+
+SINCE = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+class SetClock:
+    """The ledger's now, set by the test (to days before today's real time)."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+
+@dataclass
+class Zoned:
+    url: str
+    clock: SetClock
+    ledger: Ledger
+
+    def sql(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(statement, params).fetchall()
+
+    def put(self, key: str, value: Any, at: datetime) -> None:
+        self.sql(
+            "SELECT ledger_put_setting(%s, %s, 'admin', 'test', 'time zone change', %s, true)",
+            (key, json.dumps(value), at),
+        )
+
+
+@pytest.fixture
+def zoned(fresh_database_url: str, redis_url: str, monkeypatch: Any) -> Iterator[Zoned]:
+    """A fresh ledger in UTC with the monthly allowance on (no sign-up bonus: exact
+    balances), its server's clock at 2026-03-01."""
+    migrate(fresh_database_url)
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        sync_environment_defaults(conn, environment_defaults(), SINCE)
+    queue_redis = redis_connection()
+    clock = SetClock(SINCE)
+    server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            z = Zoned(
+                fresh_database_url,
+                clock,
+                Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel)),
+            )
+            z.put("signup.enabled", False, SINCE)
+            z.put("monthly_free.enabled", True, SINCE)
+            yield z
+    finally:
+        server.stop()
+        worker_db.close()
+        Queue(DEFAULT_QUEUE, connection=queue_redis).empty()
+    assert audit_database(fresh_database_url) == []
+
+
+def _monthly_lots(ledger: Ledger, account: str) -> list[types_pb2.Lot]:
+    lots = ledger.lots(account, include_inactive=True)
+    return sorted(
+        (lot for lot in lots if lot.source == types_pb2.CREDIT_SOURCE_MONTHLY_FREE),
+        key=lambda lot: lot.lot_id,
+    )
+
+
+def test_moving_east_the_next_months_grant_ends_the_old_allowance(zoned: Zoned) -> None:
+    """UTC -> Asia/Shanghai on March 20: April (Shanghai) begins at 16:00Z on March 31, eight
+    hours before March (UTC) ends. The scheduler's run at 16:01Z grants April's allowance and
+    ends March's then, in an EXPIRY entry: never both spendable. What a hold kept of March's
+    expires when the hold is released."""
+    account = "east"
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
+    )
+    zoned.clock.at = datetime(2026, 3, 15, tzinfo=UTC)
+    zoned.ledger.consume(account, 200 * CREDIT)
+    zoned.clock.at = datetime(2026, 3, 31, 15, tzinfo=UTC)
+    held = zoned.ledger.reserve(account, 300 * CREDIT, ttl=Duration(seconds=86_400)).reservation
+    zoned.put("ledger.timezone", "Asia/Shanghai", datetime(2026, 3, 20, 12, tzinfo=UTC))
+    (march,) = _monthly_lots(zoned.ledger, account)
+    assert dt(march.expires_at) == datetime(2026, 4, 1, tzinfo=UTC)  # the zone it was granted in
+
+    grant_at = datetime(2026, 3, 31, 16, 1, tzinfo=UTC)
+    assert sweepers.grant_monthly_allowances(grant_at.isoformat()) == 1
+
+    zoned.clock.at = datetime(2026, 3, 31, 20, tzinfo=UTC)
+    balance = zoned.ledger.balance(account)
+    assert (balance.balance_micros, balance.available_micros) == (1_800 * CREDIT, 1_500 * CREDIT)
+    expect_error(
+        lambda: zoned.ledger.consume(account, 1_501 * CREDIT),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_CREDITS",
+    )
+    old, april = _monthly_lots(zoned.ledger, account)
+    assert old.lot_id == march.lot_id
+    assert dt(old.expires_at) == grant_at
+    assert (old.remaining_micros, old.held_micros, old.expired_micros) == (
+        300 * CREDIT,
+        300 * CREDIT,
+        1_000 * CREDIT,
+    )
+    assert dt(april.expires_at) == datetime(2026, 4, 30, 16, tzinfo=UTC)
+    assert april.remaining_micros == 1_500 * CREDIT
+
+    zoned.ledger.release(account, held.reservation_id)
+    assert zoned.ledger.balance(account).balance_micros == 1_500 * CREDIT
+    old, _ = _monthly_lots(zoned.ledger, account)
+    assert (old.remaining_micros, old.expired_micros) == (0, 1_300 * CREDIT)
+    expiries = zoned.ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_EXPIRY])
+    assert sorted(t.amount_micros for t in expiries) == [-1_000 * CREDIT, -300 * CREDIT]
+    assert {dt(t.create_time) for t in expiries if t.amount_micros == -1_000 * CREDIT} == {grant_at}
+
+
+def test_moving_east_over_the_year_end_through_the_sql_functions(zoned: Zoned) -> None:
+    """The reviewers' p2_month.sql: opened at 10:00Z on December 31 (UTC), the zone set to
+    Pacific/Kiritimati (UTC+14) at 11:00Z, already January 1 there: the schedule and the
+    sweep at 11:00Z grant January's allowance and end December's, which lived till 00:00Z."""
+    account = "kiritimati"
+    zoned.put("monthly_free.enabled", True, datetime(2026, 12, 31, 9, tzinfo=UTC))
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 12, 31, 10, tzinfo=UTC))
+    )
+    now = datetime(2026, 12, 31, 11, tzinfo=UTC)
+    zoned.put("ledger.timezone", "Pacific/Kiritimati", now)
+    assert zoned.sql(
+        "SELECT marked FROM ledger_schedule_monthly_allowances(%s, '', 500, 20)", (now,)
+    ) == [(1,)]
+    zoned.sql("SELECT ledger_sweep(%s, 20)", (now,))
+    rows = zoned.sql(
+        "SELECT remaining_micros, expired_micros, expires_at FROM lots"
+        " WHERE account_id = %s ORDER BY lot_id",
+        (account,),
+    )
+    assert rows == [
+        (0, 1_500 * CREDIT, now),
+        (1_500 * CREDIT, 0, datetime(2027, 1, 31, 10, tzinfo=UTC)),
+    ]
+    assert zoned.sql("SELECT balance_micros FROM accounts WHERE account_id = %s", (account,)) == [
+        (1_500 * CREDIT,)
+    ]
