@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from ledger_server.config import ConfigError
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name, "")
     try:
         value = int(raw) if raw else default
     except ValueError as exc:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+    if value < minimum:
+        if minimum == 1:
+            raise ConfigError(f"{name} must be positive, got {value}")
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
 
 
@@ -51,10 +53,13 @@ def sweep_interval_seconds(env: Mapping[str, str] | None = None) -> int:
 class WebhookLimits:
     """What the webhook receiver gives a client: how long it waits on it (reading the
     request, or a whole body), and how many connections it serves at once (a thread each);
-    a connection beyond them is answered 503 and closed, which Stripe retries."""
+    a connection beyond them is answered 503 and closed, which Stripe retries. On stopping,
+    the deliveries in progress get shutdown_grace_seconds to be stored and answered: the
+    gRPC server's LEDGER_SHUTDOWN_GRACE_SECONDS, one setting for a deploy's stop of both."""
 
     timeout_seconds: float = 15
     max_connections: int = 64
+    shutdown_grace_seconds: float = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WebhookLimits:
@@ -62,4 +67,5 @@ class WebhookLimits:
         return cls(
             timeout_seconds=_int(env, "LEDGER_WEBHOOK_TIMEOUT_SECONDS", 15),
             max_connections=_int(env, "LEDGER_WEBHOOK_MAX_CONNECTIONS", 64),
+            shutdown_grace_seconds=_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5, minimum=0),
         )
