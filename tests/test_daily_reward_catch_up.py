@@ -18,6 +18,7 @@ from rq import Queue
 
 from ledger_server.audit import audit_database
 from ledger_server.db.migrate import migrate
+from ledger_server.db.queries import query
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import new_account
 from support.workers import assert_finished, run_burst_workers
@@ -341,3 +342,114 @@ def test_a_catch_up_run_twice_or_two_at_once_grants_nobody_twice(
     assert Queue(DEFAULT_QUEUE, connection=redis_connection()).is_empty()
     assert _claimed_days(ledger_url) == {a: [DAY, next_day] for a in accounts}
     assert _runs(ledger_url) == [(DAY, True), (next_day, False)]
+
+
+def _daily_lots(url: str) -> dict[str, list[tuple[date, int, datetime | None]]]:
+    """Per account, each claimed day with its lot's amount and expiry."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT c.account_id, c.claim_date, l.amount_micros, l.expires_at "
+            "FROM daily_claims c JOIN lots l USING (account_id, lot_id) "
+            "ORDER BY c.account_id, c.claim_date"
+        ).fetchall()
+    lots: dict[str, list[tuple[date, int, datetime | None]]] = {}
+    for account, day, amount, expires_at in rows:
+        lots.setdefault(account, []).append((day, amount, expires_at))
+    return lots
+
+
+def test_a_day_finished_after_midnight_is_granted_at_its_own_terms(ledger_url: str) -> None:
+    """README's promo (`ledger config set daily.amount_micros ...`) set at midnight: an account
+    opened after the day's last run got the day at the new amount and expiry, from the first
+    run after midnight, while every other account had the old ones."""
+    prefix = new_account("terms")
+    early, late = f"{prefix}-a", f"{prefix}-b"
+    _open_accounts(ledger_url, [early], _at(DAY, 10))
+    assert sweepers.grant_daily_rewards(_at(DAY, 23, 2).isoformat()) == 1
+    _open_accounts(ledger_url, [late], _at(DAY, 23, 30))
+    next_day = DAY + timedelta(days=1)
+    _set_setting(ledger_url, "daily.amount_micros", 50_000_000, _at(next_day, 0))
+    _set_setting(ledger_url, "daily.expire_days", 3, _at(next_day, 0))
+    after_midnight = _at(next_day, 0, 2)
+    assert sweepers.grant_daily_rewards(after_midnight.isoformat()) == 1 + 2
+    new_terms = (50_000_000, after_midnight + timedelta(days=3))
+    assert _daily_lots(ledger_url) == {
+        early: [(DAY, 10_000_000, None), (next_day, *new_terms)],
+        late: [(DAY, 10_000_000, None), (next_day, *new_terms)],
+    }
+
+
+def test_the_rest_of_a_stopped_run_is_granted_at_its_days_terms(ledger_url: str) -> None:
+    """The day's run stopped part-way (its rest lost), the amount was cut the next day: the
+    next day's run finishes the day at the day's amount, not the cut one."""
+    prefix = new_account("terms-rest")
+    accounts = [f"{prefix}-{n}" for n in range(3)]
+    _open_accounts(ledger_url, accounts, _at(DAY, 8))
+    assert _stop_part_way(ledger_url, _at(DAY, 9, 2)) == 1
+    next_day = DAY + timedelta(days=1)
+    _set_setting(ledger_url, "daily.amount_micros", 3_000_000, _at(next_day, 0))
+    assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 2 + 3
+    assert _daily_lots(ledger_url) == {
+        a: [(DAY, 10_000_000, None), (next_day, 3_000_000, None)] for a in accounts
+    }
+
+
+def test_a_day_the_previous_release_set_out_to_grant_takes_the_terms_at_its_end(
+    ledger_url: str,
+) -> None:
+    """A run of the previous release recorded no terms: its day, finished later, is granted
+    at the terms in force when it ended (setting_changes), not at those of the run that
+    finishes it; a day paused when it ended is not granted."""
+    prefix = new_account("terms-old")
+    accounts = [f"{prefix}-{n}" for n in range(2)]
+    _open_accounts(ledger_url, accounts, _at(DAY - timedelta(days=1), 8))
+    paused_day, next_day = DAY - timedelta(days=1), DAY + timedelta(days=1)
+    with psycopg.connect(ledger_url, autocommit=True) as conn:
+        for day in (paused_day, DAY):
+            conn.execute(
+                "INSERT INTO daily_reward_runs (day, started_at) VALUES (%s, %s)",
+                (day, _at(day, 9)),
+            )
+    _set_setting(ledger_url, "daily.amount_micros", 0, _at(paused_day, 12))
+    _set_setting(ledger_url, "daily.amount_micros", 20_000_000, _at(DAY, 12))
+    _set_setting(ledger_url, "daily.amount_micros", 50_000_000, _at(next_day, 0))
+    assert sweepers.grant_daily_rewards(_at(next_day, 0, 2).isoformat()) == 2 + 2
+    assert _daily_lots(ledger_url) == {
+        a: [(DAY, 20_000_000, None), (next_day, 50_000_000, None)] for a in accounts
+    }
+    assert _runs(ledger_url) == [(paused_day, True), (DAY, True), (next_day, False)]
+
+
+def test_a_change_of_time_zone_opens_no_second_automatic_grant_in_a_local_day(
+    ledger_url: str,
+) -> None:
+    """An account claimed at 20:00Z under UTC; ledger.timezone set to Pacific/Kiritimati at
+    20:01Z, where it is the next day: the run at 20:02Z grants that day to the accounts that
+    had not claimed, not to the one that did."""
+    prefix = new_account("tz")
+    claimed, other = f"{prefix}-a", f"{prefix}-b"
+    _open_accounts(ledger_url, [claimed, other], _at(DAY, 8))
+    with psycopg.connect(ledger_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT ledger_claim_daily_reward(%s, 'own', '\\x01'::bytea, %s)",
+            (claimed, _at(DAY, 20)),
+        )
+    _set_setting(ledger_url, "ledger.timezone", "Pacific/Kiritimati", _at(DAY, 20, 1))
+    kiritimati_day = DAY + timedelta(days=1)
+    # The sweeper's walk passes over the account, and the claim itself refuses it.
+    with worker_db.connection() as conn:
+        lacking = conn.execute(
+            query("accounts_without_daily_claim"),
+            {"after": prefix, "day": kiritimati_day, "limit": 10},
+        ).fetchall()
+        assert [r[0] for r in lacking] == [other]
+    with (
+        psycopg.connect(ledger_url, autocommit=True) as conn,
+        pytest.raises(psycopg.Error, match="claimed already"),
+    ):
+        conn.execute(
+            "SELECT ledger_claim_daily_reward_of_day(%s, 'auto', '\\x02'::bytea, %s, %s)",
+            (claimed, kiritimati_day, _at(DAY, 20, 2)),
+        )
+    assert sweepers.grant_daily_rewards(_at(DAY, 20, 2).isoformat()) == 1
+    assert _claimed_days(ledger_url) == {claimed: [DAY], other: [kiritimati_day]}

@@ -81,6 +81,7 @@ EXPECTED_CONSTRAINTS = {
     "daily_claims_lot_fk",
     "daily_claims_once_per_day",
     "daily_reward_runs_one_per_day",
+    "daily_reward_runs_terms_together",
     "idempotency_keys_key_length",
     "idempotency_keys_one_per_account",
     "journal_transactions_account_fk",

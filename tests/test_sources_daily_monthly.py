@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -113,6 +114,82 @@ def test_daily_reward_switched_off_is_refused(
 
     configure("daily.enabled", True)  # takes effect on the next call
     assert sources.claim_daily(account).lot.amount_micros == 10 * CREDIT
+    assert_audit_clean()
+
+
+def test_a_paused_daily_reward_names_the_amount_as_what_refuses_it(
+    sources: Sources, ledger: Ledger, configure: Any, assert_audit_clean: AuditCheck
+) -> None:
+    """An amount of 0 pauses the reward while daily.enabled stays true: the refusal names
+    daily.amount_micros (it named daily.enabled, which the operator found true)."""
+    account = sources.create_account().account.account_id
+    configure("daily.amount_micros", 0)
+    info = expect_error(
+        lambda: sources.claim_daily(account),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SOURCE_DISABLED",
+    )
+    assert info.metadata["setting"] == "daily.amount_micros"
+    assert ledger.lots(account, include_inactive=True) == []
+    configure("daily.enabled", False)  # both: the switch is named first
+    info = expect_error(
+        lambda: sources.claim_daily(account),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SOURCE_DISABLED",
+    )
+    assert info.metadata["setting"] == "daily.enabled"
+    assert_audit_clean()
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # 20:00Z is the next day at UTC+14: its date had no claim.
+        ("UTC", "Pacific/Kiritimati"),
+        # 20:00Z, the next day in Kiritimati, is the day before at UTC-11: no claim either.
+        ("Pacific/Kiritimati", "Pacific/Pago_Pago"),
+    ],
+)
+def test_a_change_of_time_zone_opens_no_second_claim_in_a_local_day(
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    clock: Any,
+    assert_audit_clean: AuditCheck,
+    before: str,
+    after: str,
+) -> None:
+    """An account claims, ledger.timezone changes, and the same instant falls on another date
+    of the new zone: the account had claimed in that local day already (a claim at 20:00Z
+    under UTC, the zone set to Pacific/Kiritimati, and it claimed again at 20:02Z)."""
+    now = clock.now()
+    target = now.replace(hour=20, minute=0, second=0, microsecond=0)
+    if target <= now:
+        target += DAY
+    _advance_to(clock, target)
+    configure("ledger.timezone", before)
+    account = sources.create_account().account.account_id
+    first = sources.claim_daily(account)
+    claimed_at = dt(first.lot.created_at)
+    configure("ledger.timezone", after)
+    assert (
+        claimed_at.astimezone(ZoneInfo(after)).date()
+        != claimed_at.astimezone(ZoneInfo(before)).date()
+    )  # a date of the new zone the account has no claim of
+    info = expect_error(
+        lambda: sources.claim_daily(account),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DAILY_REWARD_ALREADY_CLAIMED",
+    )
+    next_claim = next_day_start(clock.now(), after)
+    assert datetime.fromisoformat(info.metadata["next_claim_time"]) == next_claim
+    assert ledger.balance(account).balance_micros == 10 * CREDIT
+
+    if after == "Pacific/Kiritimati":
+        # The next day of the new zone: claimed once more. (Westward, that next date is the
+        # date the account claimed under the old zone, whose row still refuses it.)
+        _advance_to(clock, next_claim)
+        assert sources.claim_daily(account).balance.balance_micros == 20 * CREDIT
     assert_audit_clean()
 
 

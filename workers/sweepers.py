@@ -162,7 +162,9 @@ def grant_daily_rewards(
     reward paused by an amount of 0, or no scheduler ran all day) is never granted later:
     the operator did not mean it to be; nor is a day older than the catch-up window, nor the
     rest of a day on which the reward was switched off or paused (a run that finds it so
-    ends the day it is for).
+    ends the day it is for). A scheduled run records the amount and expiry it grants today
+    at, and every later grant of the day takes them (ledger_claim_daily_reward_of_day): a
+    day finished after midnight is not granted at the next day's amount.
 
     Past `budget_seconds` it queues the rest as a job of its own (and each day it has not
     begun as one more), so one run never holds a worker for long nor meets RQ's job

@@ -74,6 +74,18 @@ BEGIN
     RETURN ledger_setting_json(new);
 END $$;
 
+-- The value a setting had just before p_at, from its recorded changes (the current value when
+-- none is recorded before p_at): the terms of a day that has ended, for a grant of it made
+-- later by a release that did not record them (daily_reward_runs).
+CREATE OR REPLACE FUNCTION ledger_setting_in_force(p_key text, p_at timestamptz) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT c.new_value FROM setting_changes c
+          WHERE c.key = p_key AND c.changed_at < p_at
+          ORDER BY c.changed_at DESC, c.change_id DESC LIMIT 1),
+        ledger_setting(p_key))
+$$;
+
 CREATE OR REPLACE FUNCTION ledger_require_setting(p_key text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -330,9 +342,40 @@ END $$;
 
 -- Daily reward (seed 000) -----------------------------------------------------------
 
+-- Whether the account has the reward of p_day, whose local day runs from p_start to p_end in
+-- p_tz: a claim of that date, or a claim of another date made in that span while its own day
+-- lasted. The second is one made before a change of ledger.timezone: claimed at 20:00Z of a
+-- day in UTC, it was made in the next day of Pacific/Kiritimati, whose date had no row, and
+-- the account claimed again two minutes after the change. A claim made after its own day
+-- ended (an automatic grant of an earlier day, made by the first run after midnight) counts
+-- only for its date: the same run then grants today. A claim's date is at most two days
+-- from the date of any zone at the instant it was made (offsets differ by at most 26
+-- hours), so the check reads a short range of the primary key. accounts_without_daily_claim
+-- (sql/queries/sources.sql) writes the same test out.
+CREATE OR REPLACE FUNCTION ledger_daily_claimed(
+    p_account text, p_day date, p_start timestamptz, p_end timestamptz, p_tz text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM daily_claims c
+         WHERE c.account_id = p_account
+           AND c.claim_date BETWEEN p_day - 2 AND p_day + 2
+           AND (c.claim_date = p_day
+                OR (c.claimed_at >= p_start AND c.claimed_at < p_end
+                    AND c.claimed_at < coalesce(
+                        c.day_ends_at,
+                        ledger_local_instant((c.claim_date + 1)::timestamp, p_tz)))))
+$$;
+
 -- The reward of p_day (today when NULL) in ledger.timezone, granted at p_now. The automatic
 -- rewards name their day: a run that started before midnight and reaches an account after
--- it still grants the day it set out to, not the next one (which the next run grants).
+-- it still grants the day it set out to, not the next one (which the next run grants). A
+-- named day is granted at the amount and expiry its latest scheduled run recorded when it
+-- set out (daily_reward_runs), not at those in force when the grant is made: a day is also
+-- granted after it ended (to accounts opened after its last run, by the first run after
+-- midnight; to those a run that stopped part-way did not reach, by the next days' runs), and
+-- after a change of daily.amount_micros at midnight they got the day at the new amount
+-- while every other account had the old one. An account's own claim (no day) takes the
+-- terms in force. Either is refused while the reward is off or paused (an amount of 0).
 CREATE OR REPLACE FUNCTION ledger_claim_daily_reward_of_day(
     p_account text, p_key text, p_hash bytea, p_day date, p_now timestamptz) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -341,9 +384,12 @@ DECLARE
     replay jsonb;
     tz text;
     today date;
+    day_start timestamptz;
     next_claim timestamptz;
     amount bigint;
     expire_days bigint;
+    run_amount bigint;
+    run_expire_days bigint;
     l lots;
 BEGIN
     PERFORM ledger_open_account(p_account, '', p_now);
@@ -352,11 +398,17 @@ BEGIN
     IF replay IS NOT NULL THEN
         RETURN replay;
     END IF;
-    amount := (ledger_setting('daily.amount_micros'))::bigint;
-    IF NOT (ledger_setting('daily.enabled'))::boolean OR amount <= 0 THEN
+    IF NOT (ledger_setting('daily.enabled'))::boolean THEN
         PERFORM ledger_fail('LE012', 'the daily reward is switched off',
             jsonb_build_object('setting', 'daily.enabled'));
     END IF;
+    amount := (ledger_setting('daily.amount_micros'))::bigint;
+    IF amount <= 0 THEN
+        -- Named, so an operator who finds daily.enabled true knows what to change.
+        PERFORM ledger_fail('LE012', 'the daily reward is paused (an amount of 0)',
+            jsonb_build_object('setting', 'daily.amount_micros'));
+    END IF;
+    expire_days := (ledger_setting('daily.expire_days'))::bigint;
     tz := ledger_timezone();
     today := (p_now AT TIME ZONE tz)::date;
     IF p_day > today THEN
@@ -364,6 +416,7 @@ BEGIN
             jsonb_build_object('field', 'day'));
     END IF;
     today := coalesce(p_day, today);
+    day_start := ledger_local_instant(today::timestamp, tz);
     next_claim := ledger_local_instant((today + 1)::timestamp, tz);  -- when the day ends
     -- A named day only: a claim of its own day may run after a call of a later time opened
     -- the account (the day had not ended when the claim was received).
@@ -371,18 +424,34 @@ BEGIN
         PERFORM ledger_fail('LE010', 'the account did not exist on that day',
             jsonb_build_object('field', 'day', 'violation', 'before the account was opened'));
     END IF;
-    IF EXISTS (SELECT 1 FROM daily_claims WHERE account_id = p_account AND claim_date = today) THEN
+    IF ledger_daily_claimed(p_account, today, day_start, next_claim, tz) THEN
         PERFORM ledger_fail('LE011', 'today''s daily reward was claimed already',
             jsonb_build_object('next_claim_time',
                 to_char(next_claim AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')));
     END IF;
-    expire_days := (ledger_setting('daily.expire_days'))::bigint;
+    IF p_day IS NOT NULL THEN
+        SELECT r.amount_micros, r.expire_days INTO run_amount, run_expire_days
+          FROM daily_reward_runs r WHERE r.day = p_day;
+        IF run_amount IS NOT NULL THEN
+            amount := run_amount;
+            expire_days := run_expire_days;
+        ELSIF p_now >= next_claim THEN
+            -- A day the previous release's runs set out to grant (no terms recorded), ended:
+            -- the terms in force at its end.
+            amount := (ledger_setting_in_force('daily.amount_micros', next_claim))::bigint;
+            expire_days := (ledger_setting_in_force('daily.expire_days', next_claim))::bigint;
+        END IF;
+        IF amount <= 0 THEN  -- paused when the day's terms were taken: not meant to be granted
+            PERFORM ledger_fail('LE012', 'the daily reward was paused for that day',
+                jsonb_build_object('setting', 'daily.amount_micros'));
+        END IF;
+    END IF;
     l := ledger_grant_lot(
         p_account, amount, 'daily', 'main',
         CASE WHEN expire_days > 0 THEN p_now + make_interval(days => expire_days::int) END,
         NULL, 'daily reward ' || today::text, NULL, p_now);
-    INSERT INTO daily_claims (account_id, claim_date, lot_id, claimed_at)
-    VALUES (p_account, today, l.lot_id, p_now);
+    INSERT INTO daily_claims (account_id, claim_date, lot_id, claimed_at, day_ends_at)
+    VALUES (p_account, today, l.lot_id, p_now, next_claim);
     SELECT * INTO a FROM accounts WHERE account_id = p_account;
     RETURN ledger_idempotent_store(p_account, p_key, 'claim_daily_reward', p_hash, jsonb_build_object(
         'lot', ledger_lot_json(l),

@@ -214,13 +214,24 @@ SELECT (%(now)s::timestamptz AT TIME ZONE ledger_timezone())::date
 
 -- name: start_daily_reward_run
 -- Records that an automatic run set out to grant the day (a run of a finished day opens it
--- again: it may stop part-way on accounts opened since) and returns the unfinished days of
--- the few days before it, oldest first: a short range of the primary key, so a run with
--- nothing to finish reads next to nothing.
+-- again: it may stop part-way on accounts opened since) and the terms it grants it at, which
+-- every later grant of the day takes (the first run after midnight, finishing it for the
+-- accounts opened after its last run, and the runs that finish it after one stopped
+-- part-way), not the terms in force by then. Each run of the day records them again: a
+-- change during the day applies from the next run, as it does to the accounts' own claims.
+-- Returns the unfinished days of the few days before it, oldest first: a short range of the
+-- primary key, so a run with nothing to finish reads next to nothing.
 WITH started AS (
-    INSERT INTO daily_reward_runs AS r (day, started_at) VALUES (%(day)s::date, %(now)s::timestamptz)
+    INSERT INTO daily_reward_runs AS r (day, started_at, amount_micros, expire_days)
+    VALUES (%(day)s::date, %(now)s::timestamptz,
+            (ledger_setting('daily.amount_micros'))::bigint,
+            (ledger_setting('daily.expire_days'))::bigint)
     ON CONFLICT ON CONSTRAINT daily_reward_runs_one_per_day
-    DO UPDATE SET finished_at = NULL WHERE r.finished_at IS NOT NULL
+    DO UPDATE SET finished_at = NULL,
+                  amount_micros = excluded.amount_micros, expire_days = excluded.expire_days
+     WHERE r.finished_at IS NOT NULL
+        OR (r.amount_micros, r.expire_days)
+           IS DISTINCT FROM (excluded.amount_micros, excluded.expire_days)
 )
 SELECT day FROM daily_reward_runs
  WHERE day >= %(day)s::date - %(catch_up_days)s::int AND day < %(day)s::date
@@ -246,15 +257,29 @@ UPDATE daily_reward_runs SET finished_at = %(now)s::timestamptz
 
 -- name: accounts_without_daily_claim
 -- The next accounts that lack the day's reward: a re-run (after a time-out, say) goes
--- straight to those the last run did not reach.
-SELECT a.account_id FROM accounts a
+-- straight to those the last run did not reach. "Lack" as the claim decides it: an account
+-- that claimed in the day's span before a change of ledger.timezone has it. The test of
+-- ledger_daily_claimed (0002_sources.sql), written out: a call of the function would be
+-- made once per account, where this is planned as one anti-join.
+WITH d AS MATERIALIZED (
+    -- the day's span computed once, not once per account
+    SELECT tz, ledger_local_instant(%(day)s::date::timestamp, tz) AS starts,
+           ledger_local_instant((%(day)s::date + 1)::timestamp, tz) AS ends
+      FROM ledger_timezone() AS tz
+)
+SELECT a.account_id FROM accounts a, d
  WHERE a.account_id > %(after)s
-   -- the rest of a run after midnight passes over accounts opened since the day ended (its
-   -- end computed once, as a sub-select, not once per account)
-   AND a.created_at < (SELECT ledger_local_instant((%(day)s::date + 1)::timestamp,
-                                                   ledger_timezone()))
-   AND NOT EXISTS (SELECT 1 FROM daily_claims c
-                    WHERE c.account_id = a.account_id AND c.claim_date = %(day)s::date)
+   -- the rest of a run after midnight passes over accounts opened since the day ended
+   AND a.created_at < d.ends
+   AND NOT EXISTS (
+        SELECT 1 FROM daily_claims c
+         WHERE c.account_id = a.account_id
+           AND c.claim_date BETWEEN %(day)s::date - 2 AND %(day)s::date + 2
+           AND (c.claim_date = %(day)s::date
+                OR (c.claimed_at >= d.starts AND c.claimed_at < d.ends
+                    AND c.claimed_at < coalesce(
+                        c.day_ends_at,
+                        ledger_local_instant((c.claim_date + 1)::timestamp, d.tz)))))
  ORDER BY a.account_id
  LIMIT %(limit)s
 
