@@ -305,6 +305,38 @@ def test_a_retry_typing_the_referral_code_another_way_is_the_same_sign_up(
     assert_audit_clean()
 
 
+def test_a_referral_code_typed_with_spaces_or_dashes_is_the_code(
+    sources: Sources, ledger: Ledger, assert_audit_clean: AuditCheck
+) -> None:
+    """As a redemption code: a code copied in groups ('3AKJ4 MKEPV', '3akj4-mkepv') is the
+    code (it was NOT_FOUND REFERRAL_CODE_NOT_FOUND), and a retry typed another way is the
+    same sign-up. Codes have no dash and no space, so none is mistaken for another."""
+    inviter = new_account("inviter")
+    code = sources.create_account(inviter).account.referral_code
+    assert code.isalnum() and code == code.upper() and len(code) == 10
+    spaced, dashed = f"{code[:5]} {code[5:]}", f"{code[:5]}-{code[5:]}".lower()
+    invitee, key = new_account("invitee"), new_key("create")
+    created = sources.create_account(invitee, key=key, referral_code=spaced)
+    assert created.account.referred_by_account_id == inviter
+
+    for typed in (dashed, code, f" {code[:3]}-{code[3:6]} {code[6:]}\t"):
+        replay, call = sources.stub.CreateAccount.with_call(
+            pb.CreateAccountRequest(account_id=invitee, idempotency_key=key, referral_code=typed)
+        )
+        assert ("ledger-idempotent-replay", "true") in call.trailing_metadata(), typed
+        assert replay.account == created.account
+
+    sources.create_account(new_account("invitee"), referral_code=dashed)
+    assert ledger.balance(inviter).reward_balance_micros == 20 * CREDIT
+    # Dashes alone are no code, not the absence of one.
+    expect_error(
+        lambda: sources.create_account(new_account("invitee"), referral_code=" -- "),
+        grpc.StatusCode.NOT_FOUND,
+        "REFERRAL_CODE_NOT_FOUND",
+    )
+    assert_audit_clean()
+
+
 def test_referral_reward_amount_is_configurable(
     sources: Sources, ledger: Ledger, configure: Any, assert_audit_clean: AuditCheck
 ) -> None:
@@ -325,7 +357,7 @@ def test_an_unknown_referral_code_is_refused_and_creates_nothing(
         grpc.StatusCode.NOT_FOUND,
         "REFERRAL_CODE_NOT_FOUND",
     )
-    assert info.metadata["referral_code"] == "NO-SUCH-CODE-42"
+    assert info.metadata["referral_code"] == "NOSUCHCODE42"  # as read: without its dashes
     expect_error(
         lambda: sources.get_account(account), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"
     )

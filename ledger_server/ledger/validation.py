@@ -216,9 +216,13 @@ def redemption_code(value: str) -> str:
 
 
 def referral_code(value: str) -> str:
-    """Looked up as given, trimmed and upper-cased (codes are printed in capitals); an
-    unknown code is NOT_FOUND, not malformed."""
-    return text(value.strip(), "referral_code", 64).upper()
+    """Looked up as a redemption code is: without spaces or dashes, upper-cased. Codes are
+    made of capitals and digits only (ledger_random_code: 10 of 23456789ABCDEFGHJKMNPQRSTUVWXYZ,
+    no dash), so what this drops never told two codes apart, and '3akj4-mkepv' or
+    '3AKJ4 MKEPV' typed from a printed code is that code. An unknown code is NOT_FOUND,
+    not malformed: dashes alone stay a code (none has them), blanks alone name none."""
+    read = re.sub(r"[\s-]", "", value) or value.strip()
+    return text(read, "referral_code", 64).upper()
 
 
 def required_text(value: str, field: str, max_length: int = 1024) -> str:
