@@ -193,8 +193,13 @@ def test_estimate_and_commit_by_usage(client: LedgerClient, ledger: Ledger, admi
     assert by_usage.reservation.committed_micros == 4 * CREDIT
     replay = client.commit(account, held.reservation_id, usage=usage, idempotency_key=key)
     assert replay.transaction_id == by_usage.transaction_id
-    assert [t.transaction_id for t in client.iter_transactions(account, model=model)] == [
-        by_usage.transaction_id
+    # Listed under the model with its hold, which named none (README: either filter lists
+    # a reservation's entries).
+    by_model_entries = list(client.iter_transactions(account, model=model))
+    assert [t.transaction_id for t in by_model_entries][:1] == [by_usage.transaction_id]
+    assert [(t.kind, t.reservation_id) for t in by_model_entries] == [
+        (pb.TRANSACTION_KIND_CHARGE, held.reservation_id),
+        (pb.TRANSACTION_KIND_HOLD, held.reservation_id),
     ]
     assert ledger.balance(account).balance_micros == 13 * CREDIT
 

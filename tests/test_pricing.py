@@ -273,6 +273,154 @@ def test_a_hold_of_an_amount_settled_by_usage_is_priced_as_the_holds_feature(
     assert_audit_clean()
 
 
+def _commit_usage(ledger: Ledger, account: str, reservation_id: str, usage: t.Usage) -> Any:
+    return ledger.stub.Commit(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=reservation_id,
+            idempotency_key=new_key(),
+            usage=usage,
+        )
+    )
+
+
+def _refused_field(call: Any) -> str:
+    info = expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+    return str(info.metadata["field"])
+
+
+def test_a_usage_naming_another_feature_or_model_than_the_hold_is_refused(
+    ledger: Ledger, admin: Any, ledger_db_url: str, assert_audit_clean: Any
+) -> None:
+    """A Commit's usage naming another feature than the hold's was priced as that one and
+    rewrote the reservation's feature, the hold's entry staying under the first: filtering
+    by either listed half of the reservation. It is refused by field, nothing changed, on
+    the call-by-call path and in a group-commit batch alike; a usage naming the hold's
+    feature, or none, settles it."""
+    chat, other = _feature("chat"), _feature("other")
+    _set_price(admin, chat, "tokens", 2 * CREDIT, unit_size=1000)
+    _set_price(admin, other, "tokens", CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+    of_amount = ledger.reserve(account, 10 * CREDIT, feature=chat).reservation
+    by_usage = ledger.stub.Reserve(
+        pb.ReserveRequest(
+            account_id=account, idempotency_key=new_key(), usage=_usage(chat, tokens=2000)
+        )
+    ).reservation
+    refusals = [
+        (of_amount, _usage(other, tokens=1500), "usage.feature"),
+        (by_usage, _usage(other, tokens=1500), "usage.feature"),
+        # Priced for no model: another model's prices are not the hold's.
+        (by_usage, _usage("", "m1", tokens=1500), "usage.model"),
+    ]
+    for held, usage, field in refusals:
+        refused = _refused_field(
+            lambda held=held, usage=usage: _commit_usage(
+                ledger, account, held.reservation_id, usage
+            )
+        )
+        assert refused == field, (held.reservation_id, usage)
+    # In a batch (the group commit: 0007_coalesced.sql), the same call is refused alone.
+    batch = [
+        {"op": "commit", "account": account, "key": new_key(), "hash": "00",
+         "reservation_id": of_amount.reservation_id, "amount": None, "comment": "",
+         "usage": {"feature": other, "model": "",
+                   "quantities": [{"unit": "tokens", "quantity": 1500}]}},
+        {"op": "consume", "account": account, "key": new_key(), "hash": "00",
+         "amount": CREDIT, "usage": None, "feature": "", "comment": ""},
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT ledger_consume_batch(%s, now())", (Jsonb(batch),)).fetchone()
+    assert row is not None
+    in_batch, consumed = row[0]
+    assert in_batch.get("error", {}).get("sqlstate") == "LE010", in_batch
+    assert "usage.feature" in str(in_batch["error"]["detail"])
+    assert "ok" in consumed
+
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (99 * CREDIT, 14 * CREDIT)
+    assert ledger.transactions(account, feature=other) == []
+    for held in (of_amount, by_usage):
+        reservation = ledger.stub.GetReservation(
+            pb.GetReservationRequest(account_id=account, reservation_id=held.reservation_id)
+        ).reservation
+        assert (reservation.status, reservation.feature) == (pb.RESERVATION_STATUS_PENDING, chat)
+
+    # The hold's own feature named is no other: each settles as the hold's.
+    named = _commit_usage(ledger, account, of_amount.reservation_id, _usage(chat, tokens=1500))
+    assert named.reservation.committed_micros == 3 * CREDIT
+    named = _commit_usage(ledger, account, by_usage.reservation_id, _usage(chat, tokens=1000))
+    assert named.reservation.committed_micros == 2 * CREDIT
+    listed = ledger.transactions(account, feature=chat)
+    assert sorted(pb.TransactionKind.Name(e.kind) for e in listed) == [
+        "TRANSACTION_KIND_CHARGE",
+        "TRANSACTION_KIND_CHARGE",
+        "TRANSACTION_KIND_HOLD",
+        "TRANSACTION_KIND_HOLD",
+    ]
+    assert_audit_clean()
+
+
+def test_a_hold_naming_no_feature_settled_by_a_usage_naming_one_is_listed_whole_under_it(
+    ledger: Ledger, admin: Any, ledger_db_url: str, assert_audit_clean: Any
+) -> None:
+    """The charge, the reservation and its refunds take the usage's feature and model; the
+    hold's entry, written before, named none and was listed under neither filter. It is
+    listed (and filtered) under them, through the group commit's batch path too."""
+    images, premium = _feature("image.generate"), f"premium-{uuid.uuid4().hex[:8]}"
+    _set_price(admin, images, "generations", CREDIT)
+    _set_multiplier(admin, premium, 2_000_000)
+    account = new_account()
+    ledger.grant(account, 100)
+    alone = ledger.reserve(account, 10 * CREDIT).reservation  # no feature
+    batched = ledger.reserve(account, 10 * CREDIT).reservation
+    unsettled = ledger.reserve(account, CREDIT).reservation  # stays under no feature
+
+    committed = _commit_usage(
+        ledger, account, alone.reservation_id, _usage(images, premium, generations=2)
+    )
+    assert committed.reservation.committed_micros == 4 * CREDIT
+    assert (committed.reservation.feature, committed.reservation.model) == (images, premium)
+    ledger.refund(account, alone.reservation_id, CREDIT)
+    batch = [
+        {"op": "commit", "account": account, "key": new_key(), "hash": "00",
+         "reservation_id": batched.reservation_id, "amount": None, "comment": "",
+         "usage": {"feature": images, "model": premium,
+                   "quantities": [{"unit": "generations", "quantity": 1}]}},
+        {"op": "consume", "account": account, "key": new_key(), "hash": "00",
+         "amount": CREDIT, "usage": None, "feature": "", "comment": ""},
+    ]  # fmt: skip
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT ledger_consume_batch(%s, now())", (Jsonb(batch),)).fetchone()
+    assert row is not None
+    assert all("ok" in result for result in row[0]), row[0]
+
+    expected = [
+        (batched.reservation_id, "TRANSACTION_KIND_CHARGE"),
+        (alone.reservation_id, "TRANSACTION_KIND_REFUND"),
+        (alone.reservation_id, "TRANSACTION_KIND_CHARGE"),
+        (batched.reservation_id, "TRANSACTION_KIND_HOLD"),
+        (alone.reservation_id, "TRANSACTION_KIND_HOLD"),
+    ]
+    for listed in (
+        ledger.transactions(account, feature=images),
+        ledger.transactions(account, model=premium),
+    ):
+        assert [(e.reservation_id, pb.TransactionKind.Name(e.kind)) for e in listed] == expected
+        assert {(e.feature, e.model) for e in listed} == {(images, premium)}
+    # The whole log shows the hold's entries so too, and the unsettled hold as it was.
+    entries = {
+        (e.reservation_id, e.kind): e
+        for e in ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_HOLD])
+    }
+    hold = entries[(alone.reservation_id, pb.TRANSACTION_KIND_HOLD)]
+    assert (hold.feature, hold.model) == (images, premium)
+    other = entries[(unsettled.reservation_id, pb.TRANSACTION_KIND_HOLD)]
+    assert (other.feature, other.model) == ("", "")
+    assert_audit_clean()
+
+
 def test_a_price_change_waits_for_one_in_flight_so_the_last_committed_is_in_force(
     ledger_db_url: str, admin: Any
 ) -> None:

@@ -922,12 +922,31 @@ BEGIN
     END IF;
     balance_before := a.balance_micros;
     r := ledger_pending_reservation(p_account, p_reservation);
+    -- A usage leaves the hold's feature and model out or names them: one naming another
+    -- than the hold named is refused and nothing changes. Taken, it would price the charge
+    -- as another feature (model) and file the charge, its refunds and the reservation under
+    -- it while the hold's entry stays under the first: filtering by either would list half
+    -- of the reservation. A hold priced from a usage was priced for its model, none being one.
+    IF nullif(actual ->> 'feature', '') <> coalesce(r.feature, actual ->> 'feature') THEN
+        PERFORM ledger_fail('LE010', 'the usage names another feature than the hold',
+            jsonb_build_object('field', 'usage.feature', 'violation',
+                               format('must be the hold''s feature (%s) or empty', r.feature)));
+    END IF;
+    IF nullif(actual ->> 'model', '')
+           <> coalesce(r.model, CASE WHEN r.usage IS NULL THEN actual ->> 'model' END, '') THEN
+        PERFORM ledger_fail('LE010', 'the usage names another model than the hold',
+            jsonb_build_object('field', 'usage.model', 'violation', CASE
+                WHEN r.model IS NULL THEN 'must be empty: the hold was priced for no model'
+                ELSE format('must be the hold''s model (%s) or empty', r.model) END));
+    END IF;
     IF actual IS NOT NULL AND r.usage IS NOT NULL THEN
         -- The usage is the reservation's feature and model; only the quantities are new.
         actual := jsonb_build_object('feature', r.usage ->> 'feature', 'model', r.usage ->> 'model',
                                      'quantities', actual -> 'quantities');
     ELSIF actual IS NOT NULL THEN
         -- A hold of an amount, settled by usage: what the usage leaves out is the hold's.
+        -- One that named no feature (or model) takes the usage's, as does the reservation
+        -- below; its hold's entry, written without, is listed under them (ledger_entry_feature).
         actual := actual || jsonb_build_object(
             'feature', coalesce(nullif(actual ->> 'feature', ''), r.feature, ''),
             'model', coalesce(nullif(actual ->> 'model', ''), r.model, ''));
@@ -1450,11 +1469,23 @@ END $$;
 -- that both list alike).
 -- The model an entry is listed (and filtered) under: its own, or for a refund or release
 -- written before they carried their reservation's model (ledger_refund, ledger_release_holds),
--- the reservation's: the same entries match a model whenever they were written.
+-- the reservation's: the same entries match a model whenever they were written. So for the
+-- hold of an amount that named none, settled by a usage naming one (ledger_commit): the
+-- reservation took it after the hold's entry was written.
 CREATE OR REPLACE FUNCTION ledger_entry_model(p_kind text, p_model text, p_reservation_model text)
     RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(p_model, CASE WHEN p_kind IN ('refund', 'release') THEN p_reservation_model END)
+    SELECT coalesce(p_model, CASE WHEN p_kind IN ('refund', 'release', 'hold')
+                                  THEN p_reservation_model END)
+$$;
+
+-- The feature an entry is listed (and filtered) under: its own, or for the hold of an
+-- amount that named none, settled by a usage naming one (ledger_commit), the reservation's,
+-- which its charge, refunds and reports carry: filtering by it lists the whole reservation.
+CREATE OR REPLACE FUNCTION ledger_entry_feature(
+    p_kind text, p_feature text, p_reservation_feature text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(p_feature, CASE WHEN p_kind = 'hold' THEN p_reservation_feature END)
 $$;
 
 CREATE OR REPLACE FUNCTION ledger_account_journal_page(
@@ -1470,7 +1501,8 @@ AS $$
 BEGIN
     RETURN QUERY
         SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
-               t.feature, ledger_entry_model(t.kind, t.model, r.model), t.usage, t.comment,
+               ledger_entry_feature(t.kind, t.feature, r.feature),
+               ledger_entry_model(t.kind, t.model, r.model), t.usage, t.comment,
                t.actor, t.external_ref,
                ledger_micros(t.created_at),
                ledger_transaction_status(t.kind, r.status, r.committed_micros, r.refunded_micros),
@@ -1530,7 +1562,8 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format($query$
         SELECT t.transaction_id, t.account_id, t.kind, t.amount_micros, t.reservation_id::text,
-               t.feature, ledger_entry_model(t.kind, t.model, r.model), t.usage, t.comment,
+               ledger_entry_feature(t.kind, t.feature, r.feature),
+               ledger_entry_model(t.kind, t.model, r.model), t.usage, t.comment,
                t.actor, t.external_ref,
                ledger_micros(t.created_at),
                ledger_transaction_status(t.kind, r.status, r.committed_micros, r.refunded_micros),
@@ -1551,7 +1584,7 @@ BEGIN
            AND ($3 IS NULL OR t.kind = ANY ($3))
            AND ($4 IS NULL OR t.created_at >= $4)
            AND ($5 IS NULL OR t.created_at < $5)
-           AND ($6 IS NULL OR t.feature = $6)
+           AND ($6 IS NULL OR ledger_entry_feature(t.kind, t.feature, r.feature) = $6)
            AND ($7 IS NULL OR ledger_entry_model(t.kind, t.model, r.model) = $7)
            AND ($8 IS NULL OR ledger_transaction_status(t.kind, r.status,
                     r.committed_micros, r.refunded_micros) = ANY ($8))
