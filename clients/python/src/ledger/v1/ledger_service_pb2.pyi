@@ -613,7 +613,11 @@ class CommitRequest(_message.Message):
     @_builtins.property
     def usage(self) -> _types_pb2.Usage:
         """The actual usage, priced at the reservation's prices (a reservation made with a
-        usage description) or the current rate card (one made with an amount).
+        usage description) or the current rate card (one made with an amount). Its feature
+        and model are the hold's: left empty or named alike; naming another is
+        INVALID_ARGUMENT (usage.feature, usage.model), a hold priced from a usage having been
+        priced for its model, none being one. A hold of an amount that named no feature (or
+        model) takes the usage's, and its hold's entry is listed under it.
         """
 
     def __init__(
@@ -974,9 +978,13 @@ class ListTransactionsRequest(_message.Message):
     """At most 1000; 100 when unset."""
     page_token: _builtins.str
     feature: _builtins.str
-    """Only charges (and their holds, releases, refunds) for this feature."""
+    """Only charges (and their holds, releases, refunds) for this feature. A hold that
+    named none, settled by a usage naming one, is listed under that one.
+    """
     model: _builtins.str
-    """Only entries for this model."""
+    """Only entries for this model (a reservation's hold, charge, releases and refunds;
+    a hold that named none, settled by a usage naming one, under that one).
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___TransactionKind.ValueType]:
         """Only these kinds; all when empty."""
@@ -1048,7 +1056,9 @@ class CreateAccountRequest(_message.Message):
     account_id: _builtins.str
     idempotency_key: _builtins.str
     referral_code: _builtins.str
-    """Another account's referral code: that account gets the configured reward."""
+    """Another account's referral code: that account gets the configured reward. Case,
+    spaces and dashes do not matter ("3akj4-mkepv" is "3AKJ4MKEPV").
+    """
     def __init__(
         self,
         *,
