@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
-from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.ledger import CREDIT, HOLD_GRACE, Ledger, expect_error, new_account, new_key
 
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -190,7 +190,7 @@ def test_a_reservation_past_its_time_to_live_returns_its_hold(
     ).reservation.reservation_id
     assert ledger.balance(account).available_micros == 14 * CREDIT
 
-    clock.advance(timedelta(seconds=61))
+    clock.advance(timedelta(seconds=61) + HOLD_GRACE)
     # No sweeper has run: the balance is still right.
     balance = ledger.balance(account)
     assert balance.available_micros == 20 * CREDIT
@@ -282,7 +282,7 @@ def test_a_backlog_of_timed_out_holds_is_released_at_once_in_expiry_order(
     live = ledger.reserve(account, CREDIT, ttl=Duration(seconds=600))
     assert ledger.balance(account).held_micros == 7 * CREDIT
 
-    clock.advance(timedelta(seconds=121))
+    clock.advance(timedelta(seconds=121) + HOLD_GRACE)
     balance = ledger.balance(account)
 
     assert balance.held_micros == CREDIT
@@ -325,7 +325,7 @@ def test_a_backlog_of_timed_out_holds_is_released_set_based(
     ledger.grant(account, 20)
     for _ in range(holds):
         ledger.reserve(account, CREDIT // 100, ttl=Duration(seconds=60))
-    clock.advance(timedelta(seconds=61))
+    clock.advance(timedelta(seconds=61) + HOLD_GRACE)
 
     with psycopg.connect(ledger_db_url) as conn:  # one transaction: its counters below
         conn.execute("SELECT ledger_balance(%s, %s)", (account, clock.now()))

@@ -504,15 +504,42 @@ BEGIN
     RETURN total;
 END $$;
 
+-- How long after its expires_at a pending hold is still left pending by maintenance done
+-- on behalf of other calls (any call's ledger_lock_account, the sweeper's ledger_sweep).
+-- A call is judged at the time the server received it (its p_now), but it takes the account
+-- lock only later, and meanwhile a call received after it (a Balance read, which does not
+-- queue) or a sweep at the worker's later clock may lock the account first: timing the hold
+-- out at that later time refused a Commit received before the expiry RESERVATION_EXPIRED and
+-- the finished job went unbilled. So the grace covers the longest a received call waits
+-- before its statement takes the lock:
+--   - in the group-commit queue (server/group_commit.py) until its caller's deadline at most:
+--     a waiting call whose deadline passes is dropped, not run (the client library's deadline
+--     is 10 s, retries included);
+--   - then the batch's wait for a pool connection, at most the pool's 30 s time-out
+--     (db/deadlines.py, DeadlinePool), which a batch waits however short its calls' deadlines
+--     once the latest of them is that long;
+--   - then the batch's statement, lock waits and the calls before it included, at most the
+--     statement time-out cap (LEDGER_STATEMENT_TIMEOUT_MS, 5 s; db/deadlines.py).
+-- 10 + 30 + 5 = 45 s, rounded up to a minute. A call still pending past it is judged at its
+-- own time as ever: its own reservation expired at its receipt is refused (ledger_commit)
+-- or timed out (ledger_release). During the grace the hold's credits stay held (Balance
+-- reports them so) and the hold reads pending; after it the next maintenance or sweep
+-- returns them (ledger_next_maintenance schedules it). Immutable: inlined as a constant.
+CREATE OR REPLACE FUNCTION ledger_hold_grace() RETURNS interval
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT interval '1 minute'
+$$;
+
 -- The earliest future moment a lot of the account expires, one of its
--- reservations times out or its monthly allowance falls due (NULL: nothing).
+-- reservations times out (its expiry and the grace, ledger_hold_grace) or its monthly
+-- allowance falls due (NULL: nothing).
 CREATE OR REPLACE FUNCTION ledger_next_maintenance(p_account text, p_now timestamptz) RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
     SELECT least(
         (SELECT min(expires_at) FROM lots
           WHERE account_id = p_account AND NOT depleted
             AND expires_at IS NOT NULL AND expires_at > p_now),
-        (SELECT min(expires_at) FROM reservations
+        (SELECT min(expires_at) + ledger_hold_grace() FROM reservations
           WHERE account_id = p_account AND status = 'pending'),
         (SELECT monthly_free_next_at FROM accounts WHERE account_id = p_account))
 $$;
@@ -581,15 +608,18 @@ BEGIN
     END IF;
 END $$;
 
--- Applies what is due for the account: timed-out reservations are released,
--- expired lots moved to breakage, then a due monthly allowance granted. Call with
+-- Applies what is due for the account: timed-out reservations are released (those
+-- expired a grace before p_now, ledger_hold_grace: maintenance runs on behalf of any call
+-- and of the sweeper, whose times may be later than that of a call on the hold still on its
+-- way), expired lots moved to breakage, then a due monthly allowance granted. Call with
 -- the account row locked.
 CREATE OR REPLACE FUNCTION ledger_maintain(p_account text, p_now timestamptz) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     timed_out uuid[] := ARRAY(
         SELECT reservation_id FROM reservations
-         WHERE account_id = p_account AND status = 'pending' AND expires_at <= p_now
+         WHERE account_id = p_account AND status = 'pending'
+           AND expires_at <= p_now - ledger_hold_grace()
          ORDER BY expires_at, reservation_id);
     balance_before bigint;
     expired bigint;
@@ -861,7 +891,7 @@ BEGIN
     lots_json := ledger_take_lots(p_account, res, amount, p_now, NULL);
     UPDATE accounts
        SET held_micros = held_micros + amount,
-           next_maintenance_at = least(next_maintenance_at, p_expires_at)
+           next_maintenance_at = least(next_maintenance_at, p_expires_at + ledger_hold_grace())
      WHERE account_id = p_account
     RETURNING * INTO a;
     RETURN ledger_idempotent_store(p_account, p_key, 'reserve', p_hash, jsonb_build_object(
@@ -869,8 +899,12 @@ BEGIN
         'balance', ledger_balance_json(a, p_now)), p_now);
 END $$;
 
--- Locks a reservation for a state change and checks it is pending.
-CREATE OR REPLACE FUNCTION ledger_pending_reservation(p_account text, p_reservation uuid)
+-- Locks a reservation for a state change and checks it is pending. With p_now (the call's
+-- own time), a hold pending past its expiry then (left pending by others' maintenance for
+-- its grace, ledger_hold_grace) is refused as expired too.
+DROP FUNCTION IF EXISTS ledger_pending_reservation(text, uuid);
+CREATE OR REPLACE FUNCTION ledger_pending_reservation(
+    p_account text, p_reservation uuid, p_now timestamptz DEFAULT NULL)
     RETURNS reservations
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -882,7 +916,7 @@ BEGIN
         PERFORM ledger_fail('LE004', 'reservation not found',
             jsonb_build_object('reservation_id', p_reservation::text));
     END IF;
-    IF r.status = 'expired' THEN
+    IF r.status = 'expired' OR (r.status = 'pending' AND r.expires_at <= p_now) THEN
         PERFORM ledger_fail('LE006', 'reservation expired: its time-to-live passed and the hold was returned',
             jsonb_build_object('reservation_id', p_reservation::text,
                                'expired_at', to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')));
@@ -921,7 +955,9 @@ BEGIN
         RETURN replay;
     END IF;
     balance_before := a.balance_micros;
-    r := ledger_pending_reservation(p_account, p_reservation);
+    -- Judged at the Commit's own time: received after the expiry, it is refused, though
+    -- the hold is within its grace.
+    r := ledger_pending_reservation(p_account, p_reservation, p_now);
     -- A usage leaves the hold's feature and model out or names them: one naming another
     -- than the hold named is refused and nothing changes. Taken, it would price the charge
     -- as another feature (model) and file the charge, its refunds and the reservation under
@@ -1070,6 +1106,14 @@ BEGIN
     replay := ledger_idempotent_replay(p_account, p_key, 'release', p_hash);
     IF replay IS NOT NULL THEN
         RETURN replay;
+    END IF;
+    -- A hold past its expiry at the Release's own time, left pending for its grace
+    -- (ledger_hold_grace), times out now, as maintenance at this time did before the grace.
+    IF EXISTS (SELECT 1 FROM reservations WHERE account_id = p_account
+                  AND reservation_id = p_reservation AND status = 'pending'
+                  AND expires_at <= p_now) THEN
+        PERFORM ledger_release_holds(p_account, ARRAY[p_reservation], 'expired', p_now,
+                                     'time-to-live passed');
     END IF;
     -- A reservation that timed out has already given its hold back, which is what
     -- Release asks for: answer with it as it is (status EXPIRED).

@@ -33,6 +33,8 @@ DECLARE
     usage jsonb := CASE WHEN jsonb_typeof(r -> 'usage') = 'object' THEN r -> 'usage' END;
     -- The call's own time (when the server received it): a Commit sent before its hold
     -- expired is not refused because a later call in the batch came after the expiry.
+    -- (Nor because a later call or sweep locked the account first: their maintenance
+    -- leaves a hold pending for a grace past its expiry, ledger_hold_grace in 0001.)
     call_now timestamptz := coalesce((r ->> 'now')::timestamptz, p_now);
 BEGIN
     IF op = 'consume' THEN

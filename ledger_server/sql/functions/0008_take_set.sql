@@ -238,7 +238,7 @@ BEGIN
         UPDATE accounts a
            SET balance_micros = a.balance_micros - c.spent,
                held_micros = a.held_micros + (c.total - c.spent),
-               next_maintenance_at = least(a.next_maintenance_at, c.hold_until)
+               next_maintenance_at = least(a.next_maintenance_at, c.hold_until + ledger_hold_grace())
           FROM covered c
          WHERE a.account_id = ANY (batch_accounts) AND a.account_id = c.account_id
     ), stored AS (

@@ -57,7 +57,10 @@ BEGIN
               SELECT v.held_micros, v.feature, v.model, v.comment
                 FROM reservations v
                WHERE v.account_id = q.account_id AND v.reservation_id = q.reservation_id
-                 AND v.status = 'pending' OFFSET 0) v ON true
+                 AND v.status = 'pending'
+                 -- a hold past its expiry, left pending for its grace (ledger_hold_grace),
+                 -- is refused (ledger_commit) at the call's own time: call by call
+                 AND v.expires_at > p_now OFFSET 0) v ON true
     ), held AS (
         -- The reservation's lots in their order: what each gives to the charge (used).
         SELECT s.n, s.account_id, s.reservation_id, s.txn, h.lot_id, h.seq, h.held_micros,

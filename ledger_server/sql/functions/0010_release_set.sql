@@ -53,7 +53,10 @@ BEGIN
               SELECT v.held_micros, v.feature, v.model
                 FROM reservations v
                WHERE v.account_id = q.account_id AND v.reservation_id = q.reservation_id
-                 AND v.status = 'pending' OFFSET 0) v ON true
+                 AND v.status = 'pending'
+                 -- a hold past its expiry, left pending for its grace (ledger_hold_grace),
+                 -- times out (ledger_release) at the call's own time: call by call
+                 AND v.expires_at > p_now OFFSET 0) v ON true
     ), held AS (
         -- The lots each reservation holds credits on.
         SELECT g.n, g.account_id, h.lot_id, h.seq, h.held_micros, h.source, h.committed_micros,

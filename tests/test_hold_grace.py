@@ -1,0 +1,284 @@
+"""A hold's grace past its expiry (ledger_hold_grace, sql/functions/0001_ledger.sql).
+
+A Commit is judged at the time the server received it, but it takes the account lock only
+later (queued in group commit, or behind another transaction). Maintenance run meanwhile on
+behalf of a later call (a Balance read, which does not queue) or of the sweeper (at the
+worker's clock) timed the hold out at that later time: the Commit, received before the
+expiry, was refused RESERVATION_EXPIRED and the finished job went unbilled. Such
+maintenance now leaves a hold pending until a grace past its expiry; each call still judges
+its own reservation at its own time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, timedelta
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from ledger.v1 import ledger_service_pb2 as pb
+from ledger.v1 import ledger_service_pb2_grpc
+from ledger_server.clock import OffsetClock
+from ledger_server.config import Settings
+from ledger_server.db import deadlines
+from support.ledger import (
+    CREDIT,
+    HOLD_GRACE,
+    Ledger,
+    error_details,
+    expect_error,
+    new_account,
+    new_key,
+)
+from support.server import ServerThread
+from workers import db as worker_db
+from workers import sweepers
+
+TTL = timedelta(seconds=60)
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.fixture
+def one_lane(
+    ledger_db_url: str, server_address: str
+) -> Iterator[tuple[Ledger, OffsetClock, Callable[[], Any]]]:
+    """A server of its own on the suite's database (server_address: the suite's baseline,
+    no sign-up bonus) with one group-commit lane that opens no other, and a clock of its
+    own. Yields the ledger, the clock and `hold_the_lane`, a context manager that keeps the
+    lane busy (a Consume waiting for a locked account) so that the calls sent meanwhile
+    queue with the times they were received, until the block ends."""
+    clock = OffsetClock()
+    settings = Settings(
+        database_url=ledger_db_url,
+        group_commit_max_in_flight=1,
+        group_commit_open_lane_after=timedelta(seconds=30),
+    )
+    server = ServerThread(settings, clock).start()
+    channel = grpc.insecure_channel(server.address)
+    ledger = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
+    blocker = new_account("grace-lane")
+    ledger.grant(blocker, 10)
+
+    @contextmanager
+    def hold_the_lane() -> Iterator[None]:
+        with psycopg.connect(ledger_db_url) as locker:
+            locker.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (blocker,))
+            lane = ledger.stub.Consume.future(
+                pb.ConsumeRequest(account_id=blocker, idempotency_key=new_key(), amount_micros=1)
+            )
+            _until_waiting(ledger_db_url)
+            try:
+                yield
+            finally:
+                locker.rollback()
+        lane.result()
+
+    try:
+        yield ledger, clock, hold_the_lane
+    finally:
+        channel.close()
+        server.stop()
+
+
+def _until_waiting(url: str) -> None:
+    """Until the lane's Consume waits for the locked account (the lane is taken)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(500):
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%%ledger_consume%%'"
+            ).fetchone()
+            if row and row[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the lane's Consume never waited for the lock")
+
+
+def _queued_commit(ledger: Ledger, account: str, reservation_id: str, micros: int) -> Any:
+    future = ledger.stub.Commit.future(
+        pb.CommitRequest(
+            account_id=account,
+            reservation_id=reservation_id,
+            idempotency_key=new_key(),
+            amount_micros=micros,
+        )
+    )
+    _until_queued()
+    return future
+
+
+def _until_queued() -> None:
+    # The call is received (and stamped) on the server's event loop at once; give it time.
+    time.sleep(0.3)
+
+
+@contextmanager
+def _worker_on(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("DATABASE_URL", url)
+    worker_db.close()
+    try:
+        yield
+    finally:
+        worker_db.close()
+
+
+def test_the_grace_covers_the_longest_wait_of_a_received_call(ledger_db_url: str) -> None:
+    """The grace's reasoning (ledger_hold_grace's comment) in numbers: the client library's
+    deadline, the pool's wait for a connection and the statement time-out cap."""
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute("SELECT extract(epoch FROM ledger_hold_grace())").fetchone()
+    assert row is not None and timedelta(seconds=float(row[0])) == HOLD_GRACE
+    client_deadline = 10.0  # ledger_client's default timeout, retries included
+    pool_wait = 30.0  # psycopg_pool's default time-out, LedgerPool's (db/pool.py)
+    statement_cap = deadlines.DEFAULT_STATEMENT_TIMEOUT_MS / 1000
+    assert Settings(database_url="").statement_timeout_ms == deadlines.DEFAULT_STATEMENT_TIMEOUT_MS
+    assert client_deadline + pool_wait + statement_cap <= HOLD_GRACE.total_seconds()
+
+
+def test_a_commit_received_before_expiry_is_billed_though_a_read_came_later_first(
+    one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]], assert_audit_clean: Any
+) -> None:
+    ledger, clock, hold_the_lane = one_lane
+    account = new_account("grace-read")
+    ledger.grant(account, 10)
+    reservation_id = ledger.reserve(
+        account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds()))
+    ).reservation.reservation_id
+    with hold_the_lane():
+        commit = _queued_commit(ledger, account, reservation_id, 4 * CREDIT)  # before expiry
+        clock.advance(TTL + timedelta(seconds=1))
+        # A read at the later time: the hold is within its grace, still held.
+        balance = ledger.balance(account)
+        assert (balance.held_micros, balance.available_micros) == (5 * CREDIT, 5 * CREDIT)
+        fetched = ledger.stub.GetReservation(
+            pb.GetReservationRequest(account_id=account, reservation_id=reservation_id)
+        ).reservation
+        assert fetched.status == pb.RESERVATION_STATUS_PENDING
+    committed = commit.result()
+    assert committed.reservation.status == pb.RESERVATION_STATUS_COMMITTED, committed
+    assert committed.reservation.committed_micros == 4 * CREDIT
+    assert (committed.balance.balance_micros, committed.balance.held_micros) == (6 * CREDIT, 0)
+    assert_audit_clean()
+
+
+def test_a_commit_received_before_expiry_is_billed_though_a_later_sweep_came_first(
+    one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]],
+    ledger_db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_audit_clean: Any,
+) -> None:
+    ledger, clock, hold_the_lane = one_lane
+    account = new_account("grace-sweep")
+    ledger.grant(account, 10)
+    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds())))
+    reservation_id = reserved.reservation.reservation_id
+    expires_at = reserved.reservation.expires_at.ToDatetime(tzinfo=UTC)
+    with _worker_on(ledger_db_url, monkeypatch), hold_the_lane():
+        commit = _queued_commit(ledger, account, reservation_id, 4 * CREDIT)  # before expiry
+        clock.advance(TTL + timedelta(seconds=1))
+        # The scheduled sweep, at its own later time, runs before the queued Commit.
+        sweepers.sweep_due_accounts((expires_at + timedelta(seconds=1)).isoformat())
+    committed = commit.result()
+    assert committed.reservation.status == pb.RESERVATION_STATUS_COMMITTED, committed
+    assert committed.balance.balance_micros == 6 * CREDIT
+    assert_audit_clean()
+
+
+def test_a_commit_received_after_expiry_is_refused_and_the_hold_returned_after_the_grace(
+    one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]],
+    ledger_db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_audit_clean: Any,
+) -> None:
+    ledger, clock, _ = one_lane
+    account = new_account("grace-late")
+    ledger.grant(account, 10)
+    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds())))
+    reservation_id = reserved.reservation.reservation_id
+    expires_at = reserved.reservation.expires_at.ToDatetime(tzinfo=UTC)
+    clock.advance(TTL + timedelta(milliseconds=10))
+
+    # Judged at its own time: received after the expiry, refused, though within the grace.
+    info = expect_error(
+        lambda: ledger.commit(account, reservation_id, CREDIT), FAILED, "RESERVATION_EXPIRED"
+    )
+    assert info.metadata["reservation_id"] == reservation_id
+    # Still held within the grace, and so reported.
+    assert ledger.balance(account).held_micros == 5 * CREDIT
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute(
+            "SELECT next_maintenance_at FROM accounts WHERE account_id = %s", (account,)
+        ).fetchone()
+    assert row is not None and row[0] == expires_at + HOLD_GRACE
+
+    with _worker_on(ledger_db_url, monkeypatch):
+        sweepers.sweep_due_accounts((expires_at + HOLD_GRACE - timedelta(seconds=1)).isoformat())
+        assert ledger.balance(account).held_micros == 5 * CREDIT
+        # The sweeper returns it once the grace has passed too.
+        sweepers.sweep_due_accounts((expires_at + HOLD_GRACE).isoformat())
+    balance = ledger.balance(account)
+    assert (balance.held_micros, balance.available_micros) == (0, 10 * CREDIT)
+    fetched = ledger.stub.GetReservation(
+        pb.GetReservationRequest(account_id=account, reservation_id=reservation_id)
+    ).reservation
+    assert fetched.status == pb.RESERVATION_STATUS_EXPIRED
+    assert_audit_clean()
+
+
+def test_a_release_received_after_expiry_times_the_hold_out_within_the_grace(
+    one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]], assert_audit_clean: Any
+) -> None:
+    """As the client library does after a refused Commit: the hold goes back at once."""
+    ledger, clock, _ = one_lane
+    account = new_account("grace-release")
+    ledger.grant(account, 10)
+    reservation_id = ledger.reserve(
+        account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds()))
+    ).reservation.reservation_id
+    clock.advance(TTL + timedelta(seconds=1))
+    released = ledger.release(account, reservation_id)
+    assert released.reservation.status == pb.RESERVATION_STATUS_EXPIRED
+    assert (released.balance.held_micros, released.balance.available_micros) == (0, 10 * CREDIT)
+    assert_audit_clean()
+
+
+def test_a_batch_judges_each_settled_hold_at_its_calls_own_time(
+    one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]], assert_audit_clean: Any
+) -> None:
+    """Commits and Releases that queue together go set-based (0009, 0010) when sure to
+    succeed; a hold past its expiry, left pending for its grace, is not: the Commit received
+    after the expiry is refused, the Release times it out, as each call alone."""
+    ledger, clock, hold_the_lane = one_lane
+    account = new_account("grace-set")
+    ledger.grant(account, 20)
+    ttl = Duration(seconds=int(TTL.total_seconds()))
+    expiring = [ledger.reserve(account, CREDIT, ttl=ttl).reservation.reservation_id for _ in "ab"]
+    live = [
+        ledger.reserve(account, CREDIT, ttl=Duration(seconds=600)).reservation.reservation_id
+        for _ in "ab"
+    ]
+    clock.advance(TTL + timedelta(seconds=1))
+    with hold_the_lane():
+        late_commit = _queued_commit(ledger, account, expiring[0], CREDIT)
+        live_commit = _queued_commit(ledger, account, live[0], CREDIT)
+    assert live_commit.result().reservation.status == pb.RESERVATION_STATUS_COMMITTED
+    with pytest.raises(grpc.RpcError) as refused:
+        late_commit.result()
+    assert error_details(refused.value)[0].reason == "RESERVATION_EXPIRED"
+
+    with hold_the_lane():
+        releases = [
+            ledger.stub.Release.future(
+                pb.ReleaseRequest(account_id=account, reservation_id=r, idempotency_key=new_key())
+            )
+            for r in (expiring[1], live[1])
+        ]
+        _until_queued()
+    statuses = [f.result().reservation.status for f in releases]
+    assert statuses == [pb.RESERVATION_STATUS_EXPIRED, pb.RESERVATION_STATUS_RELEASED]
+    assert_audit_clean()
