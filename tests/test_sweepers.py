@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import redis
 from google.protobuf import struct_pb2
-from rq import Queue
+from rq import Queue, SimpleWorker
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc
@@ -311,6 +311,32 @@ def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
         "workers.sweepers.grant_daily_rewards",
         "workers.payments.requeue_stalled_payment_events",
     }
+
+
+def test_failed_runs_of_scheduled_jobs_are_kept_a_day_not_a_year(redis_url: str) -> None:
+    """Without a failure_ttl RQ keeps a failed job a year: a sweep failing every minute (one
+    account's maintenance failing, a PostgreSQL outage) filled Redis at ~5 KB a run, ~2.9 GB
+    a year, and a Redis that must not evict then refuses writes (helper-139). Each run the
+    scheduler enqueues, failed by a real worker, is kept a day."""
+    from rq.cron import CronScheduler
+    from rq.registry import FailedJobRegistry
+
+    from workers.schedule import FAILED_RUN_TTL_SECONDS, register_jobs
+
+    connection = redis.Redis.from_url(redis_url)
+    scheduler = CronScheduler(connection=connection)
+    register_jobs(scheduler, interval_seconds=30)
+    for cron_job in scheduler.get_jobs():
+        cron_job.queue_name = "failing-schedule"
+        # Runs that fail: the job's function called with an argument it does not take.
+        cron_job.args = ("not-an-argument",) * 9
+        job = cron_job.enqueue(connection)
+        SimpleWorker(
+            [Queue("failing-schedule", connection=connection)], connection=connection
+        ).work(burst=True)
+        assert job.id in FailedJobRegistry("failing-schedule", connection=connection)
+        ttl = connection.ttl(job.key)
+        assert 0 < ttl <= FAILED_RUN_TTL_SECONDS <= 24 * 3600, (cron_job.func_name, ttl)
 
 
 def test_the_scheduler_outlives_a_redis_outage_and_schedules_again(

@@ -40,7 +40,7 @@ def _horse_of(worker_pid: int, timeout: float = 30.0) -> int:
                 continue
             try:
                 fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except FileNotFoundError:
+            except OSError:  # gone meanwhile: FileNotFoundError, or ProcessLookupError
                 continue
             if int(fields[1]) == worker_pid and int(fields[2]) == int(entry):
                 return int(entry)
