@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
@@ -21,17 +22,23 @@ import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 from google.protobuf.duration_pb2 import Duration
+from rq import Queue
 from rq.job import Job, JobStatus
+from rq.timeouts import JobTimeoutException
 
 from ledger.v1 import admin_service_pb2 as admin_pb
+from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc
 from ledger.v1 import ledger_service_pb2 as pb
+from ledger_server.clock import OffsetClock
+from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
+from support.server import ServerThread
 from support.workers import run_burst_workers
 from workers import alerts, sweepers
 from workers import db as worker_db
-from workers.queues import DEFAULT_QUEUE, enqueue, redis_connection
+from workers.queues import DEFAULT_QUEUE, REDIS_TIMEOUT_SECONDS, enqueue, redis_connection
 
 
 class Inbox:
@@ -132,6 +139,17 @@ def _crossed_account(ledger: Ledger, admin: Any, configure: Any, name: str) -> s
     return account
 
 
+def _alert_job_queued(redis_url: str, alert_id: int | str) -> None:
+    """Waits for the email job of an alert a call raised: the server queues it in the
+    background, after answering the call (ledger_server/server/alert_emails.py)."""
+    redis = redis_connection(redis_url)
+    for _ in range(200):
+        if redis.exists(f"rq:job:alert-email-{alert_id}"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the email job of alert {alert_id} was never queued")
+
+
 @pytest.mark.parametrize(
     "email",
     [
@@ -225,6 +243,7 @@ def test_a_crossing_sends_one_email_and_records_one_alert(
     crossing = ledger.consume(account, 10 * CREDIT)  # 15: crosses 20
     for _ in range(10):  # below the threshold already: no new alert
         ledger.consume(account, CREDIT // 2)
+    _alert_job_queued(redis_url, _alerts(admin, account)[0].alert_id)
     smtp_env = {"LEDGER_SMTP_HOST": "127.0.0.1", "LEDGER_SMTP_PORT": str(port)}
     run_burst_workers(ledger_db_url, redis_url, extra=smtp_env)
 
@@ -249,6 +268,7 @@ def test_a_crossing_sends_one_email_and_records_one_alert(
     )
     ledger.grant(account, 20)
     ledger.consume(account, 15 * CREDIT)
+    _alert_job_queued(redis_url, _alerts(admin, account)[0].alert_id)
     run_burst_workers(ledger_db_url, redis_url, extra=smtp_env)
     assert len(_alerts(admin, account)) == 2
     assert [m["To"] for m in inbox.to(account)] == ["ops@example.com", "owner@example.com"]
@@ -278,6 +298,7 @@ def test_an_email_whose_job_was_lost_is_queued_again_by_the_sweeper(
 ) -> None:
     inbox, port = smtp
     account = _crossed_account(ledger, admin, configure, "lost")
+    _alert_job_queued(redis_url, _alerts(admin, account)[0].alert_id)
     redis_connection(redis_url).flushdb()  # the queued email job is gone
     job = enqueue(
         DEFAULT_QUEUE,
@@ -417,6 +438,8 @@ def test_an_address_the_smtp_server_rejects_fails_after_five_attempts(
         (smtplib.SMTPRecipientsRefused({"a@b": (451, b"later"), "c@d": (550, b"no")}), False),
         (smtplib.SMTPNotSupportedError("STARTTLS extension not supported"), False),
         (AttributeError("an address the email library cannot write"), False),
+        # RQ's job time-out raised inside the send: the server was slow, not refusing.
+        (JobTimeoutException("Task exceeded maximum timeout value (180 seconds)"), True),
     ],
 )
 def test_which_failures_are_retried_hourly(error: Exception, transient: bool) -> None:
@@ -558,6 +581,258 @@ def test_a_second_job_of_an_alert_being_sent_passes_it_over(
     assert len(inbox.to(account)) == 1
     [alert] = _alerts(admin, account)
     assert alert.email_status == admin_pb.ALERT_EMAIL_STATUS_SENT
+
+
+class DrippingSmtp:
+    """A reachable SMTP server that answers slowly, as a tarpit or an overloaded relay does:
+    its greeting is `lines` lines, one every `delay` seconds (each well within smtplib's
+    per-read time-out), then it answers every command at once, RCPT with `rcpt`."""
+
+    def __init__(self, delay: float, lines: int, rcpt: bytes = b"250 ok") -> None:
+        self.delay, self.lines, self.rcpt = delay, lines, rcpt
+        self.stopped = threading.Event()
+        self.messages = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            for line in range(self.lines - 1):
+                if self.stopped.wait(self.delay):
+                    return
+                conn.sendall(b"220-slow greeting line %d\r\n" % line)
+            conn.sendall(b"220 ready\r\n")
+            reader = conn.makefile("rb")
+            in_data = False
+            while line_read := reader.readline():
+                if in_data:
+                    if line_read == b".\r\n":
+                        in_data = False
+                        self.messages += 1
+                        conn.sendall(b"250 queued\r\n")
+                    continue
+                command = line_read[:4].upper()
+                if command == b"RCPT":
+                    conn.sendall(self.rcpt + b"\r\n")
+                elif command == b"DATA":
+                    in_data = True
+                    conn.sendall(b"354 go on\r\n")
+                elif command == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.stopped.set()
+        self._listener.close()
+        for conn in self._connections:
+            conn.close()
+
+
+def _fifth_attempt_by_a_worker(
+    ledger_db_url: str,
+    redis_url: str,
+    account: str,
+    alert_id: int | str,
+    server: DrippingSmtp,
+    session_seconds: int,
+    job_timeout: int,
+) -> tuple[tuple[str, int, str | None], float]:
+    """The fifth (last fast) attempt of an alert's email, run by a real burst worker on
+    `server`, the job's time-out `job_timeout` (RQ's 180 s at a test's scale). Returns the
+    alert's email outcome and how long the worker took."""
+    _alert_job_queued(redis_url, alert_id)
+    redis = redis_connection(redis_url)
+    redis.flushdb()  # the crossing's job: this test runs the attempt itself
+    with psycopg.connect(ledger_db_url) as conn:
+        conn.execute(
+            "UPDATE low_balance_alerts SET email_attempts = 4, email_error = 'earlier'"
+            " WHERE alert_id = %s",
+            (alert_id,),
+        )
+    Queue(DEFAULT_QUEUE, connection=redis).enqueue(
+        "workers.alerts.send_low_balance_email",
+        account,
+        alert_id,
+        job_id=f"alert-email-{alert_id}",
+        job_timeout=job_timeout,
+    )
+    env = {
+        "LEDGER_SMTP_HOST": "127.0.0.1",
+        "LEDGER_SMTP_PORT": str(server.port),
+        "LEDGER_SMTP_SESSION_SECONDS": str(session_seconds),
+    }
+    started = time.monotonic()
+    run_burst_workers(ledger_db_url, redis_url, extra=env)
+    return _email_outcome(ledger_db_url, account), time.monotonic() - started
+
+
+def test_an_smtp_server_too_slow_for_the_session_leaves_the_alert_pending(
+    ledger: Ledger, admin: Any, configure: Any, ledger_db_url: str, redis_url: str
+) -> None:
+    """README (alerts.email_to): an alert whose server could not be reached stays pending
+    until sent. A reachable server answering slowly (a line a second, each within the read
+    time-out) kept the send going until RQ's job time-out, recorded as a permanent failure:
+    the fifth attempt failed the alert for good. The session now ends at its own limit,
+    well before the job's, and is a transient failure."""
+    account = _crossed_account(ledger, admin, configure, "slow-smtp")
+    [alert] = _alerts(admin, account)
+    server = DrippingSmtp(delay=1.0, lines=1000)
+    try:
+        outcome, took = _fifth_attempt_by_a_worker(
+            ledger_db_url, redis_url, account, alert.alert_id, server, 2, job_timeout=8
+        )
+    finally:
+        server.close()
+    status, attempts, error = outcome
+    assert (status, attempts) == ("pending", 5), error
+    assert error is not None and error.startswith(
+        "TimeoutError: the SMTP session took longer than 2 s"
+    ), error
+    assert took < 8, "the attempt ran into the job's time-out"
+
+
+def test_rqs_job_timeout_during_a_send_is_a_transient_failure(
+    ledger: Ledger, admin: Any, configure: Any, ledger_db_url: str, redis_url: str
+) -> None:
+    """Should the job's time-out come first (a session limit set close to it, a slow
+    database), the send it interrupts failed on a slow server: the alert stays pending."""
+    account = _crossed_account(ledger, admin, configure, "job-timeout")
+    [alert] = _alerts(admin, account)
+    server = DrippingSmtp(delay=1.0, lines=1000)
+    try:
+        outcome, _ = _fifth_attempt_by_a_worker(
+            ledger_db_url, redis_url, account, alert.alert_id, server, 60, job_timeout=3
+        )
+    finally:
+        server.close()
+    status, attempts, error = outcome
+    assert (status, attempts) == ("pending", 5), error
+    assert error is not None and error.startswith("JobTimeoutException"), error
+
+
+def test_a_slow_smtp_server_that_rejects_the_recipient_still_fails_the_alert(
+    ledger: Ledger, admin: Any, configure: Any, ledger_db_url: str, redis_url: str
+) -> None:
+    """Slow, but within the session's limit: its 5xx answer stands, a permanent failure."""
+    account = _crossed_account(ledger, admin, configure, "slow-550")
+    [alert] = _alerts(admin, account)
+    server = DrippingSmtp(delay=0.3, lines=3, rcpt=b"550 5.1.1 no such user")
+    try:
+        outcome, _ = _fifth_attempt_by_a_worker(
+            ledger_db_url, redis_url, account, alert.alert_id, server, 20, job_timeout=60
+        )
+    finally:
+        server.close()
+    status, attempts, error = outcome
+    assert (status, attempts) == ("failed", 5), error
+    assert error is not None and error.startswith("SMTPRecipientsRefused"), error
+    assert server.messages == 0
+
+
+class HungRedis:
+    """A Redis that accepts connections and never answers (a stalled host, a full
+    network buffer): every command waits for its time-out."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(conn)  # held open, never read nor answered
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._connections:
+            conn.close()
+
+
+def test_a_crossing_charge_answers_at_once_while_redis_hangs(
+    server_address: str,
+    ledger_db_url: str,
+    redis_url: str,
+    clock: OffsetClock,
+    monkeypatch: Any,
+) -> None:
+    """The charge answered only once its alert's email was queued: with Redis hung, after
+    the Redis time-out (5 s), and a dozen crossings at once queued behind one another on
+    the default executor (5 s, then 10 s), past clients' deadlines on charges PostgreSQL
+    had committed. The email is queued in the background; the alert, pending in
+    PostgreSQL, is queued by the sweeper."""
+    hung = HungRedis()
+    server = ServerThread(
+        Settings(database_url=ledger_db_url, redis_url=hung.url, db_pool_max_size=16), clock
+    ).start()
+    channel = grpc.insecure_channel(server.address)
+    try:
+        ledger = Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel))
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        accounts = [new_account("hung-redis") for _ in range(12)]
+        for account in accounts:
+            ledger.grant(account, 30)
+            admin.SetLowBalanceAlert(
+                admin_pb.SetLowBalanceAlertRequest(
+                    account_id=account,
+                    threshold_micros=20 * CREDIT,
+                    email="ops@example.com",
+                    idempotency_key=new_key(),
+                )
+            )
+
+        def crossing(account: str) -> float:
+            started = time.monotonic()
+            ledger.stub.Consume(
+                pb.ConsumeRequest(
+                    account_id=account, idempotency_key=new_key(), amount_micros=15 * CREDIT
+                ),
+                timeout=3 * REDIS_TIMEOUT_SECONDS,
+            )
+            return time.monotonic() - started
+
+        assert crossing(accounts[0]) < 2, "a crossing waited on the hung Redis"
+        with ThreadPoolExecutor(len(accounts) - 1) as pool:
+            latencies = list(pool.map(crossing, accounts[1:]))
+        assert max(latencies) < 2, sorted(latencies)
+    finally:
+        channel.close()
+        server.stop()
+        hung.close()
+    with psycopg.connect(ledger_db_url) as conn:
+        rows = conn.execute(
+            "SELECT alert_id, email_status, email_attempts FROM low_balance_alerts"
+            " WHERE account_id = ANY (%s)",
+            (accounts,),
+        ).fetchall()
+    assert sorted((status, attempts) for _, status, attempts in rows) == [("pending", 0)] * 12
+    # The sweeper's next run past the alerts' first minute queues their emails.
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    redis_connection(redis_url).flushdb()
+    try:
+        sweepers.requeue_pending_alert_emails(60, (clock.now() + timedelta(seconds=61)).isoformat())
+    finally:
+        worker_db.close()
+    redis = redis_connection(redis_url)
+    assert all(redis.exists(f"rq:job:alert-email-{alert_id}") for alert_id, _, _ in rows)
 
 
 def test_a_months_allowance_ending_as_the_next_begins_is_no_crossing(

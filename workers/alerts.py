@@ -6,30 +6,40 @@ of the same alert passes it over. Delivery is at least once: a crash between sen
 recording can send it twice.
 
 A failed attempt is retried by RQ (FAST_ATTEMPTS of them in about 13 minutes). After
-those, an alert whose last failure was transient (the server unreachable, or answering
-4xx) stays pending, parked: the sweeper tries it again once its last attempt is
-PARKED_RETRY_SECONDS old, for as long as the outage lasts. Only a permanent failure (a 5xx
-answer such as a rejected recipient, an address the email library cannot write) fails it
-for good."""
+those, an alert whose last failure was transient (the server unreachable, too slow for the
+session's time limit, or answering 4xx) stays pending, parked: the sweeper tries it again
+once its last attempt is PARKED_RETRY_SECONDS old, for as long as the outage lasts. Only a
+permanent failure (a 5xx answer such as a rejected recipient, an address the email library
+cannot write) fails it for good."""
 
 from __future__ import annotations
 
 import contextlib
 import smtplib
+import socket
+import threading
+import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
+from rq.timeouts import BaseTimeoutException
 
 from ledger_server.db.queries import query
 from workers.db import connection
 from workers.settings import SmtpSettings
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 CREDIT = 1_000_000
 # RQ's first run and its first four retries (RETRY_INTERVALS: 10 + 30 + 120 + 600 s).
 FAST_ATTEMPTS = 5
 PARKED_RETRY_SECONDS = 3600
+# The longest one wait on the SMTP server may take (to connect, for a reply); the session
+# as a whole is bounded by SmtpSettings.session_seconds, and the waits shrink as it ends.
+SMTP_READ_TIMEOUT_SECONDS = 30.0
 
 
 def _credits(micros: int) -> str:
@@ -52,10 +62,58 @@ def _message(
     return message
 
 
+class _Session(smtplib.SMTP):
+    """An SMTP session that ends at `deadline` (time.monotonic()) however slowly the server
+    answers. smtplib's time-out bounds each wait on the socket alone, so a server answering
+    every 25 s kept a send going for minutes, past RQ's job time-out (whose exception was
+    then recorded as a permanent failure). Each command and reply gets the time left (at
+    most SMTP_READ_TIMEOUT_SECONDS); a watchdog shuts the socket at the deadline for what
+    that cannot bound (a reply dripping in byte by byte, a TLS handshake)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        super().__init__()  # connect() apart: the deadline is set before it runs
+
+    def time_left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the SMTP session's time is up")
+        return min(left, SMTP_READ_TIMEOUT_SECONDS)
+
+    def connect(
+        self, host: str = "localhost", port: int = 0, source_address: Any = None
+    ) -> tuple[int, bytes]:
+        self.timeout = self.time_left()  # smtplib connects with self.timeout
+        return super().connect(host, port, source_address)
+
+    def _shrink(self) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(self.time_left())
+
+    def send(self, s: ReadableBuffer | str) -> None:
+        self._shrink()
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        self._shrink()
+        return super().getreply()
+
+    def cut(self) -> None:
+        """The watchdog: wakes a wait on the socket, which then fails."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 def _send(message: EmailMessage) -> None:
     smtp = SmtpSettings.from_env()
-    client = smtplib.SMTP(smtp.host, smtp.port, timeout=30)
+    client = _Session(time.monotonic() + smtp.session_seconds)
+    watchdog = threading.Timer(smtp.session_seconds, client.cut)
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        client.connect(smtp.host, smtp.port)
         if smtp.starttls:
             client.starttls()
         if smtp.username:
@@ -65,7 +123,20 @@ def _send(message: EmailMessage) -> None:
         # answers 421) is no failure to send it, and a retry would send it again.
         with contextlib.suppress(OSError, smtplib.SMTPException):
             client.quit()
+    except OSError as error:
+        # The server's answers (4xx, 5xx) stand; a wait or a connection that failed as the
+        # session's time ran out is the time limit, named so (transient).
+        answered = isinstance(error, smtplib.SMTPException) and not isinstance(
+            error, smtplib.SMTPServerDisconnected
+        )
+        if not answered and time.monotonic() >= client.deadline - 0.01:
+            raise TimeoutError(
+                f"the SMTP session took longer than {smtp.session_seconds:g} s"
+                f" ({type(error).__name__}: {error})"
+            ) from error
+        raise
     finally:
+        watchdog.cancel()
         client.close()
 
 
@@ -114,8 +185,12 @@ def _send_claimed(conn: psycopg.Connection[Any], ids: dict[str, Any]) -> str:
 
 def transient(error: Exception) -> bool:
     """Whether a later attempt may succeed: the server could not be reached, dropped the
-    connection or timed out, or answered 4xx (RFC 5321's transient replies). A 5xx answer
-    and SMTP errors of our own making (STARTTLS or AUTH not offered) will recur."""
+    connection or timed out, or answered 4xx (RFC 5321's transient replies); RQ's job
+    time-out, raised inside the send, is a time-out too (the session's own limit is meant to
+    come first). A 5xx answer and SMTP errors of our own making (STARTTLS or AUTH not
+    offered) will recur."""
+    if isinstance(error, BaseTimeoutException):
+        return True
     if isinstance(error, smtplib.SMTPRecipientsRefused):
         return all(400 <= code < 500 for code, _ in error.recipients.values())
     if isinstance(error, smtplib.SMTPResponseException):

@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ledger_server.config import ConfigError
+from workers.queues import JOB_TIMEOUT_SECONDS
+
+# The most an SMTP session may take: RQ's job time-out less time to record the attempt.
+MAX_SMTP_SESSION_SECONDS = JOB_TIMEOUT_SECONDS - 30
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -30,10 +34,18 @@ class SmtpSettings:
     username: str
     password: str
     starttls: bool
+    # How long one attempt's whole session may take (workers/alerts.py: _Session).
+    session_seconds: int = 120
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SmtpSettings:
         env = os.environ if env is None else env
+        session_seconds = _int(env, "LEDGER_SMTP_SESSION_SECONDS", 120)
+        if session_seconds > MAX_SMTP_SESSION_SECONDS:
+            raise ConfigError(
+                f"LEDGER_SMTP_SESSION_SECONDS must be at most {MAX_SMTP_SESSION_SECONDS}"
+                f" (the job time-out is {JOB_TIMEOUT_SECONDS} s), got {session_seconds}"
+            )
         return cls(
             host=env.get("LEDGER_SMTP_HOST", "") or "localhost",
             port=_int(env, "LEDGER_SMTP_PORT", 25),
@@ -41,6 +53,7 @@ class SmtpSettings:
             username=env.get("LEDGER_SMTP_USERNAME", ""),
             password=env.get("LEDGER_SMTP_PASSWORD", ""),
             starttls=env.get("LEDGER_SMTP_STARTTLS", "false").lower() in ("1", "true", "yes"),
+            session_seconds=session_seconds,
         )
 
 

@@ -117,7 +117,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         }
         data = await call_json(self._pool, "adjust_balance", params)
         mark_replay(context, data)
-        await self._alert_emails.queue_for(request.account_id, data)
+        self._alert_emails.queue_for(request.account_id, data)
         return pb.AdjustBalanceResponse(
             transaction_id=data["transaction_id"],
             balance=mapping.account_balance(data["balance"]),

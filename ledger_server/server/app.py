@@ -139,5 +139,6 @@ async def running_server(
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.shutdown_grace.total_seconds())
         billing.close()
+        alert_emails.close()
         await observability.close()
         await pool.close()

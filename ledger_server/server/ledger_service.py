@@ -210,7 +210,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             request_fingerprint("commit", request),
         )
         mark_replay(context, data)
-        await self._alert_emails.queue_for(request.account_id, data)
+        self._alert_emails.queue_for(request.account_id, data)
         return pb.CommitResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],
@@ -281,7 +281,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         }
         data = await self._group_commit.call("consume", request.account_id, params)
         mark_replay(context, data)
-        await self._alert_emails.queue_for(request.account_id, data)
+        self._alert_emails.queue_for(request.account_id, data)
         return pb.ConsumeResponse(
             reservation=mapping.reservation(data["reservation"]),
             transaction_id=data["transaction_id"],

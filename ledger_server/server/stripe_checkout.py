@@ -2,7 +2,7 @@
 LEDGER_STRIPE_TIMEOUT_SECONDS and never past the gRPC call's deadline (less a margin to
 record the session and answer), and runs on this module's own threads: a Stripe that
 accepts connections and never answers must not hold a checkout for minutes, nor take the
-event loop's default executor, which queues the low-balance alert emails of spend calls.
+threads other work of the server waits on.
 
 Stripe's idempotency (https://docs.stripe.com/api/idempotent_requests): Stripe saves the
 status code and body of the first request under a key once the endpoint begins executing,
