@@ -28,6 +28,7 @@ from ledger_server.db.migrate import migrate
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, expect_error, new_key
 from support.server import ServerThread
+from support.set_clock import SetClock
 from support.sources import dt
 from workers import db as worker_db
 from workers import sweepers
@@ -40,16 +41,6 @@ NOVEMBER_2 = datetime(2026, 11, 2, 5, 0, tzinfo=UTC)  # 00:00 CST, once
 DECEMBER = datetime(2026, 12, 1, 5, 0, tzinfo=UTC)
 OCTOBER_31, NOVEMBER_1 = date(2026, 10, 31), date(2026, 11, 1)
 HOUR = timedelta(hours=1)
-
-
-class SetClock:
-    """The ledger's now, set by the test (to a night before today's real time)."""
-
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
 
 
 @dataclass

@@ -29,22 +29,13 @@ from ledger_server.db.migrate import migrate
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, expect_error
 from support.server import ServerThread
+from support.set_clock import SetClock
 from support.sources import dt
 from workers import db as worker_db
 from workers import sweepers
 from workers.queues import DEFAULT_QUEUE, redis_connection
 
 SINCE = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-class SetClock:
-    """The ledger's now, set by the test (to days before today's real time)."""
-
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
 
 
 @dataclass
