@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from ledger_server.db.queries import query
+from ledger_server.server.report_service import USAGE_ROWS
 from support.ledger import CREDIT
 from support.plans import Conn, Plan, PlanRecorder, scans
 
@@ -80,7 +81,7 @@ def every_account_plans(explained_conn: tuple[Conn, PlanRecorder]) -> ReportPlan
     now = datetime.now(UTC)
     _charges_and_a_refund(conn, now)
     params = {"account_id": None, "start": now - timedelta(days=1), "end": now + timedelta(days=1),
-              "now": now}  # fmt: skip
+              "now": now, "usage_rows": USAGE_ROWS}  # fmt: skip
     refunds = conn.execute(
         "SELECT count(*) FROM journal_transactions"
         " WHERE kind = 'refund' AND created_at >= %(start)s AND created_at < %(end)s",

@@ -27,6 +27,7 @@ from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.server.identity import ACTOR_METADATA_KEY
+from ledger_server.server.report_service import USAGE_ROWS
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.server import ServerThread
 
@@ -391,6 +392,76 @@ def test_all_accounts_summary_of_a_fresh_database(fresh_database_url: str) -> No
         assert everyone.total.remaining_micros == held[0] - 5 * CREDIT
     finally:
         server.stop()
+
+
+def test_a_summary_lists_the_most_consumed_features_and_adds_up_the_others(
+    fresh_database_url: str,
+) -> None:
+    """Consume accepts any valid feature code, so a caller can charge under as many features
+    as it likes: 60,000 made the summary (the caller's own, and every account's) larger than
+    a gRPC message, and it failed to send at all. The summary lists the USAGE_ROWS most
+    consumed pairs and adds up the others, so its totals stay exact. The charges are made
+    through ledger_consume in one statement, not one RPC each, to keep the test fast."""
+    migrate(fresh_database_url)
+    clock = OffsetClock()
+    server = ServerThread(Settings(database_url=fresh_database_url), clock).start()
+    features = USAGE_ROWS + 300
+    now = clock.now()
+    try:
+        with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT ledger_grant('many', 'g', '\\x01', %s, 'purchase', NULL, 'main', '', '',"
+                " NULL, %s)",
+                (features * features, now),
+            )
+            # Charge n micro-credits under the n-th 64-character feature: feature n is the
+            # n-th least consumed.
+            conn.execute(
+                "SELECT ledger_consume('many', 'c' || n, '\\x01', n, NULL,"
+                " 'f' || lpad(n::text, 6, '0') || '.' || repeat('x', 56), '', %s)"
+                "  FROM generate_series(1, %s) n",
+                (now, features),
+            )
+        with grpc.insecure_channel(server.address) as channel:
+            reports = report_service_pb2_grpc.ReportServiceStub(channel)
+            period = report_pb.TimeRange()
+            period.start_time.FromDatetime(now - timedelta(minutes=1))
+            period.end_time.FromDatetime(now + timedelta(minutes=1))
+            for account_id in ("", "many"):
+                summary = reports.GetSummary(
+                    report_pb.GetSummaryRequest(account_id=account_id, range=period)
+                )
+                assert len(summary.usage) == USAGE_ROWS, (account_id, len(summary.usage))
+                listed = [(u.feature[:7], u.charges, u.consumed_micros) for u in summary.usage]
+                assert listed == [
+                    (f"f{n:06d}", 1, n) for n in range(features, features - USAGE_ROWS, -1)
+                ]
+                left_out = features - USAGE_ROWS
+                assert summary.other_usage_pairs == left_out
+                assert summary.other_usage == report_pb.FeatureUsage(
+                    charges=left_out, consumed_micros=left_out * (left_out + 1) // 2
+                )
+                # Exact: the listed pairs and the others add up to the period's consumption.
+                charged = sum(u.consumed_micros for u in summary.usage)
+                assert (
+                    charged + summary.other_usage.consumed_micros == summary.total.consumed_micros
+                )
+                assert summary.total.consumed_micros == features * (features + 1) // 2
+    finally:
+        server.stop()
+
+
+def test_the_longest_usage_list_fits_well_within_a_grpc_message() -> None:
+    """The worst case of the listed pairs: 64-character feature and model codes (the most
+    validation admits) and amounts that take an int64's ten bytes each."""
+    most = 2**63 - 1
+    widest = report_pb.FeatureUsage(
+        feature="f" * 64, model="m" * 64, charges=most, consumed_micros=most, refunded_micros=most
+    )
+    summary = report_pb.GetSummaryResponse(
+        usage=[widest] * USAGE_ROWS, other_usage=widest, other_usage_pairs=most
+    )
+    assert summary.ByteSize() < 4 * 2**20 // 16, summary.ByteSize()  # a 16th of gRPC's 4 MiB
 
 
 def test_held_credits_of_an_expired_lot_expire_when_their_hold_settles_not_before(

@@ -384,19 +384,17 @@ def summary(args: argparse.Namespace, session: Session) -> int:
     ]
     rows += [_amounts_row(f"  {_source(s.source)}", s.amounts) for s in response.sources]
     output.table(headers, rows, session.out)
-    if response.usage:
+    usage = [(u.feature, u.model, u) for u in response.usage]
+    if response.other_usage_pairs:
+        # The pairs past the first 1,000 the server lists, added up.
+        usage.append((f"({response.other_usage_pairs:,} others)", "", response.other_usage))
+    if usage:
         print(file=session.out)
         output.table(
             ["feature", "model", ">charges", ">consumed", ">refunded"],
             [
-                [
-                    u.feature,
-                    u.model,
-                    u.charges,
-                    credits(u.consumed_micros),
-                    credits(u.refunded_micros),
-                ]
-                for u in response.usage
+                [feature, model, u.charges, credits(u.consumed_micros), credits(u.refunded_micros)]
+                for feature, model, u in usage
             ],
             session.out,
         )

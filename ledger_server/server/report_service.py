@@ -91,6 +91,12 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
 
 _INT64 = range(-(2**63), 2**63)
 
+# The feature and model pairs a summary lists; the rest come added up in other_usage.
+# Callers may charge under any number of features: 60,000 of them made a summary larger
+# than a gRPC message (4 MiB), which then failed to send at all. A pair takes at most about
+# 170 bytes (two 64-character codes and three int64s), so 1,000 stay near 170 KiB.
+USAGE_ROWS = 1000
+
 
 def report_amount(value: Any, field: str) -> int:
     """A report's total as its int64 field carries it. The ledger holds up to int64 micros
@@ -114,6 +120,17 @@ def summary_amounts(rows: Iterable[tuple[Any, ...]]) -> pb.SummaryAmounts:
         for name, value in zip(AMOUNT_FIELDS, row[2:], strict=True):
             totals[name] += int(value)
     return pb.SummaryAmounts(**{name: report_amount(v, name) for name, v in totals.items()})
+
+
+def _feature_usage(row: tuple[Any, ...]) -> pb.FeatureUsage:
+    """A row of report_usage: one feature and model, or the others added up (no names)."""
+    return pb.FeatureUsage(
+        feature=row[0] or "",
+        model=row[1] or "",
+        charges=report_amount(row[2], "charges"),
+        consumed_micros=report_amount(row[3], "consumed_micros"),
+        refunded_micros=report_amount(row[4], "refunded_micros"),
+    )
 
 
 async def _rows(
@@ -192,8 +209,10 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
             end = end or zoned_end
             params = {"account_id": account_id, "start": start, "end": end, "now": now}
             sources = await _rows(conn, "report_summary_by_source", params)
-            usage = await _rows(conn, "report_usage", params)
+            usage = await _rows(conn, "report_usage", {**params, "usage_rows": USAGE_ROWS})
         sources = [row for row in sources if any(row[2:])]
+        # The query's last row, with no rank, adds up the pairs past the first USAGE_ROWS.
+        others = usage.pop() if usage and usage[-1][6] is None else None
         response = pb.GetSummaryResponse(
             account_id=account_id or "",
             time_zone=str(zone),
@@ -208,17 +227,11 @@ class ReportService(report_service_pb2_grpc.ReportServiceServicer):
                 )
                 for row in sources
             ],
-            usage=[
-                pb.FeatureUsage(
-                    feature=row[0],
-                    model=row[1],
-                    charges=row[2],
-                    consumed_micros=report_amount(row[3], "consumed_micros"),
-                    refunded_micros=report_amount(row[4], "refunded_micros"),
-                )
-                for row in usage
-            ],
+            usage=[_feature_usage(row) for row in usage],
         )
+        if others is not None:
+            response.other_usage.CopyFrom(_feature_usage(others))
+            response.other_usage_pairs = int(others[5])
         response.start_time.FromDatetime(start)
         response.end_time.FromDatetime(end)
         response.as_of.FromDatetime(now)

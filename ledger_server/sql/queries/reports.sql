@@ -126,38 +126,54 @@ SELECT s.source,
 -- of charges of each (a refund carries its reservation's feature; its model is the
 -- charge's). Only the refunds look up their reservation, charge and postings: joined
 -- for every entry, the lookups made the plan read every reservation and entry ever made.
-SELECT feature, model,
-       count(*) FILTER (WHERE kind = 'charge'),
-       coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0),  -- numeric, as above
-       coalesce(sum(refunded) FILTER (WHERE kind = 'refund'), 0)
-  FROM (
-    SELECT t.kind, coalesce(t.feature, '') AS feature, coalesce(t.model, '') AS model,
-           t.amount_micros AS amount, NULL::bigint AS refunded
-      FROM journal_transactions t
-     WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
-       AND t.kind = 'charge'
-       AND t.created_at >= %(start)s::timestamptz
-       AND t.created_at < %(end)s::timestamptz
-    UNION ALL
-    SELECT t.kind, coalesce(t.feature, ''), coalesce(t.model, c.model, ''),
-           t.amount_micros, refunded.gross
-      FROM journal_transactions t
-      LEFT JOIN reservations r
-             ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
-      LEFT JOIN journal_transactions c
-             ON c.account_id = r.account_id AND c.transaction_id = r.charge_transaction_id
-      LEFT JOIN LATERAL (
-            SELECT sum(p.amount_micros) AS gross
-              FROM postings p
-             WHERE p.account_id = t.account_id AND p.transaction_id = t.transaction_id
-               AND p.lot_id IS NOT NULL AND p.amount_micros > 0) refunded ON true
-     WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
-       AND t.kind = 'refund'
-       AND t.created_at >= %(start)s::timestamptz
-       AND t.created_at < %(end)s::timestamptz
-  ) entries
- GROUP BY 1, 2
- ORDER BY 4 DESC, 1, 2
+-- The first usage_rows pairs, most consumed first, each with its rank; then, when there
+-- are more, one row (feature, model and rank NULL) adding up all the others and counting
+-- them. A caller may charge under any number of features: listing every pair made the
+-- summary too large for one gRPC message, and the totals must stay exact.
+WITH usage AS (
+    SELECT feature, model,
+           count(*) FILTER (WHERE kind = 'charge') AS charges,
+           coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0) AS consumed,  -- numeric, as above
+           coalesce(sum(refunded) FILTER (WHERE kind = 'refund'), 0) AS refunded
+      FROM (
+        SELECT t.kind, coalesce(t.feature, '') AS feature, coalesce(t.model, '') AS model,
+               t.amount_micros AS amount, NULL::bigint AS refunded
+          FROM journal_transactions t
+         WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+           AND t.kind = 'charge'
+           AND t.created_at >= %(start)s::timestamptz
+           AND t.created_at < %(end)s::timestamptz
+        UNION ALL
+        SELECT t.kind, coalesce(t.feature, ''), coalesce(t.model, c.model, ''),
+               t.amount_micros, refunded.gross
+          FROM journal_transactions t
+          LEFT JOIN reservations r
+                 ON r.account_id = t.account_id AND r.reservation_id = t.reservation_id
+          LEFT JOIN journal_transactions c
+                 ON c.account_id = r.account_id AND c.transaction_id = r.charge_transaction_id
+          LEFT JOIN LATERAL (
+                SELECT sum(p.amount_micros) AS gross
+                  FROM postings p
+                 WHERE p.account_id = t.account_id AND p.transaction_id = t.transaction_id
+                   AND p.lot_id IS NOT NULL AND p.amount_micros > 0) refunded ON true
+         WHERE (%(account_id)s::text IS NULL OR t.account_id = %(account_id)s::text)
+           AND t.kind = 'refund'
+           AND t.created_at >= %(start)s::timestamptz
+           AND t.created_at < %(end)s::timestamptz
+      ) entries
+     GROUP BY 1, 2
+), ranked AS (
+    SELECT u.*, row_number() OVER (ORDER BY consumed DESC, feature, model) AS rank FROM usage u
+)
+SELECT feature, model, charges, consumed, refunded, 1::bigint AS pairs, rank
+  FROM ranked
+ WHERE rank <= %(usage_rows)s::bigint
+ UNION ALL
+SELECT NULL, NULL, sum(charges), sum(consumed), sum(refunded), count(*), NULL
+  FROM ranked
+ WHERE rank > %(usage_rows)s::bigint
+HAVING count(*) > 0
+ ORDER BY rank NULLS LAST
 
 -- name: list_journal
 -- The platform-wide transaction log: every account's entries (or one account's), newest

@@ -302,10 +302,14 @@ class GetSummaryResponse(_message.Message):
     SOURCES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    OTHER_USAGE_FIELD_NUMBER: _builtins.int
+    OTHER_USAGE_PAIRS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Empty for a summary of every account."""
     time_zone: _builtins.str
     """The time zone days and months were taken in."""
+    other_usage_pairs: _builtins.int
+    """How many feature and model pairs other_usage adds up; 0 when usage lists them all."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """The period as instants: start included, end excluded."""
@@ -328,11 +332,21 @@ class GetSummaryResponse(_message.Message):
 
     @_builtins.property
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureUsage]:
-        """By feature and model, most consumed first."""
+        """By feature and model, most consumed first (then by feature and model): the first 1,000
+        pairs at most. The pairs past those are added up in other_usage, so usage and
+        other_usage together always hold every charge and refund of the period.
+        """
 
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
         """When the report was made; expiries due by then count even if not yet journaled."""
+
+    @_builtins.property
+    def other_usage(self) -> Global___FeatureUsage:
+        """Set only when the period had more feature and model pairs than usage lists: all the
+        others added up (charges, consumed_micros and refunded_micros; feature and model empty).
+        A summary must fit in one response whatever number of features callers charged under.
+        """
 
     def __init__(
         self,
@@ -347,10 +361,12 @@ class GetSummaryResponse(_message.Message):
         sources: _abc.Iterable[Global___SourceSummary] | None = ...,
         usage: _abc.Iterable[Global___FeatureUsage] | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        other_usage: Global___FeatureUsage | None = ...,
+        other_usage_pairs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "end_time", b"end_time", "free", b"free", "purchased", b"purchased", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "end_time", b"end_time", "free", b"free", "other_usage", b"other_usage", "purchased", b"purchased", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "as_of", b"as_of", "end_time", b"end_time", "free", b"free", "purchased", b"purchased", "sources", b"sources", "start_time", b"start_time", "time_zone", b"time_zone", "total", b"total", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "as_of", b"as_of", "end_time", b"end_time", "free", b"free", "other_usage", b"other_usage", "other_usage_pairs", b"other_usage_pairs", "purchased", b"purchased", "sources", b"sources", "start_time", b"start_time", "time_zone", b"time_zone", "total", b"total", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
