@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from ledger.v1 import ledger_service_pb2 as ledger_pb
-from ledger_server.cli.output import UsageError, enum_name, parse_credits
+from ledger_server.cli.output import UsageError, enum_name, parse_credits, parse_days
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from ledger_server.server import journal_pages
 from support.ledger import CREDIT, Ledger, new_account
@@ -273,6 +273,50 @@ def test_a_comma_in_credits_separates_thousands_only() -> None:
     for decimal_comma in ("1,5", "2,50", "1,0000", "1.000,5", "10,000,00", ",100"):
         with pytest.raises(UsageError, match=r"^--credits: "):
             parse_credits(decimal_comma, "--credits")
+
+
+def test_amounts_and_days_a_request_cannot_carry_are_usage_errors() -> None:
+    """int(nan * 86400), 1e300 days and 1e30 credits crashed the CLI with a traceback."""
+    most = 2**63 - 1
+    assert parse_credits("9,223,372,036,854.775807") == most
+    assert parse_credits("-9223372036854.775808") == -(2**63)
+    for beyond in ("9223372036854.775808", "1e13", "1e30", "-1e13"):
+        with pytest.raises(UsageError, match=r"^credits: .* is out of range"):
+            parse_credits(beyond)
+    assert parse_days("30", "--d") == 30 * 86400
+    assert parse_days("0.5", "--d") == 43200
+    assert parse_days("3652500", "--d") == 315_576_000_000  # a Duration's most
+    for bad in ("nan", "NaN", "sNaN", "inf", "-inf", "1e300", "3652500.1", "0", "-1", "1e-9", "x"):
+        with pytest.raises(UsageError, match=r"^--d: "):
+            parse_days(bad, "--d")
+
+
+def test_out_of_range_numbers_exit_2_with_one_line_and_send_nothing(
+    cli: Cli, ledger: Ledger
+) -> None:
+    account = new_account("cli-range")
+    ledger.grant(account, 1)
+    for args in (
+        ("grant", account, "1e30", "--reason", "x"),
+        ("grant", account, "5", "--reason", "x", "--expires-in-days", "nan"),
+        ("grant", account, "5", "--reason", "x", "--expires-in-days", "1e300"),
+        ("grant", account, "5", "--reason", "x", "--expires-in-days", "0"),
+        ("adjust", account, "1e13", "--reason", "x"),
+        ("codes", "create", "--credits", "1", "--count", "1", "--credit-days", "inf"),
+        ("codes", "create", "--credits", "1", "--count", "99999999999"),
+        ("codes", "create", "--credits", "1", "--count", "1", "--max-per-code", "3000000000"),
+        ("journal", "--limit", "99999999999"),
+        ("balance", account, "--timeout", "nan"),
+    ):
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1, (args, result.stderr)
+    assert ok_json(cli("balance", account, "--json"))["balance_micros"] == str(CREDIT)
+    # Within what a request carries, the server's own maximum refuses (exit 1).
+    too_much = cli("grant", account, "1e10", "--reason", "x")
+    assert too_much.returncode == 1 and "INVALID_FIELD" in too_much.stderr
 
 
 def test_config_list_set_and_reset(cli: Cli, configure: Any) -> None:

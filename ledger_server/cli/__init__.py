@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,29 @@ def _default_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
         return "cli"
+
+
+def _int32(text: str) -> int:
+    """A count sent in an int32 field (--limit, --count, --max-per-code): past its range the
+    request could not be built and the CLI crashed; its sign is the server's to check."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (at most {2**31 - 1:,})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A time-out: nan, inf or none above zero read as an unreachable server (exit 3)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds above 0")
+    return value
 
 
 def _common_options(top_level: bool) -> argparse.ArgumentParser:
@@ -56,7 +80,7 @@ def _common_options(top_level: bool) -> argparse.ArgumentParser:
         "--json", action="store_true", default=default(False), help="protobuf JSON output"
     )
     common.add_argument(
-        "--timeout", type=float, default=default(10.0), help="seconds per call (10)"
+        "--timeout", type=_seconds, default=default(10.0), help="seconds per call (10)"
     )
     return common
 
@@ -94,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--feature", default="")
         p.add_argument("--since", help="ISO time, included (UTC unless it says otherwise)")
         p.add_argument("--until", help="ISO time, excluded")
-        p.add_argument("--limit", type=int, default=50, help=limit_help)
+        p.add_argument("--limit", type=_int32, default=50, help=limit_help)
         p.add_argument("--page-token", default="", help="continue where a listing stopped")
 
     p = add("transactions", commands.transactions, "an account's journal, newest first")
@@ -109,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("credits", help="for example 10 or 96.5")
     p.add_argument("--reason", required=True)
-    p.add_argument("--expires-in-days", type=float)
+    p.add_argument("--expires-in-days", help="days the credits last, for example 30 or 0.5")
     key_option(p)
 
     p = add("adjust", commands.adjust, "debit credits by hand (an adjustment)")
@@ -134,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = codes.add_parser("create", help="generate a batch of codes", parents=[common])
     p.set_defaults(run=commands.codes_create)
     p.add_argument("--credits", required=True, help="credits per redemption")
-    p.add_argument("--count", type=int, required=True, help="number of codes")
-    p.add_argument("--max-per-code", type=int, default=1, help="redemptions per code (1)")
+    p.add_argument("--count", type=_int32, required=True, help="number of codes")
+    p.add_argument("--max-per-code", type=_int32, default=1, help="redemptions per code (1)")
     p.add_argument("--codes-expire", help="ISO time after which codes are refused")
-    p.add_argument("--credit-days", type=float, help="days the granted credits last")
+    p.add_argument("--credit-days", help="days the granted credits last")
     p.add_argument("--note", default="")
     p.add_argument(
         "--account-prefix", default="", help="only accounts whose id starts with this redeem"

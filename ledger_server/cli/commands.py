@@ -412,7 +412,7 @@ def grant(args: argparse.Namespace, session: Session) -> int:
         reason=args.reason,
     )
     if args.expires_in_days is not None:
-        request.expires_in.FromSeconds(int(args.expires_in_days * 86400))
+        request.expires_in.FromSeconds(output.parse_days(args.expires_in_days, "--expires-in-days"))
     response = session.call(session.admin.GrantCredits, request)
     if session.json:
         output.print_json(response, session.out)
@@ -514,7 +514,7 @@ def codes_create(args: argparse.Namespace, session: Session) -> int:
     if args.codes_expire:
         request.code_expire_time.FromDatetime(_timestamp_arg(args.codes_expire, "--codes-expire"))
     if args.credit_days is not None:
-        request.credit_lifetime.FromSeconds(int(args.credit_days * 86400))
+        request.credit_lifetime.FromSeconds(output.parse_days(args.credit_days, "--credit-days"))
     response = session.call(session.admin.CreateRedemptionBatch, request)
     if session.json:
         output.print_json(response, session.out)

@@ -58,7 +58,36 @@ def parse_credits(text: str, name: str = "credits") -> int:
     micros = value * MICROS_PER_CREDIT
     if not value.is_finite() or micros != micros.to_integral_value():
         raise UsageError(f"{name}: {text!r}: credits have at most 6 decimals")
+    # What a request's int64 of micro-credits carries; past it the request could not even
+    # be built (1e30 crashed with a traceback). Within it, the server refuses amounts past
+    # its own maximum (INVALID_FIELD), so this CLI does not repeat a limit it may not share.
+    if int(micros) not in _INT64:
+        raise UsageError(
+            f"{name}: {text!r} is out of range: at most {credits(_INT64[-1])} credits either way"
+        )
     return int(micros)
+
+
+_INT64 = range(-(2**63), 2**63)
+SECONDS_PER_DAY = 86_400
+# google.protobuf.Duration's range (10,000 years): a longer lifetime is no valid duration.
+_MOST_DAYS = 315_576_000_000 // SECONDS_PER_DAY
+
+
+def parse_days(text: str, name: str) -> int:
+    """ "30" or "0.5" days -> whole seconds (2592000, 43200), for a lifetime's Duration.
+    Not a number, not finite (nan, inf), not positive, under a second or past what a
+    Duration holds: a usage error (int(nan * 86400) and 1e300 days crashed the CLI)."""
+    try:
+        days = Decimal(text.strip().replace("_", ""))
+    except InvalidOperation:
+        raise UsageError(f"{name}: {text!r} is not a number of days such as 30 or 0.5") from None
+    if not days.is_finite() or not 0 < days <= _MOST_DAYS:
+        raise UsageError(f"{name}: {text!r}: days must be a number above 0, at most {_MOST_DAYS:,}")
+    seconds = int(days * SECONDS_PER_DAY)
+    if seconds < 1:
+        raise UsageError(f"{name}: {text!r}: days must come to at least one second")
+    return seconds
 
 
 def when(ts: Timestamp) -> str:
