@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -524,6 +525,75 @@ def _env(**values: str) -> dict[str, str]:
     }
     env.update(values)
     return env
+
+
+def _bad_tls_files(tmp_path: Path) -> list[tuple[str, str, dict[str, str]]]:
+    """(the variable to be named, its wrong file, the TLS files)."""
+    certs = make_certs(tmp_path)
+    files = {
+        "server.pem": certs.server_cert,
+        "server.key": certs.server_key,
+        "client.key": certs.client_key,  # another certificate's key
+        "garbage.pem": b"not a certificate\n",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    cert, key, other_key, garbage = (str(tmp_path / name) for name in files)
+    encrypted = str(tmp_path / "encrypted.key")
+    subprocess.run(
+        ["openssl", "pkey", "-in", key, "-aes128", "-passout", "pass:secret", "-out", encrypted],
+        check=True,
+        capture_output=True,
+    )
+    return [
+        ("LEDGER_TLS_CERT_FILE", garbage, {"cert": garbage, "key": key}),
+        ("LEDGER_TLS_KEY_FILE", other_key, {"cert": cert, "key": other_key}),
+        ("LEDGER_TLS_KEY_FILE", cert, {"cert": cert, "key": cert}),
+        ("LEDGER_TLS_KEY_FILE", garbage, {"cert": cert, "key": garbage}),
+        ("LEDGER_TLS_KEY_FILE", encrypted, {"cert": cert, "key": encrypted}),
+        ("LEDGER_TLS_CLIENT_CA_FILE", garbage, {"cert": cert, "key": key, "client_ca": garbage}),
+    ]
+
+
+def test_tls_files_that_are_not_pem_or_do_not_match_are_refused_naming_them(
+    settings: Settings, clock: OffsetClock, tmp_path: Path
+) -> None:
+    """gRPC checks the files only when it adds the port, and then fails with "Failed to bind
+    to address": they are checked with the configuration, naming the variable and file."""
+    for variable, wrong, files in _bad_tls_files(tmp_path):
+        changes = {f"tls_{name}_file": path for name, path in files.items()}
+        with pytest.raises(RuntimeError) as failed:
+            ServerThread(replace(settings, **changes), clock).start()
+        cause = failed.value.__cause__
+        assert isinstance(cause, SecurityError), (variable, files, failed.value)
+        assert str(cause).startswith(f"{variable} {wrong} "), (variable, str(cause))
+
+
+def test_a_server_with_a_wrong_tls_file_exits_2_before_writing_anything(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    variable, wrong, files = _bad_tls_files(tmp_path)[1]  # a key of another certificate
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger_server", "serve"],
+        env=_env(
+            DATABASE_URL=fresh_database_url,  # not migrated: serve would migrate it first
+            LEDGER_GRPC_ADDR=f"127.0.0.1:{_free_port()}",
+            LEDGER_TLS_CERT_FILE=files["cert"],
+            LEDGER_TLS_KEY_FILE=files["key"],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"configuration error: {variable} {wrong} "), result.stderr
+    assert "Traceback" not in result.stderr and "TLS on" not in result.stderr
+    with psycopg.connect(fresh_database_url) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone()
+    assert tables == (0,)
 
 
 def test_without_tokens_the_server_refuses_a_non_loopback_address(ledger_db_url: str) -> None:
