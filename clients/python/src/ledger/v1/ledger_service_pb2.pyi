@@ -541,7 +541,10 @@ class ReserveRequest(_message.Message):
     comment: _builtins.str
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
-        """How long the hold lasts before it is returned; the server's default when unset."""
+        """How long the hold lasts before it is returned; the server's default when unset. That
+        default is the server's configuration: a retry under the same key leaves ttl unset too
+        (set to the default's value, it is a different request: ALREADY_EXISTS).
+        """
 
     @_builtins.property
     def usage(self) -> _types_pb2.Usage:
