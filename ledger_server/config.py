@@ -30,7 +30,9 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """An integer variable: unset or empty, the default; not an integer or under minimum, a
+    ConfigError naming it (the server's settings here, the workers' in workers/settings.py)."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -79,7 +81,7 @@ class StripeSettings:
             api_key=env.get("STRIPE_API_KEY", ""),
             webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
             webhook_tolerance=timedelta(
-                seconds=_int(env, "STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
+                seconds=env_int(env, "STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
             ),
             api_base=env.get("STRIPE_API_BASE", "").rstrip("/"),
             timeout_seconds=_stripe_timeout(env),
@@ -127,12 +129,12 @@ class Settings:
         database_url = env.get("DATABASE_URL", "")
         if not database_url:
             raise ConfigError("DATABASE_URL is not set (make run starts an embedded PostgreSQL)")
-        pool_min = _int(env, "LEDGER_DB_POOL_MIN", 2, minimum=1)
-        pool_max = _int(env, "LEDGER_DB_POOL_MAX", 16, minimum=1)
+        pool_min = env_int(env, "LEDGER_DB_POOL_MIN", 2, minimum=1)
+        pool_max = env_int(env, "LEDGER_DB_POOL_MAX", 16, minimum=1)
         if pool_max < pool_min:
             raise ConfigError("LEDGER_DB_POOL_MAX must be at least LEDGER_DB_POOL_MIN")
-        ttl_default = _int(env, "LEDGER_RESERVATION_TTL_SECONDS", 900, minimum=1)
-        ttl_max = _int(env, "LEDGER_RESERVATION_TTL_MAX_SECONDS", 7 * 86400, minimum=1)
+        ttl_default = env_int(env, "LEDGER_RESERVATION_TTL_SECONDS", 900, minimum=1)
+        ttl_max = env_int(env, "LEDGER_RESERVATION_TTL_MAX_SECONDS", 7 * 86400, minimum=1)
         if ttl_max < ttl_default:
             raise ConfigError(
                 "LEDGER_RESERVATION_TTL_MAX_SECONDS must be at least LEDGER_RESERVATION_TTL_SECONDS"
@@ -152,28 +154,30 @@ class Settings:
             grpc_addr=env.get("LEDGER_GRPC_ADDR", "") or "localhost:50051",
             db_pool_min_size=pool_min,
             db_pool_max_size=pool_max,
-            group_commit_max_in_flight=_int(env, "LEDGER_GROUP_COMMIT_MAX_IN_FLIGHT", 2, minimum=1),
-            group_commit_open_lane_after=timedelta(
-                milliseconds=_int(env, "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS", 100)
+            group_commit_max_in_flight=env_int(
+                env, "LEDGER_GROUP_COMMIT_MAX_IN_FLIGHT", 2, minimum=1
             ),
-            balance_max_in_flight=_int(env, "LEDGER_BALANCE_MAX_IN_FLIGHT", 2, minimum=1),
+            group_commit_open_lane_after=timedelta(
+                milliseconds=env_int(env, "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS", 100)
+            ),
+            balance_max_in_flight=env_int(env, "LEDGER_BALANCE_MAX_IN_FLIGHT", 2, minimum=1),
             migrate_on_start=env.get("LEDGER_MIGRATE_ON_START", "true").lower()
             not in ("0", "false", "no"),
             reservation_ttl_default=timedelta(seconds=ttl_default),
             reservation_ttl_max=timedelta(seconds=ttl_max),
-            shutdown_grace=timedelta(seconds=_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5)),
+            shutdown_grace=timedelta(seconds=env_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5)),
             stripe=StripeSettings.from_env(env),
             callers=callers,
             tls_cert_file=env.get("LEDGER_TLS_CERT_FILE", ""),
             tls_key_file=env.get("LEDGER_TLS_KEY_FILE", ""),
             tls_client_ca_file=env.get("LEDGER_TLS_CLIENT_CA_FILE", ""),
-            max_message_bytes=_int(env, "LEDGER_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, 1024),
-            statement_timeout_ms=_int(env, "LEDGER_STATEMENT_TIMEOUT_MS", 5000),
+            max_message_bytes=env_int(env, "LEDGER_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, 1024),
+            statement_timeout_ms=env_int(env, "LEDGER_STATEMENT_TIMEOUT_MS", 5000),
             rate_limit_per_second=_float(env, "LEDGER_RATE_LIMIT_PER_SECOND", 0.0),
-            rate_limit_burst=_int(env, "LEDGER_RATE_LIMIT_BURST", 0),
+            rate_limit_burst=env_int(env, "LEDGER_RATE_LIMIT_BURST", 0),
             metrics_addr=env.get("LEDGER_METRICS_ADDR", DEFAULT_METRICS_ADDR),
             health_check_interval=timedelta(
-                seconds=_int(env, "LEDGER_HEALTH_CHECK_INTERVAL_SECONDS", 5, minimum=1)
+                seconds=env_int(env, "LEDGER_HEALTH_CHECK_INTERVAL_SECONDS", 5, minimum=1)
             ),
             event_loop=event_loop,
         )

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ledger_server.ledger.account_prefix import account_prefix_problem
+from ledger_server.ledger.account_ids import account_prefix_problem
 
 
 class SecurityError(ValueError):

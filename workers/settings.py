@@ -6,24 +6,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ledger_server.config import ConfigError
+from ledger_server.config import ConfigError, env_int
 from workers.queues import JOB_TIMEOUT_SECONDS
 
 # The most an SMTP session may take: RQ's job time-out less time to record the attempt.
 MAX_SMTP_SESSION_SECONDS = JOB_TIMEOUT_SECONDS - 30
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name, "")
-    try:
-        value = int(raw) if raw else default
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < minimum:
-        if minimum == 1:
-            raise ConfigError(f"{name} must be positive, got {value}")
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -40,7 +27,7 @@ class SmtpSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SmtpSettings:
         env = os.environ if env is None else env
-        session_seconds = _int(env, "LEDGER_SMTP_SESSION_SECONDS", 120)
+        session_seconds = env_int(env, "LEDGER_SMTP_SESSION_SECONDS", 120, minimum=1)
         if session_seconds > MAX_SMTP_SESSION_SECONDS:
             raise ConfigError(
                 f"LEDGER_SMTP_SESSION_SECONDS must be at most {MAX_SMTP_SESSION_SECONDS}"
@@ -48,7 +35,7 @@ class SmtpSettings:
             )
         return cls(
             host=env.get("LEDGER_SMTP_HOST", "") or "localhost",
-            port=_int(env, "LEDGER_SMTP_PORT", 25),
+            port=env_int(env, "LEDGER_SMTP_PORT", 25, minimum=1),
             sender=env.get("LEDGER_SMTP_FROM", "") or "credit-ledger@localhost",
             username=env.get("LEDGER_SMTP_USERNAME", ""),
             password=env.get("LEDGER_SMTP_PASSWORD", ""),
@@ -59,7 +46,9 @@ class SmtpSettings:
 
 def sweep_interval_seconds(env: Mapping[str, str] | None = None) -> int:
     """How often the scheduler runs the sweepers (expiry, time-outs, stalled jobs)."""
-    return _int(os.environ if env is None else env, "LEDGER_SWEEP_INTERVAL_SECONDS", 60)
+    return env_int(
+        os.environ if env is None else env, "LEDGER_SWEEP_INTERVAL_SECONDS", 60, minimum=1
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +67,7 @@ class WebhookLimits:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WebhookLimits:
         env = os.environ if env is None else env
         return cls(
-            timeout_seconds=_int(env, "LEDGER_WEBHOOK_TIMEOUT_SECONDS", 15),
-            max_connections=_int(env, "LEDGER_WEBHOOK_MAX_CONNECTIONS", 64),
-            shutdown_grace_seconds=_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5, minimum=0),
+            timeout_seconds=env_int(env, "LEDGER_WEBHOOK_TIMEOUT_SECONDS", 15, minimum=1),
+            max_connections=env_int(env, "LEDGER_WEBHOOK_MAX_CONNECTIONS", 64, minimum=1),
+            shutdown_grace_seconds=env_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5),
         )

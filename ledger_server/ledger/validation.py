@@ -14,14 +14,13 @@ from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import ledger_service_pb2 as ledger_pb
 from ledger.v1 import types_pb2 as types_pb
 from ledger_server.errors import invalid_field
-from ledger_server.ledger.account_prefix import account_prefix_problem
+from ledger_server.ledger.account_ids import ACCOUNT_ID, account_prefix_problem
 from ledger_server.ledger.reserved_keys import RESERVED_KEY_PREFIXES
 
 MAX_AMOUNT_MICROS = 10**15  # one billion credits in one request
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
-_ACCOUNT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 _CODE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -30,7 +29,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def account_id(value: str, field: str = "account_id") -> str:
     if not value:
         raise invalid_field(field, "must not be empty")
-    if not _ACCOUNT_ID.fullmatch(value):
+    if not ACCOUNT_ID.fullmatch(value):
         raise invalid_field(
             field, "must be 1 to 128 characters of letters, digits and . _ : @ / + = -"
         )
