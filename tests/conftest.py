@@ -60,7 +60,7 @@ def database_url() -> Iterator[str]:
             embedded.drop_database(server_url, name)
         finally:
             if server is not None:
-                server.release()  # stops it if we started it and no other session uses it
+                server.release(stop_when_unused=True)  # the last session using it stops it
 
 
 @pytest.fixture(scope="session")

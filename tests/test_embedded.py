@@ -270,6 +270,51 @@ def test_make_run_takes_over_the_postgres_a_killed_make_run_left_running(
         embedded.stop_all(tmp_path)
 
 
+def test_two_sessions_starting_on_a_new_directory_share_one_server_the_last_stops(
+    tmp_path: Path,
+) -> None:
+    """make test's two processes start together on a fresh .data/test-pg: both ran initdb
+    and the second failed on the first's files; and the one that had started the server
+    left it running when it ended before the other."""
+    pgdata = tmp_path / "pg"
+    session = (
+        "import sys; from pathlib import Path; from ledger_server.devstack import embedded;"
+        "server = embedded.start_postgres(Path(sys.argv[1]));"
+        "print(server.started, server.url, flush=True); sys.stdin.read();"
+        "print(server.release(stop_when_unused=True), flush=True)"
+    )
+    sessions = [
+        subprocess.Popen(
+            [sys.executable, "-c", session, pgdata],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        started = []
+        for process in sessions:
+            line = process.stdout.readline() if process.stdout else ""
+            assert line, process.communicate(timeout=60)[1]
+            flag, url = line.split()
+            started.append(flag == "True")
+            assert psycopg.connect(url, connect_timeout=10).execute("SELECT 1").fetchone()
+        assert sorted(started) == [False, True]
+
+        first = sessions[started.index(True)]  # the one that started it ends first
+        assert first.communicate("", timeout=60)[0].strip() == "False"
+        assert embedded._postmaster_pid(pgdata) is not None
+        other = sessions[started.index(False)]
+        assert other.communicate("", timeout=60)[0].strip() == "True"
+        assert embedded._postmaster_pid(pgdata) is None
+    finally:
+        for process in sessions:
+            process.kill()
+        embedded.stop_all(tmp_path)
+
+
 def test_make_run_says_which_embedded_servers_it_leaves_running(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

