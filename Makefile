@@ -136,12 +136,12 @@ typecheck: $(STAMP)
 # pytest's exit status is passed through as is (5 = no tests collected fails the build).
 # The suite runs on two processes (pytest-xdist; a file's tests stay on one): alone it kept a
 # 2-core machine half idle, waiting on servers, PostgreSQL and subprocesses. Each process has
-# its own database and embedded Redis; with REDIS_URL set they would share that server's
-# databases (the tests use fixed ones), so then it runs on one. PYTEST_WORKERS=0: one process.
+# its own database and embedded Redis, or its own database numbers of REDIS_URL's server
+# (tests/support/rq_workers.py). PYTEST_WORKERS=0: one process.
 # Files go to the processes in their own (alphabetical) order, not largest first: each process's
 # clock only moves forward (tests jump it ahead), and a test reading periods of real time
 # (Stripe's, the workers') through the server must not come after files that moved it months.
-PYTEST_WORKERS ?= $(if $(REDIS_URL),0,2)
+PYTEST_WORKERS ?= 2
 test: lint typecheck
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -30,6 +30,7 @@ from support.client import FAST_RETRY
 from support.ledger import Ledger
 from support.plans import Conn, PlanRecorder, explained_connection
 from support.proxy import DropProxy
+from support.rq_workers import session_redis_url
 from support.server import ServerThread
 from support.settings import ActorMetadata, SettingsChanger
 
@@ -65,10 +66,13 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """URL of a Redis database, flushed at session start."""
+    """URL of a Redis database, flushed at session start: REDIS_URL's, one of its own for
+    each test process of a run, or an embedded server of the session's own."""
     url = os.environ.get("REDIS_URL")
     server: embedded.EmbeddedRedis | None = None
-    if not url:
+    if url:
+        url = session_redis_url(url)
+    else:
         sessions = DATA_DIR / "test-redis"
         _remove_dead_sessions(sessions)
         server = embedded.start_redis(sessions / str(os.getpid()), persist=False, reuse=False)

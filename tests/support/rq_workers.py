@@ -15,10 +15,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Redis's default number of databases (0-15).
+_REDIS_DATABASES = 16
+
+
+def session_index() -> int:
+    """This test process's number under pytest-xdist (gw0, gw1, ...); 0 alone."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0)
+
+
 def redis_db_url(url: str, db: int) -> str:
-    """``url`` with another database number: the payment tests flush theirs at will."""
+    """``url`` with another database number: the payment tests flush theirs at will. Each
+    test process of one run takes its own numbers (``db`` + its index), so processes
+    sharing one Redis (REDIS_URL) never flush each other's queues."""
+    number = db + session_index()
+    if number >= _REDIS_DATABASES:
+        raise RuntimeError(
+            f"Redis database {number} (database {db} of test process {session_index()}) is"
+            f" past Redis's {_REDIS_DATABASES}: use a REDIS_URL with a lower database number"
+            " or fewer processes (PYTEST_WORKERS)"
+        )
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{db}"))
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{number}"))
+
+
+def session_redis_url(url: str) -> str:
+    """REDIS_URL's database for this test process (its own, as :func:`redis_db_url`)."""
+    path = urllib.parse.urlsplit(url).path.strip("/")
+    return redis_db_url(url, int(path) if path.isdigit() else 0)
 
 
 def worker_env(database_url: str, redis_url: str) -> dict[str, str]:
