@@ -362,6 +362,44 @@ def test_a_usage_naming_another_feature_or_model_than_the_hold_is_refused(
     assert_audit_clean()
 
 
+def test_a_consume_or_reserve_naming_another_feature_than_its_usage_is_refused(
+    ledger: Ledger, admin: Any
+) -> None:
+    """A Consume or Reserve whose feature contradicted its usage's was priced and filed under
+    the usage's feature and the other dropped without a word (the client refuses it). It is
+    refused naming feature, nothing charged; the usage's own feature, or none, is taken."""
+    chat = _feature("chat")
+    _set_price(admin, chat, "tokens", 2 * CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+    usage = _usage(chat, tokens=1000)
+
+    def consume(feature: str) -> Any:
+        return ledger.stub.Consume(
+            pb.ConsumeRequest(
+                account_id=account, idempotency_key=new_key(), usage=usage, feature=feature
+            )
+        )
+
+    def reserve(feature: str) -> Any:
+        return ledger.stub.Reserve(
+            pb.ReserveRequest(
+                account_id=account, idempotency_key=new_key(), usage=usage, feature=feature
+            )
+        )
+
+    for call in (consume, reserve):
+        assert _refused_field(lambda call=call: call(_feature("image"))) == "feature"
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (100 * CREDIT, 0)
+
+    for feature in ("", chat):
+        assert consume(feature).reservation.feature == chat
+        assert reserve(feature).reservation.feature == chat
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (96 * CREDIT, 4 * CREDIT)
+
+
 def test_a_hold_naming_no_feature_settled_by_a_usage_naming_one_is_listed_whole_under_it(
     ledger: Ledger, admin: Any, ledger_db_url: str, assert_audit_clean: Any
 ) -> None:

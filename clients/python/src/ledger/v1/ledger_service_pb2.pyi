@@ -537,7 +537,7 @@ class ReserveRequest(_message.Message):
     amount_micros: _builtins.int
     """Credits to hold. Must be positive. Set exactly one of amount_micros and usage."""
     feature: _builtins.str
-    """The feature or model code the credits are for."""
+    """The feature or model code the credits are for. With usage: empty or usage.feature."""
     comment: _builtins.str
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
@@ -549,7 +549,7 @@ class ReserveRequest(_message.Message):
     @_builtins.property
     def usage(self) -> _types_pb2.Usage:
         """The expected usage (for example the maximum tokens), priced by the rate card:
-        its cost is held. feature is then usage.feature.
+        its cost is held.
         """
 
     def __init__(
@@ -814,6 +814,7 @@ class ConsumeRequest(_message.Message):
     amount_micros: _builtins.int
     """Credits to charge. Must be positive. Set exactly one of amount_micros and usage."""
     feature: _builtins.str
+    """The feature or model code the credits are for. With usage: empty or usage.feature."""
     comment: _builtins.str
     @_builtins.property
     def usage(self) -> _types_pb2.Usage:
