@@ -42,6 +42,7 @@ EXPECTED_TABLES = {
     "schema_migrations",
     "setting_changes",
     "settings",
+    "subscription_accounts",
     "subscription_plans",
     "subscriptions",
 }
@@ -142,6 +143,7 @@ EXPECTED_CONSTRAINTS = {
     "reservations_status_known",
     "setting_changes_source_known",
     "settings_source_known",
+    "subscription_accounts_one_per_subscription",
     "subscription_plans_credits_nonnegative",
     "subscription_plans_currency_format",
     "subscription_plans_id_format",
@@ -294,7 +296,7 @@ def test_account_ids_and_idempotency_keys_compare_by_their_bytes(
                        OR (c.relname, a.attname) = ('idempotency_keys', 'idempotency_key'))
                   AND NOT a.attisdropped"""
         ).fetchall()
-    assert len(columns) == 18
+    assert len(columns) == 19
     assert [column for column in columns if column[2] != "C"] == []
 
 

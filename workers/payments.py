@@ -15,10 +15,16 @@ Event types:
   (ledger_fulfil_checkout: no sale rule is asked again once the customer has paid), else
   the pack (ledger_purchase_pack) or recharge (ledger_recharge) named in the session's
   metadata; fulfilled under the payment intent's id. Mode subscription: the subscription id
-  is linked to the account; the credits come with the invoice. A session this ledger
-  prepared for another account than the event names fails the event (its metadata is not
-  trusted over the session); a payment intent another account's purchase has is not
-  granted again (ignored).
+  is linked to the account (subscription_accounts); the credits come with the invoice. A
+  session this ledger prepared for another account than the event names fails the event
+  (its metadata is not trusted over the session); a payment intent another account's
+  purchase has is not granted again (ignored).
+- Every subscription event (invoice.paid, customer.subscription.updated and .deleted) is
+  for the account its subscription is linked to: by its checkout, else by its first applied
+  paid invoice (whose metadata names the account). A paid invoice or plan change whose
+  metadata names another account fails (ConflictingAccount) and credits neither; an end
+  is applied to the linked account, and a refund, failed refund or lost dispute to the
+  account of the purchase the payment made, whatever the metadata names (noted).
 - invoice.paid: the subscription period of the plan whose provider_price_id is the price
   of the invoice's first line that is not a proration (ledger_start_subscription_period),
   once per invoice. An invoice for a plan change (billing_reason subscription_update) that
@@ -394,6 +400,7 @@ def _checkout_completed(conn: Conn, event_id: str, session: Any, now: datetime) 
         {"session_id": _id(session), "subscription_ref": subscription_ref, "now": now},
     )
     if session.get("mode") == "subscription":
+        _link_subscription(conn, subscription_ref, account_id, now)
         return Outcome(
             "processed", account_id, note=f"subscription {subscription_ref} linked to the account"
         )
@@ -466,19 +473,79 @@ def _sold_credits(sale: Json) -> int:
     return int(sale["lot"]["amount_micros"]) + int(bonus.get("amount_micros") or 0)
 
 
-def _subscription_account(conn: Conn, subscription_ref: str, metadata: Mapping[str, Any]) -> str:
-    account_id = str(metadata.get("account_id") or "")
-    if not account_id and subscription_ref:
-        row = conn.execute(
-            query("account_for_subscription"), {"subscription_ref": subscription_ref}
-        ).fetchone()
-        account_id = str(row[0]) if row else ""
+class ConflictingAccount(RuntimeError):
+    """A paid invoice or plan change names (metadata) another account than the one its
+    subscription is linked to (subscription_accounts). Metadata is the merchant's own
+    code's to write, and some integrations share one Stripe customer between accounts: on
+    its word one account got another's subscription period or plan change, and the
+    subscription. Whether the payment was meant for the other account is not the worker's
+    to decide: the event fails, the payment log saying why, and credits neither
+    (an operator decides; its retries are refused the same way while the link stands)."""
+
+
+def _linked_account(conn: Conn, subscription_ref: str) -> str:
+    if not subscription_ref:
+        return ""
+    row = conn.execute(
+        query("subscription_account"), {"subscription_ref": subscription_ref}
+    ).fetchone()
+    return str(row[0]) if row else ""
+
+
+def _names_another(owner: str, metadata: Mapping[str, Any]) -> bool:
+    """Whether the event's metadata names another account than `owner`, the ledger's. The
+    payment log of one account never names the other (a log is read per account, as
+    ForeignCheckoutSession's is)."""
+    named = str(metadata.get("account_id") or "")
+    return bool(owner and named and named != owner)
+
+
+def _subscription_owner(
+    conn: Conn, subscription_ref: str, metadata: Mapping[str, Any]
+) -> tuple[str, bool]:
+    """The account the subscription is linked to, else (not linked yet) the one the event's
+    metadata names; and whether the metadata names another than the linked account.
+    EventNotReady when neither is known."""
+    linked = _linked_account(conn, subscription_ref)
+    account_id = linked or str(metadata.get("account_id") or "")
     if not account_id:
         raise EventNotReady(
             f"no account is linked to subscription {subscription_ref!r} yet "
             "(its checkout.session.completed may not be processed yet)"
         )
+    return account_id, _names_another(linked, metadata)
+
+
+def _subscription_account(conn: Conn, subscription_ref: str, metadata: Mapping[str, Any]) -> str:
+    """The account a grant of the subscription (its paid invoice, a plan change) is for:
+    _subscription_owner's, the event failing when its metadata names another account."""
+    account_id, conflict = _subscription_owner(conn, subscription_ref, metadata)
+    if conflict:
+        raise ConflictingAccount(
+            f"subscription {subscription_ref} is linked to another account than"
+            f" {metadata.get('account_id')}, which the event's metadata names: nothing granted"
+            " to either"
+        )
     return account_id
+
+
+def _link_subscription(conn: Conn, subscription_ref: str, account_id: str, now: datetime) -> None:
+    """Links the subscription to the account its first applied checkout or paid invoice is
+    for; from then on its events go to that account only. A link another job made first
+    (committed while this one waited on it) for another account fails this event. Before
+    any account lock (lock order: event rows, then the account)."""
+    if not subscription_ref:
+        return
+    conn.execute(
+        query("link_subscription_account"),
+        {"subscription_ref": subscription_ref, "account_id": account_id, "now": now},
+    )
+    linked = _linked_account(conn, subscription_ref)
+    if linked != account_id:
+        raise ConflictingAccount(
+            f"subscription {subscription_ref} is linked to another account than {account_id},"
+            " which the event is for: nothing granted to either"
+        )
 
 
 def _plan_for_price(
@@ -527,6 +594,7 @@ def _invoice_paid(conn: Conn, event_id: str, invoice: Any, now: datetime) -> Out
     if not subscription_ref:
         return Outcome("ignored", note="the invoice is not for a subscription")
     account_id = _subscription_account(conn, subscription_ref, metadata)
+    _link_subscription(conn, subscription_ref, account_id, now)
     plan_change = invoice.get("billing_reason") == "subscription_update"
     lines = _dig(invoice, "lines", "data") or []
     for line in lines:
@@ -786,15 +854,21 @@ def _subscription_deleted(conn: Conn, sub: Any, created: int, now: datetime) -> 
     subscription_ref = _id(sub)
     ended_at = _ended_at(sub, created)
     try:
-        account_id = _subscription_account(conn, subscription_ref, _metadata(sub))
+        # Metadata naming another account changes nothing: the subscription ended, whoever
+        # the merchant's code names, and only its own account's subscription is it (a
+        # stored end is read by its account's later events whatever its metadata says).
+        account_id, conflict = _subscription_owner(conn, subscription_ref, _metadata(sub))
     except EventNotReady:
         # Not an error to retry: an invoice of the subscription applied later ends it too.
         return Outcome("ignored", note="no account is linked to the subscription")
+    suffix = " (its metadata names another account than the subscription's)" if conflict else ""
     if _end_subscription(conn, account_id, subscription_ref, ended_at, now):
         return Outcome(
-            "processed", account_id, note=f"subscription ended at {ended_at.isoformat()}"
+            "processed", account_id, note=f"subscription ended at {ended_at.isoformat()}{suffix}"
         )
-    return Outcome("ignored", account_id, note="no period of the subscription lasts beyond its end")
+    return Outcome(
+        "ignored", account_id, note=f"no period of the subscription lasts beyond its end{suffix}"
+    )
 
 
 def _invoice_payment_paid(conn: Conn, payment: Any, now: datetime) -> Outcome:
@@ -912,7 +986,7 @@ def _claw_back(
     invoice one of them paid (a subscription period's purchase is under the invoice)."""
     refs = _paid_refs(conn, refs)
     _require_no_unfinished_payment(conn, event_id, refs)
-    account_id = _payment_account(conn, refs, metadata)
+    account_id, conflict = _payment_account(conn, refs, metadata)
     if not account_id:
         # Woken (wake_claw_backs) if the purchase is recorded later: Stripe's order is any.
         return Outcome("ignored", note="no purchase was paid by this charge")
@@ -931,7 +1005,7 @@ def _claw_back(
     if isinstance(data, str):
         return Outcome("ignored", account_id, note="no purchase of the account was paid by it")
     taken = int(data["clawed_back_micros"]) + int(data["bonus_clawed_back_micros"])
-    return Outcome("processed", account_id, -taken)
+    return Outcome("processed", account_id, -taken, note=conflict)
 
 
 def _paid_refs(conn: Conn, refs: list[str]) -> list[str]:
@@ -940,13 +1014,24 @@ def _paid_refs(conn: Conn, refs: list[str]) -> list[str]:
     return refs + [str(row[0]) for row in invoices if row[0] not in refs]
 
 
-def _payment_account(conn: Conn, refs: list[str], metadata: Mapping[str, Any]) -> str:
-    """The account the event's metadata names, else the one whose purchase a ref paid."""
-    account_id = str(metadata.get("account_id") or "")
-    if not account_id:
-        row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
-        account_id = str(row[0]) if row else ""
-    return account_id
+def _payment_account(
+    conn: Conn, refs: list[str], metadata: Mapping[str, Any]
+) -> tuple[str, str | None]:
+    """The account whose purchase a ref paid, else the one the event's metadata names (no
+    purchase is recorded yet: nothing to take back); and a note when the metadata names
+    another account than the purchase's. A refund, its failure or a lost dispute is of the
+    payment, whose purchase is that account's whatever the metadata says (taken from the
+    account the metadata named, which had no such purchase, a refund was ignored and the
+    purchase's account kept the refunded credits)."""
+    row = conn.execute(query("account_for_payment"), {"external_refs": refs}).fetchone()
+    paid_for = str(row[0]) if row else ""
+    conflict = _names_another(paid_for, metadata)
+    note = (
+        "the event's metadata names another account than the purchase's: applied to the purchase's"
+        if conflict
+        else None
+    )
+    return paid_for or str(metadata.get("account_id") or ""), note
 
 
 def _refund_updated(conn: Conn, event_id: str, refund: Any, now: datetime) -> Outcome:
@@ -961,7 +1046,7 @@ def _refund_updated(conn: Conn, event_id: str, refund: Any, now: datetime) -> Ou
     payment_intent = _id(refund.get("payment_intent"))
     refs = [r for r in (payment_intent, _id(refund.get("charge"))) if r]
     refs = _paid_refs(conn, refs) if refs else []
-    account_id = _payment_account(conn, refs, _metadata(refund))
+    account_id, conflict = _payment_account(conn, refs, _metadata(refund))
     if status not in ("failed", "canceled"):
         note = f"refund {refund_id} {status}: nothing to undo"
         return Outcome("ignored", account_id or None, note=note)
@@ -992,7 +1077,8 @@ def _refund_updated(conn: Conn, event_id: str, refund: Any, now: datetime) -> Ou
     if isinstance(data, str):
         return Outcome("ignored", account_id, note="no purchase of the account was paid by it")
     given = int(data["restored_micros"]) + int(data["bonus_restored_micros"])
-    return Outcome("processed", account_id, given, note=f"refund {refund_id} {status}")
+    note = f"refund {refund_id} {status}" + (f" ({conflict})" if conflict else "")
+    return Outcome("processed", account_id, given, note=note)
 
 
 # --- the sweeper ----------------------------------------------------------------------------------

@@ -139,11 +139,18 @@ SELECT payload #> '{data,object}', (payload ->> 'created')::bigint
  ORDER BY (payload ->> 'created')::bigint
  LIMIT 1
 
--- name: account_for_subscription
-SELECT account_id FROM checkout_sessions
- WHERE subscription_ref = %(subscription_ref)s
- ORDER BY created_at DESC
- LIMIT 1
+-- name: subscription_account
+-- The account the subscription belongs to (migration 0036), if linked yet.
+SELECT account_id FROM subscription_accounts WHERE subscription_ref = %(subscription_ref)s
+
+-- name: link_subscription_account
+-- The first link of a subscription stands: a second account is not linked (the caller
+-- reads the link back and refuses the event). One waiting on another job's uncommitted
+-- link of the subscription reads that job's account once it commits. Taken before any
+-- account lock (lock order: event rows, then the account).
+INSERT INTO subscription_accounts (subscription_ref, account_id, linked_at)
+VALUES (%(subscription_ref)s, %(account_id)s, %(now)s)
+    ON CONFLICT ON CONSTRAINT subscription_accounts_one_per_subscription DO NOTHING
 
 -- name: unfinished_event_paid_by
 -- Another stored event not yet applied whose object is paid by one of these references (a
