@@ -1,6 +1,7 @@
 """Payment events whose data disagrees with what the ledger recorded: metadata naming
-another account than the subscription's or the purchase's. Through the webhook receiver
-and a burst RQ worker, as Stripe sends them."""
+another account than the subscription's or the purchase's, and a lost dispute in another
+currency than its payment. Through the webhook receiver and a burst RQ worker, as Stripe
+sends them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from support.payments import PaymentsDb
 from support.rq_workers import run_burst_workers
 from support.sources import Sources
 from support.webhooks import (
+    charge_dispute_closed,
     charge_refunded,
+    checkout_pack,
     deliver,
     event,
     invoice_paid,
@@ -29,6 +32,7 @@ from support.webhooks import (
     subscription_deleted,
     subscription_updated,
 )
+from workers import payments
 
 AuditCheck = Callable[[], None]
 
@@ -199,6 +203,47 @@ def test_a_subscriptions_checkout_for_another_account_than_its_first_invoice_fai
     )
     _failed_with(payments_db, renewal, f"{sub} is linked to another account than {other}")
     assert _paid_for(payments_db, other) == []
+
+
+def _bought_pack(
+    apply_events: Callable[..., list[str]], sources: Sources, configure: Any, name: str
+) -> tuple[str, str]:
+    """A new account that paid 2000 USD for a pack of 100 credits: it and the payment."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
+    account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
+    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=2000))
+    return account, intent
+
+
+def test_a_partial_dispute_in_another_currency_than_the_payment_is_not_the_whole_purchase(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+    configure: Any,
+    ledger_db_url: str,
+    payments_redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_audit_clean: AuditCheck,
+) -> None:
+    """The payment was recorded as 2000 USD; a lost dispute of 500 EUR (disputes are in the
+    charge's currency) has no amount of the charge in EUR to be a share of: it fails for an
+    operator, taking nothing (it took all 100 credits). Once a refund of the charge names
+    the charge's amount in EUR, its retry takes its share, 500 of 2000 EUR."""
+    account, intent = _bought_pack(apply_events, sources, configure, "dispute-eur")
+    [lost] = apply_events(charge_dispute_closed(intent, 500, "lost", currency="eur"))
+    _failed_with(payments_db, lost, "500 EUR", "no amount of the charge in EUR is known")
+    assert ledger.balance(account).balance_micros == 100 * CREDIT
+
+    [refund] = apply_events(charge_refunded(intent, 2000, 500, currency="eur"))
+    assert payments_db.event(refund)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", payments_redis_url)
+    assert payments.process_event(lost) == "processed"  # its retry
+    assert payments_db.event(lost)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
+    assert ledger.balance(account).balance_micros == 50 * CREDIT
+    assert_audit_clean()
 
 
 def test_migration_0036_links_the_subscriptions_the_ledger_knew(

@@ -64,7 +64,9 @@ Event types:
 - charge.dispute.closed, lost: a chargeback, clawed back as a refund of the disputed
   amount would be. A refund's or a dispute's share is of all the charge's applied returns
   (the latest cumulative refund, less the refunds that failed since, plus lost disputes)
-  over what was paid, read under the account's lock: they compose in any order.
+  over what was paid, in the charge's currency only, read under the account's lock: they
+  compose in any order. A dispute of a charge whose amount in its currency is unknown (the
+  payment recorded in another) fails (UnknownChargeAmount) instead of taking the whole.
 - charge.refund.updated, refund.updated, refund.failed (a Refund object) with status failed
   or canceled: the customer got nothing back, so what the refund's charge.refunded took is
   given back to the lots it came from (ledger_restore_claw_back), once per refund; a failed
@@ -896,6 +898,16 @@ def _require_no_unfinished_payment(conn: Conn, event_id: str, refs: list[str]) -
         raise EventNotReady(f"the payment's own event {row[0]} is not applied yet")
 
 
+class UnknownChargeAmount(RuntimeError):
+    """A lost dispute names only its own amount, in the charge's currency; its share of the
+    purchase needs the charge's amount in that currency (a refund of the charge gives it,
+    else the payment's applied event). None is known when the payment was recorded in
+    another currency (its presentment currency, say, or inconsistent data): the dispute,
+    maybe of part of the charge, is not read as the whole purchase, nor its amount compared
+    with one in another currency. The event fails for an operator; a refund of the charge
+    stored since (which names the charge's amount) lets its retry apply the share."""
+
+
 @dataclass(frozen=True)
 class _Return:
     """What one refund, failed refund or lost dispute says of its charge, in the charge's
@@ -955,8 +967,9 @@ def _returned_share(
     cumulative share: the latest cumulative refund, less the refunds that failed since, and
     every lost dispute of the charge applied so far, this event's included (charge_returns),
     of the charge's amount (from a refund of it, else from its payment's applied event).
-    Refunds, their failures and disputes then compose in any order. None: a charge whose
-    amount is unknown (a dispute takes the whole)."""
+    Amounts in another currency than this event's are never counted: one rule for refunds
+    and disputes. Refunds, their failures and disputes then compose in any order. None: a
+    charge whose amount is unknown in this currency."""
     row = conn.execute(
         query("charge_returns"),
         {"event_id": event_id, "external_refs": refs, "currency": this.currency},
@@ -992,9 +1005,13 @@ def _claw_back(
         return Outcome("ignored", note="no purchase was paid by this charge")
     conn.execute(query("lock_claw_back_account"), {"account_id": account_id})
     share = _returned_share(conn, event_id, refs, this)
-    if share is None:
-        share = (this.disputed_minor, this.disputed_minor)  # the whole purchase
-    returned, paid = share
+    if share is None and this.disputed_minor > 0:
+        raise UnknownChargeAmount(
+            f"{comment}: no amount of the charge in {this.currency or 'its currency'} is"
+            " known (its payment was recorded in another currency, or without an amount), so"
+            " its share of the purchase is not: nothing taken back"
+        )
+    returned, paid = share or (0, 0)
     if paid <= 0:
         return Outcome("ignored", account_id, note="the event names no amount paid")
     params = _base_params(event_id, account_id, now)
