@@ -834,6 +834,34 @@ def test_resource_exhausted_without_the_rate_limits_reason_is_no_rate_limit() ->
         client.consume("acct-1", CREDIT)
     assert not isinstance(caught.value, RateLimited)
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.outcome_unknown  # an answer too large comes after the commit
+    assert len(fake.received) == 1  # the same key gets the same answer: not retried
+
+
+def test_an_answer_too_large_to_receive_says_the_charge_may_have_been_applied(
+    server_address: str, ledger: Ledger
+) -> None:
+    """The server charged, then the answer was larger than the client's receive limit
+    (gRPC's RESOURCE_EXHAUSTED, no reason): the error said outcome_unknown False, an
+    uncharged call to the caller. It is unknown, and the key replays the charge."""
+    account = new_account("too-large")
+    ledger.grant(account, 10)
+    small = [("grpc.max_receive_message_length", 64)]
+    with (
+        LedgerClient(server_address, retry=FAST_RETRY, options=small) as client,
+        pytest.raises(LedgerError) as raised,
+    ):
+        client.consume(account, 3 * CREDIT, feature="img")
+    error = raised.value
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not isinstance(error, RateLimited)
+    assert error.outcome_unknown and error.idempotency_key
+    [charge] = charges(ledger, account)
+    with LedgerClient(server_address, retry=FAST_RETRY) as client:
+        again = client.consume(
+            account, 3 * CREDIT, feature="img", idempotency_key=error.idempotency_key
+        )
+    assert again.transaction_id == charge.transaction_id
+    assert ledger.balance(account).balance_micros == 7 * CREDIT
 
 
 def test_the_async_client_says_the_outcome_is_unknown_too() -> None:

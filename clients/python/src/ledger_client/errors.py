@@ -54,6 +54,9 @@ ERROR_INFO_TYPE_URL = "type.googleapis.com/google.rpc.ErrorInfo"
 
 # The reason the server gives a DEADLINE_EXCEEDED of its own (ledger.v1.ErrorReason 45).
 SERVER_TIMEOUT_REASON = "DEADLINE_EXCEEDED"
+# The reason of the server's rate limit (ledger.v1.ErrorReason 44), the one RESOURCE_EXHAUSTED
+# answered before the call's handler ran.
+RATE_LIMIT_REASON = "RATE_LIMITED"
 
 
 class LedgerError(Exception):
@@ -250,8 +253,9 @@ class DeadlineExceeded(LedgerError):
     """The call's deadline passed. For a mutating call the outcome is unknown: call again with
     ``idempotency_key=error.idempotency_key`` (the key this call sent) to get the original
     result or apply it once; a call without it makes a new key and may apply twice. With
-    ``reason`` DEADLINE_EXCEEDED the server timed out itself and changed nothing (the client
-    retries those while the deadline leaves time, see ``RetryPolicy``)."""
+    ``reason`` DEADLINE_EXCEEDED the server timed out itself and this attempt changed nothing
+    (the client retries those while the deadline leaves time, see ``RetryPolicy``); unless
+    ``outcome_unknown``: an earlier attempt, whose answer was lost, may have applied it."""
 
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -290,7 +294,7 @@ _BY_REASON: dict[str, type[LedgerError]] = {
     "RESERVATION_NOT_COMMITTED": ReservationNotCommitted,
     "STORAGE_UNAVAILABLE": Unavailable,
     "CONFLICT": Conflict,
-    "RATE_LIMITED": RateLimited,
+    RATE_LIMIT_REASON: RateLimited,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
@@ -304,7 +308,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     # RESOURCE_EXHAUSTED is RateLimited by its reason only: gRPC also answers it for a
-    # message too large, where waiting helps nothing.
+    # message too large, where waiting helps nothing (and an answer too large to send or
+    # receive comes after the call was applied: see may_have_been_applied).
 }
 
 # Codes after which a call may have been applied: the connection dropped or the deadline
@@ -323,10 +328,21 @@ _UNKNOWN_OUTCOME_CODES = frozenset(
 def may_have_been_applied(error: LedgerError) -> bool:
     """Whether the attempt that failed with ``error`` may have changed the ledger. A
     DEADLINE_EXCEEDED the server answered itself (reason DEADLINE_EXCEEDED) rolled back;
-    one without that reason passed on the client's side."""
+    one without that reason passed on the client's side. A RESOURCE_EXHAUSTED other than the
+    rate limit is gRPC's message too large: a request refused before any handler ran, or an
+    answer larger than the server's send limit or the client's receive limit, refused after
+    the ledger committed it (and its replay under the same key is as large)."""
     if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return error.reason != SERVER_TIMEOUT_REASON
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error.reason != RATE_LIMIT_REASON
     return error.code in _UNKNOWN_OUTCOME_CODES
+
+
+def client_closed(message: str) -> LedgerError:
+    """The error of a call that the client's own ``close()`` ended: CANCELLED, no reason. The
+    client sets its key and whether an attempt was sent (then its outcome is unknown)."""
+    return LedgerError(message, code=grpc.StatusCode.CANCELLED)
 
 
 # --- google.rpc.Status / ErrorInfo without googleapis-common-protos ------------------------
