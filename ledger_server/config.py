@@ -12,6 +12,15 @@ from ledger_server.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 DEFAULT_METRICS_ADDR = "localhost:9464"
 
+# The smallest LEDGER_MAX_MESSAGE_BYTES (gRPC's own default): the largest answer of a mutating
+# call must fit it, or gRPC refuses to send that answer after the ledger committed the call,
+# and a retry under the same key replays it, as large. TransferReward's is the largest: up to
+# 16,384 new lots (one per expiry taken; its entry numbers at most 32,768 postings, a lot made
+# and at least one taken per expiry) of at most 228 bytes, about 3.6 MiB; a Reserve, Consume,
+# Commit, Release or Refund lists up to 32,767 lots of at most 61 bytes, 1.9 MiB.
+# tests/test_limits.py builds both at their largest.
+MIN_MESSAGE_BYTES = 4 * 1024 * 1024
+
 
 class ConfigError(ValueError):
     """A setting in the environment has an invalid value."""
@@ -113,7 +122,7 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = MIN_MESSAGE_BYTES
     statement_timeout_ms: int = 5000
     rate_limit_per_second: float = 0.0
     rate_limit_burst: int = 0
@@ -171,7 +180,9 @@ class Settings:
             tls_cert_file=env.get("LEDGER_TLS_CERT_FILE", ""),
             tls_key_file=env.get("LEDGER_TLS_KEY_FILE", ""),
             tls_client_ca_file=env.get("LEDGER_TLS_CLIENT_CA_FILE", ""),
-            max_message_bytes=env_int(env, "LEDGER_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, 1024),
+            max_message_bytes=env_int(
+                env, "LEDGER_MAX_MESSAGE_BYTES", MIN_MESSAGE_BYTES, minimum=MIN_MESSAGE_BYTES
+            ),
             statement_timeout_ms=env_int(env, "LEDGER_STATEMENT_TIMEOUT_MS", 5000),
             rate_limit_per_second=_float(env, "LEDGER_RATE_LIMIT_PER_SECOND", 0.0),
             rate_limit_burst=env_int(env, "LEDGER_RATE_LIMIT_BURST", 0),

@@ -5,13 +5,14 @@ rate limit."""
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
-from google.protobuf import message_factory
+from google.protobuf import message_factory, timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +27,7 @@ from ledger.v1 import (
 )
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger_server.clock import OffsetClock
-from ledger_server.config import Settings
+from ledger_server.config import MIN_MESSAGE_BYTES, ConfigError, Settings
 from ledger_server.db import deadlines
 from ledger_server.errors import LedgerError
 from ledger_server.ledger import validation
@@ -123,6 +124,90 @@ def test_a_long_list_of_journal_filters_is_refused_before_it_is_read(
     assert ledger.stub.ListTransactions(
         pb.ListTransactionsRequest(account_id=account, **{field: [value]})
     )
+
+
+def _largest_lot() -> types_pb2.Lot:
+    """A lot as large as a TransferReward's lots get: every number at its largest (lot ids
+    are bigints), the longest account id (a transfer's lots have no external_ref or parent)."""
+    far = timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999)  # year 9999
+    return types_pb2.Lot(
+        lot_id=str(2**63 - 1),
+        account_id="a" * 128,
+        source=max(types_pb2.CreditSource.values()),
+        balance_kind=max(types_pb2.BalanceKind.values()),
+        amount_micros=validation.MAX_AMOUNT_MICROS,
+        remaining_micros=validation.MAX_AMOUNT_MICROS,
+        held_micros=validation.MAX_AMOUNT_MICROS,
+        expired_micros=validation.MAX_AMOUNT_MICROS,
+        expires_at=far,
+        priority=2**31 - 1,
+        created_at=far,
+    )
+
+
+def _largest_balance() -> types_pb2.AccountBalance:
+    most = 2**63 - 1
+    return types_pb2.AccountBalance(
+        account_id="a" * 128,
+        balance_micros=-most,  # a negative int64 is ten bytes on the wire
+        available_micros=-most,
+        held_micros=most,
+        reward_balance_micros=most,
+        overdraft_limit_micros=most,
+        debt_micros=most,
+        as_of=timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999),
+    )
+
+
+def test_the_largest_answer_of_a_mutating_call_fits_the_smallest_message_limit() -> None:
+    """With LEDGER_MAX_MESSAGE_BYTES=1024 (its old minimum) a Consume over 80 lots was
+    committed, then gRPC refused to send its 1.5 KB answer (RESOURCE_EXHAUSTED), and every
+    retry under its key replayed it: charged, and never told. The smallest limit now holds
+    the largest answer of any mutating call, and a smaller one stops the server (exit 2)."""
+    # TransferReward: a lot made per expiry, its entry numbering one made and one taken at
+    # least per expiry within 32,768 postings.
+    transfer = pb.TransferRewardResponse(
+        transferred_micros=validation.MAX_AMOUNT_MICROS,
+        lot=_largest_lot(),
+        lots=[_largest_lot() for _ in range(16_384)],
+        transaction_id=str(2**63 - 1),
+        balance=_largest_balance(),
+    )
+    # A reservation's answer (Reserve, Consume, Commit, Release, Refund): up to 32,767 lots.
+    lot = pb.ReservationLot(
+        lot_id=str(2**63 - 1),
+        source=max(types_pb2.CreditSource.values()),
+        held_micros=validation.MAX_AMOUNT_MICROS,
+        committed_micros=validation.MAX_AMOUNT_MICROS,
+        refunded_micros=validation.MAX_AMOUNT_MICROS,
+        refund_expired_micros=validation.MAX_AMOUNT_MICROS,
+    )
+    long_text = "\U0001f600" * 1024  # 1024 characters of four bytes
+    reservation = pb.Reservation(
+        reservation_id=str(uuid.uuid4()),
+        account_id="a" * 128,
+        feature=long_text,
+        comment=long_text,
+        model=long_text,
+        lots=[lot] * 32_767,
+    )
+    refund = pb.RefundResponse(
+        reservation=reservation, transaction_id=str(2**63 - 1), balance=_largest_balance()
+    )
+    grpc_frame = 5
+    for answer in (transfer, refund):
+        assert answer.ByteSize() + grpc_frame <= MIN_MESSAGE_BYTES, type(answer).__name__
+    assert transfer.ByteSize() > 3.5 * 1024 * 1024  # why the minimum is not 3 MiB
+
+    base = {"DATABASE_URL": "postgresql://localhost/x"}
+    assert Settings.from_env(base).max_message_bytes == MIN_MESSAGE_BYTES == 4 * 1024 * 1024
+    larger = Settings.from_env({**base, "LEDGER_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)})
+    assert larger.max_message_bytes == 8 * 1024 * 1024
+    for smaller in (1024, MIN_MESSAGE_BYTES - 1):
+        with pytest.raises(
+            ConfigError, match=f"LEDGER_MAX_MESSAGE_BYTES must be at least {MIN_MESSAGE_BYTES}"
+        ):
+            Settings.from_env({**base, "LEDGER_MAX_MESSAGE_BYTES": str(smaller)})
 
 
 # --- page size --------------------------------------------------------------------------------
