@@ -516,6 +516,112 @@ def test_an_unknown_outcome_names_the_key_to_retry_with(proxy: DropProxy, ledger
     assert ledger.balance(account).balance_micros == 7 * CREDIT
 
 
+def test_closing_the_client_during_a_call_raises_its_key_not_a_bare_value_error(
+    proxy: DropProxy, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() while another thread's charge waited for its answer (committed, held by the
+    proxy): the client retried its own CANCELLED on the closed channel and the caller got
+    ValueError('Cannot invoke RPC on closed channel!'), no key, charged. Now a CANCELLED
+    LedgerError with the key, outcome unknown; the key replays the charge. A call made on
+    a closed client says so too, nothing sent."""
+    caplog.set_level(logging.INFO, logger="ledger_client")
+    account = new_account("closed")
+    ledger.grant(account, 10)
+    outcome: dict[str, BaseException] = {}
+    client = LedgerClient(proxy.address, retry=FAST_RETRY, timeout=10)
+    client.balance(account)  # connected
+    proxy.hold_next_response()
+
+    def call() -> None:
+        try:
+            client.consume(account, 3 * CREDIT, feature="img")
+        except BaseException as error:  # examined below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    proxy.wait_until_held()
+    client.close()
+    thread.join(timeout=5)
+    proxy.drop_held()
+    assert not thread.is_alive()
+    error = outcome["error"]
+    assert isinstance(error, LedgerError), repr(error)
+    assert error.code == grpc.StatusCode.CANCELLED
+    assert error.outcome_unknown and error.idempotency_key
+    assert retries_logged(caplog) == 0  # the client's own cancellation is not retried
+    [charge] = charges(ledger, account)
+    with LedgerClient(proxy.address, retry=FAST_RETRY) as again:
+        replayed = again.consume(
+            account, 3 * CREDIT, feature="img", idempotency_key=error.idempotency_key
+        )
+    assert replayed.transaction_id == charge.transaction_id
+    assert ledger.balance(account).balance_micros == 7 * CREDIT
+
+    with pytest.raises(LedgerError) as after:
+        client.consume(account, CREDIT, idempotency_key="after-close")
+    assert after.value.code == grpc.StatusCode.CANCELLED
+    assert (after.value.idempotency_key, after.value.outcome_unknown) == ("after-close", False)
+    assert len(charges(ledger, account)) == 1
+
+
+def test_async_close_during_a_call_raises_its_key_and_a_cancelled_task_still_cancels(
+    proxy: DropProxy, ledger: Ledger
+) -> None:
+    """await aclient.close() while a committed charge waited for its answer: the call's task
+    got a bare CancelledError (no key, as if the caller had cancelled it). Now a CANCELLED
+    LedgerError with the key, outcome unknown. The caller's own cancellation still raises
+    CancelledError, a close() right after it included."""
+    account = new_account("aclosed")
+    ledger.grant(account, 10)
+
+    async def held_call(client: AsyncLedgerClient) -> asyncio.Task[pb.ConsumeResponse]:
+        await client.balance(account)  # connected
+        proxy.hold_next_response()
+        task = asyncio.create_task(client.consume(account, CREDIT, feature="img"))
+        await asyncio.to_thread(proxy.wait_until_held)
+        return task
+
+    async def scenario() -> tuple[BaseException, bool]:
+        client = AsyncLedgerClient(proxy.address, retry=FAST_RETRY, timeout=10)
+        task = await held_call(client)
+        await client.close()
+        try:
+            await task
+        except BaseException as error:  # examined below
+            closed_error = error
+        await asyncio.to_thread(proxy.drop_held)
+        with pytest.raises(LedgerError) as after:  # a call on the closed client: not sent
+            await client.consume(account, CREDIT, idempotency_key="after-aclose")
+        assert after.value.code == grpc.StatusCode.CANCELLED
+        assert (after.value.idempotency_key, after.value.outcome_unknown) == ("after-aclose", False)
+
+        mine = AsyncLedgerClient(proxy.address, retry=FAST_RETRY, timeout=10)
+        task = await held_call(mine)
+        task.cancel()
+        await mine.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(proxy.drop_held)
+        return closed_error, task.cancelled()
+
+    error, cancelled = asyncio.run(scenario())
+    assert isinstance(error, LedgerError), repr(error)
+    assert error.code == grpc.StatusCode.CANCELLED
+    assert error.outcome_unknown and error.idempotency_key
+    assert cancelled
+    # Both held answers were charges the server committed; the first's key replays its own.
+    both = charges(ledger, account)
+    assert len(both) == 2
+    first = min(both, key=lambda t: t.create_time.ToDatetime())
+    with LedgerClient(proxy.address, retry=FAST_RETRY) as client:
+        replayed = client.consume(
+            account, CREDIT, feature="img", idempotency_key=error.idempotency_key
+        )
+    assert replayed.transaction_id == first.transaction_id
+    assert ledger.balance(account).balance_micros == 8 * CREDIT
+
+
 def test_the_async_client_names_the_key_too() -> None:
     fake = FakeLedger(failures=[failure(grpc.StatusCode.UNAVAILABLE, "down")] * 2)
 

@@ -128,7 +128,9 @@ class RetryPolicy:
     UNAVAILABLE is an outage or a dropped connection; ABORTED is the server's CONFLICT
     ("lost a race, retry with the same idempotency key"); CANCELLED that reaches the client
     is a call the other side cancelled (grpc cancels the calls arriving as a server shuts
-    down; the client's own cancellation raises instead). With ``retry_server_timeouts``, a
+    down; the client's own cancellation raises instead, and a call that the client's
+    ``close()`` ended is never retried: it raises CANCELLED with its key, outcome unknown).
+    With ``retry_server_timeouts``, a
     DEADLINE_EXCEEDED that the server itself answered (ErrorInfo reason DEADLINE_EXCEEDED:
     its database time-out cancelled the statement and rolled the transaction back, nothing
     was changed) is retried too while the call's deadline leaves time; one that passed on the

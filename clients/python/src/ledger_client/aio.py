@@ -31,7 +31,13 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger_client import _common as c
 from ledger_client._hold import REFUSED_COMMIT_REASON, HoldState, refused_for_good
-from ledger_client.errors import LedgerError, from_rpc_error, may_have_been_applied
+from ledger_client.errors import (
+    LedgerError,
+    client_closed,
+    from_rpc_error,
+    given_up,
+    may_have_been_applied,
+)
 
 __all__ = ["AsyncHold", "AsyncLedgerClient"]
 
@@ -57,7 +63,9 @@ class AsyncLedgerClient:
     retried with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
     retries included, has a deadline of ``timeout`` seconds. Failures raise
     :class:`~ledger_client.errors.LedgerError` subclasses. Use it as an async context
-    manager or await :meth:`close`.
+    manager or await :meth:`close`: a call it ends raises a CANCELLED ``LedgerError`` with
+    the call's key (``outcome_unknown`` when an attempt had been sent); a cancellation of the
+    caller's own task still raises ``CancelledError``.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class AsyncLedgerClient:
             options=tuple(options),
         )
         self._metadata = self.config.credentials.call_metadata()
+        self._closed = False
         self._channel = open_channel(self.config)
         self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
         self._reports = report_service_pb2_grpc.ReportServiceStub(self._channel)
@@ -94,6 +103,9 @@ class AsyncLedgerClient:
         )
 
     async def close(self) -> None:
+        """Closes the channel. Calls in flight in other tasks end with a CANCELLED
+        ``LedgerError`` carrying their key, their outcome unknown."""
+        self._closed = True  # before the channel cancels the calls in flight
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncLedgerClient:
@@ -128,11 +140,26 @@ class AsyncLedgerClient:
                 error = from_rpc_error(rpc_error)
                 applied_maybe = applied_maybe or may_have_been_applied(error)
                 left = None if deadline is None else deadline - time.monotonic()
-                delay = self.config.retry.delay_before_retry(error, attempt, left)
+                # After close() no retry can be sent (see the sync client).
+                retry = self.config.retry
+                delay = None if self._closed else retry.delay_before_retry(error, attempt, left)
                 if delay is None:
-                    error.idempotency_key = getattr(request, "idempotency_key", "")
-                    error.outcome_unknown = applied_maybe
-                    raise error from rpc_error
+                    raise given_up(error, request, applied_maybe) from rpc_error
+            except asyncio.CancelledError as cancelled:
+                # close() cancels the calls in flight, which raises CancelledError here
+                # though no one cancelled the caller's task: that is the client's doing, and
+                # the caller needs the key (the call may have been applied). A cancellation of
+                # the caller's own task (cancelling() > 0) propagates as it is.
+                task = asyncio.current_task()
+                if not self._closed or task is None or task.cancelling():
+                    raise
+                error = client_closed("the client was closed during the call")
+                raise given_up(error, request, True) from cancelled
+            except grpc.aio.UsageError as closed:  # "Channel is closed."
+                if not self._closed:
+                    raise
+                error = client_closed("the client is closed: no attempt can be sent")
+                raise given_up(error, request, applied_maybe) from closed
             log.info("ledger call failed with %s; retry %d in %.3f s", error, attempt, delay)
             await asyncio.sleep(delay)
 

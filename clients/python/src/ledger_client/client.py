@@ -24,7 +24,13 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import report_service_pb2 as report_pb
 from ledger_client import _common as c
 from ledger_client._hold import REFUSED_COMMIT_REASON, HoldState, refused_for_good
-from ledger_client.errors import LedgerError, from_rpc_error, may_have_been_applied
+from ledger_client.errors import (
+    LedgerError,
+    client_closed,
+    from_rpc_error,
+    given_up,
+    may_have_been_applied,
+)
 
 __all__ = ["Hold", "LedgerClient"]
 
@@ -50,7 +56,8 @@ class LedgerClient:
     retried with exponential backoff and jitter (see :class:`RetryPolicy`); the whole call,
     retries included, has a deadline of ``timeout`` seconds. Failures raise
     :class:`~ledger_client.errors.LedgerError` subclasses. Use it as a context manager or
-    call :meth:`close`.
+    call :meth:`close`: a call it ends raises a CANCELLED ``LedgerError`` with the call's key
+    (``outcome_unknown`` when an attempt had been sent).
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class LedgerClient:
             options=tuple(options),
         )
         self._metadata = self.config.credentials.call_metadata()
+        self._closed = False
         self._channel = open_channel(self.config)
         self._stub = ledger_service_pb2_grpc.LedgerServiceStub(self._channel)
         self._reports = report_service_pb2_grpc.ReportServiceStub(self._channel)
@@ -87,6 +95,9 @@ class LedgerClient:
         )
 
     def close(self) -> None:
+        """Closes the channel. Calls in flight in other threads end with a CANCELLED
+        ``LedgerError`` carrying their key, their outcome unknown."""
+        self._closed = True  # before the channel cancels the calls in flight
         self._channel.close()
 
     def __enter__(self) -> LedgerClient:
@@ -121,11 +132,17 @@ class LedgerClient:
                 error = from_rpc_error(rpc_error)
                 applied_maybe = applied_maybe or may_have_been_applied(error)
                 left = None if deadline is None else deadline - time.monotonic()
-                delay = self.config.retry.delay_before_retry(error, attempt, left)
+                # After close() (whose CANCELLED this may be) no retry can be sent: gRPC
+                # would raise a bare ValueError, and the caller would lose the call's key.
+                retry = self.config.retry
+                delay = None if self._closed else retry.delay_before_retry(error, attempt, left)
                 if delay is None:
-                    error.idempotency_key = getattr(request, "idempotency_key", "")
-                    error.outcome_unknown = applied_maybe
-                    raise error from rpc_error
+                    raise given_up(error, request, applied_maybe) from rpc_error
+            except ValueError as closed:  # "Cannot invoke RPC on closed channel!"
+                if not self._closed:
+                    raise
+                error = client_closed("the client is closed: no attempt can be sent")
+                raise given_up(error, request, applied_maybe) from closed
             log.info("ledger call failed with %s; retry %d in %.3f s", error, attempt, delay)
             time.sleep(delay)
 

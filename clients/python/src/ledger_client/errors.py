@@ -339,6 +339,14 @@ def may_have_been_applied(error: LedgerError) -> bool:
     return error.code in _UNKNOWN_OUTCOME_CODES
 
 
+def given_up(error: LedgerError, request: object, applied_maybe: bool) -> LedgerError:
+    """``error`` as a client raises it once it stops trying: with the key the call's request
+    sent (none for a read) and whether one of its attempts may have applied it."""
+    error.idempotency_key = getattr(request, "idempotency_key", "")
+    error.outcome_unknown = applied_maybe
+    return error
+
+
 def client_closed(message: str) -> LedgerError:
     """The error of a call that the client's own ``close()`` ended: CANCELLED, no reason. The
     client sets its key and whether an attempt was sent (then its outcome is unknown)."""
