@@ -2,9 +2,11 @@
 
     python quickstart.py [HOST:PORT]      (or LEDGER_TARGET=HOST:PORT; LEDGER_TOKEN optional)
 
-Grants a fresh account 10 credits, runs one generation that succeeds (reserve 2 credits,
-commit the real cost of 1.5), one that fails (the hold is released, nothing charged), and
-one that the account cannot afford. Needs only the credit-ledger-client package.
+Opens a fresh account by granting it 10 credits (the server adds its sign-up bonus to an
+account's first grant: 100 credits by default, so the balance printed at the end is 108.50),
+runs one generation that succeeds (reserve 2 credits, commit the real cost of 1.5), one that
+fails (the hold is released, nothing charged), and one that the account cannot afford.
+Needs only the credit-ledger-client package.
 """
 
 from __future__ import annotations
