@@ -10,7 +10,11 @@ defaults at start put every setting no administrator changed back to its built-i
 RQ's default worker forks a work horse per job. A pool inherited across fork() must not be
 used (its connections and threads belong to the parent), so the pool is keyed by process id:
 a forked child opens its own and leaves the parent's alone (psycopg never closes a connection
-that another process opened)."""
+that another process opened).
+
+While PostgreSQL cannot be reached the pool fails fast (workers/pool.py): `connection()`
+raises DatabaseUnreachable within about a second instead of waiting 30 s, and so does the
+first use of a new pool (a work horse opens one for each job)."""
 
 from __future__ import annotations
 
@@ -21,17 +25,17 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool
 
 from ledger_server.config import ConfigError
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
+from workers.pool import WorkerPool
 
 _lock = threading.Lock()
-_pool: ConnectionPool[psycopg.Connection[TupleRow]] | None = None
+_pool: WorkerPool | None = None
 _pool_pid: int | None = None
 _pool_url: str | None = None
 # Pools inherited from a parent process: kept referenced, never closed or used here.
-_inherited: list[ConnectionPool[psycopg.Connection[TupleRow]]] = []
+_inherited: list[WorkerPool] = []
 
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE_DEFAULT = 8
@@ -65,8 +69,11 @@ def init() -> None:
         conn.execute(b"SELECT 1")
 
 
-def pool() -> ConnectionPool[psycopg.Connection[TupleRow]]:
-    """This process's pool, opened on first use (DATABASE_URL, LEDGER_DB_POOL_MAX)."""
+def pool() -> WorkerPool:
+    """This process's pool, opened on first use (DATABASE_URL, LEDGER_DB_POOL_MAX). Its
+    first connection is made in the background: the first `connection()` waits for it, and
+    gets DatabaseUnreachable as soon as it fails (waiting for the pool to fill, as before,
+    took 30 s to fail while PostgreSQL was down)."""
     global _pool, _pool_pid, _pool_url
     url = database_url()
     with _lock:
@@ -78,7 +85,7 @@ def pool() -> ConnectionPool[psycopg.Connection[TupleRow]]:
             _pool.close()
             _pool = None
         if _pool is None:
-            new_pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+            new_pool = WorkerPool(
                 url,
                 min_size=POOL_MIN_SIZE,
                 max_size=_max_size(),
@@ -86,15 +93,17 @@ def pool() -> ConnectionPool[psycopg.Connection[TupleRow]]:
                 open=False,
                 name="ledger-worker",
             )
-            new_pool.open(wait=True, timeout=30)
+            new_pool.open(wait=False)
             _pool, _pool_pid, _pool_url = new_pool, os.getpid(), url
         return _pool
 
 
 @contextmanager
-def connection() -> Iterator[psycopg.Connection[TupleRow]]:
-    """A pooled connection with autocommit=True, returned to the pool on exit."""
-    with pool().connection() as conn:
+def connection(timeout: float | None = None) -> Iterator[psycopg.Connection[TupleRow]]:
+    """A pooled connection with autocommit=True, returned to the pool on exit. Waits for
+    one up to `timeout` seconds (the pool's 30 s when None) while the pool is busy, about a
+    second while PostgreSQL cannot be reached (psycopg.OperationalError either way)."""
+    with pool().connection(timeout) as conn:
         yield conn
 
 

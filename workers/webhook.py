@@ -5,8 +5,10 @@ tolerance (`stripe.Webhook.construct_event`); a bad one gets 400 and nothing is 
 verified event is stored under its Stripe event id (a duplicate delivery finds its row) and,
 when new, enqueued as `workers.payments.process_event` with job_id = event id; then 200. If
 Redis is down the event is stored all the same and answered 200: the sweeper re-queues it
-from PostgreSQL. A database error answers 500, so Stripe delivers the event again later.
-GET /healthz: 200 when the database answers.
+from PostgreSQL. An event not stored is never answered 2xx, so Stripe delivers it again
+later: PostgreSQL unreachable, or no pooled connection free within DELIVERY_CONNECTION_WAIT
+seconds, answers 503 (within about a second while PostgreSQL is down: workers/pool.py),
+and another database error 500. GET /healthz: 200 when the database answers.
 
 Why the standard library's ThreadingHTTPServer and no web framework: the receiver has one
 route that does two short blocking calls (one INSERT, one Redis push) with the synchronous
@@ -70,6 +72,16 @@ _EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
 
+# The longest a delivery waits for a pooled connection while PostgreSQL answers (every
+# connection lent). Stripe wants a quick answer and times a slow delivery out: the pool's
+# own 30 s held the thread long after that, for an answer nobody read. Past it the delivery
+# is answered 503, not stored, and Stripe delivers it again.
+DELIVERY_CONNECTION_WAIT = 5.0
+
+
+def _delivery_connection() -> AbstractContextManager[psycopg.Connection[TupleRow]]:
+    return db.connection(DELIVERY_CONNECTION_WAIT)
+
 
 # What PostgreSQL's jsonb cannot hold: NUL, and UTF-16 surrogates. json.loads pairs a
 # high and a low surrogate escape into one character, so any surrogate left in a str is a
@@ -106,7 +118,7 @@ class WebhookReceiver:
         self,
         secret: str,
         tolerance_seconds: int,
-        connect: Connect = db.connection,
+        connect: Connect = _delivery_connection,
         redis: Callable[[], Redis] = redis_connection,
     ) -> None:
         self._secret = secret
@@ -146,17 +158,24 @@ class WebhookReceiver:
             or not isinstance(event_type, str)
         ):
             return HTTPStatus.BAD_REQUEST, {"error": "the event has no id or type"}
-        with self._connect() as conn:
-            stored = conn.execute(
-                query("insert_payment_event"),
-                {
-                    "event_id": event_id,
-                    "type": event_type,
-                    "account_id": account_hint(payload) or "",
-                    "payload": Jsonb(payload),
-                    "now": datetime.now(UTC),
-                },
-            ).fetchone()
+        try:
+            with self._connect() as conn:
+                stored = conn.execute(
+                    query("insert_payment_event"),
+                    {
+                        "event_id": event_id,
+                        "type": event_type,
+                        "account_id": account_hint(payload) or "",
+                        "payload": Jsonb(payload),
+                        "now": datetime.now(UTC),
+                    },
+                ).fetchone()
+        except psycopg.OperationalError as exc:
+            # PostgreSQL unreachable or the connection lost (the insert may have committed:
+            # the retry then finds the row, and the sweeper queues it), or no connection
+            # free in time: Stripe delivers the event again.
+            log.warning("event %s not stored (database unavailable): %s", event_id, exc)
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "database unavailable; retry"}
         if stored is None:
             return HTTPStatus.OK, {"received": True, "duplicate": True}
         try:
@@ -553,7 +572,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     server.start()
-    db.pool()  # open the pool now: an unreachable database fails the start
+    with db.connection() as conn:  # an unreachable database fails the start
+        conn.execute(b"SELECT 1")
     log.info("Stripe webhooks: POST %s%s", server.url, WEBHOOK_PATH)
     # Waited on with a time-out: Python runs signal handlers on the main thread only, and
     # one blocked in an untimed Event.wait() was found still in it 10 s after SIGTERM (3
