@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import smtplib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +36,7 @@ from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
+from support.certs import make_certs
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.server import ServerThread
 from support.workers import run_burst_workers
@@ -438,12 +442,155 @@ def test_an_address_the_smtp_server_rejects_fails_after_five_attempts(
         (smtplib.SMTPRecipientsRefused({"a@b": (451, b"later"), "c@d": (550, b"no")}), False),
         (smtplib.SMTPNotSupportedError("STARTTLS extension not supported"), False),
         (AttributeError("an address the email library cannot write"), False),
+        # DNS: the host's name does not exist (a mistyped LEDGER_SMTP_HOST) will recur; a
+        # resolver that could not answer may answer later.
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+        (socket.gaierror(socket.EAI_NODATA, "No address associated with hostname"), False),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+        (socket.gaierror(socket.EAI_FAIL, "Non-recoverable failure in name resolution"), True),
+        # TLS: a certificate that does not verify, or no protocol in common, will recur; a
+        # handshake cut off by the network may not.
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),
+        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), False),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), True),
         # RQ's job time-out raised inside the send: the server was slow, not refusing.
         (JobTimeoutException("Task exceeded maximum timeout value (180 seconds)"), True),
     ],
 )
 def test_which_failures_are_retried_hourly(error: Exception, transient: bool) -> None:
     assert alerts.transient(error) is transient
+
+
+@pytest.fixture
+def tls_smtp(tmp_path: Path) -> Iterator[tuple[Inbox, int, Path]]:
+    """An SMTP server offering STARTTLS with a certificate for 127.0.0.1 that a throw-away
+    CA signed (no system trusts it); with the CA's file."""
+    make_certs(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "certs" / "server.pem", tmp_path / "certs" / "server.key")
+    inbox, port = Inbox(), _free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, tls_context=context)
+    controller.start()
+    try:
+        yield inbox, port, tmp_path / "certs" / "ca.pem"
+    finally:
+        controller.stop()
+
+
+def test_tls_misconfiguration_fails_the_alert_after_five_attempts_and_is_logged(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    tls_smtp: tuple[Inbox, int, Path],
+    smtp: tuple[Inbox, int],
+    ledger_db_url: str,
+    monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """STARTTLS verified nothing (smtplib's default context): the login and the email went
+    to whoever answered. Now a certificate no trusted CA signed is refused, a permanent
+    failure (it recurs until someone fixes the relay or LEDGER_SMTP_CA_FILE): the alert is
+    failed after RQ's five attempts and logged, rather than parked and retried hourly for
+    ever as every TLS error was; so is STARTTLS that the server does not offer. With the
+    relay's CA configured the email is sent over TLS."""
+    tls_inbox, tls_port, ca_file = tls_smtp
+    _, plain_port = smtp
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("LEDGER_SMTP_STARTTLS", "true")
+    caplog.set_level(logging.ERROR, logger="workers.alerts")
+    try:
+        for name, port, error_type in (
+            ("tls-unverified", tls_port, "SSLCertVerificationError"),
+            ("tls-not-offered", plain_port, "SMTPNotSupportedError"),
+        ):
+            account = _crossed_account(ledger, admin, configure, name)
+            [alert] = _alerts(admin, account)
+            monkeypatch.setenv("LEDGER_SMTP_PORT", str(port))
+            assert _send_attempts(account, alert.alert_id, 6) == [error_type] * 5
+            status, attempts, error = _email_outcome(ledger_db_url, account)
+            assert (status, attempts) == ("failed", 5), error
+            assert error is not None and error.startswith(error_type), error
+            [logged] = [r.getMessage() for r in caplog.records if account in r.getMessage()]
+            assert f"alert email {alert.alert_id} of account {account} failed for good" in logged
+        assert tls_inbox.messages == []
+
+        monkeypatch.setenv("LEDGER_SMTP_PORT", str(tls_port))
+        monkeypatch.setenv("LEDGER_SMTP_CA_FILE", str(ca_file))
+        account = _crossed_account(ledger, admin, configure, "tls-verified")
+        [alert] = _alerts(admin, account)
+        assert _send_attempts(account, alert.alert_id, 1) == []
+    finally:
+        worker_db.close()
+    assert _email_outcome(ledger_db_url, account) == ("sent", 1, None)
+    assert len(tls_inbox.to(account)) == 1
+
+
+def test_transient_failures_end_after_max_attempts_with_a_failed_alert(
+    ledger: Ledger,
+    admin: Any,
+    configure: Any,
+    ledger_db_url: str,
+    redis_url: str,
+    monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An alert whose SMTP server could not be reached was parked and retried hourly for
+    as long as that lasted: with a relay gone for good (or a name that never resolves), for
+    ever, one job a day per alert, and the alert pending in the data. Now the attempt that
+    reaches MAX_ATTEMPTS fails it, logged, and the sweeper queues it no more."""
+    account = _crossed_account(ledger, admin, configure, "smtp-gone")
+    [alert] = _alerts(admin, account)
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        # Its fast attempts and all but two of its hourly ones spent.
+        row = conn.execute(
+            "UPDATE low_balance_alerts SET email_attempts = %s, email_attempted_at = created_at"
+            " WHERE account_id = %s RETURNING created_at",
+            (alerts.MAX_ATTEMPTS - 2, account),
+        ).fetchone()
+    assert row is not None
+    # Hours after the alert (the server's clock may be ahead of the workers' real time).
+    later = (row[0] + timedelta(hours=3)).isoformat()
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("LEDGER_SMTP_PORT", str(_free_port()))  # nothing listens: refused
+    caplog.set_level(logging.ERROR, logger="workers.alerts")
+    redis = redis_connection(redis_url)
+    job_id = f"alert-email-{alert.alert_id}"
+
+    def forget_job() -> None:
+        Queue(DEFAULT_QUEUE, connection=redis).remove(job_id)
+        redis.delete(f"rq:job:{job_id}")
+
+    def swept() -> bool:
+        """Whether the sweeper queues the alert (its job, lost, queued again)."""
+        forget_job()
+        sweepers.requeue_pending_alert_emails(60, later)
+        return bool(redis.exists(f"rq:job:{job_id}"))
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if account in r.getMessage()]
+
+    try:
+        for attempts in (alerts.MAX_ATTEMPTS - 1, alerts.MAX_ATTEMPTS):
+            assert swept()  # parked, due
+            assert _send_attempts(account, alert.alert_id, 1) == ["ConnectionRefusedError"]
+            if attempts < alerts.MAX_ATTEMPTS:
+                assert _email_outcome(ledger_db_url, account)[:2] == ("pending", attempts)
+                assert logged() == []
+        status, attempts, error = _email_outcome(ledger_db_url, account)
+        assert (status, attempts) == ("failed", alerts.MAX_ATTEMPTS), error
+        assert error is not None and error.startswith("ConnectionRefusedError"), error
+        [message] = logged()
+        assert f"failed for good after {alerts.MAX_ATTEMPTS} attempts" in message
+        assert not swept()
+        assert [a.email_status for a in _alerts(admin, account)] == [
+            admin_pb.ALERT_EMAIL_STATUS_FAILED
+        ]
+    finally:
+        forget_job()
+        worker_db.close()
 
 
 def _alert_at(conn: psycopg.Connection[Any], account: str, at: datetime) -> int:

@@ -8,15 +8,22 @@ recording can send it twice.
 A failed attempt is retried by RQ (FAST_ATTEMPTS of them in about 13 minutes). After
 those, an alert whose last failure was transient (the server unreachable, too slow for the
 session's time limit, or answering 4xx) stays pending, parked: the sweeper tries it again
-once its last attempt is PARKED_RETRY_SECONDS old, for as long as the outage lasts. Only a
-permanent failure (a 5xx answer such as a rejected recipient, an address the email library
-cannot write) fails it for good."""
+once its last attempt is PARKED_RETRY_SECONDS old, up to MAX_ATTEMPTS in all (about two
+days); the attempt that reaches MAX_ATTEMPTS fails it for good, and says so in the log. Any
+other failure is permanent and fails it after the fast attempts: a 5xx answer such as a
+rejected recipient, an address the email library cannot write, and a misconfiguration (the
+SMTP host's name unknown to DNS, a certificate that does not verify, STARTTLS not offered).
+Before, a transient failure was retried hourly for ever, and DNS and TLS failures were all
+transient: a mistyped host name or a relay's bad certificate kept every alert pending, its
+job re-queued every hour, with nothing in the data to say it would never be sent."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import smtplib
 import socket
+import ssl
 import threading
 import time
 from datetime import UTC, datetime
@@ -33,10 +40,15 @@ from workers.settings import SmtpSettings
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
+log = logging.getLogger(__name__)
+
 CREDIT = 1_000_000
 # RQ's first run and its first four retries (RETRY_INTERVALS: 10 + 30 + 120 + 600 s).
 FAST_ATTEMPTS = 5
 PARKED_RETRY_SECONDS = 3600
+# The fast attempts and 48 hourly ones: an SMTP outage of two days. An alert's email later
+# than that tells little, and one never sent must show as failed, not pending for ever.
+MAX_ATTEMPTS = FAST_ATTEMPTS + 48
 # The longest one wait on the SMTP server may take (to connect, for a reply); the session
 # as a whole is bounded by SmtpSettings.session_seconds, and the waits shrink as it ends.
 SMTP_READ_TIMEOUT_SECONDS = 30.0
@@ -84,6 +96,9 @@ class _Session(smtplib.SMTP):
         self, host: str = "localhost", port: int = 0, source_address: Any = None
     ) -> tuple[int, bytes]:
         self.timeout = self.time_left()  # smtplib connects with self.timeout
+        # The name STARTTLS checks the certificate against: smtplib takes it from the
+        # constructor's host only, which connects at once, before the deadline is set.
+        self._host = host
         return super().connect(host, port, source_address)
 
     def _shrink(self) -> None:
@@ -115,7 +130,9 @@ def _send(message: EmailMessage) -> None:
     try:
         client.connect(smtp.host, smtp.port)
         if smtp.starttls:
-            client.starttls()
+            # Verified: smtplib's own default context checks neither the certificate nor
+            # the host name, so anyone on the path could take the login and the email.
+            client.starttls(context=_tls_context(smtp))
         if smtp.username:
             client.login(smtp.username, smtp.password)
         client.send_message(message)
@@ -138,6 +155,12 @@ def _send(message: EmailMessage) -> None:
     finally:
         watchdog.cancel()
         client.close()
+
+
+def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
+    """The system's trusted certificates, or LEDGER_SMTP_CA_FILE's (a private relay's CA);
+    the certificate must name LEDGER_SMTP_HOST."""
+    return ssl.create_default_context(cafile=smtp.ca_file or None)
 
 
 def send_low_balance_email(account_id: str, alert_id: int) -> str:
@@ -167,30 +190,56 @@ def _send_claimed(conn: psycopg.Connection[Any], ids: dict[str, Any]) -> str:
     # an attempt not recorded would be retried for ever instead of failing.
     except Exception as error:
         failure = error
-    conn.execute(
+    described = None if failure is None else f"{type(failure).__name__}: {failure}"
+    recorded = conn.execute(
         query("record_alert_email"),
         {
             **ids,
             "status": "sent" if failure is None else "pending",
-            "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+            "error": described,
             "transient": failure is not None and transient(failure),
             "fast_attempts": FAST_ATTEMPTS,
+            "max_attempts": MAX_ATTEMPTS,
             "now": datetime.now(UTC),
         },
-    )
+    ).fetchone()
+    if recorded is not None and recorded[0] == "failed":
+        log.error(
+            "the low-balance alert email %s of account %s failed for good after %d attempts"
+            " (no further attempt): %s",
+            ids["alert_id"],
+            ids["account_id"],
+            recorded[1],
+            described,
+        )
     if failure is not None:
         raise failure  # RQ retries with backoff, then keeps it in the failed registry
     return f"sent to {email_to}"
+
+
+# What getaddrinfo answers when DNS says the name does not exist (NXDOMAIN, or no address
+# of it): the configured host is wrong, and stays wrong. A resolver that could not be
+# reached or failed (EAI_AGAIN, EAI_FAIL) may answer later.
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+# TLS failures that are the connection's, not the configuration's: it was closed or reset
+# during the handshake.
+_TLS_CUT = (ssl.SSLEOFError, ssl.SSLSyscallError, ssl.SSLZeroReturnError)
 
 
 def transient(error: Exception) -> bool:
     """Whether a later attempt may succeed: the server could not be reached, dropped the
     connection or timed out, or answered 4xx (RFC 5321's transient replies); RQ's job
     time-out, raised inside the send, is a time-out too (the session's own limit is meant to
-    come first). A 5xx answer and SMTP errors of our own making (STARTTLS or AUTH not
-    offered) will recur."""
+    come first). A 5xx answer, SMTP errors of our own making (STARTTLS or AUTH not
+    offered), a host name DNS says does not exist and a TLS handshake that fails on its
+    terms (a certificate that does not verify or names another host, no protocol or cipher
+    in common: ssl.SSLError but a connection cut) will recur until someone fixes them."""
     if isinstance(error, BaseTimeoutException):
         return True
+    if isinstance(error, socket.gaierror):
+        return error.errno not in _NO_SUCH_NAME
+    if isinstance(error, ssl.SSLError):
+        return isinstance(error, _TLS_CUT)
     if isinstance(error, smtplib.SMTPRecipientsRefused):
         return all(400 <= code < 500 for code, _ in error.recipients.values())
     if isinstance(error, smtplib.SMTPResponseException):
@@ -199,4 +248,4 @@ def transient(error: Exception) -> bool:
         return True
     if isinstance(error, smtplib.SMTPException):
         return False
-    return isinstance(error, OSError)  # refused, reset, timed out, name or TLS failures
+    return isinstance(error, OSError)  # refused, reset, unreachable, timed out

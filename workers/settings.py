@@ -21,6 +21,8 @@ class SmtpSettings:
     username: str
     password: str
     starttls: bool
+    # The CA certificates (PEM) STARTTLS verifies the server's with; empty: the system's.
+    ca_file: str = ""
     # How long one attempt's whole session may take (workers/alerts.py: _Session).
     session_seconds: int = 120
 
@@ -40,6 +42,7 @@ class SmtpSettings:
             username=env.get("LEDGER_SMTP_USERNAME", ""),
             password=env.get("LEDGER_SMTP_PASSWORD", ""),
             starttls=env.get("LEDGER_SMTP_STARTTLS", "false").lower() in ("1", "true", "yes"),
+            ca_file=env.get("LEDGER_SMTP_CA_FILE", ""),
             session_seconds=session_seconds,
         )
 

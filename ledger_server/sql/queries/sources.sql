@@ -301,16 +301,19 @@ SELECT pg_advisory_unlock(hashtextextended('alert-email:' || %(alert_id)s::text,
 -- name: record_alert_email
 -- A failure stays pending: the job's RQ retries and the sweeper try it again. Once
 -- fast_attempts are spent, a permanent failure (workers/alerts.py: SMTP 5xx, an address the
--- email library cannot write) fails it for good; a transient one leaves it pending, parked
--- for the sweeper's hourly retries until it is sent.
+-- email library cannot write, a misconfiguration) fails it for good; a transient one leaves
+-- it pending, parked for the sweeper's hourly retries, until it is sent or its attempts
+-- reach max_attempts, which fails it.
 UPDATE low_balance_alerts
-   SET email_status = CASE WHEN %(status)s = 'pending' AND NOT %(transient)s
-                                AND email_attempts + 1 >= %(fast_attempts)s::int THEN 'failed'
+   SET email_status = CASE WHEN %(status)s = 'pending'
+                                AND (NOT %(transient)s AND email_attempts + 1 >= %(fast_attempts)s::int
+                                     OR email_attempts + 1 >= %(max_attempts)s::int) THEN 'failed'
                            ELSE %(status)s END,
        email_error = %(error)s, email_attempts = email_attempts + 1,
        email_attempted_at = %(now)s::timestamptz,
        email_sent_at = CASE WHEN %(status)s = 'sent' THEN %(now)s::timestamptz END
  WHERE account_id = %(account_id)s AND alert_id = %(alert_id)s
+RETURNING email_status, email_attempts
 
 -- name: pending_alert_emails
 -- Pending alerts the sweeper may re-queue: those within their fast attempts, and parked
