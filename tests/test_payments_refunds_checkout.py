@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -25,7 +26,7 @@ from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings, StripeSettings
 from ledger_server.db import migrate
 from ledger_server.ledger import page_tokens
-from ledger_server.server.stripe_checkout import STRIPE_THREADS
+from ledger_server.server.stripe_checkout import STRIPE_THREADS, stripe_idempotency_key
 from support import payments as payment_fixtures
 from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
@@ -47,7 +48,8 @@ from support.webhooks import (
     subscription_deleted,
     subscription_updated,
 )
-from workers import payments
+from workers import db as worker_db
+from workers import payments, sweepers
 
 AuditCheck = Callable[[], None]
 
@@ -2212,6 +2214,77 @@ def test_stripe_refusals_and_outages_map_to_grpc_errors(
         assert checkout.CreateCheckoutSession(sent).session.session_id.startswith("cs_test_")
         retried = stripe_double.checkout_requests()[-1]
         assert retried.headers["Idempotency-Key"] != refused.headers["Idempotency-Key"], answer
+
+
+def test_checkout_attempt_rows_are_deleted_once_no_retry_needs_them(
+    checkout: billing_service_pb2_grpc.BillingServiceStub,
+    stripe_double: StripeDouble,
+    payments_db: PaymentsDb,
+    ledger_db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """checkout_stripe_attempts got a row for every checkout Stripe answered with an error,
+    and kept it for ever. The hourly sweep now deletes, in bounded batches, those of settled
+    checkouts a day after Stripe's last answer (a retry replays the session without reading
+    the row) and the others after 30 days; a checkout still retried within them asks under
+    its next Stripe key, not a spent one."""
+
+    def request() -> billing_pb.CreateCheckoutSessionRequest:
+        return billing_pb.CreateCheckoutSessionRequest(
+            account_id=new_account("attempts"),
+            idempotency_key=new_key(),
+            recharge=billing_pb.RechargeAmount(amount_minor=5000, currency="CNY"),
+        )
+
+    settled, retried, abandoned = [request(), request()], request(), request()
+    for sent in [*settled, retried, abandoned]:
+        stripe_double.failures.append((500, "api_error"))
+        expect_error(
+            functools.partial(checkout.CreateCheckoutSession, sent),
+            grpc.StatusCode.UNAVAILABLE,
+            "PAYMENT_PROVIDER_UNAVAILABLE",
+        )
+    sessions = [checkout.CreateCheckoutSession(sent).session for sent in settled]
+    accounts = [sent.account_id for sent in [*settled, retried, abandoned]]
+
+    def kept() -> list[str]:
+        return [
+            str(row[0])
+            for row in payments_db.rows(
+                "SELECT account_id FROM checkout_stripe_attempts"
+                " WHERE account_id = ANY(%s) ORDER BY answered_at",
+                (accounts,),
+            )
+        ]
+
+    assert kept() == accounts
+    [(answered,)] = payments_db.rows(
+        "SELECT max(answered_at) FROM checkout_stripe_attempts WHERE account_id = ANY(%s)",
+        (accounts,),
+    )
+    monkeypatch.setenv("DATABASE_URL", ledger_db_url)
+    try:
+
+        def prune(after: timedelta) -> int:
+            return sweepers.prune_checkout_stripe_attempts((answered + after).isoformat(), 1)
+
+        prune(timedelta(hours=23))
+        assert kept() == accounts
+        assert prune(timedelta(hours=25)) >= 2  # one row a statement
+        assert kept() == [retried.account_id, abandoned.account_id]
+        # The settled checkouts' retries replay their sessions; an unsettled one's asks
+        # Stripe under its next key, the first one's answer (an error) being spent.
+        assert [checkout.CreateCheckoutSession(sent).session for sent in settled] == sessions
+        assert checkout.CreateCheckoutSession(retried).session.session_id.startswith("cs_test_")
+        asked = stripe_double.checkout_requests()[-1].headers["Idempotency-Key"]
+        assert asked == stripe_idempotency_key(retried.account_id, retried.idempotency_key, 1)
+        # Settled now: gone with the day; the abandoned one is kept 30 days.
+        prune(timedelta(days=29))
+        assert kept() == [abandoned.account_id]
+        prune(timedelta(days=31))
+        assert kept() == []
+    finally:
+        worker_db.close()
 
 
 def test_a_checkout_stripe_refused_succeeds_once_the_pack_price_is_fixed(

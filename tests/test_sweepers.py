@@ -310,6 +310,7 @@ def test_the_scheduler_registers_every_sweeper(redis_url: str) -> None:
         "workers.sweepers.grant_monthly_allowances",
         "workers.sweepers.grant_daily_rewards",
         "workers.payments.requeue_stalled_payment_events",
+        "workers.sweepers.prune_checkout_stripe_attempts",
     }
 
 

@@ -125,6 +125,7 @@ def test_jobs_fail_at_once_while_postgresql_is_down(
         sweepers.sweep_due_accounts,
         sweepers.requeue_pending_alert_emails,
         payments.requeue_stalled_payment_events,
+        sweepers.prune_checkout_stripe_attempts,
     ]
     for job in jobs:
         worker_db.close()  # each job in a horse of its own, with a new pool

@@ -37,3 +37,7 @@ def register_jobs(scheduler: CronScheduler, interval_seconds: int | None = None)
     scheduler.register(
         payments.requeue_stalled_payment_events, PAYMENTS_QUEUE, interval=interval, failure_ttl=ttl
     )
+    # Hourly: the rows are kept a day or more (migration 0038).
+    scheduler.register(
+        sweepers.prune_checkout_stripe_attempts, DEFAULT_QUEUE, cron="3 * * * *", failure_ttl=ttl
+    )

@@ -1,6 +1,7 @@
 """Time-based rules, run on a schedule (workers/schedule.py) and safe to run any
 number of times at once: expired lots into breakage, timed-out reservations released,
-monthly allowances granted, automatic daily rewards, and re-queueing what stalled.
+monthly allowances granted, automatic daily rewards, re-queueing what stalled, and deleting
+the checkout attempt rows no checkout needs any more.
 
 Each takes `as_of` (an ISO 8601 time; now when None) so tests and back-fills can say
 what "now" is."""
@@ -30,6 +31,13 @@ SWEEP_BATCH = 500
 SWEEP_CHUNK = 20
 SWEEP_CHUNK_MS = 100
 ALERT_SWEEP_BATCH = 1000
+# Checkout attempt rows deleted per statement (each its own transaction, so a checkout that
+# writes one waits for few), and how long after Stripe's last answer (migration 0038): a day
+# once the checkout is settled, Stripe's idempotency keys being pruned after 24 hours, and
+# 30 days while it is not.
+CHECKOUT_ATTEMPTS_BATCH = 1000
+CHECKOUT_ATTEMPTS_SETTLED_KEEP = timedelta(hours=24)
+CHECKOUT_ATTEMPTS_UNSETTLED_KEEP = timedelta(days=30)
 # How long one part of the daily rewards runs before it queues the rest (RQ's default job
 # time-out is 180 s).
 DAILY_BUDGET_SECONDS = 120.0
@@ -379,3 +387,26 @@ def requeue_pending_alert_emails(
         )
         for account_id, alert_id, attempts in rows
     )
+
+
+def prune_checkout_stripe_attempts(
+    as_of: str | None = None, batch: int = CHECKOUT_ATTEMPTS_BATCH
+) -> int:
+    """Deletes the checkout_stripe_attempts rows no checkout needs any more (migration
+    0038), `batch` at a time, oldest first; returns how many."""
+    now = _now(as_of)
+    params = {
+        "settled_before": now - CHECKOUT_ATTEMPTS_SETTLED_KEEP,
+        "unsettled_before": now - CHECKOUT_ATTEMPTS_UNSETTLED_KEEP,
+        "limit": batch,
+    }
+    deleted = 0
+    with connection() as conn:
+        while True:
+            done = conn.execute(query("prune_checkout_stripe_attempts"), params).rowcount
+            deleted += done
+            if done < batch:
+                break
+    if deleted:
+        log.info("deleted %d checkout attempt rows no checkout needs", deleted)
+    return deleted

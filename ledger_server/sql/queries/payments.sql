@@ -398,3 +398,23 @@ ON CONFLICT ON CONSTRAINT checkout_stripe_attempts_pkey DO UPDATE
    SET attempt = greatest(checkout_stripe_attempts.attempt, EXCLUDED.attempt),
        answered_at = EXCLUDED.answered_at
 RETURNING attempt
+
+-- name: prune_checkout_stripe_attempts
+-- At most `limit` attempt rows no checkout needs any more (migration 0038): settled ones
+-- whose last answer is older than settled_before, and the others older than
+-- unsettled_before. Rows a checkout is writing are passed over.
+WITH old AS (
+    SELECT a.account_id, a.idempotency_key
+      FROM checkout_stripe_attempts a
+     WHERE a.answered_at < %(settled_before)s::timestamptz
+       AND (a.answered_at < %(unsettled_before)s::timestamptz
+            OR EXISTS (SELECT 1 FROM idempotency_keys k
+                        WHERE k.account_id = a.account_id
+                          AND k.idempotency_key = a.idempotency_key))
+     ORDER BY a.answered_at
+     LIMIT %(limit)s::int
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM checkout_stripe_attempts a
+ USING old
+ WHERE a.account_id = old.account_id AND a.idempotency_key = old.idempotency_key

@@ -1,0 +1,13 @@
+-- checkout_stripe_attempts rows were never deleted (migration 0032). The hourly sweep
+-- (workers/sweepers.py: prune_checkout_stripe_attempts) now deletes them, oldest first in
+-- bounded batches, by the time of Stripe's last answer:
+-- - a day after it once the checkout is settled (its key is in idempotency_keys: a session
+--   recorded, or the key another operation's): every retry then replays or is refused
+--   before asking Stripe, so no request reads the row again; the day keeps the failures
+--   of a checkout just settled to look at;
+-- - 30 days after it otherwise (no retry of the checkout succeeded): Stripe prunes its keys
+--   after 24 hours, so a retry that late starting again at attempt 0 asks under keys Stripe
+--   has forgotten; one it still kept replays its error once and the next attempt moves on.
+--   No session anyone could pay is lost: the attempts the row counts were answered with
+--   errors, and a session created under a key whose answer was lost has expired at Stripe.
+CREATE INDEX checkout_stripe_attempts_by_age ON checkout_stripe_attempts (answered_at);
