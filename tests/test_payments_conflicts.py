@@ -5,7 +5,6 @@ sends them."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -18,14 +17,11 @@ from psycopg.types.json import Jsonb
 from ledger_server.db import migrate
 from support import payments as payment_fixtures
 from support.ledger import CREDIT, Ledger, new_account
-from support.payments import PaymentsDb
-from support.rq_workers import run_burst_workers
+from support.payments import PaymentsDb, bought_pack
 from support.sources import Sources
 from support.webhooks import (
     charge_dispute_closed,
     charge_refunded,
-    checkout_pack,
-    deliver,
     event,
     invoice_paid,
     invoice_payment_paid,
@@ -39,28 +35,10 @@ AuditCheck = Callable[[], None]
 payments_db = payment_fixtures.payments_db
 payments_redis_url = payment_fixtures.payments_redis_url
 webhook_url = payment_fixtures.webhook_url
+sources = payment_fixtures.sources
+apply_events = payment_fixtures.apply_events
 
 DAYS_30 = 30 * 86400
-
-
-@pytest.fixture
-def sources(stub: Any, admin: Any, billing: Any) -> Sources:
-    return Sources(stub, admin, billing)
-
-
-@pytest.fixture
-def apply_events(
-    webhook_url: str, ledger_db_url: str, payments_redis_url: str
-) -> Callable[..., list[str]]:
-    """Delivers signed events and runs a burst worker; returns their event ids."""
-
-    def apply(*bodies: bytes) -> list[str]:
-        for body in bodies:
-            assert deliver(webhook_url, body) == 200
-        run_burst_workers(ledger_db_url, payments_redis_url)
-        return [str(json.loads(body)["id"]) for body in bodies]
-
-    return apply
 
 
 def _subscription_checkout(account_id: str, subscription: str) -> bytes:
@@ -205,17 +183,6 @@ def test_a_subscriptions_checkout_for_another_account_than_its_first_invoice_fai
     assert _paid_for(payments_db, other) == []
 
 
-def _bought_pack(
-    apply_events: Callable[..., list[str]], sources: Sources, configure: Any, name: str
-) -> tuple[str, str]:
-    """A new account that paid 2000 USD for a pack of 100 credits: it and the payment."""
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=2000)
-    account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=2000))
-    return account, intent
-
-
 def test_a_partial_dispute_in_another_currency_than_the_payment_is_not_the_whole_purchase(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,
@@ -231,7 +198,7 @@ def test_a_partial_dispute_in_another_currency_than_the_payment_is_not_the_whole
     charge's currency) has no amount of the charge in EUR to be a share of: it fails for an
     operator, taking nothing (it took all 100 credits). Once a refund of the charge names
     the charge's amount in EUR, its retry takes its share, 500 of 2000 EUR."""
-    account, intent = _bought_pack(apply_events, sources, configure, "dispute-eur")
+    account, intent = bought_pack(apply_events, sources, configure, "dispute-eur", 2000)
     [lost] = apply_events(charge_dispute_closed(intent, 500, "lost", currency="eur"))
     _failed_with(payments_db, lost, "500 EUR", "no amount of the charge in EUR is known")
     assert ledger.balance(account).balance_micros == 100 * CREDIT

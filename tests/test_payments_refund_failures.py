@@ -3,7 +3,6 @@ refund.failed): through the webhook receiver and a burst RQ worker, as Stripe se
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -11,18 +10,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-import pytest
 
 from ledger.v1 import types_pb2
 from support import payments as payment_fixtures
 from support.ledger import CREDIT, Ledger, new_account, new_key
-from support.payments import PaymentsDb
-from support.rq_workers import run_burst_workers
+from support.payments import PaymentsDb, bought_pack
 from support.sources import Sources
 from support.webhooks import (
     charge_refunded,
-    checkout_pack,
-    deliver,
     invoice_paid,
     invoice_payment_paid,
     refund_updated,
@@ -33,37 +28,8 @@ AuditCheck = Callable[[], None]
 payments_db = payment_fixtures.payments_db
 payments_redis_url = payment_fixtures.payments_redis_url
 webhook_url = payment_fixtures.webhook_url
-
-
-@pytest.fixture
-def sources(stub: Any, admin: Any, billing: Any) -> Sources:
-    return Sources(stub, admin, billing)
-
-
-@pytest.fixture
-def apply_events(
-    webhook_url: str, ledger_db_url: str, payments_redis_url: str
-) -> Callable[..., list[str]]:
-    """Delivers signed events and runs a burst worker; returns their event ids."""
-
-    def apply(*bodies: bytes) -> list[str]:
-        for body in bodies:
-            assert deliver(webhook_url, body) == 200
-        run_burst_workers(ledger_db_url, payments_redis_url)
-        return [str(json.loads(body)["id"]) for body in bodies]
-
-    return apply
-
-
-def _bought_pack(
-    apply_events: Callable[..., list[str]], sources: Sources, configure: Any, name: str
-) -> tuple[str, str]:
-    """A new account that paid 1000 for a pack of 100 credits: it and the payment intent."""
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=1000)
-    account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
-    apply_events(checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=1000))
-    return account, intent
+sources = payment_fixtures.sources
+apply_events = payment_fixtures.apply_events
 
 
 def test_a_failed_refund_gives_back_what_it_took_once_and_a_new_refund_takes_it_again(
@@ -74,7 +40,7 @@ def test_a_failed_refund_gives_back_what_it_took_once_and_a_new_refund_takes_it_
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    account, intent = _bought_pack(apply_events, sources, configure, "refund-failed")
+    account, intent = bought_pack(apply_events, sources, configure, "refund-failed", 1000)
     ledger.consume(account, 30 * CREDIT)
     charge, refund, t = f"ch_{uuid.uuid4().hex}", f"re_{uuid.uuid4().hex}", int(time.time()) - 900
     apply_events(charge_refunded(intent, 1000, 1000, charge_id=charge, created=t))
@@ -132,7 +98,7 @@ def test_a_failed_refund_the_ledger_never_applied_changes_nothing_in_either_orde
     """A refund of 500 stands; one of 300 made later fails before its charge.refunded (800
     refunded then) is delivered: the failure gives nothing back, the late event takes
     nothing, and the first refund's share stays taken."""
-    account, intent = _bought_pack(apply_events, sources, configure, "refund-failed-first")
+    account, intent = bought_pack(apply_events, sources, configure, "refund-failed-first", 1000)
     charge, t = f"ch_{uuid.uuid4().hex}", int(time.time()) - 900
     apply_events(charge_refunded(intent, 1000, 500, charge_id=charge, created=t))
     assert ledger.balance(account).balance_micros == 50 * CREDIT

@@ -30,7 +30,7 @@ from ledger_server.server.stripe_checkout import STRIPE_THREADS, stripe_idempote
 from support import payments as payment_fixtures
 from support.client import FAST_RETRY
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
-from support.payments import PaymentsDb
+from support.payments import PaymentsDb, bought_pack
 from support.rq_workers import run_burst_workers
 from support.server import ServerThread
 from support.sources import Sources
@@ -57,26 +57,8 @@ AuditCheck = Callable[[], None]
 payments_db = payment_fixtures.payments_db
 payments_redis_url = payment_fixtures.payments_redis_url
 webhook_url = payment_fixtures.webhook_url
-
-
-@pytest.fixture
-def sources(stub: Any, admin: Any, billing: Any) -> Sources:
-    return Sources(stub, admin, billing)
-
-
-@pytest.fixture
-def apply_events(
-    webhook_url: str, ledger_db_url: str, payments_redis_url: str
-) -> Callable[..., list[str]]:
-    """Delivers signed events and runs a burst worker; returns their event ids."""
-
-    def apply(*bodies: bytes) -> list[str]:
-        for body in bodies:
-            assert deliver(webhook_url, body) == 200
-        run_burst_workers(ledger_db_url, payments_redis_url)
-        return [str(json.loads(body)["id"]) for body in bodies]
-
-    return apply
+sources = payment_fixtures.sources
+apply_events = payment_fixtures.apply_events
 
 
 @pytest.fixture
@@ -87,24 +69,6 @@ def rerun(
     monkeypatch.setenv("DATABASE_URL", ledger_db_url)
     monkeypatch.setenv("REDIS_URL", payments_redis_url)
     return payments.process_event
-
-
-def _bought_pack(
-    apply_events: Callable[..., list[str]],
-    sources: Sources,
-    configure: Any,
-    name: str,
-    price_minor: int,
-) -> tuple[str, str]:
-    """A new account that bought a pack of 100 credits at price_minor through a checkout:
-    the account and the payment intent that paid it."""
-    configure("purchase.allow_free_users", True)
-    pack = sources.create_pack(100 * CREDIT, price_minor=price_minor)
-    account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
-    apply_events(
-        checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=price_minor)
-    )
-    return account, intent
 
 
 def _clawbacks(ledger: Ledger, account: str) -> list[pb.Transaction]:
@@ -122,7 +86,7 @@ def test_refund_of_a_partly_spent_pack_takes_back_only_the_unspent_unheld_part(
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    account, intent = _bought_pack(apply_events, sources, configure, "refund", 2500)
+    account, intent = bought_pack(apply_events, sources, configure, "refund", 2500)
     ledger.consume(account, 30 * CREDIT)
     ledger.reserve(account, 20 * CREDIT)  # held: not taken back either
 
@@ -154,7 +118,7 @@ def test_a_refund_that_takes_the_balance_below_the_threshold_records_an_alert(
     configure: Any,
 ) -> None:
     """DESIGN.md section 7: a crossing is alerted whatever lowered the balance."""
-    account, intent = _bought_pack(apply_events, sources, configure, "refund-alert", 2500)
+    account, intent = bought_pack(apply_events, sources, configure, "refund-alert", 2500)
     admin.SetLowBalanceAlert(
         admin_pb.SetLowBalanceAlertRequest(
             account_id=account, threshold_micros=20 * CREDIT, idempotency_key=new_key()
@@ -176,7 +140,7 @@ def test_partial_refunds_take_their_share_and_never_drive_the_balance_negative(
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    account, intent = _bought_pack(apply_events, sources, configure, "partial", 2000)
+    account, intent = bought_pack(apply_events, sources, configure, "partial", 2000)
     ledger.consume(account, 10 * CREDIT)
 
     # Half refunded: half the pack (50) is still there, so all of it goes.
@@ -205,7 +169,7 @@ def test_credits_refunded_into_a_refunded_purchase_go_where_its_refund_sent_the_
     the 60's charge then put them back into the pack's lot, and the customer kept credits
     of a payment refunded in full (helper-62). What the refund still owed is taken as the
     credits come back."""
-    account, intent = _bought_pack(apply_events, sources, configure, "refunded-twice", 2000)
+    account, intent = bought_pack(apply_events, sources, configure, "refunded-twice", 2000)
     spent = ledger.consume(account, 60 * CREDIT).reservation.reservation_id
     [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
     assert payments_db.event(refund)["credits_micros"] == -40 * CREDIT  # type: ignore[index]
@@ -236,7 +200,7 @@ def test_only_what_a_refund_returns_is_taken_for_a_refunded_payment(
     """Held when the payment was refunded, 60 credits stay the customer's once released;
     a later Refund of a 5-credit charge gives back 5, and only those 5 are taken for the
     payment (helper-66: the settle took all 60 then)."""
-    account, intent = _bought_pack(apply_events, sources, configure, "held-at-refund", 2000)
+    account, intent = bought_pack(apply_events, sources, configure, "held-at-refund", 2000)
     held = ledger.reserve(account, 60 * CREDIT).reservation.reservation_id
     [refund] = apply_events(charge_refunded(intent, amount=2000, amount_refunded=2000))
     assert payments_db.event(refund)["credits_micros"] == -40 * CREDIT  # type: ignore[index]
@@ -288,7 +252,7 @@ def test_a_lost_chargeback_takes_back_what_is_left_of_the_purchase(
     configure: Any,
     assert_audit_clean: AuditCheck,
 ) -> None:
-    account, intent = _bought_pack(apply_events, sources, configure, "disputed", 2500)
+    account, intent = bought_pack(apply_events, sources, configure, "disputed", 2500)
     ledger.consume(account, 30 * CREDIT)
 
     won, lost = apply_events(
@@ -484,7 +448,7 @@ def test_two_refunds_of_one_payment_pending_together_are_both_applied(
     ledger: Ledger,
     configure: Any,
 ) -> None:
-    account, intent = _bought_pack(apply_events, sources, configure, "two-refunds", 2000)
+    account, intent = bought_pack(apply_events, sources, configure, "two-refunds", 2000)
     first, second = apply_events(
         charge_refunded(intent, amount=2000, amount_refunded=500),
         charge_refunded(intent, amount=2000, amount_refunded=1000),
@@ -848,7 +812,7 @@ def test_a_partly_lost_dispute_takes_back_its_share(
 ) -> None:
     """A dispute may be for part of a charge (helper-57): its share of the purchase, not
     the whole. After a partial refund, a dispute of the rest takes what is left."""
-    account, intent = _bought_pack(apply_events, sources, configure, "part-disputed", 2000)
+    account, intent = bought_pack(apply_events, sources, configure, "part-disputed", 2000)
     [lost] = apply_events(charge_dispute_closed(intent, 500, "lost"))
     assert payments_db.event(lost)["credits_micros"] == -25 * CREDIT  # type: ignore[index]
     assert ledger.balance(account).balance_micros == 75 * CREDIT
@@ -867,7 +831,7 @@ def test_a_dispute_and_a_refund_of_one_charge_take_the_whole_in_either_order(
 ) -> None:
     """A refund of a quarter and the lost dispute of the rest: each takes its part, in
     either order (helper-61: a dispute handled first left the refund nothing to take)."""
-    account, intent = _bought_pack(apply_events, sources, configure, "refund-dispute", 2000)
+    account, intent = bought_pack(apply_events, sources, configure, "refund-dispute", 2000)
     refund = charge_refunded(intent, amount=2000, amount_refunded=500)
     dispute = charge_dispute_closed(intent, 1500, "lost")
     if dispute_first:

@@ -3,7 +3,9 @@ database of their own, and reading the payment_events table."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -12,8 +14,10 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 from redis import Redis
 
-from support.rq_workers import redis_db_url
-from support.webhooks import SECRET
+from support.ledger import CREDIT, new_account
+from support.rq_workers import redis_db_url, run_burst_workers
+from support.sources import Sources
+from support.webhooks import SECRET, checkout_pack, deliver
 from workers.webhook import WebhookReceiver, WebhookServer
 
 PAYMENTS_REDIS_DB = 7
@@ -53,6 +57,44 @@ def webhook_url(ledger_db_url: str, payments_redis_url: str) -> Iterator[str]:
         server.stop()
         client.close()
         pool.close()
+
+
+@pytest.fixture
+def sources(stub: Any, admin: Any, billing: Any) -> Sources:
+    return Sources(stub, admin, billing)
+
+
+@pytest.fixture
+def apply_events(
+    webhook_url: str, ledger_db_url: str, payments_redis_url: str
+) -> Callable[..., list[str]]:
+    """Delivers signed events and runs a burst worker; returns their event ids."""
+
+    def apply(*bodies: bytes) -> list[str]:
+        for body in bodies:
+            assert deliver(webhook_url, body) == 200
+        run_burst_workers(ledger_db_url, payments_redis_url)
+        return [str(json.loads(body)["id"]) for body in bodies]
+
+    return apply
+
+
+def bought_pack(
+    apply_events: Callable[..., list[str]],
+    sources: Sources,
+    configure: Any,
+    name: str,
+    price_minor: int,
+) -> tuple[str, str]:
+    """A new account that bought a pack of 100 credits at price_minor through a checkout:
+    the account and the payment intent that paid it."""
+    configure("purchase.allow_free_users", True)
+    pack = sources.create_pack(100 * CREDIT, price_minor=price_minor)
+    account, intent = new_account(name), f"pi_{uuid.uuid4().hex}"
+    apply_events(
+        checkout_pack(account, pack.pack_id, payment_intent=intent, amount_total=price_minor)
+    )
+    return account, intent
 
 
 class PaymentsDb:
