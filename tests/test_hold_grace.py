@@ -204,10 +204,14 @@ def test_a_commit_received_after_expiry_is_refused_and_the_hold_returned_after_t
     clock.advance(TTL + timedelta(milliseconds=10))
 
     # Judged at its own time: received after the expiry, refused, though within the grace.
-    info = expect_error(
-        lambda: ledger.commit(account, reservation_id, CREDIT), FAILED, "RESERVATION_EXPIRED"
-    )
+    with pytest.raises(grpc.RpcError) as refused:
+        ledger.commit(account, reservation_id, CREDIT)
+    info = error_details(refused.value)[0]
+    assert (refused.value.code(), info.reason) == (FAILED, "RESERVATION_EXPIRED")
     assert info.metadata["reservation_id"] == reservation_id
+    # What is true: the hold is not returned yet (it read "the hold was returned").
+    assert info.metadata["hold_returned"] == "false"
+    assert "the hold is still held until a Release returns it" in (refused.value.details() or "")
     # Still held within the grace, and so reported.
     assert ledger.balance(account).held_micros == 5 * CREDIT
     with psycopg.connect(ledger_db_url) as conn:
@@ -227,6 +231,10 @@ def test_a_commit_received_after_expiry_is_refused_and_the_hold_returned_after_t
         pb.GetReservationRequest(account_id=account, reservation_id=reservation_id)
     ).reservation
     assert fetched.status == pb.RESERVATION_STATUS_EXPIRED
+    with pytest.raises(grpc.RpcError) as refused:
+        ledger.commit(account, reservation_id, CREDIT)
+    assert error_details(refused.value)[0].metadata["hold_returned"] == "true"
+    assert "the hold was returned" in (refused.value.details() or "")
     assert_audit_clean()
 
 

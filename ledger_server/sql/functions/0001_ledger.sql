@@ -916,10 +916,17 @@ BEGIN
         PERFORM ledger_fail('LE004', 'reservation not found',
             jsonb_build_object('reservation_id', p_reservation::text));
     END IF;
+    -- Within the grace the hold is still held: saying it was returned sent callers to
+    -- count credits that Balance still showed held.
     IF r.status = 'expired' OR (r.status = 'pending' AND r.expires_at <= p_now) THEN
-        PERFORM ledger_fail('LE006', 'reservation expired: its time-to-live passed and the hold was returned',
+        PERFORM ledger_fail('LE006', CASE WHEN r.status = 'expired'
+                THEN 'reservation expired: its time-to-live passed and the hold was returned'
+                ELSE 'reservation expired: its time-to-live passed; the hold is still held until '
+                     || 'a Release returns it, or the account''s next call or sweep once a grace of '
+                     || ledger_hold_grace()::text || ' past expired_at has passed' END,
             jsonb_build_object('reservation_id', p_reservation::text,
-                               'expired_at', to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')));
+                               'expired_at', to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                               'hold_returned', (r.status = 'expired')::text));
     END IF;
     IF r.status <> 'pending' THEN
         PERFORM ledger_fail('LE005', 'reservation is ' || ledger_status_words(r.status),

@@ -191,11 +191,19 @@ class ReservationNotPending(FailedPrecondition):
 
 
 class ReservationExpired(FailedPrecondition):
-    """The reservation's time-to-live passed and its hold was returned."""
+    """The reservation's time-to-live passed before the call was received. Its hold may
+    still be held (``hold_returned`` false: for a minute's grace past its expiry, or a
+    server that does not say), until a Release returns it (a Release of a returned hold
+    answers it EXPIRED, changing nothing) or, after the grace, the account's next call or
+    sweep does."""
 
     @property
     def reservation_id(self) -> str:
         return self.metadata.get("reservation_id", "")
+
+    @property
+    def hold_returned(self) -> bool:
+        return self.metadata.get("hold_returned") == "true"
 
 
 class AmountExceedsHold(FailedPrecondition):

@@ -40,8 +40,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (committed, released or failed).
     """
     ERROR_REASON_RESERVATION_EXPIRED: _ErrorReason.ValueType  # 7
-    """FAILED_PRECONDITION: the time-to-live passed and the hold was returned.
-    metadata: reservation_id, expired_at.
+    """FAILED_PRECONDITION: the time-to-live passed before the call was received.
+    metadata: reservation_id, expired_at, hold_returned ("true": the hold was returned;
+    "false": it is still held, until a Release returns it or, a minute's grace past
+    expired_at, the account's next call or sweep does).
     """
     ERROR_REASON_AMOUNT_EXCEEDS_HOLD: _ErrorReason.ValueType  # 8
     """FAILED_PRECONDITION: commit above the held amount. metadata: held_micros, requested_micros."""
@@ -200,8 +202,10 @@ ERROR_REASON_RESERVATION_NOT_PENDING: ErrorReason.ValueType  # 6
 (committed, released or failed).
 """
 ERROR_REASON_RESERVATION_EXPIRED: ErrorReason.ValueType  # 7
-"""FAILED_PRECONDITION: the time-to-live passed and the hold was returned.
-metadata: reservation_id, expired_at.
+"""FAILED_PRECONDITION: the time-to-live passed before the call was received.
+metadata: reservation_id, expired_at, hold_returned ("true": the hold was returned;
+"false": it is still held, until a Release returns it or, a minute's grace past
+expired_at, the account's next call or sweep does).
 """
 ERROR_REASON_AMOUNT_EXCEEDS_HOLD: ErrorReason.ValueType  # 8
 """FAILED_PRECONDITION: commit above the held amount. metadata: held_micros, requested_micros."""
