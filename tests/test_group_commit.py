@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ledger_server.config import ConfigError, Settings
+from ledger_server.db import waits
 from ledger_server.errors import LedgerError
 from ledger_server.server.group_commit import (
     GroupCommit,
@@ -23,6 +24,7 @@ from ledger_server.server.group_commit import (
     _Waiter,
     latest_deadline,
 )
+from support.set_clock import SetClock
 from support.stuck_pool import StuckPool, stop_a_batch_midway, until
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -39,7 +41,7 @@ def test_a_batch_stopped_midway_answers_its_callers_and_frees_its_slot() -> None
 
     async def scenario() -> None:
         pool = StuckPool()
-        group_commit = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
+        group_commit = GroupCommit(pool, SetClock(NOW), max_in_flight=1)  # type: ignore[arg-type]
         await stop_a_batch_midway(
             pool,
             lambda account: group_commit.call("consume", account, params(account)),
@@ -57,7 +59,7 @@ def test_calls_for_a_busy_account_wait_even_when_a_slot_is_free() -> None:
 
     async def scenario() -> None:
         pool = StuckPool()
-        group_commit = GroupCommit(pool, max_in_flight=4)  # type: ignore[arg-type]
+        group_commit = GroupCommit(pool, SetClock(NOW), max_in_flight=4)  # type: ignore[arg-type]
         first = asyncio.create_task(group_commit.call("consume", "a", params("1")))
         await until(lambda: pool.borrowers == 1)
         second = asyncio.create_task(group_commit.call("consume", "a", params("2")))
@@ -84,7 +86,7 @@ def test_a_second_lane_opens_only_once_the_first_has_run_open_lane_after() -> No
 
     async def scenario() -> None:
         pool = StuckPool()
-        group_commit = GroupCommit(pool, max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
+        group_commit = GroupCommit(pool, SetClock(NOW), max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
         extra_lanes = _metric("ledger_group_commit_extra_lanes_total")
         first = asyncio.create_task(group_commit.call("consume", "a", params("1")))
         await until(lambda: pool.borrowers == 1)
@@ -112,7 +114,7 @@ def test_calls_waiting_for_a_lane_go_together_when_the_young_one_ends() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         pool = StuckPool()
-        group_commit = GroupCommit(pool, max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
+        group_commit = GroupCommit(pool, SetClock(NOW), max_in_flight=2, open_lane_after=0.3)  # type: ignore[arg-type]
         calls = _metric("ledger_group_commit_calls_per_transaction_sum")
         transactions = _metric("ledger_group_commit_calls_per_transaction_count")
         first = asyncio.create_task(group_commit.call("consume", "a", params("1")))
@@ -184,7 +186,7 @@ def test_a_batch_gives_its_lane_back_before_its_callers_are_answered() -> None:
 
     async def scenario() -> None:
         pool = _GatedPool()
-        group_commit = GroupCommit(pool, max_in_flight=1)  # type: ignore[arg-type]
+        group_commit = GroupCommit(pool, SetClock(NOW), max_in_flight=1)  # type: ignore[arg-type]
         borrowers_when_answered: dict[str, int] = {}
 
         async def caller(account: str) -> dict[str, Any]:
@@ -212,6 +214,39 @@ def test_a_batch_gives_its_lane_back_before_its_callers_are_answered() -> None:
     asyncio.run(scenario())
 
 
+def test_a_queued_call_that_waited_too_long_is_refused_and_never_sent() -> None:
+    """A call is judged at the time it was received; once it has waited MAX_WAIT (within the
+    grace a hold is kept past its expiry, db/waits.py) it could find its hold already
+    returned by others' maintenance. It is refused ABORTED WAITED_TOO_LONG (nothing ran:
+    the client retries it with its key) instead of joining the batch; the call received
+    later goes on."""
+
+    async def scenario() -> None:
+        pool = _GatedPool()
+        clock = SetClock(NOW)
+        group_commit = GroupCommit(pool, clock, max_in_flight=1)  # type: ignore[arg-type]
+        alone = asyncio.create_task(group_commit.call("consume", "a", params("a")))
+        await until(lambda: pool.borrowers == 1)
+        stale = asyncio.create_task(group_commit.call("consume", "b", params("b")))
+        await until(lambda: "b" in group_commit._waiting)
+        clock.at = NOW + waits.MAX_WAIT
+        fresh = asyncio.create_task(group_commit.call("consume", "b", params("c", clock.at)))
+        await until(lambda: len(group_commit._waiting["b"]) == 2)
+        pool.gates[0].set()
+        with pytest.raises(LedgerError) as refused:  # not sent: never answered by the pool
+            await asyncio.wait_for(stale, timeout=2)
+        assert (refused.value.code, refused.value.reason) == (
+            grpc.StatusCode.ABORTED,
+            "WAITED_TOO_LONG",
+        )
+        await until(lambda: pool.borrowers == 2)
+        pool.gates[1].set()
+        assert (await fresh)["key"] == "c" and (await alone)["key"] == "a"
+        assert pool.borrowers == 2 and not group_commit._waiting and not group_commit._busy
+
+    asyncio.run(scenario())
+
+
 def _metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
@@ -233,7 +268,7 @@ def test_a_call_that_waited_out_the_batchs_lock_wait_is_a_conflict_to_retry() ->
     DEADLINE_EXCEEDED (an outcome the caller would have to find out)."""
 
     async def answered() -> list[BaseException | None]:
-        waiters = [_Waiter("consume", f"acct-{n}", {}, None) for n in range(2)]
+        waiters = [_Waiter("consume", f"acct-{n}", {}, None, NOW) for n in range(2)]
         _answer(
             waiters,
             [
@@ -256,7 +291,7 @@ def test_callers_that_waited_out_a_lock_each_get_an_error_of_their_own() -> None
     context of every raise of it, for the life of the server."""
 
     async def answered() -> list[BaseException | None]:
-        waiters = [_Waiter("consume", "acct", {}, None) for _ in range(2)]
+        waiters = [_Waiter("consume", "acct", {}, None, NOW) for _ in range(2)]
         timed_out = {"error": {"sqlstate": "55P03", "message": "lock timeout", "detail": None,
                                "constraint": None}}  # fmt: skip
         _answer(waiters, [timed_out, timed_out])
@@ -273,8 +308,8 @@ def test_each_call_of_a_batch_carries_the_time_it_was_received() -> None:
     async def requests() -> list[dict[str, object]]:
         later = NOW + timedelta(seconds=2)
         return [
-            _request(_Waiter("commit", "acct", {**params("1"), "reservation_id": "r"}, None)),
-            _request(_Waiter("consume", "acct", params("2", later), None)),
+            _request(_Waiter("commit", "acct", {**params("1"), "reservation_id": "r"}, None, NOW)),
+            _request(_Waiter("consume", "acct", params("2", later), None, later)),
         ]
 
     first, second = asyncio.run(requests())

@@ -25,7 +25,7 @@ from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import ledger_service_pb2_grpc
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
-from ledger_server.db import deadlines
+from ledger_server.db import deadlines, waits
 from support.ledger import (
     CREDIT,
     HOLD_GRACE,
@@ -39,7 +39,9 @@ from support.server import ServerThread
 from workers import db as worker_db
 from workers import sweepers
 
-TTL = timedelta(seconds=60)
+# Short: a Commit queued before the expiry and run just past it has waited well under
+# MAX_WAIT (db/waits.py), so it is judged at its received time.
+TTL = timedelta(seconds=10)
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -52,11 +54,26 @@ def one_lane(
     own. Yields the ledger, the clock and `hold_the_lane`, a context manager that keeps the
     lane busy (a Consume waiting for a locked account) so that the calls sent meanwhile
     queue with the times they were received, until the block ends."""
+    yield from _one_lane(ledger_db_url)
+
+
+@pytest.fixture
+def one_uncapped_lane(
+    ledger_db_url: str, server_address: str
+) -> Iterator[tuple[Ledger, OffsetClock, Callable[[], Any]]]:
+    """one_lane's, on a server without a statement time-out cap (LEDGER_STATEMENT_TIMEOUT_MS=0)."""
+    yield from _one_lane(ledger_db_url, statement_timeout_ms=0)
+
+
+def _one_lane(
+    ledger_db_url: str, **more: Any
+) -> Iterator[tuple[Ledger, OffsetClock, Callable[[], Any]]]:
     clock = OffsetClock()
     settings = Settings(
         database_url=ledger_db_url,
         group_commit_max_in_flight=1,
         group_commit_open_lane_after=timedelta(seconds=30),
+        **more,
     )
     server = ServerThread(settings, clock).start()
     channel = grpc.insecure_channel(server.address)
@@ -85,18 +102,20 @@ def one_lane(
         server.stop()
 
 
-def _until_waiting(url: str) -> None:
-    """Until the lane's Consume waits for the locked account (the lane is taken)."""
+def _until_waiting(url: str, function: str = "ledger_consume") -> None:
+    """Until a call of ``function`` waits for a locked account (by default the lane's
+    Consume: the lane is taken)."""
     with psycopg.connect(url, autocommit=True) as conn:
         for _ in range(500):
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE '%%ledger_consume%%'"
+                " AND query LIKE %s",
+                (f"%{function}%",),
             ).fetchone()
             if row and row[0]:
                 return
             time.sleep(0.01)
-    raise AssertionError("the lane's Consume never waited for the lock")
+    raise AssertionError(f"no {function} ever waited for a lock")
 
 
 def _queued_commit(ledger: Ledger, account: str, reservation_id: str, micros: int) -> Any:
@@ -138,6 +157,8 @@ def test_the_grace_covers_the_longest_wait_of_a_received_call(ledger_db_url: str
     statement_cap = deadlines.DEFAULT_STATEMENT_TIMEOUT_MS / 1000
     assert Settings(database_url="").statement_timeout_ms == deadlines.DEFAULT_STATEMENT_TIMEOUT_MS
     assert client_deadline + pool_wait + statement_cap <= HOLD_GRACE.total_seconds()
+    # The server's bound on every wait refuses none of the calls within those limits.
+    assert client_deadline + pool_wait + statement_cap <= waits.MAX_WAIT.total_seconds()
 
 
 def test_a_commit_received_before_expiry_is_billed_though_a_read_came_later_first(
@@ -290,3 +311,95 @@ def test_a_batch_judges_each_settled_hold_at_its_calls_own_time(
     statuses = [f.result().reservation.status for f in releases]
     assert statuses == [pb.RESERVATION_STATUS_EXPIRED, pb.RESERVATION_STATUS_RELEASED]
     assert_audit_clean()
+
+
+def test_a_commit_held_back_past_the_grace_is_refused_to_retry_and_changes_nothing(
+    one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]],
+    ledger_db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_audit_clean: Any,
+) -> None:
+    """A Commit received before the expiry but held back in the server (here the
+    group-commit queue, which nothing bounded for a call without a deadline) until past the
+    grace, while the sweeper returned the hold: judged at its received time it was refused
+    RESERVATION_EXPIRED ("the hold was returned"), and the caller could not tell it had
+    sent it in time. A call that has waited MAX_WAIT is now refused before it runs, ABORTED
+    WAITED_TOO_LONG, having changed nothing; its retry under the same key is judged at the
+    retry's time. The call queued behind it, received later, goes on."""
+    ledger, clock, hold_the_lane = one_lane
+    account = new_account("grace-waited")
+    ledger.grant(account, 10)
+    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds())))
+    reservation_id = reserved.reservation.reservation_id
+    expires_at = reserved.reservation.expires_at.ToDatetime(tzinfo=UTC)
+    other = ledger.reserve(account, CREDIT, ttl=Duration(seconds=3600)).reservation.reservation_id
+    request = pb.CommitRequest(
+        account_id=account,
+        reservation_id=reservation_id,
+        idempotency_key=new_key(),
+        amount_micros=4 * CREDIT,
+    )
+    with _worker_on(ledger_db_url, monkeypatch), hold_the_lane():
+        commit = ledger.stub.Commit.future(request)  # received before the expiry
+        _until_queued()
+        clock.advance(TTL + HOLD_GRACE + timedelta(seconds=1))
+        # The grace has passed for everyone else: the sweep returns the hold.
+        sweepers.sweep_due_accounts((expires_at + HOLD_GRACE + timedelta(seconds=1)).isoformat())
+        later = _queued_commit(ledger, account, other, CREDIT)
+    with pytest.raises(grpc.RpcError) as refused:
+        commit.result()
+    info = error_details(refused.value)[0]
+    assert (refused.value.code(), info.reason) == (grpc.StatusCode.ABORTED, "WAITED_TOO_LONG")
+    assert info.metadata["max_wait_ms"] == str(int(waits.MAX_WAIT.total_seconds() * 1000))
+    assert later.result().reservation.status == pb.RESERVATION_STATUS_COMMITTED
+    # The hold went back once, and nothing was charged against it.
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (9 * CREDIT, 0)
+    # The retry (the client library's, same key) is judged at its own time.
+    retried = expect_error(lambda: ledger.stub.Commit(request), FAILED, "RESERVATION_EXPIRED")
+    assert retried.metadata["hold_returned"] == "true"
+    assert_audit_clean()
+
+
+def test_a_commits_lock_wait_ends_within_its_max_wait_without_a_statement_cap(
+    one_uncapped_lane: tuple[Ledger, OffsetClock, Callable[[], Any]],
+    ledger_db_url: str,
+    assert_audit_clean: Any,
+) -> None:
+    """With LEDGER_STATEMENT_TIMEOUT_MS=0 and no deadline, a statement waited for the
+    account's lock for as long as another transaction held it, and was then judged at its
+    received time however late. Its statement now runs for what the call has left of
+    MAX_WAIT at most (here about a second, after its wait in the queue), lock wait included,
+    and is then refused WAITED_TOO_LONG, rolled back."""
+    ledger, clock, hold_the_lane = one_uncapped_lane
+    account = new_account("grace-lock")
+    ledger.grant(account, 10)
+    reservation_id = ledger.reserve(
+        account, 5 * CREDIT, ttl=Duration(seconds=3600)
+    ).reservation.reservation_id
+    with psycopg.connect(ledger_db_url) as locker:
+        with hold_the_lane():
+            commit = _queued_commit(ledger, account, reservation_id, 4 * CREDIT)
+            # Received 0.3 s before: about 0.9 s left when it reaches the database.
+            clock.advance(waits.MAX_WAIT - timedelta(seconds=1.2))
+            locker.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
+        _until_waiting(ledger_db_url, "ledger_commit")  # its statement has started
+        with pytest.raises(grpc.RpcError) as refused:
+            commit.result(timeout=5)
+        locker.rollback()
+    info = error_details(refused.value)[0]
+    assert (refused.value.code(), info.reason) == (grpc.StatusCode.ABORTED, "WAITED_TOO_LONG")
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (10 * CREDIT, 5 * CREDIT)
+    assert_audit_clean()
+
+
+def test_the_servers_bound_is_the_databases_grace(ledger_db_url: str) -> None:
+    """One source: the server checks at start-up that ledger_hold_grace() is its HOLD_GRACE."""
+    with psycopg.connect(ledger_db_url) as conn:
+        row = conn.execute("SELECT ledger_hold_grace()").fetchone()
+    assert row is not None
+    waits.check_hold_grace(row[0])
+    with pytest.raises(RuntimeError, match="ledger_hold_grace"):
+        waits.check_hold_grace(row[0] * 2)
+    assert waits.MAX_WAIT < waits.HOLD_GRACE == HOLD_GRACE

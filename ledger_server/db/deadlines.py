@@ -6,7 +6,9 @@ connection the call borrows from the pool then runs with ``statement_timeout`` a
 answer before the client gives up. A call without a deadline gets the cap,
 LEDGER_STATEMENT_TIMEOUT_MS (which also bounds calls with longer deadlines; 0 = no cap). A
 time-out cancels the statement, rolls its transaction back (no lock is kept) and is answered
-DEADLINE_EXCEEDED (db/errors.py).
+DEADLINE_EXCEEDED (db/errors.py). A call judged at its received time (db/waits.py) also
+waits for a connection and runs its statement only for what is left of its MAX_WAIT, cap or
+not; past it, it is answered WAITED_TOO_LONG.
 
 One round trip: the settings are session settings, sent (one ``SELECT set_config(...)``) only
 when the connection's current values differ from the call's. The time left is rounded down
@@ -28,6 +30,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from ledger_server.db import waits
 from ledger_server.errors import LedgerError
 
 DEFAULT_STATEMENT_TIMEOUT_MS = 5000
@@ -85,6 +88,17 @@ def statement_timeout_ms(remaining: float | None, cap_ms: int) -> int:
     return min(budget, cap_ms) if cap_ms else budget
 
 
+def _bound_ms(left: float | None) -> int | None:
+    """The statement time-out for a call with ``left`` seconds before it has waited too
+    long (None: not bounded); raises WAITED_TOO_LONG when nothing is left."""
+    if left is None:
+        return None
+    try:
+        return statement_timeout_ms(left, 0)
+    except LedgerError:
+        raise waits.waited_too_long() from None
+
+
 _SET_TIMEOUTS = (
     "SELECT set_config('statement_timeout', %(ms)s, false),"
     " set_config('lock_timeout', %(ms)s, false)"
@@ -110,15 +124,35 @@ class DeadlinePool(AsyncConnectionPool[AsyncConnection[TupleRow]]):
         limited = remaining is not None and remaining < wait
         if remaining is not None:
             wait = min(wait, remaining)
+        left = waits.seconds_left()  # a call judged at its received time (db/waits.py)
+        if left is not None and left <= 0:
+            raise waits.waited_too_long()
+        bounded = left is not None and left < wait
+        if left is not None:
+            wait = min(wait, left)
         async with AsyncExitStack() as stack:
             try:
                 conn = await stack.enter_async_context(super().connection(wait))
             except PoolTimeout:
+                if bounded:
+                    raise waits.waited_too_long() from None
                 if limited:
                     raise deadline_exceeded() from None
                 raise
+            # What the wait left (the statement and its lock waits included), however long
+            # the call's deadline or the cap (0: none).
+            bound_ms = _bound_ms(waits.seconds_left())
+            binding = bound_ms is not None and (timeout_ms == 0 or bound_ms < timeout_ms)
+            if binding:
+                assert bound_ms is not None
+                timeout_ms = bound_ms
             await self._apply(conn, timeout_ms)
-            yield conn
+            try:
+                yield conn
+            except LedgerError as error:
+                if binding and error.reason == "DEADLINE_EXCEEDED":
+                    raise waits.waited_too_long() from error
+                raise
 
     async def _apply(self, conn: AsyncConnection[TupleRow], timeout_ms: int) -> None:
         applied = self.__dict__.setdefault("_applied", weakref.WeakKeyDictionary())

@@ -31,8 +31,10 @@ from ledger.v1 import (
 from ledger_server import runtime_settings
 from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
+from ledger_server.db import waits
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
+from ledger_server.db.queries import query
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 from ledger_server.observability.runtime import start_observability
 from ledger_server.server import hardening
@@ -59,6 +61,9 @@ def _write_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(SET_SESSION_LIMITS)
         runtime_settings.check_with_database(conn, defaults, explicit)
+        row = conn.execute(query("hold_grace")).fetchone()
+        assert row is not None
+        waits.check_hold_grace(row[0])
         runtime_settings.write_environment_defaults(conn, defaults, explicit, clock.now())
 
 

@@ -17,6 +17,11 @@ several of them in one batch is the hot-account case. Each call keeps its own id
 key, so a batch that fails as a whole (the database went away) is retried by the clients
 like any call.
 
+Each call is judged at the time the server received it, which holds only while it has
+waited less than db/waits.py's MAX_WAIT (inside the hold's grace): a call that waited that
+long in the queue is refused WAITED_TOO_LONG, changing nothing, and a call or batch runs its
+connection wait and statement only for what its oldest call has left of it.
+
 Why lanes open late: while batches are quick, one lane makes them larger (fewer
 transactions, commits and WAL flushes for the same calls, less database CPU per call); a
 batch that waits on an account lock or a slow disk still lets the calls behind it go in
@@ -39,7 +44,8 @@ from psycopg import errors as pg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from ledger_server.db import deadlines
+from ledger_server.clock import Clock
+from ledger_server.db import deadlines, waits
 from ledger_server.db.errors import DatabaseFailure, translate_failure
 from ledger_server.errors import LedgerError, unavailable
 from ledger_server.ledger import store
@@ -77,6 +83,7 @@ class _Waiter:
     account_id: str
     params: dict[str, object]
     deadline: float | None  # the call's deadline (time.monotonic), None: none
+    received: datetime  # when the server received it (params["now"], the ledger's clock)
     future: asyncio.Future[dict[str, Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -120,11 +127,14 @@ class GroupCommit:
     def __init__(
         self,
         pool: AsyncConnectionPool,
+        clock: Clock,
         max_in_flight: int,
         open_lane_after: float = 0.0,
         max_batch: int = MAX_BATCH,
     ) -> None:
+        """``clock``: the ledger's, the one the calls' ``now`` was read from."""
         self._pool = pool
+        self._clock = clock
         self._max_in_flight = max_in_flight
         self._open_lane_after = open_lane_after
         self._max_batch = max_batch
@@ -141,6 +151,8 @@ class GroupCommit:
         self, operation: str, account_id: str, params: dict[str, object]
     ) -> dict[str, Any]:
         """Runs one of BATCHED's operations for the account, alone or in a batch."""
+        received = params["now"]
+        assert isinstance(received, datetime)
         if (
             self._in_flight < self._max_in_flight
             and not self._waiting  # else a call that waits for a lane to open loses its turn
@@ -148,11 +160,13 @@ class GroupCommit:
             and self._lane_opens_in() <= 0
         ):
             lane = self._start([account_id])
+            token = waits.set_received(self._clock, received)
             try:
                 return await call_json(self._pool, operation, params)
             finally:
+                waits.reset_received(token)
                 self._finish(lane, [account_id])
-        waiter = _Waiter(operation, account_id, params, deadlines.current_deadline())
+        waiter = _Waiter(operation, account_id, params, deadlines.current_deadline(), received)
         self._waiting.setdefault(account_id, deque()).append(waiter)
         self._dispatch()
         return await waiter.future
@@ -225,21 +239,35 @@ class GroupCommit:
 
     def _take_batch(self) -> list[_Waiter]:
         """Up to max_batch waiting calls of accounts with nothing in flight: the accounts
-        whose calls have waited longest first, each account's calls in arrival order."""
+        whose calls have waited longest first, each account's calls in arrival order. The
+        calls that have waited too long (db/waits.py) are refused on the way."""
         batch: list[_Waiter] = []
         for account_id in list(self._waiting):
             if len(batch) == self._max_batch:
                 break
-            if account_id in self._busy:
-                continue
             queue = self._waiting[account_id]
-            while queue and len(batch) < self._max_batch:
-                waiter = queue.popleft()
-                if not waiter.future.done():  # done: its caller went away
-                    batch.append(waiter)
+            self._refuse_stale(queue)
+            if account_id not in self._busy:
+                while queue and len(batch) < self._max_batch:
+                    waiter = queue.popleft()
+                    if not waiter.future.done():  # done: its caller went away
+                        batch.append(waiter)
             if not queue:
                 del self._waiting[account_id]
         return batch
+
+    def _refuse_stale(self, queue: deque[_Waiter]) -> None:
+        """Refuses the account's calls that have waited MAX_WAIT, or all but too little of
+        it to run (the oldest are first): judged at their received time, they could find a
+        hold already timed out by the others' maintenance. Nothing of theirs ran; their
+        callers retry with their keys."""
+        stale = waits.MAX_WAIT - waits.MIN_LEFT_TO_RUN
+        while queue and (
+            queue[0].future.done() or waits.waited(self._clock, queue[0].received) >= stale
+        ):
+            waiter = queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(waits.waited_too_long())
 
     def _ended(self, lane: int, batch: list[_Waiter], task: asyncio.Task[None]) -> None:
         """Runs however the batch's task ended, even cancelled before it started: no
@@ -255,6 +283,9 @@ class GroupCommit:
 
     async def _run(self, lane: int, batch: list[_Waiter]) -> None:
         deadlines.set_deadline(latest_deadline([waiter.deadline for waiter in batch]))
+        # The batch's connection wait and statement end before its oldest call has waited
+        # too long (db/deadlines.py): all its calls are refused then, retryably.
+        waits.set_received(self._clock, min(waiter.received for waiter in batch))
         try:
             outcome = await self._execute(batch)
         except Exception as exc:  # the batch as a whole: every call gets the error

@@ -114,6 +114,7 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
         self._alert_emails = alert_emails
         self._group_commit = GroupCommit(
             pool,
+            clock,
             settings.group_commit_max_in_flight,
             settings.group_commit_open_lane_after.total_seconds(),
         )

@@ -520,9 +520,14 @@ END $$;
 --     once the latest of them is that long;
 --   - then the batch's statement, lock waits and the calls before it included, at most the
 --     statement time-out cap (LEDGER_STATEMENT_TIMEOUT_MS, 5 s; db/deadlines.py).
--- 10 + 30 + 5 = 45 s, rounded up to a minute. A call still pending past it is judged at its
--- own time as ever: its own reservation expired at its receipt is refused (ledger_commit)
--- or timed out (ledger_release). During the grace the hold's credits stay held (Balance
+-- 10 + 30 + 5 = 45 s, rounded up to a minute. A call with no deadline or a longer one, or
+-- with LEDGER_STATEMENT_TIMEOUT_MS=0, had no such bound: a Commit received in time that
+-- reached the account after the grace found its hold returned and was refused. So the server
+-- bounds each of those waits by three quarters of the grace, MAX_WAIT (db/waits.py, whose
+-- HOLD_GRACE the server checks is this at start-up): a call that waited that long is refused
+-- WAITED_TOO_LONG having changed nothing, and its statement's time-out is what it has left;
+-- the last quarter is for clocks of other servers and workers running ahead. A call's own
+-- reservation expired at its receipt is refused (ledger_commit) or timed out (ledger_release). During the grace the hold's credits stay held (Balance
 -- reports them so) and the hold reads pending; after it the next maintenance or sweep
 -- returns them (ledger_next_maintenance schedules it). Immutable: inlined as a constant.
 CREATE OR REPLACE FUNCTION ledger_hold_grace() RETURNS interval

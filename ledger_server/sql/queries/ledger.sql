@@ -6,6 +6,10 @@ SELECT ledger_grant(%(account_id)s::text, %(key)s::text, %(hash)s::bytea, %(amou
                     %(source)s::text, %(expires_at)s::timestamptz, %(balance_kind)s::text,
                     %(external_ref)s::text, %(comment)s::text, %(actor)s::text, %(now)s::timestamptz)
 
+-- name: hold_grace
+-- The server checks at start-up that its bound on a call's wait fits it (db/waits.py).
+SELECT ledger_hold_grace()
+
 -- name: balance
 SELECT ledger_balance(%(account_id)s::text, %(now)s::timestamptz)
 

@@ -251,8 +251,9 @@ class Unavailable(LedgerError):
 
 
 class Conflict(LedgerError):
-    """ABORTED: the call lost a race with a concurrent one. The client retries these itself;
-    raised once its attempts are spent. Safe to retry with the same idempotency key."""
+    """ABORTED: the call lost a race with a concurrent one, or waited in an overloaded server
+    longer than it may (reason WAITED_TOO_LONG); it changed nothing. The client retries these
+    itself; raised once its attempts are spent. Safe to retry with the same idempotency key."""
 
     default_code = grpc.StatusCode.ABORTED
 
@@ -302,6 +303,7 @@ _BY_REASON: dict[str, type[LedgerError]] = {
     "RESERVATION_NOT_COMMITTED": ReservationNotCommitted,
     "STORAGE_UNAVAILABLE": Unavailable,
     "CONFLICT": Conflict,
+    "WAITED_TOO_LONG": Conflict,
     RATE_LIMIT_REASON: RateLimited,
 }
 

@@ -177,6 +177,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     changed since it was read. Read it again and redo the change. metadata: pack_id or
     plan_id.
     """
+    ERROR_REASON_WAITED_TOO_LONG: _ErrorReason.ValueType  # 54
+    """ABORTED: the call waited in the server (its queue, a database connection, an account's
+    lock) for longer than it may and still be judged at the time it was received (45 s,
+    within the minute's grace a hold is kept past its expiry): the server is overloaded.
+    Nothing was changed; retry with the same idempotency key (the retry is judged at its
+    own time). metadata: max_wait_ms.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Values of google.rpc.ErrorInfo.reason in error details, without the
@@ -338,5 +345,12 @@ ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 53
 """FAILED_PRECONDITION: the update's etag is not the pack's or plan's current one: it
 changed since it was read. Read it again and redo the change. metadata: pack_id or
 plan_id.
+"""
+ERROR_REASON_WAITED_TOO_LONG: ErrorReason.ValueType  # 54
+"""ABORTED: the call waited in the server (its queue, a database connection, an account's
+lock) for longer than it may and still be judged at the time it was received (45 s,
+within the minute's grace a hold is kept past its expiry): the server is overloaded.
+Nothing was changed; retry with the same idempotency key (the retry is judged at its
+own time). metadata: max_wait_ms.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
