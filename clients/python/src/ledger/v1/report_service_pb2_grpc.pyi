@@ -41,7 +41,9 @@ class ReportServiceStub:
     ListJournal: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]
     """The platform-wide transaction log: every account's journal entries (or one account's),
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-    transaction id: entries written while paging never shift a page. Across all accounts,
+    transaction id: entries written while paging never shift a page. Across all accounts
+    an entry whose transaction commits after a page passed its id is not listed by that
+    walk: for a complete one, give an end_time a minute or more in the past. Across all accounts,
     and for one account filtered by kinds, feature, model or statuses, the filters are
     applied while walking the journal from the newest entry (or the page token), and one
     page walks at most 20,000 entries: a filter that matches little of a long journal
@@ -64,7 +66,9 @@ class ReportServiceAsyncStub(ReportServiceStub):
     ListJournal: _aio.UnaryUnaryMultiCallable[_report_service_pb2.ListJournalRequest, _report_service_pb2.ListJournalResponse]  # type: ignore[assignment]
     """The platform-wide transaction log: every account's journal entries (or one account's),
     newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-    transaction id: entries written while paging never shift a page. Across all accounts,
+    transaction id: entries written while paging never shift a page. Across all accounts
+    an entry whose transaction commits after a page passed its id is not listed by that
+    walk: for a complete one, give an end_time a minute or more in the past. Across all accounts,
     and for one account filtered by kinds, feature, model or statuses, the filters are
     applied while walking the journal from the newest entry (or the page token), and one
     page walks at most 20,000 entries: a filter that matches little of a long journal
@@ -96,7 +100,9 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_report_service_pb2.ListJournalResponse, _abc.Awaitable[_report_service_pb2.ListJournalResponse]]:
         """The platform-wide transaction log: every account's journal entries (or one account's),
         newest first, with the filters of LedgerService.ListTransactions. Keyset pages by
-        transaction id: entries written while paging never shift a page. Across all accounts,
+        transaction id: entries written while paging never shift a page. Across all accounts
+        an entry whose transaction commits after a page passed its id is not listed by that
+        walk: for a complete one, give an end_time a minute or more in the past. Across all accounts,
         and for one account filtered by kinds, feature, model or statuses, the filters are
         applied while walking the journal from the newest entry (or the page token), and one
         page walks at most 20,000 entries: a filter that matches little of a long journal
