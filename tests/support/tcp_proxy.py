@@ -1,6 +1,8 @@
 """A TCP proxy in front of PostgreSQL that can take it away and bring it back on the same
 port: `down()` closes the listening socket and cuts every connection (as a stopped server
-does: connections lost, new ones refused), `up()` listens again."""
+does: connections lost, new ones refused), `up()` listens again. The PostgreSQL behind it
+may listen on TCP or, as the embedded one does, only on a unix socket (its host a
+directory)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import threading
 class SwitchableProxy:
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self._upstream = (upstream_host, upstream_port)
+        self._upstream_socket = (
+            f"{upstream_host}/.s.PGSQL.{upstream_port}" if upstream_host.startswith("/") else None
+        )
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -48,7 +53,7 @@ class SwitchableProxy:
             except OSError:
                 return  # down
             try:
-                server = socket.create_connection(self._upstream, timeout=5)
+                server = self._connect_upstream()
             except OSError:
                 client.close()
                 continue
@@ -57,6 +62,18 @@ class SwitchableProxy:
                 self._sockets |= {client, server}
             for source, target in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _connect_upstream(self) -> socket.socket:
+        if self._upstream_socket is None:
+            return socket.create_connection(self._upstream, timeout=5)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.settimeout(5)
+            server.connect(self._upstream_socket)
+        except OSError:
+            server.close()
+            raise
+        return server
 
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
