@@ -410,10 +410,23 @@ def checkpoint(conn: Conn) -> float | None:
     return round(time.perf_counter() - began, 2)
 
 
+# The journal refuses TRUNCATE (migration 0039): the wipe lifts that for its own
+# transaction only, as the tables' owner, so no session sees the triggers off.
+_JOURNAL_TRUNCATE_TRIGGERS = (
+    ("journal_transactions", "journal_transactions_no_truncate"),
+    ("postings", "postings_no_truncate"),
+)
+
+
 def wipe(conn: Conn) -> None:
     """Empties the ledger tables of the bench database (only ever the bench's own)."""
-    conn.execute(
-        "TRUNCATE accounts, lots, journal_transactions, postings, reservations,"
-        " reservation_lots, idempotency_keys, low_balance_alerts, daily_claims, daily_reward_runs,"
-        " monthly_allowances, purchases, redemptions, subscriptions CASCADE"
-    )
+    with conn.transaction():
+        for table, trigger in _JOURNAL_TRUNCATE_TRIGGERS:
+            conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER {trigger}")
+        conn.execute(
+            "TRUNCATE accounts, lots, journal_transactions, postings, reservations,"
+            " reservation_lots, idempotency_keys, low_balance_alerts, daily_claims,"
+            " daily_reward_runs, monthly_allowances, purchases, redemptions, subscriptions CASCADE"
+        )
+        for table, trigger in _JOURNAL_TRUNCATE_TRIGGERS:
+            conn.execute(f"ALTER TABLE {table} ENABLE TRIGGER {trigger}")

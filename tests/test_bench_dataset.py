@@ -38,3 +38,21 @@ def test_a_small_dataset_is_clean_and_each_charge_has_its_key(fresh_database_url
     assert len(charges) == sizes.journal_entries - 1
     assert all(op == "consume" and answered == str(txn) for txn, op, answered, _ in charges)
     assert balance is not None and charges[-1][3] == balance[0]
+
+
+def test_a_dataset_of_other_sizes_is_wiped_and_loaded_again(fresh_database_url: str) -> None:
+    """The wipe empties the journal, which refuses TRUNCATE (migration 0039): it lifts that
+    for its own transaction only, so the audit finds the triggers enabled again after."""
+    migrate(fresh_database_url)
+    dataset.load(fresh_database_url, dataset.Sizes(20, 10, 3), fresh=False, may_wipe=True)
+    dataset.load(fresh_database_url, dataset.Sizes(10, 20, 3), fresh=False, may_wipe=True)
+    assert audit_database(fresh_database_url) == []
+    with psycopg.connect(fresh_database_url) as conn:
+        entries = conn.execute(
+            "SELECT count(*) FROM journal_transactions WHERE account_id = %s", (dataset.JOURNAL,)
+        ).fetchone()
+        accounts = conn.execute(
+            "SELECT count(*) FROM accounts WHERE account_id LIKE %s",
+            (dataset.ACCOUNT_PREFIX + "%",),
+        ).fetchone()
+    assert (entries, accounts) == ((20,), (10,))  # the first load's are gone

@@ -343,6 +343,51 @@ def test_the_journal_is_append_only(ledger_db_url: str, ledger: Ledger) -> None:
             conn.rollback()
 
 
+# The append-only tables' triggers: UPDATE and DELETE refused row by row, TRUNCATE (which
+# fires no row trigger) by statement (migration 0039). The audit checks them (audit.sql).
+APPEND_ONLY_TABLES = (
+    "journal_transactions",
+    "model_multipliers",
+    "postings",
+    "prices",
+    "setting_changes",
+)
+EXPECTED_APPEND_ONLY_TRIGGERS = {
+    (table, f"{table}_{suffix}", events)
+    for table in APPEND_ONLY_TABLES
+    for suffix, events in (("append_only", "DELETE,UPDATE"), ("no_truncate", "TRUNCATE"))
+}
+
+
+def test_the_append_only_tables_refuse_truncate(fresh_database_url: str) -> None:
+    """`TRUNCATE postings` emptied the journal: the row triggers never fire for it. A
+    TRUNCATE ... CASCADE from a table the journal references reaches it too."""
+    migrations.migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url) as conn:
+        triggers = set(
+            conn.execute(
+                """SELECT t.relname::text, g.tgname::text,
+                          string_agg(e.event, ',' ORDER BY e.event)
+                     FROM pg_trigger g
+                     JOIN pg_class t ON t.oid = g.tgrelid
+                     JOIN pg_proc f ON f.oid = g.tgfoid
+                     JOIN (VALUES (8, 'DELETE'), (16, 'UPDATE'), (32, 'TRUNCATE'), (4, 'INSERT'))
+                          AS e(bit, event) ON g.tgtype & e.bit <> 0
+                    WHERE f.proname = 'ledger_reject_journal_change' AND g.tgtype & 2 <> 0
+                    GROUP BY 1, 2"""
+            ).fetchall()
+        )
+        assert triggers == EXPECTED_APPEND_ONLY_TRIGGERS
+        # CASCADE: journal_transactions alone is refused anyway, postings referencing it.
+        for statement in [f"TRUNCATE {table} CASCADE" for table in APPEND_ONLY_TABLES] + [
+            "TRUNCATE accounts CASCADE"
+        ]:
+            with pytest.raises(psycopg.Error) as raised:
+                conn.execute(statement)
+            assert raised.value.sqlstate == "LE100", statement
+            conn.rollback()
+
+
 def test_balance_constraints_hold_in_the_database(ledger_db_url: str) -> None:
     with psycopg.connect(ledger_db_url) as conn:
         with pytest.raises(psycopg.errors.CheckViolation) as raised:
