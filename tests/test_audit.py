@@ -391,3 +391,63 @@ def test_a_lot_refunded_into_twice_at_once_after_it_expired(fresh_database_url: 
         )
         assert (refund["refunded_micros"], refund["expired_micros"]) == (125000000, 10000000)
     assert audit_database(fresh_database_url) == []
+
+
+# --- what no stored figure shows -------------------------------------------------------------
+
+
+def test_hold_and_release_entries_move_no_lot_credits(fresh_database_url: str) -> None:
+    """No SQL function posts to a lot under a HOLD or RELEASE entry (a hold only marks a lot's
+    credits held): lot postings there are credits moved past every check of amounts, which
+    exempts those kinds (their amount is what was held or given back)."""
+    migrate(fresh_database_url)
+    _fill(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        # Seven credits minted into the purchase lot under r1's hold, lots and balance along.
+        conn.execute(
+            """
+            INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account,
+                                  lot_id, source, amount_micros)
+            SELECT t.account_id, t.transaction_id, p.n, p.ledger_account,
+                   CASE WHEN p.n = 0 THEN l.lot_id END, 'purchase', p.amount
+              FROM journal_transactions t, lots l,
+                   (VALUES (0, 'account:main', 7000000), (1, 'issuance:purchase', -7000000))
+                       AS p(n, ledger_account, amount)
+             WHERE t.kind = 'hold' AND l.source = 'purchase'
+            """
+        )
+        conn.execute(
+            "UPDATE lots SET remaining_micros = remaining_micros + 7000000, "
+            "amount_micros = amount_micros + 7000000 WHERE source = 'purchase'"
+        )
+        conn.execute("UPDATE accounts SET balance_micros = balance_micros + 7000000")
+        hold = conn.execute(
+            "SELECT transaction_id FROM journal_transactions WHERE kind = 'hold'"
+        ).fetchone()
+        (found,) = audit_database(fresh_database_url)
+        assert (found.check, found.detail) == (
+            "hold_or_release_posts_to_lots",
+            f"transaction {hold[0]} (hold): 1 lot posting(s), moving 7000000 in and 0 out",  # type: ignore[index]
+        )
+
+        # A release moving a credit out of the lot and back in changes no sum at all.
+        conn.execute(
+            "SELECT ledger_release('audited', reservation_id, 'x1', '\\x06', 'r', now()) "
+            "FROM reservations WHERE status = 'pending'"
+        )
+        conn.execute(
+            """
+            INSERT INTO postings (account_id, transaction_id, posting_no, ledger_account,
+                                  lot_id, source, amount_micros)
+            SELECT t.account_id, t.transaction_id, 90 + p.n, 'account:main', l.lot_id,
+                   'purchase', p.amount
+              FROM journal_transactions t, lots l,
+                   (VALUES (0, 1000000), (1, -1000000)) AS p(n, amount)
+             WHERE t.kind = 'release' AND l.source = 'purchase'
+            """
+        )
+    found = audit_database(fresh_database_url)
+    assert [(v.check, v.detail.split(": ")[1]) for v in found] == [
+        ("hold_or_release_posts_to_lots", "1 lot posting(s), moving 7000000 in and 0 out"),
+        ("hold_or_release_posts_to_lots", "2 lot posting(s), moving 1000000 in and 1000000 out"),
+    ]
