@@ -451,3 +451,20 @@ def test_hold_and_release_entries_move_no_lot_credits(fresh_database_url: str) -
         ("hold_or_release_posts_to_lots", "1 lot posting(s), moving 7000000 in and 0 out"),
         ("hold_or_release_posts_to_lots", "2 lot posting(s), moving 1000000 in and 1000000 out"),
     ]
+
+
+def test_a_lots_source_agrees_with_its_postings(fresh_database_url: str) -> None:
+    """Reports count a lot's credits under its source, paid or free (reports.sql): a purchase
+    lot relabelled 'admin' showed its credits as free, and a negative opening balance of paid
+    ones, with every sum still right."""
+    migrate(fresh_database_url)
+    _fill(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE lots SET source = 'admin' WHERE source = 'purchase'")
+        lot = conn.execute("SELECT lot_id FROM lots WHERE source = 'admin'").fetchone()
+    (found,) = audit_database(fresh_database_url)
+    assert (found.check, found.account_id, found.detail) == (
+        "lot_source_vs_postings",
+        "audited",
+        f"lot {lot[0]}: source admin, its postings purchase",  # type: ignore[index]
+    )

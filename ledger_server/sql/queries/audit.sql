@@ -40,12 +40,24 @@ WITH lot_sums AS (
       JOIN postings p ON p.account_id = t.account_id AND p.transaction_id = t.transaction_id
      WHERE t.kind IN ('expiry', 'refund', 'overdraft') AND p.lot_id IS NOT NULL
      GROUP BY p.account_id, p.lot_id
+), lot_postings AS (
+    -- Each lot's postings: their sum, and the sources they name. A lot's postings carry its
+    -- source (every SQL function posts the lot's own), which reports count its credits by,
+    -- paid or free, as they count the lot's (reports.sql). The bounds by byte order ("C")
+    -- tell one source from several without a locale's comparison per posting.
+    SELECT account_id, lot_id, sum(amount_micros) AS total, count(*) AS postings,
+           count(source) AS sourced, min(source COLLATE "C") AS min_source,
+           max(source COLLATE "C") AS max_source
+      FROM postings WHERE lot_id IS NOT NULL GROUP BY account_id, lot_id
 ), lot_figures AS (
-    SELECT l.account_id, l.lot_id, l.source, l.expires_at, l.expired_micros,
+    SELECT l.account_id, l.lot_id, l.source, l.expires_at, l.expired_micros, l.remaining_micros,
            coalesce(j.expired, 0) AS journal_expired, j.first_expiry_at,
-           coalesce(j.overdraft_postings, 0) AS overdraft_postings
+           coalesce(j.overdraft_postings, 0) AS overdraft_postings,
+           coalesce(p.total, 0) AS posted, coalesce(p.postings, 0) AS postings,
+           coalesce(p.sourced, 0) AS sourced, p.min_source, p.max_source
       FROM lots l
       LEFT JOIN lot_journal j ON j.account_id = l.account_id AND j.lot_id = l.lot_id
+      LEFT JOIN lot_postings p ON p.account_id = l.account_id AND p.lot_id = l.lot_id
 ), charge_lot_journal AS (
     -- What each CHARGE entry took from each lot, under the reservation it names
     -- (journal_transactions.reservation_id; a reservation has one charge).
@@ -164,13 +176,19 @@ SELECT 'lot_bounds', account_id,
  WHERE remaining_micros < 0 OR remaining_micros > amount_micros
     OR held_micros < 0 OR held_micros > remaining_micros
 UNION ALL
-SELECT 'lot_vs_postings', l.account_id,
-       format('lot %s: remaining %s, postings %s', l.lot_id, l.remaining_micros, coalesce(p.total, 0))
-  FROM lots l
-  LEFT JOIN (SELECT account_id, lot_id, sum(amount_micros) AS total
-               FROM postings WHERE lot_id IS NOT NULL GROUP BY account_id, lot_id) p
-         ON p.account_id = l.account_id AND p.lot_id = l.lot_id
- WHERE l.remaining_micros <> coalesce(p.total, 0)
+SELECT 'lot_vs_postings', account_id,
+       format('lot %s: remaining %s, postings %s', lot_id, remaining_micros, posted)
+  FROM lot_figures WHERE remaining_micros <> posted
+UNION ALL
+SELECT 'lot_source_vs_postings', account_id,
+       format('lot %s: source %s, its postings %s%s', lot_id, source,
+              CASE WHEN sourced = 0 THEN 'none'
+                   WHEN min_source = max_source THEN min_source
+                   ELSE min_source || ' to ' || max_source END,
+              CASE WHEN sourced BETWEEN 1 AND postings - 1
+                   THEN format(' (%s with none)', postings - sourced) END)
+  FROM lot_figures
+ WHERE sourced < postings OR min_source <> source OR max_source <> source
 UNION ALL
 SELECT 'lot_holds_vs_reservations', l.account_id,
        format('lot %s: held %s, pending reservations hold %s', l.lot_id, l.held_micros, coalesce(h.held, 0))
