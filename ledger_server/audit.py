@@ -7,8 +7,10 @@ and reservations; no lot is below zero or above its amount. The figures stored b
 the journal agree with it: lots' expired credits, what reservations and each of their
 lots committed and refunded (and what of that expired at once), what payments' refunds
 clawed back; expiries come after their lot's expiry and overdraft entries touch the
-overdraft lot only. The inviter an account names is another account. Each check is a
-branch of the one query in sql/queries/audit.sql. The database must be migrated to this
+overdraft lot only; hold and release entries touch no lot; a lot's postings carry its
+source. The inviter an account names is another account. The append-only tables' triggers
+(row and TRUNCATE) exist and are enabled. Each check is a branch of the one query in
+sql/queries/audit.sql. The database must be migrated to this
 release (AuditCannotRun otherwise)."""
 
 from __future__ import annotations

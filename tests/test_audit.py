@@ -468,3 +468,35 @@ def test_a_lots_source_agrees_with_its_postings(fresh_database_url: str) -> None
         "audited",
         f"lot {lot[0]}: source admin, its postings purchase",  # type: ignore[index]
     )
+
+
+def test_the_append_only_triggers_are_audited(fresh_database_url: str) -> None:
+    """Dropped or disabled, a trigger that keeps the journal append-only lets its history be
+    changed or emptied, and then every other check passes on what is left."""
+    migrate(fresh_database_url)
+    _fill(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        for alter, state in (
+            ("DISABLE TRIGGER", "disabled"),
+            ("ENABLE REPLICA TRIGGER", "disabled"),  # fires only where replicas apply changes
+        ):
+            conn.execute(f"ALTER TABLE postings {alter} postings_no_truncate")
+            (found,) = audit_database(fresh_database_url)
+            assert (found.check, found.account_id, found.detail) == (
+                "append_only_trigger",
+                "",
+                f"postings_no_truncate on postings: {state}",
+            )
+        conn.execute("ALTER TABLE postings ENABLE TRIGGER postings_no_truncate")
+        assert audit_database(fresh_database_url) == []
+        conn.execute("DROP TRIGGER journal_transactions_append_only ON journal_transactions")
+        conn.execute(
+            "CREATE TRIGGER journal_transactions_append_only BEFORE DELETE "
+            "ON journal_transactions FOR EACH ROW EXECUTE FUNCTION ledger_reject_journal_change()"
+        )
+        conn.execute("DROP TRIGGER setting_changes_append_only ON setting_changes")
+    assert [str(v) for v in audit_database(fresh_database_url)] == [
+        "append_only_trigger [] journal_transactions_append_only on journal_transactions: "
+        "changed (not a BEFORE UPDATE OR DELETE row trigger of ledger_reject_journal_change)",
+        "append_only_trigger [] setting_changes_append_only on setting_changes: missing",
+    ]

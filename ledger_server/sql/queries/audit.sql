@@ -304,4 +304,30 @@ SELECT 'debt_beside_credits', o.account_id,
            AND (expires_at IS NULL OR expires_at > now())
          GROUP BY account_id) s ON s.account_id = o.account_id
  WHERE o.source = 'overdraft' AND o.remaining_micros < o.amount_micros
+UNION ALL
+-- The append-only tables refuse UPDATE and DELETE row by row and TRUNCATE by statement
+-- (migrations 0001, 0002, 0003, 0039). Without one of these triggers the history can be
+-- changed or emptied, and every other check then passes on what is left. Enabled means
+-- firing in an ordinary session: 'O' or 'A' ('R' fires only where a replica applies
+-- changes, 'D' never). Not an account's: account_id ''.
+SELECT 'append_only_trigger', '',
+       format('%s%s on %s: %s', t.table_name, k.suffix, t.table_name,
+              CASE WHEN g.oid IS NULL THEN 'missing'
+                   WHEN g.tgtype <> k.tgtype
+                     OR g.tgfoid IS DISTINCT FROM to_regproc('ledger_reject_journal_change')
+                   THEN format('changed (not a %s of ledger_reject_journal_change)', k.kind)
+                   ELSE 'disabled' END)
+  FROM (VALUES ('journal_transactions'), ('postings'), ('setting_changes'), ('prices'),
+               ('model_multipliers')) AS t(table_name)
+  -- pg_trigger.tgtype bits: 1 row, 2 before, 8 delete, 16 update, 32 truncate.
+  CROSS JOIN (VALUES ('_append_only', 27, 'BEFORE UPDATE OR DELETE row trigger'),
+                     ('_no_truncate', 34, 'BEFORE TRUNCATE statement trigger'))
+          AS k(suffix, tgtype, kind)
+  -- The schema's own tables: a session's temporary relations of those names come first in
+  -- its search path (tests/support/scoped_audit.py audits a few accounts through such views).
+  LEFT JOIN pg_trigger g
+         ON g.tgrelid = to_regclass(format('%I.%I', current_schema(), t.table_name))
+        AND g.tgname = t.table_name || k.suffix
+ WHERE g.oid IS NULL OR g.tgenabled NOT IN ('O', 'A') OR g.tgtype <> k.tgtype
+    OR g.tgfoid IS DISTINCT FROM to_regproc('ledger_reject_journal_change')
 ORDER BY 1, 2, 3
