@@ -1583,16 +1583,19 @@ def stripe_double() -> Iterator[StripeDouble]:
 
 @pytest.fixture(scope="module")
 def checkout_address(
-    stripe_double: StripeDouble, ledger_db_url: str, server_address: str
+    stripe_double: StripeDouble, ledger_db_url: str, server_address: str, clock: OffsetClock
 ) -> Iterator[str]:
-    """A second gRPC server whose BillingService talks to the Stripe double."""
+    """A second gRPC server whose BillingService talks to the Stripe double, on the
+    session's clock: with a clock of its own (real time) its checkouts were dated days
+    before the session server's "now" once earlier tests had moved that on, and the
+    session server's UpdateSubscriptionPlan found no checkout of the last 24 hours."""
     stripe_settings = StripeSettings(api_key="sk_test_double", api_base=stripe_double.url)
     with pytest.MonkeyPatch.context() as env:
         # Read by BillingService when the app does not pass settings.stripe along.
         env.setenv("STRIPE_API_KEY", stripe_settings.api_key)
         env.setenv("STRIPE_API_BASE", stripe_settings.api_base)
         settings = Settings(database_url=ledger_db_url, stripe=stripe_settings)
-        server = ServerThread(settings, OffsetClock()).start()
+        server = ServerThread(settings, clock).start()
     try:
         yield server.address
     finally:
