@@ -183,6 +183,44 @@ def test_a_subscriptions_checkout_for_another_account_than_its_first_invoice_fai
     assert _paid_for(payments_db, other) == []
 
 
+def test_a_checkout_a_previous_releases_worker_recorded_links_the_subscription(
+    apply_events: Callable[..., list[str]],
+    payments_db: PaymentsDb,
+    sources: Sources,
+    ledger: Ledger,
+) -> None:
+    """In a rolling deploy a previous release's worker records a subscription's checkout
+    session but no subscription_accounts row: the next invoice without account metadata
+    failed EventNotReady for ever (the period never credited), and one naming another
+    account credited it and took the subscription. The latest checkout session of the
+    subscription stands for the link until one is made."""
+    plan = sources.create_plan(100 * CREDIT, rank=1)
+    owner, other = new_account("old-worker-owner"), new_account("old-worker-other")
+    sub, start = f"sub_{uuid.uuid4().hex}", int(time.time()) - 60
+    payments_db.rows(  # a session of this ledger, completed by the previous release: no link
+        "INSERT INTO checkout_sessions (session_id, account_id, idempotency_key, request_hash,"
+        " kind, plan_id, amount_minor, currency, url, subscription_ref, created_at,"
+        " completed_at) VALUES (%s, %s, %s, '\\x00', 'subscription', %s, 1000, 'USD',"
+        " 'https://checkout.example/s', %s, now(), now()) RETURNING 1",
+        (f"cs_test_{uuid.uuid4().hex}", owner, f"old-{uuid.uuid4().hex}", plan.plan_id, sub),
+    )
+
+    [naming_other] = apply_events(
+        invoice_paid(other, sub, plan.provider_price_id, start, start + DAYS_30)
+    )
+    _failed_with(payments_db, naming_other, f"{sub} is linked to another account than {other}")
+    [anonymous] = apply_events(
+        invoice_paid("", sub, plan.provider_price_id, start, start + DAYS_30)
+    )
+    paid = payments_db.event(anonymous)
+    assert paid is not None
+    assert (paid["status"], paid["credits_micros"]) == ("processed", 100 * CREDIT), paid
+    assert ledger.balance(owner).balance_micros == 100 * CREDIT
+    assert payments_db.rows(
+        "SELECT account_id FROM subscription_accounts WHERE subscription_ref = %s", (sub,)
+    ) == [(owner,)]
+
+
 def test_a_partial_dispute_in_another_currency_than_the_payment_is_not_the_whole_purchase(
     apply_events: Callable[..., list[str]],
     payments_db: PaymentsDb,

@@ -140,8 +140,20 @@ SELECT payload #> '{data,object}', (payload ->> 'created')::bigint
  LIMIT 1
 
 -- name: subscription_account
--- The account the subscription belongs to (migration 0036), if linked yet.
-SELECT account_id FROM subscription_accounts WHERE subscription_ref = %(subscription_ref)s
+-- The account the subscription belongs to (migration 0036), if linked yet; else the one
+-- its latest checkout session was for (as migration 0036 links them): a previous release's
+-- worker, still running during a rolling deploy, records the session but no link.
+SELECT account_id FROM (
+    SELECT account_id, 0 AS choice FROM subscription_accounts
+     WHERE subscription_ref = %(subscription_ref)s
+    UNION ALL
+    (SELECT account_id, 1 FROM checkout_sessions
+      WHERE subscription_ref = %(subscription_ref)s
+      ORDER BY created_at DESC
+      LIMIT 1)
+) known
+ ORDER BY choice
+ LIMIT 1
 
 -- name: link_subscription_account
 -- The first link of a subscription stands: a second account is not linked (the caller
