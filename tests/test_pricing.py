@@ -390,6 +390,8 @@ def test_a_consume_or_reserve_naming_another_feature_than_its_usage_is_refused(
 
     for call in (consume, reserve):
         assert _refused_field(lambda call=call: call(_feature("image"))) == "feature"
+        # Refused as too long, not echoed into a status larger than gRPC's metadata limit.
+        assert _refused_field(lambda call=call: call("f" * 20_000)) == "feature"
     balance = ledger.balance(account)
     assert (balance.balance_micros, balance.held_micros) == (100 * CREDIT, 0)
 

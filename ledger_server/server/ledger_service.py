@@ -90,13 +90,17 @@ def _amount_or_usage(
     if has_usage == (request.amount_micros != 0):
         raise invalid_field("amount_micros", "set exactly one of amount_micros and usage")
     if has_usage:
-        if request.feature and request.feature != request.usage.feature:
+        # Both checked as codes first: a feature of any length echoed in the message below
+        # made the status larger than gRPC's metadata limit (RESOURCE_EXHAUSTED).
+        usage = validation.usage(request.usage)
+        feature = validation.code(request.feature, "feature")
+        if feature and feature != usage["feature"]:
             # The usage's feature is what is priced and filed; another one beside it was
             # dropped without a word (the client refuses it too).
             raise invalid_field(
-                "feature", f"is {request.feature!r} but usage.feature is {request.usage.feature!r}"
+                "feature", f"is {feature!r} but usage.feature is {usage['feature']!r}"
             )
-        return None, Jsonb(validation.usage(request.usage))
+        return None, Jsonb(usage)
     return validation.positive_amount(request.amount_micros), None
 
 
