@@ -43,6 +43,7 @@ from support.workers import run_burst_workers
 from workers import alerts, sweepers
 from workers import db as worker_db
 from workers.queues import DEFAULT_QUEUE, REDIS_TIMEOUT_SECONDS, enqueue, redis_connection
+from workers.settings import SmtpSettings
 
 
 class Inbox:
@@ -459,6 +460,18 @@ def test_an_address_the_smtp_server_rejects_fails_after_five_attempts(
 )
 def test_which_failures_are_retried_hourly(error: Exception, transient: bool) -> None:
     assert alerts.transient(error) is transient
+
+
+def test_a_ca_file_that_cannot_be_read_is_a_permanent_failure(tmp_path: Path) -> None:
+    """A LEDGER_SMTP_CA_FILE that is not there raised FileNotFoundError, an OSError, which
+    is transient: every alert was retried hourly for two days before it failed."""
+    smtp = SmtpSettings(
+        host="127.0.0.1", port=25, sender="a@b", username="", password="", starttls=True,
+        ca_file=str(tmp_path / "missing-ca.pem"),
+    )  # fmt: skip
+    with pytest.raises(alerts.SmtpMisconfigured, match="LEDGER_SMTP_CA_FILE") as caught:
+        alerts._tls_context(smtp)
+    assert alerts.transient(caught.value) is False
 
 
 @pytest.fixture

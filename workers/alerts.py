@@ -157,10 +157,20 @@ def _send(message: EmailMessage) -> None:
         client.close()
 
 
+class SmtpMisconfigured(Exception):
+    """The SMTP settings cannot work as they are (a LEDGER_SMTP_CA_FILE that cannot be
+    read): permanent, not an OSError retried for two days."""
+
+
 def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
     """The system's trusted certificates, or LEDGER_SMTP_CA_FILE's (a private relay's CA);
     the certificate must name LEDGER_SMTP_HOST."""
-    return ssl.create_default_context(cafile=smtp.ca_file or None)
+    try:
+        return ssl.create_default_context(cafile=smtp.ca_file or None)
+    except ssl.SSLError:
+        raise  # a file that is not PEM: permanent (transient())
+    except OSError as error:
+        raise SmtpMisconfigured(f"LEDGER_SMTP_CA_FILE cannot be read: {error}") from error
 
 
 def send_low_balance_email(account_id: str, alert_id: int) -> str:
