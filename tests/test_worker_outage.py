@@ -6,6 +6,7 @@ PostgreSQL taken down (connections cut, new ones refused) and brought back on it
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool.base import AttemptWithBackoff
 from redis import Redis
 
-from ledger_server.db.pool import CALL_RETRY_INTERVAL, UNREACHABLE_WAIT, DatabaseUnreachable
+from ledger_server.db import pool as pool_module
+from ledger_server.db.pool import (
+    CALL_RETRY_INTERVAL,
+    UNREACHABLE_WAIT,
+    DatabaseUnreachable,
+    with_connect_timeout,
+)
 from support.ledger import new_account
 from support.payments import TOLERANCE_SECONDS, PaymentsDb
 from support.tcp_proxy import SwitchableProxy
@@ -182,3 +189,34 @@ def test_a_busy_pool_still_waits_and_an_emptied_one_fails_fast_until_postgresql_
         assert time.monotonic() - started < FAST
     finally:
         pool.close()
+
+
+def test_a_postgresql_that_never_answers_fails_the_attempt_after_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a network that drops packets (here: a listener that accepts and never
+    answers), a connection attempt waited for the operating system's TCP time-out, so the
+    pool never saw it fail and each job waited out the pool's 30 s. An attempt now gives up
+    after a connect_timeout (DEFAULT_CONNECT_TIMEOUT_SECONDS unless the URL or
+    PGCONNECT_TIMEOUT names one), and the pool then fails fast."""
+    monkeypatch.setattr(pool_module, "DEFAULT_CONNECT_TIMEOUT_SECONDS", 1)
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts; nothing ever answers
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/ledger"
+        monkeypatch.setenv("DATABASE_URL", url)
+        worker_db.close()
+        try:
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError), worker_db.connection():
+                pass
+            took = time.monotonic() - started
+            assert took < 1 + FAST, f"the first connection took {took:.1f} s to fail"
+        finally:
+            worker_db.close()
+    assert "connect_timeout=1" in with_connect_timeout(url)
+    assert with_connect_timeout(url + "?connect_timeout=3") == url + "?connect_timeout=3"
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
+    assert with_connect_timeout(url) == url

@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ledger_server.config import ConfigError
+from ledger_server.db.pool import with_connect_timeout
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 from workers.pool import WorkerPool
 
@@ -86,7 +87,7 @@ def pool() -> WorkerPool:
             _pool = None
         if _pool is None:
             new_pool = WorkerPool(
-                url,
+                with_connect_timeout(url),
                 min_size=POOL_MIN_SIZE,
                 max_size=_max_size(),
                 configure=_configure,
