@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -161,15 +161,22 @@ def test_the_grace_covers_the_longest_wait_of_a_received_call(ledger_db_url: str
     assert client_deadline + pool_wait + statement_cap <= waits.MAX_WAIT.total_seconds()
 
 
+def _held_five_of_ten(
+    ledger: Ledger, name: str, ttl: int = int(TTL.total_seconds())
+) -> tuple[str, str, datetime]:
+    """A new account granted 10 credits holding 5 for ``ttl`` seconds: the account, the
+    reservation and its expiry."""
+    account = new_account(name)
+    ledger.grant(account, 10)
+    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=ttl)).reservation
+    return account, reserved.reservation_id, reserved.expires_at.ToDatetime(tzinfo=UTC)
+
+
 def test_a_commit_received_before_expiry_is_billed_though_a_read_came_later_first(
     one_lane: tuple[Ledger, OffsetClock, Callable[[], Any]], assert_audit_clean: Any
 ) -> None:
     ledger, clock, hold_the_lane = one_lane
-    account = new_account("grace-read")
-    ledger.grant(account, 10)
-    reservation_id = ledger.reserve(
-        account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds()))
-    ).reservation.reservation_id
+    account, reservation_id, _ = _held_five_of_ten(ledger, "grace-read")
     with hold_the_lane():
         commit = _queued_commit(ledger, account, reservation_id, 4 * CREDIT)  # before expiry
         clock.advance(TTL + timedelta(seconds=1))
@@ -194,11 +201,7 @@ def test_a_commit_received_before_expiry_is_billed_though_a_later_sweep_came_fir
     assert_audit_clean: Any,
 ) -> None:
     ledger, clock, hold_the_lane = one_lane
-    account = new_account("grace-sweep")
-    ledger.grant(account, 10)
-    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds())))
-    reservation_id = reserved.reservation.reservation_id
-    expires_at = reserved.reservation.expires_at.ToDatetime(tzinfo=UTC)
+    account, reservation_id, expires_at = _held_five_of_ten(ledger, "grace-sweep")
     with _worker_on(ledger_db_url, monkeypatch), hold_the_lane():
         commit = _queued_commit(ledger, account, reservation_id, 4 * CREDIT)  # before expiry
         clock.advance(TTL + timedelta(seconds=1))
@@ -217,11 +220,7 @@ def test_a_commit_received_after_expiry_is_refused_and_the_hold_returned_after_t
     assert_audit_clean: Any,
 ) -> None:
     ledger, clock, _ = one_lane
-    account = new_account("grace-late")
-    ledger.grant(account, 10)
-    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds())))
-    reservation_id = reserved.reservation.reservation_id
-    expires_at = reserved.reservation.expires_at.ToDatetime(tzinfo=UTC)
+    account, reservation_id, expires_at = _held_five_of_ten(ledger, "grace-late")
     clock.advance(TTL + timedelta(milliseconds=10))
 
     # Judged at its own time: received after the expiry, refused, though within the grace.
@@ -264,11 +263,7 @@ def test_a_release_received_after_expiry_times_the_hold_out_within_the_grace(
 ) -> None:
     """As the client library does after a refused Commit: the hold goes back at once."""
     ledger, clock, _ = one_lane
-    account = new_account("grace-release")
-    ledger.grant(account, 10)
-    reservation_id = ledger.reserve(
-        account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds()))
-    ).reservation.reservation_id
+    account, reservation_id, _ = _held_five_of_ten(ledger, "grace-release")
     clock.advance(TTL + timedelta(seconds=1))
     released = ledger.release(account, reservation_id)
     assert released.reservation.status == pb.RESERVATION_STATUS_EXPIRED
@@ -327,11 +322,7 @@ def test_a_commit_held_back_past_the_grace_is_refused_to_retry_and_changes_nothi
     WAITED_TOO_LONG, having changed nothing; its retry under the same key is judged at the
     retry's time. The call queued behind it, received later, goes on."""
     ledger, clock, hold_the_lane = one_lane
-    account = new_account("grace-waited")
-    ledger.grant(account, 10)
-    reserved = ledger.reserve(account, 5 * CREDIT, ttl=Duration(seconds=int(TTL.total_seconds())))
-    reservation_id = reserved.reservation.reservation_id
-    expires_at = reserved.reservation.expires_at.ToDatetime(tzinfo=UTC)
+    account, reservation_id, expires_at = _held_five_of_ten(ledger, "grace-waited")
     other = ledger.reserve(account, CREDIT, ttl=Duration(seconds=3600)).reservation.reservation_id
     request = pb.CommitRequest(
         account_id=account,
@@ -372,11 +363,7 @@ def test_a_commits_lock_wait_ends_within_its_max_wait_without_a_statement_cap(
     MAX_WAIT at most (here about a second, after its wait in the queue), lock wait included,
     and is then refused WAITED_TOO_LONG, rolled back."""
     ledger, clock, hold_the_lane = one_uncapped_lane
-    account = new_account("grace-lock")
-    ledger.grant(account, 10)
-    reservation_id = ledger.reserve(
-        account, 5 * CREDIT, ttl=Duration(seconds=3600)
-    ).reservation.reservation_id
+    account, reservation_id, _ = _held_five_of_ten(ledger, "grace-lock", ttl=3600)
     with psycopg.connect(ledger_db_url) as locker:
         with hold_the_lane():
             commit = _queued_commit(ledger, account, reservation_id, 4 * CREDIT)

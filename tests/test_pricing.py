@@ -289,6 +289,28 @@ def _refused_field(call: Any) -> str:
     return str(info.metadata["field"])
 
 
+def _commit_usage_beside_a_consume(
+    url: str, account: str, reservation_id: str, feature: str, model: str, units: dict[str, int]
+) -> list[dict[str, Any]]:
+    """A Commit of a usage and a Consume of one credit in one group-commit batch
+    (ledger_consume_batch, 0007_coalesced.sql): each call's result."""
+    usage = {
+        "feature": feature,
+        "model": model,
+        "quantities": [{"unit": unit, "quantity": n} for unit, n in units.items()],
+    }
+    batch = [
+        {"op": "commit", "account": account, "key": new_key(), "hash": "00",
+         "reservation_id": reservation_id, "amount": None, "comment": "", "usage": usage},
+        {"op": "consume", "account": account, "key": new_key(), "hash": "00",
+         "amount": CREDIT, "usage": None, "feature": "", "comment": ""},
+    ]  # fmt: skip
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT ledger_consume_batch(%s, now())", (Jsonb(batch),)).fetchone()
+    assert row is not None
+    return list(row[0])
+
+
 def test_a_usage_naming_another_feature_or_model_than_the_hold_is_refused(
     ledger: Ledger, admin: Any, ledger_db_url: str, assert_audit_clean: Any
 ) -> None:
@@ -322,18 +344,9 @@ def test_a_usage_naming_another_feature_or_model_than_the_hold_is_refused(
         )
         assert refused == field, (held.reservation_id, usage)
     # In a batch (the group commit: 0007_coalesced.sql), the same call is refused alone.
-    batch = [
-        {"op": "commit", "account": account, "key": new_key(), "hash": "00",
-         "reservation_id": of_amount.reservation_id, "amount": None, "comment": "",
-         "usage": {"feature": other, "model": "",
-                   "quantities": [{"unit": "tokens", "quantity": 1500}]}},
-        {"op": "consume", "account": account, "key": new_key(), "hash": "00",
-         "amount": CREDIT, "usage": None, "feature": "", "comment": ""},
-    ]  # fmt: skip
-    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
-        row = conn.execute("SELECT ledger_consume_batch(%s, now())", (Jsonb(batch),)).fetchone()
-    assert row is not None
-    in_batch, consumed = row[0]
+    in_batch, consumed = _commit_usage_beside_a_consume(
+        ledger_db_url, account, of_amount.reservation_id, other, "", {"tokens": 1500}
+    )
     assert in_batch.get("error", {}).get("sqlstate") == "LE010", in_batch
     assert "usage.feature" in str(in_batch["error"]["detail"])
     assert "ok" in consumed
@@ -423,18 +436,10 @@ def test_a_hold_naming_no_feature_settled_by_a_usage_naming_one_is_listed_whole_
     assert committed.reservation.committed_micros == 4 * CREDIT
     assert (committed.reservation.feature, committed.reservation.model) == (images, premium)
     ledger.refund(account, alone.reservation_id, CREDIT)
-    batch = [
-        {"op": "commit", "account": account, "key": new_key(), "hash": "00",
-         "reservation_id": batched.reservation_id, "amount": None, "comment": "",
-         "usage": {"feature": images, "model": premium,
-                   "quantities": [{"unit": "generations", "quantity": 1}]}},
-        {"op": "consume", "account": account, "key": new_key(), "hash": "00",
-         "amount": CREDIT, "usage": None, "feature": "", "comment": ""},
-    ]  # fmt: skip
-    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
-        row = conn.execute("SELECT ledger_consume_batch(%s, now())", (Jsonb(batch),)).fetchone()
-    assert row is not None
-    assert all("ok" in result for result in row[0]), row[0]
+    results = _commit_usage_beside_a_consume(
+        ledger_db_url, account, batched.reservation_id, images, premium, {"generations": 1}
+    )
+    assert all("ok" in result for result in results), results
 
     expected = [
         (batched.reservation_id, "TRANSACTION_KIND_CHARGE"),
