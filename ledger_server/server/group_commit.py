@@ -242,11 +242,13 @@ class GroupCommit:
         whose calls have waited longest first, each account's calls in arrival order. The
         calls that have waited too long (db/waits.py) are refused on the way."""
         batch: list[_Waiter] = []
+        # Received at or before this, a call has too little of MAX_WAIT left to run.
+        stale_at = self._clock.now() - (waits.MAX_WAIT - waits.MIN_LEFT_TO_RUN)
         for account_id in list(self._waiting):
             if len(batch) == self._max_batch:
                 break
             queue = self._waiting[account_id]
-            self._refuse_stale(queue)
+            self._refuse_stale(queue, stale_at)
             if account_id not in self._busy:
                 while queue and len(batch) < self._max_batch:
                     waiter = queue.popleft()
@@ -256,15 +258,12 @@ class GroupCommit:
                 del self._waiting[account_id]
         return batch
 
-    def _refuse_stale(self, queue: deque[_Waiter]) -> None:
-        """Refuses the account's calls that have waited MAX_WAIT, or all but too little of
-        it to run (the oldest are first): judged at their received time, they could find a
-        hold already timed out by the others' maintenance. Nothing of theirs ran; their
-        callers retry with their keys."""
-        stale = waits.MAX_WAIT - waits.MIN_LEFT_TO_RUN
-        while queue and (
-            queue[0].future.done() or waits.waited(self._clock, queue[0].received) >= stale
-        ):
+    def _refuse_stale(self, queue: deque[_Waiter], stale_at: datetime) -> None:
+        """Refuses the account's calls received at or before ``stale_at``, which have waited
+        MAX_WAIT or all but too little of it to run (the oldest are first): judged at their
+        received time, they could find a hold already timed out by the others' maintenance.
+        Nothing of theirs ran; their callers retry with their keys."""
+        while queue and (queue[0].future.done() or queue[0].received <= stale_at):
             waiter = queue.popleft()
             if not waiter.future.done():
                 waiter.future.set_exception(waits.waited_too_long())
