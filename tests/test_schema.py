@@ -118,6 +118,7 @@ EXPECTED_CONSTRAINTS = {
     "purchases_lot_fk",
     "purchases_one_per_external_ref",
     "purchases_pack_fk",
+    "purchases_period_only_of_subscriptions",
     "purchases_plan_fk",
     "redemption_batches_account_prefix_format",
     "redemption_batches_amount_positive",

@@ -597,3 +597,29 @@ def test_a_plan_change_paid_after_its_period_ended_is_granted_not_refused(
     assert not back.HasField("lot")
     assert back.balance.balance_micros == 400 * CREDIT
     assert_audit_clean()
+
+
+def test_a_move_back_up_within_a_period_applied_after_it_ended_grants_no_plan_twice(
+    sources: Sources, ledger: Ledger, clock: Any, assert_audit_clean: AuditCheck
+) -> None:
+    """The changes of one period applied after it ended (their events redelivered after an
+    outage): premium, basic, then pro grants premium's credits only, as on time. The grants
+    of a late period last its length from when they are applied, not to the period's end,
+    and were not recognised as the period's: pro's credits were granted too (helper-151)."""
+    basic = sources.create_plan(100 * CREDIT, rank=1)
+    pro = sources.create_plan(300 * CREDIT, rank=2)
+    premium = sources.create_plan(1000 * CREDIT, rank=3)
+    account = new_account()
+    now = whole_seconds(clock.now())
+    start, end = now - 40 * DAY, now - 10 * DAY
+    sources.start_period(account, basic.plan_id, start, end)
+    up = sources.change_plan(account, premium.plan_id, start, end, external_ref=f"in_{new_key()}")
+    assert up.lot.amount_micros == 1000 * CREDIT
+    down = sources.change_plan(account, basic.plan_id, start, end, external_ref=f"in_{new_key()}")
+    assert not down.HasField("lot")
+
+    back = sources.change_plan(account, pro.plan_id, start, end, external_ref=f"in_{new_key()}")
+    assert not back.HasField("lot"), "pro granted again within a period premium was granted"
+    assert back.subscription.plan_id == pro.plan_id
+    assert ledger.balance(account).balance_micros == 1100 * CREDIT
+    assert_audit_clean()

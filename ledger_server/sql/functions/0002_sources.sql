@@ -988,9 +988,9 @@ BEGIN
         l := ledger_grant_lot(p_account, p_plan.credits_micros, 'subscription', 'main', credits_end,
                               p_external_ref, 'subscription ' || p_plan.plan_id, NULL, p_now);
         INSERT INTO purchases (account_id, kind, plan_id, amount_minor, currency, credits_micros,
-                               lot_id, external_ref, created_at)
+                               lot_id, external_ref, created_at, period_start)
         VALUES (p_account, 'subscription', p_plan.plan_id, p_plan.price_minor, p_plan.currency,
-                p_plan.credits_micros, l.lot_id, nullif(p_external_ref, ''), p_now);
+                p_plan.credits_micros, l.lot_id, nullif(p_external_ref, ''), p_now, p_start);
     END IF;
     RETURN l;
 END $$;
@@ -1119,14 +1119,18 @@ BEGIN
     SELECT sp.rank, s.current_period_start, s.current_period_end INTO old_rank, old_start, old_end
       FROM subscriptions s JOIN subscription_plans sp ON sp.plan_id = s.plan_id
      WHERE s.account_id = p_account;
-    -- The highest plan whose credits this period got (its lots last to the period's end): a
-    -- move back up to it, or to anything below it, grants nothing again.
+    -- The highest plan whose credits this period got: a move back up to it, or to anything
+    -- below it, grants nothing again. By the period each payment recorded, not by its lots'
+    -- expiry: a period applied after it ended granted lots that last its length from then
+    -- (ledger_grant_subscription_period). Payments recorded before migration 0040 are found
+    -- by their lots lasting to the period's end.
     SELECT max(sp.rank) INTO granted_rank
       FROM purchases pu
       JOIN subscription_plans sp ON sp.plan_id = pu.plan_id
       JOIN lots granted ON granted.account_id = pu.account_id AND granted.lot_id = pu.lot_id
      WHERE pu.account_id = p_account AND pu.kind = 'subscription'
-       AND granted.expires_at = old_end;
+       AND (pu.period_start = old_start
+            OR (pu.period_start IS NULL AND granted.expires_at = old_end));
     IF old_rank IS NOT NULL AND p_start = old_start
        AND plan.rank <= greatest(old_rank, granted_rank) THEN
         -- A payment reference used before is refused as anywhere else.
