@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import TupleRow
 
+from ledger_server.db.connect import connect
 from ledger_server.db.migrate import migrations
 from ledger_server.db.queries import query
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
@@ -62,7 +63,7 @@ def run_audit(conn: psycopg.Connection[TupleRow]) -> list[Violation]:
 def audit_database(database_url: str) -> list[Violation]:
     # Repeatable read: one snapshot for every check, so a running ledger audits
     # consistently while it keeps serving.
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with connect(database_url, autocommit=True) as conn:
         conn.execute(SET_SESSION_LIMITS)
         with conn.transaction():
             conn.execute(b"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

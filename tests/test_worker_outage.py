@@ -20,13 +20,17 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool.base import AttemptWithBackoff
 from redis import Redis
 
-from ledger_server.db import pool as pool_module
+from ledger_server.audit import audit_database
+from ledger_server.clock import SystemClock
+from ledger_server.db import connect as connect_module
+from ledger_server.db.connect import with_connect_timeout
+from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import (
     CALL_RETRY_INTERVAL,
     UNREACHABLE_WAIT,
     DatabaseUnreachable,
-    with_connect_timeout,
 )
+from ledger_server.server import app as app_module
 from support.ledger import new_account
 from support.payments import TOLERANCE_SECONDS, PaymentsDb
 from support.tcp_proxy import SwitchableProxy
@@ -199,7 +203,7 @@ def test_a_postgresql_that_never_answers_fails_the_attempt_after_the_connect_tim
     pool never saw it fail and each job waited out the pool's 30 s. An attempt now gives up
     after a connect_timeout (DEFAULT_CONNECT_TIMEOUT_SECONDS unless the URL or
     PGCONNECT_TIMEOUT names one), and the pool then fails fast."""
-    monkeypatch.setattr(pool_module, "DEFAULT_CONNECT_TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(connect_module, "DEFAULT_CONNECT_TIMEOUT_SECONDS", 1)
     monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -216,6 +220,21 @@ def test_a_postgresql_that_never_answers_fails_the_attempt_after_the_connect_tim
             assert took < 1 + FAST, f"the first connection took {took:.1f} s to fail"
         finally:
             worker_db.close()
+        # The connections of their own: a server's start (migrating, writing its settings,
+        # even with LEDGER_MIGRATE_ON_START=false), a worker's start and the audit waited
+        # psycopg's own 130 s (helper-150's review), the server deaf to SIGTERM meanwhile.
+        starts: dict[str, Callable[[], object]] = {
+            "migrate": lambda: migrate(url),
+            "settings": lambda: app_module._write_settings(url, {}, SystemClock()),
+            "worker start": worker_db.init,
+            "audit": lambda: audit_database(url),
+        }
+        for name, start in starts.items():
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError):
+                start()
+            took = time.monotonic() - started
+            assert took < 3, f"{name} took {took:.1f} s to fail"
     assert "connect_timeout=1" in with_connect_timeout(url)
     assert with_connect_timeout(url + "?connect_timeout=3") == url + "?connect_timeout=3"
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")

@@ -27,7 +27,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ledger_server.config import ConfigError
-from ledger_server.db.pool import with_connect_timeout
+from ledger_server.db.connect import connect, with_connect_timeout
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 from workers.pool import WorkerPool
 
@@ -66,7 +66,7 @@ def init() -> None:
     """Call once at a worker's start, before RQ forks work horses: an unreachable database
     fails the start, not the first job, over a connection of its own (no pool is left for
     the horses to inherit)."""
-    with psycopg.connect(database_url(), autocommit=True) as conn:
+    with connect(database_url(), autocommit=True) as conn:
         conn.execute(b"SELECT 1")
 
 

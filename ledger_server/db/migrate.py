@@ -16,6 +16,7 @@ from importlib import resources
 import psycopg
 from psycopg.rows import TupleRow
 
+from ledger_server.db.connect import connect
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,6 @@ def _add_missing_settings(conn: psycopg.Connection[TupleRow]) -> None:
 
 
 def migrate(database_url: str) -> list[str]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with connect(database_url, autocommit=True) as conn:
         conn.execute(SET_SESSION_LIMITS)  # a migration's backfill computes as the ledger does
         return migrate_connection(conn)

@@ -52,28 +52,22 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import weakref
 from time import monotonic
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import PoolTimeout
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 
+from ledger_server.db.connect import with_connect_timeout
 from ledger_server.db.deadlines import DEFAULT_STATEMENT_TIMEOUT_MS, DeadlinePool
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 
 # Time enough for a reconnection attempt to a PostgreSQL that answers (a few ms), short
 # enough for a client to fail over at once.
 UNREACHABLE_WAIT = 1.0
-# How long one connection attempt may take when the URL names no connect_timeout (nor
-# PGCONNECT_TIMEOUT): to a PostgreSQL behind a network that drops packets an attempt waited
-# for the operating system's TCP time-out (about two minutes on Linux), so the pool never
-# saw it fail and every call waited out its own time-out instead of failing fast.
-DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
 # The least time between two connection attempts that calls have run early while PostgreSQL
 # is unreachable: soon enough that a call just after it answers again finds it, rare enough
 # that calls throughout a long outage cost it about one connection attempt a second.
@@ -225,14 +219,6 @@ class LedgerPool(DeadlinePool):
 
 def _unreachable() -> DatabaseUnreachable:
     return DatabaseUnreachable("PostgreSQL cannot be reached: the pool has no connection")
-
-
-def with_connect_timeout(database_url: str) -> str:
-    """``database_url`` with DEFAULT_CONNECT_TIMEOUT_SECONDS unless it, or the environment
-    (PGCONNECT_TIMEOUT), sets a connect_timeout of its own."""
-    if "connect_timeout" in conninfo_to_dict(database_url) or os.environ.get("PGCONNECT_TIMEOUT"):
-        return database_url
-    return make_conninfo(database_url, connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS)
 
 
 async def open_pool(

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from psycopg_pool import AsyncConnectionPool
@@ -32,6 +31,7 @@ from ledger_server import runtime_settings
 from ledger_server.clock import Clock, SystemClock
 from ledger_server.config import Settings
 from ledger_server.db import waits
+from ledger_server.db.connect import connect
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import open_pool
 from ledger_server.db.queries import query
@@ -58,7 +58,7 @@ SERVICES = (
 
 def _write_settings(database_url: str, defaults: Mapping[str, Any], clock: Clock) -> None:
     explicit = runtime_settings.set_in_environment()
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with connect(database_url, autocommit=True) as conn:
         conn.execute(SET_SESSION_LIMITS)
         runtime_settings.check_with_database(conn, defaults, explicit)
         row = conn.execute(query("hold_grace")).fetchone()
