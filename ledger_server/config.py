@@ -54,6 +54,27 @@ def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -
     return value
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A yes/no variable, read as the run-time settings read theirs (runtime_settings.py): 1,
+    true, yes, on or 0, false, no, off in any case; unset or empty, the default; anything
+    else a ConfigError naming it, not a silent default (`LEDGER_SMTP_STARTTLS=y` sent the
+    relay's password in plain text; `LEDGER_MIGRATE_ON_START=off` migrated)."""
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise ConfigError(
+        f"{name} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, got {env[name]!r}"
+    )
+
+
 def _stripe_timeout(env: Mapping[str, str]) -> float:
     value = _float(env, "LEDGER_STRIPE_TIMEOUT_SECONDS", 10.0)
     if value <= 0:  # requests refuses a zero time-out, and "no time-out" is what this bounds
@@ -170,8 +191,7 @@ class Settings:
                 milliseconds=env_int(env, "LEDGER_GROUP_COMMIT_OPEN_LANE_AFTER_MS", 100)
             ),
             balance_max_in_flight=env_int(env, "LEDGER_BALANCE_MAX_IN_FLIGHT", 2, minimum=1),
-            migrate_on_start=env.get("LEDGER_MIGRATE_ON_START", "true").lower()
-            not in ("0", "false", "no"),
+            migrate_on_start=env_bool(env, "LEDGER_MIGRATE_ON_START", True),
             reservation_ttl_default=timedelta(seconds=ttl_default),
             reservation_ttl_max=timedelta(seconds=ttl_max),
             shutdown_grace=timedelta(seconds=env_int(env, "LEDGER_SHUTDOWN_GRACE_SECONDS", 5)),

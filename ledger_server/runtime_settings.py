@@ -22,7 +22,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from ledger.v1 import types_pb2
-from ledger_server.config import ConfigError
+from ledger_server.config import FALSE_WORDS, TRUE_WORDS, ConfigError
 from ledger_server.db.queries import query
 from ledger_server.ledger.validation import MAX_AMOUNT_MICROS
 
@@ -180,9 +180,9 @@ class SettingDefinition:
         try:
             if self.kind is bool:
                 lowered = raw.strip().lower()
-                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                if lowered not in TRUE_WORDS + FALSE_WORDS:
                     raise ValueError(raw)
-                return lowered in ("1", "true", "yes", "on")
+                return lowered in TRUE_WORDS
             if self.kind is int:
                 return int(raw)
             if self.kind in (list, dict):

@@ -213,7 +213,7 @@ def test_readme_configuration_table_names_every_setting() -> None:
                 r"""(?:env|environ)(?:\.get)?\(\s*["']([A-Z][A-Z0-9_]+)["']""", path.read_text()
             )
         )
-        read |= set(re.findall(r"""_int\(env, "([A-Z_]+)\"""", path.read_text()))
+        read |= set(re.findall(r"""_(?:int|bool)\(env, "([A-Z_]+)\"""", path.read_text()))
     read |= {definition.env_var for definition in runtime_settings.DEFINITIONS}
     assert read, "found no settings in the code"
     assert read - documented == set(), f"settings missing from README: {read - documented}"

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ledger_server.config import ConfigError, env_int
+from ledger_server.config import ConfigError, env_bool, env_int
 from workers.queues import JOB_TIMEOUT_SECONDS
 
 # The most an SMTP session may take: RQ's job time-out less time to record the attempt.
@@ -41,7 +41,7 @@ class SmtpSettings:
             sender=env.get("LEDGER_SMTP_FROM", "") or "credit-ledger@localhost",
             username=env.get("LEDGER_SMTP_USERNAME", ""),
             password=env.get("LEDGER_SMTP_PASSWORD", ""),
-            starttls=env.get("LEDGER_SMTP_STARTTLS", "false").lower() in ("1", "true", "yes"),
+            starttls=env_bool(env, "LEDGER_SMTP_STARTTLS", False),
             ca_file=env.get("LEDGER_SMTP_CA_FILE", ""),
             session_seconds=session_seconds,
         )
