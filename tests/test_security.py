@@ -478,6 +478,69 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
             client.balance(account)
 
 
+def test_the_cli_presents_a_client_certificate_to_a_mutual_tls_server(
+    settings: Settings, clock: OffsetClock, tmp_path: Path
+) -> None:
+    """The CLI read only LEDGER_TLS_CA_FILE, so against a server requiring client
+    certificates every command failed 'is the ledger server running?' (helper-150's
+    review). LEDGER_TLS_CLIENT_CERT_FILE and LEDGER_TLS_CLIENT_KEY_FILE go together."""
+    certs = make_certs(tmp_path)
+    files = {
+        "server.pem": certs.server_cert,
+        "server.key": certs.server_key,
+        "ca.pem": certs.ca,
+        "client.pem": certs.client_cert,
+        "client.key": certs.client_key,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with serving(
+        settings,
+        clock,
+        callers=CALLERS.callers,
+        tls_cert_file=str(tmp_path / "server.pem"),
+        tls_key_file=str(tmp_path / "server.key"),
+        tls_client_ca_file=str(tmp_path / "ca.pem"),
+    ) as server:
+        account = new_account()
+        base = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+            "LEDGER_TOKEN": CALLERS.tokens["ops-admin"],
+            "LEDGER_TLS_CA_FILE": str(tmp_path / "ca.pem"),
+        }
+        mutual = {
+            "LEDGER_TLS_CLIENT_CERT_FILE": str(tmp_path / "client.pem"),
+            "LEDGER_TLS_CLIENT_KEY_FILE": str(tmp_path / "client.key"),
+        }
+
+        def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "ledger_server.cli", "--address", server.address, *args],
+                capture_output=True,
+                text=True,
+                env={**base, **env},
+                timeout=60,
+                check=False,
+            )
+
+        granted = cli(mutual, "grant", account, "2.5", "--reason", "mutual TLS")
+        assert granted.returncode == 0, granted.stderr
+        shown = cli(mutual, "balance", account, "--json")
+        assert shown.returncode == 0, shown.stderr
+        # 2.5 granted, and the sign-up bonus an account's first grant brings (100 by default)
+        assert json.loads(shown.stdout)["balance_micros"] == str(102_500_000)
+        without = cli({}, "balance", account)
+        assert without.returncode == 3, without.stderr  # the handshake fails
+        half = cli({"LEDGER_TLS_CLIENT_CERT_FILE": str(tmp_path / "client.pem")}, "balance", "a")
+        assert half.returncode == 2
+        assert "LEDGER_TLS_CLIENT_KEY_FILE" in half.stderr
+        missing = cli(
+            {**mutual, "LEDGER_TLS_CLIENT_KEY_FILE": str(tmp_path / "none")}, "balance", "a"
+        )
+        assert missing.returncode == 2
+        assert f"LEDGER_TLS_CLIENT_KEY_FILE: cannot read {tmp_path / 'none'}" in missing.stderr
+
+
 def test_tls_without_client_certificates(
     settings: Settings, clock: OffsetClock, tmp_path: Path
 ) -> None:

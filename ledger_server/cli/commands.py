@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -32,6 +32,38 @@ from ledger_server.cli.output import UsageError, credits, enum_name, when
 ACTOR_METADATA_KEY = "x-ledger-actor"  # ledger_server.server.identity
 
 
+def _read(env: Mapping[str, str], name: str) -> bytes | None:
+    path = env.get(name, "")
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as pem:
+            return pem.read()
+    except OSError as exc:
+        raise UsageError(f"{name}: cannot read {path}: {exc.strerror}") from exc
+
+
+def _tls_credentials(env: Mapping[str, str]) -> grpc.ChannelCredentials | None:
+    """TLS when a CA or a client certificate is configured (the CA: LEDGER_TLS_CA_FILE, else
+    the system's roots); a client certificate and its key (both or neither) for a server
+    that requires mutual TLS (LEDGER_TLS_CLIENT_CA_FILE), which closed the CLI's
+    connections before (helper-150's review)."""
+    ca_file = env.get("LEDGER_TLS_CA_FILE", "")
+    cert_file = env.get("LEDGER_TLS_CLIENT_CERT_FILE", "")
+    key_file = env.get("LEDGER_TLS_CLIENT_KEY_FILE", "")
+    if bool(cert_file) != bool(key_file):
+        raise UsageError(
+            "LEDGER_TLS_CLIENT_CERT_FILE and LEDGER_TLS_CLIENT_KEY_FILE go together (mutual TLS)"
+        )
+    if not (ca_file or cert_file):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(env, "LEDGER_TLS_CA_FILE"),
+        private_key=_read(env, "LEDGER_TLS_CLIENT_KEY_FILE"),
+        certificate_chain=_read(env, "LEDGER_TLS_CLIENT_CERT_FILE"),
+    )
+
+
 @dataclass
 class Session:
     address: str
@@ -46,10 +78,8 @@ class Session:
         if self._channel is None:
             # Credentials come from the environment only, so a token is never on a
             # command line (shell history, ps).
-            ca_file = os.environ.get("LEDGER_TLS_CA_FILE", "")
-            if ca_file:
-                with open(ca_file, "rb") as ca:
-                    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+            credentials = _tls_credentials(os.environ)
+            if credentials is not None:
                 self._channel = grpc.secure_channel(self.address, credentials)
             else:
                 self._channel = grpc.insecure_channel(self.address)

@@ -1,6 +1,9 @@
 """Quickstart: an AI image feature paying with credits.
 
-    python quickstart.py [HOST:PORT]      (or LEDGER_TARGET=HOST:PORT; LEDGER_TOKEN optional)
+    python quickstart.py [HOST:PORT]      (or LEDGER_TARGET=HOST:PORT)
+
+Against a server with callers configured, LEDGER_TOKEN must be an admin's: Grant is an
+admin call (a service token gets PERMISSION_DENIED on it).
 
 Opens a fresh account by granting it 10 credits (the server adds its sign-up bonus to an
 account's first grant: 100 credits by default, so the balance printed at the end is 108.50),
