@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -417,15 +418,22 @@ def test_every_rpc_has_a_rule() -> None:
 # --- TLS and mutual TLS -----------------------------------------------------------------------
 
 
-def test_mutual_tls_refuses_a_client_without_a_certificate(
+@contextmanager
+def _mutual_tls_server(
     settings: Settings, clock: OffsetClock, tmp_path: Path
-) -> None:
+) -> Iterator[tuple[Any, Any]]:
+    """A server requiring client certificates signed by a new CA, with CALLERS; the CA's,
+    the server's and a client's certificate and key written in tmp_path (ca.pem,
+    server.pem/.key, client.pem/.key). Yields the server and the certificates."""
     certs = make_certs(tmp_path)
-    for name, data in [
-        ("server.pem", certs.server_cert),
-        ("server.key", certs.server_key),
-        ("ca.pem", certs.ca),
-    ]:
+    files = {
+        "server.pem": certs.server_cert,
+        "server.key": certs.server_key,
+        "ca.pem": certs.ca,
+        "client.pem": certs.client_cert,
+        "client.key": certs.client_key,
+    }
+    for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     with serving(
         settings,
@@ -435,6 +443,13 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
         tls_key_file=str(tmp_path / "server.key"),
         tls_client_ca_file=str(tmp_path / "ca.pem"),
     ) as server:
+        yield server, certs
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(
+    settings: Settings, clock: OffsetClock, tmp_path: Path
+) -> None:
+    with _mutual_tls_server(settings, clock, tmp_path) as (server, certs):
         request = health_pb2.HealthCheckRequest()
         # No client certificate: the handshake fails, no call reaches a handler.
         without = grpc.ssl_channel_credentials(root_certificates=certs.ca)
@@ -484,24 +499,7 @@ def test_the_cli_presents_a_client_certificate_to_a_mutual_tls_server(
     """The CLI read only LEDGER_TLS_CA_FILE, so against a server requiring client
     certificates every command failed 'is the ledger server running?' (helper-150's
     review). LEDGER_TLS_CLIENT_CERT_FILE and LEDGER_TLS_CLIENT_KEY_FILE go together."""
-    certs = make_certs(tmp_path)
-    files = {
-        "server.pem": certs.server_cert,
-        "server.key": certs.server_key,
-        "ca.pem": certs.ca,
-        "client.pem": certs.client_cert,
-        "client.key": certs.client_key,
-    }
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    with serving(
-        settings,
-        clock,
-        callers=CALLERS.callers,
-        tls_cert_file=str(tmp_path / "server.pem"),
-        tls_key_file=str(tmp_path / "server.key"),
-        tls_client_ca_file=str(tmp_path / "ca.pem"),
-    ) as server:
+    with _mutual_tls_server(settings, clock, tmp_path) as (server, _):
         account = new_account()
         base = {
             **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
