@@ -2025,6 +2025,17 @@ def test_a_subscriber_cannot_check_out_a_second_subscription_until_the_first_end
     sent = len(stripe_double.checkout_requests())
     info = expect_error(subscribe, grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_SUBSCRIBED")
     assert info.metadata["plan_id"] == basic.plan_id
+    # A plan that does not exist is not found, for a subscriber too (helper-153's review:
+    # ALREADY_SUBSCRIBED, the subscription checked before the plan).
+    expect_error(
+        lambda: checkout.CreateCheckoutSession(
+            billing_pb.CreateCheckoutSessionRequest(
+                account_id=account, idempotency_key=new_key(), plan_id="no-such-plan"
+            )
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "PLAN_NOT_FOUND",
+    )
     assert len(stripe_double.checkout_requests()) == sent  # nothing asked of Stripe
     apply_events(subscription_deleted(account, sub, int(time.time()) - 1))
     assert subscribe().plan_id == pro.plan_id

@@ -82,6 +82,9 @@ BEGIN
                                   'credits_micros', (quote ->> 'credits_micros')::bigint,
                                   'bonus_micros', (quote ->> 'bonus_micros')::bigint);
     ELSIF p_kind = 'subscription' THEN
+        -- The plan first, as the pack above: an unknown plan is PLAN_NOT_FOUND for every
+        -- account, not ALREADY_SUBSCRIBED for a subscriber (helper-153's review).
+        plan := ledger_find_plan(p_plan);
         -- One subscription an account (the subscriptions row follows one): a second would be
         -- charged beside the first, and its upgrade carry-over never made.
         SELECT s.plan_id INTO current_plan FROM subscriptions s
@@ -91,7 +94,6 @@ BEGIN
                 'the account has a subscription already: change its plan with the payment provider',
                 jsonb_build_object('plan_id', current_plan));
         END IF;
-        plan := ledger_find_plan(p_plan);
         IF NOT plan.active THEN
             PERFORM ledger_fail('LE042', 'the subscription plan is not on sale',
                 jsonb_build_object('plan_id', p_plan));
