@@ -51,6 +51,30 @@ def _walk(reports: Any, **request: Any) -> list[pb.Transaction]:
             return seen
 
 
+def test_a_time_range_ending_where_or_before_it_starts_is_refused(
+    reports: Any, ledger: Ledger
+) -> None:
+    """Bounds swapped by mistake answered an empty page, as if nothing had happened
+    (helper-153's review); GetSummary's range refused them already. Within one microsecond
+    apart, as asked, the range is not reversed."""
+    account = new_account("range")
+    ledger.grant(account, 1)
+    start = report_pb.ListJournalRequest().start_time
+    start.seconds, start.nanos = 1_800_000_000, 500
+    for end_seconds, end_nanos in ((1_700_000_000, 0), (1_800_000_000, 500)):
+        end = report_pb.ListJournalRequest().end_time
+        end.seconds, end.nanos = end_seconds, end_nanos
+        journal = report_pb.ListJournalRequest(account_id=account, start_time=start, end_time=end)
+        listing = pb.ListTransactionsRequest(account_id=account, start_time=start, end_time=end)
+        for call in (
+            lambda: reports.ListJournal(journal),  # noqa: B023 - called within the iteration
+            lambda: ledger.stub.ListTransactions(listing),  # noqa: B023
+        ):
+            expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "end_time")
+    end.seconds, end.nanos = 1_800_000_000, 900  # the same microsecond, later: empty
+    assert ledger.transactions(account, start_time=start, end_time=end) == []
+
+
 def test_the_journal_lists_every_accounts_entries_newest_first(
     reports: Any, ledger: Ledger
 ) -> None:
