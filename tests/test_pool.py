@@ -4,6 +4,8 @@ last, and still closes the one idle longest when it shrinks."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -262,6 +264,55 @@ def test_the_server_and_worker_sessions_end_a_transaction_left_idle_for_a_minute
         "1min",
         "1min",
     )
+
+
+# A worker's session, in a process of its own: sets the session limits, says its backend's
+# pid, then waits for an account row the test holds locked.
+_WAITING_SESSION = """
+import sys, psycopg
+from workers import db
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    db._configure(conn)
+    print(conn.info.backend_pid, flush=True)
+    conn.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (sys.argv[2],))
+"""
+
+
+def test_a_session_whose_client_died_while_it_waits_ends_without_waiting_on(
+    ledger_db_url: str,
+) -> None:
+    """A worker killed while its job waits for an account's lock: its session went on
+    waiting (holding the payment event's row) until the account was free, then ran the
+    statement to its end (helper-154's review). It now notices within
+    client_connection_check_interval (ledger_server/db/session_limits.py) and ends."""
+    account = new_account("dead-client")
+    with psycopg.connect(ledger_db_url, autocommit=True) as holder:
+        holder.execute("SELECT ledger_open_account(%s, '', now())", (account,))
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (account,))
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", _WAITING_SESSION, ledger_db_url, account],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert waiting.stdout is not None
+            backend = int(waiting.stdout.readline())
+            time.sleep(0.5)  # its statement is waiting for the lock now
+        finally:
+            waiting.kill()  # no goodbye to PostgreSQL: the socket just closes
+            waiting.wait()
+        deadline = time.monotonic() + 10
+        with psycopg.connect(ledger_db_url, autocommit=True) as watcher:
+            while True:
+                alive = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)
+                ).fetchone()
+                if alive == (0,):
+                    break
+                assert time.monotonic() < deadline, "the dead client's session still waits"
+                time.sleep(0.2)
+        holder.execute("ROLLBACK")
 
 
 @pytest.fixture

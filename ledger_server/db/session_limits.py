@@ -7,6 +7,13 @@ two hours by default. No transaction of the ledger waits for anything but Postgr
 its statements (the workers send email and call Stripe outside any transaction), so one idle
 for a minute has lost its client: PostgreSQL ends that session and its locks go.
 
+A session whose client died while a statement of it waits (for an account's lock held by a
+long transaction, say: a worker killed mid-job) went on waiting, holding what it had locked
+(the payment event's row), then ran the statement to its end before it noticed; the event's
+rerun and the sweeper waited for it (helper-154's review). Such a session checks every
+CLIENT_CONNECTION_CHECK_INTERVAL that its client is still there while a statement runs,
+and ends if not (PostgreSQL 14 and later, on Linux; a poll of the socket each time).
+
 The session's TimeZone is UTC whatever the server's or the database's default: PostgreSQL
 adds the days of an interval to a timestamptz as calendar days of the session's zone, so a
 30-day expiry (sign-up bonus, daily reward, a redemption code's credit lifetime) that spans
@@ -18,10 +25,13 @@ ledger_timezone()), never the session's zone."""
 from __future__ import annotations
 
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+CLIENT_CONNECTION_CHECK_INTERVAL = "2s"
 SESSION_TIMEZONE = "UTC"
 
 SET_SESSION_LIMITS = (
     "SELECT set_config('idle_in_transaction_session_timeout', "
     f"'{IDLE_IN_TRANSACTION_TIMEOUT}', false), "
+    "set_config('client_connection_check_interval', "
+    f"'{CLIENT_CONNECTION_CHECK_INTERVAL}', false), "
     f"set_config('TimeZone', '{SESSION_TIMEZONE}', false)"
 ).encode()
