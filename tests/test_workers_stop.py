@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue
+from rq.scheduler import RQScheduler
 
 from ledger_server.devstack import __main__ as devstack
 from ledger_server.devstack import embedded
@@ -55,10 +56,14 @@ def busy_worker(ledger_db_url: str, redis_url: str) -> Iterator[tuple[devstack._
     out = devstack._Prefixer(["devstack", "worker"])
     env = {**os.environ, "DATABASE_URL": ledger_db_url, "REDIS_URL": redis_url}
     spec = devstack.ProcessSpec("worker", [sys.executable, "-m", "workers", "worker"])
+    connection = redis.Redis.from_url(redis_url)
+    # An earlier test's worker killed outright may have left RQ's scheduler lock behind
+    # (held until it expires): this worker takes it, and starts its scheduler process.
+    for key in connection.scan_iter(RQScheduler.get_locking_key("*")):
+        connection.delete(key)
     worker = devstack._spawn(spec, env, out)
     horse = None
     try:
-        connection = redis.Redis.from_url(redis_url)
         Queue(DEFAULT_QUEUE, connection=connection).enqueue("time.sleep", 60)
         connection.close()
         horse = _horse_of(worker.process.pid)
@@ -91,6 +96,43 @@ def test_a_work_horse_dies_with_its_worker(busy_worker: tuple[devstack._Child, i
     while _alive(horse) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(horse), "the work horse outlived its worker"
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.add(int(entry))
+    return children
+
+
+def test_rqs_scheduler_process_dies_with_its_worker(
+    busy_worker: tuple[devstack._Child, int],
+) -> None:
+    """The worker's RQ scheduler (the retries of failed jobs), a child of the worker beside
+    its horse, outlived a worker killed outright: re-parented to init, it held the queues'
+    scheduler lock, so a restarted worker ran none of its own (helper-154's review)."""
+    worker, horse = busy_worker
+    deadline = time.monotonic() + 30
+    while not (others := _children(worker.process.pid) - {horse}):
+        assert time.monotonic() < deadline, "the worker started no scheduler process"
+        time.sleep(0.05)
+    [scheduler] = others
+    worker.process.kill()
+    worker.process.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while _alive(scheduler) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(scheduler), "RQ's scheduler outlived its worker"
+    finally:
+        if _alive(scheduler):
+            os.kill(scheduler, signal.SIGKILL)
 
 
 def test_a_scheduler_that_lost_redis_stops_when_asked(tmp_path: Path) -> None:

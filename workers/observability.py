@@ -17,8 +17,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rq import Queue, Worker
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.executions import Execution
 from rq.job import Job
+from rq.scheduler import RQScheduler
 
 from ledger_server.observability import request_id
 from ledger_server.observability.metrics import JOB_FAILURES_KEY
@@ -44,6 +46,22 @@ def count_failure(job: Job, queue_name: str) -> None:
 SCHEDULER_CHECK_SECONDS = 30
 
 
+class LedgerScheduler(RQScheduler):
+    """RQ's scheduler process (the retries of failed jobs), stopped when its worker dies: a
+    worker killed outright left it running, re-parented to init, holding the queues'
+    scheduler lock, so a restarted worker could not start its own (helper-154's review).
+    SIGTERM, which RQ's scheduler takes as a request to stop and release its locks."""
+
+    def start(self) -> Any:
+        self._parent_pid = os.getpid()  # the worker, which forks it
+        return super().start()  # type: ignore[no-untyped-call]
+
+    def work(self) -> None:
+        if not signal_when_parent_dies(signal.SIGTERM, self._parent_pid):
+            return  # the worker is gone already
+        super().work()  # type: ignore[no-untyped-call]
+
+
 class LedgerWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("worker_ttl", SCHEDULER_CHECK_SECONDS + 15)
@@ -65,6 +83,35 @@ class LedgerWorker(Worker):
         self._scheduler_checked_at = time.monotonic()
         process = self.scheduler._process  # None where another worker holds the scheduler
         return process is None or not process.is_alive()
+
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """RQ's own (rq/worker/base.py), with a scheduler that dies with the worker."""
+        self.scheduler = LedgerScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
+        if not self.scheduler.acquired_locks:
+            return
+        if not burst:
+            self.scheduler.start()
+            return
+        try:
+            self.scheduler.register_birth()
+            self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+        finally:
+            self.scheduler.release_locks()  # type: ignore[no-untyped-call]
+            self.scheduler.register_death()
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         """The forked horse dies with its worker. RQ gives it its own process group, which
