@@ -15,6 +15,7 @@ from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import billing_service_pb2 as billing_pb
 from ledger.v1 import ledger_service_pb2 as pb
 from ledger.v1 import types_pb2
+from ledger_server.db.migrate import migrate
 from support.ledger import CREDIT, Ledger, expect_error, new_account, new_key
 from support.sources import DAY, Sources, dt, new_id, ts, whole_seconds
 
@@ -623,3 +624,61 @@ def test_a_move_back_up_within_a_period_applied_after_it_ended_grants_no_plan_tw
     assert back.subscription.plan_id == pro.plan_id
     assert ledger.balance(account).balance_micros == 1100 * CREDIT
     assert_audit_clean()
+
+
+def _change_plan(
+    conn: psycopg.Connection[Any], account: str, plan: str, period: tuple[datetime, datetime]
+) -> Any:
+    """ledger_change_subscription_plan as the payment worker calls it; its answer."""
+    row = conn.execute(
+        "SELECT ledger_change_subscription_plan(%s, %s, '\\x02', %s, %s, %s, %s, %s, now())",
+        (account, new_key(), plan, *period, f"in_{new_key()}", f"sub_{account}"),
+    ).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_migration_0040_records_the_period_of_the_current_periods_payments(
+    fresh_database_url: str,
+) -> None:
+    """Payments recorded before migration 0040 had no period: a period in progress at the
+    deploy, its premium granted late, then basic and pro, granted pro's credits again
+    (helper-155's review). The migration records the period of each account's current
+    period's payments, on-time and late ones."""
+    migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        for name, rank, credits in (("basic", 1, 100), ("pro", 2, 300), ("premium", 3, 1000)):
+            conn.execute(
+                "INSERT INTO subscription_plans (plan_id, translation_key, credits_micros,"
+                " period_unit, period_count, rank, price_minor, currency, active, created_at,"
+                " updated_at, updated_by)"
+                " VALUES (%s, %s, %s, 'month', 1, %s, %s, 'USD', true, now(), now(), 'test')",
+                (name, name, credits * CREDIT, rank, rank * 100),
+            )
+        row = conn.execute("SELECT date_trunc('second', now())").fetchone()
+        assert row is not None
+        now = row[0]
+        periods = {
+            "late": (now - 40 * DAY, now - 10 * DAY),  # applied after it ended
+            "on-time": (now - DAY, now + 29 * DAY),
+        }
+        for account, (start, end) in periods.items():
+            conn.execute(
+                "SELECT ledger_start_subscription_period(%s, %s, '\\x01', 'basic', %s, %s,"
+                " %s, %s, now())",
+                (account, new_key(), start, end, f"in_{new_key()}", f"sub_{account}"),
+            )
+            up = _change_plan(conn, account, "premium", (start, end))
+            assert int(up["lot"]["amount_micros"]) == 1000 * CREDIT
+        # The database as it was before 0040, those payments recorded then.
+        conn.execute(
+            "ALTER TABLE purchases DROP CONSTRAINT purchases_period_only_of_subscriptions,"
+            " DROP COLUMN period_start"
+        )
+        conn.execute("DELETE FROM schema_migrations WHERE version = 40")
+    assert migrate(fresh_database_url) == ["0040_purchases_period_start.sql"]
+    with psycopg.connect(fresh_database_url, autocommit=True) as conn:
+        for account, period in periods.items():
+            for plan in ("basic", "pro"):
+                changed = _change_plan(conn, account, plan, period)
+                assert changed["lot"] is None, (account, plan, changed["lot"])
