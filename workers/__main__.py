@@ -22,6 +22,7 @@ from ledger_server.observability.logging import setup_logging
 from workers import db
 from workers.observability import LedgerWorker
 from workers.queues import DEFAULT_QUEUE, PAYMENTS_QUEUE
+from workers.settings import SmtpSettings
 
 log = logging.getLogger("workers.scheduler")
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging()  # JSON lines on stderr (LEDGER_LOG_FORMAT, LEDGER_LOG_LEVEL)
         connection = _redis()
+        if args.command == "worker":
+            # Read by each alert email's job: a wrong one stops the worker here rather than
+            # failing every email for good (helper-155's review).
+            SmtpSettings.from_env()
     except (ConfigError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
