@@ -12,7 +12,7 @@ long transaction, say: a worker killed mid-job) went on waiting, holding what it
 (the payment event's row), then ran the statement to its end before it noticed; the event's
 rerun and the sweeper waited for it (helper-154's review). Such a session checks every
 CLIENT_CONNECTION_CHECK_INTERVAL that its client is still there while a statement runs,
-and ends if not (PostgreSQL 14 and later, on Linux; a poll of the socket each time).
+and ends if not (PostgreSQL 14 and later; a poll of the socket each time).
 
 The session's TimeZone is UTC whatever the server's or the database's default: PostgreSQL
 adds the days of an interval to a timestamptz as calendar days of the session's zone, so a
@@ -31,7 +31,9 @@ SESSION_TIMEZONE = "UTC"
 SET_SESSION_LIMITS = (
     "SELECT set_config('idle_in_transaction_session_timeout', "
     f"'{IDLE_IN_TRANSACTION_TIMEOUT}', false), "
+    # PostgreSQL 13 and older have no such setting (an error would fail every session).
+    "CASE WHEN current_setting('server_version_num')::int >= 140000 THEN "
     "set_config('client_connection_check_interval', "
-    f"'{CLIENT_CONNECTION_CHECK_INTERVAL}', false), "
+    f"'{CLIENT_CONNECTION_CHECK_INTERVAL}', false) END, "
     f"set_config('TimeZone', '{SESSION_TIMEZONE}', false)"
 ).encode()
