@@ -425,9 +425,19 @@ def test_unknown_plans_and_empty_periods_are_refused(
         "PLAN_NOT_FOUND",
     )
     assert info.metadata["plan_id"] == "no-such-plan"
-    for bad_end in (start, start - MINUTE):
+    # Ending where or before it starts; lasting longer than ten years (from the year 1); or
+    # ending more than ten years ahead: a period to 9999 made a subscriber for 8,000 years
+    # (helper-153's review).
+    year_one = datetime(1, 1, 1, tzinfo=start.tzinfo)
+    for bad_start, bad_end in (
+        (start, start),
+        (start, start - MINUTE),
+        (year_one, start),
+        (start, datetime(9999, 12, 31, tzinfo=start.tzinfo)),
+        (start + 3650 * DAY, start + 3660 * DAY),
+    ):
         expect_error(
-            lambda bad_end=bad_end: sources.start_period(account, plan.plan_id, start, bad_end),
+            lambda s=bad_start, e=bad_end: sources.start_period(account, plan.plan_id, s, e),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_FIELD",
             field="period_end",

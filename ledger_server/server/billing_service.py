@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,8 +84,14 @@ def _currency(value: str, field: str) -> str:
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 
 
+# A paid period's bounds, for a sanity check of what a backend sends (the payment worker
+# applies Stripe's periods through the SQL, not this): a period from now to the year 9999
+# made the account a subscriber for 8,000 years (helper-153's review).
+MAX_PERIOD = timedelta(days=3653)  # ten years
+
+
 def _period(
-    request: pb.StartSubscriptionPeriodRequest | pb.ChangeSubscriptionPlanRequest,
+    request: pb.StartSubscriptionPeriodRequest | pb.ChangeSubscriptionPlanRequest, now: datetime
 ) -> tuple[datetime, datetime]:
     if not request.HasField("period_start"):
         raise invalid_field("period_start", "is required")
@@ -95,6 +101,8 @@ def _period(
     end = validation.timestamp(request.period_end, "period_end")
     if end <= start:
         raise invalid_field("period_end", "must be after period_start")
+    if end - start > MAX_PERIOD or end - now > MAX_PERIOD:
+        raise invalid_field("period_end", "a period lasts at most ten years and ends within ten")
     return start, end
 
 
@@ -193,7 +201,7 @@ class BillingService(billing_service_pb2_grpc.BillingServiceServicer):
     ) -> dict[str, object]:
         if not request.plan_id:
             raise invalid_field("plan_id", "must not be empty")
-        start, end = _period(request)
+        start, end = _period(request, self._clock.now())
         return {
             "plan_id": validation.code(request.plan_id, "plan_id"),
             "period_start": start,

@@ -133,7 +133,9 @@ class BillingServiceServicer:
 
     def StartSubscriptionPeriod(self, request, context):
         """Grants a paid subscription period: the plan's credits, expiring at the period's
-        end, so unused credits never roll into the next period.
+        end, so unused credits never roll into the next period. A period (here and in
+        ChangeSubscriptionPlan) lasts at most ten years and ends within ten years from now
+        (INVALID_FIELD period_end).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

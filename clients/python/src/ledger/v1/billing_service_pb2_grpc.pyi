@@ -54,7 +54,9 @@ class BillingServiceStub:
     """
     StartSubscriptionPeriod: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.StartSubscriptionPeriodRequest, _billing_service_pb2.StartSubscriptionPeriodResponse]
     """Grants a paid subscription period: the plan's credits, expiring at the period's
-    end, so unused credits never roll into the next period.
+    end, so unused credits never roll into the next period. A period (here and in
+    ChangeSubscriptionPlan) lasts at most ten years and ends within ten years from now
+    (INVALID_FIELD period_end).
     """
     ChangeSubscriptionPlan: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ChangeSubscriptionPlanRequest, _billing_service_pb2.ChangeSubscriptionPlanResponse]
     """Moves the account to another plan for a new period. On an upgrade (a plan of
@@ -108,7 +110,9 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """
     StartSubscriptionPeriod: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.StartSubscriptionPeriodRequest, _billing_service_pb2.StartSubscriptionPeriodResponse]  # type: ignore[assignment]
     """Grants a paid subscription period: the plan's credits, expiring at the period's
-    end, so unused credits never roll into the next period.
+    end, so unused credits never roll into the next period. A period (here and in
+    ChangeSubscriptionPlan) lasts at most ten years and ends within ten years from now
+    (INVALID_FIELD period_end).
     """
     ChangeSubscriptionPlan: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ChangeSubscriptionPlanRequest, _billing_service_pb2.ChangeSubscriptionPlanResponse]  # type: ignore[assignment]
     """Moves the account to another plan for a new period. On an upgrade (a plan of
@@ -195,7 +199,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.StartSubscriptionPeriodResponse, _abc.Awaitable[_billing_service_pb2.StartSubscriptionPeriodResponse]]:
         """Grants a paid subscription period: the plan's credits, expiring at the period's
-        end, so unused credits never roll into the next period.
+        end, so unused credits never roll into the next period. A period (here and in
+        ChangeSubscriptionPlan) lasts at most ten years and ends within ten years from now
+        (INVALID_FIELD period_end).
         """
 
     @_abc_1.abstractmethod
