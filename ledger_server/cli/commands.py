@@ -26,6 +26,7 @@ from ledger.v1 import (
 )
 from ledger.v1 import ledger_service_pb2 as ledger_pb
 from ledger.v1 import report_service_pb2 as report_pb
+from ledger_client import TLS
 from ledger_server.cli import output
 from ledger_server.cli.output import UsageError, credits, enum_name, when
 
@@ -57,11 +58,11 @@ def _tls_credentials(env: Mapping[str, str]) -> grpc.ChannelCredentials | None:
         )
     if not (ca_file or cert_file):
         return None
-    return grpc.ssl_channel_credentials(
+    return TLS(
         root_certificates=_read(env, "LEDGER_TLS_CA_FILE"),
-        private_key=_read(env, "LEDGER_TLS_CLIENT_KEY_FILE"),
-        certificate_chain=_read(env, "LEDGER_TLS_CLIENT_CERT_FILE"),
-    )
+        client_certificate=_read(env, "LEDGER_TLS_CLIENT_CERT_FILE"),
+        client_private_key=_read(env, "LEDGER_TLS_CLIENT_KEY_FILE"),
+    ).channel_credentials()
 
 
 @dataclass

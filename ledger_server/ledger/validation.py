@@ -148,6 +148,12 @@ def timestamp(value: Timestamp, field: str) -> datetime:
         raise invalid_field(field, "is not a valid timestamp") from None
 
 
+def ends_after(start: Timestamp, end: Timestamp) -> bool:
+    """Whether a range ends after it starts, as asked (not as rounded by range_bound): a
+    range within one microsecond is empty, not reversed."""
+    return (end.seconds, end.nanos) > (start.seconds, start.nanos)
+
+
 def range_bound(value: Timestamp, field: str) -> datetime:
     """A bound of a time range (start included, end excluded) in PostgreSQL's microseconds,
     rounded up: the ledger's times are whole microseconds, so one is in the range asked for

@@ -61,9 +61,8 @@ def filters(request: JournalQuery) -> dict[str, object]:
     start_time = validation.range_bound(request.start_time, "start_time") if has_start else None
     end_time = validation.range_bound(request.end_time, "end_time") if has_end else None
     # As GetSummary's range: bounds swapped by mistake answered an empty log, as if nothing
-    # had happened (helper-153's review). As asked, not as rounded.
-    start, end = request.start_time, request.end_time
-    if has_start and has_end and (end.seconds, end.nanos) <= (start.seconds, start.nanos):
+    # had happened (helper-153's review).
+    if has_start and has_end and not validation.ends_after(request.start_time, request.end_time):
         raise invalid_field("end_time", "must be after start_time")
     return {
         "kinds": _names(request.kinds, mapping.TRANSACTION_KIND_TO_DB, "kinds", "transaction kind"),

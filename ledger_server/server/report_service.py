@@ -82,8 +82,7 @@ def _local_period(request: pb.GetSummaryRequest) -> Period:
         asked_start, asked_end = request.range.start_time, request.range.end_time
         start_time = validation.range_bound(asked_start, "range.start_time")
         end_time = validation.range_bound(asked_end, "range.end_time")
-        # As asked, not as rounded: a range within one microsecond is empty, not reversed.
-        if (asked_end.seconds, asked_end.nanos) <= (asked_start.seconds, asked_start.nanos):
+        if not validation.ends_after(asked_start, asked_end):
             raise invalid_field("range.end_time", "must be after range.start_time")
         return None, None, start_time, end_time
     raise invalid_field("period", "set one of day, month or range")
