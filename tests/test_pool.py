@@ -4,6 +4,8 @@ last, and still closes the one idle longest when it shrinks."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +18,13 @@ import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import PoolTimeout
 
 from ledger.v1 import admin_service_pb2_grpc, billing_service_pb2_grpc, ledger_service_pb2_grpc
 from ledger_server.clock import OffsetClock
 from ledger_server.config import Settings
+from ledger_server.db.connect import DEFAULT_TCP_SETTINGS, connect
 from ledger_server.db.migrate import migrate
 from ledger_server.db.pool import (
     CALL_RETRY_INTERVAL,
@@ -264,6 +268,52 @@ def test_the_server_and_worker_sessions_end_a_transaction_left_idle_for_a_minute
         "1min",
         "1min",
     )
+
+
+def _tcp_settings(conn: Any) -> dict[str, int]:
+    """The keepalive and user time-out the kernel holds for a connection's own socket."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return {
+            "keepalives": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "keepalives_idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "keepalives_interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "keepalives_count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "tcp_user_timeout": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+
+
+def test_server_and_worker_connections_give_up_on_a_silent_network_within_half_a_minute(
+    ledger_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose network went away mid-statement waited for TCP: two hours of
+    keepalive silence by default, so a stalled group-commit lane held every charging call.
+    Every connection of the server's pool, the workers' pool and of their own
+    (db/connect.py) now has the kernel probe it after 10 s idle, every 5 s, 3 times, and
+    drop data unacknowledged for 25 s; a URL's own values win."""
+    tcp = conninfo_to_dict(ledger_db_url) | {"host": "127.0.0.1"}  # keepalive is TCP's
+    url = make_conninfo("", **tcp)
+
+    async def server_settings() -> dict[str, int]:
+        pool = await open_pool(url, 1, 1)
+        try:
+            async with pool.connection() as conn:
+                return _tcp_settings(conn)
+        finally:
+            await pool.close()
+
+    expected = dict(DEFAULT_TCP_SETTINGS)
+    assert asyncio.run(server_settings()) == expected
+    monkeypatch.setenv("DATABASE_URL", url)
+    worker_db.close()
+    try:
+        with worker_db.connection() as conn:
+            assert _tcp_settings(conn) == expected
+    finally:
+        worker_db.close()
+    with connect(url) as conn:
+        assert _tcp_settings(conn) == expected
+    with connect(make_conninfo(url, keepalives_idle=60, tcp_user_timeout=90_000)) as conn:
+        assert _tcp_settings(conn) == expected | {"keepalives_idle": 60, "tcp_user_timeout": 90_000}
 
 
 # A worker's session, in a process of its own: sets the session limits, says its backend's

@@ -27,7 +27,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ledger_server.config import ConfigError
-from ledger_server.db.connect import connect, with_connect_timeout
+from ledger_server.db.connect import connect, with_network_timeouts
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 from workers.pool import WorkerPool
 
@@ -87,7 +87,7 @@ def pool() -> WorkerPool:
             _pool = None
         if _pool is None:
             new_pool = WorkerPool(
-                with_connect_timeout(url),
+                with_network_timeouts(url),
                 min_size=POOL_MIN_SIZE,
                 max_size=_max_size(),
                 configure=_configure,

@@ -61,7 +61,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import PoolTimeout
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 
-from ledger_server.db.connect import with_connect_timeout
+from ledger_server.db.connect import with_network_timeouts
 from ledger_server.db.deadlines import DEFAULT_STATEMENT_TIMEOUT_MS, DeadlinePool
 from ledger_server.db.session_limits import SET_SESSION_LIMITS
 
@@ -229,7 +229,7 @@ async def open_pool(
 ) -> LedgerPool:
     # Each connection runs with the borrowing call's time-outs (db/deadlines.py).
     pool = LedgerPool(
-        with_connect_timeout(database_url),
+        with_network_timeouts(database_url),
         min_size=min_size,
         max_size=max_size,
         configure=_configure,
