@@ -35,6 +35,7 @@ __all__ = [
     "InvalidArgument",
     "LedgerError",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "RateLimited",
     "ReservationExpired",
@@ -115,6 +116,18 @@ class InvalidArgument(LedgerError):
     @property
     def violation(self) -> str:
         return self.metadata.get("violation", "")
+
+
+class OutOfRange(LedgerError):
+    """A report's total does not fit its int64 field (OUT_OF_RANGE, reason
+    REPORT_OUT_OF_RANGE): ask for a shorter period or one account. Nothing was changed."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+    @property
+    def field(self) -> str | None:
+        """The report field whose total is out of range, such as ``"allocated_micros"``."""
+        return self.metadata.get("field")
 
 
 class FailedPrecondition(LedgerError):
@@ -309,6 +322,7 @@ _BY_REASON: dict[str, type[LedgerError]] = {
 
 _BY_CODE: dict[grpc.StatusCode, type[LedgerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.NOT_FOUND: NotFound,
