@@ -425,13 +425,20 @@ def check_with_database(
     """Raises ConfigError for a variable PostgreSQL refuses. Python's zone database knows
     names that PostgreSQL's does not (right/UTC, posixrules), and PostgreSQL's computes the
     days: such a zone failed the server's start with a database error, or was stored by a
-    migration and failed every opening, claim and month start after."""
+    migration and failed every opening, claim and month start after. Nor does PostgreSQL
+    read CET, EET, MET or WET as the zones of those names (ledger_put_setting refuses them)."""
     if "ledger.timezone" not in explicit:
         return  # the built-in UTC: no need to read the whole zone database
     zone = defaults["ledger.timezone"]
     row = conn.execute(query("timezone_known"), {"name": zone}).fetchone()
     if row is None or not row[0]:
         raise ConfigError(f"LEDGER_TIMEZONE: PostgreSQL does not know the time zone {zone!r}")
+    if row[1]:  # CET, EET, MET, WET: ledger_zone_read_as_abbreviation (0002_sources.sql)
+        raise ConfigError(
+            f"LEDGER_TIMEZONE: PostgreSQL reads {zone} as a time-zone abbreviation, a fixed"
+            " offset without the summer time of the zone of that name: name the zone by a"
+            " city, such as Europe/Paris"
+        )
 
 
 def add_missing_defaults(

@@ -143,6 +143,30 @@ def _json(value: object) -> struct_pb2.Value:
     return parsed
 
 
+def test_only_zone_names_postgresql_reads_as_an_abbreviation_of_another_offset_are_refused(
+    ledger_db_url: str,
+) -> None:
+    """AT TIME ZONE reads CET, EET, MET and WET as fixed offsets; the zones of those names
+    keep summer time. The other names that are abbreviations too mean the same either way,
+    and the check leaves the session's own zone (UTC) as it was."""
+    names = ["CET", "EET", "MET", "WET", "UTC", "GMT", "EST", "HST", "Europe/Paris", "Asia/Tokyo"]
+    with psycopg.connect(ledger_db_url, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        read_as_abbreviation = {
+            name: conn.execute(
+                "SELECT ledger_zone_read_as_abbreviation(%s, now())", (name,)
+            ).fetchone()
+            for name in names
+        }
+        assert conn.execute("SHOW TimeZone").fetchone() == ("UTC",)
+    assert [name for name, (flag,) in read_as_abbreviation.items() if flag] == [  # type: ignore[misc]
+        "CET",
+        "EET",
+        "MET",
+        "WET",
+    ]
+
+
 @pytest.mark.parametrize(
     ("key", "wrong"),
     [
@@ -154,6 +178,10 @@ def _json(value: object) -> struct_pb2.Value:
         # unknown to the embedded server, but a PostgreSQL built on the system's tzdata,
         # as Debian's, knows it: the setting is then valid).
         ("ledger.timezone", struct_pb2.Value(string_value="right/UTC")),
+        # Read by PostgreSQL as the abbreviation, a fixed UTC+1 without summer time
+        # (helper-156's review): GMT, UTC and EST mean the same either way.
+        ("ledger.timezone", struct_pb2.Value(string_value="CET")),
+        ("ledger.timezone", struct_pb2.Value(string_value="WET")),
         # Expiries past the year 9999.
         ("signup.expire_days", struct_pb2.Value(number_value=3_000_000)),
         ("daily.expire_days", struct_pb2.Value(number_value=36_501)),
@@ -556,6 +584,7 @@ def test_a_process_without_the_variable_never_undoes_the_configured_default(
         # Known to Python's zone database, not to PostgreSQL's: only the database can tell.
         ("serve", "LEDGER_TIMEZONE", "right/UTC", "PostgreSQL does not know the time zone"),
         ("migrate", "LEDGER_TIMEZONE", "right/UTC", "PostgreSQL does not know the time zone"),
+        ("serve", "LEDGER_TIMEZONE", "EET", "PostgreSQL reads EET as a time-zone abbreviation"),
     ],
 )
 def test_a_bad_settings_variable_is_a_configuration_error(

@@ -35,6 +35,34 @@ LANGUAGE sql STABLE AS $$
                               'updated_by', s.updated_by, 'updated_at', ledger_micros(s.updated_at))
 $$;
 
+-- Whether PostgreSQL reads the zone name as an abbreviation of another meaning. AT TIME ZONE
+-- (how the ledger finds a local day, month or report period) looks a name up among the
+-- abbreviations first: CET, EET, MET and WET are read as fixed offsets, though the zones of
+-- those names keep summer time, so days and months would start an hour off half the year
+-- (helper-156's review). A name whose zone keeps the abbreviation's offset all year (UTC,
+-- GMT, EST) means the same either way. The zone's own offsets are read through the session
+-- TimeZone, which takes zone names only, in the middle of January and July of p_now's year.
+CREATE OR REPLACE FUNCTION ledger_zone_read_as_abbreviation(p_zone text, p_now timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    fixed interval;
+    session_zone text := current_setting('TimeZone');
+    january timestamptz := date_trunc('year', p_now) + interval '14 days 12 hours';
+    july timestamptz := date_trunc('year', p_now) + interval '195 days 12 hours';
+    offsets interval[];
+BEGIN
+    SELECT utc_offset INTO fixed FROM pg_timezone_abbrevs WHERE lower(abbrev) = lower(p_zone);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('TimeZone', p_zone, true);
+    offsets := ARRAY[make_interval(secs => extract(timezone FROM january)),
+                     make_interval(secs => extract(timezone FROM july))];
+    PERFORM set_config('TimeZone', session_zone, true);
+    RETURN fixed <> ANY (offsets);
+END $$;
+
 -- Writes a setting and records the change (when it is one). Without
 -- p_over_admin, an administrator's value stands (the start-up sync of environment
 -- defaults); with it, it is replaced (UpdateSetting, including a reset to the
@@ -62,6 +90,12 @@ BEGIN
         PERFORM ledger_fail('LE010', 'unknown time zone', jsonb_build_object(
             'field', 'value', 'violation', 'PostgreSQL does not know the time zone '
                                            || (p_value #>> '{}')));
+    END IF;
+    IF p_key = 'ledger.timezone' AND ledger_zone_read_as_abbreviation(p_value #>> '{}', p_now) THEN
+        PERFORM ledger_fail('LE010', 'time zone read as an abbreviation', jsonb_build_object(
+            'field', 'value', 'violation', 'PostgreSQL reads ' || (p_value #>> '{}')
+                || ' as a time-zone abbreviation, a fixed offset without the summer time of'
+                || ' the zone of that name: name the zone by a city, such as Europe/Paris'));
     END IF;
     INSERT INTO settings (key, value, source, updated_by, updated_at)
     VALUES (p_key, p_value, p_source, p_actor, p_now)

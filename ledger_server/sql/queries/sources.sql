@@ -169,7 +169,8 @@ SELECT key, NULL, value, 'environment', 'environment', %(reason)s, %(now)s
 SELECT key, value, source FROM settings WHERE key = ANY (%(keys)s::text[]) ORDER BY key FOR UPDATE
 
 -- name: timezone_known
-SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(name)s::text)
+SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(name)s::text),
+       ledger_zone_read_as_abbreviation(%(name)s::text, now())
 
 -- name: list_settings
 SELECT ledger_setting_json(s) FROM settings s ORDER BY s.key
