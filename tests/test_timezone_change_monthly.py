@@ -167,3 +167,37 @@ def test_moving_east_over_the_year_end_through_the_sql_functions(zoned: Zoned) -
     assert zoned.sql("SELECT balance_micros FROM accounts WHERE account_id = %s", (account,)) == [
         (1_500 * CREDIT,)
     ]
+
+
+def test_moving_west_in_a_months_first_hours_grants_no_earlier_month_beside_it(
+    zoned: Zoned,
+) -> None:
+    """helper-156's west_open.py: opened at 02:00Z on April 1 (UTC), so April's allowance;
+    the zone set to America/Los_Angeles at 03:00Z, where it is still March 31. The hourly
+    run granted March's too (no row for March) and ended only earlier months: 3,000 credits
+    spendable of a 1,500 allowance, April's spent before April began. A later month's
+    allowance now counts as this month's."""
+    account = "west-open"
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 4, 1, 2, tzinfo=UTC))
+    )
+    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 4, 1, 3, tzinfo=UTC))
+    run_at = datetime(2026, 4, 1, 4, tzinfo=UTC)
+    zoned.sql("SELECT ledger_schedule_monthly_allowances(%s, '', 500, 20)", (run_at,))
+    zoned.sql("SELECT ledger_sweep(%s, 20)", (run_at,))
+    zoned.clock.at = datetime(2026, 4, 1, 4, 30, tzinfo=UTC)
+    assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT
+    expect_error(
+        lambda: zoned.ledger.consume(account, 1_501 * CREDIT),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_CREDITS",
+    )
+    (april,) = _monthly_lots(zoned.ledger, account)
+    assert dt(april.expires_at) == datetime(2026, 5, 1, tzinfo=UTC)  # UTC's April
+    # April in Los Angeles (from 07:00Z) has its allowance already: none granted again.
+    run_at = datetime(2026, 4, 1, 8, tzinfo=UTC)
+    zoned.sql("SELECT ledger_schedule_monthly_allowances(%s, '', 500, 20)", (run_at,))
+    zoned.sql("SELECT ledger_sweep(%s, 20)", (run_at,))
+    zoned.clock.at = run_at
+    assert [lot.lot_id for lot in _monthly_lots(zoned.ledger, account)] == [april.lot_id]
+    assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT

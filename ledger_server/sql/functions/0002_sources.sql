@@ -268,8 +268,11 @@ BEGIN
     next_start := ledger_local_instant(month_start + interval '1 month', tz);
     amount := (ledger_setting('monthly_free.amount_micros'))::bigint;
     IF (ledger_setting('monthly_free.enabled'))::boolean AND amount > 0
+       -- A later month's counts too: moved west in a month's first hours, the new zone
+       -- is back in the month before, and granting that beside the later one made two
+       -- spendable at once (helper-156's review).
        AND NOT EXISTS (SELECT 1 FROM monthly_allowances
-                        WHERE account_id = p_account AND month = month_start::date) THEN
+                        WHERE account_id = p_account AND month >= month_start::date) THEN
         PERFORM ledger_end_earlier_allowances(p_account, month_start::date, p_now);
         l := ledger_grant_lot(p_account, amount, 'monthly_free', 'main', next_start, NULL,
                               'monthly free allowance ' || to_char(month_start, 'YYYY-MM'), NULL, p_now);

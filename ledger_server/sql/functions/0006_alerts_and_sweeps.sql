@@ -134,15 +134,15 @@ BEGIN
         SELECT a.account_id FROM accounts a, chunk_end e
          WHERE a.account_id > p_after AND a.account_id <= e.account_id
            AND (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
-           AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
-                            WHERE m.account_id = a.account_id AND m.month = this_month)
+           AND NOT EXISTS (SELECT 1 FROM monthly_allowances m  -- or a later month's
+                            WHERE m.account_id = a.account_id AND m.month >= this_month)
          ORDER BY a.account_id
          LIMIT lock_limit
     ), due AS (
         SELECT a.account_id FROM accounts a JOIN candidates c ON c.account_id = a.account_id
          WHERE (a.monthly_free_next_at IS NULL OR a.monthly_free_next_at > p_now)
-           AND NOT EXISTS (SELECT 1 FROM monthly_allowances m
-                            WHERE m.account_id = a.account_id AND m.month = this_month)
+           AND NOT EXISTS (SELECT 1 FROM monthly_allowances m  -- or a later month's
+                            WHERE m.account_id = a.account_id AND m.month >= this_month)
          ORDER BY a.account_id
            FOR UPDATE OF a
     ), marked AS (
