@@ -201,3 +201,38 @@ def test_moving_west_in_a_months_first_hours_grants_no_earlier_month_beside_it(
     zoned.clock.at = run_at
     assert [lot.lot_id for lot in _monthly_lots(zoned.ledger, account)] == [april.lot_id]
     assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT
+
+
+def test_moving_west_the_allowance_lasts_to_the_new_zones_month_end(zoned: Zoned) -> None:
+    """helper-156's west.py: UTC -> America/Los_Angeles on March 20. March's allowance
+    (granted in UTC) expired at 00:00Z on April 1, seven hours before Los Angeles' March
+    ended, and for those hours the account had no allowance: what was left of it expired
+    and what it spent came out of paid credits. Its expiry now moves out to the new zone's
+    month end when it comes, and April's allowance follows then."""
+    account = "west"
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
+    )
+    zoned.clock.at = datetime(2026, 3, 15, tzinfo=UTC)
+    zoned.ledger.consume(account, 1_000 * CREDIT)
+    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 3, 20, 12, tzinfo=UTC))
+    (march,) = _monthly_lots(zoned.ledger, account)
+    assert dt(march.expires_at) == datetime(2026, 4, 1, tzinfo=UTC)  # the zone it was granted in
+
+    zoned.clock.at = datetime(2026, 4, 1, 0, 30, tzinfo=UTC)  # 17:30 on March 31 there
+    assert zoned.ledger.balance(account).available_micros == 500 * CREDIT
+    zoned.ledger.consume(account, 40 * CREDIT)
+    (march,) = _monthly_lots(zoned.ledger, account)
+    los_angeles_april = datetime(2026, 4, 1, 7, tzinfo=UTC)
+    assert dt(march.expires_at) == los_angeles_april
+    assert (march.remaining_micros, march.expired_micros) == (460 * CREDIT, 0)
+
+    zoned.clock.at = datetime(2026, 4, 1, 7, 30, tzinfo=UTC)
+    assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT
+    march, april = _monthly_lots(zoned.ledger, account)
+    assert (march.remaining_micros, march.expired_micros) == (0, 460 * CREDIT)
+    assert dt(april.expires_at) == datetime(2026, 5, 1, 7, tzinfo=UTC)
+    expiries = zoned.ledger.transactions(account, kinds=[pb.TRANSACTION_KIND_EXPIRY])
+    assert [(t.amount_micros, dt(t.create_time)) for t in expiries] == [
+        (-460 * CREDIT, zoned.clock.at)
+    ]

@@ -635,6 +635,7 @@ BEGIN
     -- the same moment are no crossing (helper-62: with a hold timed out at the month's end,
     -- the old allowance's expiry alerted on its own before the new one came).
     SELECT balance_micros INTO balance_before FROM accounts WHERE account_id = p_account;
+    PERFORM ledger_stretch_allowance(p_account, p_now);  -- before anything expires (0002)
     IF cardinality(timed_out) > 0 THEN
         -- What expired unheld is journaled first, dated back to its lots' expiry by the
         -- reports; what the releases free on expired lots expires after it, dated now.

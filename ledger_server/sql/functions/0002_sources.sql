@@ -217,6 +217,34 @@ BEGIN
     RETURN code;
 END $$;
 
+-- Moves the expiry of the account's allowance for the month now current in ledger.timezone
+-- out to that month's end there, when it would end sooner: only after the zone moved west.
+-- An allowance expires at its month's end in the zone it was granted in, which comes hours
+-- before the new zone's (UTC -> America/Los_Angeles: March's ended at 00:00Z on April 1,
+-- Los Angeles' April began at 07:00Z), and for those hours the account had no allowance:
+-- what was left of it expired, and what it spent came out of paid credits (helper-156's
+-- review). Call first in ledger_maintain, which every expiry goes through (a lot's expiry
+-- makes the account's maintenance due): nothing of the lot has expired yet. An allowance
+-- that a later month's has ended stays ended. The journal is untouched: a lot's expires_at
+-- is state, and the reports date its expiry when it comes.
+CREATE OR REPLACE FUNCTION ledger_stretch_allowance(p_account text, p_now timestamptz)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    tz text := ledger_timezone();
+    this_month timestamp := date_trunc('month', p_now AT TIME ZONE tz);
+    month_end timestamptz := ledger_local_instant(this_month + interval '1 month', tz);
+BEGIN
+    UPDATE lots l
+       SET expires_at = month_end
+      FROM monthly_allowances m
+     WHERE m.account_id = p_account AND m.month = this_month::date
+       AND l.account_id = p_account AND l.lot_id = m.lot_id
+       AND NOT l.depleted AND l.expired_micros = 0 AND l.expires_at < month_end
+       AND NOT EXISTS (SELECT 1 FROM monthly_allowances later
+                        WHERE later.account_id = p_account AND later.month > m.month);
+END $$;
+
 -- Ends, at p_now, the account's monthly allowances of months before p_month that are still
 -- live, before p_month's is granted: two months' allowances are never spendable together.
 -- Only after ledger.timezone moved east: an allowance expires at its month's end in the zone
