@@ -236,3 +236,33 @@ def test_moving_west_the_allowance_lasts_to_the_new_zones_month_end(zoned: Zoned
     assert [(t.amount_micros, dt(t.create_time)) for t in expiries] == [
         (-460 * CREDIT, zoned.clock.at)
     ]
+
+
+@pytest.mark.parametrize("hold_ends", ["released", "timed out"])
+def test_an_allowance_that_ended_under_the_old_zone_stays_ended_after_a_move_west(
+    zoned: Zoned, hold_ends: str
+) -> None:
+    """helper-161's review: March's allowance, all of it held, reached its end at 00:00Z on
+    April 1 in UTC (nothing expired: the credits were held; no April grant, the allowance
+    turned off). The zone moved west at 00:30Z, where March still runs, and when the hold
+    ended after its time-to-live the allowance was stretched back to life: 1,500 credits."""
+    account = f"ended-{hold_ends.replace(' ', '-')}"
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
+    )
+    zoned.put("monthly_free.enabled", False, datetime(2026, 3, 20, tzinfo=UTC))
+    zoned.clock.at = datetime(2026, 3, 31, 23, tzinfo=UTC)
+    held = zoned.ledger.reserve(account, 1_500 * CREDIT, ttl=Duration(seconds=7_200)).reservation
+    zoned.clock.at = datetime(2026, 4, 1, 0, 10, tzinfo=UTC)
+    assert zoned.ledger.balance(account).available_micros == 0
+    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 4, 1, 0, 30, tzinfo=UTC))
+    if hold_ends == "released":
+        zoned.clock.at = datetime(2026, 4, 1, 1, 5, tzinfo=UTC)
+        zoned.ledger.release(account, held.reservation_id)
+    else:
+        zoned.clock.at = datetime(2026, 4, 1, 1, 2, tzinfo=UTC)  # past its time-to-live's grace
+    balance = zoned.ledger.balance(account)
+    assert (balance.balance_micros, balance.available_micros) == (0, 0)
+    (march,) = _monthly_lots(zoned.ledger, account)
+    assert dt(march.expires_at) == datetime(2026, 4, 1, tzinfo=UTC)
+    assert (march.remaining_micros, march.expired_micros) == (0, 1_500 * CREDIT)

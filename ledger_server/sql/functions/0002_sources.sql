@@ -108,15 +108,21 @@ BEGIN
     RETURN ledger_setting_json(new);
 END $$;
 
--- The value a setting had just before p_at, from its recorded changes (the current value when
--- none is recorded before p_at): the terms of a day that has ended, for a grant of it made
--- later by a release that did not record them (daily_reward_runs).
+-- The value a setting had just before p_at, from its recorded changes: the last one before
+-- p_at, else what the first one after replaced, else (no change recorded around p_at, or
+-- only its first write after) the current value. For the terms of a day that has ended, for
+-- a grant of it made later by a release that did not record them (daily_reward_runs), and
+-- the zone an allowance's expiry came under (ledger_stretch_allowance). Without the second,
+-- a setting changed only after p_at read as its new value at p_at.
 CREATE OR REPLACE FUNCTION ledger_setting_in_force(p_key text, p_at timestamptz) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(
         (SELECT c.new_value FROM setting_changes c
           WHERE c.key = p_key AND c.changed_at < p_at
           ORDER BY c.changed_at DESC, c.change_id DESC LIMIT 1),
+        (SELECT c.old_value FROM setting_changes c
+          WHERE c.key = p_key AND c.changed_at >= p_at
+          ORDER BY c.changed_at, c.change_id LIMIT 1),
         ledger_setting(p_key))
 $$;
 
@@ -224,9 +230,11 @@ END $$;
 -- Los Angeles' April began at 07:00Z), and for those hours the account had no allowance:
 -- what was left of it expired, and what it spent came out of paid credits (helper-156's
 -- review). Call first in ledger_maintain, which every expiry goes through (a lot's expiry
--- makes the account's maintenance due): nothing of the lot has expired yet. An allowance
--- that a later month's has ended stays ended. The journal is untouched: a lot's expires_at
--- is state, and the reports date its expiry when it comes.
+-- makes the account's maintenance due). Only a lot whose expiry came under the zone now in
+-- force: one that reached its end under an earlier zone has ended, though a hold on all of
+-- it left nothing expired yet (helper-161's review: moved west after, such an allowance came
+-- back when the hold ended). Nor one a later month's allowance ended. The journal is
+-- untouched: a lot's expires_at is state, and the reports date its expiry when it comes.
 CREATE OR REPLACE FUNCTION ledger_stretch_allowance(p_account text, p_now timestamptz)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -242,7 +250,8 @@ BEGIN
        AND l.account_id = p_account AND l.lot_id = m.lot_id
        AND NOT l.depleted AND l.expired_micros = 0 AND l.expires_at < month_end
        AND NOT EXISTS (SELECT 1 FROM monthly_allowances later
-                        WHERE later.account_id = p_account AND later.month > m.month);
+                        WHERE later.account_id = p_account AND later.month > m.month)
+       AND ledger_setting_in_force('ledger.timezone', l.expires_at) #>> '{}' = tz;
 END $$;
 
 -- Ends, at p_now, the account's monthly allowances of months before p_month that are still
