@@ -185,6 +185,12 @@ def test_moving_west_in_a_months_first_hours_grants_no_earlier_month_beside_it(
     run_at = datetime(2026, 4, 1, 4, tzinfo=UTC)
     zoned.sql("SELECT ledger_schedule_monthly_allowances(%s, '', 500, 20)", (run_at,))
     zoned.sql("SELECT ledger_sweep(%s, 20)", (run_at,))
+    # As the scheduler of a release without its own rule would: the allowance is due now.
+    zoned.sql(
+        "UPDATE accounts SET monthly_free_next_at = %s, next_maintenance_at = %s"
+        " WHERE account_id = %s RETURNING 1",
+        (run_at, run_at, account),
+    )
     zoned.clock.at = datetime(2026, 4, 1, 4, 30, tzinfo=UTC)
     assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT
     expect_error(
@@ -266,3 +272,24 @@ def test_an_allowance_that_ended_under_the_old_zone_stays_ended_after_a_move_wes
     (march,) = _monthly_lots(zoned.ledger, account)
     assert dt(march.expires_at) == datetime(2026, 4, 1, tzinfo=UTC)
     assert (march.remaining_micros, march.expired_micros) == (0, 1_500 * CREDIT)
+
+
+def test_moving_west_twice_before_the_old_expiry_is_reached_still_stretches(
+    zoned: Zoned,
+) -> None:
+    """helper-162's review: UTC -> America/Los_Angeles on March 20, then America/Vancouver
+    (the same offsets) at 00:20Z on April 1, before the account's next call. At its old
+    expiry (00:00Z) March had not ended in the zone then in force, so the allowance lasts
+    to March's end in the zone now in force."""
+    account = "west-twice"
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
+    )
+    zoned.clock.at = datetime(2026, 3, 15, tzinfo=UTC)
+    zoned.ledger.consume(account, 1_000 * CREDIT)
+    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 3, 20, 12, tzinfo=UTC))
+    zoned.put("ledger.timezone", "America/Vancouver", datetime(2026, 4, 1, 0, 20, tzinfo=UTC))
+    zoned.clock.at = datetime(2026, 4, 1, 0, 30, tzinfo=UTC)
+    assert zoned.ledger.balance(account).available_micros == 500 * CREDIT
+    (march,) = _monthly_lots(zoned.ledger, account)
+    assert dt(march.expires_at) == datetime(2026, 4, 1, 7, tzinfo=UTC)

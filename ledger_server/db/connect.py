@@ -28,7 +28,8 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
 # OperationalError, answered UNAVAILABLE), the pool replaces the connection, and the lane is
 # free again before a waiting call's MAX_WAIT (45 s, db/waits.py) runs out. A healthy peer's
 # kernel answers the probes even while a statement runs for minutes, so a long statement is
-# never cut. libpq applies them to TCP connections only (not to a Unix socket).
+# never cut. libpq applies them to TCP connections only (not to a Unix socket), and
+# tcp_user_timeout only with keepalive: a URL's keepalives=0 turns both off.
 DEFAULT_TCP_SETTINGS: dict[str, int] = {
     "keepalives": 1,
     "keepalives_idle": 10,

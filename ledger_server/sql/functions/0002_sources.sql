@@ -230,11 +230,13 @@ END $$;
 -- Los Angeles' April began at 07:00Z), and for those hours the account had no allowance:
 -- what was left of it expired, and what it spent came out of paid credits (helper-156's
 -- review). Call first in ledger_maintain, which every expiry goes through (a lot's expiry
--- makes the account's maintenance due). Only a lot whose expiry came under the zone now in
--- force: one that reached its end under an earlier zone has ended, though a hold on all of
--- it left nothing expired yet (helper-161's review: moved west after, such an allowance came
--- back when the hold ended). Nor one a later month's allowance ended. The journal is
--- untouched: a lot's expires_at is state, and the reports date its expiry when it comes.
+-- makes the account's maintenance due). Only a lot whose month had not ended at its expiry
+-- in the zone then in force: one that reached its month's end there has ended, though a
+-- hold on all of it left nothing expired yet (helper-161's review: moved west after, such an
+-- allowance came back when the hold ended), whatever zones came after (helper-162's: a
+-- second move, Los Angeles to Vancouver, before the account's next call). Nor one a later
+-- month's allowance ended. The journal is untouched: a lot's expires_at is state, and the
+-- reports date its expiry when it comes.
 CREATE OR REPLACE FUNCTION ledger_stretch_allowance(p_account text, p_now timestamptz)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -251,7 +253,8 @@ BEGIN
        AND NOT l.depleted AND l.expired_micros = 0 AND l.expires_at < month_end
        AND NOT EXISTS (SELECT 1 FROM monthly_allowances later
                         WHERE later.account_id = p_account AND later.month > m.month)
-       AND ledger_setting_in_force('ledger.timezone', l.expires_at) #>> '{}' = tz;
+       AND date_trunc('month', l.expires_at AT TIME ZONE
+               (ledger_setting_in_force('ledger.timezone', l.expires_at) #>> '{}'))::date = m.month;
 END $$;
 
 -- Ends, at p_now, the account's monthly allowances of months before p_month that are still
