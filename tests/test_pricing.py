@@ -415,6 +415,42 @@ def test_a_consume_or_reserve_naming_another_feature_than_its_usage_is_refused(
     assert (balance.balance_micros, balance.held_micros) == (96 * CREDIT, 4 * CREDIT)
 
 
+@pytest.mark.parametrize("first", ["spelled", "left empty"])
+def test_a_retry_spelling_out_or_leaving_out_the_usages_feature_is_the_same_request(
+    ledger: Ledger, admin: Any, first: str
+) -> None:
+    """With a usage, feature is empty or the usage's own: the same request either way. The
+    client's consume(feature=F, usage=...) spells it and consume(usage=Usage(feature=F))
+    does not; a retry in the other form was refused IDEMPOTENCY_KEY_REUSED (helper-164)."""
+    chat = _feature("chat")
+    _set_price(admin, chat, "tokens", 2 * CREDIT, unit_size=1000)
+    account = new_account()
+    ledger.grant(account, 100)
+    usage = _usage(chat, tokens=1000)
+    forms = ["", chat] if first == "left empty" else [chat, ""]
+    consume_key, reserve_key = new_key(), new_key()
+    answers = [
+        (
+            ledger.stub.Consume(
+                pb.ConsumeRequest(
+                    account_id=account, idempotency_key=consume_key, usage=usage, feature=feature
+                )
+            ),
+            ledger.stub.Reserve(
+                pb.ReserveRequest(
+                    account_id=account, idempotency_key=reserve_key, usage=usage, feature=feature
+                )
+            ),
+        )
+        for feature in forms
+    ]
+    (consumed, reserved), (consumed_again, reserved_again) = answers
+    assert consumed_again.transaction_id == consumed.transaction_id
+    assert reserved_again.reservation.reservation_id == reserved.reservation.reservation_id
+    balance = ledger.balance(account)
+    assert (balance.balance_micros, balance.held_micros) == (98 * CREDIT, 2 * CREDIT)
+
+
 def test_a_hold_naming_no_feature_settled_by_a_usage_naming_one_is_listed_whole_under_it(
     ledger: Ledger, admin: Any, ledger_db_url: str, assert_audit_clean: Any
 ) -> None:

@@ -104,6 +104,19 @@ def _amount_or_usage(
     return validation.positive_amount(request.amount_micros), None
 
 
+def _charge_fingerprints(
+    operation: str, request: pb.ReserveRequest | pb.ConsumeRequest, usage: Jsonb | None
+) -> tuple[bytes, bytes]:
+    """The request as read, then as sent. With a usage, ``feature`` is empty or the usage's
+    own (_amount_or_usage), so both read the same: the client's ``consume(feature=F,
+    usage=...)`` spells it, ``consume(usage=Usage(feature=F))`` does not, and a retry of
+    one in the other form was refused as another request (helper-164's review)."""
+    sent = request_fingerprint(operation, request)
+    if usage is None or not request.feature:
+        return sent, sent
+    return request_fingerprint(operation, request, {"feature": None}), sent
+
+
 class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
     def __init__(
         self,
@@ -182,10 +195,14 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "expires_at": now + self._ttl(request),
             "feature": validation.code(request.feature, "feature"),
             "comment": validation.text(request.comment, "comment"),
-            "hash": request_fingerprint("reserve", request),
             "now": now,
         }
-        data = await self._group_commit.call("reserve", request.account_id, params)
+        params["hash"], sent = _charge_fingerprints("reserve", request, usage)
+        data = await _keyed_as_read_or_as_sent(
+            functools.partial(self._group_commit.call, "reserve", request.account_id),
+            params,
+            sent,
+        )
         mark_replay(context, data)
         return pb.ReserveResponse(
             reservation=mapping.reservation(data["reservation"]),
@@ -287,10 +304,14 @@ class LedgerService(ledger_service_pb2_grpc.LedgerServiceServicer):
             "usage": usage,
             "feature": validation.code(request.feature, "feature"),
             "comment": validation.text(request.comment, "comment"),
-            "hash": request_fingerprint("consume", request),
             "now": self._clock.now(),
         }
-        data = await self._group_commit.call("consume", request.account_id, params)
+        params["hash"], sent = _charge_fingerprints("consume", request, usage)
+        data = await _keyed_as_read_or_as_sent(
+            functools.partial(self._group_commit.call, "consume", request.account_id),
+            params,
+            sent,
+        )
         mark_replay(context, data)
         self._alert_emails.queue_for(request.account_id, data)
         return pb.ConsumeResponse(
