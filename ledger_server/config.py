@@ -109,7 +109,9 @@ class StripeSettings:
         defaults = cls()
         return cls(
             api_key=env.get("STRIPE_API_KEY", ""),
-            webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
+            # A secret read from a file usually ends in a newline, and with it every
+            # delivery failed its signature check, silently (helper-165).
+            webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip(),
             webhook_tolerance=timedelta(
                 seconds=env_int(env, "STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
             ),

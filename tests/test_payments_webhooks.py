@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from redis import Redis
 
+from ledger_server.config import StripeSettings
 from ledger_server.observability.metrics import WORKER_CREDITS_KEY, QueueCollector
 from support import payments as payment_fixtures
 from support.ledger import CREDIT, Ledger, new_account
@@ -395,12 +396,61 @@ def test_with_redis_hung_the_event_is_stored_and_answered_200(
     assert payments_db.event(_event_id(body))["status"] == "received"  # type: ignore[index]
 
 
-def test_the_receiver_answers_health_checks_and_only_its_route(webhook_url: str) -> None:
+def test_the_receiver_answers_health_checks_and_only_its_route(
+    webhook_url: str, payments_db: PaymentsDb
+) -> None:
+    """Its routes by path, whatever the query string or a trailing slash (an endpoint
+    registered at Stripe as .../stripe/webhook?env=prod got 404 for every event); another
+    method on them is 405 naming the allowed ones, and a health check may be a HEAD
+    (helper-165)."""
     with urllib.request.urlopen(f"{webhook_url}/healthz", timeout=10) as response:
         assert (response.status, json.load(response)) == (200, {"status": "ok"})
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"{webhook_url}/other", timeout=10)
     assert missing.value.code == 404
+    head = urllib.request.Request(f"{webhook_url}/healthz/?probe=1", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as response:
+        assert (response.status, response.read()) == (200, b"")
+    for method, path, allowed in (
+        ("PUT", "/stripe/webhook", "POST"),
+        ("GET", "/stripe/webhook", "POST"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+    ):
+        request = urllib.request.Request(f"{webhook_url}{path}", method=method, data=b"")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert (refused.value.code, refused.value.headers["Allow"]) == (405, allowed)
+    for path in ("/stripe/webhook?env=prod", "/stripe/webhook/"):
+        body = checkout_pack(new_account("routed"), "pack-any")
+        request = _raw_post(
+            body, b"Content-Length: %d" % len(body), b"Connection: close", path=path.encode()
+        )
+        answer = _raw_exchange(webhook_url, request)
+        assert answer.startswith(b"HTTP/1.1 200 OK"), (path, answer)
+        assert payments_db.count_events([_event_id(body)]) == 1
+
+
+def test_a_signed_payload_postgresql_cannot_store_is_refused_for_good(
+    webhook_url: str, payments_db: PaymentsDb
+) -> None:
+    """NaN (which jsonb cannot hold) and nesting deeper than json parses were answered 500,
+    so Stripe would deliver them again for days; they are refused with 400 (helper-165)."""
+    event = json.loads(checkout_pack(new_account("nan"), "pack-any"))
+    event["data"]["object"]["amount_total"] = float("nan")
+    body = json.dumps(event).encode()
+    assert b"NaN" in body
+    nested = b'{"id": "evt_deep", "type": "x", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for payload in (body, nested):
+        status, _ = post(webhook_url, payload, sign(payload))
+        assert status == 400
+    assert payments_db.count_events([event["id"], "evt_deep"]) == 0
+
+
+def test_a_webhook_secret_read_with_a_trailing_newline_still_verifies() -> None:
+    """A secret mounted from a file ends in a newline: every delivery failed its signature
+    check, and nothing said so (helper-165)."""
+    settings = StripeSettings.from_env({"STRIPE_WEBHOOK_SECRET": f"{SECRET}\n"})
+    assert settings.webhook_secret == SECRET
 
 
 def test_a_signed_event_with_a_lone_surrogate_is_stored_and_its_credits_granted(
@@ -580,6 +630,13 @@ def test_a_body_the_receiver_does_not_read_closes_the_connection(
         _raw_post(framed, b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(framed)),
         _raw_post(chunked, b"Content-Length: %d" % len(chunked), path=b"/other"),
         _raw_post(chunked, b"Content-Length: %d" % (MAX_BODY_BYTES + 1)),
+        # Two lengths, or one int() reads but a proxy may not: the rest of the body was
+        # served as a request of its own (helper-165).
+        _raw_post(
+            chunked, b"Content-Length: %d" % len(chunked), b"Content-Length: %d" % len(framed)
+        ),
+        _raw_post(chunked, b"Content-Length: +%d" % len(chunked)),
+        _raw_post(chunked, b"Content-Length: %s" % "_".join(str(len(chunked))).encode()),
     ):
         answer = _raw_exchange(webhook_url, first + valid)
         head, _, rest = answer.partition(b"\r\n\r\n")
@@ -589,6 +646,7 @@ def test_a_body_the_receiver_does_not_read_closes_the_connection(
             b"HTTP/1.1 411 Length Required",
             b"HTTP/1.1 404 Not Found",
             b"HTTP/1.1 413 Request Entity Too Large",
+            b"HTTP/1.1 400 Bad Request",
         )
         assert b"\r\nConnection: close\r\n" in answer
     assert payments_db.count_events([_event_id(chunked), _event_id(after)]) == 0

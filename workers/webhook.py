@@ -47,6 +47,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import psycopg
 import stripe
@@ -137,9 +138,11 @@ class WebhookReceiver:
                 text, signature or "", self._secret, self._tolerance
             )
             _refuse_future_timestamp(signature, self._tolerance)
-            payload = json.loads(text)
-        except (stripe.SignatureVerificationError, ValueError) as exc:
-            # ValueError: not UTF-8 or not JSON. Nothing about the request is stored.
+            payload = json.loads(text, parse_constant=_no_constant)
+        except (stripe.SignatureVerificationError, ValueError, RecursionError) as exc:
+            # ValueError: not UTF-8 or not JSON, or NaN/Infinity (which jsonb cannot hold:
+            # 500 for every delivery); RecursionError: nested past what json parses.
+            # Nothing about the request is stored.
             log.warning("webhook refused: %s", exc)
             return HTTPStatus.BAD_REQUEST, {"error": "invalid signature or payload"}
         # Signed but not an event object: refused for good with 400 (a 5xx would make Stripe
@@ -195,6 +198,10 @@ class WebhookReceiver:
         return True
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON that PostgreSQL stores")
+
+
 class _Stopping:
     """Set once, when the receiver stops. A connection waiting for its next request waits on
     it beside its socket: a socket, readable from then on (never read), that poll() takes."""
@@ -227,9 +234,13 @@ def _handler(
         timeout = limits.timeout_seconds
         _body_read = False  # of the request being answered
 
-        def _answer(self, status: int, body: dict[str, Any]) -> None:
+        _head = False  # a HEAD request: the answer's headers only
+
+        def _answer(self, status: int, body: dict[str, Any], allow: str = "") -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            if allow:
+                self.send_header("Allow", allow)
             if stopping.is_set or (
                 not self._body_read
                 and (
@@ -244,19 +255,44 @@ def _handler(
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if not self._head:
+                self.wfile.write(data)
+            self._head = False
+
+        def _route(self) -> str:
+            """The request's path without its query string, nor a trailing slash: the
+            endpoint registered at Stripe as .../stripe/webhook?env=prod got 404 for every
+            event, which Stripe retries for three days and then disables (helper-165)."""
+            path = urlsplit(self.path).path
+            return path[:-1] if len(path) > 1 and path.endswith("/") else path
+
+        def _not_allowed(self) -> None:
+            route = self._route()
+            allowed = {WEBHOOK_PATH: "POST", "/healthz": "GET, HEAD"}.get(route)
+            if allowed is None:
+                self._answer(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            else:
+                self._answer(
+                    HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method not allowed"}, allowed
+                )
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+        def do_HEAD(self) -> None:  # load balancers' health checks; no body
+            self._head = True
+            self.do_GET()
 
         def do_GET(self) -> None:
-            if self.path != "/healthz":
-                self._answer(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            if self._route() != "/healthz":
+                self._not_allowed()
             elif receiver.healthy():
                 self._answer(HTTPStatus.OK, {"status": "ok"})
             else:
                 self._answer(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "database unavailable"})
 
         def do_POST(self) -> None:
-            if self.path != WEBHOOK_PATH:
-                self._answer(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            if self._route() != WEBHOOK_PATH:
+                self._not_allowed()
                 return
             if "Transfer-Encoding" in self.headers:
                 # Not read here (Stripe sends Content-Length). With Content-Length beside it,
@@ -264,12 +300,19 @@ def _handler(
                 # the other (request smuggling): refused either way, the connection closed.
                 self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
                 return
-            try:
-                length = int(self.headers.get("Content-Length") or "")
-            except ValueError:
+            lengths = set(self.headers.get_all("Content-Length") or [])
+            if not lengths:
                 self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
                 return
-            if length < 0 or length > MAX_BODY_BYTES:
+            # One length, of digits only: two that differ (or "1_0", "+10", which int()
+            # reads) let a proxy in front frame the body by one and this receiver by another,
+            # the rest served as a request of its own (helper-165). The connection is closed.
+            (given,) = lengths if len(lengths) == 1 else ("",)
+            if not (given.isascii() and given.isdigit()):
+                self._answer(HTTPStatus.BAD_REQUEST, {"error": "one Content-Length of digits"})
+                return
+            length = int(given)
+            if length > MAX_BODY_BYTES:
                 self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
                 return
             body = self._read_body(length)
