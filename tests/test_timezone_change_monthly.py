@@ -22,7 +22,8 @@ from google.protobuf.duration_pb2 import Duration
 from rq import Queue
 
 from ledger.v1 import ledger_service_pb2 as pb
-from ledger.v1 import ledger_service_pb2_grpc, types_pb2
+from ledger.v1 import ledger_service_pb2_grpc, report_service_pb2_grpc, types_pb2
+from ledger.v1 import report_service_pb2 as report_pb
 from ledger_server.audit import audit_database
 from ledger_server.config import Settings
 from ledger_server.db.migrate import migrate
@@ -43,6 +44,7 @@ class Zoned:
     url: str
     clock: SetClock
     ledger: Ledger
+    reports: report_service_pb2_grpc.ReportServiceStub
 
     def sql(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -73,6 +75,7 @@ def zoned(fresh_database_url: str, redis_url: str, monkeypatch: Any) -> Iterator
                 fresh_database_url,
                 clock,
                 Ledger(ledger_service_pb2_grpc.LedgerServiceStub(channel)),
+                report_service_pb2_grpc.ReportServiceStub(channel),
             )
             z.put("signup.enabled", False, SINCE)
             z.put("monthly_free.enabled", True, SINCE)
@@ -293,3 +296,39 @@ def test_moving_west_twice_before_the_old_expiry_is_reached_still_stretches(
     assert zoned.ledger.balance(account).available_micros == 500 * CREDIT
     (march,) = _monthly_lots(zoned.ledger, account)
     assert dt(march.expires_at) == datetime(2026, 4, 1, 7, tzinfo=UTC)
+
+
+def test_a_summary_before_the_stretch_counts_the_allowance_as_the_ledger_will_spend_it(
+    zoned: Zoned,
+) -> None:
+    """helper-163's review: moved west, between the allowance's old expiry (00:00Z) and the
+    account's next call or sweep, a summary counted it expired (the lot's stored expiry),
+    then, once the next call stretched it, remaining: a period already closed changed, and
+    the open month's remaining read 0 while Balance said 1,500. The summary follows the
+    stretch's own rule (ledger_allowance_stretch)."""
+    account = "west-report"
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 4, 10, 12, tzinfo=UTC))
+    )
+    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 4, 20, tzinfo=UTC))
+    closed = report_pb.TimeRange()
+    closed.start_time.FromDatetime(datetime(2026, 4, 30, tzinfo=UTC))
+    closed.end_time.FromDatetime(datetime(2026, 5, 1, tzinfo=UTC))
+
+    def summaries() -> list[tuple[int, int]]:
+        return [
+            (summary.total.expired_micros, summary.total.remaining_micros)
+            for summary in (
+                zoned.reports.GetSummary(
+                    report_pb.GetSummaryRequest(account_id=account, range=closed)
+                ),
+                zoned.reports.GetSummary(
+                    report_pb.GetSummaryRequest(account_id=account, month="2026-04")
+                ),
+            )
+        ]
+
+    zoned.clock.at = datetime(2026, 5, 1, 0, 5, tzinfo=UTC)  # before any call or sweep
+    before = summaries()
+    assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT  # the stretch
+    assert summaries() == before == [(0, 1_500 * CREDIT), (0, 1_500 * CREDIT)]

@@ -241,21 +241,39 @@ CREATE OR REPLACE FUNCTION ledger_stretch_allowance(p_account text, p_now timest
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    tz text := ledger_timezone();
-    this_month timestamp := date_trunc('month', p_now AT TIME ZONE tz);
-    month_end timestamptz := ledger_local_instant(this_month + interval '1 month', tz);
+    this_month date := date_trunc('month', p_now AT TIME ZONE ledger_timezone())::date;
 BEGIN
     UPDATE lots l
-       SET expires_at = month_end
-      FROM monthly_allowances m
-     WHERE m.account_id = p_account AND m.month = this_month::date
-       AND l.account_id = p_account AND l.lot_id = m.lot_id
-       AND NOT l.depleted AND l.expired_micros = 0 AND l.expires_at < month_end
+       SET expires_at = s.until
+      FROM (SELECT m.lot_id, ledger_allowance_stretch(p_account, m.lot_id, p_now) AS until
+              FROM monthly_allowances m
+             WHERE m.account_id = p_account AND m.month = this_month) s
+     WHERE l.account_id = p_account AND l.lot_id = s.lot_id AND s.until IS NOT NULL;
+END $$;
+
+-- The expiry ledger_stretch_allowance gives the allowance lot at p_now, or NULL when it
+-- leaves it as it is: one place for the rule, which the reports follow too, so a summary
+-- read between the lot's old expiry and the account's next call or sweep does not count
+-- as expired what the ledger will still let the account spend (helper-163's review).
+CREATE OR REPLACE FUNCTION ledger_allowance_stretch(
+    p_account text, p_lot bigint, p_now timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT month_end
+      FROM (SELECT date_trunc('month', p_now AT TIME ZONE tz) AS this_month, tz
+              FROM (SELECT ledger_timezone() AS tz) zone) now_local
+     CROSS JOIN LATERAL (
+        SELECT ledger_local_instant(now_local.this_month + interval '1 month', now_local.tz)
+               AS month_end) e
+      JOIN monthly_allowances m
+        ON m.account_id = p_account AND m.lot_id = p_lot
+       AND m.month = now_local.this_month::date
+      JOIN lots l ON l.account_id = p_account AND l.lot_id = p_lot
+     WHERE NOT l.depleted AND l.expired_micros = 0 AND l.expires_at < e.month_end
        AND NOT EXISTS (SELECT 1 FROM monthly_allowances later
                         WHERE later.account_id = p_account AND later.month > m.month)
        AND date_trunc('month', l.expires_at AT TIME ZONE
-               (ledger_setting_in_force('ledger.timezone', l.expires_at) #>> '{}'))::date = m.month;
-END $$;
+               (ledger_setting_in_force('ledger.timezone', l.expires_at) #>> '{}'))::date = m.month
+$$;
 
 -- Ends, at p_now, the account's monthly allowances of months before p_month that are still
 -- live, before p_month's is granted: two months' allowances are never spendable together.

@@ -43,9 +43,14 @@ WITH current_lots AS (
     SELECT l.source,
            sum(l.remaining_micros
                - CASE WHEN l.source = 'overdraft' THEN l.amount_micros ELSE 0 END) AS remaining,
-           -- Due but not journaled yet: the unheld credits of lots already expired.
+           -- Due but not journaled yet: the unheld credits of lots already expired
+           -- (but an allowance the account's maintenance will stretch, ledger_maintain).
            sum(l.remaining_micros - l.held_micros)
-               FILTER (WHERE l.expires_at <= %(now)s::timestamptz) AS due_expiry
+               FILTER (WHERE l.expires_at <= %(now)s::timestamptz
+                         AND CASE WHEN l.source = 'monthly_free'
+                                  THEN ledger_allowance_stretch(l.account_id, l.lot_id,
+                                                                %(now)s::timestamptz) IS NULL
+                                  ELSE true END) AS due_expiry
       FROM lots l
      WHERE (%(account_id)s::text IS NULL OR l.account_id = %(account_id)s::text)
        AND (NOT l.depleted OR l.source = 'overdraft')
@@ -86,6 +91,9 @@ WITH current_lots AS (
        AND l.remaining_micros > l.held_micros
        AND l.expires_at <= %(now)s::timestamptz
        AND l.expires_at > %(start)s::timestamptz
+       AND CASE WHEN l.source = 'monthly_free'
+                THEN ledger_allowance_stretch(l.account_id, l.lot_id, %(now)s::timestamptz) IS NULL
+                ELSE true END
 ), flows AS (
     SELECT source,
            sum(amount) FILTER (WHERE at >= %(start)s::timestamptz) AS since_start,
