@@ -440,10 +440,14 @@ def test_a_signed_payload_postgresql_cannot_store_is_refused_for_good(
     body = json.dumps(event).encode()
     assert b"NaN" in body
     nested = b'{"id": "evt_deep", "type": "x", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    for payload in (body, nested):
+    # Deep enough for json, too deep for the surrogate scrub after it (helper-166).
+    objects = b'{"id": "evt_objects", "type": "x", "data": ' + b'{"a": ' * 600 + b"1"
+    objects += b"}" * 601
+    huge = body.replace(b"NaN", b"1e999")  # a float json reads as infinity
+    for payload in (body, nested, objects, huge):
         status, _ = post(webhook_url, payload, sign(payload))
-        assert status == 400
-    assert payments_db.count_events([event["id"], "evt_deep"]) == 0
+        assert status == 400, payload[:80]
+    assert payments_db.count_events([event["id"], "evt_deep", "evt_objects"]) == 0
 
 
 def test_a_webhook_secret_read_with_a_trailing_newline_still_verifies() -> None:
@@ -635,6 +639,7 @@ def test_a_body_the_receiver_does_not_read_closes_the_connection(
         _raw_post(
             chunked, b"Content-Length: %d" % len(chunked), b"Content-Length: %d" % len(framed)
         ),
+        _raw_post(chunked, b"Content-Length: 0", b"Content-Length: %d" % len(chunked)),
         _raw_post(chunked, b"Content-Length: +%d" % len(chunked)),
         _raw_post(chunked, b"Content-Length: %s" % "_".join(str(len(chunked))).encode()),
     ):

@@ -32,6 +32,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import re
 import select
 import signal
@@ -138,22 +139,25 @@ class WebhookReceiver:
                 text, signature or "", self._secret, self._tolerance
             )
             _refuse_future_timestamp(signature, self._tolerance)
-            payload = json.loads(text, parse_constant=_no_constant)
+            # PostgreSQL's jsonb cannot hold NUL characters or lone surrogates (a JSON
+            # escape such as \ud83d with no pair), which a customer can type into a name or
+            # address of a paid checkout: they are stored as U+FFFD rather than the event
+            # refused with 500 for ever (and its credits lost). The signature was checked on
+            # the raw bytes.
+            payload = _storable(
+                json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+            )
         except (stripe.SignatureVerificationError, ValueError, RecursionError) as exc:
-            # ValueError: not UTF-8 or not JSON, or NaN/Infinity (which jsonb cannot hold:
-            # 500 for every delivery); RecursionError: nested past what json parses.
-            # Nothing about the request is stored.
+            # ValueError: not UTF-8 or not JSON, or NaN/Infinity, spelled so or a number
+            # past a float (1e999), which jsonb cannot hold: 500 for every delivery.
+            # RecursionError: nested past what json or _storable follows. Nothing about the
+            # request is stored.
             log.warning("webhook refused: %s", exc)
             return HTTPStatus.BAD_REQUEST, {"error": "invalid signature or payload"}
         # Signed but not an event object: refused for good with 400 (a 5xx would make Stripe
         # deliver it again forever).
         if not isinstance(payload, dict):
             return HTTPStatus.BAD_REQUEST, {"error": "the payload is not a storable event"}
-        # PostgreSQL's jsonb cannot hold NUL characters or lone surrogates (a JSON escape
-        # such as \ud83d with no pair), which a customer can type into a name or address of
-        # a paid checkout: they are stored as U+FFFD rather than the event refused with 500
-        # for ever (and its credits lost). The signature was checked on the raw bytes.
-        payload = _storable(payload)
         event_id, event_type = payload.get("id"), payload.get("type")
         if (
             not isinstance(event_id, str)
@@ -202,6 +206,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON that PostgreSQL stores")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past what PostgreSQL stores as JSON")
+    return value
+
+
 class _Stopping:
     """Set once, when the receiver stops. A connection waiting for its next request waits on
     it beside its socket: a socket, readable from then on (never read), that poll() takes."""
@@ -245,7 +256,9 @@ def _handler(
                 not self._body_read
                 and (
                     "Transfer-Encoding" in self.headers
-                    or (self.headers.get("Content-Length") or "0").strip() != "0"
+                    # Every length: a first "0" beside another kept the connection, and the
+                    # other's body was served as a request of its own (helper-166).
+                    or any(v.strip() != "0" for v in self.headers.get_all("Content-Length") or [])
                 )
             ):
                 # Stopping: this answer is the connection's last. A body left unread would
