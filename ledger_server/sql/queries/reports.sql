@@ -39,7 +39,16 @@ SELECT tz, ledger_local_instant(%(local_start)s::timestamp, tz),
 -- nothing (its remaining credits are zero, so are its held ones, lots_held_within_remaining,
 -- and only the overdraft source subtracts an amount). So every account's summary need
 -- not read every lot ever granted: the partial indexes hold the live ones.
-WITH current_lots AS (
+WITH recent_zone_change AS (
+    -- An allowance is stretched only after a zone change since it was granted, within
+    -- about a month before now: without one, no lot is asked about (at a month's start
+    -- every account's allowance is due at once until swept, and asking each cost every
+    -- account's summary ~7x; helper-166).
+    SELECT EXISTS (SELECT 1 FROM setting_changes c
+                    WHERE c.key = 'ledger.timezone'
+                      AND c.changed_at > %(now)s::timestamptz - interval '40 days'
+                      AND c.changed_at <= %(now)s::timestamptz) AS zone_moved
+), current_lots AS (
     SELECT l.source,
            sum(l.remaining_micros
                - CASE WHEN l.source = 'overdraft' THEN l.amount_micros ELSE 0 END) AS remaining,
@@ -48,6 +57,7 @@ WITH current_lots AS (
            sum(l.remaining_micros - l.held_micros)
                FILTER (WHERE l.expires_at <= %(now)s::timestamptz
                          AND CASE WHEN l.source = 'monthly_free'
+                                       AND (SELECT zone_moved FROM recent_zone_change)
                                   THEN ledger_allowance_stretch(l.account_id, l.lot_id,
                                                                 %(now)s::timestamptz) IS NULL
                                   ELSE true END) AS due_expiry
@@ -91,7 +101,7 @@ WITH current_lots AS (
        AND l.remaining_micros > l.held_micros
        AND l.expires_at <= %(now)s::timestamptz
        AND l.expires_at > %(start)s::timestamptz
-       AND CASE WHEN l.source = 'monthly_free'
+       AND CASE WHEN l.source = 'monthly_free' AND (SELECT zone_moved FROM recent_zone_change)
                 THEN ledger_allowance_stretch(l.account_id, l.lot_id, %(now)s::timestamptz) IS NULL
                 ELSE true END
 ), flows AS (
