@@ -212,6 +212,17 @@ def test_moving_west_in_a_months_first_hours_grants_no_earlier_month_beside_it(
     assert zoned.ledger.balance(account).available_micros == 1_500 * CREDIT
 
 
+def _spent_1000_of_march_then_moved_west(zoned: Zoned, account: str) -> None:
+    """Opened on March 10 (UTC: March's allowance, expiring at 00:00Z on April 1), 1,000 of
+    its 1,500 spent, the zone moved to America/Los_Angeles on March 20."""
+    zoned.sql(
+        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
+    )
+    zoned.clock.at = datetime(2026, 3, 15, tzinfo=UTC)
+    zoned.ledger.consume(account, 1_000 * CREDIT)
+    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 3, 20, 12, tzinfo=UTC))
+
+
 def test_moving_west_the_allowance_lasts_to_the_new_zones_month_end(zoned: Zoned) -> None:
     """helper-156's west.py: UTC -> America/Los_Angeles on March 20. March's allowance
     (granted in UTC) expired at 00:00Z on April 1, seven hours before Los Angeles' March
@@ -219,12 +230,7 @@ def test_moving_west_the_allowance_lasts_to_the_new_zones_month_end(zoned: Zoned
     and what it spent came out of paid credits. Its expiry now moves out to the new zone's
     month end when it comes, and April's allowance follows then."""
     account = "west"
-    zoned.sql(
-        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
-    )
-    zoned.clock.at = datetime(2026, 3, 15, tzinfo=UTC)
-    zoned.ledger.consume(account, 1_000 * CREDIT)
-    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 3, 20, 12, tzinfo=UTC))
+    _spent_1000_of_march_then_moved_west(zoned, account)
     (march,) = _monthly_lots(zoned.ledger, account)
     assert dt(march.expires_at) == datetime(2026, 4, 1, tzinfo=UTC)  # the zone it was granted in
 
@@ -285,12 +291,7 @@ def test_moving_west_twice_before_the_old_expiry_is_reached_still_stretches(
     expiry (00:00Z) March had not ended in the zone then in force, so the allowance lasts
     to March's end in the zone now in force."""
     account = "west-twice"
-    zoned.sql(
-        "SELECT ledger_open_account(%s, '', %s)", (account, datetime(2026, 3, 10, 12, tzinfo=UTC))
-    )
-    zoned.clock.at = datetime(2026, 3, 15, tzinfo=UTC)
-    zoned.ledger.consume(account, 1_000 * CREDIT)
-    zoned.put("ledger.timezone", "America/Los_Angeles", datetime(2026, 3, 20, 12, tzinfo=UTC))
+    _spent_1000_of_march_then_moved_west(zoned, account)
     zoned.put("ledger.timezone", "America/Vancouver", datetime(2026, 4, 1, 0, 20, tzinfo=UTC))
     zoned.clock.at = datetime(2026, 4, 1, 0, 30, tzinfo=UTC)
     assert zoned.ledger.balance(account).available_micros == 500 * CREDIT
