@@ -37,6 +37,7 @@ from support.ledger import CREDIT, new_account
 from support.server import ServerThread
 from support.settings import ActorMetadata
 from support.sources import DAY, Sources, dt
+from support.tcp_proxy import SwitchableProxy
 from workers import db as worker_db
 
 # A zone whose clocks go forward on 14 March 2027: 30 calendar days there from 1 March are
@@ -290,9 +291,20 @@ def test_server_and_worker_connections_give_up_on_a_silent_network_within_half_a
     Every connection of the server's pool, the workers' pool and of their own
     (db/connect.py) now has the kernel probe it after 10 s idle, every 5 s, 3 times, and
     drop data unacknowledged for 25 s; a URL's own values win."""
-    tcp = conninfo_to_dict(ledger_db_url) | {"host": "127.0.0.1"}  # keepalive is TCP's
-    url = make_conninfo("", **tcp)
+    # Keepalive is TCP's: a proxy on loopback in front of the database (the embedded one
+    # listens on a unix socket only).
+    params = conninfo_to_dict(ledger_db_url)
+    proxy = SwitchableProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
+    proxy.up()
+    try:
+        _check_tcp_settings(
+            make_conninfo(ledger_db_url, host="127.0.0.1", port=proxy.port), monkeypatch
+        )
+    finally:
+        proxy.down()
 
+
+def _check_tcp_settings(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async def server_settings() -> dict[str, int]:
         pool = await open_pool(url, 1, 1)
         try:
