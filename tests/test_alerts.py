@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
-from email.message import Message
+from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
@@ -748,8 +748,11 @@ class DrippingSmtp:
     its greeting is `lines` lines, one every `delay` seconds (each well within smtplib's
     per-read time-out), then it answers every command at once, RCPT with `rcpt`."""
 
-    def __init__(self, delay: float, lines: int, rcpt: bytes = b"250 ok") -> None:
+    def __init__(
+        self, delay: float, lines: int, rcpt: bytes = b"250 ok", final_delay: float = 0.0
+    ) -> None:
         self.delay, self.lines, self.rcpt = delay, lines, rcpt
+        self.final_delay = final_delay  # before its answer to the email's final "."
         self.stopped = threading.Event()
         self.messages = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -780,6 +783,8 @@ class DrippingSmtp:
                     if line_read == b".\r\n":
                         in_data = False
                         self.messages += 1
+                        if self.stopped.wait(self.final_delay):
+                            return
                         conn.sendall(b"250 queued\r\n")
                     continue
                 command = line_read[:4].upper()
@@ -799,6 +804,35 @@ class DrippingSmtp:
         self._listener.close()
         for conn in self._connections:
             conn.close()
+
+
+def test_a_relay_slow_to_take_the_email_is_waited_for_not_sent_to_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay that scans an email before its 250 took longer than the 30 s each reply
+    gets: smtplib timed out, the failure was transient, and the email was sent again at
+    every retry, up to 53 copies (helper-167). The reply to the final "." gets the rest of
+    the session; the others keep their limit."""
+    monkeypatch.setattr(alerts, "SMTP_READ_TIMEOUT_SECONDS", 0.5)
+    server = DrippingSmtp(delay=0.0, lines=1, final_delay=1.5)
+    monkeypatch.setenv("LEDGER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("LEDGER_SMTP_PORT", str(server.port))
+    monkeypatch.setenv("LEDGER_SMTP_SESSION_SECONDS", "10")
+    message = EmailMessage()
+    message["To"], message["Subject"] = "ops@example.com", "scanned slowly"
+    message.set_content("a line\n.\nnot the end\n")
+    try:
+        alerts._send(message)
+        assert server.messages == 1
+        slow_greeting = DrippingSmtp(delay=1.5, lines=2)
+        monkeypatch.setenv("LEDGER_SMTP_PORT", str(slow_greeting.port))
+        try:
+            with pytest.raises(OSError):
+                alerts._send(message)
+        finally:
+            slow_greeting.close()
+    finally:
+        server.close()
 
 
 def _fifth_attempt_by_a_worker(

@@ -84,13 +84,19 @@ class _Session(smtplib.SMTP):
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
+        # The reply to the email's final "." gets the rest of the session, not the 30 s
+        # of the other replies: the server has the whole email by then, and a relay that
+        # scans it before answering took longer, the send counted as failed and the email
+        # went again, up to MAX_ATTEMPTS times (helper-167). RFC 5321 4.5.3.2.6 allows
+        # that reply 10 minutes.
+        self._awaiting_final_reply = False
         super().__init__()  # connect() apart: the deadline is set before it runs
 
     def time_left(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the SMTP session's time is up")
-        return min(left, SMTP_READ_TIMEOUT_SECONDS)
+        return left if self._awaiting_final_reply else min(left, SMTP_READ_TIMEOUT_SECONDS)
 
     def connect(
         self, host: str = "localhost", port: int = 0, source_address: Any = None
@@ -108,10 +114,16 @@ class _Session(smtplib.SMTP):
     def send(self, s: ReadableBuffer | str) -> None:
         self._shrink()
         super().send(s)
+        # smtplib.data() sends the (dot-quoted) email and its terminator in one piece;
+        # quoting leaves no other line of a single "." in it.
+        self._awaiting_final_reply = isinstance(s, bytes) and s.endswith(b"\r\n.\r\n")
 
     def getreply(self) -> tuple[int, bytes]:
         self._shrink()
-        return super().getreply()
+        try:
+            return super().getreply()
+        finally:
+            self._awaiting_final_reply = False
 
     def cut(self) -> None:
         """The watchdog: wakes a wait on the socket, which then fails."""
