@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import pytest
 import redis
 from google.protobuf import struct_pb2
 from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
 
 from ledger.v1 import admin_service_pb2 as admin_pb
 from ledger.v1 import admin_service_pb2_grpc, ledger_service_pb2_grpc
@@ -31,11 +34,12 @@ from ledger_server.db.migrate import migrate
 from ledger_server.devstack import embedded
 from ledger_server.runtime_settings import environment_defaults, sync_environment_defaults
 from support.ledger import CREDIT, Ledger, consume_or_error, expect_error, new_account, new_key
+from support.rq_workers import start_worker
 from support.server import ServerThread
 from support.settings import ActorMetadata
 from support.workers import assert_finished, run_burst_workers, start_burst_worker
 from workers import db as worker_db
-from workers import sweepers
+from workers import queues, sweepers
 from workers.queues import DEFAULT_QUEUE, PAYMENTS_QUEUE, enqueue, redis_connection
 
 
@@ -777,3 +781,39 @@ def test_many_lots_expiring_at_once_are_journaled_in_entries_of_bounded_size(
         ).fetchone()
         assert default is not None and "p_lots_per_entry integer DEFAULT 16000" in default[0]
     assert audit_database(fresh_database_url) == []
+
+
+def test_two_sweepers_requeueing_one_stale_job_queue_it_once_without_failing(
+    ledger_db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two schedulers' sweepers fetched the same stale running job; the one deleting it
+    second failed inside RQ ("Execution ... not found in Redis"), which aborted its whole
+    sweep (helper-167's review). The interleaving, made exact: a job a real worker is
+    running, fetched by this sweeper, deleted by the other; this one still queues it,
+    once."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    queue_name, job_id = "requeue-race", f"stale-{uuid.uuid4().hex}"
+    connection = redis_connection()
+    Queue(queue_name, connection=connection).enqueue("time.sleep", 30, job_id=job_id)
+    worker = start_worker(ledger_db_url, redis_url, [queue_name], burst=False, simple=True)
+    try:
+        for _ in range(100):
+            if Job.fetch(job_id, connection=connection).get_status() == JobStatus.STARTED:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the worker did not start the job")
+        fetched_here = Job.fetch(job_id, connection=connection)
+        Job.fetch(job_id, connection=connection).delete(remove_from_queue=True)  # the other
+        monkeypatch.setattr(Job, "fetch", lambda *args, **kwargs: fetched_here)
+        assert queues.requeue(
+            queue_name, "time.sleep", 30, job_id=job_id, stale_before=datetime.now(UTC)
+        )
+        monkeypatch.undo()
+        # The other sweeper's enqueue comes second: refused, the job is queued once.
+        assert queues.enqueue(queue_name, "time.sleep", 30, job_id=job_id) is None
+        assert Queue(queue_name, connection=connection).job_ids == [job_id]
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        Queue(queue_name, connection=connection).empty()

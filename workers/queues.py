@@ -10,6 +10,7 @@ instead overwrite the job and push its id a second time, so one job would run tw
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from ledger_server.config import ConfigError
@@ -144,5 +145,10 @@ def requeue(
         started_at = _aware(job.started_at)
         if status == JobStatus.STARTED and started_at is not None and started_at > stale_before:
             return False
-        job.delete(remove_from_queue=True)
+        # Another sweeper (a second scheduler's) may have deleted it since the fetch: RQ
+        # fails on the records already gone ("Execution ... not found in Redis", "Failed
+        # to retrieve status"), which aborted this sweep's whole batch (helper-167). The
+        # unique enqueue below decides which of the two queues it again.
+        with contextlib.suppress(NoSuchJobError, InvalidJobOperation, ValueError):
+            job.delete(remove_from_queue=True)
     return enqueue(queue_name, func, *args, job_id=job_id, retry=retry) is not None
