@@ -805,11 +805,11 @@ def test_two_sweepers_requeueing_one_stale_job_queue_it_once_without_failing(
             pytest.fail("the worker did not start the job")
         fetched_here = Job.fetch(job_id, connection=connection)
         Job.fetch(job_id, connection=connection).delete(remove_from_queue=True)  # the other
-        monkeypatch.setattr(Job, "fetch", lambda *args, **kwargs: fetched_here)
-        assert queues.requeue(
-            queue_name, "time.sleep", 30, job_id=job_id, stale_before=datetime.now(UTC)
-        )
-        monkeypatch.undo()
+        with monkeypatch.context() as patched:
+            patched.setattr(Job, "fetch", lambda *args, **kwargs: fetched_here)
+            assert queues.requeue(
+                queue_name, "time.sleep", 30, job_id=job_id, stale_before=datetime.now(UTC)
+            )
         # The other sweeper's enqueue comes second: refused, the job is queued once.
         assert queues.enqueue(queue_name, "time.sleep", 30, job_id=job_id) is None
         assert Queue(queue_name, connection=connection).job_ids == [job_id]
